@@ -1,0 +1,15 @@
+"""Model math per architecture family; one file each, no run loop in here."""
+from __future__ import annotations
+
+import torch
+
+from protocol.store_format import ArchConfig
+
+
+def build_model(arch: ArchConfig, weights: dict[str, torch.Tensor], dtype: torch.dtype, device: str):
+    """The resident part of the model (embeddings, attention, norms, head) for arch.family."""
+    from workers.models.llama import LlamaModel
+    from workers.models.opt import OptModel
+
+    families = {"llama": LlamaModel, "opt": OptModel}
+    return families[arch.family](arch, weights, dtype, device)

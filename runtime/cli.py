@@ -1,0 +1,207 @@
+"""The `flashllm` command: one sub-command per user action, each a small function."""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+EXIT_USER_ERROR = 2
+
+
+class CliError(Exception):
+    """An error the user can fix; printed without a traceback."""
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    from protocol.store_format import StoreError
+    from runtime.convert.sources import ConvertError
+
+    return (CliError, StoreError, ConvertError, ValueError, FileNotFoundError, PermissionError)
+
+
+# ---------------------------------------------------------------------- convert / verify
+
+
+def cmd_convert(args) -> int:
+    from runtime.convert.store_writer import convert
+
+    manifest = convert(args.src, args.out, dtype=args.dtype, force=args.force, progress=not args.quiet)
+    ffn_mib = manifest.ffn.total_bundle_bytes / 2**20
+    print(f"wrote {args.out}: {manifest.arch.source_model_type}, {manifest.arch.num_hidden_layers} layers, "
+          f"{manifest.arch.intermediate_size} FFN neurons/layer, FFN {ffn_mib:.1f} MiB on flash ({manifest.dtype})")
+    return 0
+
+
+def cmd_verify(args) -> int:
+    from workers.store_reader import verify_store
+
+    for line in verify_store(args.store):
+        if args.verbose:
+            print(line)
+    print(f"{args.store}: ok")
+    return 0
+
+
+# ---------------------------------------------------------------------- generate / eval
+
+
+def _sampling_params(args):
+    from runtime.sampling import SamplingParams
+
+    return SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
+                          top_k=args.top_k, seed=args.seed, stop=list(args.stop or []), ignore_eos=args.ignore_eos)
+
+
+def _engine_from_args(args, max_batch: int = 1):
+    from runtime.engine import Engine
+
+    ffn_options = {}
+    if getattr(args, "memory", None):
+        ffn_options["memory_budget_bytes"] = parse_size(args.memory)
+    return Engine(args.store, mode=args.mode, max_batch=max_batch, max_context=args.max_context,
+                  ffn_options=ffn_options)
+
+
+def parse_size(text: str) -> int:
+    """'160MiB', '2GiB', '500MB', '1048576' → bytes."""
+    units = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "kib": 2**10, "mib": 2**20, "gib": 2**30,
+             "k": 2**10, "m": 2**20, "g": 2**30}
+    stripped = text.strip().lower()
+    number = stripped.rstrip("abcdefghijklmnopqrstuvwxyz")
+    unit = stripped[len(number):].strip()
+    try:
+        value = float(number)
+    except ValueError:
+        value = -1
+    if unit not in units or value <= 0:
+        raise CliError(f"size {text!r} is not understood; write e.g. 160MiB, 2GiB or 500MB")
+    return int(value * units[unit])
+
+
+def cmd_generate(args) -> int:
+    if args.socket:
+        from runtime.client_cli import generate_via_daemon
+
+        return generate_via_daemon(args)
+    if not args.store:
+        raise CliError("give --store STORE (or --socket PATH to use a running daemon)")
+    params = _sampling_params(args)
+    prompts = args.prompt
+    with _engine_from_args(args, max_batch=max(1, len(prompts))) as engine:
+        stream = len(prompts) == 1 and not args.json
+
+        def on_output(index, out):
+            if stream:
+                sys.stdout.write(out.new_text)
+                sys.stdout.flush()
+
+        results = engine.generate(prompts, params, chat=args.chat, on_output=on_output)
+    for prompt, result in zip(prompts, results):
+        if args.json:
+            print(json.dumps({"prompt": prompt, "text": result.text, "tokens": result.tokens,
+                              "finish_reason": result.finish_reason, "prompt_tokens": result.prompt_tokens,
+                              "ms_per_token": round(result.ms_per_token, 3),
+                              "flash_read_bytes": result.flash_read_bytes}))
+        elif stream:
+            print()
+        else:
+            print(f"--- {prompt}\n{result.text}")
+    return 0
+
+
+def cmd_eval(args) -> int:
+    with open(args.text, encoding="utf-8") as f:
+        text = f.read()
+    with _engine_from_args(args) as engine:
+        ppl, tokens = engine.perplexity(text, window_tokens=args.window)
+    if args.json:
+        print(json.dumps({"perplexity": ppl, "tokens": tokens, "mode": args.mode}))
+    else:
+        print(f"perplexity {ppl:.3f} over {tokens} tokens ({args.mode})")
+    return 0
+
+
+# ---------------------------------------------------------------------- parser
+
+
+def _add_engine_args(p: argparse.ArgumentParser, store_required: bool = True) -> None:
+    p.add_argument("--store", required=store_required, help="flash store directory (from `flashllm convert`)")
+    p.add_argument("--mode", default="dense", choices=["dense", "naive", "sparse"],
+                   help="FFN source: all in memory, whole layers re-read from flash, or predicted neurons only")
+    p.add_argument("--memory", help="memory budget for resident weights + predictors + neuron caches, e.g. 160MiB")
+    p.add_argument("--max-context", type=int, default=None, help="KV cache length in tokens (default 2048)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="flashllm", description="Run LLMs larger than memory from flash.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("convert", help="write a flash store from a Hugging Face folder or a GGUF file")
+    p.add_argument("src", help="Hugging Face checkpoint folder or .gguf file")
+    p.add_argument("--out", required=True, help="store directory to create")
+    p.add_argument("--dtype", default="float16", choices=["float16", "float32"])
+    p.add_argument("--force", action="store_true", help="replace an existing store")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_convert)
+
+    p = sub.add_parser("verify", help="check every region of a store against its checksums")
+    p.add_argument("--store", required=True)
+    p.add_argument("--verbose", "-v", action="store_true")
+    p.set_defaults(func=cmd_verify)
+
+    p = sub.add_parser("generate", help="generate text for one or more prompts")
+    _add_engine_args(p, store_required=False)
+    p.add_argument("--socket", help="use the daemon listening on this ipc socket path instead of --store")
+    p.add_argument("--chat", action="store_true", help="wrap each prompt in the model's chat template")
+    p.add_argument("--max-tokens", type=int, default=128)
+    p.add_argument("--temperature", type=float, default=0.0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--stop", action="append", help="stop string (repeatable)")
+    p.add_argument("--ignore-eos", action="store_true")
+    p.add_argument("--json", action="store_true", help="one JSON object per prompt")
+    p.add_argument("prompt", nargs="+")
+    p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("eval", help="perplexity of a text file")
+    _add_engine_args(p)
+    p.add_argument("--text", required=True)
+    p.add_argument("--window", type=int, default=1024, help="tokens per evaluation window")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_eval)
+
+    for register in _extra_commands():
+        register(sub)
+    return parser
+
+
+def _extra_commands():
+    """Sub-commands that live in their own modules (calibrate, bench, serve, status, batch)."""
+    registrations = []
+    for module_name in ("runtime.calibrate", "runtime.bench", "runtime.serve", "runtime.client_cli", "runtime.batch"):
+        try:
+            module = __import__(module_name, fromlist=["register_cli"])
+        except ModuleNotFoundError as exc:
+            if exc.name == module_name:
+                continue
+            raise
+        registrations.append(module.register_cli)
+    return registrations
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except _user_errors() as exc:
+        print(f"flashllm {args.command}: error: {exc}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except KeyboardInterrupt:
+        print(f"flashllm {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

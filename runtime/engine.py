@@ -1,0 +1,337 @@
+"""The in-process engine: a continuous-batching generation core over one store.
+
+Requests join with `add_request()` and leave when finished or `abort()`ed; each
+`step()` prefills newly admitted prompts and runs one batched decode step for
+every running sequence (each at its own position in its own KV-cache slot).
+`generate()` drives steps until a list of prompts is done; the daemon's
+scheduler calls `step()` itself. The FFN comes from an FFN provider (dense,
+naive flash, sparse flash), the rest of the model is resident.
+"""
+from __future__ import annotations
+
+import itertools
+import math
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from protocol.store_format import StoreError
+from runtime.sampling import SamplingParams, sample_next_token
+from runtime.tokenizer import IncrementalDetokenizer, StopStringMatcher, Tokenizer
+from workers.flash_io.io_counters import process_read_bytes
+from workers.models import build_model
+from workers.models.attention import KVCache
+from workers.store_reader import load_resident_weights, open_store
+
+FFN_MODES = ("dense", "naive", "sparse")
+DEFAULT_MAX_CONTEXT = 2048
+PREFILL_TOKEN_BUDGET = 2048  # prompt tokens prefilled per step, so decode is not starved
+
+
+class RequestError(ValueError):
+    """A request the engine refuses (too long, bad parameters); the message says what to change."""
+
+
+@dataclass
+class RequestOutput:
+    request_id: str
+    new_token_ids: list[int]
+    new_text: str
+    finished: bool
+    finish_reason: str | None  # "stop" (EOS or stop string), "length", "abort"
+    prompt_tokens: int
+    completion_tokens: int
+
+
+@dataclass
+class GenerationResult:
+    text: str
+    tokens: list[int]
+    finish_reason: str
+    prompt_tokens: int
+    ms_per_token: float  # decode steps only
+    flash_read_bytes: int  # /proc/self/io read_bytes during this generate() call
+    token_stats: list[dict] = field(default_factory=list)
+
+
+@dataclass
+class _Sequence:
+    request_id: str
+    prompt_ids: list[int]
+    params: SamplingParams
+    slot: int
+    detokenizer: IncrementalDetokenizer
+    stop_matcher: StopStringMatcher
+    generator: torch.Generator
+    generated: list[int] = field(default_factory=list)
+    next_input: int | None = None  # sampled but not yet fed back
+    finished: bool = False
+    finish_reason: str | None = None
+
+
+class Engine:
+    def __init__(self, store_dir: str, mode: str = "dense", max_batch: int = 8, max_context: int | None = None,
+                 device: str | None = None, verify: bool = True, ffn_options: dict | None = None):
+        if mode not in FFN_MODES:
+            raise ValueError(f"--mode {mode!r} is not one of {', '.join(FFN_MODES)}")
+        if max_batch < 1:
+            raise ValueError(f"max_batch must be ≥ 1, got {max_batch}")
+        self.store_dir = store_dir
+        self.manifest = open_store(store_dir)
+        arch = self.arch = self.manifest.arch
+        self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        self.dtype = torch.float32 if self.device == "cpu" else torch.float16
+        weights = load_resident_weights(store_dir, self.manifest, verify=verify)
+        self.model = build_model(arch, weights, self.dtype, self.device)
+        del weights
+        self.tokenizer = Tokenizer.from_store(store_dir, self.manifest.tokenizer, arch.eos_token_ids)
+        self.eos_ids = set(self.tokenizer.eos_token_ids) | set(arch.eos_token_ids)
+        self.max_context = min(max_context or DEFAULT_MAX_CONTEXT, arch.max_position_embeddings)
+        self.max_batch = max_batch
+        self.kv = KVCache(arch.num_hidden_layers, max_batch, arch.num_key_value_heads, self.max_context,
+                          arch.head_dim, self.dtype, self.device)
+        self.mode = mode
+        self.ffn = make_ffn_provider(mode, store_dir, self.manifest, self.dtype, self.device, **(ffn_options or {}))
+        self._free_slots = list(range(max_batch))
+        self._waiting: list[_Sequence] = []
+        self._running: dict[str, _Sequence] = {}
+        self._ids = itertools.count()
+        self.token_stats: list[dict] = []  # one entry per decode step
+        self.logits_hook = None  # optional callable(request_id, logits (V,)) seeing every sampled position
+
+    # ------------------------------------------------------------------ model
+
+    def forward(self, token_ids: torch.Tensor, slots: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """token_ids/positions (B, T), slots (B,) → logits (B, T, V). Writes the KV cache of those slots."""
+        x = self.model.embed(token_ids, positions)  # (B, T, d)
+        batch, steps, d = x.shape
+        for layer in range(self.arch.num_hidden_layers):
+            x = self.model.attention(layer, x, positions, self.kv, slots)
+            h = self.model.ffn_input(layer, x).reshape(batch * steps, d)  # (N, d)
+            y = self.ffn.forward(layer, h).reshape(batch, steps, d)
+            x = self.model.ffn_residual(layer, x, y)
+        return self.model.logits(x).float()  # (B, T, V)
+
+    # ------------------------------------------------------------------ requests
+
+    def encode_prompt(self, prompt: str | list[int] | list[dict], chat: bool = False) -> list[int]:
+        if isinstance(prompt, list) and prompt and isinstance(prompt[0], dict):
+            text = self.tokenizer.apply_chat_template(prompt, add_generation_prompt=True)
+            return self.tokenizer.encode(text, add_special_tokens=False)
+        if isinstance(prompt, list):
+            ids = [int(t) for t in prompt]
+            bad = [t for t in ids if not 0 <= t < self.arch.vocab_size]
+            if bad:
+                raise RequestError(f"token id {bad[0]} is outside the vocabulary (0..{self.arch.vocab_size - 1})")
+            return ids
+        if chat:
+            text = self.tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True)
+            return self.tokenizer.encode(text, add_special_tokens=False)
+        return self.tokenizer.encode(prompt)
+
+    def add_request(self, prompt: str | list[int] | list[dict], params: SamplingParams | None = None,
+                    request_id: str | None = None, chat: bool = False) -> str:
+        params = params or SamplingParams()
+        params.validate()
+        prompt_ids = self.encode_prompt(prompt, chat)
+        if not prompt_ids:
+            raise RequestError("the prompt is empty; give at least one token of text")
+        if len(prompt_ids) >= self.max_context:
+            raise RequestError(
+                f"the prompt has {len(prompt_ids)} tokens but the context holds {self.max_context} "
+                f"(model maximum {self.arch.max_position_embeddings}); shorten the prompt or raise --max-context"
+            )
+        request_id = request_id if request_id is not None else f"req-{next(self._ids)}"
+        if request_id in self._running or any(s.request_id == request_id for s in self._waiting):
+            raise RequestError(f"request id {request_id!r} is already in use")
+        seed = params.seed if params.seed is not None else torch.seed() % (2**63)
+        generator = torch.Generator().manual_seed(seed)
+        self._waiting.append(_Sequence(
+            request_id=request_id, prompt_ids=prompt_ids, params=params, slot=-1,
+            detokenizer=IncrementalDetokenizer(self.tokenizer), stop_matcher=StopStringMatcher(params.stop),
+            generator=generator))
+        return request_id
+
+    def abort(self, request_id: str) -> bool:
+        for i, seq in enumerate(self._waiting):
+            if seq.request_id == request_id:
+                del self._waiting[i]
+                return True
+        seq = self._running.pop(request_id, None)
+        if seq is None:
+            return False
+        self._free_slots.append(seq.slot)
+        return True
+
+    def has_unfinished(self) -> bool:
+        return bool(self._waiting or self._running)
+
+    @property
+    def num_running(self) -> int:
+        return len(self._running)
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self._waiting)
+
+    # ------------------------------------------------------------------ stepping
+
+    def step(self) -> list[RequestOutput]:
+        outputs: list[RequestOutput] = []
+        prefilled = set()
+        budget = PREFILL_TOKEN_BUDGET
+        while self._waiting and self._free_slots and (budget > 0 or not self._running):
+            seq = self._waiting.pop(0)
+            seq.slot = self._free_slots.pop(0)
+            self._running[seq.request_id] = seq
+            budget -= len(seq.prompt_ids)
+            outputs.append(self._prefill(seq))
+            prefilled.add(seq.request_id)
+        decoding = [s for s in self._running.values() if s.request_id not in prefilled and not s.finished]
+        if decoding:
+            outputs.extend(self._decode(decoding))
+        for out in outputs:
+            if out.finished:
+                seq = self._running.pop(out.request_id, None)
+                if seq is not None:
+                    self._free_slots.append(seq.slot)
+        return outputs
+
+    def _prefill(self, seq: _Sequence) -> RequestOutput:
+        ids = torch.tensor([seq.prompt_ids], device=self.device)  # (1, T)
+        positions = torch.arange(len(seq.prompt_ids), device=self.device)[None]  # (1, T)
+        with torch.inference_mode():
+            logits = self.forward(ids, torch.tensor([seq.slot], device=self.device), positions)
+        return self._accept(seq, logits[0, -1])
+
+    def _decode(self, seqs: list[_Sequence]) -> list[RequestOutput]:
+        ids = torch.tensor([[s.next_input] for s in seqs], device=self.device)  # (B, 1)
+        positions = torch.tensor([[len(s.prompt_ids) + len(s.generated) - 1] for s in seqs], device=self.device)
+        slots = torch.tensor([s.slot for s in seqs], device=self.device)  # (B,)
+        self.ffn.stats.reset()
+        read_before = process_read_bytes()
+        start = time.perf_counter()
+        with torch.inference_mode():
+            logits = self.forward(ids, slots, positions)[:, -1]  # (B, V)
+        elapsed_s = time.perf_counter() - start
+        stats = self.ffn.stats
+        self.token_stats.append({
+            "batch": len(seqs), "ms": elapsed_s * 1e3, "flash_read_bytes": process_read_bytes() - read_before,
+            "reader_read_bytes": stats.read_bytes, "io_ms": stats.io_s * 1e3, "ffn_compute_ms": stats.compute_s * 1e3,
+            "neurons_computed": stats.neurons_computed, "neurons_predicted": stats.neurons_predicted,
+            "cache_hits": stats.cache_hits, "neurons_read": stats.neurons_read,
+        })
+        return [self._accept(seq, logits[i]) for i, seq in enumerate(seqs)]
+
+    def _accept(self, seq: _Sequence, logits: torch.Tensor) -> RequestOutput:
+        if self.logits_hook is not None:
+            self.logits_hook(seq.request_id, logits)
+        token = sample_next_token(logits, seq.params, seq.generator)
+        seq.generated.append(token)
+        seq.next_input = token
+        new_text, reason = "", None
+        if token in self.eos_ids and not seq.params.ignore_eos:
+            reason = "stop"
+        else:
+            emitted, hit = seq.stop_matcher.feed(seq.detokenizer.push(token))
+            new_text = emitted
+            if hit:
+                reason = "stop"
+        if reason is None and len(seq.generated) >= seq.params.max_tokens:
+            reason = "length"
+        if reason is None and len(seq.prompt_ids) + len(seq.generated) >= self.max_context:
+            reason = "length"
+        if reason is not None:
+            seq.finished, seq.finish_reason = True, reason
+            if reason == "length":
+                new_text += seq.stop_matcher.flush()
+        return RequestOutput(seq.request_id, [token], new_text, seq.finished, reason,
+                             len(seq.prompt_ids), len(seq.generated))
+
+    # ------------------------------------------------------------------ conveniences
+
+    def generate(self, prompts: list, params: SamplingParams | None = None, chat: bool = False,
+                 on_output=None) -> list[GenerationResult]:
+        """Generate for every prompt (batched); on_output(index, RequestOutput) streams as tokens arrive."""
+        params = params or SamplingParams()
+        index_of, texts, tokens, reasons, prompt_lens = {}, {}, {}, {}, {}
+        for i, prompt in enumerate(prompts):
+            rid = self.add_request(prompt, params, chat=chat)
+            index_of[rid], texts[i], tokens[i] = i, [], []
+        first_stat = len(self.token_stats)
+        read_before = process_read_bytes()
+        while any(rid in self._running or any(s.request_id == rid for s in self._waiting) for rid in index_of):
+            for out in self.step():
+                i = index_of.get(out.request_id)
+                if i is None:
+                    continue
+                texts[i].append(out.new_text)
+                tokens[i].extend(out.new_token_ids)
+                prompt_lens[i] = out.prompt_tokens
+                if out.finished:
+                    reasons[i] = out.finish_reason
+                if on_output:
+                    on_output(i, out)
+        stats = self.token_stats[first_stat:]
+        decode_ms = sorted(s["ms"] for s in stats)
+        ms_per_token = decode_ms[len(decode_ms) // 2] if decode_ms else math.nan
+        read_bytes = process_read_bytes() - read_before
+        return [GenerationResult(text="".join(texts[i]), tokens=tokens[i], finish_reason=reasons[i],
+                                 prompt_tokens=prompt_lens[i], ms_per_token=ms_per_token,
+                                 flash_read_bytes=read_bytes, token_stats=stats)
+                for i in range(len(prompts))]
+
+    def score(self, token_ids: list[int], window_tokens: int = 1024) -> tuple[float, int]:
+        """Negative log-likelihood sum and count of predicted tokens over non-overlapping windows."""
+        nll, count = 0.0, 0
+        slot = self._free_slots[0] if self._free_slots else None
+        if slot is None:
+            raise RequestError("no free KV slot for scoring; wait for running requests to finish")
+        window_tokens = min(window_tokens, self.max_context)
+        for start in range(0, len(token_ids) - 1, window_tokens):
+            window = token_ids[start:start + window_tokens]
+            if len(window) < 2:
+                break
+            ids = torch.tensor([window], device=self.device)
+            positions = torch.arange(len(window), device=self.device)[None]
+            with torch.inference_mode():
+                logits = self.forward(ids, torch.tensor([slot], device=self.device), positions)[0]  # (T, V)
+            logprobs = torch.log_softmax(logits[:-1], dim=-1)
+            targets = ids[0, 1:]
+            nll -= float(logprobs.gather(1, targets[:, None]).sum())
+            count += len(window) - 1
+        return nll, count
+
+    def perplexity(self, text: str, window_tokens: int = 1024) -> tuple[float, int]:
+        ids = self.tokenizer.encode(text)
+        if len(ids) < 2:
+            raise RequestError("the evaluation text has fewer than 2 tokens")
+        nll, count = self.score(ids, window_tokens)
+        return math.exp(nll / count), count
+
+    def close(self) -> None:
+        self.ffn.close()
+
+    def __enter__(self) -> "Engine":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def make_ffn_provider(mode: str, store_dir: str, manifest, dtype: torch.dtype, device: str, **options):
+    from workers.ffn_providers import DenseFfn, NaiveFlashFfn
+
+    if mode == "dense":
+        return DenseFfn(store_dir, manifest, dtype, device)
+    if mode == "naive":
+        return NaiveFlashFfn(store_dir, manifest, dtype, device, **options)
+    if mode == "sparse":
+        if manifest.sparsity is None:
+            raise StoreError(f"{store_dir}: no predictors in this store; run `flashllm calibrate --store {store_dir} "
+                             "--text FILE` before using --mode sparse")
+        from workers.sparse_ffn import SparseFlashFfn
+
+        return SparseFlashFfn(store_dir, manifest, dtype, device, **options)
+    raise ValueError(f"unknown FFN mode {mode!r}")

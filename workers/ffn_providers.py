@@ -1,0 +1,88 @@
+"""Where a layer's FFN neurons come from when the compute side runs it.
+
+    DenseFfn       every layer's bundles held in memory (the upper bound)
+    NaiveFlashFfn  every layer re-read whole from flash for every forward call,
+                   page cache bypassed (the paper's baseline)
+
+The sparse path (predictor + sliding-window neuron cache) lives in
+workers/sparse_ffn.py. All share `forward(layer, h) -> y` and `stats`.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from protocol.store_format import Manifest
+from workers.flash_io.bundle_reader import BundleReader
+from workers.models.ffn import BundleColumns, ffn_from_rows
+
+
+@dataclass
+class FfnStats:
+    """Per-token accounting, summed over layers since the last reset."""
+
+    neurons_computed: int = 0
+    neurons_predicted: int = 0
+    cache_hits: int = 0
+    neurons_read: int = 0
+    read_bytes: int = 0  # bytes the reader asked the device for (the honest figure is /proc/self/io)
+    io_s: float = 0.0
+    compute_s: float = 0.0
+
+    def reset(self) -> None:
+        for name in self.__dataclass_fields__:
+            setattr(self, name, type(getattr(self, name))())
+
+
+def rows_to_tensor(rows: np.ndarray, dtype: torch.dtype, device: str, copy: bool = False) -> torch.Tensor:
+    """Bundle rows from numpy (store dtype) to a compute tensor; copy=True never shares the reader's buffer."""
+    return torch.from_numpy(rows).to(device=device, dtype=dtype, copy=copy)
+
+
+class DenseFfn:
+    mode = "dense"
+
+    def __init__(self, store_dir: str, manifest: Manifest, dtype: torch.dtype, device: str):
+        self.cols = BundleColumns.from_layout(manifest.ffn.part_slices())
+        self.stats = FfnStats()
+        with BundleReader(store_dir, manifest.ffn) as reader:
+            self.layers = [rows_to_tensor(reader.read_layer(layer), dtype, device, copy=True)  # (n_ff, E)
+                           for layer in range(len(manifest.ffn.layers))]
+
+    def forward(self, layer: int, h: torch.Tensor) -> torch.Tensor:
+        rows = self.layers[layer]
+        self.stats.neurons_computed += rows.shape[0]
+        return ffn_from_rows(h, rows, self.cols)
+
+    def close(self) -> None:
+        self.layers = []
+
+
+class NaiveFlashFfn:
+    mode = "naive"
+
+    def __init__(self, store_dir: str, manifest: Manifest, dtype: torch.dtype, device: str, num_threads: int = 4):
+        self.cols = BundleColumns.from_layout(manifest.ffn.part_slices())
+        self.reader = BundleReader(store_dir, manifest.ffn, num_threads=num_threads)
+        self.dtype, self.device = dtype, device
+        self.stats = FfnStats()
+
+    def forward(self, layer: int, h: torch.Tensor) -> torch.Tensor:
+        start = time.perf_counter()
+        before = self.reader.stats.read_bytes
+        raw = self.reader.read_layer(layer)  # (n_ff, E), valid until the next read
+        rows = rows_to_tensor(raw, self.dtype, self.device)
+        read_done = time.perf_counter()
+        self.stats.io_s += read_done - start
+        self.stats.read_bytes += self.reader.stats.read_bytes - before
+        self.stats.neurons_read += rows.shape[0]
+        self.stats.neurons_computed += rows.shape[0]
+        y = ffn_from_rows(h, rows, self.cols)
+        self.stats.compute_s += time.perf_counter() - read_done
+        return y
+
+    def close(self) -> None:
+        self.reader.close()

@@ -1,0 +1,400 @@
+"""Read FFN neuron bundles from a store's ffn.bin with large, aligned, parallel direct reads.
+
+The paper's two levers for flash throughput are request size and parallelism:
+random 4 KiB reads reach a fraction of what 64 KiB+ reads do. So a token's
+wanted neurons are not read one by one. `plan_reads` sorts them and merges
+neighbours into one aligned request whenever the gap between them is cheaper
+to read than a separate request (`max_gap_bytes`), up to `max_request_bytes`;
+the requests then run on a thread pool (`os.preadv` releases the GIL) into an
+aligned staging buffer, and each worker copies its request's wanted rows out
+to the caller's matrix (e.g. free rows of a `NeuronCache`, possibly in shared
+memory).
+
+Byte picture of one request inside a layer region (bundle_bytes need not be a
+multiple of the alignment, so a request may start and end inside a bundle):
+
+    file:    |.....block.....|.....block.....|.....block.....|
+    region:        [ id a   ][ id a+1 ][ id a+2 ][ id a+3 ]
+    wanted:        [ id a   ]          [ id a+2 ]             (gap a+1 read anyway)
+    request: |<-------------- offset_bytes, length_bytes ---->|  first_id=a, last_id=a+2
+
+bfloat16 stores come back as raw uint16 bit patterns (numpy has no bfloat16);
+`torch.from_numpy(a).view(torch.bfloat16)` reinterprets them without a copy.
+
+Not thread-safe: one caller at a time per reader (the staging and layer
+buffers are reused across calls).
+"""
+from __future__ import annotations
+
+import itertools
+import os
+import time
+from concurrent.futures import ThreadPoolExecutor, wait
+from dataclasses import dataclass
+from typing import Callable, NamedTuple
+
+import numpy as np
+
+from protocol.store_format import FfnLayout, StoreError, align_down, align_up
+from workers.flash_io.direct_io import DirectFile, aligned_buffer
+
+# Flash serves ~235 MB/s at 4 KiB but ~1 GB/s at 64 KiB: a separate request
+# costs roughly as much as reading a few tens of KiB more in the same request.
+DEFAULT_MAX_GAP_BYTES = 32 * 1024
+# Past ~1 MiB a larger request gains nothing and hurts parallelism.
+DEFAULT_MAX_REQUEST_BYTES = 1024 * 1024
+
+_NUMPY_DTYPE_OF_STORE = {"float16": np.float16, "float32": np.float32, "bfloat16": np.uint16}
+
+
+def numpy_dtype_of_store(dtype_name: str) -> np.dtype:
+    """The numpy dtype the reader returns for a store dtype (bfloat16 -> uint16 raw bits)."""
+    try:
+        return np.dtype(_NUMPY_DTYPE_OF_STORE[dtype_name])
+    except KeyError:
+        raise StoreError(
+            f"store dtype {dtype_name!r} is not one this reader knows ({sorted(_NUMPY_DTYPE_OF_STORE)}); "
+            "re-run `flashllm convert` with a supported dtype"
+        ) from None
+
+
+class ReadRequest(NamedTuple):
+    offset_bytes: int  # file offset, aligned
+    length_bytes: int  # aligned
+    first_id: int  # first wanted neuron id covered
+    last_id: int  # last wanted neuron id covered (inclusive)
+
+
+@dataclass
+class ReadStats:
+    requests: int = 0
+    read_bytes: int = 0  # aligned bytes requested from the device
+    useful_bytes: int = 0  # bundle bytes the caller wanted
+    read_time_s: float = 0.0  # wall time inside read_layer / read_neurons
+
+
+def _plan_read_arrays(
+    sorted_ids: np.ndarray,
+    region_offset_bytes: int,
+    bundle_bytes: int,
+    alignment_bytes: int,
+    max_gap_bytes: int,
+    max_request_bytes: int,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Vectorized planner over sorted unique ids; returns (offsets, lengths, first_index, end_index).
+
+    first_index/end_index are positions in `sorted_ids` ([first, end) per request).
+    """
+    ids = sorted_ids.astype(np.int64)  # (k,)
+    starts = (region_offset_bytes + ids * bundle_bytes) // alignment_bytes * alignment_bytes  # (k,)
+    ends = -(-(region_offset_bytes + (ids + 1) * bundle_bytes) // alignment_bytes) * alignment_bytes  # (k,)
+    # A new request starts where the gap to the previous bundle's aligned end is too costly to read.
+    breaks = np.flatnonzero(starts[1:] - ends[:-1] > max_gap_bytes) + 1  # (groups-1,)
+    group_first = np.concatenate(([0], breaks))  # (groups,)
+    group_end = np.concatenate((breaks, [len(ids)]))  # (groups,)
+    oversize = ends[group_end - 1] - starts[group_first] > max_request_bytes  # (groups,)
+    if not oversize.any():
+        offsets = starts[group_first]
+        return offsets, ends[group_end - 1] - offsets, group_first, group_end
+    # Split oversize groups greedily; the loop runs once per request, not per id.
+    firsts: list[int] = []
+    end_indices: list[int] = []
+    for first, end in zip(group_first.tolist(), group_end.tolist()):
+        while first < end:
+            # A request always covers at least one bundle, even one larger than max_request_bytes.
+            fitting = int(np.searchsorted(ends[first:end], starts[first] + max_request_bytes, side="right"))
+            stop = first + max(1, fitting)
+            firsts.append(first)
+            end_indices.append(stop)
+            first = stop
+    first_index = np.asarray(firsts, dtype=np.int64)
+    end_index = np.asarray(end_indices, dtype=np.int64)
+    offsets = starts[first_index]
+    return offsets, ends[end_index - 1] - offsets, first_index, end_index
+
+
+def plan_reads(
+    neuron_ids: np.ndarray,
+    region_offset_bytes: int,
+    bundle_bytes: int,
+    alignment_bytes: int = 4096,
+    max_gap_bytes: int = DEFAULT_MAX_GAP_BYTES,
+    max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES,
+) -> list[ReadRequest]:
+    """Aligned read requests covering the bundles of `neuron_ids` (any order; duplicates merged).
+
+    Neuron i's bundle is bytes [region_offset_bytes + i*bundle_bytes, + bundle_bytes).
+    Every request's offset and length are multiples of `alignment_bytes`;
+    requests are sorted by offset; together they cover every wanted bundle.
+    """
+    if alignment_bytes <= 0 or max_request_bytes < alignment_bytes or max_gap_bytes < 0:
+        raise ValueError(
+            f"need alignment_bytes > 0, max_request_bytes >= alignment_bytes and max_gap_bytes >= 0; got "
+            f"{alignment_bytes}, {max_request_bytes}, {max_gap_bytes}"
+        )
+    sorted_ids = np.unique(np.asarray(neuron_ids, dtype=np.int64))  # (k,)
+    if len(sorted_ids) == 0:
+        return []
+    offsets, lengths, first_index, end_index = _plan_read_arrays(
+        sorted_ids, region_offset_bytes, bundle_bytes, alignment_bytes, max_gap_bytes, max_request_bytes
+    )
+    return [
+        ReadRequest(int(offset), int(length), int(sorted_ids[first]), int(sorted_ids[end - 1]))
+        for offset, length, first, end in zip(offsets, lengths, first_index, end_index)
+    ]
+
+
+def _run_parallel(pool: ThreadPoolExecutor | None, num_workers: int, num_tasks: int, task: Callable[[int, int], None]) -> None:
+    """Run task(task_index, worker_index) for every index on up to num_workers pool threads.
+
+    Workers pull indices from a shared counter (next() on itertools.count is
+    atomic under the GIL): one future per worker instead of one per request,
+    which matters when a request takes tens of microseconds.
+    """
+    num_workers = min(num_workers, num_tasks)
+    if num_workers <= 1 or pool is None:
+        for index in range(num_tasks):
+            task(index, 0)
+        return
+    counter = itertools.count()
+
+    def work(worker_index: int) -> None:
+        for index in counter:
+            if index >= num_tasks:
+                return
+            task(index, worker_index)
+
+    futures = [pool.submit(work, worker_index) for worker_index in range(num_workers)]
+    # Wait for every worker before raising: none may still write into the buffers after we return.
+    wait(futures)
+    for future in futures:
+        future.result()  # re-raises a worker's exception
+
+
+class BundleReader:
+    """Reads layer regions and neuron bundles of a store's ffn.bin, bypassing the page cache."""
+
+    def __init__(
+        self,
+        store_dir: str,
+        layout: FfnLayout,
+        num_threads: int = 4,
+        max_gap_bytes: int = DEFAULT_MAX_GAP_BYTES,
+        max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES,
+    ):
+        if num_threads < 1:
+            raise ValueError(f"num_threads must be >= 1, got {num_threads}")
+        self.layout = layout
+        self.dtype = numpy_dtype_of_store(layout.dtype)
+        self.bundle_elements = layout.bundle_elements
+        if self.bundle_elements * self.dtype.itemsize != layout.bundle_bytes:
+            raise StoreError(
+                f"manifest bundle_bytes {layout.bundle_bytes} != {self.bundle_elements} elements x "
+                f"{self.dtype.itemsize} bytes ({layout.dtype}); the manifest is corrupt, re-run `flashllm convert`"
+            )
+        self.path = os.path.join(store_dir, layout.file)
+        if not os.path.isfile(self.path):
+            raise StoreError(f"{self.path}: missing FFN bundle file; re-run `flashllm convert`")
+        file_bytes = os.path.getsize(self.path)
+        for index, region in enumerate(layout.layers):
+            if region.length_bytes != region.num_neurons * layout.bundle_bytes:
+                raise StoreError(
+                    f"layer {index}: region length {region.length_bytes} != {region.num_neurons} neurons x "
+                    f"{layout.bundle_bytes} bytes; the manifest is corrupt, re-run `flashllm convert`"
+                )
+            if region.offset_bytes + region.length_bytes > file_bytes:
+                raise StoreError(
+                    f"{self.path}: layer {index} region ends at byte {region.offset_bytes + region.length_bytes} "
+                    f"but the file has {file_bytes} bytes; it is truncated, re-run `flashllm convert`"
+                )
+        self._file = DirectFile(self.path)
+        self.alignment_bytes = self._file.alignment_bytes
+        self.num_threads = num_threads
+        self.max_gap_bytes = max_gap_bytes
+        # Requests must stay aligned, so round the cap down to whole blocks.
+        self.max_request_bytes = max(self.alignment_bytes, align_down(max_request_bytes, self.alignment_bytes))
+        self._pool = ThreadPoolExecutor(max_workers=num_threads, thread_name_prefix="flash-read")
+        self._staging = np.empty(0, dtype=np.uint8)  # grown on demand, aligned
+        self._layer_buffer = np.empty(0, dtype=np.uint8)  # allocated at first read_layer, aligned
+        self.stats = ReadStats()
+
+    @property
+    def direct(self) -> bool:
+        """True when reads bypass the page cache (O_DIRECT); False on the buffered fallback."""
+        return self._file.direct
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.layout.layers)
+
+    def reset_stats(self) -> None:
+        self.stats = ReadStats()
+
+    def _region(self, layer: int):
+        if self._file.closed:
+            raise ValueError(f"BundleReader for {self.path} is closed")
+        if not 0 <= layer < len(self.layout.layers):
+            raise IndexError(f"layer {layer} out of range: the store has {len(self.layout.layers)} layers (0..{len(self.layout.layers) - 1})")
+        return self.layout.layers[layer]
+
+    def read_layer(self, layer: int) -> np.ndarray:
+        """The whole layer region as a (num_neurons, bundle_elements) array of the store dtype.
+
+        The array is a view of a reused buffer: valid until the next `read_layer`
+        call or `close()`. Copy it to keep it.
+        """
+        region = self._region(layer)
+        span_start = align_down(region.offset_bytes, self.alignment_bytes)
+        span_end = align_up(region.offset_bytes + region.length_bytes, self.alignment_bytes)
+        span_bytes = span_end - span_start
+        if self._layer_buffer.nbytes < span_bytes:
+            largest_bytes = max(
+                align_up(r.offset_bytes + r.length_bytes, self.alignment_bytes) - align_down(r.offset_bytes, self.alignment_bytes)
+                for r in self.layout.layers
+            )
+            self._layer_buffer = np.empty(0, dtype=np.uint8)  # drop the old mapping first
+            self._layer_buffer = aligned_buffer(largest_bytes)
+        buffer = self._layer_buffer
+        num_chunks = -(-span_bytes // self.max_request_bytes)
+        needed_end = region.offset_bytes + region.length_bytes  # the file may end before the aligned span does
+
+        def read_chunk(index: int, _worker: int) -> None:
+            chunk_start = index * self.max_request_bytes
+            chunk_end = min(chunk_start + self.max_request_bytes, span_bytes)
+            min_bytes = max(0, min(chunk_end, needed_end - span_start) - chunk_start)
+            self._file.read_into(span_start + chunk_start, buffer[chunk_start:chunk_end], min_bytes=min_bytes)
+
+        started_s = time.perf_counter()
+        _run_parallel(self._pool, self.num_threads, num_chunks, read_chunk)
+        self.stats.read_time_s += time.perf_counter() - started_s
+        self.stats.requests += num_chunks
+        self.stats.read_bytes += span_bytes
+        self.stats.useful_bytes += region.length_bytes
+        first_byte = region.offset_bytes - span_start
+        return np.ndarray(
+            (region.num_neurons, self.bundle_elements), dtype=self.dtype, buffer=buffer, offset=first_byte
+        )  # (num_neurons, bundle_elements)
+
+    def _check_neuron_ids(self, layer: int, neuron_ids: np.ndarray, num_neurons: int) -> np.ndarray:
+        ids = np.asarray(neuron_ids)
+        if ids.ndim != 1 or (ids.size and not np.issubdtype(ids.dtype, np.integer)):
+            raise ValueError(f"neuron_ids must be a 1-D integer array, got shape {ids.shape} dtype {ids.dtype}")
+        if ids.size == 0:
+            return ids.astype(np.int64)
+        lowest, highest = int(ids.min()), int(ids.max())
+        if lowest < 0 or highest >= num_neurons:
+            bad = lowest if lowest < 0 else highest
+            raise IndexError(f"neuron id {bad} out of range for layer {layer}: it has {num_neurons} neurons (0..{num_neurons - 1})")
+        return ids.astype(np.int64)
+
+    def _check_out(self, out: np.ndarray, num_ids: int) -> None:
+        if not isinstance(out, np.ndarray) or out.ndim != 2 or out.shape[1] != self.bundle_elements:
+            raise ValueError(
+                f"out must be a (>= {num_ids}, {self.bundle_elements}) array, got "
+                f"{getattr(out, 'shape', type(out).__name__)}"
+            )
+        if out.dtype != self.dtype:
+            raise ValueError(f"out has dtype {out.dtype} but the store is {self.layout.dtype}: pass a {self.dtype} array")
+        if out.shape[0] < num_ids:
+            raise ValueError(f"out has {out.shape[0]} rows but {num_ids} neuron ids were asked for")
+        if not out.flags.writeable:
+            raise ValueError("out is read-only")
+
+    def read_neurons(self, layer: int, neuron_ids: np.ndarray, out: np.ndarray) -> None:
+        """Write the bundles of `neuron_ids` (store positions, unique, any order) into out[0:len(ids)], in that order.
+
+        out: (>= len(ids), bundle_elements) array of the store dtype. Sorted ids
+        are copied out once; other orders go through a temporary (about 2x the copy time).
+        """
+        region = self._region(layer)
+        ids = self._check_neuron_ids(layer, neuron_ids, region.num_neurons)  # (k,)
+        self._check_out(out, len(ids))
+        if len(ids) == 0:
+            return
+        order = np.argsort(ids, kind="stable")  # (k,) positions in out, by id
+        sorted_ids = ids[order]  # (k,)
+        duplicate = np.flatnonzero(sorted_ids[1:] == sorted_ids[:-1])
+        if duplicate.size:
+            raise ValueError(f"neuron id {int(sorted_ids[duplicate[0]])} appears more than once in neuron_ids; ids must be unique")
+        ids_sorted = bool((order == np.arange(len(ids))).all())  # the cache passes sorted ids: the fast copy path
+        bundle_bytes = self.layout.bundle_bytes
+        offsets, lengths, first_index, end_index = _plan_read_arrays(
+            sorted_ids, region.offset_bytes, bundle_bytes, self.alignment_bytes, self.max_gap_bytes, self.max_request_bytes
+        )
+        staging_offsets = np.concatenate(([0], np.cumsum(lengths)))  # (requests+1,) staging is packed requests
+        total_bytes = int(staging_offsets[-1])
+        if self._staging.nbytes < total_bytes:
+            self._staging = np.empty(0, dtype=np.uint8)
+            self._staging = aligned_buffer(align_up(total_bytes, 1 << 20))  # round up: fewer regrowths
+        staging = self._staging
+        file_end = self._file.size_bytes
+
+        def read_request(index: int, _worker: int) -> None:
+            offset, length = int(offsets[index]), int(lengths[index])
+            staging_start = int(staging_offsets[index])
+            first, end = int(first_index[index]), int(end_index[index])
+            first_id, last_id = int(sorted_ids[first]), int(sorted_ids[end - 1])
+            useful_end = region.offset_bytes + (last_id + 1) * bundle_bytes
+            self._file.read_into(
+                offset, staging[staging_start : staging_start + length], min_bytes=min(useful_end, file_end) - offset
+            )
+            # Rows first_id..last_id sit back to back in this request's staging bytes.
+            first_row_byte = staging_start + region.offset_bytes + first_id * bundle_bytes - offset
+            rows = np.ndarray(
+                (last_id - first_id + 1, self.bundle_elements), dtype=self.dtype, buffer=staging, offset=first_row_byte
+            )  # (span_ids, bundle_elements)
+            local_rows = sorted_ids[first:end] - first_id  # (ids in request,)
+            if ids_sorted:
+                # One copy straight into out; mode="clip" because mode="raise" buffers through a temporary.
+                np.take(rows, local_rows, axis=0, out=out[first:end], mode="clip")
+            else:
+                out[order[first:end]] = rows[local_rows]  # caller's order: numpy goes through a temporary
+
+        started_s = time.perf_counter()
+        _run_parallel(self._pool, self.num_threads, len(offsets), read_request)
+        self.stats.read_time_s += time.perf_counter() - started_s
+        self.stats.requests += len(offsets)
+        self.stats.read_bytes += total_bytes
+        self.stats.useful_bytes += len(ids) * bundle_bytes
+
+    def close(self) -> None:
+        """Stop the thread pool and close the file; safe to call twice. Views from read_layer stay valid memory."""
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+            self._pool = None
+        self._file.close()
+
+    def __enter__(self) -> "BundleReader":
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
+
+
+def measure_direct_read_bandwidth(path: str, request_bytes: int, concurrency: int, total_bytes: int, seed: int = 0) -> float:
+    """Raw direct-read throughput of `path` in bytes/s: random aligned requests of
+    `request_bytes` on `concurrency` threads (the reader's mechanism), ~total_bytes in all.
+
+    The baseline a BundleReader's throughput is judged against.
+    """
+    with DirectFile(path) as file:
+        alignment = file.alignment_bytes
+        if request_bytes % alignment or request_bytes <= 0:
+            raise ValueError(f"request_bytes must be a positive multiple of {alignment}, got {request_bytes}")
+        if file.size_bytes < request_bytes:
+            raise ValueError(f"{path} has {file.size_bytes} bytes, less than one {request_bytes}-byte request")
+        num_requests = max(1, total_bytes // request_bytes)
+        slots = (file.size_bytes - request_bytes) // alignment + 1
+        rng = np.random.default_rng(seed)
+        offsets = rng.integers(0, slots, size=num_requests) * alignment  # (num_requests,)
+        buffer = aligned_buffer(request_bytes * concurrency)  # one slot per worker
+
+        def read_one(index: int, worker: int) -> None:
+            slot = buffer[worker * request_bytes : (worker + 1) * request_bytes]
+            file.read_into(int(offsets[index]), slot)
+
+        with ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="flash-bench") as pool:
+            started_s = time.perf_counter()
+            _run_parallel(pool, concurrency, num_requests, read_one)
+            elapsed_s = time.perf_counter() - started_s
+        return num_requests * request_bytes / elapsed_s

@@ -1,0 +1,235 @@
+"""One layer's DRAM cache of FFN neuron bundles: the paper's preallocated matrix.
+
+Memory layout (DESIGN.md "Memory management"): a (capacity_rows,
+bundle_elements) matrix allocated once. Rows [0, num_rows) are the cached
+neurons, packed, so `dense_rows()` is a contiguous matrix the compute worker
+multiplies directly (gathering rows per call is slower than the dense FFN).
+
+    rows:      [ id 7 ][ id 2 ][ id 40 ][ id 9 ][ free ][ free ]
+    slot_ids:  [   7   ,   2   ,   40   ,   9   ,  -1   ,  -1  ]
+    slot_of:   id -> row, -1 when the neuron is not cached
+
+Inserting appends at num_rows. Deleting moves the last rows into the freed
+slots, so nothing is reallocated and rows never leave the packed prefix.
+
+Which neurons stay (the paper's sliding window): every neuron used by one of
+the last `window_tokens` tokens, plus pinned hot neurons (PowerInfer's
+hot/cold split: hot neurons are loaded once and never evicted). A token's
+flow, driven by the prefetcher:
+
+    cache.advance_window(active_ids)     # record this token's predicted set (a batch: the union)
+    cache.evict_outside_window()         # drop what no recent token used
+    missing = cache.plan_token(active_ids)   # counts hits/misses; makes room (LRU) if needed
+    cache.insert(missing, partial(reader.read_neurons, layer))
+
+Every change bumps `version`, which a "layer ready (version)" message carries.
+Single writer: only the prefetcher mutates a layer's cache, and only while
+compute is not inside that layer.
+"""
+from __future__ import annotations
+
+from collections import deque
+from typing import Callable
+
+import numpy as np
+
+from workers.flash_io.bundle_reader import numpy_dtype_of_store
+
+# rows_filler(ids, out): write the bundles of ids (k,) into out (k, bundle_elements),
+# e.g. functools.partial(BundleReader.read_neurons, layer).
+RowsFiller = Callable[[np.ndarray, np.ndarray], None]
+
+class CacheCapacityError(RuntimeError):
+    """A token needs more neurons resident than the layer cache can hold."""
+
+
+class NeuronCache:
+    def __init__(
+        self,
+        num_neurons: int,
+        bundle_elements: int,
+        capacity_rows: int,
+        dtype,
+        window_tokens: int,
+        rows: np.ndarray | None = None,
+    ):
+        if num_neurons <= 0 or bundle_elements <= 0 or capacity_rows <= 0:
+            raise ValueError(
+                f"num_neurons, bundle_elements and capacity_rows must be positive; got {num_neurons}, "
+                f"{bundle_elements}, {capacity_rows}"
+            )
+        if window_tokens < 1:
+            raise ValueError(f"window_tokens must be >= 1 (the paper uses 4..5), got {window_tokens}")
+        # A store dtype name ("bfloat16") maps to what the reader writes (uint16 bits).
+        dtype = numpy_dtype_of_store(dtype) if isinstance(dtype, str) else np.dtype(dtype)
+        if rows is None:
+            rows = np.zeros((capacity_rows, bundle_elements), dtype=dtype)  # (capacity_rows, bundle_elements)
+        elif rows.shape != (capacity_rows, bundle_elements) or rows.dtype != dtype:
+            raise ValueError(
+                f"rows must be a ({capacity_rows}, {bundle_elements}) {dtype} array, got {rows.shape} {rows.dtype}"
+            )
+        self.num_neurons = num_neurons
+        self.bundle_elements = bundle_elements
+        self.capacity_rows = capacity_rows
+        self.dtype = dtype
+        self.window_tokens = window_tokens
+        self.rows = rows  # (capacity_rows, bundle_elements)
+        self.slot_ids = np.full(capacity_rows, -1, dtype=np.int32)  # (capacity_rows,) store id per row
+        self.slot_of = np.full(num_neurons, -1, dtype=np.int32)  # (num_neurons,) row per store id
+        self.num_rows = 0
+        self.pinned = np.zeros(num_neurons, dtype=bool)  # (num_neurons,)
+        # Sliding window: the last window_tokens active sets, and per neuron how many of them hold it.
+        self._window: deque[np.ndarray] = deque()
+        self._window_count = np.zeros(num_neurons, dtype=np.int32)  # (num_neurons,)
+        # LRU clock: index of the token being processed; last_used per neuron.
+        self._token_index = 0
+        self._last_used = np.full(num_neurons, -1, dtype=np.int64)  # (num_neurons,)
+        self.hits = 0
+        self.misses = 0
+        self.inserted = 0
+        self.deleted = 0
+        self.version = 0
+
+    # ---- ids -----------------------------------------------------------------
+
+    def _check_ids(self, ids: np.ndarray, what: str) -> np.ndarray:
+        ids = np.asarray(ids)
+        if ids.ndim != 1 or (ids.size and not np.issubdtype(ids.dtype, np.integer)):
+            raise ValueError(f"{what}: ids must be a 1-D integer array, got shape {ids.shape} dtype {ids.dtype}")
+        ids = ids.astype(np.int64)
+        if ids.size:
+            lowest, highest = int(ids.min()), int(ids.max())
+            if lowest < 0 or highest >= self.num_neurons:
+                bad = lowest if lowest < 0 else highest
+                raise IndexError(f"{what}: neuron id {bad} out of range (0..{self.num_neurons - 1})")
+            if np.unique(ids).size != ids.size:
+                raise ValueError(f"{what}: ids must be unique")
+        return ids
+
+    @property
+    def cached_ids(self) -> np.ndarray:
+        return self.slot_ids[: self.num_rows]  # (num_rows,)
+
+    def window_union(self) -> np.ndarray:
+        """Sorted ids used by any of the last window_tokens tokens."""
+        return np.flatnonzero(self._window_count > 0)
+
+    def dense_rows(self) -> tuple[np.ndarray, np.ndarray]:
+        """(rows[:num_rows] (num_rows, bundle_elements), slot_ids[:num_rows] (num_rows,)): what compute multiplies."""
+        return self.rows[: self.num_rows], self.slot_ids[: self.num_rows]
+
+    # ---- insert / delete -----------------------------------------------------
+
+    def insert(self, ids: np.ndarray, rows_filler: RowsFiller) -> None:
+        """Append the bundles of `ids` (not cached, unique) at rows [num_rows, num_rows + k).
+
+        The filler writes them; the bookkeeping changes only if it succeeds.
+        """
+        ids = self._check_ids(ids, "insert")
+        if ids.size == 0:
+            return
+        already = ids[self.slot_of[ids] >= 0]
+        if already.size:
+            raise ValueError(f"insert: neuron {int(already[0])} is already cached (row {int(self.slot_of[already[0]])})")
+        start, stop = self.num_rows, self.num_rows + ids.size
+        if stop > self.capacity_rows:
+            raise CacheCapacityError(
+                f"insert of {ids.size} neurons needs {stop} rows but capacity is {self.capacity_rows} "
+                f"({self.num_rows} in use); call plan_token() first to make room, or raise capacity_rows"
+            )
+        rows_filler(ids, self.rows[start:stop])
+        self.slot_ids[start:stop] = ids
+        self.slot_of[ids] = np.arange(start, stop, dtype=np.int32)
+        self.num_rows = stop
+        self.inserted += ids.size
+        self.version += 1
+
+    def delete(self, ids: np.ndarray) -> None:
+        """Remove cached, unpinned `ids`; the last rows move into the freed slots."""
+        ids = self._check_ids(ids, "delete")
+        if ids.size == 0:
+            return
+        freed = self.slot_of[ids].astype(np.int64)  # (k,)
+        if (freed < 0).any():
+            raise ValueError(f"delete: neuron {int(ids[freed < 0][0])} is not cached")
+        if self.pinned[ids].any():
+            raise ValueError(f"delete: neuron {int(ids[self.pinned[ids]][0])} is pinned; unpin() it first")
+        new_num_rows = self.num_rows - ids.size
+        holes = np.sort(freed[freed < new_num_rows])  # (m,) freed slots inside the new packed prefix
+        tail = np.arange(new_num_rows, self.num_rows)  # (k,) rows that leave the prefix
+        movers = tail[~np.isin(tail, freed)]  # (m,) surviving rows to move down
+        if movers.size:
+            self.rows[holes] = self.rows[movers]  # holes < new_num_rows <= movers: no overlap
+            moved_ids = self.slot_ids[movers]
+            self.slot_ids[holes] = moved_ids
+            self.slot_of[moved_ids] = holes.astype(np.int32)
+        self.slot_of[ids] = -1
+        self.slot_ids[new_num_rows : self.num_rows] = -1
+        self.num_rows = new_num_rows
+        self.deleted += ids.size
+        self.version += 1
+
+    # ---- hot neurons ---------------------------------------------------------
+
+    def pin(self, ids: np.ndarray, rows_filler: RowsFiller) -> None:
+        """Keep `ids` resident for good (hot neurons); the uncached ones are loaded now, once."""
+        ids = self._check_ids(ids, "pin")
+        missing = ids[self.slot_of[ids] < 0]
+        self.insert(missing, rows_filler)
+        self.pinned[ids] = True
+        self.version += 1
+
+    def unpin(self, ids: np.ndarray) -> None:
+        """Make `ids` evictable again (they stay cached until the window or LRU drops them)."""
+        ids = self._check_ids(ids, "unpin")
+        self.pinned[ids] = False
+        self.version += 1
+
+    # ---- per token -----------------------------------------------------------
+
+    def plan_token(self, active_ids: np.ndarray) -> np.ndarray:
+        """The ids of this token's predicted set that are not cached, sorted; room is made for them.
+
+        If they do not fit, the least-recently-used unpinned rows that this token
+        does not need are evicted first; if even that is not enough, raises
+        CacheCapacityError and changes nothing.
+        """
+        active = np.unique(self._check_ids(active_ids, "plan_token"))  # (a,)
+        missing = active[self.slot_of[active] < 0]  # (m,)
+        self.hits += active.size - missing.size
+        self.misses += missing.size
+        self._last_used[active] = self._token_index
+        shortfall = self.num_rows + missing.size - self.capacity_rows
+        if shortfall > 0:
+            cached = self.cached_ids.astype(np.int64)  # (num_rows,)
+            needed = np.zeros(self.num_neurons, dtype=bool)
+            needed[active] = True
+            evictable = cached[~self.pinned[cached] & ~needed[cached]]
+            if evictable.size < shortfall:
+                pinned_count = int(self.pinned.sum())
+                need_rows = int(np.union1d(active, np.flatnonzero(self.pinned)).size)
+                raise CacheCapacityError(
+                    f"this token needs {need_rows} neurons resident ({active.size} predicted, {pinned_count} pinned) "
+                    f"but the layer cache holds {self.capacity_rows} rows; raise the neuron cache capacity "
+                    "(--memory), pin fewer hot neurons or lower the predictor's active set"
+                )
+            oldest_first = np.argsort(self._last_used[evictable], kind="stable")
+            self.delete(evictable[oldest_first[:shortfall]])
+        return missing
+
+    def advance_window(self, active_ids: np.ndarray) -> None:
+        """Record this token's active set (for a batch, the union over its sequences) in the window."""
+        active = np.unique(self._check_ids(active_ids, "advance_window"))  # (a,)
+        self._window.append(active)
+        self._window_count[active] += 1
+        if len(self._window) > self.window_tokens:
+            self._window_count[self._window.popleft()] -= 1
+        self._last_used[active] = self._token_index
+        self._token_index += 1
+
+    def evict_outside_window(self) -> np.ndarray:
+        """Delete cached neurons that none of the last window_tokens tokens used and that are not pinned; returns them."""
+        cached = self.cached_ids.astype(np.int64)  # (num_rows,)
+        stale = cached[(self._window_count[cached] == 0) & ~self.pinned[cached]]
+        self.delete(stale)
+        return stale

@@ -1,0 +1,47 @@
+"""FFN math over bundle rows: the matrix a neuron cache (or a whole layer) holds.
+
+A bundle row is one neuron: [gate_i | up_i | down_i] (gated) or
+[up_i | down_i | up_bias_i] (ReLU); see protocol.store_format.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass(frozen=True)
+class BundleColumns:
+    """Column slices of the parts inside a bundle row."""
+
+    gated: bool
+    gate: slice | None
+    up: slice
+    down: slice
+    up_bias: slice | None
+
+    @staticmethod
+    def from_layout(part_slices: dict[str, slice]) -> "BundleColumns":
+        return BundleColumns(gated="gate" in part_slices, gate=part_slices.get("gate"), up=part_slices["up"],
+                             down=part_slices["down"], up_bias=part_slices.get("up_bias"))
+
+
+def neuron_activations(h: torch.Tensor, rows: torch.Tensor, cols: BundleColumns) -> torch.Tensor:
+    """h (N, d), rows (k, E) → a (N, k): each neuron's activation, the coefficient of its down column."""
+    if cols.gated:
+        gate = h @ rows[:, cols.gate].T  # (N, k)
+        up = h @ rows[:, cols.up].T  # (N, k)
+        return F.silu(gate) * up
+    pre = h @ rows[:, cols.up].T + rows[:, cols.up_bias].T  # (N, k)
+    return F.relu(pre)
+
+
+def ffn_from_rows(h: torch.Tensor, rows: torch.Tensor, cols: BundleColumns) -> torch.Tensor:
+    """h (N, d), rows (k, E) → (N, d): the FFN restricted to the k neurons in rows (down bias not included)."""
+    return neuron_activations(h, rows, cols) @ rows[:, cols.down]  # (N, k) @ (k, d)
+
+
+def neuron_contributions(h: torch.Tensor, rows: torch.Tensor, cols: BundleColumns) -> torch.Tensor:
+    """|act(gate·x) · (up·x)| per neuron, (N, k): the score a calibrated threshold cuts (CATS-style)."""
+    return neuron_activations(h, rows, cols).abs()

@@ -1,0 +1,105 @@
+"""Opening a flash store: manifest checks, verified resident weights, full verification.
+
+Every process that needs the store goes through here, so a corrupt or truncated
+store is refused the same way everywhere, with the file and region named.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+
+import torch
+
+from protocol.store_format import (
+    Manifest, StoreError, read_manifest,
+)
+
+VERIFY_CHUNK_BYTES = 8 << 20
+
+
+def open_store(store_dir: str) -> Manifest:
+    """Read the manifest and check that every file is present and long enough."""
+    manifest = read_manifest(store_dir)
+    resident_path = os.path.join(store_dir, manifest.resident_file)
+    if not os.path.isfile(resident_path):
+        raise StoreError(f"{resident_path}: missing; the store is incomplete, re-run `flashllm convert`")
+    ffn_path = os.path.join(store_dir, manifest.ffn.file)
+    if not os.path.isfile(ffn_path):
+        raise StoreError(f"{ffn_path}: missing; the store is incomplete, re-run `flashllm convert`")
+    ffn_size = os.path.getsize(ffn_path)
+    for layer, region in enumerate(manifest.ffn.layers):
+        if region.offset_bytes + region.length_bytes > ffn_size:
+            raise StoreError(
+                f"{ffn_path}: truncated — FFN region of layer {layer} needs bytes "
+                f"[{region.offset_bytes}, {region.offset_bytes + region.length_bytes}) but the file has {ffn_size}; "
+                "re-run `flashllm convert`"
+            )
+        expected = region.num_neurons * manifest.ffn.bundle_bytes
+        if region.length_bytes != expected:
+            raise StoreError(f"{manifest.ffn.file}: layer {layer} region is {region.length_bytes} bytes, "
+                             f"expected {expected} ({region.num_neurons} bundles of {manifest.ffn.bundle_bytes})")
+    if ffn_size < manifest.ffn.file_bytes:
+        raise StoreError(f"{ffn_path}: truncated to {ffn_size} bytes, manifest says {manifest.ffn.file_bytes}; "
+                         "re-run `flashllm convert`")
+    return manifest
+
+
+def _tensor_sha256(tensor: torch.Tensor) -> str:
+    if tensor.dtype == torch.bfloat16:
+        tensor = tensor.view(torch.uint16)
+    return hashlib.sha256(tensor.contiguous().numpy().tobytes()).hexdigest()
+
+
+def load_resident_weights(store_dir: str, manifest: Manifest, verify: bool = True) -> dict[str, torch.Tensor]:
+    """All resident tensors (store dtype, CPU), each checked against its manifest checksum."""
+    from safetensors.torch import load_file
+
+    path = os.path.join(store_dir, manifest.resident_file)
+    try:
+        tensors = load_file(path)
+    except Exception as exc:  # safetensors raises its own error types on a bad header
+        raise StoreError(f"{path}: unreadable ({exc}); the store is corrupt, re-run `flashllm convert`") from exc
+    missing = sorted(set(manifest.resident_sha256) - set(tensors))
+    if missing:
+        raise StoreError(f"{path}: tensors missing: {', '.join(missing[:5])}; re-run `flashllm convert`")
+    if verify:
+        for name, expected in manifest.resident_sha256.items():
+            if _tensor_sha256(tensors[name]) != expected:
+                raise StoreError(f"{path}: checksum mismatch in tensor {name!r}; the store is corrupt, "
+                                 "re-run `flashllm convert`")
+    return tensors
+
+
+def verify_store(store_dir: str) -> list[str]:
+    """Check every region of the store, FFN included. Returns a line per checked region; raises on the first bad one."""
+    manifest = open_store(store_dir)
+    lines = []
+    load_resident_weights(store_dir, manifest, verify=True)
+    lines.append(f"{manifest.resident_file}: {len(manifest.resident_sha256)} tensors ok")
+    ffn_path = os.path.join(store_dir, manifest.ffn.file)
+    with open(ffn_path, "rb") as f:
+        for layer, region in enumerate(manifest.ffn.layers):
+            digest = hashlib.sha256()
+            f.seek(region.offset_bytes)
+            remaining = region.length_bytes
+            while remaining:
+                chunk = f.read(min(VERIFY_CHUNK_BYTES, remaining))
+                if not chunk:
+                    break
+                digest.update(chunk)
+                remaining -= len(chunk)
+            if remaining or digest.hexdigest() != region.sha256:
+                raise StoreError(f"{ffn_path}: checksum mismatch in the FFN region of layer {layer} "
+                                 f"(bytes {region.offset_bytes}..{region.offset_bytes + region.length_bytes}); "
+                                 "the store is corrupt, re-run `flashllm convert`")
+            lines.append(f"{manifest.ffn.file}: layer {layer} ok ({region.length_bytes} bytes)")
+    if manifest.sparsity is not None:
+        sparsity_path = os.path.join(store_dir, manifest.sparsity.file)
+        if not os.path.isfile(sparsity_path):
+            raise StoreError(f"{sparsity_path}: missing; re-run `flashllm calibrate`")
+        with open(sparsity_path, "rb") as f:
+            if hashlib.sha256(f.read()).hexdigest() != manifest.sparsity.sha256:
+                raise StoreError(f"{sparsity_path}: checksum mismatch; re-run `flashllm calibrate`")
+        lines.append(f"{manifest.sparsity.file}: ok")
+    return lines
+
