@@ -1,0 +1,427 @@
+"""Flash I/O: the bundle reader returns exactly the bytes of the store, reads reach the
+device, and the neuron cache keeps the sliding window of neurons in a packed matrix."""
+from __future__ import annotations
+
+import functools
+import os
+
+import numpy as np
+import pytest
+
+from protocol.store_format import (
+    ALIGNMENT_BYTES,
+    FFN_FILE,
+    FfnLayerRegion,
+    FfnLayout,
+    align_up,
+    sha256_hex,
+)
+from workers.flash_io.bundle_reader import (
+    BundleReader,
+    measure_direct_read_bandwidth,
+    numpy_dtype_of_store,
+    plan_reads,
+)
+from workers.flash_io.direct_io import (
+    MEMORY_FILESYSTEMS,
+    DirectFile,
+    PageCacheBypassWarning,
+    aligned_buffer,
+    filesystem_type,
+)
+from workers.flash_io.neuron_cache import CacheCapacityError, NeuronCache
+
+FIRST_REGION_OFFSET_BYTES = 2 * ALIGNMENT_BYTES  # not 0: regions need not start the file
+
+
+def write_ffn_store(
+    store_dir: str, dtype_name: str, hidden_size: int, layer_neurons: list[int], seed: int = 0
+) -> tuple[FfnLayout, list[np.ndarray]]:
+    """A synthetic gated ffn.bin (random bundles); returns its layout and each layer's (n, 3d) bundles."""
+    rng = np.random.default_rng(seed)
+    dtype = numpy_dtype_of_store(dtype_name)
+    bundle_parts = [("gate", hidden_size), ("up", hidden_size), ("down", hidden_size)]
+    bundle_elements = 3 * hidden_size
+    bundle_bytes = bundle_elements * dtype.itemsize
+    regions, layers = [], []
+    offset_bytes = FIRST_REGION_OFFSET_BYTES
+    path = os.path.join(store_dir, FFN_FILE)
+    with open(path, "wb") as f:
+        f.write(b"\xee" * offset_bytes)  # junk before the first region: a wrong offset shows
+        for num_neurons in layer_neurons:
+            if dtype == np.uint16:  # bfloat16 bits
+                bundles = rng.integers(0, 1 << 16, size=(num_neurons, bundle_elements), dtype=np.uint16)
+            else:
+                bundles = rng.standard_normal((num_neurons, bundle_elements)).astype(dtype)  # (n, 3d)
+            f.seek(offset_bytes)
+            f.write(bundles.tobytes())
+            regions.append(FfnLayerRegion(offset_bytes, num_neurons * bundle_bytes, num_neurons, sha256_hex(bundles.tobytes())))
+            layers.append(bundles)
+            end_bytes = offset_bytes + num_neurons * bundle_bytes
+            offset_bytes = align_up(end_bytes)
+            f.write(b"\xdd" * (offset_bytes - end_bytes))
+        # The file ends where the last region ends, unaligned: aligned reads run past EOF.
+        f.truncate(end_bytes)
+        f.flush()
+        os.fsync(f.fileno())
+    layout = FfnLayout(
+        file=FFN_FILE,
+        dtype=dtype_name,
+        alignment_bytes=ALIGNMENT_BYTES,
+        bundle_parts=bundle_parts,
+        bundle_bytes=bundle_bytes,
+        file_bytes=end_bytes,
+        layers=regions,
+    )
+    return layout, layers
+
+
+def same_bytes(a: np.ndarray, b: np.ndarray) -> bool:
+    return a.shape == b.shape and a.dtype == b.dtype and a.tobytes() == b.tobytes()
+
+
+def read_bytes_of_this_process() -> int:
+    with open("/proc/self/io", encoding="ascii") as f:
+        fields = dict(line.split(": ") for line in f.read().splitlines())
+    return int(fields["read_bytes"])
+
+
+# ---- reading the store ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype_name,hidden_size", [("float16", 100), ("float32", 100), ("float32", 1000), ("bfloat16", 64)])
+def test_read_layer_returns_every_bundle_as_written(tmp_path, dtype_name, hidden_size):
+    layout, layers = write_ffn_store(str(tmp_path), dtype_name, hidden_size, [300, 257, 131])
+    with BundleReader(str(tmp_path), layout, max_request_bytes=64 * 1024) as reader:
+        for layer, expected in enumerate(layers):
+            got = reader.read_layer(layer)  # (n, 3d)
+            assert same_bytes(got, expected)
+        assert reader.stats.useful_bytes == layout.total_bundle_bytes
+        assert reader.stats.read_bytes >= layout.total_bundle_bytes
+
+
+@pytest.mark.parametrize("dtype_name,hidden_size", [("float16", 100), ("float32", 100), ("float32", 1000)])
+def test_read_neurons_writes_the_asked_rows_in_the_asked_order(tmp_path, dtype_name, hidden_size):
+    layout, layers = write_ffn_store(str(tmp_path), dtype_name, hidden_size, [300, 257])
+    rng = np.random.default_rng(1)
+    dtype = numpy_dtype_of_store(dtype_name)
+    with BundleReader(str(tmp_path), layout, num_threads=3, max_gap_bytes=8192, max_request_bytes=32 * 1024) as reader:
+        for layer, expected in enumerate(layers):
+            n = len(expected)
+            id_sets = [
+                np.array([0]),
+                np.array([n - 1]),
+                np.array([n - 1, 0]),  # both region ends
+                np.arange(17, 90),  # a range
+                np.arange(n)[::-1].copy(),  # everything, reversed
+            ] + [rng.choice(n, size=int(rng.integers(1, n)), replace=False) for _ in range(20)]
+            for ids in id_sets:
+                out = np.zeros((len(ids) + 3, layout.bundle_elements), dtype=dtype)  # spare rows stay untouched
+                reader.read_neurons(layer, ids, out)
+                assert same_bytes(out[: len(ids)], expected[ids])
+                assert not out[len(ids) :].any()
+
+
+def test_read_neurons_fills_free_rows_of_a_bigger_matrix(tmp_path):
+    layout, layers = write_ffn_store(str(tmp_path), "float16", 64, [200])
+    matrix = np.zeros((100, layout.bundle_elements), dtype=np.float16)  # like a cache's rows
+    with BundleReader(str(tmp_path), layout) as reader:
+        reader.read_neurons(0, np.array([5, 150, 7]), matrix[40:43])
+    assert same_bytes(matrix[40:43], layers[0][[5, 150, 7]])
+    assert not matrix[:40].any() and not matrix[43:].any()
+
+
+def test_read_neurons_rejects_bad_requests_with_clear_errors(tmp_path):
+    layout, _ = write_ffn_store(str(tmp_path), "float16", 32, [50, 40])
+    out = np.zeros((10, layout.bundle_elements), dtype=np.float16)
+    with BundleReader(str(tmp_path), layout) as reader:
+        with pytest.raises(ValueError, match="more than once"):
+            reader.read_neurons(0, np.array([3, 4, 3]), out)
+        with pytest.raises(IndexError, match="neuron id 40 out of range for layer 1"):
+            reader.read_neurons(1, np.array([0, 40]), out)
+        with pytest.raises(IndexError, match="neuron id -1"):
+            reader.read_neurons(0, np.array([-1]), out)
+        with pytest.raises(IndexError, match="layer 2 out of range"):
+            reader.read_layer(2)
+        with pytest.raises(ValueError, match="dtype float32"):
+            reader.read_neurons(0, np.array([1]), out.astype(np.float32))
+        with pytest.raises(ValueError, match="rows but 11 neuron ids"):
+            reader.read_neurons(0, np.arange(11), out)
+        reader.read_neurons(0, np.array([], dtype=np.int64), out)  # nothing asked, nothing read
+        assert reader.stats.requests == 0
+    reader.close()  # idempotent
+    with pytest.raises(ValueError, match="closed"):
+        reader.read_layer(0)
+
+
+def test_truncated_file_is_reported(tmp_path):
+    layout, _ = write_ffn_store(str(tmp_path), "float16", 32, [50])
+    with open(tmp_path / FFN_FILE, "r+b") as f:
+        f.truncate(layout.file_bytes - 10)
+    with pytest.raises(Exception, match="truncated"):
+        BundleReader(str(tmp_path), layout)
+
+
+def test_counters_equal_the_plan(tmp_path):
+    layout, _ = write_ffn_store(str(tmp_path), "float32", 100, [400])
+    ids = np.array([3, 4, 5, 100, 101, 250, 399])
+    with BundleReader(str(tmp_path), layout, max_gap_bytes=4096, max_request_bytes=64 * 1024) as reader:
+        plan = plan_reads(ids, layout.layers[0].offset_bytes, layout.bundle_bytes, reader.alignment_bytes, 4096, 64 * 1024)
+        reader.read_neurons(0, ids, np.empty((len(ids), layout.bundle_elements), dtype=np.float32))
+        assert reader.stats.requests == len(plan)
+        assert reader.stats.read_bytes == sum(request.length_bytes for request in plan)
+        assert reader.stats.useful_bytes == len(ids) * layout.bundle_bytes
+        assert reader.stats.read_time_s > 0
+        reader.reset_stats()
+        assert reader.stats.requests == reader.stats.read_bytes == 0
+
+
+# ---- the read planner ----------------------------------------------------------------
+
+
+def check_plan(plan, ids, region_offset_bytes, bundle_bytes, alignment_bytes, max_gap_bytes, max_request_bytes):
+    wanted = np.unique(ids)
+    covered = []
+    for request in plan:
+        assert request.offset_bytes % alignment_bytes == 0 and request.length_bytes % alignment_bytes == 0
+        inside = wanted[(wanted >= request.first_id) & (wanted <= request.last_id)]
+        assert inside[0] == request.first_id and inside[-1] == request.last_id
+        for neuron in inside:
+            start = region_offset_bytes + int(neuron) * bundle_bytes
+            assert request.offset_bytes <= start and start + bundle_bytes <= request.offset_bytes + request.length_bytes
+        # Oversize only when one bundle alone needs it.
+        assert request.length_bytes <= max(max_request_bytes, align_up(bundle_bytes, alignment_bytes) + alignment_bytes)
+        covered.extend(inside.tolist())
+    assert covered == wanted.tolist()  # every wanted id once, requests in order
+    for before, after in zip(plan, plan[1:]):
+        gap_bytes = after.offset_bytes - (before.offset_bytes + before.length_bytes)
+        # Neighbours stay apart only when the gap is costly or merging would break the size cap.
+        merged_bytes = after.offset_bytes + after.length_bytes - before.offset_bytes
+        assert gap_bytes > max_gap_bytes or merged_bytes > max_request_bytes
+
+
+def test_plan_reads_invariants_on_random_id_sets():
+    rng = np.random.default_rng(2)
+    for _ in range(300):
+        bundle_bytes = int(rng.choice([600, 1200, 4096, 12000, 24576, 70000]))
+        alignment_bytes = int(rng.choice([512, 4096]))
+        region_offset_bytes = int(rng.integers(0, 50)) * 4096
+        max_gap_bytes = int(rng.choice([0, 4096, 32768]))
+        max_request_bytes = int(rng.choice([4096, 65536, 1 << 20]))
+        num_neurons = int(rng.integers(1, 3000))
+        ids = rng.choice(num_neurons, size=int(rng.integers(1, min(num_neurons, 400) + 1)), replace=False)
+        plan = plan_reads(ids, region_offset_bytes, bundle_bytes, alignment_bytes, max_gap_bytes, max_request_bytes)
+        check_plan(plan, ids, region_offset_bytes, bundle_bytes, alignment_bytes, max_gap_bytes, max_request_bytes)
+
+
+def test_plan_reads_coalesces_near_ids_and_splits_far_ones():
+    # 1 KiB bundles in a region at 8 KiB: ids 0..3 share block 2, id 10 is one block further.
+    near = plan_reads(np.array([3, 0, 10]), 8192, 1024, 4096, max_gap_bytes=4096, max_request_bytes=1 << 20)
+    assert near == [(8192, 12288, 0, 10)]
+    far = plan_reads(np.array([3, 0, 10]), 8192, 1024, 4096, max_gap_bytes=0, max_request_bytes=1 << 20)
+    assert far == [(8192, 4096, 0, 3), (16384, 4096, 10, 10)]
+    capped = plan_reads(np.arange(64), 0, 1024, 4096, max_gap_bytes=1 << 20, max_request_bytes=16384)
+    assert [request.length_bytes for request in capped] == [16384] * 4
+    assert plan_reads(np.array([], dtype=np.int64), 0, 1024) == []
+
+
+# ---- page cache: fallback and honest device reads -------------------------------------
+
+
+def test_memory_filesystem_falls_back_to_buffered_reads_and_warns(tmp_path):
+    if not os.path.isdir("/dev/shm") or filesystem_type("/dev/shm") not in MEMORY_FILESYSTEMS:
+        pytest.skip("no tmpfs at /dev/shm")
+    shm_dir = os.path.join("/dev/shm", f"flashllm-test-{os.getpid()}")
+    os.makedirs(shm_dir, exist_ok=True)
+    try:
+        layout, layers = write_ffn_store(shm_dir, "float16", 48, [120, 80])
+        with pytest.warns(PageCacheBypassWarning, match="only dropped, not bypassed"):
+            reader = BundleReader(shm_dir, layout)
+        with reader:
+            assert not reader.direct
+            assert same_bytes(reader.read_layer(1), layers[1])
+            ids = np.array([119, 0, 60])
+            out = np.empty((3, layout.bundle_elements), dtype=np.float16)
+            reader.read_neurons(0, ids, out)
+            assert same_bytes(out, layers[0][ids])
+    finally:
+        for name in os.listdir(shm_dir):
+            os.unlink(os.path.join(shm_dir, name))
+        os.rmdir(shm_dir)
+
+
+def test_aligned_buffers_are_page_aligned():
+    for size_bytes in (1, 4096, 100_000):
+        buffer = aligned_buffer(size_bytes)  # (size_bytes,)
+        assert buffer.ctypes.data % 4096 == 0 and buffer.nbytes == size_bytes and buffer.flags.writeable
+
+
+def test_neuron_reads_reach_the_device(tmp_path):
+    """/proc/self/io read_bytes grows by the planned bytes: the page cache did not serve them."""
+    if filesystem_type(str(tmp_path)) in MEMORY_FILESYSTEMS:
+        pytest.skip(f"{tmp_path} is on a memory filesystem: no device to read")
+    layout, layers = write_ffn_store(str(tmp_path), "float32", 256, [4000])  # 3 KiB bundles, ~12 MB
+    path = os.path.join(str(tmp_path), FFN_FILE)
+    os.sync()
+    fd = os.open(path, os.O_RDONLY)
+    os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    os.close(fd)
+    with DirectFile(path) as probe:
+        if not probe.direct:
+            pytest.skip(f"the filesystem of {tmp_path} refuses O_DIRECT: {probe.fallback_reason}")
+    rng = np.random.default_rng(3)
+    ids = rng.choice(4000, size=300, replace=False)
+    out = np.empty((300, layout.bundle_elements), dtype=np.float32)
+    with BundleReader(str(tmp_path), layout, max_gap_bytes=8192) as reader:
+        assert reader.direct
+        before_bytes = read_bytes_of_this_process()
+        reader.read_neurons(0, ids, out)
+        device_bytes = read_bytes_of_this_process() - before_bytes
+        planned_bytes = reader.stats.read_bytes
+        assert same_bytes(out, layers[0][ids])
+        assert planned_bytes >= reader.stats.useful_bytes
+        # Exact up to unrelated reads of this process in the same window (imports, pytest).
+        assert planned_bytes <= device_bytes <= planned_bytes + 1024 * 1024, (device_bytes, planned_bytes)
+        # Reading the same rows again goes to the device again: nothing was cached.
+        before_bytes = read_bytes_of_this_process()
+        reader.read_neurons(0, ids, out)
+        assert read_bytes_of_this_process() - before_bytes >= planned_bytes
+
+
+def test_raw_bandwidth_baseline_runs(tmp_path):
+    layout, _ = write_ffn_store(str(tmp_path), "float32", 256, [2000])
+    bytes_per_s = measure_direct_read_bandwidth(str(tmp_path / FFN_FILE), 65536, 2, 2 * 1024 * 1024)
+    assert bytes_per_s > 0
+
+
+# ---- the neuron cache ----------------------------------------------------------------
+
+
+def check_cache_invariants(cache: NeuronCache, store: np.ndarray) -> None:
+    rows, slot_ids = cache.dense_rows()  # (n, e), (n,)
+    n = cache.num_rows
+    assert rows.shape == (n, cache.bundle_elements) and len(slot_ids) == n
+    assert same_bytes(rows, store[slot_ids])  # every cached row is the bundle its slot claims
+    assert np.array_equal(cache.slot_of[slot_ids], np.arange(n))  # slot_of and slot_ids are inverse
+    assert (cache.slot_of >= 0).sum() == n and (cache.slot_ids[n:] == -1).all()
+    assert (cache.slot_of[cache.pinned] >= 0).all()  # pinned stay
+
+
+def test_cache_insert_and_delete_keep_a_packed_matrix():
+    store = np.arange(20 * 4, dtype=np.float32).reshape(20, 4)  # (20, 4)
+    fill = lambda ids, out: np.copyto(out, store[ids])  # noqa: E731
+    cache = NeuronCache(20, 4, capacity_rows=8, dtype=np.float32, window_tokens=2)
+    cache.insert(np.array([7, 2, 11, 5, 9]), fill)
+    assert cache.cached_ids.tolist() == [7, 2, 11, 5, 9]
+    version = cache.version
+    cache.delete(np.array([2, 9]))  # row 1 freed; row 3 (id 5) moves into it
+    assert cache.cached_ids.tolist() == [7, 5, 11] and cache.version > version
+    check_cache_invariants(cache, store)
+    with pytest.raises(ValueError, match="already cached"):
+        cache.insert(np.array([7]), fill)
+    with pytest.raises(ValueError, match="not cached"):
+        cache.delete(np.array([2]))
+    with pytest.raises(CacheCapacityError, match="capacity is 8"):
+        cache.insert(np.arange(12, 18), fill)
+    assert (cache.inserted, cache.deleted) == (5, 2)
+
+
+def test_cache_window_keeps_exactly_the_last_tokens_union(tmp_path):
+    layout, layers = write_ffn_store(str(tmp_path), "float16", 16, [500])
+    rng = np.random.default_rng(4)
+    window_tokens = 4
+    with BundleReader(str(tmp_path), layout) as reader:
+        fill = functools.partial(reader.read_neurons, 0)
+        cache = NeuronCache(500, layout.bundle_elements, capacity_rows=500, dtype="float16", window_tokens=window_tokens)
+        hot = np.array([1, 2, 3, 499])
+        cache.pin(hot, fill)
+        history = []
+        for _ in range(60):
+            active = rng.choice(500, size=int(rng.integers(0, 60)), replace=False)
+            history.append(set(active.tolist()))
+            cache.advance_window(active)
+            cache.evict_outside_window()
+            missing = cache.plan_token(active)
+            cache.insert(missing, fill)
+            union = set().union(*history[-window_tokens:]) | set(hot.tolist())
+            assert set(cache.cached_ids.tolist()) == union
+            check_cache_invariants(cache, layers[0])
+
+
+def test_cache_random_steps_property(tmp_path):
+    """A few hundred random plan/insert/delete/window/pin steps keep every invariant."""
+    layout, layers = write_ffn_store(str(tmp_path), "float32", 8, [300])
+    store = layers[0]
+    rng = np.random.default_rng(5)
+    with BundleReader(str(tmp_path), layout, max_gap_bytes=int(rng.choice([0, 4096]))) as reader:
+        fill = functools.partial(reader.read_neurons, 0)
+        cache = NeuronCache(300, layout.bundle_elements, capacity_rows=120, dtype=np.float32, window_tokens=3)
+        for _ in range(400):
+            step = rng.choice(["token", "insert", "delete", "pin", "unpin", "evict"], p=[0.45, 0.15, 0.15, 0.05, 0.05, 0.15])
+            version = cache.version
+            cached = cache.cached_ids.astype(np.int64)
+            if step == "token":
+                active = rng.choice(300, size=int(rng.integers(0, 90)), replace=False)
+                cache.advance_window(active)
+                try:
+                    missing = cache.plan_token(active)
+                except CacheCapacityError:
+                    assert len(np.union1d(active, np.flatnonzero(cache.pinned))) > cache.capacity_rows
+                    continue
+                assert not np.isin(missing, cached[np.isin(cached, active)]).any()
+                cache.insert(missing, fill)
+                assert (cache.slot_of[active] >= 0).all()  # the token has all it needs
+            elif step == "insert":
+                free = np.flatnonzero(cache.slot_of < 0)
+                k = min(int(rng.integers(1, 20)), cache.capacity_rows - cache.num_rows, len(free))
+                cache.insert(rng.choice(free, size=k, replace=False), fill)
+            elif step == "delete":
+                evictable = cached[~cache.pinned[cached]]
+                k = min(int(rng.integers(1, 20)), len(evictable))
+                cache.delete(rng.choice(evictable, size=k, replace=False))
+            elif step == "pin" and cache.num_rows < cache.capacity_rows - 10:
+                cache.pin(rng.choice(300, size=3, replace=False), fill)
+            elif step == "unpin":
+                cache.unpin(np.flatnonzero(cache.pinned)[:2])
+            elif step == "evict":
+                stale = cache.evict_outside_window()
+                assert not np.isin(stale, cache.window_union()).any()
+                assert not np.isin(cache.cached_ids, stale).any()
+            assert cache.version >= version
+            check_cache_invariants(cache, store)
+        assert cache.hits + cache.misses > 0 and cache.inserted >= cache.deleted
+
+
+def test_cache_evicts_least_recently_used_when_a_token_does_not_fit():
+    store = np.arange(50 * 2, dtype=np.float16).reshape(50, 2)  # (50, 2)
+    fill = lambda ids, out: np.copyto(out, store[ids])  # noqa: E731
+    cache = NeuronCache(50, 2, capacity_rows=10, dtype=np.float16, window_tokens=5)
+    cache.pin(np.array([49]), fill)
+    for active in (np.arange(0, 4), np.arange(10, 14)):
+        cache.advance_window(active)
+        cache.insert(cache.plan_token(active), fill)
+    assert cache.num_rows == 9
+    active = np.arange(20, 23)
+    cache.advance_window(active)
+    cache.insert(cache.plan_token(active), fill)  # the window wants 11 + 1 pinned: the two oldest (0, 1) go
+    assert cache.num_rows == 10 and cache.slot_of[[0, 1]].tolist() == [-1, -1]
+    active = np.array([30, 31, 10])
+    cache.advance_window(active)
+    missing = cache.plan_token(active)  # 2 more rows: next oldest (2, 3) go; 10 is needed, 49 pinned
+    assert missing.tolist() == [30, 31]
+    assert cache.slot_of[[2, 3]].tolist() == [-1, -1] and cache.slot_of[[10, 49]].min() >= 0
+    cache.insert(missing, fill)
+    check_cache_invariants(cache, store)
+    assert cache.hits == 1 and cache.misses == 13
+    with pytest.raises(CacheCapacityError, match="needs 11 neurons resident .* holds 10 rows"):
+        cache.plan_token(np.arange(35, 45))
+    check_cache_invariants(cache, store)
+
+
+def test_cache_rows_can_live_in_caller_memory():
+    shared = np.zeros((6, 3), dtype=np.float32)  # e.g. a view over a /dev/shm mapping
+    cache = NeuronCache(10, 3, capacity_rows=6, dtype=np.float32, window_tokens=2, rows=shared)
+    cache.insert(np.array([4]), lambda ids, out: out.fill(1.0))
+    assert shared[0].tolist() == [1.0, 1.0, 1.0]
+    with pytest.raises(ValueError, match=r"\(6, 3\) float32"):
+        NeuronCache(10, 3, capacity_rows=6, dtype=np.float16, window_tokens=2, rows=shared)
