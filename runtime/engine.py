@@ -16,15 +16,11 @@ from dataclasses import dataclass, field
 
 import torch
 
-from protocol.store_format import StoreError
 from runtime.sampling import SamplingParams, sample_next_token
 from runtime.tokenizer import IncrementalDetokenizer, StopStringMatcher, Tokenizer
 from workers.flash_io.io_counters import process_read_bytes
-from workers.models import build_model
-from workers.models.attention import KVCache
-from workers.store_reader import load_resident_weights, open_store
-
-FFN_MODES = ("dense", "naive", "sparse")
+from workers.executor import FFN_MODES, ModelExecutor
+from workers.store_reader import open_store
 DEFAULT_MAX_CONTEXT = 2048
 PREFILL_TOKEN_BUDGET = 2048  # prompt tokens prefilled per step, so decode is not starved
 
@@ -72,7 +68,7 @@ class _Sequence:
 
 class Engine:
     def __init__(self, store_dir: str, mode: str = "dense", max_batch: int = 8, max_context: int | None = None,
-                 device: str | None = None, verify: bool = True, ffn_options: dict | None = None):
+                 device: str | None = None, verify: bool = True, ffn_options: dict | None = None, executor=None):
         if mode not in FFN_MODES:
             raise ValueError(f"--mode {mode!r} is not one of {', '.join(FFN_MODES)}")
         if max_batch < 1:
@@ -80,19 +76,16 @@ class Engine:
         self.store_dir = store_dir
         self.manifest = open_store(store_dir)
         arch = self.arch = self.manifest.arch
-        self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-        self.dtype = torch.float32 if self.device == "cpu" else torch.float16
-        weights = load_resident_weights(store_dir, self.manifest, verify=verify)
-        self.model = build_model(arch, weights, self.dtype, self.device)
-        del weights
-        self.tokenizer = Tokenizer.from_store(store_dir, self.manifest.tokenizer, arch.eos_token_ids)
-        self.eos_ids = set(self.tokenizer.eos_token_ids) | set(arch.eos_token_ids)
         self.max_context = min(max_context or DEFAULT_MAX_CONTEXT, arch.max_position_embeddings)
         self.max_batch = max_batch
-        self.kv = KVCache(arch.num_hidden_layers, max_batch, arch.num_key_value_heads, self.max_context,
-                          arch.head_dim, self.dtype, self.device)
         self.mode = mode
-        self.ffn = make_ffn_provider(mode, store_dir, self.manifest, self.dtype, self.device, **(ffn_options or {}))
+        self.tokenizer = Tokenizer.from_store(store_dir, self.manifest.tokenizer, arch.eos_token_ids)
+        self.eos_ids = set(self.tokenizer.eos_token_ids) | set(arch.eos_token_ids)
+        if executor is None:
+            executor = ModelExecutor(store_dir, self.manifest, mode, max_batch, self.max_context, device=device,
+                                     verify=verify, ffn_options=ffn_options)
+        self.executor = executor
+        self.device = "cpu"  # inputs are built on the CPU; the executor moves them
         self._free_slots = list(range(max_batch))
         self._waiting: list[_Sequence] = []
         self._running: dict[str, _Sequence] = {}
@@ -103,15 +96,8 @@ class Engine:
     # ------------------------------------------------------------------ model
 
     def forward(self, token_ids: torch.Tensor, slots: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        """token_ids/positions (B, T), slots (B,) → logits (B, T, V). Writes the KV cache of those slots."""
-        x = self.model.embed(token_ids, positions)  # (B, T, d)
-        batch, steps, d = x.shape
-        for layer in range(self.arch.num_hidden_layers):
-            x = self.model.attention(layer, x, positions, self.kv, slots)
-            h = self.model.ffn_input(layer, x).reshape(batch * steps, d)  # (N, d)
-            y = self.ffn.forward(layer, h).reshape(batch, steps, d)
-            x = self.model.ffn_residual(layer, x, y)
-        return self.model.logits(x).float()  # (B, T, V)
+        """token_ids/positions (B, T), slots (B,) → logits (B, T, V) float32."""
+        return self.executor.forward(token_ids, slots, positions)
 
     # ------------------------------------------------------------------ requests
 
@@ -161,8 +147,12 @@ class Engine:
         seq = self._running.pop(request_id, None)
         if seq is None:
             return False
-        self._free_slots.append(seq.slot)
+        self._release(seq)
         return True
+
+    def _release(self, seq: _Sequence) -> None:
+        self._free_slots.append(seq.slot)
+        self.executor.release_slot(seq.slot)
 
     def has_unfinished(self) -> bool:
         return bool(self._waiting or self._running)
@@ -195,27 +185,25 @@ class Engine:
             if out.finished:
                 seq = self._running.pop(out.request_id, None)
                 if seq is not None:
-                    self._free_slots.append(seq.slot)
+                    self._release(seq)
         return outputs
 
     def _prefill(self, seq: _Sequence) -> RequestOutput:
         ids = torch.tensor([seq.prompt_ids], device=self.device)  # (1, T)
         positions = torch.arange(len(seq.prompt_ids), device=self.device)[None]  # (1, T)
-        with torch.inference_mode():
-            logits = self.forward(ids, torch.tensor([seq.slot], device=self.device), positions)
+        logits = self.forward(ids, torch.tensor([seq.slot], device=self.device), positions)
         return self._accept(seq, logits[0, -1])
 
     def _decode(self, seqs: list[_Sequence]) -> list[RequestOutput]:
         ids = torch.tensor([[s.next_input] for s in seqs], device=self.device)  # (B, 1)
         positions = torch.tensor([[len(s.prompt_ids) + len(s.generated) - 1] for s in seqs], device=self.device)
         slots = torch.tensor([s.slot for s in seqs], device=self.device)  # (B,)
-        self.ffn.stats.reset()
+        self.executor.ffn_stats.reset()
         read_before = process_read_bytes()
         start = time.perf_counter()
-        with torch.inference_mode():
-            logits = self.forward(ids, slots, positions)[:, -1]  # (B, V)
+        logits = self.forward(ids, slots, positions)[:, -1]  # (B, V)
         elapsed_s = time.perf_counter() - start
-        stats = self.ffn.stats
+        stats = self.executor.ffn_stats
         self.token_stats.append({
             "batch": len(seqs), "ms": elapsed_s * 1e3, "flash_read_bytes": process_read_bytes() - read_before,
             "reader_read_bytes": stats.read_bytes, "io_ms": stats.io_s * 1e3, "ffn_compute_ms": stats.compute_s * 1e3,
@@ -295,8 +283,7 @@ class Engine:
                 break
             ids = torch.tensor([window], device=self.device)
             positions = torch.arange(len(window), device=self.device)[None]
-            with torch.inference_mode():
-                logits = self.forward(ids, torch.tensor([slot], device=self.device), positions)[0]  # (T, V)
+            logits = self.forward(ids, torch.tensor([slot], device=self.device), positions)[0]  # (T, V)
             logprobs = torch.log_softmax(logits[:-1], dim=-1)
             targets = ids[0, 1:]
             nll -= float(logprobs.gather(1, targets[:, None]).sum())
@@ -311,7 +298,7 @@ class Engine:
         return math.exp(nll / count), count
 
     def close(self) -> None:
-        self.ffn.close()
+        self.executor.close()
 
     def __enter__(self) -> "Engine":
         return self
@@ -319,19 +306,3 @@ class Engine:
     def __exit__(self, *exc) -> None:
         self.close()
 
-
-def make_ffn_provider(mode: str, store_dir: str, manifest, dtype: torch.dtype, device: str, **options):
-    from workers.ffn_providers import DenseFfn, NaiveFlashFfn
-
-    if mode == "dense":
-        return DenseFfn(store_dir, manifest, dtype, device)
-    if mode == "naive":
-        return NaiveFlashFfn(store_dir, manifest, dtype, device, **options)
-    if mode == "sparse":
-        if manifest.sparsity is None:
-            raise StoreError(f"{store_dir}: no predictors in this store; run `flashllm calibrate --store {store_dir} "
-                             "--text FILE` before using --mode sparse")
-        from workers.sparse_ffn import SparseFlashFfn
-
-        return SparseFlashFfn(store_dir, manifest, dtype, device, **options)
-    raise ValueError(f"unknown FFN mode {mode!r}")

@@ -1,0 +1,84 @@
+"""The model executor: one forward pass over resident weights + an FFN provider + the KV cache.
+
+The engine (runtime/engine.py) owns requests, sampling and text; it asks an
+executor for logits. In-process this class is the executor; in the worker
+runtime the compute worker wraps the same class and the engine talks to it
+over protocol/ messages, so both runtimes compute the same thing.
+"""
+from __future__ import annotations
+
+import torch
+
+from protocol.store_format import Manifest, StoreError
+from workers.models import build_model
+from workers.models.attention import KVCache
+from workers.store_reader import load_resident_weights
+
+FFN_MODES = ("dense", "naive", "sparse")
+
+
+def default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def compute_dtype(device: str) -> torch.dtype:
+    # CPU kernels are fastest and exact in float32; GPUs run float16.
+    return torch.float32 if device == "cpu" else torch.float16
+
+
+def make_ffn_provider(mode: str, store_dir: str, manifest: Manifest, dtype: torch.dtype, device: str, **options):
+    from workers.ffn_providers import DenseFfn, NaiveFlashFfn
+
+    if mode == "dense":
+        return DenseFfn(store_dir, manifest, dtype, device)
+    if mode == "naive":
+        return NaiveFlashFfn(store_dir, manifest, dtype, device, **options)
+    if mode == "sparse":
+        if manifest.sparsity is None:
+            raise StoreError(f"{store_dir}: no predictors in this store; run `flashllm calibrate --store {store_dir} "
+                             "--text FILE` before using --mode sparse")
+        from workers.sparse_ffn import SparseFlashFfn
+
+        return SparseFlashFfn(store_dir, manifest, dtype, device, **options)
+    raise ValueError(f"--mode {mode!r} is not one of {', '.join(FFN_MODES)}")
+
+
+class ModelExecutor:
+    def __init__(self, store_dir: str, manifest: Manifest, mode: str, num_slots: int, max_context: int,
+                 device: str | None = None, verify: bool = True, ffn=None, ffn_options: dict | None = None):
+        arch = self.arch = manifest.arch
+        self.device = device or default_device()
+        self.dtype = compute_dtype(self.device)
+        weights = load_resident_weights(store_dir, manifest, verify=verify)
+        self.model = build_model(arch, weights, self.dtype, self.device)
+        del weights
+        self.kv = KVCache(arch.num_hidden_layers, num_slots, arch.num_key_value_heads, max_context,
+                          arch.head_dim, self.dtype, self.device)
+        self.ffn = ffn if ffn is not None else make_ffn_provider(mode, store_dir, manifest, self.dtype, self.device,
+                                                                 **(ffn_options or {}))
+
+    def forward(self, token_ids: torch.Tensor, slots: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """token_ids/positions (B, T), slots (B,) → logits (B, T, V) float32. Writes the KV cache of those slots."""
+        token_ids, slots, positions = (t.to(self.device) for t in (token_ids, slots, positions))
+        with torch.inference_mode():
+            x = self.model.embed(token_ids, positions)  # (B, T, d)
+            batch, steps, d = x.shape
+            for layer in range(self.arch.num_hidden_layers):
+                x = self.model.attention(layer, x, positions, self.kv, slots)
+                h = self.model.ffn_input(layer, x).reshape(batch * steps, d)  # (N, d)
+                y = self.ffn.forward(layer, h).reshape(batch, steps, d)
+                x = self.model.ffn_residual(layer, x, y)
+            return self.model.logits(x).float()  # (B, T, V)
+
+    @property
+    def ffn_stats(self):
+        """FfnStats of the FFN provider since its last reset (the engine resets it per decode step)."""
+        return self.ffn.stats
+
+    def release_slot(self, slot: int) -> None:
+        """A sequence left its slot (the KV rows are simply overwritten by the next user)."""
+        if hasattr(self.ffn, "release_slot"):
+            self.ffn.release_slot(slot)
+
+    def close(self) -> None:
+        self.ffn.close()
