@@ -19,7 +19,8 @@ import torch
 from runtime.sampling import SamplingParams, sample_next_token
 from runtime.tokenizer import IncrementalDetokenizer, StopStringMatcher, Tokenizer
 from workers.flash_io.io_counters import process_read_bytes
-from workers.executor import FFN_MODES, ModelExecutor
+from workers.executor import FFN_MODES, ModelExecutor, compute_dtype, default_device
+from workers.models.attention import KVCache
 from workers.store_reader import open_store
 DEFAULT_MAX_CONTEXT = 2048
 PREFILL_TOKEN_BUDGET = 2048  # prompt tokens prefilled per step, so decode is not starved
@@ -81,6 +82,19 @@ class Engine:
         self.mode = mode
         self.tokenizer = Tokenizer.from_store(store_dir, self.manifest.tokenizer, arch.eos_token_ids)
         self.eos_ids = set(self.tokenizer.eos_token_ids) | set(arch.eos_token_ids)
+        ffn_options = dict(ffn_options or {})
+        memory_budget_bytes = ffn_options.pop("memory_budget_bytes", None)
+        self.memory_plan = None
+        if memory_budget_bytes is not None:
+            from runtime.memory_plan import plan_for_store
+
+            itemsize = torch.finfo(compute_dtype(device or default_device())).bits // 8
+            kv_bytes = KVCache.bytes_needed(arch.num_hidden_layers, max_batch, arch.num_key_value_heads,
+                                            self.max_context, arch.head_dim, itemsize)
+            self.memory_plan = plan_for_store(store_dir, self.manifest, memory_budget_bytes, mode, itemsize, kv_bytes,
+                                              keep_fraction=ffn_options.get("keep_fraction"))
+            if mode == "sparse":
+                ffn_options["capacity_rows"] = self.memory_plan.capacity_rows
         if executor is None:
             executor = ModelExecutor(store_dir, self.manifest, mode, max_batch, self.max_context, device=device,
                                      verify=verify, ffn_options=ffn_options)

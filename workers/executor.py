@@ -63,6 +63,8 @@ class ModelExecutor:
         with torch.inference_mode():
             x = self.model.embed(token_ids, positions)  # (B, T, d)
             batch, steps, d = x.shape
+            if hasattr(self.ffn, "begin_step"):
+                self.ffn.begin_step(batch, steps)
             for layer in range(self.arch.num_hidden_layers):
                 x = self.model.attention(layer, x, positions, self.kv, slots)
                 h = self.model.ffn_input(layer, x).reshape(batch * steps, d)  # (N, d)

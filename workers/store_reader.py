@@ -44,6 +44,21 @@ def open_store(store_dir: str) -> Manifest:
     return manifest
 
 
+def resident_tensor_elements(store_dir: str, manifest: Manifest) -> int:
+    """Total elements of the resident tensors, from the safetensors header alone (nothing loaded)."""
+    from safetensors import safe_open
+
+    path = os.path.join(store_dir, manifest.resident_file)
+    total = 0
+    with safe_open(path, framework="pt") as f:
+        for name in f.keys():
+            count = 1
+            for n in f.get_slice(name).get_shape():
+                count *= n
+            total += count
+    return total
+
+
 def _tensor_sha256(tensor: torch.Tensor) -> str:
     if tensor.dtype == torch.bfloat16:
         tensor = tensor.view(torch.uint16)

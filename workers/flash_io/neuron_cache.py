@@ -227,6 +227,18 @@ class NeuronCache:
         self._last_used[active] = self._token_index
         self._token_index += 1
 
+    def extend_current_token(self, extra_ids: np.ndarray) -> None:
+        """Add late-predicted ids to the newest token's set in the window (the same-layer check)."""
+        extra = np.unique(self._check_ids(extra_ids, "extend_current_token"))  # (e,)
+        if not self._window:
+            self.advance_window(extra)
+            return
+        newest = self._window[-1]
+        added = np.setdiff1d(extra, newest, assume_unique=True)
+        self._window[-1] = np.union1d(newest, added)
+        self._window_count[added] += 1
+        self._last_used[extra] = self._token_index - 1
+
     def evict_outside_window(self) -> np.ndarray:
         """Delete cached neurons that none of the last window_tokens tokens used and that are not pinned; returns them."""
         cached = self.cached_ids.astype(np.int64)  # (num_rows,)

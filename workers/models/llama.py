@@ -52,7 +52,7 @@ class LlamaModel:
         q = q.view(batch, steps, a.num_attention_heads, a.head_dim).transpose(1, 2)  # (B, H, T, hd)
         k = k.view(batch, steps, a.num_key_value_heads, a.head_dim).transpose(1, 2)  # (B, KV, T, hd)
         v = v.view(batch, steps, a.num_key_value_heads, a.head_dim).transpose(1, 2)
-        cos, sin = self._rope(positions)
+        cos, sin = (t.to(q.dtype) for t in self._rope(positions))
         q = q * cos + rotate_half(q) * sin
         k = k * cos + rotate_half(k) * sin
         out = kv.attend(layer, q, k, v, slots, positions, self.scale)  # (B, H, T, hd)

@@ -1,0 +1,212 @@
+"""`flashllm calibrate`: sparsity labels, low-rank predictors and hot neurons, written into the store.
+
+1. Run the dense model over calibration text, recording per layer the FFN input
+   h_l (N, d) and each neuron's activation a = act(gate·h)·(up·h) (N, n_ff).
+2. Labels: ReLU models use a > 0 (exact zeros); SwiGLU models use |a| > t_l,
+   with t_l the per-layer quantile that reaches the target sparsity (CATS-style).
+3. Train two d → r → n_ff predictors per layer on the labels with a loss
+   balanced between active and inactive neurons: `same` on h_l and `lookahead`
+   on h_{l-1} (so the next layer's reads can start early).
+4. Hot neurons (active on at least `hot_fraction` of tokens) are pinned in memory.
+5. Report recall/precision of the predicted top-k on held-out tokens; write
+   sparsity.safetensors and the manifest's `sparsity` section.
+"""
+from __future__ import annotations
+
+import math
+import os
+import sys
+import time
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from protocol.store_format import SPARSITY_FILE, SparsityInfo, sha256_hex, write_manifest
+from workers.executor import ModelExecutor
+from workers.models.ffn import neuron_activations
+from workers.predictor import LowRankPredictor, predictor_tensor_names
+from workers.store_reader import open_store
+
+CALIBRATION_WINDOW_TOKENS = 512
+HOLDOUT_FRACTION = 0.1
+
+
+class _RecordingFfn:
+    """Wraps the dense FFN provider and records each layer's input and neuron activations."""
+
+    def __init__(self, dense_ffn, num_layers: int):
+        self.inner = dense_ffn
+        self.stats = dense_ffn.stats
+        self.inputs: list[list[torch.Tensor]] = [[] for _ in range(num_layers)]
+        self.activations: list[list[torch.Tensor]] = [[] for _ in range(num_layers)]
+
+    def forward(self, layer: int, h: torch.Tensor) -> torch.Tensor:
+        self.inputs[layer].append(h.float().cpu())
+        self.activations[layer].append(neuron_activations(h, self.inner.layers[layer], self.inner.cols).half().cpu())
+        return self.inner.forward(layer, h)
+
+    def close(self) -> None:
+        self.inner.close()
+
+
+def _train_predictor(x: torch.Tensor, labels: torch.Tensor, rank: int, epochs: int, seed: int,
+                     batch_size: int = 256, lr: float = 2e-3) -> LowRankPredictor:
+    """x (N, d), labels (N, n_ff) bool → a d → rank → n_ff predictor trained with a balanced BCE loss."""
+    generator = torch.Generator().manual_seed(seed)
+    d, n_ff = x.shape[1], labels.shape[1]
+    layer1 = torch.nn.Linear(d, rank)
+    layer2 = torch.nn.Linear(rank, n_ff)
+    with torch.no_grad():
+        for lin in (layer1, layer2):
+            lin.weight.copy_(torch.randn(lin.weight.shape, generator=generator) / math.sqrt(lin.in_features))
+            lin.bias.zero_()
+    params = list(layer1.parameters()) + list(layer2.parameters())
+    optimizer = torch.optim.Adam(params, lr=lr)
+    positive_rate = labels.float().mean().clamp(1e-4, 1 - 1e-4)
+    # balanced: active and inactive neurons weigh the same in total (the paper's balanced loss)
+    loss_fn = torch.nn.BCEWithLogitsLoss(pos_weight=(1 - positive_rate) / positive_rate)
+    x_mean = x.mean(0)
+    targets = labels.float()
+    steps_per_epoch = max(1, math.ceil(len(x) / batch_size))
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, epochs * steps_per_epoch)
+    for _ in range(epochs):
+        order = torch.randperm(len(x), generator=generator)
+        for start in range(0, len(x), batch_size):
+            idx = order[start:start + batch_size]
+            logits = layer2(torch.relu(layer1(x[idx] - x_mean)))  # (b, n_ff)
+            loss = loss_fn(logits, targets[idx])
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            scheduler.step()
+    with torch.no_grad():
+        # fold the input centering into the first bias: w1 (x - mean) + b1 = w1 x + (b1 - w1 mean)
+        b1 = layer1.bias - layer1.weight @ x_mean
+        return LowRankPredictor(layer1.weight.detach().clone(), b1.detach().clone(),
+                                layer2.weight.detach().clone(), layer2.bias.detach().clone())
+
+
+def _top_k_quality(predictor: LowRankPredictor, x: torch.Tensor, labels: torch.Tensor, keep: int) -> tuple[float, float]:
+    """Recall and precision of each token's top-`keep` predicted set against its labels."""
+    with torch.no_grad():
+        top = torch.topk(predictor.logits(x), keep, dim=-1).indices  # (N, keep)
+    predicted = torch.zeros_like(labels).scatter_(1, top, True)
+    true_positive = (predicted & labels).sum().item()
+    return true_positive / max(1, labels.sum().item()), true_positive / max(1, predicted.sum().item())
+
+
+def calibrate(store_dir: str, text: str, max_tokens: int = 8192, sparsity: float = 0.5, rank: int = 64,
+              epochs: int = 12, hot_fraction: float = 0.9, seed: int = 0, progress: bool = True,
+              log=print) -> SparsityInfo:
+    if not 0.0 <= sparsity < 1.0:
+        raise ValueError(f"--sparsity {sparsity} must be in [0, 1)")
+    if rank < 1:
+        raise ValueError(f"--rank {rank} must be ≥ 1")
+    manifest = open_store(store_dir)
+    arch = manifest.arch
+    from runtime.tokenizer import Tokenizer
+
+    tokenizer = Tokenizer.from_store(store_dir, manifest.tokenizer, arch.eos_token_ids)
+    ids = tokenizer.encode(text)[:max_tokens]
+    min_tokens = 64
+    if len(ids) < min_tokens:
+        raise ValueError(f"the calibration text has {len(ids)} tokens; give at least {min_tokens} "
+                         "(thousands are better: predictor recall grows with calibration tokens)")
+    window = min(CALIBRATION_WINDOW_TOKENS, arch.max_position_embeddings)
+    executor = ModelExecutor(store_dir, manifest, "dense", num_slots=1, max_context=window)
+    recorder = _RecordingFfn(executor.ffn, arch.num_hidden_layers)
+    executor.ffn = recorder
+    started = time.perf_counter()
+    for start in tqdm(range(0, len(ids), window), desc="calibrate: dense pass", disable=not progress, file=sys.stderr):
+        chunk = ids[start:start + window]
+        executor.forward(torch.tensor([chunk]), torch.tensor([0]), torch.arange(len(chunk))[None])
+    executor.close()
+
+    num_tokens = len(ids)
+    holdout = max(1, int(num_tokens * HOLDOUT_FRACTION))
+    train = slice(0, num_tokens - holdout)
+    held = slice(num_tokens - holdout, num_tokens)
+    keep = max(1, int(round((1.0 - sparsity) * arch.intermediate_size)))
+    relu = arch.hidden_act == "relu"
+    tensors: dict[str, torch.Tensor] = {}
+    thresholds, recall, precision, same_recall = [], [], [], []
+    previous_input = None
+    for layer in tqdm(range(arch.num_hidden_layers), desc="calibrate: predictors", disable=not progress,
+                      file=sys.stderr):
+        h = torch.cat(recorder.inputs[layer])  # (N, d)
+        activations = torch.cat(recorder.activations[layer]).float()  # (N, n_ff)
+        recorder.inputs[layer], recorder.activations[layer] = [], []
+        if relu:
+            threshold = 0.0
+            labels = activations > 0
+        else:
+            magnitude = activations.abs()
+            # per-layer threshold on |a| reaching the target sparsity (sampled quantile: torch caps its input size)
+            flat = magnitude.flatten()
+            sample = flat[torch.randperm(flat.numel(), generator=torch.Generator().manual_seed(seed))[:4_000_000]]
+            threshold = float(torch.quantile(sample, sparsity)) if sparsity > 0 else 0.0
+            labels = magnitude > threshold
+        thresholds.append(threshold)
+        frequency = labels.float().mean(0)  # (n_ff,)
+        hot = torch.nonzero(frequency >= hot_fraction).flatten().to(torch.int32)
+        tensors[f"layers.{layer}.hot_ids"] = hot
+        tensors[f"layers.{layer}.frequency"] = frequency
+
+        same = _train_predictor(h[train], labels[train], rank, epochs, seed + layer)
+        r_same, _ = _top_k_quality(same, h[held], labels[held], keep)
+        same_recall.append(r_same)
+        for name, value in zip(predictor_tensor_names(layer, "same"), (same.w1, same.b1, same.w2, same.b2)):
+            tensors[name] = value.contiguous()
+        if previous_input is not None:
+            ahead = _train_predictor(previous_input[train], labels[train], rank, epochs, seed + 1000 + layer)
+            r_ahead, p_ahead = _top_k_quality(ahead, previous_input[held], labels[held], keep)
+            for name, value in zip(predictor_tensor_names(layer, "lookahead"), (ahead.w1, ahead.b1, ahead.w2, ahead.b2)):
+                tensors[name] = value.contiguous()
+        else:
+            r_ahead, p_ahead = _top_k_quality(same, h[held], labels[held], keep)
+        recall.append(r_ahead)
+        precision.append(p_ahead)
+        log(f"layer {layer:3d}: threshold {threshold:.4f}  hot {len(hot):4d}  "
+            f"recall lookahead {r_ahead:.3f} same-layer {r_same:.3f}  precision {p_ahead:.3f}")
+        previous_input = h
+
+    from safetensors.torch import save_file
+
+    path = os.path.join(store_dir, SPARSITY_FILE)
+    save_file({k: v.contiguous() for k, v in tensors.items()}, path + ".tmp")
+    os.replace(path + ".tmp", path)
+    with open(path, "rb") as f:
+        digest = sha256_hex(f.read())
+    info = SparsityInfo(file=SPARSITY_FILE, sha256=digest, target_sparsity=sparsity, rank=rank,
+                        label="relu>0" if relu else "|act(gate)*up|>threshold", thresholds=thresholds,
+                        calibration_tokens=num_tokens - holdout, recall=recall, precision=precision,
+                        same_layer_recall=same_recall)
+    manifest.sparsity = info
+    write_manifest(store_dir, manifest)
+    log(f"calibrated {arch.num_hidden_layers} layers on {num_tokens - holdout} tokens (+{holdout} held out) in "
+        f"{time.perf_counter() - started:.0f} s; mean held-out recall {np.mean(recall):.3f} (lookahead), "
+        f"{np.mean(same_recall):.3f} (same-layer) at {keep}/{arch.intermediate_size} neurons kept")
+    return info
+
+
+def cmd_calibrate(args) -> int:
+    with open(args.text, encoding="utf-8") as f:
+        text = f.read()
+    calibrate(args.store, text, max_tokens=args.tokens, sparsity=args.sparsity, rank=args.rank, epochs=args.epochs,
+              hot_fraction=args.hot_fraction, seed=args.seed, progress=not args.quiet)
+    return 0
+
+
+def register_cli(sub) -> None:
+    p = sub.add_parser("calibrate", help="train sparsity predictors and record thresholds in a store")
+    p.add_argument("--store", required=True)
+    p.add_argument("--text", required=True, help="calibration text file (thousands of tokens)")
+    p.add_argument("--tokens", type=int, default=8192, help="calibration tokens to use (10%% held out)")
+    p.add_argument("--sparsity", type=float, default=0.5, help="target fraction of inactive neurons per layer")
+    p.add_argument("--rank", type=int, default=64, help="predictor rank r (d → r → n_ff)")
+    p.add_argument("--epochs", type=int, default=12)
+    p.add_argument("--hot-fraction", type=float, default=0.9, help="pin neurons active on at least this fraction")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=cmd_calibrate)

@@ -1,0 +1,181 @@
+"""The sparse FFN from flash, in one process: predictor + prefetcher + compute over the cache.
+
+Per decode step and layer l (the worker runtime does the same steps in three
+processes, so both give the same tokens):
+
+    ahead  = predictor.lookahead[l](h_{l-1})     predicted while layer l-1 ran
+    prefetcher.prepare(l, ahead)                 window advance, evict, read the increment
+    same   = predictor.same[l](h_l)              the late check on layer l's own input
+    prefetcher.prepare(l, same, late)            policy "read": fetch what the lookahead missed
+    y = FFN over every cached row of layer l     (the first num_rows rows: a dense matrix)
+
+Computing over all cached rows (window ∪ hot ∪ predicted) costs a little more
+arithmetic than the predicted rows alone but needs no gather, which measured
+slower than the dense FFN (DESIGN.md).
+
+Prompt prefill (many tokens of one sequence) and decode batches whose union of
+predictions does not fit the cache take the dense-read path instead: the layer
+is read whole with large sequential reads and each token keeps only its own
+predicted neurons (a per-token mask), so the result is what token-by-token
+sparse decoding without the window would compute.
+"""
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import torch
+
+from protocol.store_format import Manifest
+from workers.ffn_providers import FfnStats, rows_to_tensor
+from workers.flash_io.bundle_reader import BundleReader
+from workers.models.ffn import BundleColumns, ffn_from_rows, neuron_activations
+from workers.predictor import SparsityPredictor
+from workers.prefetch import Prefetcher
+
+MISSING_POLICIES = ("read", "skip")
+DEFAULT_WINDOW_TOKENS = 4
+
+
+class CacheView:
+    """Turns a layer's neuron cache rows into the compute tensor, applying only rows that changed.
+
+    On the CPU in the cache's own dtype this is a zero-copy view; otherwise a
+    mirror (e.g. on the GPU) is kept and only rows whose id changed are copied.
+    """
+
+    def __init__(self, caches, dtype: torch.dtype, device: str):
+        self.caches, self.dtype, self.device = caches, dtype, device
+        sample = caches[0].rows
+        self.zero_copy = device == "cpu" and torch.from_numpy(sample[:0]).dtype == dtype
+        self.mirrors = [] if self.zero_copy else [
+            torch.zeros(c.rows.shape, dtype=dtype, device=device) for c in caches]  # (capacity, E) each
+        self.mirror_ids = [] if self.zero_copy else [np.full(c.capacity_rows, -1, np.int64) for c in caches]
+        self.rows_copied = 0
+
+    def rows(self, layer: int) -> torch.Tensor:
+        cache = self.caches[layer]
+        n = cache.num_rows
+        if self.zero_copy:
+            return torch.from_numpy(cache.rows[:n])  # (n, E)
+        ids = cache.slot_ids[:n]
+        changed = np.flatnonzero(self.mirror_ids[layer][:n] != ids)
+        if changed.size:
+            src = torch.from_numpy(cache.rows[changed]).to(device=self.device, dtype=self.dtype, non_blocking=True)
+            self.mirrors[layer][torch.from_numpy(changed).to(self.device)] = src
+            self.mirror_ids[layer][:n] = ids
+            self.rows_copied += changed.size
+        return self.mirrors[layer][:n]
+
+
+class SparseFlashFfn:
+    mode = "sparse"
+
+    def __init__(self, store_dir: str, manifest: Manifest, dtype: torch.dtype, device: str,
+                 capacity_rows: list[int] | None = None, window_tokens: int = DEFAULT_WINDOW_TOKENS,
+                 keep_fraction: float | None = None, missing_policy: str = "read", pin_hot: bool = True,
+                 num_threads: int = 4):
+        if missing_policy not in MISSING_POLICIES:
+            raise ValueError(f"missing-neuron policy {missing_policy!r} is not one of {', '.join(MISSING_POLICIES)}")
+        arch = manifest.arch
+        self.num_layers = arch.num_hidden_layers
+        self.num_neurons = arch.intermediate_size
+        self.cols = BundleColumns.from_layout(manifest.ffn.part_slices())
+        self.dtype, self.device = dtype, device
+        self.missing_policy = missing_policy
+        self.predictor = SparsityPredictor(store_dir, manifest, keep_fraction=keep_fraction)
+        capacity_rows = capacity_rows or [self.num_neurons] * self.num_layers
+        cache_dtype = np.float32 if (device == "cpu" and dtype == torch.float32) else None
+        self.prefetcher = Prefetcher(store_dir, manifest, capacity_rows, window_tokens,
+                                     hot_ids=self.predictor.hot_ids if pin_hot else None,
+                                     cache_dtype=cache_dtype, num_threads=num_threads)
+        self.view = CacheView(self.prefetcher.caches, dtype, device)
+        # the dense-read path's reader (whole layers, large sequential reads)
+        self.layer_reader = BundleReader(store_dir, manifest.ffn, num_threads=num_threads)
+        self.stats = FfnStats()
+        self._steps = 1
+        self._ahead: dict[int, np.ndarray] = {}
+        self._prev_h: torch.Tensor | None = None
+
+    def begin_step(self, batch: int, steps: int) -> None:
+        """Called by the executor before a forward pass: B sequences × T new tokens each."""
+        self._steps = steps
+        self._ahead.clear()
+        self._prev_h = None
+
+    def forward(self, layer: int, h: torch.Tensor) -> torch.Tensor:
+        """h (N, d) → (N, d)."""
+        if self._steps > 1:
+            y = self._forward_masked(layer, h)
+        else:
+            y = self._forward_cached(layer, h)
+        self._prev_h = h
+        return y
+
+    # -- decode: through the neuron cache --------------------------------------
+
+    def _forward_cached(self, layer: int, h: torch.Tensor) -> torch.Tensor:
+        predictor, prefetcher = self.predictor, self.prefetcher
+        ahead = self._ahead.pop(layer, None)
+        same = predictor.predict("same", layer, h)
+        first = ahead if ahead is not None else same
+        union_size = np.union1d(first, same).size
+        if union_size + int(prefetcher.caches[layer].pinned.sum()) > prefetcher.caches[layer].capacity_rows:
+            return self._forward_masked(layer, h)  # the batch's union makes the layer nearly dense
+        update = prefetcher.prepare(layer, first, new_token=True)
+        self._count(update)
+        predicted = first
+        if ahead is not None:
+            late = np.setdiff1d(same, ahead, assume_unique=True)
+            predicted = np.union1d(ahead, same)
+            if late.size and self.missing_policy == "read":
+                self._count(prefetcher.prepare(layer, late, new_token=False))
+        self.stats.neurons_predicted += len(predicted)
+        if layer + 1 < self.num_layers and predictor.has("lookahead", layer + 1):
+            self._ahead[layer + 1] = predictor.predict("lookahead", layer + 1, h)
+        start = time.perf_counter()
+        rows = self.view.rows(layer)  # (n, E)
+        y = ffn_from_rows(h, rows, self.cols)
+        self.stats.compute_s += time.perf_counter() - start
+        self.stats.neurons_computed += rows.shape[0]
+        return y
+
+    def _count(self, update) -> None:
+        self.stats.cache_hits += update.hits
+        self.stats.neurons_read += update.read_neurons
+        self.stats.read_bytes += update.read_bytes
+        self.stats.io_s += update.io_s
+
+    # -- prefill and dense batches: whole layer, per-token masks --------------
+
+    def _token_mask(self, layer: int, h: torch.Tensor) -> torch.Tensor:
+        """(N, n_ff) bool: each token's own predicted neurons (lookahead ∪ same) ∪ hot."""
+        predictor = self.predictor
+        masks = [predictor.predict_mask("same", layer, h)]
+        if self._prev_h is not None and predictor.has("lookahead", layer):
+            masks.append(predictor.predict_mask("lookahead", layer, self._prev_h))
+        mask = masks[0] | masks[1] if len(masks) == 2 else masks[0]
+        hot = predictor.hot_ids[layer]
+        if len(hot):
+            mask[:, torch.from_numpy(hot)] = True
+        return mask
+
+    def _forward_masked(self, layer: int, h: torch.Tensor) -> torch.Tensor:
+        start = time.perf_counter()
+        before = self.layer_reader.stats.read_bytes
+        rows = rows_to_tensor(self.layer_reader.read_layer(layer), self.dtype, self.device)  # (n_ff, E)
+        read_done = time.perf_counter()
+        self.stats.io_s += read_done - start
+        self.stats.read_bytes += self.layer_reader.stats.read_bytes - before
+        self.stats.neurons_read += rows.shape[0]
+        mask = self._token_mask(layer, h).to(self.device)  # (N, n_ff)
+        self.stats.neurons_predicted += int(mask.any(0).sum())
+        activations = neuron_activations(h, rows, self.cols) * mask  # (N, n_ff)
+        y = activations @ rows[:, self.cols.down]  # (N, d)
+        self.stats.neurons_computed += rows.shape[0]
+        self.stats.compute_s += time.perf_counter() - read_done
+        return y
+
+    def close(self) -> None:
+        self.prefetcher.close()
+        self.layer_reader.close()
