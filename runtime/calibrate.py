@@ -127,8 +127,12 @@ def calibrate(store_dir: str, text: str, max_tokens: int = 8192, sparsity: float
     holdout = max(1, int(num_tokens * HOLDOUT_FRACTION))
     train = slice(0, num_tokens - holdout)
     held = slice(num_tokens - holdout, num_tokens)
-    keep = max(1, int(round((1.0 - sparsity) * arch.intermediate_size)))
     relu = arch.hidden_act == "relu"
+    if relu:
+        # ReLU zeros are exact: size top-k by the data, the 90th percentile of a token's active count
+        counts = torch.cat([(torch.cat(acts).float() > 0).sum(1).float() for acts in recorder.activations])
+        sparsity = 1.0 - float(torch.quantile(counts, 0.9)) / arch.intermediate_size
+    keep = max(1, int(round((1.0 - sparsity) * arch.intermediate_size)))
     tensors: dict[str, torch.Tensor] = {}
     thresholds, recall, precision, same_recall = [], [], [], []
     previous_input = None
@@ -190,9 +194,46 @@ def calibrate(store_dir: str, text: str, max_tokens: int = 8192, sparsity: float
     return info
 
 
+SELF_TEXT_PROMPTS = [
+    "Write a short news report about a new bridge opening in a European city.",
+    "Explain how a refrigerator works to a curious child.",
+    "Tell a short story about a sailor who finds a mysterious island.",
+    "Summarize the causes of the French Revolution.",
+    "Give advice to someone starting to learn the piano.",
+    "Describe the water cycle in simple terms.",
+    "Write a product review of a pair of running shoes.",
+    "What are the benefits and risks of social media for teenagers?",
+    "Explain the difference between a virus and a bacterium.",
+    "Write a letter to a friend describing your summer holiday.",
+    "How do airplanes stay in the air?",
+    "Describe a busy market in the morning.",
+]
+
+
+def generate_calibration_text(store_dir: str, num_tokens: int, seed: int = 0, progress: bool = True) -> str:
+    """Text the model writes itself (sampled answers to varied prompts): calibration data when the user has little."""
+    from runtime.engine import Engine
+    from runtime.sampling import SamplingParams
+
+    texts = []
+    per_prompt = max(32, num_tokens // len(SELF_TEXT_PROMPTS))
+    with Engine(store_dir, mode="dense", max_batch=len(SELF_TEXT_PROMPTS)) as engine:
+        messages = [[{"role": "user", "content": p}] for p in SELF_TEXT_PROMPTS]
+        params = SamplingParams(max_tokens=per_prompt, temperature=0.8, top_p=0.95, seed=seed)
+        for result in engine.generate(messages, params):
+            texts.append(result.text)
+    return "\n\n".join(texts)
+
+
 def cmd_calibrate(args) -> int:
-    with open(args.text, encoding="utf-8") as f:
-        text = f.read()
+    text = ""
+    if args.text:
+        with open(args.text, encoding="utf-8") as f:
+            text = f.read()
+    if args.generate_tokens:
+        text = text + "\n\n" + generate_calibration_text(args.store, args.generate_tokens, args.seed, not args.quiet)
+    if not text:
+        raise ValueError("give --text FILE and/or --generate-tokens N (text the model writes itself)")
     calibrate(args.store, text, max_tokens=args.tokens, sparsity=args.sparsity, rank=args.rank, epochs=args.epochs,
               hot_fraction=args.hot_fraction, seed=args.seed, progress=not args.quiet)
     return 0
@@ -201,7 +242,9 @@ def cmd_calibrate(args) -> int:
 def register_cli(sub) -> None:
     p = sub.add_parser("calibrate", help="train sparsity predictors and record thresholds in a store")
     p.add_argument("--store", required=True)
-    p.add_argument("--text", required=True, help="calibration text file (thousands of tokens)")
+    p.add_argument("--text", help="calibration text file (thousands of tokens)")
+    p.add_argument("--generate-tokens", type=int, default=0,
+                   help="add this many tokens of text the model writes itself (when you have little text)")
     p.add_argument("--tokens", type=int, default=8192, help="calibration tokens to use (10%% held out)")
     p.add_argument("--sparsity", type=float, default=0.5, help="target fraction of inactive neurons per layer")
     p.add_argument("--rank", type=int, default=64, help="predictor rank r (d → r → n_ff)")

@@ -69,7 +69,8 @@ class _Sequence:
 
 class Engine:
     def __init__(self, store_dir: str, mode: str = "dense", max_batch: int = 8, max_context: int | None = None,
-                 device: str | None = None, verify: bool = True, ffn_options: dict | None = None, executor=None):
+                 device: str | None = None, verify: bool = True, ffn_options: dict | None = None, executor=None,
+                 runtime: str = "inproc"):
         if mode not in FFN_MODES:
             raise ValueError(f"--mode {mode!r} is not one of {', '.join(FFN_MODES)}")
         if max_batch < 1:
@@ -95,9 +96,16 @@ class Engine:
                                               keep_fraction=ffn_options.get("keep_fraction"))
             if mode == "sparse":
                 ffn_options["capacity_rows"] = self.memory_plan.capacity_rows
-        if executor is None:
+        if executor is None and runtime == "workers":
+            from runtime.worker_executor import WorkerExecutor  # the model in prefetch/predictor/compute processes
+
+            executor = WorkerExecutor(store_dir, self.manifest, mode, max_batch, self.max_context, device=device,
+                                      verify=verify, ffn_options=ffn_options)
+        elif executor is None and runtime == "inproc":
             executor = ModelExecutor(store_dir, self.manifest, mode, max_batch, self.max_context, device=device,
                                      verify=verify, ffn_options=ffn_options)
+        elif executor is None:
+            raise ValueError(f"--runtime {runtime!r} is not one of inproc, workers")
         self.executor = executor
         self.device = "cpu"  # inputs are built on the CPU; the executor moves them
         self._free_slots = list(range(max_batch))
@@ -209,9 +217,14 @@ class Engine:
         return self._accept(seq, logits[0, -1])
 
     def _decode(self, seqs: list[_Sequence]) -> list[RequestOutput]:
-        ids = torch.tensor([[s.next_input] for s in seqs], device=self.device)  # (B, 1)
-        positions = torch.tensor([[len(s.prompt_ids) + len(s.generated) - 1] for s in seqs], device=self.device)
-        slots = torch.tensor([s.slot for s in seqs], device=self.device)  # (B,)
+        ids = torch.tensor([[s.next_input] for s in seqs])  # (B, 1)
+        positions = torch.tensor([[len(s.prompt_ids) + len(s.generated) - 1] for s in seqs])  # (B, 1)
+        slots = torch.tensor([s.slot for s in seqs])  # (B,)
+        logits = self._timed_decode_forward(ids, slots, positions)  # (B, V)
+        return [self._accept(seq, logits[i]) for i, seq in enumerate(seqs)]
+
+    def _timed_decode_forward(self, ids: torch.Tensor, slots: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """One decode step (B, 1) → logits (B, V), appending its accounting to token_stats."""
         self.executor.ffn_stats.reset()
         read_before = process_read_bytes()
         start = time.perf_counter()
@@ -219,12 +232,32 @@ class Engine:
         elapsed_s = time.perf_counter() - start
         stats = self.executor.ffn_stats
         self.token_stats.append({
-            "batch": len(seqs), "ms": elapsed_s * 1e3, "flash_read_bytes": process_read_bytes() - read_before,
+            "batch": int(ids.shape[0]), "ms": elapsed_s * 1e3, "flash_read_bytes": process_read_bytes() - read_before,
             "reader_read_bytes": stats.read_bytes, "io_ms": stats.io_s * 1e3, "ffn_compute_ms": stats.compute_s * 1e3,
+            "wait_ms": getattr(stats, "wait_s", 0.0) * 1e3,
             "neurons_computed": stats.neurons_computed, "neurons_predicted": stats.neurons_predicted,
             "cache_hits": stats.cache_hits, "neurons_read": stats.neurons_read,
         })
-        return [self._accept(seq, logits[i]) for i, seq in enumerate(seqs)]
+        return logits
+
+    def teacher_forced(self, token_ids: list[int]) -> tuple[float, int, list[int]]:
+        """Feed token_ids one decode step at a time (the real decode path: predictor, window, cache).
+
+        Returns (sum of -log p(next token), tokens predicted, argmax prediction at each position);
+        every step's accounting lands in token_stats.
+        """
+        if not self._free_slots:
+            raise RequestError("no free KV slot; wait for running requests to finish")
+        length = min(len(token_ids), self.max_context)
+        slot = torch.tensor([self._free_slots[0]])
+        nll, argmax = 0.0, []
+        for position in range(length - 1):
+            logits = self._timed_decode_forward(torch.tensor([[token_ids[position]]]), slot,
+                                                torch.tensor([[position]]))[0]  # (V,)
+            nll -= float(torch.log_softmax(logits, dim=-1)[token_ids[position + 1]])
+            argmax.append(int(logits.argmax()))
+        self.executor.release_slot(int(slot[0]))
+        return nll, length - 1, argmax
 
     def _accept(self, seq: _Sequence, logits: torch.Tensor) -> RequestOutput:
         if self.logits_hook is not None:

@@ -96,6 +96,7 @@ class SparseFlashFfn:
         self._steps = 1
         self._ahead: dict[int, np.ndarray] = {}
         self._prev_h: torch.Tensor | None = None
+        self.recorded_sets: list[tuple[int, np.ndarray]] | None = None  # (layer, predicted ids) per decode step, for bench
 
     def begin_step(self, batch: int, steps: int) -> None:
         """Called by the executor before a forward pass: B sequences × T new tokens each."""
@@ -131,6 +132,8 @@ class SparseFlashFfn:
             if late.size and self.missing_policy == "read":
                 self._count(prefetcher.prepare(layer, late, new_token=False))
         self.stats.neurons_predicted += len(predicted)
+        if self.recorded_sets is not None:
+            self.recorded_sets.append((layer, predicted))
         if layer + 1 < self.num_layers and predictor.has("lookahead", layer + 1):
             self._ahead[layer + 1] = predictor.predict("lookahead", layer + 1, h)
         start = time.perf_counter()

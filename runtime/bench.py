@@ -1,0 +1,330 @@
+"""`flashllm bench`: the speed, traffic and quality of each FFN mode, measured honestly.
+
+- Flash bytes come from /proc/self/io `read_bytes` (what reached the device),
+  not from the reader's own counters; reads bypass the page cache (O_DIRECT).
+- Decode is measured token by token. With --text, the text is fed through the
+  real decode path (teacher forcing: predictor, window and cache as in
+  generation), which gives perplexity and top-1 agreement with dense as well.
+- Baselines in the same run: dense in memory and naive flash (every FFN byte
+  of every layer read for every token), plus raw direct reads of the device.
+
+Prints tables and writes one JSON file; with --plots, PNG figures.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import platform
+import statistics
+import sys
+import time
+
+import numpy as np
+
+from runtime.engine import Engine
+from runtime.sampling import SamplingParams
+
+BENCH_PROMPT = "The history of the printing press begins"
+NAIVE_MAX_TOKENS = 24  # naive reads the whole FFN per token: a few tokens measure it
+REQUEST_SIZES_BYTES = [4096, 16384, 65536, 262144, 1048576]
+
+
+def _median(values: list[float]) -> float:
+    return float(statistics.median(values)) if values else math.nan
+
+
+def _summarize(stats: list[dict], ffn_bytes: int) -> dict:
+    """Per-token accounting (Engine.token_stats entries) → the bench's figures."""
+    ms = [s["ms"] for s in stats]
+    read = [s["flash_read_bytes"] for s in stats]
+    io_ms = [s["io_ms"] for s in stats]
+    predicted = sum(s["neurons_predicted"] for s in stats)
+    hits = sum(s["cache_hits"] for s in stats)
+    io_s_total = sum(io_ms) / 1e3
+    median_ms = _median(ms)
+    return {
+        "tokens": len(stats),
+        "ms_per_token": median_ms,
+        "tokens_per_s": 1e3 / median_ms if median_ms else math.nan,
+        "flash_read_bytes_per_token": float(np.mean(read)) if read else 0.0,
+        "flash_read_mib_per_token": float(np.mean(read)) / 2**20 if read else 0.0,
+        "flash_read_fraction_of_ffn": float(np.mean(read)) / ffn_bytes if read else 0.0,
+        "ffn_bytes": ffn_bytes,
+        "cache_hit_rate": hits / predicted if predicted else None,
+        "read_bandwidth_bytes_per_s": sum(read) / io_s_total if io_s_total > 0 else None,
+        "io_ms": _median(io_ms),
+        "compute_ms": _median([s["ms"] - s["io_ms"] - s.get("wait_ms", 0.0) for s in stats]),
+        "wait_ms": _median([s.get("wait_ms", 0.0) for s in stats]),
+        "neurons_read_per_token": float(np.mean([s["neurons_read"] for s in stats])) if stats else 0.0,
+        "neurons_computed_per_token": float(np.mean([s["neurons_computed"] for s in stats])) if stats else 0.0,
+    }
+
+
+def run_mode(store: str, mode: str, memory_bytes: int | None, text_ids: list[int] | None, decode_tokens: int,
+             ffn_options: dict | None = None, runtime: str = "inproc", record_sets: bool = False) -> tuple[dict, list]:
+    options = dict(ffn_options or {})
+    if memory_bytes is not None:
+        options["memory_budget_bytes"] = memory_bytes
+    engine_kwargs = {"runtime": runtime} if runtime != "inproc" else {}
+    with Engine(store, mode=mode, max_batch=1, ffn_options=options, **engine_kwargs) as engine:
+        if record_sets and hasattr(engine.executor.ffn, "recorded_sets"):
+            engine.executor.ffn.recorded_sets = []
+        result: dict = {"mode": mode, "runtime": runtime}
+        if engine.memory_plan is not None:
+            result["memory_plan"] = {k: v for k, v in vars(engine.memory_plan).items() if not k.startswith("_")}
+            print(engine.memory_plan.describe(), file=sys.stderr)
+        argmax: list[int] = []
+        if text_ids is not None and mode != "naive":
+            nll, count, argmax = engine.teacher_forced(text_ids)
+            result["perplexity"] = math.exp(nll / count)
+            result["eval_tokens"] = count
+        else:
+            engine.generate([BENCH_PROMPT], SamplingParams(max_tokens=decode_tokens, ignore_eos=True))
+        result.update(_summarize(engine.token_stats[1:], engine.manifest.ffn.total_bundle_bytes))
+        sets = getattr(engine.executor.ffn, "recorded_sets", None) or []
+    return result, (argmax, sets)
+
+
+def window_curve(recorded_sets: list[tuple[int, np.ndarray]], num_neurons: int, max_window: int = 10) -> list[dict]:
+    """The paper's Fig. 4a from the predicted sets: per window k, the neurons held (aggregated usage)
+    and the neurons a token must newly load (incremental transfer), as fractions of the FFN."""
+    by_layer: dict[int, list[np.ndarray]] = {}
+    for layer, ids in recorded_sets:
+        by_layer.setdefault(layer, []).append(ids)
+    curve = []
+    for k in range(1, max_window + 1):
+        usage, increment = [], []
+        for sets in by_layer.values():
+            for t in range(k, len(sets)):
+                window = np.unique(np.concatenate(sets[t - k:t]))
+                usage.append(np.union1d(window, sets[t]).size / num_neurons)
+                increment.append(np.setdiff1d(sets[t], window, assume_unique=True).size / num_neurons)
+        curve.append({"window": k, "aggregated_usage": float(np.mean(usage)) if usage else None,
+                      "incremental_transfer": float(np.mean(increment)) if increment else None})
+    return curve
+
+
+def read_size_baseline(store: str, threads: int = 4, total_bytes: int = 24 << 20) -> list[dict]:
+    """Raw direct reads vs the bundle reader at the same request size and concurrency."""
+    from protocol.store_format import read_manifest
+    from workers.flash_io.bundle_reader import BundleReader, measure_direct_read_bandwidth, numpy_dtype_of_store
+
+    manifest = read_manifest(store)
+    layout = manifest.ffn
+    path = os.path.join(store, layout.file)
+    rows = []
+    largest_region = max(region.length_bytes for region in layout.layers)
+    total_bytes = min(total_bytes, layout.file_bytes)
+    with BundleReader(store, layout, num_threads=threads) as reader:
+        for size in REQUEST_SIZES_BYTES:
+            if size * 4 > largest_region:
+                break  # a layer too small to hold several such requests: nothing to compare
+            raw = measure_direct_read_bandwidth(path, size, threads, total_bytes)
+            # runs of neighbouring neurons about `size` long, far enough apart not to be merged
+            run = max(1, size // layout.bundle_bytes)
+            gap = run + max(2, reader.max_gap_bytes // layout.bundle_bytes + 2)
+            reader.reset_stats()
+            started = time.perf_counter()
+            read_total = 0
+            rng = np.random.default_rng(size)
+            while read_total < total_bytes:
+                layer = int(rng.integers(len(layout.layers)))
+                n = layout.layers[layer].num_neurons
+                starts = np.arange(int(rng.integers(gap)), n - run, gap)
+                ids = (starts[:, None] + np.arange(run)[None, :]).ravel()  # (k,)
+                out = np.empty((len(ids), layout.bundle_elements), dtype=numpy_dtype_of_store(layout.dtype))
+                reader.read_neurons(layer, ids, out)
+                read_total = reader.stats.read_bytes
+            elapsed = time.perf_counter() - started
+            reader_bw = reader.stats.read_bytes / elapsed
+            mean_request = reader.stats.read_bytes / max(1, reader.stats.requests)
+            rows.append({"request_bytes": size, "reader_mean_request_bytes": mean_request,
+                         "raw_bytes_per_s": raw, "reader_bytes_per_s": reader_bw,
+                         "reader_fraction_of_raw": reader_bw / raw})
+    return rows
+
+
+def _print_table(title: str, rows: list[dict], columns: list[tuple[str, str, str]]) -> None:
+    print(f"\n{title}")
+    print("  ".join(f"{header:>{len(header) + 2}}" for header, _, _ in columns))
+    for row in rows:
+        cells = []
+        for header, key, fmt in columns:
+            value = row.get(key)
+            cells.append(f"{(format(value, fmt) if isinstance(value, (int, float)) else str(value)):>{len(header) + 2}}")
+        print("  ".join(cells))
+
+
+def _plots(report: dict, plots_dir: str) -> list[str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    os.makedirs(plots_dir, exist_ok=True)
+    written = []
+    curve = report.get("window_curve") or []
+    if curve:
+        fig, ax = plt.subplots(figsize=(5, 3.5))
+        ks = [c["window"] for c in curve]
+        ax.plot(ks, [100 * c["aggregated_usage"] for c in curve], "o-", label="aggregated usage (held in DRAM)")
+        ax.plot(ks, [100 * c["incremental_transfer"] for c in curve], "s-", label="incremental transfer (per token)")
+        ax.set_xlabel("window size k (tokens)")
+        ax.set_ylabel("% of FFN neurons")
+        ax.set_title("Sliding window (paper Fig. 4a)")
+        ax.legend()
+        fig.tight_layout()
+        written.append(os.path.join(plots_dir, "window_size.png"))
+        fig.savefig(written[-1], dpi=120)
+    modes = report["modes"]
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    names = list(modes)
+    io = [modes[n]["io_ms"] for n in names]
+    wait = [modes[n]["wait_ms"] for n in names]
+    compute = [modes[n]["compute_ms"] for n in names]
+    ax.bar(names, compute, label="compute")
+    ax.bar(names, io, bottom=compute, label="flash I/O")
+    ax.bar(names, wait, bottom=[a + b for a, b in zip(compute, io)], label="wait")
+    ax.set_ylabel("ms per token (median)")
+    ax.set_title("Latency split per mode")
+    ax.legend()
+    fig.tight_layout()
+    written.append(os.path.join(plots_dir, "latency_split.png"))
+    fig.savefig(written[-1], dpi=120)
+    baseline = report.get("direct_read_baseline") or []
+    if baseline:
+        fig, ax = plt.subplots(figsize=(5, 3.5))
+        sizes = [b["request_bytes"] / 1024 for b in baseline]
+        ax.plot(sizes, [b["raw_bytes_per_s"] / 1e6 for b in baseline], "o-", label="raw direct reads")
+        ax.plot(sizes, [b["reader_bytes_per_s"] / 1e6 for b in baseline], "s-", label="bundle reader")
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("request size (KiB)")
+        ax.set_ylabel("MB/s")
+        ax.set_title("Read size vs bandwidth")
+        ax.legend()
+        fig.tight_layout()
+        written.append(os.path.join(plots_dir, "read_bandwidth.png"))
+        fig.savefig(written[-1], dpi=120)
+    tradeoff = report.get("sparsity_tradeoff") or []
+    if tradeoff:
+        fig, ax1 = plt.subplots(figsize=(5, 3.5))
+        xs = [100 * t["sparsity"] for t in tradeoff]
+        ax1.plot(xs, [t["flash_read_bytes_per_token"] / 2**20 for t in tradeoff], "o-", color="tab:blue")
+        ax1.set_xlabel("sparsity (% of neurons not predicted)")
+        ax1.set_ylabel("MiB read per token", color="tab:blue")
+        if all(t.get("perplexity") for t in tradeoff):
+            ax2 = ax1.twinx()
+            ax2.plot(xs, [t["perplexity"] for t in tradeoff], "s--", color="tab:red")
+            ax2.set_ylabel("perplexity", color="tab:red")
+        ax1.set_title("Sparsity trade-off")
+        fig.tight_layout()
+        written.append(os.path.join(plots_dir, "sparsity_tradeoff.png"))
+        fig.savefig(written[-1], dpi=120)
+    plt.close("all")
+    return written
+
+
+def run_bench(store: str, modes: list[str], memory_bytes: int | None, decode_tokens: int, text: str | None,
+              eval_tokens: int, keep_fractions: list[float], runtimes: list[str], read_baseline: bool = True) -> dict:
+    from protocol.store_format import read_manifest
+    from runtime.tokenizer import Tokenizer
+
+    manifest = read_manifest(store)
+    text_ids = None
+    if text is not None:
+        tokenizer = Tokenizer.from_store(store, manifest.tokenizer, manifest.arch.eos_token_ids)
+        text_ids = tokenizer.encode(text)[: eval_tokens + 1]
+    report: dict = {"store": os.path.abspath(store), "machine": platform.node(), "cpu_count": os.cpu_count(),
+                    "memory_budget_bytes": memory_bytes, "ffn_bytes": manifest.ffn.total_bundle_bytes,
+                    "store_bytes": sum(os.path.getsize(os.path.join(store, f)) for f in os.listdir(store)),
+                    "decode_tokens": decode_tokens, "eval_tokens": len(text_ids) - 1 if text_ids else 0,
+                    "modes": {}}
+    dense_argmax = None
+    sets: list = []
+    for mode in modes:
+        for runtime in (runtimes if mode == "sparse" else ["inproc"]):
+            key = mode if runtime == "inproc" else f"{mode}-{runtime}"
+            print(f"bench: {key} ...", file=sys.stderr)
+            budget = memory_bytes if mode == "sparse" else None
+            tokens = min(decode_tokens, NAIVE_MAX_TOKENS) if mode == "naive" else decode_tokens
+            result, (argmax, recorded) = run_mode(store, mode, budget, text_ids, tokens, runtime=runtime,
+                                                  record_sets=(mode == "sparse" and runtime == "inproc"))
+            if mode == "dense":
+                dense_argmax = argmax
+            elif argmax and dense_argmax:
+                result["top1_agreement_with_dense"] = float(np.mean(np.array(argmax) == np.array(dense_argmax)))
+            if recorded:
+                sets = recorded
+            report["modes"][key] = result
+    if "sparse" in modes and keep_fractions:
+        tradeoff = []
+        for keep in keep_fractions:
+            print(f"bench: sparse keep_fraction={keep} ...", file=sys.stderr)
+            result, (argmax, _) = run_mode(store, "sparse", memory_bytes, text_ids, decode_tokens,
+                                           ffn_options={"keep_fraction": keep})
+            row = {"keep_fraction": keep, "sparsity": 1 - keep, **{k: result.get(k) for k in (
+                "flash_read_bytes_per_token", "ms_per_token", "perplexity", "cache_hit_rate")}}
+            if argmax and dense_argmax:
+                row["top1_agreement_with_dense"] = float(np.mean(np.array(argmax) == np.array(dense_argmax)))
+            tradeoff.append(row)
+        report["sparsity_tradeoff"] = tradeoff
+    if sets:
+        report["window_curve"] = window_curve(sets, manifest.arch.intermediate_size)
+    if read_baseline:
+        print("bench: direct-read baseline ...", file=sys.stderr)
+        report["direct_read_baseline"] = read_size_baseline(store)
+    return report
+
+
+def cmd_bench(args) -> int:
+    from runtime.cli import parse_size
+
+    modes = [m.strip() for m in args.modes.split(",") if m.strip()]
+    for mode in modes:
+        if mode not in ("dense", "naive", "sparse"):
+            raise ValueError(f"--modes: unknown mode {mode!r}; use dense, naive, sparse")
+    text = None
+    if args.text:
+        with open(args.text, encoding="utf-8") as f:
+            text = f.read()
+    keep_fractions = [float(x) for x in args.keep_fractions.split(",")] if args.keep_fractions else []
+    runtimes = [r.strip() for r in args.runtimes.split(",")]
+    report = run_bench(args.store, modes, parse_size(args.memory) if args.memory else None, args.tokens, text,
+                       args.eval_tokens, keep_fractions, runtimes, read_baseline=not args.no_read_baseline)
+    _print_table("modes", [dict(name=k, **v) for k, v in report["modes"].items()], [
+        ("mode", "name", ""), ("ms/token", "ms_per_token", ".1f"), ("tok/s", "tokens_per_s", ".2f"),
+        ("MiB read/token", "flash_read_mib_per_token", ".2f"), ("hit rate", "cache_hit_rate", ".3f"),
+        ("io ms", "io_ms", ".1f"), ("compute ms", "compute_ms", ".1f"), ("wait ms", "wait_ms", ".1f"),
+        ("ppl", "perplexity", ".3f"), ("top1 vs dense", "top1_agreement_with_dense", ".3f")])
+    if report.get("sparsity_tradeoff"):
+        _print_table("sparsity trade-off", report["sparsity_tradeoff"], [
+            ("sparsity", "sparsity", ".2f"), ("bytes/token", "flash_read_bytes_per_token", ".0f"),
+            ("ms/token", "ms_per_token", ".1f"), ("ppl", "perplexity", ".3f"),
+            ("top1 vs dense", "top1_agreement_with_dense", ".3f")])
+    if report.get("direct_read_baseline"):
+        _print_table("direct reads: raw vs reader", report["direct_read_baseline"], [
+            ("request bytes", "request_bytes", "d"), ("raw MB/s", "raw_bytes_per_s", ".3e"),
+            ("reader MB/s", "reader_bytes_per_s", ".3e"), ("reader/raw", "reader_fraction_of_raw", ".2f")])
+    if args.plots:
+        report["plots"] = _plots(report, args.plots)
+    with open(args.json, "w", encoding="utf-8") as f:
+        json.dump(report, f, indent=1)
+    print(f"\nwrote {args.json}")
+    return 0
+
+
+def register_cli(sub) -> None:
+    p = sub.add_parser("bench", help="measure dense, naive and sparse modes (JSON + tables + plots)")
+    p.add_argument("--store", required=True)
+    p.add_argument("--modes", default="dense,naive,sparse")
+    p.add_argument("--memory", help="memory budget for the sparse mode, e.g. 330MiB")
+    p.add_argument("--tokens", type=int, default=64, help="decode tokens per mode without --text")
+    p.add_argument("--text", help="evaluation text: perplexity and top-1 agreement through the decode path")
+    p.add_argument("--eval-tokens", type=int, default=512, help="tokens of --text to feed")
+    p.add_argument("--keep-fractions", default="", help="sparsity trade-off: comma-separated keep fractions")
+    p.add_argument("--runtimes", default="inproc", help="inproc,workers: runtimes to measure the sparse mode with")
+    p.add_argument("--no-read-baseline", action="store_true")
+    p.add_argument("--json", required=True, help="output JSON path")
+    p.add_argument("--plots", help="directory for PNG plots")
+    p.set_defaults(func=cmd_bench)
