@@ -1,0 +1,316 @@
+"""`flashllm batch IN.jsonl --out OUT.jsonl (--socket PATH | --store STORE)`: many prompts, for throughput.
+
+Input, one JSON object per line:
+
+    {"id": "q1", "prompt": "Translate to French: cheese"}
+    {"id": 2, "messages": [{"role": "user", "content": "Hi!"}], "max_tokens": 32, "temperature": 0.7, "seed": 1}
+
+(optional per line: chat, max_tokens, temperature, top_p, top_k, seed, stop,
+ignore_eos; the command's flags give the defaults). Output, one line per
+input id, in the order they finish:
+
+    {"id": "q1", "line": 1, "text": "...", "finish_reason": "stop", "usage": {...}, "timings": {...}}
+    {"id": 2, "line": 2, "error": {"code": "prompt_too_long", "message": "..."}}
+
+Each line is appended and flushed as soon as its prompt finishes, so killing
+the command loses nothing that was written; re-running it skips the ids
+already in OUT (a line cut short by the kill is dropped and redone). A prompt
+the model refuses records its error and the rest go on; trouble that is not
+the prompt's fault (the daemon went away or is shutting down) stops the run
+without recording anything, so the re-run does those prompts.
+
+--socket sends the prompts to a running daemon; --store runs the same
+continuous-batching scheduler in this process.
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import sys
+import time
+from dataclasses import asdict, dataclass
+
+from protocol.client_api import ErrorCode, ErrorReply, FinalMessage, GenerateRequest, ProtocolError, validate
+from runtime.cli import CliError
+
+# Refusals that are about the prompt itself: recorded on its line. Anything else stops the run.
+PROMPT_ERRORS = {ErrorCode.INVALID_REQUEST, ErrorCode.TOO_LARGE, ErrorCode.PROMPT_TOO_LONG, ErrorCode.MALFORMED}
+OVERLOADED_RETRY_S = 0.5
+SAMPLING_KEYS = ("chat", "max_tokens", "temperature", "top_p", "top_k", "seed", "stop", "ignore_eos")
+
+
+def register_cli(subparsers) -> None:
+    from runtime.cli import _add_engine_args
+
+    p = subparsers.add_parser("batch", help="generate for every prompt of a JSONL file (resumable)")
+    p.add_argument("input", help="JSONL file: one {\"id\", \"prompt\" or \"messages\", ...} object per line")
+    p.add_argument("--out", required=True, help="JSONL file to append results to (existing ids are skipped)")
+    _add_engine_args(p, store_required=False)
+    p.add_argument("--socket", help="use the daemon on this ipc socket instead of --store")
+    p.add_argument("--max-batch", type=int, default=8, help="with --store: requests decoded together (default 8)")
+    p.add_argument("--concurrency", type=int, default=None,
+                   help="prompts in flight at once (default: 64 with --socket, 2 x --max-batch with --store)")
+    p.add_argument("--chat", action="store_true", help="wrap plain prompts in the chat template")
+    p.add_argument("--max-tokens", type=int, default=128)
+    p.add_argument("--temperature", type=float, default=0.0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--stop", action="append", help="stop string (repeatable)")
+    p.add_argument("--ignore-eos", action="store_true")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_batch)
+
+
+@dataclass
+class BatchItem:
+    line: int  # 1-based line number in the input
+    key: str  # what marks it done in OUT: its id, or its line number when it has none
+    id: object  # the input's id (str or int), None when missing
+    request: GenerateRequest | None  # None when the line itself is broken
+    error: ErrorReply | None = None
+
+
+class RunStopped(Exception):
+    """The backend cannot go on (daemon gone, shutting down); what is written stays, a re-run resumes."""
+
+
+def cmd_batch(args) -> int:
+    if bool(args.socket) == bool(args.store):
+        raise CliError("give exactly one of --socket PATH (a running daemon) or --store STORE (run in-process)")
+    defaults = {"chat": args.chat, "max_tokens": args.max_tokens, "temperature": args.temperature,
+                "top_p": args.top_p, "top_k": args.top_k, "seed": args.seed, "stop": list(args.stop or []),
+                "ignore_eos": args.ignore_eos}
+    items = read_input(args.input, defaults)
+    done = read_done_keys(args.out)
+    todo = [item for item in items if item.key not in done]
+    print(f"{len(items)} prompts in {args.input}: {len(items) - len(todo)} already in {args.out}, "
+          f"{len(todo)} to do", file=sys.stderr)
+    if not todo:
+        return 0
+    concurrency = args.concurrency or (64 if args.socket else 2 * args.max_batch)
+    if concurrency < 1:
+        raise CliError(f"--concurrency {concurrency} is invalid: give at least 1")
+    try:
+        summary = asyncio.run(_run(args, todo, concurrency))
+    except RunStopped as stop:
+        raise CliError(f"{stop}; the finished prompts are in {args.out}, run the same command again to do the rest")
+    print(f"wrote {summary['written']} lines to {args.out} ({summary['failed']} failed), "
+          f"{summary['tokens']} tokens in {summary['seconds']:.1f} s = {summary['tokens_per_s']:.1f} tokens/s",
+          file=sys.stderr)
+    return 0
+
+
+# ---------------------------------------------------------------------- input and output files
+
+
+def read_input(path: str, defaults: dict) -> list[BatchItem]:
+    """Every input line as a BatchItem; broken lines carry their error (recorded on their output line)."""
+    items: list[BatchItem] = []
+    seen: set[str] = set()
+    with open(path, encoding="utf-8") as f:
+        for number, text in enumerate(f, start=1):
+            if not text.strip():
+                continue
+            item = _parse_line(number, text, defaults)
+            if item.key in seen:
+                print(f"{path}:{number}: id {item.id!r} appeared before; this line is skipped", file=sys.stderr)
+                continue
+            seen.add(item.key)
+            items.append(item)
+    return items
+
+
+def _parse_line(number: int, text: str, defaults: dict) -> BatchItem:
+    def broken(key: str, item_id, message: str) -> BatchItem:
+        return BatchItem(number, key, item_id, None, ErrorReply(None, ErrorCode.INVALID_REQUEST, message))
+
+    try:
+        obj = json.loads(text)
+    except json.JSONDecodeError as error:
+        return broken(f"line:{number}", None, f"line {number} is not JSON ({error})")
+    if not isinstance(obj, dict):
+        return broken(f"line:{number}", None, f"line {number} is not a JSON object")
+    item_id = obj.pop("id", None)
+    if item_id is not None and (isinstance(item_id, bool) or not isinstance(item_id, (str, int))):
+        return broken(f"line:{number}", None, f"line {number}: id must be a string or an integer, got {item_id!r}")
+    key = _key(item_id, number)
+    unknown = [k for k in obj if k not in ("prompt", "messages", *SAMPLING_KEYS)]
+    if unknown:
+        return broken(key, item_id, f"line {number}: unknown field {unknown[0]!r}; known: id, prompt, messages, "
+                                    + ", ".join(SAMPLING_KEYS))
+    fields = {**defaults, **obj}
+    try:
+        request = validate(GenerateRequest(id=f"line-{number}", **fields))
+    except ProtocolError as error:
+        return BatchItem(number, key, item_id, None, ErrorReply(None, error.code, error.message))
+    return BatchItem(number, key, item_id, request)
+
+
+def _key(item_id, line: int) -> str:
+    return json.dumps(item_id) if item_id is not None else f"line:{line}"
+
+
+def read_done_keys(out_path: str) -> set[str]:
+    """Keys of the lines already in OUT; a last line cut short by a kill is truncated away to be redone."""
+    if not os.path.exists(out_path):
+        return set()
+    with open(out_path, "rb+") as f:
+        data = f.read()
+        if data and not data.endswith(b"\n"):
+            keep = data.rfind(b"\n") + 1
+            print(f"{out_path}: dropping a last line cut short ({len(data) - keep} bytes); it is redone",
+                  file=sys.stderr)
+            f.truncate(keep)
+            data = data[:keep]
+    done = set()
+    for text in data.decode("utf-8").splitlines():
+        try:
+            obj = json.loads(text)
+            done.add(_key(obj.get("id"), obj["line"]))
+        except (json.JSONDecodeError, KeyError, AttributeError):
+            continue
+    return done
+
+
+def result_line(item: BatchItem, outcome: FinalMessage | ErrorReply) -> dict:
+    line = {"id": item.id, "line": item.line}
+    if isinstance(outcome, ErrorReply):
+        line["error"] = {"code": outcome.code, "message": outcome.message}
+    else:
+        line.update(text=outcome.text, finish_reason=outcome.finish_reason, usage=asdict(outcome.usage),
+                    timings=asdict(outcome.timings))
+    return line
+
+
+# ---------------------------------------------------------------------- backends: daemon or in-process
+
+
+class DaemonBackend:
+    def __init__(self, socket_path: str):
+        from runtime.client import AsyncClient, ClientError
+
+        try:
+            self._client = AsyncClient(socket_path)
+        except ClientError as error:
+            raise CliError(str(error)) from None
+
+    async def generate(self, request: GenerateRequest) -> FinalMessage | ErrorReply:
+        from runtime.client import ClientError, RequestFailed
+
+        fields = {k: getattr(request, k) for k in SAMPLING_KEYS}
+        messages = [asdict(m) for m in request.messages] if request.messages is not None else None
+        try:
+            return await self._client.generate(request.prompt, messages=messages, request_id=request.id, **fields)
+        except RequestFailed as error:
+            return ErrorReply(request.id, error.code, error.message)
+        except ClientError as error:
+            raise RunStopped(str(error)) from None
+
+    async def close(self) -> None:
+        await self._client.close()
+
+
+class InProcessBackend:
+    """The daemon's scheduler over an engine in this process: the same continuous batching, no socket."""
+
+    def __init__(self, args):
+        from runtime.cli import _engine_from_args
+        from runtime.scheduler import Scheduler
+
+        if args.max_batch < 1:
+            raise CliError(f"--max-batch {args.max_batch} is invalid: give at least 1")
+        self._engine = _engine_from_args(args, max_batch=args.max_batch)
+        self._scheduler = Scheduler(self._engine)
+        self._run_task = asyncio.create_task(self._scheduler.run())
+
+    async def generate(self, request: GenerateRequest) -> FinalMessage | ErrorReply:
+        from runtime.sampling import SamplingParams
+        from runtime.scheduler import RequestRejected
+
+        if self._run_task.done():
+            raise RunStopped(f"the engine failed: {self._run_task.exception()}")
+        outcome: asyncio.Future = asyncio.get_running_loop().create_future()
+
+        def on_reply(reply) -> bool:
+            if isinstance(reply, (FinalMessage, ErrorReply)) and not outcome.done():
+                outcome.set_result(reply)
+            return True
+
+        prompt = [asdict(m) for m in request.messages] if request.messages is not None else request.prompt
+        params = SamplingParams(**request.sampling_fields())
+        try:
+            await self._scheduler.submit(request.id, prompt, params, on_reply, chat=request.chat, stream=False)
+        except RequestRejected as error:
+            return ErrorReply(request.id, error.code, error.message)
+        return await outcome
+
+    async def close(self) -> None:
+        self._scheduler.cancel_all()  # an interrupted run leaves prompts in flight; they are redone next time
+        self._scheduler.close()
+        try:
+            await self._run_task
+        finally:
+            self._scheduler.shutdown_threads()
+            self._engine.close()
+
+
+# ---------------------------------------------------------------------- the run
+
+
+async def _run(args, todo: list[BatchItem], concurrency: int) -> dict:
+    from tqdm import tqdm
+
+    backend = DaemonBackend(args.socket) if args.socket else InProcessBackend(args)
+    queue = list(reversed(todo))
+    start_s = time.monotonic()
+    summary = {"written": 0, "failed": 0, "tokens": 0}
+    progress = tqdm(total=len(todo), unit="prompt", desc="batch", disable=args.quiet, file=sys.stderr,
+                    dynamic_ncols=True)
+    out = open(args.out, "a", encoding="utf-8")
+
+    def write(item: BatchItem, outcome: FinalMessage | ErrorReply) -> None:
+        out.write(json.dumps(result_line(item, outcome), ensure_ascii=False) + "\n")
+        out.flush()  # one line at a time: a kill loses only the prompts still running
+        summary["written"] += 1
+        if isinstance(outcome, ErrorReply):
+            summary["failed"] += 1
+        else:
+            summary["tokens"] += outcome.usage.completion_tokens
+        elapsed_s = time.monotonic() - start_s
+        progress.set_postfix_str(f"{summary['tokens'] / elapsed_s:.1f} tok/s, {summary['failed']} failed",
+                                 refresh=False)
+        progress.update(1)
+
+    async def worker() -> None:
+        while queue:
+            item = queue.pop()
+            if item.request is None:
+                write(item, item.error)
+                continue
+            while True:
+                outcome = await backend.generate(item.request)
+                if isinstance(outcome, ErrorReply) and outcome.code == ErrorCode.OVERLOADED:
+                    await asyncio.sleep(OVERLOADED_RETRY_S)
+                    continue
+                break
+            if isinstance(outcome, ErrorReply) and outcome.code not in PROMPT_ERRORS:
+                raise RunStopped(f"the {'daemon' if args.socket else 'engine'} failed a request: "
+                                 f"{outcome.message} [{outcome.code}]")
+            write(item, outcome)
+
+    try:
+        workers = [asyncio.create_task(worker()) for _ in range(min(concurrency, len(todo)))]
+        try:
+            await asyncio.gather(*workers)
+        finally:
+            for task in workers:
+                task.cancel()
+            await asyncio.gather(*workers, return_exceptions=True)
+    finally:
+        out.close()
+        progress.close()
+        await backend.close()
+    seconds = time.monotonic() - start_s
+    return {**summary, "seconds": seconds, "tokens_per_s": summary["tokens"] / seconds if seconds > 0 else 0.0}
