@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import os
 import sys
@@ -16,8 +17,9 @@ class CliError(Exception):
 def _user_errors() -> tuple[type[BaseException], ...]:
     from protocol.store_format import StoreError
     from runtime.convert.sources import ConvertError
+    from runtime.socket_lock import IpcEndpointError
 
-    return (CliError, StoreError, ConvertError, ValueError, FileNotFoundError, PermissionError)
+    return (CliError, StoreError, ConvertError, IpcEndpointError, ValueError, FileNotFoundError, PermissionError)
 
 
 # ---------------------------------------------------------------------- convert / verify
@@ -60,7 +62,7 @@ def _engine_from_args(args, max_batch: int = 1):
     if getattr(args, "memory", None):
         ffn_options["memory_budget_bytes"] = parse_size(args.memory)
     return Engine(args.store, mode=args.mode, max_batch=max_batch, max_context=args.max_context,
-                  ffn_options=ffn_options)
+                  ffn_options=ffn_options, runtime=getattr(args, "runtime", "inproc"))
 
 
 def parse_size(text: str) -> int:
@@ -131,9 +133,15 @@ def _add_engine_args(p: argparse.ArgumentParser, store_required: bool = True) ->
                    help="FFN source: all in memory, whole layers re-read from flash, or predicted neurons only")
     p.add_argument("--memory", help="memory budget for resident weights + predictors + neuron caches, e.g. 160MiB")
     p.add_argument("--max-context", type=int, default=None, help="KV cache length in tokens (default 2048)")
+    p.add_argument("--runtime", default="inproc", choices=["inproc", "workers"],
+                   help="run the model in this process, or pipelined in prefetch/predictor/compute processes "
+                        "(--mode sparse)")
 
 
-def build_parser() -> argparse.ArgumentParser:
+BUILTIN_COMMANDS = ("convert", "verify", "generate", "eval")
+
+
+def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="flashllm", description="Run LLMs larger than memory from flash.")
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -172,27 +180,38 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_eval)
 
-    for register in _extra_commands():
+    for register in _extra_commands(argv):
         register(sub)
     return parser
 
 
-def _extra_commands():
-    """Sub-commands that live in their own modules (calibrate, bench, serve, status, batch)."""
-    registrations = []
-    for module_name in ("runtime.calibrate", "runtime.bench", "runtime.serve", "runtime.client_cli", "runtime.batch"):
-        try:
-            module = __import__(module_name, fromlist=["register_cli"])
-        except ModuleNotFoundError as exc:
-            if exc.name == module_name:
-                continue
-            raise
-        registrations.append(module.register_cli)
-    return registrations
+# sub-command → the module that registers it; only the module of the command being run is imported,
+# so `flashllm status` does not pay for torch
+EXTRA_COMMAND_MODULES = {
+    "calibrate": "runtime.calibrate",
+    "bench": "runtime.bench",
+    "serve": "runtime.serve",
+    "status": "runtime.client_cli",
+    "batch": "runtime.batch",
+    "bench-serve": "runtime.serve_bench",
+}
+
+
+def _extra_commands(argv: list[str] | None):
+    """register_cli functions of the sub-command modules: the one named in argv, or all (for --help)."""
+    argv = sys.argv[1:] if argv is None else argv
+    named = next((a for a in argv if not a.startswith("-")), None)
+    if named in EXTRA_COMMAND_MODULES:
+        module_names = [EXTRA_COMMAND_MODULES[named]]
+    elif named in BUILTIN_COMMANDS:
+        module_names = []
+    else:
+        module_names = list(dict.fromkeys(EXTRA_COMMAND_MODULES.values()))
+    return [importlib.import_module(name).register_cli for name in module_names]
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = build_parser(argv).parse_args(argv)
     try:
         return args.func(args)
     except _user_errors() as exc:
@@ -204,4 +223,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # `python -m runtime.cli` runs this file as __main__; the sub-command modules raise runtime.cli.CliError,
+    # so run runtime.cli's main, whose _user_errors() names that same class.
+    from runtime.cli import main as package_main
+
+    sys.exit(package_main())
