@@ -1,0 +1,140 @@
+"""The real demo model (SmolLM2-135M-Instruct, Q4_1 GGUF) run from a flash store.
+
+What a user of the demo model sees: the engine computes what transformers
+computes from the same GGUF (fp32), a chat question gets the right answer,
+naive mode really reads the whole FFN from the device for every token while
+dense mode reads nothing, and `eval` perplexity is transformers' perplexity.
+
+One dense engine and one transformers reference serve the whole module:
+loading the GGUF into transformers alone takes ~30 s on two cores.
+"""
+from __future__ import annotations
+
+import math
+import os
+
+import pytest
+import torch
+
+from runtime.engine import Engine
+from runtime.sampling import SamplingParams
+from tests.conftest import demo_gguf_path
+
+pytestmark = pytest.mark.slow
+
+PROMPTS = [  # different lengths, so the batch holds sequences at different positions
+    "The capital of France is",
+    "Here is a short story about a robot who learns to paint. Once upon a time, in a small workshop,",
+    "def fibonacci(n):",
+]
+NEW_TOKENS = 32
+EVAL_TEXT = os.path.join(os.path.dirname(__file__), "data", "eval_paragraph.txt")  # ~770 tokens of English prose
+EVAL_WINDOW_TOKENS = 1024  # `flashllm eval`'s default
+
+
+@pytest.fixture(scope="module")
+def reference():
+    """transformers' own GGUF loader, dequantized to fp32: the implementation we must match."""
+    import transformers as tf
+
+    path = demo_gguf_path()
+    return tf.AutoModelForCausalLM.from_pretrained(os.path.dirname(path), gguf_file=os.path.basename(path),
+                                                   dtype=torch.float32).eval()
+
+
+@pytest.fixture(scope="module")
+def engine(demo_store):
+    with Engine(demo_store, mode="dense", max_batch=len(PROMPTS)) as engine:
+        yield engine
+
+
+def _reference_logits(reference, ids: list[int]) -> torch.Tensor:
+    """(T, V) logits of one unpadded sequence; the mask is explicit so no token is taken for padding."""
+    with torch.no_grad():
+        batch = torch.tensor([ids])  # (1, T)
+        return reference(input_ids=batch, attention_mask=torch.ones_like(batch)).logits[0]  # (T, V)
+
+
+def _where_reference_greedy_differs(reference_logits: torch.Tensor, tokens: list[int]) -> list[int]:
+    """Positions where transformers' greedy choice differs from `tokens`, given its logits (T, V) on prompt + tokens[:-1].
+
+    Row i is transformers' forward over prompt + tokens[:i], so if its argmax is tokens[i] for every i,
+    transformers' own greedy loop (one plain forward per token) picks exactly `tokens`, by induction —
+    without running 96 more forwards, and without the KV-cache argument whose name changes across releases.
+    """
+    return [i for i, token in enumerate(tokens) if int(reference_logits[i].argmax()) != token]
+
+
+def _reference_perplexity(reference, ids: list[int], window_tokens: int) -> float:
+    """Same scheme as `flashllm eval`: non-overlapping windows, each scored from its own start."""
+    nll, count = 0.0, 0
+    for start in range(0, len(ids) - 1, window_tokens):
+        window = ids[start:start + window_tokens]
+        if len(window) < 2:
+            break
+        logits = _reference_logits(reference, window)  # (T, V)
+        nll += float(torch.nn.functional.cross_entropy(logits[:-1], torch.tensor(window[1:]), reduction="sum"))
+        count += len(window) - 1
+    return math.exp(nll / count)
+
+
+def test_batch_of_prompts_matches_transformers(engine, reference):
+    prompt_ids = [engine.tokenizer.encode(p) for p in PROMPTS]
+    assert len({len(ids) for ids in prompt_ids}) == len(PROMPTS), "prompts must differ in length"
+    captured: dict[str, list[torch.Tensor]] = {}
+    engine.logits_hook = lambda rid, logits: captured.setdefault(rid, []).append(logits.clone())
+    try:
+        results = engine.generate(prompt_ids, SamplingParams(max_tokens=NEW_TOKENS, ignore_eos=True))
+    finally:
+        engine.logits_hook = None
+    rids = sorted(captured, key=lambda rid: int(rid.split("-")[1]))  # "req-N", numbered in prompt order
+    assert len(rids) == len(PROMPTS)
+    assert max(s["batch"] for s in results[0].token_stats) == len(PROMPTS), "decode steps were not batched"
+
+    for prompt, result, rid in zip(prompt_ids, results, rids):
+        logits = torch.stack(captured[rid])  # (NEW_TOKENS, V)
+        assert len(result.tokens) == NEW_TOKENS
+        ref_logits = _reference_logits(reference, prompt + result.tokens[:-1])[len(prompt) - 1:]  # (NEW_TOKENS, V)
+        rel_err = float((logits - ref_logits).abs().max() / ref_logits.abs().max())
+        assert rel_err < 1e-3, f"prompt of {len(prompt)} tokens: relative logits error {rel_err:.2e}"
+        differ = _where_reference_greedy_differs(ref_logits, result.tokens)
+        assert not differ, f"prompt of {len(prompt)} tokens: transformers' greedy token differs at {differ}"
+
+
+def test_chat_answers_the_capital_of_france(engine):
+    [result] = engine.generate(["What is the capital of France?"], SamplingParams(max_tokens=24), chat=True)
+    assert "Paris" in result.text, result.text
+
+
+def test_dense_mode_reads_no_ffn_bytes_per_token(engine):
+    [result] = engine.generate(["Flash memory is"], SamplingParams(max_tokens=6, ignore_eos=True))
+    decode_steps = result.token_stats
+    assert len(decode_steps) == 5
+    assert [s["flash_read_bytes"] for s in decode_steps] == [0] * 5
+    assert [s["neurons_read"] for s in decode_steps] == [0] * 5
+
+
+def test_naive_mode_rereads_the_whole_ffn_for_every_token(demo_store, engine):
+    params = SamplingParams(max_tokens=3, ignore_eos=True)
+    [dense] = engine.generate(["Flash memory is"], params)
+    with Engine(demo_store, mode="naive", max_batch=1) as naive_engine:
+        ffn_bytes = naive_engine.manifest.ffn.total_bundle_bytes
+        [naive] = naive_engine.generate(["Flash memory is"], params)
+    assert naive.tokens == dense.tokens
+    per_token = [s["flash_read_bytes"] for s in naive.token_stats]  # /proc/self/io read_bytes per decode step
+    assert len(per_token) == 2
+    for read_bytes in per_token:
+        assert read_bytes >= 0.95 * ffn_bytes, f"read {read_bytes} bytes from the device, FFN is {ffn_bytes}"
+        assert read_bytes <= 1.25 * ffn_bytes, f"read {read_bytes} bytes for one token, FFN is only {ffn_bytes}"
+
+
+def test_eval_perplexity_matches_transformers(engine, reference):
+    with open(EVAL_TEXT, encoding="utf-8") as f:
+        text = f.read()
+    ids = engine.tokenizer.encode(text)
+    assert len(ids) > 700
+    ppl, scored = engine.perplexity(text, window_tokens=EVAL_WINDOW_TOKENS)
+    assert scored == len(ids) - math.ceil((len(ids) - 1) / EVAL_WINDOW_TOKENS)  # each window's first token is unscored
+    ref_ppl = _reference_perplexity(reference, ids, EVAL_WINDOW_TOKENS)
+    assert 1.0 < ppl < 100.0, "an English paragraph should not surprise a chat model this much"
+    assert abs(ppl - ref_ppl) / ref_ppl < 0.005, f"perplexity {ppl:.4f}, transformers {ref_ppl:.4f}"
