@@ -23,6 +23,7 @@ import time
 import numpy as np
 
 from runtime.engine import Engine
+from runtime.memory_plan import MemoryPlanError
 from runtime.sampling import SamplingParams
 
 BENCH_PROMPT = "The history of the printing press begins"
@@ -226,7 +227,8 @@ def _plots(report: dict, plots_dir: str) -> list[str]:
 
 
 def run_bench(store: str, modes: list[str], memory_bytes: int | None, decode_tokens: int, text: str | None,
-              eval_tokens: int, keep_fractions: list[float], runtimes: list[str], read_baseline: bool = True) -> dict:
+              eval_tokens: int, keep_fractions: list[float], runtimes: list[str], read_baseline: bool = True,
+              keep_fraction: float | None = None) -> dict:
     from protocol.store_format import read_manifest
     from runtime.tokenizer import Tokenizer
 
@@ -248,8 +250,9 @@ def run_bench(store: str, modes: list[str], memory_bytes: int | None, decode_tok
             print(f"bench: {key} ...", file=sys.stderr)
             budget = memory_bytes if mode == "sparse" else None
             tokens = min(decode_tokens, NAIVE_MAX_TOKENS) if mode == "naive" else decode_tokens
-            result, (argmax, recorded) = run_mode(store, mode, budget, text_ids, tokens, runtime=runtime,
-                                                  record_sets=(mode == "sparse" and runtime == "inproc"))
+            options = {"keep_fraction": keep_fraction} if mode == "sparse" and keep_fraction else None
+            result, (argmax, recorded) = run_mode(store, mode, budget, text_ids, tokens, ffn_options=options,
+                                                  runtime=runtime, record_sets=(mode == "sparse" and runtime == "inproc"))
             if mode == "dense":
                 dense_argmax = argmax
             elif argmax and dense_argmax:
@@ -261,8 +264,12 @@ def run_bench(store: str, modes: list[str], memory_bytes: int | None, decode_tok
         tradeoff = []
         for keep in keep_fractions:
             print(f"bench: sparse keep_fraction={keep} ...", file=sys.stderr)
-            result, (argmax, _) = run_mode(store, "sparse", memory_bytes, text_ids, decode_tokens,
-                                           ffn_options={"keep_fraction": keep})
+            try:
+                result, (argmax, _) = run_mode(store, "sparse", memory_bytes, text_ids, decode_tokens,
+                                               ffn_options={"keep_fraction": keep})
+            except MemoryPlanError as exc:
+                tradeoff.append({"keep_fraction": keep, "sparsity": 1 - keep, "error": str(exc)})
+                continue
             row = {"keep_fraction": keep, "sparsity": 1 - keep, **{k: result.get(k) for k in (
                 "flash_read_bytes_per_token", "ms_per_token", "perplexity", "cache_hit_rate")}}
             if argmax and dense_argmax:
@@ -291,7 +298,8 @@ def cmd_bench(args) -> int:
     keep_fractions = [float(x) for x in args.keep_fractions.split(",")] if args.keep_fractions else []
     runtimes = [r.strip() for r in args.runtimes.split(",")]
     report = run_bench(args.store, modes, parse_size(args.memory) if args.memory else None, args.tokens, text,
-                       args.eval_tokens, keep_fractions, runtimes, read_baseline=not args.no_read_baseline)
+                       args.eval_tokens, keep_fractions, runtimes, read_baseline=not args.no_read_baseline,
+                       keep_fraction=args.keep_fraction)
     _print_table("modes", [dict(name=k, **v) for k, v in report["modes"].items()], [
         ("mode", "name", ""), ("ms/token", "ms_per_token", ".1f"), ("tok/s", "tokens_per_s", ".2f"),
         ("MiB read/token", "flash_read_mib_per_token", ".2f"), ("hit rate", "cache_hit_rate", ".3f"),
@@ -322,6 +330,8 @@ def register_cli(sub) -> None:
     p.add_argument("--tokens", type=int, default=64, help="decode tokens per mode without --text")
     p.add_argument("--text", help="evaluation text: perplexity and top-1 agreement through the decode path")
     p.add_argument("--eval-tokens", type=int, default=512, help="tokens of --text to feed")
+    p.add_argument("--keep-fraction", type=float, help="sparse mode: fraction of neurons predicted per token "
+                   "(default: 1 - the calibrated sparsity)")
     p.add_argument("--keep-fractions", default="", help="sparsity trade-off: comma-separated keep fractions")
     p.add_argument("--runtimes", default="inproc", help="inproc,workers: runtimes to measure the sparse mode with")
     p.add_argument("--no-read-baseline", action="store_true")

@@ -4,8 +4,7 @@ The budget bounds the bytes the engine keeps in DRAM: resident weights (in the
 compute dtype), predictors, the per-layer neuron caches and the reader's
 staging buffers. The KV cache is reported beside it (it grows with batch and
 context, not with the model's FFN). Each layer's cache must hold its pinned
-hot neurons plus one token's worst-case predicted set (lookahead ∪ same-layer
-top-k); whatever the budget leaves above that minimum widens every layer's
+hot neurons plus one token's predicted set (top-k); whatever the budget leaves above that minimum widens every layer's
 cache equally, which is what the sliding window reuses.
 """
 from __future__ import annotations
@@ -63,7 +62,9 @@ def plan_memory(manifest: Manifest, resident_elements: int, budget_bytes: int, c
     # the dense-read path holds one whole layer raw and converted; neuron reads stage at most one layer's bundles
     staging_bytes = 2 * largest_region + largest_region * compute_itemsize // DTYPE_ITEMSIZE[layout.dtype]
     num_neurons = [region.num_neurons for region in layout.layers]
-    min_rows = [min(n, hot + 2 * keep_neurons) for n, hot in zip(num_neurons, hot_counts)]
+    # one predictor's top-k plus the pinned rows; a token whose lookahead ∪ same-layer union does not
+    # fit takes the dense-read path (correct, slower), so the union need not be reserved
+    min_rows = [min(n, hot + keep_neurons) for n, hot in zip(num_neurons, hot_counts)]
     fixed = resident_bytes + predictor_bytes + staging_bytes
     min_total = fixed + sum(min_rows) * row_bytes
     if budget_bytes < min_total:
