@@ -292,7 +292,12 @@ class Engine:
         params = params or SamplingParams()
         index_of, texts, tokens, reasons, prompt_lens = {}, {}, {}, {}, {}
         for i, prompt in enumerate(prompts):
-            rid = self.add_request(prompt, params, chat=chat)
+            try:
+                rid = self.add_request(prompt, params, chat=chat)
+            except Exception:
+                for queued in index_of:  # a refused prompt refuses the whole call: queue none of it
+                    self.abort(queued)
+                raise
             index_of[rid], texts[i], tokens[i] = i, [], []
         first_stat = len(self.token_stats)
         read_before = process_read_bytes()

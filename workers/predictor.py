@@ -12,16 +12,26 @@ Two predictors per layer, both d → r → n_ff with a ReLU in between (Deja Vu 
 A predicted set is the top-k neurons by predictor logit for each token (the
 union over a batch), k = keep_fraction × n_ff: a fixed k bounds the bytes a
 token can ask for, which is what the memory plan is sized by.
+
+`PredictorWorker` is the predictor process's core (hidden states from shared
+memory in, neuron ids out), `run_predictor()` its process entry.
 """
 from __future__ import annotations
 
 import os
+import time
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
+from protocol.messages import (
+    PATH_CACHED, PATH_MASKED, ROLE_COMPUTE, ROLE_PREDICTOR, ROLE_PREFETCH, Dispatcher, FfnInput, Lookahead,
+    Prediction, PredictionStats, StepBegin, StepFailed,
+)
+from protocol.shm import SharedSegment
 from protocol.store_format import Manifest, StoreError
+from workers.process_entry import WorkerConfig, run_worker
 
 PREDICTOR_KINDS = ("lookahead", "same")
 
@@ -109,3 +119,127 @@ class SparsityPredictor:
 
     def num_bytes(self) -> int:
         return sum(p.num_bytes() for p in self.predictors.values())
+
+
+class PredictorWorker:
+    """The predictor process's core: SparseFlashFfn's prediction steps, message-driven.
+
+    StepBegin           reset the step (forwarded to the prefetcher, same pipe so it arrives first)
+    FfnInput(l)         h_l from hidden[l % 2]; decode (T == 1):
+                          same = same[l](h_l); first = lookahead set from h_{l-1}, or same
+                          |first ∪ same| + pinned > capacity → masked, as SparseFlashFfn falls back
+                          else Prediction(cached, first, late = same ∖ ahead), then
+                          Lookahead(l+1) = lookahead[l+1](h_l) so layer l+1's reads start now;
+                          commit=True when l+1 cannot fall back whatever same[l+1] says
+                        masked (T > 1 or the fallback): per-token mask = same[l](h_l) ∪
+                          lookahead[l](h_{l-1}) ∪ hot, written to the mask buffer; Prediction(masked)
+    """
+
+    def __init__(self, predictor: SparsityPredictor, hidden: np.ndarray, mask: np.ndarray, capacity_rows: list[int],
+                 pinned_counts: list[int], channel):
+        self.predictor = predictor
+        self.hidden, self.mask = hidden, mask  # (2, max_tokens, d), (max_tokens, n_ff) shared memory
+        self.capacity_rows, self.pinned_counts = capacity_rows, pinned_counts
+        self.channel = channel
+        self.num_layers = predictor.num_layers
+        self.hot = [torch.from_numpy(ids) for ids in predictor.hot_ids]
+        self.step, self.steps = -1, 1
+        self._ahead: dict[int, np.ndarray] = {}
+        self._committed: dict[int, bool] = {}  # layer → its lookahead was prepared at once (Lookahead.commit)
+        self._prev_h: torch.Tensor | None = None
+        self.dispatcher = Dispatcher({StepBegin: self.on_step_begin, FfnInput: self._guarded_ffn_input},
+                                     owner="the predictor worker")
+
+    @staticmethod
+    def from_config(config: WorkerConfig, channel) -> "PredictorWorker":
+        from workers.store_reader import open_store
+
+        torch.set_num_threads(config.predictor_threads)
+        manifest = open_store(config.store_dir)
+        predictor = SparsityPredictor(config.store_dir, manifest, keep_fraction=config.keep_fraction)
+        exchange = SharedSegment.attach(config.instance, config.exchange_layout)
+        pinned = [len(ids) if config.pin_hot else 0 for ids in predictor.hot_ids]
+        worker = PredictorWorker(predictor, exchange.arrays["hidden"], exchange.arrays["mask"], config.capacity_rows,
+                                 pinned, channel)
+        worker._segment = exchange
+        return worker
+
+    def info(self) -> dict:
+        return {"keep_neurons": self.predictor.keep_neurons, "torch_threads": torch.get_num_threads()}
+
+    def on_step_begin(self, msg: StepBegin) -> None:
+        self.step, self.steps = msg.step, msg.steps
+        self._ahead.clear()
+        self._committed.clear()
+        self._prev_h = None
+        self.channel.send(ROLE_PREFETCH, msg)
+
+    def _guarded_ffn_input(self, msg: FfnInput) -> None:
+        try:
+            self.on_ffn_input(msg)
+        except Exception as exc:  # the step fails (compute is told), the worker stays up
+            self.channel.send(ROLE_COMPUTE, StepFailed(step=msg.step, role=ROLE_PREDICTOR,
+                                                       error=f"{type(exc).__name__}: {exc}"))
+
+    def on_ffn_input(self, msg: FfnInput) -> None:
+        if msg.step != self.step:
+            return
+        start = time.perf_counter()
+        h = torch.from_numpy(self.hidden[msg.buffer, : msg.num_tokens])  # (N, d), valid until LayerReady(l+1)
+        with torch.inference_mode():  # as inside ModelExecutor.forward
+            if self.steps > 1:
+                self._send_masked(msg, h, start)
+            else:
+                self._predict_decode(msg, h, start)
+        self._prev_h = h
+
+    def _predict_decode(self, msg: FfnInput, h: torch.Tensor, start: float) -> None:
+        predictor, layer = self.predictor, msg.layer
+        ahead = self._ahead.pop(layer, None)
+        same = predictor.predict("same", layer, h)
+        first = ahead if ahead is not None else same
+        if np.union1d(first, same).size + self.pinned_counts[layer] > self.capacity_rows[layer]:
+            if self._committed.get(layer):
+                raise RuntimeError(f"layer {layer}: committed lookahead but the union does not fit (a flashllm bug)")
+            self._send_masked(msg, h, start)  # the batch's union makes the layer nearly dense
+            return
+        late = np.zeros(0, np.int64)
+        predicted = len(first)
+        if ahead is not None:
+            late = np.setdiff1d(same, ahead, assume_unique=True)
+            predicted = np.union1d(ahead, same).size
+        self.channel.send(ROLE_PREFETCH, Prediction(step=msg.step, layer=layer, path=PATH_CACHED, first=first,
+                                                    late=late, first_committed=self._committed.pop(layer, False)))
+        if layer + 1 < self.num_layers and predictor.has("lookahead", layer + 1):
+            ahead_next = self._ahead[layer + 1] = predictor.predict("lookahead", layer + 1, h)
+            # same[l+1] has at most N·k ids: if even that fits beside ahead, l+1 surely takes the cached path
+            largest_same = min(self.predictor.num_neurons, msg.num_tokens * self.predictor.keep_neurons)
+            commit = len(ahead_next) + self.pinned_counts[layer + 1] + largest_same <= self.capacity_rows[layer + 1]
+            self._committed[layer + 1] = commit
+            self.channel.send(ROLE_PREFETCH, Lookahead(step=msg.step, layer=layer + 1, ids=ahead_next, commit=commit))
+        self.channel.send(ROLE_COMPUTE, PredictionStats(step=msg.step, layer=layer, predicted=predicted,
+                                                        predict_s=time.perf_counter() - start))
+
+    def _send_masked(self, msg: FfnInput, h: torch.Tensor, start: float) -> None:
+        """SparseFlashFfn._token_mask: (N, n_ff) each token's own predicted neurons ∪ hot, into the mask buffer."""
+        predictor, layer = self.predictor, msg.layer
+        mask = predictor.predict_mask("same", layer, h)  # (N, n_ff)
+        if self._prev_h is not None and predictor.has("lookahead", layer):
+            mask = mask | predictor.predict_mask("lookahead", layer, self._prev_h)
+        if len(self.hot[layer]):
+            mask[:, self.hot[layer]] = True
+        self.mask[: msg.num_tokens] = mask.numpy()
+        self.channel.send(ROLE_PREFETCH, Prediction(step=msg.step, layer=layer, path=PATH_MASKED))
+        self.channel.send(ROLE_COMPUTE, PredictionStats(step=msg.step, layer=layer, predicted=int(mask.any(0).sum()),
+                                                        predict_s=time.perf_counter() - start))
+
+    def close(self) -> None:
+        self.hidden, self.mask, self._prev_h = None, None, None
+        segment = getattr(self, "_segment", None)
+        if segment is not None:
+            segment.close()
+
+
+def run_predictor(config: WorkerConfig) -> None:
+    """Process entry of the predictor worker."""
+    run_worker(ROLE_PREDICTOR, config, PredictorWorker.from_config)

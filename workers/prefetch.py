@@ -5,18 +5,35 @@ matrix, possibly over shared memory) fed by one `BundleReader`. For each token
 and layer it is told the predicted neuron ids; it advances that layer's
 sliding window, evicts what no recent token used, and reads only the missing
 bundles (the increment) with aligned direct reads. Hot neurons are pinned once.
+
+Read-ahead without touching the cache: `stage(layer, ids)` reads the bundles
+that `prepare(layer, ids, new_token=True)` is going to need into a private
+staging matrix; the later `prepare` copies them from there instead of from
+flash. The worker runtime stages layer l+1 from the lookahead prediction while
+compute still runs layer l, and commits (`prepare`) only once the same-layer
+check has decided the layer's path, so the cache goes through exactly the
+states SparseFlashFfn gives it.
+
+`PrefetchWorker` is the prefetch process's core (messages in, cache writes and
+LayerReady out), `run_prefetch()` its process entry.
 """
 from __future__ import annotations
 
 import functools
+import os
 import time
 from dataclasses import dataclass
 
 import numpy as np
 
-from protocol.store_format import Manifest
+from protocol.messages import (
+    PATH_CACHED, ROLE_COMPUTE, ROLE_PREFETCH, Dispatcher, LayerReady, Lookahead, Prediction, StepBegin, StepFailed,
+)
+from protocol.shm import SharedSegment, cache_layer_arrays
+from protocol.store_format import Manifest, StoreError, read_manifest
 from workers.flash_io.bundle_reader import BundleReader, numpy_dtype_of_store
 from workers.flash_io.neuron_cache import NeuronCache
+from workers.process_entry import WorkerConfig, run_worker
 
 
 @dataclass
@@ -34,6 +51,15 @@ class LayerUpdate:
     io_s: float
 
 
+@dataclass
+class FlashWork:
+    """Flash reads done outside prepare(): read-ahead (stage) or whole layers."""
+
+    neurons: int
+    read_bytes: int
+    io_s: float
+
+
 class Prefetcher:
     def __init__(self, store_dir: str, manifest: Manifest, capacity_rows: list[int], window_tokens: int,
                  hot_ids: list[np.ndarray] | None = None, cache_rows: list[np.ndarray] | None = None,
@@ -46,6 +72,10 @@ class Prefetcher:
         dtype = np.dtype(cache_dtype) if cache_dtype is not None else store_dtype
         self._convert = dtype != store_dtype
         self._scratch = np.empty((0, layout.bundle_elements), dtype=store_dtype)
+        # read-ahead of one layer: sorted ids and their rows (cache dtype)
+        self._staged_layer = -1
+        self._staged_ids = np.zeros(0, np.int64)
+        self._staged_rows = np.empty((0, layout.bundle_elements), dtype=dtype)
         self.caches = [
             NeuronCache(region.num_neurons, layout.bundle_elements, capacity_rows[layer], dtype, window_tokens,
                         rows=None if cache_rows is None else cache_rows[layer])
@@ -57,7 +87,27 @@ class Prefetcher:
                     self.caches[layer].pin(np.sort(ids), self._filler(layer))
 
     def _filler(self, layer: int):
-        """rows_filler(ids, out) for the cache: read bundles, converting dtype when the cache's differs."""
+        """rows_filler(ids, out) for the cache: staged rows where read ahead, the rest from flash."""
+        read = self._read_filler(layer)
+        if layer != self._staged_layer or not len(self._staged_ids):
+            return read
+        staged_ids, staged_rows = self._staged_ids, self._staged_rows
+
+        def fill_from_staging(ids: np.ndarray, out: np.ndarray) -> None:
+            positions = np.minimum(np.searchsorted(staged_ids, ids), len(staged_ids) - 1)  # (k,)
+            found = staged_ids[positions] == ids  # (k,)
+            if found.all():
+                np.take(staged_rows, positions, axis=0, out=out[: len(ids)], mode="clip")
+                return
+            out[: len(ids)][found] = staged_rows[positions[found]]
+            rest = np.empty((int((~found).sum()), out.shape[1]), dtype=out.dtype)
+            read(ids[~found], rest)
+            out[: len(ids)][~found] = rest
+
+        return fill_from_staging
+
+    def _read_filler(self, layer: int):
+        """rows_filler(ids, out) reading bundles from flash, converting dtype when the cache's differs."""
         if not self._convert:
             return functools.partial(self.reader.read_neurons, layer)
 
@@ -87,11 +137,224 @@ class Prefetcher:
         missing = cache.plan_token(predicted_ids)
         if len(missing):
             cache.insert(missing, self._filler(layer))
+        if layer == self._staged_layer:
+            self.discard_staged()  # the cache moved on: staged rows are only valid for this commit
         return LayerUpdate(layer=layer, version=cache.version, num_rows=cache.num_rows,
                            predicted=len(predicted_ids), hits=len(predicted_ids) - len(missing),
                            read_neurons=len(missing), evicted=evicted,
                            read_bytes=self.reader.stats.read_bytes - before_bytes,
                            io_s=time.perf_counter() - start)
 
+    def stage(self, layer: int, predicted_ids: np.ndarray) -> FlashWork:
+        """Read ahead what prepare(layer, predicted_ids, new_token=True) will insert, leaving the cache as it is.
+
+        The window advance and eviction that prepare does first never drop a predicted id, so the
+        ids to insert then are exactly the ones not cached now. Replaces any earlier staging."""
+        cache = self.caches[layer]
+        ids = np.unique(np.asarray(predicted_ids, dtype=np.int64))  # (k,)
+        missing = ids[cache.slot_of[ids] < 0]  # (m,) sorted
+        start = time.perf_counter()
+        before_bytes = self.reader.stats.read_bytes
+        self.discard_staged()
+        if self._staged_rows.shape[0] < len(missing):
+            self._staged_rows = np.empty((len(missing), self._staged_rows.shape[1]), dtype=self._staged_rows.dtype)
+        if len(missing):
+            self._read_filler(layer)(missing, self._staged_rows[: len(missing)])
+        self._staged_layer, self._staged_ids = layer, missing
+        return FlashWork(neurons=len(missing), read_bytes=self.reader.stats.read_bytes - before_bytes,
+                         io_s=time.perf_counter() - start)
+
+    def discard_staged(self) -> None:
+        self._staged_layer, self._staged_ids = -1, np.zeros(0, np.int64)
+
+    def read_layer_into(self, layer: int, out: np.ndarray) -> FlashWork:
+        """The whole layer (store dtype) into out[:num_neurons] (e.g. a shared-memory staging buffer)."""
+        start = time.perf_counter()
+        before_bytes = self.reader.stats.read_bytes
+        raw = self.reader.read_layer(layer)  # (n_ff, E), a view of the reader's buffer
+        out[: raw.shape[0]] = raw
+        return FlashWork(neurons=raw.shape[0], read_bytes=self.reader.stats.read_bytes - before_bytes,
+                         io_s=time.perf_counter() - start)
+
     def close(self) -> None:
         self.reader.close()
+
+
+
+def load_hot_ids(store_dir: str, manifest: Manifest) -> list[np.ndarray]:
+    """Per layer, the hot neurons `calibrate` chose (int64), read without torch; nothing else is loaded."""
+    from safetensors import safe_open
+
+    if manifest.sparsity is None:
+        raise StoreError(f"{store_dir}: no predictors; run `flashllm calibrate --store {store_dir} --text FILE`")
+    path = os.path.join(store_dir, manifest.sparsity.file)
+    if not os.path.isfile(path):
+        raise StoreError(f"{path}: missing; re-run `flashllm calibrate`")
+    with safe_open(path, framework="numpy") as f:
+        names = set(f.keys())
+        return [f.get_tensor(f"layers.{layer}.hot_ids").astype(np.int64) if f"layers.{layer}.hot_ids" in names
+                else np.zeros(0, np.int64) for layer in range(manifest.arch.num_hidden_layers)]
+
+
+@dataclass
+class _LayerWork:
+    """A layer's share of the step's flash work, reported in its LayerReady."""
+
+    hits: int = 0
+    read_neurons: int = 0
+    read_bytes: int = 0
+    io_s: float = 0.0
+
+    def add_flash(self, work: FlashWork) -> None:
+        self.read_bytes += work.read_bytes
+        self.io_s += work.io_s
+
+    def add_update(self, update: LayerUpdate) -> None:
+        self.hits += update.hits
+        self.read_neurons += update.read_neurons
+        self.read_bytes += update.read_bytes
+        self.io_s += update.io_s
+
+
+class PrefetchWorker:
+    """The prefetch process's core: the only reader of FFN bytes and the only writer of the neuron caches.
+
+    StepBegin         masked step (T > 1): start reading layer 0 whole
+    Lookahead(l)      commit: prepare(l, ids, new_token=True) now (compute is outside layer l);
+                      else stage layer l's predicted bundles (read ahead; the cache is untouched)
+                      (committed under the "skip" policy: LayerReady right away, Prediction(l) is moot)
+    Prediction(l)     cached: prepare(l, first, new_token=True) unless committed, then (policy "read") prepare(l, late,
+                      new_token=False) — SparseFlashFfn's order —, publish num_rows/version/slot ids;
+                      masked: make sure layer l is whole in layer_staging[l % 2] and, in a masked step,
+                      read layer l+1 into the other buffer while compute runs layer l
+    → LayerReady(l) to compute, with this layer's counters
+    """
+
+    def __init__(self, prefetcher: Prefetcher, slot_ids: list[np.ndarray], headers: list[np.ndarray],
+                 layer_staging: np.ndarray, channel, missing_policy: str = "read"):
+        self.prefetcher = prefetcher
+        self.slot_ids, self.headers = slot_ids, headers  # shared memory, per layer
+        self.layer_staging = layer_staging  # (2, n_ff, E) store dtype
+        self.channel = channel
+        self.missing_policy = missing_policy
+        self.num_layers = len(prefetcher.caches)
+        self.step = -1
+        self.masked_step = False
+        self._staging_holds = [-1, -1]  # layer held by each layer_staging buffer this step
+        self._work: dict[int, _LayerWork] = {}
+        self._ready_early: set[int] = set()  # layers handed over at their Lookahead (skip policy)
+        for layer in range(self.num_layers):
+            self.publish(layer)
+        self.dispatcher = Dispatcher({
+            StepBegin: self._guard(self.on_step_begin), Lookahead: self._guard(self.on_lookahead),
+            Prediction: self._guard(self.on_prediction)}, owner="the prefetch worker")
+
+    @staticmethod
+    def from_config(config: WorkerConfig, channel) -> "PrefetchWorker":
+        manifest = read_manifest(config.store_dir)  # the engine checked the store; this process stays torch-free
+        cache = SharedSegment.attach(config.instance, config.cache_layout)
+        exchange = SharedSegment.attach(config.instance, config.exchange_layout)
+        layers = [cache_layer_arrays(cache, layer) for layer in range(manifest.arch.num_hidden_layers)]
+        hot_ids = load_hot_ids(config.store_dir, manifest) if config.pin_hot else None
+        prefetcher = Prefetcher(config.store_dir, manifest, config.capacity_rows, config.window_tokens, hot_ids=hot_ids,
+                                cache_rows=[rows for rows, _, _ in layers], cache_dtype=np.dtype(config.cache_dtype),
+                                num_threads=config.num_threads)
+        worker = PrefetchWorker(prefetcher, [ids for _, ids, _ in layers], [header for _, _, header in layers],
+                                exchange.arrays["layer_staging"], channel, config.missing_policy)
+        worker._segments = (cache, exchange)
+        return worker
+
+    def info(self) -> dict:
+        return {"direct_reads": self.prefetcher.reader.direct}
+
+    def _guard(self, handler):
+        """A handler's error fails the step (compute is told), not the process."""
+
+        def guarded(msg):
+            try:
+                handler(msg)
+            except Exception as exc:
+                self.channel.send(ROLE_COMPUTE, StepFailed(step=msg.step, role=ROLE_PREFETCH,
+                                                           error=f"{type(exc).__name__}: {exc}"))
+        return guarded
+
+    def publish(self, layer: int) -> None:
+        """Copy a layer's bookkeeping to shared memory: slot ids of rows [0, num_rows), then the header."""
+        cache = self.prefetcher.caches[layer]
+        self.slot_ids[layer][: cache.num_rows] = cache.slot_ids[: cache.num_rows]
+        self.headers[layer][:] = (cache.num_rows, cache.version)
+
+    def _layer_work(self, layer: int) -> _LayerWork:
+        return self._work.setdefault(layer, _LayerWork())
+
+    def on_step_begin(self, msg: StepBegin) -> None:
+        self.step = msg.step
+        self.masked_step = msg.steps > 1
+        self._staging_holds = [-1, -1]
+        self._work = {}
+        self._ready_early = set()
+        self.prefetcher.discard_staged()
+        if self.masked_step:
+            self._read_whole_layer(0)
+
+    def on_lookahead(self, msg: Lookahead) -> None:
+        if msg.step != self.step:
+            return
+        if msg.commit:  # the layer surely takes the cached path: its first prepare can happen now
+            self._layer_work(msg.layer).add_update(self.prefetcher.prepare(msg.layer, msg.ids, new_token=True))
+            if self.missing_policy == "skip":  # and nothing else will change it this step
+                self._send_ready(msg.step, msg.layer, PATH_CACHED, critical_io_s=0.0)
+                self._ready_early.add(msg.layer)
+        else:  # it may still fall back to the whole layer: read ahead, commit on Prediction
+            self._layer_work(msg.layer).add_flash(self.prefetcher.stage(msg.layer, msg.ids))
+
+    def on_prediction(self, msg: Prediction) -> None:
+        if msg.step != self.step or msg.layer in self._ready_early:
+            return  # ready early: under "skip" the same-layer check changes nothing
+        received = time.perf_counter()
+        layer = msg.layer
+        work = self._layer_work(layer)
+        if msg.path == PATH_CACHED:
+            if not msg.first_committed:
+                work.add_update(self.prefetcher.prepare(layer, msg.first, new_token=True))
+            if len(msg.late) and self.missing_policy == "read":
+                work.add_update(self.prefetcher.prepare(layer, msg.late, new_token=False))
+            self._send_ready(msg.step, layer, PATH_CACHED, critical_io_s=time.perf_counter() - received)
+            return
+        buffer = layer % 2
+        if self._staging_holds[buffer] != layer:
+            self._read_whole_layer(layer)
+        work.read_neurons += self.prefetcher.caches[layer].num_neurons
+        self._send_ready(msg.step, layer, msg.path, staging=buffer, critical_io_s=time.perf_counter() - received)
+        if self.masked_step and layer + 1 < self.num_layers:
+            # compute has left layer l-1 (it sent layer l's input): its buffer takes layer l+1
+            self._read_whole_layer(layer + 1)
+
+    def _read_whole_layer(self, layer: int) -> None:
+        buffer = layer % 2
+        self._layer_work(layer).add_flash(self.prefetcher.read_layer_into(layer, self.layer_staging[buffer]))
+        self._staging_holds[buffer] = layer
+
+    def _send_ready(self, step: int, layer: int, path: str, staging: int = -1, critical_io_s: float = 0.0) -> None:
+        """Hand the layer to compute (cached path: publish its bookkeeping first), with its counters."""
+        work = self._work.pop(layer, None) or _LayerWork()
+        version = num_rows = 0
+        if path == PATH_CACHED:
+            self.publish(layer)
+            cache = self.prefetcher.caches[layer]
+            version, num_rows = cache.version, cache.num_rows
+        self.channel.send(ROLE_COMPUTE, LayerReady(
+            step=step, layer=layer, path=path, version=version, num_rows=num_rows, staging=staging,
+            hits=work.hits, read_neurons=work.read_neurons, read_bytes=work.read_bytes, io_s=work.io_s,
+            critical_io_s=critical_io_s))
+
+    def close(self) -> None:
+        self.prefetcher.close()
+        self.slot_ids, self.headers, self.layer_staging = [], [], None
+        for segment in getattr(self, "_segments", ()):
+            segment.close()
+
+
+def run_prefetch(config: WorkerConfig) -> None:
+    """Process entry of the prefetch worker."""
+    run_worker(ROLE_PREFETCH, config, PrefetchWorker.from_config)

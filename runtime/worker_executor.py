@@ -1,0 +1,206 @@
+"""The worker runtime behind the engine: ModelExecutor's interface, the model in three processes.
+
+    engine.forward ─▶ WorkerExecutor.forward ─ForwardRequest─▶ compute ⇄ predictor ⇄ prefetch
+                    ◀─ logits (B, T, V) ◀─ ForwardChunk (logits buffer, shared memory)
+
+`Engine(store, mode="sparse", runtime="workers")` builds one. Same answers as
+the in-process sparse engine for the same store and settings (the workers run
+SparseFlashFfn's steps in the same order); the point is the overlap: layer
+l+1's predicted neurons are read from flash while layer l computes.
+
+Per forward, `ffn_stats` (a PipelineStats) says where the time went:
+io_s (the prefetcher's flash time, mostly hidden behind compute), busy_s (the
+compute process working), wait_s (compute blocked on a late layer),
+compute_s (FFN math), predict_s; `last_timings` has the same in ms.
+"""
+from __future__ import annotations
+
+import os
+import time
+
+import numpy as np
+import torch
+
+from protocol.endpoints import InstanceDir, new_instance_id
+from protocol.messages import ROLE_COMPUTE, Dispatcher, ForwardChunk, ForwardRequest, LogitsTaken, StepFailed
+from protocol.shm import EXCHANGE_SEGMENT, exchange_layout, neuron_cache_layout
+from protocol.store_format import Manifest, StoreError
+from runtime.supervisor import (
+    DEFAULT_START_TIMEOUT_S, Supervisor, WorkerCrashedError, WorkerRuntimeError, sweep_stale_instances,
+)
+from workers.compute import PipelineStats
+from workers.executor import compute_dtype, default_device
+from workers.flash_io.bundle_reader import numpy_dtype_of_store
+from workers.flash_io.io_counters import process_read_bytes
+from workers.process_entry import WorkerConfig
+from workers.sparse_ffn import DEFAULT_WINDOW_TOKENS, MISSING_POLICIES
+
+FFN_OPTIONS = ("capacity_rows", "window_tokens", "keep_fraction", "missing_policy", "pin_hot", "num_threads")
+MIN_LOGITS_ROWS = 64
+
+
+def default_compute_threads() -> int:
+    """torch threads for the compute process: the cores left after the predictor and the prefetcher's
+    reads (~one core between them). On 2 cores that is 1: two compute threads fighting the other
+    workers for the same cores measured 3× slower per token."""
+    return max(1, (os.cpu_count() or 1) - 2)
+
+
+class WorkerStepError(WorkerRuntimeError):
+    """A worker could not do its part of the step (it says why); the workers stay up."""
+
+
+def build_worker_config(store_dir: str, manifest: Manifest, num_slots: int, max_context: int, device: str,
+                        instance: str, runtime_dir: str, verify: bool = True, ffn_options: dict | None = None,
+                        logits_rows: int | None = None) -> WorkerConfig:
+    """The workers' shared settings and shared-memory layouts for this store (what SparseFlashFfn would use)."""
+    options = dict(ffn_options or {})
+    unknown = sorted(set(options) - set(FFN_OPTIONS))
+    if unknown:
+        raise TypeError(f"unknown FFN option(s) {', '.join(unknown)} for the worker runtime; known: {', '.join(FFN_OPTIONS)}")
+    missing_policy = options.get("missing_policy", "read")
+    if missing_policy not in MISSING_POLICIES:
+        raise ValueError(f"missing-neuron policy {missing_policy!r} is not one of {', '.join(MISSING_POLICIES)}")
+    arch, layout = manifest.arch, manifest.ffn
+    dtype = compute_dtype(device)
+    store_dtype = numpy_dtype_of_store(layout.dtype)
+    cache_dtype = np.dtype(np.float32) if (device == "cpu" and dtype == torch.float32) else store_dtype
+    num_neurons = max(region.num_neurons for region in layout.layers)
+    capacity_rows = list(options.get("capacity_rows") or [region.num_neurons for region in layout.layers])
+    max_tokens = max(max_context, num_slots)
+    logits_rows = logits_rows or max(num_slots, MIN_LOGITS_ROWS)
+    hidden_dtype = np.float32 if dtype == torch.float32 else np.float16
+    return WorkerConfig(
+        instance=instance, runtime_dir=runtime_dir, store_dir=store_dir, num_slots=num_slots, max_context=max_context,
+        max_tokens=max_tokens, logits_rows=logits_rows, device=device, cache_dtype=cache_dtype.str,
+        capacity_rows=capacity_rows,
+        cache_layout=neuron_cache_layout(capacity_rows, layout.bundle_elements, cache_dtype),
+        exchange_layout=exchange_layout(max_tokens, arch.hidden_size, num_neurons, layout.bundle_elements, store_dtype,
+                                        hidden_dtype, arch.vocab_size, logits_rows),
+        verify=verify, window_tokens=options.get("window_tokens", DEFAULT_WINDOW_TOKENS),
+        keep_fraction=options.get("keep_fraction"), missing_policy=missing_policy,
+        pin_hot=options.get("pin_hot", True), num_threads=options.get("num_threads", 4))
+
+
+class WorkerExecutor:
+    """forward / ffn_stats / release_slot / close, like workers.executor.ModelExecutor."""
+
+    def __init__(self, store_dir: str, manifest: Manifest, mode: str, num_slots: int, max_context: int,
+                 device: str | None = None, verify: bool = True, ffn_options: dict | None = None,
+                 start_timeout_s: float = DEFAULT_START_TIMEOUT_S, logits_rows: int | None = None,
+                 runtime_root: str | None = None, handle_sigterm: bool = True, compute_threads: int | None = None):
+        if mode != "sparse":
+            raise ValueError(f"--runtime workers runs the pipelined sparse FFN (--mode sparse); use --runtime inproc "
+                             f"for --mode {mode}")
+        if manifest.sparsity is None:
+            raise StoreError(f"{store_dir}: no predictors in this store; run `flashllm calibrate --store {store_dir} "
+                             "--text FILE` before using --mode sparse")
+        self.arch = manifest.arch
+        self.device = device or default_device()
+        sweep_stale_instances(runtime_root)
+        instance = new_instance_id()
+        instance_dir = InstanceDir(instance, runtime_root).create()
+        try:
+            self.config = build_worker_config(store_dir, manifest, num_slots, max_context, self.device, instance,
+                                              instance_dir.path, verify, ffn_options, logits_rows)
+            self.config.compute_threads = compute_threads or default_compute_threads()
+        except BaseException:
+            instance_dir.remove()
+            raise
+        self.supervisor = Supervisor(self.config, instance_dir, start_timeout_s, handle_sigterm).start()
+        self.stats = PipelineStats()
+        self.last_timings: dict[str, float] = {}
+        self._step = 0
+        self._slot_lengths: dict[int, int] = {}  # tokens of KV cache each slot holds in this worker generation
+        self._replies = Dispatcher({ForwardChunk: self._on_chunk, StepFailed: self._on_step_failed},
+                                   owner="the worker executor")
+        self._pending: dict = {}
+
+    @property
+    def instance(self) -> str:
+        return self.config.instance
+
+    @property
+    def worker_pids(self) -> dict[str, int]:
+        return self.supervisor.pids
+
+    def worker_read_bytes(self) -> dict[str, int]:
+        """/proc/<pid>/io read_bytes of each worker: what really reached the storage device."""
+        return {role: process_read_bytes(pid) for role, pid in self.worker_pids.items()}
+
+    def flash_read_bytes(self) -> int:
+        """Bytes all workers read from the device so far (the runtime's honest counterpart of
+        process_read_bytes() in the in-process engine; the prefetcher accounts for all FFN reads)."""
+        return sum(self.worker_read_bytes().values())
+
+    @property
+    def ffn_stats(self) -> PipelineStats:
+        """PipelineStats summed since the last reset (the engine resets it per decode step)."""
+        return self.stats
+
+    def forward(self, token_ids: torch.Tensor, slots: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """token_ids/positions (B, T), slots (B,) → logits (B, T, V) float32. Writes the KV cache of those slots."""
+        batch, steps = token_ids.shape
+        if batch * steps > self.config.max_tokens:
+            raise ValueError(f"{batch * steps} tokens in one forward but the worker runtime holds at most "
+                             f"{self.config.max_tokens} (max_context); split the input")
+        if self.supervisor.broken:
+            restarts = self.supervisor.restarts
+            self.supervisor.ensure_running()
+            if self.supervisor.restarts != restarts:
+                self._slot_lengths.clear()  # the new compute worker starts with an empty KV cache
+        slot_list = [int(s) for s in slots.tolist()]
+        position_rows = positions.reshape(batch, steps)
+        for b, slot in enumerate(slot_list):
+            first = int(position_rows[b].min())
+            if first > self._slot_lengths.get(slot, 0):
+                raise WorkerRuntimeError(
+                    f"slot {slot} continues at position {first} but its KV cache holds "
+                    f"{self._slot_lengths.get(slot, 0)} tokens (lost when the workers restarted); abort the "
+                    "request and submit it again")
+        self._step += 1
+        step = self._step
+        start = time.perf_counter()
+        self.supervisor.send(ROLE_COMPUTE, ForwardRequest(
+            step=step, batch=batch, steps=steps, token_ids=token_ids.reshape(-1).to(torch.int64).numpy(),
+            slots=np.asarray(slot_list, dtype=np.int64), positions=position_rows.reshape(-1).to(torch.int64).numpy()))
+        logits = torch.empty((batch * steps, self.arch.vocab_size), dtype=torch.float32)  # (B*T, V)
+        self._pending = {"step": step, "logits": logits, "done": False}
+        while not self._pending["done"]:
+            self._replies.dispatch(self.supervisor.recv(what=f"step {step}"))
+        for b, slot in enumerate(slot_list):
+            self._slot_lengths[slot] = max(self._slot_lengths.get(slot, 0), int(position_rows[b].max()) + 1)
+        wall_s = time.perf_counter() - start
+        stats = self._pending["stats"]
+        self.stats.add(stats)
+        self.last_timings = {"ms": wall_s * 1e3, "io_ms": stats["io_s"] * 1e3, "compute_ms": stats["busy_s"] * 1e3,
+                             "wait_ms": stats["wait_s"] * 1e3, "ffn_compute_ms": stats["compute_s"] * 1e3,
+                             "predict_ms": stats["predict_s"] * 1e3, "critical_io_ms": stats["critical_io_s"] * 1e3}
+        return logits.reshape(batch, steps, -1)
+
+    def _on_chunk(self, msg: ForwardChunk) -> None:
+        pending = self._pending
+        if msg.step != pending.get("step"):
+            return  # a reply to a step that already failed
+        logits_buffer = self.supervisor.segments[EXCHANGE_SEGMENT].arrays["logits"]  # (R, V)
+        pending["logits"][msg.first_row:msg.first_row + msg.num_rows] = torch.from_numpy(logits_buffer[:msg.num_rows])
+        if msg.first_row + msg.num_rows < msg.total_rows:
+            self.supervisor.send(ROLE_COMPUTE, LogitsTaken(step=msg.step, next_row=msg.first_row + msg.num_rows))
+            return
+        pending["stats"], pending["done"] = msg.stats, True
+
+    def _on_step_failed(self, msg: StepFailed) -> None:
+        if msg.step != self._pending.get("step"):
+            return
+        self._pending["done"] = True
+        raise WorkerStepError(f"step {msg.step} failed in the {msg.role} worker: {msg.error}")
+
+    def release_slot(self, slot: int) -> None:
+        """A sequence left its slot (its KV rows are simply overwritten by the next user)."""
+        self._slot_lengths.pop(slot, None)
+
+    def close(self) -> None:
+        self.supervisor.close()
+
+
+__all__ = ["WorkerExecutor", "WorkerCrashedError", "WorkerRuntimeError", "WorkerStepError", "build_worker_config"]

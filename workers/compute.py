@@ -1,0 +1,270 @@
+"""The compute worker: the model (attention, norms, embeddings, KV cache) with its FFN from shared memory.
+
+`ComputeWorker` wraps the same `ModelExecutor` the in-process engine uses; only
+the FFN provider differs. `PipelineFfn.forward(layer, h)` does, per layer:
+
+    write h (N, d) into hidden[layer % 2]          shared memory
+    FfnInput(step, layer) ──▶ predictor            (which tells the prefetcher)
+    wait for LayerReady(step, layer) ◀── prefetch   the only wait: a late read
+    cached: y = FFN over the layer cache's first num_rows rows (CacheView: zero-copy
+            on the CPU, a device mirror updated with the changed rows elsewhere)
+    masked: y = (act(h · rows) * mask) @ down over the whole layer in layer_staging
+
+so while this process runs layer l's FFN and layer l+1's attention, the
+predictor has sent layer l+1's lookahead and the prefetcher is reading it.
+
+Buffer safety (why two hidden/staging buffers by layer parity suffice): compute
+writes buffer (l+1) % 2 only after LayerReady(l), which the prefetcher sends
+only after the predictor finished with FfnInput(l); so the predictor is done
+with h_{l-1} (same parity as l+1) and compute is done with layer l-1's staging.
+
+Compute never opens the FFN file: every bundle it multiplies came through the
+prefetcher.
+"""
+from __future__ import annotations
+
+import dataclasses
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from protocol.messages import (
+    PATH_CACHED, ROLE_COMPUTE, ROLE_PREDICTOR, ROLE_SUPERVISOR, Dispatcher, FfnInput, ForwardChunk, ForwardRequest,
+    LayerReady, LogitsTaken, PredictionStats, Shutdown, StepBegin, StepFailed,
+)
+from protocol.shm import SharedSegment, cache_layer_arrays
+from workers.ffn_providers import FfnStats, rows_to_tensor
+from workers.models.ffn import BundleColumns, ffn_from_rows, neuron_activations
+from workers.process_entry import WorkerConfig, run_worker
+from workers.sparse_ffn import CacheView
+
+
+@dataclass
+class PipelineStats(FfnStats):
+    """FfnStats of one forward in the worker runtime, plus where the compute process's time went.
+
+    io_s: the prefetcher's flash time for this forward (overlapped: not on the critical path);
+    compute_s: FFN math; busy_s: everything the compute process did (attention, FFN, IPC);
+    wait_s: compute blocked on a layer not yet ready; predict_s: predictor time."""
+
+    wait_s: float = 0.0
+    critical_io_s: float = 0.0  # prefetch time between a layer's Prediction and its LayerReady (not overlapped)
+    busy_s: float = 0.0
+    predict_s: float = 0.0
+    forward_s: float = 0.0  # compute-side wall time of the forward
+
+    def add(self, other: dict) -> None:
+        for name in self.__dataclass_fields__:
+            if name in other:
+                setattr(self, name, getattr(self, name) + type(getattr(self, name))(other[name]))
+
+
+class PipelineStepError(RuntimeError):
+    """A worker failed its part of the current step (its message names it)."""
+
+    def __init__(self, role: str, error: str):
+        super().__init__(f"{role} worker: {error}")
+        self.role, self.error = role, error
+
+
+class SharedCacheLayer:
+    """One layer's neuron cache as the compute side sees it (what CacheView reads)."""
+
+    def __init__(self, rows: np.ndarray, slot_ids: np.ndarray, header: np.ndarray):
+        self.rows, self.slot_ids, self.header = rows, slot_ids, header  # (capacity, E), (capacity,), (2,)
+        self.capacity_rows = rows.shape[0]
+
+    @property
+    def num_rows(self) -> int:
+        return int(self.header[0])
+
+    @property
+    def version(self) -> int:
+        return int(self.header[1])
+
+
+class PipelineFfn:
+    """The FFN provider of the compute worker's ModelExecutor (see the module docstring)."""
+
+    mode = "sparse"
+
+    def __init__(self, layer_neurons: list[int], part_slices: dict[str, slice], dtype: torch.dtype, device: str,
+                 cache: SharedSegment, exchange: SharedSegment, channel):
+        self.layer_neurons = layer_neurons
+        self.cols = BundleColumns.from_layout(part_slices)
+        self.dtype, self.device, self.channel = dtype, device, channel
+        self.layers = [SharedCacheLayer(*cache_layer_arrays(cache, layer)) for layer in range(len(layer_neurons))]
+        self.view = CacheView(self.layers, dtype, device)
+        arrays = exchange.arrays
+        self.hidden = arrays["hidden"]  # (2, max_tokens, d)
+        self.mask = arrays["mask"]  # (max_tokens, n_ff)
+        self.staging = arrays["layer_staging"]  # (2, n_ff, E)
+        self.stats = PipelineStats()
+        self.step = -1
+        self._waiting = Dispatcher({LayerReady: self._on_layer_ready, StepFailed: self._on_step_failed,
+                                    Shutdown: self._on_shutdown, LogitsTaken: self._on_logits_taken,
+                                    PredictionStats: self._on_prediction_stats}, owner="the compute worker")
+        self._awaited: tuple[type, int] = (LayerReady, -1)
+        self._layers_predicted = 0  # PredictionStats received this step
+
+    def start_step(self, step: int) -> None:
+        self.step = step
+        self._layers_predicted = 0
+
+    def finish_step(self) -> None:
+        """Collect the predictor's counters of every layer (they travel beside the critical path)."""
+        if self._layers_predicted < len(self.layers):
+            self.wait_for(PredictionStats, len(self.layers), timed=False)
+
+    def begin_step(self, batch: int, steps: int) -> None:
+        self.channel.send(ROLE_PREDICTOR, StepBegin(step=self.step, batch=batch, steps=steps))
+
+    def forward(self, layer: int, h: torch.Tensor) -> torch.Tensor:
+        """h (N, d) → (N, d)."""
+        num_tokens = h.shape[0]
+        if num_tokens > self.hidden.shape[1]:
+            raise ValueError(f"{num_tokens} tokens in one forward but the exchange buffer holds "
+                             f"{self.hidden.shape[1]}; raise the worker runtime's max_tokens")
+        buffer = layer % 2
+        torch.from_numpy(self.hidden[buffer, :num_tokens]).copy_(h)  # (N, d), to the predictor
+        self.channel.send(ROLE_PREDICTOR, FfnInput(step=self.step, layer=layer, num_tokens=num_tokens, buffer=buffer))
+        ready = self.wait_for(LayerReady, layer)
+        self.stats.add({"cache_hits": ready.hits, "neurons_read": ready.read_neurons, "read_bytes": ready.read_bytes,
+                        "io_s": ready.io_s, "critical_io_s": ready.critical_io_s})
+        start = time.perf_counter()
+        if ready.path == PATH_CACHED:
+            cache = self.layers[layer]
+            if cache.num_rows != ready.num_rows or cache.version != ready.version:
+                raise RuntimeError(f"layer {layer}: the cache header says {cache.num_rows} rows at version "
+                                   f"{cache.version} but LayerReady says {ready.num_rows} at {ready.version}")
+            rows = self.view.rows(layer)  # (n, E)
+            y = ffn_from_rows(h, rows, self.cols)
+        else:
+            raw = self.staging[ready.staging, : self.layer_neurons[layer]]  # (n_ff, E) store dtype
+            rows = rows_to_tensor(raw, self.dtype, self.device)  # (n_ff, E)
+            mask = torch.from_numpy(self.mask[:num_tokens]).to(self.device)  # (N, n_ff) bool
+            activations = neuron_activations(h, rows, self.cols) * mask  # (N, n_ff)
+            y = activations @ rows[:, self.cols.down]  # (N, d)
+        self.stats.compute_s += time.perf_counter() - start
+        self.stats.neurons_computed += rows.shape[0]
+        return y
+
+    # -- waiting on the inbox --------------------------------------------------
+
+    def wait_for(self, kind: type, key: int, timed: bool = True):
+        """Block until the awaited message of this step arrives (LayerReady of layer `key`, LogitsTaken);
+        timed: count the time as wait_s (a late layer)."""
+        self._awaited = (kind, key)
+        start = time.perf_counter()
+        try:
+            while True:
+                found = self._waiting.dispatch(self.channel.recv())
+                if found is not None:
+                    return found
+        finally:
+            if timed:
+                self.stats.wait_s += time.perf_counter() - start
+
+    def _on_layer_ready(self, msg: LayerReady):
+        if msg.step != self.step:
+            return None  # left over from a failed step
+        if self._awaited != (LayerReady, msg.layer):
+            raise RuntimeError(f"LayerReady for layer {msg.layer} while waiting for {self._awaited[0].__name__} "
+                               f"{self._awaited[1]}; the pipeline lost its order (a flashllm bug)")
+        return msg
+
+    def _on_prediction_stats(self, msg: PredictionStats):
+        if msg.step != self.step:
+            return None
+        self.stats.add({"neurons_predicted": msg.predicted, "predict_s": msg.predict_s})
+        self._layers_predicted += 1
+        done = self._awaited[0] is PredictionStats and self._layers_predicted >= self._awaited[1]
+        return msg if done else None
+
+    def _on_logits_taken(self, msg: LogitsTaken):
+        return msg if msg.step == self.step and self._awaited[0] is LogitsTaken else None
+
+    def _on_step_failed(self, msg: StepFailed):
+        if msg.step == self.step:
+            raise PipelineStepError(msg.role, msg.error)
+        return None
+
+    def _on_shutdown(self, msg: Shutdown):
+        raise SystemExit(0)
+
+    def close(self) -> None:
+        self.layers, self.view = [], None
+
+
+class ComputeWorker:
+    """The compute process's core: ForwardRequest in, logits (shared memory) + ForwardChunk out."""
+
+    def __init__(self, config: WorkerConfig, channel):
+        from workers.executor import ModelExecutor, compute_dtype
+        from workers.store_reader import open_store
+
+        self.channel = channel
+        self.device = config.device
+        if config.compute_threads:
+            torch.set_num_threads(config.compute_threads)
+        manifest = open_store(config.store_dir)
+        self.cache = SharedSegment.attach(config.instance, config.cache_layout)
+        self.exchange = SharedSegment.attach(config.instance, config.exchange_layout)
+        self.logits = self.exchange.arrays["logits"]  # (R, V)
+        dtype = compute_dtype(config.device)
+        self.ffn = PipelineFfn([region.num_neurons for region in manifest.ffn.layers], manifest.ffn.part_slices(),
+                               dtype, config.device, self.cache, self.exchange, channel)
+        self.executor = ModelExecutor(config.store_dir, manifest, "sparse", config.num_slots, config.max_context,
+                                      device=config.device, verify=config.verify, ffn=self.ffn)
+        self.dispatcher = Dispatcher({ForwardRequest: self.on_forward}, owner="the compute worker")
+
+    def info(self) -> dict:
+        return {"device": self.device, "torch_threads": torch.get_num_threads()}
+
+    def on_forward(self, msg: ForwardRequest) -> None:
+        self.ffn.start_step(msg.step)
+        self.ffn.stats.reset()
+        start = time.perf_counter()
+        try:
+            token_ids = torch.from_numpy(np.array(msg.token_ids, dtype=np.int64).reshape(msg.batch, msg.steps))
+            positions = torch.from_numpy(np.array(msg.positions, dtype=np.int64).reshape(msg.batch, msg.steps))
+            slots = torch.from_numpy(np.array(msg.slots, dtype=np.int64))
+            logits = self.executor.forward(token_ids, slots, positions)  # (B, T, V)
+            self.ffn.finish_step()
+            stats = self.ffn.stats
+            stats.forward_s = time.perf_counter() - start
+            stats.busy_s = stats.forward_s - stats.wait_s
+            self._send_logits(msg.step, logits.reshape(msg.batch * msg.steps, -1))
+        except PipelineStepError as exc:
+            self.channel.send(ROLE_SUPERVISOR, StepFailed(step=msg.step, role=exc.role, error=exc.error))
+        except Exception as exc:  # the step fails, the worker stays up
+            self.channel.send(ROLE_SUPERVISOR, StepFailed(step=msg.step, role=ROLE_COMPUTE,
+                                                          error=f"{type(exc).__name__}: {exc}"))
+
+    def _send_logits(self, step: int, logits: torch.Tensor) -> None:
+        """logits (N, V) through the logits buffer, a chunk of R rows at a time."""
+        total_rows, vocab = logits.shape
+        chunk_rows = self.logits.shape[0]
+        for first in range(0, total_rows, chunk_rows):
+            count = min(chunk_rows, total_rows - first)
+            torch.from_numpy(self.logits[:count]).copy_(logits[first:first + count])
+            last = first + count == total_rows
+            stats = dataclasses.asdict(self.ffn.stats) if last else {}
+            self.channel.send(ROLE_SUPERVISOR, ForwardChunk(step=step, first_row=first, num_rows=count,
+                                                            total_rows=total_rows, vocab=vocab, stats=stats))
+            if not last:
+                self.ffn.wait_for(LogitsTaken, first, timed=False)
+
+    def close(self) -> None:
+        self.executor = None
+        self.ffn.close()
+        self.logits = None
+        self.cache.close()
+        self.exchange.close()
+
+
+def run_compute(config: WorkerConfig) -> None:
+    """Process entry of the compute worker."""
+    run_worker(ROLE_COMPUTE, config, ComputeWorker)
