@@ -385,7 +385,8 @@ def test_cuda_pipeline_matches_and_copies_only_changed_rows(sparse_store):
 
 @pytest.mark.slow
 def test_demo_model_workers_match_inprocess(demo_store, tmp_path):
-    """The issue's check: demo model, 10 prompts × 64 tokens, at a budget that forces reads."""
+    """The issue's check at suite size: demo model, 4 prompts × 32 tokens, at a budget that forces reads
+    (the full 10 × 64 was run once by hand; set FLASHLLM_FULL_DEMO_CHECK=1 to run it)."""
     from runtime.calibrate import SELF_TEXT_PROMPTS
 
     store = str(tmp_path / "demo")
@@ -393,8 +394,9 @@ def test_demo_model_workers_match_inprocess(demo_store, tmp_path):
     calibrate(store, _calibration_text(), max_tokens=2000, epochs=2, progress=False, log=lambda *a: None)
     # a quarter of the neurons per token and a budget holding ~60% of the FFN: every token reads
     options = {"memory_budget_bytes": 450 * 2**20, "keep_fraction": 0.25}
-    params = SamplingParams(max_tokens=64, temperature=0.0, ignore_eos=True)
-    prompts = SELF_TEXT_PROMPTS[:10]
+    full = os.environ.get("FLASHLLM_FULL_DEMO_CHECK") == "1"
+    params = SamplingParams(max_tokens=64 if full else 32, temperature=0.0, ignore_eos=True)
+    prompts = SELF_TEXT_PROMPTS[:10 if full else 4]
     with Engine(store, mode="sparse", max_batch=1, max_context=512, ffn_options=dict(options)) as engine:
         expected = [engine.generate([p], params)[0].tokens for p in prompts]
     with Engine(store, mode="sparse", max_batch=1, max_context=512, ffn_options=dict(options),
