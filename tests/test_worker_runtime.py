@@ -384,9 +384,12 @@ def test_cuda_pipeline_matches_and_copies_only_changed_rows(sparse_store):
 
 
 @pytest.mark.slow
+@pytest.mark.skipif(os.environ.get("FLASHLLM_FULL_DEMO_CHECK") != "1",
+                    reason="10+ minutes on 2 cores, and currently FAILS: on the demo model one of 10 prompts "
+                           "diverges at its 5th token between workers and in-process (issue 4 stays open); "
+                           "run with FLASHLLM_FULL_DEMO_CHECK=1")
 def test_demo_model_workers_match_inprocess(demo_store, tmp_path):
-    """The issue's check at suite size: demo model, 4 prompts × 32 tokens, at a budget that forces reads
-    (the full 10 × 64 was run once by hand; set FLASHLLM_FULL_DEMO_CHECK=1 to run it)."""
+    """The issue's check: demo model, 10 prompts × 64 tokens, at a budget that forces reads."""
     from runtime.calibrate import SELF_TEXT_PROMPTS
 
     store = str(tmp_path / "demo")
@@ -394,9 +397,8 @@ def test_demo_model_workers_match_inprocess(demo_store, tmp_path):
     calibrate(store, _calibration_text(), max_tokens=2000, epochs=2, progress=False, log=lambda *a: None)
     # a quarter of the neurons per token and a budget holding ~60% of the FFN: every token reads
     options = {"memory_budget_bytes": 450 * 2**20, "keep_fraction": 0.25}
-    full = os.environ.get("FLASHLLM_FULL_DEMO_CHECK") == "1"
-    params = SamplingParams(max_tokens=64 if full else 32, temperature=0.0, ignore_eos=True)
-    prompts = SELF_TEXT_PROMPTS[:10 if full else 4]
+    params = SamplingParams(max_tokens=64, temperature=0.0, ignore_eos=True)
+    prompts = SELF_TEXT_PROMPTS[:10]
     with Engine(store, mode="sparse", max_batch=1, max_context=512, ffn_options=dict(options)) as engine:
         expected = [engine.generate([p], params)[0].tokens for p in prompts]
     with Engine(store, mode="sparse", max_batch=1, max_context=512, ffn_options=dict(options),
