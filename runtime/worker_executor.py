@@ -15,7 +15,6 @@ compute_s (FFN math), predict_s; `last_timings` has the same in ms.
 """
 from __future__ import annotations
 
-import os
 import time
 
 import numpy as np
@@ -40,10 +39,13 @@ MIN_LOGITS_ROWS = 64
 
 
 def default_compute_threads() -> int:
-    """torch threads for the compute process: the cores left after the predictor and the prefetcher's
-    reads (~one core between them). On 2 cores that is 1: two compute threads fighting the other
-    workers for the same cores measured 3× slower per token."""
-    return max(1, (os.cpu_count() or 1) - 2)
+    """torch threads for the compute process: this process's count, i.e. what the in-process engine
+    would use. Same count, same kernels, same bits: CPU scaled_dot_product_attention of one query
+    token gives different low bits with 1 and 2 threads, enough to flip a near-tie in greedy decoding.
+    Fewer threads are often faster here (the predictor and the reader threads need a core too:
+    1 compute thread measured ~3x faster per token than 2 on a loaded 2-core machine); set
+    torch.set_num_threads / OMP_NUM_THREADS for both runtimes alike, or pass compute_threads."""
+    return torch.get_num_threads()
 
 
 class WorkerStepError(WorkerRuntimeError):
