@@ -136,11 +136,12 @@ class PredictorWorker:
     """
 
     def __init__(self, predictor: SparsityPredictor, hidden: np.ndarray, mask: np.ndarray, capacity_rows: list[int],
-                 pinned_counts: list[int], channel):
+                 pinned_counts: list[int], channel, missing_policy: str = "read"):
         self.predictor = predictor
         self.hidden, self.mask = hidden, mask  # (2, max_tokens, d), (max_tokens, n_ff) shared memory
         self.capacity_rows, self.pinned_counts = capacity_rows, pinned_counts
         self.channel = channel
+        self.missing_policy = missing_policy
         self.num_layers = predictor.num_layers
         self.hot = [torch.from_numpy(ids) for ids in predictor.hot_ids]
         self.step, self.steps = -1, 1
@@ -160,7 +161,7 @@ class PredictorWorker:
         exchange = SharedSegment.attach(config.instance, config.exchange_layout)
         pinned = [len(ids) if config.pin_hot else 0 for ids in predictor.hot_ids]
         worker = PredictorWorker(predictor, exchange.arrays["hidden"], exchange.arrays["mask"], config.capacity_rows,
-                                 pinned, channel)
+                                 pinned, channel, config.missing_policy)
         worker._segment = exchange
         return worker
 
@@ -189,20 +190,26 @@ class PredictorWorker:
         with torch.inference_mode():  # as inside ModelExecutor.forward
             if self.steps > 1:
                 self._send_masked(msg, h, start)
+                self._prev_h = h
             else:
-                self._predict_decode(msg, h, start)
-        self._prev_h = h
+                self._prev_h = self._predict_decode(msg, h, start)
 
-    def _predict_decode(self, msg: FfnInput, h: torch.Tensor, start: float) -> None:
+    def _predict_decode(self, msg: FfnInput, h: torch.Tensor, start: float) -> torch.Tensor:
+        """SparseFlashFfn._forward_cached's predictions; returns h (or the copy it had to take)."""
         predictor, layer = self.predictor, msg.layer
         ahead = self._ahead.pop(layer, None)
+        if self._committed.get(layer) and self.missing_policy == "skip":
+            # layer l is already handed over: l+1's reads are the only thing anybody waits for. Once
+            # they are done compute may run on and overwrite hidden[l % 2] with h_{l+2}: keep a copy
+            h = h.clone()  # (N, d)
+            self._send_lookahead(msg, h)
         same = predictor.predict("same", layer, h)
         first = ahead if ahead is not None else same
         if np.union1d(first, same).size + self.pinned_counts[layer] > self.capacity_rows[layer]:
             if self._committed.get(layer):
                 raise RuntimeError(f"layer {layer}: committed lookahead but the union does not fit (a flashllm bug)")
             self._send_masked(msg, h, start)  # the batch's union makes the layer nearly dense
-            return
+            return h
         late = np.zeros(0, np.int64)
         predicted = len(first)
         if ahead is not None:
@@ -210,15 +217,23 @@ class PredictorWorker:
             predicted = np.union1d(ahead, same).size
         self.channel.send(ROLE_PREFETCH, Prediction(step=msg.step, layer=layer, path=PATH_CACHED, first=first,
                                                     late=late, first_committed=self._committed.pop(layer, False)))
-        if layer + 1 < self.num_layers and predictor.has("lookahead", layer + 1):
-            ahead_next = self._ahead[layer + 1] = predictor.predict("lookahead", layer + 1, h)
-            # same[l+1] has at most N·k ids: if even that fits beside ahead, l+1 surely takes the cached path
-            largest_same = min(self.predictor.num_neurons, msg.num_tokens * self.predictor.keep_neurons)
-            commit = len(ahead_next) + self.pinned_counts[layer + 1] + largest_same <= self.capacity_rows[layer + 1]
-            self._committed[layer + 1] = commit
-            self.channel.send(ROLE_PREFETCH, Lookahead(step=msg.step, layer=layer + 1, ids=ahead_next, commit=commit))
+        if layer + 1 not in self._ahead:
+            self._send_lookahead(msg, h)
         self.channel.send(ROLE_COMPUTE, PredictionStats(step=msg.step, layer=layer, predicted=predicted,
                                                         predict_s=time.perf_counter() - start))
+        return h
+
+    def _send_lookahead(self, msg: FfnInput, h: torch.Tensor) -> None:
+        """lookahead[l+1](h_l) → Lookahead(l+1), so the prefetcher starts on layer l+1 now."""
+        layer, predictor = msg.layer, self.predictor
+        if layer + 1 >= self.num_layers or not predictor.has("lookahead", layer + 1):
+            return
+        ahead_next = self._ahead[layer + 1] = predictor.predict("lookahead", layer + 1, h)
+        # same[l+1] has at most N·k ids: if even that fits beside ahead, l+1 surely takes the cached path
+        largest_same = min(predictor.num_neurons, msg.num_tokens * predictor.keep_neurons)
+        commit = len(ahead_next) + self.pinned_counts[layer + 1] + largest_same <= self.capacity_rows[layer + 1]
+        self._committed[layer + 1] = commit
+        self.channel.send(ROLE_PREFETCH, Lookahead(step=msg.step, layer=layer + 1, ids=ahead_next, commit=commit))
 
     def _send_masked(self, msg: FfnInput, h: torch.Tensor, start: float) -> None:
         """SparseFlashFfn._token_mask: (N, n_ff) each token's own predicted neurons ∪ hot, into the mask buffer."""
