@@ -69,8 +69,9 @@ def run_mode(store: str, mode: str, memory_bytes: int | None, text_ids: list[int
         options["memory_budget_bytes"] = memory_bytes
     engine_kwargs = {"runtime": runtime} if runtime != "inproc" else {}
     with Engine(store, mode=mode, max_batch=1, ffn_options=options, **engine_kwargs) as engine:
-        if record_sets and hasattr(engine.executor.ffn, "recorded_sets"):
-            engine.executor.ffn.recorded_sets = []
+        ffn = getattr(engine.executor, "ffn", None)  # the worker runtime's FFN lives in another process
+        if record_sets and hasattr(ffn, "recorded_sets"):
+            ffn.recorded_sets = []
         result: dict = {"mode": mode, "runtime": runtime}
         if engine.memory_plan is not None:
             result["memory_plan"] = {k: v for k, v in vars(engine.memory_plan).items() if not k.startswith("_")}
@@ -83,7 +84,7 @@ def run_mode(store: str, mode: str, memory_bytes: int | None, text_ids: list[int
         else:
             engine.generate([BENCH_PROMPT], SamplingParams(max_tokens=decode_tokens, ignore_eos=True))
         result.update(_summarize(engine.token_stats[1:], engine.manifest.ffn.total_bundle_bytes))
-        sets = getattr(engine.executor.ffn, "recorded_sets", None) or []
+        sets = getattr(ffn, "recorded_sets", None) or []
     return result, (argmax, sets)
 
 
