@@ -249,7 +249,7 @@ class StatusReply:
     step_ms: float  # mean decode step
     io_ms_per_step: float  # FFN flash reads per decode step
     compute_ms_per_step: float  # FFN compute per decode step
-    flash_bytes_per_token: float  # /proc read_bytes per decoded token
+    flash_bytes_per_token: float  # read_bytes of the FFN's reader (engine or prefetch worker) per decoded token
     cache_hit_rate: float | None  # neuron cache hits / neurons needed; None when no cache is used
 
 

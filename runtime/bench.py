@@ -1,7 +1,11 @@
 """`flashllm bench`: the speed, traffic and quality of each FFN mode, measured honestly.
 
-- Flash bytes come from /proc/self/io `read_bytes` (what reached the device),
-  not from the reader's own counters; reads bypass the page cache (O_DIRECT).
+- Flash bytes come from `read_bytes` in /proc/<pid>/io of the process that
+  reads the FFN (this one, or the prefetch worker under --runtimes workers):
+  what reached the device, not the reader's own counters; reads bypass the
+  page cache (O_DIRECT).
+- io, compute and wait ms are each measured where they happen (compute: the
+  computing thread's or compute worker's busy time), not derived from others.
 - Decode is measured token by token. With --text, the text is fed through the
   real decode path (teacher forcing: predictor, window and cache as in
   generation), which gives perplexity and top-1 agreement with dense as well.
@@ -55,7 +59,7 @@ def _summarize(stats: list[dict], ffn_bytes: int) -> dict:
         "cache_hit_rate": hits / predicted if predicted else None,
         "read_bandwidth_bytes_per_s": sum(read) / io_s_total if io_s_total > 0 else None,
         "io_ms": _median(io_ms),
-        "compute_ms": _median([s["ms"] - s["io_ms"] - s.get("wait_ms", 0.0) for s in stats]),
+        "compute_ms": _median([s["compute_ms"] for s in stats]),
         "wait_ms": _median([s.get("wait_ms", 0.0) for s in stats]),
         "neurons_read_per_token": float(np.mean([s["neurons_read"] for s in stats])) if stats else 0.0,
         "neurons_computed_per_token": float(np.mean([s["neurons_computed"] for s in stats])) if stats else 0.0,

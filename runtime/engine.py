@@ -18,7 +18,6 @@ import torch
 
 from runtime.sampling import SamplingParams, sample_next_token
 from runtime.tokenizer import IncrementalDetokenizer, StopStringMatcher, Tokenizer
-from workers.flash_io.io_counters import process_read_bytes
 from workers.executor import FFN_MODES, ModelExecutor, compute_dtype, default_device
 from workers.models.attention import KVCache
 from workers.store_reader import open_store
@@ -48,7 +47,7 @@ class GenerationResult:
     finish_reason: str
     prompt_tokens: int
     ms_per_token: float  # decode steps only
-    flash_read_bytes: int  # /proc/self/io read_bytes during this generate() call
+    flash_read_bytes: int  # device reads during this generate() call (executor.flash_read_bytes(): /proc/<pid>/io)
     token_stats: list[dict] = field(default_factory=list)
 
 
@@ -224,17 +223,21 @@ class Engine:
         return [self._accept(seq, logits[i]) for i, seq in enumerate(seqs)]
 
     def _timed_decode_forward(self, ids: torch.Tensor, slots: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        """One decode step (B, 1) → logits (B, V), appending its accounting to token_stats."""
+        """One decode step (B, 1) → logits (B, V), appending its accounting to token_stats.
+
+        flash_read_bytes: what the reading process (this one, or the prefetch worker) got from the
+        device; compute_ms: the computing thread's or process's busy time, measured where it runs."""
         self.executor.ffn_stats.reset()
-        read_before = process_read_bytes()
+        read_before = self.executor.flash_read_bytes()
         start = time.perf_counter()
         logits = self.forward(ids, slots, positions)[:, -1]  # (B, V)
         elapsed_s = time.perf_counter() - start
         stats = self.executor.ffn_stats
         self.token_stats.append({
-            "batch": int(ids.shape[0]), "ms": elapsed_s * 1e3, "flash_read_bytes": process_read_bytes() - read_before,
+            "batch": int(ids.shape[0]), "ms": elapsed_s * 1e3,
+            "flash_read_bytes": self.executor.flash_read_bytes() - read_before,
             "reader_read_bytes": stats.read_bytes, "io_ms": stats.io_s * 1e3, "ffn_compute_ms": stats.compute_s * 1e3,
-            "wait_ms": getattr(stats, "wait_s", 0.0) * 1e3,
+            "compute_ms": stats.compute_busy_s(elapsed_s) * 1e3, "wait_ms": getattr(stats, "wait_s", 0.0) * 1e3,
             "neurons_computed": stats.neurons_computed, "neurons_predicted": stats.neurons_predicted,
             "cache_hits": stats.cache_hits, "neurons_read": stats.neurons_read,
         })
@@ -300,7 +303,7 @@ class Engine:
                 raise
             index_of[rid], texts[i], tokens[i] = i, [], []
         first_stat = len(self.token_stats)
-        read_before = process_read_bytes()
+        read_before = self.executor.flash_read_bytes()
         while any(rid in self._running or any(s.request_id == rid for s in self._waiting) for rid in index_of):
             for out in self.step():
                 i = index_of.get(out.request_id)
@@ -316,7 +319,7 @@ class Engine:
         stats = self.token_stats[first_stat:]
         decode_ms = sorted(s["ms"] for s in stats)
         ms_per_token = decode_ms[len(decode_ms) // 2] if decode_ms else math.nan
-        read_bytes = process_read_bytes() - read_before
+        read_bytes = self.executor.flash_read_bytes() - read_before
         return [GenerationResult(text="".join(texts[i]), tokens=tokens[i], finish_reason=reasons[i],
                                  prompt_tokens=prompt_lens[i], ms_per_token=ms_per_token,
                                  flash_read_bytes=read_bytes, token_stats=stats)

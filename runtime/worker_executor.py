@@ -12,6 +12,7 @@ Per forward, `ffn_stats` (a PipelineStats) says where the time went:
 io_s (the prefetcher's flash time, mostly hidden behind compute), busy_s (the
 compute process working), wait_s (compute blocked on a late layer),
 compute_s (FFN math), predict_s; `last_timings` has the same in ms.
+`flash_read_bytes()` counts what the prefetch worker read from the device.
 """
 from __future__ import annotations
 
@@ -21,7 +22,9 @@ import numpy as np
 import torch
 
 from protocol.endpoints import InstanceDir, new_instance_id
-from protocol.messages import ROLE_COMPUTE, Dispatcher, ForwardChunk, ForwardRequest, LogitsTaken, StepFailed
+from protocol.messages import (
+    ROLE_COMPUTE, ROLE_PREFETCH, Dispatcher, ForwardChunk, ForwardRequest, LogitsTaken, StepFailed,
+)
 from protocol.shm import EXCHANGE_SEGMENT, exchange_layout, neuron_cache_layout
 from protocol.store_format import Manifest, StoreError
 from runtime.supervisor import (
@@ -117,6 +120,8 @@ class WorkerExecutor:
         self._replies = Dispatcher({ForwardChunk: self._on_chunk, StepFailed: self._on_step_failed},
                                    owner="the worker executor")
         self._pending: dict = {}
+        self._prefetcher_read: tuple[int, int] | None = None  # (pid, read_bytes) at the last look
+        self._past_prefetchers_read_bytes = 0  # what prefetchers before a restart had read
 
     @property
     def instance(self) -> str:
@@ -131,9 +136,22 @@ class WorkerExecutor:
         return {role: process_read_bytes(pid) for role, pid in self.worker_pids.items()}
 
     def flash_read_bytes(self) -> int:
-        """Bytes all workers read from the device so far (the runtime's honest counterpart of
-        process_read_bytes() in the in-process engine; the prefetcher accounts for all FFN reads)."""
-        return sum(self.worker_read_bytes().values())
+        """Bytes the prefetch worker has read from the device (/proc/<pid>/io read_bytes; it is the
+        only worker that opens the FFN file), summed over restarts: a counter like the in-process
+        ModelExecutor.flash_read_bytes(), so a step's delta means the same in both runtimes.
+        A crashed prefetcher's count stays as last seen (its final reads cannot be known)."""
+        pid = self.worker_pids.get(ROLE_PREFETCH)
+        seen_pid, seen_bytes = self._prefetcher_read or (None, 0)
+        if pid != seen_pid:
+            self._past_prefetchers_read_bytes += seen_bytes
+            seen_bytes = 0
+        if pid is not None:
+            try:
+                seen_bytes = process_read_bytes(pid)
+            except OSError:  # it died since the supervisor last looked: keep its last count
+                pass
+        self._prefetcher_read = (pid, seen_bytes) if pid is not None else None
+        return self._past_prefetchers_read_bytes + seen_bytes
 
     @property
     def ffn_stats(self) -> PipelineStats:

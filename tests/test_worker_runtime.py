@@ -69,6 +69,15 @@ def sparse_store(tiny_stores, tmp_path_factory):
     return get
 
 
+def _direct_reads(store: str) -> bool:
+    """O_DIRECT works on the store's filesystem (not tmpfs): /proc read_bytes then sees every FFN read."""
+    try:
+        os.close(os.open(os.path.join(store, "ffn.bin"), os.O_RDONLY | os.O_DIRECT))
+    except OSError:
+        return False
+    return True
+
+
 def _instance_leftovers(instance: str) -> list[str]:
     left = [path for owner, path in list_segments() if owner == instance]
     if os.path.exists(instance_dir(instance)):
@@ -133,6 +142,9 @@ class LocalPipelineExecutor:
         self.stats.add(reply.stats)
         logits = self.segments["exchange"].arrays["logits"][: reply.num_rows].copy()
         return torch.from_numpy(logits).reshape(batch, steps, -1)
+
+    def flash_read_bytes(self) -> int:
+        return process_read_bytes()  # every core reads in this process
 
     def release_slot(self, slot: int) -> None:
         pass
@@ -237,7 +249,25 @@ def test_per_token_timings_for_bench(worker_engine):
     timings = worker_engine.executor.last_timings
     assert set(timings) >= {"ms", "io_ms", "compute_ms", "wait_ms"}
     assert timings["ms"] >= timings["compute_ms"] > 0 and timings["wait_ms"] >= 0
-    assert worker_engine.token_stats[-1]["wait_ms"] >= 0
+    last = worker_engine.token_stats[-1]
+    assert last["wait_ms"] >= 0
+    # the compute worker's own busy time, not the engine's wall time less the prefetcher's (overlapped) I/O
+    assert last["compute_ms"] == timings["compute_ms"] and 0 < last["compute_ms"] <= last["ms"]
+
+
+def test_decode_steps_count_the_prefetchers_device_reads(worker_engine):
+    """The engine process reads nothing under workers: flash_read_bytes is the prefetch worker's /proc/<pid>/io."""
+    if not _direct_reads(worker_engine.store_dir):
+        pytest.skip("the store's filesystem refuses O_DIRECT: reads come from the page cache")
+    prefetch_pid = worker_engine.executor.worker_pids[ROLE_PREFETCH]
+    worker_engine.token_stats.clear()
+    before = process_read_bytes(prefetch_pid)
+    [result] = worker_engine.generate(PROMPTS[1:2], SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True))
+    after = process_read_bytes(prefetch_pid)
+    per_token = [s["flash_read_bytes"] for s in result.token_stats]
+    assert len(per_token) == 7 and sum(per_token) > 0, "tight caches must read bundles while decoding"
+    assert result.flash_read_bytes == after - before  # prefill and decode
+    assert sum(per_token) <= result.flash_read_bytes
 
 
 @pytest.mark.parametrize("role", [ROLE_PREFETCH, ROLE_PREDICTOR, ROLE_COMPUTE])
@@ -252,6 +282,7 @@ def test_a_killed_worker_fails_the_request_quickly_then_workers_restart(sparse_s
             killed_at.append(time.monotonic())
 
     worker_engine.token_stats.clear()
+    counted = executor.flash_read_bytes()
     worker_engine.logits_hook = kill_after_three_tokens
     try:
         with pytest.raises(WorkerCrashedError, match=f"the {role} worker .*killed by SIGKILL"):
@@ -268,6 +299,7 @@ def test_a_killed_worker_fails_the_request_quickly_then_workers_restart(sparse_s
     assert [r.tokens for r in worker_engine.generate(PROMPTS[2:], GREEDY)] == expected
     new_pids = executor.worker_pids
     assert set(new_pids.values()).isdisjoint(old_pids.values())
+    assert executor.flash_read_bytes() >= counted  # a counter across worker generations, never back
     assert not [p for p in list_segments() if p[0] != executor.instance and p[0].startswith(f"{os.getpid()}-")]
 
 
@@ -345,6 +377,30 @@ def test_a_slot_whose_kv_cache_was_lost_is_refused(worker_engine):
     executor = worker_engine.executor
     with pytest.raises(WorkerRuntimeError, match="KV cache"):
         executor.forward(torch.tensor([[5]]), torch.tensor([1]), torch.tensor([[40]]))
+
+
+def test_bench_of_the_worker_runtime_measures_reads_and_compute(sparse_store, tmp_path):
+    """`flashllm bench --runtimes workers` at a budget that forces reads: the bytes are the prefetcher's,
+    and compute_ms is the compute worker's busy time (it came out 0 bytes and negative ms before)."""
+    from runtime.memory_plan import plan_for_store
+
+    store = sparse_store("llama")
+    if not _direct_reads(store):
+        pytest.skip("the store's filesystem refuses O_DIRECT: reads come from the page cache")
+    plan = plan_for_store(store, open_store(store), 2**40, "sparse", 4, 0, keep_fraction=0.25)  # every row fits
+    row_bytes = plan.cache_bytes // sum(plan.capacity_rows)
+    budget = plan.total_bytes - plan.cache_bytes + (sum(plan.min_capacity_rows) + 20) * row_bytes
+    out = str(tmp_path / "bench.json")
+    done = subprocess.run([sys.executable, "-m", "runtime.cli", "bench", "--store", store, "--modes", "sparse",
+                           "--runtimes", "workers", "--memory", str(budget), "--tokens", "6", "--keep-fraction", "0.25",
+                           "--no-read-baseline", "--json", out], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    with open(out, encoding="utf-8") as f:
+        workers = json.load(f)["modes"]["sparse-workers"]
+    assert sum(workers["memory_plan"]["capacity_rows"]) < plan.total_neurons
+    assert workers["flash_read_bytes_per_token"] > 0
+    assert 0 < workers["compute_ms"] <= workers["ms_per_token"]
+    assert workers["io_ms"] >= 0 and workers["wait_ms"] >= 0
 
 
 # ---------------------------------------------------------------------- CUDA

@@ -60,6 +60,11 @@ class PipelineStats(FfnStats):
             if name in other:
                 setattr(self, name, getattr(self, name) + type(getattr(self, name))(other[name]))
 
+    def compute_busy_s(self, forward_s: float) -> float:
+        """The compute process measured it (busy_s): io_s ran in the prefetcher, overlapped, and
+        forward_s (the engine's wall time) also holds the IPC to and from the engine."""
+        return self.busy_s
+
 
 class PipelineStepError(RuntimeError):
     """A worker failed its part of the current step (its message names it)."""

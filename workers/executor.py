@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 
 from protocol.store_format import Manifest, StoreError
+from workers.flash_io.io_counters import process_read_bytes
 from workers.models import build_model
 from workers.models.attention import KVCache
 from workers.store_reader import load_resident_weights
@@ -76,6 +77,11 @@ class ModelExecutor:
     def ffn_stats(self):
         """FfnStats of the FFN provider since its last reset (the engine resets it per decode step)."""
         return self.ffn.stats
+
+    def flash_read_bytes(self) -> int:
+        """Bytes this process has read from the device (/proc/self/io): the FFN reads happen here.
+        The worker runtime's executor keeps the same counter for its prefetch worker."""
+        return process_read_bytes()
 
     def release_slot(self, slot: int) -> None:
         """A sequence left its slot (the KV rows are simply overwritten by the next user)."""

@@ -36,6 +36,11 @@ class FfnStats:
         for name in self.__dataclass_fields__:
             setattr(self, name, type(getattr(self, name))())
 
+    def compute_busy_s(self, forward_s: float) -> float:
+        """Seconds of a forward (forward_s long, wall) the computing thread spent working: in one
+        process the reads block that thread and nothing else does, so all of it but io_s."""
+        return forward_s - self.io_s
+
 
 def rows_to_tensor(rows: np.ndarray, dtype: torch.dtype, device: str, copy: bool = False) -> torch.Tensor:
     """Bundle rows from numpy (store dtype) to a compute tensor; copy=True never shares the reader's buffer."""
