@@ -154,6 +154,7 @@ class SparsityInfo:
     recall: list[float]  # held-out, lookahead predictor, per layer
     precision: list[float]
     same_layer_recall: list[float] = field(default_factory=list)
+    predictor: str = "classifier"  # "classifier" (logits) or "regression" (pre-activations); see workers/predictor.py
 
 
 @dataclass

@@ -67,12 +67,13 @@ def _summarize(stats: list[dict], ffn_bytes: int) -> dict:
 
 
 def run_mode(store: str, mode: str, memory_bytes: int | None, text_ids: list[int] | None, decode_tokens: int,
-             ffn_options: dict | None = None, runtime: str = "inproc", record_sets: bool = False) -> tuple[dict, list]:
+             ffn_options: dict | None = None, runtime: str = "inproc", record_sets: bool = False,
+             resident_dtype: str | None = None) -> tuple[dict, list]:
     options = dict(ffn_options or {})
     if memory_bytes is not None:
         options["memory_budget_bytes"] = memory_bytes
-    engine_kwargs = {"runtime": runtime} if runtime != "inproc" else {}
-    with Engine(store, mode=mode, max_batch=1, ffn_options=options, **engine_kwargs) as engine:
+    with Engine(store, mode=mode, max_batch=1, ffn_options=options, runtime=runtime,
+                resident_dtype=resident_dtype) as engine:
         ffn = getattr(engine.executor, "ffn", None)  # the worker runtime's FFN lives in another process
         if record_sets and hasattr(ffn, "recorded_sets"):
             ffn.recorded_sets = []
@@ -233,7 +234,8 @@ def _plots(report: dict, plots_dir: str) -> list[str]:
 
 def run_bench(store: str, modes: list[str], memory_bytes: int | None, decode_tokens: int, text: str | None,
               eval_tokens: int, keep_fractions: list[float], runtimes: list[str], read_baseline: bool = True,
-              keep_fraction: float | None = None) -> dict:
+              keep_fraction: float | None = None, resident_dtype: str | None = None) -> dict:
+    """resident_dtype applies to the sparse runs (the ones the budget bounds); dense stays the exact reference."""
     from protocol.store_format import read_manifest
     from runtime.tokenizer import Tokenizer
 
@@ -245,7 +247,7 @@ def run_bench(store: str, modes: list[str], memory_bytes: int | None, decode_tok
     report: dict = {"store": os.path.abspath(store), "machine": platform.node(), "cpu_count": os.cpu_count(),
                     "memory_budget_bytes": memory_bytes, "ffn_bytes": manifest.ffn.total_bundle_bytes,
                     "store_bytes": sum(os.path.getsize(os.path.join(store, f)) for f in os.listdir(store)),
-                    "decode_tokens": decode_tokens, "eval_tokens": len(text_ids) - 1 if text_ids else 0,
+                    "sparse_resident_dtype": resident_dtype, "decode_tokens": decode_tokens, "eval_tokens": len(text_ids) - 1 if text_ids else 0,
                     "modes": {}}
     dense_argmax = None
     sets: list = []
@@ -257,7 +259,8 @@ def run_bench(store: str, modes: list[str], memory_bytes: int | None, decode_tok
             tokens = min(decode_tokens, NAIVE_MAX_TOKENS) if mode == "naive" else decode_tokens
             options = {"keep_fraction": keep_fraction} if mode == "sparse" and keep_fraction else None
             result, (argmax, recorded) = run_mode(store, mode, budget, text_ids, tokens, ffn_options=options,
-                                                  runtime=runtime, record_sets=(mode == "sparse" and runtime == "inproc"))
+                                                  runtime=runtime, record_sets=(mode == "sparse" and runtime == "inproc"),
+                                                  resident_dtype=resident_dtype if mode == "sparse" else None)
             if mode == "dense":
                 dense_argmax = argmax
             elif argmax and dense_argmax:
@@ -271,7 +274,7 @@ def run_bench(store: str, modes: list[str], memory_bytes: int | None, decode_tok
             print(f"bench: sparse keep_fraction={keep} ...", file=sys.stderr)
             try:
                 result, (argmax, _) = run_mode(store, "sparse", memory_bytes, text_ids, decode_tokens,
-                                               ffn_options={"keep_fraction": keep})
+                                               ffn_options={"keep_fraction": keep}, resident_dtype=resident_dtype)
             except MemoryPlanError as exc:
                 tradeoff.append({"keep_fraction": keep, "sparsity": 1 - keep, "error": str(exc)})
                 continue
@@ -304,7 +307,7 @@ def cmd_bench(args) -> int:
     runtimes = [r.strip() for r in args.runtimes.split(",")]
     report = run_bench(args.store, modes, parse_size(args.memory) if args.memory else None, args.tokens, text,
                        args.eval_tokens, keep_fractions, runtimes, read_baseline=not args.no_read_baseline,
-                       keep_fraction=args.keep_fraction)
+                       keep_fraction=args.keep_fraction, resident_dtype=args.resident_dtype)
     _print_table("modes", [dict(name=k, **v) for k, v in report["modes"].items()], [
         ("mode", "name", ""), ("ms/token", "ms_per_token", ".1f"), ("tok/s", "tokens_per_s", ".2f"),
         ("MiB read/token", "flash_read_mib_per_token", ".2f"), ("hit rate", "cache_hit_rate", ".3f"),
@@ -338,6 +341,8 @@ def register_cli(sub) -> None:
     p.add_argument("--keep-fraction", type=float, help="sparse mode: fraction of neurons predicted per token "
                    "(default: 1 - the calibrated sparsity)")
     p.add_argument("--keep-fractions", default="", help="sparsity trade-off: comma-separated keep fractions")
+    p.add_argument("--resident-dtype", choices=["float32", "float16", "bfloat16"], default=None,
+                   help="sparse mode: hold resident matrices in this dtype (float16 halves them); dense stays exact")
     p.add_argument("--runtimes", default="inproc", help="inproc,workers: runtimes to measure the sparse mode with")
     p.add_argument("--no-read-baseline", action="store_true")
     p.add_argument("--json", required=True, help="output JSON path")

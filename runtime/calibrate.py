@@ -1,12 +1,17 @@
 """`flashllm calibrate`: sparsity labels, low-rank predictors and hot neurons, written into the store.
 
 1. Run the dense model over calibration text, recording per layer the FFN input
-   h_l (N, d) and each neuron's activation a = act(gate·h)·(up·h) (N, n_ff).
+   h_l (N, d); each neuron's activation a = act(gate·h)·(up·h) (N, n_ff) is
+   recomputed from it one layer at a time (memory: N·d per layer, not N·n_ff).
 2. Labels: ReLU models use a > 0 (exact zeros); SwiGLU models use |a| > t_l,
    with t_l the per-layer quantile that reaches the target sparsity (CATS-style).
-3. Train two d → r → n_ff predictors per layer on the labels with a loss
-   balanced between active and inactive neurons: `same` on h_l and `lookahead`
-   on h_{l-1} (so the next layer's reads can start early).
+3. Fit two low-rank predictors per layer: `same` on h_l and `lookahead` on
+   h_{l-1} (so the next layer's reads can start early). `--predictor
+   classifier`: d → r → n_ff with a ReLU, trained on the labels with a loss
+   balanced between active and inactive neurons (the paper's); `regression`
+   (default for SwiGLU): the rank-r least-squares map to the neurons' gate and
+   up pre-activations, scored by the contribution it implies, which learns the
+   threshold's ranking directly (see workers/predictor.py).
 4. Hot neurons (active on at least `hot_fraction` of tokens) are pinned in memory.
 5. Report recall/precision of the predicted top-k on held-out tokens; write
    sparsity.safetensors and the manifest's `sparsity` section.
@@ -24,26 +29,28 @@ from tqdm import tqdm
 
 from protocol.store_format import SPARSITY_FILE, SparsityInfo, sha256_hex, write_manifest
 from workers.executor import ModelExecutor
-from workers.models.ffn import neuron_activations
-from workers.predictor import LowRankPredictor, predictor_tensor_names
+from workers.models.ffn import BundleColumns, neuron_activations
+from workers.predictor import PREDICTOR_TYPES, LowRankPredictor, predictor_tensor_names
 from workers.store_reader import open_store
 
 CALIBRATION_WINDOW_TOKENS = 512
+# rank r of d → r → n. On the SwiGLU demo model the rank decides quality (top 50% kept by the same-layer
+# predictor, perplexity on held-out text, dense 36.6: regression r=64 241, r=128 107, r=256 53; held-out
+# top-50% recall of the classifier at r=64 0.60-0.64, of regression at r=64 0.66-0.71)
+DEFAULT_RANKS = {"classifier": 64, "regression": 128}
 HOLDOUT_FRACTION = 0.1
 
 
 class _RecordingFfn:
-    """Wraps the dense FFN provider and records each layer's input and neuron activations."""
+    """Wraps the dense FFN provider and records each layer's input."""
 
     def __init__(self, dense_ffn, num_layers: int):
         self.inner = dense_ffn
         self.stats = dense_ffn.stats
         self.inputs: list[list[torch.Tensor]] = [[] for _ in range(num_layers)]
-        self.activations: list[list[torch.Tensor]] = [[] for _ in range(num_layers)]
 
     def forward(self, layer: int, h: torch.Tensor) -> torch.Tensor:
         self.inputs[layer].append(h.float().cpu())
-        self.activations[layer].append(neuron_activations(h, self.inner.layers[layer], self.inner.cols).half().cpu())
         return self.inner.forward(layer, h)
 
     def close(self) -> None:
@@ -87,24 +94,55 @@ def _train_predictor(x: torch.Tensor, labels: torch.Tensor, rank: int, epochs: i
                                 layer2.weight.detach().clone(), layer2.bias.detach().clone())
 
 
+def _fit_regression(x: torch.Tensor, targets: torch.Tensor, rank: int, gated: bool) -> LowRankPredictor:
+    """Reduced-rank least squares: x (N, d), targets (N, m) → the rank-r linear map x → targets with the least
+    squared error, as d → r → m. Closed form: ridge OLS W, then the top-r right singular directions V of the
+    fitted values X W (= Q (R W) with X = Q R, so only an (d+1, m) SVD), giving X W V Vᵀ."""
+    xb = torch.cat([x, torch.ones(len(x), 1)], dim=1).double()  # (N, d+1): the last column fits the bias
+    _, r_factor = torch.linalg.qr(xb)  # (d+1, d+1)
+    gram = r_factor.T @ r_factor  # (d+1, d+1) = Xᵀ X
+    ridge = 1e-6 * gram.diagonal().mean()  # keeps the solve well posed for rarely used input directions
+    weights = torch.linalg.solve(gram + ridge * torch.eye(len(gram), dtype=gram.dtype), xb.T @ targets.double())
+    _, _, vh = torch.linalg.svd(r_factor @ weights, full_matrices=False)
+    directions = vh[:rank].T  # (m, r)
+    first = weights @ directions  # (d+1, r)
+    return LowRankPredictor(first[:-1].T.float().contiguous(), first[-1].float().contiguous(),
+                            directions.float().contiguous(), torch.zeros(targets.shape[1]),
+                            predictor_type="regression", gated=gated)
+
+
+def _pre_activations(h: torch.Tensor, rows: torch.Tensor, cols: BundleColumns) -> torch.Tensor:
+    """h (N, d) → what a regression predictor learns: [gate | up] (N, 2 n_ff), or up + bias (N, n_ff) for ReLU."""
+    if cols.gated:
+        return torch.cat([h @ rows[:, cols.gate].T, h @ rows[:, cols.up].T], dim=1)
+    return h @ rows[:, cols.up].T + rows[:, cols.up_bias].T
+
+
 def _top_k_quality(predictor: LowRankPredictor, x: torch.Tensor, labels: torch.Tensor, keep: int) -> tuple[float, float]:
     """Recall and precision of each token's top-`keep` predicted set against its labels."""
     with torch.no_grad():
-        top = torch.topk(predictor.logits(x), keep, dim=-1).indices  # (N, keep)
+        top = torch.topk(predictor.scores(x), keep, dim=-1).indices  # (N, keep)
     predicted = torch.zeros_like(labels).scatter_(1, top, True)
     true_positive = (predicted & labels).sum().item()
     return true_positive / max(1, labels.sum().item()), true_positive / max(1, predicted.sum().item())
 
 
-def calibrate(store_dir: str, text: str, max_tokens: int = 8192, sparsity: float = 0.5, rank: int = 64,
+def calibrate(store_dir: str, text: str, max_tokens: int = 8192, sparsity: float = 0.5, rank: int | None = None,
               epochs: int = 12, hot_fraction: float = 0.9, seed: int = 0, progress: bool = True,
-              log=print) -> SparsityInfo:
+              log=print, predictor_type: str | None = None) -> SparsityInfo:
     if not 0.0 <= sparsity < 1.0:
         raise ValueError(f"--sparsity {sparsity} must be in [0, 1)")
-    if rank < 1:
-        raise ValueError(f"--rank {rank} must be ≥ 1")
     manifest = open_store(store_dir)
     arch = manifest.arch
+    relu = arch.hidden_act == "relu"
+    predictor_type = predictor_type or ("classifier" if relu else "regression")
+    if predictor_type not in PREDICTOR_TYPES:
+        raise ValueError(f"--predictor {predictor_type!r} is not one of {', '.join(PREDICTOR_TYPES)}")
+    rank = rank if rank is not None else DEFAULT_RANKS[predictor_type]
+    if rank < 1:
+        raise ValueError(f"--rank {rank} must be ≥ 1")
+    if predictor_type == "regression":
+        rank = min(rank, arch.hidden_size + 1)  # d + 1 directions (with the bias) already give the exact map
     from runtime.tokenizer import Tokenizer
 
     tokenizer = Tokenizer.from_store(store_dir, manifest.tokenizer, arch.eos_token_ids)
@@ -121,16 +159,21 @@ def calibrate(store_dir: str, text: str, max_tokens: int = 8192, sparsity: float
     for start in tqdm(range(0, len(ids), window), desc="calibrate: dense pass", disable=not progress, file=sys.stderr):
         chunk = ids[start:start + window]
         executor.forward(torch.tensor([chunk]), torch.tensor([0]), torch.arange(len(chunk))[None])
-    executor.close()
 
     num_tokens = len(ids)
     holdout = max(1, int(num_tokens * HOLDOUT_FRACTION))
     train = slice(0, num_tokens - holdout)
     held = slice(num_tokens - holdout, num_tokens)
-    relu = arch.hidden_act == "relu"
+    dense, cols = recorder.inner, recorder.inner.cols
+
+    def layer_activations(layer: int, h: torch.Tensor) -> torch.Tensor:
+        return torch.cat([neuron_activations(h[i:i + 4096], dense.layers[layer], cols)
+                          for i in range(0, len(h), 4096)])  # (N, n_ff)
+
     if relu:
         # ReLU zeros are exact: size top-k by the data, the 90th percentile of a token's active count
-        counts = torch.cat([(torch.cat(acts).float() > 0).sum(1).float() for acts in recorder.activations])
+        counts = torch.cat([(layer_activations(layer, torch.cat(recorder.inputs[layer])) > 0).sum(1).float()
+                            for layer in range(arch.num_hidden_layers)])
         sparsity = 1.0 - float(torch.quantile(counts, 0.9)) / arch.intermediate_size
     keep = max(1, int(round((1.0 - sparsity) * arch.intermediate_size)))
     tensors: dict[str, torch.Tensor] = {}
@@ -139,8 +182,8 @@ def calibrate(store_dir: str, text: str, max_tokens: int = 8192, sparsity: float
     for layer in tqdm(range(arch.num_hidden_layers), desc="calibrate: predictors", disable=not progress,
                       file=sys.stderr):
         h = torch.cat(recorder.inputs[layer])  # (N, d)
-        activations = torch.cat(recorder.activations[layer]).float()  # (N, n_ff)
-        recorder.inputs[layer], recorder.activations[layer] = [], []
+        recorder.inputs[layer] = []
+        activations = layer_activations(layer, h)  # (N, n_ff)
         if relu:
             threshold = 0.0
             labels = activations > 0
@@ -157,13 +200,20 @@ def calibrate(store_dir: str, text: str, max_tokens: int = 8192, sparsity: float
         tensors[f"layers.{layer}.hot_ids"] = hot
         tensors[f"layers.{layer}.frequency"] = frequency
 
-        same = _train_predictor(h[train], labels[train], rank, epochs, seed + layer)
+        targets = _pre_activations(h[train], dense.layers[layer], cols) if predictor_type == "regression" else None
+
+        def fit(inputs: torch.Tensor, fit_seed: int) -> LowRankPredictor:
+            if targets is not None:
+                return _fit_regression(inputs, targets, rank, cols.gated)
+            return _train_predictor(inputs, labels[train], rank, epochs, fit_seed)
+
+        same = fit(h[train], seed + layer)
         r_same, _ = _top_k_quality(same, h[held], labels[held], keep)
         same_recall.append(r_same)
         for name, value in zip(predictor_tensor_names(layer, "same"), (same.w1, same.b1, same.w2, same.b2)):
             tensors[name] = value.contiguous()
         if previous_input is not None:
-            ahead = _train_predictor(previous_input[train], labels[train], rank, epochs, seed + 1000 + layer)
+            ahead = fit(previous_input[train], seed + 1000 + layer)
             r_ahead, p_ahead = _top_k_quality(ahead, previous_input[held], labels[held], keep)
             for name, value in zip(predictor_tensor_names(layer, "lookahead"), (ahead.w1, ahead.b1, ahead.w2, ahead.b2)):
                 tensors[name] = value.contiguous()
@@ -174,6 +224,7 @@ def calibrate(store_dir: str, text: str, max_tokens: int = 8192, sparsity: float
         log(f"layer {layer:3d}: threshold {threshold:.4f}  hot {len(hot):4d}  "
             f"recall lookahead {r_ahead:.3f} same-layer {r_same:.3f}  precision {p_ahead:.3f}")
         previous_input = h
+    executor.close()
 
     from safetensors.torch import save_file
 
@@ -185,10 +236,10 @@ def calibrate(store_dir: str, text: str, max_tokens: int = 8192, sparsity: float
     info = SparsityInfo(file=SPARSITY_FILE, sha256=digest, target_sparsity=sparsity, rank=rank,
                         label="relu>0" if relu else "|act(gate)*up|>threshold", thresholds=thresholds,
                         calibration_tokens=num_tokens - holdout, recall=recall, precision=precision,
-                        same_layer_recall=same_recall)
+                        same_layer_recall=same_recall, predictor=predictor_type)
     manifest.sparsity = info
     write_manifest(store_dir, manifest)
-    log(f"calibrated {arch.num_hidden_layers} layers on {num_tokens - holdout} tokens (+{holdout} held out) in "
+    log(f"calibrated {arch.num_hidden_layers} layers ({predictor_type} predictors, rank {rank}) on {num_tokens - holdout} tokens (+{holdout} held out) in "
         f"{time.perf_counter() - started:.0f} s; mean held-out recall {np.mean(recall):.3f} (lookahead), "
         f"{np.mean(same_recall):.3f} (same-layer) at {keep}/{arch.intermediate_size} neurons kept")
     return info
@@ -235,7 +286,7 @@ def cmd_calibrate(args) -> int:
     if not text:
         raise ValueError("give --text FILE and/or --generate-tokens N (text the model writes itself)")
     calibrate(args.store, text, max_tokens=args.tokens, sparsity=args.sparsity, rank=args.rank, epochs=args.epochs,
-              hot_fraction=args.hot_fraction, seed=args.seed, progress=not args.quiet)
+              hot_fraction=args.hot_fraction, seed=args.seed, progress=not args.quiet, predictor_type=args.predictor)
     return 0
 
 
@@ -247,8 +298,11 @@ def register_cli(sub) -> None:
                    help="add this many tokens of text the model writes itself (when you have little text)")
     p.add_argument("--tokens", type=int, default=8192, help="calibration tokens to use (10%% held out)")
     p.add_argument("--sparsity", type=float, default=0.5, help="target fraction of inactive neurons per layer")
-    p.add_argument("--rank", type=int, default=64, help="predictor rank r (d → r → n_ff)")
-    p.add_argument("--epochs", type=int, default=12)
+    p.add_argument("--predictor", choices=list(PREDICTOR_TYPES), default=None,
+                   help="regression (least-squares map to gate/up pre-activations; default for SwiGLU) or "
+                        "classifier (ReLU MLP with a balanced BCE, the paper's; default for ReLU models)")
+    p.add_argument("--rank", type=int, default=None, help="predictor rank r (default 128 regression, 64 classifier)")
+    p.add_argument("--epochs", type=int, default=12, help="classifier training epochs")
     p.add_argument("--hot-fraction", type=float, default=0.9, help="pin neurons active on at least this fraction")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quiet", action="store_true")

@@ -62,7 +62,8 @@ def _engine_from_args(args, max_batch: int = 1):
     if getattr(args, "memory", None):
         ffn_options["memory_budget_bytes"] = parse_size(args.memory)
     return Engine(args.store, mode=args.mode, max_batch=max_batch, max_context=args.max_context,
-                  ffn_options=ffn_options, runtime=getattr(args, "runtime", "inproc"))
+                  ffn_options=ffn_options, runtime=getattr(args, "runtime", "inproc"),
+                  resident_dtype=getattr(args, "resident_dtype", None))
 
 
 def parse_size(text: str) -> int:
@@ -133,6 +134,9 @@ def _add_engine_args(p: argparse.ArgumentParser, store_required: bool = True) ->
                    help="FFN source: all in memory, whole layers re-read from flash, or predicted neurons only")
     p.add_argument("--memory", help="memory budget for resident weights + predictors + neuron caches, e.g. 160MiB")
     p.add_argument("--max-context", type=int, default=None, help="KV cache length in tokens (default 2048)")
+    p.add_argument("--resident-dtype", choices=["float32", "float16", "bfloat16"], default=None,
+                   help="hold embeddings, attention and head matrices in this dtype (default: the compute dtype, "
+                        "float32 on CPU); float16 halves their memory, products stay in the compute dtype")
     p.add_argument("--runtime", default="inproc", choices=["inproc", "workers"],
                    help="run the model in this process, or pipelined in prefetch/predictor/compute processes "
                         "(--mode sparse)")

@@ -20,6 +20,7 @@ from runtime.sampling import SamplingParams, sample_next_token
 from runtime.tokenizer import IncrementalDetokenizer, StopStringMatcher, Tokenizer
 from workers.executor import FFN_MODES, ModelExecutor, compute_dtype, default_device
 from workers.models.attention import KVCache
+from workers.models.resident import resident_dtype_of
 from workers.store_reader import open_store
 DEFAULT_MAX_CONTEXT = 2048
 PREFILL_TOKEN_BUDGET = 2048  # prompt tokens prefilled per step, so decode is not starved
@@ -69,7 +70,7 @@ class _Sequence:
 class Engine:
     def __init__(self, store_dir: str, mode: str = "dense", max_batch: int = 8, max_context: int | None = None,
                  device: str | None = None, verify: bool = True, ffn_options: dict | None = None, executor=None,
-                 runtime: str = "inproc"):
+                 runtime: str = "inproc", resident_dtype: str | None = None):
         if mode not in FFN_MODES:
             raise ValueError(f"--mode {mode!r} is not one of {', '.join(FFN_MODES)}")
         if max_batch < 1:
@@ -88,21 +89,24 @@ class Engine:
         if memory_budget_bytes is not None:
             from runtime.memory_plan import plan_for_store
 
-            itemsize = torch.finfo(compute_dtype(device or default_device())).bits // 8
+            dtype = compute_dtype(device or default_device())
+            itemsize = torch.finfo(dtype).bits // 8
+            resident_itemsize = torch.finfo(resident_dtype_of(resident_dtype, dtype)).bits // 8
             kv_bytes = KVCache.bytes_needed(arch.num_hidden_layers, max_batch, arch.num_key_value_heads,
                                             self.max_context, arch.head_dim, itemsize)
             self.memory_plan = plan_for_store(store_dir, self.manifest, memory_budget_bytes, mode, itemsize, kv_bytes,
-                                              keep_fraction=ffn_options.get("keep_fraction"))
+                                              keep_fraction=ffn_options.get("keep_fraction"),
+                                              resident_itemsize=resident_itemsize)
             if mode == "sparse":
                 ffn_options["capacity_rows"] = self.memory_plan.capacity_rows
         if executor is None and runtime == "workers":
             from runtime.worker_executor import WorkerExecutor  # the model in prefetch/predictor/compute processes
 
             executor = WorkerExecutor(store_dir, self.manifest, mode, max_batch, self.max_context, device=device,
-                                      verify=verify, ffn_options=ffn_options)
+                                      verify=verify, ffn_options=ffn_options, resident_dtype=resident_dtype)
         elif executor is None and runtime == "inproc":
             executor = ModelExecutor(store_dir, self.manifest, mode, max_batch, self.max_context, device=device,
-                                     verify=verify, ffn_options=ffn_options)
+                                     verify=verify, ffn_options=ffn_options, resident_dtype=resident_dtype)
         elif executor is None:
             raise ValueError(f"--runtime {runtime!r} is not one of inproc, workers")
         self.executor = executor

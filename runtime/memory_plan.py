@@ -1,11 +1,12 @@
 """The memory plan: what a `--memory` budget holds, decided before anything is loaded.
 
 The budget bounds the bytes the engine keeps in DRAM: resident weights (in the
-compute dtype), predictors, the per-layer neuron caches and the reader's
-staging buffers. The KV cache is reported beside it (it grows with batch and
-context, not with the model's FFN). Each layer's cache must hold its pinned
-hot neurons plus one token's predicted set (top-k); whatever the budget leaves above that minimum widens every layer's
-cache equally, which is what the sliding window reuses.
+dtype they are held in: the compute dtype, or --resident-dtype), predictors,
+the per-layer neuron caches and the reader's staging buffers. The KV cache is
+reported beside it (it grows with batch and context, not with the model's
+FFN). Each layer's cache must hold its pinned hot neurons plus one token's
+predicted set (top-k); whatever the budget leaves above that minimum widens
+every layer's cache equally, which is what the sliding window reuses.
 """
 from __future__ import annotations
 
@@ -53,10 +54,10 @@ class MemoryPlan:
 
 def plan_memory(manifest: Manifest, resident_elements: int, budget_bytes: int, compute_itemsize: int, keep_neurons: int,
                 hot_counts: list[int], predictor_bytes: int, kv_cache_bytes: int,
-                cache_itemsize: int | None = None) -> MemoryPlan:
+                cache_itemsize: int | None = None, resident_itemsize: int | None = None) -> MemoryPlan:
     arch, layout = manifest.arch, manifest.ffn
     cache_itemsize = cache_itemsize or compute_itemsize
-    resident_bytes = resident_elements * compute_itemsize
+    resident_bytes = resident_elements * (resident_itemsize or compute_itemsize)
     row_bytes = layout.bundle_elements * cache_itemsize
     largest_region = max(region.length_bytes for region in layout.layers)
     # the dense-read path holds one whole layer raw and converted; neuron reads stage at most one layer's bundles
@@ -96,7 +97,8 @@ def plan_memory(manifest: Manifest, resident_elements: int, budget_bytes: int, c
 
 
 def plan_for_store(store_dir: str, manifest: Manifest, budget_bytes: int, mode: str, compute_itemsize: int,
-                   kv_cache_bytes: int, keep_fraction: float | None = None) -> MemoryPlan:
+                   kv_cache_bytes: int, keep_fraction: float | None = None,
+                   resident_itemsize: int | None = None) -> MemoryPlan:
     """The plan for running `mode` on this store under budget_bytes (raises MemoryPlanError when it cannot fit)."""
     from workers.store_reader import resident_tensor_elements
 
@@ -105,7 +107,8 @@ def plan_for_store(store_dir: str, manifest: Manifest, budget_bytes: int, mode: 
     if mode != "sparse":
         # dense holds every bundle; naive holds one layer at a time (raw + converted)
         ffn_rows = [region.num_neurons for region in layout.layers] if mode == "dense" else [0] * len(layout.layers)
-        plan = MemoryPlan(budget_bytes=budget_bytes, resident_bytes=resident_elements * compute_itemsize,
+        plan = MemoryPlan(budget_bytes=budget_bytes,
+                          resident_bytes=resident_elements * (resident_itemsize or compute_itemsize),
                           predictor_bytes=0, staging_bytes=0 if mode == "dense" else 2 * max(r.length_bytes for r in layout.layers),
                           cache_bytes=sum(ffn_rows) * layout.bundle_elements * compute_itemsize,
                           kv_cache_bytes=kv_cache_bytes, capacity_rows=ffn_rows, min_capacity_rows=ffn_rows,
@@ -114,16 +117,23 @@ def plan_for_store(store_dir: str, manifest: Manifest, budget_bytes: int, mode: 
             raise MemoryPlanError(f"--memory {budget_bytes / MIB:.1f} MiB is too small for --mode {mode}: it needs "
                                   f"{plan.total_bytes / MIB:.1f} MiB; raise --memory or use --mode sparse")
         return plan
-    from workers.predictor import PREDICTOR_KINDS, load_sparsity_tensors, predictor_tensor_names
+    import torch
+
+    from workers.predictor import (
+        PREDICTOR_KINDS, PREDICTOR_WEIGHTS_DTYPE, load_sparsity_tensors, predictor_tensor_names,
+    )
 
     tensors = load_sparsity_tensors(store_dir, manifest)
-    predictor_elements = sum(tensors[name].numel() for layer in range(manifest.arch.num_hidden_layers)
-                             for kind in PREDICTOR_KINDS for name in predictor_tensor_names(layer, kind)
-                             if name in tensors)
+    weights_itemsize = torch.finfo(PREDICTOR_WEIGHTS_DTYPE).bits // 8
+    # matrices are held in PREDICTOR_WEIGHTS_DTYPE, bias vectors in the compute dtype
+    predictor_bytes = sum(tensors[name].numel() * (weights_itemsize if tensors[name].dim() == 2 else compute_itemsize)
+                          for layer in range(manifest.arch.num_hidden_layers)
+                          for kind in PREDICTOR_KINDS for name in predictor_tensor_names(layer, kind)
+                          if name in tensors)
     hot_counts = [int(tensors[f"layers.{layer}.hot_ids"].numel()) if f"layers.{layer}.hot_ids" in tensors else 0
                   for layer in range(manifest.arch.num_hidden_layers)]
     if keep_fraction is None:
         keep_fraction = 1.0 - manifest.sparsity.target_sparsity
     keep_neurons = max(1, int(round(keep_fraction * manifest.arch.intermediate_size)))
     return plan_memory(manifest, resident_elements, budget_bytes, compute_itemsize, keep_neurons, hot_counts,
-                       predictor_elements * 4, kv_cache_bytes)
+                       predictor_bytes, kv_cache_bytes, resident_itemsize=resident_itemsize)

@@ -93,7 +93,8 @@ class WorkerExecutor:
     def __init__(self, store_dir: str, manifest: Manifest, mode: str, num_slots: int, max_context: int,
                  device: str | None = None, verify: bool = True, ffn_options: dict | None = None,
                  start_timeout_s: float = DEFAULT_START_TIMEOUT_S, logits_rows: int | None = None,
-                 runtime_root: str | None = None, handle_sigterm: bool = True, compute_threads: int | None = None):
+                 runtime_root: str | None = None, handle_sigterm: bool = True, compute_threads: int | None = None,
+                 resident_dtype: str | None = None):
         if mode != "sparse":
             raise ValueError(f"--runtime workers runs the pipelined sparse FFN (--mode sparse); use --runtime inproc "
                              f"for --mode {mode}")
@@ -109,6 +110,7 @@ class WorkerExecutor:
             self.config = build_worker_config(store_dir, manifest, num_slots, max_context, self.device, instance,
                                               instance_dir.path, verify, ffn_options, logits_rows)
             self.config.compute_threads = compute_threads or default_compute_threads()
+            self.config.resident_dtype = resident_dtype
         except BaseException:
             instance_dir.remove()
             raise

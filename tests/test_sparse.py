@@ -16,6 +16,7 @@ from runtime.calibrate import calibrate
 from runtime.engine import Engine
 from runtime.memory_plan import MemoryPlanError
 from runtime.sampling import SamplingParams
+from workers.models.ffn import neuron_activations
 from workers.store_reader import verify_store
 
 PROMPTS = [[0, 17, 42, 99, 5], [0, 200, 3, 3, 8, 150, 77, 61, 12]]
@@ -67,10 +68,49 @@ def test_calibrate_records_predictors_and_verify_checks_them(calibrated):
     from protocol.store_format import read_manifest
 
     store = calibrated("llama")
-    info = read_manifest(store).sparsity
-    assert info is not None and info.rank == 64 and len(info.thresholds) == 2
+    manifest = read_manifest(store)
+    info = manifest.sparsity
+    assert info is not None and len(info.thresholds) == 2
+    # SwiGLU defaults to the least-squares predictor, capped at the d + 1 directions of an exact map
+    assert info.predictor == "regression" and info.rank == min(128, manifest.arch.hidden_size + 1)
+    assert read_manifest(calibrated("opt")).sparsity.predictor == "classifier"
     assert all(t > 0 for t in info.thresholds)  # SwiGLU: a magnitude threshold, not relu's exact zero
     assert "sparsity.safetensors: ok" in verify_store(store)
+
+
+@pytest.mark.parametrize("kind", ["llama", "opt"])
+def test_full_rank_regression_predictor_ranks_neurons_exactly(kind, tiny_stores, tmp_path):
+    """At rank d + 1 the least-squares map is the layer's own gate/up product: on fresh inputs the same-layer
+    predictor's top half is the true top half by contribution (ReLU: by pre-activation); at rank 2 it is not."""
+    from protocol.store_format import read_manifest
+    from workers.ffn_providers import DenseFfn
+    from workers.predictor import SparsityPredictor
+
+    store = str(tmp_path / kind)
+    shutil.copytree(tiny_stores(kind), store)
+    manifest = read_manifest(store)
+    dense = DenseFfn(store, manifest, torch.float32, "cpu")
+    x = torch.randn(32, manifest.arch.hidden_size, generator=torch.Generator().manual_seed(0))  # (N, d)
+    keep = manifest.arch.intermediate_size // 2
+
+    def top_half_overlap(rank: int) -> float:
+        calibrate(store, calibration_text(), max_tokens=800, rank=rank, predictor_type="regression",
+                  progress=False, log=lambda *_: None)
+        predictor = SparsityPredictor(store, read_manifest(store))
+        overlaps = []
+        for layer, rows in enumerate(dense.layers):
+            cols = dense.cols
+            truth = (neuron_activations(x, rows, cols).abs() if cols.gated
+                     else x @ rows[:, cols.up].T + rows[:, cols.up_bias].T)  # (N, n_ff)
+            scores = predictor.predictors[("same", layer)].scores(x)  # (N, n_ff)
+            true_top = torch.zeros_like(truth, dtype=torch.bool).scatter_(1, truth.topk(keep).indices, True)
+            predicted_top = torch.zeros_like(true_top).scatter_(1, scores.topk(keep).indices, True)
+            overlaps.append((true_top & predicted_top).sum().item() / true_top.sum().item())
+        return min(overlaps)
+
+    full, low = top_half_overlap(manifest.arch.hidden_size + 1), top_half_overlap(2)
+    assert full > 0.95  # measured 0.9996 (llama), 0.966 (opt): float16 predictor weights swap near-ties
+    assert low < 0.85  # measured 0.49, 0.58
 
 
 def test_relu_predictor_recall_on_held_out_tokens(calibrated):
@@ -111,6 +151,25 @@ def test_memory_budget_bounds_the_neuron_caches(calibrated):
         assert [c.capacity_rows for c in caches] == plan.capacity_rows
         engine.generate(PROMPTS, SamplingParams(max_tokens=16, ignore_eos=True))
         assert all(c.num_rows <= c.capacity_rows for c in caches)
+
+
+def test_float16_resident_matrices_halve_the_plan_and_keep_the_answers(calibrated):
+    """--resident-dtype float16: the plan counts half the resident bytes (more room for neuron caches) and the
+    model's logits stay within float16 rounding of the float32 ones, in prefill and decode."""
+    store = calibrated("llama")
+    results, plans, logits = {}, {}, {}
+    for dtype in ("float32", "float16"):
+        captured: dict[str, list] = {}
+        with Engine(store, mode="sparse", max_batch=2, resident_dtype=dtype,
+                    ffn_options={"memory_budget_bytes": 4_000_000, "keep_fraction": 1.0}) as engine:
+            engine.logits_hook = lambda rid, row: captured.setdefault(rid, []).append(row.clone())
+            results[dtype] = engine.generate(PROMPTS, SamplingParams(max_tokens=12, ignore_eos=True))
+            plans[dtype] = engine.memory_plan
+        logits[dtype] = torch.cat([torch.stack(captured[f"req-{i}"]) for i in range(len(PROMPTS))])
+    assert plans["float16"].resident_bytes * 2 == plans["float32"].resident_bytes
+    assert sum(plans["float16"].capacity_rows) >= sum(plans["float32"].capacity_rows)
+    torch.testing.assert_close(logits["float16"], logits["float32"], rtol=0, atol=2e-2 * logits["float32"].abs().max().item())
+    assert [r.tokens for r in results["float16"]] == [r.tokens for r in results["float32"]]
 
 
 def test_sparse_mode_without_calibration_says_what_to_run(tiny_stores):

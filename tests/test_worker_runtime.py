@@ -218,6 +218,17 @@ def test_workers_give_the_inprocess_greedy_tokens(sparse_store, worker_engine):
     assert [r.tokens for r in worker_engine.generate(PROMPTS, GREEDY)] == expected
 
 
+def test_the_compute_worker_holds_resident_matrices_in_the_dtype_asked(sparse_store):
+    """--resident-dtype reaches the compute process: its logits are the in-process float16-resident ones."""
+    runs = {}
+    for runtime in ("inproc", "workers"):
+        with Engine(sparse_store("llama"), mode="sparse", max_batch=1, max_context=128, ffn_options=dict(TIGHT),
+                    runtime=runtime, resident_dtype="float16") as engine:
+            runs[runtime] = _greedy_with_logits(engine, PROMPTS[:1])
+    assert runs["workers"][0] == runs["inproc"][0]
+    assert all(torch.equal(a, b) for a, b in zip(runs["workers"][1], runs["inproc"][1]))
+
+
 def test_three_workers_run_and_only_the_prefetcher_reads_the_ffn(worker_engine):
     executor = worker_engine.executor
     pids = executor.worker_pids

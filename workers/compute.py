@@ -222,7 +222,8 @@ class ComputeWorker:
         self.ffn = PipelineFfn([region.num_neurons for region in manifest.ffn.layers], manifest.ffn.part_slices(),
                                dtype, config.device, self.cache, self.exchange, channel)
         self.executor = ModelExecutor(config.store_dir, manifest, "sparse", config.num_slots, config.max_context,
-                                      device=config.device, verify=config.verify, ffn=self.ffn)
+                                      device=config.device, verify=config.verify, ffn=self.ffn,
+                                      resident_dtype=config.resident_dtype)
         self.dispatcher = Dispatcher({ForwardRequest: self.on_forward}, owner="the compute worker")
 
     def info(self) -> dict:

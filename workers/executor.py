@@ -13,6 +13,7 @@ from protocol.store_format import Manifest, StoreError
 from workers.flash_io.io_counters import process_read_bytes
 from workers.models import build_model
 from workers.models.attention import KVCache
+from workers.models.resident import resident_dtype_of
 from workers.store_reader import load_resident_weights
 
 FFN_MODES = ("dense", "naive", "sparse")
@@ -46,12 +47,15 @@ def make_ffn_provider(mode: str, store_dir: str, manifest: Manifest, dtype: torc
 
 class ModelExecutor:
     def __init__(self, store_dir: str, manifest: Manifest, mode: str, num_slots: int, max_context: int,
-                 device: str | None = None, verify: bool = True, ffn=None, ffn_options: dict | None = None):
+                 device: str | None = None, verify: bool = True, ffn=None, ffn_options: dict | None = None,
+                 resident_dtype: str | None = None):
         arch = self.arch = manifest.arch
         self.device = device or default_device()
         self.dtype = compute_dtype(self.device)
+        # matrices may be held narrower than they are computed in (half the resident bytes)
+        self.resident_dtype = resident_dtype_of(resident_dtype, self.dtype)
         weights = load_resident_weights(store_dir, manifest, verify=verify)
-        self.model = build_model(arch, weights, self.dtype, self.device)
+        self.model = build_model(arch, weights, self.dtype, self.device, self.resident_dtype)
         del weights
         self.kv = KVCache(arch.num_hidden_layers, num_slots, arch.num_key_value_heads, max_context,
                           arch.head_dim, self.dtype, self.device)

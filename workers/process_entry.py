@@ -66,6 +66,7 @@ class WorkerConfig:
     num_threads: int = 4  # flash reader threads
     predictor_threads: int = 1  # torch threads of the predictor process
     compute_threads: int | None = None  # torch threads of the compute process (None: torch's default)
+    resident_dtype: str | None = None  # dtype the compute process holds resident matrices in (None: compute dtype)
     extra: dict = field(default_factory=dict)
 
 

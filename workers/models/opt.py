@@ -10,14 +10,17 @@ import torch.nn.functional as F
 
 from protocol.store_format import ArchConfig
 from workers.models.attention import KVCache
+from workers.models.resident import embedding_rows, hold_resident, linear
 
 OPT_POSITION_OFFSET = 2
 
 
 class OptModel:
-    def __init__(self, arch: ArchConfig, weights: dict[str, torch.Tensor], dtype: torch.dtype, device: str):
+    def __init__(self, arch: ArchConfig, weights: dict[str, torch.Tensor], dtype: torch.dtype, device: str,
+                 resident_dtype: torch.dtype | None = None):
         self.arch = arch
-        self.w = {name: t.to(device=device, dtype=dtype) for name, t in weights.items()}
+        self.dtype = dtype
+        self.w = hold_resident(weights, dtype, resident_dtype or dtype, device)
         self.lm_head = self.w["embed_tokens"] if arch.tie_word_embeddings else self.w["lm_head"]
         self.scale = arch.head_dim ** -0.5
 
@@ -25,25 +28,25 @@ class OptModel:
         return F.layer_norm(x, x.shape[-1:], self.w[name + ".weight"], self.w[name + ".bias"], self.arch.norm_eps)
 
     def embed(self, token_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        x = self.w["embed_tokens"][token_ids]  # (B, T, proj)
+        x = embedding_rows(self.w["embed_tokens"], token_ids, self.dtype)  # (B, T, proj)
         if "project_in" in self.w:
-            x = x @ self.w["project_in"].T  # (B, T, d)
-        return x + self.w["embed_positions"][positions + OPT_POSITION_OFFSET]
+            x = linear(x, self.w["project_in"])  # (B, T, d)
+        return x + embedding_rows(self.w["embed_positions"], positions + OPT_POSITION_OFFSET, self.dtype)
 
     def attention(self, layer: int, x: torch.Tensor, positions: torch.Tensor, kv: KVCache,
                   slots: torch.Tensor) -> torch.Tensor:
         a, w, p = self.arch, self.w, f"layers.{layer}."
         batch, steps, _ = x.shape
         h = self._norm(p + "attn_norm", x) if a.do_layer_norm_before else x
-        q = F.linear(h, w[p + "q_proj.weight"], w[p + "q_proj.bias"])  # (B, T, d)
-        k = F.linear(h, w[p + "k_proj.weight"], w[p + "k_proj.bias"])
-        v = F.linear(h, w[p + "v_proj.weight"], w[p + "v_proj.bias"])
+        q = linear(h, w[p + "q_proj.weight"], w[p + "q_proj.bias"])  # (B, T, d)
+        k = linear(h, w[p + "k_proj.weight"], w[p + "k_proj.bias"])
+        v = linear(h, w[p + "v_proj.weight"], w[p + "v_proj.bias"])
         q = q.view(batch, steps, a.num_attention_heads, a.head_dim).transpose(1, 2)  # (B, H, T, hd)
         k = k.view(batch, steps, a.num_key_value_heads, a.head_dim).transpose(1, 2)
         v = v.view(batch, steps, a.num_key_value_heads, a.head_dim).transpose(1, 2)
         out = kv.attend(layer, q, k, v, slots, positions, self.scale)  # (B, H, T, hd)
         out = out.transpose(1, 2).reshape(batch, steps, -1)  # (B, T, d)
-        x = x + F.linear(out, w[p + "o_proj.weight"], w[p + "o_proj.bias"])
+        x = x + linear(out, w[p + "o_proj.weight"], w[p + "o_proj.bias"])
         return x if a.do_layer_norm_before else self._norm(p + "attn_norm", x)
 
     def ffn_input(self, layer: int, x: torch.Tensor) -> torch.Tensor:
@@ -57,6 +60,6 @@ class OptModel:
         if self.arch.do_layer_norm_before:
             x = self._norm("final_norm", x)
         if "project_out" in self.w:
-            x = x @ self.w["project_out"].T  # (B, T, proj)
-        return x @ self.lm_head.T  # (B, T, V)
+            x = linear(x, self.w["project_out"])  # (B, T, proj)
+        return linear(x, self.lm_head)  # (B, T, V)
 
