@@ -61,6 +61,10 @@ def _engine_from_args(args, max_batch: int = 1):
     ffn_options = {}
     if getattr(args, "memory", None):
         ffn_options["memory_budget_bytes"] = parse_size(args.memory)
+    if getattr(args, "keep_fraction", None) is not None:
+        if args.mode != "sparse":
+            raise ValueError(f"--keep-fraction applies to --mode sparse, not --mode {args.mode}")
+        ffn_options["keep_fraction"] = args.keep_fraction
     return Engine(args.store, mode=args.mode, max_batch=max_batch, max_context=args.max_context,
                   ffn_options=ffn_options, runtime=getattr(args, "runtime", "inproc"),
                   resident_dtype=getattr(args, "resident_dtype", None))
@@ -133,6 +137,9 @@ def _add_engine_args(p: argparse.ArgumentParser, store_required: bool = True) ->
     p.add_argument("--mode", default="dense", choices=["dense", "naive", "sparse"],
                    help="FFN source: all in memory, whole layers re-read from flash, or predicted neurons only")
     p.add_argument("--memory", help="memory budget for resident weights + predictors + neuron caches, e.g. 160MiB")
+    p.add_argument("--keep-fraction", type=float, default=None,
+                   help="--mode sparse: fraction of each layer's neurons predicted per token (default: 1 - the "
+                        "calibrated --sparsity); smaller reads less and fits smaller --memory, at some quality")
     p.add_argument("--max-context", type=int, default=None, help="KV cache length in tokens (default 2048)")
     p.add_argument("--resident-dtype", choices=["float32", "float16", "bfloat16"], default=None,
                    help="hold embeddings, attention and head matrices in this dtype (default: the compute dtype, "

@@ -147,4 +147,6 @@ def test_user_errors_exit_2_without_a_traceback(store, tmp_path):
                        "generate", "tokens but the context holds 16")
     _assert_user_error(flashllm("generate", "--store", store, "--temperature", "-1", "hello"),
                        "generate", "temperature")
+    _assert_user_error(flashllm("generate", "--store", store, "--keep-fraction", "0.3", "hello"),
+                       "generate", "--keep-fraction applies to --mode sparse")
     assert not os.path.exists(tmp_path / "out")
