@@ -94,18 +94,23 @@ def _train_predictor(x: torch.Tensor, labels: torch.Tensor, rank: int, epochs: i
                                 layer2.weight.detach().clone(), layer2.bias.detach().clone())
 
 
-def _fit_regression(x: torch.Tensor, targets: torch.Tensor, rank: int, gated: bool) -> LowRankPredictor:
+def _fit_regression(x: torch.Tensor, targets: torch.Tensor, rank: int, gated: bool,
+                    directions: torch.Tensor | None = None) -> LowRankPredictor:
     """Reduced-rank least squares: x (N, d), targets (N, m) → the rank-r linear map x → targets with the least
     squared error, as d → r → m. Closed form: ridge OLS W, then the top-r right singular directions V of the
-    fitted values X W (= Q (R W) with X = Q R, so only an (d+1, m) SVD), giving X W V Vᵀ."""
+    fitted values X W (= Q (R W) with X = Q R, so only an (d+1, m) SVD), giving X W V Vᵀ.
+    directions (m, r): use these output directions instead (the lookahead predictor shares the same-layer one's,
+    whose (m, r) matrix is most of a predictor's bytes); the map is then the least-squares one within them."""
     xb = torch.cat([x, torch.ones(len(x), 1)], dim=1).double()  # (N, d+1): the last column fits the bias
     _, r_factor = torch.linalg.qr(xb)  # (d+1, d+1)
     gram = r_factor.T @ r_factor  # (d+1, d+1) = Xᵀ X
     ridge = 1e-6 * gram.diagonal().mean()  # keeps the solve well posed for rarely used input directions
     weights = torch.linalg.solve(gram + ridge * torch.eye(len(gram), dtype=gram.dtype), xb.T @ targets.double())
-    _, _, vh = torch.linalg.svd(r_factor @ weights, full_matrices=False)
-    directions = vh[:rank].T  # (m, r)
-    first = weights @ directions  # (d+1, r)
+    if directions is None:
+        _, _, vh = torch.linalg.svd(r_factor @ weights, full_matrices=False)
+        directions = vh[:rank].T  # (m, r), orthonormal columns
+    directions = directions.double()
+    first = weights @ directions  # (d+1, r): with orthonormal V, X W V Vᵀ is X W projected onto V
     return LowRankPredictor(first[:-1].T.float().contiguous(), first[-1].float().contiguous(),
                             directions.float().contiguous(), torch.zeros(targets.shape[1]),
                             predictor_type="regression", gated=gated)
@@ -202,9 +207,9 @@ def calibrate(store_dir: str, text: str, max_tokens: int = 8192, sparsity: float
 
         targets = _pre_activations(h[train], dense.layers[layer], cols) if predictor_type == "regression" else None
 
-        def fit(inputs: torch.Tensor, fit_seed: int) -> LowRankPredictor:
+        def fit(inputs: torch.Tensor, fit_seed: int, directions: torch.Tensor | None = None) -> LowRankPredictor:
             if targets is not None:
-                return _fit_regression(inputs, targets, rank, cols.gated)
+                return _fit_regression(inputs, targets, rank, cols.gated, directions)
             return _train_predictor(inputs, labels[train], rank, epochs, fit_seed)
 
         same = fit(h[train], seed + layer)
@@ -213,9 +218,12 @@ def calibrate(store_dir: str, text: str, max_tokens: int = 8192, sparsity: float
         for name, value in zip(predictor_tensor_names(layer, "same"), (same.w1, same.b1, same.w2, same.b2)):
             tensors[name] = value.contiguous()
         if previous_input is not None:
-            ahead = fit(previous_input[train], seed + 1000 + layer)
+            # regression: the lookahead maps into the same-layer predictor's output directions (shared w2)
+            ahead = fit(previous_input[train], seed + 1000 + layer, same.w2 if targets is not None else None)
             r_ahead, p_ahead = _top_k_quality(ahead, previous_input[held], labels[held], keep)
             for name, value in zip(predictor_tensor_names(layer, "lookahead"), (ahead.w1, ahead.b1, ahead.w2, ahead.b2)):
+                if targets is not None and name.endswith(".w2"):
+                    continue  # the shared directions are stored once, under "same"
                 tensors[name] = value.contiguous()
         else:
             r_ahead, p_ahead = _top_k_quality(same, h[held], labels[held], keep)

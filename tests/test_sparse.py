@@ -74,6 +74,16 @@ def test_calibrate_records_predictors_and_verify_checks_them(calibrated):
     # SwiGLU defaults to the least-squares predictor, capped at the d + 1 directions of an exact map
     assert info.predictor == "regression" and info.rank == min(128, manifest.arch.hidden_size + 1)
     assert read_manifest(calibrated("opt")).sparsity.predictor == "classifier"
+    # the lookahead maps into the same-layer predictor's output directions: stored and held once
+    from safetensors import safe_open
+
+    from workers.predictor import SparsityPredictor
+
+    with safe_open(os.path.join(store, info.file), "pt") as f:
+        names = set(f.keys())
+    assert "layers.1.lookahead.w1" in names and "layers.1.lookahead.w2" not in names
+    predictor = SparsityPredictor(store, manifest)
+    assert predictor.predictors[("lookahead", 1)].w2 is predictor.predictors[("same", 1)].w2
     assert all(t > 0 for t in info.thresholds)  # SwiGLU: a magnitude threshold, not relu's exact zero
     assert "sparsity.safetensors: ok" in verify_store(store)
 

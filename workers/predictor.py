@@ -70,9 +70,6 @@ class LowRankPredictor:
         gate, up = pre.chunk(2, dim=-1)  # (N, n_ff) each
         return (F.silu(gate) * up).abs()
 
-    def num_bytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (self.w1, self.b1, self.w2, self.b2))
-
 
 def predictor_tensor_names(layer: int, kind: str) -> list[str]:
     return [f"layers.{layer}.{kind}.{part}" for part in ("w1", "b1", "w2", "b2")]
@@ -110,13 +107,21 @@ class SparsityPredictor:
         self.predictors: dict[tuple[str, int], LowRankPredictor] = {}
         gated = manifest.arch.hidden_act != "relu"
         for layer in range(self.num_layers):
-            for kind in PREDICTOR_KINDS:
+            held: dict[str, torch.Tensor] = {}
+            for kind in ("same", "lookahead"):  # same first: a regression lookahead shares its w2
                 names = predictor_tensor_names(layer, kind)
                 if names[0] not in tensors:
                     continue
-                self.predictors[(kind, layer)] = LowRankPredictor(
-                    *(tensors[n].to(device=device, dtype=PREDICTOR_WEIGHTS_DTYPE if tensors[n].dim() == 2 else dtype)
-                      for n in names), predictor_type=sparsity.predictor, gated=gated)
+                parts = []
+                for name in names:
+                    if name not in tensors and name.endswith(".w2"):
+                        parts.append(held[f"layers.{layer}.same.w2"])  # shared output directions, held once
+                        continue
+                    held[name] = tensors[name].to(
+                        device=device, dtype=PREDICTOR_WEIGHTS_DTYPE if tensors[name].dim() == 2 else dtype)
+                    parts.append(held[name])
+                self.predictors[(kind, layer)] = LowRankPredictor(*parts, predictor_type=sparsity.predictor,
+                                                                  gated=gated)
         self.hot_ids = [tensors[f"layers.{layer}.hot_ids"].numpy().astype(np.int64)
                         if f"layers.{layer}.hot_ids" in tensors else np.zeros(0, np.int64)
                         for layer in range(self.num_layers)]
@@ -141,9 +146,6 @@ class SparsityPredictor:
             mask = torch.zeros_like(logits, dtype=torch.bool)
             top = torch.topk(logits, min(self.keep_neurons, self.num_neurons), dim=-1).indices  # (N, k)
             return mask.scatter_(1, top, True)
-
-    def num_bytes(self) -> int:
-        return sum(p.num_bytes() for p in self.predictors.values())
 
 
 class PredictorWorker:
