@@ -16,7 +16,9 @@ Each is d → r → n_out, of one of two kinds (SparsityInfo.predictor):
                    squares, closed form), scored by the neuron's predicted
                    contribution |act(gate)·up| (ReLU models: by up + bias). On the
                    SwiGLU demo model it ranks neurons better than the classifier at
-                   the same rank and trains in seconds.
+                   the same rank and trains in seconds. The lookahead maps into
+                   the same-layer predictor's output directions: that (n_out, r)
+                   matrix, most of a predictor's bytes, is stored and held once.
 
 A predicted set is the top-k neurons by score for each token (the union over a
 batch), k = keep_fraction × n_ff: a fixed k bounds the bytes a token can ask
