@@ -41,7 +41,7 @@ SAMPLING_KEYS = ("chat", "max_tokens", "temperature", "top_p", "top_k", "seed", 
 
 
 def register_cli(subparsers) -> None:
-    from runtime.cli import _add_engine_args
+    from runtime.cli import _add_engine_args, add_sampling_args
 
     p = subparsers.add_parser("batch", help="generate for every prompt of a JSONL file (resumable)")
     p.add_argument("input", help="JSONL file: one {\"id\", \"prompt\" or \"messages\", ...} object per line")
@@ -52,13 +52,7 @@ def register_cli(subparsers) -> None:
     p.add_argument("--concurrency", type=int, default=None,
                    help="prompts in flight at once (default: 64 with --socket, 2 x --max-batch with --store)")
     p.add_argument("--chat", action="store_true", help="wrap plain prompts in the chat template")
-    p.add_argument("--max-tokens", type=int, default=128)
-    p.add_argument("--temperature", type=float, default=0.0)
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--top-k", type=int, default=0)
-    p.add_argument("--seed", type=int, default=None)
-    p.add_argument("--stop", action="append", help="stop string (repeatable)")
-    p.add_argument("--ignore-eos", action="store_true")
+    add_sampling_args(p)
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_batch)
 

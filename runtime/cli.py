@@ -132,6 +132,17 @@ def cmd_eval(args) -> int:
 # ---------------------------------------------------------------------- parser
 
 
+def add_sampling_args(p: argparse.ArgumentParser) -> None:
+    """The sampling options every generating command takes (generate, batch)."""
+    p.add_argument("--max-tokens", type=int, default=128)
+    p.add_argument("--temperature", type=float, default=0.0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--stop", action="append", help="stop string (repeatable)")
+    p.add_argument("--ignore-eos", action="store_true")
+
+
 def _add_engine_args(p: argparse.ArgumentParser, store_required: bool = True) -> None:
     p.add_argument("--store", required=store_required, help="flash store directory (from `flashllm convert`)")
     p.add_argument("--mode", default="dense", choices=["dense", "naive", "sparse"],
@@ -173,13 +184,7 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     _add_engine_args(p, store_required=False)
     p.add_argument("--socket", help="use the daemon listening on this ipc socket path instead of --store")
     p.add_argument("--chat", action="store_true", help="wrap each prompt in the model's chat template")
-    p.add_argument("--max-tokens", type=int, default=128)
-    p.add_argument("--temperature", type=float, default=0.0)
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--top-k", type=int, default=0)
-    p.add_argument("--seed", type=int, default=None)
-    p.add_argument("--stop", action="append", help="stop string (repeatable)")
-    p.add_argument("--ignore-eos", action="store_true")
+    add_sampling_args(p)
     p.add_argument("--json", action="store_true", help="one JSON object per prompt")
     p.add_argument("prompt", nargs="+")
     p.set_defaults(func=cmd_generate)

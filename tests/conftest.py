@@ -112,6 +112,25 @@ def tiny_stores(tiny_models, tmp_path_factory):
     return get
 
 
+def calibrated_copies(tiny_stores, tmp_path_factory, text: str, **calibrate_options):
+    """kind → a calibrated copy of the tiny store (calibrate writes into the store), made once per kind."""
+    import shutil
+
+    from runtime.calibrate import calibrate
+
+    cache: dict[str, str] = {}
+
+    def get(kind: str) -> str:
+        if kind not in cache:
+            out = str(tmp_path_factory.mktemp("calibrated") / kind)
+            shutil.copytree(tiny_stores(kind), out)
+            calibrate(out, text, progress=False, log=lambda *_: None, **calibrate_options)
+            cache[kind] = out
+        return cache[kind]
+
+    return get
+
+
 @pytest.fixture(scope="session")
 def demo_store(tmp_path_factory) -> str:
     """The SmolLM2-135M-Instruct GGUF converted to a float32 store (exact dequantized weights)."""

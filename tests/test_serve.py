@@ -11,7 +11,6 @@ import asyncio
 import grp
 import json
 import os
-import shutil
 import signal
 import socket
 import stat
@@ -22,7 +21,7 @@ import msgpack
 import pytest
 import zmq
 
-from conftest import TINY_CORPUS
+from conftest import TINY_CORPUS, calibrated_copies
 from daemon_process import running_daemon
 from protocol.client_api import (MAX_REQUEST_BYTES, ErrorCode, ErrorReply, FinalMessage, GenerateRequest, TokenChunk,
                                  decode_reply, encode)
@@ -45,12 +44,8 @@ def daemon(tiny_stores):
 @pytest.fixture(scope="module")
 def sparse_store(tiny_stores, tmp_path_factory):
     """A calibrated copy of the tiny store: what the worker runtime (--mode sparse --runtime workers) needs."""
-    from runtime.calibrate import calibrate
-
-    out = str(tmp_path_factory.mktemp("serve-sparse") / "llama")
-    shutil.copytree(tiny_stores("llama"), out)
-    calibrate(out, " ".join(TINY_CORPUS * 40), max_tokens=600, epochs=2, progress=False, log=lambda *a: None)
-    return out
+    return calibrated_copies(tiny_stores, tmp_path_factory, " ".join(TINY_CORPUS * 40), max_tokens=600,
+                             epochs=2)("llama")
 
 
 @pytest.fixture(scope="module")

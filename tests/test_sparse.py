@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from runtime.calibrate import calibrate
+from tests.conftest import calibrated_copies
 from runtime.engine import Engine
 from runtime.memory_plan import MemoryPlanError
 from runtime.sampling import SamplingParams
@@ -31,17 +32,7 @@ def calibration_text() -> str:
 @pytest.fixture(scope="module")
 def calibrated(tiny_stores, tmp_path_factory):
     """kind → a calibrated copy of the tiny store."""
-    cache: dict[str, str] = {}
-
-    def get(kind: str) -> str:
-        if kind not in cache:
-            out = str(tmp_path_factory.mktemp("calibrated") / kind)
-            shutil.copytree(tiny_stores(kind), out)
-            calibrate(out, calibration_text(), max_tokens=3000, epochs=4, progress=False, log=lambda *_: None)
-            cache[kind] = out
-        return cache[kind]
-
-    return get
+    return calibrated_copies(tiny_stores, tmp_path_factory, calibration_text(), max_tokens=3000, epochs=4)
 
 
 def _greedy(store: str, mode: str, **ffn_options):

@@ -24,6 +24,7 @@ from protocol.endpoints import instance_dir, new_instance_id
 from protocol.messages import ROLE_COMPUTE, ROLE_PREDICTOR, ROLE_PREFETCH, ROLE_SUPERVISOR, ForwardChunk, ForwardRequest
 from protocol.shm import SharedSegment, list_segments
 from runtime.calibrate import calibrate
+from tests.conftest import calibrated_copies
 from runtime.engine import Engine
 from runtime.sampling import SamplingParams
 from runtime.supervisor import WorkerStartError
@@ -56,17 +57,7 @@ def _calibration_text() -> str:
 @pytest.fixture(scope="module")
 def sparse_store(tiny_stores, tmp_path_factory):
     """kind → a calibrated copy of the tiny store (calibrate writes into the store)."""
-    cache: dict[str, str] = {}
-
-    def get(kind: str) -> str:
-        if kind not in cache:
-            out = str(tmp_path_factory.mktemp("sparse") / kind)
-            shutil.copytree(tiny_stores(kind), out)
-            calibrate(out, _calibration_text(), max_tokens=600, epochs=2, progress=False, log=lambda *a: None)
-            cache[kind] = out
-        return cache[kind]
-
-    return get
+    return calibrated_copies(tiny_stores, tmp_path_factory, _calibration_text(), max_tokens=600, epochs=2)
 
 
 def _direct_reads(store: str) -> bool:
