@@ -68,16 +68,16 @@ def _summarize(stats: list[dict], ffn_bytes: int) -> dict:
 
 def run_mode(store: str, mode: str, memory_bytes: int | None, text_ids: list[int] | None, decode_tokens: int,
              ffn_options: dict | None = None, runtime: str = "inproc", record_sets: bool = False,
-             resident_dtype: str | None = None) -> tuple[dict, list]:
+             resident_dtype: str | None = None, threads: int | None = None) -> tuple[dict, list]:
     options = dict(ffn_options or {})
     if memory_bytes is not None:
         options["memory_budget_bytes"] = memory_bytes
     with Engine(store, mode=mode, max_batch=1, ffn_options=options, runtime=runtime,
-                resident_dtype=resident_dtype) as engine:
+                resident_dtype=resident_dtype, threads=threads) as engine:
         ffn = getattr(engine.executor, "ffn", None)  # the worker runtime's FFN lives in another process
         if record_sets and hasattr(ffn, "recorded_sets"):
             ffn.recorded_sets = []
-        result: dict = {"mode": mode, "runtime": runtime}
+        result: dict = {"mode": mode, "runtime": runtime, "torch_threads": engine.threads}
         if engine.memory_plan is not None:
             result["memory_plan"] = {k: v for k, v in vars(engine.memory_plan).items() if not k.startswith("_")}
             print(engine.memory_plan.describe(), file=sys.stderr)
@@ -234,7 +234,7 @@ def _plots(report: dict, plots_dir: str) -> list[str]:
 
 def run_bench(store: str, modes: list[str], memory_bytes: int | None, decode_tokens: int, text: str | None,
               eval_tokens: int, keep_fractions: list[float], runtimes: list[str], read_baseline: bool = True,
-              keep_fraction: float | None = None, resident_dtype: str | None = None) -> dict:
+              keep_fraction: float | None = None, resident_dtype: str | None = None, threads: int | None = None) -> dict:
     """resident_dtype applies to the sparse runs (the ones the budget bounds); dense stays the exact reference."""
     from protocol.store_format import read_manifest
     from runtime.tokenizer import Tokenizer
@@ -260,7 +260,8 @@ def run_bench(store: str, modes: list[str], memory_bytes: int | None, decode_tok
             options = {"keep_fraction": keep_fraction} if mode == "sparse" and keep_fraction else None
             result, (argmax, recorded) = run_mode(store, mode, budget, text_ids, tokens, ffn_options=options,
                                                   runtime=runtime, record_sets=(mode == "sparse" and runtime == "inproc"),
-                                                  resident_dtype=resident_dtype if mode == "sparse" else None)
+                                                  resident_dtype=resident_dtype if mode == "sparse" else None,
+                                                  threads=threads)
             if mode == "dense":
                 dense_argmax = argmax
             elif argmax and dense_argmax:
@@ -274,7 +275,8 @@ def run_bench(store: str, modes: list[str], memory_bytes: int | None, decode_tok
             print(f"bench: sparse keep_fraction={keep} ...", file=sys.stderr)
             try:
                 result, (argmax, _) = run_mode(store, "sparse", memory_bytes, text_ids, decode_tokens,
-                                               ffn_options={"keep_fraction": keep}, resident_dtype=resident_dtype)
+                                               ffn_options={"keep_fraction": keep}, resident_dtype=resident_dtype,
+                                               threads=threads)
             except MemoryPlanError as exc:
                 tradeoff.append({"keep_fraction": keep, "sparsity": 1 - keep, "error": str(exc)})
                 continue
@@ -307,7 +309,7 @@ def cmd_bench(args) -> int:
     runtimes = [r.strip() for r in args.runtimes.split(",")]
     report = run_bench(args.store, modes, parse_size(args.memory) if args.memory else None, args.tokens, text,
                        args.eval_tokens, keep_fractions, runtimes, read_baseline=not args.no_read_baseline,
-                       keep_fraction=args.keep_fraction, resident_dtype=args.resident_dtype)
+                       keep_fraction=args.keep_fraction, resident_dtype=args.resident_dtype, threads=args.threads)
     _print_table("modes", [dict(name=k, **v) for k, v in report["modes"].items()], [
         ("mode", "name", ""), ("ms/token", "ms_per_token", ".1f"), ("tok/s", "tokens_per_s", ".2f"),
         ("MiB read/token", "flash_read_mib_per_token", ".2f"), ("hit rate", "cache_hit_rate", ".3f"),
@@ -331,6 +333,8 @@ def cmd_bench(args) -> int:
 
 
 def register_cli(sub) -> None:
+    from runtime.cli import add_threads_arg
+
     p = sub.add_parser("bench", help="measure dense, naive and sparse modes (JSON + tables + plots)")
     p.add_argument("--store", required=True)
     p.add_argument("--modes", default="dense,naive,sparse")
@@ -344,6 +348,7 @@ def register_cli(sub) -> None:
     p.add_argument("--resident-dtype", choices=["float32", "float16", "bfloat16"], default=None,
                    help="sparse mode: hold resident matrices in this dtype (float16 halves them); dense stays exact")
     p.add_argument("--runtimes", default="inproc", help="inproc,workers: runtimes to measure the sparse mode with")
+    add_threads_arg(p)
     p.add_argument("--no-read-baseline", action="store_true")
     p.add_argument("--json", required=True, help="output JSON path")
     p.add_argument("--plots", help="directory for PNG plots")

@@ -67,7 +67,7 @@ def _engine_from_args(args, max_batch: int = 1):
         ffn_options["keep_fraction"] = args.keep_fraction
     return Engine(args.store, mode=args.mode, max_batch=max_batch, max_context=args.max_context,
                   ffn_options=ffn_options, runtime=getattr(args, "runtime", "inproc"),
-                  resident_dtype=getattr(args, "resident_dtype", None))
+                  resident_dtype=getattr(args, "resident_dtype", None), threads=getattr(args, "threads", None))
 
 
 def parse_size(text: str) -> int:
@@ -143,6 +143,12 @@ def add_sampling_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ignore-eos", action="store_true")
 
 
+def add_threads_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch threads for the model's compute (default: all cores for --mode dense; one core "
+                        "fewer when reading flash, which leaves a core to the reads; OMP_NUM_THREADS if set)")
+
+
 def _add_engine_args(p: argparse.ArgumentParser, store_required: bool = True) -> None:
     p.add_argument("--store", required=store_required, help="flash store directory (from `flashllm convert`)")
     p.add_argument("--mode", default="dense", choices=["dense", "naive", "sparse"],
@@ -155,6 +161,7 @@ def _add_engine_args(p: argparse.ArgumentParser, store_required: bool = True) ->
     p.add_argument("--resident-dtype", choices=["float32", "float16", "bfloat16"], default=None,
                    help="hold embeddings, attention and head matrices in this dtype (default: the compute dtype, "
                         "float32 on CPU); float16 halves their memory, products stay in the compute dtype")
+    add_threads_arg(p)
     p.add_argument("--runtime", default="inproc", choices=["inproc", "workers"],
                    help="run the model in this process, or pipelined in prefetch/predictor/compute processes "
                         "(--mode sparse)")

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import os
 import time
 from dataclasses import dataclass, field
 
@@ -22,8 +23,32 @@ from workers.executor import FFN_MODES, ModelExecutor, compute_dtype, default_de
 from workers.models.attention import KVCache
 from workers.models.resident import resident_dtype_of
 from workers.store_reader import open_store
+
 DEFAULT_MAX_CONTEXT = 2048
 PREFILL_TOKEN_BUDGET = 2048  # prompt tokens prefilled per step, so decode is not starved
+FLASH_MODES = ("naive", "sparse")
+
+
+def available_cores() -> int:
+    """CPU cores this process may run on (its affinity mask, e.g. a container's cpuset)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+def default_threads(mode: str) -> int | None:
+    """torch threads for an engine of `mode`; None leaves the process's setting (torch: all cores, or OMP_NUM_THREADS).
+
+    Modes that read flash leave one core to the reader threads (and, with --runtime workers, to the
+    prefetch and predictor processes). One decode token's products are memory-bound: on 2 cores a
+    second torch thread bought dense decode nothing (106 vs 105 ms/token) while it slowed the reads
+    it competed with (sparse, demo model: 525 vs 575 ms/token in-process, 440 vs 570 with workers).
+    An OMP_NUM_THREADS the user set is respected.
+    """
+    if mode not in FLASH_MODES or os.environ.get("OMP_NUM_THREADS"):
+        return None
+    return max(1, available_cores() - 1)
 
 
 class RequestError(ValueError):
@@ -70,11 +95,19 @@ class _Sequence:
 class Engine:
     def __init__(self, store_dir: str, mode: str = "dense", max_batch: int = 8, max_context: int | None = None,
                  device: str | None = None, verify: bool = True, ffn_options: dict | None = None, executor=None,
-                 runtime: str = "inproc", resident_dtype: str | None = None):
+                 runtime: str = "inproc", resident_dtype: str | None = None, threads: int | None = None):
+        """threads: torch threads of the model's compute (this process, or the compute worker);
+        None: `default_threads(mode)`. torch's thread count is per process, so this sets it for the process."""
         if mode not in FFN_MODES:
             raise ValueError(f"--mode {mode!r} is not one of {', '.join(FFN_MODES)}")
         if max_batch < 1:
             raise ValueError(f"max_batch must be ≥ 1, got {max_batch}")
+        if threads is not None and threads < 1:
+            raise ValueError(f"--threads must be ≥ 1, got {threads}")
+        threads = threads if threads is not None else default_threads(mode)
+        if threads is not None:
+            torch.set_num_threads(threads)
+        self.threads = torch.get_num_threads()
         self.store_dir = store_dir
         self.manifest = open_store(store_dir)
         arch = self.arch = self.manifest.arch

@@ -43,11 +43,9 @@ MIN_LOGITS_ROWS = 64
 
 def default_compute_threads() -> int:
     """torch threads for the compute process: this process's count, i.e. what the in-process engine
-    would use. Same count, same kernels, same bits: CPU scaled_dot_product_attention of one query
-    token gives different low bits with 1 and 2 threads, enough to flip a near-tie in greedy decoding.
-    Fewer threads are often faster here (the predictor and the reader threads need a core too:
-    1 compute thread measured ~3x faster per token than 2 on a loaded 2-core machine); set
-    torch.set_num_threads / OMP_NUM_THREADS for both runtimes alike, or pass compute_threads."""
+    uses (Engine sets it from --threads or runtime.engine.default_threads before building us).
+    Same count, same kernels, same bits: CPU scaled_dot_product_attention of one query token gives
+    different low bits with 1 and 2 threads, enough to flip a near-tie in greedy decoding."""
     return torch.get_num_threads()
 
 

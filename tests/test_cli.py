@@ -149,4 +149,30 @@ def test_user_errors_exit_2_without_a_traceback(store, tmp_path):
                        "generate", "temperature")
     _assert_user_error(flashllm("generate", "--store", store, "--keep-fraction", "0.3", "hello"),
                        "generate", "--keep-fraction applies to --mode sparse")
+    _assert_user_error(flashllm("generate", "--store", store, "--threads", "0", "hello"), "generate", "--threads")
     assert not os.path.exists(tmp_path / "out")
+
+
+def test_flash_modes_leave_a_core_to_the_reads(monkeypatch):
+    """Default torch threads: dense keeps the process's setting; naive/sparse use one core fewer than the
+    process may run on (at least one); a user's OMP_NUM_THREADS wins."""
+    from runtime import engine
+
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    for cores, expected in ((1, 1), (2, 1), (8, 7)):
+        monkeypatch.setattr(engine, "available_cores", lambda: cores)
+        assert engine.default_threads("sparse") == expected
+        assert engine.default_threads("naive") == expected
+        assert engine.default_threads("dense") is None
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")
+    assert engine.default_threads("sparse") is None
+
+
+def test_an_engine_runs_the_threads_asked(store):
+    with Engine(store, mode="naive", max_batch=1, threads=1) as engine:
+        assert engine.threads == 1
+        ones = engine.generate(PROMPTS[:1], SamplingParams(max_tokens=MAX_TOKENS, temperature=0.0))[0].tokens
+    with Engine(store, mode="naive", max_batch=1, threads=2) as engine:
+        assert engine.threads == 2
+        twos = engine.generate(PROMPTS[:1], SamplingParams(max_tokens=MAX_TOKENS, temperature=0.0))[0].tokens
+    assert ones == twos  # the tiny model's greedy tokens do not hinge on reduction order

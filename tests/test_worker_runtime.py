@@ -224,6 +224,8 @@ def test_three_workers_run_and_only_the_prefetcher_reads_the_ffn(worker_engine):
     executor = worker_engine.executor
     pids = executor.worker_pids
     assert sorted(pids) == sorted([ROLE_PREFETCH, ROLE_PREDICTOR, ROLE_COMPUTE])
+    # the compute process multiplies with the engine's thread count (same kernels, same bits as in-process)
+    assert executor.supervisor.worker_info[ROLE_COMPUTE]["torch_threads"] == worker_engine.threads
     for role, pid in pids.items():
         assert _alive(pid) and pid != os.getpid()
         with open(f"/proc/{pid}/comm", encoding="ascii") as f:
