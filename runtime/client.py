@@ -203,6 +203,19 @@ class Client:
                 self._inbox[reply.id].append(reply)
 
 
+def _chunk_of(stream: "TokenStream | AsyncTokenStream", reply) -> TokenChunk | None:
+    """One reply of a stream: the chunk to hand out, or None once the stream has ended (an error raises)."""
+    if isinstance(reply, TokenChunk):
+        return reply
+    if isinstance(reply, FinalMessage):
+        stream.final = reply
+        stream._finish()
+    elif isinstance(reply, ErrorReply):
+        stream._finish()
+        _raise_for(reply)
+    return None
+
+
 class TokenStream:
     """TokenChunks of one streamed request; leaving it early (close(), break in a with-block) cancels the request."""
 
@@ -222,14 +235,9 @@ class TokenStream:
             except BaseException:
                 self.close()
                 raise
-            if isinstance(reply, TokenChunk):
-                return reply
-            if isinstance(reply, FinalMessage):
-                self.final = reply
-                self._finish()
-            elif isinstance(reply, ErrorReply):
-                self._finish()
-                _raise_for(reply)
+            chunk = _chunk_of(self, reply)
+            if chunk is not None:
+                return chunk
         raise StopIteration
 
     def text(self) -> str:
@@ -389,14 +397,9 @@ class AsyncTokenStream:
             except BaseException:
                 await self.aclose()
                 raise
-            if isinstance(reply, TokenChunk):
-                return reply
-            if isinstance(reply, FinalMessage):
-                self.final = reply
-                self._finish()
-            elif isinstance(reply, ErrorReply):
-                self._finish()
-                _raise_for(reply)
+            chunk = _chunk_of(self, reply)
+            if chunk is not None:
+                return chunk
         raise StopAsyncIteration
 
     async def text(self) -> str:
