@@ -112,8 +112,13 @@ def window_curve(recorded_sets: list[tuple[int, np.ndarray]], num_neurons: int, 
     return curve
 
 
-def read_size_baseline(store: str, threads: int = 4, total_bytes: int = 24 << 20) -> list[dict]:
-    """Raw direct reads vs the bundle reader at the same request size and concurrency."""
+def read_size_baseline(store: str, threads: int = 4, total_bytes: int = 16 << 20, repeats: int = 3) -> list[dict]:
+    """Raw direct reads vs the bundle reader at the same request size and concurrency.
+
+    The two alternate `repeats` times per size and each reports its median:
+    this device's throughput drifts by tens of percent over seconds, and one
+    back-to-back pair would measure the drift as much as the reader.
+    """
     from protocol.store_format import read_manifest
     from workers.flash_io.bundle_reader import BundleReader, measure_direct_read_bandwidth, numpy_dtype_of_store
 
@@ -124,30 +129,36 @@ def read_size_baseline(store: str, threads: int = 4, total_bytes: int = 24 << 20
     largest_region = max(region.length_bytes for region in layout.layers)
     total_bytes = min(total_bytes, layout.file_bytes)
     with BundleReader(store, layout, num_threads=threads) as reader:
-        for size in REQUEST_SIZES_BYTES:
-            if size * 4 > largest_region:
-                break  # a layer too small to hold several such requests: nothing to compare
-            raw = measure_direct_read_bandwidth(path, size, threads, total_bytes)
+
+        def reader_bandwidth(size: int, seed: int) -> tuple[float, float]:
             # runs of neighbouring neurons about `size` long, far enough apart not to be merged
             run = max(1, size // layout.bundle_bytes)
             gap = run + max(2, reader.max_gap_bytes // layout.bundle_bytes + 2)
             reader.reset_stats()
+            rng = np.random.default_rng(seed)
             started = time.perf_counter()
-            read_total = 0
-            rng = np.random.default_rng(size)
-            while read_total < total_bytes:
+            while reader.stats.read_bytes < total_bytes:
                 layer = int(rng.integers(len(layout.layers)))
                 n = layout.layers[layer].num_neurons
                 starts = np.arange(int(rng.integers(gap)), n - run, gap)
                 ids = (starts[:, None] + np.arange(run)[None, :]).ravel()  # (k,)
                 out = np.empty((len(ids), layout.bundle_elements), dtype=numpy_dtype_of_store(layout.dtype))
                 reader.read_neurons(layer, ids, out)
-                read_total = reader.stats.read_bytes
             elapsed = time.perf_counter() - started
-            reader_bw = reader.stats.read_bytes / elapsed
-            mean_request = reader.stats.read_bytes / max(1, reader.stats.requests)
-            rows.append({"request_bytes": size, "reader_mean_request_bytes": mean_request,
-                         "raw_bytes_per_s": raw, "reader_bytes_per_s": reader_bw,
+            return reader.stats.read_bytes / elapsed, reader.stats.read_bytes / max(1, reader.stats.requests)
+
+        for size in REQUEST_SIZES_BYTES:
+            if size * 4 > largest_region:
+                break  # a layer too small to hold several such requests: nothing to compare
+            raw_runs, reader_runs = [], []
+            for repeat in range(repeats):
+                raw_runs.append(measure_direct_read_bandwidth(path, size, threads, total_bytes, seed=repeat))
+                bandwidth, mean_request = reader_bandwidth(size, seed=size + repeat)
+                reader_runs.append(bandwidth)
+            raw, reader_bw = _median(raw_runs), _median(reader_runs)
+            rows.append({"request_bytes": size, "reader_mean_request_bytes": mean_request, "threads": threads,
+                         "repeats": repeats, "raw_bytes_per_s": raw, "reader_bytes_per_s": reader_bw,
+                         "raw_runs_bytes_per_s": raw_runs, "reader_runs_bytes_per_s": reader_runs,
                          "reader_fraction_of_raw": reader_bw / raw})
     return rows
 

@@ -294,6 +294,20 @@ def test_raw_bandwidth_baseline_runs(tmp_path):
     assert bytes_per_s > 0
 
 
+def test_bench_read_baseline_alternates_raw_and_reader_runs(tiny_stores):
+    """The bench's reader-vs-raw table: per request size the medians of alternating runs of both."""
+    from runtime.bench import read_size_baseline
+
+    rows = read_size_baseline(tiny_stores("llama"), threads=2, total_bytes=1 << 20, repeats=3)
+    assert [row["request_bytes"] for row in rows][:2] == [4096, 16384]
+    for row in rows:
+        assert len(row["raw_runs_bytes_per_s"]) == len(row["reader_runs_bytes_per_s"]) == 3
+        assert row["raw_bytes_per_s"] == sorted(row["raw_runs_bytes_per_s"])[1]
+        assert row["reader_fraction_of_raw"] == pytest.approx(row["reader_bytes_per_s"] / row["raw_bytes_per_s"])
+        # the reader's requests are about the size they are compared at
+        assert row["request_bytes"] / 2 <= row["reader_mean_request_bytes"] <= row["request_bytes"] * 2
+
+
 # ---- the neuron cache ----------------------------------------------------------------
 
 
