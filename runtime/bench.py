@@ -115,11 +115,15 @@ def window_curve(recorded_sets: list[tuple[int, np.ndarray]], num_neurons: int, 
 def read_size_baseline(store: str, threads: int = 4, total_bytes: int = 16 << 20, repeats: int = 3) -> list[dict]:
     """Raw direct reads vs the bundle reader at the same request size and concurrency.
 
-    The two alternate `repeats` times per size and each reports its median:
+    For each target size the reader reads runs of neighbouring neurons about
+    that long, spaced so that the planner cannot merge them; raw reads then use
+    the reader's mean request size (aligned up) and as many reads in flight as
+    the reader had (its threads; with AIO, its mean requests per call up to the
+    queue depth), so both sides issue the same requests. The two alternate `repeats` times and each reports its median:
     this device's throughput drifts by tens of percent over seconds, and one
     back-to-back pair would measure the drift as much as the reader.
     """
-    from protocol.store_format import read_manifest
+    from protocol.store_format import align_up, read_manifest
     from workers.flash_io.bundle_reader import BundleReader, measure_direct_read_bandwidth, numpy_dtype_of_store
 
     manifest = read_manifest(store)
@@ -129,35 +133,42 @@ def read_size_baseline(store: str, threads: int = 4, total_bytes: int = 16 << 20
     largest_region = max(region.length_bytes for region in layout.layers)
     total_bytes = min(total_bytes, layout.file_bytes)
     with BundleReader(store, layout, num_threads=threads) as reader:
+        # a hole that stays wider than the merge gap after both ends are aligned outwards
+        hole_neurons = -(-(reader.max_gap_bytes + 2 * layout.alignment_bytes) // layout.bundle_bytes) + 1
 
-        def reader_bandwidth(size: int, seed: int) -> tuple[float, float]:
-            # runs of neighbouring neurons about `size` long, far enough apart not to be merged
+        def reader_run(size: int, seed: int) -> tuple[float, float, int]:
+            """(bytes/s, mean request bytes, reads in flight) of the reader at about `size` per request"""
             run = max(1, size // layout.bundle_bytes)
-            gap = run + max(2, reader.max_gap_bytes // layout.bundle_bytes + 2)
             reader.reset_stats()
             rng = np.random.default_rng(seed)
+            calls = 0
             started = time.perf_counter()
             while reader.stats.read_bytes < total_bytes:
+                calls += 1
                 layer = int(rng.integers(len(layout.layers)))
                 n = layout.layers[layer].num_neurons
-                starts = np.arange(int(rng.integers(gap)), n - run, gap)
+                starts = np.arange(int(rng.integers(run + hole_neurons)), n - run, run + hole_neurons)
                 ids = (starts[:, None] + np.arange(run)[None, :]).ravel()  # (k,)
                 out = np.empty((len(ids), layout.bundle_elements), dtype=numpy_dtype_of_store(layout.dtype))
                 reader.read_neurons(layer, ids, out)
             elapsed = time.perf_counter() - started
-            return reader.stats.read_bytes / elapsed, reader.stats.read_bytes / max(1, reader.stats.requests)
+            in_flight = reader.num_threads if reader.io_backend == "threads" else \
+                max(1, min(reader.concurrency, round(reader.stats.requests / calls)))
+            return reader.stats.read_bytes / elapsed, reader.stats.read_bytes / max(1, reader.stats.requests), in_flight
 
         for size in REQUEST_SIZES_BYTES:
             if size * 4 > largest_region:
                 break  # a layer too small to hold several such requests: nothing to compare
             raw_runs, reader_runs = [], []
             for repeat in range(repeats):
-                raw_runs.append(measure_direct_read_bandwidth(path, size, threads, total_bytes, seed=repeat))
-                bandwidth, mean_request = reader_bandwidth(size, seed=size + repeat)
+                bandwidth, mean_request, in_flight = reader_run(size, seed=size + repeat)
                 reader_runs.append(bandwidth)
+                raw_size = align_up(round(mean_request), layout.alignment_bytes)
+                raw_runs.append(measure_direct_read_bandwidth(path, raw_size, in_flight, total_bytes, seed=repeat,
+                                                              io_backend=reader.io_backend))
             raw, reader_bw = _median(raw_runs), _median(reader_runs)
-            rows.append({"request_bytes": size, "reader_mean_request_bytes": mean_request, "threads": threads,
-                         "repeats": repeats, "raw_bytes_per_s": raw, "reader_bytes_per_s": reader_bw,
+            rows.append({"request_bytes": raw_size, "reader_mean_request_bytes": mean_request,
+                         "io_backend": reader.io_backend, "reads_in_flight": in_flight, "repeats": repeats, "raw_bytes_per_s": raw, "reader_bytes_per_s": reader_bw,
                          "raw_runs_bytes_per_s": raw_runs, "reader_runs_bytes_per_s": reader_runs,
                          "reader_fraction_of_raw": reader_bw / raw})
     return rows
@@ -333,7 +344,8 @@ def cmd_bench(args) -> int:
             ("top1 vs dense", "top1_agreement_with_dense", ".3f")])
     if report.get("direct_read_baseline"):
         _print_table("direct reads: raw vs reader", report["direct_read_baseline"], [
-            ("request bytes", "request_bytes", "d"), ("raw MB/s", "raw_bytes_per_s", ".3e"),
+            ("request bytes", "request_bytes", "d"), ("in flight", "reads_in_flight", "d"),
+            ("raw MB/s", "raw_bytes_per_s", ".3e"),
             ("reader MB/s", "reader_bytes_per_s", ".3e"), ("reader/raw", "reader_fraction_of_raw", ".2f")])
     if args.plots:
         report["plots"] = _plots(report, args.plots)

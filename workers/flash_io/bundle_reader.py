@@ -5,10 +5,14 @@ random 4 KiB reads reach a fraction of what 64 KiB+ reads do. So a token's
 wanted neurons are not read one by one. `plan_reads` sorts them and merges
 neighbours into one aligned request whenever the gap between them is cheaper
 to read than a separate request (`max_gap_bytes`), up to `max_request_bytes`;
-the requests then run on a thread pool (`os.preadv` releases the GIL) into an
-aligned staging buffer, and each worker copies its request's wanted rows out
-to the caller's matrix (e.g. free rows of a `NeuronCache`, possibly in shared
-memory).
+the requests then run into an aligned staging buffer, and as each completes
+its wanted rows are copied out to the caller's matrix (e.g. free rows of a
+`NeuronCache`, possibly in shared memory).
+
+Two ways to keep many requests in flight: Linux native AIO (one thread
+submits a whole round, `linux_aio.AioQueue`; the default on direct files), or
+a pool of threads each issuing `os.preadv` (which releases the GIL): the
+fallback where AIO is unavailable or the file is read buffered.
 
 Byte picture of one request inside a layer region (bundle_bytes need not be a
 multiple of the alignment, so a request may start and end inside a bundle):
@@ -27,6 +31,7 @@ buffers are reused across calls).
 from __future__ import annotations
 
 import itertools
+import logging
 import os
 import time
 from concurrent.futures import ThreadPoolExecutor, wait
@@ -37,6 +42,11 @@ import numpy as np
 
 from protocol.store_format import FfnLayout, StoreError, align_down, align_up
 from workers.flash_io.direct_io import DirectFile, aligned_buffer
+from workers.flash_io.linux_aio import DEFAULT_QUEUE_DEPTH, AioQueue, AioUnavailable
+
+logger = logging.getLogger(__name__)
+
+IO_BACKENDS = ("auto", "aio", "threads")
 
 # Flash serves ~235 MB/s at 4 KiB but ~1 GB/s at 64 KiB: a separate request
 # costs roughly as much as reading a few tens of KiB more in the same request.
@@ -181,9 +191,13 @@ class BundleReader:
         num_threads: int = 4,
         max_gap_bytes: int = DEFAULT_MAX_GAP_BYTES,
         max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES,
+        io_backend: str = "auto",
+        queue_depth: int = DEFAULT_QUEUE_DEPTH,
     ):
         if num_threads < 1:
             raise ValueError(f"num_threads must be >= 1, got {num_threads}")
+        if io_backend not in IO_BACKENDS:
+            raise ValueError(f"io_backend must be one of {IO_BACKENDS}, got {io_backend!r}")
         self.layout = layout
         self.dtype = numpy_dtype_of_store(layout.dtype)
         self.bundle_elements = layout.bundle_elements
@@ -219,9 +233,68 @@ class BundleReader:
         # Requests must stay aligned, so round the cap down to whole blocks.
         self.max_request_bytes = max(self.alignment_bytes, align_down(max_request_bytes, self.alignment_bytes))
         self._pool = ThreadPoolExecutor(max_workers=num_threads, thread_name_prefix="flash-read")
+        self._aio = self._open_aio(io_backend, queue_depth)
         self._staging = np.empty(0, dtype=np.uint8)  # grown on demand, aligned
         self._layer_buffer = np.empty(0, dtype=np.uint8)  # allocated at first read_layer, aligned
         self.stats = ReadStats()
+
+    def _open_aio(self, io_backend: str, queue_depth: int) -> AioQueue | None:
+        """An AIO queue for direct files unless threads were asked for; None means the thread pool reads."""
+        self.io_backend_note = ""
+        if io_backend == "threads":
+            return None
+        reason = "the file is read buffered, where Linux AIO runs synchronously"
+        if self._file.direct:
+            try:
+                return AioQueue(queue_depth)
+            except AioUnavailable as exc:
+                reason = str(exc)
+        if io_backend == "aio":
+            self.close()
+            raise RuntimeError(f"{self.path}: asynchronous direct reads (AIO) are unavailable: {reason}; "
+                               "use io_backend='threads' (or 'auto', which falls back by itself)")
+        self.io_backend_note = f"reading on {self.num_threads} threads: {reason}"
+        logger.info("%s: %s", self.path, self.io_backend_note)
+        return None
+
+    @property
+    def io_backend(self) -> str:
+        """'aio' (one thread, many reads in flight) or 'threads' (one read in flight per pool thread)."""
+        return "threads" if self._aio is None else "aio"
+
+    @property
+    def concurrency(self) -> int:
+        """Most reads in flight at once: the AIO queue depth, or the number of threads."""
+        return self.num_threads if self._aio is None else self._aio.depth
+
+    def _run_requests(self, offsets: list[int], lengths: list[int], staging_starts: list[int],
+                      min_bytes: list[int], staging: np.ndarray, after_read: Callable[[int], None]) -> None:
+        """Read request i (offsets[i], lengths[i]) into staging[staging_starts[i]:], then after_read(i), for every i.
+
+        A request that comes back short of min_bytes[i] is read again
+        synchronously, which resumes it or raises the truncated-file error.
+        """
+        staging_bytes = memoryview(staging)
+
+        def read_sync(index: int) -> None:
+            start = staging_starts[index]
+            self._file.read_into(offsets[index], staging_bytes[start : start + lengths[index]], min_bytes=min_bytes[index])
+
+        if self._aio is None:
+            def read_request(index: int, _worker: int) -> None:
+                read_sync(index)
+                after_read(index)
+
+            _run_parallel(self._pool, self.num_threads, len(offsets), read_request)
+            return
+
+        def on_complete(index: int, got_bytes: int) -> None:
+            if got_bytes < min_bytes[index]:
+                read_sync(index)
+            after_read(index)
+
+        addresses = staging.ctypes.data + np.asarray(staging_starts[: len(offsets)], dtype=np.uint64)  # (requests,)
+        self._aio.read_all(self._file.fileno(), offsets, lengths, addresses, on_complete)
 
     @property
     def direct(self) -> bool:
@@ -260,17 +333,15 @@ class BundleReader:
             self._layer_buffer = np.empty(0, dtype=np.uint8)  # drop the old mapping first
             self._layer_buffer = aligned_buffer(largest_bytes)
         buffer = self._layer_buffer
-        num_chunks = -(-span_bytes // self.max_request_bytes)
-        needed_end = region.offset_bytes + region.length_bytes  # the file may end before the aligned span does
-
-        def read_chunk(index: int, _worker: int) -> None:
-            chunk_start = index * self.max_request_bytes
-            chunk_end = min(chunk_start + self.max_request_bytes, span_bytes)
-            min_bytes = max(0, min(chunk_end, needed_end - span_start) - chunk_start)
-            self._file.read_into(span_start + chunk_start, buffer[chunk_start:chunk_end], min_bytes=min_bytes)
+        needed_bytes = region.offset_bytes + region.length_bytes - span_start  # the file may end before the span does
+        chunk_starts = list(range(0, span_bytes, self.max_request_bytes))
+        chunk_lengths = [min(self.max_request_bytes, span_bytes - start) for start in chunk_starts]
+        min_bytes = [max(0, min(length, needed_bytes - start)) for start, length in zip(chunk_starts, chunk_lengths)]
+        num_chunks = len(chunk_starts)
 
         started_s = time.perf_counter()
-        _run_parallel(self._pool, self.num_threads, num_chunks, read_chunk)
+        self._run_requests([span_start + start for start in chunk_starts], chunk_lengths, chunk_starts, min_bytes,
+                           buffer, after_read=lambda index: None)
         self.stats.read_time_s += time.perf_counter() - started_s
         self.stats.requests += num_chunks
         self.stats.read_bytes += span_bytes
@@ -347,15 +418,10 @@ class BundleReader:
         local_rows = sorted_ids - np.repeat(first_ids, end_index - first_index)  # (k,) row of each id in its request
         request_offsets, request_lengths = offsets.tolist(), lengths.tolist()
         staging_starts, firsts, ends = staging_offsets.tolist(), first_index.tolist(), end_index.tolist()
-        staging_bytes = memoryview(staging)
         staging_elements = staging.view(self.dtype)  # (staging bytes / itemsize,)
         row_elements = self.bundle_elements
 
-        def read_request(index: int, _worker: int) -> None:
-            staging_start = staging_starts[index]
-            self._file.read_into(request_offsets[index],
-                                 staging_bytes[staging_start : staging_start + request_lengths[index]],
-                                 min_bytes=min_bytes[index])
+        def copy_rows(index: int) -> None:
             first_row, span, first, end = first_rows[index], span_rows[index], firsts[index], ends[index]
             rows = staging_elements[first_row : first_row + span * row_elements].reshape(span, row_elements)
             if ids_sorted:
@@ -365,14 +431,17 @@ class BundleReader:
                 out[order[first:end]] = rows[local_rows[first:end]]  # caller's order: numpy goes through a temporary
 
         started_s = time.perf_counter()
-        _run_parallel(self._pool, self.num_threads, len(offsets), read_request)
+        self._run_requests(request_offsets, request_lengths, staging_starts, min_bytes, staging, after_read=copy_rows)
         self.stats.read_time_s += time.perf_counter() - started_s
         self.stats.requests += len(offsets)
         self.stats.read_bytes += total_bytes
         self.stats.useful_bytes += len(ids) * bundle_bytes
 
     def close(self) -> None:
-        """Stop the thread pool and close the file; safe to call twice. Views from read_layer stay valid memory."""
+        """Stop the thread pool and AIO queue and close the file; safe to call twice. Views from read_layer stay valid memory."""
+        if getattr(self, "_aio", None) is not None:
+            self._aio.close()
+            self._aio = None
         if self._pool is not None:
             self._pool.shutdown(wait=True)
             self._pool = None
@@ -385,12 +454,16 @@ class BundleReader:
         self.close()
 
 
-def measure_direct_read_bandwidth(path: str, request_bytes: int, concurrency: int, total_bytes: int, seed: int = 0) -> float:
+def measure_direct_read_bandwidth(path: str, request_bytes: int, concurrency: int, total_bytes: int, seed: int = 0,
+                                  io_backend: str = "threads") -> float:
     """Raw direct-read throughput of `path` in bytes/s: random aligned requests of
-    `request_bytes` on `concurrency` threads (the reader's mechanism), ~total_bytes in all.
+    `request_bytes`, `concurrency` in flight (AIO queue depth or threads, as
+    `io_backend` says: the reader's mechanisms), ~total_bytes in all.
 
     The baseline a BundleReader's throughput is judged against.
     """
+    if io_backend not in ("aio", "threads"):
+        raise ValueError(f"io_backend must be 'aio' or 'threads', got {io_backend!r}")
     with DirectFile(path) as file:
         alignment = file.alignment_bytes
         if request_bytes % alignment or request_bytes <= 0:
@@ -401,7 +474,17 @@ def measure_direct_read_bandwidth(path: str, request_bytes: int, concurrency: in
         slots = (file.size_bytes - request_bytes) // alignment + 1
         rng = np.random.default_rng(seed)
         offsets = rng.integers(0, slots, size=num_requests) * alignment  # (num_requests,)
-        buffer = aligned_buffer(request_bytes * concurrency)  # one slot per worker
+        buffer = aligned_buffer(request_bytes * concurrency)  # one slot per read in flight
+
+        if io_backend == "aio":
+            # read i lands in slot i % concurrency; two reads in flight may share a slot, harmless for throwaway bytes
+            addresses = buffer.ctypes.data + request_bytes * (np.arange(num_requests, dtype=np.uint64) % concurrency)
+            with AioQueue(concurrency) as queue:
+                started_s = time.perf_counter()
+                queue.read_all(file.fileno(), offsets, np.full(num_requests, request_bytes), addresses,
+                               on_complete=lambda index, got_bytes: None)
+                elapsed_s = time.perf_counter() - started_s
+            return num_requests * request_bytes / elapsed_s
 
         def read_one(index: int, worker: int) -> None:
             slot = buffer[worker * request_bytes : (worker + 1) * request_bytes]

@@ -186,6 +186,12 @@ class DirectFile:
     def closed(self) -> bool:
         return self._fd < 0
 
+    def fileno(self) -> int:
+        """The open descriptor, for reads issued elsewhere (AIO); same alignment rules as read_into."""
+        if self._fd < 0:
+            raise ValueError(f"{self.path} is closed")
+        return self._fd
+
     def __enter__(self) -> "DirectFile":
         return self
 
