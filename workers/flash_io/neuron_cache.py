@@ -102,9 +102,16 @@ class NeuronCache:
             if lowest < 0 or highest >= self.num_neurons:
                 bad = lowest if lowest < 0 else highest
                 raise IndexError(f"{what}: neuron id {bad} out of range (0..{self.num_neurons - 1})")
-            if np.unique(ids).size != ids.size:
+            # Callers mostly pass sorted sets (np.unique, union1d): strictly increasing means unique, and
+            # checking that is ~50x cheaper than np.unique, which otherwise costs ms per token.
+            if not (ids[1:] > ids[:-1]).all() and np.unique(ids).size != ids.size:
                 raise ValueError(f"{what}: ids must be unique")
         return ids
+
+    def _check_sorted_unique(self, ids: np.ndarray, what: str) -> np.ndarray:
+        """_check_ids, sorted."""
+        ids = self._check_ids(ids, what)
+        return ids if (ids[1:] > ids[:-1]).all() else np.sort(ids)
 
     @property
     def cached_ids(self) -> np.ndarray:
@@ -194,7 +201,7 @@ class NeuronCache:
         does not need are evicted first; if even that is not enough, raises
         CacheCapacityError and changes nothing.
         """
-        active = np.unique(self._check_ids(active_ids, "plan_token"))  # (a,)
+        active = self._check_sorted_unique(active_ids, "plan_token")  # (a,)
         missing = active[self.slot_of[active] < 0]  # (m,)
         self.hits += active.size - missing.size
         self.misses += missing.size
@@ -219,7 +226,7 @@ class NeuronCache:
 
     def advance_window(self, active_ids: np.ndarray) -> None:
         """Record this token's active set (for a batch, the union over its sequences) in the window."""
-        active = np.unique(self._check_ids(active_ids, "advance_window"))  # (a,)
+        active = self._check_sorted_unique(active_ids, "advance_window")  # (a,)
         self._window.append(active)
         self._window_count[active] += 1
         if len(self._window) > self.window_tokens:
@@ -229,7 +236,7 @@ class NeuronCache:
 
     def extend_current_token(self, extra_ids: np.ndarray) -> None:
         """Add late-predicted ids to the newest token's set in the window (the same-layer check)."""
-        extra = np.unique(self._check_ids(extra_ids, "extend_current_token"))  # (e,)
+        extra = self._check_sorted_unique(extra_ids, "extend_current_token")  # (e,)
         if not self._window:
             self.advance_window(extra)
             return
