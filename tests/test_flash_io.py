@@ -548,3 +548,15 @@ def test_cache_rows_can_live_in_caller_memory():
     assert shared[0].tolist() == [1.0, 1.0, 1.0]
     with pytest.raises(ValueError, match=r"\(6, 3\) float32"):
         NeuronCache(10, 3, capacity_rows=6, dtype=np.float16, window_tokens=2, rows=shared)
+
+
+def test_neuron_id_set_operations_match_numpy():
+    from workers.flash_io.neuron_ids import difference_ids, union_ids
+
+    rng = np.random.default_rng(11)
+    for _ in range(50):
+        a, b = rng.integers(0, 300, size=int(rng.integers(0, 200))), rng.integers(0, 300, size=int(rng.integers(0, 200)))
+        assert np.array_equal(union_ids(300, a, b), np.union1d(a, b))
+        assert np.array_equal(union_ids(300, a), np.unique(a))
+        sorted_a = np.unique(a)
+        assert np.array_equal(difference_ids(300, sorted_a, b), np.setdiff1d(sorted_a, b))

@@ -44,6 +44,7 @@ from protocol.messages import (
 )
 from protocol.shm import SharedSegment
 from protocol.store_format import Manifest, StoreError
+from workers.flash_io.neuron_ids import difference_ids, union_ids
 from workers.models.resident import linear
 from workers.process_entry import WorkerConfig, run_worker
 
@@ -139,7 +140,7 @@ class SparsityPredictor:
             if self.keep_neurons >= self.num_neurons:
                 return np.arange(self.num_neurons, dtype=np.int64)
             top = torch.topk(logits, self.keep_neurons, dim=-1).indices  # (N, k)
-        return np.unique(top.cpu().numpy().astype(np.int64))
+        return union_ids(self.num_neurons, top.cpu().numpy().reshape(-1))
 
     def predict_mask(self, kind: str, layer: int, x: torch.Tensor) -> torch.Tensor:
         """x (N, d) → (N, n_ff) bool: each token's own top-k (no union), for per-token masked compute."""
@@ -234,7 +235,7 @@ class PredictorWorker:
             self._send_lookahead(msg, h)
         same = predictor.predict("same", layer, h)
         first = ahead if ahead is not None else same
-        if np.union1d(first, same).size + self.pinned_counts[layer] > self.capacity_rows[layer]:
+        if union_ids(self.predictor.num_neurons, first, same).size + self.pinned_counts[layer] > self.capacity_rows[layer]:
             if self._committed.get(layer):
                 raise RuntimeError(f"layer {layer}: committed lookahead but the union does not fit (a flashllm bug)")
             self._send_masked(msg, h, start)  # the batch's union makes the layer nearly dense
@@ -242,8 +243,8 @@ class PredictorWorker:
         late = np.zeros(0, np.int64)
         predicted = len(first)
         if ahead is not None:
-            late = np.setdiff1d(same, ahead, assume_unique=True)
-            predicted = np.union1d(ahead, same).size
+            late = difference_ids(self.predictor.num_neurons, same, ahead)
+            predicted = union_ids(self.predictor.num_neurons, ahead, same).size
         self.channel.send(ROLE_PREFETCH, Prediction(step=msg.step, layer=layer, path=PATH_CACHED, first=first,
                                                     late=late, first_committed=self._committed.pop(layer, False)))
         if layer + 1 not in self._ahead:

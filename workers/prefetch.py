@@ -33,6 +33,7 @@ from protocol.shm import SharedSegment, cache_layer_arrays
 from protocol.store_format import Manifest, StoreError, read_manifest
 from workers.flash_io.bundle_reader import BundleReader, numpy_dtype_of_store
 from workers.flash_io.neuron_cache import NeuronCache
+from workers.flash_io.neuron_ids import union_ids
 from workers.process_entry import WorkerConfig, run_worker
 
 
@@ -151,7 +152,7 @@ class Prefetcher:
         The window advance and eviction that prepare does first never drop a predicted id, so the
         ids to insert then are exactly the ones not cached now. Replaces any earlier staging."""
         cache = self.caches[layer]
-        ids = np.unique(np.asarray(predicted_ids, dtype=np.int64))  # (k,)
+        ids = union_ids(cache.num_neurons, np.asarray(predicted_ids, dtype=np.int64))  # (k,) sorted
         missing = ids[cache.slot_of[ids] < 0]  # (m,) sorted
         start = time.perf_counter()
         before_bytes = self.reader.stats.read_bytes

@@ -29,6 +29,7 @@ import torch
 from protocol.store_format import Manifest
 from workers.ffn_providers import FfnStats, rows_to_tensor
 from workers.flash_io.bundle_reader import BundleReader
+from workers.flash_io.neuron_ids import difference_ids, union_ids
 from workers.models.ffn import BundleColumns, ffn_from_rows, neuron_activations
 from workers.predictor import SparsityPredictor
 from workers.prefetch import Prefetcher
@@ -120,15 +121,15 @@ class SparseFlashFfn:
         ahead = self._ahead.pop(layer, None)
         same = predictor.predict("same", layer, h)
         first = ahead if ahead is not None else same
-        union_size = np.union1d(first, same).size
+        union_size = union_ids(self.num_neurons, first, same).size
         if union_size + int(prefetcher.caches[layer].pinned.sum()) > prefetcher.caches[layer].capacity_rows:
             return self._forward_masked(layer, h)  # the batch's union makes the layer nearly dense
         update = prefetcher.prepare(layer, first, new_token=True)
         self._count(update)
         predicted = first
         if ahead is not None:
-            late = np.setdiff1d(same, ahead, assume_unique=True)
-            predicted = np.union1d(ahead, same)
+            late = difference_ids(self.num_neurons, same, ahead)
+            predicted = union_ids(self.num_neurons, ahead, same)
             if late.size and self.missing_policy == "read":
                 self._count(prefetcher.prepare(layer, late, new_token=False))
         self.stats.neurons_predicted += len(predicted)

@@ -34,6 +34,7 @@ from typing import Callable
 import numpy as np
 
 from workers.flash_io.bundle_reader import numpy_dtype_of_store
+from workers.flash_io.neuron_ids import difference_ids, union_ids
 
 # rows_filler(ids, out): write the bundles of ids (k,) into out (k, bundle_elements),
 # e.g. functools.partial(BundleReader.read_neurons, layer).
@@ -102,9 +103,8 @@ class NeuronCache:
             if lowest < 0 or highest >= self.num_neurons:
                 bad = lowest if lowest < 0 else highest
                 raise IndexError(f"{what}: neuron id {bad} out of range (0..{self.num_neurons - 1})")
-            # Callers mostly pass sorted sets (np.unique, union1d): strictly increasing means unique, and
-            # checking that is ~50x cheaper than np.unique, which otherwise costs ms per token.
-            if not (ids[1:] > ids[:-1]).all() and np.unique(ids).size != ids.size:
+            # strictly increasing (what callers mostly pass) proves it cheaply; else count the distinct ids
+            if not (ids[1:] > ids[:-1]).all() and union_ids(self.num_neurons, ids).size != ids.size:
                 raise ValueError(f"{what}: ids must be unique")
         return ids
 
@@ -164,7 +164,9 @@ class NeuronCache:
         new_num_rows = self.num_rows - ids.size
         holes = np.sort(freed[freed < new_num_rows])  # (m,) freed slots inside the new packed prefix
         tail = np.arange(new_num_rows, self.num_rows)  # (k,) rows that leave the prefix
-        movers = tail[~np.isin(tail, freed)]  # (m,) surviving rows to move down
+        leaving = np.zeros(self.num_rows, dtype=bool)  # (num_rows,)
+        leaving[freed] = True
+        movers = tail[~leaving[tail]]  # (m,) surviving rows to move down
         if movers.size:
             self.rows[holes] = self.rows[movers]  # holes < new_num_rows <= movers: no overlap
             moved_ids = self.slot_ids[movers]
@@ -241,8 +243,8 @@ class NeuronCache:
             self.advance_window(extra)
             return
         newest = self._window[-1]
-        added = np.setdiff1d(extra, newest, assume_unique=True)
-        self._window[-1] = np.union1d(newest, added)
+        added = difference_ids(self.num_neurons, extra, newest)
+        self._window[-1] = union_ids(self.num_neurons, newest, added)
         self._window_count[added] += 1
         self._last_used[extra] = self._token_index - 1
 
