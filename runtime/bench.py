@@ -16,6 +16,7 @@ Prints tables and writes one JSON file; with --plots, PNG figures.
 """
 from __future__ import annotations
 
+import argparse
 import json
 import math
 import os
@@ -91,6 +92,43 @@ def run_mode(store: str, mode: str, memory_bytes: int | None, text_ids: list[int
         result.update(_summarize(engine.token_stats[1:], engine.manifest.ffn.total_bundle_bytes))
         sets = getattr(ffn, "recorded_sets", None) or []
     return result, (argmax, sets)
+
+
+def paired_speed(store: str, runs: dict[str, dict], rounds: int, decode_tokens: int, threads: int | None = None) -> dict:
+    """ms/token of several engines measured in turns, so that they share the device's moods.
+
+    This device's throughput drifts by tens of percent over minutes, so modes
+    measured one after the other can differ by the drift alone. Here every
+    engine is open at once and each round decodes the same prompt on each in
+    turn; per round the median ms/token of every run, and the speed-up of each
+    run over the first (the baseline), whose median is reported.
+    runs: name → run_mode-style options {mode, runtime, memory_bytes, ffn_options, resident_dtype}.
+    """
+    from contextlib import ExitStack
+
+    names = list(runs)
+    per_round: dict[str, list[float]] = {name: [] for name in names}
+    with ExitStack() as stack:
+        engines = {}
+        for name, spec in runs.items():
+            options = dict(spec.get("ffn_options") or {})
+            if spec.get("memory_bytes") is not None:
+                options["memory_budget_bytes"] = spec["memory_bytes"]
+            engines[name] = stack.enter_context(Engine(store, mode=spec["mode"], max_batch=1, ffn_options=options,
+                                                       runtime=spec.get("runtime", "inproc"),
+                                                       resident_dtype=spec.get("resident_dtype"), threads=threads))
+        for _ in range(rounds):
+            for name, engine in engines.items():
+                tokens = min(decode_tokens, NAIVE_MAX_TOKENS) if runs[name]["mode"] == "naive" else decode_tokens
+                first = len(engine.token_stats)
+                engine.generate([BENCH_PROMPT], SamplingParams(max_tokens=tokens, ignore_eos=True))
+                per_round[name].append(_median([st["ms"] for st in engine.token_stats[first + 1:]]))
+    baseline = names[0]
+    speedups = {name: [b / ms for b, ms in zip(per_round[baseline], per_round[name])] for name in names[1:]}
+    return {"baseline": baseline, "rounds": rounds, "ms_per_token_per_round": per_round,
+            "ms_per_token": {name: _median(values) for name, values in per_round.items()},
+            f"speedup_over_{baseline}_per_round": speedups,
+            f"speedup_over_{baseline}": {name: _median(values) for name, values in speedups.items()}}
 
 
 def window_curve(recorded_sets: list[tuple[int, np.ndarray]], num_neurons: int, max_window: int = 10) -> list[dict]:
@@ -254,9 +292,19 @@ def _plots(report: dict, plots_dir: str) -> list[str]:
     return written
 
 
+def _reader_io_backend(store: str) -> str:
+    """How this machine's bundle reader keeps reads in flight for the store: 'aio' or 'threads'."""
+    from protocol.store_format import read_manifest
+    from workers.flash_io.bundle_reader import BundleReader
+
+    with BundleReader(store, read_manifest(store).ffn) as reader:
+        return reader.io_backend
+
+
 def run_bench(store: str, modes: list[str], memory_bytes: int | None, decode_tokens: int, text: str | None,
               eval_tokens: int, keep_fractions: list[float], runtimes: list[str], read_baseline: bool = True,
-              keep_fraction: float | None = None, resident_dtype: str | None = None, threads: int | None = None) -> dict:
+              keep_fraction: float | None = None, resident_dtype: str | None = None, threads: int | None = None,
+              paired_rounds: int = 0) -> dict:
     """resident_dtype applies to the sparse runs (the ones the budget bounds); dense stays the exact reference."""
     from protocol.store_format import read_manifest
     from runtime.tokenizer import Tokenizer
@@ -269,7 +317,7 @@ def run_bench(store: str, modes: list[str], memory_bytes: int | None, decode_tok
     report: dict = {"store": os.path.abspath(store), "machine": platform.node(), "cpu_count": os.cpu_count(),
                     "memory_budget_bytes": memory_bytes, "ffn_bytes": manifest.ffn.total_bundle_bytes,
                     "store_bytes": sum(os.path.getsize(os.path.join(store, f)) for f in os.listdir(store)),
-                    "sparse_resident_dtype": resident_dtype, "decode_tokens": decode_tokens, "eval_tokens": len(text_ids) - 1 if text_ids else 0,
+                    "reader_io_backend": _reader_io_backend(store), "sparse_resident_dtype": resident_dtype, "decode_tokens": decode_tokens, "eval_tokens": len(text_ids) - 1 if text_ids else 0,
                     "modes": {}}
     dense_argmax = None
     sets: list = []
@@ -310,6 +358,14 @@ def run_bench(store: str, modes: list[str], memory_bytes: int | None, decode_tok
         report["sparsity_tradeoff"] = tradeoff
     if sets:
         report["window_curve"] = window_curve(sets, manifest.arch.intermediate_size)
+    if paired_rounds and "naive" in modes and "sparse" in modes:
+        print(f"bench: naive and sparse in turns, {paired_rounds} rounds ...", file=sys.stderr)
+        sparse_spec = {"mode": "sparse", "memory_bytes": memory_bytes, "resident_dtype": resident_dtype,
+                       "ffn_options": {"keep_fraction": keep_fraction} if keep_fraction else None}
+        paired_runs = {"naive": {"mode": "naive"}}
+        for runtime in runtimes:
+            paired_runs["sparse" if runtime == "inproc" else f"sparse-{runtime}"] = {**sparse_spec, "runtime": runtime}
+        report["paired_speed"] = paired_speed(store, paired_runs, paired_rounds, decode_tokens, threads=threads)
     if read_baseline:
         print("bench: direct-read baseline ...", file=sys.stderr)
         report["direct_read_baseline"] = read_size_baseline(store)
@@ -331,7 +387,8 @@ def cmd_bench(args) -> int:
     runtimes = [r.strip() for r in args.runtimes.split(",")]
     report = run_bench(args.store, modes, parse_size(args.memory) if args.memory else None, args.tokens, text,
                        args.eval_tokens, keep_fractions, runtimes, read_baseline=not args.no_read_baseline,
-                       keep_fraction=args.keep_fraction, resident_dtype=args.resident_dtype, threads=args.threads)
+                       keep_fraction=args.keep_fraction, resident_dtype=args.resident_dtype, threads=args.threads,
+                       paired_rounds=args.paired_rounds)
     _print_table("modes", [dict(name=k, **v) for k, v in report["modes"].items()], [
         ("mode", "name", ""), ("ms/token", "ms_per_token", ".1f"), ("tok/s", "tokens_per_s", ".2f"),
         ("MiB read/token", "flash_read_mib_per_token", ".2f"), ("hit rate", "cache_hit_rate", ".3f"),
@@ -342,6 +399,16 @@ def cmd_bench(args) -> int:
             ("sparsity", "sparsity", ".2f"), ("bytes/token", "flash_read_bytes_per_token", ".0f"),
             ("ms/token", "ms_per_token", ".1f"), ("ppl", "perplexity", ".3f"),
             ("top1 vs dense", "top1_agreement_with_dense", ".3f")])
+    paired = report.get("paired_speed")
+    if paired:
+        baseline = paired["baseline"]
+        speedups = paired[f"speedup_over_{baseline}"]
+        _print_table(f"in turns, {paired['rounds']} rounds (medians)", [
+            {"name": name, "ms": ms, "speedup": speedups.get(name, 1.0),
+             "per_round": " ".join(f"{v:.0f}" for v in paired["ms_per_token_per_round"][name])}
+            for name, ms in paired["ms_per_token"].items()], [
+            ("run", "name", ""), ("ms/token", "ms", ".1f"), (f"x {baseline}", "speedup", ".2f"),
+            ("ms/token per round", "per_round", "")])
     if report.get("direct_read_baseline"):
         _print_table("direct reads: raw vs reader", report["direct_read_baseline"], [
             ("request bytes", "request_bytes", "d"), ("in flight", "reads_in_flight", "d"),
@@ -353,6 +420,13 @@ def cmd_bench(args) -> int:
         json.dump(report, f, indent=1)
     print(f"\nwrote {args.json}")
     return 0
+
+
+def _non_negative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
+    return value
 
 
 def register_cli(sub) -> None:
@@ -372,6 +446,9 @@ def register_cli(sub) -> None:
                    help="sparse mode: hold resident matrices in this dtype (float16 halves them); dense stays exact")
     p.add_argument("--runtimes", default="inproc", help="inproc,workers: runtimes to measure the sparse mode with")
     add_threads_arg(p)
+    p.add_argument("--paired-rounds", type=_non_negative_int, default=3,
+                   help="with naive and sparse: decode on every engine in turn this many rounds, so the speed-up "
+                        "over naive is measured under the same device conditions (0: off)")
     p.add_argument("--no-read-baseline", action="store_true")
     p.add_argument("--json", required=True, help="output JSON path")
     p.add_argument("--plots", help="directory for PNG plots")

@@ -194,3 +194,17 @@ def test_sparse_mode_without_calibration_says_what_to_run(tiny_stores):
 
     with pytest.raises(StoreError, match="flashllm calibrate"):
         Engine(tiny_stores("llama"), mode="sparse")
+
+
+def test_bench_measures_naive_and_sparse_in_turns(calibrated):
+    """`flashllm bench` pairs the modes round by round: the speed-up is each round's naive/sparse ratio."""
+    from runtime.bench import paired_speed
+
+    report = paired_speed(calibrated("llama"), {"naive": {"mode": "naive"}, "sparse": {"mode": "sparse"}},
+                          rounds=2, decode_tokens=4)
+    per_round = report["ms_per_token_per_round"]
+    assert report["baseline"] == "naive" and len(per_round["naive"]) == len(per_round["sparse"]) == 2
+    assert all(ms > 0 for ms in per_round["naive"] + per_round["sparse"])
+    ratios = report["speedup_over_naive_per_round"]["sparse"]
+    assert ratios == pytest.approx([n / s for n, s in zip(per_round["naive"], per_round["sparse"])])
+    assert report["speedup_over_naive"]["sparse"] == pytest.approx(sorted(ratios)[0] / 2 + sorted(ratios)[1] / 2)

@@ -266,7 +266,7 @@ class PrefetchWorker:
         return worker
 
     def info(self) -> dict:
-        return {"direct_reads": self.prefetcher.reader.direct}
+        return {"direct_reads": self.prefetcher.reader.direct, "io_backend": self.prefetcher.reader.io_backend}
 
     def _guard(self, handler):
         """A handler's error fails the step (compute is told), not the process."""
