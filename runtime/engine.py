@@ -143,6 +143,7 @@ class Engine:
         elif executor is None:
             raise ValueError(f"--runtime {runtime!r} is not one of inproc, workers")
         self.executor = executor
+        self.runtime = getattr(executor, "runtime", "inproc")  # where the model runs: "inproc" or "workers"
         self.device = "cpu"  # inputs are built on the CPU; the executor moves them
         self._free_slots = list(range(max_batch))
         self._waiting: list[_Sequence] = []

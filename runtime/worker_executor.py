@@ -88,6 +88,8 @@ def build_worker_config(store_dir: str, manifest: Manifest, num_slots: int, max_
 class WorkerExecutor:
     """forward / ffn_stats / release_slot / close, like workers.executor.ModelExecutor."""
 
+    runtime = "workers"
+
     def __init__(self, store_dir: str, manifest: Manifest, mode: str, num_slots: int, max_context: int,
                  device: str | None = None, verify: bool = True, ffn_options: dict | None = None,
                  start_timeout_s: float = DEFAULT_START_TIMEOUT_S, logits_rows: int | None = None,

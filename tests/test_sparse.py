@@ -149,7 +149,9 @@ def test_keep_fraction_on_the_command_line_sets_the_bytes_read(calibrated):
                                  "--mode", "sparse", "--keep-fraction", keep, "--json", "--max-tokens", "12",
                                  "--ignore-eos", "The history of the city"], capture_output=True, text=True)
         assert result.returncode == 0, result.stderr
-        reads[keep] = json.loads(result.stdout.splitlines()[0])["flash_read_bytes"]
+        output = json.loads(result.stdout.splitlines()[0])
+        assert output["runtime"] == "workers"  # --runtime auto pipelines sparse
+        reads[keep] = output["flash_read_bytes"]
     assert 0 < reads["0.1"] < reads["0.9"], reads  # both include the prompt's whole-layer reads
 
 

@@ -46,6 +46,8 @@ def make_ffn_provider(mode: str, store_dir: str, manifest: Manifest, dtype: torc
 
 
 class ModelExecutor:
+    runtime = "inproc"
+
     def __init__(self, store_dir: str, manifest: Manifest, mode: str, num_slots: int, max_context: int,
                  device: str | None = None, verify: bool = True, ffn=None, ffn_options: dict | None = None,
                  resident_dtype: str | None = None):
