@@ -150,7 +150,7 @@ def window_curve(recorded_sets: list[tuple[int, np.ndarray]], num_neurons: int, 
     return curve
 
 
-def read_size_baseline(store: str, threads: int = 4, total_bytes: int = 16 << 20, repeats: int = 3) -> list[dict]:
+def read_size_baseline(store: str, threads: int = 4, total_bytes: int = 16 << 20, repeats: int = 5) -> list[dict]:
     """Raw direct reads vs the bundle reader at the same request size and concurrency.
 
     For each target size the reader reads runs of neighbouring neurons about

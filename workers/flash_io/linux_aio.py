@@ -103,8 +103,9 @@ class AioQueue:
         free_slots = list(range(self.depth))
         next_read = in_flight = 0
         first_error: BaseException | None = None
+        finished: list[tuple[int, int]] = []  # (read, result) reaped but not yet handed to on_complete
         self._iocbs["fildes"] = fd
-        while in_flight or (next_read < num_reads and first_error is None):
+        while in_flight or finished or (next_read < num_reads and first_error is None):
             if next_read < num_reads and first_error is None and free_slots:
                 count = min(len(free_slots), num_reads - next_read)
                 slots = np.array(free_slots[-count:], dtype=np.int64)  # (count,)
@@ -122,6 +123,19 @@ class AioQueue:
                 free_slots.extend(slots[submitted:].tolist())  # not taken by the kernel: free again
                 next_read += submitted
                 in_flight += submitted
+            # Callbacks only after the freed slots were refilled: the device works while they copy.
+            for read, result in finished:
+                if first_error is not None:
+                    break
+                if result < 0:
+                    first_error = OSError(-result, f"direct read of {int(lengths[read])} bytes at offset "
+                                                   f"{int(offsets[read])} failed: {os.strerror(-result)}")
+                    break
+                try:
+                    on_complete(read, result)
+                except BaseException as exc:  # noqa: BLE001 - re-raised below, once no read is in flight
+                    first_error = exc
+            finished = []
             if in_flight:
                 done = self._syscall(ctypes.c_long(self._getevents_nr), self._context, ctypes.c_long(1),
                                      ctypes.c_long(in_flight), ctypes.c_void_p(self._events.ctypes.data), None)
@@ -133,17 +147,7 @@ class AioQueue:
                 events = self._events[:done]
                 free_slots.extend(((events["obj"] - self._iocb_addresses[0]) // IOCB_DTYPE.itemsize).tolist())
                 in_flight -= done
-                for read, result in zip(events["data"].tolist(), events["res"].tolist()):
-                    if first_error is not None:
-                        continue
-                    if result < 0:
-                        first_error = OSError(-result, f"direct read of {int(lengths[read])} bytes at offset "
-                                                       f"{int(offsets[read])} failed: {os.strerror(-result)}")
-                        continue
-                    try:
-                        on_complete(read, result)
-                    except BaseException as exc:  # noqa: BLE001 - re-raised below, once no read is in flight
-                        first_error = exc
+                finished = list(zip(events["data"].tolist(), events["res"].tolist()))
         if first_error is not None:
             raise first_error
 
