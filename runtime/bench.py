@@ -67,12 +67,17 @@ def _summarize(stats: list[dict], ffn_bytes: int) -> dict:
     }
 
 
-def run_mode(store: str, mode: str, memory_bytes: int | None, text_ids: list[int] | None, decode_tokens: int,
-             ffn_options: dict | None = None, runtime: str = "inproc", record_sets: bool = False,
-             resident_dtype: str | None = None, threads: int | None = None) -> tuple[dict, list]:
+def _engine_ffn_options(memory_bytes: int | None, ffn_options: dict | None) -> dict:
     options = dict(ffn_options or {})
     if memory_bytes is not None:
         options["memory_budget_bytes"] = memory_bytes
+    return options
+
+
+def run_mode(store: str, mode: str, memory_bytes: int | None, text_ids: list[int] | None, decode_tokens: int,
+             ffn_options: dict | None = None, runtime: str = "inproc", record_sets: bool = False,
+             resident_dtype: str | None = None, threads: int | None = None) -> tuple[dict, list]:
+    options = _engine_ffn_options(memory_bytes, ffn_options)
     with Engine(store, mode=mode, max_batch=1, ffn_options=options, runtime=runtime,
                 resident_dtype=resident_dtype, threads=threads) as engine:
         ffn = getattr(engine.executor, "ffn", None)  # the worker runtime's FFN lives in another process
@@ -111,9 +116,7 @@ def paired_speed(store: str, runs: dict[str, dict], rounds: int, decode_tokens: 
     with ExitStack() as stack:
         engines = {}
         for name, spec in runs.items():
-            options = dict(spec.get("ffn_options") or {})
-            if spec.get("memory_bytes") is not None:
-                options["memory_budget_bytes"] = spec["memory_bytes"]
+            options = _engine_ffn_options(spec.get("memory_bytes"), spec.get("ffn_options"))
             engines[name] = stack.enter_context(Engine(store, mode=spec["mode"], max_batch=1, ffn_options=options,
                                                        runtime=spec.get("runtime", "inproc"),
                                                        resident_dtype=spec.get("resident_dtype"), threads=threads))
@@ -157,9 +160,10 @@ def read_size_baseline(store: str, threads: int = 4, total_bytes: int = 16 << 20
     that long, spaced so that the planner cannot merge them; raw reads then use
     the reader's mean request size (aligned up) and as many reads in flight as
     the reader had (its threads; with AIO, its mean requests per call up to the
-    queue depth), so both sides issue the same requests. The two alternate `repeats` times and each reports its median:
-    this device's throughput drifts by tens of percent over seconds, and one
-    back-to-back pair would measure the drift as much as the reader.
+    queue depth), so both sides issue the same requests. The two alternate
+    `repeats` times and each reports its median: this device's throughput
+    drifts by tens of percent over seconds, and one back-to-back pair would
+    measure the drift as much as the reader.
     """
     from protocol.store_format import align_up, read_manifest
     from workers.flash_io.bundle_reader import BundleReader, measure_direct_read_bandwidth, numpy_dtype_of_store
@@ -206,7 +210,8 @@ def read_size_baseline(store: str, threads: int = 4, total_bytes: int = 16 << 20
                                                               io_backend=reader.io_backend))
             raw, reader_bw = _median(raw_runs), _median(reader_runs)
             rows.append({"request_bytes": raw_size, "reader_mean_request_bytes": mean_request,
-                         "io_backend": reader.io_backend, "reads_in_flight": in_flight, "repeats": repeats, "raw_bytes_per_s": raw, "reader_bytes_per_s": reader_bw,
+                         "io_backend": reader.io_backend, "reads_in_flight": in_flight, "repeats": repeats,
+                         "raw_bytes_per_s": raw, "reader_bytes_per_s": reader_bw,
                          "raw_runs_bytes_per_s": raw_runs, "reader_runs_bytes_per_s": reader_runs,
                          "reader_fraction_of_raw": reader_bw / raw})
     return rows
@@ -317,7 +322,8 @@ def run_bench(store: str, modes: list[str], memory_bytes: int | None, decode_tok
     report: dict = {"store": os.path.abspath(store), "machine": platform.node(), "cpu_count": os.cpu_count(),
                     "memory_budget_bytes": memory_bytes, "ffn_bytes": manifest.ffn.total_bundle_bytes,
                     "store_bytes": sum(os.path.getsize(os.path.join(store, f)) for f in os.listdir(store)),
-                    "reader_io_backend": _reader_io_backend(store), "sparse_resident_dtype": resident_dtype, "decode_tokens": decode_tokens, "eval_tokens": len(text_ids) - 1 if text_ids else 0,
+                    "reader_io_backend": _reader_io_backend(store), "sparse_resident_dtype": resident_dtype,
+                    "decode_tokens": decode_tokens, "eval_tokens": len(text_ids) - 1 if text_ids else 0,
                     "modes": {}}
     dense_argmax = None
     sets: list = []

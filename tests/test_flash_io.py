@@ -399,7 +399,8 @@ def test_neuron_reads_reach_the_device(tmp_path, io_backend):
 @pytest.mark.parametrize("io_backend", IO_BACKENDS)
 def test_raw_bandwidth_baseline_runs(tmp_path, io_backend):
     write_ffn_store(direct_dir(tmp_path), "float32", 256, [2000])
-    bytes_per_s = measure_direct_read_bandwidth(str(tmp_path / FFN_FILE), 65536, 2, 2 * 1024 * 1024, io_backend=io_backend)
+    bytes_per_s = measure_direct_read_bandwidth(str(tmp_path / FFN_FILE), 65536, 2, 2 * 1024 * 1024,
+                                                io_backend=io_backend)
     assert bytes_per_s > 0
 
 

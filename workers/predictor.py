@@ -235,7 +235,8 @@ class PredictorWorker:
             self._send_lookahead(msg, h)
         same = predictor.predict("same", layer, h)
         first = ahead if ahead is not None else same
-        if union_ids(self.predictor.num_neurons, first, same).size + self.pinned_counts[layer] > self.capacity_rows[layer]:
+        num_neurons = self.predictor.num_neurons
+        if union_ids(num_neurons, first, same).size + self.pinned_counts[layer] > self.capacity_rows[layer]:
             if self._committed.get(layer):
                 raise RuntimeError(f"layer {layer}: committed lookahead but the union does not fit (a flashllm bug)")
             self._send_masked(msg, h, start)  # the batch's union makes the layer nearly dense
@@ -243,8 +244,8 @@ class PredictorWorker:
         late = np.zeros(0, np.int64)
         predicted = len(first)
         if ahead is not None:
-            late = difference_ids(self.predictor.num_neurons, same, ahead)
-            predicted = union_ids(self.predictor.num_neurons, ahead, same).size
+            late = difference_ids(num_neurons, same, ahead)
+            predicted = union_ids(num_neurons, ahead, same).size
         self.channel.send(ROLE_PREFETCH, Prediction(step=msg.step, layer=layer, path=PATH_CACHED, first=first,
                                                     late=late, first_committed=self._committed.pop(layer, False)))
         if layer + 1 not in self._ahead:

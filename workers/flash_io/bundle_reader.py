@@ -278,7 +278,8 @@ class BundleReader:
 
         def read_sync(index: int) -> None:
             start = staging_starts[index]
-            self._file.read_into(offsets[index], staging_bytes[start : start + lengths[index]], min_bytes=min_bytes[index])
+            self._file.read_into(offsets[index], staging_bytes[start : start + lengths[index]],
+                                 min_bytes=min_bytes[index])
 
         if self._aio is None:
             def read_request(index: int, _worker: int) -> None:
@@ -438,7 +439,9 @@ class BundleReader:
         self.stats.useful_bytes += len(ids) * bundle_bytes
 
     def close(self) -> None:
-        """Stop the thread pool and AIO queue and close the file; safe to call twice. Views from read_layer stay valid memory."""
+        """Stop the thread pool and AIO queue and close the file; safe to call twice.
+
+        Views from read_layer stay valid memory."""
         if getattr(self, "_aio", None) is not None:
             self._aio.close()
             self._aio = None
