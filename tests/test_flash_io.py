@@ -270,44 +270,41 @@ def test_plan_reads_coalesces_near_ids_and_splits_far_ones():
 # ---- page cache: fallback and honest device reads -------------------------------------
 
 
-def test_memory_filesystem_falls_back_to_buffered_reads_and_warns(tmp_path):
+@pytest.fixture
+def shm_dir():
+    """A directory on tmpfs (/dev/shm), removed afterwards; skips where there is none."""
     if not os.path.isdir("/dev/shm") or filesystem_type("/dev/shm") not in MEMORY_FILESYSTEMS:
         pytest.skip("no tmpfs at /dev/shm")
-    shm_dir = os.path.join("/dev/shm", f"flashllm-test-{os.getpid()}")
-    os.makedirs(shm_dir, exist_ok=True)
+    path = os.path.join("/dev/shm", f"flashllm-test-{os.getpid()}")
+    os.makedirs(path, exist_ok=True)
     try:
-        layout, layers = write_ffn_store(shm_dir, "float16", 48, [120, 80])
-        with pytest.warns(PageCacheBypassWarning, match="only dropped, not bypassed"):
-            reader = BundleReader(shm_dir, layout)
-        with reader:
-            assert not reader.direct
-            assert reader.io_backend == "threads" and "buffered" in reader.io_backend_note
-            assert same_bytes(reader.read_layer(1), layers[1])
-            ids = np.array([119, 0, 60])
-            out = np.empty((3, layout.bundle_elements), dtype=np.float16)
-            reader.read_neurons(0, ids, out)
-            assert same_bytes(out, layers[0][ids])
+        yield path
     finally:
-        for name in os.listdir(shm_dir):
-            os.unlink(os.path.join(shm_dir, name))
-        os.rmdir(shm_dir)
+        for name in os.listdir(path):
+            os.unlink(os.path.join(path, name))
+        os.rmdir(path)
 
 
-def test_asking_for_aio_where_reads_are_buffered_is_refused(tmp_path):
-    if not os.path.isdir("/dev/shm") or filesystem_type("/dev/shm") not in MEMORY_FILESYSTEMS:
-        pytest.skip("no tmpfs at /dev/shm")
-    shm_dir = os.path.join("/dev/shm", f"flashllm-test-aio-{os.getpid()}")
-    os.makedirs(shm_dir, exist_ok=True)
-    try:
-        layout, _ = write_ffn_store(shm_dir, "float16", 48, [40])
-        with pytest.warns(PageCacheBypassWarning), pytest.raises(RuntimeError, match="AIO.*io_backend='threads'"):
-            BundleReader(shm_dir, layout, io_backend="aio")
-        with pytest.raises(ValueError, match="io_backend"):
-            BundleReader(shm_dir, layout, io_backend="uring")
-    finally:
-        for name in os.listdir(shm_dir):
-            os.unlink(os.path.join(shm_dir, name))
-        os.rmdir(shm_dir)
+def test_memory_filesystem_falls_back_to_buffered_reads_and_warns(shm_dir):
+    layout, layers = write_ffn_store(shm_dir, "float16", 48, [120, 80])
+    with pytest.warns(PageCacheBypassWarning, match="only dropped, not bypassed"):
+        reader = BundleReader(shm_dir, layout)
+    with reader:
+        assert not reader.direct
+        assert reader.io_backend == "threads" and "buffered" in reader.io_backend_note
+        assert same_bytes(reader.read_layer(1), layers[1])
+        ids = np.array([119, 0, 60])
+        out = np.empty((3, layout.bundle_elements), dtype=np.float16)
+        reader.read_neurons(0, ids, out)
+        assert same_bytes(out, layers[0][ids])
+
+
+def test_asking_for_aio_where_reads_are_buffered_is_refused(shm_dir):
+    layout, _ = write_ffn_store(shm_dir, "float16", 48, [40])
+    with pytest.warns(PageCacheBypassWarning), pytest.raises(RuntimeError, match="AIO.*io_backend='threads'"):
+        BundleReader(shm_dir, layout, io_backend="aio")
+    with pytest.raises(ValueError, match="io_backend"):
+        BundleReader(shm_dir, layout, io_backend="uring")
 
 
 @pytest.mark.skipif(not aio_available(), reason="no Linux AIO here")

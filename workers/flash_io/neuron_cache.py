@@ -93,7 +93,8 @@ class NeuronCache:
 
     # ---- ids -----------------------------------------------------------------
 
-    def _check_ids(self, ids: np.ndarray, what: str) -> np.ndarray:
+    def _check_ids(self, ids: np.ndarray, what: str, sort: bool = False) -> np.ndarray:
+        """ids as int64, checked (1-D, in range, unique); sorted too when `sort`."""
         ids = np.asarray(ids)
         if ids.ndim != 1 or (ids.size and not np.issubdtype(ids.dtype, np.integer)):
             raise ValueError(f"{what}: ids must be a 1-D integer array, got shape {ids.shape} dtype {ids.dtype}")
@@ -104,14 +105,12 @@ class NeuronCache:
                 bad = lowest if lowest < 0 else highest
                 raise IndexError(f"{what}: neuron id {bad} out of range (0..{self.num_neurons - 1})")
             # strictly increasing (what callers mostly pass) proves it cheaply; else count the distinct ids
-            if not (ids[1:] > ids[:-1]).all() and union_ids(self.num_neurons, ids).size != ids.size:
-                raise ValueError(f"{what}: ids must be unique")
+            if not (ids[1:] > ids[:-1]).all():
+                if union_ids(self.num_neurons, ids).size != ids.size:
+                    raise ValueError(f"{what}: ids must be unique")
+                if sort:
+                    ids = np.sort(ids)
         return ids
-
-    def _check_sorted_unique(self, ids: np.ndarray, what: str) -> np.ndarray:
-        """_check_ids, sorted."""
-        ids = self._check_ids(ids, what)
-        return ids if (ids[1:] > ids[:-1]).all() else np.sort(ids)
 
     @property
     def cached_ids(self) -> np.ndarray:
@@ -203,7 +202,7 @@ class NeuronCache:
         does not need are evicted first; if even that is not enough, raises
         CacheCapacityError and changes nothing.
         """
-        active = self._check_sorted_unique(active_ids, "plan_token")  # (a,)
+        active = self._check_ids(active_ids, "plan_token", sort=True)  # (a,)
         missing = active[self.slot_of[active] < 0]  # (m,)
         self.hits += active.size - missing.size
         self.misses += missing.size
@@ -228,7 +227,7 @@ class NeuronCache:
 
     def advance_window(self, active_ids: np.ndarray) -> None:
         """Record this token's active set (for a batch, the union over its sequences) in the window."""
-        active = self._check_sorted_unique(active_ids, "advance_window")  # (a,)
+        active = self._check_ids(active_ids, "advance_window", sort=True)  # (a,)
         self._window.append(active)
         self._window_count[active] += 1
         if len(self._window) > self.window_tokens:
@@ -238,7 +237,7 @@ class NeuronCache:
 
     def extend_current_token(self, extra_ids: np.ndarray) -> None:
         """Add late-predicted ids to the newest token's set in the window (the same-layer check)."""
-        extra = self._check_sorted_unique(extra_ids, "extend_current_token")  # (e,)
+        extra = self._check_ids(extra_ids, "extend_current_token", sort=True)  # (e,)
         if not self._window:
             self.advance_window(extra)
             return
