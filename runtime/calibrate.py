@@ -171,9 +171,13 @@ def calibrate(store_dir: str, text: str, max_tokens: int = 8192, sparsity: float
     held = slice(num_tokens - holdout, num_tokens)
     dense, cols = recorder.inner, recorder.inner.cols
 
+    def layer_rows(layer: int) -> torch.Tensor:
+        # labels and fits run in float32 on the CPU beside the recorded inputs, whatever device ran the dense pass
+        return dense.layers[layer].to("cpu", torch.float32)  # (n_ff, E)
+
     def layer_activations(layer: int, h: torch.Tensor) -> torch.Tensor:
-        return torch.cat([neuron_activations(h[i:i + 4096], dense.layers[layer], cols)
-                          for i in range(0, len(h), 4096)])  # (N, n_ff)
+        rows = layer_rows(layer)  # (n_ff, E)
+        return torch.cat([neuron_activations(h[i:i + 4096], rows, cols) for i in range(0, len(h), 4096)])  # (N, n_ff)
 
     if relu:
         # ReLU zeros are exact: size top-k by the data, the 90th percentile of a token's active count
@@ -205,7 +209,7 @@ def calibrate(store_dir: str, text: str, max_tokens: int = 8192, sparsity: float
         tensors[f"layers.{layer}.hot_ids"] = hot
         tensors[f"layers.{layer}.frequency"] = frequency
 
-        targets = _pre_activations(h[train], dense.layers[layer], cols) if predictor_type == "regression" else None
+        targets = _pre_activations(h[train], layer_rows(layer), cols) if predictor_type == "regression" else None
 
         def fit(inputs: torch.Tensor, fit_seed: int, directions: torch.Tensor | None = None) -> LowRankPredictor:
             if targets is not None:
