@@ -30,7 +30,7 @@ from runtime.sampling import SamplingParams
 from runtime.supervisor import WorkerStartError
 from runtime.worker_executor import WorkerCrashedError, WorkerRuntimeError, build_worker_config
 from workers.compute import ComputeWorker, PipelineStats
-from workers.executor import ModelExecutor
+from workers.executor import ModelExecutor, compute_dtype, default_device
 from workers.flash_io.io_counters import process_read_bytes
 from workers.predictor import PredictorWorker
 from workers.prefetch import PrefetchWorker
@@ -391,7 +391,8 @@ def test_bench_of_the_worker_runtime_measures_reads_and_compute(sparse_store, tm
     store = sparse_store("llama")
     if not _direct_reads(store):
         pytest.skip("the store's filesystem refuses O_DIRECT: reads come from the page cache")
-    plan = plan_for_store(store, open_store(store), 2**40, "sparse", 4, 0, keep_fraction=0.25)  # every row fits
+    itemsize = compute_dtype(default_device()).itemsize  # float32 on the CPU, float16 on a GPU
+    plan = plan_for_store(store, open_store(store), 2**40, "sparse", itemsize, 0, keep_fraction=0.25)  # every row fits
     row_bytes = plan.cache_bytes // sum(plan.capacity_rows)
     budget = plan.total_bytes - plan.cache_bytes + (sum(plan.min_capacity_rows) + 20) * row_bytes
     out = str(tmp_path / "bench.json")

@@ -65,7 +65,7 @@ class ModelExecutor:
                                                                  **(ffn_options or {}))
 
     def forward(self, token_ids: torch.Tensor, slots: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        """token_ids/positions (B, T), slots (B,) → logits (B, T, V) float32. Writes the KV cache of those slots."""
+        """token_ids/positions (B, T), slots (B,) → logits (B, T, V) float32 on the CPU. Writes the KV cache of those slots."""
         token_ids, slots, positions = (t.to(self.device) for t in (token_ids, slots, positions))
         with torch.inference_mode():
             x = self.model.embed(token_ids, positions)  # (B, T, d)
@@ -77,7 +77,8 @@ class ModelExecutor:
                 h = self.model.ffn_input(layer, x).reshape(batch * steps, d)  # (N, d)
                 y = self.ffn.forward(layer, h).reshape(batch, steps, d)
                 x = self.model.ffn_residual(layer, x, y)
-            return self.model.logits(x).float()  # (B, T, V)
+            # on the CPU whatever the device, like the worker runtime's (sampling and scoring run there)
+            return self.model.logits(x).float().cpu()  # (B, T, V)
 
     @property
     def ffn_stats(self):
