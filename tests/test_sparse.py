@@ -210,3 +210,34 @@ def test_bench_measures_naive_and_sparse_in_turns(calibrated):
     ratios = report["speedup_over_naive_per_round"]["sparse"]
     assert ratios == pytest.approx([n / s for n, s in zip(per_round["naive"], per_round["sparse"])])
     assert report["speedup_over_naive"]["sparse"] == pytest.approx(sorted(ratios)[0] / 2 + sorted(ratios)[1] / 2)
+
+
+def test_cache_mirror_copies_only_the_rows_whose_neuron_changed():
+    """Where compute can't use the cache rows in place (GPU, another dtype) it keeps a mirror in sync."""
+    from workers.flash_io.neuron_cache import NeuronCache
+    from workers.sparse_ffn import CacheView
+
+    store = np.random.default_rng(0).standard_normal((40, 6)).astype(np.float16)  # (40, 6) bundles
+    fill = lambda ids, out: np.copyto(out, store[ids])  # noqa: E731
+    caches = [NeuronCache(40, 6, capacity_rows=cap, dtype=np.float16, window_tokens=2) for cap in (10, 16)]
+    view = CacheView(caches, torch.float32, "cpu")
+    assert not view.zero_copy
+
+    def mirrored(layer):
+        cache = caches[layer]
+        rows = view.rows(layer)
+        assert rows.dtype == torch.float32 and rows.shape == (cache.num_rows, 6)
+        assert torch.equal(rows, torch.from_numpy(store[cache.cached_ids].astype(np.float32)))
+
+    caches[1].insert(np.array([3, 30, 12, 7, 25, 0]), fill)
+    mirrored(1)
+    assert view.rows_copied == 6
+    mirrored(1)
+    assert view.rows_copied == 6  # nothing changed, nothing copied
+    caches[1].delete(np.array([30, 7]))  # rows 1 and 3 get ids 25 and 0 from the tail
+    caches[1].insert(np.array([39]), fill)  # appended at row 4
+    mirrored(1)
+    assert view.rows_copied == 6 + 3
+    caches[0].insert(np.arange(10), fill)  # a full layer
+    mirrored(0)
+    assert view.rows_copied == 9 + 10

@@ -42,7 +42,9 @@ class CacheView:
     """Turns a layer's neuron cache rows into the compute tensor, applying only rows that changed.
 
     On the CPU in the cache's own dtype this is a zero-copy view; otherwise a
-    mirror (e.g. on the GPU) is kept and only rows whose id changed are copied.
+    mirror (e.g. on the GPU) is kept and only rows whose id changed are copied,
+    gathered into one pinned host buffer so the host→device copy is a single
+    asynchronous DMA instead of a pageable, synchronous one.
     """
 
     def __init__(self, caches, dtype: torch.dtype, device: str):
@@ -52,6 +54,13 @@ class CacheView:
         self.mirrors = [] if self.zero_copy else [
             torch.zeros(c.rows.shape, dtype=dtype, device=device) for c in caches]  # (capacity, E) each
         self.mirror_ids = [] if self.zero_copy else [np.full(c.capacity_rows, -1, np.int64) for c in caches]
+        on_cuda = torch.device(device).type == "cuda"
+        max_rows = max(c.capacity_rows for c in caches)
+        # (max capacity, E) in the cache's dtype: changed rows are gathered here, then copied in one go
+        self.staging = None if self.zero_copy else torch.empty(
+            (max_rows, sample.shape[1]), dtype=torch.from_numpy(sample[:0]).dtype, pin_memory=on_cuda)
+        # the staging buffer is reused by the next layer only after its last copy has left it
+        self.staging_free = torch.cuda.Event() if on_cuda else None
         self.rows_copied = 0
 
     def rows(self, layer: int) -> torch.Tensor:
@@ -62,8 +71,15 @@ class CacheView:
         ids = cache.slot_ids[:n]
         changed = np.flatnonzero(self.mirror_ids[layer][:n] != ids)
         if changed.size:
-            src = torch.from_numpy(cache.rows[changed]).to(device=self.device, dtype=self.dtype, non_blocking=True)
-            self.mirrors[layer][torch.from_numpy(changed).to(self.device)] = src
+            if self.staging_free is not None:
+                self.staging_free.synchronize()
+            staging = self.staging[:changed.size]  # (k, E)
+            changed_host = torch.from_numpy(changed)
+            torch.index_select(torch.from_numpy(cache.rows), 0, changed_host, out=staging)
+            src = staging.to(device=self.device, non_blocking=True).to(self.dtype)  # (k, E)
+            if self.staging_free is not None:
+                self.staging_free.record()
+            self.mirrors[layer].index_copy_(0, changed_host.to(self.device, non_blocking=True), src)
             self.mirror_ids[layer][:n] = ids
             self.rows_copied += changed.size
         return self.mirrors[layer][:n]
