@@ -24,6 +24,10 @@ from collections.abc import Callable, MutableMapping
 log = logging.getLogger(__name__)
 
 NOTIFY_SOCKET_ENV = "NOTIFY_SOCKET"
+# The daemon notifies from its event loop. A manager that stops reading fills its datagram queue
+# (/proc/sys/net/unix/max_dgram_qlen, often 10), after which a blocking send would stall every
+# client; a send waits at most this long, then the message is dropped with a warning.
+NOTIFY_SEND_TIMEOUT_S = 0.5
 WATCHDOG_USEC_ENV = "WATCHDOG_USEC"
 WATCHDOG_PID_ENV = "WATCHDOG_PID"
 
@@ -61,12 +65,14 @@ class SystemdNotifier:
         """True when a service manager listens, i.e. messages are really sent."""
         return self._address is not None
 
-    def notify(self, **fields: object) -> bool:
-        """Sends one datagram of KEY=value lines; returns False when disabled.
+    def notify(self, wait_s: float = NOTIFY_SEND_TIMEOUT_S, **fields: object) -> bool:
+        """Sends one datagram of KEY=value lines; returns False when disabled or dropped.
 
         Keys are upper-cased (`notify(status="x")` sends STATUS=x); booleans
         become 1/0. Raises OSError when the manager's socket cannot be reached,
         since a lost READY=1 would otherwise surface only as a start timeout.
+        When the manager's queue stays full for wait_s the message is dropped
+        (logged), so a manager that stops reading never stalls the daemon.
         """
         if not fields:
             raise ValueError("notify() needs at least one field, e.g. notify(READY=1)")
@@ -81,7 +87,13 @@ class SystemdNotifier:
             return False
         payload = "\n".join(lines).encode("utf-8")
         with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as sock:
-            sock.sendto(payload, self._address)
+            sock.settimeout(wait_s)
+            try:
+                sock.sendto(payload, self._address)
+            except (BlockingIOError, TimeoutError):
+                log.warning("the service manager is not reading its notification socket; dropped %s",
+                            ", ".join(line.split("=", 1)[0] for line in lines))
+                return False
         return True
 
     def ready(self) -> bool:
@@ -98,7 +110,8 @@ class SystemdNotifier:
 
     def watchdog(self) -> bool:
         """Keep-alive ping; systemd restarts the unit when pings stop for WatchdogSec."""
-        return self.notify(WATCHDOG=1)
+        # a ping that cannot go at once is dropped: the next one follows within the interval
+        return self.notify(wait_s=0.0, WATCHDOG=1)
 
     def watchdog_interval_s(self) -> float | None:
         """How often to ping: half of $WATCHDOG_USEC, None when no watchdog applies to this process."""

@@ -89,6 +89,31 @@ def test_an_unreachable_manager_is_an_error_not_silence(tmp_path):
         notifier.ready()
 
 
+def test_a_manager_that_stops_reading_never_stalls_the_daemon(manager_socket, caplog):
+    """Its queue fills (max_dgram_qlen datagrams); pings are then dropped at once, other messages after a
+    bounded wait, instead of blocking the daemon's event loop until the manager reads again."""
+    import threading
+
+    path, sock = manager_socket
+    notifier = SystemdNotifier(environ={"NOTIFY_SOCKET": path})
+    result = {}
+    sender = threading.Thread(target=lambda: result.update(pings=[notifier.watchdog() for _ in range(2000)],
+                                                           status=notifier.status("draining 1 requests")),
+                              daemon=True)
+    sender.start()
+    sender.join(timeout=10)
+    assert not sender.is_alive(), "a full notification queue blocked the sender"
+    assert result["pings"][0] and not result["pings"][-1]  # the first pings were queued, the later ones dropped
+    assert result["status"] is False
+    assert "not reading its notification socket; dropped STATUS" in caplog.text
+    assert receive(sock) == "WATCHDOG=1"  # what was queued is intact
+    sock.setblocking(False)
+    with pytest.raises(BlockingIOError):
+        while True:  # empty the queue: a new message goes through again
+            sock.recv(4096)
+    assert notifier.stopping() is True and sock.recv(4096) == b"STOPPING=1"
+
+
 def test_watchdog_interval_is_half_of_watchdog_usec():
     environ = {"NOTIFY_SOCKET": "/run/systemd/notify", "WATCHDOG_USEC": "30000000"}
     assert SystemdNotifier(environ=environ).watchdog_interval_s() == 15.0
