@@ -56,6 +56,7 @@ class SystemdNotifier:
         self._watchdog_interval_s = _watchdog_interval_s(
             environ.get(WATCHDOG_USEC_ENV), environ.get(WATCHDOG_PID_ENV)
         )
+        self._dropped = 0  # messages dropped since the manager's queue last took one
         if unset_environment:
             for name in (NOTIFY_SOCKET_ENV, WATCHDOG_USEC_ENV, WATCHDOG_PID_ENV):
                 environ.pop(name, None)
@@ -91,9 +92,15 @@ class SystemdNotifier:
             try:
                 sock.sendto(payload, self._address)
             except (BlockingIOError, TimeoutError):
-                log.warning("the service manager is not reading its notification socket; dropped %s",
-                            ", ".join(line.split("=", 1)[0] for line in lines))
+                if not self._dropped:  # once per stall, not every 0.2 s ping
+                    log.warning("the service manager is not reading its notification socket; dropping "
+                                "messages until it does (first: %s)", ", ".join(line.split("=", 1)[0] for line in lines))
+                self._dropped += 1
                 return False
+        if self._dropped:
+            log.warning("the service manager reads its notification socket again; %d messages were dropped",
+                        self._dropped)
+            self._dropped = 0
         return True
 
     def ready(self) -> bool:

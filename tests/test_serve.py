@@ -122,6 +122,19 @@ def test_ready_then_watchdog_then_stopping_and_a_clean_exit(sparse_store, tmp_pa
         # running_daemon checked: no socket, lock, shared memory or process left behind
 
 
+def test_a_service_manager_that_stops_reading_does_not_stall_the_daemon(tiny_stores, tmp_path):
+    """Its notification queue fills with watchdog pings (10 datagrams here); clients are still answered."""
+    notify_path = str(tmp_path / "notify")
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as manager:
+        manager.bind(notify_path)  # and never read
+        env = {"NOTIFY_SOCKET": notify_path, "WATCHDOG_USEC": "200000"}
+        with running_daemon(tiny_stores("llama"), ["--max-batch", "1"], env=env) as daemon:
+            time.sleep(2.5)  # ~25 pings at 0.1 s
+            with Client(daemon.socket_path, timeout_s=10) as client:
+                assert client.generate("The quick brown fox", max_tokens=8, ignore_eos=True).usage.completion_tokens == 8
+            assert "not reading its notification socket" in daemon.log()
+
+
 def test_drain_is_bounded_and_cut_requests_get_an_error(tiny_stores):
     with running_daemon(tiny_stores("llama"), ["--max-batch", "1", "--drain-timeout-s", "0.3"]) as daemon:
 
