@@ -27,8 +27,10 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from protocol.store_format import SPARSITY_FILE, SparsityInfo, sha256_hex, write_manifest
-from workers.executor import ModelExecutor
+from protocol.store_format import DTYPE_ITEMSIZE, SPARSITY_FILE, SparsityInfo, sha256_hex, write_manifest
+from workers.executor import ModelExecutor, compute_dtype, default_device
+from workers.ffn_providers import rows_to_tensor
+from workers.flash_io.bundle_reader import BundleReader
 from workers.models.ffn import BundleColumns, neuron_activations
 from workers.predictor import PREDICTOR_TYPES, LowRankPredictor, predictor_tensor_names
 from workers.store_reader import open_store
@@ -55,6 +57,30 @@ class _RecordingFfn:
 
     def close(self) -> None:
         self.inner.close()
+
+
+def _available_memory_bytes(device: str) -> int:
+    """Memory free for new tensors on `device`: the GPU's free memory, or the kernel's MemAvailable."""
+    if torch.device(device).type == "cuda":
+        return torch.cuda.mem_get_info()[0]
+    try:
+        with open("/proc/meminfo", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+def ffn_fits_in_memory(manifest, device: str, share: float = 0.5) -> bool:
+    """Whether every layer's FFN, in the compute dtype, takes at most `share` of the free memory.
+
+    When it does, calibration's forward passes hold it (mode dense); when not (the models this
+    runtime is for), they stream each layer from flash (mode naive), as generation does.
+    """
+    ffn_bytes = manifest.ffn.total_bundle_bytes // DTYPE_ITEMSIZE[manifest.dtype] * compute_dtype(device).itemsize
+    return ffn_bytes <= share * _available_memory_bytes(device)
 
 
 def _train_predictor(x: torch.Tensor, labels: torch.Tensor, rank: int, epochs: int, seed: int,
@@ -134,7 +160,9 @@ def _top_k_quality(predictor: LowRankPredictor, x: torch.Tensor, labels: torch.T
 
 def calibrate(store_dir: str, text: str, max_tokens: int = 8192, sparsity: float = 0.5, rank: int | None = None,
               epochs: int = 12, hot_fraction: float = 0.9, seed: int = 0, progress: bool = True,
-              log=print, predictor_type: str | None = None) -> SparsityInfo:
+              log=print, predictor_type: str | None = None, ffn_in_memory: bool | None = None) -> SparsityInfo:
+    """ffn_in_memory: hold the whole FFN during the forward passes (faster) or stream it from flash layer by
+    layer; None decides by the free memory (ffn_fits_in_memory)."""
     if not 0.0 <= sparsity < 1.0:
         raise ValueError(f"--sparsity {sparsity} must be in [0, 1)")
     manifest = open_store(store_dir)
@@ -157,11 +185,17 @@ def calibrate(store_dir: str, text: str, max_tokens: int = 8192, sparsity: float
         raise ValueError(f"the calibration text has {len(ids)} tokens; give at least {min_tokens} "
                          "(thousands are better: predictor recall grows with calibration tokens)")
     window = min(CALIBRATION_WINDOW_TOKENS, arch.max_position_embeddings)
-    executor = ModelExecutor(store_dir, manifest, "dense", num_slots=1, max_context=window)
+    if ffn_in_memory is None:
+        ffn_in_memory = ffn_fits_in_memory(manifest, default_device())
+    if not ffn_in_memory:
+        log("the FFN does not fit in memory: the calibration passes read it from flash layer by layer")
+    executor = ModelExecutor(store_dir, manifest, "dense" if ffn_in_memory else "naive", num_slots=1,
+                             max_context=window)
     recorder = _RecordingFfn(executor.ffn, arch.num_hidden_layers)
     executor.ffn = recorder
     started = time.perf_counter()
-    for start in tqdm(range(0, len(ids), window), desc="calibrate: dense pass", disable=not progress, file=sys.stderr):
+    for start in tqdm(range(0, len(ids), window), desc="calibrate: forward passes", disable=not progress,
+                      file=sys.stderr):
         chunk = ids[start:start + window]
         executor.forward(torch.tensor([chunk]), torch.tensor([0]), torch.arange(len(chunk))[None])
 
@@ -169,11 +203,14 @@ def calibrate(store_dir: str, text: str, max_tokens: int = 8192, sparsity: float
     holdout = max(1, int(num_tokens * HOLDOUT_FRACTION))
     train = slice(0, num_tokens - holdout)
     held = slice(num_tokens - holdout, num_tokens)
-    dense, cols = recorder.inner, recorder.inner.cols
+    cols = recorder.inner.cols
+    executor.close()  # frees the FFN held for the forward passes before the per-layer work
 
     def layer_rows(layer: int) -> torch.Tensor:
-        # labels and fits run in float32 on the CPU beside the recorded inputs, whatever device ran the dense pass
-        return dense.layers[layer].to("cpu", torch.float32)  # (n_ff, E)
+        # the store's rows, one layer at a time, in float32 on the CPU beside the recorded inputs (labels
+        # and fits run there whatever device ran the forward passes)
+        with BundleReader(store_dir, manifest.ffn) as reader:
+            return rows_to_tensor(reader.read_layer(layer), torch.float32, "cpu", copy=True)  # (n_ff, E)
 
     def layer_activations(layer: int, h: torch.Tensor) -> torch.Tensor:
         rows = layer_rows(layer)  # (n_ff, E)
@@ -236,7 +273,6 @@ def calibrate(store_dir: str, text: str, max_tokens: int = 8192, sparsity: float
         log(f"layer {layer:3d}: threshold {threshold:.4f}  hot {len(hot):4d}  "
             f"recall lookahead {r_ahead:.3f} same-layer {r_same:.3f}  precision {p_ahead:.3f}")
         previous_input = h
-    executor.close()
 
     from safetensors.torch import save_file
 
@@ -280,7 +316,8 @@ def generate_calibration_text(store_dir: str, num_tokens: int, seed: int = 0, pr
 
     texts = []
     per_prompt = max(32, num_tokens // len(SELF_TEXT_PROMPTS))
-    with Engine(store_dir, mode="dense", max_batch=len(SELF_TEXT_PROMPTS)) as engine:
+    mode = "dense" if ffn_fits_in_memory(open_store(store_dir), default_device()) else "naive"
+    with Engine(store_dir, mode=mode, max_batch=len(SELF_TEXT_PROMPTS)) as engine:
         messages = [[{"role": "user", "content": p}] for p in SELF_TEXT_PROMPTS]
         params = SamplingParams(max_tokens=per_prompt, temperature=0.8, top_p=0.95, seed=seed)
         for result in engine.generate(messages, params):

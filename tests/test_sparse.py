@@ -241,3 +241,23 @@ def test_cache_mirror_copies_only_the_rows_whose_neuron_changed():
     caches[0].insert(np.arange(10), fill)  # a full layer
     mirrored(0)
     assert view.rows_copied == 9 + 10
+
+
+def test_calibration_streaming_the_ffn_from_flash_writes_what_holding_it_writes(tiny_stores, tmp_path):
+    """A model whose FFN does not fit in memory is calibrated layer by layer from flash, to the same result."""
+    from safetensors.torch import load_file
+
+    from protocol.store_format import read_manifest
+
+    results = {}
+    for in_memory in (True, False):
+        store = str(tmp_path / f"in_memory_{in_memory}")
+        shutil.copytree(tiny_stores("llama"), store)
+        lines = []
+        calibrate(store, calibration_text(), max_tokens=1200, progress=False, log=lines.append, ffn_in_memory=in_memory)
+        assert any("read it from flash layer by layer" in line for line in lines) == (not in_memory)
+        info = read_manifest(store).sparsity
+        results[in_memory] = (info.thresholds, load_file(os.path.join(store, info.file)))
+    (held_thresholds, held), (streamed_thresholds, streamed) = results[True], results[False]
+    assert streamed_thresholds == held_thresholds
+    assert held.keys() == streamed.keys() and all(torch.equal(held[k], streamed[k]) for k in held)
