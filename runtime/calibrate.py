@@ -214,7 +214,8 @@ def calibrate(store_dir: str, text: str, max_tokens: int = 8192, sparsity: float
 
     def layer_activations(layer: int, h: torch.Tensor) -> torch.Tensor:
         rows = layer_rows(layer)  # (n_ff, E)
-        return torch.cat([neuron_activations(h[i:i + 4096], rows, cols) for i in range(0, len(h), 4096)])  # (N, n_ff)
+        return torch.cat([neuron_activations(h[i:i + 4096], rows, cols)
+                          for i in range(0, len(h), 4096)])  # (N, n_ff)
 
     if relu:
         # ReLU zeros are exact: size top-k by the data, the 90th percentile of a token's active count

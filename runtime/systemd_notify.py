@@ -94,7 +94,8 @@ class SystemdNotifier:
             except (BlockingIOError, TimeoutError):
                 if not self._dropped:  # once per stall, not every 0.2 s ping
                     log.warning("the service manager is not reading its notification socket; dropping "
-                                "messages until it does (first: %s)", ", ".join(line.split("=", 1)[0] for line in lines))
+                                "messages until it does (first: %s)",
+                                ", ".join(line.split("=", 1)[0] for line in lines))
                 self._dropped += 1
                 return False
         if self._dropped:

@@ -131,7 +131,8 @@ def test_a_service_manager_that_stops_reading_does_not_stall_the_daemon(tiny_sto
         with running_daemon(tiny_stores("llama"), ["--max-batch", "1"], env=env) as daemon:
             time.sleep(2.5)  # ~25 pings at 0.1 s
             with Client(daemon.socket_path, timeout_s=10) as client:
-                assert client.generate("The quick brown fox", max_tokens=8, ignore_eos=True).usage.completion_tokens == 8
+                result = client.generate("The quick brown fox", max_tokens=8, ignore_eos=True)
+                assert result.usage.completion_tokens == 8
             assert "not reading its notification socket" in daemon.log()
 
 

@@ -65,7 +65,9 @@ class ModelExecutor:
                                                                  **(ffn_options or {}))
 
     def forward(self, token_ids: torch.Tensor, slots: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        """token_ids/positions (B, T), slots (B,) → logits (B, T, V) float32 on the CPU. Writes the KV cache of those slots."""
+        """token_ids/positions (B, T), slots (B,) → logits (B, T, V) float32 on the CPU.
+
+        Writes the KV cache of those slots."""
         token_ids, slots, positions = (t.to(self.device) for t in (token_ids, slots, positions))
         with torch.inference_mode():
             x = self.model.embed(token_ids, positions)  # (B, T, d)
