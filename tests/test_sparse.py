@@ -261,3 +261,22 @@ def test_calibration_streaming_the_ffn_from_flash_writes_what_holding_it_writes(
     (held_thresholds, held), (streamed_thresholds, streamed) = results[True], results[False]
     assert streamed_thresholds == held_thresholds
     assert held.keys() == streamed.keys() and all(torch.equal(held[k], streamed[k]) for k in held)
+
+
+def test_prompts_admitted_together_are_prefilled_in_one_pass_over_the_flash_ffn(tiny_stores):
+    """Prompts of different lengths, padded into one forward: the FFN is read once for all of them, and each
+    prompt's first token is the one it gets alone."""
+    from protocol.store_format import read_manifest
+
+    store = tiny_stores("llama")
+    ffn_bytes = read_manifest(store).ffn.total_bundle_bytes
+    first_token = SamplingParams(max_tokens=1, ignore_eos=True)
+    alone = []
+    for prompt in PROMPTS:
+        with Engine(store, mode="naive", max_batch=1) as engine:
+            alone.append(engine.generate([prompt], first_token)[0].tokens)
+    with Engine(store, mode="naive", max_batch=len(PROMPTS)) as engine:
+        together = [r.tokens for r in engine.generate(PROMPTS, first_token)]
+        read_bytes = engine.executor.ffn_stats.read_bytes
+    assert together == alone
+    assert ffn_bytes <= read_bytes < 2 * ffn_bytes  # one pass, not one per prompt
