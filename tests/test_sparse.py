@@ -280,3 +280,29 @@ def test_prompts_admitted_together_are_prefilled_in_one_pass_over_the_flash_ffn(
         read_bytes = engine.executor.ffn_stats.read_bytes
     assert together == alone
     assert ffn_bytes <= read_bytes < 2 * ffn_bytes  # one pass, not one per prompt
+
+
+def test_a_model_that_cannot_fit_on_the_gpu_is_refused_before_loading(calibrated):
+    """What goes on the device (resident weights, KV cache, FFN rows) is summed from the store's headers
+    and checked against the device's free memory, with the fix named, before anything is allocated."""
+    from protocol.store_format import read_manifest
+    from workers.executor import DeviceMemoryError, check_device_memory, device_bytes_needed
+
+    store = calibrated("llama")
+    manifest = read_manifest(store)
+    ffn_float16_bytes = manifest.ffn.total_bundle_bytes // 2  # the store is float32
+    needed = {mode: device_bytes_needed(store, manifest, mode, 2, 128, torch.float16, torch.float16,
+                                        capacity_rows=[100, 100] if mode == "sparse" else None)
+              for mode in ("dense", "naive", "sparse")}
+    assert needed["dense"]["FFN rows"] == ffn_float16_bytes
+    assert needed["naive"]["FFN rows"] == ffn_float16_bytes // 2  # one of the two layers
+    assert needed["sparse"]["FFN rows"] == ffn_float16_bytes * (200 + 160) // 320  # caches + a prefill layer
+    assert needed["dense"]["KV cache"] == 2 * 2 * 2 * manifest.arch.num_key_value_heads * 128 \
+        * manifest.arch.head_dim * 2  # keys and values, 2 layers, 2 slots, 128 positions, float16
+    for mode, parts in needed.items():
+        total = sum(parts.values())
+        check_device_memory(parts, total, "cuda", mode)  # exactly fits
+        with pytest.raises(DeviceMemoryError, match=rf"--mode {mode} on cuda needs .* MiB are free: .*CUDA_VISIBLE"):
+            check_device_memory(parts, total - 1, "cuda", mode)
+    with pytest.raises(DeviceMemoryError, match="use --mode sparse with --memory"):
+        check_device_memory(needed["dense"], 0, "cuda", "dense")

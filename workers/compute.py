@@ -207,7 +207,7 @@ class ComputeWorker:
     """The compute process's core: ForwardRequest in, logits (shared memory) + ForwardChunk out."""
 
     def __init__(self, config: WorkerConfig, channel):
-        from workers.executor import ModelExecutor, compute_dtype
+        from workers.executor import ModelExecutor, check_fits_on_device, compute_dtype
         from workers.store_reader import open_store
 
         self.channel = channel
@@ -215,6 +215,8 @@ class ComputeWorker:
         if config.compute_threads:
             torch.set_num_threads(config.compute_threads)
         manifest = open_store(config.store_dir)
+        check_fits_on_device(config.store_dir, manifest, "sparse", config.num_slots, config.max_context, config.device,
+                             config.resident_dtype, config.capacity_rows)
         self.cache = SharedSegment.attach(config.instance, config.cache_layout)
         self.exchange = SharedSegment.attach(config.instance, config.exchange_layout)
         self.logits = self.exchange.arrays["logits"]  # (R, V)

@@ -28,6 +28,57 @@ def compute_dtype(device: str) -> torch.dtype:
     return torch.float32 if device == "cpu" else torch.float16
 
 
+class DeviceMemoryError(ValueError):
+    """The model as configured cannot fit in the accelerator's free memory; the message says what to lower."""
+
+
+def device_bytes_needed(store_dir: str, manifest: Manifest, mode: str, num_slots: int, max_context: int,
+                        dtype: torch.dtype, resident_dtype: torch.dtype, capacity_rows: list[int] | None = None
+                        ) -> dict[str, int]:
+    """What an executor allocates on its device before any activation: resident weights, KV cache, FFN rows.
+
+    FFN rows: dense holds every layer; naive one layer at a time; sparse its neuron-cache mirrors
+    (capacity_rows, all neurons when not given) plus one whole layer for prefill."""
+    from workers.store_reader import resident_tensor_elements
+
+    arch, layout = manifest.arch, manifest.ffn
+    layer_rows = [region.num_neurons for region in layout.layers]
+    ffn_rows = {"dense": sum(layer_rows), "naive": max(layer_rows),
+                "sparse": sum(capacity_rows or layer_rows) + max(layer_rows)}[mode]
+    return {
+        "resident weights": resident_tensor_elements(store_dir, manifest) * resident_dtype.itemsize,
+        "KV cache": KVCache.bytes_needed(arch.num_hidden_layers, num_slots, arch.num_key_value_heads, max_context,
+                                         arch.head_dim, dtype.itemsize),
+        "FFN rows": ffn_rows * layout.bundle_elements * dtype.itemsize,
+    }
+
+
+def check_device_memory(needed: dict[str, int], free_bytes: int, device: str, mode: str) -> None:
+    """Refuse before allocating what surely cannot fit (a clear error instead of an out-of-memory midway)."""
+    total = sum(needed.values())
+    if total <= free_bytes:
+        return
+    mib = 2**20
+    parts = ", ".join(f"{name} {size / mib:.0f}" for name, size in needed.items())
+    fixes = {"dense": "use --mode sparse with --memory (the FFN stays on flash)",
+             "naive": "lower --max-context or --max-batch, or use --resident-dtype float16",
+             "sparse": "lower --memory (smaller neuron caches), --max-context or --max-batch"}[mode]
+    raise DeviceMemoryError(f"--mode {mode} on {device} needs {total / mib:.0f} MiB of its memory ({parts} MiB) but "
+                            f"{free_bytes / mib:.0f} MiB are free: {fixes}, or run on the CPU "
+                            "(CUDA_VISIBLE_DEVICES=)")
+
+
+def check_fits_on_device(store_dir: str, manifest: Manifest, mode: str, num_slots: int, max_context: int,
+                         device: str, resident_dtype: str | None = None, capacity_rows: list[int] | None = None) -> None:
+    """On a GPU, check_device_memory for what this executor is about to allocate there; nothing on the CPU."""
+    if torch.device(device).type != "cuda" or mode not in FFN_MODES:
+        return
+    dtype = compute_dtype(device)
+    needed = device_bytes_needed(store_dir, manifest, mode, num_slots, max_context, dtype,
+                                 resident_dtype_of(resident_dtype, dtype), capacity_rows)
+    check_device_memory(needed, torch.cuda.mem_get_info(device)[0], device, mode)
+
+
 def make_ffn_provider(mode: str, store_dir: str, manifest: Manifest, dtype: torch.dtype, device: str, **options):
     from workers.ffn_providers import DenseFfn, NaiveFlashFfn
 
@@ -56,6 +107,9 @@ class ModelExecutor:
         self.dtype = compute_dtype(self.device)
         # matrices may be held narrower than they are computed in (half the resident bytes)
         self.resident_dtype = resident_dtype_of(resident_dtype, self.dtype)
+        if ffn is None:  # (a caller passing its FFN checked before making it)
+            check_fits_on_device(store_dir, manifest, mode, num_slots, max_context, self.device, resident_dtype,
+                                 (ffn_options or {}).get("capacity_rows"))
         weights = load_resident_weights(store_dir, manifest, verify=verify)
         self.model = build_model(arch, weights, self.dtype, self.device, self.resident_dtype)
         del weights
