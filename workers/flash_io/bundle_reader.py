@@ -415,15 +415,27 @@ class BundleReader:
         # sizes are whole elements, so each request's first row starts on an element boundary.
         first_rows = ((staging_offsets[:-1] + region.offset_bytes + first_ids * bundle_bytes - offsets)
                       // self.dtype.itemsize).tolist()
-        span_rows = (last_ids - first_ids + 1).tolist()
+        spans = last_ids - first_ids + 1  # (requests,) rows each request covers
+        span_rows = spans.tolist()
         local_rows = sorted_ids - np.repeat(first_ids, end_index - first_index)  # (k,) row of each id in its request
         request_offsets, request_lengths = offsets.tolist(), lengths.tolist()
         staging_starts, firsts, ends = staging_offsets.tolist(), first_index.tolist(), end_index.tolist()
         staging_elements = staging.view(self.dtype)  # (staging bytes / itemsize,)
-        row_elements = self.bundle_elements
+        row_elements, itemsize = self.bundle_elements, self.dtype.itemsize
+        # A request whose every row is wanted (one bundle, or a run of neighbours) lands in out as one
+        # byte copy: a memoryview slice assignment costs a fraction of numpy's take + reshape per request
+        whole = (ids_sorted and out.flags.c_contiguous and out.dtype == self.dtype) and \
+            (spans == end_index - first_index).tolist()
+        out_bytes = memoryview(out).cast("B") if whole else None
+        staging_bytes = memoryview(staging)
 
         def copy_rows(index: int) -> None:
             first_row, span, first, end = first_rows[index], span_rows[index], firsts[index], ends[index]
+            if whole and whole[index]:
+                start = first_row * itemsize
+                out_bytes[first * bundle_bytes : end * bundle_bytes] = \
+                    staging_bytes[start : start + span * bundle_bytes]
+                return
             rows = staging_elements[first_row : first_row + span * row_elements].reshape(span, row_elements)
             if ids_sorted:
                 # One copy straight into out; mode="clip" because mode="raise" buffers through a temporary.
