@@ -212,15 +212,14 @@ def calibrate(store_dir: str, text: str, max_tokens: int = 8192, sparsity: float
         with BundleReader(store_dir, manifest.ffn) as reader:
             return rows_to_tensor(reader.read_layer(layer), torch.float32, "cpu", copy=True)  # (n_ff, E)
 
-    def layer_activations(layer: int, h: torch.Tensor) -> torch.Tensor:
-        rows = layer_rows(layer)  # (n_ff, E)
+    def layer_activations(rows: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
         return torch.cat([neuron_activations(h[i:i + 4096], rows, cols)
                           for i in range(0, len(h), 4096)])  # (N, n_ff)
 
     if relu:
         # ReLU zeros are exact: size top-k by the data, the 90th percentile of a token's active count
-        counts = torch.cat([(layer_activations(layer, torch.cat(recorder.inputs[layer])) > 0).sum(1).float()
-                            for layer in range(arch.num_hidden_layers)])
+        counts = torch.cat([(layer_activations(layer_rows(layer), torch.cat(recorder.inputs[layer])) > 0)
+                            .sum(1).float() for layer in range(arch.num_hidden_layers)])
         sparsity = 1.0 - float(torch.quantile(counts, 0.9)) / arch.intermediate_size
     keep = max(1, int(round((1.0 - sparsity) * arch.intermediate_size)))
     tensors: dict[str, torch.Tensor] = {}
@@ -230,7 +229,8 @@ def calibrate(store_dir: str, text: str, max_tokens: int = 8192, sparsity: float
                       file=sys.stderr):
         h = torch.cat(recorder.inputs[layer])  # (N, d)
         recorder.inputs[layer] = []
-        activations = layer_activations(layer, h)  # (N, n_ff)
+        rows = layer_rows(layer)  # (n_ff, E) read once for the labels and the fit
+        activations = layer_activations(rows, h)  # (N, n_ff)
         if relu:
             threshold = 0.0
             labels = activations > 0
@@ -247,7 +247,7 @@ def calibrate(store_dir: str, text: str, max_tokens: int = 8192, sparsity: float
         tensors[f"layers.{layer}.hot_ids"] = hot
         tensors[f"layers.{layer}.frequency"] = frequency
 
-        targets = _pre_activations(h[train], layer_rows(layer), cols) if predictor_type == "regression" else None
+        targets = _pre_activations(h[train], rows, cols) if predictor_type == "regression" else None
 
         def fit(inputs: torch.Tensor, fit_seed: int, directions: torch.Tensor | None = None) -> LowRankPredictor:
             if targets is not None:
