@@ -309,12 +309,16 @@ def _reader_io_backend(store: str) -> str:
 def run_bench(store: str, modes: list[str], memory_bytes: int | None, decode_tokens: int, text: str | None,
               eval_tokens: int, keep_fractions: list[float], runtimes: list[str], read_baseline: bool = True,
               keep_fraction: float | None = None, resident_dtype: str | None = None, threads: int | None = None,
-              paired_rounds: int = 0) -> dict:
-    """resident_dtype applies to the sparse runs (the ones the budget bounds); dense stays the exact reference."""
+              paired_rounds: int = 0, window_tokens: int | None = None, missing_policy: str | None = None) -> dict:
+    """resident_dtype, keep_fraction, window_tokens and missing_policy apply to the sparse runs (the ones the
+    budget bounds; the trade-off varies keep_fraction); dense stays the exact reference."""
     from protocol.store_format import read_manifest
     from runtime.tokenizer import Tokenizer
 
     manifest = read_manifest(store)
+    sparse_options = {name: value for name, value in (
+        ("keep_fraction", keep_fraction), ("window_tokens", window_tokens), ("missing_policy", missing_policy))
+        if value is not None}
     text_ids = None
     if text is not None:
         tokenizer = Tokenizer.from_store(store, manifest.tokenizer, manifest.arch.eos_token_ids)
@@ -324,7 +328,7 @@ def run_bench(store: str, modes: list[str], memory_bytes: int | None, decode_tok
                     "store_bytes": sum(os.path.getsize(os.path.join(store, f)) for f in os.listdir(store)),
                     "reader_io_backend": _reader_io_backend(store), "sparse_resident_dtype": resident_dtype,
                     "decode_tokens": decode_tokens, "eval_tokens": len(text_ids) - 1 if text_ids else 0,
-                    "modes": {}}
+                    "sparse_options": sparse_options, "modes": {}}
     dense_argmax = None
     sets: list = []
     for mode in modes:
@@ -333,7 +337,7 @@ def run_bench(store: str, modes: list[str], memory_bytes: int | None, decode_tok
             print(f"bench: {key} ...", file=sys.stderr)
             budget = memory_bytes if mode == "sparse" else None
             tokens = min(decode_tokens, NAIVE_MAX_TOKENS) if mode == "naive" else decode_tokens
-            options = {"keep_fraction": keep_fraction} if mode == "sparse" and keep_fraction else None
+            options = sparse_options if mode == "sparse" else None
             result, (argmax, recorded) = run_mode(store, mode, budget, text_ids, tokens, ffn_options=options,
                                                   runtime=runtime, record_sets=(mode == "sparse" and runtime == "inproc"),
                                                   resident_dtype=resident_dtype if mode == "sparse" else None,
@@ -351,7 +355,8 @@ def run_bench(store: str, modes: list[str], memory_bytes: int | None, decode_tok
             print(f"bench: sparse keep_fraction={keep} ...", file=sys.stderr)
             try:
                 result, (argmax, _) = run_mode(store, "sparse", memory_bytes, text_ids, decode_tokens,
-                                               ffn_options={"keep_fraction": keep}, resident_dtype=resident_dtype,
+                                               ffn_options={**sparse_options, "keep_fraction": keep},
+                                               resident_dtype=resident_dtype,
                                                threads=threads)
             except MemoryPlanError as exc:
                 tradeoff.append({"keep_fraction": keep, "sparsity": 1 - keep, "error": str(exc)})
@@ -367,7 +372,7 @@ def run_bench(store: str, modes: list[str], memory_bytes: int | None, decode_tok
     if paired_rounds and "naive" in modes and "sparse" in modes:
         print(f"bench: naive and sparse in turns, {paired_rounds} rounds ...", file=sys.stderr)
         sparse_spec = {"mode": "sparse", "memory_bytes": memory_bytes, "resident_dtype": resident_dtype,
-                       "ffn_options": {"keep_fraction": keep_fraction} if keep_fraction else None}
+                       "ffn_options": sparse_options}
         paired_runs = {"naive": {"mode": "naive"}}
         for runtime in runtimes:
             paired_runs["sparse" if runtime == "inproc" else f"sparse-{runtime}"] = {**sparse_spec, "runtime": runtime}
@@ -394,7 +399,8 @@ def cmd_bench(args) -> int:
     report = run_bench(args.store, modes, parse_size(args.memory) if args.memory else None, args.tokens, text,
                        args.eval_tokens, keep_fractions, runtimes, read_baseline=not args.no_read_baseline,
                        keep_fraction=args.keep_fraction, resident_dtype=args.resident_dtype, threads=args.threads,
-                       paired_rounds=args.paired_rounds)
+                       paired_rounds=args.paired_rounds, window_tokens=args.neuron_window,
+                       missing_policy=args.missing_policy)
     _print_table("modes", [dict(name=k, **v) for k, v in report["modes"].items()], [
         ("mode", "name", ""), ("ms/token", "ms_per_token", ".1f"), ("tok/s", "tokens_per_s", ".2f"),
         ("MiB read/token", "flash_read_mib_per_token", ".2f"), ("hit rate", "cache_hit_rate", ".3f"),
@@ -436,7 +442,7 @@ def _non_negative_int(text: str) -> int:
 
 
 def register_cli(sub) -> None:
-    from runtime.cli import add_threads_arg
+    from runtime.cli import add_sparse_policy_args, add_threads_arg
 
     p = sub.add_parser("bench", help="measure dense, naive and sparse modes (JSON + tables + plots)")
     p.add_argument("--store", required=True)
@@ -450,6 +456,7 @@ def register_cli(sub) -> None:
     p.add_argument("--keep-fractions", default="", help="sparsity trade-off: comma-separated keep fractions")
     p.add_argument("--resident-dtype", choices=["float32", "float16", "bfloat16"], default=None,
                    help="sparse mode: hold resident matrices in this dtype (float16 halves them); dense stays exact")
+    add_sparse_policy_args(p)
     p.add_argument("--runtimes", default="inproc", help="inproc,workers: runtimes to measure the sparse mode with")
     add_threads_arg(p)
     p.add_argument("--paired-rounds", type=_non_negative_int, default=3,

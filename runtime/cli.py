@@ -65,6 +65,13 @@ def _engine_from_args(args, max_batch: int = 1):
         if args.mode != "sparse":
             raise ValueError(f"--keep-fraction applies to --mode sparse, not --mode {args.mode}")
         ffn_options["keep_fraction"] = args.keep_fraction
+    for flag, option in (("neuron_window", "window_tokens"), ("missing_policy", "missing_policy")):
+        value = getattr(args, flag, None)
+        if value is None:
+            continue
+        if args.mode != "sparse":
+            raise ValueError(f"--{flag.replace('_', '-')} applies to --mode sparse, not --mode {args.mode}")
+        ffn_options[option] = value
     return Engine(args.store, mode=args.mode, max_batch=max_batch, max_context=args.max_context,
                   ffn_options=ffn_options, runtime=resolve_runtime(getattr(args, "runtime", "auto"), args.mode),
                   resident_dtype=getattr(args, "resident_dtype", None), threads=getattr(args, "threads", None))
@@ -157,6 +164,31 @@ def add_threads_arg(p: argparse.ArgumentParser) -> None:
                         "fewer when reading flash, which leaves a core to the reads; OMP_NUM_THREADS if set)")
 
 
+def add_sparse_policy_args(p: argparse.ArgumentParser) -> None:
+    """The sliding window and the late-neuron policy of --mode sparse (engine commands and bench)."""
+    from workers.flash_io.neuron_cache import DEFAULT_WINDOW_TOKENS
+    from workers.prefetch import MISSING_POLICIES
+
+    p.add_argument("--neuron-window", type=_positive_int, default=None, metavar="K",
+                   help=f"--mode sparse: keep the neurons used by the last K tokens in memory, so a token reads only "
+                        f"the ones they did not use (default {DEFAULT_WINDOW_TOKENS}); a larger K reads less while "
+                        "the caches have room")
+    p.add_argument("--missing-policy", choices=list(MISSING_POLICIES), default=None,
+                   help="--mode sparse: neurons the same-layer check predicts but the lookahead missed are read "
+                        "before the layer runs (read, the default) or left out for this token (skip: no read "
+                        "waits on the layer's own input, fewer bytes, lower quality)")
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number ≥ 1, got {text!r}")
+    return value
+
+
 def _add_engine_args(p: argparse.ArgumentParser, store_required: bool = True) -> None:
     p.add_argument("--store", required=store_required, help="flash store directory (from `flashllm convert`)")
     p.add_argument("--mode", default="dense", choices=["dense", "naive", "sparse"],
@@ -165,6 +197,7 @@ def _add_engine_args(p: argparse.ArgumentParser, store_required: bool = True) ->
     p.add_argument("--keep-fraction", type=float, default=None,
                    help="--mode sparse: fraction of each layer's neurons predicted per token (default: 1 - the "
                         "calibrated --sparsity); smaller reads less and fits smaller --memory, at some quality")
+    add_sparse_policy_args(p)
     p.add_argument("--max-context", type=int, default=None, help="KV cache length in tokens (default 2048)")
     p.add_argument("--resident-dtype", choices=["float32", "float16", "bfloat16"], default=None,
                    help="hold embeddings, attention and head matrices in this dtype (default: the compute dtype, "

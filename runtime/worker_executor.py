@@ -35,7 +35,8 @@ from workers.executor import compute_dtype, default_device
 from workers.flash_io.bundle_reader import numpy_dtype_of_store
 from workers.flash_io.io_counters import process_read_bytes
 from workers.process_entry import WorkerConfig
-from workers.sparse_ffn import DEFAULT_WINDOW_TOKENS, MISSING_POLICIES
+from workers.flash_io.neuron_cache import DEFAULT_WINDOW_TOKENS
+from workers.prefetch import MISSING_POLICIES
 
 FFN_OPTIONS = ("capacity_rows", "window_tokens", "keep_fraction", "missing_policy", "pin_hot", "num_threads")
 MIN_LOGITS_ROWS = 64

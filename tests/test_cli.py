@@ -150,6 +150,11 @@ def test_user_errors_exit_2_without_a_traceback(store, tmp_path):
                        "generate", "temperature")
     _assert_user_error(flashllm("generate", "--store", store, "--keep-fraction", "0.3", "hello"),
                        "generate", "--keep-fraction applies to --mode sparse")
+    _assert_user_error(flashllm("generate", "--store", store, "--missing-policy", "skip", "hello"),
+                       "generate", "--missing-policy applies to --mode sparse")
+    window = flashllm("generate", "--store", store, "--mode", "sparse", "--neuron-window", "0", "hello")
+    assert window.returncode == 2 and "--neuron-window: expected a whole number ≥ 1, got '0'" in window.stderr, \
+        window.stderr
     _assert_user_error(flashllm("generate", "--store", store, "--threads", "0", "hello"), "generate", "--threads")
     assert not os.path.exists(tmp_path / "out")
 

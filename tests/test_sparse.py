@@ -155,6 +155,45 @@ def test_keep_fraction_on_the_command_line_sets_the_bytes_read(calibrated):
     assert 0 < reads["0.1"] < reads["0.9"], reads  # both include the prompt's whole-layer reads
 
 
+def _generate_json(store: str, *flags: str) -> dict:
+    """The --json line of `flashllm generate --mode sparse FLAGS` (12 tokens, greedy)."""
+    import json
+    import subprocess
+    import sys
+
+    result = subprocess.run([sys.executable, "-m", "runtime.cli", "generate", "--store", store, "--mode", "sparse",
+                             "--json", "--max-tokens", "12", "--ignore-eos", *flags, "The history of the city"],
+                            capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    return json.loads(result.stdout.splitlines()[0])
+
+
+def test_window_and_missing_policy_on_the_command_line(calibrated):
+    """--neuron-window K keeps the last K tokens' neurons, so a longer window reads less; --missing-policy
+    reaches both runtimes (the workers give the in-process tokens under it)."""
+    store = calibrated("llama")
+    windows = {k: _generate_json(store, "--neuron-window", k)["flash_read_bytes"] for k in ("1", "8")}
+    assert 0 < windows["8"] < windows["1"], windows
+    runs = {runtime: _generate_json(store, "--missing-policy", "skip", "--runtime", runtime)
+            for runtime in ("inproc", "workers")}
+    assert runs["workers"]["runtime"] == "workers"
+    assert runs["workers"]["tokens"] == runs["inproc"]["tokens"]
+
+
+def test_the_skip_policy_runs_only_the_lookahead_after_layer_0(calibrated):
+    """Under "skip" a decode token's predicted set per layer is the lookahead's k neurons (layer 0, which has
+    no lookahead, its same-layer k): nothing is added late. "read" adds the same-layer check's extras."""
+    store = calibrated("llama")
+    predicted = {}
+    for policy in ("read", "skip"):
+        with Engine(store, mode="sparse", max_batch=1, ffn_options={"missing_policy": policy}) as engine:
+            engine.generate([PROMPTS[0]], SamplingParams(max_tokens=8, ignore_eos=True))
+            keep, layers = engine.executor.ffn.predictor.keep_neurons, engine.arch.num_hidden_layers
+            predicted[policy] = [s["neurons_predicted"] for s in engine.token_stats]
+    assert predicted["skip"] == [keep * layers] * len(predicted["skip"])
+    assert all(p >= keep * layers for p in predicted["read"]) and sum(predicted["read"]) > sum(predicted["skip"])
+
+
 def test_memory_budget_too_small_names_the_minimum(calibrated):
     with pytest.raises(MemoryPlanError, match=r"minimum for this store and settings is [0-9.]+ MiB"):
         Engine(calibrated("llama"), mode="sparse", ffn_options={"memory_budget_bytes": 100_000})

@@ -156,11 +156,13 @@ class PredictorWorker:
 
     StepBegin           reset the step (forwarded to the prefetcher, same pipe so it arrives first)
     FfnInput(l)         h_l from hidden[l % 2]; decode (T == 1):
-                          same = same[l](h_l); first = lookahead set from h_{l-1}, or same
+                          same = same[l](h_l) (policy "skip" with a lookahead: not run);
+                          first = lookahead set from h_{l-1}, or same
                           |first ∪ same| + pinned > capacity → masked, as SparseFlashFfn falls back
                           else Prediction(cached, first, late = same ∖ ahead), then
                           Lookahead(l+1) = lookahead[l+1](h_l) so layer l+1's reads start now;
-                          commit=True when l+1 cannot fall back whatever same[l+1] says
+                          commit=True when l+1 cannot fall back whatever same[l+1] says (under
+                          "skip": when the lookahead's set fits; then layer l+1 needs no Prediction)
                         masked (T > 1 or the fallback): per-token mask = same[l](h_l) ∪
                           lookahead[l](h_{l-1}) ∪ hot, written to the mask buffer; Prediction(masked)
     """
@@ -228,24 +230,29 @@ class PredictorWorker:
         """SparseFlashFfn._forward_cached's predictions; returns h (or the copy it had to take)."""
         predictor, layer = self.predictor, msg.layer
         ahead = self._ahead.pop(layer, None)
-        if self._committed.get(layer) and self.missing_policy == "skip":
+        check = ahead is None or self.missing_policy == "read"  # as SparseFlashFfn: "skip" runs no same-layer check
+        if self._committed.get(layer) and not check:
             # layer l is already handed over: l+1's reads are the only thing anybody waits for. Once
             # they are done compute may run on and overwrite hidden[l % 2] with h_{l+2}: keep a copy
             h = h.clone()  # (N, d)
             self._send_lookahead(msg, h)
-        same = predictor.predict("same", layer, h)
+            del self._committed[layer]
+            self.channel.send(ROLE_COMPUTE, PredictionStats(step=msg.step, layer=layer, predicted=len(ahead),
+                                                            predict_s=time.perf_counter() - start))
+            return h
+        same = predictor.predict("same", layer, h) if check else None
         first = ahead if ahead is not None else same
         num_neurons = self.predictor.num_neurons
-        if union_ids(num_neurons, first, same).size + self.pinned_counts[layer] > self.capacity_rows[layer]:
+        needed = union_ids(num_neurons, first, same) if ahead is not None and check else first
+        if needed.size + self.pinned_counts[layer] > self.capacity_rows[layer]:
             if self._committed.get(layer):
                 raise RuntimeError(f"layer {layer}: committed lookahead but the union does not fit (a flashllm bug)")
             self._send_masked(msg, h, start)  # the batch's union makes the layer nearly dense
             return h
         late = np.zeros(0, np.int64)
-        predicted = len(first)
-        if ahead is not None:
+        predicted = needed.size
+        if ahead is not None and check:
             late = difference_ids(num_neurons, same, ahead)
-            predicted = union_ids(num_neurons, ahead, same).size
         self.channel.send(ROLE_PREFETCH, Prediction(step=msg.step, layer=layer, path=PATH_CACHED, first=first,
                                                     late=late, first_committed=self._committed.pop(layer, False)))
         if layer + 1 not in self._ahead:
@@ -261,7 +268,9 @@ class PredictorWorker:
             return
         ahead_next = self._ahead[layer + 1] = predictor.predict("lookahead", layer + 1, h)
         # same[l+1] has at most N·k ids: if even that fits beside ahead, l+1 surely takes the cached path
-        largest_same = min(predictor.num_neurons, msg.num_tokens * predictor.keep_neurons)
+        # (under "skip" same[l+1] is not run: the lookahead's set is all that has to fit)
+        largest_same = 0 if self.missing_policy == "skip" else min(predictor.num_neurons,
+                                                                   msg.num_tokens * predictor.keep_neurons)
         commit = len(ahead_next) + self.pinned_counts[layer + 1] + largest_same <= self.capacity_rows[layer + 1]
         self._committed[layer + 1] = commit
         self.channel.send(ROLE_PREFETCH, Lookahead(step=msg.step, layer=layer + 1, ids=ahead_next, commit=commit))

@@ -36,6 +36,9 @@ from workers.flash_io.neuron_cache import NeuronCache
 from workers.flash_io.neuron_ids import union_ids
 from workers.process_entry import WorkerConfig, run_worker
 
+# neurons the same-layer check adds to the lookahead's set: read before the layer runs, or left out this token
+MISSING_POLICIES = ("read", "skip")
+
 
 @dataclass
 class LayerUpdate:
@@ -223,7 +226,7 @@ class PrefetchWorker:
     StepBegin         masked step (T > 1): start reading layer 0 whole
     Lookahead(l)      commit: prepare(l, ids, new_token=True) now (compute is outside layer l);
                       else stage layer l's predicted bundles (read ahead; the cache is untouched)
-                      (committed under the "skip" policy: LayerReady right away, Prediction(l) is moot)
+                      (committed under the "skip" policy: LayerReady right away; no Prediction(l) follows)
     Prediction(l)     cached: prepare(l, first, new_token=True) unless committed, then (policy "read") prepare(l, late,
                       new_token=False) — SparseFlashFfn's order —, publish num_rows/version/slot ids;
                       masked: make sure layer l is whole in layer_staging[l % 2] and, in a masked step,
@@ -311,7 +314,7 @@ class PrefetchWorker:
 
     def on_prediction(self, msg: Prediction) -> None:
         if msg.step != self.step or msg.layer in self._ready_early:
-            return  # ready early: under "skip" the same-layer check changes nothing
+            return  # handed over at its Lookahead: nothing may change the layer now
         received = time.perf_counter()
         layer = msg.layer
         work = self._layer_work(layer)

@@ -5,9 +5,13 @@ processes, so both give the same tokens):
 
     ahead  = predictor.lookahead[l](h_{l-1})     predicted while layer l-1 ran
     prefetcher.prepare(l, ahead)                 window advance, evict, read the increment
-    same   = predictor.same[l](h_l)              the late check on layer l's own input
-    prefetcher.prepare(l, same, late)            policy "read": fetch what the lookahead missed
+    same   = predictor.same[l](h_l)              policy "read": the late check on layer l's own input,
+    prefetcher.prepare(l, same, late)            and fetch what the lookahead missed
     y = FFN over every cached row of layer l     (the first num_rows rows: a dense matrix)
+
+Policy "skip" runs neither late step: the layer is ready once the lookahead's
+reads are, so the worker runtime hands it over before compute gets there and
+no read waits on the layer's own input (fewer bytes; some quality, see bench).
 
 Computing over all cached rows (window ∪ hot ∪ predicted) costs a little more
 arithmetic than the predicted rows alone but needs no gather, which measured
@@ -32,10 +36,9 @@ from workers.flash_io.bundle_reader import BundleReader
 from workers.flash_io.neuron_ids import difference_ids, union_ids
 from workers.models.ffn import BundleColumns, ffn_from_rows, neuron_activations
 from workers.predictor import SparsityPredictor
-from workers.prefetch import Prefetcher
+from workers.flash_io.neuron_cache import DEFAULT_WINDOW_TOKENS
+from workers.prefetch import MISSING_POLICIES, Prefetcher
 
-MISSING_POLICIES = ("read", "skip")
-DEFAULT_WINDOW_TOKENS = 4
 
 
 class CacheView:
@@ -135,18 +138,18 @@ class SparseFlashFfn:
     def _forward_cached(self, layer: int, h: torch.Tensor) -> torch.Tensor:
         predictor, prefetcher = self.predictor, self.prefetcher
         ahead = self._ahead.pop(layer, None)
-        same = predictor.predict("same", layer, h)
+        # "skip" leaves out whatever the same-layer check would add to the lookahead's set, so it is not run
+        check = ahead is None or self.missing_policy == "read"
+        same = predictor.predict("same", layer, h) if check else None
         first = ahead if ahead is not None else same
-        union_size = union_ids(self.num_neurons, first, same).size
-        if union_size + int(prefetcher.caches[layer].pinned.sum()) > prefetcher.caches[layer].capacity_rows:
+        predicted = union_ids(self.num_neurons, first, same) if ahead is not None and check else first
+        if predicted.size + int(prefetcher.caches[layer].pinned.sum()) > prefetcher.caches[layer].capacity_rows:
             return self._forward_masked(layer, h)  # the batch's union makes the layer nearly dense
         update = prefetcher.prepare(layer, first, new_token=True)
         self._count(update)
-        predicted = first
-        if ahead is not None:
+        if ahead is not None and check:
             late = difference_ids(self.num_neurons, same, ahead)
-            predicted = union_ids(self.num_neurons, ahead, same)
-            if late.size and self.missing_policy == "read":
+            if late.size:
                 self._count(prefetcher.prepare(layer, late, new_token=False))
         self.stats.neurons_predicted += len(predicted)
         if self.recorded_sets is not None:

@@ -36,6 +36,8 @@ import numpy as np
 from workers.flash_io.bundle_reader import numpy_dtype_of_store
 from workers.flash_io.neuron_ids import difference_ids, union_ids
 
+DEFAULT_WINDOW_TOKENS = 4  # the paper's k: 4..5 tokens
+
 # rows_filler(ids, out): write the bundles of ids (k,) into out (k, bundle_elements),
 # e.g. functools.partial(BundleReader.read_neurons, layer).
 RowsFiller = Callable[[np.ndarray, np.ndarray], None]
