@@ -157,6 +157,29 @@ def test_read_neurons_fills_free_rows_of_a_bigger_matrix(tmp_path):
     assert not matrix[:40].any() and not matrix[43:].any()
 
 
+@pytest.mark.parametrize("io_backend", IO_BACKENDS)
+def test_a_started_neuron_read_lands_when_finished_and_holds_the_reader_until_then(tmp_path, io_backend):
+    """start_neuron_read puts the reads to the device; the caller works; finish(out) writes the rows. Meanwhile
+    no other read may use the queue and staging, a finish runs once, and a bad out still leaves the reader usable."""
+    layout, layers = write_ffn_store(direct_dir(tmp_path), "float32", 100, [300, 257])
+    ids = np.array([3, 4, 5, 90, 200, 201, 299])
+    with BundleReader(str(tmp_path), layout, max_gap_bytes=0, io_backend=io_backend, queue_depth=4) as reader:
+        finish = reader.start_neuron_read(0, ids)
+        with pytest.raises(RuntimeError, match="still pending"):
+            reader.read_neurons(1, np.array([1]), np.zeros((1, layout.bundle_elements), np.float32))
+        with pytest.raises(RuntimeError, match="still pending"):
+            reader.read_layer(1)
+        out = np.zeros((len(ids), layout.bundle_elements), np.float32)
+        finish(out)
+        assert same_bytes(out, layers[0][ids])
+        with pytest.raises(RuntimeError, match="already finished"):
+            finish(out)
+        finish = reader.start_neuron_read(1, np.array([7, 8]))
+        with pytest.raises(ValueError, match="out has 1 rows but 2 neuron ids"):
+            finish(np.zeros((1, layout.bundle_elements), np.float32))
+        assert same_bytes(reader.read_layer(1), layers[1])  # the failed finish released the reader
+
+
 def test_read_neurons_rejects_bad_requests_with_clear_errors(tmp_path):
     layout, _ = write_ffn_store(str(tmp_path), "float16", 32, [50, 40])
     out = np.zeros((10, layout.bundle_elements), dtype=np.float16)

@@ -17,6 +17,7 @@ from tests.conftest import calibrated_copies
 from runtime.engine import Engine
 from runtime.memory_plan import MemoryPlanError
 from runtime.sampling import SamplingParams
+from workers.flash_io.bundle_reader import BundleReader
 from workers.models.ffn import neuron_activations
 from workers.store_reader import verify_store
 
@@ -209,6 +210,13 @@ def test_memory_budget_bounds_the_neuron_caches(calibrated):
         assert [c.capacity_rows for c in caches] == plan.capacity_rows
         engine.generate(PROMPTS, SamplingParams(max_tokens=16, ignore_eos=True))
         assert all(c.num_rows <= c.capacity_rows for c in caches)
+        assert sum(c.deleted for c in caches) > 0  # the budget made the window and LRU evict
+        # every row the prefetcher put in (reads started before it made room, then evictions) is its neuron's bundle
+        with BundleReader(store, engine.manifest.ffn) as reader:
+            for layer, cache in enumerate(caches):
+                rows, slot_ids = cache.dense_rows()
+                expected = reader.read_layer(layer)[slot_ids].astype(rows.dtype)  # (num_rows, E)
+                assert np.array_equal(rows, expected), layer
 
 
 def test_float16_resident_matrices_halve_the_plan_and_keep_the_answers(calibrated):

@@ -116,12 +116,17 @@ class Prefetcher:
             return functools.partial(self.reader.read_neurons, layer)
 
         def read_converted(ids: np.ndarray, out: np.ndarray) -> None:
-            if self._scratch.shape[0] < len(ids):
-                self._scratch = np.empty((len(ids), out.shape[1]), dtype=self._scratch.dtype)
-            self.reader.read_neurons(layer, ids, self._scratch)
-            out[: len(ids)] = self._scratch[: len(ids)]
+            scratch = self._scratch_rows(len(ids))
+            self.reader.read_neurons(layer, ids, scratch)
+            out[: len(ids)] = scratch
 
         return read_converted
+
+    def _scratch_rows(self, count: int) -> np.ndarray:
+        """(count, E) rows of the store dtype, reused: bundles on their way to a cache of another dtype."""
+        if self._scratch.shape[0] < count:
+            self._scratch = np.empty((count, self._scratch.shape[1]), dtype=self._scratch.dtype)
+        return self._scratch[:count]
 
     def prepare(self, layer: int, predicted_ids: np.ndarray, new_token: bool = True) -> LayerUpdate:
         """Make every predicted neuron of `layer` resident.
@@ -132,15 +137,20 @@ class Prefetcher:
         cache = self.caches[layer]
         start = time.perf_counter()
         before_bytes = self.reader.stats.read_bytes
-        evicted = 0
-        if new_token:
-            cache.advance_window(predicted_ids)
-            evicted = len(cache.evict_outside_window())
-        else:
-            cache.extend_current_token(predicted_ids)
-        missing = cache.plan_token(predicted_ids)
-        if len(missing):
-            cache.insert(missing, self._filler(layer))
+        early = self._start_reads(layer, predicted_ids)
+        try:
+            evicted = 0
+            if new_token:
+                cache.advance_window(predicted_ids)
+                evicted = len(cache.evict_outside_window())
+            else:
+                cache.extend_current_token(predicted_ids)
+            missing = cache.plan_token(predicted_ids)
+            if len(missing):
+                cache.insert(missing, early.fill if early is not None else self._filler(layer))
+        finally:
+            if early is not None:
+                early.finish_unused()
         if layer == self._staged_layer:
             self.discard_staged()  # the cache moved on: staged rows are only valid for this commit
         return LayerUpdate(layer=layer, version=cache.version, num_rows=cache.num_rows,
@@ -148,6 +158,20 @@ class Prefetcher:
                            read_neurons=len(missing), evicted=evicted,
                            read_bytes=self.reader.stats.read_bytes - before_bytes,
                            io_s=time.perf_counter() - start)
+
+    def _start_reads(self, layer: int, predicted_ids: np.ndarray) -> "_EarlyRead | None":
+        """Put the reads of the predicted neurons not cached now to the device, before prepare makes room.
+
+        The window advance and evictions that come first never drop a predicted
+        neuron, so these are the ones insert will want; the device reads while the
+        bookkeeping is worked out (~20% of a decode token's prepare time on the demo
+        model). None when nothing is missing or they were read ahead (stage)."""
+        if layer == self._staged_layer and len(self._staged_ids):
+            return None
+        cache = self.caches[layer]
+        ids = union_ids(cache.num_neurons, np.asarray(predicted_ids, dtype=np.int64))  # (k,) sorted
+        missing = ids[cache.slot_of[ids] < 0]  # (m,) sorted
+        return _EarlyRead(self, layer, missing) if len(missing) else None
 
     def stage(self, layer: int, predicted_ids: np.ndarray) -> FlashWork:
         """Read ahead what prepare(layer, predicted_ids, new_token=True) will insert, leaving the cache as it is.
@@ -183,6 +207,34 @@ class Prefetcher:
     def close(self) -> None:
         self.reader.close()
 
+
+
+class _EarlyRead:
+    """Reads started by Prefetcher._start_reads: `fill` is the rows_filler that finishes them into the cache."""
+
+    def __init__(self, prefetcher: Prefetcher, layer: int, ids: np.ndarray):
+        self.prefetcher, self.layer, self.ids = prefetcher, layer, ids
+        self._finish = prefetcher.reader.start_neuron_read(layer, ids)
+
+    def fill(self, ids: np.ndarray, out: np.ndarray) -> None:
+        if self._finish is None or not np.array_equal(ids, self.ids):
+            self.finish_unused()  # not what was started (cannot happen while the invariant holds): read afresh
+            self.prefetcher._read_filler(self.layer)(ids, out)
+            return
+        finish, self._finish = self._finish, None
+        prefetcher = self.prefetcher
+        if not prefetcher._convert:
+            finish(out)
+            return
+        scratch = prefetcher._scratch_rows(len(ids))
+        finish(scratch)
+        out[: len(ids)] = scratch
+
+    def finish_unused(self) -> None:
+        """Complete reads nobody took (an error on the way): the reader takes its next read only after."""
+        if self._finish is not None:
+            finish, self._finish = self._finish, None
+            finish(self.prefetcher._scratch_rows(len(self.ids)))
 
 
 def load_hot_ids(store_dir: str, manifest: Manifest) -> list[np.ndarray]:

@@ -235,6 +235,7 @@ class BundleReader:
         self._pool = ThreadPoolExecutor(max_workers=num_threads, thread_name_prefix="flash-read")
         self._aio = self._open_aio(io_backend, queue_depth)
         self._staging = np.empty(0, dtype=np.uint8)  # grown on demand, aligned
+        self._pending_read = None  # the generator of a start_neuron_read not finished yet: it owns the queue and staging
         self._layer_buffer = np.empty(0, dtype=np.uint8)  # allocated at first read_layer, aligned
         self.stats = ReadStats()
 
@@ -274,6 +275,13 @@ class BundleReader:
         A request that comes back short of min_bytes[i] is read again
         synchronously, which resumes it or raises the truncated-file error.
         """
+        for _ in self._requests(offsets, lengths, staging_starts, min_bytes, staging, after_read):
+            pass
+
+    def _requests(self, offsets: list[int], lengths: list[int], staging_starts: list[int],
+                  min_bytes: list[int], staging: np.ndarray, after_read: Callable[[int], None]):
+        """_run_requests as a generator that yields once the reads are on their way (AIO: the first ones
+        submitted; the thread pool starts only when resumed), and finishes them when exhausted."""
         staging_bytes = memoryview(staging)
 
         def read_sync(index: int) -> None:
@@ -286,6 +294,7 @@ class BundleReader:
                 read_sync(index)
                 after_read(index)
 
+            yield
             _run_parallel(self._pool, self.num_threads, len(offsets), read_request)
             return
 
@@ -295,7 +304,7 @@ class BundleReader:
             after_read(index)
 
         addresses = staging.ctypes.data + np.asarray(staging_starts[: len(offsets)], dtype=np.uint64)  # (requests,)
-        self._aio.read_all(self._file.fileno(), offsets, lengths, addresses, on_complete)
+        yield from self._aio.reads(self._file.fileno(), offsets, lengths, addresses, on_complete)
 
     @property
     def direct(self) -> bool:
@@ -308,6 +317,10 @@ class BundleReader:
 
     def reset_stats(self) -> None:
         self.stats = ReadStats()
+
+    def _check_idle(self) -> None:
+        if self._pending_read is not None:
+            raise RuntimeError("a neuron read is still pending on this reader: call its finish(out) first")
 
     def _region(self, layer: int):
         if self._file.closed:
@@ -322,6 +335,7 @@ class BundleReader:
         The array is a view of a reused buffer: valid until the next `read_layer`
         call or `close()`. Copy it to keep it.
         """
+        self._check_idle()
         region = self._region(layer)
         span_start = align_down(region.offset_bytes, self.alignment_bytes)
         span_end = align_up(region.offset_bytes + region.length_bytes, self.alignment_bytes)
@@ -383,11 +397,21 @@ class BundleReader:
         out: (>= len(ids), bundle_elements) array of the store dtype. Sorted ids
         are copied out once; other orders go through a temporary (about 2x the copy time).
         """
+        finish = self.start_neuron_read(layer, neuron_ids)
+        finish(out)
+
+    def start_neuron_read(self, layer: int, neuron_ids: np.ndarray) -> Callable[[np.ndarray], None]:
+        """read_neurons in two halves: the reads go to the device now, and the returned finish(out) waits for
+        them and writes the bundles into out as read_neurons does.
+
+        With AIO the device reads while the caller works in between (the thread pool
+        reads only in finish). Until finish returns, no other read may start on this reader.
+        """
+        self._check_idle()
         region = self._region(layer)
         ids = self._check_neuron_ids(layer, neuron_ids, region.num_neurons)  # (k,)
-        self._check_out(out, len(ids))
         if len(ids) == 0:
-            return
+            return lambda out: self._check_out(out, 0)
         order = np.argsort(ids, kind="stable")  # (k,) positions in out, by id
         sorted_ids = ids[order]  # (k,)
         duplicate = np.flatnonzero(sorted_ids[1:] == sorted_ids[:-1])
@@ -422,12 +446,9 @@ class BundleReader:
         staging_starts, firsts, ends = staging_offsets.tolist(), first_index.tolist(), end_index.tolist()
         staging_elements = staging.view(self.dtype)  # (staging bytes / itemsize,)
         row_elements, itemsize = self.bundle_elements, self.dtype.itemsize
-        # A request whose every row is wanted (one bundle, or a run of neighbours) lands in out as one
-        # byte copy: a memoryview slice assignment costs a fraction of numpy's take + reshape per request
-        whole = (ids_sorted and out.flags.c_contiguous and out.dtype == self.dtype) and \
-            (spans == end_index - first_index).tolist()
-        out_bytes = memoryview(out).cast("B") if whole else None
+        all_rows_wanted = (spans == end_index - first_index).tolist()
         staging_bytes = memoryview(staging)
+        out = whole = out_bytes = None  # set by finish: the reads' completions copy into out
 
         def copy_rows(index: int) -> None:
             first_row, span, first, end = first_rows[index], span_rows[index], firsts[index], ends[index]
@@ -444,11 +465,35 @@ class BundleReader:
                 out[order[first:end]] = rows[local_rows[first:end]]  # caller's order: numpy goes through a temporary
 
         started_s = time.perf_counter()
-        self._run_requests(request_offsets, request_lengths, staging_starts, min_bytes, staging, after_read=copy_rows)
+        requests = self._requests(request_offsets, request_lengths, staging_starts, min_bytes, staging,
+                                  after_read=copy_rows)
+        next(requests)  # raises before any read was submitted, or yields once they are on their way
+        self._pending_read = requests
         self.stats.read_time_s += time.perf_counter() - started_s
-        self.stats.requests += len(offsets)
-        self.stats.read_bytes += total_bytes
-        self.stats.useful_bytes += len(ids) * bundle_bytes
+
+        def finish(destination: np.ndarray) -> None:
+            nonlocal out, whole, out_bytes
+            if self._pending_read is not requests:
+                raise RuntimeError("this neuron read was already finished")
+            finish_started_s = time.perf_counter()
+            try:
+                self._check_out(destination, len(ids))
+                out = destination
+                # A request whose every row is wanted (one bundle, or a run of neighbours) lands in out as one
+                # byte copy: a memoryview slice assignment costs a fraction of numpy's take + reshape per request
+                whole = (ids_sorted and out.flags.c_contiguous and out.dtype == self.dtype) and all_rows_wanted
+                out_bytes = memoryview(out).cast("B") if whole else None
+                for _ in requests:
+                    pass
+            finally:
+                requests.close()  # after an error: waits for the reads in flight, so none lands later
+                self._pending_read = None
+                self.stats.read_time_s += time.perf_counter() - finish_started_s
+            self.stats.requests += len(offsets)
+            self.stats.read_bytes += total_bytes
+            self.stats.useful_bytes += len(ids) * bundle_bytes
+
+        return finish
 
     def close(self) -> None:
         """Stop the thread pool and AIO queue and close the file; safe to call twice.

@@ -94,6 +94,17 @@ class AioQueue:
         read, or one raised by on_complete) is raised only after every
         submitted read has finished: nothing writes into the buffers after return.
         """
+        for _ in self.reads(fd, offsets, lengths, addresses, on_complete):
+            pass
+
+    def reads(self, fd: int, offsets: np.ndarray, lengths: np.ndarray, addresses: np.ndarray,
+              on_complete: Callable[[int, int], None]):
+        """read_all as a generator that yields once, right after the first reads went to the device.
+
+        The caller works while the device reads; exhausting the generator finishes
+        every read (on_complete runs then, on the caller's thread). Closing it early
+        waits for the reads in flight and drops the rest. One at a time per queue.
+        """
         if self.closed:
             raise ValueError("AioQueue is closed")
         offsets = np.asarray(offsets, dtype=np.int64)  # (n,)
@@ -104,6 +115,7 @@ class AioQueue:
         next_read = in_flight = 0
         first_error: BaseException | None = None
         finished: list[tuple[int, int]] = []  # (read, result) reaped but not yet handed to on_complete
+        yielded = False
         self._iocbs["fildes"] = fd
         while in_flight or finished or (next_read < num_reads and first_error is None):
             if next_read < num_reads and first_error is None and free_slots:
@@ -123,6 +135,13 @@ class AioQueue:
                 free_slots.extend(slots[submitted:].tolist())  # not taken by the kernel: free again
                 next_read += submitted
                 in_flight += submitted
+            if not yielded:
+                yielded = True
+                try:
+                    yield
+                except GeneratorExit:
+                    self._drain(in_flight)  # nothing may write into the caller's buffers once it moved on
+                    raise
             # Callbacks only after the freed slots were refilled: the device works while they copy.
             for read, result in finished:
                 if first_error is not None:
@@ -137,19 +156,31 @@ class AioQueue:
                     first_error = exc
             finished = []
             if in_flight:
-                done = self._syscall(ctypes.c_long(self._getevents_nr), self._context, ctypes.c_long(1),
-                                     ctypes.c_long(in_flight), ctypes.c_void_p(self._events.ctypes.data), None)
-                if done < 0:
-                    code = ctypes.get_errno()
-                    if code == errno.EINTR:
-                        continue
-                    raise OSError(code, f"io_getevents failed: {os.strerror(code)}")  # reads may still be in flight
+                done = self._get_events(in_flight)  # raises with reads still in flight: the context is unusable
                 events = self._events[:done]
                 free_slots.extend(((events["obj"] - self._iocb_addresses[0]) // IOCB_DTYPE.itemsize).tolist())
                 in_flight -= done
                 finished = list(zip(events["data"].tolist(), events["res"].tolist()))
+        if not yielded:
+            yield  # nothing to read
         if first_error is not None:
             raise first_error
+
+    def _get_events(self, in_flight: int) -> int:
+        """Block until at least one of `in_flight` reads completes; their events land in self._events."""
+        while True:
+            done = self._syscall(ctypes.c_long(self._getevents_nr), self._context, ctypes.c_long(1),
+                                 ctypes.c_long(in_flight), ctypes.c_void_p(self._events.ctypes.data), None)
+            if done >= 0:
+                return done
+            code = ctypes.get_errno()
+            if code != errno.EINTR:
+                raise OSError(code, f"io_getevents failed: {os.strerror(code)}")
+
+    def _drain(self, in_flight: int) -> None:
+        """Wait until `in_flight` submitted reads have completed, dropping their results."""
+        while in_flight:
+            in_flight -= self._get_events(in_flight)
 
     def _submit(self, count: int, in_flight: int) -> int:
         """io_submit the first `count` iocbs of the submit list; how many the kernel took (0: retry later)."""
