@@ -195,6 +195,29 @@ def test_the_skip_policy_runs_only_the_lookahead_after_layer_0(calibrated):
     assert all(p >= keep * layers for p in predicted["read"]) and sum(predicted["read"]) > sum(predicted["skip"])
 
 
+def test_late_neurons_take_only_the_room_the_tokens_first_set_leaves(calibrated):
+    """A same-layer addition that does not fit beside the token's lookahead set and the pinned neurons is cut
+    to the rows left (lowest ids first); it never evicts the set the layer was prepared with."""
+    from workers.prefetch import Prefetcher
+    from workers.store_reader import open_store
+
+    store = calibrated("llama")
+    manifest = open_store(store)
+    layers = manifest.arch.num_hidden_layers
+    prefetcher = Prefetcher(store, manifest, [25] * layers, window_tokens=2,
+                            hot_ids=[np.array([50, 51])] + [np.zeros(0, np.int64)] * (layers - 1))
+    try:
+        cache = prefetcher.caches[0]
+        prefetcher.prepare(0, np.arange(0, 10), new_token=True)  # 10 + 2 pinned rows
+        update = prefetcher.prepare(0, np.arange(10, 40), new_token=False)  # room for 13 of 30
+        assert update.read_neurons == 13 and cache.num_rows == 25
+        assert set(cache.cached_ids.tolist()) == set(range(23)) | {50, 51}
+        rows, slot_ids = cache.dense_rows()
+        assert np.array_equal(rows, prefetcher.reader.read_layer(0)[slot_ids].astype(rows.dtype))
+    finally:
+        prefetcher.close()
+
+
 def test_memory_budget_too_small_names_the_minimum(calibrated):
     with pytest.raises(MemoryPlanError, match=r"minimum for this store and settings is [0-9.]+ MiB"):
         Engine(calibrated("llama"), mode="sparse", ffn_options={"memory_budget_bytes": 100_000})

@@ -158,11 +158,11 @@ class PredictorWorker:
     FfnInput(l)         h_l from hidden[l % 2]; decode (T == 1):
                           same = same[l](h_l) (policy "skip" with a lookahead: not run);
                           first = lookahead set from h_{l-1}, or same
-                          |first ∪ same| + pinned > capacity → masked, as SparseFlashFfn falls back
+                          |first| + pinned > capacity → masked, as SparseFlashFfn falls back
                           else Prediction(cached, first, late = same ∖ ahead), then
                           Lookahead(l+1) = lookahead[l+1](h_l) so layer l+1's reads start now;
-                          commit=True when l+1 cannot fall back whatever same[l+1] says (under
-                          "skip": when the lookahead's set fits; then layer l+1 needs no Prediction)
+                          commit=True when its set fits, so l+1 surely takes the cached path
+                          (under "skip" layer l+1 then needs no Prediction)
                         masked (T > 1 or the fallback): per-token mask = same[l](h_l) ∪
                           lookahead[l](h_{l-1}) ∪ hot, written to the mask buffer; Prediction(masked)
     """
@@ -243,14 +243,13 @@ class PredictorWorker:
         same = predictor.predict("same", layer, h) if check else None
         first = ahead if ahead is not None else same
         num_neurons = self.predictor.num_neurons
-        needed = union_ids(num_neurons, first, same) if ahead is not None and check else first
-        if needed.size + self.pinned_counts[layer] > self.capacity_rows[layer]:
+        if len(first) + self.pinned_counts[layer] > self.capacity_rows[layer]:
             if self._committed.get(layer):
-                raise RuntimeError(f"layer {layer}: committed lookahead but the union does not fit (a flashllm bug)")
+                raise RuntimeError(f"layer {layer}: committed lookahead but it does not fit (a flashllm bug)")
             self._send_masked(msg, h, start)  # the batch's union makes the layer nearly dense
             return h
         late = np.zeros(0, np.int64)
-        predicted = needed.size
+        predicted = union_ids(num_neurons, first, same).size if ahead is not None and check else len(first)
         if ahead is not None and check:
             late = difference_ids(num_neurons, same, ahead)
         self.channel.send(ROLE_PREFETCH, Prediction(step=msg.step, layer=layer, path=PATH_CACHED, first=first,
@@ -267,11 +266,9 @@ class PredictorWorker:
         if layer + 1 >= self.num_layers or not predictor.has("lookahead", layer + 1):
             return
         ahead_next = self._ahead[layer + 1] = predictor.predict("lookahead", layer + 1, h)
-        # same[l+1] has at most N·k ids: if even that fits beside ahead, l+1 surely takes the cached path
-        # (under "skip" same[l+1] is not run: the lookahead's set is all that has to fit)
-        largest_same = 0 if self.missing_policy == "skip" else min(predictor.num_neurons,
-                                                                   msg.num_tokens * predictor.keep_neurons)
-        commit = len(ahead_next) + self.pinned_counts[layer + 1] + largest_same <= self.capacity_rows[layer + 1]
+        # the cached path needs only the lookahead's set to fit (late additions take what room it leaves),
+        # so whether l+1 takes it is known now
+        commit = len(ahead_next) + self.pinned_counts[layer + 1] <= self.capacity_rows[layer + 1]
         self._committed[layer + 1] = commit
         self.channel.send(ROLE_PREFETCH, Lookahead(step=msg.step, layer=layer + 1, ids=ahead_next, commit=commit))
 

@@ -132,9 +132,13 @@ class Prefetcher:
         """Make every predicted neuron of `layer` resident.
 
         new_token: this is the token's first set for the layer (advance the window);
-        False for a late addition (the same-layer check) to the current token.
+        False for a late addition (the same-layer check) to the current token, which
+        takes only the rows the token's first set and the pinned neurons leave (the
+        lowest ids first) rather than evict any of them.
         """
         cache = self.caches[layer]
+        if not new_token:
+            predicted_ids = union_ids(cache.num_neurons, np.asarray(predicted_ids, dtype=np.int64))[: max(0, cache.late_room())]
         start = time.perf_counter()
         before_bytes = self.reader.stats.read_bytes
         early = self._start_reads(layer, predicted_ids)

@@ -237,6 +237,11 @@ class NeuronCache:
         self._last_used[active] = self._token_index
         self._token_index += 1
 
+    def late_room(self) -> int:
+        """Rows a late addition to the newest token may take: capacity less that token's set and the pinned."""
+        newest = self._window[-1] if self._window else np.zeros(0, np.int64)
+        return self.capacity_rows - int(self.pinned.sum()) - int((~self.pinned[newest]).sum())
+
     def extend_current_token(self, extra_ids: np.ndarray) -> None:
         """Add late-predicted ids to the newest token's set in the window (the same-layer check)."""
         extra = self._check_ids(extra_ids, "extend_current_token", sort=True)  # (e,)
