@@ -6,7 +6,8 @@ processes, so both give the same tokens):
     ahead  = predictor.lookahead[l](h_{l-1})     predicted while layer l-1 ran
     prefetcher.prepare(l, ahead)                 window advance, evict, read the increment
     same   = predictor.same[l](h_l)              policy "read": the late check on layer l's own input,
-    prefetcher.prepare(l, same, late)            and fetch what the lookahead missed
+    prefetcher.prepare(l, same, late)            and fetch what the lookahead missed, in the rows
+                                                 the ahead set and the pinned neurons leave
     y = FFN over every cached row of layer l     (the first num_rows rows: a dense matrix)
 
 Policy "skip" runs neither late step: the layer is ready once the lookahead's
@@ -18,7 +19,7 @@ arithmetic than the predicted rows alone but needs no gather, which measured
 slower than the dense FFN (DESIGN.md).
 
 Prompt prefill (many tokens of one sequence) and decode batches whose union of
-predictions does not fit the cache take the dense-read path instead: the layer
+lookahead predictions does not fit the cache take the dense-read path instead: the layer
 is read whole with large sequential reads and each token keeps only its own
 predicted neurons (a per-token mask), so the result is what token-by-token
 sparse decoding without the window would compute.
