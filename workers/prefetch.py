@@ -138,7 +138,8 @@ class Prefetcher:
         """
         cache = self.caches[layer]
         if not new_token:
-            predicted_ids = union_ids(cache.num_neurons, np.asarray(predicted_ids, dtype=np.int64))[: max(0, cache.late_room())]
+            late_ids = union_ids(cache.num_neurons, np.asarray(predicted_ids, dtype=np.int64))  # (e,) sorted
+            predicted_ids = late_ids[: max(0, cache.late_room())]
         start = time.perf_counter()
         before_bytes = self.reader.stats.read_bytes
         early = self._start_reads(layer, predicted_ids)

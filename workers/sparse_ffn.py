@@ -19,10 +19,10 @@ arithmetic than the predicted rows alone but needs no gather, which measured
 slower than the dense FFN (DESIGN.md).
 
 Prompt prefill (many tokens of one sequence) and decode batches whose union of
-lookahead predictions does not fit the cache take the dense-read path instead: the layer
-is read whole with large sequential reads and each token keeps only its own
-predicted neurons (a per-token mask), so the result is what token-by-token
-sparse decoding without the window would compute.
+lookahead predictions does not fit the cache take the dense-read path instead:
+the layer is read whole with large sequential reads and each token keeps only
+its own predicted neurons (a per-token mask), so the result is what
+token-by-token sparse decoding without the window would compute.
 """
 from __future__ import annotations
 
@@ -34,12 +34,11 @@ import torch
 from protocol.store_format import Manifest
 from workers.ffn_providers import FfnStats, rows_to_tensor
 from workers.flash_io.bundle_reader import BundleReader
+from workers.flash_io.neuron_cache import DEFAULT_WINDOW_TOKENS
 from workers.flash_io.neuron_ids import difference_ids, union_ids
 from workers.models.ffn import BundleColumns, ffn_from_rows, neuron_activations
 from workers.predictor import SparsityPredictor
-from workers.flash_io.neuron_cache import DEFAULT_WINDOW_TOKENS
 from workers.prefetch import MISSING_POLICIES, Prefetcher
-
 
 
 class CacheView:

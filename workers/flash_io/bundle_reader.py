@@ -235,7 +235,8 @@ class BundleReader:
         self._pool = ThreadPoolExecutor(max_workers=num_threads, thread_name_prefix="flash-read")
         self._aio = self._open_aio(io_backend, queue_depth)
         self._staging = np.empty(0, dtype=np.uint8)  # grown on demand, aligned
-        self._pending_read = None  # the generator of a start_neuron_read not finished yet: it owns the queue and staging
+        # the generator of a start_neuron_read not finished yet: it owns the AIO queue and the staging buffer
+        self._pending_read = None
         self._layer_buffer = np.empty(0, dtype=np.uint8)  # allocated at first read_layer, aligned
         self.stats = ReadStats()
 
