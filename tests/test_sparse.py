@@ -140,17 +140,9 @@ def test_sparse_reads_only_the_increment_and_less_than_naive(calibrated):
 
 def test_keep_fraction_on_the_command_line_sets_the_bytes_read(calibrated):
     """`flashllm generate --mode sparse --keep-fraction K`: fewer neurons per token, fewer bytes from flash."""
-    import json
-    import subprocess
-    import sys
-
     reads = {}
     for keep in ("0.1", "0.9"):
-        result = subprocess.run([sys.executable, "-m", "runtime.cli", "generate", "--store", calibrated("opt"),
-                                 "--mode", "sparse", "--keep-fraction", keep, "--json", "--max-tokens", "12",
-                                 "--ignore-eos", "The history of the city"], capture_output=True, text=True)
-        assert result.returncode == 0, result.stderr
-        output = json.loads(result.stdout.splitlines()[0])
+        output = _generate_json(calibrated("opt"), "--keep-fraction", keep)
         assert output["runtime"] == "workers"  # --runtime auto pipelines sparse
         reads[keep] = output["flash_read_bytes"]
     assert 0 < reads["0.1"] < reads["0.9"], reads  # both include the prompt's whole-layer reads

@@ -173,19 +173,22 @@ class Prefetcher:
         model). None when nothing is missing or they were read ahead (stage)."""
         if layer == self._staged_layer and len(self._staged_ids):
             return None
+        missing = self._uncached(layer, predicted_ids)  # (m,) sorted
+        return _EarlyRead(self, layer, missing) if len(missing) else None
+
+    def _uncached(self, layer: int, predicted_ids: np.ndarray) -> np.ndarray:
+        """Sorted unique predicted ids not in the layer's cache now: what prepare will insert, since the
+        window advance and evictions it does first never drop a predicted neuron."""
         cache = self.caches[layer]
         ids = union_ids(cache.num_neurons, np.asarray(predicted_ids, dtype=np.int64))  # (k,) sorted
-        missing = ids[cache.slot_of[ids] < 0]  # (m,) sorted
-        return _EarlyRead(self, layer, missing) if len(missing) else None
+        return ids[cache.slot_of[ids] < 0]  # (m,) sorted
 
     def stage(self, layer: int, predicted_ids: np.ndarray) -> FlashWork:
         """Read ahead what prepare(layer, predicted_ids, new_token=True) will insert, leaving the cache as it is.
 
         The window advance and eviction that prepare does first never drop a predicted id, so the
         ids to insert then are exactly the ones not cached now. Replaces any earlier staging."""
-        cache = self.caches[layer]
-        ids = union_ids(cache.num_neurons, np.asarray(predicted_ids, dtype=np.int64))  # (k,) sorted
-        missing = ids[cache.slot_of[ids] < 0]  # (m,) sorted
+        missing = self._uncached(layer, predicted_ids)  # (m,) sorted
         start = time.perf_counter()
         before_bytes = self.reader.stats.read_bytes
         self.discard_staged()
