@@ -163,7 +163,8 @@ class Lookahead:
     layer: int
     ids: np.ndarray = _ids()  # sorted unique store neuron ids
     # True when the layer cannot fall back to the masked path whatever the same-layer check says
-    # (|ids| + pinned + the largest possible same-layer set fit the cache): prepare it now, not just stage
+    # (ids ∪ the pinned neurons fit the cache; late additions take only the room left): prepare it now,
+    # not just stage
     commit: bool = False
 
 

@@ -141,11 +141,11 @@ def test_sparse_reads_only_the_increment_and_less_than_naive(calibrated):
 def test_keep_fraction_on_the_command_line_sets_the_bytes_read(calibrated):
     """`flashllm generate --mode sparse --keep-fraction K`: fewer neurons per token, fewer bytes from flash."""
     reads = {}
-    for keep in ("0.1", "0.9"):
+    for keep in ("0.1", "0.5"):
         output = _generate_json(calibrated("opt"), "--keep-fraction", keep)
         assert output["runtime"] == "workers"  # --runtime auto pipelines sparse
         reads[keep] = output["flash_read_bytes"]
-    assert 0 < reads["0.1"] < reads["0.9"], reads  # both include the prompt's whole-layer reads
+    assert 0 < reads["0.1"] < reads["0.5"], reads  # both include the prompt's whole-layer reads
 
 
 def _generate_json(store: str, *flags: str) -> dict:

@@ -44,6 +44,7 @@ from protocol.messages import (
 )
 from protocol.shm import SharedSegment
 from protocol.store_format import Manifest, StoreError
+from workers.flash_io.neuron_cache import rows_needed
 from workers.flash_io.neuron_ids import difference_ids, union_ids
 from workers.models.resident import linear
 from workers.process_entry import WorkerConfig, run_worker
@@ -158,7 +159,7 @@ class PredictorWorker:
     FfnInput(l)         h_l from hidden[l % 2]; decode (T == 1):
                           same = same[l](h_l) (policy "skip" with a lookahead: not run);
                           first = lookahead set from h_{l-1}, or same
-                          |first| + pinned > capacity → masked, as SparseFlashFfn falls back
+                          |first ∪ pinned| > capacity → masked, as SparseFlashFfn falls back
                           else Prediction(cached, first, late = same ∖ ahead), then
                           Lookahead(l+1) = lookahead[l+1](h_l) so layer l+1's reads start now;
                           commit=True when its set fits, so l+1 surely takes the cached path
@@ -168,10 +169,10 @@ class PredictorWorker:
     """
 
     def __init__(self, predictor: SparsityPredictor, hidden: np.ndarray, mask: np.ndarray, capacity_rows: list[int],
-                 pinned_counts: list[int], channel, missing_policy: str = "read"):
+                 pinned: list[np.ndarray], channel, missing_policy: str = "read"):
         self.predictor = predictor
         self.hidden, self.mask = hidden, mask  # (2, max_tokens, d), (max_tokens, n_ff) shared memory
-        self.capacity_rows, self.pinned_counts = capacity_rows, pinned_counts
+        self.capacity_rows, self.pinned = capacity_rows, pinned  # per layer: rows, (n_ff,) bool pinned mask
         self.channel = channel
         self.missing_policy = missing_policy
         self.num_layers = predictor.num_layers
@@ -191,7 +192,10 @@ class PredictorWorker:
         manifest = open_store(config.store_dir)
         predictor = SparsityPredictor(config.store_dir, manifest, keep_fraction=config.keep_fraction)
         exchange = SharedSegment.attach(config.instance, config.exchange_layout)
-        pinned = [len(ids) if config.pin_hot else 0 for ids in predictor.hot_ids]
+        pinned = [np.zeros(predictor.num_neurons, dtype=bool) for _ in predictor.hot_ids]  # (n_ff,) per layer
+        if config.pin_hot:
+            for mask, ids in zip(pinned, predictor.hot_ids):
+                mask[ids] = True
         worker = PredictorWorker(predictor, exchange.arrays["hidden"], exchange.arrays["mask"], config.capacity_rows,
                                  pinned, channel, config.missing_policy)
         worker._segment = exchange
@@ -243,7 +247,7 @@ class PredictorWorker:
         same = predictor.predict("same", layer, h) if check else None
         first = ahead if ahead is not None else same
         num_neurons = self.predictor.num_neurons
-        if len(first) + self.pinned_counts[layer] > self.capacity_rows[layer]:
+        if not self._fits(layer, first):
             if self._committed.get(layer):
                 raise RuntimeError(f"layer {layer}: committed lookahead but it does not fit (a flashllm bug)")
             self._send_masked(msg, h, start)  # the batch's union makes the layer nearly dense
@@ -268,9 +272,13 @@ class PredictorWorker:
         ahead_next = self._ahead[layer + 1] = predictor.predict("lookahead", layer + 1, h)
         # the cached path needs only the lookahead's set to fit (late additions take what room it leaves),
         # so whether l+1 takes it is known now
-        commit = len(ahead_next) + self.pinned_counts[layer + 1] <= self.capacity_rows[layer + 1]
+        commit = self._fits(layer + 1, ahead_next)
         self._committed[layer + 1] = commit
         self.channel.send(ROLE_PREFETCH, Lookahead(step=msg.step, layer=layer + 1, ids=ahead_next, commit=commit))
+
+    def _fits(self, layer: int, ids: np.ndarray) -> bool:
+        """The cached path's rule, as SparseFlashFfn applies it with the prefetcher's caches."""
+        return rows_needed(self.pinned[layer], ids) <= self.capacity_rows[layer]
 
     def _send_masked(self, msg: FfnInput, h: torch.Tensor, start: float) -> None:
         """SparseFlashFfn._token_mask: (N, n_ff) each token's own predicted neurons ∪ hot, into the mask buffer."""

@@ -145,7 +145,7 @@ class SparseFlashFfn:
         predicted = union_ids(self.num_neurons, first, same) if ahead is not None and check else first
         # the first set must fit (late additions take what room it leaves): decided before the same-layer
         # check, so the worker runtime can prepare the layer at its Lookahead
-        if first.size + int(prefetcher.caches[layer].pinned.sum()) > prefetcher.caches[layer].capacity_rows:
+        if prefetcher.caches[layer].rows_needed(first) > prefetcher.caches[layer].capacity_rows:
             return self._forward_masked(layer, h)  # the batch's union makes the layer nearly dense
         update = prefetcher.prepare(layer, first, new_token=True)
         self._count(update)

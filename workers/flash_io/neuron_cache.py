@@ -46,6 +46,13 @@ class CacheCapacityError(RuntimeError):
     """A token needs more neurons resident than the layer cache can hold."""
 
 
+def rows_needed(pinned: np.ndarray, ids: np.ndarray) -> int:
+    """|ids ∪ pinned|: the rows a layer's cache needs for a token whose set is `ids` (unique), given its
+    pinned mask (n_ff,) bool. Counted as a union: hot neurons are in most predicted sets, and a layer
+    calibrate keeps dense has every neuron pinned."""
+    return int(pinned.sum()) + int((~pinned[ids]).sum())
+
+
 class NeuronCache:
     def __init__(
         self,
@@ -236,6 +243,10 @@ class NeuronCache:
             self._window_count[self._window.popleft()] -= 1
         self._last_used[active] = self._token_index
         self._token_index += 1
+
+    def rows_needed(self, ids: np.ndarray) -> int:
+        """Rows a token whose set is `ids` (unique) needs: its set ∪ the pinned neurons."""
+        return rows_needed(self.pinned, ids)
 
     def late_room(self) -> int:
         """Rows a late addition to the newest token may take: capacity less that token's set and the pinned."""
