@@ -155,6 +155,9 @@ class SparsityInfo:
     precision: list[float]
     same_layer_recall: list[float] = field(default_factory=list)
     predictor: str = "classifier"  # "classifier" (logits) or "regression" (pre-activations); see workers/predictor.py
+    # per layer: held-out loss increase (nats/token) when that layer alone is sparse at the target sparsity
+    layer_loss_increase: list[float] = field(default_factory=list)
+    dense_layers: list[int] = field(default_factory=list)  # kept whole in memory (every neuron pinned as hot)
 
 
 @dataclass

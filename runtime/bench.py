@@ -333,7 +333,8 @@ def run_bench(store: str, modes: list[str], memory_bytes: int | None, decode_tok
                     "store_bytes": sum(os.path.getsize(os.path.join(store, f)) for f in os.listdir(store)),
                     "reader_io_backend": _reader_io_backend(store), "sparse_resident_dtype": resident_dtype,
                     "decode_tokens": decode_tokens, "eval_tokens": len(text_ids) - 1 if text_ids else 0,
-                    "sparse_options": sparse_options, "modes": {}}
+                    "sparse_options": sparse_options,
+                    "dense_layers": manifest.sparsity.dense_layers if manifest.sparsity else [], "modes": {}}
     dense_argmax = None
     sets: list = []
     for mode in modes:

@@ -156,6 +156,13 @@ def test_user_errors_exit_2_without_a_traceback(store, tmp_path):
     assert window.returncode == 2 and "--neuron-window: expected a whole number ≥ 1, got '0'" in window.stderr, \
         window.stderr
     _assert_user_error(flashllm("generate", "--store", store, "--threads", "0", "hello"), "generate", "--threads")
+    text = tmp_path / "calibration.txt"
+    text.write_text("calibration words " * 100)
+    dense = flashllm("calibrate", "--store", store, "--text", str(text), "--dense-layers", "first")
+    assert dense.returncode == 2 and "expected auto, none or comma-separated layer numbers, got 'first'" in \
+        dense.stderr, dense.stderr
+    _assert_user_error(flashllm("calibrate", "--store", store, "--text", str(text), "--dense-layers", "0,7"),
+                       "calibrate", "--dense-layers: layer 7 out of range: the model has 2 layers (0..1)")
     assert not os.path.exists(tmp_path / "out")
 
 

@@ -36,9 +36,9 @@ def calibrated(tiny_stores, tmp_path_factory):
     return calibrated_copies(tiny_stores, tmp_path_factory, calibration_text(), max_tokens=3000, epochs=4)
 
 
-def _greedy(store: str, mode: str, **ffn_options):
+def _greedy(store: str, mode: str, runtime: str = "inproc", **ffn_options):
     captured: dict[str, list] = {}
-    with Engine(store, mode=mode, max_batch=len(PROMPTS), ffn_options=ffn_options) as engine:
+    with Engine(store, mode=mode, max_batch=len(PROMPTS), ffn_options=ffn_options, runtime=runtime) as engine:
         engine.logits_hook = lambda rid, logits: captured.setdefault(rid, []).append(logits.clone())
         results = engine.generate(PROMPTS, SamplingParams(max_tokens=24, ignore_eos=True))
         stats = list(engine.token_stats)
@@ -303,6 +303,42 @@ def test_cache_mirror_copies_only_the_rows_whose_neuron_changed():
     caches[0].insert(np.arange(10), fill)  # a full layer
     mirrored(0)
     assert view.rows_copied == 9 + 10
+
+
+def test_layers_kept_dense_are_pinned_whole_so_an_all_dense_store_decodes_as_the_dense_model(tiny_stores, tmp_path):
+    """calibrate --dense-layers: every neuron of those layers is pinned (read once, never predicted away).
+    With every layer kept dense, sparse decoding at a low keep fraction gives the dense model's tokens and
+    reads nothing from flash after the prompt."""
+    from protocol.store_format import read_manifest
+
+    store = str(tmp_path / "all_dense")
+    shutil.copytree(tiny_stores("llama"), store)
+    lines = []
+    calibrate(store, calibration_text(), max_tokens=1200, progress=False, log=lines.append, dense_layers=[1, 0])
+    info = read_manifest(store).sparsity
+    assert info.dense_layers == [0, 1] and len(info.layer_loss_increase) == 2
+    assert any("kept dense (every neuron pinned): layers 0, 1" in line for line in lines), lines
+    dense, dense_logits, _ = _greedy(store, "dense")
+    sparse, sparse_logits, stats = _greedy(store, "sparse", keep_fraction=0.25)
+    assert [r.tokens for r in sparse] == [r.tokens for r in dense]
+    for a, b in zip(sparse_logits, dense_logits):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    decode = stats[1:]  # stats[0] is the prompts' prefill
+    assert decode and all(s["neurons_read"] == 0 and s["flash_read_bytes"] == 0 for s in decode), decode
+    workers, _, worker_stats = _greedy(store, "sparse", runtime="workers", keep_fraction=0.25)
+    assert [r.tokens for r in workers] == [r.tokens for r in dense]
+    assert all(s["flash_read_bytes"] == 0 for s in worker_stats[1:]), worker_stats  # the prefetch process's
+
+
+def test_dense_layers_auto_keeps_only_layers_far_more_sensitive_than_the_rest():
+    from runtime.calibrate import choose_dense_layers
+
+    demo_model = [0.547, 0.004, 0.030, 0.069] + [0.025] * 26  # held-out nats/token, one layer sparse at a time
+    assert choose_dense_layers(demo_model) == [0]
+    assert choose_dense_layers([0.03] * 30) == []  # evenly sensitive: all stay sparse
+    assert choose_dense_layers([0.04, 0.001, 0.002, 0.001]) == []  # an outlier, but too small to pay for itself
+    # at most an eighth of the layers, the most sensitive ones
+    assert choose_dense_layers([0.2, 0.9, 0.3, 0.8, 0.4, 0.7, 0.5, 0.6] + [0.01] * 24) == [1, 3, 5, 7]
 
 
 def test_calibration_streaming_the_ffn_from_flash_writes_what_holding_it_writes(tiny_stores, tmp_path):
