@@ -78,7 +78,7 @@ def _engine_from_args(args, max_batch: int = 1):
 
 
 def resolve_runtime(runtime: str, mode: str) -> str:
-    """--runtime auto: the pipelined workers for sparse (in turns: 246 vs 341 ms/token in-process, 165 vs 225 with
+    """--runtime auto: the pipelined workers for sparse (in turns: 217 vs 266 ms/token in-process, 156 vs 285 with
     --missing-policy skip), in-process for dense and naive, which have nothing to pipeline."""
     if runtime != "auto":
         return runtime
