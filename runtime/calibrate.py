@@ -466,8 +466,10 @@ def register_cli(sub) -> None:
 
 
 def _dense_layers_arg(value: str) -> str | list[int]:
-    if value in ("auto", "none"):
-        return "auto" if value == "auto" else []
+    if value == "auto":
+        return value
+    if value == "none":
+        return []
     try:
         return [int(part) for part in value.split(",")]
     except ValueError:

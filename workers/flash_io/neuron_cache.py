@@ -251,7 +251,7 @@ class NeuronCache:
     def late_room(self) -> int:
         """Rows a late addition to the newest token may take: capacity less that token's set and the pinned."""
         newest = self._window[-1] if self._window else np.zeros(0, np.int64)
-        return self.capacity_rows - int(self.pinned.sum()) - int((~self.pinned[newest]).sum())
+        return self.capacity_rows - self.rows_needed(newest)
 
     def extend_current_token(self, extra_ids: np.ndarray) -> None:
         """Add late-predicted ids to the newest token's set in the window (the same-layer check)."""
