@@ -357,6 +357,13 @@ def run_bench(store: str, modes: list[str], memory_bytes: int | None, decode_tok
             report["modes"][key] = result
     if "sparse" in modes and keep_fractions:
         tradeoff = []
+        main_run = report["modes"].get("sparse")
+        main_keep = sparse_options.get("keep_fraction", 1.0 - manifest.sparsity.target_sparsity)
+        if main_run is not None and main_keep not in keep_fractions:
+            # the main in-process run is one more point of the curve, measured already
+            tradeoff.append({"keep_fraction": main_keep, "sparsity": 1 - main_keep, **{k: main_run.get(k) for k in (
+                "flash_read_bytes_per_token", "ms_per_token", "perplexity", "cache_hit_rate",
+                "top1_agreement_with_dense")}})
         for keep in keep_fractions:
             print(f"bench: sparse keep_fraction={keep} ...", file=sys.stderr)
             try:
@@ -372,7 +379,7 @@ def run_bench(store: str, modes: list[str], memory_bytes: int | None, decode_tok
             if argmax and dense_argmax:
                 row["top1_agreement_with_dense"] = float(np.mean(np.array(argmax) == np.array(dense_argmax)))
             tradeoff.append(row)
-        report["sparsity_tradeoff"] = tradeoff
+        report["sparsity_tradeoff"] = sorted(tradeoff, key=lambda row: row["keep_fraction"])
     if sets:
         report["window_curve"] = window_curve(sets, manifest.arch.intermediate_size)
     if paired_rounds and "naive" in modes and "sparse" in modes:

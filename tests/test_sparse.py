@@ -274,6 +274,20 @@ def test_bench_measures_naive_and_sparse_in_turns(calibrated):
     assert report["speedup_over_naive"]["sparse"] == pytest.approx(sorted(ratios)[0] / 2 + sorted(ratios)[1] / 2)
 
 
+def test_bench_tradeoff_includes_the_main_setting_beside_the_swept_ones(calibrated):
+    """The trade-off table and plot get the main run's keep fraction as one more point, measured once."""
+    from runtime.bench import run_bench
+
+    report = run_bench(calibrated("llama"), ["dense", "sparse"], None, decode_tokens=4, text=calibration_text(),
+                       eval_tokens=24, keep_fractions=[0.75, 0.25], runtimes=["inproc"], read_baseline=False,
+                       keep_fraction=0.5)
+    rows = report["sparsity_tradeoff"]
+    assert [row["keep_fraction"] for row in rows] == [0.25, 0.5, 0.75]
+    main = report["modes"]["sparse"]
+    assert rows[1]["ms_per_token"] == main["ms_per_token"] and rows[1]["perplexity"] == main["perplexity"]
+    assert all(row["perplexity"] > 0 and 0 <= row["top1_agreement_with_dense"] <= 1 for row in rows)
+
+
 def test_cache_mirror_copies_only_the_rows_whose_neuron_changed():
     """Where compute can't use the cache rows in place (GPU, another dtype) it keeps a mirror in sync."""
     from workers.flash_io.neuron_cache import NeuronCache
