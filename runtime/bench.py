@@ -34,6 +34,7 @@ from runtime.sampling import SamplingParams
 BENCH_PROMPT = "The history of the printing press begins"
 NAIVE_MAX_TOKENS = 24  # naive reads the whole FFN per token: a few tokens measure it
 REQUEST_SIZES_BYTES = [4096, 16384, 65536, 262144, 1048576]
+TRADEOFF_KEYS = ("flash_read_bytes_per_token", "ms_per_token", "perplexity", "cache_hit_rate")  # per keep fraction
 
 
 def _median(values: list[float]) -> float:
@@ -181,7 +182,7 @@ def read_size_baseline(store: str, threads: int = 4, total_bytes: int = 16 << 20
         # the bundles land in one preallocated matrix, as in a neuron cache, its pages touched before the
         # timing (a fresh array per call added its page faults to the reader's time: ~15% at 12 KiB here)
         largest_layer = max(region.num_neurons for region in layout.layers)
-        out = np.zeros((largest_layer, layout.bundle_elements), dtype=numpy_dtype_of_store(layout.dtype))
+        out = np.empty((largest_layer, layout.bundle_elements), dtype=numpy_dtype_of_store(layout.dtype))
         out.fill(0)
 
         def reader_run(size: int, seed: int) -> tuple[float, float, int]:
@@ -361,9 +362,8 @@ def run_bench(store: str, modes: list[str], memory_bytes: int | None, decode_tok
         main_keep = sparse_options.get("keep_fraction", 1.0 - manifest.sparsity.target_sparsity)
         if main_run is not None and main_keep not in keep_fractions:
             # the main in-process run is one more point of the curve, measured already
-            tradeoff.append({"keep_fraction": main_keep, "sparsity": 1 - main_keep, **{k: main_run.get(k) for k in (
-                "flash_read_bytes_per_token", "ms_per_token", "perplexity", "cache_hit_rate",
-                "top1_agreement_with_dense")}})
+            tradeoff.append({"keep_fraction": main_keep, "sparsity": 1 - main_keep,
+                             **{k: main_run.get(k) for k in (*TRADEOFF_KEYS, "top1_agreement_with_dense")}})
         for keep in keep_fractions:
             print(f"bench: sparse keep_fraction={keep} ...", file=sys.stderr)
             try:
@@ -374,8 +374,7 @@ def run_bench(store: str, modes: list[str], memory_bytes: int | None, decode_tok
             except MemoryPlanError as exc:
                 tradeoff.append({"keep_fraction": keep, "sparsity": 1 - keep, "error": str(exc)})
                 continue
-            row = {"keep_fraction": keep, "sparsity": 1 - keep, **{k: result.get(k) for k in (
-                "flash_read_bytes_per_token", "ms_per_token", "perplexity", "cache_hit_rate")}}
+            row = {"keep_fraction": keep, "sparsity": 1 - keep, **{k: result.get(k) for k in TRADEOFF_KEYS}}
             if argmax and dense_argmax:
                 row["top1_agreement_with_dense"] = float(np.mean(np.array(argmax) == np.array(dense_argmax)))
             tradeoff.append(row)
