@@ -39,8 +39,8 @@ from protocol.store_format import DTYPE_ITEMSIZE, SPARSITY_FILE, SparsityInfo, s
 from workers.executor import ModelExecutor, compute_dtype, default_device
 from workers.ffn_providers import rows_to_tensor
 from workers.flash_io.bundle_reader import BundleReader
-from workers.models.ffn import BundleColumns, neuron_activations
-from workers.predictor import PREDICTOR_TYPES, LowRankPredictor, predictor_tensor_names
+from workers.models.ffn import BundleColumns, masked_ffn_from_rows, neuron_activations
+from workers.predictor import PREDICTOR_TYPES, LowRankPredictor, predictor_tensor_names, top_k_mask
 from workers.store_reader import open_store
 
 CALIBRATION_WINDOW_TOKENS = 512
@@ -167,8 +167,7 @@ def _pre_activations(h: torch.Tensor, rows: torch.Tensor, cols: BundleColumns) -
 def _top_k_quality(predictor: LowRankPredictor, x: torch.Tensor, labels: torch.Tensor, keep: int) -> tuple[float, float]:
     """Recall and precision of each token's top-`keep` predicted set against its labels."""
     with torch.no_grad():
-        top = torch.topk(predictor.scores(x), keep, dim=-1).indices  # (N, keep)
-    predicted = torch.zeros_like(labels).scatter_(1, top, True)
+        predicted = top_k_mask(predictor.scores(x), keep)  # (N, n_ff)
     true_positive = (predicted & labels).sum().item()
     return true_positive / max(1, labels.sum().item()), true_positive / max(1, predicted.sum().item())
 
@@ -191,11 +190,8 @@ class _OneLayerSparseFfn:
             return self.inner.forward(layer, h)
         rows = self._rows.to(device=h.device, dtype=h.dtype)  # (n_ff, E)
         with torch.no_grad():
-            scores = self.predictors[layer].scores(h.float().cpu())  # (N, n_ff)
-        mask = torch.zeros(scores.shape, dtype=h.dtype)  # (N, n_ff)
-        mask.scatter_(1, torch.topk(scores, self.keep, dim=-1).indices, 1.0)
-        cols = self.inner.cols
-        return (neuron_activations(h, rows, cols) * mask.to(h.device)) @ rows[:, cols.down]  # (N, d)
+            mask = top_k_mask(self.predictors[layer].scores(h.float().cpu()), self.keep)  # (N, n_ff)
+        return masked_ffn_from_rows(h, rows, self.inner.cols, mask.to(h.device))  # (N, d)
 
     def close(self) -> None:
         self.inner.close()

@@ -36,7 +36,7 @@ from protocol.messages import (
 )
 from protocol.shm import SharedSegment, cache_layer_arrays
 from workers.ffn_providers import FfnStats, rows_to_tensor
-from workers.models.ffn import BundleColumns, ffn_from_rows, neuron_activations
+from workers.models.ffn import BundleColumns, ffn_from_rows, masked_ffn_from_rows
 from workers.process_entry import WorkerConfig, run_worker
 from workers.sparse_ffn import CacheView
 
@@ -150,8 +150,7 @@ class PipelineFfn:
             raw = self.staging[ready.staging, : self.layer_neurons[layer]]  # (n_ff, E) store dtype
             rows = rows_to_tensor(raw, self.dtype, self.device)  # (n_ff, E)
             mask = torch.from_numpy(self.mask[:num_tokens]).to(self.device)  # (N, n_ff) bool
-            activations = neuron_activations(h, rows, self.cols) * mask  # (N, n_ff)
-            y = activations @ rows[:, self.cols.down]  # (N, d)
+            y = masked_ffn_from_rows(h, rows, self.cols, mask)  # (N, d)
         self.stats.compute_s += time.perf_counter() - start
         self.stats.neurons_computed += rows.shape[0]
         return y

@@ -75,6 +75,12 @@ class LowRankPredictor:
         return (F.silu(gate) * up).abs()
 
 
+def top_k_mask(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """scores (N, n) → (N, n) bool: True at each row's k highest scores."""
+    top = torch.topk(scores, k, dim=-1).indices  # (N, k)
+    return torch.zeros_like(scores, dtype=torch.bool).scatter_(1, top, True)
+
+
 def predictor_tensor_names(layer: int, kind: str) -> list[str]:
     return [f"layers.{layer}.{kind}.{part}" for part in ("w1", "b1", "w2", "b2")]
 
@@ -147,9 +153,7 @@ class SparsityPredictor:
         """x (N, d) → (N, n_ff) bool: each token's own top-k (no union), for per-token masked compute."""
         with torch.inference_mode():
             logits = self.predictors[(kind, layer)].scores(x.to(device=self.device, dtype=self.dtype))  # (N, n_ff)
-            mask = torch.zeros_like(logits, dtype=torch.bool)
-            top = torch.topk(logits, min(self.keep_neurons, self.num_neurons), dim=-1).indices  # (N, k)
-            return mask.scatter_(1, top, True)
+            return top_k_mask(logits, min(self.keep_neurons, self.num_neurons))
 
 
 class PredictorWorker:

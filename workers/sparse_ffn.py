@@ -36,7 +36,7 @@ from workers.ffn_providers import FfnStats, rows_to_tensor
 from workers.flash_io.bundle_reader import BundleReader
 from workers.flash_io.neuron_cache import DEFAULT_WINDOW_TOKENS
 from workers.flash_io.neuron_ids import difference_ids, union_ids
-from workers.models.ffn import BundleColumns, ffn_from_rows, neuron_activations
+from workers.models.ffn import BundleColumns, ffn_from_rows, masked_ffn_from_rows
 from workers.predictor import SparsityPredictor
 from workers.prefetch import MISSING_POLICIES, Prefetcher
 
@@ -195,8 +195,7 @@ class SparseFlashFfn:
         self.stats.neurons_read += rows.shape[0]
         mask = self._token_mask(layer, h).to(self.device)  # (N, n_ff)
         self.stats.neurons_predicted += int(mask.any(0).sum())
-        activations = neuron_activations(h, rows, self.cols) * mask  # (N, n_ff)
-        y = activations @ rows[:, self.cols.down]  # (N, d)
+        y = masked_ffn_from_rows(h, rows, self.cols, mask)  # (N, d)
         self.stats.neurons_computed += rows.shape[0]
         self.stats.compute_s += time.perf_counter() - read_done
         return y

@@ -42,6 +42,11 @@ def ffn_from_rows(h: torch.Tensor, rows: torch.Tensor, cols: BundleColumns) -> t
     return neuron_activations(h, rows, cols) @ rows[:, cols.down]  # (N, k) @ (k, d)
 
 
+def masked_ffn_from_rows(h: torch.Tensor, rows: torch.Tensor, cols: BundleColumns, mask: torch.Tensor) -> torch.Tensor:
+    """h (N, d), rows (k, E), mask (N, k) → (N, d): each token's FFN over only the neurons its mask row keeps."""
+    return (neuron_activations(h, rows, cols) * mask) @ rows[:, cols.down]  # (N, k) @ (k, d)
+
+
 def neuron_contributions(h: torch.Tensor, rows: torch.Tensor, cols: BundleColumns) -> torch.Tensor:
     """|act(gate·x) · (up·x)| per neuron, (N, k): the score a calibrated threshold cuts (CATS-style)."""
     return neuron_activations(h, rows, cols).abs()
