@@ -73,3 +73,16 @@ def test_naive_flash_mode_matches_transformers(kind, tiny_models, tiny_stores):
 @pytest.mark.parametrize("kind,mode", [("llama", "dense"), ("opt", "dense"), ("llama", "naive")])
 def test_cuda_engine_matches_transformers_to_float16_rounding(kind, mode, tiny_models, tiny_stores):
     _assert_matches_reference(tiny_models(kind), tiny_stores(kind), mode=mode, device="cuda")
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=[pytest.mark.cuda, pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs a CUDA device")])])
+def test_rms_norm_of_large_float16_activations_is_not_zero(device):
+    """Real models carry hidden-state outliers of hundreds; squared in float16 they overflowed to inf,
+    and the norm (what a GPU computes in) returned zeros for the whole row."""
+    from workers.models.llama import rms_norm
+
+    x = torch.full((1, 1, 576), 300.0, dtype=torch.float16, device=device)  # (B, T, d)
+    x[..., ::2] = -300.0
+    out = rms_norm(x, torch.ones(576, dtype=torch.float16, device=device), 1e-5)
+    assert torch.equal(out.abs().cpu(), torch.ones(1, 1, 576, dtype=torch.float16))

@@ -126,10 +126,11 @@ class ModelExecutor:
         with torch.inference_mode():
             x = self.model.embed(token_ids, positions)  # (B, T, d)
             batch, steps, d = x.shape
+            step = self.model.step_inputs(slots, positions)
             if hasattr(self.ffn, "begin_step"):
                 self.ffn.begin_step(batch, steps)
             for layer in range(self.arch.num_hidden_layers):
-                x = self.model.attention(layer, x, positions, self.kv, slots)
+                x = self.model.attention(layer, x, step, self.kv)
                 h = self.model.ffn_input(layer, x).reshape(batch * steps, d)  # (N, d)
                 y = self.ffn.forward(layer, h).reshape(batch, steps, d)
                 x = self.model.ffn_residual(layer, x, y)

@@ -7,8 +7,31 @@ leave between steps (continuous batching).
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
+
+
+@dataclass
+class StepInputs:
+    """What every layer of one forward call shares, computed once per call rather than per layer.
+
+    On a GPU each per-layer recomputation is a few kernel launches, and reading
+    positions.max() back is a device sync; 30 layers made both add up."""
+
+    slots: torch.Tensor  # (B,)
+    positions: torch.Tensor  # (B, T)
+    length: int  # keys each sequence attends over: the largest position + 1
+    mask: torch.Tensor  # (B, 1, T, L) bool: causal, own history only
+    rope: tuple[torch.Tensor, torch.Tensor] | None = None  # cos, sin (B, 1, T, hd) for rotary models
+
+    @staticmethod
+    def make(slots: torch.Tensor, positions: torch.Tensor) -> "StepInputs":
+        length = int(positions.max()) + 1
+        key_positions = torch.arange(length, device=positions.device)  # (L,)
+        mask = key_positions[None, None, :] <= positions[:, :, None]  # (B, T, L)
+        return StepInputs(slots, positions, length, mask[:, None])
 
 
 class KVCache:
@@ -25,20 +48,15 @@ class KVCache:
                      itemsize: int = 4) -> int:
         return 2 * num_layers * num_slots * num_kv_heads * max_context * head_dim * itemsize
 
-    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slots: torch.Tensor,
-               positions: torch.Tensor, scale: float) -> torch.Tensor:
-        """q (B, H, T, hd), k/v (B, KV, T, hd) for the new tokens at positions (B, T) → (B, H, T, hd)."""
-        batch, heads, steps, _ = q.shape
-        kv_heads = k.shape[1]
+    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, step: StepInputs,
+               scale: float) -> torch.Tensor:
+        """q (B, H, T, hd), k/v (B, KV, T, hd) for the new tokens at step.positions (B, T) → (B, H, T, hd)."""
+        slots, positions = step.slots, step.positions
         # advanced indices (B,1) and (B,T) around a slice put (B, T) first: (B, T, KV, hd)
         self.keys[layer][slots[:, None], :, positions] = k.transpose(1, 2)
         self.values[layer][slots[:, None], :, positions] = v.transpose(1, 2)
-        length = int(positions.max()) + 1
-        keys = self.keys[layer][slots, :, :length]  # (B, KV, L, hd)
-        values = self.values[layer][slots, :, :length]  # (B, KV, L, hd)
-        key_positions = torch.arange(length, device=q.device)  # (L,)
-        mask = key_positions[None, None, :] <= positions[:, :, None]  # (B, T, L): causal, own history only
-        if kv_heads != heads:
-            keys = keys.repeat_interleave(heads // kv_heads, dim=1)  # (B, H, L, hd)
-            values = values.repeat_interleave(heads // kv_heads, dim=1)
-        return F.scaled_dot_product_attention(q, keys, values, attn_mask=mask[:, None], scale=scale)  # (B, H, T, hd)
+        keys = self.keys[layer][slots, :, :step.length]  # (B, KV, L, hd)
+        values = self.values[layer][slots, :, :step.length]  # (B, KV, L, hd)
+        # grouped-query heads share their key/value head inside the kernel, without repeating them
+        return F.scaled_dot_product_attention(q, keys, values, attn_mask=step.mask, scale=scale,
+                                              enable_gqa=k.shape[1] != q.shape[1])  # (B, H, T, hd)

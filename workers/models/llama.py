@@ -7,15 +7,17 @@ so a decoder layer is: x = attention(l, x); x = x + ffn(ffn_input(l, x)).
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from protocol.store_format import ArchConfig
-from workers.models.attention import KVCache
-from workers.models.resident import embedding_rows, hold_resident, linear
+from workers.models.attention import KVCache, StepInputs
+from workers.models.resident import embedding_rows, fuse_projections, hold_resident, linear
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    variance = x.pow(2).mean(-1, keepdim=True)
-    return x * torch.rsqrt(variance + eps) * weight
+    # one fused op that accumulates in float32: squared in float16, activations past 256 overflowed to inf
+    # and the norm gave zeros on the GPU
+    return F.rms_norm(x, x.shape[-1:], weight, eps)
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -28,6 +30,7 @@ class LlamaModel:
                  resident_dtype: torch.dtype | None = None):
         self.arch = arch
         self.dtype = dtype
+        weights = fuse_projections(weights, arch.num_hidden_layers)
         self.w = hold_resident(weights, dtype, resident_dtype or dtype, device)
         self.lm_head = self.w["embed_tokens"] if arch.tie_word_embeddings else self.w["lm_head"]
         hd = arch.head_dim
@@ -37,27 +40,27 @@ class LlamaModel:
     def embed(self, token_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         return embedding_rows(self.w["embed_tokens"], token_ids, self.dtype)  # (B, T, d)
 
-    def _rope(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def step_inputs(self, slots: torch.Tensor, positions: torch.Tensor) -> StepInputs:
+        """slots (B,), positions (B, T) → what every layer of this forward call shares, RoPE angles included."""
+        step = StepInputs.make(slots, positions)
         freqs = positions[..., None].float() * self.inv_freq  # (B, T, hd/2)
         angles = torch.cat((freqs, freqs), dim=-1)[:, None]  # (B, 1, T, hd)
-        return angles.cos(), angles.sin()
+        step.rope = (angles.cos().to(self.dtype), angles.sin().to(self.dtype))
+        return step
 
-    def attention(self, layer: int, x: torch.Tensor, positions: torch.Tensor, kv: KVCache,
-                  slots: torch.Tensor) -> torch.Tensor:
+    def attention(self, layer: int, x: torch.Tensor, step: StepInputs, kv: KVCache) -> torch.Tensor:
         """x (B, T, d) → x + attention(norm(x)), writing this step's keys/values into kv."""
         a, w, p = self.arch, self.w, f"layers.{layer}."
         batch, steps, _ = x.shape
         h = rms_norm(x, w[p + "attn_norm.weight"], a.norm_eps)
-        q = linear(h, w[p + "q_proj.weight"], w.get(p + "q_proj.bias"))  # (B, T, H*hd)
-        k = linear(h, w[p + "k_proj.weight"], w.get(p + "k_proj.bias"))  # (B, T, KV*hd)
-        v = linear(h, w[p + "v_proj.weight"], w.get(p + "v_proj.bias"))
-        q = q.view(batch, steps, a.num_attention_heads, a.head_dim).transpose(1, 2)  # (B, H, T, hd)
-        k = k.view(batch, steps, a.num_key_value_heads, a.head_dim).transpose(1, 2)  # (B, KV, T, hd)
-        v = v.view(batch, steps, a.num_key_value_heads, a.head_dim).transpose(1, 2)
-        cos, sin = (t.to(q.dtype) for t in self._rope(positions))
-        q = q * cos + rotate_half(q) * sin
-        k = k * cos + rotate_half(k) * sin
-        out = kv.attend(layer, q, k, v, slots, positions, self.scale)  # (B, H, T, hd)
+        heads, kv_heads = a.num_attention_heads, a.num_key_value_heads
+        qkv = linear(h, w[p + "qkv_proj.weight"], w.get(p + "qkv_proj.bias"))  # (B, T, (H+2KV)*hd)
+        qkv = qkv.view(batch, steps, heads + 2 * kv_heads, a.head_dim).transpose(1, 2)  # (B, H+2KV, T, hd)
+        qk, v = qkv.split([heads + kv_heads, kv_heads], dim=1)  # (B, H+KV, T, hd), (B, KV, T, hd)
+        cos, sin = step.rope
+        qk = qk * cos + rotate_half(qk) * sin  # queries and keys rotated together
+        q, k = qk.split([heads, kv_heads], dim=1)  # (B, H, T, hd), (B, KV, T, hd)
+        out = kv.attend(layer, q, k, v, step, self.scale)  # (B, H, T, hd)
         out = out.transpose(1, 2).reshape(batch, steps, -1)  # (B, T, H*hd)
         return x + linear(out, w[p + "o_proj.weight"])
 

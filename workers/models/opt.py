@@ -9,8 +9,8 @@ import torch
 import torch.nn.functional as F
 
 from protocol.store_format import ArchConfig
-from workers.models.attention import KVCache
-from workers.models.resident import embedding_rows, hold_resident, linear
+from workers.models.attention import KVCache, StepInputs
+from workers.models.resident import embedding_rows, fuse_projections, hold_resident, linear
 
 OPT_POSITION_OFFSET = 2
 
@@ -20,6 +20,7 @@ class OptModel:
                  resident_dtype: torch.dtype | None = None):
         self.arch = arch
         self.dtype = dtype
+        weights = fuse_projections(weights, arch.num_hidden_layers)
         self.w = hold_resident(weights, dtype, resident_dtype or dtype, device)
         self.lm_head = self.w["embed_tokens"] if arch.tie_word_embeddings else self.w["lm_head"]
         self.scale = arch.head_dim ** -0.5
@@ -33,18 +34,19 @@ class OptModel:
             x = linear(x, self.w["project_in"])  # (B, T, d)
         return x + embedding_rows(self.w["embed_positions"], positions + OPT_POSITION_OFFSET, self.dtype)
 
-    def attention(self, layer: int, x: torch.Tensor, positions: torch.Tensor, kv: KVCache,
-                  slots: torch.Tensor) -> torch.Tensor:
+    def step_inputs(self, slots: torch.Tensor, positions: torch.Tensor) -> StepInputs:
+        """slots (B,), positions (B, T) → what every layer of this forward call shares."""
+        return StepInputs.make(slots, positions)
+
+    def attention(self, layer: int, x: torch.Tensor, step: StepInputs, kv: KVCache) -> torch.Tensor:
         a, w, p = self.arch, self.w, f"layers.{layer}."
         batch, steps, _ = x.shape
         h = self._norm(p + "attn_norm", x) if a.do_layer_norm_before else x
-        q = linear(h, w[p + "q_proj.weight"], w[p + "q_proj.bias"])  # (B, T, d)
-        k = linear(h, w[p + "k_proj.weight"], w[p + "k_proj.bias"])
-        v = linear(h, w[p + "v_proj.weight"], w[p + "v_proj.bias"])
-        q = q.view(batch, steps, a.num_attention_heads, a.head_dim).transpose(1, 2)  # (B, H, T, hd)
-        k = k.view(batch, steps, a.num_key_value_heads, a.head_dim).transpose(1, 2)
-        v = v.view(batch, steps, a.num_key_value_heads, a.head_dim).transpose(1, 2)
-        out = kv.attend(layer, q, k, v, slots, positions, self.scale)  # (B, H, T, hd)
+        heads = a.num_attention_heads
+        qkv = linear(h, w[p + "qkv_proj.weight"], w[p + "qkv_proj.bias"])  # (B, T, 3d)
+        qkv = qkv.view(batch, steps, 3 * heads, a.head_dim).transpose(1, 2)  # (B, 3H, T, hd)
+        q, k, v = qkv.split([heads, heads, heads], dim=1)  # (B, H, T, hd) each
+        out = kv.attend(layer, q, k, v, step, self.scale)  # (B, H, T, hd)
         out = out.transpose(1, 2).reshape(batch, steps, -1)  # (B, T, d)
         x = x + linear(out, w[p + "o_proj.weight"], w[p + "o_proj.bias"])
         return x if a.do_layer_norm_before else self._norm(p + "attn_norm", x)

@@ -40,6 +40,20 @@ def hold_resident(weights: dict[str, torch.Tensor], compute_dtype: torch.dtype, 
             for name, t in weights.items()}
 
 
+def fuse_projections(weights: dict[str, torch.Tensor], num_layers: int, parts: tuple[str, ...] = ("q", "k", "v")
+                     ) -> dict[str, torch.Tensor]:
+    """Each layer's q/k/v projections (and biases) stacked into one `qkv_proj`: they multiply the same
+    input, and one product is one kernel launch instead of three (on a GPU, decode is launch-bound)."""
+    fused = dict(weights)
+    for layer in range(num_layers):
+        p = f"layers.{layer}."
+        for kind in ("weight", "bias"):
+            names = [f"{p}{part}_proj.{kind}" for part in parts]
+            if all(name in fused for name in names):
+                fused[f"{p}qkv_proj.{kind}"] = torch.cat([fused.pop(name) for name in names])  # (sum(out), ...)
+    return fused
+
+
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """x (..., in) @ weight (out, in).T + bias → (..., out) in x's dtype, whatever dtype weight is held in."""
     if weight.dtype == x.dtype:
