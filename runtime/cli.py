@@ -77,12 +77,17 @@ def _engine_from_args(args, max_batch: int = 1):
                   resident_dtype=getattr(args, "resident_dtype", None), threads=getattr(args, "threads", None))
 
 
-def resolve_runtime(runtime: str, mode: str) -> str:
-    """--runtime auto: the pipelined workers for sparse (in turns: 217 vs 266 ms/token in-process, 156 vs 285 with
-    --missing-policy skip), in-process for dense and naive, which have nothing to pipeline."""
+def resolve_runtime(runtime: str, mode: str, device: str | None = None) -> str:
+    """--runtime auto: the pipelined workers for sparse on the CPU (in turns on the demo store: 217 vs 266 ms/token
+    in-process, 156 vs 285 with --missing-policy skip), where computing a layer takes as long as reading the next;
+    in-process on a GPU, where compute is short and the messages cost more than the overlap saves (on an H100,
+    demo-shaped store: 121 vs 93 ms/token); in-process for dense and naive, which have nothing to pipeline."""
     if runtime != "auto":
         return runtime
-    return "workers" if mode == "sparse" else "inproc"
+    from workers.executor import default_device
+
+    on_cpu = (device or default_device()) == "cpu"
+    return "workers" if mode == "sparse" and on_cpu else "inproc"
 
 
 def parse_size(text: str) -> int:
@@ -205,7 +210,8 @@ def _add_engine_args(p: argparse.ArgumentParser, store_required: bool = True) ->
     add_threads_arg(p)
     p.add_argument("--runtime", default="auto", choices=["auto", "inproc", "workers"],
                    help="run the model in this process, or pipelined in prefetch/predictor/compute processes "
-                        "(--mode sparse only); auto (default): workers for --mode sparse, inproc otherwise")
+                        "(--mode sparse only); auto (default): workers for --mode sparse on the CPU, inproc otherwise "
+                        "(on a GPU, compute is too short for the overlap to pay for the messages)")
 
 
 BUILTIN_COMMANDS = ("convert", "verify", "generate", "eval")

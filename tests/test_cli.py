@@ -89,6 +89,15 @@ def test_generate_json_prints_one_object_per_prompt(store):
             assert obj["prompt_tokens"] == len(engine.tokenizer.encode(obj["prompt"]))
 
 
+def test_runtime_auto_pipelines_sparse_on_the_cpu_and_stays_in_process_on_a_gpu():
+    from runtime.cli import resolve_runtime
+
+    assert resolve_runtime("auto", "sparse", "cpu") == "workers"
+    assert resolve_runtime("auto", "sparse", "cuda") == "inproc"  # measured faster on an H100
+    assert [resolve_runtime("auto", mode, "cpu") for mode in ("dense", "naive")] == ["inproc", "inproc"]
+    assert resolve_runtime("workers", "sparse", "cuda") == "workers"  # asked for, given
+
+
 def test_naive_mode_reports_the_ffn_bytes_it_read(store):
     ffn_bytes = read_manifest(store).ffn.total_bundle_bytes
     reads = {}
