@@ -122,14 +122,18 @@ class Engine:
         if memory_budget_bytes is not None:
             from runtime.memory_plan import plan_for_store
 
+            from workers.prefetch import neuron_cache_dtype
+
             dtype = compute_dtype(device or default_device())
             itemsize = torch.finfo(dtype).bits // 8
+            # on a GPU the caches hold rows as stored (a float32 store's take twice the compute dtype's bytes)
+            cache_itemsize = neuron_cache_dtype(self.manifest.ffn.dtype, device or default_device()).itemsize
             resident_itemsize = torch.finfo(resident_dtype_of(resident_dtype, dtype)).bits // 8
             kv_bytes = KVCache.bytes_needed(arch.num_hidden_layers, max_batch, arch.num_key_value_heads,
                                             self.max_context, arch.head_dim, itemsize)
             self.memory_plan = plan_for_store(store_dir, self.manifest, memory_budget_bytes, mode, itemsize, kv_bytes,
                                               keep_fraction=ffn_options.get("keep_fraction"),
-                                              resident_itemsize=resident_itemsize)
+                                              resident_itemsize=resident_itemsize, cache_itemsize=cache_itemsize)
             if mode == "sparse":
                 ffn_options["capacity_rows"] = self.memory_plan.capacity_rows
         if executor is None and runtime == "workers":

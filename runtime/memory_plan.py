@@ -98,8 +98,9 @@ def plan_memory(manifest: Manifest, resident_elements: int, budget_bytes: int, c
 
 def plan_for_store(store_dir: str, manifest: Manifest, budget_bytes: int, mode: str, compute_itemsize: int,
                    kv_cache_bytes: int, keep_fraction: float | None = None,
-                   resident_itemsize: int | None = None) -> MemoryPlan:
-    """The plan for running `mode` on this store under budget_bytes (raises MemoryPlanError when it cannot fit)."""
+                   resident_itemsize: int | None = None, cache_itemsize: int | None = None) -> MemoryPlan:
+    """The plan for running `mode` on this store under budget_bytes (raises MemoryPlanError when it cannot fit).
+    cache_itemsize: bytes per element of the neuron caches' rows (default: compute_itemsize)."""
     from workers.store_reader import resident_tensor_elements
 
     resident_elements = resident_tensor_elements(store_dir, manifest)
@@ -136,4 +137,5 @@ def plan_for_store(store_dir: str, manifest: Manifest, budget_bytes: int, mode: 
         keep_fraction = 1.0 - manifest.sparsity.target_sparsity
     keep_neurons = max(1, int(round(keep_fraction * manifest.arch.intermediate_size)))
     return plan_memory(manifest, resident_elements, budget_bytes, compute_itemsize, keep_neurons, hot_counts,
-                       predictor_bytes, kv_cache_bytes, resident_itemsize=resident_itemsize)
+                       predictor_bytes, kv_cache_bytes, cache_itemsize=cache_itemsize,
+                       resident_itemsize=resident_itemsize)

@@ -36,7 +36,7 @@ from workers.flash_io.bundle_reader import numpy_dtype_of_store
 from workers.flash_io.io_counters import process_read_bytes
 from workers.process_entry import WorkerConfig
 from workers.flash_io.neuron_cache import DEFAULT_WINDOW_TOKENS
-from workers.prefetch import MISSING_POLICIES
+from workers.prefetch import MISSING_POLICIES, neuron_cache_dtype
 
 FFN_OPTIONS = ("capacity_rows", "window_tokens", "keep_fraction", "missing_policy", "pin_hot", "num_threads")
 MIN_LOGITS_ROWS = 64
@@ -68,7 +68,7 @@ def build_worker_config(store_dir: str, manifest: Manifest, num_slots: int, max_
     arch, layout = manifest.arch, manifest.ffn
     dtype = compute_dtype(device)
     store_dtype = numpy_dtype_of_store(layout.dtype)
-    cache_dtype = np.dtype(np.float32) if (device == "cpu" and dtype == torch.float32) else store_dtype
+    cache_dtype = neuron_cache_dtype(layout.dtype, device)
     num_neurons = max(region.num_neurons for region in layout.layers)
     capacity_rows = list(options.get("capacity_rows") or [region.num_neurons for region in layout.layers])
     max_tokens = max(max_context, num_slots)

@@ -223,6 +223,7 @@ def test_memory_budget_bounds_the_neuron_caches(calibrated):
         assert plan.total_bytes <= budget
         caches = engine.executor.ffn.prefetcher.caches
         assert [c.capacity_rows for c in caches] == plan.capacity_rows
+        assert sum(c.rows.nbytes for c in caches) == plan.cache_bytes  # the plan counts the rows as held
         engine.generate(PROMPTS, SamplingParams(max_tokens=16, ignore_eos=True))
         assert all(c.num_rows <= c.capacity_rows for c in caches)
         assert sum(c.deleted for c in caches) > 0  # the budget made the window and LRU evict

@@ -64,6 +64,12 @@ class FlashWork:
     io_s: float
 
 
+def neuron_cache_dtype(store_dtype_name: str, device: str) -> np.dtype:
+    """The dtype of the neuron caches' rows: float32 where the CPU computes (converted once on insert instead
+    of on every use), else the store's (rows go to the GPU as stored; its mirror holds the compute dtype)."""
+    return np.dtype(np.float32) if device == "cpu" else numpy_dtype_of_store(store_dtype_name)
+
+
 class Prefetcher:
     def __init__(self, store_dir: str, manifest: Manifest, capacity_rows: list[int], window_tokens: int,
                  hot_ids: list[np.ndarray] | None = None, cache_rows: list[np.ndarray] | None = None,

@@ -38,7 +38,7 @@ from workers.flash_io.neuron_cache import DEFAULT_WINDOW_TOKENS
 from workers.flash_io.neuron_ids import difference_ids, union_ids
 from workers.models.ffn import BundleColumns, ffn_from_rows, masked_ffn_from_rows
 from workers.predictor import SparsityPredictor
-from workers.prefetch import MISSING_POLICIES, Prefetcher
+from workers.prefetch import MISSING_POLICIES, Prefetcher, neuron_cache_dtype
 
 
 class CacheView:
@@ -105,10 +105,10 @@ class SparseFlashFfn:
         self.missing_policy = missing_policy
         self.predictor = SparsityPredictor(store_dir, manifest, keep_fraction=keep_fraction)
         capacity_rows = capacity_rows or [self.num_neurons] * self.num_layers
-        cache_dtype = np.float32 if (device == "cpu" and dtype == torch.float32) else None
         self.prefetcher = Prefetcher(store_dir, manifest, capacity_rows, window_tokens,
                                      hot_ids=self.predictor.hot_ids if pin_hot else None,
-                                     cache_dtype=cache_dtype, num_threads=num_threads)
+                                     cache_dtype=neuron_cache_dtype(manifest.ffn.dtype, device),
+                                     num_threads=num_threads)
         self.view = CacheView(self.prefetcher.caches, dtype, device)
         # the dense-read path's reader (whole layers, large sequential reads)
         self.layer_reader = BundleReader(store_dir, manifest.ffn, num_threads=num_threads)
