@@ -39,7 +39,7 @@ from protocol.store_format import DTYPE_ITEMSIZE, SPARSITY_FILE, SparsityInfo, s
 from workers.executor import ModelExecutor, compute_dtype, default_device
 from workers.ffn_providers import rows_to_tensor
 from workers.flash_io.bundle_reader import BundleReader
-from workers.models.ffn import BundleColumns, masked_ffn_from_rows, neuron_activations
+from workers.models.ffn import BundleColumns, ffn_from_rows, masked_ffn_from_rows, neuron_activations
 from workers.predictor import PREDICTOR_TYPES, LowRankPredictor, predictor_tensor_names, top_k_mask
 from workers.store_reader import open_store
 
@@ -49,7 +49,7 @@ CALIBRATION_WINDOW_TOKENS = 512
 # top-50% recall of the classifier at r=64 0.60-0.64, of regression at r=64 0.66-0.71)
 DEFAULT_RANKS = {"classifier": 64, "regression": 128}
 HOLDOUT_FRACTION = 0.1
-SENSITIVITY_MAX_TOKENS = 512  # held-out tokens per sensitivity pass (one forward pass per layer)
+SENSITIVITY_MAX_TOKENS = 512  # held-out tokens in the sensitivity pass (one model per layer)
 # `--dense-layers auto`: a layer stays dense when making it alone sparse raises the held-out loss by more
 # than DENSE_LAYER_FACTOR × the median layer's increase and by more than DENSE_LAYER_MIN_NATS, for at most
 # MAX_DENSE_LAYER_SHARE of the layers (the most sensitive first): the budget must still go mostly to caches
@@ -172,51 +172,46 @@ def _top_k_quality(predictor: LowRankPredictor, x: torch.Tensor, labels: torch.T
     return true_positive / max(1, labels.sum().item()), true_positive / max(1, predicted.sum().item())
 
 
-class _OneLayerSparseFfn:
-    """The dense FFN provider, except at one layer where each token keeps only its predicted top-k neurons."""
+def _layer_loss_increases(executor: ModelExecutor, cols: BundleColumns, token_ids: list[int],
+                          predictors: list[LowRankPredictor], keep: int, layer_rows, progress: bool) -> list[float]:
+    """Per layer l: the mean loss (nats/token) on token_ids with only layer l sparse (each token keeps its
+    same-layer predictor's top-k), minus the dense model's.
 
-    def __init__(self, inner, predictors: list[LowRankPredictor], keep: int, layer_rows):
-        self.inner, self.predictors, self.keep, self.layer_rows = inner, predictors, keep, layer_rows
-        self.stats = inner.stats
-        self.layer, self._rows = -1, None
-
-    def make_sparse(self, layer: int) -> None:
-        """Only `layer` sparse from now on (-1: none)."""
-        self.layer = layer
-        self._rows = self.layer_rows(layer) if layer >= 0 else None  # (n_ff, E) float32 on the CPU
-
-    def forward(self, layer: int, h: torch.Tensor) -> torch.Tensor:
-        if layer != self.layer:
-            return self.inner.forward(layer, h)
-        rows = self._rows.to(device=h.device, dtype=h.dtype)  # (n_ff, E)
-        with torch.no_grad():
-            mask = top_k_mask(self.predictors[layer].scores(h.float().cpu()), self.keep)  # (N, n_ff)
-        return masked_ffn_from_rows(h, rows, self.inner.cols, mask.to(h.device))  # (N, d)
-
-    def close(self) -> None:
-        self.inner.close()
-
-
-def _layer_loss_increases(executor: ModelExecutor, token_ids: list[int], predictors: list[LowRankPredictor],
-                          keep: int, layer_rows, progress: bool) -> list[float]:
-    """Per layer l: the mean loss (nats/token) on token_ids with only layer l sparse, minus the dense model's."""
-    probe = _OneLayerSparseFfn(executor.ffn, predictors, keep, layer_rows)
-    executor.ffn = probe
-    inputs = (torch.tensor([token_ids]), torch.tensor([0]), torch.arange(len(token_ids))[None])
+    Computed layer by layer, not model by model: the model with only layer l sparse equals the dense one
+    below l, so at layer j the dense hidden states and those of the models made sparse at layers < j are
+    carried on together. Each layer's rows are read once for all of them (one model per layer read the whole
+    FFN L+1 times, from flash when it does not fit in memory) and about half the layers are computed."""
+    model, kv, device, dtype = executor.model, executor.kv, executor.device, executor.dtype
+    steps = len(token_ids)
+    ids = torch.tensor([token_ids], device=device)  # (1, T)
+    positions = torch.arange(steps, device=device)[None]  # (1, T)
+    step = model.step_inputs(torch.tensor([0], device=device), positions)
     targets = torch.tensor(token_ids[1:])
 
-    def loss() -> float:
-        logits = executor.forward(*inputs)[0, :-1]  # (T-1, V)
+    def loss(x: torch.Tensor) -> float:
+        logits = model.logits(x).float().cpu()[0, :-1]  # (T-1, V)
         return float(torch.nn.functional.cross_entropy(logits, targets))
 
-    dense_loss = loss()
-    increases = []
-    for layer in tqdm(range(len(predictors)), desc="calibrate: layer sensitivity", disable=not progress,
-                      file=sys.stderr):
-        probe.make_sparse(layer)
-        increases.append(loss() - dense_loss)
-    executor.ffn = probe.inner
-    return increases
+    def attention(layer: int, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        # every model overwrites the same slot's keys/values of this layer with its own whole sequence
+        x = model.attention(layer, x, step, kv)  # (1, T, d)
+        return x, model.ffn_input(layer, x).reshape(steps, -1)  # (T, d)
+
+    with torch.inference_mode():
+        dense = model.embed(ids, positions)  # (1, T, d)
+        sparse_at: list[torch.Tensor] = []  # [l]: hidden states of the model with only layer l sparse
+        for layer in tqdm(range(len(predictors)), desc="calibrate: layer sensitivity", disable=not progress,
+                          file=sys.stderr):
+            rows = layer_rows(layer).to(device=device, dtype=dtype)  # (n_ff, E)
+            for index, x in enumerate(sparse_at):
+                x, h = attention(layer, x)
+                sparse_at[index] = model.ffn_residual(layer, x, ffn_from_rows(h, rows, cols).reshape(x.shape))
+            x, h = attention(layer, dense)
+            mask = top_k_mask(predictors[layer].scores(h.float().cpu()), keep).to(device)  # (T, n_ff)
+            sparse_at.append(model.ffn_residual(layer, x, masked_ffn_from_rows(h, rows, cols, mask).reshape(x.shape)))
+            dense = model.ffn_residual(layer, x, ffn_from_rows(h, rows, cols).reshape(x.shape))
+        dense_loss = loss(dense)
+        return [loss(x) - dense_loss for x in sparse_at]
 
 
 def choose_dense_layers(increases: list[float]) -> list[int]:
@@ -355,10 +350,11 @@ def calibrate(store_dir: str, text: str, max_tokens: int = 8192, sparsity: float
         previous_input = h
 
     sensitivity_ids = ids[num_tokens - holdout:][:min(window, SENSITIVITY_MAX_TOKENS)]
-    executor = ModelExecutor(store_dir, manifest, "dense" if ffn_in_memory else "naive", num_slots=1,
-                             max_context=window)
+    # the pass reads each layer's rows itself, once: the executor lends it the resident model and a KV cache
+    executor = ModelExecutor(store_dir, manifest, "naive", num_slots=1, max_context=window)
     try:
-        increases = _layer_loss_increases(executor, sensitivity_ids, same_predictors, keep, layer_rows, progress)
+        increases = _layer_loss_increases(executor, cols, sensitivity_ids, same_predictors, keep, layer_rows,
+                                          progress)
     finally:
         executor.close()
     if dense_layers == "auto":

@@ -345,6 +345,67 @@ def test_layers_kept_dense_are_pinned_whole_so_an_all_dense_store_decodes_as_the
     assert all(s["flash_read_bytes"] == 0 for s in worker_stats[1:]), worker_stats  # the prefetch process's
 
 
+@pytest.mark.parametrize("kind", ["llama", "opt"])
+def test_sensitivity_pass_equals_one_forward_per_sparse_layer_and_reads_each_layer_once(kind, calibrated):
+    """calibrate's layer sensitivity carries every one-layer-sparse model through the layers together. Each
+    increase equals that of a plain forward pass with only that layer sparse, and each layer's rows are read
+    once (a model at a time read the whole FFN once per layer, from flash for models that do not fit)."""
+    from runtime.calibrate import _layer_loss_increases
+    from workers.executor import ModelExecutor
+    from workers.ffn_providers import FfnStats
+    from workers.flash_io.io_counters import process_read_bytes
+    from workers.models.ffn import BundleColumns, ffn_from_rows, masked_ffn_from_rows
+    from workers.predictor import SparsityPredictor, top_k_mask
+    from workers.store_reader import open_store
+
+    store = calibrated(kind)
+    manifest = open_store(store)
+    num_layers = manifest.arch.num_hidden_layers
+    sparsity = SparsityPredictor(store, manifest, keep_fraction=0.25)
+    predictors = [sparsity.predictors[("same", layer)] for layer in range(num_layers)]
+    cols = BundleColumns.from_layout(manifest.ffn.part_slices())
+    with BundleReader(store, manifest.ffn) as reader:
+        layers = [torch.from_numpy(reader.read_layer(layer).astype(np.float32)) for layer in range(num_layers)]
+    token_ids = [int(t) for t in np.random.default_rng(0).integers(2, manifest.arch.vocab_size, 120)]
+    reads = []
+
+    def layer_rows(layer: int) -> torch.Tensor:
+        reads.append(layer)
+        return layers[layer]
+
+    executor = ModelExecutor(store, manifest, "naive", 1, 128, device="cpu")
+    before = process_read_bytes()
+    increases = _layer_loss_increases(executor, cols, token_ids, predictors, sparsity.keep_neurons, layer_rows,
+                                      progress=False)
+    assert process_read_bytes() == before  # no FFN bytes but those layer_rows hands over
+    executor.close()
+    assert reads == list(range(num_layers))
+
+    class OnlyOneLayerSparse:
+        stats = FfnStats()
+
+        def __init__(self, sparse_layer: int):
+            self.sparse_layer = sparse_layer
+
+        def forward(self, layer: int, h: torch.Tensor) -> torch.Tensor:
+            if layer != self.sparse_layer:
+                return ffn_from_rows(h, layers[layer], cols)
+            mask = top_k_mask(predictors[layer].scores(h), sparsity.keep_neurons)  # (T, n_ff)
+            return masked_ffn_from_rows(h, layers[layer], cols, mask)
+
+        def close(self) -> None:
+            pass
+
+    def loss(sparse_layer: int) -> float:
+        one = ModelExecutor(store, manifest, "dense", 1, 128, device="cpu", ffn=OnlyOneLayerSparse(sparse_layer))
+        logits = one.forward(torch.tensor([token_ids]), torch.tensor([0]), torch.arange(len(token_ids))[None])
+        return float(torch.nn.functional.cross_entropy(logits[0, :-1], torch.tensor(token_ids[1:])))
+
+    expected = [loss(layer) - loss(-1) for layer in range(num_layers)]
+    assert max(abs(e) for e in expected) > 1e-3  # keeping a quarter of the neurons does change the loss
+    assert increases == pytest.approx(expected, abs=1e-5)
+
+
 def test_dense_layers_auto_keeps_only_layers_far_more_sensitive_than_the_rest():
     from runtime.calibrate import choose_dense_layers
 
