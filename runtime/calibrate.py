@@ -1,17 +1,18 @@
-"""`flashllm calibrate`: sparsity labels, low-rank predictors and hot neurons, written into the store.
+"""`flashllm calibrate`: sparsity labels, predictors and hot neurons, written into the store.
 
 1. Run the dense model over calibration text, recording per layer the FFN input
    h_l (N, d); each neuron's activation a = act(gate·h)·(up·h) (N, n_ff) is
    recomputed from it one layer at a time (memory: N·d per layer, not N·n_ff).
 2. Labels: ReLU models use a > 0 (exact zeros); SwiGLU models use |a| > t_l,
    with t_l the per-layer quantile that reaches the target sparsity (CATS-style).
-3. Fit two low-rank predictors per layer: `same` on h_l and `lookahead` on
-   h_{l-1} (so the next layer's reads can start early). `--predictor
-   classifier`: d → r → n_ff with a ReLU, trained on the labels with a loss
-   balanced between active and inactive neurons (the paper's); `regression`
-   (default for SwiGLU): the rank-r least-squares map to the neurons' gate and
-   up pre-activations, scored by the contribution it implies, which learns the
-   threshold's ranking directly (see workers/predictor.py).
+3. Predictors per layer: `same` on h_l and `lookahead` on h_{l-1} (so the
+   next layer's reads can start early), of the `--predictor` type (see
+   workers/predictor.py): `sketch` (default for SwiGLU) stores the layer's
+   gate/up at 4 bits, one sketch serving both inputs, nothing to train;
+   `regression` fits the rank-r least-squares map to the neurons' gate and up
+   pre-activations; `classifier` (default for ReLU models) trains d → r → n_ff
+   with a ReLU on the labels, with a loss balanced between active and inactive
+   neurons (the paper's).
 4. Hot neurons (active on at least `hot_fraction` of tokens) are pinned in memory.
 5. Report recall/precision of the predicted top-k on held-out tokens.
 6. Per-layer sensitivity: the held-out loss of the model with only layer l
@@ -41,7 +42,10 @@ from workers.executor import ModelExecutor, compute_dtype, default_device
 from workers.ffn_providers import rows_to_tensor
 from workers.flash_io.bundle_reader import BundleReader
 from workers.models.ffn import BundleColumns, ffn_from_rows, masked_ffn_from_rows, neuron_activations
-from workers.predictor import PREDICTOR_TYPES, LowRankPredictor, predictor_tensor_names, top_k_mask
+from workers.predictor import (
+    PREDICTOR_TYPES, SKETCH_BITS, SKETCH_GROUP, LowRankPredictor, SketchPredictor, lookahead_input_map, predictor_tensor_names, quantize_sketch,
+    sketch_tensor_names, top_k_mask,
+)
 from workers.store_reader import open_store
 
 CALIBRATION_WINDOW_TOKENS = 512
@@ -165,7 +169,53 @@ def _pre_activations(h: torch.Tensor, rows: torch.Tensor, cols: BundleColumns) -
     return h @ rows[:, cols.up].T + rows[:, cols.up_bias].T
 
 
-def _top_k_quality(predictor: LowRankPredictor, x: torch.Tensor, labels: torch.Tensor, keep: int) -> tuple[float, float]:
+def _sketch_predictor(rows: torch.Tensor, cols: BundleColumns, layer: int, tensors: dict) -> SketchPredictor:
+    """The layer's gate/up (ReLU: up and its bias) at 4 bits, stored into tensors, as the predictor holds it."""
+    weight = torch.cat([rows[:, cols.gate], rows[:, cols.up]]) if cols.gated else rows[:, cols.up]  # (m, d)
+    codes, scales = quantize_sketch(weight)
+    names = sketch_tensor_names(layer)
+    tensors[names["codes"]], tensors[names["scales"]] = codes, scales
+    bias = None
+    if not cols.gated:
+        bias = tensors[names["bias"]] = rows[:, cols.up_bias].reshape(-1).float().contiguous()  # (n_ff,)
+    return SketchPredictor.hold(codes, scales, cols.gated, bias)
+
+
+def _sketch_lookahead(same: SketchPredictor, norms: list, layer: int, tensors: dict) -> SketchPredictor:
+    """Layer `layer`'s sketch scoring from layer-1's FFN input, through the map between the two norms."""
+    names = sketch_tensor_names(layer)
+    scale, shift = lookahead_input_map(*norms[layer - 1], *norms[layer])
+    tensors[names["input_scale"]], tensors[names["input_shift"]] = scale, shift
+    return same.ahead(scale, shift)
+
+
+def _fit_low_rank(predictor_type: str, h: torch.Tensor, previous_input: torch.Tensor | None, rows: torch.Tensor,
+                  cols: BundleColumns, labels: torch.Tensor, rank: int, epochs: int, seed: int, layer: int,
+                  tensors: dict) -> tuple[LowRankPredictor, LowRankPredictor | None]:
+    """h (N, d) training inputs of this layer, previous_input (N, d) of the layer before (None for layer 0),
+    labels (N, n_ff) → the same-layer and lookahead low-rank predictors, stored into tensors."""
+    targets = _pre_activations(h, rows, cols) if predictor_type == "regression" else None
+
+    def fit(inputs: torch.Tensor, fit_seed: int, directions: torch.Tensor | None = None) -> LowRankPredictor:
+        if targets is not None:
+            return _fit_regression(inputs, targets, rank, cols.gated, directions)
+        return _train_predictor(inputs, labels, rank, epochs, fit_seed)
+
+    same = fit(h, seed + layer)
+    for name, value in zip(predictor_tensor_names(layer, "same"), (same.w1, same.b1, same.w2, same.b2)):
+        tensors[name] = value.contiguous()
+    if previous_input is None:
+        return same, None
+    # regression: the lookahead maps into the same-layer predictor's output directions (shared w2)
+    ahead = fit(previous_input, seed + 1000 + layer, same.w2 if targets is not None else None)
+    for name, value in zip(predictor_tensor_names(layer, "lookahead"), (ahead.w1, ahead.b1, ahead.w2, ahead.b2)):
+        if targets is not None and name.endswith(".w2"):
+            continue  # the shared directions are stored once, under "same"
+        tensors[name] = value.contiguous()
+    return same, ahead
+
+
+def _top_k_quality(predictor: LowRankPredictor | SketchPredictor, x: torch.Tensor, labels: torch.Tensor, keep: int) -> tuple[float, float]:
     """Recall and precision of each token's top-`keep` predicted set against its labels."""
     with torch.no_grad():
         predicted = top_k_mask(predictor.scores(x), keep)  # (N, n_ff)
@@ -174,7 +224,7 @@ def _top_k_quality(predictor: LowRankPredictor, x: torch.Tensor, labels: torch.T
 
 
 def _layer_loss_increases(executor: ModelExecutor, cols: BundleColumns, token_ids: list[int],
-                          predictors: list[LowRankPredictor], keep: int, layer_rows, progress: bool) -> list[float]:
+                          predictors: list[LowRankPredictor | SketchPredictor], keep: int, layer_rows, progress: bool) -> list[float]:
     """Per layer l: the mean loss (nats/token) on token_ids with only layer l sparse (each token keeps its
     same-layer predictor's top-k), minus the dense model's.
 
@@ -224,6 +274,14 @@ def choose_dense_layers(increases: list[float]) -> list[int]:
     return sorted(outliers[: max(1, int(MAX_DENSE_LAYER_SHARE * len(increases)))])
 
 
+def default_predictor_type(arch) -> str:
+    """The paper's classifier for ReLU models (exact zeros it learns well); the 4-bit sketch for SwiGLU models,
+    where low-rank predictors miss too many neurons (see workers/predictor.py), when the kernel's groups fit d."""
+    if arch.hidden_act == "relu":
+        return "classifier"
+    return "sketch" if arch.hidden_size % SKETCH_GROUP == 0 else "regression"
+
+
 def calibrate(store_dir: str, text: str, max_tokens: int = 8192, sparsity: float = 0.5, rank: int | None = None,
               epochs: int = 12, hot_fraction: float = 0.9, seed: int = 0, progress: bool = True,
               log=print, predictor_type: str | None = None, ffn_in_memory: bool | None = None,
@@ -241,9 +299,17 @@ def calibrate(store_dir: str, text: str, max_tokens: int = 8192, sparsity: float
             raise ValueError(f"--dense-layers: layer {bad[0]} out of range: the model has {arch.num_hidden_layers} "
                              f"layers (0..{arch.num_hidden_layers - 1})")
     relu = arch.hidden_act == "relu"
-    predictor_type = predictor_type or ("classifier" if relu else "regression")
+    predictor_type = predictor_type or default_predictor_type(arch)
     if predictor_type not in PREDICTOR_TYPES:
         raise ValueError(f"--predictor {predictor_type!r} is not one of {', '.join(PREDICTOR_TYPES)}")
+    if predictor_type == "sketch":
+        if arch.hidden_size % SKETCH_GROUP:
+            raise ValueError(f"--predictor sketch needs a hidden size that is a multiple of {SKETCH_GROUP} (this model: "
+                             f"{arch.hidden_size}); use --predictor regression")
+        if rank is not None:
+            raise ValueError("--rank sets a low-rank predictor's rank; the sketch is full rank at 4 bits "
+                             "(leave --rank out, or use --predictor regression or classifier)")
+        rank = arch.hidden_size
     rank = rank if rank is not None else DEFAULT_RANKS[predictor_type]
     if rank < 1:
         raise ValueError(f"--rank {rank} must be ≥ 1")
@@ -277,6 +343,9 @@ def calibrate(store_dir: str, text: str, max_tokens: int = 8192, sparsity: float
     train = slice(0, num_tokens - holdout)
     held = slice(num_tokens - holdout, num_tokens)
     cols = recorder.inner.cols
+    # each layer's FFN norm (weight, bias): the sketch's lookahead maps layer l-1's FFN input through them
+    norms = [tuple(None if t is None else t.float().cpu() for t in executor.model.ffn_norm_affine(layer))
+             for layer in range(arch.num_hidden_layers)]
     executor.close()  # frees the FFN held for the forward passes before the per-layer work
 
     def layer_rows(layer: int) -> torch.Tensor:
@@ -297,7 +366,7 @@ def calibrate(store_dir: str, text: str, max_tokens: int = 8192, sparsity: float
     keep = max(1, int(round((1.0 - sparsity) * arch.intermediate_size)))
     tensors: dict[str, torch.Tensor] = {}
     thresholds, recall, precision, same_recall = [], [], [], []
-    same_predictors: list[LowRankPredictor] = []
+    same_predictors: list[LowRankPredictor | SketchPredictor] = []
     previous_input = None
     for layer in tqdm(range(arch.num_hidden_layers), desc="calibrate: predictors", disable=not progress,
                       file=sys.stderr):
@@ -321,27 +390,17 @@ def calibrate(store_dir: str, text: str, max_tokens: int = 8192, sparsity: float
         tensors[f"layers.{layer}.hot_ids"] = hot
         tensors[f"layers.{layer}.frequency"] = frequency
 
-        targets = _pre_activations(h[train], rows, cols) if predictor_type == "regression" else None
-
-        def fit(inputs: torch.Tensor, fit_seed: int, directions: torch.Tensor | None = None) -> LowRankPredictor:
-            if targets is not None:
-                return _fit_regression(inputs, targets, rank, cols.gated, directions)
-            return _train_predictor(inputs, labels[train], rank, epochs, fit_seed)
-
-        same = fit(h[train], seed + layer)
+        if predictor_type == "sketch":
+            same = _sketch_predictor(rows, cols, layer, tensors)
+            ahead = None if previous_input is None else _sketch_lookahead(same, norms, layer, tensors)
+        else:
+            same, ahead = _fit_low_rank(predictor_type, h[train], None if previous_input is None else previous_input[train],
+                                        rows, cols, labels[train], rank, epochs, seed, layer, tensors)
         same_predictors.append(same)
         r_same, _ = _top_k_quality(same, h[held], labels[held], keep)
         same_recall.append(r_same)
-        for name, value in zip(predictor_tensor_names(layer, "same"), (same.w1, same.b1, same.w2, same.b2)):
-            tensors[name] = value.contiguous()
-        if previous_input is not None:
-            # regression: the lookahead maps into the same-layer predictor's output directions (shared w2)
-            ahead = fit(previous_input[train], seed + 1000 + layer, same.w2 if targets is not None else None)
+        if ahead is not None:
             r_ahead, p_ahead = _top_k_quality(ahead, previous_input[held], labels[held], keep)
-            for name, value in zip(predictor_tensor_names(layer, "lookahead"), (ahead.w1, ahead.b1, ahead.w2, ahead.b2)):
-                if targets is not None and name.endswith(".w2"):
-                    continue  # the shared directions are stored once, under "same"
-                tensors[name] = value.contiguous()
         else:
             r_ahead, p_ahead = _top_k_quality(same, h[held], labels[held], keep)
         recall.append(r_ahead)
@@ -383,7 +442,9 @@ def calibrate(store_dir: str, text: str, max_tokens: int = 8192, sparsity: float
                         layer_loss_increase=increases, dense_layers=dense_layers)
     manifest.sparsity = info
     write_manifest(store_dir, manifest)
-    log(f"calibrated {arch.num_hidden_layers} layers ({predictor_type} predictors, rank {rank}) on {num_tokens - holdout} tokens (+{holdout} held out) in "
+    kind = (f"{SKETCH_BITS}-bit gate/up sketches" if predictor_type == "sketch"
+            else f"{predictor_type} predictors, rank {rank}")
+    log(f"calibrated {arch.num_hidden_layers} layers ({kind}) on {num_tokens - holdout} tokens (+{holdout} held out) in "
         f"{time.perf_counter() - started:.0f} s; mean held-out recall {np.mean(recall):.3f} (lookahead), "
         f"{np.mean(same_recall):.3f} (same-layer) at {keep}/{arch.intermediate_size} neurons kept")
     return info
@@ -445,9 +506,11 @@ def register_cli(sub) -> None:
     p.add_argument("--tokens", type=int, default=8192, help="calibration tokens to use (10%% held out)")
     p.add_argument("--sparsity", type=float, default=0.5, help="target fraction of inactive neurons per layer")
     p.add_argument("--predictor", choices=list(PREDICTOR_TYPES), default=None,
-                   help="regression (least-squares map to gate/up pre-activations; default for SwiGLU) or "
-                        "classifier (ReLU MLP with a balanced BCE, the paper's; default for ReLU models)")
-    p.add_argument("--rank", type=int, default=None, help="predictor rank r (default 128 regression, 64 classifier)")
+                   help="sketch (the layer's gate/up at 4 bits; default for SwiGLU), regression (rank-r "
+                        "least-squares map to gate/up pre-activations) or classifier (rank-r ReLU MLP with a "
+                        "balanced BCE, the paper's; default for ReLU models)")
+    p.add_argument("--rank", type=int, default=None,
+                   help="low-rank predictor rank r (default 128 regression, 64 classifier)")
     p.add_argument("--epochs", type=int, default=12, help="classifier training epochs")
     p.add_argument("--hot-fraction", type=float, default=0.9, help="pin neurons active on at least this fraction")
     p.add_argument("--dense-layers", type=_dense_layers_arg, default="auto", metavar="auto|none|L1,L2,...",

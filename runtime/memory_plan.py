@@ -118,19 +118,12 @@ def plan_for_store(store_dir: str, manifest: Manifest, budget_bytes: int, mode: 
             raise MemoryPlanError(f"--memory {budget_bytes / MIB:.1f} MiB is too small for --mode {mode}: it needs "
                                   f"{plan.total_bytes / MIB:.1f} MiB; raise --memory or use --mode sparse")
         return plan
-    import torch
-
-    from workers.predictor import (
-        PREDICTOR_KINDS, PREDICTOR_WEIGHTS_DTYPE, load_sparsity_tensors, predictor_tensor_names,
-    )
+    from workers.predictor import load_sparsity_tensors, predictor_held_bytes
 
     tensors = load_sparsity_tensors(store_dir, manifest)
-    weights_itemsize = torch.finfo(PREDICTOR_WEIGHTS_DTYPE).bits // 8
-    # matrices are held in PREDICTOR_WEIGHTS_DTYPE, bias vectors in the compute dtype
-    predictor_bytes = sum(tensors[name].numel() * (weights_itemsize if tensors[name].dim() == 2 else compute_itemsize)
-                          for layer in range(manifest.arch.num_hidden_layers)
-                          for kind in PREDICTOR_KINDS for name in predictor_tensor_names(layer, kind)
-                          if name in tensors)
+    # vectors (biases, the lookahead's input map) are held in the compute dtype
+    predictor_bytes = predictor_held_bytes(tensors, manifest.sparsity.predictor, manifest.arch.num_hidden_layers,
+                                           compute_itemsize)
     hot_counts = [int(tensors[f"layers.{layer}.hot_ids"].numel()) if f"layers.{layer}.hot_ids" in tensors else 0
                   for layer in range(manifest.arch.num_hidden_layers)]
     if keep_fraction is None:

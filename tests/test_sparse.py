@@ -63,19 +63,19 @@ def test_calibrate_records_predictors_and_verify_checks_them(calibrated):
     manifest = read_manifest(store)
     info = manifest.sparsity
     assert info is not None and len(info.thresholds) == 2
-    # SwiGLU defaults to the least-squares predictor, capped at the d + 1 directions of an exact map
-    assert info.predictor == "regression" and info.rank == min(128, manifest.arch.hidden_size + 1)
+    # SwiGLU defaults to the 4-bit gate/up sketch: one per layer, the lookahead holding the same matrices
+    assert info.predictor == "sketch" and info.rank == manifest.arch.hidden_size
     assert read_manifest(calibrated("opt")).sparsity.predictor == "classifier"
-    # the lookahead maps into the same-layer predictor's output directions: stored and held once
     from safetensors import safe_open
 
     from workers.predictor import SparsityPredictor
 
     with safe_open(os.path.join(store, info.file), "pt") as f:
         names = set(f.keys())
-    assert "layers.1.lookahead.w1" in names and "layers.1.lookahead.w2" not in names
+    assert {"layers.1.sketch.codes", "layers.1.lookahead.input_scale"} <= names
+    assert "layers.0.lookahead.input_scale" not in names and not any(".w1" in name for name in names)
     predictor = SparsityPredictor(store, manifest)
-    assert predictor.predictors[("lookahead", 1)].w2 is predictor.predictors[("same", 1)].w2
+    assert predictor.predictors[("lookahead", 1)].weight is predictor.predictors[("same", 1)].weight
     assert all(t > 0 for t in info.thresholds)  # SwiGLU: a magnitude threshold, not relu's exact zero
     assert "sparsity.safetensors: ok" in verify_store(store)
 
@@ -99,6 +99,8 @@ def test_full_rank_regression_predictor_ranks_neurons_exactly(kind, tiny_stores,
         calibrate(store, calibration_text(), max_tokens=800, rank=rank, predictor_type="regression",
                   progress=False, log=lambda *_: None)
         predictor = SparsityPredictor(store, read_manifest(store))
+        # the lookahead maps into the same-layer predictor's output directions: stored and held once
+        assert predictor.predictors[("lookahead", 1)].w2 is predictor.predictors[("same", 1)].w2
         overlaps = []
         for layer, rows in enumerate(dense.layers):
             cols = dense.cols
@@ -114,6 +116,76 @@ def test_full_rank_regression_predictor_ranks_neurons_exactly(kind, tiny_stores,
     assert full > 0.95  # measured 0.9996 (llama), 0.966 (opt): float16 predictor weights swap near-ties
     assert low < 0.85  # measured 0.49, 0.58
 
+
+
+def test_sketch_codes_round_trip_and_the_int4_kernel_multiplies_what_they_stand_for():
+    """Each weight comes back within half a quantization step; the held form (the CPU int4 kernel's packing,
+    output rows padded to its multiple of 16) multiplies like the dequantized matrix."""
+    from workers.predictor import SKETCH_GROUP, SketchPredictor, dequantize_sketch, quantize_sketch
+
+    generator = torch.Generator().manual_seed(0)
+    weight = torch.randn(40, 3 * SKETCH_GROUP, generator=generator)  # (m, d), m not a multiple of 16
+    codes, scales = quantize_sketch(weight)
+    assert codes.dtype == torch.uint8 and codes.shape == (40, 3 * SKETCH_GROUP // 2) and scales.shape == (40, 3)
+    restored = dequantize_sketch(codes, scales)  # (m, d)
+    step = scales.float().repeat_interleave(SKETCH_GROUP, dim=1)  # (m, d)
+    assert ((restored - weight).abs() <= step / 2 + 1e-6).all()
+    x = torch.randn(5, 3 * SKETCH_GROUP, generator=generator)  # (N, d)
+    held = SketchPredictor.hold(codes, scales, gated=False, bias=torch.zeros(40))
+    torch.testing.assert_close(held.pre_activations(x), x @ restored.T, rtol=0.02, atol=0.05)
+    with pytest.raises(ValueError, match="multiple of 32"):
+        quantize_sketch(torch.randn(4, 40))
+
+
+def test_lookahead_input_map_turns_one_layers_norm_into_the_next():
+    """Layer l-1's FFN input mapped by (scale, shift) is what layer l's norm makes of the same residual stream."""
+    from workers.predictor import lookahead_input_map
+
+    generator = torch.Generator().manual_seed(0)
+    residual = torch.randn(6, 16, generator=generator) * 3  # (N, d)
+    w_prev, b_prev, w, b = (torch.randn(16, generator=generator) for _ in range(4))
+    scale, shift = lookahead_input_map(w_prev, b_prev, w, b)
+    layer_norm = torch.nn.functional.layer_norm
+    torch.testing.assert_close(layer_norm(residual, (16,), w_prev, b_prev) * scale + shift,
+                               layer_norm(residual, (16,), w, b), rtol=1e-4, atol=1e-4)
+    scale, shift = lookahead_input_map(w_prev, None, w, None)  # RMSNorm: weights only
+    rms_norm = torch.nn.functional.rms_norm
+    torch.testing.assert_close(rms_norm(residual, (16,), w_prev) * scale + shift, rms_norm(residual, (16,), w),
+                               rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("kind", ["llama", "opt"])
+def test_sketch_predictor_ranks_neurons_like_the_layer_and_the_plan_counts_its_bytes(kind, tiny_stores, tmp_path):
+    """The 4-bit sketch's top half on fresh inputs is nearly the true top half by contribution (ReLU: by
+    pre-activation); the memory plan's predictor share is what SparsityPredictor holds."""
+    from protocol.store_format import read_manifest
+    from runtime.memory_plan import plan_for_store
+    from workers.ffn_providers import DenseFfn
+    from workers.predictor import SparsityPredictor
+
+    store = str(tmp_path / kind)
+    shutil.copytree(tiny_stores(kind), store)
+    calibrate(store, calibration_text(), max_tokens=800, predictor_type="sketch", progress=False,
+              log=lambda *_: None)
+    manifest = read_manifest(store)
+    assert manifest.sparsity.predictor == "sketch"
+    dense = DenseFfn(store, manifest, torch.float32, "cpu")
+    predictor = SparsityPredictor(store, manifest)
+    x = torch.randn(64, manifest.arch.hidden_size, generator=torch.Generator().manual_seed(0))  # (N, d)
+    keep = manifest.arch.intermediate_size // 2
+    cols = dense.cols
+    for layer, rows in enumerate(dense.layers):
+        truth = (neuron_activations(x, rows, cols).abs() if cols.gated
+                 else x @ rows[:, cols.up].T + rows[:, cols.up_bias].T)  # (N, n_ff)
+        scores = predictor.predictors[("same", layer)].scores(x)  # (N, n_ff)
+        true_top = torch.zeros_like(truth, dtype=torch.bool).scatter_(1, truth.topk(keep).indices, True)
+        predicted_top = torch.zeros_like(true_top).scatter_(1, scores.topk(keep).indices, True)
+        assert (true_top & predicted_top).sum().item() / true_top.sum().item() > 0.88  # measured 0.93 (llama), 0.97 (opt)
+    held = {id(p.weight): p.held_bytes() for p in predictor.predictors.values()}  # shared by same and lookahead
+    vectors = sum(t.numel() * 4 for p in predictor.predictors.values()
+                  for t in (p.input_scale, p.input_shift) if t is not None)
+    plan = plan_for_store(store, manifest, 1 << 40, "sparse", 4, 0)
+    assert plan.predictor_bytes == sum(held.values()) + vectors
 
 def test_relu_predictor_recall_on_held_out_tokens(calibrated):
     """A ReLU model's active neurons (exact zeros) are predicted with recall ≥ 0.7 on held-out tokens

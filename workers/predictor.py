@@ -1,6 +1,6 @@
 """Sparsity prediction: low-rank per-layer predictors that guess a token's active FFN neurons.
 
-Two predictors per layer, trained by `flashllm calibrate`:
+Two predictors per layer, fitted by `flashllm calibrate`:
 
     lookahead[l]   input: the FFN input of layer l-1, so layer l's neurons can be
                    read from flash while layer l-1 still computes (layer 0 has
@@ -8,22 +8,30 @@ Two predictors per layer, trained by `flashllm calibrate`:
     same[l]        input: the FFN input of layer l itself, the late check that
                    catches what the lookahead missed
 
-Each is d → r → n_out, of one of two kinds (SparsityInfo.predictor):
+Each is of one of three types (SparsityInfo.predictor):
 
-    classifier     ReLU in the middle, one logit per neuron, trained with the
-                   paper's balanced BCE on active/inactive labels (Deja Vu)
+    sketch         the layer's own gate and up matrices (ReLU: up and its bias),
+                   held at 4 bits with a scale per 32 weights: full rank, low
+                   precision. Scored by the approximate contribution
+                   |act(gate·x)·(up·x)|. The lookahead is the same sketch behind
+                   the map from layer l-1's norm to layer l's (the residual stream
+                   they normalize differs only by layer l's attention), so one
+                   sketch per layer serves both. On the SwiGLU demo model it takes
+                   about the bytes of a rank-128 float16 predictor pair and keeps
+                   perplexity within a few % of dense at 30% of the neurons, where
+                   the low-rank predictors lose 60% (README, bench).
     regression     linear d → r → [gate | up] pre-activations (reduced-rank least
-                   squares, closed form), scored by the neuron's predicted
-                   contribution |act(gate)·up| (ReLU models: by up + bias). On the
-                   SwiGLU demo model it ranks neurons better than the classifier at
-                   the same rank and trains in seconds. The lookahead maps into
-                   the same-layer predictor's output directions: that (n_out, r)
-                   matrix, most of a predictor's bytes, is stored and held once.
+                   squares, closed form), scored like the sketch. The lookahead
+                   maps into the same-layer predictor's output directions: that
+                   (n_out, r) matrix, most of a predictor's bytes, is held once.
+    classifier     d → r → n_ff with a ReLU in the middle, one logit per neuron,
+                   trained with the paper's balanced BCE on active/inactive
+                   labels (Deja Vu); the default for ReLU models.
 
 A predicted set is the top-k neurons by score for each token (the union over a
 batch), k = keep_fraction × n_ff: a fixed k bounds the bytes a token can ask
-for, which is what the memory plan is sized by. Predictor weights are held in
-float16 (a ranking needs no more), multiplied as resident matrices are.
+for, which is what the memory plan is sized by. Low-rank predictor weights are
+held in float16 (a ranking needs no more), multiplied as resident matrices are.
 
 `PredictorWorker` is the predictor process's core (hidden states from shared
 memory in, neuron ids out), `run_predictor()` its process entry.
@@ -50,8 +58,15 @@ from workers.models.resident import linear
 from workers.process_entry import WorkerConfig, run_worker
 
 PREDICTOR_KINDS = ("lookahead", "same")
-PREDICTOR_TYPES = ("classifier", "regression")
+PREDICTOR_TYPES = ("sketch", "regression", "classifier")
 PREDICTOR_WEIGHTS_DTYPE = torch.float16
+SKETCH_BITS = 4
+SKETCH_GROUP = 32  # weights per scale: the smallest group the CPU int4 kernel takes
+_SKETCH_LEVELS = 2 ** SKETCH_BITS  # codes 0..15 stand for (code - 8) × scale
+# CPU kernel for x (bfloat16) @ int4 weights with a scale per group (torch ≥ 2.5); without it the
+# sketch is held dequantized in float16
+_INT4_CPU_KERNEL = hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu")
+_INT4_ROWS_MULTIPLE = 16  # the kernel's packing wants the output rows in multiples of 16
 
 
 @dataclass
@@ -73,6 +88,109 @@ class LowRankPredictor:
             return pre  # relu is monotone: ranking by up + bias is ranking by relu(up + bias), without ties
         gate, up = pre.chunk(2, dim=-1)  # (N, n_ff) each
         return (F.silu(gate) * up).abs()
+
+
+def quantize_sketch(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """weight (m, d) → codes (m, d/2) uint8 (two 4-bit codes a byte, the even column low) and scales
+    (m, d/SKETCH_GROUP) float16: symmetric, w ≈ (code - 8) × scale. The store's portable form."""
+    m, d = weight.shape
+    if d % SKETCH_GROUP:
+        raise ValueError(f"a {SKETCH_BITS}-bit sketch needs the hidden size to be a multiple of {SKETCH_GROUP}, got {d}")
+    groups = weight.float().reshape(m, d // SKETCH_GROUP, SKETCH_GROUP)  # (m, d/g, g)
+    half = _SKETCH_LEVELS // 2
+    scales = (groups.abs().amax(-1, keepdim=True) / (half - 1)).to(torch.float16).float()  # (m, d/g, 1)
+    safe = torch.where(scales > 0, scales, torch.ones_like(scales))
+    codes = (torch.round(groups / safe).clamp(-half, half - 1) + half).to(torch.uint8).reshape(m, d)  # (m, d)
+    return codes[:, 0::2] | (codes[:, 1::2] << 4), scales.reshape(m, -1).to(torch.float16)
+
+
+def _sketch_codes(packed: torch.Tensor) -> torch.Tensor:
+    """(m, d/2) uint8 → (m, d) int32 codes 0..15."""
+    return torch.stack([packed & 0xF, packed >> 4], dim=-1).reshape(packed.shape[0], -1).to(torch.int32)
+
+
+def dequantize_sketch(packed: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """quantize_sketch's output → (m, d) float32 weights."""
+    codes = _sketch_codes(packed).float() - _SKETCH_LEVELS // 2  # (m, d)
+    return (codes.reshape(scales.shape[0], scales.shape[1], -1) * scales.float()[..., None]).reshape(codes.shape)
+
+
+@dataclass
+class SketchPredictor:
+    """Scores neurons with the layer's own gate/up (ReLU: up + bias) at 4 bits; see the module docstring."""
+
+    weight: torch.Tensor  # CPU int4 kernel's packing (m_padded, d/2) uint8; or (m, d) float16 without the kernel
+    scales_and_zeros: torch.Tensor | None  # (d/g, m_padded, 2) bfloat16 for the kernel
+    num_out: int  # m: 2 n_ff ([gate | up]) or n_ff (ReLU up)
+    bias: torch.Tensor | None = None  # (n_ff,) ReLU up bias
+    gated: bool = True
+    input_scale: torch.Tensor | None = None  # (d,) lookahead: layer l-1's FFN input → layer l's, x·scale + shift
+    input_shift: torch.Tensor | None = None  # (d,)
+
+    @staticmethod
+    def hold(packed: torch.Tensor, scales: torch.Tensor, gated: bool, bias: torch.Tensor | None = None
+             ) -> "SketchPredictor":
+        """The store's codes and scales → the form the CPU kernel multiplies (or float16 without it)."""
+        m = packed.shape[0]
+        if not _INT4_CPU_KERNEL:
+            return SketchPredictor(dequantize_sketch(packed, scales).to(PREDICTOR_WEIGHTS_DTYPE), None, m, bias, gated)
+        padded = -m % _INT4_ROWS_MULTIPLE
+        codes = F.pad(_sketch_codes(packed), (0, 0, 0, padded), value=_SKETCH_LEVELS // 2)  # (m_padded, d)
+        weight = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 1)  # (m_padded, d/2)
+        group_scales = F.pad(scales.float(), (0, 0, 0, padded)).T  # (d/g, m_padded)
+        scales_and_zeros = torch.stack([group_scales, torch.zeros_like(group_scales)], dim=-1)  # (d/g, m_padded, 2)
+        return SketchPredictor(weight, scales_and_zeros.to(torch.bfloat16).contiguous(), m, bias, gated)
+
+    def ahead(self, input_scale: torch.Tensor, input_shift: torch.Tensor) -> "SketchPredictor":
+        """The same held sketch, scoring from the previous layer's FFN input (the lookahead)."""
+        return SketchPredictor(self.weight, self.scales_and_zeros, self.num_out, self.bias, self.gated,
+                               input_scale, input_shift)
+
+    def held_bytes(self) -> int:
+        tensors = (self.weight, self.scales_and_zeros, self.bias)
+        return sum(t.numel() * t.element_size() for t in tensors if t is not None)
+
+    def pre_activations(self, x: torch.Tensor) -> torch.Tensor:
+        """x (N, d) → (N, m) float32: [gate | up] (ReLU: up) products with the 4-bit weights."""
+        if self.input_scale is not None:
+            x = x * self.input_scale + self.input_shift
+        if self.scales_and_zeros is None:
+            return linear(x.float(), self.weight)
+        out = torch.ops.aten._weight_int4pack_mm_for_cpu(x.to(torch.bfloat16), self.weight, SKETCH_GROUP,
+                                                         self.scales_and_zeros)  # (N, m_padded)
+        return out[:, :self.num_out].float()
+
+    def scores(self, x: torch.Tensor) -> torch.Tensor:
+        """x (N, d) → (N, n_ff): the neuron's approximate contribution (ReLU: up pre-activation)."""
+        pre = self.pre_activations(x)  # (N, m)
+        if not self.gated:
+            return pre + self.bias
+        gate, up = pre.chunk(2, dim=-1)  # (N, n_ff) each
+        return (F.silu(gate) * up).abs()
+
+
+def sketch_tensor_names(layer: int) -> dict[str, str]:
+    p = f"layers.{layer}."
+    return {"codes": p + "sketch.codes", "scales": p + "sketch.scales", "bias": p + "sketch.bias",
+            "input_scale": p + "lookahead.input_scale", "input_shift": p + "lookahead.input_shift"}
+
+
+def lookahead_input_map(prev_weight: torch.Tensor | None, prev_bias: torch.Tensor | None,
+                        weight: torch.Tensor | None, bias: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The affine map from layer l-1's FFN input to what layer l's norm makes of the same residual stream.
+
+    Both norms normalize the residual stream and then apply their own weight (and bias): undoing l-1's and
+    applying l's gives layer l's input up to what layer l's attention adds in between. (d,) scale and shift;
+    a norm without weight counts as ones, without bias as zeros; a zero weight of l-1 maps to l's bias."""
+    d = next(t for t in (weight, prev_weight, bias, prev_bias) if t is not None).shape[0]
+    ones, zeros = torch.ones(d), torch.zeros(d)
+    w_prev = ones if prev_weight is None else prev_weight.float()
+    w = ones if weight is None else weight.float()
+    b_prev = zeros if prev_bias is None else prev_bias.float()
+    b = zeros if bias is None else bias.float()
+    nonzero = w_prev.abs() > 1e-12
+    scale = torch.where(nonzero, w / torch.where(nonzero, w_prev, ones), zeros)  # (d,)
+    return scale, b - b_prev * scale
 
 
 def top_k_mask(scores: torch.Tensor, k: int) -> torch.Tensor:
@@ -99,6 +217,32 @@ def load_sparsity_tensors(store_dir: str, manifest: Manifest) -> dict[str, torch
         raise StoreError(f"{path}: unreadable ({exc}); re-run `flashllm calibrate`") from exc
 
 
+def predictor_held_bytes(tensors: dict[str, torch.Tensor], predictor_type: str, num_layers: int,
+                         vector_itemsize: int) -> int:
+    """Bytes SparsityPredictor holds for these stored tensors (the memory plan's predictor share): low-rank
+    matrices in PREDICTOR_WEIGHTS_DTYPE, sketches as the int4 kernel packs them, vectors in vector_itemsize."""
+    weight_itemsize = torch.finfo(PREDICTOR_WEIGHTS_DTYPE).bits // 8
+    total = 0
+    for layer in range(num_layers):
+        if predictor_type == "sketch":
+            names = sketch_tensor_names(layer)
+            if names["codes"] not in tensors:
+                continue
+            rows, half_d = tensors[names["codes"]].shape
+            if _INT4_CPU_KERNEL:
+                rows += -rows % _INT4_ROWS_MULTIPLE
+                total += rows * half_d + tensors[names["scales"]].shape[1] * rows * 2 * 2  # codes, bf16 scale+zero
+            else:
+                total += rows * 2 * half_d * weight_itemsize
+            vectors = [names[key] for key in ("bias", "input_scale", "input_shift")]
+        else:
+            names = [name for kind in PREDICTOR_KINDS for name in predictor_tensor_names(layer, kind) if name in tensors]
+            total += sum(tensors[name].numel() * weight_itemsize for name in names if tensors[name].dim() == 2)
+            vectors = [name for name in names if tensors[name].dim() == 1]
+        total += sum(tensors[name].numel() * vector_itemsize for name in vectors if name in tensors)
+    return total
+
+
 class SparsityPredictor:
     """The predictor worker's core: hidden states in, predicted neuron ids out."""
 
@@ -114,28 +258,45 @@ class SparsityPredictor:
             raise ValueError(f"keep fraction {keep_fraction} must be in (0, 1] (sparsity in [0, 1))")
         self.keep_fraction = keep_fraction
         self.keep_neurons = max(1, int(round(keep_fraction * self.num_neurons)))
-        self.predictors: dict[tuple[str, int], LowRankPredictor] = {}
+        self.predictors: dict[tuple[str, int], LowRankPredictor | SketchPredictor] = {}
         gated = manifest.arch.hidden_act != "relu"
         for layer in range(self.num_layers):
-            held: dict[str, torch.Tensor] = {}
-            for kind in ("same", "lookahead"):  # same first: a regression lookahead shares its w2
-                names = predictor_tensor_names(layer, kind)
-                if names[0] not in tensors:
-                    continue
-                parts = []
-                for name in names:
-                    if name not in tensors and name.endswith(".w2"):
-                        parts.append(held[f"layers.{layer}.same.w2"])  # shared output directions, held once
-                        continue
-                    held[name] = tensors[name].to(
-                        device=device, dtype=PREDICTOR_WEIGHTS_DTYPE if tensors[name].dim() == 2 else dtype)
-                    parts.append(held[name])
-                self.predictors[(kind, layer)] = LowRankPredictor(*parts, predictor_type=sparsity.predictor,
-                                                                  gated=gated)
+            if sparsity.predictor == "sketch":
+                self._hold_sketch(tensors, layer, gated, dtype)
+            else:
+                self._hold_low_rank(tensors, layer, sparsity.predictor, gated, device, dtype)
         self.hot_ids = [tensors[f"layers.{layer}.hot_ids"].numpy().astype(np.int64)
                         if f"layers.{layer}.hot_ids" in tensors else np.zeros(0, np.int64)
                         for layer in range(self.num_layers)]
         self.dtype, self.device = dtype, device
+
+    def _hold_sketch(self, tensors: dict[str, torch.Tensor], layer: int, gated: bool, dtype: torch.dtype) -> None:
+        names = sketch_tensor_names(layer)
+        if names["codes"] not in tensors:
+            raise StoreError(f"layer {layer}: the sketch predictor is missing from the store; re-run `flashllm calibrate`")
+        bias = tensors[names["bias"]].to(dtype) if names["bias"] in tensors else None
+        same = self.predictors[("same", layer)] = SketchPredictor.hold(tensors[names["codes"]], tensors[names["scales"]],
+                                                                       gated, bias)
+        if names["input_scale"] in tensors:
+            self.predictors[("lookahead", layer)] = same.ahead(tensors[names["input_scale"]].to(dtype),
+                                                               tensors[names["input_shift"]].to(dtype))
+
+    def _hold_low_rank(self, tensors: dict[str, torch.Tensor], layer: int, predictor_type: str, gated: bool,
+                       device: str, dtype: torch.dtype) -> None:
+        held: dict[str, torch.Tensor] = {}
+        for kind in ("same", "lookahead"):  # same first: a regression lookahead shares its w2
+            names = predictor_tensor_names(layer, kind)
+            if names[0] not in tensors:
+                continue
+            parts = []
+            for name in names:
+                if name not in tensors and name.endswith(".w2"):
+                    parts.append(held[f"layers.{layer}.same.w2"])  # shared output directions, held once
+                    continue
+                held[name] = tensors[name].to(
+                    device=device, dtype=PREDICTOR_WEIGHTS_DTYPE if tensors[name].dim() == 2 else dtype)
+                parts.append(held[name])
+            self.predictors[(kind, layer)] = LowRankPredictor(*parts, predictor_type=predictor_type, gated=gated)
 
     def has(self, kind: str, layer: int) -> bool:
         return (kind, layer) in self.predictors

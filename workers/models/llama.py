@@ -67,6 +67,10 @@ class LlamaModel:
     def ffn_input(self, layer: int, x: torch.Tensor) -> torch.Tensor:
         return rms_norm(x, self.w[f"layers.{layer}.ffn_norm.weight"], self.arch.norm_eps)
 
+    def ffn_norm_affine(self, layer: int) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """(weight, bias) the FFN input's norm applies after normalizing: (d,) each, None where it has none."""
+        return self.w[f"layers.{layer}.ffn_norm.weight"], None
+
     def ffn_residual(self, layer: int, x: torch.Tensor, ffn_out: torch.Tensor) -> torch.Tensor:
         return x + ffn_out
 

@@ -54,6 +54,12 @@ class OptModel:
     def ffn_input(self, layer: int, x: torch.Tensor) -> torch.Tensor:
         return self._norm(f"layers.{layer}.ffn_norm", x) if self.arch.do_layer_norm_before else x
 
+    def ffn_norm_affine(self, layer: int) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """(weight, bias) the FFN input's norm applies after normalizing; post-LN feeds the FFN unnormalized."""
+        if not self.arch.do_layer_norm_before:
+            return None, None
+        return self.w[f"layers.{layer}.ffn_norm.weight"], self.w[f"layers.{layer}.ffn_norm.bias"]
+
     def ffn_residual(self, layer: int, x: torch.Tensor, ffn_out: torch.Tensor) -> torch.Tensor:
         x = x + ffn_out + self.w[f"layers.{layer}.ffn_down_bias"]
         return x if self.arch.do_layer_norm_before else self._norm(f"layers.{layer}.ffn_norm", x)
