@@ -172,6 +172,10 @@ def test_user_errors_exit_2_without_a_traceback(store, tmp_path):
         dense.stderr, dense.stderr
     _assert_user_error(flashllm("calibrate", "--store", store, "--text", str(text), "--dense-layers", "0,7"),
                        "calibrate", "--dense-layers: layer 7 out of range: the model has 2 layers (0..1)")
+    # the default SwiGLU predictor is the full-rank sketch: a rank means the user wanted a low-rank one
+    _assert_user_error(flashllm("calibrate", "--store", store, "--text", str(text), "--rank", "64"),
+                       "calibrate", "--rank sets a low-rank predictor's rank; the sketch is full rank at 4 bits")
+    assert not os.path.exists(os.path.join(store, "sparsity.safetensors"))
     assert not os.path.exists(tmp_path / "out")
 
 

@@ -1,4 +1,4 @@
-"""Sparsity prediction: low-rank per-layer predictors that guess a token's active FFN neurons.
+"""Sparsity prediction: per-layer predictors that guess a token's active FFN neurons.
 
 Two predictors per layer, fitted by `flashllm calibrate`:
 
@@ -17,9 +17,9 @@ Each is of one of three types (SparsityInfo.predictor):
                    the map from layer l-1's norm to layer l's (the residual stream
                    they normalize differs only by layer l's attention), so one
                    sketch per layer serves both. On the SwiGLU demo model it takes
-                   about the bytes of a rank-128 float16 predictor pair and keeps
-                   perplexity within a few % of dense at 30% of the neurons, where
-                   the low-rank predictors lose 60% (README, bench).
+                   about the bytes of a rank-128 float16 regression pair; with 30%
+                   of the neurons kept, held-out perplexity was 38.4 (dense 36.9)
+                   against 60.5 with that pair (README).
     regression     linear d → r → [gate | up] pre-activations (reduced-rank least
                    squares, closed form), scored like the sketch. The lookahead
                    maps into the same-layer predictor's output directions: that
