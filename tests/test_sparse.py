@@ -118,10 +118,17 @@ def test_full_rank_regression_predictor_ranks_neurons_exactly(kind, tiny_stores,
 
 
 
-def test_sketch_codes_round_trip_and_the_int4_kernel_multiplies_what_they_stand_for():
+@pytest.mark.parametrize("int4_kernel", [True, False], ids=["int4-kernel", "float16-fallback"])
+def test_sketch_codes_round_trip_and_the_held_form_multiplies_what_they_stand_for(int4_kernel, monkeypatch):
     """Each weight comes back within half a quantization step; the held form (the CPU int4 kernel's packing,
-    output rows padded to its multiple of 16) multiplies like the dequantized matrix."""
-    from workers.predictor import SKETCH_GROUP, SketchPredictor, dequantize_sketch, quantize_sketch
+    output rows padded to its multiple of 16, or float16 where torch lacks the kernel) multiplies like the
+    dequantized matrix, and the memory plan's count is its size."""
+    from workers import predictor as predictor_module
+    from workers.predictor import (
+        SKETCH_GROUP, SketchPredictor, dequantize_sketch, predictor_held_bytes, quantize_sketch, sketch_tensor_names,
+    )
+
+    monkeypatch.setattr(predictor_module, "_INT4_CPU_KERNEL", int4_kernel)
 
     generator = torch.Generator().manual_seed(0)
     weight = torch.randn(40, 3 * SKETCH_GROUP, generator=generator)  # (m, d), m not a multiple of 16
@@ -132,7 +139,11 @@ def test_sketch_codes_round_trip_and_the_int4_kernel_multiplies_what_they_stand_
     assert ((restored - weight).abs() <= step / 2 + 1e-6).all()
     x = torch.randn(5, 3 * SKETCH_GROUP, generator=generator)  # (N, d)
     held = SketchPredictor.hold(codes, scales, gated=False, bias=torch.zeros(40))
+    assert (held.scales_and_zeros is not None) == int4_kernel
     torch.testing.assert_close(held.pre_activations(x), x @ restored.T, rtol=0.02, atol=0.05)
+    names = sketch_tensor_names(0)
+    stored = {names["codes"]: codes, names["scales"]: scales, names["bias"]: torch.zeros(40)}
+    assert predictor_held_bytes(stored, "sketch", 1, vector_itemsize=4) == held.held_bytes()
     with pytest.raises(ValueError, match="multiple of 32"):
         quantize_sketch(torch.randn(4, 40))
 
