@@ -44,8 +44,8 @@ from workers.ffn_providers import rows_to_tensor
 from workers.flash_io.bundle_reader import BundleReader
 from workers.models.ffn import BundleColumns, ffn_from_rows, masked_ffn_from_rows, neuron_activations
 from workers.predictor import (
-    PREDICTOR_TYPES, SKETCH_BITS, SKETCH_GROUP, LowRankPredictor, SketchPredictor, lookahead_input_map, predictor_tensor_names, quantize_sketch,
-    sketch_tensor_names, top_k_mask,
+    PREDICTOR_TYPES, SKETCH_BITS, SKETCH_GROUP, LowRankPredictor, SketchPredictor, lookahead_input_map,
+    predictor_tensor_names, quantize_sketch, sketch_tensor_names, top_k_mask,
 )
 from workers.store_reader import open_store
 
@@ -216,7 +216,8 @@ def _fit_low_rank(predictor_type: str, h: torch.Tensor, previous_input: torch.Te
     return same, ahead
 
 
-def _top_k_quality(predictor: LowRankPredictor | SketchPredictor, x: torch.Tensor, labels: torch.Tensor, keep: int) -> tuple[float, float]:
+def _top_k_quality(predictor: LowRankPredictor | SketchPredictor, x: torch.Tensor, labels: torch.Tensor,
+                   keep: int) -> tuple[float, float]:
     """Recall and precision of each token's top-`keep` predicted set against its labels."""
     with torch.no_grad():
         predicted = top_k_mask(predictor.scores(x), keep)  # (N, n_ff)
@@ -225,7 +226,8 @@ def _top_k_quality(predictor: LowRankPredictor | SketchPredictor, x: torch.Tenso
 
 
 def _layer_loss_increases(executor: ModelExecutor, cols: BundleColumns, token_ids: list[int],
-                          predictors: list[LowRankPredictor | SketchPredictor], keep: int, layer_rows, progress: bool) -> list[float]:
+                          predictors: list[LowRankPredictor | SketchPredictor], keep: int, layer_rows,
+                          progress: bool) -> list[float]:
     """Per layer l: the mean loss (nats/token) on token_ids with only layer l sparse (each token keeps its
     same-layer predictor's top-k), minus the dense model's.
 
@@ -305,8 +307,8 @@ def calibrate(store_dir: str, text: str, max_tokens: int = 8192, sparsity: float
         raise ValueError(f"--predictor {predictor_type!r} is not one of {', '.join(PREDICTOR_TYPES)}")
     if predictor_type == "sketch":
         if arch.hidden_size % SKETCH_GROUP:
-            raise ValueError(f"--predictor sketch needs a hidden size that is a multiple of {SKETCH_GROUP} (this model: "
-                             f"{arch.hidden_size}); use --predictor regression")
+            raise ValueError(f"--predictor sketch needs a hidden size that is a multiple of {SKETCH_GROUP} "
+                             f"(this model: {arch.hidden_size}); use --predictor regression")
         if rank is not None:
             raise ValueError("--rank sets a low-rank predictor's rank; the sketch is full rank at 4 bits "
                              "(leave --rank out, or use --predictor regression or classifier)")
@@ -395,8 +397,9 @@ def calibrate(store_dir: str, text: str, max_tokens: int = 8192, sparsity: float
             same = _sketch_predictor(rows, cols, layer, tensors)
             ahead = None if previous_input is None else _sketch_lookahead(same, norms, layer, tensors)
         else:
-            same, ahead = _fit_low_rank(predictor_type, h[train], None if previous_input is None else previous_input[train],
-                                        rows, cols, labels[train], rank, epochs, seed, layer, tensors)
+            previous_train = None if previous_input is None else previous_input[train]
+            same, ahead = _fit_low_rank(predictor_type, h[train], previous_train, rows, cols, labels[train], rank,
+                                        epochs, seed, layer, tensors)
         same_predictors.append(same)
         r_same, _ = _top_k_quality(same, h[held], labels[held], keep)
         same_recall.append(r_same)
@@ -445,7 +448,8 @@ def calibrate(store_dir: str, text: str, max_tokens: int = 8192, sparsity: float
     write_manifest(store_dir, manifest)
     kind = (f"{SKETCH_BITS}-bit gate/up sketches" if predictor_type == "sketch"
             else f"{predictor_type} predictors, rank {rank}")
-    log(f"calibrated {arch.num_hidden_layers} layers ({kind}) on {num_tokens - holdout} tokens (+{holdout} held out) in "
+    log(f"calibrated {arch.num_hidden_layers} layers ({kind}) on {num_tokens - holdout} tokens "
+        f"(+{holdout} held out) in "
         f"{time.perf_counter() - started:.0f} s; mean held-out recall {np.mean(recall):.3f} (lookahead), "
         f"{np.mean(same_recall):.3f} (same-layer) at {keep}/{arch.intermediate_size} neurons kept")
     return info

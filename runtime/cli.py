@@ -4,7 +4,6 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
-import os
 import sys
 
 EXIT_USER_ERROR = 2
@@ -79,7 +78,8 @@ def _engine_from_args(args, max_batch: int = 1):
 
 def resolve_runtime(runtime: str, mode: str, device: str | None = None) -> str:
     """--runtime auto: the pipelined workers for sparse on the CPU (in turns on the demo store: 255 vs 363 ms/token
-    in-process with the sketch predictor; 195 vs 348 with rank-128 regression), where computing a layer takes as long as reading the next;
+    in-process with the sketch predictor; 195 vs 348 with rank-128 regression), where computing a layer takes as
+    long as reading the next;
     in-process on a GPU, where compute is short and the messages cost more than the overlap saves (on an H100,
     demo-shaped store: 121 vs 93 ms/token); in-process for dense and naive, which have nothing to pipeline."""
     if runtime != "auto":

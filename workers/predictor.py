@@ -95,7 +95,8 @@ def quantize_sketch(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     (m, d/SKETCH_GROUP) float16: symmetric, w ≈ (code - 8) × scale. The store's portable form."""
     m, d = weight.shape
     if d % SKETCH_GROUP:
-        raise ValueError(f"a {SKETCH_BITS}-bit sketch needs the hidden size to be a multiple of {SKETCH_GROUP}, got {d}")
+        raise ValueError(f"a {SKETCH_BITS}-bit sketch needs the hidden size to be a multiple of {SKETCH_GROUP}, "
+                         f"got {d}")
     groups = weight.float().reshape(m, d // SKETCH_GROUP, SKETCH_GROUP)  # (m, d/g, g)
     half = _SKETCH_LEVELS // 2
     scales = (groups.abs().amax(-1, keepdim=True) / (half - 1)).to(torch.float16).float()  # (m, d/g, 1)
@@ -236,7 +237,8 @@ def predictor_held_bytes(tensors: dict[str, torch.Tensor], predictor_type: str, 
                 total += rows * 2 * half_d * weight_itemsize
             vectors = [names[key] for key in ("bias", "input_scale", "input_shift")]
         else:
-            names = [name for kind in PREDICTOR_KINDS for name in predictor_tensor_names(layer, kind) if name in tensors]
+            names = [name for kind in PREDICTOR_KINDS for name in predictor_tensor_names(layer, kind)
+                     if name in tensors]
             total += sum(tensors[name].numel() * weight_itemsize for name in names if tensors[name].dim() == 2)
             vectors = [name for name in names if tensors[name].dim() == 1]
         total += sum(tensors[name].numel() * vector_itemsize for name in vectors if name in tensors)
@@ -273,10 +275,11 @@ class SparsityPredictor:
     def _hold_sketch(self, tensors: dict[str, torch.Tensor], layer: int, gated: bool, dtype: torch.dtype) -> None:
         names = sketch_tensor_names(layer)
         if names["codes"] not in tensors:
-            raise StoreError(f"layer {layer}: the sketch predictor is missing from the store; re-run `flashllm calibrate`")
+            raise StoreError(f"layer {layer}: the sketch predictor is missing from the store; "
+                             "re-run `flashllm calibrate`")
         bias = tensors[names["bias"]].to(dtype) if names["bias"] in tensors else None
-        same = self.predictors[("same", layer)] = SketchPredictor.hold(tensors[names["codes"]], tensors[names["scales"]],
-                                                                       gated, bias)
+        same = SketchPredictor.hold(tensors[names["codes"]], tensors[names["scales"]], gated, bias)
+        self.predictors[("same", layer)] = same
         if names["input_scale"] in tensors:
             self.predictors[("lookahead", layer)] = same.ahead(tensors[names["input_scale"]].to(dtype),
                                                                tensors[names["input_shift"]].to(dtype))
