@@ -147,14 +147,14 @@ class SparsityInfo:
     file: str
     sha256: str
     target_sparsity: float
-    rank: int
+    rank: int  # low-rank predictors: r; the sketch: the hidden size (full rank)
     label: str  # "relu>0" or "contribution>threshold"
     thresholds: list[float]  # per layer, |contribution| threshold (0 for relu)
     calibration_tokens: int
     recall: list[float]  # held-out, lookahead predictor, per layer
     precision: list[float]
     same_layer_recall: list[float] = field(default_factory=list)
-    predictor: str = "classifier"  # "classifier" (logits) or "regression" (pre-activations); see workers/predictor.py
+    predictor: str = "classifier"  # "sketch", "regression" or "classifier"; see workers/predictor.py
     # per layer: held-out loss increase (nats/token) when that layer alone is sparse at the target sparsity
     layer_loss_increase: list[float] = field(default_factory=list)
     dense_layers: list[int] = field(default_factory=list)  # kept whole in memory (every neuron pinned as hot)
