@@ -17,8 +17,8 @@
 5. Report recall/precision of the predicted top-k on held-out tokens.
 6. Per-layer sensitivity: the held-out loss of the model with only layer l
    sparse (each token keeps its same-layer predictor's top-k), for every l,
-   in one pass over the layers (see _layer_loss_increases), gives each
-   layer's loss increase. A layer far more sensitive than the rest
+   carried along the same loop over the layers as steps 2-5, on the rows it
+   has read (see _LayerSensitivity), gives each layer's loss increase. A layer far more sensitive than the rest
    stays dense: every neuron pinned, so it is read once and never predicted
    away. On the demo model at 50% sparsity, with rank-128 regression
    predictors layer 0 alone cost 0.18 nats/token, 13x the median layer
@@ -225,47 +225,54 @@ def _top_k_quality(predictor: LowRankPredictor | SketchPredictor, x: torch.Tenso
     return true_positive / max(1, labels.sum().item()), true_positive / max(1, predicted.sum().item())
 
 
-def _layer_loss_increases(executor: ModelExecutor, cols: BundleColumns, token_ids: list[int],
-                          predictors: list[LowRankPredictor | SketchPredictor], keep: int, layer_rows,
-                          progress: bool) -> list[float]:
+class _LayerSensitivity:
     """Per layer l: the mean loss (nats/token) on token_ids with only layer l sparse (each token keeps its
     same-layer predictor's top-k), minus the dense model's.
 
     Computed layer by layer, not model by model: the model with only layer l sparse equals the dense one
     below l, so at layer j the dense hidden states and those of the models made sparse at layers < j are
-    carried on together. Each layer's rows are read once for all of them (one model per layer read the whole
-    FFN L+1 times, from flash when it does not fit in memory) and about half the layers are computed."""
-    model, kv, device, dtype = executor.model, executor.kv, executor.device, executor.dtype
-    steps = len(token_ids)
-    ids = torch.tensor([token_ids], device=device)  # (1, T)
-    positions = torch.arange(steps, device=device)[None]  # (1, T)
-    step = model.step_inputs(torch.tensor([0], device=device), positions)
-    targets = torch.tensor(token_ids[1:])
+    carried on together, from the rows calibrate has just read for layer j's labels and predictor (one model
+    per layer read the whole FFN L+1 times, from flash when it does not fit in memory). The executor lends
+    its resident model and KV cache; about half the layers are computed."""
 
-    def loss(x: torch.Tensor) -> float:
-        logits = model.logits(x).float().cpu()[0, :-1]  # (T-1, V)
-        return float(torch.nn.functional.cross_entropy(logits, targets))
+    def __init__(self, executor: ModelExecutor, cols: BundleColumns, token_ids: list[int], keep: int):
+        self.model, self.kv, self.device, self.dtype = executor.model, executor.kv, executor.device, executor.dtype
+        self.cols, self.keep, self.steps = cols, keep, len(token_ids)
+        ids = torch.tensor([token_ids], device=self.device)  # (1, T)
+        positions = torch.arange(self.steps, device=self.device)[None]  # (1, T)
+        self.step = self.model.step_inputs(torch.tensor([0], device=self.device), positions)
+        self.targets = torch.tensor(token_ids[1:])
+        with torch.inference_mode():
+            self.dense = self.model.embed(ids, positions)  # (1, T, d)
+        self.sparse_at: list[torch.Tensor] = []  # [l]: hidden states of the model with only layer l sparse
 
-    def attention(layer: int, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def _attention(self, layer: int, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         # every model overwrites the same slot's keys/values of this layer with its own whole sequence
-        x = model.attention(layer, x, step, kv)  # (1, T, d)
-        return x, model.ffn_input(layer, x).reshape(steps, -1)  # (T, d)
+        x = self.model.attention(layer, x, self.step, self.kv)  # (1, T, d)
+        return x, self.model.ffn_input(layer, x).reshape(self.steps, -1)  # (T, d)
 
-    with torch.inference_mode():
-        dense = model.embed(ids, positions)  # (1, T, d)
-        sparse_at: list[torch.Tensor] = []  # [l]: hidden states of the model with only layer l sparse
-        for layer in tqdm(range(len(predictors)), desc="calibrate: layer sensitivity", disable=not progress,
-                          file=sys.stderr):
-            rows = layer_rows(layer).to(device=device, dtype=dtype)  # (n_ff, E)
-            for index, x in enumerate(sparse_at):
-                x, h = attention(layer, x)
-                sparse_at[index] = model.ffn_residual(layer, x, ffn_from_rows(h, rows, cols).reshape(x.shape))
-            x, h = attention(layer, dense)
-            mask = top_k_mask(predictors[layer].scores(h.float().cpu()), keep).to(device)  # (T, n_ff)
-            sparse_at.append(model.ffn_residual(layer, x, masked_ffn_from_rows(h, rows, cols, mask).reshape(x.shape)))
-            dense = model.ffn_residual(layer, x, ffn_from_rows(h, rows, cols).reshape(x.shape))
-        dense_loss = loss(dense)
-        return [loss(x) - dense_loss for x in sparse_at]
+    def advance(self, layer: int, rows: torch.Tensor, predictor: LowRankPredictor | SketchPredictor) -> None:
+        """Carry every model through layer `layer` (called for 0, 1, ... in order), rows (n_ff, E) its FFN."""
+        model, cols = self.model, self.cols
+        with torch.inference_mode():
+            rows = rows.to(device=self.device, dtype=self.dtype)  # (n_ff, E)
+            for index, x in enumerate(self.sparse_at):
+                x, h = self._attention(layer, x)
+                self.sparse_at[index] = model.ffn_residual(layer, x, ffn_from_rows(h, rows, cols).reshape(x.shape))
+            x, h = self._attention(layer, self.dense)
+            mask = top_k_mask(predictor.scores(h.float().cpu()), self.keep).to(self.device)  # (T, n_ff)
+            sparse = masked_ffn_from_rows(h, rows, cols, mask).reshape(x.shape)
+            self.sparse_at.append(model.ffn_residual(layer, x, sparse))
+            self.dense = model.ffn_residual(layer, x, ffn_from_rows(h, rows, cols).reshape(x.shape))
+
+    def increases(self) -> list[float]:
+        def loss(x: torch.Tensor) -> float:
+            logits = self.model.logits(x).float().cpu()[0, :-1]  # (T-1, V)
+            return float(torch.nn.functional.cross_entropy(logits, self.targets))
+
+        with torch.inference_mode():
+            dense_loss = loss(self.dense)
+            return [loss(x) - dense_loss for x in self.sparse_at]
 
 
 def choose_dense_layers(increases: list[float]) -> list[int]:
@@ -369,56 +376,57 @@ def calibrate(store_dir: str, text: str, max_tokens: int = 8192, sparsity: float
     keep = max(1, int(round((1.0 - sparsity) * arch.intermediate_size)))
     tensors: dict[str, torch.Tensor] = {}
     thresholds, recall, precision, same_recall = [], [], [], []
-    same_predictors: list[LowRankPredictor | SketchPredictor] = []
     previous_input = None
-    for layer in tqdm(range(arch.num_hidden_layers), desc="calibrate: predictors", disable=not progress,
-                      file=sys.stderr):
-        h = torch.cat(recorder.inputs[layer])  # (N, d)
-        recorder.inputs[layer] = []
-        rows = layer_rows(layer)  # (n_ff, E) read once for the labels and the fit
-        activations = layer_activations(rows, h)  # (N, n_ff)
-        if relu:
-            threshold = 0.0
-            labels = activations > 0
-        else:
-            magnitude = activations.abs()
-            # per-layer threshold on |a| reaching the target sparsity (sampled quantile: torch caps its input size)
-            flat = magnitude.flatten()
-            sample = flat[torch.randperm(flat.numel(), generator=torch.Generator().manual_seed(seed))[:4_000_000]]
-            threshold = float(torch.quantile(sample, sparsity)) if sparsity > 0 else 0.0
-            labels = magnitude > threshold
-        thresholds.append(threshold)
-        frequency = labels.float().mean(0)  # (n_ff,)
-        hot = torch.nonzero(frequency >= hot_fraction).flatten().to(torch.int32)
-        tensors[f"layers.{layer}.hot_ids"] = hot
-        tensors[f"layers.{layer}.frequency"] = frequency
-
-        if predictor_type == "sketch":
-            same = _sketch_predictor(rows, cols, layer, tensors)
-            ahead = None if previous_input is None else _sketch_lookahead(same, norms, layer, tensors)
-        else:
-            previous_train = None if previous_input is None else previous_input[train]
-            same, ahead = _fit_low_rank(predictor_type, h[train], previous_train, rows, cols, labels[train], rank,
-                                        epochs, seed, layer, tensors)
-        same_predictors.append(same)
-        r_same, _ = _top_k_quality(same, h[held], labels[held], keep)
-        same_recall.append(r_same)
-        if ahead is not None:
-            r_ahead, p_ahead = _top_k_quality(ahead, previous_input[held], labels[held], keep)
-        else:
-            r_ahead, p_ahead = _top_k_quality(same, h[held], labels[held], keep)
-        recall.append(r_ahead)
-        precision.append(p_ahead)
-        log(f"layer {layer:3d}: threshold {threshold:.4f}  hot {len(hot):4d}  "
-            f"recall lookahead {r_ahead:.3f} same-layer {r_same:.3f}  precision {p_ahead:.3f}")
-        previous_input = h
-
     sensitivity_ids = ids[num_tokens - holdout:][:min(window, SENSITIVITY_MAX_TOKENS)]
-    # the pass reads each layer's rows itself, once: the executor lends it the resident model and a KV cache
+    # the sensitivity pass advances with the loop, on the rows it reads: this executor only lends it the
+    # resident model and a KV cache
     executor = ModelExecutor(store_dir, manifest, "naive", num_slots=1, max_context=window)
     try:
-        increases = _layer_loss_increases(executor, cols, sensitivity_ids, same_predictors, keep, layer_rows,
-                                          progress)
+        sensitivity = _LayerSensitivity(executor, cols, sensitivity_ids, keep)
+        for layer in tqdm(range(arch.num_hidden_layers), desc="calibrate: predictors, sensitivity",
+                          disable=not progress, file=sys.stderr):
+            h = torch.cat(recorder.inputs[layer])  # (N, d)
+            recorder.inputs[layer] = []
+            rows = layer_rows(layer)  # (n_ff, E) read once: labels, predictor and the sensitivity pass
+            activations = layer_activations(rows, h)  # (N, n_ff)
+            if relu:
+                threshold = 0.0
+                labels = activations > 0
+            else:
+                magnitude = activations.abs()
+                # per-layer threshold on |a| reaching the target sparsity (sampled quantile: torch caps its
+                # input size)
+                flat = magnitude.flatten()
+                order = torch.randperm(flat.numel(), generator=torch.Generator().manual_seed(seed))
+                sample = flat[order[:4_000_000]]
+                threshold = float(torch.quantile(sample, sparsity)) if sparsity > 0 else 0.0
+                labels = magnitude > threshold
+            thresholds.append(threshold)
+            frequency = labels.float().mean(0)  # (n_ff,)
+            hot = torch.nonzero(frequency >= hot_fraction).flatten().to(torch.int32)
+            tensors[f"layers.{layer}.hot_ids"] = hot
+            tensors[f"layers.{layer}.frequency"] = frequency
+
+            if predictor_type == "sketch":
+                same = _sketch_predictor(rows, cols, layer, tensors)
+                ahead = None if previous_input is None else _sketch_lookahead(same, norms, layer, tensors)
+            else:
+                previous_train = None if previous_input is None else previous_input[train]
+                same, ahead = _fit_low_rank(predictor_type, h[train], previous_train, rows, cols, labels[train], rank,
+                                            epochs, seed, layer, tensors)
+            sensitivity.advance(layer, rows, same)
+            r_same, _ = _top_k_quality(same, h[held], labels[held], keep)
+            same_recall.append(r_same)
+            if ahead is not None:
+                r_ahead, p_ahead = _top_k_quality(ahead, previous_input[held], labels[held], keep)
+            else:
+                r_ahead, p_ahead = _top_k_quality(same, h[held], labels[held], keep)
+            recall.append(r_ahead)
+            precision.append(p_ahead)
+            log(f"layer {layer:3d}: threshold {threshold:.4f}  hot {len(hot):4d}  "
+                f"recall lookahead {r_ahead:.3f} same-layer {r_same:.3f}  precision {p_ahead:.3f}")
+            previous_input = h
+        increases = sensitivity.increases()
     finally:
         executor.close()
     if dense_layers == "auto":

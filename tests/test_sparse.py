@@ -429,12 +429,31 @@ def test_layers_kept_dense_are_pinned_whole_so_an_all_dense_store_decodes_as_the
     assert all(s["flash_read_bytes"] == 0 for s in worker_stats[1:]), worker_stats  # the prefetch process's
 
 
+def test_calibrate_reads_each_layer_once_after_the_forward_passes(tiny_stores, tmp_path, monkeypatch):
+    """With the FFN held for the forward passes, calibrate reads each layer twice in all: once for that hold,
+    once for labels, predictor and sensitivity together (the sensitivity pass once read every layer again)."""
+    from workers.flash_io import bundle_reader
+
+    store = str(tmp_path / "llama")
+    shutil.copytree(tiny_stores("llama"), store)
+    reads = []
+    read_layer = bundle_reader.BundleReader.read_layer
+
+    def counting_read_layer(self, layer, *args, **kwargs):
+        reads.append(layer)
+        return read_layer(self, layer, *args, **kwargs)
+
+    monkeypatch.setattr(bundle_reader.BundleReader, "read_layer", counting_read_layer)
+    calibrate(store, calibration_text(), max_tokens=800, ffn_in_memory=True, progress=False, log=lambda *_: None)
+    assert sorted(reads) == [0, 0, 1, 1]
+
+
 @pytest.mark.parametrize("kind", ["llama", "opt"])
-def test_sensitivity_pass_equals_one_forward_per_sparse_layer_and_reads_each_layer_once(kind, calibrated):
-    """calibrate's layer sensitivity carries every one-layer-sparse model through the layers together. Each
-    increase equals that of a plain forward pass with only that layer sparse, and each layer's rows are read
-    once (a model at a time read the whole FFN once per layer, from flash for models that do not fit)."""
-    from runtime.calibrate import _layer_loss_increases
+def test_sensitivity_pass_equals_one_forward_per_sparse_layer_and_reads_no_ffn_itself(kind, calibrated):
+    """calibrate's layer sensitivity carries every one-layer-sparse model through the layers together, on the
+    rows handed to it. Each increase equals that of a plain forward pass with only that layer sparse, and the
+    pass reads no FFN bytes of its own (a model at a time read the whole FFN once per layer)."""
+    from runtime.calibrate import _LayerSensitivity
     from workers.executor import ModelExecutor
     from workers.ffn_providers import FfnStats
     from workers.flash_io.io_counters import process_read_bytes
@@ -451,19 +470,15 @@ def test_sensitivity_pass_equals_one_forward_per_sparse_layer_and_reads_each_lay
     with BundleReader(store, manifest.ffn) as reader:
         layers = [torch.from_numpy(reader.read_layer(layer).astype(np.float32)) for layer in range(num_layers)]
     token_ids = [int(t) for t in np.random.default_rng(0).integers(2, manifest.arch.vocab_size, 120)]
-    reads = []
-
-    def layer_rows(layer: int) -> torch.Tensor:
-        reads.append(layer)
-        return layers[layer]
 
     executor = ModelExecutor(store, manifest, "naive", 1, 128, device="cpu")
     before = process_read_bytes()
-    increases = _layer_loss_increases(executor, cols, token_ids, predictors, sparsity.keep_neurons, layer_rows,
-                                      progress=False)
-    assert process_read_bytes() == before  # no FFN bytes but those layer_rows hands over
+    sensitivity = _LayerSensitivity(executor, cols, token_ids, sparsity.keep_neurons)
+    for layer in range(num_layers):
+        sensitivity.advance(layer, layers[layer], predictors[layer])
+    increases = sensitivity.increases()
+    assert process_read_bytes() == before  # no FFN bytes but the rows it is handed
     executor.close()
-    assert reads == list(range(num_layers))
 
     class OnlyOneLayerSparse:
         stats = FfnStats()
