@@ -18,9 +18,9 @@
 6. Per-layer sensitivity: the held-out loss of the model with only layer l
    sparse (each token keeps its same-layer predictor's top-k), for every l,
    carried along the same loop over the layers as steps 2-5, on the rows it
-   has read (see _LayerSensitivity), gives each layer's loss increase. A layer far more sensitive than the rest
-   stays dense: every neuron pinned, so it is read once and never predicted
-   away. On the demo model at 50% sparsity, with rank-128 regression
+   has read (see _LayerSensitivity), gives each layer's loss increase. A
+   layer far more sensitive than the rest stays dense: every neuron pinned,
+   so it is read once and never predicted away. On the demo model at 50% sparsity, with rank-128 regression
    predictors layer 0 alone cost 0.18 nats/token, 13x the median layer
    (0.014): kept dense it took 3% of the FFN bytes. With the sketch no layer
    stands out (median 0.004, largest 0.013) and none is kept.
@@ -232,8 +232,8 @@ class _LayerSensitivity:
     Computed layer by layer, not model by model: the model with only layer l sparse equals the dense one
     below l, so at layer j the dense hidden states and those of the models made sparse at layers < j are
     carried on together, from the rows calibrate has just read for layer j's labels and predictor (one model
-    per layer read the whole FFN L+1 times, from flash when it does not fit in memory). The executor lends
-    its resident model and KV cache; about half the layers are computed."""
+    per layer read the whole FFN L+1 times, from flash when it does not fit in memory). The executor of the
+    forward passes lends its resident model and KV cache; about half the layers are computed."""
 
     def __init__(self, executor: ModelExecutor, cols: BundleColumns, token_ids: list[int], keep: int):
         self.model, self.kv, self.device, self.dtype = executor.model, executor.kv, executor.device, executor.dtype
@@ -356,7 +356,9 @@ def calibrate(store_dir: str, text: str, max_tokens: int = 8192, sparsity: float
     # each layer's FFN norm (weight, bias): the sketch's lookahead maps layer l-1's FFN input through them
     norms = [tuple(None if t is None else t.float().cpu() for t in executor.model.ffn_norm_affine(layer))
              for layer in range(arch.num_hidden_layers)]
-    executor.close()  # frees the FFN held for the forward passes before the per-layer work
+    # frees the FFN held for the forward passes; the resident model and KV cache stay, lent to the sensitivity
+    # pass (loading them again would re-read and re-verify every resident weight)
+    executor.close()
 
     def layer_rows(layer: int) -> torch.Tensor:
         # the store's rows, one layer at a time, in float32 on the CPU beside the recorded inputs (labels
@@ -378,57 +380,52 @@ def calibrate(store_dir: str, text: str, max_tokens: int = 8192, sparsity: float
     thresholds, recall, precision, same_recall = [], [], [], []
     previous_input = None
     sensitivity_ids = ids[num_tokens - holdout:][:min(window, SENSITIVITY_MAX_TOKENS)]
-    # the sensitivity pass advances with the loop, on the rows it reads: this executor only lends it the
-    # resident model and a KV cache
-    executor = ModelExecutor(store_dir, manifest, "naive", num_slots=1, max_context=window)
-    try:
-        sensitivity = _LayerSensitivity(executor, cols, sensitivity_ids, keep)
-        for layer in tqdm(range(arch.num_hidden_layers), desc="calibrate: predictors, sensitivity",
-                          disable=not progress, file=sys.stderr):
-            h = torch.cat(recorder.inputs[layer])  # (N, d)
-            recorder.inputs[layer] = []
-            rows = layer_rows(layer)  # (n_ff, E) read once: labels, predictor and the sensitivity pass
-            activations = layer_activations(rows, h)  # (N, n_ff)
-            if relu:
-                threshold = 0.0
-                labels = activations > 0
-            else:
-                magnitude = activations.abs()
-                # per-layer threshold on |a| reaching the target sparsity (sampled quantile: torch caps its
-                # input size)
-                flat = magnitude.flatten()
-                order = torch.randperm(flat.numel(), generator=torch.Generator().manual_seed(seed))
-                sample = flat[order[:4_000_000]]
-                threshold = float(torch.quantile(sample, sparsity)) if sparsity > 0 else 0.0
-                labels = magnitude > threshold
-            thresholds.append(threshold)
-            frequency = labels.float().mean(0)  # (n_ff,)
-            hot = torch.nonzero(frequency >= hot_fraction).flatten().to(torch.int32)
-            tensors[f"layers.{layer}.hot_ids"] = hot
-            tensors[f"layers.{layer}.frequency"] = frequency
+    # the sensitivity pass advances with the loop, on the rows it reads
+    sensitivity = _LayerSensitivity(executor, cols, sensitivity_ids, keep)
+    for layer in tqdm(range(arch.num_hidden_layers), desc="calibrate: predictors, sensitivity",
+                      disable=not progress, file=sys.stderr):
+        h = torch.cat(recorder.inputs[layer])  # (N, d)
+        recorder.inputs[layer] = []
+        rows = layer_rows(layer)  # (n_ff, E) read once: labels, predictor and the sensitivity pass
+        activations = layer_activations(rows, h)  # (N, n_ff)
+        if relu:
+            threshold = 0.0
+            labels = activations > 0
+        else:
+            magnitude = activations.abs()
+            # per-layer threshold on |a| reaching the target sparsity (sampled quantile: torch caps its
+            # input size)
+            flat = magnitude.flatten()
+            order = torch.randperm(flat.numel(), generator=torch.Generator().manual_seed(seed))
+            sample = flat[order[:4_000_000]]
+            threshold = float(torch.quantile(sample, sparsity)) if sparsity > 0 else 0.0
+            labels = magnitude > threshold
+        thresholds.append(threshold)
+        frequency = labels.float().mean(0)  # (n_ff,)
+        hot = torch.nonzero(frequency >= hot_fraction).flatten().to(torch.int32)
+        tensors[f"layers.{layer}.hot_ids"] = hot
+        tensors[f"layers.{layer}.frequency"] = frequency
 
-            if predictor_type == "sketch":
-                same = _sketch_predictor(rows, cols, layer, tensors)
-                ahead = None if previous_input is None else _sketch_lookahead(same, norms, layer, tensors)
-            else:
-                previous_train = None if previous_input is None else previous_input[train]
-                same, ahead = _fit_low_rank(predictor_type, h[train], previous_train, rows, cols, labels[train], rank,
-                                            epochs, seed, layer, tensors)
-            sensitivity.advance(layer, rows, same)
-            r_same, _ = _top_k_quality(same, h[held], labels[held], keep)
-            same_recall.append(r_same)
-            if ahead is not None:
-                r_ahead, p_ahead = _top_k_quality(ahead, previous_input[held], labels[held], keep)
-            else:
-                r_ahead, p_ahead = _top_k_quality(same, h[held], labels[held], keep)
-            recall.append(r_ahead)
-            precision.append(p_ahead)
-            log(f"layer {layer:3d}: threshold {threshold:.4f}  hot {len(hot):4d}  "
-                f"recall lookahead {r_ahead:.3f} same-layer {r_same:.3f}  precision {p_ahead:.3f}")
-            previous_input = h
-        increases = sensitivity.increases()
-    finally:
-        executor.close()
+        if predictor_type == "sketch":
+            same = _sketch_predictor(rows, cols, layer, tensors)
+            ahead = None if previous_input is None else _sketch_lookahead(same, norms, layer, tensors)
+        else:
+            previous_train = None if previous_input is None else previous_input[train]
+            same, ahead = _fit_low_rank(predictor_type, h[train], previous_train, rows, cols, labels[train], rank,
+                                        epochs, seed, layer, tensors)
+        sensitivity.advance(layer, rows, same)
+        r_same, _ = _top_k_quality(same, h[held], labels[held], keep)
+        same_recall.append(r_same)
+        if ahead is not None:
+            r_ahead, p_ahead = _top_k_quality(ahead, previous_input[held], labels[held], keep)
+        else:
+            r_ahead, p_ahead = _top_k_quality(same, h[held], labels[held], keep)
+        recall.append(r_ahead)
+        precision.append(p_ahead)
+        log(f"layer {layer:3d}: threshold {threshold:.4f}  hot {len(hot):4d}  "
+            f"recall lookahead {r_ahead:.3f} same-layer {r_same:.3f}  precision {p_ahead:.3f}")
+        previous_input = h
+    increases = sensitivity.increases()
     if dense_layers == "auto":
         dense_layers = choose_dense_layers(increases)
     dense_layers = sorted(set(dense_layers))
