@@ -27,7 +27,7 @@ from typing import Any, Callable, ClassVar
 
 import numpy as np
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2
 
 # a layer's FFN path for one step: through the neuron cache, or the whole layer read with per-token masks
 PATH_CACHED = "cached"
@@ -163,8 +163,8 @@ class Lookahead:
     layer: int
     ids: np.ndarray = _ids()  # sorted unique store neuron ids
     # True when the layer cannot fall back to the masked path whatever the same-layer check says
-    # (ids ∪ the pinned neurons fit the cache; late additions take only the room left): prepare it now,
-    # not just stage
+    # (ids ∪ the pinned neurons fit the cache; the same-layer check's set later takes rows from it and from
+    # older tokens'): prepare it now, not just stage
     commit: bool = False
 
 
@@ -173,7 +173,7 @@ class Prediction:
     """The predictor's decision for `layer` now that its own input is known.
 
     cached: prepare(layer, first, new_token=True), then (policy "read")
-            prepare(layer, late, new_token=False) — SparseFlashFfn's order.
+            prepare(layer, same, new_token=False) — SparseFlashFfn's order.
     masked: the per-token mask is in the mask buffer; the layer is read whole."""
 
     tag: ClassVar[int] = 23
@@ -181,7 +181,7 @@ class Prediction:
     layer: int
     path: str  # PATH_CACHED or PATH_MASKED
     first: np.ndarray = _ids()  # the lookahead's set if there was one, else the same-layer set
-    late: np.ndarray = _ids()  # same-layer ids the lookahead missed
+    same: np.ndarray = _ids()  # the same-layer check's set when `first` is the lookahead's (policy "read")
     first_committed: bool = False  # `first` was already prepared on its Lookahead(commit=True)
 
 

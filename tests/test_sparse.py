@@ -271,9 +271,11 @@ def test_the_skip_policy_runs_only_the_lookahead_after_layer_0(calibrated):
     assert all(p >= keep * layers for p in predicted["read"]) and sum(predicted["read"]) > sum(predicted["skip"])
 
 
-def test_late_neurons_take_only_the_room_the_tokens_first_set_leaves(calibrated):
-    """A same-layer addition that does not fit beside the token's lookahead set and the pinned neurons is cut
-    to the rows left (lowest ids first); it never evicts the set the layer was prepared with."""
+def test_the_same_layer_check_takes_rows_from_older_tokens_then_from_the_lookaheads_unconfirmed_picks(calibrated):
+    """Policy "read": the same-layer check's set joins the token's lookahead set. Its misses take rows from the
+    least recently used neurons it does not need (an older token's first, then the lookahead's picks it did not
+    confirm), never from itself or the pinned; only a set that outgrows the cache with the pinned neurons (a
+    batch's union) is cut, lowest ids first."""
     from workers.prefetch import Prefetcher
     from workers.store_reader import open_store
 
@@ -284,12 +286,21 @@ def test_late_neurons_take_only_the_room_the_tokens_first_set_leaves(calibrated)
                             hot_ids=[np.array([50, 51])] + [np.zeros(0, np.int64)] * (layers - 1))
     try:
         cache = prefetcher.caches[0]
-        prefetcher.prepare(0, np.arange(0, 10), new_token=True)  # 10 + 2 pinned rows
-        update = prefetcher.prepare(0, np.arange(10, 40), new_token=False)  # room for 13 of 30
-        assert update.read_neurons == 13 and cache.num_rows == 25
-        assert set(cache.cached_ids.tolist()) == set(range(23)) | {50, 51}
+        prefetcher.prepare(0, np.arange(30, 38), new_token=True)  # an older token: 8 + 2 pinned rows
+        prefetcher.prepare(0, np.arange(0, 10), new_token=True)  # this token's lookahead set: 20 rows
+        update = prefetcher.prepare(0, np.arange(5, 25), new_token=False)  # confirms 5..9, adds 10..24
+        assert (update.read_neurons, update.hits, cache.num_rows) == (15, 0, 25)
+        cached = set(cache.cached_ids.tolist())
+        assert set(range(5, 25)) | {50, 51} <= cached and not cached & set(range(30, 38))
+        assert len(cached & set(range(5))) == 3  # 10 rows were needed: the older token's 8, then 2 unconfirmed
+
         rows, slot_ids = cache.dense_rows()
         assert np.array_equal(rows, prefetcher.reader.read_layer(0)[slot_ids].astype(rows.dtype))
+
+        cache = prefetcher.caches[1]  # nothing pinned
+        prefetcher.prepare(1, np.arange(0, 10), new_token=True)
+        update = prefetcher.prepare(1, np.arange(10, 40), new_token=False)  # 30 > 25 rows: the lowest 25 ids
+        assert update.read_neurons == 25 and set(cache.cached_ids.tolist()) == set(range(10, 35))
     finally:
         prefetcher.close()
 

@@ -53,7 +53,7 @@ from protocol.messages import (
 from protocol.shm import SharedSegment
 from protocol.store_format import Manifest, StoreError
 from workers.flash_io.neuron_cache import rows_needed
-from workers.flash_io.neuron_ids import difference_ids, union_ids
+from workers.flash_io.neuron_ids import union_ids
 from workers.models.resident import linear
 from workers.process_entry import WorkerConfig, run_worker
 
@@ -328,7 +328,7 @@ class PredictorWorker:
                           same = same[l](h_l) (policy "skip" with a lookahead: not run);
                           first = lookahead set from h_{l-1}, or same
                           |first ∪ pinned| > capacity → masked, as SparseFlashFfn falls back
-                          else Prediction(cached, first, late = same ∖ ahead), then
+                          else Prediction(cached, first, same (with a lookahead)), then
                           Lookahead(l+1) = lookahead[l+1](h_l) so layer l+1's reads start now;
                           commit=True when its set fits, so l+1 surely takes the cached path
                           (under "skip" layer l+1 then needs no Prediction)
@@ -420,12 +420,11 @@ class PredictorWorker:
                 raise RuntimeError(f"layer {layer}: committed lookahead but it does not fit (a flashllm bug)")
             self._send_masked(msg, h, start)  # the batch's union makes the layer nearly dense
             return h
-        late = np.zeros(0, np.int64)
-        predicted = union_ids(num_neurons, first, same).size if ahead is not None and check else len(first)
-        if ahead is not None and check:
-            late = difference_ids(num_neurons, same, ahead)
-        self.channel.send(ROLE_PREFETCH, Prediction(step=msg.step, layer=layer, path=PATH_CACHED, first=first,
-                                                    late=late, first_committed=self._committed.pop(layer, False)))
+        late_check = ahead is not None and check
+        predicted = union_ids(num_neurons, first, same).size if late_check else len(first)
+        self.channel.send(ROLE_PREFETCH, Prediction(
+            step=msg.step, layer=layer, path=PATH_CACHED, first=first, same=same if late_check else np.zeros(0, np.int64),
+            first_committed=self._committed.pop(layer, False)))
         if layer + 1 not in self._ahead:
             self._send_lookahead(msg, h)
         self.channel.send(ROLE_COMPUTE, PredictionStats(step=msg.step, layer=layer, predicted=predicted,

@@ -138,25 +138,23 @@ class Prefetcher:
         """Make every predicted neuron of `layer` resident.
 
         new_token: this is the token's first set for the layer (advance the window);
-        False for a late addition (the same-layer check) to the current token, which
-        takes only the rows the token's first set and the pinned neurons leave (the
-        lowest ids first) rather than evict any of them.
+        False for the same-layer check's set of the current token (policy "read"),
+        whose uncached neurons take rows from older tokens' and then from the
+        lookahead's unconfirmed picks, never from the pinned or from the set itself
+        (NeuronCache.plan_late).
         """
         cache = self.caches[layer]
-        if not new_token:
-            late_ids = union_ids(cache.num_neurons, np.asarray(predicted_ids, dtype=np.int64))  # (e,) sorted
-            predicted_ids = late_ids[: max(0, cache.late_room())]
         start = time.perf_counter()
-        before_bytes = self.reader.stats.read_bytes
-        early = self._start_reads(layer, predicted_ids)
+        before_bytes, before_hits = self.reader.stats.read_bytes, cache.hits
+        early = self._start_reads(layer, predicted_ids if new_token else cache.late_misses(predicted_ids))
         try:
             evicted = 0
             if new_token:
                 cache.advance_window(predicted_ids)
                 evicted = len(cache.evict_outside_window())
+                missing = cache.plan_token(predicted_ids)
             else:
-                cache.extend_current_token(predicted_ids)
-            missing = cache.plan_token(predicted_ids)
+                missing = cache.plan_late(predicted_ids)
             if len(missing):
                 cache.insert(missing, early.fill if early is not None else self._filler(layer))
         finally:
@@ -165,7 +163,7 @@ class Prefetcher:
         if layer == self._staged_layer:
             self.discard_staged()  # the cache moved on: staged rows are only valid for this commit
         return LayerUpdate(layer=layer, version=cache.version, num_rows=cache.num_rows,
-                           predicted=len(predicted_ids), hits=len(predicted_ids) - len(missing),
+                           predicted=len(predicted_ids), hits=cache.hits - before_hits,
                            read_neurons=len(missing), evicted=evicted,
                            read_bytes=self.reader.stats.read_bytes - before_bytes,
                            io_s=time.perf_counter() - start)
@@ -293,7 +291,7 @@ class PrefetchWorker:
     Lookahead(l)      commit: prepare(l, ids, new_token=True) now (compute is outside layer l);
                       else stage layer l's predicted bundles (read ahead; the cache is untouched)
                       (committed under the "skip" policy: LayerReady right away; no Prediction(l) follows)
-    Prediction(l)     cached: prepare(l, first, new_token=True) unless committed, then (policy "read") prepare(l, late,
+    Prediction(l)     cached: prepare(l, first, new_token=True) unless committed, then (policy "read") prepare(l, same,
                       new_token=False) — SparseFlashFfn's order —, publish num_rows/version/slot ids;
                       masked: make sure layer l is whole in layer_staging[l % 2] and, in a masked step,
                       read layer l+1 into the other buffer while compute runs layer l
@@ -387,8 +385,8 @@ class PrefetchWorker:
         if msg.path == PATH_CACHED:
             if not msg.first_committed:
                 work.add_update(self.prefetcher.prepare(layer, msg.first, new_token=True))
-            if len(msg.late) and self.missing_policy == "read":
-                work.add_update(self.prefetcher.prepare(layer, msg.late, new_token=False))
+            if len(msg.same) and self.missing_policy == "read":
+                work.add_update(self.prefetcher.prepare(layer, msg.same, new_token=False))
             self._send_ready(msg.step, layer, PATH_CACHED, critical_io_s=time.perf_counter() - received)
             return
         buffer = layer % 2

@@ -6,8 +6,8 @@ processes, so both give the same tokens):
     ahead  = predictor.lookahead[l](h_{l-1})     predicted while layer l-1 ran
     prefetcher.prepare(l, ahead)                 window advance, evict, read the increment
     same   = predictor.same[l](h_l)              policy "read": the late check on layer l's own input,
-    prefetcher.prepare(l, same, late)            and fetch what the lookahead missed, in the rows
-                                                 the ahead set and the pinned neurons leave
+    prefetcher.prepare(l, same, new_token=False) and fetch what the lookahead missed, in rows of older
+                                                 tokens' neurons, then of the lookahead's unconfirmed ones
     y = FFN over every cached row of layer l     (the first num_rows rows: a dense matrix)
 
 Policy "skip" runs neither late step: the layer is ready once the lookahead's
@@ -35,7 +35,7 @@ from protocol.store_format import Manifest
 from workers.ffn_providers import FfnStats, rows_to_tensor
 from workers.flash_io.bundle_reader import BundleReader
 from workers.flash_io.neuron_cache import DEFAULT_WINDOW_TOKENS
-from workers.flash_io.neuron_ids import difference_ids, union_ids
+from workers.flash_io.neuron_ids import union_ids
 from workers.models.ffn import BundleColumns, ffn_from_rows, masked_ffn_from_rows
 from workers.predictor import SparsityPredictor
 from workers.prefetch import MISSING_POLICIES, Prefetcher, neuron_cache_dtype
@@ -150,9 +150,7 @@ class SparseFlashFfn:
         update = prefetcher.prepare(layer, first, new_token=True)
         self._count(update)
         if ahead is not None and check:
-            late = difference_ids(self.num_neurons, same, ahead)
-            if late.size:
-                self._count(prefetcher.prepare(layer, late, new_token=False))
+            self._count(prefetcher.prepare(layer, same, new_token=False))
         self.stats.neurons_predicted += len(predicted)
         if self.recorded_sets is not None:
             self.recorded_sets.append((layer, predicted))

@@ -21,6 +21,8 @@ flow, driven by the prefetcher:
     cache.evict_outside_window()         # drop what no recent token used
     missing = cache.plan_token(active_ids)   # counts hits/misses; makes room (LRU) if needed
     cache.insert(missing, partial(reader.read_neurons, layer))
+    missing = cache.plan_late(same_ids)      # policy "read": the same-layer check's set joins it
+    cache.insert(missing, ...)
 
 Every change bumps `version`, which a "layer ready (version)" message carries.
 Single writer: only the prefetcher mutates a layer's cache, and only while
@@ -213,26 +215,68 @@ class NeuronCache:
         """
         active = self._check_ids(active_ids, "plan_token", sort=True)  # (a,)
         missing = active[self.slot_of[active] < 0]  # (m,)
+        if not self._make_room(missing.size, active):
+            pinned_count = int(self.pinned.sum())
+            raise CacheCapacityError(
+                f"this token needs {self.rows_needed(active)} neurons resident ({active.size} predicted, "
+                f"{pinned_count} pinned) but the layer cache holds {self.capacity_rows} rows; raise the neuron cache "
+                "capacity (--memory), pin fewer hot neurons or lower the predictor's active set"
+            )
         self.hits += active.size - missing.size
         self.misses += missing.size
         self._last_used[active] = self._token_index
-        shortfall = self.num_rows + missing.size - self.capacity_rows
-        if shortfall > 0:
-            cached = self.cached_ids.astype(np.int64)  # (num_rows,)
-            needed = np.zeros(self.num_neurons, dtype=bool)
-            needed[active] = True
-            evictable = cached[~self.pinned[cached] & ~needed[cached]]
-            if evictable.size < shortfall:
-                pinned_count = int(self.pinned.sum())
-                need_rows = int(np.union1d(active, np.flatnonzero(self.pinned)).size)
-                raise CacheCapacityError(
-                    f"this token needs {need_rows} neurons resident ({active.size} predicted, {pinned_count} pinned) "
-                    f"but the layer cache holds {self.capacity_rows} rows; raise the neuron cache capacity "
-                    "(--memory), pin fewer hot neurons or lower the predictor's active set"
-                )
-            oldest_first = np.argsort(self._last_used[evictable], kind="stable")
-            self.delete(evictable[oldest_first[:shortfall]])
         return missing
+
+    def late_misses(self, same_ids: np.ndarray) -> np.ndarray:
+        """What plan_late(same_ids) will insert, sorted: every id of the same-layer check's set not cached, unless
+        that set and the pinned neurons outgrow the cache (a batch's union), then the lowest ids that fit."""
+        same = self._check_ids(same_ids, "late_misses", sort=True)  # (s,)
+        missing = same[self.slot_of[same] < 0]  # (m,) never pinned: pinned neurons stay cached
+        room = self.capacity_rows - (self.rows_needed(same) - missing.size)
+        return missing[: max(0, room)]
+
+    def plan_late(self, same_ids: np.ndarray) -> np.ndarray:
+        """The same-layer check's set for the newest token (policy "read"): joins the token's set in the window,
+        and room is made for its uncached ids (returned, sorted; see late_misses).
+
+        The check ranks the layer's own input, so it outranks the lookahead: the rows
+        it takes come from the least recently used neurons that neither it nor the
+        pinned need, which are older tokens' first, then the lookahead's picks that
+        the check did not confirm (read for nothing, but the layer needs the room).
+        """
+        same = self._check_ids(same_ids, "plan_late", sort=True)  # (s,)
+        insert = self.late_misses(same)  # (i,)
+        dropped = difference_ids(self.num_neurons, same[self.slot_of[same] < 0], insert)  # (s-kept,) no room
+        kept = difference_ids(self.num_neurons, same, dropped)  # (k,)
+        newest = self._window[-1] if self._window else np.zeros(0, np.int64)
+        added = difference_ids(self.num_neurons, kept, newest)  # (a,) what the check adds to the token's set
+        if not self._make_room(insert.size, kept):
+            raise AssertionError("plan_late: late_misses left no room (a flashllm bug)")
+        self.hits += added.size - insert.size
+        self.misses += insert.size
+        if not self._window:
+            self.advance_window(kept)
+            return insert
+        self._window[-1] = union_ids(self.num_neurons, newest, added)
+        self._window_count[added] += 1
+        self._last_used[kept] = self._token_index  # as plan_token stamps the token's first set
+        return insert
+
+    def _make_room(self, count: int, needed: np.ndarray) -> bool:
+        """Evict least recently used rows, never pinned or `needed` ones, until `count` more rows fit;
+        False (nothing evicted) when they cannot."""
+        shortfall = self.num_rows + count - self.capacity_rows
+        if shortfall <= 0:
+            return True
+        cached = self.cached_ids.astype(np.int64)  # (num_rows,)
+        keep = self.pinned.copy()  # (num_neurons,)
+        keep[needed] = True
+        evictable = cached[~keep[cached]]
+        if evictable.size < shortfall:
+            return False
+        oldest_first = np.argsort(self._last_used[evictable], kind="stable")
+        self.delete(evictable[oldest_first[:shortfall]])
+        return True
 
     def advance_window(self, active_ids: np.ndarray) -> None:
         """Record this token's active set (for a batch, the union over its sequences) in the window."""
@@ -247,23 +291,6 @@ class NeuronCache:
     def rows_needed(self, ids: np.ndarray) -> int:
         """Rows a token whose set is `ids` (unique) needs: its set ∪ the pinned neurons."""
         return rows_needed(self.pinned, ids)
-
-    def late_room(self) -> int:
-        """Rows a late addition to the newest token may take: capacity less that token's set and the pinned."""
-        newest = self._window[-1] if self._window else np.zeros(0, np.int64)
-        return self.capacity_rows - self.rows_needed(newest)
-
-    def extend_current_token(self, extra_ids: np.ndarray) -> None:
-        """Add late-predicted ids to the newest token's set in the window (the same-layer check)."""
-        extra = self._check_ids(extra_ids, "extend_current_token", sort=True)  # (e,)
-        if not self._window:
-            self.advance_window(extra)
-            return
-        newest = self._window[-1]
-        added = difference_ids(self.num_neurons, extra, newest)
-        self._window[-1] = union_ids(self.num_neurons, newest, added)
-        self._window_count[added] += 1
-        self._last_used[extra] = self._token_index - 1
 
     def evict_outside_window(self) -> np.ndarray:
         """Delete cached neurons that none of the last window_tokens tokens used and that are not pinned; returns them."""
