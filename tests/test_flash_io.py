@@ -501,7 +501,8 @@ def test_cache_random_steps_property(tmp_path):
         fill = functools.partial(reader.read_neurons, 0)
         cache = NeuronCache(300, layout.bundle_elements, capacity_rows=120, dtype=np.float32, window_tokens=3)
         for _ in range(400):
-            step = rng.choice(["token", "insert", "delete", "pin", "unpin", "evict"], p=[0.45, 0.15, 0.15, 0.05, 0.05, 0.15])
+            step = rng.choice(["token", "late", "insert", "delete", "pin", "unpin", "evict"],
+                              p=[0.35, 0.15, 0.1, 0.1, 0.05, 0.05, 0.2])
             version = cache.version
             cached = cache.cached_ids.astype(np.int64)
             if step == "token":
@@ -515,6 +516,19 @@ def test_cache_random_steps_property(tmp_path):
                 assert not np.isin(missing, cached[np.isin(cached, active)]).any()
                 cache.insert(missing, fill)
                 assert (cache.slot_of[active] >= 0).all()  # the token has all it needs
+            elif step == "late":  # a same-layer check's set for the newest token
+                same = rng.choice(300, size=int(rng.integers(0, 130)), replace=False)
+                newest = set(cache._window[-1].tolist()) if cache._window else set()
+                pinned_before = np.flatnonzero(cache.pinned)
+                kept_cached = same[cache.slot_of[same] >= 0]
+                insert = cache.plan_late(same)
+                cache.insert(insert, fill)
+                # what it read was missing; it is all cached now, with what it found, and the pinned stayed
+                assert not np.isin(insert, cached).any() and (cache.slot_of[insert] >= 0).all()
+                assert (cache.slot_of[kept_cached] >= 0).all() and (cache.slot_of[pinned_before] >= 0).all()
+                cut = np.setdiff1d(same[~np.isin(same, cached)], insert)
+                assert not cut.size or len(np.union1d(same, pinned_before)) > cache.capacity_rows
+                assert newest | set(np.setdiff1d(same, cut).tolist()) == set(cache._window[-1].tolist())
             elif step == "insert":
                 free = np.flatnonzero(cache.slot_of < 0)
                 k = min(int(rng.integers(1, 20)), cache.capacity_rows - cache.num_rows, len(free))
