@@ -305,6 +305,30 @@ def test_the_same_layer_check_takes_rows_from_older_tokens_then_from_the_lookahe
         prefetcher.close()
 
 
+def test_reads_started_ahead_are_taken_over_by_their_layers_prepare(calibrated):
+    """start_stage puts a layer's lookahead reads on the device while the caller computes; that layer's
+    prepare takes them over (each bundle read once), and a read of another layer first drops them."""
+    from workers.prefetch import Prefetcher
+    from workers.store_reader import open_store
+
+    store = calibrated("llama")
+    manifest = open_store(store)
+    bundle_bytes = manifest.ffn.bundle_bytes
+    prefetcher = Prefetcher(store, manifest, [40] * manifest.arch.num_hidden_layers, window_tokens=2)
+    try:
+        prefetcher.start_stage(1, np.arange(0, 20))
+        update = prefetcher.prepare(1, np.arange(0, 20), new_token=True)
+        assert update.read_neurons == 20 and prefetcher.reader.stats.useful_bytes == 20 * bundle_bytes
+        prefetcher.start_stage(1, np.arange(20, 30))
+        assert prefetcher.prepare(0, np.arange(0, 10), new_token=True).read_neurons == 10
+        assert prefetcher.caches[1].num_rows == 20 and prefetcher.reader.stats.useful_bytes == 40 * bundle_bytes
+        for layer in (0, 1):
+            rows, slot_ids = prefetcher.caches[layer].dense_rows()
+            assert np.array_equal(rows, prefetcher.reader.read_layer(layer)[slot_ids].astype(rows.dtype))
+    finally:
+        prefetcher.close()
+
+
 def test_memory_budget_too_small_names_the_minimum(calibrated):
     with pytest.raises(MemoryPlanError, match=r"minimum for this store and settings is [0-9.]+ MiB"):
         Engine(calibrated("llama"), mode="sparse", ffn_options={"memory_budget_bytes": 100_000})

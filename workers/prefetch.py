@@ -86,6 +86,8 @@ class Prefetcher:
         self._staged_layer = -1
         self._staged_ids = np.zeros(0, np.int64)
         self._staged_rows = np.empty((0, layout.bundle_elements), dtype=dtype)
+        # read-ahead still on the device (start_stage): the next prepare of its layer finishes it
+        self._in_flight: _EarlyRead | None = None
         self.caches = [
             NeuronCache(region.num_neurons, layout.bundle_elements, capacity_rows[layer], dtype, window_tokens,
                         rows=None if cache_rows is None else cache_rows[layer])
@@ -174,11 +176,35 @@ class Prefetcher:
         The window advance and evictions that come first never drop a predicted
         neuron, so these are the ones insert will want; the device reads while the
         bookkeeping is worked out (~20% of a decode token's prepare time on the demo
-        model). None when nothing is missing or they were read ahead (stage)."""
+        model). None when nothing is missing or they were read ahead (stage). Reads
+        that start_stage put on their way are taken over when they are these."""
+        in_flight, self._in_flight = self._in_flight, None
         if layer == self._staged_layer and len(self._staged_ids):
+            if in_flight is not None:
+                in_flight.finish_unused()
             return None
         missing = self._uncached(layer, predicted_ids)  # (m,) sorted
+        if in_flight is not None:
+            if in_flight.layer == layer and np.array_equal(in_flight.ids, missing):
+                return in_flight
+            in_flight.finish_unused()
         return _EarlyRead(self, layer, missing) if len(missing) else None
+
+    def start_stage(self, layer: int, predicted_ids: np.ndarray) -> None:
+        """stage() without waiting: the reads of what prepare(layer, predicted_ids, new_token=True) will insert
+        go to the device now, and that prepare finishes them (with AIO the device reads while the caller
+        computes; the thread pool reads only then). The in-process engine's pipelining: it starts layer l+1's
+        lookahead reads before it computes layer l. Any other read on this prefetcher first waits for them."""
+        self.drop_in_flight()
+        missing = self._uncached(layer, predicted_ids)  # (m,) sorted
+        if len(missing):
+            self._in_flight = _EarlyRead(self, layer, missing)
+
+    def drop_in_flight(self) -> None:
+        """Wait for start_stage's reads and drop them (the layer took another path)."""
+        in_flight, self._in_flight = self._in_flight, None
+        if in_flight is not None:
+            in_flight.finish_unused()
 
     def _uncached(self, layer: int, predicted_ids: np.ndarray) -> np.ndarray:
         """Sorted unique predicted ids not in the layer's cache now: what prepare will insert, since the
@@ -192,6 +218,7 @@ class Prefetcher:
 
         The window advance and eviction that prepare does first never drop a predicted id, so the
         ids to insert then are exactly the ones not cached now. Replaces any earlier staging."""
+        self.drop_in_flight()
         missing = self._uncached(layer, predicted_ids)  # (m,) sorted
         start = time.perf_counter()
         before_bytes = self.reader.stats.read_bytes
@@ -209,6 +236,7 @@ class Prefetcher:
 
     def read_layer_into(self, layer: int, out: np.ndarray) -> FlashWork:
         """The whole layer (store dtype) into out[:num_neurons] (e.g. a shared-memory staging buffer)."""
+        self.drop_in_flight()
         start = time.perf_counter()
         before_bytes = self.reader.stats.read_bytes
         raw = self.reader.read_layer(layer)  # (n_ff, E), a view of the reader's buffer
@@ -217,7 +245,10 @@ class Prefetcher:
                          io_s=time.perf_counter() - start)
 
     def close(self) -> None:
-        self.reader.close()
+        try:
+            self.drop_in_flight()
+        finally:
+            self.reader.close()
 
 
 

@@ -3,8 +3,9 @@
 Per decode step and layer l (the worker runtime does the same steps in three
 processes, so both give the same tokens):
 
-    ahead  = predictor.lookahead[l](h_{l-1})     predicted while layer l-1 ran
-    prefetcher.prepare(l, ahead)                 window advance, evict, read the increment
+    ahead  = predictor.lookahead[l](h_{l-1})     predicted while layer l-1 ran; its reads start
+                                                 then (AIO) and overlap layer l-1's FFN and l's attention
+    prefetcher.prepare(l, ahead)                 window advance, evict, finish reading the increment
     same   = predictor.same[l](h_l)              policy "read": the late check on layer l's own input,
     prefetcher.prepare(l, same, new_token=False) and fetch what the lookahead missed, in rows of older
                                                  tokens' neurons, then of the lookahead's unconfirmed ones
@@ -123,6 +124,7 @@ class SparseFlashFfn:
         self._steps = steps
         self._ahead.clear()
         self._prev_h = None
+        self.prefetcher.drop_in_flight()  # a step that failed midway may have left reads on their way
 
     def forward(self, layer: int, h: torch.Tensor) -> torch.Tensor:
         """h (N, d) → (N, d)."""
@@ -155,7 +157,10 @@ class SparseFlashFfn:
         if self.recorded_sets is not None:
             self.recorded_sets.append((layer, predicted))
         if layer + 1 < self.num_layers and predictor.has("lookahead", layer + 1):
-            self._ahead[layer + 1] = predictor.predict("lookahead", layer + 1, h)
+            ahead_next = self._ahead[layer + 1] = predictor.predict("lookahead", layer + 1, h)
+            cache_next = prefetcher.caches[layer + 1]
+            if cache_next.rows_needed(ahead_next) <= cache_next.capacity_rows:
+                prefetcher.start_stage(layer + 1, ahead_next)  # read while this layer computes (AIO)
         start = time.perf_counter()
         rows = self.view.rows(layer)  # (n, E)
         y = ffn_from_rows(h, rows, self.cols)
