@@ -6,6 +6,9 @@
   page cache (O_DIRECT).
 - io, compute and wait ms are each measured where they happen (compute: the
   computing thread's or compute worker's busy time), not derived from others.
+  Reads overlap compute in both runtimes (in-process, a layer's lookahead
+  reads go to the device before the layer before it computes), so io counts
+  from a read's start to its end and io + compute may exceed ms/token.
 - Decode is measured token by token. With --text, the text is fed through the
   real decode path (teacher forcing: predictor, window and cache as in
   generation), which gives perplexity and top-1 agreement with dense as well.
@@ -256,14 +259,15 @@ def _plots(report: dict, plots_dir: str) -> list[str]:
         written.append(os.path.join(plots_dir, "window_size.png"))
         fig.savefig(written[-1], dpi=120)
     modes = report["modes"]
-    fig, ax = plt.subplots(figsize=(5, 3.5))
+    fig, ax = plt.subplots(figsize=(6, 3.5))
     names = list(modes)
-    io = [modes[n]["io_ms"] for n in names]
-    wait = [modes[n]["wait_ms"] for n in names]
-    compute = [modes[n]["compute_ms"] for n in names]
-    ax.bar(names, compute, label="compute")
-    ax.bar(names, io, bottom=compute, label="flash I/O")
-    ax.bar(names, wait, bottom=[a + b for a, b in zip(compute, io)], label="wait")
+    # side by side, not stacked: reads overlap compute, so io + compute + wait may exceed the token's time
+    parts = [("token", "ms_per_token"), ("compute", "compute_ms"), ("flash I/O", "io_ms"), ("wait on I/O", "wait_ms")]
+    positions = np.arange(len(names))
+    width = 0.8 / len(parts)
+    for index, (label, key) in enumerate(parts):
+        ax.bar(positions + (index - (len(parts) - 1) / 2) * width, [modes[n][key] for n in names], width, label=label)
+    ax.set_xticks(positions, names)
     ax.set_ylabel("ms per token (median)")
     ax.set_title("Latency split per mode")
     ax.legend()

@@ -292,7 +292,8 @@ class Engine:
         """One decode step (B, 1) → logits (B, V), appending its accounting to token_stats.
 
         flash_read_bytes: what the reading process (this one, or the prefetch worker) got from the
-        device; compute_ms: the computing thread's or process's busy time, measured where it runs."""
+        device; compute_ms: the computing thread's or process's busy time, measured where it runs; io_ms: the
+        reads' own time, overlapped or not; wait_ms: what compute waited on them."""
         self.executor.ffn_stats.reset()
         read_before = self.executor.flash_read_bytes()
         start = time.perf_counter()
@@ -303,7 +304,7 @@ class Engine:
             "batch": int(ids.shape[0]), "ms": elapsed_s * 1e3,
             "flash_read_bytes": self.executor.flash_read_bytes() - read_before,
             "reader_read_bytes": stats.read_bytes, "io_ms": stats.io_s * 1e3, "ffn_compute_ms": stats.compute_s * 1e3,
-            "compute_ms": stats.compute_busy_s(elapsed_s) * 1e3, "wait_ms": getattr(stats, "wait_s", 0.0) * 1e3,
+            "compute_ms": stats.compute_busy_s(elapsed_s) * 1e3, "wait_ms": stats.wait_time_s() * 1e3,
             "neurons_computed": stats.neurons_computed, "neurons_predicted": stats.neurons_predicted,
             "cache_hits": stats.cache_hits, "neurons_read": stats.neurons_read,
         })

@@ -65,6 +65,9 @@ class PipelineStats(FfnStats):
         forward_s (the engine's wall time) also holds the IPC to and from the engine."""
         return self.busy_s
 
+    def wait_time_s(self) -> float:
+        return self.wait_s
+
 
 class PipelineStepError(RuntimeError):
     """A worker failed its part of the current step (its message names it)."""

@@ -29,7 +29,8 @@ class FfnStats:
     cache_hits: int = 0
     neurons_read: int = 0
     read_bytes: int = 0  # bytes the reader asked the device for (the honest figure is /proc/self/io)
-    io_s: float = 0.0
+    io_s: float = 0.0  # from each read's start to its end, overlapped with compute or not
+    io_blocked_s: float = 0.0  # of which the computing thread waited (all of it, unless reads started ahead)
     compute_s: float = 0.0
 
     def reset(self) -> None:
@@ -38,8 +39,12 @@ class FfnStats:
 
     def compute_busy_s(self, forward_s: float) -> float:
         """Seconds of a forward (forward_s long, wall) the computing thread spent working: in one
-        process the reads block that thread and nothing else does, so all of it but io_s."""
-        return forward_s - self.io_s
+        process only the reads it waits for block it, so all of it but io_blocked_s."""
+        return forward_s - self.io_blocked_s
+
+    def wait_time_s(self) -> float:
+        """Seconds the computing thread waited on the FFN's reads."""
+        return self.io_blocked_s
 
 
 def rows_to_tensor(rows: np.ndarray, dtype: torch.dtype, device: str, copy: bool = False) -> torch.Tensor:
@@ -82,6 +87,7 @@ class NaiveFlashFfn:
         rows = rows_to_tensor(raw, self.dtype, self.device)
         read_done = time.perf_counter()
         self.stats.io_s += read_done - start
+        self.stats.io_blocked_s += read_done - start
         self.stats.read_bytes += self.reader.stats.read_bytes - before
         self.stats.neurons_read += rows.shape[0]
         self.stats.neurons_computed += rows.shape[0]

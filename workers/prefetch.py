@@ -52,7 +52,8 @@ class LayerUpdate:
     read_neurons: int
     evicted: int
     read_bytes: int
-    io_s: float
+    io_s: float  # from the first read's start (start_stage's, if it took those over) to the last one's end
+    blocked_s: float  # the time prepare itself took: what its caller waited
 
 
 @dataclass
@@ -164,11 +165,14 @@ class Prefetcher:
                 early.finish_unused()
         if layer == self._staged_layer:
             self.discard_staged()  # the cache moved on: staged rows are only valid for this commit
+        # reads that start_stage put on their way count from then: the device's time, overlapped or not
+        io_started = min(start, early.started_s) if early is not None else start
+        done = time.perf_counter()
         return LayerUpdate(layer=layer, version=cache.version, num_rows=cache.num_rows,
                            predicted=len(predicted_ids), hits=cache.hits - before_hits,
                            read_neurons=len(missing), evicted=evicted,
                            read_bytes=self.reader.stats.read_bytes - before_bytes,
-                           io_s=time.perf_counter() - start)
+                           io_s=done - io_started, blocked_s=done - start)
 
     def _start_reads(self, layer: int, predicted_ids: np.ndarray) -> "_EarlyRead | None":
         """Put the reads of the predicted neurons not cached now to the device, before prepare makes room.
@@ -257,6 +261,7 @@ class _EarlyRead:
 
     def __init__(self, prefetcher: Prefetcher, layer: int, ids: np.ndarray):
         self.prefetcher, self.layer, self.ids = prefetcher, layer, ids
+        self.started_s = time.perf_counter()
         self._finish = prefetcher.reader.start_neuron_read(layer, ids)
 
     def fill(self, ids: np.ndarray, out: np.ndarray) -> None:

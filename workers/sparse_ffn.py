@@ -173,6 +173,7 @@ class SparseFlashFfn:
         self.stats.neurons_read += update.read_neurons
         self.stats.read_bytes += update.read_bytes
         self.stats.io_s += update.io_s
+        self.stats.io_blocked_s += update.blocked_s
 
     # -- prefill and dense batches: whole layer, per-token masks --------------
 
@@ -194,6 +195,7 @@ class SparseFlashFfn:
         rows = rows_to_tensor(self.layer_reader.read_layer(layer), self.dtype, self.device)  # (n_ff, E)
         read_done = time.perf_counter()
         self.stats.io_s += read_done - start
+        self.stats.io_blocked_s += read_done - start
         self.stats.read_bytes += self.layer_reader.stats.read_bytes - before
         self.stats.neurons_read += rows.shape[0]
         mask = self._token_mask(layer, h).to(self.device)  # (N, n_ff)
