@@ -18,8 +18,8 @@ Each is of one of three types (SparsityInfo.predictor):
                    they normalize differs only by layer l's attention), so one
                    sketch per layer serves both. On the SwiGLU demo model it takes
                    about the bytes of a rank-128 float16 regression pair; with 30%
-                   of the neurons kept, held-out perplexity was 38.4 (dense 36.9)
-                   against 60.5 with that pair (README).
+                   of the neurons kept and both calibrated on the same text,
+                   perplexity was 38.4 (dense 36.9) against 60.5 with that pair.
     regression     linear d → r → [gate | up] pre-activations (reduced-rank least
                    squares, closed form), scored like the sketch. The lookahead
                    maps into the same-layer predictor's output directions: that
@@ -83,11 +83,16 @@ class LowRankPredictor:
         hidden = linear(x, self.w1, self.b1)  # (N, r)
         if self.predictor_type == "classifier":
             return linear(torch.relu(hidden), self.w2, self.b2)  # (N, n_ff) logits
-        pre = linear(hidden, self.w2, self.b2)  # (N, n_out) predicted pre-activations
-        if not self.gated:
-            return pre  # relu is monotone: ranking by up + bias is ranking by relu(up + bias), without ties
-        gate, up = pre.chunk(2, dim=-1)  # (N, n_ff) each
-        return (F.silu(gate) * up).abs()
+        return contribution_scores(linear(hidden, self.w2, self.b2), self.gated)  # from predicted pre-activations
+
+
+def contribution_scores(pre: torch.Tensor, gated: bool) -> torch.Tensor:
+    """pre (N, m): [gate | up] pre-activations (ReLU: up + bias) → (N, n_ff) ranking of the neurons'
+    contribution, |act(gate)·up|."""
+    if not gated:
+        return pre  # relu is monotone: ranking by up + bias is ranking by relu(up + bias), without ties
+    gate, up = pre.chunk(2, dim=-1)  # (N, n_ff) each
+    return (F.silu(gate) * up).abs()
 
 
 def quantize_sketch(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -152,22 +157,19 @@ class SketchPredictor:
         return sum(t.numel() * t.element_size() for t in tensors if t is not None)
 
     def pre_activations(self, x: torch.Tensor) -> torch.Tensor:
-        """x (N, d) → (N, m) float32: [gate | up] (ReLU: up) products with the 4-bit weights."""
+        """x (N, d) → (N, m) float32: [gate | up] (ReLU: up + bias) with the 4-bit weights."""
         if self.input_scale is not None:
             x = x * self.input_scale + self.input_shift
         if self.scales_and_zeros is None:
-            return linear(x.float(), self.weight)
-        out = torch.ops.aten._weight_int4pack_mm_for_cpu(x.to(torch.bfloat16), self.weight, SKETCH_GROUP,
-                                                         self.scales_and_zeros)  # (N, m_padded)
-        return out[:, :self.num_out].float()
+            pre = linear(x.float(), self.weight)
+        else:
+            pre = torch.ops.aten._weight_int4pack_mm_for_cpu(x.to(torch.bfloat16), self.weight, SKETCH_GROUP,
+                                                             self.scales_and_zeros)[:, :self.num_out].float()
+        return pre if self.bias is None else pre + self.bias  # (N, m)
 
     def scores(self, x: torch.Tensor) -> torch.Tensor:
         """x (N, d) → (N, n_ff): the neuron's approximate contribution (ReLU: up pre-activation)."""
-        pre = self.pre_activations(x)  # (N, m)
-        if not self.gated:
-            return pre + self.bias
-        gate, up = pre.chunk(2, dim=-1)  # (N, n_ff) each
-        return (F.silu(gate) * up).abs()
+        return contribution_scores(self.pre_activations(x), self.gated)
 
 
 def sketch_tensor_names(layer: int) -> dict[str, str]:
@@ -423,8 +425,8 @@ class PredictorWorker:
         late_check = ahead is not None and check
         predicted = union_ids(num_neurons, first, same).size if late_check else len(first)
         self.channel.send(ROLE_PREFETCH, Prediction(
-            step=msg.step, layer=layer, path=PATH_CACHED, first=first, same=same if late_check else np.zeros(0, np.int64),
-            first_committed=self._committed.pop(layer, False)))
+            step=msg.step, layer=layer, path=PATH_CACHED, first=first,
+            same=same if late_check else np.zeros(0, np.int64), first_committed=self._committed.pop(layer, False)))
         if layer + 1 not in self._ahead:
             self._send_lookahead(msg, h)
         self.channel.send(ROLE_COMPUTE, PredictionStats(step=msg.step, layer=layer, predicted=predicted,
