@@ -20,10 +20,11 @@
    carried along the same loop over the layers as steps 2-5, on the rows it
    has read (see _LayerSensitivity), gives each layer's loss increase. A
    layer far more sensitive than the rest stays dense: every neuron pinned,
-   so it is read once and never predicted away. On the demo model at 50% sparsity, with rank-128 regression
-   predictors layer 0 alone cost 0.18 nats/token, 13x the median layer
-   (0.014): kept dense it took 3% of the FFN bytes. With the sketch no layer
-   stands out (median 0.004, largest 0.013) and none is kept.
+   so it is read once and never predicted away. On the demo model at 50%
+   sparsity, with rank-128 regression predictors layer 0 alone cost 0.18
+   nats/token, 13x the median layer (0.014): kept dense it took 3% of the FFN
+   bytes. With the sketch no layer stands out (median 0.004, largest 0.013)
+   and none is kept.
 7. Write sparsity.safetensors and the manifest's `sparsity` section.
 """
 from __future__ import annotations
