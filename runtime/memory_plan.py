@@ -12,7 +12,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from protocol.store_format import DTYPE_ITEMSIZE, Manifest
+from protocol.store_format import DTYPE_ITEMSIZE, FfnLayout, Manifest
+from workers.flash_io.bundle_reader import layer_chunks
 
 MIB = 2**20
 
@@ -41,7 +42,7 @@ class MemoryPlan:
     def describe(self) -> str:
         rows = [("resident weights (embeddings, attention, norms, head)", self.resident_bytes),
                 ("sparsity predictors", self.predictor_bytes),
-                ("reader staging buffers", self.staging_bytes),
+                ("read staging (neuron reads, dense-read chunks)", self.staging_bytes),
                 (f"neuron caches ({min(self.capacity_rows)}..{max(self.capacity_rows)} rows/layer)", self.cache_bytes)]
         lines = [f"memory plan for a budget of {self.budget_bytes / MIB:.1f} MiB:"]
         lines += [f"  {name:<58} {size / MIB:9.1f} MiB" for name, size in rows]
@@ -52,16 +53,30 @@ class MemoryPlan:
         return "\n".join(lines)
 
 
+def sparse_staging_bytes(layout: FfnLayout, compute_itemsize: int, runtime: str = "inproc") -> int:
+    """What the sparse mode's reads stage beside the caches: a token's neuron reads at most one layer's
+    bundles; the dense-read path (prefill) one chunk as read and one converted, since it goes through a
+    layer in chunks; the worker runtime also the two whole layers of shared memory the prefetcher fills
+    for compute's masked path."""
+    largest_region = max(region.length_bytes for region in layout.layers)
+    first_start, first_stop = layer_chunks(max(region.num_neurons for region in layout.layers), layout.bundle_bytes)[0]
+    largest_chunk_bytes = (first_stop - first_start) * layout.bundle_bytes  # a layer's first chunk is a largest
+    store_itemsize = DTYPE_ITEMSIZE[layout.dtype]
+    converted_chunk_bytes = (0 if compute_itemsize == store_itemsize
+                             else largest_chunk_bytes * compute_itemsize // store_itemsize)
+    shared_layers = 2 * largest_region if runtime == "workers" else 0
+    return largest_region + largest_chunk_bytes + converted_chunk_bytes + shared_layers
+
+
 def plan_memory(manifest: Manifest, resident_elements: int, budget_bytes: int, compute_itemsize: int, keep_neurons: int,
                 hot_counts: list[int], predictor_bytes: int, kv_cache_bytes: int,
-                cache_itemsize: int | None = None, resident_itemsize: int | None = None) -> MemoryPlan:
+                cache_itemsize: int | None = None, resident_itemsize: int | None = None,
+                runtime: str = "inproc") -> MemoryPlan:
     arch, layout = manifest.arch, manifest.ffn
     cache_itemsize = cache_itemsize or compute_itemsize
     resident_bytes = resident_elements * (resident_itemsize or compute_itemsize)
     row_bytes = layout.bundle_elements * cache_itemsize
-    largest_region = max(region.length_bytes for region in layout.layers)
-    # the dense-read path holds one whole layer raw and converted; neuron reads stage at most one layer's bundles
-    staging_bytes = 2 * largest_region + largest_region * compute_itemsize // DTYPE_ITEMSIZE[layout.dtype]
+    staging_bytes = sparse_staging_bytes(layout, compute_itemsize, runtime)
     num_neurons = [region.num_neurons for region in layout.layers]
     # one predictor's top-k plus the pinned rows; a token whose lookahead ∪ same-layer union does not
     # fit takes the dense-read path (correct, slower), so the union need not be reserved
@@ -98,9 +113,11 @@ def plan_memory(manifest: Manifest, resident_elements: int, budget_bytes: int, c
 
 def plan_for_store(store_dir: str, manifest: Manifest, budget_bytes: int, mode: str, compute_itemsize: int,
                    kv_cache_bytes: int, keep_fraction: float | None = None,
-                   resident_itemsize: int | None = None, cache_itemsize: int | None = None) -> MemoryPlan:
+                   resident_itemsize: int | None = None, cache_itemsize: int | None = None,
+                   runtime: str = "inproc") -> MemoryPlan:
     """The plan for running `mode` on this store under budget_bytes (raises MemoryPlanError when it cannot fit).
-    cache_itemsize: bytes per element of the neuron caches' rows (default: compute_itemsize)."""
+    cache_itemsize: bytes per element of the neuron caches' rows (default: compute_itemsize); runtime:
+    "inproc" or "workers" (which also holds the masked path's shared-memory layers)."""
     from workers.store_reader import resident_tensor_elements
 
     resident_elements = resident_tensor_elements(store_dir, manifest)
@@ -131,4 +148,4 @@ def plan_for_store(store_dir: str, manifest: Manifest, budget_bytes: int, mode: 
     keep_neurons = max(1, int(round(keep_fraction * manifest.arch.intermediate_size)))
     return plan_memory(manifest, resident_elements, budget_bytes, compute_itemsize, keep_neurons, hot_counts,
                        predictor_bytes, kv_cache_bytes, cache_itemsize=cache_itemsize,
-                       resident_itemsize=resident_itemsize)
+                       resident_itemsize=resident_itemsize, runtime=runtime)

@@ -329,6 +329,89 @@ def test_reads_started_ahead_are_taken_over_by_their_layers_prepare(calibrated):
         prefetcher.close()
 
 
+def test_whole_layer_reads_go_chunk_by_chunk_and_a_reader_left_midway_reads_on(calibrated, monkeypatch):
+    """The dense-read path reads a layer a chunk at a time (here a quarter of a layer) into the caller's
+    buffer: the bytes are the layer's; a caller that stops after the first chunk leaves no read pending."""
+    from workers.flash_io import bundle_reader
+    from workers.prefetch import Prefetcher
+    from workers.store_reader import open_store
+
+    store = calibrated("llama")
+    manifest = open_store(store)
+    layout = manifest.ffn
+    monkeypatch.setattr(bundle_reader, "DENSE_CHUNK_BYTES", layout.layers[0].length_bytes // 4)
+    prefetcher = Prefetcher(store, manifest, [40] * manifest.arch.num_hidden_layers, window_tokens=2)
+    try:
+        whole = prefetcher.reader.read_layer(1).copy()  # (n_ff, E)
+        out = np.zeros_like(whole)
+        chunks = []
+        for start, stop, waited_s in prefetcher.read_layer_chunks(1, lambda first, stop: out[first:stop]):
+            assert waited_s >= 0 and not out[stop:].any()  # later chunks not written yet
+            chunks.append((start, stop))
+        assert len(chunks) >= 4 and chunks[0][0] == 0 and chunks[-1][1] == len(whole)
+        assert np.array_equal(out, whole)
+        assert prefetcher.read_layer_into(1, shared := np.zeros_like(whole)).neurons == len(whole)
+        assert np.array_equal(shared, whole)
+
+        first_only = prefetcher.read_layer_chunks(0, lambda first, stop: out[first:stop])
+        next(first_only)  # the second chunk's reads are on the device now
+        first_only.close()
+        update = prefetcher.prepare(0, np.arange(0, 10), new_token=True)
+        rows, slot_ids = prefetcher.caches[0].dense_rows()
+        assert update.read_neurons == 10
+        assert np.array_equal(rows, prefetcher.reader.read_layer(0)[slot_ids].astype(rows.dtype))
+    finally:
+        prefetcher.close()
+
+
+@pytest.mark.parametrize("kind", ["opt", "llama"])
+def test_prefill_in_chunks_equals_prefill_over_the_whole_layer_and_holds_a_chunk(kind, calibrated, monkeypatch):
+    """Prompt prefill takes the dense-read path chunk by chunk (a quarter of a layer here), each token keeping
+    half the neurons: the first token's logits equal those of one pass over the whole layer, and the buffers
+    it held are a chunk's, not a whole layer's."""
+    from workers.flash_io import bundle_reader
+    from workers.store_reader import open_store
+
+    store = calibrated(kind)
+    chunk_bytes = open_store(store).ffn.layers[0].length_bytes // 4
+    first_logits = {}
+    for chunk in (None, chunk_bytes):  # the default chunk holds a whole tiny layer
+        if chunk is not None:
+            monkeypatch.setattr(bundle_reader, "DENSE_CHUNK_BYTES", chunk)
+        with Engine(store, mode="sparse", max_batch=len(PROMPTS), ffn_options={"keep_fraction": 0.5}) as engine:
+            captured = first_logits[chunk] = {}
+            engine.logits_hook = lambda rid, logits: captured.setdefault(rid, logits.clone())
+            engine.generate(PROMPTS, SamplingParams(max_tokens=1, ignore_eos=True))  # prefill only
+            ffn = engine.executor.ffn
+            assert ffn.prefetcher.reader._layer_buffer.nbytes == 0  # no whole-layer buffer was ever allocated
+    assert ffn._chunk.nbytes <= chunk_bytes
+    for rid, logits in first_logits[None].items():
+        torch.testing.assert_close(first_logits[chunk_bytes][rid], logits, rtol=1e-5, atol=1e-5)
+
+
+def test_the_plan_stages_one_layer_and_a_chunk_in_process_and_gives_the_caches_the_rest(calibrated, monkeypatch):
+    """In process, the sparse mode stages one layer (a token's neuron reads) and a dense-read chunk, not
+    whole layers; the worker runtime adds the two shared-memory layers its prefetcher fills. What is not
+    staged goes to the neuron caches."""
+    from runtime.memory_plan import plan_for_store
+    from workers.flash_io import bundle_reader
+    from workers.store_reader import open_store
+
+    store = calibrated("llama")
+    manifest = open_store(store)
+    region_bytes = manifest.ffn.layers[0].length_bytes
+    monkeypatch.setattr(bundle_reader, "DENSE_CHUNK_BYTES", region_bytes // 4)
+    roomy = plan_for_store(store, manifest, 2**40, "sparse", 4, 0, keep_fraction=0.25, runtime="workers")
+    row_bytes = roomy.cache_bytes // sum(roomy.capacity_rows)
+    budget = roomy.total_bytes - roomy.cache_bytes + (sum(roomy.min_capacity_rows) + 40) * row_bytes  # caches tight
+    plans = {runtime: plan_for_store(store, manifest, budget, "sparse", 4, 0, keep_fraction=0.25, runtime=runtime)
+             for runtime in ("inproc", "workers")}
+    assert region_bytes < plans["inproc"].staging_bytes <= region_bytes * 5 // 4
+    assert plans["workers"].staging_bytes == plans["inproc"].staging_bytes + 2 * region_bytes
+    assert sum(plans["workers"].capacity_rows) < sum(plans["inproc"].capacity_rows)
+    assert "read staging" in plans["inproc"].describe()
+
+
 def test_memory_budget_too_small_names_the_minimum(calibrated):
     with pytest.raises(MemoryPlanError, match=r"minimum for this store and settings is [0-9.]+ MiB"):
         Engine(calibrated("llama"), mode="sparse", ffn_options={"memory_budget_bytes": 100_000})

@@ -8,7 +8,7 @@ the FFN provider differs. `PipelineFfn.forward(layer, h)` does, per layer:
     wait for LayerReady(step, layer) ◀── prefetch   the only wait: a late read
     cached: y = FFN over the layer cache's first num_rows rows (CacheView: zero-copy
             on the CPU, a device mirror updated with the changed rows elsewhere)
-    masked: y = (act(h · rows) * mask) @ down over the whole layer in layer_staging
+    masked: y = (act(h · rows) * mask) @ down over the whole layer in layer_staging, chunk by chunk
 
 so while this process runs layer l's FFN and layer l+1's attention, the
 predictor has sent layer l+1's lookahead and the prefetcher is reading it.
@@ -36,7 +36,8 @@ from protocol.messages import (
 )
 from protocol.shm import SharedSegment, cache_layer_arrays
 from workers.ffn_providers import FfnStats, rows_to_tensor
-from workers.models.ffn import BundleColumns, ffn_from_rows, masked_ffn_from_rows
+from workers.flash_io.bundle_reader import layer_chunks
+from workers.models.ffn import BundleColumns, ffn_from_rows, masked_ffn_over_chunks
 from workers.process_entry import WorkerConfig, run_worker
 from workers.sparse_ffn import CacheView
 
@@ -151,11 +152,13 @@ class PipelineFfn:
             y = ffn_from_rows(h, rows, self.cols)
         else:
             raw = self.staging[ready.staging, : self.layer_neurons[layer]]  # (n_ff, E) store dtype
-            rows = rows_to_tensor(raw, self.dtype, self.device)  # (n_ff, E)
             mask = torch.from_numpy(self.mask[:num_tokens]).to(self.device)  # (N, n_ff) bool
-            y = masked_ffn_from_rows(h, rows, self.cols, mask)  # (N, d)
+            # in the in-process engine's chunks (it reads the layer so), converted one chunk at a time
+            chunks = ((first, stop, rows_to_tensor(raw[first:stop], self.dtype, self.device))  # (stop - first, E)
+                      for first, stop in layer_chunks(raw.shape[0], raw.shape[1] * raw.itemsize))
+            y = masked_ffn_over_chunks(h, chunks, self.cols, mask)  # (N, d)
         self.stats.compute_s += time.perf_counter() - start
-        self.stats.neurons_computed += rows.shape[0]
+        self.stats.neurons_computed += ready.num_rows if ready.path == PATH_CACHED else self.layer_neurons[layer]
         return y
 
     # -- waiting on the inbox --------------------------------------------------

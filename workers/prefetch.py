@@ -23,6 +23,7 @@ import functools
 import os
 import time
 from dataclasses import dataclass
+from typing import Callable, Iterator
 
 import numpy as np
 
@@ -31,7 +32,7 @@ from protocol.messages import (
 )
 from protocol.shm import SharedSegment, cache_layer_arrays
 from protocol.store_format import Manifest, StoreError, read_manifest
-from workers.flash_io.bundle_reader import BundleReader, numpy_dtype_of_store
+from workers.flash_io.bundle_reader import BundleReader, layer_chunks, numpy_dtype_of_store
 from workers.flash_io.neuron_cache import NeuronCache
 from workers.flash_io.neuron_ids import union_ids
 from workers.process_entry import WorkerConfig, run_worker
@@ -238,14 +239,41 @@ class Prefetcher:
     def discard_staged(self) -> None:
         self._staged_layer, self._staged_ids = -1, np.zeros(0, np.int64)
 
-    def read_layer_into(self, layer: int, out: np.ndarray) -> FlashWork:
-        """The whole layer (store dtype) into out[:num_neurons] (e.g. a shared-memory staging buffer)."""
+    def read_layer_chunks(self, layer: int,
+                          out_rows: Callable[[int, int], np.ndarray]) -> Iterator[tuple[int, int, float]]:
+        """The whole layer, chunk by chunk (layer_chunks()): yields (start, stop, waited_s) once
+        out_rows(start, stop) holds those bundles (store dtype), waited_s being how long it waited for them.
+
+        The next chunk's reads are already on the device while the caller works on
+        this one (AIO), and the reader stages one chunk at a time, not the layer.
+        A caller that stops early (closes the generator) waits for the reads in flight."""
         self.drop_in_flight()
+        layout = self.reader.layout
+        chunks = layer_chunks(layout.layers[layer].num_neurons, layout.bundle_bytes)
+        pending = None
+        try:
+            for index, (start, stop) in enumerate(chunks):
+                waited_since = time.perf_counter()
+                if pending is None:
+                    pending = self.reader.start_neuron_read(layer, np.arange(start, stop))
+                finish, pending = pending, None
+                finish(out_rows(start, stop))
+                waited_s = time.perf_counter() - waited_since
+                if index + 1 < len(chunks):
+                    pending = self.reader.start_neuron_read(layer, np.arange(*chunks[index + 1]))
+                yield start, stop, waited_s
+        finally:
+            if pending is not None:
+                next_start, next_stop = chunks[index + 1]
+                pending(self._scratch_rows(next_stop - next_start))
+
+    def read_layer_into(self, layer: int, out: np.ndarray) -> FlashWork:
+        """The whole layer (store dtype) into out[:num_neurons] (e.g. a shared-memory staging buffer), read
+        in chunks straight into it."""
         start = time.perf_counter()
         before_bytes = self.reader.stats.read_bytes
-        raw = self.reader.read_layer(layer)  # (n_ff, E), a view of the reader's buffer
-        out[: raw.shape[0]] = raw
-        return FlashWork(neurons=raw.shape[0], read_bytes=self.reader.stats.read_bytes - before_bytes,
+        chunks = list(self.read_layer_chunks(layer, lambda first, stop: out[first:stop]))
+        return FlashWork(neurons=chunks[-1][1], read_bytes=self.reader.stats.read_bytes - before_bytes,
                          io_s=time.perf_counter() - start)
 
     def close(self) -> None:

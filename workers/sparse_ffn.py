@@ -21,8 +21,9 @@ slower than the dense FFN (DESIGN.md).
 
 Prompt prefill (many tokens of one sequence) and decode batches whose union of
 lookahead predictions does not fit the cache take the dense-read path instead:
-the layer is read whole with large sequential reads and each token keeps only
-its own predicted neurons (a per-token mask), so the result is what
+the layer is read whole with large sequential reads, a chunk of a few MiB at a
+time (the next chunk on the device while this one computes), and each token
+keeps only its own predicted neurons (a per-token mask), so the result is what
 token-by-token sparse decoding without the window would compute.
 """
 from __future__ import annotations
@@ -34,10 +35,10 @@ import torch
 
 from protocol.store_format import Manifest
 from workers.ffn_providers import FfnStats, rows_to_tensor
-from workers.flash_io.bundle_reader import BundleReader
+from workers.flash_io.bundle_reader import numpy_dtype_of_store
 from workers.flash_io.neuron_cache import DEFAULT_WINDOW_TOKENS
 from workers.flash_io.neuron_ids import union_ids
-from workers.models.ffn import BundleColumns, ffn_from_rows, masked_ffn_from_rows
+from workers.models.ffn import BundleColumns, ffn_from_rows, masked_ffn_over_chunks
 from workers.predictor import SparsityPredictor
 from workers.prefetch import MISSING_POLICIES, Prefetcher, neuron_cache_dtype
 
@@ -111,8 +112,8 @@ class SparseFlashFfn:
                                      cache_dtype=neuron_cache_dtype(manifest.ffn.dtype, device),
                                      num_threads=num_threads)
         self.view = CacheView(self.prefetcher.caches, dtype, device)
-        # the dense-read path's reader (whole layers, large sequential reads)
-        self.layer_reader = BundleReader(store_dir, manifest.ffn, num_threads=num_threads)
+        # the dense-read path's chunk of bundles as read (store dtype; grown to one chunk on first use)
+        self._chunk = np.empty((0, manifest.ffn.bundle_elements), dtype=numpy_dtype_of_store(manifest.ffn.dtype))
         self.stats = FfnStats()
         self._steps = 1
         self._ahead: dict[int, np.ndarray] = {}
@@ -191,20 +192,34 @@ class SparseFlashFfn:
 
     def _forward_masked(self, layer: int, h: torch.Tensor) -> torch.Tensor:
         start = time.perf_counter()
-        before = self.layer_reader.stats.read_bytes
-        rows = rows_to_tensor(self.layer_reader.read_layer(layer), self.dtype, self.device)  # (n_ff, E)
-        read_done = time.perf_counter()
-        self.stats.io_s += read_done - start
-        self.stats.io_blocked_s += read_done - start
-        self.stats.read_bytes += self.layer_reader.stats.read_bytes - before
-        self.stats.neurons_read += rows.shape[0]
         mask = self._token_mask(layer, h).to(self.device)  # (N, n_ff)
         self.stats.neurons_predicted += int(mask.any(0).sum())
-        y = masked_ffn_from_rows(h, rows, self.cols, mask)  # (N, d)
-        self.stats.neurons_computed += rows.shape[0]
-        self.stats.compute_s += time.perf_counter() - read_done
+        reader_stats = self.prefetcher.reader.stats
+        before = reader_stats.read_bytes
+        read_started = time.perf_counter()
+        waited_s = 0.0
+
+        def chunk_rows():  # (start, stop, rows (stop - start, E)) in the compute dtype, each as its reads land
+            nonlocal waited_s
+            for first, stop, waited in self.prefetcher.read_layer_chunks(layer, self._chunk_buffer):
+                waited_s += waited
+                yield first, stop, rows_to_tensor(self._chunk[: stop - first], self.dtype, self.device)
+
+        y = masked_ffn_over_chunks(h, chunk_rows(), self.cols, mask)  # (N, d)
+        done = time.perf_counter()
+        self.stats.io_s += done - read_started
+        self.stats.io_blocked_s += waited_s
+        self.stats.read_bytes += reader_stats.read_bytes - before
+        self.stats.neurons_read += self.num_neurons
+        self.stats.neurons_computed += self.num_neurons
+        self.stats.compute_s += done - start - waited_s
         return y
+
+    def _chunk_buffer(self, first: int, stop: int) -> np.ndarray:
+        """(stop - first, E) store-dtype rows the next chunk of a whole-layer read lands in (one, reused)."""
+        if self._chunk.shape[0] < stop - first:
+            self._chunk = np.empty((stop - first, self._chunk.shape[1]), dtype=self._chunk.dtype)
+        return self._chunk[: stop - first]
 
     def close(self) -> None:
         self.prefetcher.close()
-        self.layer_reader.close()

@@ -57,6 +57,20 @@ DEFAULT_MAX_GAP_BYTES = 8 * 1024
 # Past ~1 MiB a larger request gains nothing and hurts parallelism.
 DEFAULT_MAX_REQUEST_BYTES = 1024 * 1024
 
+# The dense-read path (prefill, and decode batches whose union does not fit the
+# cache) goes through a layer in chunks of about this many bytes of bundles, so
+# it holds a few MiB of staging instead of whole layers (~270 MB each for a 7B
+# float16 model) and the memory budget goes to the neuron caches instead.
+DENSE_CHUNK_BYTES = 4 * 1024 * 1024
+
+
+def layer_chunks(num_neurons: int, bundle_bytes: int, chunk_bytes: int | None = None) -> list[tuple[int, int]]:
+    """[start, stop) neuron ranges covering a layer in order, each about chunk_bytes (DENSE_CHUNK_BYTES) of
+    bundles, at least one."""
+    rows = max(1, (chunk_bytes or DENSE_CHUNK_BYTES) // bundle_bytes)
+    return [(start, min(start + rows, num_neurons)) for start in range(0, num_neurons, rows)]
+
+
 _NUMPY_DTYPE_OF_STORE = {"float16": np.float16, "float32": np.float32, "bfloat16": np.uint16}
 
 
@@ -345,12 +359,8 @@ class BundleReader:
         span_end = align_up(region.offset_bytes + region.length_bytes, self.alignment_bytes)
         span_bytes = span_end - span_start
         if self._layer_buffer.nbytes < span_bytes:
-            largest_bytes = max(
-                align_up(r.offset_bytes + r.length_bytes, self.alignment_bytes) - align_down(r.offset_bytes, self.alignment_bytes)
-                for r in self.layout.layers
-            )
             self._layer_buffer = np.empty(0, dtype=np.uint8)  # drop the old mapping first
-            self._layer_buffer = aligned_buffer(largest_bytes)
+            self._layer_buffer = aligned_buffer(self._largest_span_bytes())
         buffer = self._layer_buffer
         needed_bytes = region.offset_bytes + region.length_bytes - span_start  # the file may end before the span does
         chunk_starts = list(range(0, span_bytes, self.max_request_bytes))
@@ -369,6 +379,11 @@ class BundleReader:
         return np.ndarray(
             (region.num_neurons, self.bundle_elements), dtype=self.dtype, buffer=buffer, offset=first_byte
         )  # (num_neurons, bundle_elements)
+
+    def _largest_span_bytes(self) -> int:
+        """Aligned bytes of the largest layer region: what reading a whole layer takes."""
+        return max(align_up(r.offset_bytes + r.length_bytes, self.alignment_bytes)
+                   - align_down(r.offset_bytes, self.alignment_bytes) for r in self.layout.layers)
 
     def _check_neuron_ids(self, layer: int, neuron_ids: np.ndarray, num_neurons: int) -> np.ndarray:
         ids = np.asarray(neuron_ids)
@@ -430,7 +445,9 @@ class BundleReader:
         total_bytes = int(staging_offsets[-1])
         if self._staging.nbytes < total_bytes:
             self._staging = np.empty(0, dtype=np.uint8)
-            self._staging = aligned_buffer(align_up(total_bytes, 1 << 20))  # round up: fewer regrowths
+            # a quarter more (fewer regrowths), but never past a whole layer: no read of neurons asks for more
+            rounded = min(align_up(total_bytes + total_bytes // 4, self.alignment_bytes), self._largest_span_bytes())
+            self._staging = aligned_buffer(max(total_bytes, rounded))
         staging = self._staging
         # Everything per request is worked out here, vectorized, as plain Python lists: a request takes
         # tens of microseconds of device time, and per-request numpy scalars and array construction in

@@ -6,6 +6,7 @@ A bundle row is one neuron: [gate_i | up_i | down_i] (gated) or
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Iterable
 
 import torch
 import torch.nn.functional as F
@@ -45,6 +46,20 @@ def ffn_from_rows(h: torch.Tensor, rows: torch.Tensor, cols: BundleColumns) -> t
 def masked_ffn_from_rows(h: torch.Tensor, rows: torch.Tensor, cols: BundleColumns, mask: torch.Tensor) -> torch.Tensor:
     """h (N, d), rows (k, E), mask (N, k) → (N, d): each token's FFN over only the neurons its mask row keeps."""
     return (neuron_activations(h, rows, cols) * mask) @ rows[:, cols.down]  # (N, k) @ (k, d)
+
+
+def masked_ffn_over_chunks(h: torch.Tensor, chunks: Iterable[tuple[int, int, torch.Tensor]], cols: BundleColumns,
+                           mask: torch.Tensor) -> torch.Tensor:
+    """h (N, d), mask (N, n_ff), chunks of (start, stop, rows (stop - start, E)) covering the layer in
+    layer_chunks() order → (N, d): masked_ffn_from_rows over the whole layer, summed chunk by chunk. Both
+    runtimes sum through here in the same order, so they round alike and decode the same tokens."""
+    y = None
+    for start, stop, rows in chunks:
+        part = masked_ffn_from_rows(h, rows, cols, mask[:, start:stop])  # (N, d)
+        y = part if y is None else y.add_(part)
+    if y is None:
+        raise ValueError("masked_ffn_over_chunks: no chunks (a layer has at least one neuron)")
+    return y
 
 
 def neuron_contributions(h: torch.Tensor, rows: torch.Tensor, cols: BundleColumns) -> torch.Tensor:
