@@ -11,7 +11,8 @@ Who sends what (the pipeline is a ring: compute → predictor → prefetch → c
     supervisor ──ForwardRequest──▶ compute ──StepBegin, FfnInput(l)──▶ predictor
     predictor  ──StepBegin, Prediction(l), Lookahead(l+1)──▶ prefetch
     predictor  ──PredictionStats(l)──▶ compute                        (counters, off the critical path)
-    prefetch   ──LayerReady(l)──▶ compute
+    prefetch   ──LayerReady(l)──▶ compute   (masked path: one per chunk of the layer)
+    compute    ──ChunkDone──▶ prefetch                                (a chunk-staging slot is free again)
     compute    ──ForwardChunk──▶ supervisor ──LogitsTaken──▶ compute   (logits in chunks)
     any worker ──StepFailed──▶ the next in the ring, compute ──▶ supervisor
     workers    ──WorkerReady / WorkerFailed──▶ supervisor ──Shutdown──▶ workers
@@ -27,7 +28,7 @@ from typing import Any, Callable, ClassVar
 
 import numpy as np
 
-PROTOCOL_VERSION = 2
+PROTOCOL_VERSION = 3
 
 # a layer's FFN path for one step: through the neuron cache, or the whole layer read with per-token masks
 PATH_CACHED = "cached"
@@ -188,8 +189,9 @@ class Prediction:
 @dataclass
 class LayerReady:
     """Layer `layer` may be computed: its cache holds `num_rows` rows at `version` (cached path),
-    or its whole layer is in layer-staging buffer `staging` (masked path). Counters are this layer's
-    share of the step's flash work."""
+    or chunk `chunk` of `num_chunks` of the whole layer (neurons layer_chunks()[chunk], in the
+    workers/flash_io/bundle_reader.py sense) is in chunk-staging slot `staging` (masked path; compute
+    hands the slot back with ChunkDone). Counters are this layer's (chunk's) share of the step's flash work."""
 
     tag: ClassVar[int] = 24
     step: int
@@ -198,6 +200,8 @@ class LayerReady:
     version: int = 0
     num_rows: int = 0
     staging: int = -1
+    chunk: int = -1
+    num_chunks: int = 0
     hits: int = 0
     read_neurons: int = 0
     read_bytes: int = 0
@@ -216,10 +220,19 @@ class PredictionStats:
     predict_s: float = 0.0  # predictor time spent on this layer
 
 
+@dataclass
+class ChunkDone:
+    """Compute is done with chunk-staging slot `staging` (masked path): the prefetcher may read into it."""
+
+    tag: ClassVar[int] = 26
+    step: int
+    staging: int
+
+
 MESSAGE_TYPES: tuple[type, ...] = (
     WorkerReady, WorkerFailed, Shutdown,
     ForwardRequest, ForwardChunk, LogitsTaken, StepFailed,
-    StepBegin, FfnInput, Lookahead, Prediction, LayerReady, PredictionStats,
+    StepBegin, FfnInput, Lookahead, Prediction, LayerReady, PredictionStats, ChunkDone,
 )
 MESSAGE_BY_TAG: dict[int, type] = {cls.tag: cls for cls in MESSAGE_TYPES}
 assert len(MESSAGE_BY_TAG) == len(MESSAGE_TYPES), "message tags must be unique"

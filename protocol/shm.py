@@ -27,13 +27,15 @@ exchange segment:
 
     hidden         (2, max_tokens, d)     FFN input of layer l in [l % 2]     compute → predictor
     mask           (max_tokens, n_ff) bool per-token neuron mask (masked path) predictor → compute
-    layer_staging  (2, n_ff, E)           whole layer l in [l % 2], store     prefetch → compute
-                                          dtype (masked path)
+    chunk_staging  (2, chunk_rows, E)     chunks of whole layers, store dtype  prefetch → compute
+                                          (masked path: LayerReady names the slot,
+                                          ChunkDone hands it back)
     logits         (logits_rows, V) f32   a chunk of a forward's logits       compute → supervisor
 
-Two hidden/staging buffers by layer parity let layer l+1 be written while
-layer l is still read; the message order guarantees l-1's buffer is free
-(see workers/compute.py).
+Two hidden buffers by layer parity let layer l+1 be written while layer l is
+still read; the message order guarantees l-1's buffer is free (see
+workers/compute.py). Two chunk slots let the prefetcher read one chunk while
+compute multiplies the other, without ever holding a whole layer.
 
 Pure Python + numpy.
 """
@@ -102,12 +104,15 @@ def neuron_cache_layout(capacity_rows: list[int], bundle_elements: int, dtype) -
     return SegmentLayout.build(CACHE_SEGMENT, arrays)
 
 
+CHUNK_SLOTS = 2
+
+
 def exchange_layout(max_tokens: int, hidden_size: int, num_neurons: int, bundle_elements: int, store_dtype,
-                    hidden_dtype, vocab_size: int, logits_rows: int) -> SegmentLayout:
+                    hidden_dtype, vocab_size: int, logits_rows: int, chunk_rows: int) -> SegmentLayout:
     return SegmentLayout.build(EXCHANGE_SEGMENT, [
         ("hidden", (2, max_tokens, hidden_size), hidden_dtype),  # (2, N, d)
         ("mask", (max_tokens, num_neurons), np.bool_),  # (N, n_ff)
-        ("layer_staging", (2, num_neurons, bundle_elements), store_dtype),  # (2, n_ff, E)
+        ("chunk_staging", (CHUNK_SLOTS, chunk_rows, bundle_elements), store_dtype),  # (2, chunk_rows, E)
         ("logits", (logits_rows, vocab_size), np.float32),  # (R, V)
     ])
 

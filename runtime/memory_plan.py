@@ -12,8 +12,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from protocol.shm import CHUNK_SLOTS
 from protocol.store_format import DTYPE_ITEMSIZE, FfnLayout, Manifest
-from workers.flash_io.bundle_reader import layer_chunks
+from workers.flash_io.bundle_reader import largest_chunk_rows
 
 MIB = 2**20
 
@@ -55,17 +56,15 @@ class MemoryPlan:
 
 def sparse_staging_bytes(layout: FfnLayout, compute_itemsize: int, runtime: str = "inproc") -> int:
     """What the sparse mode's reads stage beside the caches: a token's neuron reads at most one layer's
-    bundles; the dense-read path (prefill) one chunk as read and one converted, since it goes through a
-    layer in chunks; the worker runtime also the two whole layers of shared memory the prefetcher fills
-    for compute's masked path."""
+    bundles; the dense-read path (prefill), which goes through a layer in chunks, one chunk as read and one
+    converted; the worker runtime also the shared-memory chunk slots its prefetcher fills for compute."""
     largest_region = max(region.length_bytes for region in layout.layers)
-    first_start, first_stop = layer_chunks(max(region.num_neurons for region in layout.layers), layout.bundle_bytes)[0]
-    largest_chunk_bytes = (first_stop - first_start) * layout.bundle_bytes  # a layer's first chunk is a largest
+    largest_chunk_bytes = largest_chunk_rows(layout) * layout.bundle_bytes
     store_itemsize = DTYPE_ITEMSIZE[layout.dtype]
     converted_chunk_bytes = (0 if compute_itemsize == store_itemsize
                              else largest_chunk_bytes * compute_itemsize // store_itemsize)
-    shared_layers = 2 * largest_region if runtime == "workers" else 0
-    return largest_region + largest_chunk_bytes + converted_chunk_bytes + shared_layers
+    shared_chunks = CHUNK_SLOTS * largest_chunk_bytes if runtime == "workers" else 0
+    return largest_region + largest_chunk_bytes + converted_chunk_bytes + shared_chunks
 
 
 def plan_memory(manifest: Manifest, resident_elements: int, budget_bytes: int, compute_itemsize: int, keep_neurons: int,
@@ -117,7 +116,7 @@ def plan_for_store(store_dir: str, manifest: Manifest, budget_bytes: int, mode: 
                    runtime: str = "inproc") -> MemoryPlan:
     """The plan for running `mode` on this store under budget_bytes (raises MemoryPlanError when it cannot fit).
     cache_itemsize: bytes per element of the neuron caches' rows (default: compute_itemsize); runtime:
-    "inproc" or "workers" (which also holds the masked path's shared-memory layers)."""
+    "inproc" or "workers" (which also holds the masked path's shared-memory chunk slots)."""
     from workers.store_reader import resident_tensor_elements
 
     resident_elements = resident_tensor_elements(store_dir, manifest)

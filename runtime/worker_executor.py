@@ -32,7 +32,7 @@ from runtime.supervisor import (
 )
 from workers.compute import PipelineStats
 from workers.executor import compute_dtype, default_device
-from workers.flash_io.bundle_reader import numpy_dtype_of_store
+from workers.flash_io.bundle_reader import largest_chunk_rows, numpy_dtype_of_store
 from workers.flash_io.io_counters import process_read_bytes
 from workers.process_entry import WorkerConfig
 from workers.flash_io.neuron_cache import DEFAULT_WINDOW_TOKENS
@@ -80,7 +80,8 @@ def build_worker_config(store_dir: str, manifest: Manifest, num_slots: int, max_
         capacity_rows=capacity_rows,
         cache_layout=neuron_cache_layout(capacity_rows, layout.bundle_elements, cache_dtype),
         exchange_layout=exchange_layout(max_tokens, arch.hidden_size, num_neurons, layout.bundle_elements, store_dtype,
-                                        hidden_dtype, arch.vocab_size, logits_rows),
+                                        hidden_dtype, arch.vocab_size, logits_rows,
+                                        chunk_rows=largest_chunk_rows(layout)),
         verify=verify, window_tokens=options.get("window_tokens", DEFAULT_WINDOW_TOKENS),
         keep_fraction=options.get("keep_fraction"), missing_policy=missing_policy,
         pin_hot=options.get("pin_hot", True), num_threads=options.get("num_threads", 4))

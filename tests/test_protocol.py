@@ -14,7 +14,8 @@ from protocol.endpoints import (
     stale_instance_dirs,
 )
 from protocol.messages import (
-    MESSAGE_TYPES, PATH_CACHED, PATH_MASKED, PROTOCOL_VERSION, Dispatcher, FfnInput, ForwardChunk, ForwardRequest,
+    MESSAGE_TYPES, PATH_CACHED, PATH_MASKED, PROTOCOL_VERSION, ChunkDone, Dispatcher, FfnInput, ForwardChunk,
+    ForwardRequest,
     LayerReady, Lookahead, LogitsTaken, Prediction, PredictionStats, Shutdown, StepBegin, StepFailed, UnexpectedMessageError,
     WorkerFailed, WorkerReady,
 )
@@ -42,6 +43,9 @@ EXAMPLES = [
     PredictionStats(step=6, layer=3, predicted=810, predict_s=1e-4),
     LayerReady(step=6, layer=3, path=PATH_CACHED, version=42, num_rows=800, hits=700, read_neurons=100,
                read_bytes=690_000, io_s=0.001, critical_io_s=0.0005),
+    LayerReady(step=6, layer=3, path=PATH_MASKED, num_rows=606, staging=1, chunk=2, num_chunks=3, read_neurons=606,
+               read_bytes=4_190_208, io_s=0.004),
+    ChunkDone(step=6, staging=1),
 ]
 
 
@@ -143,13 +147,13 @@ def test_cache_layout_round_trip_between_owner_and_attacher(instance):
 
 def test_exchange_layout_arrays(instance):
     layout = exchange_layout(max_tokens=8, hidden_size=4, num_neurons=6, bundle_elements=12, store_dtype=np.float16,
-                             hidden_dtype=np.float32, vocab_size=10, logits_rows=3)
+                             hidden_dtype=np.float32, vocab_size=10, logits_rows=3, chunk_rows=5)
     segment = SharedSegment.create(instance, layout)
     try:
         arrays = segment.arrays
         assert arrays["hidden"].shape == (2, 8, 4) and arrays["hidden"].dtype == np.float32
         assert arrays["mask"].shape == (8, 6) and arrays["mask"].dtype == np.bool_
-        assert arrays["layer_staging"].shape == (2, 6, 12) and arrays["layer_staging"].dtype == np.float16
+        assert arrays["chunk_staging"].shape == (2, 5, 12) and arrays["chunk_staging"].dtype == np.float16
         assert arrays["logits"].shape == (3, 10) and arrays["logits"].dtype == np.float32
         assert os.path.getsize(segment.path) == layout.size_bytes
         with pytest.raises(SharedMemoryError, match="exists already"):

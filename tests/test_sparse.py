@@ -350,8 +350,9 @@ def test_whole_layer_reads_go_chunk_by_chunk_and_a_reader_left_midway_reads_on(c
             chunks.append((start, stop))
         assert len(chunks) >= 4 and chunks[0][0] == 0 and chunks[-1][1] == len(whole)
         assert np.array_equal(out, whole)
-        assert prefetcher.read_layer_into(1, shared := np.zeros_like(whole)).neurons == len(whole)
-        assert np.array_equal(shared, whole)
+        slot = np.zeros_like(whole)
+        work = prefetcher.read_chunk(1, 1, slot)
+        assert np.array_equal(slot[: work.neurons], whole[chunks[1][0]:chunks[1][1]]) and not slot[work.neurons:].any()
 
         first_only = prefetcher.read_layer_chunks(0, lambda first, stop: out[first:stop])
         next(first_only)  # the second chunk's reads are on the device now
@@ -391,10 +392,11 @@ def test_prefill_in_chunks_equals_prefill_over_the_whole_layer_and_holds_a_chunk
 
 def test_the_plan_stages_one_layer_and_a_chunk_in_process_and_gives_the_caches_the_rest(calibrated, monkeypatch):
     """In process, the sparse mode stages one layer (a token's neuron reads) and a dense-read chunk, not
-    whole layers; the worker runtime adds the two shared-memory layers its prefetcher fills. What is not
-    staged goes to the neuron caches."""
+    whole layers; the worker runtime adds the two shared-memory chunk slots its prefetcher fills. What is
+    not staged goes to the neuron caches."""
     from runtime.memory_plan import plan_for_store
     from workers.flash_io import bundle_reader
+    from workers.flash_io.bundle_reader import largest_chunk_rows
     from workers.store_reader import open_store
 
     store = calibrated("llama")
@@ -407,7 +409,9 @@ def test_the_plan_stages_one_layer_and_a_chunk_in_process_and_gives_the_caches_t
     plans = {runtime: plan_for_store(store, manifest, budget, "sparse", 4, 0, keep_fraction=0.25, runtime=runtime)
              for runtime in ("inproc", "workers")}
     assert region_bytes < plans["inproc"].staging_bytes <= region_bytes * 5 // 4
-    assert plans["workers"].staging_bytes == plans["inproc"].staging_bytes + 2 * region_bytes
+    chunk_bytes = largest_chunk_rows(manifest.ffn) * manifest.ffn.bundle_bytes
+    assert region_bytes // 5 < chunk_bytes <= region_bytes // 4
+    assert plans["workers"].staging_bytes == plans["inproc"].staging_bytes + 2 * chunk_bytes
     assert sum(plans["workers"].capacity_rows) < sum(plans["inproc"].capacity_rows)
     assert "read staging" in plans["inproc"].describe()
 

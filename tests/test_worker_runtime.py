@@ -31,6 +31,8 @@ from runtime.supervisor import WorkerStartError
 from runtime.worker_executor import WorkerCrashedError, WorkerRuntimeError, build_worker_config
 from workers.compute import ComputeWorker, PipelineStats
 from workers.executor import ModelExecutor, compute_dtype, default_device
+from workers.flash_io import bundle_reader
+from workers.flash_io.bundle_reader import layer_chunks
 from workers.flash_io.io_counters import process_read_bytes
 from workers.predictor import PredictorWorker
 from workers.prefetch import PrefetchWorker
@@ -157,18 +159,27 @@ def _greedy_with_logits(engine: Engine, prompts: list[str]) -> tuple[list[list[i
     return [r.tokens for r in results], seen
 
 
-@pytest.mark.parametrize("kind, options, batch", [
-    ("llama", {}, 1),
-    ("llama", TIGHT, 1),
-    ("llama", TIGHT, 3),
-    ("llama", dict(TIGHT, missing_policy="skip"), 1),
-    ("llama", dict(TIGHT, missing_policy="skip"), 2),
-    ("opt", {"capacity_rows": [200, 200], "window_tokens": 3}, 2),
-], ids=["llama-full", "llama-tight", "llama-tight-batch3", "llama-skip-ready-early", "llama-skip-batch2", "opt-relu"])
-def test_pipeline_steps_reproduce_the_inprocess_sparse_ffn(sparse_store, kind, options, batch):
-    """Same messages and buffers as the processes use; every logit bitwise equal to SparseFlashFfn's."""
+@pytest.mark.parametrize("kind, options, batch, chunks", [
+    ("llama", {}, 1, 1),
+    ("llama", TIGHT, 1, 1),
+    ("llama", TIGHT, 3, 1),
+    ("llama", TIGHT, 3, 4),
+    ("llama", dict(TIGHT, missing_policy="skip"), 1, 1),
+    ("llama", dict(TIGHT, missing_policy="skip"), 2, 1),
+    ("opt", {"capacity_rows": [200, 200], "window_tokens": 3}, 2, 1),
+    ("opt", {"capacity_rows": [200, 200], "window_tokens": 3}, 2, 3),
+], ids=["llama-full", "llama-tight", "llama-tight-batch3", "llama-tight-batch3-chunks4", "llama-skip-ready-early",
+        "llama-skip-batch2", "opt-relu", "opt-relu-chunks3"])
+def test_pipeline_steps_reproduce_the_inprocess_sparse_ffn(sparse_store, kind, options, batch, chunks, monkeypatch):
+    """Same messages and buffers as the processes use; every logit bitwise equal to SparseFlashFfn's.
+    chunks: the whole-layer reads (prefill, and decode batches that fall back) go in that many chunks
+    (one, by default, on tiny layers): the slots pass each layer through a chunk at a time."""
     store = sparse_store(kind)
     manifest = open_store(store)
+    if chunks > 1:
+        rows = -(-manifest.ffn.layers[0].num_neurons // chunks)  # the last chunk is shorter where n is not a multiple
+        monkeypatch.setattr(bundle_reader, "DENSE_CHUNK_BYTES", rows * manifest.ffn.bundle_bytes)
+    assert len(layer_chunks(manifest.ffn.layers[0].num_neurons, manifest.ffn.bundle_bytes)) == chunks
     reference = ModelExecutor(store, manifest, "sparse", batch, 128, device="cpu", ffn_options=dict(options))
     with Engine(store, mode="sparse", max_batch=batch, max_context=128, executor=reference) as engine:
         tokens, logits = _greedy_with_logits(engine, PROMPTS)

@@ -8,15 +8,16 @@ the FFN provider differs. `PipelineFfn.forward(layer, h)` does, per layer:
     wait for LayerReady(step, layer) ◀── prefetch   the only wait: a late read
     cached: y = FFN over the layer cache's first num_rows rows (CacheView: zero-copy
             on the CPU, a device mirror updated with the changed rows elsewhere)
-    masked: y = (act(h · rows) * mask) @ down over the whole layer in layer_staging, chunk by chunk
+    masked: y = (act(h · rows) * mask) @ down over the whole layer, chunk by chunk as each lands in a
+            chunk slot (LayerReady per chunk; ChunkDone gives the slot back)
 
 so while this process runs layer l's FFN and layer l+1's attention, the
 predictor has sent layer l+1's lookahead and the prefetcher is reading it.
 
-Buffer safety (why two hidden/staging buffers by layer parity suffice): compute
+Buffer safety (why two hidden buffers by layer parity suffice): compute
 writes buffer (l+1) % 2 only after LayerReady(l), which the prefetcher sends
 only after the predictor finished with FfnInput(l); so the predictor is done
-with h_{l-1} (same parity as l+1) and compute is done with layer l-1's staging.
+with h_{l-1} (same parity as l+1). Chunk slots are handed back explicitly.
 
 Compute never opens the FFN file: every bundle it multiplies came through the
 prefetcher.
@@ -31,8 +32,8 @@ import numpy as np
 import torch
 
 from protocol.messages import (
-    PATH_CACHED, ROLE_COMPUTE, ROLE_PREDICTOR, ROLE_SUPERVISOR, Dispatcher, FfnInput, ForwardChunk, ForwardRequest,
-    LayerReady, LogitsTaken, PredictionStats, Shutdown, StepBegin, StepFailed,
+    PATH_CACHED, ROLE_COMPUTE, ROLE_PREDICTOR, ROLE_PREFETCH, ROLE_SUPERVISOR, ChunkDone, Dispatcher, FfnInput,
+    ForwardChunk, ForwardRequest, LayerReady, LogitsTaken, PredictionStats, Shutdown, StepBegin, StepFailed,
 )
 from protocol.shm import SharedSegment, cache_layer_arrays
 from workers.ffn_providers import FfnStats, rows_to_tensor
@@ -109,7 +110,8 @@ class PipelineFfn:
         arrays = exchange.arrays
         self.hidden = arrays["hidden"]  # (2, max_tokens, d)
         self.mask = arrays["mask"]  # (max_tokens, n_ff)
-        self.staging = arrays["layer_staging"]  # (2, n_ff, E)
+        self.staging = arrays["chunk_staging"]  # (slots, chunk_rows, E) store dtype
+        self.bundle_bytes = self.staging.shape[2] * self.staging.itemsize
         self.stats = PipelineStats()
         self.step = -1
         self._waiting = Dispatcher({LayerReady: self._on_layer_ready, StepFailed: self._on_step_failed,
@@ -140,9 +142,8 @@ class PipelineFfn:
         torch.from_numpy(self.hidden[buffer, :num_tokens]).copy_(h)  # (N, d), to the predictor
         self.channel.send(ROLE_PREDICTOR, FfnInput(step=self.step, layer=layer, num_tokens=num_tokens, buffer=buffer))
         ready = self.wait_for(LayerReady, layer)
-        self.stats.add({"cache_hits": ready.hits, "neurons_read": ready.read_neurons, "read_bytes": ready.read_bytes,
-                        "io_s": ready.io_s, "critical_io_s": ready.critical_io_s})
-        start = time.perf_counter()
+        self._count_ready(ready)
+        start, waited_before = time.perf_counter(), self.stats.wait_s
         if ready.path == PATH_CACHED:
             cache = self.layers[layer]
             if cache.num_rows != ready.num_rows or cache.version != ready.version:
@@ -151,15 +152,30 @@ class PipelineFfn:
             rows = self.view.rows(layer)  # (n, E)
             y = ffn_from_rows(h, rows, self.cols)
         else:
-            raw = self.staging[ready.staging, : self.layer_neurons[layer]]  # (n_ff, E) store dtype
             mask = torch.from_numpy(self.mask[:num_tokens]).to(self.device)  # (N, n_ff) bool
-            # in the in-process engine's chunks (it reads the layer so), converted one chunk at a time
-            chunks = ((first, stop, rows_to_tensor(raw[first:stop], self.dtype, self.device))  # (stop - first, E)
-                      for first, stop in layer_chunks(raw.shape[0], raw.shape[1] * raw.itemsize))
-            y = masked_ffn_over_chunks(h, chunks, self.cols, mask)  # (N, d)
-        self.stats.compute_s += time.perf_counter() - start
+            y = masked_ffn_over_chunks(h, self._masked_chunks(layer, ready), self.cols, mask)  # (N, d)
+        self.stats.compute_s += time.perf_counter() - start - (self.stats.wait_s - waited_before)
         self.stats.neurons_computed += ready.num_rows if ready.path == PATH_CACHED else self.layer_neurons[layer]
         return y
+
+    def _masked_chunks(self, layer: int, ready: LayerReady):
+        """(start, stop, rows (stop - start, E)) of each chunk of the layer as the prefetcher hands it over in
+        a chunk slot (the first came with `ready`); a slot goes back (ChunkDone) once its part is computed."""
+        bounds = layer_chunks(self.layer_neurons[layer], self.bundle_bytes)
+        for chunk, (start, stop) in enumerate(bounds):
+            if chunk:
+                ready = self.wait_for(LayerReady, (layer, chunk))
+                self._count_ready(ready)
+            if (ready.chunk, ready.num_chunks, ready.num_rows) != (chunk, len(bounds), stop - start):
+                raise RuntimeError(f"layer {layer}: chunk {ready.chunk} of {ready.num_chunks} ({ready.num_rows} rows) "
+                                   f"came where chunk {chunk} of {len(bounds)} ({stop - start} rows) was due; the "
+                                   "prefetcher and compute disagree on the chunks (a flashllm bug)")
+            yield start, stop, rows_to_tensor(self.staging[ready.staging, : stop - start], self.dtype, self.device)
+            self.channel.send(ROLE_PREFETCH, ChunkDone(step=self.step, staging=ready.staging))
+
+    def _count_ready(self, ready: LayerReady) -> None:
+        self.stats.add({"cache_hits": ready.hits, "neurons_read": ready.read_neurons, "read_bytes": ready.read_bytes,
+                        "io_s": ready.io_s, "critical_io_s": ready.critical_io_s})
 
     # -- waiting on the inbox --------------------------------------------------
 
@@ -180,9 +196,11 @@ class PipelineFfn:
     def _on_layer_ready(self, msg: LayerReady):
         if msg.step != self.step:
             return None  # left over from a failed step
-        if self._awaited != (LayerReady, msg.layer):
-            raise RuntimeError(f"LayerReady for layer {msg.layer} while waiting for {self._awaited[0].__name__} "
-                               f"{self._awaited[1]}; the pipeline lost its order (a flashllm bug)")
+        key = msg.layer if msg.chunk <= 0 else (msg.layer, msg.chunk)  # a layer's first LayerReady, or a chunk's
+        if self._awaited != (LayerReady, key):
+            raise RuntimeError(f"LayerReady for layer {msg.layer} (chunk {msg.chunk}) while waiting for "
+                               f"{self._awaited[0].__name__} {self._awaited[1]}; the pipeline lost its order "
+                               "(a flashllm bug)")
         return msg
 
     def _on_prediction_stats(self, msg: PredictionStats):

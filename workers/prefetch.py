@@ -19,6 +19,7 @@ LayerReady out), `run_prefetch()` its process entry.
 """
 from __future__ import annotations
 
+import collections
 import functools
 import os
 import time
@@ -28,7 +29,8 @@ from typing import Callable, Iterator
 import numpy as np
 
 from protocol.messages import (
-    PATH_CACHED, ROLE_COMPUTE, ROLE_PREFETCH, Dispatcher, LayerReady, Lookahead, Prediction, StepBegin, StepFailed,
+    PATH_CACHED, PATH_MASKED, ROLE_COMPUTE, ROLE_PREFETCH, ChunkDone, Dispatcher, LayerReady, Lookahead, Prediction,
+    StepBegin, StepFailed,
 )
 from protocol.shm import SharedSegment, cache_layer_arrays
 from protocol.store_format import Manifest, StoreError, read_manifest
@@ -267,14 +269,17 @@ class Prefetcher:
                 next_start, next_stop = chunks[index + 1]
                 pending(self._scratch_rows(next_stop - next_start))
 
-    def read_layer_into(self, layer: int, out: np.ndarray) -> FlashWork:
-        """The whole layer (store dtype) into out[:num_neurons] (e.g. a shared-memory staging buffer), read
-        in chunks straight into it."""
-        start = time.perf_counter()
+    def read_chunk(self, layer: int, chunk: int, out: np.ndarray) -> FlashWork:
+        """Chunk `chunk` of the layer (layer_chunks()) into out[:its neurons], store dtype (e.g. a slot of
+        shared memory), straight from the reader's staging."""
+        self.drop_in_flight()
+        layout = self.reader.layout
+        start, stop = layer_chunks(layout.layers[layer].num_neurons, layout.bundle_bytes)[chunk]
+        started = time.perf_counter()
         before_bytes = self.reader.stats.read_bytes
-        chunks = list(self.read_layer_chunks(layer, lambda first, stop: out[first:stop]))
-        return FlashWork(neurons=chunks[-1][1], read_bytes=self.reader.stats.read_bytes - before_bytes,
-                         io_s=time.perf_counter() - start)
+        self.reader.read_neurons(layer, np.arange(start, stop), out[: stop - start])
+        return FlashWork(neurons=stop - start, read_bytes=self.reader.stats.read_bytes - before_bytes,
+                         io_s=time.perf_counter() - started)
 
     def close(self) -> None:
         try:
@@ -348,38 +353,62 @@ class _LayerWork:
         self.io_s += update.io_s
 
 
+@dataclass
+class _ChunkRead:
+    """A chunk of a whole layer read into a chunk-staging slot for compute's masked path."""
+
+    layer: int
+    chunk: int
+    slot: int
+    work: FlashWork
+    critical: bool  # read after its layer's Prediction came: compute may have waited for it
+
+
 class PrefetchWorker:
     """The prefetch process's core: the only reader of FFN bytes and the only writer of the neuron caches.
 
-    StepBegin         masked step (T > 1): start reading layer 0 whole
+    StepBegin         masked step (T > 1): start reading the chunk stream into the free slots
     Lookahead(l)      commit: prepare(l, ids, new_token=True) now (compute is outside layer l);
                       else stage layer l's predicted bundles (read ahead; the cache is untouched)
                       (committed under the "skip" policy: LayerReady right away; no Prediction(l) follows)
     Prediction(l)     cached: prepare(l, first, new_token=True) unless committed, then (policy "read") prepare(l, same,
-                      new_token=False) — SparseFlashFfn's order —, publish num_rows/version/slot ids;
-                      masked: make sure layer l is whole in layer_staging[l % 2] and, in a masked step,
-                      read layer l+1 into the other buffer while compute runs layer l
-    → LayerReady(l) to compute, with this layer's counters
+                      new_token=False) — SparseFlashFfn's order —, publish num_rows/version/slot ids
+                      → LayerReady(l) to compute, with this layer's counters;
+                      masked: hand over layer l's chunks as they are read (a decode step's fallback starts
+                      reading them now) → one LayerReady(l, chunk) per chunk, in order
+    ChunkDone(slot)   compute is done with a chunk slot: read the next chunk into it
+
+    The masked path streams whole layers through the chunk slots (layer_chunks()), never holding a layer: in
+    a masked step (T > 1) every layer's chunks, in order from StepBegin on, each read into whichever slot
+    compute gave back, so the next chunks (of this layer or the next) are read while compute multiplies one.
     """
 
     def __init__(self, prefetcher: Prefetcher, slot_ids: list[np.ndarray], headers: list[np.ndarray],
-                 layer_staging: np.ndarray, channel, missing_policy: str = "read"):
+                 chunk_staging: np.ndarray, channel, missing_policy: str = "read"):
         self.prefetcher = prefetcher
         self.slot_ids, self.headers = slot_ids, headers  # shared memory, per layer
-        self.layer_staging = layer_staging  # (2, n_ff, E) store dtype
+        self.chunk_staging = chunk_staging  # (slots, chunk_rows, E) store dtype
         self.channel = channel
         self.missing_policy = missing_policy
         self.num_layers = len(prefetcher.caches)
+        layout = prefetcher.reader.layout
+        self.num_chunks = [len(layer_chunks(region.num_neurons, layout.bundle_bytes)) for region in layout.layers]
         self.step = -1
         self.masked_step = False
-        self._staging_holds = [-1, -1]  # layer held by each layer_staging buffer this step
         self._work: dict[int, _LayerWork] = {}
         self._ready_early: set[int] = set()  # layers handed over at their Lookahead (skip policy)
+        # the masked path's chunk stream: chunks to read (in compute's order), free slots, chunks read but not
+        # yet handed over (their layer's Prediction has not come), and the layers whose Prediction(masked) came
+        self._to_read: collections.deque[tuple[int, int]] = collections.deque()
+        self._free_slots: list[int] = list(range(chunk_staging.shape[0]))
+        self._read: collections.deque[_ChunkRead] = collections.deque()
+        self._masked_layers: set[int] = set()
         for layer in range(self.num_layers):
             self.publish(layer)
         self.dispatcher = Dispatcher({
             StepBegin: self._guard(self.on_step_begin), Lookahead: self._guard(self.on_lookahead),
-            Prediction: self._guard(self.on_prediction)}, owner="the prefetch worker")
+            Prediction: self._guard(self.on_prediction), ChunkDone: self._guard(self.on_chunk_done)},
+            owner="the prefetch worker")
 
     @staticmethod
     def from_config(config: WorkerConfig, channel) -> "PrefetchWorker":
@@ -392,7 +421,7 @@ class PrefetchWorker:
                                 cache_rows=[rows for rows, _, _ in layers], cache_dtype=np.dtype(config.cache_dtype),
                                 num_threads=config.num_threads)
         worker = PrefetchWorker(prefetcher, [ids for _, ids, _ in layers], [header for _, _, header in layers],
-                                exchange.arrays["layer_staging"], channel, config.missing_policy)
+                                exchange.arrays["chunk_staging"], channel, config.missing_policy)
         worker._segments = (cache, exchange)
         return worker
 
@@ -422,12 +451,18 @@ class PrefetchWorker:
     def on_step_begin(self, msg: StepBegin) -> None:
         self.step = msg.step
         self.masked_step = msg.steps > 1
-        self._staging_holds = [-1, -1]
         self._work = {}
         self._ready_early = set()
         self.prefetcher.discard_staged()
-        if self.masked_step:
-            self._read_whole_layer(0)
+        # compute sent this step after it left the last one: every chunk slot is free
+        self._to_read.clear()
+        self._read.clear()
+        self._free_slots = list(range(self.chunk_staging.shape[0]))
+        self._masked_layers = set()
+        if self.masked_step:  # every layer takes the masked path: stream them all, reading ahead into free slots
+            self._to_read.extend((layer, chunk) for layer in range(self.num_layers)
+                                 for chunk in range(self.num_chunks[layer]))
+            self._read_into_free_slots()
 
     def on_lookahead(self, msg: Lookahead) -> None:
         if msg.step != self.step:
@@ -435,7 +470,7 @@ class PrefetchWorker:
         if msg.commit:  # the layer surely takes the cached path: its first prepare can happen now
             self._layer_work(msg.layer).add_update(self.prefetcher.prepare(msg.layer, msg.ids, new_token=True))
             if self.missing_policy == "skip":  # and nothing else will change it this step
-                self._send_ready(msg.step, msg.layer, PATH_CACHED, critical_io_s=0.0)
+                self._send_ready(msg.step, msg.layer, critical_io_s=0.0)
                 self._ready_early.add(msg.layer)
         else:  # it may still fall back to the whole layer: read ahead, commit on Prediction
             self._layer_work(msg.layer).add_flash(self.prefetcher.stage(msg.layer, msg.ids))
@@ -451,38 +486,55 @@ class PrefetchWorker:
                 work.add_update(self.prefetcher.prepare(layer, msg.first, new_token=True))
             if len(msg.same) and self.missing_policy == "read":
                 work.add_update(self.prefetcher.prepare(layer, msg.same, new_token=False))
-            self._send_ready(msg.step, layer, PATH_CACHED, critical_io_s=time.perf_counter() - received)
+            self._send_ready(msg.step, layer, critical_io_s=time.perf_counter() - received)
             return
-        buffer = layer % 2
-        if self._staging_holds[buffer] != layer:
-            self._read_whole_layer(layer)
-        work.read_neurons += self.prefetcher.caches[layer].num_neurons
-        self._send_ready(msg.step, layer, msg.path, staging=buffer, critical_io_s=time.perf_counter() - received)
-        if self.masked_step and layer + 1 < self.num_layers:
-            # compute has left layer l-1 (it sent layer l's input): its buffer takes layer l+1
-            self._read_whole_layer(layer + 1)
+        self._masked_layers.add(layer)
+        if not self.masked_step:  # a decode step's layer fell back to the masked path: stream it alone
+            self._to_read.extend((layer, chunk) for chunk in range(self.num_chunks[layer]))
+            self._read_into_free_slots()
+        self._hand_over()
 
-    def _read_whole_layer(self, layer: int) -> None:
-        buffer = layer % 2
-        self._layer_work(layer).add_flash(self.prefetcher.read_layer_into(layer, self.layer_staging[buffer]))
-        self._staging_holds[buffer] = layer
+    def on_chunk_done(self, msg: ChunkDone) -> None:
+        if msg.step != self.step:
+            return  # a failed step's: StepBegin freed every slot
+        self._free_slots.append(msg.staging)
+        self._read_into_free_slots()
+        self._hand_over()
 
-    def _send_ready(self, step: int, layer: int, path: str, staging: int = -1, critical_io_s: float = 0.0) -> None:
-        """Hand the layer to compute (cached path: publish its bookkeeping first), with its counters."""
+    def _read_into_free_slots(self) -> None:
+        while self._free_slots and self._to_read:
+            layer, chunk = self._to_read.popleft()
+            slot = self._free_slots.pop(0)
+            work = self.prefetcher.read_chunk(layer, chunk, self.chunk_staging[slot])
+            # compute may be waiting for it when its layer was already asked for
+            self._read.append(_ChunkRead(layer, chunk, slot, work, critical=layer in self._masked_layers))
+
+    def _hand_over(self) -> None:
+        """LayerReady, in order, for every chunk read whose layer's Prediction(masked) came."""
+        while self._read and self._read[0].layer in self._masked_layers:
+            read = self._read.popleft()
+            work = (self._work.pop(read.layer, None) if read.chunk == 0 else None) or _LayerWork()
+            work.add_flash(read.work)
+            work.read_neurons += read.work.neurons
+            self.channel.send(ROLE_COMPUTE, LayerReady(
+                step=self.step, layer=read.layer, path=PATH_MASKED, num_rows=read.work.neurons, staging=read.slot,
+                chunk=read.chunk, num_chunks=self.num_chunks[read.layer], hits=work.hits,
+                read_neurons=work.read_neurons, read_bytes=work.read_bytes, io_s=work.io_s,
+                critical_io_s=read.work.io_s if read.critical else 0.0))
+
+    def _send_ready(self, step: int, layer: int, critical_io_s: float = 0.0) -> None:
+        """Hand the layer's cache to compute, its bookkeeping published first, with the layer's counters."""
         work = self._work.pop(layer, None) or _LayerWork()
-        version = num_rows = 0
-        if path == PATH_CACHED:
-            self.publish(layer)
-            cache = self.prefetcher.caches[layer]
-            version, num_rows = cache.version, cache.num_rows
+        self.publish(layer)
+        cache = self.prefetcher.caches[layer]
         self.channel.send(ROLE_COMPUTE, LayerReady(
-            step=step, layer=layer, path=path, version=version, num_rows=num_rows, staging=staging,
+            step=step, layer=layer, path=PATH_CACHED, version=cache.version, num_rows=cache.num_rows,
             hits=work.hits, read_neurons=work.read_neurons, read_bytes=work.read_bytes, io_s=work.io_s,
             critical_io_s=critical_io_s))
 
     def close(self) -> None:
         self.prefetcher.close()
-        self.slot_ids, self.headers, self.layer_staging = [], [], None
+        self.slot_ids, self.headers, self.chunk_staging = [], [], None
         for segment in getattr(self, "_segments", ()):
             segment.close()
 

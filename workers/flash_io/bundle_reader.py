@@ -71,6 +71,12 @@ def layer_chunks(num_neurons: int, bundle_bytes: int, chunk_bytes: int | None = 
     return [(start, min(start + rows, num_neurons)) for start in range(0, num_neurons, rows)]
 
 
+def largest_chunk_rows(layout: FfnLayout) -> int:
+    """Neurons in the largest chunk of any layer (a layer's first chunk is a largest one)."""
+    start, stop = layer_chunks(max(region.num_neurons for region in layout.layers), layout.bundle_bytes)[0]
+    return stop - start
+
+
 _NUMPY_DTYPE_OF_STORE = {"float16": np.float16, "float32": np.float32, "bfloat16": np.uint16}
 
 
