@@ -255,11 +255,12 @@ class Prefetcher:
         pending = None
         try:
             for index, (start, stop) in enumerate(chunks):
+                out = out_rows(start, stop)
                 waited_since = time.perf_counter()
                 if pending is None:
                     pending = self.reader.start_neuron_read(layer, np.arange(start, stop))
                 finish, pending = pending, None
-                finish(out_rows(start, stop))
+                finish(out)  # releases the reader even when it raises
                 waited_s = time.perf_counter() - waited_since
                 if index + 1 < len(chunks):
                     pending = self.reader.start_neuron_read(layer, np.arange(*chunks[index + 1]))

@@ -198,14 +198,18 @@ class SparseFlashFfn:
         before = reader_stats.read_bytes
         read_started = time.perf_counter()
         waited_s = 0.0
+        reads = self.prefetcher.read_layer_chunks(layer, self._chunk_buffer)
 
         def chunk_rows():  # (start, stop, rows (stop - start, E)) in the compute dtype, each as its reads land
             nonlocal waited_s
-            for first, stop, waited in self.prefetcher.read_layer_chunks(layer, self._chunk_buffer):
+            for first, stop, waited in reads:
                 waited_s += waited
                 yield first, stop, rows_to_tensor(self._chunk[: stop - first], self.dtype, self.device)
 
-        y = masked_ffn_over_chunks(h, chunk_rows(), self.cols, mask)  # (N, d)
+        try:
+            y = masked_ffn_over_chunks(h, chunk_rows(), self.cols, mask)  # (N, d)
+        finally:
+            reads.close()  # after an error midway: waits for the next chunk's reads, so the reader is free
         done = time.perf_counter()
         self.stats.io_s += done - read_started
         self.stats.io_blocked_s += waited_s
