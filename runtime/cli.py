@@ -77,9 +77,9 @@ def _engine_from_args(args, max_batch: int = 1):
 
 
 def resolve_runtime(runtime: str, mode: str, device: str | None = None) -> str:
-    """--runtime auto: the pipelined workers for sparse on the CPU (in turns on the demo store: 148 vs 154 ms/token
-    in-process, 172 vs 185 in another run; alone, 170 vs 158), where computing a layer takes as long as reading
-    the next and the predictor gets a core of its own;
+    """--runtime auto: the pipelined workers for sparse on the CPU (on the demo store keeping 30%: 140 vs 142
+    ms/token in-process in turns, 143 vs 143 alone), where computing a layer takes as long as reading the next
+    and the predictor gets a core of its own;
     in-process on a GPU, where compute is short and the messages cost more than the overlap saves (on an H100,
     demo-shaped store: 121 vs 93 ms/token); in-process for dense and naive, which have nothing to pipeline."""
     if runtime != "auto":
