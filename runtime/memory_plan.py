@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 from protocol.shm import CHUNK_SLOTS
 from protocol.store_format import DTYPE_ITEMSIZE, FfnLayout, Manifest
-from workers.flash_io.bundle_reader import largest_chunk_rows
+from workers.flash_io.bundle_reader import largest_chunk_rows, neuron_read_staging_bytes
 
 MIB = 2**20
 
@@ -55,16 +55,15 @@ class MemoryPlan:
 
 
 def sparse_staging_bytes(layout: FfnLayout, compute_itemsize: int, runtime: str = "inproc") -> int:
-    """What the sparse mode's reads stage beside the caches: a token's neuron reads at most one layer's
-    bundles; the dense-read path (prefill), which goes through a layer in chunks, one chunk as read and one
+    """What the sparse mode's reads stage beside the caches: a read of neurons a round of requests (at most a
+    layer); the dense-read path (prefill), which goes through a layer in chunks, one chunk as read and one
     converted; the worker runtime also the shared-memory chunk slots its prefetcher fills for compute."""
-    largest_region = max(region.length_bytes for region in layout.layers)
     largest_chunk_bytes = largest_chunk_rows(layout) * layout.bundle_bytes
     store_itemsize = DTYPE_ITEMSIZE[layout.dtype]
     converted_chunk_bytes = (0 if compute_itemsize == store_itemsize
                              else largest_chunk_bytes * compute_itemsize // store_itemsize)
     shared_chunks = CHUNK_SLOTS * largest_chunk_bytes if runtime == "workers" else 0
-    return largest_region + largest_chunk_bytes + converted_chunk_bytes + shared_chunks
+    return neuron_read_staging_bytes(layout) + largest_chunk_bytes + converted_chunk_bytes + shared_chunks
 
 
 def plan_memory(manifest: Manifest, resident_elements: int, budget_bytes: int, compute_itemsize: int, keep_neurons: int,

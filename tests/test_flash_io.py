@@ -124,14 +124,19 @@ def test_read_layer_returns_every_bundle_as_written(tmp_path, dtype_name, hidden
 
 
 @pytest.mark.parametrize("io_backend", IO_BACKENDS)
-@pytest.mark.parametrize("dtype_name,hidden_size", [("float16", 100), ("float32", 100), ("float32", 1000)])
-def test_read_neurons_writes_the_asked_rows_in_the_asked_order(tmp_path, dtype_name, hidden_size, io_backend):
+@pytest.mark.parametrize("dtype_name,hidden_size,max_staging_bytes", [
+    ("float16", 100, None), ("float32", 100, None), ("float32", 1000, None), ("float32", 1000, 40 * 1024)])
+def test_read_neurons_writes_the_asked_rows_in_the_asked_order(tmp_path, dtype_name, hidden_size, io_backend,
+                                                               max_staging_bytes):
+    """max_staging_bytes: a read of many neurons goes in rounds that reuse a staging buffer of about that size
+    (40 KiB: a few requests each), which is all the reader ever holds for it."""
     layout, layers = write_ffn_store(direct_dir(tmp_path), dtype_name, hidden_size, [300, 257])
     rng = np.random.default_rng(1)
     dtype = numpy_dtype_of_store(dtype_name)
+    staging = {} if max_staging_bytes is None else {"max_staging_bytes": max_staging_bytes}
     # queue_depth 4: rounds of up to ~100 requests reuse the AIO slots many times
     with BundleReader(str(tmp_path), layout, num_threads=3, max_gap_bytes=8192, max_request_bytes=32 * 1024,
-                      io_backend=io_backend, queue_depth=4) as reader:
+                      io_backend=io_backend, queue_depth=4, **staging) as reader:
         for layer, expected in enumerate(layers):
             n = len(expected)
             id_sets = [
@@ -146,6 +151,8 @@ def test_read_neurons_writes_the_asked_rows_in_the_asked_order(tmp_path, dtype_n
                 reader.read_neurons(layer, ids, out)
                 assert same_bytes(out[: len(ids)], expected[ids])
                 assert not out[len(ids) :].any()
+        if max_staging_bytes is not None:
+            assert reader._staging.nbytes <= max_staging_bytes + 32 * 1024 < layout.layers[0].length_bytes // 4
 
 
 def test_read_neurons_fills_free_rows_of_a_bigger_matrix(tmp_path):
@@ -158,12 +165,17 @@ def test_read_neurons_fills_free_rows_of_a_bigger_matrix(tmp_path):
 
 
 @pytest.mark.parametrize("io_backend", IO_BACKENDS)
-def test_a_started_neuron_read_lands_when_finished_and_holds_the_reader_until_then(tmp_path, io_backend):
+@pytest.mark.parametrize("max_staging_bytes", [None, 4096])
+def test_a_started_neuron_read_lands_when_finished_and_holds_the_reader_until_then(tmp_path, io_backend,
+                                                                                 max_staging_bytes):
     """start_neuron_read puts the reads to the device; the caller works; finish(out) writes the rows. Meanwhile
-    no other read may use the queue and staging, a finish runs once, and a bad out still leaves the reader usable."""
+    no other read may use the queue and staging, a finish runs once, and a bad out still leaves the reader usable
+    (also when the read goes in rounds of one request, max_staging_bytes=4096)."""
     layout, layers = write_ffn_store(direct_dir(tmp_path), "float32", 100, [300, 257])
     ids = np.array([3, 4, 5, 90, 200, 201, 299])
-    with BundleReader(str(tmp_path), layout, max_gap_bytes=0, io_backend=io_backend, queue_depth=4) as reader:
+    staging = {} if max_staging_bytes is None else {"max_staging_bytes": max_staging_bytes}
+    with BundleReader(str(tmp_path), layout, max_gap_bytes=0, io_backend=io_backend, queue_depth=4,
+                      **staging) as reader:
         finish = reader.start_neuron_read(0, ids)
         with pytest.raises(RuntimeError, match="still pending"):
             reader.read_neurons(1, np.array([1]), np.zeros((1, layout.bundle_elements), np.float32))
@@ -174,8 +186,8 @@ def test_a_started_neuron_read_lands_when_finished_and_holds_the_reader_until_th
         assert same_bytes(out, layers[0][ids])
         with pytest.raises(RuntimeError, match="already finished"):
             finish(out)
-        finish = reader.start_neuron_read(1, np.array([7, 8]))
-        with pytest.raises(ValueError, match="out has 1 rows but 2 neuron ids"):
+        finish = reader.start_neuron_read(1, np.array([7, 8, 100, 200]))
+        with pytest.raises(ValueError, match="out has 1 rows but 4 neuron ids"):
             finish(np.zeros((1, layout.bundle_elements), np.float32))
         assert same_bytes(reader.read_layer(1), layers[1])  # the failed finish released the reader
 

@@ -40,7 +40,7 @@ from typing import Callable, NamedTuple
 
 import numpy as np
 
-from protocol.store_format import FfnLayout, StoreError, align_down, align_up
+from protocol.store_format import ALIGNMENT_BYTES, FfnLayout, StoreError, align_down, align_up
 from workers.flash_io.direct_io import DirectFile, aligned_buffer
 from workers.flash_io.linux_aio import DEFAULT_QUEUE_DEPTH, AioQueue, AioUnavailable
 
@@ -57,6 +57,11 @@ DEFAULT_MAX_GAP_BYTES = 8 * 1024
 # Past ~1 MiB a larger request gains nothing and hurts parallelism.
 DEFAULT_MAX_REQUEST_BYTES = 1024 * 1024
 
+# A read of many neurons goes to the device in rounds whose requests take at most
+# about this much staging (a round waits for the one before, whose buffer it
+# reuses), so a read never stages a whole layer (~270 MB for a 7B float16 model).
+DEFAULT_MAX_STAGING_BYTES = 8 * 1024 * 1024
+
 # The dense-read path (prefill, and decode batches whose union does not fit the
 # cache) goes through a layer in chunks of about this many bytes of bundles, so
 # it holds a few MiB of staging instead of whole layers (~270 MB each for a 7B
@@ -69,6 +74,20 @@ def layer_chunks(num_neurons: int, bundle_bytes: int, chunk_bytes: int | None = 
     bundles, at least one."""
     rows = max(1, (chunk_bytes or DENSE_CHUNK_BYTES) // bundle_bytes)
     return [(start, min(start + rows, num_neurons)) for start in range(0, num_neurons, rows)]
+
+
+def largest_span_bytes(layout: FfnLayout, alignment_bytes: int = ALIGNMENT_BYTES) -> int:
+    """Aligned bytes of the largest layer region: what reading a whole layer takes."""
+    return max(align_up(r.offset_bytes + r.length_bytes, alignment_bytes) - align_down(r.offset_bytes, alignment_bytes)
+               for r in layout.layers)
+
+
+def neuron_read_staging_bytes(layout: FfnLayout, alignment_bytes: int = ALIGNMENT_BYTES,
+                              max_staging_bytes: int = DEFAULT_MAX_STAGING_BYTES,
+                              max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES) -> int:
+    """The most staging a read of neurons takes: a round's requests (the last may pass the round's bound by a
+    request), and never more than the largest layer."""
+    return min(largest_span_bytes(layout, alignment_bytes), max_staging_bytes + max_request_bytes)
 
 
 def largest_chunk_rows(layout: FfnLayout) -> int:
@@ -216,6 +235,7 @@ class BundleReader:
         max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES,
         io_backend: str = "auto",
         queue_depth: int = DEFAULT_QUEUE_DEPTH,
+        max_staging_bytes: int = DEFAULT_MAX_STAGING_BYTES,
     ):
         if num_threads < 1:
             raise ValueError(f"num_threads must be >= 1, got {num_threads}")
@@ -255,6 +275,7 @@ class BundleReader:
         self.max_gap_bytes = max_gap_bytes
         # Requests must stay aligned, so round the cap down to whole blocks.
         self.max_request_bytes = max(self.alignment_bytes, align_down(max_request_bytes, self.alignment_bytes))
+        self.max_staging_bytes = max_staging_bytes
         self._pool = ThreadPoolExecutor(max_workers=num_threads, thread_name_prefix="flash-read")
         self._aio = self._open_aio(io_backend, queue_depth)
         self._staging = np.empty(0, dtype=np.uint8)  # grown on demand, aligned
@@ -293,20 +314,25 @@ class BundleReader:
         return self.num_threads if self._aio is None else self._aio.depth
 
     def _run_requests(self, offsets: list[int], lengths: list[int], staging_starts: list[int],
-                      min_bytes: list[int], staging: np.ndarray, after_read: Callable[[int], None]) -> None:
+                      min_bytes: list[int], staging: np.ndarray, after_read: Callable[[int], None],
+                      rounds: list[int] | None = None) -> None:
         """Read request i (offsets[i], lengths[i]) into staging[staging_starts[i]:], then after_read(i), for every i.
 
         A request that comes back short of min_bytes[i] is read again
         synchronously, which resumes it or raises the truncated-file error.
+        rounds: first request index of each round (default: one round); a round
+        starts once the one before finished, as its staging may overlap.
         """
-        for _ in self._requests(offsets, lengths, staging_starts, min_bytes, staging, after_read):
+        for _ in self._requests(offsets, lengths, staging_starts, min_bytes, staging, after_read, rounds):
             pass
 
     def _requests(self, offsets: list[int], lengths: list[int], staging_starts: list[int],
-                  min_bytes: list[int], staging: np.ndarray, after_read: Callable[[int], None]):
-        """_run_requests as a generator that yields once the reads are on their way (AIO: the first ones
-        submitted; the thread pool starts only when resumed), and finishes them when exhausted."""
+                  min_bytes: list[int], staging: np.ndarray, after_read: Callable[[int], None],
+                  rounds: list[int] | None = None):
+        """_run_requests as a generator that yields once the reads are on their way (AIO: the first round's
+        first ones submitted; the thread pool starts only when resumed), and finishes them when exhausted."""
         staging_bytes = memoryview(staging)
+        bounds = list(zip(rounds or [0], (rounds or [0])[1:] + [len(offsets)]))  # [begin, end) per round
 
         def read_sync(index: int) -> None:
             start = staging_starts[index]
@@ -319,16 +345,31 @@ class BundleReader:
                 after_read(index)
 
             yield
-            _run_parallel(self._pool, self.num_threads, len(offsets), read_request)
+            for begin, end in bounds:
+                _run_parallel(self._pool, self.num_threads, end - begin, lambda i, w: read_request(begin + i, w))
             return
 
-        def on_complete(index: int, got_bytes: int) -> None:
-            if got_bytes < min_bytes[index]:
-                read_sync(index)
-            after_read(index)
-
         addresses = staging.ctypes.data + np.asarray(staging_starts[: len(offsets)], dtype=np.uint64)  # (requests,)
-        yield from self._aio.reads(self._file.fileno(), offsets, lengths, addresses, on_complete)
+        for round_index, (begin, end) in enumerate(bounds):
+            def on_complete(index: int, got_bytes: int, begin: int = begin) -> None:
+                if got_bytes < min_bytes[begin + index]:
+                    read_sync(begin + index)
+                after_read(begin + index)
+
+            reads = self._aio.reads(self._file.fileno(), offsets[begin:end], lengths[begin:end],
+                                    addresses[begin:end], on_complete)
+            if round_index:
+                for _ in reads:
+                    pass
+                continue
+            next(reads)  # the first round is on its way
+            try:
+                yield
+            except GeneratorExit:
+                reads.close()  # waits for the reads in flight: nothing may land in the buffers later
+                raise
+            for _ in reads:
+                pass
 
     @property
     def direct(self) -> bool:
@@ -387,9 +428,7 @@ class BundleReader:
         )  # (num_neurons, bundle_elements)
 
     def _largest_span_bytes(self) -> int:
-        """Aligned bytes of the largest layer region: what reading a whole layer takes."""
-        return max(align_up(r.offset_bytes + r.length_bytes, self.alignment_bytes)
-                   - align_down(r.offset_bytes, self.alignment_bytes) for r in self.layout.layers)
+        return largest_span_bytes(self.layout, self.alignment_bytes)
 
     def _check_neuron_ids(self, layer: int, neuron_ids: np.ndarray, num_neurons: int) -> np.ndarray:
         ids = np.asarray(neuron_ids)
@@ -447,13 +486,21 @@ class BundleReader:
         offsets, lengths, first_index, end_index = _plan_read_arrays(
             sorted_ids, region.offset_bytes, bundle_bytes, self.alignment_bytes, self.max_gap_bytes, self.max_request_bytes
         )
-        staging_offsets = np.concatenate(([0], np.cumsum(lengths)))  # (requests+1,) staging is packed requests
-        total_bytes = int(staging_offsets[-1])
-        if self._staging.nbytes < total_bytes:
+        packed = np.concatenate(([0], np.cumsum(lengths)))  # (requests+1,) requests back to back
+        # rounds of at most max_staging_bytes (plus the last request), each reusing the staging from its start
+        round_of = packed[:-1] // self.max_staging_bytes  # (requests,) non-decreasing
+        round_starts = np.flatnonzero(np.diff(round_of, prepend=-1))  # (rounds,) first request of each
+        staging_offsets = packed[:-1] - packed[round_starts][np.repeat(np.arange(len(round_starts)),
+                                                                      np.diff(round_starts, append=len(lengths)))]
+        total_bytes = int(packed[-1])
+        staging_needed = int((staging_offsets + lengths).max())  # the largest round's
+        if self._staging.nbytes < staging_needed:
             self._staging = np.empty(0, dtype=np.uint8)
-            # a quarter more (fewer regrowths), but never past a whole layer: no read of neurons asks for more
-            rounded = min(align_up(total_bytes + total_bytes // 4, self.alignment_bytes), self._largest_span_bytes())
-            self._staging = aligned_buffer(max(total_bytes, rounded))
+            # a quarter more (fewer regrowths), but never past what any read of neurons can ask for
+            rounded = min(align_up(staging_needed + staging_needed // 4, self.alignment_bytes),
+                          neuron_read_staging_bytes(self.layout, self.alignment_bytes, self.max_staging_bytes,
+                                                    self.max_request_bytes))
+            self._staging = aligned_buffer(max(staging_needed, rounded))
         staging = self._staging
         # Everything per request is worked out here, vectorized, as plain Python lists: a request takes
         # tens of microseconds of device time, and per-request numpy scalars and array construction in
@@ -464,7 +511,7 @@ class BundleReader:
         min_bytes = (np.minimum(useful_ends, self._file.size_bytes) - offsets).tolist()
         # Rows first_id..last_id sit back to back in a request's staging bytes; region offsets and bundle
         # sizes are whole elements, so each request's first row starts on an element boundary.
-        first_rows = ((staging_offsets[:-1] + region.offset_bytes + first_ids * bundle_bytes - offsets)
+        first_rows = ((staging_offsets + region.offset_bytes + first_ids * bundle_bytes - offsets)
                       // self.dtype.itemsize).tolist()
         spans = last_ids - first_ids + 1  # (requests,) rows each request covers
         span_rows = spans.tolist()
@@ -493,7 +540,7 @@ class BundleReader:
 
         started_s = time.perf_counter()
         requests = self._requests(request_offsets, request_lengths, staging_starts, min_bytes, staging,
-                                  after_read=copy_rows)
+                                  after_read=copy_rows, rounds=round_starts.tolist())
         next(requests)  # raises before any read was submitted, or yields once they are on their way
         self._pending_read = requests
         self.stats.read_time_s += time.perf_counter() - started_s
