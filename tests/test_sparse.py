@@ -17,6 +17,7 @@ from tests.conftest import calibrated_copies
 from runtime.engine import Engine
 from runtime.memory_plan import MemoryPlanError
 from runtime.sampling import SamplingParams
+from workers.executor import default_device
 from workers.flash_io.bundle_reader import BundleReader
 from workers.models.ffn import neuron_activations
 from workers.store_reader import verify_store
@@ -225,9 +226,11 @@ def test_sparse_reads_only_the_increment_and_less_than_naive(calibrated):
 def test_keep_fraction_on_the_command_line_sets_the_bytes_read(calibrated):
     """`flashllm generate --mode sparse --keep-fraction K`: fewer neurons per token, fewer bytes from flash."""
     reads = {}
+    if default_device() != "cpu":  # the first process counts CUDA's lazily loaded kernel files (26 MB, H200)
+        _generate_json(calibrated("opt"))
     for keep in ("0.1", "0.5"):
         output = _generate_json(calibrated("opt"), "--keep-fraction", keep)
-        assert output["runtime"] == "workers"  # --runtime auto pipelines sparse
+        assert output["runtime"] == ("workers" if default_device() == "cpu" else "inproc")  # --runtime auto
         reads[keep] = output["flash_read_bytes"]
     assert 0 < reads["0.1"] < reads["0.5"], reads  # both include the prompt's whole-layer reads
 
@@ -386,8 +389,10 @@ def test_prefill_in_chunks_equals_prefill_over_the_whole_layer_and_holds_a_chunk
             ffn = engine.executor.ffn
             assert ffn.prefetcher.reader._layer_buffer.nbytes == 0  # no whole-layer buffer was ever allocated
     assert ffn._chunk.nbytes <= chunk_bytes
+    # a GPU sums the parts in float16, so four partial sums round differently from one (seen: 4e-3 apart)
+    tolerance = 1e-5 if default_device() == "cpu" else 2e-2
     for rid, logits in first_logits[None].items():
-        torch.testing.assert_close(first_logits[chunk_bytes][rid], logits, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(first_logits[chunk_bytes][rid], logits, rtol=tolerance, atol=tolerance)
 
 
 def test_the_plan_stages_one_layer_and_a_chunk_in_process_and_gives_the_caches_the_rest(calibrated, monkeypatch):

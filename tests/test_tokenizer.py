@@ -106,7 +106,8 @@ def test_chat_special_tokens_are_single_ids(demo_tokenizer):
 def test_store_info_names_the_models_special_tokens_and_template(demo_converted, demo_tokenizer, hf_tokenizer):
     _, info = demo_converted
     assert info["bos_token"] == hf_tokenizer.bos_token == "<|im_start|>"
-    assert info["eos_token"] == hf_tokenizer.eos_token == "<|im_end|>"
+    # the GGUF's tokenizer.ggml.eos_token_id is 2, <|im_end|>; transformers 5.17 named <|im_start|> (5.24 agrees)
+    assert info["eos_token"] == demo_tokenizer.decode([2], skip_special_tokens=False) == "<|im_end|>"
     assert info["add_bos_token"] is False
     assert info["chat_template"] == hf_tokenizer.chat_template
     assert demo_tokenizer.vocab_size == len(hf_tokenizer) == 49152
