@@ -87,7 +87,8 @@ def run_mode(store: str, mode: str, memory_bytes: int | None, text_ids: list[int
         ffn = getattr(engine.executor, "ffn", None)  # the worker runtime's FFN lives in another process
         if record_sets and hasattr(ffn, "recorded_sets"):
             ffn.recorded_sets = []
-        result: dict = {"mode": mode, "runtime": runtime, "torch_threads": engine.threads}
+        result: dict = {"mode": mode, "runtime": runtime, "device": engine.executor.device,
+                        "torch_threads": engine.threads}
         if engine.memory_plan is not None:
             result["memory_plan"] = {k: v for k, v in vars(engine.memory_plan).items() if not k.startswith("_")}
             print(engine.memory_plan.describe(), file=sys.stderr)

@@ -414,6 +414,7 @@ def test_bench_of_the_worker_runtime_measures_reads_and_compute(sparse_store, tm
     assert done.returncode == 0, done.stderr
     with open(out, encoding="utf-8") as f:
         workers = json.load(f)["modes"]["sparse-workers"]
+    assert workers["runtime"] == "workers" and workers["device"] == default_device()  # the compute worker's
     assert sum(workers["memory_plan"]["capacity_rows"]) < plan.total_neurons
     assert workers["flash_read_bytes_per_token"] > 0
     assert 0 < workers["compute_ms"] <= workers["ms_per_token"]
