@@ -54,27 +54,28 @@ class MemoryPlan:
         return "\n".join(lines)
 
 
-def sparse_staging_bytes(layout: FfnLayout, compute_itemsize: int, runtime: str = "inproc") -> int:
+def sparse_staging_bytes(layout: FfnLayout, compute_itemsize: int) -> int:
     """What the sparse mode's reads stage beside the caches: a read of neurons a round of requests (at most a
-    layer); the dense-read path (prefill), which goes through a layer in chunks, one chunk as read and one
-    converted; the worker runtime also the shared-memory chunk slots its prefetcher fills for compute."""
+    layer), and the dense-read path (prefill), which goes through a layer in chunks: the worker runtime's
+    prefetcher fills CHUNK_SLOTS shared-memory chunk slots that compute multiplies, the in-process engine one
+    chunk as read; both one chunk converted to the compute dtype where it differs. One plan serves both
+    runtimes (in process, a chunk of it stays free), so the same budget gives the same caches, and so the
+    same tokens, whichever runtime runs."""
     largest_chunk_bytes = largest_chunk_rows(layout) * layout.bundle_bytes
     store_itemsize = DTYPE_ITEMSIZE[layout.dtype]
     converted_chunk_bytes = (0 if compute_itemsize == store_itemsize
                              else largest_chunk_bytes * compute_itemsize // store_itemsize)
-    shared_chunks = CHUNK_SLOTS * largest_chunk_bytes if runtime == "workers" else 0
-    return neuron_read_staging_bytes(layout) + largest_chunk_bytes + converted_chunk_bytes + shared_chunks
+    return neuron_read_staging_bytes(layout) + CHUNK_SLOTS * largest_chunk_bytes + converted_chunk_bytes
 
 
 def plan_memory(manifest: Manifest, resident_elements: int, budget_bytes: int, compute_itemsize: int, keep_neurons: int,
                 hot_counts: list[int], predictor_bytes: int, kv_cache_bytes: int,
-                cache_itemsize: int | None = None, resident_itemsize: int | None = None,
-                runtime: str = "inproc") -> MemoryPlan:
+                cache_itemsize: int | None = None, resident_itemsize: int | None = None) -> MemoryPlan:
     arch, layout = manifest.arch, manifest.ffn
     cache_itemsize = cache_itemsize or compute_itemsize
     resident_bytes = resident_elements * (resident_itemsize or compute_itemsize)
     row_bytes = layout.bundle_elements * cache_itemsize
-    staging_bytes = sparse_staging_bytes(layout, compute_itemsize, runtime)
+    staging_bytes = sparse_staging_bytes(layout, compute_itemsize)
     num_neurons = [region.num_neurons for region in layout.layers]
     # one predictor's top-k plus the pinned rows; a token whose lookahead ∪ same-layer union does not
     # fit takes the dense-read path (correct, slower), so the union need not be reserved
@@ -111,11 +112,9 @@ def plan_memory(manifest: Manifest, resident_elements: int, budget_bytes: int, c
 
 def plan_for_store(store_dir: str, manifest: Manifest, budget_bytes: int, mode: str, compute_itemsize: int,
                    kv_cache_bytes: int, keep_fraction: float | None = None,
-                   resident_itemsize: int | None = None, cache_itemsize: int | None = None,
-                   runtime: str = "inproc") -> MemoryPlan:
+                   resident_itemsize: int | None = None, cache_itemsize: int | None = None) -> MemoryPlan:
     """The plan for running `mode` on this store under budget_bytes (raises MemoryPlanError when it cannot fit).
-    cache_itemsize: bytes per element of the neuron caches' rows (default: compute_itemsize); runtime:
-    "inproc" or "workers" (which also holds the masked path's shared-memory chunk slots)."""
+    cache_itemsize: bytes per element of the neuron caches' rows (default: compute_itemsize)."""
     from workers.store_reader import resident_tensor_elements
 
     resident_elements = resident_tensor_elements(store_dir, manifest)
@@ -146,4 +145,4 @@ def plan_for_store(store_dir: str, manifest: Manifest, budget_bytes: int, mode: 
     keep_neurons = max(1, int(round(keep_fraction * manifest.arch.intermediate_size)))
     return plan_memory(manifest, resident_elements, budget_bytes, compute_itemsize, keep_neurons, hot_counts,
                        predictor_bytes, kv_cache_bytes, cache_itemsize=cache_itemsize,
-                       resident_itemsize=resident_itemsize, runtime=runtime)
+                       resident_itemsize=resident_itemsize)

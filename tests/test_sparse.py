@@ -395,30 +395,54 @@ def test_prefill_in_chunks_equals_prefill_over_the_whole_layer_and_holds_a_chunk
         torch.testing.assert_close(first_logits[chunk_bytes][rid], logits, rtol=tolerance, atol=tolerance)
 
 
-def test_the_plan_stages_one_layer_and_a_chunk_in_process_and_gives_the_caches_the_rest(calibrated, monkeypatch):
-    """In process, the sparse mode stages one layer (a token's neuron reads) and a dense-read chunk, not
-    whole layers; the worker runtime adds the two shared-memory chunk slots its prefetcher fills. What is
-    not staged goes to the neuron caches."""
+def _tight_budget(store: str, manifest, keep_fraction: float, spare_rows: int) -> int:
+    """A budget whose neuron caches hold only spare_rows more than the minimum: tokens evict and read."""
+    from runtime.memory_plan import plan_for_store
+
+    roomy = plan_for_store(store, manifest, 2**40, "sparse", 4, 0, keep_fraction=keep_fraction)  # every row fits
+    row_bytes = roomy.cache_bytes // sum(roomy.capacity_rows)
+    return roomy.total_bytes - roomy.cache_bytes + (sum(roomy.min_capacity_rows) + spare_rows) * row_bytes
+
+
+def test_the_plan_stages_a_round_of_reads_and_two_chunks_and_gives_the_caches_the_rest(calibrated, monkeypatch):
+    """The sparse mode stages a read of neurons (at most a layer) and two dense-read chunks (the worker
+    runtime's shared-memory slots; in process one as read), not whole layers; the rest goes to the caches."""
     from runtime.memory_plan import plan_for_store
     from workers.flash_io import bundle_reader
-    from workers.flash_io.bundle_reader import largest_chunk_rows
+    from workers.flash_io.bundle_reader import largest_chunk_rows, largest_span_bytes
     from workers.store_reader import open_store
 
     store = calibrated("llama")
     manifest = open_store(store)
     region_bytes = manifest.ffn.layers[0].length_bytes
     monkeypatch.setattr(bundle_reader, "DENSE_CHUNK_BYTES", region_bytes // 4)
-    roomy = plan_for_store(store, manifest, 2**40, "sparse", 4, 0, keep_fraction=0.25, runtime="workers")
-    row_bytes = roomy.cache_bytes // sum(roomy.capacity_rows)
-    budget = roomy.total_bytes - roomy.cache_bytes + (sum(roomy.min_capacity_rows) + 40) * row_bytes  # caches tight
-    plans = {runtime: plan_for_store(store, manifest, budget, "sparse", 4, 0, keep_fraction=0.25, runtime=runtime)
-             for runtime in ("inproc", "workers")}
-    assert region_bytes < plans["inproc"].staging_bytes <= region_bytes * 5 // 4
+    plan = plan_for_store(store, manifest, _tight_budget(store, manifest, 0.25, 40), "sparse", 4, 0,
+                          keep_fraction=0.25)
     chunk_bytes = largest_chunk_rows(manifest.ffn) * manifest.ffn.bundle_bytes
     assert region_bytes // 5 < chunk_bytes <= region_bytes // 4
-    assert plans["workers"].staging_bytes == plans["inproc"].staging_bytes + 2 * chunk_bytes
-    assert sum(plans["workers"].capacity_rows) < sum(plans["inproc"].capacity_rows)
-    assert "read staging" in plans["inproc"].describe()
+    assert plan.staging_bytes == largest_span_bytes(manifest.ffn) + 2 * chunk_bytes  # a tiny layer is one round
+    assert region_bytes < plan.staging_bytes <= region_bytes * 3 // 2
+    assert sum(plan.capacity_rows) == sum(plan.min_capacity_rows) + 40
+    assert "read staging" in plan.describe()
+
+
+def test_both_runtimes_plan_the_same_caches_and_decode_the_same_tokens_at_a_tight_budget(calibrated):
+    """One budget, either runtime: the same neuron caches, so the same evictions and reads, and the same
+    greedy tokens (the workers' plan once held two chunks more, so their caches were smaller and the demo
+    model's tokens drifted apart)."""
+    from workers.store_reader import open_store
+
+    store = calibrated("llama")
+    options = {"keep_fraction": 0.25, "memory_budget_bytes": _tight_budget(store, open_store(store), 0.25, 20)}
+    runs = {}
+    for runtime in ("inproc", "workers"):
+        with Engine(store, mode="sparse", max_batch=len(PROMPTS), ffn_options=dict(options),
+                    runtime=runtime) as engine:
+            results = engine.generate(PROMPTS, SamplingParams(max_tokens=24, ignore_eos=True))
+            runs[runtime] = (engine.memory_plan.capacity_rows, [r.tokens for r in results],
+                             sum(s["neurons_read"] for s in engine.token_stats[1:]))
+    assert runs["workers"] == runs["inproc"]
+    assert runs["inproc"][2] > 0  # decode steps read neurons: the caches were too small to hold them all
 
 
 def test_memory_budget_too_small_names_the_minimum(calibrated):

@@ -403,8 +403,7 @@ def test_bench_of_the_worker_runtime_measures_reads_and_compute(sparse_store, tm
     if not _direct_reads(store):
         pytest.skip("the store's filesystem refuses O_DIRECT: reads come from the page cache")
     itemsize = compute_dtype(default_device()).itemsize  # float32 on the CPU, float16 on a GPU
-    plan = plan_for_store(store, open_store(store), 2**40, "sparse", itemsize, 0, keep_fraction=0.25,
-                          runtime="workers")  # every row fits
+    plan = plan_for_store(store, open_store(store), 2**40, "sparse", itemsize, 0, keep_fraction=0.25)  # all fit
     row_bytes = plan.cache_bytes // sum(plan.capacity_rows)
     budget = plan.total_bytes - plan.cache_bytes + (sum(plan.min_capacity_rows) + 20) * row_bytes
     out = str(tmp_path / "bench.json")
