@@ -78,9 +78,9 @@ def _engine_from_args(args, max_batch: int = 1):
 
 def resolve_runtime(runtime: str, mode: str, device: str | None = None) -> str:
     """--runtime auto: the pipelined workers for sparse on the CPU, where computing a layer takes as long as
-    reading the next and the predictor gets a core of its own (on the demo store keeping 30%, two runs: 140 vs
-    142 ms/token in-process in turns and 143 vs 143 alone; 146 vs 131 in turns and 139 vs 145 alone: as fast,
-    within this disk's noise);
+    reading the next and the predictor gets a core of its own (on the demo store keeping 30%, workers vs
+    in-process ms/token over three runs: 140/142, 146/131 and 140/149 in turns, 143/143, 139/145 and 189/187
+    alone: as fast, within this disk's noise);
     in-process on a GPU, where compute is short and the messages cost more than the overlap saves (in turns: on
     an H100, demo-shaped store, 121 vs 93 ms/token; on an H200, the demo model, 178 vs 141); in-process for
     dense and naive, which have nothing to pipeline."""
