@@ -141,6 +141,24 @@ def calibrated_copies(tiny_stores, tmp_path_factory, text: str, **calibrate_opti
     return get
 
 
+def tight_budget(store: str, keep_fraction: float, spare_rows: int, itemsize: int | None = None,
+                 cache_itemsize: int | None = None) -> int:
+    """A sparse --memory budget whose neuron caches hold only spare_rows more than the minimum, so tokens
+    evict and read. Itemsizes default to those the engine plans in on this machine's device."""
+    from runtime.memory_plan import plan_for_store
+    from workers.executor import compute_dtype, default_device
+    from workers.prefetch import neuron_cache_dtype
+    from workers.store_reader import open_store
+
+    manifest, device = open_store(store), default_device()
+    itemsize = itemsize or compute_dtype(device).itemsize
+    cache_itemsize = cache_itemsize or neuron_cache_dtype(manifest.ffn.dtype, device).itemsize
+    roomy = plan_for_store(store, manifest, 2**40, "sparse", itemsize, 0, keep_fraction=keep_fraction,
+                           cache_itemsize=cache_itemsize)  # every row fits
+    row_bytes = roomy.cache_bytes // sum(roomy.capacity_rows)
+    return roomy.total_bytes - roomy.cache_bytes + (sum(roomy.min_capacity_rows) + spare_rows) * row_bytes
+
+
 @pytest.fixture(scope="session")
 def demo_store(tmp_path_factory) -> str:
     """The SmolLM2-135M-Instruct GGUF converted to a float32 store (exact dequantized weights)."""

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from runtime.calibrate import calibrate
-from tests.conftest import calibrated_copies
+from tests.conftest import calibrated_copies, tight_budget
 from runtime.engine import Engine
 from runtime.memory_plan import MemoryPlanError
 from runtime.sampling import SamplingParams
@@ -395,17 +395,6 @@ def test_prefill_in_chunks_equals_prefill_over_the_whole_layer_and_holds_a_chunk
         torch.testing.assert_close(first_logits[chunk_bytes][rid], logits, rtol=tolerance, atol=tolerance)
 
 
-def _tight_budget(store: str, manifest, keep_fraction: float, spare_rows: int, itemsize: int,
-                  cache_itemsize: int) -> int:
-    """A budget whose neuron caches hold only spare_rows more than the minimum: tokens evict and read."""
-    from runtime.memory_plan import plan_for_store
-
-    roomy = plan_for_store(store, manifest, 2**40, "sparse", itemsize, 0, keep_fraction=keep_fraction,
-                           cache_itemsize=cache_itemsize)  # every row fits
-    row_bytes = roomy.cache_bytes // sum(roomy.capacity_rows)
-    return roomy.total_bytes - roomy.cache_bytes + (sum(roomy.min_capacity_rows) + spare_rows) * row_bytes
-
-
 def test_the_plan_stages_a_round_of_reads_and_two_chunks_and_gives_the_caches_the_rest(calibrated, monkeypatch):
     """The sparse mode stages a read of neurons (at most a layer) and two dense-read chunks (the worker
     runtime's shared-memory slots; in process one as read), not whole layers; the rest goes to the caches."""
@@ -418,7 +407,7 @@ def test_the_plan_stages_a_round_of_reads_and_two_chunks_and_gives_the_caches_th
     manifest = open_store(store)
     region_bytes = manifest.ffn.layers[0].length_bytes
     monkeypatch.setattr(bundle_reader, "DENSE_CHUNK_BYTES", region_bytes // 4)
-    budget = _tight_budget(store, manifest, 0.25, 40, itemsize=4, cache_itemsize=4)  # as on a CPU: float32
+    budget = tight_budget(store, 0.25, 40, itemsize=4, cache_itemsize=4)  # as on a CPU: float32
     plan = plan_for_store(store, manifest, budget, "sparse", 4, 0, keep_fraction=0.25, cache_itemsize=4)
     chunk_bytes = largest_chunk_rows(manifest.ffn) * manifest.ffn.bundle_bytes
     assert region_bytes // 5 < chunk_bytes <= region_bytes // 4
@@ -432,15 +421,8 @@ def test_both_runtimes_plan_the_same_caches_and_decode_the_same_tokens_at_a_tigh
     """One budget, either runtime: the same neuron caches, so the same evictions and reads, and the same
     greedy tokens (the workers' plan once held two chunks more, so their caches were smaller and the demo
     model's tokens drifted apart)."""
-    from workers.executor import compute_dtype
-    from workers.prefetch import neuron_cache_dtype
-    from workers.store_reader import open_store
-
     store = calibrated("llama")
-    manifest, device = open_store(store), default_device()
-    budget = _tight_budget(store, manifest, 0.25, 20, itemsize=compute_dtype(device).itemsize,
-                           cache_itemsize=neuron_cache_dtype(manifest.ffn.dtype, device).itemsize)
-    options = {"keep_fraction": 0.25, "memory_budget_bytes": budget}
+    options = {"keep_fraction": 0.25, "memory_budget_bytes": tight_budget(store, 0.25, 20)}
     runs = {}
     for runtime in ("inproc", "workers"):
         with Engine(store, mode="sparse", max_batch=len(PROMPTS), ffn_options=dict(options),

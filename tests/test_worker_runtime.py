@@ -24,13 +24,13 @@ from protocol.endpoints import instance_dir, new_instance_id
 from protocol.messages import ROLE_COMPUTE, ROLE_PREDICTOR, ROLE_PREFETCH, ROLE_SUPERVISOR, ForwardChunk, ForwardRequest
 from protocol.shm import SharedSegment, list_segments
 from runtime.calibrate import calibrate
-from tests.conftest import calibrated_copies
+from tests.conftest import calibrated_copies, tight_budget
 from runtime.engine import Engine
 from runtime.sampling import SamplingParams
 from runtime.supervisor import WorkerStartError
 from runtime.worker_executor import WorkerCrashedError, WorkerRuntimeError, build_worker_config
 from workers.compute import ComputeWorker, PipelineStats
-from workers.executor import ModelExecutor, compute_dtype, default_device
+from workers.executor import ModelExecutor, default_device
 from workers.flash_io import bundle_reader
 from workers.flash_io.bundle_reader import layer_chunks
 from workers.flash_io.io_counters import process_read_bytes
@@ -397,15 +397,10 @@ def test_a_slot_whose_kv_cache_was_lost_is_refused(worker_engine):
 def test_bench_of_the_worker_runtime_measures_reads_and_compute(sparse_store, tmp_path):
     """`flashllm bench --runtimes workers` at a budget that forces reads: the bytes are the prefetcher's,
     and compute_ms is the compute worker's busy time (it came out 0 bytes and negative ms before)."""
-    from runtime.memory_plan import plan_for_store
-
     store = sparse_store("llama")
     if not _direct_reads(store):
         pytest.skip("the store's filesystem refuses O_DIRECT: reads come from the page cache")
-    itemsize = compute_dtype(default_device()).itemsize  # float32 on the CPU, float16 on a GPU
-    plan = plan_for_store(store, open_store(store), 2**40, "sparse", itemsize, 0, keep_fraction=0.25)  # all fit
-    row_bytes = plan.cache_bytes // sum(plan.capacity_rows)
-    budget = plan.total_bytes - plan.cache_bytes + (sum(plan.min_capacity_rows) + 20) * row_bytes
+    budget = tight_budget(store, 0.25, 20)
     out = str(tmp_path / "bench.json")
     done = subprocess.run([sys.executable, "-m", "runtime.cli", "bench", "--store", store, "--modes", "sparse",
                            "--runtimes", "workers", "--memory", str(budget), "--tokens", "6", "--keep-fraction", "0.25",
@@ -414,7 +409,7 @@ def test_bench_of_the_worker_runtime_measures_reads_and_compute(sparse_store, tm
     with open(out, encoding="utf-8") as f:
         workers = json.load(f)["modes"]["sparse-workers"]
     assert workers["runtime"] == "workers" and workers["device"] == default_device()  # the compute worker's
-    assert sum(workers["memory_plan"]["capacity_rows"]) < plan.total_neurons
+    assert sum(workers["memory_plan"]["capacity_rows"]) < sum(r.num_neurons for r in open_store(store).ffn.layers)
     assert workers["flash_read_bytes_per_token"] > 0
     assert 0 < workers["compute_ms"] <= workers["ms_per_token"]
     assert workers["io_ms"] >= 0 and workers["wait_ms"] >= 0
