@@ -14,7 +14,7 @@ from __future__ import annotations
 import numpy as np
 import msgpack
 
-from protocol.messages import FIELD_NAMES, MESSAGE_BY_TAG, PROTOCOL_VERSION
+from flashllm.protocol.messages import FIELD_NAMES, MESSAGE_BY_TAG, PROTOCOL_VERSION
 
 EXT_ID_ARRAY = 1
 _ID_DTYPES = {np.dtype(t).str: np.dtype(t) for t in (np.int8, np.int16, np.int32, np.int64, np.uint8, np.uint16,

@@ -11,7 +11,7 @@ import os
 
 import pytest
 
-from runtime.convert.store_writer import convert
+from flashllm.runtime.tools.convert.store_writer import convert
 
 TINY_CORPUS = [
     "The quick brown fox jumps over the lazy dog.",
@@ -126,7 +126,7 @@ def calibrated_copies(tiny_stores, tmp_path_factory, text: str, **calibrate_opti
     """kind → a calibrated copy of the tiny store (calibrate writes into the store), made once per kind."""
     import shutil
 
-    from runtime.calibrate import calibrate
+    from flashllm.runtime.tools.calibrate import calibrate
 
     cache: dict[str, str] = {}
 
@@ -145,10 +145,10 @@ def tight_budget(store: str, keep_fraction: float, spare_rows: int, itemsize: in
                  cache_itemsize: int | None = None) -> int:
     """A sparse --memory budget whose neuron caches hold only spare_rows more than the minimum, so tokens
     evict and read. Itemsizes default to those the engine plans in on this machine's device."""
-    from runtime.memory_plan import plan_for_store
-    from workers.executor import compute_dtype, default_device
-    from workers.prefetch import neuron_cache_dtype
-    from workers.store_reader import open_store
+    from flashllm.runtime.core.memory_plan import plan_for_store
+    from flashllm.workers.executor import compute_dtype, default_device
+    from flashllm.workers.prefetch import neuron_cache_dtype
+    from flashllm.workers.store_reader import open_store
 
     manifest, device = open_store(store), default_device()
     itemsize = itemsize or compute_dtype(device).itemsize

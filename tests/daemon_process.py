@@ -115,7 +115,7 @@ def processes_naming(text: str) -> list[int]:
 
 
 def wait_until_serving(daemon: Daemon, timeout_s: float = START_TIMEOUT_S) -> None:
-    from runtime.client import Client, ClientError
+    from flashllm.runtime.clients.client import Client, ClientError
 
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:

@@ -10,8 +10,8 @@ import time
 import pytest
 
 from daemon_process import TEST_ENV, running_daemon
-from runtime.batch import read_done_keys
-from runtime.cli import main as cli_main
+from flashllm.runtime.clients.batch import read_done_keys
+from flashllm.runtime.clients.cli import main as cli_main
 
 
 @pytest.fixture(scope="module")

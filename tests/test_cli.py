@@ -15,9 +15,9 @@ from importlib.metadata import entry_points
 
 import pytest
 
-from protocol.store_format import read_manifest
-from runtime.engine import Engine
-from runtime.sampling import SamplingParams
+from flashllm.protocol.store_format import read_manifest
+from flashllm.runtime.core.engine import Engine
+from flashllm.runtime.core.sampling import SamplingParams
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PROMPTS = ["The quick brown fox", "Paris is the capital of"]
@@ -25,8 +25,8 @@ MAX_TOKENS = 6
 
 
 def flashllm(*args: str, timeout_s: float = 300) -> subprocess.CompletedProcess:
-    """Run `flashllm ARGS...` the way the console script does (runtime.cli:main) and capture everything."""
-    return subprocess.run([sys.executable, "-m", "runtime.cli", *args], cwd=REPO_ROOT, capture_output=True,
+    """Run `flashllm ARGS...` the way the console script does (flashllm.runtime.clients.cli:main) and capture everything."""
+    return subprocess.run([sys.executable, "-m", "flashllm.runtime.clients.cli", *args], cwd=REPO_ROOT, capture_output=True,
                           text=True, timeout=timeout_s)
 
 
@@ -50,7 +50,7 @@ def _json_lines(stdout: str) -> list[dict]:
 
 def test_flashllm_is_the_installed_console_script():
     [script] = [ep for ep in entry_points(group="console_scripts") if ep.name == "flashllm"]
-    assert script.value == "runtime.cli:main"
+    assert script.value == "flashllm.runtime.clients.cli:main"
 
 
 def test_convert_writes_a_store_that_verifies(converted):
@@ -90,7 +90,7 @@ def test_generate_json_prints_one_object_per_prompt(store):
 
 
 def test_runtime_auto_pipelines_sparse_on_the_cpu_and_stays_in_process_on_a_gpu():
-    from runtime.cli import resolve_runtime
+    from flashllm.runtime.clients.cli import resolve_runtime
 
     assert resolve_runtime("auto", "sparse", "cpu") == "workers"
     assert resolve_runtime("auto", "sparse", "cuda") == "inproc"  # measured faster on an H100
@@ -182,7 +182,7 @@ def test_user_errors_exit_2_without_a_traceback(store, tmp_path):
 def test_flash_modes_leave_a_core_to_the_reads(monkeypatch):
     """Default torch threads: dense keeps the process's setting; naive/sparse use one core fewer than the
     process may run on (at least one); a user's OMP_NUM_THREADS wins."""
-    from runtime import engine
+    from flashllm.runtime.core import engine
 
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     for cores, expected in ((1, 1), (2, 1), (8, 7)):

@@ -15,15 +15,15 @@ import msgpack
 import pytest
 import zmq
 
-from protocol.client_api import (CancelRequest, ChatMessage, ErrorCode, ErrorReply, FinalMessage, GenerateRequest,
+from flashllm.protocol.client_api import (CancelRequest, ChatMessage, ErrorCode, ErrorReply, FinalMessage, GenerateRequest,
                                  HealthReply, HealthRequest, Heartbeat, ProtocolError, StatusReply, StatusRequest,
                                  Timings, TokenChunk, Usage, decode_reply, decode_request, encode)
-from runtime.client import (AsyncClient, Client, ClientTimeoutError, DaemonUnavailableError, RequestFailed,
+from flashllm.runtime.clients.client import (AsyncClient, Client, ClientTimeoutError, DaemonUnavailableError, RequestFailed,
                             check_daemon_listening)
 
 
 def test_importing_the_client_does_not_import_torch():
-    code = "import sys, runtime.client; print(sorted(m for m in ('torch', 'numpy') if m in sys.modules))"
+    code = "import sys, flashllm.runtime.clients.client; print(sorted(m for m in ('torch', 'numpy') if m in sys.modules))"
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
                          cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     assert run.returncode == 0, run.stderr

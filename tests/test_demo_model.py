@@ -16,8 +16,8 @@ import os
 import pytest
 import torch
 
-from runtime.engine import Engine
-from runtime.sampling import SamplingParams
+from flashllm.runtime.core.engine import Engine
+from flashllm.runtime.core.sampling import SamplingParams
 from tests.conftest import demo_gguf_path
 
 pytestmark = pytest.mark.slow

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from runtime.cli import EXIT_USER_ERROR
+from flashllm.runtime.clients.cli import EXIT_USER_ERROR
 
 DEPLOY = Path(__file__).resolve().parents[1] / "deploy"
 UNIT_PATH = DEPLOY / "flashllm.service"
@@ -67,7 +67,7 @@ def systemd_size_bytes(text: str) -> int:
 def verifiable_copy(tmp_path: Path, unit_text: str) -> Path:
     """The unit with ExecStart pointing at a binary that exists here (verify checks it)."""
     installed = shutil.which("flashllm")
-    command = installed if installed else f"{sys.executable} -m runtime.cli"
+    command = installed if installed else f"{sys.executable} -m flashllm"
     assert INSTALLED_BINARY in unit_text
     copy = tmp_path / UNIT_PATH.name
     copy.write_text(unit_text.replace(INSTALLED_BINARY, command))

@@ -8,7 +8,7 @@ import os
 import numpy as np
 import pytest
 
-from protocol.store_format import (
+from flashllm.protocol.store_format import (
     ALIGNMENT_BYTES,
     FFN_FILE,
     FfnLayerRegion,
@@ -16,21 +16,21 @@ from protocol.store_format import (
     align_up,
     sha256_hex,
 )
-from workers.flash_io.bundle_reader import (
+from flashllm.workers.flash_io.bundle_reader import (
     BundleReader,
     measure_direct_read_bandwidth,
     numpy_dtype_of_store,
     plan_reads,
 )
-from workers.flash_io.direct_io import (
+from flashllm.workers.flash_io.direct_io import (
     MEMORY_FILESYSTEMS,
     DirectFile,
     PageCacheBypassWarning,
     aligned_buffer,
     filesystem_type,
 )
-from workers.flash_io.linux_aio import AioQueue, AioUnavailable
-from workers.flash_io.neuron_cache import CacheCapacityError, NeuronCache
+from flashllm.workers.flash_io.linux_aio import AioQueue, AioUnavailable
+from flashllm.workers.flash_io.neuron_cache import CacheCapacityError, NeuronCache
 
 FIRST_REGION_OFFSET_BYTES = 2 * ALIGNMENT_BYTES  # not 0: regions need not start the file
 
@@ -438,7 +438,7 @@ def test_raw_bandwidth_baseline_runs(tmp_path, io_backend):
 
 def test_bench_read_baseline_alternates_raw_and_reader_runs(tiny_stores):
     """The bench's reader-vs-raw table: per request size the medians of alternating runs of both."""
-    from runtime.bench import read_size_baseline
+    from flashllm.runtime.tools.bench import read_size_baseline
 
     rows = read_size_baseline(tiny_stores("llama"), threads=2, total_bytes=1 << 20, repeats=3)
     assert len(rows) >= 2 and rows[0]["request_bytes"] < rows[1]["request_bytes"]
@@ -598,7 +598,7 @@ def test_cache_rows_can_live_in_caller_memory():
 
 
 def test_neuron_id_set_operations_match_numpy():
-    from workers.flash_io.neuron_ids import difference_ids, union_ids
+    from flashllm.workers.flash_io.neuron_ids import difference_ids, union_ids
 
     rng = np.random.default_rng(11)
     for _ in range(50):

@@ -8,18 +8,18 @@ import msgpack
 import numpy as np
 import pytest
 
-from protocol import codec
-from protocol.endpoints import (
+from flashllm.protocol import codec
+from flashllm.protocol.endpoints import (
     MAX_IPC_PATH_BYTES, EndpointPathTooLong, InstanceDir, endpoint, instance_alive, new_instance_id,
     stale_instance_dirs,
 )
-from protocol.messages import (
+from flashllm.protocol.messages import (
     MESSAGE_TYPES, PATH_CACHED, PATH_MASKED, PROTOCOL_VERSION, ChunkDone, Dispatcher, FfnInput, ForwardChunk,
     ForwardRequest,
     LayerReady, Lookahead, LogitsTaken, Prediction, PredictionStats, Shutdown, StepBegin, StepFailed, UnexpectedMessageError,
     WorkerFailed, WorkerReady,
 )
-from protocol.shm import (
+from flashllm.protocol.shm import (
     SharedMemoryError, SharedSegment, cache_layer_arrays, exchange_layout, list_segments, neuron_cache_layout,
     parse_segment_name, segment_path,
 )

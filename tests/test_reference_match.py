@@ -9,8 +9,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from runtime.engine import Engine
-from runtime.sampling import SamplingParams
+from flashllm.runtime.core.engine import Engine
+from flashllm.runtime.core.sampling import SamplingParams
 
 PROMPTS = [[0, 17, 42, 99, 5], [0, 200, 3, 3, 8, 150, 77, 61, 12], [0, 9, 250]]
 NEW_TOKENS = 32
@@ -80,7 +80,7 @@ def test_cuda_engine_matches_transformers_to_float16_rounding(kind, mode, tiny_m
 def test_rms_norm_of_large_float16_activations_is_not_zero(device):
     """Real models carry hidden-state outliers of hundreds; squared in float16 they overflowed to inf,
     and the norm (what a GPU computes in) returned zeros for the whole row."""
-    from workers.models.llama import rms_norm
+    from flashllm.workers.models.llama import rms_norm
 
     x = torch.full((1, 1, 576), 300.0, dtype=torch.float16, device=device)  # (B, T, d)
     x[..., ::2] = -300.0

@@ -23,10 +23,10 @@ import zmq
 
 from conftest import TINY_CORPUS, calibrated_copies
 from daemon_process import running_daemon
-from protocol.client_api import (MAX_REQUEST_BYTES, ErrorCode, ErrorReply, FinalMessage, GenerateRequest, TokenChunk,
+from flashllm.protocol.client_api import (MAX_REQUEST_BYTES, ErrorCode, ErrorReply, FinalMessage, GenerateRequest, TokenChunk,
                                  decode_reply, encode)
-from runtime.cli import main as cli_main
-from runtime.client import AsyncClient, Client, RequestFailed
+from flashllm.runtime.clients.cli import main as cli_main
+from flashllm.runtime.clients.client import AsyncClient, Client, RequestFailed
 
 PROMPTS = ["The quick brown fox", "Flash memory is", "Paris is the capital", "def add(a, b):",
            "1 2 3 4", "Large language models", "Berlin is", "The lazy dog"]
@@ -262,7 +262,7 @@ class RecordingEngine:
     """An engine stand-in whose step() records who was prefilled and who decoded; one token per word of prompt."""
 
     def __init__(self, max_batch: int):
-        from runtime.engine import RequestOutput
+        from flashllm.runtime.core.engine import RequestOutput
 
         self.output = RequestOutput
         self.max_batch, self.max_context = max_batch, 4096
@@ -315,8 +315,8 @@ class RecordingEngine:
 
 
 async def test_long_prompts_arriving_do_not_starve_running_streams():
-    from runtime.sampling import SamplingParams
-    from runtime.scheduler import Scheduler
+    from flashllm.runtime.core.sampling import SamplingParams
+    from flashllm.runtime.daemon.scheduler import Scheduler
 
     engine = RecordingEngine(max_batch=8)
     scheduler = Scheduler(engine, prefill_tokens_per_step=512)
@@ -343,8 +343,8 @@ async def test_long_prompts_arriving_do_not_starve_running_streams():
 
 
 async def test_batch_never_exceeds_max_batch_and_cancel_leaves_between_steps():
-    from runtime.sampling import SamplingParams
-    from runtime.scheduler import Scheduler
+    from flashllm.runtime.core.sampling import SamplingParams
+    from flashllm.runtime.daemon.scheduler import Scheduler
 
     engine = RecordingEngine(max_batch=3)
     scheduler = Scheduler(engine)

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import zmq
 
-from runtime.socket_lock import (
+from flashllm.runtime.daemon.socket_lock import (
     MAX_SOCKET_PATH_BYTES,
     EndpointInUseError,
     IpcEndpointError,
@@ -33,7 +33,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 SERVER_SCRIPT = textwrap.dedent(
     """
     import sys, time, zmq
-    from runtime.socket_lock import IpcEndpointLock
+    from flashllm.runtime.daemon.socket_lock import IpcEndpointLock
     lock = IpcEndpointLock(sys.argv[1])
     lock.acquire()
     context = zmq.Context()

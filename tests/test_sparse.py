@@ -12,15 +12,15 @@ import numpy as np
 import pytest
 import torch
 
-from runtime.calibrate import calibrate
+from flashllm.runtime.tools.calibrate import calibrate
 from tests.conftest import calibrated_copies, tight_budget
-from runtime.engine import Engine
-from runtime.memory_plan import MemoryPlanError
-from runtime.sampling import SamplingParams
-from workers.executor import default_device
-from workers.flash_io.bundle_reader import BundleReader
-from workers.models.ffn import neuron_activations
-from workers.store_reader import verify_store
+from flashllm.runtime.core.engine import Engine
+from flashllm.runtime.core.memory_plan import MemoryPlanError
+from flashllm.runtime.core.sampling import SamplingParams
+from flashllm.workers.executor import default_device
+from flashllm.workers.flash_io.bundle_reader import BundleReader
+from flashllm.workers.models.ffn import neuron_activations
+from flashllm.workers.store_reader import verify_store
 
 PROMPTS = [[0, 17, 42, 99, 5], [0, 200, 3, 3, 8, 150, 77, 61, 12]]
 
@@ -58,7 +58,7 @@ def test_sparse_keeping_every_neuron_equals_dense(kind, calibrated):
 
 
 def test_calibrate_records_predictors_and_verify_checks_them(calibrated):
-    from protocol.store_format import read_manifest
+    from flashllm.protocol.store_format import read_manifest
 
     store = calibrated("llama")
     manifest = read_manifest(store)
@@ -69,7 +69,7 @@ def test_calibrate_records_predictors_and_verify_checks_them(calibrated):
     assert read_manifest(calibrated("opt")).sparsity.predictor == "classifier"
     from safetensors import safe_open
 
-    from workers.predictor import SparsityPredictor
+    from flashllm.workers.predictor import SparsityPredictor
 
     with safe_open(os.path.join(store, info.file), "pt") as f:
         names = set(f.keys())
@@ -85,9 +85,9 @@ def test_calibrate_records_predictors_and_verify_checks_them(calibrated):
 def test_full_rank_regression_predictor_ranks_neurons_exactly(kind, tiny_stores, tmp_path):
     """At rank d + 1 the least-squares map is the layer's own gate/up product: on fresh inputs the same-layer
     predictor's top half is the true top half by contribution (ReLU: by pre-activation); at rank 2 it is not."""
-    from protocol.store_format import read_manifest
-    from workers.ffn_providers import DenseFfn
-    from workers.predictor import SparsityPredictor
+    from flashllm.protocol.store_format import read_manifest
+    from flashllm.workers.ffn_providers import DenseFfn
+    from flashllm.workers.predictor import SparsityPredictor
 
     store = str(tmp_path / kind)
     shutil.copytree(tiny_stores(kind), store)
@@ -124,8 +124,8 @@ def test_sketch_codes_round_trip_and_the_held_form_multiplies_what_they_stand_fo
     """Each weight comes back within half a quantization step; the held form (the CPU int4 kernel's packing,
     output rows padded to its multiple of 16, or float16 where torch lacks the kernel) multiplies like the
     dequantized matrix, and the memory plan's count is its size."""
-    from workers import predictor as predictor_module
-    from workers.predictor import (
+    from flashllm.workers import predictor as predictor_module
+    from flashllm.workers.predictor import (
         SKETCH_GROUP, SketchPredictor, dequantize_sketch, predictor_held_bytes, quantize_sketch, sketch_tensor_names,
     )
 
@@ -151,7 +151,7 @@ def test_sketch_codes_round_trip_and_the_held_form_multiplies_what_they_stand_fo
 
 def test_lookahead_input_map_turns_one_layers_norm_into_the_next():
     """Layer l-1's FFN input mapped by (scale, shift) is what layer l's norm makes of the same residual stream."""
-    from workers.predictor import lookahead_input_map
+    from flashllm.workers.predictor import lookahead_input_map
 
     generator = torch.Generator().manual_seed(0)
     residual = torch.randn(6, 16, generator=generator) * 3  # (N, d)
@@ -170,10 +170,10 @@ def test_lookahead_input_map_turns_one_layers_norm_into_the_next():
 def test_sketch_predictor_ranks_neurons_like_the_layer_and_the_plan_counts_its_bytes(kind, tiny_stores, tmp_path):
     """The 4-bit sketch's top half on fresh inputs is nearly the true top half by contribution (ReLU: by
     pre-activation); the memory plan's predictor share is what SparsityPredictor holds."""
-    from protocol.store_format import read_manifest
-    from runtime.memory_plan import plan_for_store
-    from workers.ffn_providers import DenseFfn
-    from workers.predictor import SparsityPredictor
+    from flashllm.protocol.store_format import read_manifest
+    from flashllm.runtime.core.memory_plan import plan_for_store
+    from flashllm.workers.ffn_providers import DenseFfn
+    from flashllm.workers.predictor import SparsityPredictor
 
     store = str(tmp_path / kind)
     shutil.copytree(tiny_stores(kind), store)
@@ -203,7 +203,7 @@ def test_sketch_predictor_ranks_neurons_like_the_layer_and_the_plan_counts_its_b
 def test_relu_predictor_recall_on_held_out_tokens(calibrated):
     """A ReLU model's active neurons (exact zeros) are predicted with recall ≥ 0.7 on held-out tokens
     (measured: about 0.75-0.85 for the tiny OPT at rank 64, 4 epochs)."""
-    from protocol.store_format import read_manifest
+    from flashllm.protocol.store_format import read_manifest
 
     info = read_manifest(calibrated("opt")).sparsity
     assert info.label == "relu>0"
@@ -241,7 +241,7 @@ def _generate_json(store: str, *flags: str) -> dict:
     import subprocess
     import sys
 
-    result = subprocess.run([sys.executable, "-m", "runtime.cli", "generate", "--store", store, "--mode", "sparse",
+    result = subprocess.run([sys.executable, "-m", "flashllm.runtime.clients.cli", "generate", "--store", store, "--mode", "sparse",
                              "--json", "--max-tokens", "12", "--ignore-eos", *flags, "The history of the city"],
                             capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
@@ -279,8 +279,8 @@ def test_the_same_layer_check_takes_rows_from_older_tokens_then_from_the_lookahe
     least recently used neurons it does not need (an older token's first, then the lookahead's picks it did not
     confirm), never from itself or the pinned; only a set that outgrows the cache with the pinned neurons (a
     batch's union) is cut, lowest ids first."""
-    from workers.prefetch import Prefetcher
-    from workers.store_reader import open_store
+    from flashllm.workers.prefetch import Prefetcher
+    from flashllm.workers.store_reader import open_store
 
     store = calibrated("llama")
     manifest = open_store(store)
@@ -311,8 +311,8 @@ def test_the_same_layer_check_takes_rows_from_older_tokens_then_from_the_lookahe
 def test_reads_started_ahead_are_taken_over_by_their_layers_prepare(calibrated):
     """start_stage puts a layer's lookahead reads on the device while the caller computes; that layer's
     prepare takes them over (each bundle read once), and a read of another layer first drops them."""
-    from workers.prefetch import Prefetcher
-    from workers.store_reader import open_store
+    from flashllm.workers.prefetch import Prefetcher
+    from flashllm.workers.store_reader import open_store
 
     store = calibrated("llama")
     manifest = open_store(store)
@@ -335,9 +335,9 @@ def test_reads_started_ahead_are_taken_over_by_their_layers_prepare(calibrated):
 def test_whole_layer_reads_go_chunk_by_chunk_and_a_reader_left_midway_reads_on(calibrated, monkeypatch):
     """The dense-read path reads a layer a chunk at a time (here a quarter of a layer) into the caller's
     buffer: the bytes are the layer's; a caller that stops after the first chunk leaves no read pending."""
-    from workers.flash_io import bundle_reader
-    from workers.prefetch import Prefetcher
-    from workers.store_reader import open_store
+    from flashllm.workers.flash_io import bundle_reader
+    from flashllm.workers.prefetch import Prefetcher
+    from flashllm.workers.store_reader import open_store
 
     store = calibrated("llama")
     manifest = open_store(store)
@@ -373,8 +373,8 @@ def test_prefill_in_chunks_equals_prefill_over_the_whole_layer_and_holds_a_chunk
     """Prompt prefill takes the dense-read path chunk by chunk (a quarter of a layer here), each token keeping
     half the neurons: the first token's logits equal those of one pass over the whole layer, and the buffers
     it held are a chunk's, not a whole layer's."""
-    from workers.flash_io import bundle_reader
-    from workers.store_reader import open_store
+    from flashllm.workers.flash_io import bundle_reader
+    from flashllm.workers.store_reader import open_store
 
     store = calibrated(kind)
     chunk_bytes = open_store(store).ffn.layers[0].length_bytes // 4
@@ -398,10 +398,10 @@ def test_prefill_in_chunks_equals_prefill_over_the_whole_layer_and_holds_a_chunk
 def test_the_plan_stages_a_round_of_reads_and_two_chunks_and_gives_the_caches_the_rest(calibrated, monkeypatch):
     """The sparse mode stages a read of neurons (at most a layer) and two dense-read chunks (the worker
     runtime's shared-memory slots; in process one as read), not whole layers; the rest goes to the caches."""
-    from runtime.memory_plan import plan_for_store
-    from workers.flash_io import bundle_reader
-    from workers.flash_io.bundle_reader import largest_chunk_rows, largest_span_bytes
-    from workers.store_reader import open_store
+    from flashllm.runtime.core.memory_plan import plan_for_store
+    from flashllm.workers.flash_io import bundle_reader
+    from flashllm.workers.flash_io.bundle_reader import largest_chunk_rows, largest_span_bytes
+    from flashllm.workers.store_reader import open_store
 
     store = calibrated("llama")
     manifest = open_store(store)
@@ -479,7 +479,7 @@ def test_float16_resident_matrices_halve_the_plan_and_keep_the_answers(calibrate
 
 
 def test_sparse_mode_without_calibration_says_what_to_run(tiny_stores):
-    from protocol.store_format import StoreError
+    from flashllm.protocol.store_format import StoreError
 
     with pytest.raises(StoreError, match="flashllm calibrate"):
         Engine(tiny_stores("llama"), mode="sparse")
@@ -487,7 +487,7 @@ def test_sparse_mode_without_calibration_says_what_to_run(tiny_stores):
 
 def test_bench_measures_naive_and_sparse_in_turns(calibrated):
     """`flashllm bench` pairs the modes round by round: the speed-up is each round's naive/sparse ratio."""
-    from runtime.bench import paired_speed
+    from flashllm.runtime.tools.bench import paired_speed
 
     report = paired_speed(calibrated("llama"), {"naive": {"mode": "naive"}, "sparse": {"mode": "sparse"}},
                           rounds=2, decode_tokens=4)
@@ -501,7 +501,7 @@ def test_bench_measures_naive_and_sparse_in_turns(calibrated):
 
 def test_bench_tradeoff_includes_the_main_setting_beside_the_swept_ones(calibrated):
     """The trade-off table and plot get the main run's keep fraction as one more point, measured once."""
-    from runtime.bench import run_bench
+    from flashllm.runtime.tools.bench import run_bench
 
     report = run_bench(calibrated("llama"), ["dense", "sparse"], None, decode_tokens=4, text=calibration_text(),
                        eval_tokens=24, keep_fractions=[0.75, 0.25], runtimes=["inproc"], read_baseline=False,
@@ -515,8 +515,8 @@ def test_bench_tradeoff_includes_the_main_setting_beside_the_swept_ones(calibrat
 
 def test_cache_mirror_copies_only_the_rows_whose_neuron_changed():
     """Where compute can't use the cache rows in place (GPU, another dtype) it keeps a mirror in sync."""
-    from workers.flash_io.neuron_cache import NeuronCache
-    from workers.sparse_ffn import CacheView
+    from flashllm.workers.flash_io.neuron_cache import NeuronCache
+    from flashllm.workers.sparse_ffn import CacheView
 
     store = np.random.default_rng(0).standard_normal((40, 6)).astype(np.float16)  # (40, 6) bundles
     fill = lambda ids, out: np.copyto(out, store[ids])  # noqa: E731
@@ -548,7 +548,7 @@ def test_layers_kept_dense_are_pinned_whole_so_an_all_dense_store_decodes_as_the
     """calibrate --dense-layers: every neuron of those layers is pinned (read once, never predicted away).
     With every layer kept dense, sparse decoding at a low keep fraction gives the dense model's tokens and
     reads nothing from flash after the prompt."""
-    from protocol.store_format import read_manifest
+    from flashllm.protocol.store_format import read_manifest
 
     store = str(tmp_path / "all_dense")
     shutil.copytree(tiny_stores("llama"), store)
@@ -572,7 +572,7 @@ def test_layers_kept_dense_are_pinned_whole_so_an_all_dense_store_decodes_as_the
 def test_calibrate_reads_each_layer_once_after_the_forward_passes(tiny_stores, tmp_path, monkeypatch):
     """With the FFN held for the forward passes, calibrate reads each layer twice in all: once for that hold,
     once for labels, predictor and sensitivity together (the sensitivity pass once read every layer again)."""
-    from workers.flash_io import bundle_reader
+    from flashllm.workers.flash_io import bundle_reader
 
     store = str(tmp_path / "llama")
     shutil.copytree(tiny_stores("llama"), store)
@@ -594,12 +594,12 @@ def test_sensitivity_pass_equals_one_forward_per_sparse_layer_and_reads_no_ffn_i
     """calibrate's layer sensitivity carries every one-layer-sparse model through the layers together, on the
     rows handed to it. Each increase equals that of a plain forward pass with only that layer sparse, and the
     pass reads no FFN rows of its own (a model at a time read the whole FFN once per layer)."""
-    from runtime.calibrate import _LayerSensitivity
-    from workers.executor import ModelExecutor
-    from workers.ffn_providers import FfnStats
-    from workers.models.ffn import BundleColumns, ffn_from_rows, masked_ffn_from_rows
-    from workers.predictor import SparsityPredictor, top_k_mask
-    from workers.store_reader import open_store
+    from flashllm.runtime.tools.calibrate import _LayerSensitivity
+    from flashllm.workers.executor import ModelExecutor
+    from flashllm.workers.ffn_providers import FfnStats
+    from flashllm.workers.models.ffn import BundleColumns, ffn_from_rows, masked_ffn_from_rows
+    from flashllm.workers.predictor import SparsityPredictor, top_k_mask
+    from flashllm.workers.store_reader import open_store
 
     store = calibrated(kind)
     manifest = open_store(store)
@@ -648,7 +648,7 @@ def test_sensitivity_pass_equals_one_forward_per_sparse_layer_and_reads_no_ffn_i
 
 
 def test_dense_layers_auto_keeps_only_layers_far_more_sensitive_than_the_rest():
-    from runtime.calibrate import choose_dense_layers
+    from flashllm.runtime.tools.calibrate import choose_dense_layers
 
     # what `calibrate` measured on the demo model at 50% sparsity (held-out nats/token, one layer sparse at a time)
     demo_model = [0.184, 0.017, 0.028, 0.035, 0.036, 0.024, 0.034, 0.022, 0.029, 0.012, 0.01, 0.023, 0.004, 0.016,
@@ -665,7 +665,7 @@ def test_calibration_streaming_the_ffn_from_flash_writes_what_holding_it_writes(
     """A model whose FFN does not fit in memory is calibrated layer by layer from flash, to the same result."""
     from safetensors.torch import load_file
 
-    from protocol.store_format import read_manifest
+    from flashllm.protocol.store_format import read_manifest
 
     results = {}
     for in_memory in (True, False):
@@ -684,7 +684,7 @@ def test_calibration_streaming_the_ffn_from_flash_writes_what_holding_it_writes(
 def test_prompts_admitted_together_are_prefilled_in_one_pass_over_the_flash_ffn(tiny_stores):
     """Prompts of different lengths, padded into one forward: the FFN is read once for all of them, and each
     prompt's first token is the one it gets alone."""
-    from protocol.store_format import read_manifest
+    from flashllm.protocol.store_format import read_manifest
 
     store = tiny_stores("llama")
     ffn_bytes = read_manifest(store).ffn.total_bundle_bytes
@@ -703,8 +703,8 @@ def test_prompts_admitted_together_are_prefilled_in_one_pass_over_the_flash_ffn(
 def test_a_model_that_cannot_fit_on_the_gpu_is_refused_before_loading(calibrated):
     """What goes on the device (resident weights, KV cache, FFN rows) is summed from the store's headers
     and checked against the device's free memory, with the fix named, before anything is allocated."""
-    from protocol.store_format import read_manifest
-    from workers.executor import DeviceMemoryError, check_device_memory, device_bytes_needed
+    from flashllm.protocol.store_format import read_manifest
+    from flashllm.workers.executor import DeviceMemoryError, check_device_memory, device_bytes_needed
 
     store = calibrated("llama")
     manifest = read_manifest(store)

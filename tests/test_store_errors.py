@@ -14,12 +14,12 @@ import struct
 import numpy as np
 import pytest
 
-from protocol.store_format import FFN_FILE, RESIDENT_FILE, StoreError, read_manifest
-from runtime.cli import main as flashllm
-from runtime.convert.sources import SUPPORTED_HF_TYPES, ConvertError
-from runtime.convert.store_writer import convert
-from runtime.engine import Engine, RequestError
-from runtime.sampling import SamplingParams
+from flashllm.protocol.store_format import FFN_FILE, RESIDENT_FILE, StoreError, read_manifest
+from flashllm.runtime.clients.cli import main as flashllm
+from flashllm.runtime.tools.convert.sources import SUPPORTED_HF_TYPES, ConvertError
+from flashllm.runtime.tools.convert.store_writer import convert
+from flashllm.runtime.core.engine import Engine, RequestError
+from flashllm.runtime.core.sampling import SamplingParams
 
 
 def _copy(src: str, dst) -> str:
@@ -180,7 +180,7 @@ def test_misshaped_tensor_is_named_with_both_shapes(tiny_models, tmp_path):
 
 
 def test_not_enough_disk_space_is_refused_before_writing(tiny_models, tmp_path, monkeypatch):
-    from runtime.convert import store_writer
+    from flashllm.runtime.tools.convert import store_writer
 
     real_disk_usage = shutil.disk_usage
     monkeypatch.setattr(store_writer.shutil, "disk_usage",

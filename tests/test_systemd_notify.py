@@ -12,7 +12,7 @@ import uuid
 
 import pytest
 
-from runtime.systemd_notify import SystemdNotifier, watchdog_loop
+from flashllm.runtime.daemon.systemd_notify import SystemdNotifier, watchdog_loop
 
 
 @pytest.fixture

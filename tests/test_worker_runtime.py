@@ -20,24 +20,24 @@ import time
 import pytest
 import torch
 
-from protocol.endpoints import instance_dir, new_instance_id
-from protocol.messages import ROLE_COMPUTE, ROLE_PREDICTOR, ROLE_PREFETCH, ROLE_SUPERVISOR, ForwardChunk, ForwardRequest
-from protocol.shm import SharedSegment, list_segments
-from runtime.calibrate import calibrate
+from flashllm.protocol.endpoints import instance_dir, new_instance_id
+from flashllm.protocol.messages import ROLE_COMPUTE, ROLE_PREDICTOR, ROLE_PREFETCH, ROLE_SUPERVISOR, ForwardChunk, ForwardRequest
+from flashllm.protocol.shm import SharedSegment, list_segments
+from flashllm.runtime.tools.calibrate import calibrate
 from tests.conftest import calibrated_copies, tight_budget
-from runtime.engine import Engine
-from runtime.sampling import SamplingParams
-from runtime.supervisor import WorkerStartError
-from runtime.worker_executor import WorkerCrashedError, WorkerRuntimeError, build_worker_config
-from workers.compute import ComputeWorker, PipelineStats
-from workers.executor import ModelExecutor, default_device
-from workers.flash_io import bundle_reader
-from workers.flash_io.bundle_reader import layer_chunks
-from workers.flash_io.io_counters import process_read_bytes
-from workers.predictor import PredictorWorker
-from workers.prefetch import PrefetchWorker
-from workers.process_entry import LocalBus
-from workers.store_reader import open_store
+from flashllm.runtime.core.engine import Engine
+from flashllm.runtime.core.sampling import SamplingParams
+from flashllm.runtime.core.supervisor import WorkerStartError
+from flashllm.runtime.core.worker_executor import WorkerCrashedError, WorkerRuntimeError, build_worker_config
+from flashllm.workers.compute import ComputeWorker, PipelineStats
+from flashllm.workers.executor import ModelExecutor, default_device
+from flashllm.workers.flash_io import bundle_reader
+from flashllm.workers.flash_io.bundle_reader import layer_chunks
+from flashllm.workers.flash_io.io_counters import process_read_bytes
+from flashllm.workers.predictor import PredictorWorker
+from flashllm.workers.prefetch import PrefetchWorker
+from flashllm.workers.process_entry import LocalBus
+from flashllm.workers.store_reader import open_store
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CALIBRATION_TEXT = "/usr/share/common-licenses/GPL-3"
@@ -339,8 +339,8 @@ def test_a_restart_that_fails_is_an_error_and_leaves_nothing_behind(sparse_store
 
 SUPERVISOR_SCRIPT = """
 import json, sys
-from runtime.engine import Engine
-from runtime.sampling import SamplingParams
+from flashllm.runtime.core.engine import Engine
+from flashllm.runtime.core.sampling import SamplingParams
 engine = Engine(sys.argv[1], mode="sparse", max_batch=1, max_context=128, runtime="workers",
                 ffn_options={"keep_fraction": 0.25, "capacity_rows": [100, 100], "window_tokens": 2})
 print(json.dumps({"instance": engine.executor.instance, "pids": engine.executor.worker_pids}), flush=True)
@@ -402,7 +402,7 @@ def test_bench_of_the_worker_runtime_measures_reads_and_compute(sparse_store, tm
         pytest.skip("the store's filesystem refuses O_DIRECT: reads come from the page cache")
     budget = tight_budget(store, 0.25, 20)
     out = str(tmp_path / "bench.json")
-    done = subprocess.run([sys.executable, "-m", "runtime.cli", "bench", "--store", store, "--modes", "sparse",
+    done = subprocess.run([sys.executable, "-m", "flashllm.runtime.clients.cli", "bench", "--store", store, "--modes", "sparse",
                            "--runtimes", "workers", "--memory", str(budget), "--tokens", "6", "--keep-fraction", "0.25",
                            "--no-read-baseline", "--json", out], cwd=REPO, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
@@ -478,7 +478,7 @@ def test_demo_model_workers_match_inprocess_on_three_prompts(calibrated_demo):
     chunks in the prompts' prefill (streamed through two shared-memory slots in the workers), which the tiny
     models never need; a budget that forces reads. The full check below caught runtimes whose plans
     differed; this catches it too."""
-    from runtime.calibrate import SELF_TEXT_PROMPTS
+    from flashllm.runtime.tools.calibrate import SELF_TEXT_PROMPTS
 
     tokens = _demo_greedy_in_both_runtimes(calibrated_demo, SELF_TEXT_PROMPTS[:3], 24)
     assert tokens["workers"] == tokens["inproc"]
@@ -492,7 +492,7 @@ def test_demo_model_workers_match_inprocess_on_three_prompts(calibrated_demo):
                            "more than the in-process one; it passes now")
 def test_demo_model_workers_match_inprocess(calibrated_demo):
     """The issue's check: demo model, 10 prompts × 64 tokens, at a budget that forces reads."""
-    from runtime.calibrate import SELF_TEXT_PROMPTS
+    from flashllm.runtime.tools.calibrate import SELF_TEXT_PROMPTS
 
     tokens = _demo_greedy_in_both_runtimes(calibrated_demo, SELF_TEXT_PROMPTS[:10], 64)
     assert tokens["workers"] == tokens["inproc"]

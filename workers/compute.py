@@ -31,16 +31,16 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from protocol.messages import (
+from flashllm.protocol.messages import (
     PATH_CACHED, ROLE_COMPUTE, ROLE_PREDICTOR, ROLE_PREFETCH, ROLE_SUPERVISOR, ChunkDone, Dispatcher, FfnInput,
     ForwardChunk, ForwardRequest, LayerReady, LogitsTaken, PredictionStats, Shutdown, StepBegin, StepFailed,
 )
-from protocol.shm import SharedSegment, cache_layer_arrays
-from workers.ffn_providers import FfnStats, rows_to_tensor
-from workers.flash_io.bundle_reader import layer_chunks
-from workers.models.ffn import BundleColumns, ffn_from_rows, masked_ffn_over_chunks
-from workers.process_entry import WorkerConfig, run_worker
-from workers.sparse_ffn import CacheView
+from flashllm.protocol.shm import SharedSegment, cache_layer_arrays
+from flashllm.workers.ffn_providers import FfnStats, rows_to_tensor
+from flashllm.workers.flash_io.bundle_reader import layer_chunks
+from flashllm.workers.models.ffn import BundleColumns, ffn_from_rows, masked_ffn_over_chunks
+from flashllm.workers.process_entry import WorkerConfig, run_worker
+from flashllm.workers.sparse_ffn import CacheView
 
 
 @dataclass
@@ -230,8 +230,8 @@ class ComputeWorker:
     """The compute process's core: ForwardRequest in, logits (shared memory) + ForwardChunk out."""
 
     def __init__(self, config: WorkerConfig, channel):
-        from workers.executor import ModelExecutor, check_fits_on_device, compute_dtype
-        from workers.store_reader import open_store
+        from flashllm.workers.executor import ModelExecutor, check_fits_on_device, compute_dtype
+        from flashllm.workers.store_reader import open_store
 
         self.channel = channel
         self.device = config.device

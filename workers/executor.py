@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import torch
 
-from protocol.store_format import Manifest, StoreError
-from workers.flash_io.io_counters import process_read_bytes
-from workers.models import build_model
-from workers.models.attention import KVCache
-from workers.models.resident import resident_dtype_of
-from workers.store_reader import load_resident_weights
+from flashllm.protocol.store_format import Manifest, StoreError
+from flashllm.workers.flash_io.io_counters import process_read_bytes
+from flashllm.workers.models import build_model
+from flashllm.workers.models.attention import KVCache
+from flashllm.workers.models.resident import resident_dtype_of
+from flashllm.workers.store_reader import load_resident_weights
 
 FFN_MODES = ("dense", "naive", "sparse")
 
@@ -39,7 +39,7 @@ def device_bytes_needed(store_dir: str, manifest: Manifest, mode: str, num_slots
 
     FFN rows: dense holds every layer; naive one layer at a time; sparse its neuron-cache mirrors
     (capacity_rows, all neurons when not given) plus one whole layer for prefill."""
-    from workers.store_reader import resident_tensor_elements
+    from flashllm.workers.store_reader import resident_tensor_elements
 
     arch, layout = manifest.arch, manifest.ffn
     layer_rows = [region.num_neurons for region in layout.layers]
@@ -80,7 +80,7 @@ def check_fits_on_device(store_dir: str, manifest: Manifest, mode: str, num_slot
 
 
 def make_ffn_provider(mode: str, store_dir: str, manifest: Manifest, dtype: torch.dtype, device: str, **options):
-    from workers.ffn_providers import DenseFfn, NaiveFlashFfn
+    from flashllm.workers.ffn_providers import DenseFfn, NaiveFlashFfn
 
     if mode == "dense":
         return DenseFfn(store_dir, manifest, dtype, device)
@@ -90,7 +90,7 @@ def make_ffn_provider(mode: str, store_dir: str, manifest: Manifest, dtype: torc
         if manifest.sparsity is None:
             raise StoreError(f"{store_dir}: no predictors in this store; run `flashllm calibrate --store {store_dir} "
                              "--text FILE` before using --mode sparse")
-        from workers.sparse_ffn import SparseFlashFfn
+        from flashllm.workers.sparse_ffn import SparseFlashFfn
 
         return SparseFlashFfn(store_dir, manifest, dtype, device, **options)
     raise ValueError(f"--mode {mode!r} is not one of {', '.join(FFN_MODES)}")

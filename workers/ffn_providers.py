@@ -15,9 +15,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from protocol.store_format import Manifest
-from workers.flash_io.bundle_reader import BundleReader
-from workers.models.ffn import BundleColumns, ffn_from_rows
+from flashllm.protocol.store_format import Manifest
+from flashllm.workers.flash_io.bundle_reader import BundleReader
+from flashllm.workers.models.ffn import BundleColumns, ffn_from_rows
 
 
 @dataclass

@@ -46,16 +46,16 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from protocol.messages import (
+from flashllm.protocol.messages import (
     PATH_CACHED, PATH_MASKED, ROLE_COMPUTE, ROLE_PREDICTOR, ROLE_PREFETCH, Dispatcher, FfnInput, Lookahead,
     Prediction, PredictionStats, StepBegin, StepFailed,
 )
-from protocol.shm import SharedSegment
-from protocol.store_format import Manifest, StoreError
-from workers.flash_io.neuron_cache import rows_needed
-from workers.flash_io.neuron_ids import union_ids
-from workers.models.resident import linear
-from workers.process_entry import WorkerConfig, run_worker
+from flashllm.protocol.shm import SharedSegment
+from flashllm.protocol.store_format import Manifest, StoreError
+from flashllm.workers.flash_io.neuron_cache import rows_needed
+from flashllm.workers.flash_io.neuron_ids import union_ids
+from flashllm.workers.models.resident import linear
+from flashllm.workers.process_entry import WorkerConfig, run_worker
 
 PREDICTOR_KINDS = ("lookahead", "same")
 PREDICTOR_TYPES = ("sketch", "regression", "classifier")
@@ -356,7 +356,7 @@ class PredictorWorker:
 
     @staticmethod
     def from_config(config: WorkerConfig, channel) -> "PredictorWorker":
-        from workers.store_reader import open_store
+        from flashllm.workers.store_reader import open_store
 
         torch.set_num_threads(config.predictor_threads)
         manifest = open_store(config.store_dir)

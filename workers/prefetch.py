@@ -28,16 +28,16 @@ from typing import Callable, Iterator
 
 import numpy as np
 
-from protocol.messages import (
+from flashllm.protocol.messages import (
     PATH_CACHED, PATH_MASKED, ROLE_COMPUTE, ROLE_PREFETCH, ChunkDone, Dispatcher, LayerReady, Lookahead, Prediction,
     StepBegin, StepFailed,
 )
-from protocol.shm import SharedSegment, cache_layer_arrays
-from protocol.store_format import Manifest, StoreError, read_manifest
-from workers.flash_io.bundle_reader import BundleReader, layer_chunks, numpy_dtype_of_store
-from workers.flash_io.neuron_cache import NeuronCache
-from workers.flash_io.neuron_ids import union_ids
-from workers.process_entry import WorkerConfig, run_worker
+from flashllm.protocol.shm import SharedSegment, cache_layer_arrays
+from flashllm.protocol.store_format import Manifest, StoreError, read_manifest
+from flashllm.workers.flash_io.bundle_reader import BundleReader, layer_chunks, numpy_dtype_of_store
+from flashllm.workers.flash_io.neuron_cache import NeuronCache
+from flashllm.workers.flash_io.neuron_ids import union_ids
+from flashllm.workers.process_entry import WorkerConfig, run_worker
 
 # neurons the same-layer check adds to the lookahead's set: read before the layer runs, or left out this token
 MISSING_POLICIES = ("read", "skip")

@@ -33,10 +33,10 @@ import traceback
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from protocol import codec
-from protocol.endpoints import endpoint
-from protocol.messages import ROLE_SUPERVISOR, Shutdown, WorkerFailed, WorkerReady
-from protocol.shm import SegmentLayout, list_segments
+from flashllm.protocol import codec
+from flashllm.protocol.endpoints import endpoint
+from flashllm.protocol.messages import ROLE_SUPERVISOR, Shutdown, WorkerFailed, WorkerReady
+from flashllm.protocol.shm import SegmentLayout, list_segments
 
 PR_SET_NAME = 15
 SEND_LINGER_MS = 1000  # a crash report gets this long to leave before the process exits

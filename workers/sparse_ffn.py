@@ -33,14 +33,14 @@ import time
 import numpy as np
 import torch
 
-from protocol.store_format import Manifest
-from workers.ffn_providers import FfnStats, rows_to_tensor
-from workers.flash_io.bundle_reader import numpy_dtype_of_store
-from workers.flash_io.neuron_cache import DEFAULT_WINDOW_TOKENS
-from workers.flash_io.neuron_ids import union_ids
-from workers.models.ffn import BundleColumns, ffn_from_rows, masked_ffn_over_chunks
-from workers.predictor import SparsityPredictor
-from workers.prefetch import MISSING_POLICIES, Prefetcher, neuron_cache_dtype
+from flashllm.protocol.store_format import Manifest
+from flashllm.workers.ffn_providers import FfnStats, rows_to_tensor
+from flashllm.workers.flash_io.bundle_reader import numpy_dtype_of_store
+from flashllm.workers.flash_io.neuron_cache import DEFAULT_WINDOW_TOKENS
+from flashllm.workers.flash_io.neuron_ids import union_ids
+from flashllm.workers.models.ffn import BundleColumns, ffn_from_rows, masked_ffn_over_chunks
+from flashllm.workers.predictor import SparsityPredictor
+from flashllm.workers.prefetch import MISSING_POLICIES, Prefetcher, neuron_cache_dtype
 
 
 class CacheView:

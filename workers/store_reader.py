@@ -10,7 +10,7 @@ import os
 
 import torch
 
-from protocol.store_format import (
+from flashllm.protocol.store_format import (
     Manifest, StoreError, read_manifest,
 )
 

@@ -40,9 +40,9 @@ from typing import Callable, NamedTuple
 
 import numpy as np
 
-from protocol.store_format import ALIGNMENT_BYTES, FfnLayout, StoreError, align_down, align_up
-from workers.flash_io.direct_io import DirectFile, aligned_buffer
-from workers.flash_io.linux_aio import DEFAULT_QUEUE_DEPTH, AioQueue, AioUnavailable
+from flashllm.protocol.store_format import ALIGNMENT_BYTES, FfnLayout, StoreError, align_down, align_up
+from flashllm.workers.flash_io.direct_io import DirectFile, aligned_buffer
+from flashllm.workers.flash_io.linux_aio import DEFAULT_QUEUE_DEPTH, AioQueue, AioUnavailable
 
 logger = logging.getLogger(__name__)
 

@@ -35,8 +35,8 @@ from typing import Callable
 
 import numpy as np
 
-from workers.flash_io.bundle_reader import numpy_dtype_of_store
-from workers.flash_io.neuron_ids import difference_ids, union_ids
+from flashllm.workers.flash_io.bundle_reader import numpy_dtype_of_store
+from flashllm.workers.flash_io.neuron_ids import difference_ids, union_ids
 
 DEFAULT_WINDOW_TOKENS = 4  # the paper's k: 4..5 tokens
 

@@ -8,9 +8,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from protocol.store_format import ArchConfig
-from workers.models.attention import KVCache, StepInputs
-from workers.models.resident import embedding_rows, fuse_projections, hold_resident, linear
+from flashllm.protocol.store_format import ArchConfig
+from flashllm.workers.models.attention import KVCache, StepInputs
+from flashllm.workers.models.resident import embedding_rows, fuse_projections, hold_resident, linear
 
 OPT_POSITION_OFFSET = 2
 

@@ -12,9 +12,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from protocol.shm import CHUNK_SLOTS
-from protocol.store_format import DTYPE_ITEMSIZE, FfnLayout, Manifest
-from workers.flash_io.bundle_reader import largest_chunk_rows, neuron_read_staging_bytes
+from flashllm.protocol.shm import CHUNK_SLOTS
+from flashllm.protocol.store_format import DTYPE_ITEMSIZE, FfnLayout, Manifest
+from flashllm.workers.flash_io.bundle_reader import largest_chunk_rows, neuron_read_staging_bytes
 
 MIB = 2**20
 
@@ -115,7 +115,7 @@ def plan_for_store(store_dir: str, manifest: Manifest, budget_bytes: int, mode: 
                    resident_itemsize: int | None = None, cache_itemsize: int | None = None) -> MemoryPlan:
     """The plan for running `mode` on this store under budget_bytes (raises MemoryPlanError when it cannot fit).
     cache_itemsize: bytes per element of the neuron caches' rows (default: compute_itemsize)."""
-    from workers.store_reader import resident_tensor_elements
+    from flashllm.workers.store_reader import resident_tensor_elements
 
     resident_elements = resident_tensor_elements(store_dir, manifest)
     layout = manifest.ffn
@@ -132,7 +132,7 @@ def plan_for_store(store_dir: str, manifest: Manifest, budget_bytes: int, mode: 
             raise MemoryPlanError(f"--memory {budget_bytes / MIB:.1f} MiB is too small for --mode {mode}: it needs "
                                   f"{plan.total_bytes / MIB:.1f} MiB; raise --memory or use --mode sparse")
         return plan
-    from workers.predictor import load_sparsity_tensors, predictor_held_bytes
+    from flashllm.workers.predictor import load_sparsity_tensors, predictor_held_bytes
 
     tensors = load_sparsity_tensors(store_dir, manifest)
     # vectors (biases, the lookahead's input map) are held in the compute dtype

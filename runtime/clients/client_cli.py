@@ -9,7 +9,7 @@ import dataclasses
 import json
 import sys
 
-from runtime.cli import CliError
+from flashllm.runtime.clients.cli import CliError
 
 STATUS_TIMEOUT_S = 10.0
 
@@ -39,7 +39,7 @@ def _ms_per_token(final) -> float:
 
 def generate_via_daemon(args) -> int:
     """`flashllm generate --socket PATH PROMPT...`: one prompt streams to stdout; several run concurrently."""
-    from runtime.client import AsyncClient, Client, ClientError
+    from flashllm.runtime.clients.client import AsyncClient, Client, ClientError
 
     sampling = _sampling_fields(args)
     prompts = args.prompt
@@ -76,7 +76,7 @@ def generate_via_daemon(args) -> int:
 
 def cmd_status(args) -> int:
     """Exit 0 when the daemon is healthy, 1 when it answers but is not, 2 when none answers."""
-    from runtime.client import Client, ClientError
+    from flashllm.runtime.clients.client import Client, ClientError
 
     try:
         with Client(args.socket, timeout_s=args.timeout_s) as client:

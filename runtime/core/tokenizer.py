@@ -19,7 +19,7 @@ import jinja2.ext
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import Tokenizer as HfTokenizer
 
-from protocol.store_format import StoreError, TokenizerInfo
+from flashllm.protocol.store_format import StoreError, TokenizerInfo
 
 _INCOMPLETE_CHAR = "\ufffd"  # what a lossy UTF-8 decode shows for a character cut short
 

@@ -16,11 +16,11 @@ import sys
 import numpy as np
 from tqdm import tqdm
 
-from protocol.store_format import (
+from flashllm.protocol.store_format import (
     ALIGNMENT_BYTES, DTYPE_ITEMSIZE, FFN_FILE, GATED_BUNDLE_PARTS, RELU_BUNDLE_PARTS, RESIDENT_FILE,
     TOKENIZER_FILE, FfnLayerRegion, FfnLayout, Manifest, TokenizerInfo, align_up, sha256_hex, write_manifest,
 )
-from runtime.convert.sources import ConvertError, open_source
+from flashllm.runtime.tools.convert.sources import ConvertError, open_source
 
 SAFETENSORS_DTYPE = {"float16": "F16", "float32": "F32"}
 DISK_SPACE_MARGIN_BYTES = 64 << 20

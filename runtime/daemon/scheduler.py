@@ -31,7 +31,7 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
-from protocol.client_api import (ErrorCode, ErrorReply, FinalMessage, Heartbeat, StatusReply, TokenChunk, Timings,
+from flashllm.protocol.client_api import (ErrorCode, ErrorReply, FinalMessage, Heartbeat, StatusReply, TokenChunk, Timings,
                                  Usage)
 
 log = logging.getLogger(__name__)

@@ -30,9 +30,9 @@ import time
 
 import numpy as np
 
-from runtime.engine import Engine
-from runtime.memory_plan import MemoryPlanError
-from runtime.sampling import SamplingParams
+from flashllm.runtime.core.engine import Engine
+from flashllm.runtime.core.memory_plan import MemoryPlanError
+from flashllm.runtime.core.sampling import SamplingParams
 
 BENCH_PROMPT = "The history of the printing press begins"
 NAIVE_MAX_TOKENS = 24  # naive reads the whole FFN per token: a few tokens measure it
@@ -170,8 +170,8 @@ def read_size_baseline(store: str, threads: int = 4, total_bytes: int = 16 << 20
     drifts by tens of percent over seconds, and one back-to-back pair would
     measure the drift as much as the reader.
     """
-    from protocol.store_format import align_up, read_manifest
-    from workers.flash_io.bundle_reader import BundleReader, measure_direct_read_bandwidth, numpy_dtype_of_store
+    from flashllm.protocol.store_format import align_up, read_manifest
+    from flashllm.workers.flash_io.bundle_reader import BundleReader, measure_direct_read_bandwidth, numpy_dtype_of_store
 
     manifest = read_manifest(store)
     layout = manifest.ffn
@@ -310,8 +310,8 @@ def _plots(report: dict, plots_dir: str) -> list[str]:
 
 def _reader_io_backend(store: str) -> str:
     """How this machine's bundle reader keeps reads in flight for the store: 'aio' or 'threads'."""
-    from protocol.store_format import read_manifest
-    from workers.flash_io.bundle_reader import BundleReader
+    from flashllm.protocol.store_format import read_manifest
+    from flashllm.workers.flash_io.bundle_reader import BundleReader
 
     with BundleReader(store, read_manifest(store).ffn) as reader:
         return reader.io_backend
@@ -323,8 +323,8 @@ def run_bench(store: str, modes: list[str], memory_bytes: int | None, decode_tok
               paired_rounds: int = 0, window_tokens: int | None = None, missing_policy: str | None = None) -> dict:
     """resident_dtype, keep_fraction, window_tokens and missing_policy apply to the sparse runs (the ones the
     budget bounds; the trade-off varies keep_fraction); dense stays the exact reference."""
-    from protocol.store_format import read_manifest
-    from runtime.tokenizer import Tokenizer
+    from flashllm.protocol.store_format import read_manifest
+    from flashllm.runtime.core.tokenizer import Tokenizer
 
     manifest = read_manifest(store)
     sparse_options = {name: value for name, value in (
@@ -401,7 +401,7 @@ def run_bench(store: str, modes: list[str], memory_bytes: int | None, decode_tok
 
 
 def cmd_bench(args) -> int:
-    from runtime.cli import parse_size
+    from flashllm.runtime.clients.cli import parse_size
 
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
     for mode in modes:
@@ -459,7 +459,7 @@ def _non_negative_int(text: str) -> int:
 
 
 def register_cli(sub) -> None:
-    from runtime.cli import add_sparse_policy_args, add_threads_arg
+    from flashllm.runtime.clients.cli import add_sparse_policy_args, add_threads_arg
 
     p = sub.add_parser("bench", help="measure dense, naive and sparse modes (JSON + tables + plots)")
     p.add_argument("--store", required=True)

@@ -31,8 +31,8 @@ import sys
 import time
 from dataclasses import asdict, dataclass
 
-from protocol.client_api import ErrorCode, ErrorReply, FinalMessage, GenerateRequest, ProtocolError, validate
-from runtime.cli import CliError
+from flashllm.protocol.client_api import ErrorCode, ErrorReply, FinalMessage, GenerateRequest, ProtocolError, validate
+from flashllm.runtime.clients.cli import CliError
 
 # Refusals that are about the prompt itself: recorded on its line. Anything else stops the run.
 PROMPT_ERRORS = {ErrorCode.INVALID_REQUEST, ErrorCode.TOO_LARGE, ErrorCode.PROMPT_TOO_LONG, ErrorCode.MALFORMED}
@@ -41,7 +41,7 @@ SAMPLING_KEYS = ("chat", "max_tokens", "temperature", "top_p", "top_k", "seed", 
 
 
 def register_cli(subparsers) -> None:
-    from runtime.cli import _add_engine_args, add_sampling_args
+    from flashllm.runtime.clients.cli import _add_engine_args, add_sampling_args
 
     p = subparsers.add_parser("batch", help="generate for every prompt of a JSONL file (resumable)")
     p.add_argument("input", help="JSONL file: one {\"id\", \"prompt\" or \"messages\", ...} object per line")
@@ -183,7 +183,7 @@ def result_line(item: BatchItem, outcome: FinalMessage | ErrorReply) -> dict:
 
 class DaemonBackend:
     def __init__(self, socket_path: str):
-        from runtime.client import AsyncClient, ClientError
+        from flashllm.runtime.clients.client import AsyncClient, ClientError
 
         try:
             self._client = AsyncClient(socket_path)
@@ -191,7 +191,7 @@ class DaemonBackend:
             raise CliError(str(error)) from None
 
     async def generate(self, request: GenerateRequest) -> FinalMessage | ErrorReply:
-        from runtime.client import ClientError, RequestFailed
+        from flashllm.runtime.clients.client import ClientError, RequestFailed
 
         fields = {k: getattr(request, k) for k in SAMPLING_KEYS}
         messages = [asdict(m) for m in request.messages] if request.messages is not None else None
@@ -210,8 +210,8 @@ class InProcessBackend:
     """The daemon's scheduler over an engine in this process: the same continuous batching, no socket."""
 
     def __init__(self, args):
-        from runtime.cli import _engine_from_args
-        from runtime.scheduler import Scheduler
+        from flashllm.runtime.clients.cli import _engine_from_args
+        from flashllm.runtime.daemon.scheduler import Scheduler
 
         if args.max_batch < 1:
             raise CliError(f"--max-batch {args.max_batch} is invalid: give at least 1")
@@ -220,8 +220,8 @@ class InProcessBackend:
         self._run_task = asyncio.create_task(self._scheduler.run())
 
     async def generate(self, request: GenerateRequest) -> FinalMessage | ErrorReply:
-        from runtime.sampling import SamplingParams
-        from runtime.scheduler import RequestRejected
+        from flashllm.runtime.core.sampling import SamplingParams
+        from flashllm.runtime.daemon.scheduler import RequestRejected
 
         if self._run_task.done():
             raise RunStopped(f"the engine failed: {self._run_task.exception()}")

@@ -14,9 +14,9 @@ class CliError(Exception):
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
-    from protocol.store_format import StoreError
-    from runtime.convert.sources import ConvertError
-    from runtime.socket_lock import IpcEndpointError
+    from flashllm.protocol.store_format import StoreError
+    from flashllm.runtime.tools.convert.sources import ConvertError
+    from flashllm.runtime.daemon.socket_lock import IpcEndpointError
 
     return (CliError, StoreError, ConvertError, IpcEndpointError, ValueError, FileNotFoundError, PermissionError)
 
@@ -25,7 +25,7 @@ def _user_errors() -> tuple[type[BaseException], ...]:
 
 
 def cmd_convert(args) -> int:
-    from runtime.convert.store_writer import convert
+    from flashllm.runtime.tools.convert.store_writer import convert
 
     manifest = convert(args.src, args.out, dtype=args.dtype, force=args.force, progress=not args.quiet)
     ffn_mib = manifest.ffn.total_bundle_bytes / 2**20
@@ -35,7 +35,7 @@ def cmd_convert(args) -> int:
 
 
 def cmd_verify(args) -> int:
-    from workers.store_reader import verify_store
+    from flashllm.workers.store_reader import verify_store
 
     for line in verify_store(args.store):
         if args.verbose:
@@ -48,14 +48,14 @@ def cmd_verify(args) -> int:
 
 
 def _sampling_params(args):
-    from runtime.sampling import SamplingParams
+    from flashllm.runtime.core.sampling import SamplingParams
 
     return SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
                           top_k=args.top_k, seed=args.seed, stop=list(args.stop or []), ignore_eos=args.ignore_eos)
 
 
 def _engine_from_args(args, max_batch: int = 1):
-    from runtime.engine import Engine
+    from flashllm.runtime.core.engine import Engine
 
     ffn_options = {}
     if getattr(args, "memory", None):
@@ -86,7 +86,7 @@ def resolve_runtime(runtime: str, mode: str, device: str | None = None) -> str:
     dense and naive, which have nothing to pipeline."""
     if runtime != "auto":
         return runtime
-    from workers.executor import default_device
+    from flashllm.workers.executor import default_device
 
     on_cpu = (device or default_device()) == "cpu"
     return "workers" if mode == "sparse" and on_cpu else "inproc"
@@ -110,7 +110,7 @@ def parse_size(text: str) -> int:
 
 def cmd_generate(args) -> int:
     if args.socket:
-        from runtime.client_cli import generate_via_daemon
+        from flashllm.runtime.clients.client_cli import generate_via_daemon
 
         return generate_via_daemon(args)
     if not args.store:
@@ -173,8 +173,8 @@ def add_threads_arg(p: argparse.ArgumentParser) -> None:
 
 def add_sparse_policy_args(p: argparse.ArgumentParser) -> None:
     """The sliding window and the late-neuron policy of --mode sparse (engine commands and bench)."""
-    from workers.flash_io.neuron_cache import DEFAULT_WINDOW_TOKENS
-    from workers.prefetch import MISSING_POLICIES
+    from flashllm.workers.flash_io.neuron_cache import DEFAULT_WINDOW_TOKENS
+    from flashllm.workers.prefetch import MISSING_POLICIES
 
     p.add_argument("--neuron-window", type=_positive_int, default=None, metavar="K",
                    help=f"--mode sparse: keep the neurons used by the last K tokens in memory, so a token reads only "
@@ -260,12 +260,12 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
 # sub-command → the module that registers it; only the module of the command being run is imported,
 # so `flashllm status` does not pay for torch
 EXTRA_COMMAND_MODULES = {
-    "calibrate": "runtime.calibrate",
-    "bench": "runtime.bench",
-    "serve": "runtime.serve",
-    "status": "runtime.client_cli",
-    "batch": "runtime.batch",
-    "bench-serve": "runtime.serve_bench",
+    "calibrate": "flashllm.runtime.tools.calibrate",
+    "bench": "flashllm.runtime.tools.bench",
+    "serve": "flashllm.runtime.daemon.serve",
+    "status": "flashllm.runtime.clients.client_cli",
+    "batch": "flashllm.runtime.clients.batch",
+    "bench-serve": "flashllm.runtime.clients.serve_bench",
 }
 
 
@@ -295,8 +295,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    # `python -m runtime.cli` runs this file as __main__; the sub-command modules raise runtime.cli.CliError,
-    # so run runtime.cli's main, whose _user_errors() names that same class.
-    from runtime.cli import main as package_main
+    # `python -m flashllm.runtime.clients.cli` runs this file as __main__; the sub-command modules raise
+    # flashllm.runtime.clients.cli.CliError, so run that module's main, whose _user_errors() names that same class.
+    from flashllm.runtime.clients.cli import main as package_main
 
     sys.exit(package_main())

@@ -15,7 +15,7 @@ import statistics
 import sys
 import time
 
-from runtime.cli import CliError
+from flashllm.runtime.clients.cli import CliError
 
 PROMPT_TOPICS = ["the sea", "a lighthouse", "flash memory", "a long train journey", "the moon", "an old library",
                  "a mountain village", "a clockmaker"]
@@ -65,7 +65,7 @@ async def run_level(client, concurrency: int, requests: int, max_tokens: int) ->
 
 
 async def bench(socket_path: str, concurrencies: list[int], requests: int, max_tokens: int) -> dict:
-    from runtime.client import AsyncClient
+    from flashllm.runtime.clients.client import AsyncClient
 
     async with AsyncClient(socket_path, timeout_s=600) as client:
         status = await client.status()
@@ -81,7 +81,7 @@ async def bench(socket_path: str, concurrencies: list[int], requests: int, max_t
 
 
 def cmd_bench_serve(args) -> int:
-    from runtime.client import ClientError
+    from flashllm.runtime.clients.client import ClientError
 
     concurrencies = _concurrencies(args.concurrency)
     if args.requests < 1 or args.max_tokens < 1:

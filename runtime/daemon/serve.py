@@ -28,9 +28,9 @@ import os
 import signal
 import time
 
-from protocol.client_api import (CancelRequest, ErrorCode, ErrorReply, FinalMessage, GenerateRequest, HealthReply,
+from flashllm.protocol.client_api import (CancelRequest, ErrorCode, ErrorReply, FinalMessage, GenerateRequest, HealthReply,
                                  HealthRequest, ProtocolError, StatusRequest, decode_request, encode, error_id)
-from runtime.scheduler import RequestRejected, Scheduler
+from flashllm.runtime.daemon.scheduler import RequestRejected, Scheduler
 
 log = logging.getLogger("flashllm.serve")
 
@@ -42,7 +42,7 @@ STATUS_LINE_INTERVAL_S = 10.0
 
 
 def register_cli(subparsers) -> None:
-    from runtime.cli import _add_engine_args
+    from flashllm.runtime.clients.cli import _add_engine_args
 
     p = subparsers.add_parser("serve", help="run the daemon: serve local clients on an ipc socket")
     _add_engine_args(p)
@@ -60,8 +60,8 @@ def register_cli(subparsers) -> None:
 
 
 def cmd_serve(args) -> int:
-    from runtime.socket_lock import IpcEndpointLock
-    from runtime.systemd_notify import SystemdNotifier
+    from flashllm.runtime.daemon.socket_lock import IpcEndpointLock
+    from flashllm.runtime.daemon.systemd_notify import SystemdNotifier
 
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
     if args.max_batch < 1:
@@ -84,7 +84,7 @@ def cmd_serve(args) -> int:
 def _check_group_exists(group: str) -> None:
     import grp
 
-    from runtime.socket_lock import IpcEndpointError
+    from flashllm.runtime.daemon.socket_lock import IpcEndpointError
 
     try:
         grp.getgrnam(group)
@@ -95,7 +95,7 @@ def _check_group_exists(group: str) -> None:
 
 def build_engine(args):
     """The engine behind the daemon; the worker runtime plugs in here (Engine(executor=...))."""
-    from runtime.cli import _engine_from_args
+    from flashllm.runtime.clients.cli import _engine_from_args
 
     return _engine_from_args(args, max_batch=args.max_batch)
 
@@ -104,8 +104,8 @@ async def _serve(args, notifier, lock) -> int:
     import zmq
     import zmq.asyncio
 
-    from runtime.socket_lock import apply_socket_permissions
-    from runtime.systemd_notify import watchdog_loop
+    from flashllm.runtime.daemon.socket_lock import apply_socket_permissions
+    from flashllm.runtime.daemon.systemd_notify import watchdog_loop
 
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
@@ -264,7 +264,7 @@ class ClientServer:
         task.add_done_callback(self._tasks.discard)
 
     async def _start_generate(self, identity: bytes, key, request) -> None:
-        from runtime.sampling import SamplingParams
+        from flashllm.runtime.core.sampling import SamplingParams
 
         if request.messages is not None:
             prompt = [{"role": m.role, "content": m.content} for m in request.messages]

@@ -19,7 +19,7 @@ import json
 import os
 import numpy as np
 
-from protocol.store_format import ArchConfig
+from flashllm.protocol.store_format import ArchConfig
 
 SUPPORTED_HF_TYPES = ("llama", "mistral", "qwen2", "opt")
 SUPPORTED_GGUF_ARCHS = ("llama",)
@@ -449,7 +449,7 @@ class GgufSource:
                 "down": self._tensor(f"blk.{layer}.ffn_down.weight", (d, n_ff))}
 
     def tokenizer(self) -> tuple[str | None, dict]:
-        from runtime.convert.gguf_tokenizer import tokenizer_from_gguf
+        from flashllm.runtime.tools.convert.gguf_tokenizer import tokenizer_from_gguf
 
         return tokenizer_from_gguf(self.reader)
 

@@ -21,22 +21,22 @@ import time
 import numpy as np
 import torch
 
-from protocol.endpoints import InstanceDir, new_instance_id
-from protocol.messages import (
+from flashllm.protocol.endpoints import InstanceDir, new_instance_id
+from flashllm.protocol.messages import (
     ROLE_COMPUTE, ROLE_PREFETCH, Dispatcher, ForwardChunk, ForwardRequest, LogitsTaken, StepFailed,
 )
-from protocol.shm import EXCHANGE_SEGMENT, exchange_layout, neuron_cache_layout
-from protocol.store_format import Manifest, StoreError
-from runtime.supervisor import (
+from flashllm.protocol.shm import EXCHANGE_SEGMENT, exchange_layout, neuron_cache_layout
+from flashllm.protocol.store_format import Manifest, StoreError
+from flashllm.runtime.core.supervisor import (
     DEFAULT_START_TIMEOUT_S, Supervisor, WorkerCrashedError, WorkerRuntimeError, sweep_stale_instances,
 )
-from workers.compute import PipelineStats
-from workers.executor import compute_dtype, default_device
-from workers.flash_io.bundle_reader import largest_chunk_rows, numpy_dtype_of_store
-from workers.flash_io.io_counters import process_read_bytes
-from workers.process_entry import WorkerConfig
-from workers.flash_io.neuron_cache import DEFAULT_WINDOW_TOKENS
-from workers.prefetch import MISSING_POLICIES, neuron_cache_dtype
+from flashllm.workers.compute import PipelineStats
+from flashllm.workers.executor import compute_dtype, default_device
+from flashllm.workers.flash_io.bundle_reader import largest_chunk_rows, numpy_dtype_of_store
+from flashllm.workers.flash_io.io_counters import process_read_bytes
+from flashllm.workers.process_entry import WorkerConfig
+from flashllm.workers.flash_io.neuron_cache import DEFAULT_WINDOW_TOKENS
+from flashllm.workers.prefetch import MISSING_POLICIES, neuron_cache_dtype
 
 FFN_OPTIONS = ("capacity_rows", "window_tokens", "keep_fraction", "missing_policy", "pin_hot", "num_threads")
 MIN_LOGITS_ROWS = 64

@@ -17,12 +17,12 @@ from dataclasses import dataclass, field
 
 import torch
 
-from runtime.sampling import SamplingParams, sample_next_token
-from runtime.tokenizer import IncrementalDetokenizer, StopStringMatcher, Tokenizer
-from workers.executor import FFN_MODES, ModelExecutor, compute_dtype, default_device
-from workers.models.attention import KVCache
-from workers.models.resident import resident_dtype_of
-from workers.store_reader import open_store
+from flashllm.runtime.core.sampling import SamplingParams, sample_next_token
+from flashllm.runtime.core.tokenizer import IncrementalDetokenizer, StopStringMatcher, Tokenizer
+from flashllm.workers.executor import FFN_MODES, ModelExecutor, compute_dtype, default_device
+from flashllm.workers.models.attention import KVCache
+from flashllm.workers.models.resident import resident_dtype_of
+from flashllm.workers.store_reader import open_store
 
 DEFAULT_MAX_CONTEXT = 2048
 PREFILL_TOKEN_BUDGET = 2048  # prompt tokens prefilled per step, so decode is not starved
@@ -120,9 +120,9 @@ class Engine:
         memory_budget_bytes = ffn_options.pop("memory_budget_bytes", None)
         self.memory_plan = None
         if memory_budget_bytes is not None:
-            from runtime.memory_plan import plan_for_store
+            from flashllm.runtime.core.memory_plan import plan_for_store
 
-            from workers.prefetch import neuron_cache_dtype
+            from flashllm.workers.prefetch import neuron_cache_dtype
 
             dtype = compute_dtype(device or default_device())
             itemsize = torch.finfo(dtype).bits // 8
@@ -137,7 +137,7 @@ class Engine:
             if mode == "sparse":
                 ffn_options["capacity_rows"] = self.memory_plan.capacity_rows
         if executor is None and runtime == "workers":
-            from runtime.worker_executor import WorkerExecutor  # the model in prefetch/predictor/compute processes
+            from flashllm.runtime.core.worker_executor import WorkerExecutor  # the model in prefetch/predictor/compute processes
 
             executor = WorkerExecutor(store_dir, self.manifest, mode, max_batch, self.max_context, device=device,
                                       verify=verify, ffn_options=ffn_options, resident_dtype=resident_dtype)

@@ -39,16 +39,16 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from protocol.store_format import DTYPE_ITEMSIZE, SPARSITY_FILE, SparsityInfo, sha256_hex, write_manifest
-from workers.executor import ModelExecutor, compute_dtype, default_device
-from workers.ffn_providers import rows_to_tensor
-from workers.flash_io.bundle_reader import BundleReader
-from workers.models.ffn import BundleColumns, ffn_from_rows, masked_ffn_from_rows, neuron_activations
-from workers.predictor import (
+from flashllm.protocol.store_format import DTYPE_ITEMSIZE, SPARSITY_FILE, SparsityInfo, sha256_hex, write_manifest
+from flashllm.workers.executor import ModelExecutor, compute_dtype, default_device
+from flashllm.workers.ffn_providers import rows_to_tensor
+from flashllm.workers.flash_io.bundle_reader import BundleReader
+from flashllm.workers.models.ffn import BundleColumns, ffn_from_rows, masked_ffn_from_rows, neuron_activations
+from flashllm.workers.predictor import (
     PREDICTOR_TYPES, SKETCH_BITS, SKETCH_GROUP, LowRankPredictor, SketchPredictor, lookahead_input_map,
     predictor_tensor_names, quantize_sketch, sketch_tensor_names, top_k_mask,
 )
-from workers.store_reader import open_store
+from flashllm.workers.store_reader import open_store
 
 CALIBRATION_WINDOW_TOKENS = 512
 # rank r of d → r → n. On the SwiGLU demo model the rank decides quality (top 50% kept by the same-layer
@@ -326,7 +326,7 @@ def calibrate(store_dir: str, text: str, max_tokens: int = 8192, sparsity: float
         raise ValueError(f"--rank {rank} must be ≥ 1")
     if predictor_type == "regression":
         rank = min(rank, arch.hidden_size + 1)  # d + 1 directions (with the bias) already give the exact map
-    from runtime.tokenizer import Tokenizer
+    from flashllm.runtime.core.tokenizer import Tokenizer
 
     tokenizer = Tokenizer.from_store(store_dir, manifest.tokenizer, arch.eos_token_ids)
     ids = tokenizer.encode(text)[:max_tokens]
@@ -479,8 +479,8 @@ SELF_TEXT_PROMPTS = [
 
 def generate_calibration_text(store_dir: str, num_tokens: int, seed: int = 0, progress: bool = True) -> str:
     """Text the model writes itself (sampled answers to varied prompts): calibration data when the user has little."""
-    from runtime.engine import Engine
-    from runtime.sampling import SamplingParams
+    from flashllm.runtime.core.engine import Engine
+    from flashllm.runtime.core.sampling import SamplingParams
 
     texts = []
     per_prompt = max(32, num_tokens // len(SELF_TEXT_PROMPTS))

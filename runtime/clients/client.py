@@ -33,7 +33,7 @@ import time
 import zmq
 import zmq.asyncio
 
-from protocol.client_api import (CancelRequest, ErrorReply, FinalMessage, GenerateRequest, HealthReply, HealthRequest,
+from flashllm.protocol.client_api import (CancelRequest, ErrorReply, FinalMessage, GenerateRequest, HealthReply, HealthRequest,
                                  Heartbeat, ProtocolError, StatusReply, StatusRequest, TokenChunk, decode_reply, encode,
                                  validate)
 

@@ -29,14 +29,14 @@ import signal
 import threading
 import time
 
-from protocol import codec
-from protocol.endpoints import InstanceDir, instance_alive, runtime_root, stale_instance_dirs
-from protocol.messages import (
+from flashllm.protocol import codec
+from flashllm.protocol.endpoints import InstanceDir, instance_alive, runtime_root, stale_instance_dirs
+from flashllm.protocol.messages import (
     ROLE_COMPUTE, ROLE_PREDICTOR, ROLE_PREFETCH, ROLE_SUPERVISOR, WORKER_ROLES, Dispatcher, Shutdown,
     WorkerFailed, WorkerReady,
 )
-from protocol.shm import SharedSegment, list_segments
-from workers.process_entry import WorkerConfig, sweep_instance
+from flashllm.protocol.shm import SharedSegment, list_segments
+from flashllm.workers.process_entry import WorkerConfig, sweep_instance
 
 logger = logging.getLogger(__name__)
 
@@ -59,9 +59,9 @@ class WorkerStartError(WorkerRuntimeError):
 
 
 def _entry_points():
-    from workers.compute import run_compute
-    from workers.predictor import run_predictor
-    from workers.prefetch import run_prefetch
+    from flashllm.workers.compute import run_compute
+    from flashllm.workers.predictor import run_predictor
+    from flashllm.workers.prefetch import run_prefetch
 
     return {ROLE_PREFETCH: run_prefetch, ROLE_PREDICTOR: run_predictor, ROLE_COMPUTE: run_compute}
 
