@@ -55,6 +55,12 @@ def register_cli(subparsers) -> None:
                         f"(default {DEFAULT_DRAIN_TIMEOUT_S:g})")
     p.add_argument("--max-queued", type=int, default=1024, help="requests waiting for a batch slot before "
                                                                 "new ones are refused as overloaded (default 1024)")
+    p.add_argument("--http", default=None, metavar="ADDRESS",
+                   help="also serve OpenAI's HTTP API (/v1/chat/completions, /v1/completions, /v1/models, "
+                        "/health, /metrics) on unix:/path/to.sock (mode 0660, --socket-group) or HOST:PORT")
+    p.add_argument("--api-key-file", default=None,
+                   help="file whose first line is the key every HTTP request must send as "
+                        "`Authorization: Bearer KEY` (required when --http is not loopback or a unix socket)")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     p.set_defaults(func=cmd_serve)
 
@@ -70,15 +76,33 @@ def cmd_serve(args) -> int:
         raise ValueError(f"--drain-timeout-s {args.drain_timeout_s} is invalid: give 0 or more seconds")
     if args.socket_group is not None:
         _check_group_exists(args.socket_group)  # before minutes of loading, not after
+    if args.api_key_file is not None and args.http is None:
+        raise ValueError("--api-key-file is for the HTTP API: give --http ADDRESS too, or drop it")
+    http = _http_front_door(args)  # address and key checked before minutes of loading
     notifier = SystemdNotifier(unset_environment=True)  # workers spawned later must not inherit $NOTIFY_SOCKET
     lock = IpcEndpointLock(args.socket)
     lock.acquire()
     try:
+        if http is not None:
+            http.claim()
         import uvloop
 
-        return uvloop.run(_serve(args, notifier, lock))
+        return uvloop.run(_serve(args, notifier, lock, http))
     finally:
+        if http is not None:
+            http.release()
         lock.release()
+
+
+def _http_front_door(args):
+    """The OpenAI HTTP API (runtime/daemon/http_api.py) when --http is given, else None."""
+    if args.http is None:
+        return None
+    from flashllm.runtime.daemon.http_api import HttpFrontDoor, HttpOptions, model_id_for
+    from flashllm.runtime.daemon.metrics import DaemonMetrics
+
+    options = HttpOptions.from_args(args.http, args.api_key_file, args.socket_group)
+    return HttpFrontDoor(options, model_id_for(args.store), DaemonMetrics())
 
 
 def _check_group_exists(group: str) -> None:
@@ -100,7 +124,7 @@ def build_engine(args):
     return _engine_from_args(args, max_batch=args.max_batch)
 
 
-async def _serve(args, notifier, lock) -> int:
+async def _serve(args, notifier, lock, http=None) -> int:
     import zmq
     import zmq.asyncio
 
@@ -112,6 +136,8 @@ async def _serve(args, notifier, lock) -> int:
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
 
+    if http is not None:
+        await http.start()  # /health answers 503 while the model loads
     notifier.status(f"loading {args.store} (mode {args.mode}, max batch {args.max_batch})")
     log.info("loading %s (mode %s, max batch %d)", args.store, args.mode, args.max_batch)
     engine_future = loop.run_in_executor(None, build_engine, args)
@@ -126,8 +152,12 @@ async def _serve(args, notifier, lock) -> int:
             (await engine_future).close()
         except Exception:
             pass
+        if http is not None:
+            await http.stop()
         return 0
     stop_wait.cancel()
+    if engine_future.exception() is not None and http is not None:
+        await http.stop()
     engine = engine_future.result()  # a load error (bad store, budget) propagates: exit 2 from the CLI
 
     ctx = zmq.asyncio.Context()
@@ -142,6 +172,11 @@ async def _serve(args, notifier, lock) -> int:
         arch = engine.arch
         model = f"{os.path.basename(os.path.normpath(args.store))} ({arch.source_model_type or arch.family})"
         server = ClientServer(sock, scheduler, model=model, mode=args.mode)
+        if http is not None:
+            from flashllm.runtime.daemon.http_api import model_card_for
+
+            http.app.attach(scheduler, model_card_for(args.store, engine, args.mode))
+            http.metrics.attach(scheduler)
         run_task = asyncio.create_task(scheduler.run())
         receive_task = asyncio.create_task(server.receive_loop())
         notifier.ready()
@@ -165,6 +200,8 @@ async def _serve(args, notifier, lock) -> int:
             cut = await scheduler.drain(args.drain_timeout_s)
             if cut:
                 log.warning("drain timed out: %d requests were cut off", cut)
+        if http is not None:
+            await http.stop()  # after the drain: streams still running got their last chunks
         scheduler.close()
         for task in (receive_task, watchdog_task, status_task, stop_wait):
             task.cancel()
@@ -179,6 +216,8 @@ async def _serve(args, notifier, lock) -> int:
             return 1
         return 0
     finally:
+        if http is not None:
+            await http.stop()
         sock.close(linger=CLOSE_LINGER_MS)
         ctx.term()
         scheduler.shutdown_threads()
