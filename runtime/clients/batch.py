@@ -12,6 +12,18 @@ input id, in the order they finish:
     {"id": "q1", "line": 1, "text": "...", "finish_reason": "stop", "usage": {...}, "timings": {...}}
     {"id": 2, "line": 2, "error": {"code": "prompt_too_long", "message": "..."}}
 
+OpenAI's batch format works too, line by line (what `openai batches` uploads):
+
+    {"custom_id": "q1", "method": "POST", "url": "/v1/chat/completions",
+     "body": {"model": "smollm2", "messages": [{"role": "user", "content": "Hi!"}], "max_tokens": 32}}
+
+answered in OpenAI's batch output shape (the body's own values and OpenAI's
+defaults apply, not the command's flags; `model` is not checked):
+
+    {"id": "batch_req_...", "custom_id": "q1", "response": {"status_code": 200, "request_id": "...",
+     "body": {"object": "chat.completion", "choices": [...], "usage": {...}, ...}}, "error": null}
+    {"id": "batch_req_...", "custom_id": "q2", "response": null, "error": {"code": "...", "message": "..."}}
+
 Each line is appended and flushed as soon as its prompt finishes, so killing
 the command loses nothing that was written; re-running it skips the ids
 already in OUT (a line cut short by the kill is dropped and redone). A prompt
@@ -27,11 +39,14 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import secrets
 import sys
 import time
 from dataclasses import asdict, dataclass
 
 from flashllm.protocol.client_api import ErrorCode, ErrorReply, FinalMessage, GenerateRequest, ProtocolError, validate
+from flashllm.protocol.openai_api import (ENDPOINT_URLS, Choice, CompletionJob, OpenAIError, new_completion_id,
+                                          parse_request, response_body)
 from flashllm.runtime.clients.cli import CliError
 
 # Refusals that are about the prompt itself: recorded on its line. Anything else stops the run.
@@ -64,6 +79,8 @@ class BatchItem:
     id: object  # the input's id (str or int), None when missing
     request: GenerateRequest | None  # None when the line itself is broken
     error: ErrorReply | None = None
+    openai_line: bool = False  # an OpenAI batch-format line: answered in that format
+    openai_job: CompletionJob | None = None  # its request, once its body was read
 
 
 class RunStopped(Exception):
@@ -126,6 +143,8 @@ def _parse_line(number: int, text: str, defaults: dict) -> BatchItem:
         return broken(f"line:{number}", None, f"line {number} is not JSON ({error})")
     if not isinstance(obj, dict):
         return broken(f"line:{number}", None, f"line {number} is not a JSON object")
+    if "custom_id" in obj:
+        return _parse_openai_line(number, obj)
     item_id = obj.pop("id", None)
     if item_id is not None and (isinstance(item_id, bool) or not isinstance(item_id, (str, int))):
         return broken(f"line:{number}", None, f"line {number}: id must be a string or an integer, got {item_id!r}")
@@ -140,6 +159,51 @@ def _parse_line(number: int, text: str, defaults: dict) -> BatchItem:
     except ProtocolError as error:
         return BatchItem(number, key, item_id, None, ErrorReply(None, error.code, error.message))
     return BatchItem(number, key, item_id, request)
+
+
+OPENAI_LINE_KEYS = ("custom_id", "method", "url", "body")
+ENDPOINT_OF_URL = {url: endpoint for endpoint, url in ENDPOINT_URLS.items()}
+
+
+def _parse_openai_line(number: int, obj: dict) -> BatchItem:
+    """An OpenAI batch-format line: {"custom_id", "method": "POST", "url", "body"}."""
+    custom_id = obj.get("custom_id")
+    if not isinstance(custom_id, str) or not custom_id:
+        return BatchItem(number, f"line:{number}", None, None, ErrorReply(
+            None, ErrorCode.INVALID_REQUEST, f"line {number}: custom_id must be a non-empty string"))
+    item = BatchItem(number, _key(custom_id, number), custom_id, None, openai_line=True)
+
+    def broken(message: str, code: str = ErrorCode.INVALID_REQUEST) -> BatchItem:
+        item.error = ErrorReply(None, code, f"line {number}: {message}")
+        item.request = None
+        return item
+
+    unknown = [k for k in obj if k not in OPENAI_LINE_KEYS]
+    if unknown:
+        return broken(f"unknown field {unknown[0]!r}; an OpenAI batch line has {', '.join(OPENAI_LINE_KEYS)}")
+    if obj.get("method", "POST") != "POST":
+        return broken(f"method {obj.get('method')!r} is not supported; use POST")
+    endpoint = ENDPOINT_OF_URL.get(obj.get("url"))
+    if endpoint is None:
+        return broken(f"url {obj.get('url')!r} is not supported; use one of {', '.join(ENDPOINT_OF_URL)}")
+    try:
+        job = parse_request(endpoint, obj.get("body"))
+    except OpenAIError as error:
+        return broken(error.message, ErrorCode.TOO_LARGE if error.status == 413 else ErrorCode.INVALID_REQUEST)
+    item.openai_job = job
+    if job.stream:
+        return broken("stream=true is not supported in a batch; leave it out")
+    if len(job.prompts) != 1 or not isinstance(job.prompts[0], (str, list)) or (
+            isinstance(job.prompts[0], list) and not all(isinstance(m, dict) for m in job.prompts[0])):
+        return broken("give one text prompt per line (token-id prompts and prompt lists are for the HTTP API)")
+    prompt = job.prompts[0]
+    text, messages = (prompt, None) if isinstance(prompt, str) else (None, prompt)
+    try:
+        item.request = validate(GenerateRequest(id=f"line-{number}", prompt=text, messages=messages,
+                                                **job.sampling))
+    except ProtocolError as error:
+        return broken(error.message, error.code)
+    return item
 
 
 def _key(item_id, line: int) -> str:
@@ -162,13 +226,15 @@ def read_done_keys(out_path: str) -> set[str]:
     for text in data.decode("utf-8").splitlines():
         try:
             obj = json.loads(text)
-            done.add(_key(obj.get("id"), obj["line"]))
+            done.add(_key(obj["custom_id"], 0) if "custom_id" in obj else _key(obj.get("id"), obj["line"]))
         except (json.JSONDecodeError, KeyError, AttributeError):
             continue
     return done
 
 
 def result_line(item: BatchItem, outcome: FinalMessage | ErrorReply) -> dict:
+    if item.openai_line:
+        return openai_result_line(item, outcome)
     line = {"id": item.id, "line": item.line}
     if isinstance(outcome, ErrorReply):
         line["error"] = {"code": outcome.code, "message": outcome.message}
@@ -176,6 +242,18 @@ def result_line(item: BatchItem, outcome: FinalMessage | ErrorReply) -> dict:
         line.update(text=outcome.text, finish_reason=outcome.finish_reason, usage=asdict(outcome.usage),
                     timings=asdict(outcome.timings))
     return line
+
+
+def openai_result_line(item: BatchItem, outcome: FinalMessage | ErrorReply) -> dict:
+    """One line of OpenAI's batch output format."""
+    line = {"id": "batch_req_" + secrets.token_hex(12), "custom_id": item.id}
+    if isinstance(outcome, ErrorReply):
+        return {**line, "response": None, "error": {"code": outcome.code, "message": outcome.message}}
+    job = item.openai_job
+    choice = Choice(outcome.text, outcome.finish_reason, outcome.usage.prompt_tokens, outcome.usage.completion_tokens)
+    body = response_body(job, new_completion_id(job.endpoint), int(time.time()), [choice])
+    return {**line, "response": {"status_code": 200, "request_id": "req_" + secrets.token_hex(12), "body": body},
+            "error": None}
 
 
 # ---------------------------------------------------------------------- backends: daemon or in-process

@@ -112,18 +112,20 @@ def read_api_key(path: str) -> str:
 
 @dataclass
 class HttpOptions:
-    address: HttpAddress
-    api_key: str | None
-    socket_group: str | None  # group of the unix socket (mode 0660)
+    addresses: list[HttpAddress]
+    api_key: str | None  # required of every request on every address when given
+    socket_group: str | None  # group of the unix sockets (mode 0660)
 
     @staticmethod
-    def from_args(http: str, api_key_file: str | None, socket_group: str | None) -> HttpOptions:
-        address = parse_http_address(http)
-        if not address.is_loopback and api_key_file is None:
-            raise HttpAddressError(f"--http {http} listens beyond this machine: give --api-key-file FILE so that "
-                                   "every request must carry its key, or listen on 127.0.0.1 / a unix socket")
+    def from_args(http: list[str], api_key_file: str | None, socket_group: str | None) -> HttpOptions:
+        addresses = [parse_http_address(text) for text in http]
+        for address in addresses:
+            if not address.is_loopback and api_key_file is None:
+                raise HttpAddressError(f"--http {address} listens beyond this machine: give --api-key-file FILE "
+                                       "so that every request must carry its key, or listen on 127.0.0.1 or a "
+                                       "unix socket")
         api_key = read_api_key(api_key_file) if api_key_file is not None else None
-        return HttpOptions(address, api_key, socket_group)
+        return HttpOptions(addresses, api_key, socket_group)
 
 
 @dataclass
@@ -476,46 +478,53 @@ class HttpFrontDoor:
         self.options = options
         self.metrics = metrics
         self.app = OpenAIApp(model_id, metrics, options.api_key)
-        self._lock = None
-        self._socket: socket.socket | None = None
+        self._locks: list = []
+        self._sockets: list[socket.socket] = []
         self._server = None
         self._task: asyncio.Task | None = None
 
     def claim(self) -> None:
+        """Bind every address (unix sockets under a lock, like the ZeroMQ one); all or none."""
+        try:
+            for address in self.options.addresses:
+                self._sockets.append(self._bind(address))
+        except BaseException:
+            self.release()
+            raise
+
+    def _bind(self, address: HttpAddress) -> socket.socket:
         from flashllm.runtime.daemon.socket_lock import IpcEndpointLock, apply_socket_permissions
 
-        address = self.options.address
-        if address.unix_path is not None:
-            lock = IpcEndpointLock(address.unix_path)
-            lock.acquire()
-            try:
-                sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-                sock.bind(address.unix_path)
-                apply_socket_permissions(address.unix_path, mode=0o660, group=self.options.socket_group)
-            except BaseException:
-                lock.release()
-                raise
-            self._lock = lock
-        else:
+        if address.unix_path is None:
             family = socket.AF_INET6 if ":" in address.host else socket.AF_INET
             try:
-                sock = socket.create_server((address.host, address.port), family=family)
+                return socket.create_server((address.host, address.port), family=family)
             except OSError as error:
                 raise HttpAddressError(f"cannot listen on --http {address}: {error.strerror}; pick another port "
                                        "or stop what listens there") from None
-        self._socket = sock
+        lock = IpcEndpointLock(address.unix_path)
+        lock.acquire()
+        self._locks.append(lock)
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            sock.bind(address.unix_path)
+            apply_socket_permissions(address.unix_path, mode=0o660, group=self.options.socket_group)
+        except BaseException:
+            sock.close()
+            raise
+        return sock
 
     async def start(self) -> None:
         config = uvicorn.Config(self.app.asgi, http="httptools", lifespan="off", log_config=None,
                                 access_log=False, server_header=False, timeout_graceful_shutdown=STOP_GRACE_S)
         self._server = EmbeddedUvicorn(config)
-        self._task = asyncio.create_task(self._server.serve(sockets=[self._socket]))
+        self._task = asyncio.create_task(self._server.serve(sockets=self._sockets))
         while not self._server.started:
             if self._task.done():
                 self._task.result()  # raises what stopped it
                 raise RuntimeError("the HTTP server stopped while starting")
             await asyncio.sleep(0.01)
-        log.info("OpenAI HTTP API on %s%s", self.options.address,
+        log.info("OpenAI HTTP API on %s%s", ", ".join(map(str, self.options.addresses)),
                  " (API key required)" if self.options.api_key else "")
 
     async def stop(self) -> None:
@@ -532,12 +541,12 @@ class HttpFrontDoor:
         self._task = None
 
     def release(self) -> None:
-        if self._socket is not None:
-            self._socket.close()
-            self._socket = None
-        if self._lock is not None:
-            self._lock.release()
-            self._lock = None
+        for sock in self._sockets:
+            sock.close()
+        self._sockets.clear()
+        for lock in self._locks:
+            lock.release()
+        self._locks.clear()
 
 
 class EmbeddedUvicorn(uvicorn.Server):

@@ -55,9 +55,10 @@ def register_cli(subparsers) -> None:
                         f"(default {DEFAULT_DRAIN_TIMEOUT_S:g})")
     p.add_argument("--max-queued", type=int, default=1024, help="requests waiting for a batch slot before "
                                                                 "new ones are refused as overloaded (default 1024)")
-    p.add_argument("--http", default=None, metavar="ADDRESS",
+    p.add_argument("--http", action="append", default=None, metavar="ADDRESS",
                    help="also serve OpenAI's HTTP API (/v1/chat/completions, /v1/completions, /v1/models, "
-                        "/health, /metrics) on unix:/path/to.sock (mode 0660, --socket-group) or HOST:PORT")
+                        "/health, /metrics) on unix:/path/to.sock (mode 0660, --socket-group) or HOST:PORT; "
+                        "repeat for several addresses")
     p.add_argument("--api-key-file", default=None,
                    help="file whose first line is the key every HTTP request must send as "
                         "`Authorization: Bearer KEY` (required when --http is not loopback or a unix socket)")
