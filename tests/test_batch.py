@@ -118,3 +118,62 @@ def test_no_daemon_stops_the_run_without_recording_anything(tmp_path, capsys):
     assert cli_main(["batch", str(prompts), "--out", str(out), "--socket", str(tmp_path / "none.sock")]) == 2
     assert "no flashllm daemon" in capsys.readouterr().err
     assert not out.exists() or read_lines(out) == []
+
+
+def write_openai_batch(path, count: int, max_tokens: int) -> None:
+    with open(path, "w", encoding="utf-8") as f:
+        for i in range(count):
+            f.write(json.dumps({"custom_id": f"req-{i}", "method": "POST", "url": "/v1/completions",
+                                "body": {"model": "tiny", "prompt": f"Story number {i}:", "max_tokens": max_tokens,
+                                         "temperature": 0, "ignore_eos": True}}) + "\n")
+
+
+def test_openai_batch_file_killed_midway_resumes_to_exactly_twenty_lines(daemon, tiny_stores, tmp_path):
+    prompts, out = tmp_path / "batch.jsonl", tmp_path / "out.jsonl"
+    write_openai_batch(prompts, 20, max_tokens=120)
+    command = ["flashllm", "batch", str(prompts), "--out", str(out), "--store", tiny_stores("llama"),
+               "--max-batch", "1", "--concurrency", "1", "--quiet"]
+    first = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                             env={**os.environ, **TEST_ENV})
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and first.poll() is None:
+            if out.exists() and out.read_text().count("\n") >= 3:
+                break
+            time.sleep(0.01)
+        assert first.poll() is None, "the batch finished before it could be interrupted"
+        first.send_signal(signal.SIGKILL)
+    finally:
+        first.kill()
+        first.wait()
+    done_before = len(read_done_keys(str(out)))
+    assert 3 <= done_before < 20
+
+    assert cli_main(["batch", str(prompts), "--out", str(out), "--socket", daemon.socket_path, "--quiet"]) == 0
+    lines = read_lines(out)
+    assert len(lines) == 20 and sorted(line["custom_id"] for line in lines) == sorted(f"req-{i}" for i in range(20))
+    for line in lines:
+        assert line["id"].startswith("batch_req_") and line["error"] is None
+        body = line["response"]["body"]
+        assert line["response"]["status_code"] == 200 and body["object"] == "text_completion"
+        assert body["usage"]["completion_tokens"] == 120 and body["choices"][0]["finish_reason"] == "length"
+    assert cli_main(["batch", str(prompts), "--out", str(out), "--socket", daemon.socket_path, "--quiet"]) == 0
+    assert len(read_lines(out)) == 20  # a third run finds nothing to do
+
+
+def test_openai_batch_lines_with_errors_record_them_in_openai_shape(daemon, tmp_path):
+    prompts, out = tmp_path / "batch.jsonl", tmp_path / "out.jsonl"
+    line = {"custom_id": "ok", "method": "POST", "url": "/v1/completions",
+            "body": {"model": "tiny", "prompt": "The quick brown fox", "max_tokens": 3}}
+    prompts.write_text("\n".join(json.dumps(x) for x in [
+        line,
+        {**line, "custom_id": "n2", "body": {**line["body"], "n": 2}},
+        {**line, "custom_id": "embed", "url": "/v1/embeddings"},
+        {**line, "custom_id": "long", "body": {**line["body"], "prompt": "the quick brown fox " * 200}},
+    ]) + "\n")
+    assert cli_main(["batch", str(prompts), "--out", str(out), "--socket", daemon.socket_path, "--quiet"]) == 0
+    by_id = {x["custom_id"]: x for x in read_lines(out)}
+    assert by_id["ok"]["response"]["body"]["usage"]["completion_tokens"] == 3
+    assert by_id["n2"]["response"] is None and "n=2 is not supported" in by_id["n2"]["error"]["message"]
+    assert "url '/v1/embeddings' is not supported" in by_id["embed"]["error"]["message"]
+    assert by_id["long"]["error"]["code"] == "prompt_too_long"

@@ -138,6 +138,7 @@ def test_unit_serves_the_configured_store_on_the_runtime_socket():
         "--memory": "${FLASHLLM_MEMORY}",
         "--max-batch": "${FLASHLLM_MAX_BATCH}",
         "--socket-group": "flashllm",
+        "--http": "${FLASHLLM_HTTP}",
     }
     assert len(options["--socket"].encode()) <= MAX_SOCKET_PATH_BYTES
     # The socket lives in the directory systemd creates for us, owned by our user.
@@ -189,3 +190,15 @@ def test_sysusers_entry_creates_a_system_user_that_cannot_log_in(tmp_path):
     assert "flashllm" in groups
     assert int(uid) < 1000, "a system user, below the range of login users"
     assert shell.endswith("nologin")
+
+
+def test_the_http_api_is_on_by_default_on_a_unix_socket_beside_the_zeromq_one():
+    unit = read_unit_settings(UNIT_PATH.read_text())
+    defaults = dict(item.split("=", 1) for item in unit["Service.Environment"])
+    for http in (defaults["FLASHLLM_HTTP"], read_env_file(ENV_PATH)["FLASHLLM_HTTP"]):
+        assert http == "unix:/run/flashllm/http.sock"  # in RuntimeDirectory=, 0750, group flashllm
+        assert len(http.removeprefix("unix:").encode()) <= MAX_SOCKET_PATH_BYTES
+    # no IP networking unless the administrator adds it (deploy/README.md)
+    assert unit["Service.RestrictAddressFamilies"] == ["AF_UNIX AF_NETLINK"]
+    readme = (DEPLOY / "README.md").read_text()
+    assert "curl --unix-socket /run/flashllm/http.sock" in readme and "HTTPTransport(uds=" in readme
