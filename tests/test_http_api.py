@@ -256,13 +256,13 @@ def test_metrics_parse_and_move_by_what_a_request_did(http_daemon, tokenizer):
 
     assert moved("flashllm_completions_total", outcome="length") == 1
     assert moved("flashllm_completion_tokens_total") == 5
-    assert moved("flashllm_generation_tokens_total") == 5
+    assert moved("flashllm_tokens_generated_total") == 5
     assert moved("flashllm_prompt_tokens_total") == len(tokenizer.encode(prompt))
-    assert moved("flashllm_requests_finished_total") == 1
+    assert moved("flashllm_requests_completed_total") == 1
     assert moved("flashllm_time_to_first_token_seconds_count") == 1
     assert moved("flashllm_http_requests_total", endpoint="/v1/completions", status="200") == 1
-    assert after[("flashllm_requests_running", ())] == 0 and after[("flashllm_ready", ())] == 1
-    for gauge in ("flashllm_tokens_per_second", "flashllm_flash_read_bytes_per_token",
+    assert after[("flashllm_requests_running", ())] == 0 and after[("flashllm_healthy", ())] == 1
+    for gauge in ("flashllm_tokens_per_second", "flashllm_flash_bytes_per_token",
                   "flashllm_ffn_io_seconds_per_step", "flashllm_ffn_compute_seconds_per_step"):
         assert (gauge, ()) in after
 
@@ -282,7 +282,7 @@ def test_a_client_dropping_mid_stream_frees_its_slot(http_daemon):
     assert after[("flashllm_requests_running", ())] == 0
     cancelled = ("flashllm_completions_total", (("outcome", "cancelled"),))
     assert after[cancelled] - before.get(cancelled, 0.0) == 1
-    finished = ("flashllm_generation_tokens_total", ())
+    finished = ("flashllm_tokens_generated_total", ())
     assert after[finished] - before[finished] < 200  # cut off, not run to the end
     assert_still_serves(http_daemon)
 

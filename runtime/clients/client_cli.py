@@ -112,8 +112,8 @@ def human_status(socket_path: str, s) -> str:
     ])
 
 
-# (name, type, help, value getter)
-_PROMETHEUS_METRICS = [
+# (name, type, help, value getter): also what the daemon's HTTP /metrics says about its scheduler
+STATUS_METRICS = [
     ("up", "gauge", "Whether the daemon answered.", lambda s: 1),
     ("healthy", "gauge", "1 when the daemon is ready and its engine makes progress.", lambda s: int(s.ok)),
     ("requests_running", "gauge", "Requests in the engine's batch.", lambda s: s.requests_running),
@@ -135,7 +135,7 @@ _PROMETHEUS_METRICS = [
 
 def prometheus_text(status) -> str:
     lines = []
-    for name, kind, help_text, value_of in _PROMETHEUS_METRICS:
+    for name, kind, help_text, value_of in STATUS_METRICS:
         value = value_of(status)
         if value is None:
             continue

@@ -34,6 +34,7 @@ from dataclasses import dataclass
 
 import uvicorn
 from starlette.applications import Starlette
+from starlette.background import BackgroundTask
 from starlette.exceptions import HTTPException
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
@@ -351,9 +352,13 @@ class OpenAIApp:
         await generation.submit()
         completion_id, created_s = new_completion_id(endpoint), int(time.time())
         if job.stream:
+            async def close_generation() -> None:  # also when the client left before the first event
+                generation.close()
+
             return StreamingResponse(self._events(generation, completion_id, created_s),
                                      media_type="text/event-stream",
-                                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+                                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+                                     background=BackgroundTask(close_generation))
         watcher = asyncio.ensure_future(_client_gone(request))
         try:
             choices = await _first_or_none(_collect(generation), watcher)

@@ -52,7 +52,8 @@ class DaemonMetrics:
 
 
 class _SchedulerCollector:
-    """Read at scrape time from Scheduler.status(): one source of truth for both front doors."""
+    """Read at scrape time from Scheduler.status(): one source for both front doors, under the same names
+    as `flashllm status --prometheus` (clients/client_cli.STATUS_METRICS)."""
 
     def __init__(self):
         self.scheduler = None
@@ -61,42 +62,17 @@ class _SchedulerCollector:
         return []  # families depend on state (no hit rate without a neuron cache): no fixed description
 
     def collect(self):
-        ready = GaugeMetricFamily("flashllm_ready", "1 when the daemon serves requests, 0 while loading or draining")
+        from flashllm.runtime.clients.client_cli import STATUS_METRICS
+
         scheduler = self.scheduler
-        if scheduler is None:
-            ready.add_metric([], 0)
-            yield ready
+        if scheduler is None:  # still loading
+            yield GaugeMetricFamily("flashllm_healthy", "1 when the daemon is ready and its engine makes progress.",
+                                    value=0)
             return
         status = scheduler.status("", model="", mode="")
-        ready.add_metric([], 1 if status.ok and status.state == "ready" else 0)
-        yield ready
-        yield _gauge("flashllm_requests_running", "requests in the engine's batch", status.requests_running)
-        yield _gauge("flashllm_requests_waiting", "requests queued for a batch slot", status.requests_queued)
-        yield _gauge("flashllm_max_batch", "batch slots (KV-cache slots)", status.max_batch)
-        yield _counter("flashllm_requests_finished", "requests finished by the engine, all front doors",
-                       status.requests_completed)
-        yield _counter("flashllm_requests_failed", "requests refused or failed, all front doors",
-                       status.requests_failed)
-        yield _counter("flashllm_generation_tokens", "tokens generated, all front doors", status.tokens_generated)
-        yield _gauge("flashllm_tokens_per_second", f"tokens generated per second over the last "
-                                                   f"{status.window_s:.0f} s", status.tokens_per_s)
-        yield _gauge("flashllm_decode_batch_mean", "sequences per decode step (recent window)", status.mean_batch)
-        yield _gauge("flashllm_decode_step_seconds", "mean decode step (recent window)", status.step_ms / 1e3)
-        yield _gauge("flashllm_ffn_io_seconds_per_step", "FFN flash reads per decode step (recent window)",
-                     status.io_ms_per_step / 1e3)
-        yield _gauge("flashllm_ffn_compute_seconds_per_step", "FFN compute per decode step (recent window)",
-                     status.compute_ms_per_step / 1e3)
-        yield _gauge("flashllm_flash_read_bytes_per_token", "bytes read from flash per decoded token "
-                                                            "(read_bytes of the FFN reader, recent window)",
-                     status.flash_bytes_per_token)
-        if status.cache_hit_rate is not None:
-            yield _gauge("flashllm_neuron_cache_hit_rate", "neuron cache hits / neurons needed (recent window)",
-                         status.cache_hit_rate)
-
-
-def _gauge(name: str, documentation: str, value: float) -> GaugeMetricFamily:
-    return GaugeMetricFamily(name, documentation, value=value)
-
-
-def _counter(name: str, documentation: str, value: float) -> CounterMetricFamily:
-    return CounterMetricFamily(name, documentation, value=value)
+        for name, kind, documentation, value_of in STATUS_METRICS:
+            value = value_of(status)
+            if name == "up" or value is None:
+                continue
+            family = CounterMetricFamily if kind == "counter" else GaugeMetricFamily
+            yield family(f"flashllm_{name}", documentation, value=value)
