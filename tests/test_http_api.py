@@ -19,7 +19,7 @@ import openai
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from daemon_process import running_daemon
+from daemon_process import running_daemon, wait_until_serving
 from flashllm.runtime.clients.cli import main as cli_main
 
 API_KEY = "flashllm-test-key-0123456789abcdef"
@@ -48,10 +48,33 @@ def http_daemon(demo_store, tmp_path_factory):
     unix_path, port = os.path.join(directory, "http.sock"), free_port()
     args = ["--max-batch", "8", "--http", f"unix:{unix_path}", "--http", f"127.0.0.1:{port}",
             "--api-key-file", write_key(directory)]
-    with running_daemon(demo_store, args) as daemon:
+    with running_daemon(demo_store, args, wait=False) as daemon:
         daemon.http_unix_path, daemon.http_port = unix_path, port
+        daemon.health_while_starting = health_until_ready(daemon)
+        wait_until_serving(daemon)
+        daemon.note_workers()
         yield daemon
     assert not os.path.exists(unix_path) and not os.path.exists(unix_path + ".lock")
+
+
+def health_until_ready(daemon, timeout_s: float = 180) -> list[tuple[int, dict]]:
+    """GET /health over TCP from the moment it answers until it says 200: (status, body) as they changed."""
+    seen: list[tuple[int, dict]] = []
+    deadline = time.monotonic() + timeout_s
+    with httpx2.Client(base_url=f"http://127.0.0.1:{daemon.http_port}", timeout=5) as client:
+        while time.monotonic() < deadline and daemon.process.poll() is None:
+            try:
+                response = client.get("/health")
+            except httpx2.TransportError:
+                time.sleep(0.05)
+                continue
+            answer = (response.status_code, response.json())
+            if not seen or seen[-1] != answer:
+                seen.append(answer)
+            if response.status_code == 200:
+                break
+            time.sleep(0.05)
+    return seen
 
 
 @pytest.fixture(scope="module")
@@ -174,6 +197,10 @@ def test_models_lists_the_store_with_its_metadata(http_daemon):
     card = client.models.retrieve(MODEL).model_dump()
     assert card["owned_by"] == "flashllm" and card["flashllm"]["num_hidden_layers"] == 30
     assert card["flashllm"]["max_batch"] == 8 and card["max_model_len"] == card["flashllm"]["max_context"]
+
+
+def test_health_says_503_while_the_model_loads_then_200(http_daemon):
+    assert http_daemon.health_while_starting == [(503, {"status": "loading"}), (200, {"status": "ok"})]
 
 
 def test_health_needs_no_key_and_the_unix_socket_is_for_owner_and_group(http_daemon):

@@ -473,7 +473,7 @@ class HttpFrontDoor:
         door = HttpFrontDoor(options, model_id, metrics)
         door.claim()              # lock + bind: a user error (exit 2) if the address is taken
         await door.start()        # /health says 503 "loading"
-        door.app.attach(scheduler, card)
+        door.attach(scheduler, card)
         ...
         await door.stop()         # after scheduler.drain()
         door.release()
@@ -487,6 +487,11 @@ class HttpFrontDoor:
         self._sockets: list[socket.socket] = []
         self._server = None
         self._task: asyncio.Task | None = None
+
+    def attach(self, scheduler, card: ModelCard) -> None:
+        """The model is loaded: serve requests from this scheduler, report its state in /metrics."""
+        self.metrics.attach(scheduler)
+        self.app.attach(scheduler, card)
 
     def claim(self) -> None:
         """Bind every address (unix sockets under a lock, like the ZeroMQ one); all or none."""

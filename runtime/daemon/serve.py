@@ -176,8 +176,7 @@ async def _serve(args, notifier, lock, http=None) -> int:
         if http is not None:
             from flashllm.runtime.daemon.http_api import model_card_for
 
-            http.app.attach(scheduler, model_card_for(args.store, engine, args.mode))
-            http.metrics.attach(scheduler)
+            http.attach(scheduler, model_card_for(args.store, engine, args.mode))
         run_task = asyncio.create_task(scheduler.run())
         receive_task = asyncio.create_task(server.receive_loop())
         notifier.ready()
