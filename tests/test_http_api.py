@@ -176,7 +176,8 @@ def test_a_prompt_list_gets_one_choice_per_prompt(http_daemon):
 
 
 async def test_sixteen_concurrent_streaming_clients_get_their_single_outputs(http_daemon):
-    prompts = PROMPTS * 2
+    distinct = PROMPTS[:4]
+    prompts = distinct * 4  # 16 clients, each prompt's single run done once
     async with async_client(http_daemon, "unix") as client:
         async def run(prompt: str, stream: bool) -> str:
             response = await client.completions.create(model=MODEL, prompt=prompt, max_tokens=8, temperature=0,
@@ -185,7 +186,7 @@ async def test_sixteen_concurrent_streaming_clients_get_their_single_outputs(htt
                 return response.choices[0].text
             return "".join([chunk.choices[0].text async for chunk in response])
 
-        alone = {p: await run(p, stream=False) for p in PROMPTS}
+        alone = {p: await run(p, stream=False) for p in distinct}
         together = await asyncio.gather(*(run(p, stream=True) for p in prompts))
     assert together == [alone[p] for p in prompts]
 
@@ -312,6 +313,19 @@ def test_a_client_dropping_mid_stream_frees_its_slot(http_daemon):
     finished = ("flashllm_tokens_generated_total", ())
     assert after[finished] - before[finished] < 200  # cut off, not run to the end
     assert_still_serves(http_daemon)
+
+
+def test_a_client_giving_up_on_a_plain_response_frees_its_slot(http_daemon):
+    before = scrape(http_daemon)
+    request = {"model": MODEL, "prompt": "Once upon a time", "max_tokens": 200, "ignore_eos": True}
+    with raw_client(http_daemon) as client, pytest.raises(httpx2.ReadTimeout):
+        client.post("/v1/completions", json=request, timeout=2.0)  # gives up and closes the connection
+    deadline = time.monotonic() + 5
+    while (after := scrape(http_daemon))[("flashllm_requests_running", ())] and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert after[("flashllm_requests_running", ())] == 0
+    cancelled = ("flashllm_completions_total", (("outcome", "cancelled"),))
+    assert after[cancelled] - before.get(cancelled, 0.0) == 1
 
 
 def test_bench_serve_over_http_reports_each_concurrency(http_daemon, tmp_path, capsys):
