@@ -334,9 +334,13 @@ def test_bench_serve_over_http_reports_each_concurrency(http_daemon, tmp_path, c
                      "--concurrency", "1,2", "--requests", "2", "--max-tokens", "2",
                      "--json", str(tmp_path / "b.json")]) == 0
     assert "over http" in capsys.readouterr().out
-    levels = json.loads((tmp_path / "b.json").read_text())["levels"]
-    assert [(lv["concurrency"], lv["tokens"]) for lv in levels] == [(1, 4), (2, 4)]
-    assert all(lv["tokens_per_s"] > 0 for lv in levels)
+    assert cli_main(["bench-serve", "--socket", http_daemon.socket_path, "--concurrency", "1,2", "--requests", "2",
+                     "--max-tokens", "2", "--json", str(tmp_path / "z.json")]) == 0
+    assert "over zeromq" in capsys.readouterr().out
+    for name in ("b.json", "z.json"):
+        levels = json.loads((tmp_path / name).read_text())["levels"]
+        assert [(lv["concurrency"], lv["tokens"]) for lv in levels] == [(1, 4), (2, 4)]
+        assert all(lv["tokens_per_s"] > 0 and lv["speedup_vs_1"] for lv in levels)
 
 
 # ---------------------------------------------------------------------- a full queue, a draining daemon
