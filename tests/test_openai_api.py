@@ -1,6 +1,8 @@
 """OpenAI request bodies read into flashllm's terms, and refused with the field named (no daemon needed)."""
 from __future__ import annotations
 
+import os
+
 import pytest
 
 from flashllm.protocol.openai_api import (CHAT, COMPLETION, Choice, OpenAIError, chunk_body, parse_request,
@@ -78,3 +80,17 @@ def test_an_address_beyond_loopback_needs_a_long_enough_key(tmp_path):
     good = tmp_path / "good.key"
     good.write_text("k" * 32 + "\n")
     assert HttpOptions.from_args(["192.168.1.5:8000"], str(good), None).api_key == "k" * 32
+
+
+def test_an_http_socket_another_server_holds_is_refused_and_left_alone(tmp_path):
+    from flashllm.runtime.daemon.http_api import HttpFrontDoor
+    from flashllm.runtime.daemon.metrics import DaemonMetrics
+    from flashllm.runtime.daemon.socket_lock import IpcEndpointLock
+
+    path = str(tmp_path / "http.sock")
+    with IpcEndpointLock(path):
+        door = HttpFrontDoor(HttpOptions.from_args([f"unix:{path}"], None, None), "m", DaemonMetrics())
+        with pytest.raises(HttpAddressError, match=f"cannot serve HTTP on unix:{path}: another flashllm serve"):
+            door.claim()
+        assert os.path.exists(path + ".lock")  # the holder's lock stays
+    assert os.listdir(tmp_path) == []

@@ -503,7 +503,7 @@ class HttpFrontDoor:
             raise
 
     def _bind(self, address: HttpAddress) -> socket.socket:
-        from flashllm.runtime.daemon.socket_lock import IpcEndpointLock, apply_socket_permissions
+        from flashllm.runtime.daemon.socket_lock import EndpointInUseError, IpcEndpointLock, apply_socket_permissions
 
         if address.unix_path is None:
             family = socket.AF_INET6 if ":" in address.host else socket.AF_INET
@@ -513,7 +513,11 @@ class HttpFrontDoor:
                 raise HttpAddressError(f"cannot listen on --http {address}: {error.strerror}; pick another port "
                                        "or stop what listens there") from None
         lock = IpcEndpointLock(address.unix_path)
-        lock.acquire()
+        try:
+            lock.acquire()
+        except EndpointInUseError as error:
+            raise HttpAddressError(f"cannot serve HTTP on {address}: {error} (here: a different --http "
+                                   "address)") from None
         self._locks.append(lock)
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
