@@ -165,6 +165,10 @@ class Scheduler:
         self._update_idle()
         return True
 
+    def record_refused(self) -> None:
+        """A request refused before it reached submit() (unreadable frame, bad field) counts as failed."""
+        self.requests_failed += 1
+
     def cancelled_final(self, request: ScheduledRequest) -> FinalMessage:
         return self._final(request, "cancelled", self._clock())
 
@@ -258,10 +262,11 @@ class Scheduler:
             self._pending.popleft()
             try:
                 self.engine.add_request(request.prompt_ids, request.params, request_id=request.engine_id)
-            except ValueError as error:
+            except Exception as error:  # RequestError (ValueError) is the request's fault; anything else a bug
                 request.done = True
                 self.requests_failed += 1
-                self._send(request, ErrorReply(request.request_id, ErrorCode.INVALID_REQUEST, f"generate: {error}"))
+                code = ErrorCode.INVALID_REQUEST if isinstance(error, ValueError) else ErrorCode.INTERNAL
+                self._send(request, ErrorReply(request.request_id, code, f"generate: {error}"))
                 continue
             request.admitted_s = self._clock()
             self._in_engine[request.engine_id] = request

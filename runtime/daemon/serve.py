@@ -220,22 +220,34 @@ class ClientServer:
     async def receive_loop(self) -> None:
         while True:
             frames = await self._sock.recv_multipart()
-            identity = frames[0]
-            if len(frames) != 2:
-                self.send(identity, ErrorReply(None, ErrorCode.MALFORMED,
-                                               f"expected one frame per request, got {len(frames) - 1}"))
-                continue
             try:
-                request = decode_request(frames[1])
-            except ProtocolError as error:
-                log.info("refused a request: %s", error.message)
-                self.send(identity, ErrorReply(error_id(error), error.code, error.message))
-                continue
-            try:
-                self._handlers[type(request)](identity, request)
-            except Exception as error:  # a bug must cost one request, not the daemon
-                log.exception("handling %s failed", request.op)
-                self.send(identity, ErrorReply(request.id, ErrorCode.INTERNAL, f"{request.op} failed: {error}"))
+                self._on_frames(frames)
+            except Exception:  # a bug must cost one request, never the loop that serves everyone
+                log.exception("handling a client frame failed")
+                self._scheduler.record_refused()
+                self.send(frames[0], ErrorReply(None, ErrorCode.INTERNAL, "the daemon could not handle this "
+                                                "request (its log says why); the daemon carries on"))
+
+    def _on_frames(self, frames: list[bytes]) -> None:
+        identity = frames[0]
+        if len(frames) != 2:
+            self._scheduler.record_refused()
+            self.send(identity, ErrorReply(None, ErrorCode.MALFORMED,
+                                           f"expected one frame per request, got {len(frames) - 1}"))
+            return
+        try:
+            request = decode_request(frames[1])
+        except ProtocolError as error:
+            log.info("refused a request: %s", error.message)
+            self._scheduler.record_refused()
+            self.send(identity, ErrorReply(error_id(error), error.code, error.message))
+            return
+        try:
+            self._handlers[type(request)](identity, request)
+        except Exception as error:  # a bug must cost one request, not the daemon
+            log.exception("handling %s failed", request.op)
+            self._scheduler.record_refused()
+            self.send(identity, ErrorReply(request.id, ErrorCode.INTERNAL, f"{request.op} failed: {error}"))
 
     def send(self, identity: bytes, reply) -> bool:
         """Send now without waiting; False when the client is gone (or stopped reading)."""
@@ -276,14 +288,23 @@ class ClientServer:
                                                   functools.partial(self._deliver, identity, key),
                                                   chat=request.chat, stream=request.stream)
         except RequestRejected as error:
-            self._requests.pop(key, None)
-            self._cancel_early.discard(key)
+            self._forget(key)
             self.send(identity, ErrorReply(request.id, error.code, error.message))
+            return
+        except Exception as error:  # e.g. the tokenizer choking on a prompt: this request fails, nothing else
+            log.exception("starting generate %r failed", request.id)
+            self._scheduler.record_refused()
+            self._forget(key)
+            self.send(identity, ErrorReply(request.id, ErrorCode.INTERNAL, f"generate failed: {error}"))
             return
         self._requests[key] = handle
         if key in self._cancel_early:
             self._cancel_early.discard(key)
             self._scheduler.cancel(handle, self._scheduler.cancelled_final(handle))
+
+    def _forget(self, key) -> None:
+        self._requests.pop(key, None)
+        self._cancel_early.discard(key)
 
     def _deliver(self, identity: bytes, key, reply) -> bool:
         if isinstance(reply, (FinalMessage, ErrorReply)):
