@@ -30,7 +30,7 @@ import threading
 import time
 
 from flashllm.protocol import codec
-from flashllm.protocol.endpoints import InstanceDir, instance_alive, runtime_root, stale_instance_dirs
+from flashllm.protocol.endpoints import InstanceDir, instance_alive, private_runtime_root, stale_instance_dirs
 from flashllm.protocol.messages import (
     ROLE_COMPUTE, ROLE_PREDICTOR, ROLE_PREFETCH, ROLE_SUPERVISOR, WORKER_ROLES, Dispatcher, Shutdown,
     WorkerFailed, WorkerReady,
@@ -79,7 +79,7 @@ def describe_exit(exitcode: int | None) -> str:
 
 def sweep_stale_instances(root: str | None = None) -> list[str]:
     """Remove the runtime dirs and /dev/shm segments of instances whose supervisor is dead; returns their ids."""
-    root = root or runtime_root()
+    root = private_runtime_root(root)  # never sweep (or later use) a directory someone else controls
     swept = set(stale_instance_dirs(root))
     for instance, _ in list_segments():
         if instance not in swept and not instance_alive(instance, root):
