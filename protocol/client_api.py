@@ -64,7 +64,13 @@ class ErrorCode:
     NOT_FOUND = "not_found"  # cancel of an id that is not running
     OVERLOADED = "overloaded"  # the queue is full; retry later
     SHUTTING_DOWN = "shutting_down"  # the daemon is draining and takes no new requests
-    INTERNAL = "internal"  # a bug or a failed worker: the daemon's log says more
+    WORKER_FAILED = "worker_failed"  # a worker process died during this request's step; the daemon restarted
+    #                                  the workers: send the request again
+    STORE_CORRUPT = "store_corrupt"  # the weights read for this step failed their checksum: run flashllm verify
+    INTERNAL = "internal"  # a bug: the daemon's log says more
+
+
+RETRYABLE_ERROR_CODES = frozenset({ErrorCode.OVERLOADED, ErrorCode.SHUTTING_DOWN, ErrorCode.WORKER_FAILED})
 
 
 class ProtocolError(ValueError):

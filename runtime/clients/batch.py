@@ -293,7 +293,8 @@ async def _run(args, todo: list[BatchItem], concurrency: int) -> dict:
                 continue
             while True:
                 outcome = await backend.generate(item.request)
-                if isinstance(outcome, ErrorReply) and outcome.code == ErrorCode.OVERLOADED:
+                # overloaded, or a worker crashed mid-step and the daemon restarted it: the prompt is not at fault
+                if isinstance(outcome, ErrorReply) and outcome.code in (ErrorCode.OVERLOADED, ErrorCode.WORKER_FAILED):
                     await asyncio.sleep(OVERLOADED_RETRY_S)
                     continue
                 break

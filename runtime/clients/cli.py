@@ -73,7 +73,8 @@ def _engine_from_args(args, max_batch: int = 1):
         ffn_options[option] = value
     return Engine(args.store, mode=args.mode, max_batch=max_batch, max_context=args.max_context,
                   ffn_options=ffn_options, runtime=resolve_runtime(getattr(args, "runtime", "auto"), args.mode),
-                  resident_dtype=getattr(args, "resident_dtype", None), threads=getattr(args, "threads", None))
+                  resident_dtype=getattr(args, "resident_dtype", None), threads=getattr(args, "threads", None),
+                  worker_restarts=getattr(args, "worker_restarts", None))
 
 
 def resolve_runtime(runtime: str, mode: str, device: str | None = None) -> str:

@@ -30,7 +30,10 @@ import time
 
 from flashllm.protocol.client_api import (CancelRequest, ErrorCode, ErrorReply, FinalMessage, GenerateRequest, HealthReply,
                                  HealthRequest, ProtocolError, StatusRequest, decode_request, encode, error_id)
-from flashllm.runtime.daemon.scheduler import RequestRejected, Scheduler
+from flashllm.runtime.daemon.scheduler import DEFAULT_STEP_TIMEOUT_S, RequestRejected, Scheduler
+
+DEFAULT_MAX_RESTARTS = 5  # runtime/core/supervisor.py's, repeated so the CLI's help needs no torch import
+RESTART_WINDOW_S = 600.0
 
 log = logging.getLogger("flashllm.serve")
 
@@ -39,6 +42,7 @@ MAX_FRAME_BYTES = 64 * 2**20  # libzmq drops a connection sending more; up to th
 SEND_HIGH_WATER_MARK = 100_000  # queued replies per client before it counts as gone (it stopped reading)
 CLOSE_LINGER_MS = 1000  # at shutdown, time for the last replies to leave
 STATUS_LINE_INTERVAL_S = 10.0
+STUCK_GRACE_S = 2.0  # after the drain, before the workers of a step that will not end are killed
 
 
 def register_cli(subparsers) -> None:
@@ -55,6 +59,12 @@ def register_cli(subparsers) -> None:
                         f"(default {DEFAULT_DRAIN_TIMEOUT_S:g})")
     p.add_argument("--max-queued", type=int, default=1024, help="requests waiting for a batch slot before "
                                                                 "new ones are refused as overloaded (default 1024)")
+    p.add_argument("--step-timeout", type=float, default=DEFAULT_STEP_TIMEOUT_S, dest="step_timeout_s",
+                   help="a step running longer than this many seconds makes the daemon unhealthy: status says "
+                        f"so and the systemd watchdog stops (default {DEFAULT_STEP_TIMEOUT_S:g})")
+    p.add_argument("--worker-restarts", type=int, default=DEFAULT_MAX_RESTARTS,
+                   help="with --runtime workers: restarts of crashed workers allowed in "
+                        f"{RESTART_WINDOW_S:g} s before the daemon gives up and exits 1 (default {DEFAULT_MAX_RESTARTS})")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     p.set_defaults(func=cmd_serve)
 
@@ -66,6 +76,10 @@ def cmd_serve(args) -> int:
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
     if args.max_batch < 1:
         raise ValueError(f"--max-batch {args.max_batch} is invalid: give at least 1")
+    if args.step_timeout_s <= 0:
+        raise ValueError(f"--step-timeout {args.step_timeout_s} is invalid: give a positive number of seconds")
+    if args.worker_restarts < 0:
+        raise ValueError(f"--worker-restarts {args.worker_restarts} is invalid: give 0 or more")
     if args.drain_timeout_s < 0:
         raise ValueError(f"--drain-timeout-s {args.drain_timeout_s} is invalid: give 0 or more seconds")
     if args.socket_group is not None:
@@ -132,7 +146,7 @@ async def _serve(args, notifier, lock) -> int:
 
     ctx = zmq.asyncio.Context()
     sock = ctx.socket(zmq.ROUTER)
-    scheduler = Scheduler(engine, max_queued=args.max_queued)
+    scheduler = Scheduler(engine, max_queued=args.max_queued, step_timeout_s=args.step_timeout_s)
     try:
         sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
         sock.setsockopt(zmq.MAXMSGSIZE, MAX_FRAME_BYTES)
@@ -169,6 +183,7 @@ async def _serve(args, notifier, lock) -> int:
         for task in (receive_task, watchdog_task, status_task, stop_wait):
             task.cancel()
         await asyncio.gather(receive_task, watchdog_task, status_task, stop_wait, return_exceptions=True)
+        await _end_a_stuck_step(run_task, scheduler)
         try:
             await run_task
         except BaseException:
@@ -184,6 +199,17 @@ async def _serve(args, notifier, lock) -> int:
         scheduler.shutdown_threads()
         engine.close()
         log.info("stopped")
+
+
+async def _end_a_stuck_step(run_task: asyncio.Task, scheduler) -> None:
+    """At shutdown, a step still running after the drain (a worker stopped or hung) gets STUCK_GRACE_S more,
+    then its workers are killed so that the step fails and the daemon can exit."""
+    if run_task.done():
+        return
+    done, _ = await asyncio.wait({run_task}, timeout=STUCK_GRACE_S)
+    if not done and scheduler.interrupt_step():
+        log.error("a step was still running %g s after the drain; killed the workers to stop it",
+                  STUCK_GRACE_S)
 
 
 async def _status_line_loop(notifier, scheduler, model: str) -> None:
