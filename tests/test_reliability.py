@@ -269,6 +269,9 @@ def test_a_batch_with_an_undecodable_line_and_a_tiny_temperature_finishes_the_re
 # ---------------------------------------------------------------------- worker processes dying and stopping
 
 
+RESTART_BOUND_S = float(os.environ.get("FLASHLLM_TEST_RESTART_BOUND_S", "30"))
+
+
 def worker_pids(daemon) -> dict[str, int]:
     """role → pid of the daemon's worker processes, by their process title (fl-prefetch, ...)."""
     found = {}
@@ -328,7 +331,9 @@ def test_killed_workers_are_restarted_in_place_until_the_budget_is_spent(sparse_
             killed_at = time.monotonic()
             with Client(daemon.socket_path, timeout_s=30) as client:
                 assert client.generate("The quick brown fox", max_tokens=4).usage.completion_tokens >= 1
-            assert time.monotonic() - killed_at < 10.0
+            # 10 s on a quiet machine (a restart is three fresh Python processes importing torch); a loaded
+            # test box can take three times that
+            assert time.monotonic() - killed_at < RESTART_BOUND_S
             assert daemon.process.poll() is None  # the same daemon, not a restarted one
             new_pids = worker_pids(daemon)
             assert set(new_pids) == set(pids) and not set(new_pids.values()) & set(pids.values())

@@ -239,6 +239,11 @@ class Engine:
             return True
         return isinstance(error, RECOVERABLE_STEP_ERRORS)
 
+    def check_workers(self) -> bool:
+        """Between steps: restart worker processes that died meanwhile; True if it did (no-op in-process)."""
+        check = getattr(self.executor, "check_workers", None)
+        return bool(check()) if check is not None else False
+
     def interrupt(self) -> None:
         """From another thread: make a step that is stuck on a worker fail now (no-op in-process)."""
         interrupt = getattr(self.executor, "interrupt", None)

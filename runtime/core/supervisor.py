@@ -211,6 +211,14 @@ class Supervisor:
                 return role
         return None
 
+    def dead_worker_reason(self) -> str | None:
+        """'the <role> worker (pid N) was killed by SIGKILL' for a worker that is gone, else None."""
+        dead = self._dead_worker()
+        if dead is None:
+            return None
+        process = self.processes[dead]
+        return f"the {dead} worker (pid {process.pid}) {describe_exit(process.exitcode)}"
+
     def send(self, role: str, msg) -> None:
         import zmq
 

@@ -171,7 +171,7 @@ class WorkerExecutor:
         if batch * steps > self.config.max_tokens:
             raise ValueError(f"{batch * steps} tokens in one forward but the worker runtime holds at most "
                              f"{self.config.max_tokens} (max_context); split the input")
-        self._restart_if_broken()
+        self.check_workers()  # a worker that died since the last step is replaced before this one, not after
         slot_list = [int(s) for s in slots.tolist()]
         position_rows = positions.reshape(batch, steps)
         for b, slot in enumerate(slot_list):
@@ -214,6 +214,16 @@ class WorkerExecutor:
         if not isinstance(error, WorkerRuntimeError):
             return False
         self.supervisor.mark_broken(str(error))  # a worker that failed a step may hold half-updated caches
+        self._restart_if_broken()
+        return True
+
+    def check_workers(self) -> bool:
+        """Restart the workers now if one died between steps (or a crash left them down); True if restarted."""
+        dead = self.supervisor.dead_worker_reason()
+        if dead is not None:
+            self.supervisor.mark_broken(f"{dead} between steps")
+        if not self.supervisor.broken:
+            return False
         self._restart_if_broken()
         return True
 

@@ -41,6 +41,7 @@ HEARTBEAT_INTERVAL_S = 1.0  # a request that was told nothing for this long gets
 METRICS_WINDOW_S = 10.0  # rates in status() are over this many recent seconds
 DEFAULT_STEP_TIMEOUT_S = 30.0  # a step running longer than this makes the daemon unhealthy (the watchdog then fires)
 DEFAULT_MAX_QUEUED = 1024
+IDLE_CHECK_INTERVAL_S = 0.5  # while idle, how often the engine's workers are checked (and restarted if dead)
 
 
 def step_failure_reply(error: Exception) -> tuple[str, str]:
@@ -208,7 +209,10 @@ class Scheduler:
                     if self._closing:
                         return
                     self._wake.clear()
-                    await self._wake.wait()
+                    try:
+                        await asyncio.wait_for(self._wake.wait(), IDLE_CHECK_INTERVAL_S)
+                    except TimeoutError:  # idle: a worker that died meanwhile is restarted now, not on a request
+                        await self._check_idle_engine()
                     continue
                 self._step_started_s = self._clock()
                 try:
@@ -375,6 +379,16 @@ class Scheduler:
         self.step_failures += 1
         log.warning("recovered from the failed step; serving the %d queued requests", len(self._pending))
         return True
+
+    async def _check_idle_engine(self) -> None:
+        check = getattr(self.engine, "check_workers", None)
+        if check is None:
+            return
+        try:
+            await asyncio.get_running_loop().run_in_executor(self._step_thread, check)
+        except Exception as error:  # the restart failed or its budget is spent
+            self._fail_everything(error)
+            raise
 
     def interrupt_step(self) -> bool:
         """Make a running step fail now (workers killed) when it is stuck; True if one was running."""
