@@ -493,3 +493,79 @@ def test_another_user_cannot_connect_and_is_told_which_group_to_join(daemon):
     group = __import__("grp").getgrgid(os.stat(daemon.socket_path).st_gid).gr_name
     assert told.startswith("DaemonUnavailableError") and f"the socket is for group {group}" in told, told
     assert_alive_and_serving(daemon)
+
+
+# ---------------------------------------------------------------------- a corrupt store, caught on read
+
+
+def flip_one_byte_per_bundle(store: str, layer: int, neuron_positions) -> None:
+    """One flipped bit in the middle of each given bundle of `layer` in ffn.bin."""
+    from flashllm.protocol.store_format import read_manifest
+
+    layout = read_manifest(store).ffn
+    region = layout.layers[layer]
+    with open(os.path.join(store, layout.file), "r+b") as f:
+        for position in neuron_positions:
+            offset = region.offset_bytes + int(position) * layout.bundle_bytes + layout.bundle_bytes // 2
+            f.seek(offset)
+            byte = f.read(1)[0]
+            f.seek(offset)
+            f.write(bytes([byte ^ 0x10]))
+
+
+@pytest.fixture
+def corrupt_store(sparse_store, tmp_path):
+    """A copy of the calibrated store with one flipped byte in every layer-1 bundle that is not pinned hot (those
+    are read at start-up): whichever of them the first token predicts, it reads a corrupt one."""
+    import numpy as np
+
+    from flashllm.protocol.store_format import read_manifest
+    from flashllm.workers.prefetch import load_hot_ids
+
+    store = str(tmp_path / "corrupt")
+    shutil.copytree(sparse_store, store)
+    manifest = read_manifest(store)
+    hot = load_hot_ids(store, manifest)[1]
+    cold = np.setdiff1d(np.arange(manifest.ffn.layers[1].num_neurons), hot)
+    flip_one_byte_per_bundle(store, 1, cold)
+    return store
+
+
+def test_a_corrupt_bundle_fails_the_request_in_the_daemon_and_it_carries_on(corrupt_store):
+    args = ["--mode", "sparse", "--runtime", "workers", "--max-batch", "2"]
+    with running_daemon(corrupt_store, args) as daemon:
+        with Client(daemon.socket_path, timeout_s=60) as client:
+            with pytest.raises(RequestFailed) as failed:
+                client.generate("The quick brown fox", max_tokens=8)
+            assert failed.value.code == ErrorCode.STORE_CORRUPT
+            assert "layer 1 neuron" in failed.value.message and "flashllm verify --store" in failed.value.message
+            status = client.status()
+            assert not status.ok and status.requests_failed >= 1
+            assert client.health().ok  # the engine itself still makes progress: no restart loop
+        assert daemon.process.poll() is None
+
+
+@pytest.mark.parametrize("mode", ["naive", "sparse"])
+def test_a_corrupt_bundle_fails_the_in_process_token_that_reads_it(corrupt_store, mode):
+    from flashllm import Engine, SamplingParams
+    from flashllm.workers.flash_io.integrity import BundleChecksumError
+
+    with Engine(corrupt_store, mode=mode, runtime="inproc") as engine:
+        with pytest.raises(BundleChecksumError, match=r"layer 1 neuron \d+ \(store position \d+\) failed its checksum"):
+            engine.generate(["The quick brown fox"], SamplingParams(max_tokens=4))
+
+
+def test_a_corrupt_bundle_stops_the_dense_load_and_reads_can_be_left_unchecked(corrupt_store):
+    from flashllm import Engine, SamplingParams
+    from flashllm.workers.flash_io.integrity import BundleChecksumError
+
+    with pytest.raises(BundleChecksumError, match="layer 1 neuron"):
+        Engine(corrupt_store, mode="dense")
+    run = run_serve(corrupt_store, os.path.join(os.path.dirname(corrupt_store), "x.sock"))
+    assert run.returncode == 2 and "layer 1 neuron" in run.stderr and "flashllm verify" in run.stderr
+    os.environ["FLASHLLM_VERIFY_READS"] = "0"  # what --no-verify-reads sets
+    try:
+        with Engine(corrupt_store, mode="dense") as engine:
+            assert engine.generate(["hi"], SamplingParams(max_tokens=2))[0].tokens
+    finally:
+        del os.environ["FLASHLLM_VERIFY_READS"]

@@ -19,6 +19,7 @@ import torch
 
 from flashllm.runtime.core.sampling import NonFiniteLogitsError, SamplingParams, sample_next_token
 from flashllm.runtime.core.tokenizer import IncrementalDetokenizer, StopStringMatcher, Tokenizer
+from flashllm.workers.flash_io.integrity import BundleChecksumError
 from flashllm.workers.executor import FFN_MODES, ModelExecutor, compute_dtype, default_device
 from flashllm.workers.models.attention import KVCache
 from flashllm.workers.models.resident import resident_dtype_of
@@ -28,7 +29,7 @@ DEFAULT_MAX_CONTEXT = 2048
 PREFILL_TOKEN_BUDGET = 2048  # prompt tokens prefilled per step, so decode is not starved
 FLASH_MODES = ("naive", "sparse")
 # a step that failed with one of these leaves the engine usable once its sequences are dropped
-RECOVERABLE_STEP_ERRORS = (NonFiniteLogitsError,)
+RECOVERABLE_STEP_ERRORS = (NonFiniteLogitsError, BundleChecksumError)
 
 
 def available_cores() -> int:

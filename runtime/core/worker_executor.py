@@ -33,6 +33,7 @@ from flashllm.runtime.core.supervisor import (
 from flashllm.workers.compute import PipelineStats
 from flashllm.workers.executor import compute_dtype, default_device
 from flashllm.workers.flash_io.bundle_reader import largest_chunk_rows, numpy_dtype_of_store
+from flashllm.workers.flash_io.integrity import BundleChecksumError
 from flashllm.workers.flash_io.io_counters import process_read_bytes
 from flashllm.workers.process_entry import WorkerConfig
 from flashllm.workers.flash_io.neuron_cache import DEFAULT_WINDOW_TOKENS
@@ -247,6 +248,9 @@ class WorkerExecutor:
         if msg.step != self._pending.get("step"):
             return
         self._pending["done"] = True
+        corrupt = f"{BundleChecksumError.__name__}: "
+        if msg.error.startswith(corrupt):  # the store's fault, not the worker's: no restart, the message as is
+            raise BundleChecksumError(msg.error.removeprefix(corrupt))
         raise WorkerStepError(f"step {msg.step} failed in the {msg.role} worker: {msg.error}")
 
     def release_slot(self, slot: int) -> None:
