@@ -86,7 +86,7 @@ def main(argv: list[str] | None = None) -> int:
     from flashllm.protocol.store_format import read_manifest
 
     bundle_bytes = read_manifest(args.store).ffn.bundle_bytes
-    read_per_token = statistics.mean(r["flash_read_bytes_per_token"] for r in runs)
+    read_per_token = statistics.median(r["flash_read_bytes_per_token"] for r in runs)
     hashing_ms = hash_ms_per_token(args.store, read_per_token / bundle_bytes)
     summary = {"ms_per_token_verify_on": on, "ms_per_token_verify_off": off, "difference_ms": on - off,
                "difference_percent": (on - off) / off * 100, "hash_ms_per_token": hashing_ms,
