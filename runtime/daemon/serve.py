@@ -30,10 +30,8 @@ import time
 
 from flashllm.protocol.client_api import (CancelRequest, ErrorCode, ErrorReply, FinalMessage, GenerateRequest, HealthReply,
                                  HealthRequest, ProtocolError, StatusRequest, decode_request, encode, error_id)
+from flashllm.runtime.core.supervisor import DEFAULT_MAX_RESTARTS, RESTART_WINDOW_S  # no torch: cheap for --help
 from flashllm.runtime.daemon.scheduler import DEFAULT_STEP_TIMEOUT_S, RequestRejected, Scheduler
-
-DEFAULT_MAX_RESTARTS = 5  # runtime/core/supervisor.py's, repeated so the CLI's help needs no torch import
-RESTART_WINDOW_S = 600.0
 
 log = logging.getLogger("flashllm.serve")
 
