@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import reprlib
 import types
 import typing
 from collections.abc import Callable
@@ -45,6 +46,10 @@ MAX_ID_CHARS = 128
 MAX_TOKENS = 1_000_000  # the daemon's context length is the tighter, real bound
 MAX_STOP_STRINGS = 16
 MAX_STOP_CHARS = 256
+MIN_TEMPERATURE = 1e-3  # below this (and above 0, greedy) sampling is greedy anyway; refused so nobody is surprised
+MAX_TEMPERATURE = 100.0
+MAX_NESTING_DEPTH = 8  # maps and lists inside one another; a real request needs 3 (request → messages → turn)
+MAX_WIRE_ITEMS = 100_000  # values in one request, all levels together
 
 
 class ErrorCode:
@@ -59,7 +64,13 @@ class ErrorCode:
     NOT_FOUND = "not_found"  # cancel of an id that is not running
     OVERLOADED = "overloaded"  # the queue is full; retry later
     SHUTTING_DOWN = "shutting_down"  # the daemon is draining and takes no new requests
-    INTERNAL = "internal"  # a bug or a failed worker: the daemon's log says more
+    WORKER_FAILED = "worker_failed"  # a worker process died during this request's step; the daemon restarted
+    #                                  the workers: send the request again
+    STORE_CORRUPT = "store_corrupt"  # the weights read for this step failed their checksum: run flashllm verify
+    INTERNAL = "internal"  # a bug: the daemon's log says more
+
+
+RETRYABLE_ERROR_CODES = frozenset({ErrorCode.OVERLOADED, ErrorCode.SHUTTING_DOWN, ErrorCode.WORKER_FAILED})
 
 
 class ProtocolError(ValueError):
@@ -86,6 +97,13 @@ def _is_id(value: str) -> bool:
 ID_RULE = _rule(_is_id, f"a string of 1..{MAX_ID_CHARS} characters")
 
 
+def is_valid_temperature(value: float) -> bool:
+    return value == 0.0 or MIN_TEMPERATURE <= value <= MAX_TEMPERATURE
+
+
+TEMPERATURE_ALLOWED = f"0 (greedy) or a number in {MIN_TEMPERATURE:g}..{MAX_TEMPERATURE:g}"
+
+
 # ---------------------------------------------------------------------- requests (client → daemon)
 
 
@@ -105,11 +123,11 @@ class GenerateRequest:
     prompt: str | None = field(default=None, metadata=_rule(
         lambda v: len(v) <= MAX_PROMPT_CHARS, f"at most {MAX_PROMPT_CHARS} characters", ErrorCode.TOO_LARGE))
     messages: list[ChatMessage] | None = field(default=None, metadata=_rule(
-        lambda v: 1 <= len(v) <= MAX_MESSAGES, f"a list of 1..{MAX_MESSAGES} chat messages", ErrorCode.TOO_LARGE))
+        lambda v: len(v) <= MAX_MESSAGES, f"a list of at most {MAX_MESSAGES} chat messages", ErrorCode.TOO_LARGE))
     chat: bool = False  # wrap `prompt` in the model's chat template as one user turn
     max_tokens: int = field(default=128, metadata=_rule(lambda v: 1 <= v <= MAX_TOKENS,
                                                         f"an integer in 1..{MAX_TOKENS}"))
-    temperature: float = field(default=0.0, metadata=_rule(lambda v: 0.0 <= v <= 100.0, "a number in 0..100"))
+    temperature: float = field(default=0.0, metadata=_rule(is_valid_temperature, TEMPERATURE_ALLOWED))
     top_p: float = field(default=1.0, metadata=_rule(lambda v: 0.0 < v <= 1.0, "a number in (0, 1]"))
     top_k: int = field(default=0, metadata=_rule(lambda v: 0 <= v <= 2**31 - 1, "an integer ≥ 0 (0: no cut)"))
     seed: int | None = field(default=None, metadata=_rule(lambda v: 0 <= v < 2**63, "an integer in 0..2^63-1"))
@@ -123,6 +141,10 @@ class GenerateRequest:
         if (self.prompt is None) == (self.messages is None):
             raise ProtocolError(ErrorCode.INVALID_REQUEST,
                                 "generate: give exactly one of prompt (text) or messages (chat turns)")
+        if self.messages is not None and not self.messages:
+            raise ProtocolError(ErrorCode.INVALID_REQUEST,
+                                "generate: messages is empty; give at least one chat turn, e.g. "
+                                '[{"role": "user", "content": "Hi"}]')
         if self.messages is not None:
             chars = sum(len(m.content) for m in self.messages)
             if chars > MAX_PROMPT_CHARS:
@@ -343,9 +365,15 @@ def _wrong_type(name: str, expected: str, value: Any) -> ProtocolError:
                          f"{name} must be {expected}, got {type(value).__name__} {_short(value)}")
 
 
+_SHORT_REPR = reprlib.Repr()  # bounded levels and lengths (Python 3.11 has no constructor arguments)
+_SHORT_REPR.maxlevel, _SHORT_REPR.maxstring, _SHORT_REPR.maxother = 3, 60, 60
+_SHORT_REPR.maxlist = _SHORT_REPR.maxtuple = _SHORT_REPR.maxdict = 4
+
+
 def _short(value: Any, limit: int = 60) -> str:
-    text = repr(value)
-    return text if len(text) <= limit else text[:limit] + f"... ({len(text)} characters)"
+    """A bounded repr for error messages: never recurses deeper than a few levels, whatever the value holds."""
+    text = _SHORT_REPR.repr(value)
+    return text if len(text) <= limit else text[:limit] + "..."
 
 
 def _from_fields(cls: type, fields: dict, where: str) -> Any:
@@ -383,6 +411,7 @@ def decode_request(frame: bytes) -> Request:
         raise ProtocolError(ErrorCode.TOO_LARGE, f"request of {len(frame)} bytes is over the limit of "
                                                  f"{MAX_REQUEST_BYTES} bytes; shorten the prompt")
     wire = _unpack_map(frame, "request")
+    _check_shape(wire, "request")
     request_id = wire.get("id") if isinstance(wire.get("id"), str) else None
     try:
         op = wire.pop("op", None)
@@ -413,6 +442,26 @@ def decode_reply(frame: bytes) -> Reply:
 def error_id(error: ProtocolError) -> str | None:
     """The request id a refused frame carried, if it could be read."""
     return getattr(error, "request_id", None)
+
+
+def _check_shape(wire: Any, what: str) -> None:
+    """Refuse values nested deeper than MAX_NESTING_DEPTH or holding more than MAX_WIRE_ITEMS values, before
+    anything recursive (validation, repr in an error message) touches them. Iterative: no recursion limit."""
+    todo = [(wire, 1)]
+    items = 0
+    while todo:
+        value, depth = todo.pop()
+        if depth > MAX_NESTING_DEPTH:
+            raise ProtocolError(ErrorCode.INVALID_REQUEST, f"{what} nests maps and lists more than "
+                                                           f"{MAX_NESTING_DEPTH} levels deep; no field needs that")
+        children = value.values() if isinstance(value, dict) else value if isinstance(value, (list, tuple)) else ()
+        for child in children:
+            items += 1
+            if items > MAX_WIRE_ITEMS:
+                raise ProtocolError(ErrorCode.TOO_LARGE, f"{what} holds more than {MAX_WIRE_ITEMS} values; "
+                                                         "send fewer messages or stop strings")
+            if isinstance(child, (dict, list, tuple)):
+                todo.append((child, depth + 1))
 
 
 def _unpack_map(frame: bytes, what: str) -> dict:

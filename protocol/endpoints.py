@@ -1,6 +1,7 @@
 """Where a runtime instance's worker sockets live: one private directory per instance.
 
-    $FLASHLLM_RUNTIME_DIR | $XDG_RUNTIME_DIR/flashllm | /tmp/flashllm-<uid>     (the root, mode 0700)
+    $FLASHLLM_RUNTIME_DIR | $RUNTIME_DIRECTORY (systemd) | $XDG_RUNTIME_DIR/flashllm | /tmp/flashllm-<uid>
+                                    (the root: owned by this uid, mode 0700 or 0750, not a symlink)
       <pid>-<hex>/                  one supervisor instance (mkdir'ed exclusively)
         supervisor.lock             flock held for the supervisor's lifetime; holds its pid
         supervisor.sock             ipc inboxes, one PULL socket per process
@@ -11,6 +12,12 @@ path (ZeroMQ would silently steal it, zmq_ipc(7)). The lock tells a later
 supervisor whether an instance is alive: the kernel releases a flock when its
 holder dies, so a stale instance (SIGKILL) is one whose lock can be taken; its
 directory and its /dev/shm segments (protocol/shm.py) are then swept.
+
+Whoever can write the root can bind an instance's sockets and read every
+prompt's token ids, so the root is made with mkdir (never through a symlink)
+and, when it exists already, used only if this uid owns it and nobody else
+may write it or (0750 at most) enter it; anything else is refused with
+RuntimeDirError saying what to do.
 
 Pure Python.
 """
@@ -27,6 +34,10 @@ MAX_IPC_PATH_BYTES = 107  # sockaddr_un.sun_path is 108 bytes with the trailing 
 LOCK_FILE = "supervisor.lock"
 
 
+class RuntimeDirError(PermissionError):
+    """The runtime root is not private to this user (another owner, loose mode, a symlink)."""
+
+
 class EndpointPathTooLong(ValueError):
     """An ipc socket path does not fit sockaddr_un."""
 
@@ -40,10 +51,51 @@ def runtime_root() -> str:
     explicit = os.environ.get("FLASHLLM_RUNTIME_DIR")
     if explicit:
         return explicit
+    systemd = os.environ.get("RUNTIME_DIRECTORY")  # the unit's RuntimeDirectory=, made by systemd for this user
+    if systemd:
+        return systemd.split(":")[0]
     xdg = os.environ.get("XDG_RUNTIME_DIR")
     if xdg and os.path.isdir(xdg):
         return os.path.join(xdg, "flashllm")
     return f"/tmp/flashllm-{os.getuid()}"
+
+
+PRIVATE_MODE_MASK = 0o027  # no write for the group, nothing for others: 0700 and 0750 pass
+
+
+def private_runtime_root(root: str | None = None) -> str:
+    """The runtime root, created 0700 if missing; RuntimeDirError unless it is a directory this uid owns
+    that no one else may write (not a symlink). Returns its path."""
+    root = root or runtime_root()
+    try:
+        os.mkdir(root, 0o700)
+    except FileExistsError:
+        pass
+    except FileNotFoundError:
+        raise RuntimeDirError(f"cannot create the runtime directory {root}: its parent does not exist; create it "
+                              "or set FLASHLLM_RUNTIME_DIR to a directory of yours") from None
+    try:
+        fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError as error:
+        if error.errno in (errno.ELOOP, errno.ENOTDIR):
+            raise RuntimeDirError(f"the runtime directory {root} is a symlink or not a directory: refusing to put "
+                                  "worker sockets there; remove it, or set FLASHLLM_RUNTIME_DIR (or "
+                                  "XDG_RUNTIME_DIR) to a private directory") from None
+        raise
+    try:
+        info = os.fstat(fd)
+    finally:
+        os.close(fd)
+    if info.st_uid != os.getuid():
+        raise RuntimeDirError(
+            f"the runtime directory {root} belongs to uid {info.st_uid}, not to this user (uid {os.getuid()}): "
+            "someone else could read the requests through it; remove it (it may be an attack), or set "
+            "FLASHLLM_RUNTIME_DIR (or XDG_RUNTIME_DIR) to a private directory")
+    if info.st_mode & PRIVATE_MODE_MASK:
+        raise RuntimeDirError(
+            f"the runtime directory {root} has mode {info.st_mode & 0o777:#o}; it must not be writable by its group "
+            f"nor open to others: chmod 700 {root}, or set FLASHLLM_RUNTIME_DIR to a private directory")
+    return root
 
 
 def instance_dir(instance: str, root: str | None = None) -> str:
@@ -70,10 +122,11 @@ class InstanceDir:
         self._lock_fd = -1
 
     def create(self) -> "InstanceDir":
-        os.makedirs(self.root, mode=0o700, exist_ok=True)
+        private_runtime_root(self.root)
         os.mkdir(self.path, 0o700)  # FileExistsError: the id is taken (ids are random: should not happen)
         endpoint(self.path, "supervisor")  # refuse a too-long root before any worker starts
-        fd = os.open(os.path.join(self.path, LOCK_FILE), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        fd = os.open(os.path.join(self.path, LOCK_FILE), os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
+                     | os.O_CLOEXEC, 0o600)
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         os.write(fd, f"{os.getpid()}\n".encode())
         self._lock_fd = fd

@@ -113,6 +113,7 @@ class FfnLayout:
     bundle_bytes: int
     file_bytes: int
     layers: list[FfnLayerRegion]
+    bundle_checksums: str | None = None  # file of per-bundle xxh3-64 digests checked on every read (flash_io/integrity)
 
     def part_slices(self) -> dict[str, slice]:
         """Element slices of each part inside one bundle row."""

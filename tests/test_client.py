@@ -84,7 +84,9 @@ def test_integers_are_accepted_where_numbers_are_expected():
      "max_tokens must be an integer"),
     (msgpack.packb({"op": "generate", "id": "a", "prompt": "x", "messages": [{"role": "user", "content": "y"}]}),
      ErrorCode.INVALID_REQUEST, "exactly one of"),
-    (msgpack.packb({"op": "generate", "id": "a", "messages": []}), ErrorCode.TOO_LARGE, "1..1024"),
+    (msgpack.packb({"op": "generate", "id": "a", "messages": []}), ErrorCode.INVALID_REQUEST, "messages is empty"),
+    (msgpack.packb({"op": "generate", "id": "a", "messages": [{"role": "user", "content": "x"}] * 1025}),
+     ErrorCode.TOO_LARGE, "at most 1024 chat messages"),
     (msgpack.packb({"op": "generate", "id": "a", "messages": [{"role": "user", "content": "y" * 600_000}] * 2}),
      ErrorCode.TOO_LARGE, "1200000 characters"),
 ])

@@ -120,11 +120,11 @@ def read_input(path: str, defaults: dict) -> list[BatchItem]:
     """Every input line as a BatchItem; broken lines carry their error (recorded on their output line)."""
     items: list[BatchItem] = []
     seen: set[str] = set()
-    with open(path, encoding="utf-8") as f:
-        for number, text in enumerate(f, start=1):
-            if not text.strip():
+    with open(path, "rb") as f:  # bytes: one undecodable line becomes that line's error, not the whole file's
+        for number, raw in enumerate(f, start=1):
+            if not raw.strip():
                 continue
-            item = _parse_line(number, text, defaults)
+            item = _parse_line(number, raw, defaults)
             if item.key in seen:
                 print(f"{path}:{number}: id {item.id!r} appeared before; this line is skipped", file=sys.stderr)
                 continue
@@ -133,21 +133,29 @@ def read_input(path: str, defaults: dict) -> list[BatchItem]:
     return items
 
 
-def _parse_line(number: int, text: str, defaults: dict) -> BatchItem:
+def _parse_line(number: int, raw: bytes, defaults: dict) -> BatchItem:
     def broken(key: str, item_id, message: str) -> BatchItem:
         return BatchItem(number, key, item_id, None, ErrorReply(None, ErrorCode.INVALID_REQUEST, message))
 
     try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as error:
+        return broken(f"line:{number}", None, f"line {number} is not UTF-8 text (byte {raw[error.start]:#04x} at "
+                                              f"column {error.start + 1}); save the file as UTF-8")
+    try:
         obj = json.loads(text)
     except json.JSONDecodeError as error:
         return broken(f"line:{number}", None, f"line {number} is not JSON ({error})")
+    except RecursionError:
+        return broken(f"line:{number}", None, f"line {number} nests JSON too deeply to read")
     if not isinstance(obj, dict):
         return broken(f"line:{number}", None, f"line {number} is not a JSON object")
     if "custom_id" in obj:
         return _parse_openai_line(number, obj)
     item_id = obj.pop("id", None)
     if item_id is not None and (isinstance(item_id, bool) or not isinstance(item_id, (str, int))):
-        return broken(f"line:{number}", None, f"line {number}: id must be a string or an integer, got {item_id!r}")
+        return broken(f"line:{number}", None, f"line {number}: id must be a string or an integer, "
+                                              f"got {type(item_id).__name__}")
     key = _key(item_id, number)
     unknown = [k for k in obj if k not in ("prompt", "messages", *SAMPLING_KEYS)]
     if unknown:
@@ -363,7 +371,8 @@ async def _run(args, todo: list[BatchItem], concurrency: int) -> dict:
                 continue
             while True:
                 outcome = await backend.generate(item.request)
-                if isinstance(outcome, ErrorReply) and outcome.code == ErrorCode.OVERLOADED:
+                # overloaded, or a worker crashed mid-step and the daemon restarted it: the prompt is not at fault
+                if isinstance(outcome, ErrorReply) and outcome.code in (ErrorCode.OVERLOADED, ErrorCode.WORKER_FAILED):
                     await asyncio.sleep(OVERLOADED_RETRY_S)
                     continue
                 break

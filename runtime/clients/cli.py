@@ -55,7 +55,13 @@ def _sampling_params(args):
 
 
 def _engine_from_args(args, max_batch: int = 1):
+    import os
+
     from flashllm.runtime.core.engine import Engine
+    from flashllm.workers.flash_io.integrity import VERIFY_READS_ENV
+
+    if not getattr(args, "verify_reads", True):
+        os.environ[VERIFY_READS_ENV] = "0"  # every reader, in this process and in the workers it spawns
 
     ffn_options = {}
     if getattr(args, "memory", None):
@@ -73,7 +79,8 @@ def _engine_from_args(args, max_batch: int = 1):
         ffn_options[option] = value
     return Engine(args.store, mode=args.mode, max_batch=max_batch, max_context=args.max_context,
                   ffn_options=ffn_options, runtime=resolve_runtime(getattr(args, "runtime", "auto"), args.mode),
-                  resident_dtype=getattr(args, "resident_dtype", None), threads=getattr(args, "threads", None))
+                  resident_dtype=getattr(args, "resident_dtype", None), threads=getattr(args, "threads", None),
+                  worker_restarts=getattr(args, "worker_restarts", None))
 
 
 def resolve_runtime(runtime: str, mode: str, device: str | None = None) -> str:
@@ -214,6 +221,9 @@ def _add_engine_args(p: argparse.ArgumentParser, store_required: bool = True) ->
                    help="run the model in this process, or pipelined in prefetch/predictor/compute processes "
                         "(--mode sparse only); auto (default): workers for --mode sparse on the CPU, inproc otherwise "
                         "(on a GPU, compute is too short for the overlap to pay for the messages)")
+    p.add_argument("--no-verify-reads", dest="verify_reads", action="store_false",
+                   help="don't check each FFN bundle read from flash against the store's checksums "
+                        "(on by default: a corrupt store then fails the token that reads it, naming the neuron)")
 
 
 BUILTIN_COMMANDS = ("convert", "verify", "generate", "eval")

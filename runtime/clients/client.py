@@ -74,8 +74,8 @@ def check_daemon_listening(socket_path: str) -> str:
     except FileNotFoundError:
         raise DaemonUnavailableError(f"no flashllm daemon at {path}: the socket does not exist; {start_hint}") from None
     except PermissionError:
-        raise DaemonUnavailableError(f"cannot reach {path}: permission denied on its directory; "
-                                     "ask to be added to group flashllm") from None
+        raise DaemonUnavailableError(f"cannot reach {path}: permission denied on its directory; ask to be added "
+                                     f"to {_group_of(os.path.dirname(path))}") from None
     if not stat.S_ISSOCK(mode):
         raise DaemonUnavailableError(f"{path} is not a socket; pass the daemon's --socket path")
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC) as probe:
@@ -84,12 +84,26 @@ def check_daemon_listening(socket_path: str) -> str:
         except OSError as error:
             if error.errno in (errno.EACCES, errno.EPERM):
                 raise DaemonUnavailableError(f"may not connect to {path}: permission denied; the socket is "
-                                             "for group flashllm, ask to be added to it") from None
+                                             f"for {_group_of(path)}, ask to be added to it") from None
             if error.errno in (errno.ECONNREFUSED, errno.ENOENT):
                 raise DaemonUnavailableError(f"no flashllm daemon listens on {path} (a stopped daemon left the "
                                              f"socket file behind); {start_hint}") from None
             raise DaemonUnavailableError(f"cannot connect to {path}: {error.strerror}") from None
     return path
+
+
+def _group_of(path: str) -> str:
+    """'group NAME' of a file, for telling a user which group to join."""
+    import grp
+
+    try:
+        gid = os.stat(path).st_gid
+    except OSError:
+        return "the daemon's socket group"
+    try:
+        return f"group {grp.getgrgid(gid).gr_name}"
+    except KeyError:
+        return f"group id {gid}"
 
 
 def build_generate_request(request_id: str, prompt: str | None, messages: list[dict] | None, stream: bool,

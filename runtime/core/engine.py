@@ -17,8 +17,9 @@ from dataclasses import dataclass, field
 
 import torch
 
-from flashllm.runtime.core.sampling import SamplingParams, sample_next_token
+from flashllm.runtime.core.sampling import NonFiniteLogitsError, SamplingParams, sample_next_token
 from flashllm.runtime.core.tokenizer import IncrementalDetokenizer, StopStringMatcher, Tokenizer
+from flashllm.workers.flash_io.integrity import BundleChecksumError
 from flashllm.workers.executor import FFN_MODES, ModelExecutor, compute_dtype, default_device
 from flashllm.workers.models.attention import KVCache
 from flashllm.workers.models.resident import resident_dtype_of
@@ -27,6 +28,8 @@ from flashllm.workers.store_reader import open_store
 DEFAULT_MAX_CONTEXT = 2048
 PREFILL_TOKEN_BUDGET = 2048  # prompt tokens prefilled per step, so decode is not starved
 FLASH_MODES = ("naive", "sparse")
+# a step that failed with one of these leaves the engine usable once its sequences are dropped
+RECOVERABLE_STEP_ERRORS = (NonFiniteLogitsError, BundleChecksumError)
 
 
 def available_cores() -> int:
@@ -95,9 +98,12 @@ class _Sequence:
 class Engine:
     def __init__(self, store_dir: str, mode: str = "dense", max_batch: int = 8, max_context: int | None = None,
                  device: str | None = None, verify: bool = True, ffn_options: dict | None = None, executor=None,
-                 runtime: str = "inproc", resident_dtype: str | None = None, threads: int | None = None):
+                 runtime: str = "inproc", resident_dtype: str | None = None, threads: int | None = None,
+                 worker_restarts: int | None = None):
         """threads: torch threads of the model's compute (this process, or the compute worker);
-        None: `default_threads(mode)`. torch's thread count is per process, so this sets it for the process."""
+        None: `default_threads(mode)`. torch's thread count is per process, so this sets it for the process.
+        worker_restarts: with runtime="workers", how often the worker set may be restarted after crashes
+        (within the supervisor's window) before a failure is final."""
         if mode not in FFN_MODES:
             raise ValueError(f"--mode {mode!r} is not one of {', '.join(FFN_MODES)}")
         if max_batch < 1:
@@ -139,8 +145,10 @@ class Engine:
         if executor is None and runtime == "workers":
             from flashllm.runtime.core.worker_executor import WorkerExecutor  # the model in prefetch/predictor/compute processes
 
+            restarts = {} if worker_restarts is None else {"max_restarts": worker_restarts}
             executor = WorkerExecutor(store_dir, self.manifest, mode, max_batch, self.max_context, device=device,
-                                      verify=verify, ffn_options=ffn_options, resident_dtype=resident_dtype)
+                                      verify=verify, ffn_options=ffn_options, resident_dtype=resident_dtype,
+                                      **restarts)
         elif executor is None and runtime == "inproc":
             executor = ModelExecutor(store_dir, self.manifest, mode, max_batch, self.max_context, device=device,
                                      verify=verify, ffn_options=ffn_options, resident_dtype=resident_dtype)
@@ -216,6 +224,32 @@ class Engine:
     def _release(self, seq: _Sequence) -> None:
         self._free_slots.append(seq.slot)
         self.executor.release_slot(seq.slot)
+
+    def abort_all(self) -> None:
+        """Drop every sequence (after a failed step: their KV caches and sampling state are not to be trusted)."""
+        for request_id in [s.request_id for s in self._waiting] + list(self._running):
+            self.abort(request_id)
+
+    def recover(self, error: BaseException) -> bool:
+        """After a step raised `error`: drop every sequence, and say whether the engine can serve again
+        (a worker crash: after restarting the workers; a model fault on one step's data: as is; anything
+        else, a bug, is not trusted). Raises when the restart itself fails or its budget is spent."""
+        self.abort_all()
+        recover = getattr(self.executor, "recover", None)
+        if recover is not None and recover(error):
+            return True
+        return isinstance(error, RECOVERABLE_STEP_ERRORS)
+
+    def check_workers(self) -> bool:
+        """Between steps: restart worker processes that died meanwhile; True if it did (no-op in-process)."""
+        check = getattr(self.executor, "check_workers", None)
+        return bool(check()) if check is not None else False
+
+    def interrupt(self) -> None:
+        """From another thread: make a step that is stuck on a worker fail now (no-op in-process)."""
+        interrupt = getattr(self.executor, "interrupt", None)
+        if interrupt is not None:
+            interrupt()
 
     def has_unfinished(self) -> bool:
         return bool(self._waiting or self._running)

@@ -11,7 +11,10 @@
     recv()   the next message for the engine; raises WorkerCrashedError within
              POLL_INTERVAL_S of a worker dying (or reporting WorkerFailed), after
              killing the others: a pipeline missing one process is useless.
-    ensure_running()   restarts the workers after a crash (WorkerStartError if that fails)
+    ensure_running()   restarts the workers after a crash (WorkerStartError if that fails), at most
+             max_restarts times in RESTART_WINDOW_S, each after a growing pause
+             (RestartBudgetSpent past that: the caller should give up and exit)
+    kill_workers()   SIGKILL the workers from any thread: unblocks a step stuck on a stopped worker
     close()  staged shutdown: Shutdown message, then SIGTERM, then SIGKILL; unlink the
              segments, remove the directory. Also runs at interpreter exit and, when
              the supervisor owns the process's SIGTERM handling, on SIGTERM.
@@ -30,7 +33,8 @@ import threading
 import time
 
 from flashllm.protocol import codec
-from flashllm.protocol.endpoints import InstanceDir, instance_alive, runtime_root, stale_instance_dirs
+from flashllm.protocol.client_api import ErrorCode
+from flashllm.protocol.endpoints import InstanceDir, instance_alive, private_runtime_root, stale_instance_dirs
 from flashllm.protocol.messages import (
     ROLE_COMPUTE, ROLE_PREDICTOR, ROLE_PREFETCH, ROLE_SUPERVISOR, WORKER_ROLES, Dispatcher, Shutdown,
     WorkerFailed, WorkerReady,
@@ -44,6 +48,10 @@ POLL_INTERVAL_S = 0.05
 DEFAULT_START_TIMEOUT_S = 300.0
 ASK_TIMEOUT_S = 3.0  # staged shutdown: after Shutdown, before SIGTERM
 TERM_TIMEOUT_S = 2.0  # after SIGTERM, before SIGKILL
+DEFAULT_MAX_RESTARTS = 5  # worker-set restarts allowed within RESTART_WINDOW_S
+RESTART_WINDOW_S = 600.0
+FIRST_BACKOFF_S = 0.5  # pause before the 2nd restart in the window; doubles each time after
+MAX_BACKOFF_S = 8.0
 
 
 class WorkerRuntimeError(RuntimeError):
@@ -53,9 +61,22 @@ class WorkerRuntimeError(RuntimeError):
 class WorkerCrashedError(WorkerRuntimeError):
     """A worker process died; the in-flight step failed. The workers restart at the next request."""
 
+    client_error_code = ErrorCode.WORKER_FAILED  # what the daemon tells the step's clients: retry
+
 
 class WorkerStartError(WorkerRuntimeError):
     """The workers could not be started (or restarted)."""
+
+
+class RestartBudgetSpent(WorkerStartError):
+    """The workers crashed more often than the restart budget allows: something is wrong beyond one bad step."""
+
+
+def restart_backoff_s(recent_restarts: int) -> float:
+    """Pause before a restart, given how many happened in the window already: none for the first."""
+    if recent_restarts == 0:
+        return 0.0
+    return min(FIRST_BACKOFF_S * 2 ** (recent_restarts - 1), MAX_BACKOFF_S)
 
 
 def _entry_points():
@@ -79,7 +100,7 @@ def describe_exit(exitcode: int | None) -> str:
 
 def sweep_stale_instances(root: str | None = None) -> list[str]:
     """Remove the runtime dirs and /dev/shm segments of instances whose supervisor is dead; returns their ids."""
-    root = root or runtime_root()
+    root = private_runtime_root(root)  # never sweep (or later use) a directory someone else controls
     swept = set(stale_instance_dirs(root))
     for instance, _ in list_segments():
         if instance not in swept and not instance_alive(instance, root):
@@ -92,7 +113,7 @@ def sweep_stale_instances(root: str | None = None) -> list[str]:
 
 class Supervisor:
     def __init__(self, config: WorkerConfig, instance_dir: InstanceDir, start_timeout_s: float = DEFAULT_START_TIMEOUT_S,
-                 handle_sigterm: bool = True):
+                 handle_sigterm: bool = True, max_restarts: int = DEFAULT_MAX_RESTARTS):
         self.config = config
         self.instance_dir = instance_dir
         self.start_timeout_s = start_timeout_s
@@ -101,6 +122,8 @@ class Supervisor:
         self.worker_info: dict[str, dict] = {}
         self.segments: dict[str, SharedSegment] = {}  # kind ("cache", "exchange") → segment
         self.restarts = 0
+        self.max_restarts = max_restarts
+        self._restart_times_s: list[float] = []  # monotonic times of the restarts within RESTART_WINDOW_S
         self.broken: str | None = None  # why the workers are down (a crash), until restarted
         self._context = None
         self._inbox = None
@@ -188,6 +211,14 @@ class Supervisor:
                 return role
         return None
 
+    def dead_worker_reason(self) -> str | None:
+        """'the <role> worker (pid N) was killed by SIGKILL' for a worker that is gone, else None."""
+        dead = self._dead_worker()
+        if dead is None:
+            return None
+        process = self.processes[dead]
+        return f"the {dead} worker (pid {process.pid}) {describe_exit(process.exitcode)}"
+
     def send(self, role: str, msg) -> None:
         import zmq
 
@@ -224,14 +255,40 @@ class Supervisor:
         self._stop_workers(ask=False, kill=True)  # the pipeline's state is lost anyway: no grace period
         raise WorkerCrashedError(self.broken)
 
+    def kill_workers(self) -> None:
+        """SIGKILL every worker now; safe from another thread (recv() then sees them dead and raises)."""
+        for process in list(self.processes.values()):
+            try:
+                os.kill(process.pid, signal.SIGKILL)
+            except (ProcessLookupError, ValueError, AttributeError):
+                pass
+
+    def mark_broken(self, reason: str) -> None:
+        """Workers that are up but can no longer be trusted (a step failed inside one): restart them next."""
+        if not self.broken:
+            self.broken = f"{reason}; the workers will be restarted"
+            self._stop_workers(ask=False, kill=True)
+
     def ensure_running(self) -> None:
-        """Restart the workers if a crash stopped them; WorkerStartError when that fails."""
+        """Restart the workers if a crash stopped them; WorkerStartError when that fails,
+        RestartBudgetSpent when they already restarted max_restarts times in RESTART_WINDOW_S."""
         if self._closed:
             raise WorkerRuntimeError("the worker runtime is closed")
         if not self.broken:
             return
-        logger.warning("restarting the workers (%s)", self.broken)
+        now = time.monotonic()
+        self._restart_times_s = [t for t in self._restart_times_s if now - t < RESTART_WINDOW_S]
+        recent = len(self._restart_times_s)
+        if recent >= self.max_restarts:
+            raise RestartBudgetSpent(f"the workers already restarted {recent} times in the last "
+                                     f"{RESTART_WINDOW_S:.0f} s (the budget is {self.max_restarts}) and failed again: "
+                                     f"{self.broken}")
+        backoff_s = restart_backoff_s(recent)
+        logger.warning("restarting the workers in %.1f s (restart %d of %d allowed in %.0f s): %s", backoff_s,
+                       recent + 1, self.max_restarts, RESTART_WINDOW_S, self.broken)
+        self._restart_times_s.append(now)
         self._stop_workers(ask=False, kill=True)
+        time.sleep(backoff_s)
         for sock in self._outboxes.values():
             sock.close(linger=0)
         self._outboxes = {}

@@ -28,11 +28,12 @@ from flashllm.protocol.messages import (
 from flashllm.protocol.shm import EXCHANGE_SEGMENT, exchange_layout, neuron_cache_layout
 from flashllm.protocol.store_format import Manifest, StoreError
 from flashllm.runtime.core.supervisor import (
-    DEFAULT_START_TIMEOUT_S, Supervisor, WorkerCrashedError, WorkerRuntimeError, sweep_stale_instances,
+    DEFAULT_MAX_RESTARTS, DEFAULT_START_TIMEOUT_S, Supervisor, WorkerCrashedError, WorkerRuntimeError, sweep_stale_instances,
 )
 from flashllm.workers.compute import PipelineStats
 from flashllm.workers.executor import compute_dtype, default_device
 from flashllm.workers.flash_io.bundle_reader import largest_chunk_rows, numpy_dtype_of_store
+from flashllm.workers.flash_io.integrity import BundleChecksumError
 from flashllm.workers.flash_io.io_counters import process_read_bytes
 from flashllm.workers.process_entry import WorkerConfig
 from flashllm.workers.flash_io.neuron_cache import DEFAULT_WINDOW_TOKENS
@@ -52,6 +53,8 @@ def default_compute_threads() -> int:
 
 class WorkerStepError(WorkerRuntimeError):
     """A worker could not do its part of the step (it says why); the workers stay up."""
+
+    client_error_code = WorkerCrashedError.client_error_code
 
 
 def build_worker_config(store_dir: str, manifest: Manifest, num_slots: int, max_context: int, device: str,
@@ -96,7 +99,7 @@ class WorkerExecutor:
                  device: str | None = None, verify: bool = True, ffn_options: dict | None = None,
                  start_timeout_s: float = DEFAULT_START_TIMEOUT_S, logits_rows: int | None = None,
                  runtime_root: str | None = None, handle_sigterm: bool = True, compute_threads: int | None = None,
-                 resident_dtype: str | None = None):
+                 resident_dtype: str | None = None, max_restarts: int = DEFAULT_MAX_RESTARTS):
         if mode != "sparse":
             raise ValueError(f"--runtime workers runs the pipelined sparse FFN (--mode sparse); use --runtime inproc "
                              f"for --mode {mode}")
@@ -116,7 +119,8 @@ class WorkerExecutor:
         except BaseException:
             instance_dir.remove()
             raise
-        self.supervisor = Supervisor(self.config, instance_dir, start_timeout_s, handle_sigterm).start()
+        self.supervisor = Supervisor(self.config, instance_dir, start_timeout_s, handle_sigterm,
+                                     max_restarts=max_restarts).start()
         self.stats = PipelineStats()
         self.last_timings: dict[str, float] = {}
         self._step = 0
@@ -168,11 +172,7 @@ class WorkerExecutor:
         if batch * steps > self.config.max_tokens:
             raise ValueError(f"{batch * steps} tokens in one forward but the worker runtime holds at most "
                              f"{self.config.max_tokens} (max_context); split the input")
-        if self.supervisor.broken:
-            restarts = self.supervisor.restarts
-            self.supervisor.ensure_running()
-            if self.supervisor.restarts != restarts:
-                self._slot_lengths.clear()  # the new compute worker starts with an empty KV cache
+        self.check_workers()  # a worker that died since the last step is replaced before this one, not after
         slot_list = [int(s) for s in slots.tolist()]
         position_rows = positions.reshape(batch, steps)
         for b, slot in enumerate(slot_list):
@@ -202,6 +202,37 @@ class WorkerExecutor:
                              "predict_ms": stats["predict_s"] * 1e3, "critical_io_ms": stats["critical_io_s"] * 1e3}
         return logits.reshape(batch, steps, -1)
 
+    def _restart_if_broken(self) -> None:
+        if self.supervisor.broken:
+            restarts = self.supervisor.restarts
+            self.supervisor.ensure_running()
+            if self.supervisor.restarts != restarts:
+                self._slot_lengths.clear()  # the new compute worker starts with an empty KV cache
+
+    def recover(self, error: BaseException) -> bool:
+        """After a step failed with `error` (its sequences aborted): restart the workers if it was theirs.
+        True when the runtime can take the next step; raises RestartBudgetSpent / WorkerStartError if not."""
+        if not isinstance(error, WorkerRuntimeError):
+            return False
+        self.supervisor.mark_broken(str(error))  # a worker that failed a step may hold half-updated caches
+        self._restart_if_broken()
+        return True
+
+    def check_workers(self) -> bool:
+        """Restart the workers now if one died between steps (or a crash left them down); True if restarted."""
+        dead = self.supervisor.dead_worker_reason()
+        if dead is not None:
+            self.supervisor.mark_broken(f"{dead} between steps")
+        if not self.supervisor.broken:
+            return False
+        self._restart_if_broken()
+        return True
+
+    def interrupt(self) -> None:
+        """Unblock a step waiting on a stuck (stopped) worker, from another thread: the workers are killed and
+        the step fails with WorkerCrashedError."""
+        self.supervisor.kill_workers()
+
     def _on_chunk(self, msg: ForwardChunk) -> None:
         pending = self._pending
         if msg.step != pending.get("step"):
@@ -217,6 +248,9 @@ class WorkerExecutor:
         if msg.step != self._pending.get("step"):
             return
         self._pending["done"] = True
+        corrupt = f"{BundleChecksumError.__name__}: "
+        if msg.error.startswith(corrupt):  # the store's fault, not the worker's: no restart, the message as is
+            raise BundleChecksumError(msg.error.removeprefix(corrupt))
         raise WorkerStepError(f"step {msg.step} failed in the {msg.role} worker: {msg.error}")
 
     def release_slot(self, slot: int) -> None:

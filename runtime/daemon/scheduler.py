@@ -39,8 +39,19 @@ log = logging.getLogger(__name__)
 PREFILL_TOKENS_PER_STEP = 512  # prompt tokens admitted per step while other sequences decode
 HEARTBEAT_INTERVAL_S = 1.0  # a request that was told nothing for this long gets a Heartbeat
 METRICS_WINDOW_S = 10.0  # rates in status() are over this many recent seconds
-STUCK_STEP_S = 120.0  # a step running longer than this makes the daemon unhealthy (the watchdog then fires)
+DEFAULT_STEP_TIMEOUT_S = 30.0  # a step running longer than this makes the daemon unhealthy (the watchdog then fires)
 DEFAULT_MAX_QUEUED = 1024
+IDLE_CHECK_INTERVAL_S = 0.5  # while idle, how often the engine's workers are checked (and restarted if dead)
+
+
+def step_failure_reply(error: Exception) -> tuple[str, str]:
+    """(ErrorCode, message) for the requests of a step that failed with `error`."""
+    kind = getattr(error, "client_error_code", None)  # errors that know what the client should do say so
+    if kind == ErrorCode.WORKER_FAILED:
+        return kind, f"a worker process failed during this request ({error}); send the request again"
+    if kind == ErrorCode.STORE_CORRUPT:
+        return kind, str(error)
+    return ErrorCode.INTERNAL, f"the engine failed on this request ({type(error).__name__}: {error})"
 
 
 class RequestRejected(Exception):
@@ -84,8 +95,10 @@ class _StepRecord:
 
 class Scheduler:
     def __init__(self, engine, max_queued: int = DEFAULT_MAX_QUEUED,
-                 prefill_tokens_per_step: int = PREFILL_TOKENS_PER_STEP, clock: Callable[[], float] = time.monotonic):
+                 prefill_tokens_per_step: int = PREFILL_TOKENS_PER_STEP, clock: Callable[[], float] = time.monotonic,
+                 step_timeout_s: float = DEFAULT_STEP_TIMEOUT_S):
         self.engine = engine
+        self.step_timeout_s = step_timeout_s
         self.max_queued = max_queued
         self.prefill_tokens_per_step = prefill_tokens_per_step
         self._clock = clock
@@ -102,6 +115,8 @@ class Scheduler:
         self.accepting = True
         self.state = "ready"
         self.failure: BaseException | None = None
+        self.fault: str | None = None  # a recovered step failure that says the daemon needs a look (corrupt store)
+        self.step_failures = 0  # steps that failed and were recovered from
         self._step_started_s: float | None = None
         self._started_s = clock()
         self._window: collections.deque[_StepRecord] = collections.deque()
@@ -165,6 +180,10 @@ class Scheduler:
         self._update_idle()
         return True
 
+    def record_refused(self) -> None:
+        """A request refused before it reached submit() (unreadable frame, bad field) counts as failed."""
+        self.requests_failed += 1
+
     def cancelled_final(self, request: ScheduledRequest) -> FinalMessage:
         return self._final(request, "cancelled", self._clock())
 
@@ -190,12 +209,20 @@ class Scheduler:
                     if self._closing:
                         return
                     self._wake.clear()
-                    await self._wake.wait()
+                    try:
+                        await asyncio.wait_for(self._wake.wait(), IDLE_CHECK_INTERVAL_S)
+                    except TimeoutError:  # idle: a worker that died meanwhile is restarted now, not on a request
+                        await self._check_idle_engine()
                     continue
                 self._step_started_s = self._clock()
                 try:
                     outputs, stats = await loop.run_in_executor(self._step_thread, self._step_in_thread)
                 except asyncio.CancelledError:
+                    raise
+                except Exception as error:
+                    self._step_started_s = None
+                    if await self._recover(error):
+                        continue
                     raise
                 except BaseException as error:
                     self._fail_everything(error)
@@ -258,10 +285,11 @@ class Scheduler:
             self._pending.popleft()
             try:
                 self.engine.add_request(request.prompt_ids, request.params, request_id=request.engine_id)
-            except ValueError as error:
+            except Exception as error:  # RequestError (ValueError) is the request's fault; anything else a bug
                 request.done = True
                 self.requests_failed += 1
-                self._send(request, ErrorReply(request.request_id, ErrorCode.INVALID_REQUEST, f"generate: {error}"))
+                code = ErrorCode.INVALID_REQUEST if isinstance(error, ValueError) else ErrorCode.INTERNAL
+                self._send(request, ErrorReply(request.request_id, code, f"generate: {error}"))
                 continue
             request.admitted_s = self._clock()
             self._in_engine[request.engine_id] = request
@@ -318,6 +346,57 @@ class Scheduler:
                             decode_ms=decode_ms, total_ms=(now - request.arrival_s) * 1e3,
                             decode_tokens_per_s=decode_tokens / (decode_ms / 1e3) if decode_ms > 0 else 0.0))
 
+    async def _recover(self, error: Exception) -> bool:
+        """A step failed: fail the requests in it with an error saying what to do, let the engine recover
+        (restart its workers), and go on with the queued ones. False (everything failed) when it cannot."""
+        code, message = step_failure_reply(error)
+        log.error("a step failed (%s: %s); failing its %d requests", type(error).__name__, error,
+                  len(self._in_engine))
+        failed = list(self._in_engine.values())
+        for request in failed:
+            self.cancel(request, ErrorReply(request.request_id, code, message))
+        self.requests_failed += len(failed)
+        self._apply_leaving()
+        if code == ErrorCode.STORE_CORRUPT:
+            self.fault = message
+        if self._closing:  # shutting down (maybe a stuck step we interrupted): nothing to recover for
+            self.engine.abort_all()
+            return True
+        self.state = "recovering"
+        try:
+            recovered = await asyncio.get_running_loop().run_in_executor(self._step_thread, self.engine.recover,
+                                                                         error)
+        except Exception as recover_error:
+            log.error("recovering from the failed step failed: %s", recover_error)
+            self._fail_everything(recover_error)
+            raise recover_error from error
+        finally:
+            if self.state == "recovering":
+                self.state = "ready" if self.accepting else "draining"
+        if not recovered:
+            self._fail_everything(error)
+            return False
+        self.step_failures += 1
+        log.warning("recovered from the failed step; serving the %d queued requests", len(self._pending))
+        return True
+
+    async def _check_idle_engine(self) -> None:
+        check = getattr(self.engine, "check_workers", None)
+        if check is None:
+            return
+        try:
+            await asyncio.get_running_loop().run_in_executor(self._step_thread, check)
+        except Exception as error:  # the restart failed or its budget is spent
+            self._fail_everything(error)
+            raise
+
+    def interrupt_step(self) -> bool:
+        """Make a running step fail now (workers killed) when it is stuck; True if one was running."""
+        if self._step_started_s is None:
+            return False
+        self.engine.interrupt()
+        return True
+
     def _fail_everything(self, error: BaseException) -> None:
         log.error("engine step failed; failing every request", exc_info=error)
         self.failure = error
@@ -370,8 +449,11 @@ class Scheduler:
         """Answers from state at hand (the watchdog calls it on the loop): not failed, and no step is stuck."""
         if self.failure is not None or self.state == "loading":
             return False
+        return not self.step_stuck()
+
+    def step_stuck(self) -> bool:
         started = self._step_started_s
-        return started is None or self._clock() - started < STUCK_STEP_S
+        return started is not None and self._clock() - started >= self.step_timeout_s
 
     def status(self, request_id: str, model: str, mode: str) -> StatusReply:
         now = self._clock()
@@ -385,7 +467,7 @@ class Scheduler:
         needed = sum(r.neurons_needed for r in records)
         per_step = (lambda total: total / len(decode_steps)) if decode_steps else (lambda total: 0.0)
         return StatusReply(
-            id=request_id, state=self.state, ok=self.healthy(), model=model, mode=mode,
+            id=request_id, state=self.state, ok=self.healthy() and self.fault is None, model=model, mode=mode,
             max_batch=self.engine.max_batch, requests_running=self.requests_running,
             requests_queued=self.requests_queued, requests_completed=self.requests_completed,
             requests_failed=self.requests_failed, tokens_generated=self.tokens_generated,

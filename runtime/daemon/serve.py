@@ -30,7 +30,8 @@ import time
 
 from flashllm.protocol.client_api import (CancelRequest, ErrorCode, ErrorReply, FinalMessage, GenerateRequest, HealthReply,
                                  HealthRequest, ProtocolError, StatusRequest, decode_request, encode, error_id)
-from flashllm.runtime.daemon.scheduler import RequestRejected, Scheduler
+from flashllm.runtime.core.supervisor import DEFAULT_MAX_RESTARTS, RESTART_WINDOW_S  # no torch: cheap for --help
+from flashllm.runtime.daemon.scheduler import DEFAULT_STEP_TIMEOUT_S, RequestRejected, Scheduler
 
 log = logging.getLogger("flashllm.serve")
 
@@ -39,6 +40,7 @@ MAX_FRAME_BYTES = 64 * 2**20  # libzmq drops a connection sending more; up to th
 SEND_HIGH_WATER_MARK = 100_000  # queued replies per client before it counts as gone (it stopped reading)
 CLOSE_LINGER_MS = 1000  # at shutdown, time for the last replies to leave
 STATUS_LINE_INTERVAL_S = 10.0
+STUCK_GRACE_S = 2.0  # after the drain, before the workers of a step that will not end are killed
 
 
 def register_cli(subparsers) -> None:
@@ -62,6 +64,12 @@ def register_cli(subparsers) -> None:
     p.add_argument("--api-key-file", default=None,
                    help="file whose first line is the key every HTTP request must send as "
                         "`Authorization: Bearer KEY` (required when --http is not loopback or a unix socket)")
+    p.add_argument("--step-timeout", type=float, default=DEFAULT_STEP_TIMEOUT_S, dest="step_timeout_s",
+                   help="a step running longer than this many seconds makes the daemon unhealthy: status says "
+                        f"so and the systemd watchdog stops (default {DEFAULT_STEP_TIMEOUT_S:g})")
+    p.add_argument("--worker-restarts", type=int, default=DEFAULT_MAX_RESTARTS,
+                   help="with --runtime workers: restarts of crashed workers allowed in "
+                        f"{RESTART_WINDOW_S:g} s before the daemon gives up and exits 1 (default {DEFAULT_MAX_RESTARTS})")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     p.set_defaults(func=cmd_serve)
 
@@ -73,6 +81,10 @@ def cmd_serve(args) -> int:
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
     if args.max_batch < 1:
         raise ValueError(f"--max-batch {args.max_batch} is invalid: give at least 1")
+    if args.step_timeout_s <= 0:
+        raise ValueError(f"--step-timeout {args.step_timeout_s} is invalid: give a positive number of seconds")
+    if args.worker_restarts < 0:
+        raise ValueError(f"--worker-restarts {args.worker_restarts} is invalid: give 0 or more")
     if args.drain_timeout_s < 0:
         raise ValueError(f"--drain-timeout-s {args.drain_timeout_s} is invalid: give 0 or more seconds")
     if args.socket_group is not None:
@@ -163,7 +175,7 @@ async def _serve(args, notifier, lock, http=None) -> int:
 
     ctx = zmq.asyncio.Context()
     sock = ctx.socket(zmq.ROUTER)
-    scheduler = Scheduler(engine, max_queued=args.max_queued)
+    scheduler = Scheduler(engine, max_queued=args.max_queued, step_timeout_s=args.step_timeout_s)
     try:
         sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
         sock.setsockopt(zmq.MAXMSGSIZE, MAX_FRAME_BYTES)
@@ -206,6 +218,7 @@ async def _serve(args, notifier, lock, http=None) -> int:
         for task in (receive_task, watchdog_task, status_task, stop_wait):
             task.cancel()
         await asyncio.gather(receive_task, watchdog_task, status_task, stop_wait, return_exceptions=True)
+        await _end_a_stuck_step(run_task, scheduler)
         try:
             await run_task
         except BaseException:
@@ -223,6 +236,17 @@ async def _serve(args, notifier, lock, http=None) -> int:
         scheduler.shutdown_threads()
         engine.close()
         log.info("stopped")
+
+
+async def _end_a_stuck_step(run_task: asyncio.Task, scheduler) -> None:
+    """At shutdown, a step still running after the drain (a worker stopped or hung) gets STUCK_GRACE_S more,
+    then its workers are killed so that the step fails and the daemon can exit."""
+    if run_task.done():
+        return
+    done, _ = await asyncio.wait({run_task}, timeout=STUCK_GRACE_S)
+    if not done and scheduler.interrupt_step():
+        log.error("a step was still running %g s after the drain; killed the workers to stop it",
+                  STUCK_GRACE_S)
 
 
 async def _status_line_loop(notifier, scheduler, model: str) -> None:
@@ -259,22 +283,34 @@ class ClientServer:
     async def receive_loop(self) -> None:
         while True:
             frames = await self._sock.recv_multipart()
-            identity = frames[0]
-            if len(frames) != 2:
-                self.send(identity, ErrorReply(None, ErrorCode.MALFORMED,
-                                               f"expected one frame per request, got {len(frames) - 1}"))
-                continue
             try:
-                request = decode_request(frames[1])
-            except ProtocolError as error:
-                log.info("refused a request: %s", error.message)
-                self.send(identity, ErrorReply(error_id(error), error.code, error.message))
-                continue
-            try:
-                self._handlers[type(request)](identity, request)
-            except Exception as error:  # a bug must cost one request, not the daemon
-                log.exception("handling %s failed", request.op)
-                self.send(identity, ErrorReply(request.id, ErrorCode.INTERNAL, f"{request.op} failed: {error}"))
+                self._on_frames(frames)
+            except Exception:  # a bug must cost one request, never the loop that serves everyone
+                log.exception("handling a client frame failed")
+                self._scheduler.record_refused()
+                self.send(frames[0], ErrorReply(None, ErrorCode.INTERNAL, "the daemon could not handle this "
+                                                "request (its log says why); the daemon carries on"))
+
+    def _on_frames(self, frames: list[bytes]) -> None:
+        identity = frames[0]
+        if len(frames) != 2:
+            self._scheduler.record_refused()
+            self.send(identity, ErrorReply(None, ErrorCode.MALFORMED,
+                                           f"expected one frame per request, got {len(frames) - 1}"))
+            return
+        try:
+            request = decode_request(frames[1])
+        except ProtocolError as error:
+            log.info("refused a request: %s", error.message)
+            self._scheduler.record_refused()
+            self.send(identity, ErrorReply(error_id(error), error.code, error.message))
+            return
+        try:
+            self._handlers[type(request)](identity, request)
+        except Exception as error:  # a bug must cost one request, not the daemon
+            log.exception("handling %s failed", request.op)
+            self._scheduler.record_refused()
+            self.send(identity, ErrorReply(request.id, ErrorCode.INTERNAL, f"{request.op} failed: {error}"))
 
     def send(self, identity: bytes, reply) -> bool:
         """Send now without waiting; False when the client is gone (or stopped reading)."""
@@ -315,14 +351,23 @@ class ClientServer:
                                                   functools.partial(self._deliver, identity, key),
                                                   chat=request.chat, stream=request.stream)
         except RequestRejected as error:
-            self._requests.pop(key, None)
-            self._cancel_early.discard(key)
+            self._forget(key)
             self.send(identity, ErrorReply(request.id, error.code, error.message))
+            return
+        except Exception as error:  # e.g. the tokenizer choking on a prompt: this request fails, nothing else
+            log.exception("starting generate %r failed", request.id)
+            self._scheduler.record_refused()
+            self._forget(key)
+            self.send(identity, ErrorReply(request.id, ErrorCode.INTERNAL, f"generate failed: {error}"))
             return
         self._requests[key] = handle
         if key in self._cancel_early:
             self._cancel_early.discard(key)
             self._scheduler.cancel(handle, self._scheduler.cancelled_final(handle))
+
+    def _forget(self, key) -> None:
+        self._requests.pop(key, None)
+        self._cancel_early.discard(key)
 
     def _deliver(self, identity: bytes, key, reply) -> bool:
         if isinstance(reply, (FinalMessage, ErrorReply)):

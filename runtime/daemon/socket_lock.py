@@ -119,14 +119,22 @@ class IpcEndpointLock:
         """Opens SOCKET.lock and flocks it, retrying if a releasing holder unlinked it meanwhile."""
         while True:
             try:
-                fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
-            except PermissionError:
+                # O_NOFOLLOW: a symlink planted at the lock path must not make us write its target (as root)
+                fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+            except OSError as error:
+                if error.errno == errno.ELOOP:
+                    raise IpcEndpointError(
+                        f"{self.lock_path} is a symlink: refusing to follow it (it could point at any file); "
+                        f"remove it or pass --socket in a directory only the server's user can write") from None
+                if not isinstance(error, PermissionError):
+                    raise
                 raise IpcEndpointError(
                     f"cannot create {self.lock_path}: permission denied; run as the user that owns "
                     f"{os.path.dirname(self.lock_path)} (the service runs as flashllm) "
                     f"or pass --socket in a directory you can write"
                 ) from None
             try:
+                _check_own_regular_file(fd, self.lock_path)
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
                 holder_pid = _read_pid(fd)
@@ -158,6 +166,11 @@ class IpcEndpointLock:
             mode = os.lstat(self.socket_path).st_mode
         except FileNotFoundError:
             return
+        if stat.S_ISLNK(mode):
+            raise IpcEndpointError(
+                f"{self.socket_path} is a symlink: refusing to follow or replace it; "
+                f"remove it or pass --socket in a directory only the server's user can write"
+            )
         if not stat.S_ISSOCK(mode):
             raise IpcEndpointError(
                 f"{self.socket_path} exists and is not a socket: refusing to replace it; "
@@ -191,8 +204,13 @@ def apply_socket_permissions(socket_path: str, mode: int = 0o660, group: str | N
                 f"deploy/flashllm.sysusers, or groupadd {group}) or drop --socket-group"
             ) from None
     try:
+        info = os.lstat(socket_path)
+        if not stat.S_ISSOCK(info.st_mode) or info.st_uid != os.getuid():
+            # swapped for something else since bind: never chmod/chown what a link points at
+            raise IpcEndpointError(f"{socket_path} is no longer the socket this server bound; refusing to change "
+                                   "its permissions: pass --socket in a directory only the server's user can write")
         if gid != -1:
-            os.chown(socket_path, -1, gid)
+            os.chown(socket_path, -1, gid, follow_symlinks=False)
         os.chmod(socket_path, mode)
     except FileNotFoundError:
         raise IpcEndpointError(
@@ -222,6 +240,15 @@ def _validated_socket_path(socket_path: str) -> str:
             f"a unix socket address (sun_path) can hold: {path}; choose a shorter path"
         )
     return path
+
+
+def _check_own_regular_file(fd: int, path: str) -> None:
+    """The opened lock must be a plain file of ours with one name: a hard link planted there is refused."""
+    info = os.fstat(fd)
+    if not stat.S_ISREG(info.st_mode) or info.st_nlink != 1 or info.st_uid != os.geteuid():
+        raise IpcEndpointError(
+            f"{path} is not a lock file this server made (owner uid {info.st_uid}, {info.st_nlink} links): "
+            f"refusing to write it; remove it or pass --socket in a directory only the server's user can write")
 
 
 def _write_pid(fd: int) -> None:

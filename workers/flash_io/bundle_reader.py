@@ -42,6 +42,7 @@ import numpy as np
 
 from flashllm.protocol.store_format import ALIGNMENT_BYTES, FfnLayout, StoreError, align_down, align_up
 from flashllm.workers.flash_io.direct_io import DirectFile, aligned_buffer
+from flashllm.workers.flash_io.integrity import open_checksums, reads_verified
 from flashllm.workers.flash_io.linux_aio import DEFAULT_QUEUE_DEPTH, AioQueue, AioUnavailable
 
 logger = logging.getLogger(__name__)
@@ -236,7 +237,10 @@ class BundleReader:
         io_backend: str = "auto",
         queue_depth: int = DEFAULT_QUEUE_DEPTH,
         max_staging_bytes: int = DEFAULT_MAX_STAGING_BYTES,
+        verify_reads: bool | None = None,
     ):
+        """verify_reads: check every bundle read against the store's checksums (flash_io/integrity.py);
+        None: on unless $FLASHLLM_VERIFY_READS=0 (how --no-verify-reads reaches the worker processes)."""
         if num_threads < 1:
             raise ValueError(f"num_threads must be >= 1, got {num_threads}")
         if io_backend not in IO_BACKENDS:
@@ -269,6 +273,7 @@ class BundleReader:
                     f"{self.path}: layer {index} region ends at byte {region.offset_bytes + region.length_bytes} "
                     f"but the file has {file_bytes} bytes; it is truncated, re-run `flashllm convert`"
                 )
+        self.checksums = open_checksums(store_dir, layout, reads_verified(verify_reads))
         self._file = DirectFile(self.path)
         self.alignment_bytes = self._file.alignment_bytes
         self.num_threads = num_threads
@@ -423,9 +428,16 @@ class BundleReader:
         self.stats.read_bytes += span_bytes
         self.stats.useful_bytes += region.length_bytes
         first_byte = region.offset_bytes - span_start
-        return np.ndarray(
+        rows = np.ndarray(
             (region.num_neurons, self.bundle_elements), dtype=self.dtype, buffer=buffer, offset=first_byte
         )  # (num_neurons, bundle_elements)
+        self._rows_arrived(layer, np.arange(region.num_neurons), rows)
+        return rows
+
+    def _rows_arrived(self, layer: int, neuron_ids: np.ndarray, rows: np.ndarray) -> None:
+        """Every row this reader delivers passes here: (k,) store positions and their (k, E) bundles."""
+        if self.checksums is not None:
+            self.checksums.check(layer, neuron_ids, rows)
 
     def _largest_span_bytes(self) -> int:
         return largest_span_bytes(self.layout, self.alignment_bytes)
@@ -559,6 +571,7 @@ class BundleReader:
                 out_bytes = memoryview(out).cast("B") if whole else None
                 for _ in requests:
                     pass
+                self._rows_arrived(layer, ids, destination[: len(ids)])
             finally:
                 requests.close()  # after an error: waits for the reads in flight, so none lands later
                 self._pending_read = None

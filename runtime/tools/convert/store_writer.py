@@ -21,6 +21,7 @@ from flashllm.protocol.store_format import (
     TOKENIZER_FILE, FfnLayerRegion, FfnLayout, Manifest, TokenizerInfo, align_up, sha256_hex, write_manifest,
 )
 from flashllm.runtime.tools.convert.sources import ConvertError, open_source
+from flashllm.workers.flash_io.integrity import bundle_digests, write_checksums
 
 SAFETENSORS_DTYPE = {"float16": "F16", "float32": "F32"}
 DISK_SPACE_MARGIN_BYTES = 64 << 20
@@ -123,11 +124,13 @@ def _write_store(source, store_dir: str, dtype: str, progress: bool) -> Manifest
     bar = tqdm(total=arch.num_hidden_layers + len(resident_specs), desc="convert", unit="tensor",
                disable=not progress, file=sys.stderr)
     regions: list[FfnLayerRegion] = []
+    digests: list = []  # per layer: (n_ff,) bundle checksums, checked by the reader on every read
     with open(os.path.join(store_dir, FFN_FILE), "wb") as ffn_file:
         offset = 0
         for layer in range(arch.num_hidden_layers):
             bundles = build_bundles(source.load_ffn(layer), arch.gated_ffn, dtype)  # (n_ff, E)
             data = bundles.tobytes()
+            digests.append(bundle_digests(bundles))
             ffn_file.seek(offset)
             ffn_file.write(data)
             regions.append(FfnLayerRegion(offset_bytes=offset, length_bytes=len(data),
@@ -139,6 +142,8 @@ def _write_store(source, store_dir: str, dtype: str, progress: bool) -> Manifest
         # pad the file to an aligned end so a direct read of the last region never runs past EOF
         ffn_file.truncate(offset)
         file_bytes = offset
+
+    checksum_file = write_checksums(store_dir, digests)
 
     writer = _StreamingSafetensorsWriter(os.path.join(store_dir, RESIDENT_FILE), resident_specs, dtype)
     try:
@@ -160,7 +165,8 @@ def _write_store(source, store_dir: str, dtype: str, progress: bool) -> Manifest
         arch=arch,
         dtype=dtype,
         ffn=FfnLayout(file=FFN_FILE, dtype=dtype, alignment_bytes=ALIGNMENT_BYTES, bundle_parts=parts,
-                      bundle_bytes=bundle_bytes, file_bytes=file_bytes, layers=regions),
+                      bundle_bytes=bundle_bytes, file_bytes=file_bytes, layers=regions,
+                      bundle_checksums=checksum_file),
         resident_file=RESIDENT_FILE,
         resident_sha256=writer.checksums,
         tokenizer=TokenizerInfo(file=TOKENIZER_FILE, **tok_info),
