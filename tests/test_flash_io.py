@@ -256,7 +256,8 @@ def test_counters_equal_the_plan(tmp_path):
 # ---- the read planner ----------------------------------------------------------------
 
 
-def check_plan(plan, ids, region_offset_bytes, bundle_bytes, alignment_bytes, max_gap_bytes, max_request_bytes):
+def check_plan(plan, ids, region_offset_bytes, bundle_bytes, alignment_bytes, max_gap_bytes, max_request_bytes,
+               byte_bound: bool = False):
     wanted = np.unique(ids)
     covered = []
     for request in plan:
@@ -274,7 +275,8 @@ def check_plan(plan, ids, region_offset_bytes, bundle_bytes, alignment_bytes, ma
         gap_bytes = after.offset_bytes - (before.offset_bytes + before.length_bytes)
         # Neighbours stay apart only when the gap is costly or merging would break the size cap.
         merged_bytes = after.offset_bytes + after.length_bytes - before.offset_bytes
-        assert gap_bytes > max_gap_bytes or merged_bytes > max_request_bytes
+        # (with a byte bound, a cheap gap may also stay unread because the bound is spent)
+        assert gap_bytes > max_gap_bytes or merged_bytes > max_request_bytes or byte_bound
 
 
 def test_plan_reads_invariants_on_random_id_sets():
@@ -287,13 +289,67 @@ def test_plan_reads_invariants_on_random_id_sets():
         max_request_bytes = int(rng.choice([4096, 65536, 1 << 20]))
         num_neurons = int(rng.integers(1, 3000))
         ids = rng.choice(num_neurons, size=int(rng.integers(1, min(num_neurons, 400) + 1)), replace=False)
-        plan = plan_reads(ids, region_offset_bytes, bundle_bytes, alignment_bytes, max_gap_bytes, max_request_bytes)
+        plan = plan_reads(ids, region_offset_bytes, bundle_bytes, alignment_bytes, max_gap_bytes, max_request_bytes,
+                          max_read_amplification=None)
         check_plan(plan, ids, region_offset_bytes, bundle_bytes, alignment_bytes, max_gap_bytes, max_request_bytes)
+
+
+def aligned_union_bytes(ids, region_offset_bytes, bundle_bytes, alignment_bytes) -> int:
+    """Bytes of the wanted bundles' aligned spans, each block once: what a read with no gap merged costs."""
+    blocks = set()
+    for neuron in np.unique(ids).tolist():
+        start = region_offset_bytes + neuron * bundle_bytes
+        blocks.update(range(start // alignment_bytes, -(-(start + bundle_bytes) // alignment_bytes)))
+    return len(blocks) * alignment_bytes
+
+
+def test_plan_reads_reads_gaps_only_within_the_byte_bound():
+    """With a byte bound, a plan reads at most max(bound x wanted bytes, the aligned spans alone), still
+    covers every bundle, and never has more requests than the plan that merges no gap."""
+    rng = np.random.default_rng(12)
+    for _ in range(200):
+        bundle_bytes = int(rng.choice([1300, 1536, 3456, 3584, 6912]))
+        alignment_bytes = int(rng.choice([512, 4096]))
+        num_neurons = int(rng.integers(50, 2000))
+        ids = rng.choice(num_neurons, size=int(rng.integers(1, num_neurons // 3 + 2)), replace=False)
+        amplification = float(rng.choice([1.0, 1.1, 1.25, 2.0]))
+        plan = plan_reads(ids, 4096, bundle_bytes, alignment_bytes, max_gap_bytes=40_000, max_request_bytes=1 << 20,
+                          max_read_amplification=amplification)
+        check_plan(plan, ids, 4096, bundle_bytes, alignment_bytes, 40_000, 1 << 20, byte_bound=True)
+        union_bytes = aligned_union_bytes(ids, 4096, bundle_bytes, alignment_bytes)
+        wanted_bytes = len(ids) * bundle_bytes
+        read_bytes = sum(request.length_bytes for request in plan)
+        assert read_bytes <= max(int(amplification * wanted_bytes), union_bytes)
+        unmerged = plan_reads(ids, 4096, bundle_bytes, alignment_bytes, 0, 1 << 20, max_read_amplification=None)
+        assert sum(request.length_bytes for request in unmerged) == union_bytes
+        assert len(plan) <= len(unmerged)
+
+
+def test_plan_reads_merges_the_smallest_gaps_first():
+    # 1 KiB bundles at 512 B alignment: ids 0, 2 (gap 1 KiB), 10 (gap 7 KiB), 13 (gap 2 KiB): 4 KiB wanted
+    ids = np.array([0, 2, 10, 13])
+    plan = plan_reads(ids, 0, 1024, 512, max_gap_bytes=8192, max_request_bytes=1 << 20, max_read_amplification=1.75)
+    # 4 KiB wanted, 7 KiB allowed: the 1 and 2 KiB gaps fit, the 7 KiB one does not
+    assert plan == [(0, 3072, 0, 2), (10240, 4096, 10, 13)]
+    everything = plan_reads(ids, 0, 1024, 512, max_gap_bytes=8192, max_request_bytes=1 << 20,
+                            max_read_amplification=None)
+    assert everything == [(0, 14336, 0, 13)]
+
+
+def test_a_float16_bundle_at_512_byte_alignment_costs_one_block_more_at_most():
+    """A 3,456-byte float16 bundle (d=576) read alone costs 3,584 or 4,096 bytes at 512 B alignment, where
+    4 KiB alignment rounds it out to 8,192 half the time."""
+    costs_512 = {plan_reads(np.array([neuron]), 0, 3456, 512)[0].length_bytes for neuron in range(64)}
+    assert costs_512 == {3584, 4096}
+    costs_4096 = {plan_reads(np.array([neuron]), 0, 3456, 4096)[0].length_bytes for neuron in range(64)}
+    assert costs_4096 == {4096, 8192}
+    assert plan_reads(np.array([1]), 0, 3456, 512) == [(3072, 4096, 1, 1)]  # bytes 3456..6912
 
 
 def test_plan_reads_coalesces_near_ids_and_splits_far_ones():
     # 1 KiB bundles in a region at 8 KiB: ids 0..3 share block 2, id 10 is one block further.
-    near = plan_reads(np.array([3, 0, 10]), 8192, 1024, 4096, max_gap_bytes=4096, max_request_bytes=1 << 20)
+    near = plan_reads(np.array([3, 0, 10]), 8192, 1024, 4096, max_gap_bytes=4096, max_request_bytes=1 << 20,
+                      max_read_amplification=None)
     assert near == [(8192, 12288, 0, 10)]
     far = plan_reads(np.array([3, 0, 10]), 8192, 1024, 4096, max_gap_bytes=0, max_request_bytes=1 << 20)
     assert far == [(8192, 4096, 0, 3), (16384, 4096, 10, 10)]
