@@ -138,6 +138,15 @@ class ReadStats:
         self.request_size_counts += np.bincount(np.minimum(buckets, REQUEST_SIZE_BUCKETS - 1),
                                                 minlength=REQUEST_SIZE_BUCKETS)
 
+    def since(self, earlier: "ReadStats") -> "ReadStats":
+        """What was read after `earlier` (a copy of these stats taken then)."""
+        return ReadStats(self.requests - earlier.requests, self.read_bytes - earlier.read_bytes,
+                         self.useful_bytes - earlier.useful_bytes, self.read_time_s - earlier.read_time_s,
+                         self.request_size_counts - earlier.request_size_counts)
+
+    def copy(self) -> "ReadStats":
+        return self.since(ReadStats())
+
     def request_size_histogram(self) -> dict[int, int]:
         """{largest request bytes of the bucket (a power of two): requests}, for the buckets that have any."""
         return {1 << int(bucket): int(self.request_size_counts[bucket])
@@ -690,3 +699,28 @@ def measure_direct_read_bandwidth(path: str, request_bytes: int, concurrency: in
             _run_parallel(pool, concurrency, num_requests, read_one)
             elapsed_s = time.perf_counter() - started_s
         return num_requests * request_bytes / elapsed_s
+
+
+def measure_read_cost(path: str, queue_depth: int, request_sizes_bytes: tuple[int, ...] = CURVE_REQUEST_SIZES_BYTES,
+                      repeats: int = 3, requests_per_size: int = 2000, max_bytes_per_size: int = 64 << 20,
+                      io_backend: str = "aio") -> tuple[ReadCostModel, list[dict]]:
+    """The device's read cost curve: random direct reads of each size (those below the file's alignment
+    skipped) with `queue_depth` in flight, the median of `repeats` runs each; returns the fitted model and
+    one row per size {request_bytes, seconds_per_request, bytes_per_s, runs_s}."""
+    with DirectFile(path) as file:
+        alignment_bytes = file.alignment_bytes
+    rows = []
+    for size in request_sizes_bytes:
+        if size % alignment_bytes or size > os.path.getsize(path):
+            continue
+        total_bytes = min(max(size * requests_per_size, 8 << 20), max_bytes_per_size)
+        runs_s = [size / measure_direct_read_bandwidth(path, size, queue_depth, total_bytes, seed=repeat,
+                                                       io_backend=io_backend)
+                  for repeat in range(repeats)]
+        seconds = float(np.median(runs_s))
+        rows.append({"request_bytes": size, "seconds_per_request": seconds, "bytes_per_s": size / seconds,
+                     "runs_s": runs_s})
+    model = fit_read_cost([row["request_bytes"] for row in rows], [row["seconds_per_request"] for row in rows],
+                          source=f"measured on {path}: {io_backend}, {queue_depth} reads in flight, "
+                                 f"{len(rows)} sizes x {repeats} runs")
+    return model, rows

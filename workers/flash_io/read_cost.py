@@ -17,6 +17,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
+# reads in flight when the curve is measured: a decode step's layer read puts tens of requests on the queue,
+# not the AIO queue's full depth
+CURVE_QUEUE_DEPTH = 64
 # request sizes the curve is measured at: 512 B (the smallest logical block) .. 1 MiB (the planner's largest)
 CURVE_REQUEST_SIZES_BYTES = tuple(512 << shift for shift in range(12))
 
