@@ -92,12 +92,15 @@ def save_read_sets(path: str, read_sets: list[tuple[int, np.ndarray]], steps: li
                         bundle_bytes=np.int64(bundle_bytes))
 
 
-def load_read_sets(path: str) -> tuple[list[tuple[int, np.ndarray]], int]:
-    """The recorded reads and the number of decode steps they came from."""
+def load_read_sets(path: str, max_steps: int | None = None) -> tuple[list[tuple[int, np.ndarray]], int]:
+    """The recorded reads (of the first max_steps decode steps that read) and the number of steps they came from."""
     data = np.load(path)
     bounds = np.concatenate(([0], np.cumsum(data["lengths"])))
-    reads = [(int(layer), data["ids"][start:end]) for layer, start, end in zip(data["layers"], bounds[:-1], bounds[1:])]
-    return reads, len(np.unique(data["steps"]))
+    steps = np.unique(data["steps"])[:max_steps]  # (steps,)
+    reads = [(int(layer), data["ids"][start:end])
+             for layer, step, start, end in zip(data["layers"], data["steps"], bounds[:-1], bounds[1:])
+             if step <= steps[-1]]
+    return reads, len(steps)
 
 
 class DecodeReadWatch:

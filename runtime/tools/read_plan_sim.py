@@ -125,9 +125,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--byte-ns", type=float, help="read cost: nanoseconds per byte (default: the model's)")
     parser.add_argument("--measure", help="a store to time the real reader on (its own bundle size, packed)")
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--tokens", type=int, help="replay only the first N recorded decode steps")
     parser.add_argument("--json")
     args = parser.parse_args(argv)
-    read_sets, tokens = load_read_sets(args.reads)
+    read_sets, tokens = load_read_sets(args.reads, args.tokens)
     read_cost = DEFAULT_READ_COST
     if args.request_us is not None or args.byte_ns is not None:
         read_cost = ReadCostModel((args.request_us or read_cost.request_s * 1e6) * 1e-6,
