@@ -14,6 +14,11 @@
   generation), which gives perplexity and top-1 agreement with dense as well.
 - Baselines in the same run: dense in memory and naive flash (every FFN byte
   of every layer read for every token), plus raw direct reads of the device.
+- Per sparse run, the device bytes per token against the bytes of the neurons
+  it needed (neurons read x bundle bytes), and the reader's decode requests:
+  alignment, size histogram, achieved vs raw bandwidth at those sizes (raw
+  from the read cost curve, 512 B..1 MiB, which is measured, fitted and printed:
+  the two numbers the planner's gap merging runs on).
 
 Prints tables and writes one JSON file; with --plots, PNG figures.
 """

@@ -6,9 +6,10 @@ wanted neurons are not read one by one. `plan_reads` sorts them and merges
 neighbours into one aligned request whenever the gap between them is cheaper
 to read than a separate request (`read_cost.ReadCostModel`: the device's
 per-request and per-byte cost), smallest gaps first and only while the read
-stays within `max_read_amplification` times the wanted bundles' bytes (flash
-bytes are the scarce thing: time alone would read ~10 float16 bundles to save
-one request), up to `max_request_bytes`. Requests are aligned to what the file
+stays within `max_read_amplification` times the wanted bundles' bytes (by
+time alone the break-even gap spans several bundles, and flash traffic is what
+the budget is judged by; docs/benchmarks.md has the trade-off measured), up to
+`max_request_bytes`. Requests are aligned to what the file
 says direct I/O needs (`direct_io.DirectFile`: 512 B on most disks), not to
 the store's 4 KiB region alignment;
 the requests then run into an aligned staging buffer, and as each completes
