@@ -23,11 +23,14 @@ from flashllm.workers.flash_io.bundle_reader import (
     plan_reads,
 )
 from flashllm.workers.flash_io.direct_io import (
+    ALIGNMENT_SOURCES,
     MEMORY_FILESYSTEMS,
     DirectFile,
     PageCacheBypassWarning,
     aligned_buffer,
     filesystem_type,
+    logical_block_size_bytes,
+    statx_dio_alignment,
 )
 from flashllm.workers.flash_io.linux_aio import AioQueue, AioUnavailable
 from flashllm.workers.flash_io.neuron_cache import CacheCapacityError, NeuronCache
@@ -256,7 +259,8 @@ def test_counters_equal_the_plan(tmp_path):
 # ---- the read planner ----------------------------------------------------------------
 
 
-def check_plan(plan, ids, region_offset_bytes, bundle_bytes, alignment_bytes, max_gap_bytes, max_request_bytes):
+def check_plan(plan, ids, region_offset_bytes, bundle_bytes, alignment_bytes, max_gap_bytes, max_request_bytes,
+               byte_bound: bool = False):
     wanted = np.unique(ids)
     covered = []
     for request in plan:
@@ -274,7 +278,8 @@ def check_plan(plan, ids, region_offset_bytes, bundle_bytes, alignment_bytes, ma
         gap_bytes = after.offset_bytes - (before.offset_bytes + before.length_bytes)
         # Neighbours stay apart only when the gap is costly or merging would break the size cap.
         merged_bytes = after.offset_bytes + after.length_bytes - before.offset_bytes
-        assert gap_bytes > max_gap_bytes or merged_bytes > max_request_bytes
+        # (with a byte bound, a cheap gap may also stay unread because the bound is spent)
+        assert gap_bytes > max_gap_bytes or merged_bytes > max_request_bytes or byte_bound
 
 
 def test_plan_reads_invariants_on_random_id_sets():
@@ -287,13 +292,67 @@ def test_plan_reads_invariants_on_random_id_sets():
         max_request_bytes = int(rng.choice([4096, 65536, 1 << 20]))
         num_neurons = int(rng.integers(1, 3000))
         ids = rng.choice(num_neurons, size=int(rng.integers(1, min(num_neurons, 400) + 1)), replace=False)
-        plan = plan_reads(ids, region_offset_bytes, bundle_bytes, alignment_bytes, max_gap_bytes, max_request_bytes)
+        plan = plan_reads(ids, region_offset_bytes, bundle_bytes, alignment_bytes, max_gap_bytes, max_request_bytes,
+                          max_read_amplification=None)
         check_plan(plan, ids, region_offset_bytes, bundle_bytes, alignment_bytes, max_gap_bytes, max_request_bytes)
+
+
+def aligned_union_bytes(ids, region_offset_bytes, bundle_bytes, alignment_bytes) -> int:
+    """Bytes of the wanted bundles' aligned spans, each block once: what a read with no gap merged costs."""
+    blocks = set()
+    for neuron in np.unique(ids).tolist():
+        start = region_offset_bytes + neuron * bundle_bytes
+        blocks.update(range(start // alignment_bytes, -(-(start + bundle_bytes) // alignment_bytes)))
+    return len(blocks) * alignment_bytes
+
+
+def test_plan_reads_reads_gaps_only_within_the_byte_bound():
+    """With a byte bound, a plan reads at most max(bound x wanted bytes, the aligned spans alone), still
+    covers every bundle, and never has more requests than the plan that merges no gap."""
+    rng = np.random.default_rng(12)
+    for _ in range(200):
+        bundle_bytes = int(rng.choice([1300, 1536, 3456, 3584, 6912]))
+        alignment_bytes = int(rng.choice([512, 4096]))
+        num_neurons = int(rng.integers(50, 2000))
+        ids = rng.choice(num_neurons, size=int(rng.integers(1, num_neurons // 3 + 2)), replace=False)
+        amplification = float(rng.choice([1.0, 1.1, 1.25, 2.0]))
+        plan = plan_reads(ids, 4096, bundle_bytes, alignment_bytes, max_gap_bytes=40_000, max_request_bytes=1 << 20,
+                          max_read_amplification=amplification)
+        check_plan(plan, ids, 4096, bundle_bytes, alignment_bytes, 40_000, 1 << 20, byte_bound=True)
+        union_bytes = aligned_union_bytes(ids, 4096, bundle_bytes, alignment_bytes)
+        wanted_bytes = len(ids) * bundle_bytes
+        read_bytes = sum(request.length_bytes for request in plan)
+        assert read_bytes <= max(int(amplification * wanted_bytes), union_bytes)
+        unmerged = plan_reads(ids, 4096, bundle_bytes, alignment_bytes, 0, 1 << 20, max_read_amplification=None)
+        assert sum(request.length_bytes for request in unmerged) == union_bytes
+        assert len(plan) <= len(unmerged)
+
+
+def test_plan_reads_merges_the_smallest_gaps_first():
+    # 1 KiB bundles at 512 B alignment: ids 0, 2 (gap 1 KiB), 10 (gap 7 KiB), 13 (gap 2 KiB): 4 KiB wanted
+    ids = np.array([0, 2, 10, 13])
+    plan = plan_reads(ids, 0, 1024, 512, max_gap_bytes=8192, max_request_bytes=1 << 20, max_read_amplification=1.75)
+    # 4 KiB wanted, 7 KiB allowed: the 1 and 2 KiB gaps fit, the 7 KiB one does not
+    assert plan == [(0, 3072, 0, 2), (10240, 4096, 10, 13)]
+    everything = plan_reads(ids, 0, 1024, 512, max_gap_bytes=8192, max_request_bytes=1 << 20,
+                            max_read_amplification=None)
+    assert everything == [(0, 14336, 0, 13)]
+
+
+def test_a_float16_bundle_at_512_byte_alignment_costs_one_block_more_at_most():
+    """A 3,456-byte float16 bundle (d=576) read alone costs 3,584 or 4,096 bytes at 512 B alignment, where
+    4 KiB alignment rounds it out to 8,192 half the time."""
+    costs_512 = {plan_reads(np.array([neuron]), 0, 3456, 512)[0].length_bytes for neuron in range(64)}
+    assert costs_512 == {3584, 4096}
+    costs_4096 = {plan_reads(np.array([neuron]), 0, 3456, 4096)[0].length_bytes for neuron in range(64)}
+    assert costs_4096 == {4096, 8192}
+    assert plan_reads(np.array([1]), 0, 3456, 512) == [(3072, 4096, 1, 1)]  # bytes 3456..6912
 
 
 def test_plan_reads_coalesces_near_ids_and_splits_far_ones():
     # 1 KiB bundles in a region at 8 KiB: ids 0..3 share block 2, id 10 is one block further.
-    near = plan_reads(np.array([3, 0, 10]), 8192, 1024, 4096, max_gap_bytes=4096, max_request_bytes=1 << 20)
+    near = plan_reads(np.array([3, 0, 10]), 8192, 1024, 4096, max_gap_bytes=4096, max_request_bytes=1 << 20,
+                      max_read_amplification=None)
     assert near == [(8192, 12288, 0, 10)]
     far = plan_reads(np.array([3, 0, 10]), 8192, 1024, 4096, max_gap_bytes=0, max_request_bytes=1 << 20)
     assert far == [(8192, 4096, 0, 3), (16384, 4096, 10, 10)]
@@ -426,6 +485,116 @@ def test_neuron_reads_reach_the_device(tmp_path, io_backend):
         before_bytes = read_bytes_of_this_process()
         reader.read_neurons(0, ids, out)
         assert read_bytes_of_this_process() - before_bytes >= planned_bytes
+
+
+def direct_file_or_skip(path: str, **options) -> DirectFile:
+    file = DirectFile(path, **options)
+    if not file.direct:
+        file.close()
+        pytest.skip(f"{path} cannot be read directly: {file.fallback_reason}")
+    return file
+
+
+@pytest.mark.parametrize("source", ALIGNMENT_SOURCES)
+def test_each_way_of_finding_the_direct_io_alignment_agrees_with_what_the_device_accepts(tmp_path, source):
+    """statx, the block device and the probe each give an alignment at which O_DIRECT reads succeed, and
+    none larger than the smallest one the probe finds accepted (no 4 KiB assumption on a 512 B disk)."""
+    path = os.path.join(direct_dir(tmp_path), "data.bin")
+    content = np.random.default_rng(7).integers(0, 256, size=256 * 1024, dtype=np.uint8)
+    content.tofile(path)
+    if source == "statx" and statx_dio_alignment(path) is None:
+        pytest.skip("this kernel or libc gives no STATX_DIOALIGN (Linux < 6.1)")
+    if source == "block_device" and logical_block_size_bytes(path) is None:
+        pytest.skip(f"sysfs does not tell the logical block size of {tmp_path}'s device")
+    with direct_file_or_skip(path, alignment_sources=("probe",)) as smallest, \
+            direct_file_or_skip(path, alignment_sources=(source,)) as file:
+        assert smallest.alignment.source == "probe"
+        assert file.alignment.source == source
+        assert file.alignment_bytes == smallest.alignment_bytes  # all three agree on this machine's disks
+        alignment = file.alignment_bytes
+        buffer = aligned_buffer(4 * alignment + 4096)
+        for block in (1, 3, 17):
+            view = buffer[alignment : 3 * alignment]  # an address aligned to exactly `alignment`
+            got = file.read_into(block * alignment, view)
+            assert got == 2 * alignment and same_bytes(view, content[block * alignment : (block + 2) * alignment])
+        if alignment > 1:
+            with pytest.raises(ValueError, match=f"not aligned to {alignment} bytes"):
+                file.read_into(alignment // 2, buffer[:alignment])
+
+
+def test_the_probe_refuses_what_the_device_refuses(tmp_path):
+    """Half the discovered alignment is refused by O_DIRECT (EINVAL): the probe found the smallest."""
+    path = os.path.join(direct_dir(tmp_path), "data.bin")
+    np.zeros(64 * 1024, dtype=np.uint8).tofile(path)
+    with direct_file_or_skip(path, alignment_sources=("probe",)) as file:
+        alignment = file.alignment_bytes
+        if alignment <= 512:
+            return  # 512 is the smallest block a device has: nothing smaller to refuse
+        buffer = aligned_buffer(4 * alignment)
+        with pytest.raises(OSError):
+            os.preadv(file.fileno(), [memoryview(buffer)[alignment // 2 : alignment]], alignment // 2)
+
+
+@pytest.mark.parametrize("io_backend", IO_BACKENDS)
+@pytest.mark.parametrize("source", ALIGNMENT_SOURCES)
+def test_neuron_reads_at_the_discovered_alignment_return_the_stored_rows(tmp_path, source, io_backend):
+    """Demo-shaped float16 bundles (3,456 bytes, not a multiple of any block) read with O_DIRECT at the
+    alignment each source gives: the rows are the stored ones, and no request is longer than its bundles'
+    aligned span."""
+    layout, layers = write_ffn_store(direct_dir(tmp_path), "float16", 576, [700, 300])
+    rng = np.random.default_rng(8)
+    with BundleReader(str(tmp_path), layout, io_backend=io_backend, alignment_sources=(source,)) as reader:
+        if not reader.direct:
+            pytest.skip("no direct reads here")
+        assert reader._file.alignment.source == source
+        for layer, expected in enumerate(layers):
+            for size in (1, 5, 40, len(expected) // 2):
+                ids = rng.choice(len(expected), size=size, replace=False)
+                out = np.empty((size, layout.bundle_elements), dtype=np.float16)
+                reader.reset_stats()
+                reader.read_neurons(layer, ids, out)
+                assert same_bytes(out, expected[ids])
+                # at most one partial block at each end of each bundle run
+                assert reader.stats.read_bytes <= reader.stats.useful_bytes * 1.2 + 2 * reader.alignment_bytes * size
+            assert same_bytes(reader.read_layer(layer), expected)
+
+
+def cold_read_bytes(path: str) -> None:
+    """Write back and drop the file's cached pages, so what is read next comes from the device."""
+    os.sync()
+    fd = os.open(path, os.O_RDONLY)
+    os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    os.close(fd)
+
+
+@pytest.mark.parametrize("io_backend", IO_BACKENDS)
+def test_a_scattered_read_of_demo_shaped_float16_bundles_costs_the_device_at_most_1_25x_their_bytes(tmp_path,
+                                                                                                    io_backend):
+    """The demo model's float16 store shape (d=576: 3,456-byte bundles, 1536 per layer), a token-like
+    scattered set per layer (a few percent of neurons, some neighbours), default reader settings, cold cache:
+    /proc/self/io read_bytes <= 1.25x the wanted bundles' bytes (4 KiB alignment read ~2.3x)."""
+    if filesystem_type(str(tmp_path)) in MEMORY_FILESYSTEMS:
+        pytest.skip(f"{tmp_path} is on a memory filesystem: no device to read")
+    layout, layers = write_ffn_store(str(tmp_path), "float16", 576, [1536, 1536, 1536])
+    cold_read_bytes(os.path.join(str(tmp_path), FFN_FILE))
+    rng = np.random.default_rng(9)
+    with BundleReader(str(tmp_path), layout, io_backend=io_backend) as reader:
+        if not reader.direct:
+            pytest.skip(f"no direct reads here: {reader._file.fallback_reason}")
+        if reader.alignment_bytes > 512:
+            pytest.skip(f"this disk needs {reader.alignment_bytes}-byte direct reads; the bound is for 512 B blocks")
+        wanted_bytes = device_bytes = 0
+        for layer, expected in enumerate(layers):
+            for fraction in (0.02, 0.05, 0.15):
+                ids = rng.choice(1536, size=int(fraction * 1536), replace=False)
+                out = np.empty((len(ids), layout.bundle_elements), dtype=np.float16)
+                before_bytes = read_bytes_of_this_process()
+                reader.read_neurons(layer, ids, out)
+                device_bytes += read_bytes_of_this_process() - before_bytes
+                wanted_bytes += len(ids) * layout.bundle_bytes
+                assert same_bytes(out, expected[ids])
+        assert reader.stats.read_bytes <= device_bytes  # the device saw at least the plan: nothing came cached
+        assert device_bytes <= 1.25 * wanted_bytes, (device_bytes, wanted_bytes)
 
 
 @pytest.mark.parametrize("io_backend", IO_BACKENDS)

@@ -724,3 +724,33 @@ def test_a_model_that_cannot_fit_on_the_gpu_is_refused_before_loading(calibrated
             check_device_memory(parts, total - 1, "cuda", mode)
     with pytest.raises(DeviceMemoryError, match="use --mode sparse with --memory"):
         check_device_memory(needed["dense"], 0, "cuda", "dense")
+
+
+def test_bench_sets_the_device_bytes_against_the_needed_neurons_bytes(calibrated, tmp_path):
+    """Per sparse run: device bytes/token (/proc/self/io), the bundles of the neurons read, their ratio, the
+    reader's request sizes; the recorded reads replay through the planner simulation."""
+    from flashllm.runtime.tools import read_plan_sim
+    from flashllm.protocol.store_format import read_manifest
+    from flashllm.runtime.tools.bench import load_read_sets, run_bench
+
+    store = calibrated("llama")
+    reads_path = str(tmp_path / "reads.npz")
+    report = run_bench(store, ["sparse"], None, decode_tokens=6, text=None, eval_tokens=0, keep_fractions=[],
+                       runtimes=["inproc"], read_baseline=False, record_reads=reads_path)
+    sparse = report["modes"]["sparse"]
+    bundle_bytes = read_manifest(store).ffn.bundle_bytes
+    assert sparse["needed_bytes_per_token"] == pytest.approx(sparse["neurons_read_per_token"] * bundle_bytes)
+    assert sparse["needed_bytes_per_token"] > 0
+    assert sparse["device_bytes_per_needed_byte"] == pytest.approx(
+        sparse["device_bytes_per_token"] / sparse["needed_bytes_per_token"])
+    reads = sparse["decode_reads"]
+    assert reads["alignment_bytes"] <= 4096 and reads["alignment_source"] in ("statx", "block_device", "probe", "page")
+    measured_steps = 4  # 6 tokens: the prompt's forward gives the first, then 5 decode steps, the first left out
+    assert sum(reads["request_size_histogram"].values()) == pytest.approx(reads["requests_per_token"] * measured_steps)
+    assert reads["planned_bytes_per_token"] >= reads["wanted_bytes_per_token"] > 0
+    read_sets, steps = load_read_sets(reads_path)
+    assert steps == measured_steps and read_sets
+    assert sum(len(ids) for _, ids in read_sets) * bundle_bytes == pytest.approx(
+        reads["wanted_bytes_per_token"] * measured_steps)
+    assert read_plan_sim.main(["--reads", reads_path, "--neurons", str(read_manifest(store).arch.intermediate_size),
+                               "--json", str(tmp_path / "sim.json")]) == 0

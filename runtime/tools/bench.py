@@ -14,6 +14,11 @@
   generation), which gives perplexity and top-1 agreement with dense as well.
 - Baselines in the same run: dense in memory and naive flash (every FFN byte
   of every layer read for every token), plus raw direct reads of the device.
+- Per sparse run, the device bytes per token against the bytes of the neurons
+  it needed (neurons read x bundle bytes), and the reader's decode requests:
+  alignment, size histogram, achieved vs raw bandwidth at those sizes (raw
+  from the read cost curve, 512 B..1 MiB, which is measured, fitted and printed:
+  the two numbers the planner's gap merging runs on).
 
 Prints tables and writes one JSON file; with --plots, PNG figures.
 """
@@ -44,8 +49,11 @@ def _median(values: list[float]) -> float:
     return float(statistics.median(values)) if values else math.nan
 
 
-def _summarize(stats: list[dict], ffn_bytes: int) -> dict:
-    """Per-token accounting (Engine.token_stats entries) → the bench's figures."""
+def _summarize(stats: list[dict], ffn_bytes: int, bundle_bytes: int) -> dict:
+    """Per-token accounting (Engine.token_stats entries) → the bench's figures.
+
+    needed_bytes_per_token: the bundles of the neurons a token read (neurons read x bundle_bytes), which the
+    device bytes (/proc/<pid>/io) are set against."""
     ms = [s["ms"] for s in stats]
     read = [s["flash_read_bytes"] for s in stats]
     io_ms = [s["io_ms"] for s in stats]
@@ -68,7 +76,90 @@ def _summarize(stats: list[dict], ffn_bytes: int) -> dict:
         "wait_ms": _median([s.get("wait_ms", 0.0) for s in stats]),
         "neurons_read_per_token": float(np.mean([s["neurons_read"] for s in stats])) if stats else 0.0,
         "neurons_computed_per_token": float(np.mean([s["neurons_computed"] for s in stats])) if stats else 0.0,
+        **_device_vs_needed(read, [s["neurons_read"] * bundle_bytes for s in stats]),
     }
+
+
+def _device_vs_needed(device_bytes: list[int], needed_bytes: list[int]) -> dict:
+    needed = float(np.mean(needed_bytes)) if needed_bytes else 0.0
+    device = float(np.mean(device_bytes)) if device_bytes else 0.0
+    return {"device_bytes_per_token": device, "needed_bytes_per_token": needed,
+            "device_bytes_per_needed_byte": device / needed if needed else None}
+
+
+def save_read_sets(path: str, read_sets: list[tuple[int, np.ndarray]], steps: list[int], bundle_bytes: int) -> None:
+    """(layer, ids) of each read as flat arrays: layers (reads,), steps (reads,) the decode step of each,
+    lengths (reads,), ids (sum of lengths,)."""
+    np.savez_compressed(path, layers=np.array([layer for layer, _ in read_sets], dtype=np.int32),
+                        steps=np.array(steps, dtype=np.int32),
+                        lengths=np.array([len(ids) for _, ids in read_sets], dtype=np.int64),
+                        ids=np.concatenate([ids for _, ids in read_sets]).astype(np.int32),
+                        bundle_bytes=np.int64(bundle_bytes))
+
+
+def load_read_sets(path: str, max_steps: int | None = None) -> tuple[list[tuple[int, np.ndarray]], int]:
+    """The recorded reads (of the first max_steps decode steps that read) and the number of steps they came from."""
+    data = np.load(path)
+    bounds = np.concatenate(([0], np.cumsum(data["lengths"])))
+    steps = np.unique(data["steps"])[:max_steps]  # (steps,)
+    reads = [(int(layer), data["ids"][start:end])
+             for layer, step, start, end in zip(data["layers"], data["steps"], bounds[:-1], bounds[1:])
+             if step <= steps[-1]]
+    return reads, len(steps)
+
+
+class DecodeReadWatch:
+    """The in-process reader's requests during the measured decode steps (the first step, and the prompt's
+    whole-layer chunks before it, left out as token_stats[1:] leaves them out): the engine resets the FFN
+    stats at the start of every decode step; on the second such reset the reader's stats are copied."""
+
+    def __init__(self, engine: Engine, record_sets: bool = False):
+        ffn = getattr(engine.executor, "ffn", None)
+        self.reader = getattr(getattr(ffn, "prefetcher", None), "reader", None)
+        self.start = None
+        self.read_sets: list[tuple[int, np.ndarray]] = []  # (layer, store positions) of each measured neuron read
+        self.read_steps: list[int] = []  # the decode step of each
+        self.resets = [0]
+        if self.reader is None:
+            return
+        if record_sets:
+            original_start = self.reader.start_neuron_read
+
+            def start_and_record(layer: int, neuron_ids: np.ndarray):
+                if self.start is not None:
+                    self.read_sets.append((layer, np.array(neuron_ids, dtype=np.int32)))
+                    self.read_steps.append(self.resets[0])
+                return original_start(layer, neuron_ids)
+
+            self.reader.start_neuron_read = start_and_record
+        stats = ffn.stats
+        original_reset, resets = stats.reset, self.resets
+
+        def reset_and_mark() -> None:
+            resets[0] += 1
+            if resets[0] == 2:
+                self.start = self.reader.stats.copy()
+            original_reset()
+
+        stats.reset = reset_and_mark
+
+    def summary(self, tokens: int) -> dict | None:
+        if self.reader is None or self.start is None or tokens <= 0:
+            return None
+        stats = self.reader.stats.since(self.start)
+        return {"alignment_bytes": self.reader.alignment_bytes,
+                "alignment_source": self.reader._file.alignment.source,
+                "max_gap_bytes": self.reader.max_gap_bytes, "max_read_amplification": self.reader.max_read_amplification,
+                "read_cost": {"request_s": self.reader.read_cost.request_s, "byte_s": self.reader.read_cost.byte_s,
+                              "source": self.reader.read_cost.source},
+                "requests_per_token": stats.requests / tokens,
+                "planned_bytes_per_token": stats.read_bytes / tokens,
+                "wanted_bytes_per_token": stats.useful_bytes / tokens,
+                "mean_request_bytes": stats.read_bytes / stats.requests if stats.requests else None,
+                "request_size_histogram": {str(size): count for size, count in stats.request_size_histogram().items()},
+                "request_size_counts": stats.request_size_counts.tolist(),
+                # wall time from a read's start to its finish: it overlaps compute, so this is a lower bound
+                "achieved_bytes_per_s": stats.read_bytes / stats.read_time_s if stats.read_time_s else None}
 
 
 def _engine_ffn_options(memory_bytes: int | None, ffn_options: dict | None) -> dict:
@@ -80,7 +171,10 @@ def _engine_ffn_options(memory_bytes: int | None, ffn_options: dict | None) -> d
 
 def run_mode(store: str, mode: str, memory_bytes: int | None, text_ids: list[int] | None, decode_tokens: int,
              ffn_options: dict | None = None, runtime: str = "inproc", record_sets: bool = False,
-             resident_dtype: str | None = None, threads: int | None = None) -> tuple[dict, list]:
+             resident_dtype: str | None = None, threads: int | None = None,
+             record_reads: str | None = None) -> tuple[dict, list]:
+    """record_reads: a .npz path where the neuron reads of the measured decode steps go (layer, ids per read),
+    for `python -m flashllm.runtime.tools.read_plan_sim`."""
     options = _engine_ffn_options(memory_bytes, ffn_options)
     with Engine(store, mode=mode, max_batch=1, ffn_options=options, runtime=runtime,
                 resident_dtype=resident_dtype, threads=threads) as engine:
@@ -93,13 +187,21 @@ def run_mode(store: str, mode: str, memory_bytes: int | None, text_ids: list[int
             result["memory_plan"] = {k: v for k, v in vars(engine.memory_plan).items() if not k.startswith("_")}
             print(engine.memory_plan.describe(), file=sys.stderr)
         argmax: list[int] = []
+        watch = DecodeReadWatch(engine, record_sets=record_reads is not None)
         if text_ids is not None and mode != "naive":
             nll, count, argmax = engine.teacher_forced(text_ids)
             result["perplexity"] = math.exp(nll / count)
             result["eval_tokens"] = count
         else:
             engine.generate([BENCH_PROMPT], SamplingParams(max_tokens=decode_tokens, ignore_eos=True))
-        result.update(_summarize(engine.token_stats[1:], engine.manifest.ffn.total_bundle_bytes))
+        result.update(_summarize(engine.token_stats[1:], engine.manifest.ffn.total_bundle_bytes,
+                                 engine.manifest.ffn.bundle_bytes))
+        reads = watch.summary(len(engine.token_stats) - 1)
+        if reads is not None:
+            result["decode_reads"] = reads
+        if record_reads is not None and watch.read_sets:
+            save_read_sets(record_reads, watch.read_sets, watch.read_steps, engine.manifest.ffn.bundle_bytes)
+            result["recorded_reads"] = record_reads
         sets = getattr(ffn, "recorded_sets", None) or []
     return result, (argmax, sets)
 
@@ -181,7 +283,7 @@ def read_size_baseline(store: str, threads: int = 4, total_bytes: int = 16 << 20
     total_bytes = min(total_bytes, layout.file_bytes)
     with BundleReader(store, layout, num_threads=threads) as reader:
         # a hole that stays wider than the merge gap after both ends are aligned outwards
-        hole_neurons = -(-(reader.max_gap_bytes + 2 * layout.alignment_bytes) // layout.bundle_bytes) + 1
+        hole_neurons = -(-(reader.max_gap_bytes + 2 * reader.alignment_bytes) // layout.bundle_bytes) + 1
 
         # the bundles land in one preallocated matrix, as in a neuron cache, its pages touched before the
         # timing (a fresh array per call added its page faults to the reader's time: ~15% at 12 KiB here)
@@ -215,7 +317,7 @@ def read_size_baseline(store: str, threads: int = 4, total_bytes: int = 16 << 20
             for repeat in range(repeats):
                 bandwidth, mean_request, in_flight = reader_run(size, seed=size + repeat)
                 reader_runs.append(bandwidth)
-                raw_size = align_up(round(mean_request), layout.alignment_bytes)
+                raw_size = align_up(round(mean_request), reader.alignment_bytes)
                 raw_runs.append(measure_direct_read_bandwidth(path, raw_size, in_flight, total_bytes, seed=repeat,
                                                               io_backend=reader.io_backend))
             raw, reader_bw = _median(raw_runs), _median(reader_runs)
@@ -320,7 +422,8 @@ def _reader_io_backend(store: str) -> str:
 def run_bench(store: str, modes: list[str], memory_bytes: int | None, decode_tokens: int, text: str | None,
               eval_tokens: int, keep_fractions: list[float], runtimes: list[str], read_baseline: bool = True,
               keep_fraction: float | None = None, resident_dtype: str | None = None, threads: int | None = None,
-              paired_rounds: int = 0, window_tokens: int | None = None, missing_policy: str | None = None) -> dict:
+              paired_rounds: int = 0, window_tokens: int | None = None, missing_policy: str | None = None,
+              record_reads: str | None = None) -> dict:
     """resident_dtype, keep_fraction, window_tokens and missing_policy apply to the sparse runs (the ones the
     budget bounds; the trade-off varies keep_fraction); dense stays the exact reference."""
     from flashllm.protocol.store_format import read_manifest
@@ -353,7 +456,9 @@ def run_bench(store: str, modes: list[str], memory_bytes: int | None, decode_tok
             result, (argmax, recorded) = run_mode(store, mode, budget, text_ids, tokens, ffn_options=options,
                                                   runtime=runtime, record_sets=(mode == "sparse" and runtime == "inproc"),
                                                   resident_dtype=resident_dtype if mode == "sparse" else None,
-                                                  threads=threads)
+                                                  threads=threads,
+                                                  record_reads=record_reads if (mode, runtime) == ("sparse", "inproc")
+                                                  else None)
             if mode == "dense":
                 dense_argmax = argmax
             elif argmax and dense_argmax:
@@ -395,9 +500,50 @@ def run_bench(store: str, modes: list[str], memory_bytes: int | None, decode_tok
             paired_runs["sparse" if runtime == "inproc" else f"sparse-{runtime}"] = {**sparse_spec, "runtime": runtime}
         report["paired_speed"] = paired_speed(store, paired_runs, paired_rounds, decode_tokens, threads=threads)
     if read_baseline:
+        print("bench: read cost curve ...", file=sys.stderr)
+        report["read_cost"] = read_cost_curve(store)
+        for result in report["modes"].values():
+            _compare_with_raw(result.get("decode_reads"), report["read_cost"])
         print("bench: direct-read baseline ...", file=sys.stderr)
         report["direct_read_baseline"] = read_size_baseline(store)
     return report
+
+
+def read_cost_curve(store: str) -> dict:
+    """The device's direct-read cost per request size (raw AIO reads of the store's ffn.bin, 512 B..1 MiB) and
+    its fit t = request_s + bytes * byte_s: the two numbers the planner's gap merging runs on (pass them as
+    BundleReader(read_cost=...) where they differ from the default)."""
+    from flashllm.protocol.store_format import read_manifest
+    from flashllm.workers.flash_io.bundle_reader import measure_read_cost
+    from flashllm.workers.flash_io.linux_aio import AioQueue, AioUnavailable
+    from flashllm.workers.flash_io.read_cost import CURVE_QUEUE_DEPTH, DEFAULT_READ_COST
+
+    path = os.path.join(store, read_manifest(store).ffn.file)
+    try:
+        AioQueue(1).close()
+        backend = "aio"
+    except AioUnavailable:
+        backend = "threads"
+    depth = CURVE_QUEUE_DEPTH if backend == "aio" else 4
+    model, rows = measure_read_cost(path, depth, io_backend=backend)
+    return {"io_backend": backend, "reads_in_flight": depth, "rows": rows,
+            "fit": {"request_s": model.request_s, "byte_s": model.byte_s,
+                    "break_even_gap_bytes": model.break_even_gap_bytes, "source": model.source},
+            "default": {"request_s": DEFAULT_READ_COST.request_s, "byte_s": DEFAULT_READ_COST.byte_s,
+                        "break_even_gap_bytes": DEFAULT_READ_COST.break_even_gap_bytes}}
+
+
+def _compare_with_raw(decode_reads: dict | None, read_cost: dict) -> None:
+    """Adds what raw direct reads of the same requests would take by the measured curve."""
+    if not decode_reads or not decode_reads.get("requests_per_token"):
+        return
+    fit = read_cost["fit"]
+    raw_s = decode_reads["requests_per_token"] * fit["request_s"] + decode_reads["planned_bytes_per_token"] * fit["byte_s"]
+    decode_reads["raw_ms_per_token_at_these_sizes"] = raw_s * 1e3
+    decode_reads["raw_bytes_per_s_at_these_sizes"] = decode_reads["planned_bytes_per_token"] / raw_s
+    achieved = decode_reads.get("achieved_bytes_per_s")
+    decode_reads["achieved_fraction_of_raw"] = achieved / decode_reads["raw_bytes_per_s_at_these_sizes"] \
+        if achieved else None
 
 
 def cmd_bench(args) -> int:
@@ -417,7 +563,7 @@ def cmd_bench(args) -> int:
                        args.eval_tokens, keep_fractions, runtimes, read_baseline=not args.no_read_baseline,
                        keep_fraction=args.keep_fraction, resident_dtype=args.resident_dtype, threads=args.threads,
                        paired_rounds=args.paired_rounds, window_tokens=args.neuron_window,
-                       missing_policy=args.missing_policy)
+                       missing_policy=args.missing_policy, record_reads=args.record_reads)
     _print_table("modes", [dict(name=k, **v) for k, v in report["modes"].items()], [
         ("mode", "name", ""), ("ms/token", "ms_per_token", ".1f"), ("tok/s", "tokens_per_s", ".2f"),
         ("MiB read/token", "flash_read_mib_per_token", ".2f"), ("hit rate", "cache_hit_rate", ".3f"),
@@ -438,6 +584,27 @@ def cmd_bench(args) -> int:
             for name, ms in paired["ms_per_token"].items()], [
             ("run", "name", ""), ("ms/token", "ms", ".1f"), (f"x {baseline}", "speedup", ".2f"),
             ("ms/token per round", "per_round", "")])
+    sparse_reads = [dict(name=k, **v, **(v.get("decode_reads") or {})) for k, v in report["modes"].items()
+                     if v.get("needed_bytes_per_token")]
+    if sparse_reads:
+        _print_table("device bytes vs the needed neurons' bytes (decode)", sparse_reads, [
+            ("mode", "name", ""), ("device B/token", "device_bytes_per_token", ".0f"),
+            ("needed B/token", "needed_bytes_per_token", ".0f"), ("device/needed", "device_bytes_per_needed_byte", ".3f"),
+            ("requests/token", "requests_per_token", ".1f"), ("mean request B", "mean_request_bytes", ".0f"),
+            ("achieved MB/s", "achieved_bytes_per_s", ".3e"), ("raw MB/s same sizes", "raw_bytes_per_s_at_these_sizes", ".3e")])
+        for row in sparse_reads:
+            if row.get("request_size_histogram"):
+                print(f"  {row['name']} requests by size (<= bytes: count): "
+                      + ", ".join(f"{size}: {count}" for size, count in row["request_size_histogram"].items()))
+    if report.get("read_cost"):
+        cost = report["read_cost"]
+        _print_table(f"read cost curve ({cost['io_backend']}, {cost['reads_in_flight']} in flight)", cost["rows"], [
+            ("request bytes", "request_bytes", "d"), ("s/request", "seconds_per_request", ".2e"),
+            ("MB/s", "bytes_per_s", ".3e")])
+        fit = cost["fit"]
+        print(f"  fit: {fit['request_s'] * 1e6:.1f} us/request + {fit['byte_s'] * 1e9:.3f} ns/byte: merging a gap "
+              f"pays below {fit['break_even_gap_bytes']} bytes (default model: "
+              f"{cost['default']['break_even_gap_bytes']})")
     if report.get("direct_read_baseline"):
         _print_table("direct reads: raw vs reader", report["direct_read_baseline"], [
             ("request bytes", "request_bytes", "d"), ("in flight", "reads_in_flight", "d"),
@@ -479,7 +646,10 @@ def register_cli(sub) -> None:
     p.add_argument("--paired-rounds", type=_non_negative_int, default=3,
                    help="with naive and sparse: decode on every engine in turn this many rounds, so the speed-up "
                         "over naive is measured under the same device conditions (0: off)")
-    p.add_argument("--no-read-baseline", action="store_true")
+    p.add_argument("--no-read-baseline", action="store_true", help="skip the raw direct-read measurements "
+                   "(the read cost curve and the raw-vs-reader table)")
+    p.add_argument("--record-reads", help="write the in-process sparse run's decode neuron reads to this .npz "
+                   "(replay them with python -m flashllm.runtime.tools.read_plan_sim)")
     p.add_argument("--json", required=True, help="output JSON path")
     p.add_argument("--plots", help="directory for PNG plots")
     p.set_defaults(func=cmd_bench)

@@ -4,7 +4,14 @@ The paper's two levers for flash throughput are request size and parallelism:
 random 4 KiB reads reach a fraction of what 64 KiB+ reads do. So a token's
 wanted neurons are not read one by one. `plan_reads` sorts them and merges
 neighbours into one aligned request whenever the gap between them is cheaper
-to read than a separate request (`max_gap_bytes`), up to `max_request_bytes`;
+to read than a separate request (`read_cost.ReadCostModel`: the device's
+per-request and per-byte cost), smallest gaps first and only while the read
+stays within `max_read_amplification` times the wanted bundles' bytes (by
+time alone the break-even gap spans several bundles, and flash traffic is what
+the budget is judged by; docs/benchmarks.md has the trade-off measured), up to
+`max_request_bytes`. Requests are aligned to what the file
+says direct I/O needs (`direct_io.DirectFile`: 512 B on most disks), not to
+the store's 4 KiB region alignment;
 the requests then run into an aligned staging buffer, and as each completes
 its wanted rows are copied out to the caller's matrix (e.g. free rows of a
 `NeuronCache`, possibly in shared memory).
@@ -35,26 +42,24 @@ import logging
 import os
 import time
 from concurrent.futures import ThreadPoolExecutor, wait
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, NamedTuple
 
 import numpy as np
 
 from flashllm.protocol.store_format import ALIGNMENT_BYTES, FfnLayout, StoreError, align_down, align_up
-from flashllm.workers.flash_io.direct_io import DirectFile, aligned_buffer
+from flashllm.workers.flash_io.direct_io import ALIGNMENT_SOURCES, DirectFile, aligned_buffer
 from flashllm.workers.flash_io.integrity import open_checksums, reads_verified
 from flashllm.workers.flash_io.linux_aio import DEFAULT_QUEUE_DEPTH, AioQueue, AioUnavailable
+from flashllm.workers.flash_io.read_cost import CURVE_REQUEST_SIZES_BYTES, DEFAULT_READ_COST, ReadCostModel, fit_read_cost
 
 logger = logging.getLogger(__name__)
 
 IO_BACKENDS = ("auto", "aio", "threads")
 
-# A gap is read when that costs less than a separate request. With a whole round
-# of requests in flight (AIO), a request costs far less than fio's one-at-a-time
-# 4 KiB figure suggests: scattered float32 bundles of the demo store (15% of each
-# layer) read in 114 ms/token at 8 KiB, 133 at 16 KiB and 147 at 32 KiB, which
-# read 73, 85 and 112 MiB (a fit: ~9 us per request, ~1.2 ms per MiB).
-DEFAULT_MAX_GAP_BYTES = 8 * 1024
+# The bytes a read of neurons may take from the device, as a multiple of the wanted bundles' bytes: gaps
+# are merged (smallest first) only within it. Alignment alone may exceed it (a bundle smaller than a block).
+DEFAULT_MAX_READ_AMPLIFICATION = 1.2
 # Past ~1 MiB a larger request gains nothing and hurts parallelism.
 DEFAULT_MAX_REQUEST_BYTES = 1024 * 1024
 
@@ -118,12 +123,36 @@ class ReadRequest(NamedTuple):
     last_id: int  # last wanted neuron id covered (inclusive)
 
 
+REQUEST_SIZE_BUCKETS = 40  # request-size histogram buckets: powers of two up to 2**39 bytes
+
+
 @dataclass
 class ReadStats:
     requests: int = 0
     read_bytes: int = 0  # aligned bytes requested from the device
     useful_bytes: int = 0  # bundle bytes the caller wanted
     read_time_s: float = 0.0  # wall time inside read_layer / read_neurons
+    # requests by size: bucket b counts those of 2**(b-1) < bytes <= 2**b
+    request_size_counts: np.ndarray = field(default_factory=lambda: np.zeros(REQUEST_SIZE_BUCKETS, dtype=np.int64))
+
+    def count_requests(self, lengths_bytes: np.ndarray) -> None:
+        buckets = np.ceil(np.log2(np.maximum(np.asarray(lengths_bytes, dtype=np.float64), 1.0))).astype(np.int64)
+        self.request_size_counts += np.bincount(np.minimum(buckets, REQUEST_SIZE_BUCKETS - 1),
+                                                minlength=REQUEST_SIZE_BUCKETS)
+
+    def since(self, earlier: "ReadStats") -> "ReadStats":
+        """What was read after `earlier` (a copy of these stats taken then)."""
+        return ReadStats(self.requests - earlier.requests, self.read_bytes - earlier.read_bytes,
+                         self.useful_bytes - earlier.useful_bytes, self.read_time_s - earlier.read_time_s,
+                         self.request_size_counts - earlier.request_size_counts)
+
+    def copy(self) -> "ReadStats":
+        return self.since(ReadStats())
+
+    def request_size_histogram(self) -> dict[int, int]:
+        """{largest request bytes of the bucket (a power of two): requests}, for the buckets that have any."""
+        return {1 << int(bucket): int(self.request_size_counts[bucket])
+                for bucket in np.flatnonzero(self.request_size_counts)}
 
 
 def _plan_read_arrays(
@@ -133,16 +162,29 @@ def _plan_read_arrays(
     alignment_bytes: int,
     max_gap_bytes: int,
     max_request_bytes: int,
+    max_read_bytes: int | None = None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Vectorized planner over sorted unique ids; returns (offsets, lengths, first_index, end_index).
 
     first_index/end_index are positions in `sorted_ids` ([first, end) per request).
+    Neighbours whose aligned spans touch or overlap always share a request (that
+    saves a request and reads no extra byte); a gap of up to max_gap_bytes is read
+    to save a request, smallest gaps first while the total stays within
+    max_read_bytes (None: no bound).
     """
     ids = sorted_ids.astype(np.int64)  # (k,)
     starts = (region_offset_bytes + ids * bundle_bytes) // alignment_bytes * alignment_bytes  # (k,)
     ends = -(-(region_offset_bytes + (ids + 1) * bundle_bytes) // alignment_bytes) * alignment_bytes  # (k,)
-    # A new request starts where the gap to the previous bundle's aligned end is too costly to read.
-    breaks = np.flatnonzero(starts[1:] - ends[:-1] > max_gap_bytes) + 1  # (groups-1,)
+    gaps = starts[1:] - ends[:-1]  # (k-1,) unwanted bytes between neighbours' aligned spans; <= 0: they share blocks
+    merge = gaps <= max_gap_bytes  # (k-1,)
+    worth_reading = np.flatnonzero((gaps > 0) & merge)  # (m,) gaps that cost less than a request
+    if max_read_bytes is not None and worth_reading.size:
+        union_bytes = int((ends - starts).sum() + np.minimum(gaps, 0).sum())  # aligned spans, overlaps once
+        by_size = worth_reading[np.argsort(gaps[worth_reading], kind="stable")]  # (m,)
+        affordable = np.searchsorted(np.cumsum(gaps[by_size]), max_read_bytes - union_bytes, side="right")
+        merge[by_size[affordable:]] = False
+    # A new request starts where the gap to the previous bundle's aligned end is not merged.
+    breaks = np.flatnonzero(~merge) + 1  # (groups-1,)
     group_first = np.concatenate(([0], breaks))  # (groups,)
     group_end = np.concatenate((breaks, [len(ids)]))  # (groups,)
     oversize = ends[group_end - 1] - starts[group_first] > max_request_bytes  # (groups,)
@@ -166,30 +208,42 @@ def _plan_read_arrays(
     return offsets, ends[end_index - 1] - offsets, first_index, end_index
 
 
+def max_read_bytes_for(num_ids: int, bundle_bytes: int, max_read_amplification: float | None) -> int | None:
+    """The read's byte bound: max_read_amplification x the wanted bundles' bytes (None: unbounded)."""
+    return None if max_read_amplification is None else int(max_read_amplification * num_ids * bundle_bytes)
+
+
 def plan_reads(
     neuron_ids: np.ndarray,
     region_offset_bytes: int,
     bundle_bytes: int,
-    alignment_bytes: int = 4096,
-    max_gap_bytes: int = DEFAULT_MAX_GAP_BYTES,
+    alignment_bytes: int = 512,
+    max_gap_bytes: int = DEFAULT_READ_COST.break_even_gap_bytes,
     max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES,
+    max_read_amplification: float | None = DEFAULT_MAX_READ_AMPLIFICATION,
 ) -> list[ReadRequest]:
     """Aligned read requests covering the bundles of `neuron_ids` (any order; duplicates merged).
 
     Neuron i's bundle is bytes [region_offset_bytes + i*bundle_bytes, + bundle_bytes).
     Every request's offset and length are multiples of `alignment_bytes`;
     requests are sorted by offset; together they cover every wanted bundle.
+    Gaps up to max_gap_bytes (the read cost's break-even) are read instead of
+    starting a new request, smallest first, while the requests' bytes stay within
+    max_read_amplification x the wanted bundles' bytes (None: no bound).
     """
     if alignment_bytes <= 0 or max_request_bytes < alignment_bytes or max_gap_bytes < 0:
         raise ValueError(
             f"need alignment_bytes > 0, max_request_bytes >= alignment_bytes and max_gap_bytes >= 0; got "
             f"{alignment_bytes}, {max_request_bytes}, {max_gap_bytes}"
         )
+    if max_read_amplification is not None and max_read_amplification < 1:
+        raise ValueError(f"max_read_amplification must be >= 1 (or None), got {max_read_amplification}")
     sorted_ids = np.unique(np.asarray(neuron_ids, dtype=np.int64))  # (k,)
     if len(sorted_ids) == 0:
         return []
     offsets, lengths, first_index, end_index = _plan_read_arrays(
-        sorted_ids, region_offset_bytes, bundle_bytes, alignment_bytes, max_gap_bytes, max_request_bytes
+        sorted_ids, region_offset_bytes, bundle_bytes, alignment_bytes, max_gap_bytes, max_request_bytes,
+        max_read_bytes_for(len(sorted_ids), bundle_bytes, max_read_amplification)
     )
     return [
         ReadRequest(int(offset), int(length), int(sorted_ids[first]), int(sorted_ids[end - 1]))
@@ -232,15 +286,21 @@ class BundleReader:
         store_dir: str,
         layout: FfnLayout,
         num_threads: int = 4,
-        max_gap_bytes: int = DEFAULT_MAX_GAP_BYTES,
+        max_gap_bytes: int | None = None,
         max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES,
         io_backend: str = "auto",
         queue_depth: int = DEFAULT_QUEUE_DEPTH,
         max_staging_bytes: int = DEFAULT_MAX_STAGING_BYTES,
         verify_reads: bool | None = None,
+        read_cost: ReadCostModel = DEFAULT_READ_COST,
+        max_read_amplification: float | None = DEFAULT_MAX_READ_AMPLIFICATION,
+        alignment_sources: tuple[str, ...] = ALIGNMENT_SOURCES,
     ):
         """verify_reads: check every bundle read against the store's checksums (flash_io/integrity.py);
-        None: on unless $FLASHLLM_VERIFY_READS=0 (how --no-verify-reads reaches the worker processes)."""
+        None: on unless $FLASHLLM_VERIFY_READS=0 (how --no-verify-reads reaches the worker processes).
+        max_gap_bytes: the largest gap read to save a request (default: read_cost's break-even);
+        max_read_amplification: a neuron read's bytes bound, as a multiple of the wanted bundles' (None: none);
+        alignment_sources: where the direct-I/O alignment is asked (direct_io.ALIGNMENT_SOURCES)."""
         if num_threads < 1:
             raise ValueError(f"num_threads must be >= 1, got {num_threads}")
         if io_backend not in IO_BACKENDS:
@@ -273,13 +333,20 @@ class BundleReader:
                     f"{self.path}: layer {index} region ends at byte {region.offset_bytes + region.length_bytes} "
                     f"but the file has {file_bytes} bytes; it is truncated, re-run `flashllm convert`"
                 )
+        if max_read_amplification is not None and max_read_amplification < 1:
+            raise ValueError(f"max_read_amplification must be >= 1 (or None), got {max_read_amplification}")
         self.checksums = open_checksums(store_dir, layout, reads_verified(verify_reads))
-        self._file = DirectFile(self.path)
+        self._file = DirectFile(self.path, alignment_sources)
         self.alignment_bytes = self._file.alignment_bytes
+        # each request lands in staging at a multiple of this, so its buffer address is aligned as well
+        self.staging_alignment_bytes = max(self.alignment_bytes, self._file.memory_alignment_bytes)
         self.num_threads = num_threads
-        self.max_gap_bytes = max_gap_bytes
+        self.read_cost = read_cost
+        self.max_gap_bytes = read_cost.break_even_gap_bytes if max_gap_bytes is None else max_gap_bytes
+        self.max_read_amplification = max_read_amplification
         # Requests must stay aligned, so round the cap down to whole blocks.
-        self.max_request_bytes = max(self.alignment_bytes, align_down(max_request_bytes, self.alignment_bytes))
+        self.max_request_bytes = max(self.staging_alignment_bytes,
+                                     align_down(max_request_bytes, self.staging_alignment_bytes))
         self.max_staging_bytes = max_staging_bytes
         self._pool = ThreadPoolExecutor(max_workers=num_threads, thread_name_prefix="flash-read")
         self._aio = self._open_aio(io_backend, queue_depth)
@@ -425,6 +492,7 @@ class BundleReader:
                            buffer, after_read=lambda index: None)
         self.stats.read_time_s += time.perf_counter() - started_s
         self.stats.requests += num_chunks
+        self.stats.count_requests(np.asarray(chunk_lengths))
         self.stats.read_bytes += span_bytes
         self.stats.useful_bytes += region.length_bytes
         first_byte = region.offset_bytes - span_start
@@ -496,15 +564,17 @@ class BundleReader:
         ids_sorted = bool((order == np.arange(len(ids))).all())  # the cache passes sorted ids: the fast copy path
         bundle_bytes = self.layout.bundle_bytes
         offsets, lengths, first_index, end_index = _plan_read_arrays(
-            sorted_ids, region.offset_bytes, bundle_bytes, self.alignment_bytes, self.max_gap_bytes, self.max_request_bytes
+            sorted_ids, region.offset_bytes, bundle_bytes, self.alignment_bytes, self.max_gap_bytes,
+            self.max_request_bytes, max_read_bytes_for(len(sorted_ids), bundle_bytes, self.max_read_amplification)
         )
-        packed = np.concatenate(([0], np.cumsum(lengths)))  # (requests+1,) requests back to back
+        slot_lengths = -(-lengths // self.staging_alignment_bytes) * self.staging_alignment_bytes  # (requests,)
+        packed = np.concatenate(([0], np.cumsum(slot_lengths)))  # (requests+1,) requests back to back
         # rounds of at most max_staging_bytes (plus the last request), each reusing the staging from its start
         round_of = packed[:-1] // self.max_staging_bytes  # (requests,) non-decreasing
         round_starts = np.flatnonzero(np.diff(round_of, prepend=-1))  # (rounds,) first request of each
         staging_offsets = packed[:-1] - packed[round_starts][np.repeat(np.arange(len(round_starts)),
                                                                       np.diff(round_starts, append=len(lengths)))]
-        total_bytes = int(packed[-1])
+        total_bytes = int(lengths.sum())
         staging_needed = int((staging_offsets + lengths).max())  # the largest round's
         if self._staging.nbytes < staging_needed:
             self._staging = np.empty(0, dtype=np.uint8)
@@ -577,6 +647,7 @@ class BundleReader:
                 self._pending_read = None
                 self.stats.read_time_s += time.perf_counter() - finish_started_s
             self.stats.requests += len(offsets)
+            self.stats.count_requests(lengths)
             self.stats.read_bytes += total_bytes
             self.stats.useful_bytes += len(ids) * bundle_bytes
 
@@ -642,3 +713,28 @@ def measure_direct_read_bandwidth(path: str, request_bytes: int, concurrency: in
             _run_parallel(pool, concurrency, num_requests, read_one)
             elapsed_s = time.perf_counter() - started_s
         return num_requests * request_bytes / elapsed_s
+
+
+def measure_read_cost(path: str, queue_depth: int, request_sizes_bytes: tuple[int, ...] = CURVE_REQUEST_SIZES_BYTES,
+                      repeats: int = 3, requests_per_size: int = 2000, max_bytes_per_size: int = 64 << 20,
+                      io_backend: str = "aio") -> tuple[ReadCostModel, list[dict]]:
+    """The device's read cost curve: random direct reads of each size (those below the file's alignment
+    skipped) with `queue_depth` in flight, the median of `repeats` runs each; returns the fitted model and
+    one row per size {request_bytes, seconds_per_request, bytes_per_s, runs_s}."""
+    with DirectFile(path) as file:
+        alignment_bytes = file.alignment_bytes
+    rows = []
+    for size in request_sizes_bytes:
+        if size % alignment_bytes or size > os.path.getsize(path):
+            continue
+        total_bytes = min(max(size * requests_per_size, 8 << 20), max_bytes_per_size)
+        runs_s = [size / measure_direct_read_bandwidth(path, size, queue_depth, total_bytes, seed=repeat,
+                                                       io_backend=io_backend)
+                  for repeat in range(repeats)]
+        seconds = float(np.median(runs_s))
+        rows.append({"request_bytes": size, "seconds_per_request": seconds, "bytes_per_s": size / seconds,
+                     "runs_s": runs_s})
+    model = fit_read_cost([row["request_bytes"] for row in rows], [row["seconds_per_request"] for row in rows],
+                          source=f"measured on {path}: {io_backend}, {queue_depth} reads in flight, "
+                                 f"{len(rows)} sizes x {repeats} runs")
+    return model, rows
