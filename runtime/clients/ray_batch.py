@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import hashlib
 import json
 import os
@@ -192,14 +193,17 @@ def run_on_ray(args, todo: list[BatchItem]) -> int:
                              resident_dtype=args.resident_dtype, runtime=args.runtime)
     ray = _import_ray()
     started_s = time.monotonic()
-    _connect(ray, args.ray)
-    try:
-        summary = asyncio.run(_run(ray, args, options, manifest_checksum(store), memory_bytes, concurrency, todo,
-                                   started_s))
-    except RunStopped as stop:
-        raise CliError(f"{stop}; the finished prompts are in {args.out}, run the same command again to do the rest")
-    finally:
-        ray.shutdown()
+    # Ray prints the cluster's error messages (a worker died, ...) on stdout; stdout is for --json alone
+    with contextlib.redirect_stdout(sys.stderr):
+        _connect(ray, args.ray)
+        try:
+            summary = asyncio.run(_run(ray, args, options, manifest_checksum(store), memory_bytes, concurrency,
+                                       todo, started_s))
+        except RunStopped as stop:
+            raise CliError(f"{stop}; the finished prompts are in {args.out}, run the same command again to do "
+                           "the rest") from None
+        finally:
+            ray.shutdown()
     _print_summary(args, summary)
     return 0
 
@@ -250,7 +254,7 @@ async def _run(ray, args, options: ReplicaOptions, checksum: str, memory_bytes: 
 
     replicas, nodes, strategy, bundle = _placement(ray, args, memory_bytes)
     group = placement_group([bundle] * replicas, strategy=strategy)
-    actors = []
+    actors, started = [], set()
     try:
         try:
             await asyncio.wait_for(group.ready(), PLACEMENT_TIMEOUT_S)
@@ -265,7 +269,7 @@ async def _run(ray, args, options: ReplicaOptions, checksum: str, memory_bytes: 
                 **({"memory": memory_bytes} if memory_bytes else {}), max_restarts=REPLICA_MAX_RESTARTS, max_task_retries=0, max_concurrency=concurrency + 8,
                 scheduling_strategy=PlacementGroupSchedulingStrategy(group, placement_group_bundle_index=index),
             ).remote(index, options, checksum))
-        infos = await _await_ready(ray, actors)
+        infos = await _await_ready(ray, actors, started)
         tallies = [ReplicaTally(info) for info in infos]
         placed_nodes = len({info.node_id for info in infos})
         print(f"{replicas} replicas on {placed_nodes} nodes: "
@@ -286,30 +290,41 @@ async def _run(ray, args, options: ReplicaOptions, checksum: str, memory_bytes: 
                           "requeued": t.requeued, "retired": t.retired,
                           "tokens_per_s": t.tokens / wall_s if wall_s > 0 else 0.0} for t in tallies])
     finally:
-        await _close_actors(ray, actors)
+        await _close_actors(ray, actors, started)
         remove_placement_group(group)
 
 
-async def _await_ready(ray, actors) -> list[ReplicaInfo]:
+async def _await_ready(ray, actors, started: set[int]) -> list[ReplicaInfo]:
+    """Every replica's ReplicaInfo once all have started; the first that cannot start stops the run at once."""
+    waiting = {asyncio.ensure_future(actor.ready.remote()): index for index, actor in enumerate(actors)}
+    infos: dict[int, ReplicaInfo] = {}
     try:
-        infos = await asyncio.gather(*(actor.ready.remote() for actor in actors))
-    except ray.exceptions.RayActorError as error:
-        raise CliError(f"a replica died while starting: {error}") from None
-    broken = [info for info in infos if info.startup_error]
-    if broken:
-        raise CliError("; ".join(f"{info.where()} did not start: {info.startup_error}" for info in broken))
-    return infos
+        while waiting:
+            done, _ = await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
+            for future in done:
+                index = waiting.pop(future)
+                try:
+                    info = future.result()
+                except ray.exceptions.RayActorError as error:
+                    raise CliError(f"replica {index} died while starting: {error}") from None
+                started.add(index)
+                if info.startup_error:
+                    raise CliError(f"{info.where()} did not start: {info.startup_error}")
+                infos[index] = info
+    finally:
+        for future in waiting:
+            future.cancel()
+    return [infos[index] for index in range(len(actors))]
 
 
-async def _close_actors(ray, actors) -> None:
-    """Close each engine (its worker processes and shared memory go with it), then end the actors."""
-    if not actors:
-        return
-    try:
-        await asyncio.wait_for(asyncio.gather(*(actor.close.remote() for actor in actors), return_exceptions=True),
-                               CLOSE_TIMEOUT_S)
-    except TimeoutError:
-        pass
+async def _close_actors(ray, actors, started: set[int]) -> None:
+    """Close the started engines (their worker processes and shared memory go with them), then end the actors."""
+    closing = [actors[index].close.remote() for index in sorted(started)]
+    if closing:
+        try:
+            await asyncio.wait_for(asyncio.gather(*closing, return_exceptions=True), CLOSE_TIMEOUT_S)
+        except TimeoutError:
+            pass
     for actor in actors:
         ray.kill(actor, no_restart=True)
 
