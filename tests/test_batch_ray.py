@@ -152,7 +152,7 @@ def test_a_replica_killed_midway_loses_and_duplicates_nothing(two_nodes, demo_st
     prompts, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
     write_prompts(prompts, max_tokens=4)
     driver = start_and_wait_for_lines(
-        ray_batch_command(prompts, out, demo_store, two_nodes.address, "--max-batch", "1", "--json"), out, 4)
+        ray_batch_command(prompts, out, demo_store, two_nodes.address, "--max-batch", "2", "--json"), out, 4)
     try:
         replicas = replica_processes()
         assert len(replicas) == 2, replicas
@@ -173,7 +173,7 @@ def test_a_killed_driver_reruns_to_exactly_forty_lines(two_nodes, demo_store, tm
     prompts, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
     write_prompts(prompts, max_tokens=4)
     driver = start_and_wait_for_lines(
-        ray_batch_command(prompts, out, demo_store, two_nodes.address, "--max-batch", "1"), out, 4)
+        ray_batch_command(prompts, out, demo_store, two_nodes.address, "--max-batch", "2"), out, 4)
     driver.send_signal(signal.SIGKILL)
     driver.communicate()
     done_before = len(read_done_keys(str(out)))

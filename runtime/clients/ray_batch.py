@@ -150,7 +150,8 @@ class ReplicaTally:
     tokens: int = 0
     restarts: int = 0  # deaths the driver saw (each followed by a restart, or by retiring it)
     requeued: int = 0  # prompts it was running when it died, handed back to the queue
-    retired: bool = False
+    restarting: bool = False  # died; Ray is starting it again
+    retired: bool = False  # gone for good (out of restarts, or its restart could not start the engine)
 
 
 @dataclass
@@ -248,85 +249,109 @@ def _describe(resources: dict) -> str:
 
 async def _run(ray, args, options: ReplicaOptions, checksum: str, memory_bytes: int, concurrency: int,
                todo: list[BatchItem], started_s: float) -> RunSummary:
-    from ray.util.placement_group import placement_group, remove_placement_group
-    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
     from tqdm import tqdm
 
-    replicas, nodes, strategy, bundle = _placement(ray, args, memory_bytes)
-    group = placement_group([bundle] * replicas, strategy=strategy)
-    actors, started = [], set()
+    replicas = ReplicaSet(ray)
     try:
-        try:
-            await asyncio.wait_for(group.ready(), PLACEMENT_TIMEOUT_S)
-        except TimeoutError:
-            raise CliError(f"the Ray cluster found no room for {replicas} replicas of {_describe(bundle)} within "
-                           f"{PLACEMENT_TIMEOUT_S:g} s ({nodes} nodes have room for one each); ask for fewer "
-                           "--replicas or less per replica, or free the cluster") from None
-        remote_class = ray.remote(EngineReplica)
-        for index in range(replicas):
-            actors.append(remote_class.options(
-                num_cpus=args.threads_per_replica, num_gpus=args.gpus_per_replica,
-                **({"memory": memory_bytes} if memory_bytes else {}), max_restarts=REPLICA_MAX_RESTARTS, max_task_retries=0, max_concurrency=concurrency + 8,
-                scheduling_strategy=PlacementGroupSchedulingStrategy(group, placement_group_bundle_index=index),
-            ).remote(index, options, checksum))
-        infos = await _await_ready(ray, actors, started)
-        tallies = [ReplicaTally(info) for info in infos]
-        placed_nodes = len({info.node_id for info in infos})
-        print(f"{replicas} replicas on {placed_nodes} nodes: "
+        await replicas.start(args, options, checksum, memory_bytes, concurrency)
+        infos = [tally.info for tally in replicas.tallies]
+        nodes = len({info.node_id for info in infos})
+        print(f"{len(infos)} replicas on {nodes} nodes: "
               + ", ".join(f"{info.index}@{info.node_id[:8]} ({info.host})" for info in infos), file=sys.stderr)
         progress = tqdm(total=len(todo), unit="prompt", desc="batch", disable=args.quiet, file=sys.stderr,
                         dynamic_ncols=True)
         try:
-            run = BatchRun(ray, args.out, todo, actors, tallies, progress)
+            run = BatchRun(ray, args.out, todo, replicas.actors, replicas.tallies, progress)
             await run.drive(concurrency)
         finally:
             progress.close()
-        wall_s = run.wall_s()
-        return RunSummary(
-            replicas=replicas, nodes=placed_nodes, prompts=run.written, failed=run.failed, tokens=run.tokens,
-            startup_s=run.first_sent_s - started_s, wall_s=wall_s,
-            tokens_per_s=run.tokens / wall_s if wall_s > 0 else 0.0, requeued=sum(t.requeued for t in tallies),
-            per_replica=[{**asdict(t.info), "prompts": t.prompts, "tokens": t.tokens, "restarts": t.restarts,
-                          "requeued": t.requeued, "retired": t.retired,
-                          "tokens_per_s": t.tokens / wall_s if wall_s > 0 else 0.0} for t in tallies])
     finally:
-        await _close_actors(ray, actors, started)
-        remove_placement_group(group)
+        await replicas.stop()
+    wall_s = run.wall_s()
+
+    def rate(tokens: int) -> float:
+        return tokens / wall_s if wall_s > 0 else 0.0
+
+    return RunSummary(
+        replicas=len(infos), nodes=nodes, prompts=run.written, failed=run.failed, tokens=run.tokens,
+        startup_s=run.first_sent_s - started_s, wall_s=wall_s, tokens_per_s=rate(run.tokens),
+        requeued=sum(t.requeued for t in replicas.tallies),
+        per_replica=[{**asdict(t.info), "prompts": t.prompts, "tokens": t.tokens, "restarts": t.restarts,
+                      "requeued": t.requeued, "retired": t.retired, "tokens_per_s": rate(t.tokens)}
+                     for t in replicas.tallies])
 
 
-async def _await_ready(ray, actors, started: set[int]) -> list[ReplicaInfo]:
-    """Every replica's ReplicaInfo once all have started; the first that cannot start stops the run at once."""
-    waiting = {asyncio.ensure_future(actor.ready.remote()): index for index, actor in enumerate(actors)}
-    infos: dict[int, ReplicaInfo] = {}
-    try:
-        while waiting:
-            done, _ = await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
-            for future in done:
-                index = waiting.pop(future)
-                try:
-                    info = future.result()
-                except ray.exceptions.RayActorError as error:
-                    raise CliError(f"replica {index} died while starting: {error}") from None
-                started.add(index)
-                if info.startup_error:
-                    raise CliError(f"{info.where()} did not start: {info.startup_error}")
-                infos[index] = info
-    finally:
-        for future in waiting:
-            future.cancel()
-    return [infos[index] for index in range(len(actors))]
+class ReplicaSet:
+    """The run's placement group and its EngineReplica actors, from placing them to ending them."""
 
+    def __init__(self, ray):
+        self._ray = ray
+        self._group = None
+        self.actors: list = []
+        self.tallies: list[ReplicaTally] = []
+        self._started: set[int] = set()  # replicas whose __init__ is over (their engine is up, or failed)
 
-async def _close_actors(ray, actors, started: set[int]) -> None:
-    """Close the started engines (their worker processes and shared memory go with them), then end the actors."""
-    closing = [actors[index].close.remote() for index in sorted(started)]
-    if closing:
+    async def start(self, args, options: ReplicaOptions, checksum: str, memory_bytes: int, concurrency: int) -> None:
+        from ray.util.placement_group import placement_group
+        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+        count, nodes, strategy, bundle = _placement(self._ray, args, memory_bytes)
+        self._group = placement_group([bundle] * count, strategy=strategy)
         try:
-            await asyncio.wait_for(asyncio.gather(*closing, return_exceptions=True), CLOSE_TIMEOUT_S)
+            await asyncio.wait_for(self._group.ready(), PLACEMENT_TIMEOUT_S)
         except TimeoutError:
-            pass
-    for actor in actors:
-        ray.kill(actor, no_restart=True)
+            raise CliError(f"the Ray cluster found no room for {count} replicas of {_describe(bundle)} within "
+                           f"{PLACEMENT_TIMEOUT_S:g} s ({nodes} nodes have room for one each); ask for fewer "
+                           "--replicas or less per replica, or free the cluster") from None
+        remote_class = self._ray.remote(EngineReplica)
+        for index in range(count):
+            self.actors.append(remote_class.options(
+                num_cpus=args.threads_per_replica, num_gpus=args.gpus_per_replica,
+                **({"memory": memory_bytes} if memory_bytes else {}),  # Ray books each replica's --memory
+                max_restarts=REPLICA_MAX_RESTARTS, max_task_retries=0,  # the driver re-queues, not Ray
+                max_concurrency=concurrency + 8,  # its slots, and ready()/close() beside them
+                scheduling_strategy=PlacementGroupSchedulingStrategy(self._group, placement_group_bundle_index=index),
+            ).remote(index, options, checksum))
+        self.tallies = [ReplicaTally(info) for info in await self._await_ready()]
+
+    async def _await_ready(self) -> list[ReplicaInfo]:
+        """Every replica's ReplicaInfo once all have started; the first that cannot start stops the run at once."""
+        waiting = {asyncio.ensure_future(actor.ready.remote()): index for index, actor in enumerate(self.actors)}
+        infos: dict[int, ReplicaInfo] = {}
+        try:
+            while waiting:
+                done, _ = await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
+                for future in done:
+                    index = waiting.pop(future)
+                    try:
+                        info = future.result()
+                    except self._ray.exceptions.RayActorError as error:
+                        raise CliError(f"replica {index} died while starting: {error}") from None
+                    self._started.add(index)
+                    if info.startup_error:
+                        raise CliError(f"{info.where()} did not start: {info.startup_error}")
+                    infos[index] = info
+        finally:
+            for future in waiting:
+                future.cancel()
+        return [infos[index] for index in range(len(self.actors))]
+
+    async def stop(self) -> None:
+        """Close the running engines (their worker processes and shared memory go with them), end every actor."""
+        from ray.util.placement_group import remove_placement_group
+
+        # a replica still restarting would first load its engine again, only to close it
+        gone = {index for index, tally in enumerate(self.tallies) if tally.restarting or tally.retired}
+        closing = [self.actors[index].close.remote() for index in sorted(self._started - gone)]
+        if closing:
+            try:
+                await asyncio.wait_for(asyncio.gather(*closing, return_exceptions=True), CLOSE_TIMEOUT_S)
+            except TimeoutError:
+                pass
+        for actor in self.actors:
+            self._ray.kill(actor, no_restart=True)
+        if self._group is not None:
+            remove_placement_group(self._group)
 
 
 class BatchRun:
@@ -463,6 +488,7 @@ class BatchRun:
             await self._give_back(item)
         if replica not in self._recovering:  # the replica's other slots wait on the same probe
             tally.restarts += 1
+            tally.restarting = True
             self._recovering[replica] = asyncio.ensure_future(self._await_restart(replica))
         await asyncio.shield(self._recovering[replica])
 
@@ -472,7 +498,7 @@ class BatchRun:
             info = await asyncio.wait_for(self._actors[replica].ready.remote(), RESTART_TIMEOUT_S)
             if info.startup_error:
                 raise ReplicaUnusable(info.startup_error)
-            tally.info = info
+            tally.info, tally.restarting = info, False
         except (self._ray.exceptions.RayActorError, ReplicaUnusable, TimeoutError) as error:
             tally.retired = True
             print(f"flashllm batch: {tally.info.where()} is gone ({str(error).splitlines()[0]}); "
