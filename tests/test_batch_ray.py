@@ -11,9 +11,11 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 
 import pytest
@@ -39,9 +41,10 @@ def working_directory(path):
 
 
 class TwoNodeCluster:
-    def __init__(self, cluster, homes):
+    def __init__(self, cluster, homes, temp_dir: str):
         self.cluster = cluster
         self.homes = homes
+        self.temp_dir = temp_dir  # the nodes' sessions, logs and sockets; removed with the cluster
 
     @property
     def address(self) -> str:
@@ -54,7 +57,7 @@ class TwoNodeCluster:
         (home / "store").symlink_to(store)
         with working_directory(home):  # the raylet, and the replicas it starts, inherit it
             node = self.cluster.add_node(num_cpus=1, object_store_memory=NODE_OBJECT_STORE_BYTES,
-                                         include_dashboard=False, resources={name: 1})
+                                         include_dashboard=False, resources={name: 1}, temp_dir=self.temp_dir)
         self.cluster.wait_for_nodes()
         return node
 
@@ -63,14 +66,17 @@ class TwoNodeCluster:
 def two_nodes(demo_store, tmp_path_factory):
     from ray.cluster_utils import Cluster
 
+    # a short path of its own: Ray's unix sockets live below it (at most ~107 bytes)
+    temp_dir = tempfile.mkdtemp(prefix="ray-", dir="/tmp")
     cluster = Cluster(initialize_head=False)
     try:
-        running = TwoNodeCluster(cluster, tmp_path_factory.mktemp("ray-node-homes"))
+        running = TwoNodeCluster(cluster, tmp_path_factory.mktemp("ray-node-homes"), temp_dir)
         running.add_node("node-a", demo_store)  # the first one is the head
         running.add_node("node-b", demo_store)
         yield running
     finally:
         cluster.shutdown()
+        shutil.rmtree(temp_dir, ignore_errors=True)
 
 
 def write_prompts(path, max_tokens: int) -> None:
@@ -202,6 +208,17 @@ def test_a_replica_with_another_store_is_refused_naming_its_node(two_nodes, demo
     assert "manifest checksum" in err and "copy the driver's store to the same path on this node" in err
     assert err.count("did not start") == 1  # the two nodes with the driver's store are not blamed
     assert not out.exists() or read_lines(out) == []
+
+
+def test_a_replica_asking_more_than_any_node_has_is_refused(two_nodes, demo_store, tmp_path, capsys):
+    prompts, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    write_prompts(prompts, max_tokens=4)
+    assert cli_main(["batch", str(prompts), "--out", str(out), "--store", demo_store, "--ray", two_nodes.address,
+                     "--memory", "4096GiB", "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "no node of the Ray cluster can hold a replica asking for 1 CPU, 4096.0 GiB memory" in err
+    assert "lower --threads-per-replica, --gpus-per-replica or --memory" in err
+    assert not out.exists()
 
 
 def test_ray_is_imported_only_with_dash_dash_ray(tiny_stores, tmp_path):
