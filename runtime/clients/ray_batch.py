@@ -66,6 +66,23 @@ class ReplicaOptions:
 
 
 @dataclass
+class ReplicaResources:
+    """What Ray books on a node for each replica."""
+
+    cpus: int  # the engine's torch threads, too
+    gpus: float = 0.0
+    memory_bytes: int = 0  # the engine's --memory budget; 0: none given, nothing booked
+
+    def bundle(self) -> dict[str, float]:
+        bundle = {"CPU": float(self.cpus)}
+        if self.gpus > 0:
+            bundle["GPU"] = float(self.gpus)
+        if self.memory_bytes:
+            bundle["memory"] = float(self.memory_bytes)
+        return bundle
+
+
+@dataclass
 class ReplicaInfo:
     index: int
     node_id: str
@@ -176,19 +193,18 @@ def run_on_ray(args, todo: list[BatchItem]) -> int:
         raise CliError("with --ray give --threads-per-replica T (the CPUs of each engine), not --threads")
     if args.max_batch < 1:
         raise CliError(f"--max-batch {args.max_batch} is invalid: give at least 1")
-    args.threads_per_replica = args.threads_per_replica or 1
-    args.gpus_per_replica = args.gpus_per_replica or 0.0
-    if args.gpus_per_replica < 0:
-        raise CliError(f"--gpus-per-replica {args.gpus_per_replica} is invalid: give 0 or more")
+    resources = ReplicaResources(cpus=args.threads_per_replica or 1, gpus=args.gpus_per_replica or 0.0,
+                                 memory_bytes=parse_size(args.memory) if args.memory else 0)
+    if resources.gpus < 0:
+        raise CliError(f"--gpus-per-replica {resources.gpus} is invalid: give 0 or more")
     store = os.path.abspath(args.store)  # the path every node opens: relative to here, not to each node
     from flashllm.workers.store_reader import open_store
 
     open_store(store)  # the driver's own store must be sound: it is what every replica is checked against
-    memory_bytes = parse_size(args.memory) if args.memory else 0
-    concurrency = args.concurrency or 2 * args.max_batch
+    concurrency = args.concurrency or 2 * args.max_batch  # per replica, as --store alone
     if concurrency < 1:
         raise CliError(f"--concurrency {concurrency} is invalid: give at least 1")
-    options = ReplicaOptions(store=store, mode=args.mode, max_batch=args.max_batch, threads=args.threads_per_replica,
+    options = ReplicaOptions(store=store, mode=args.mode, max_batch=args.max_batch, threads=resources.cpus,
                              max_context=args.max_context, memory=args.memory, keep_fraction=args.keep_fraction,
                              neuron_window=args.neuron_window, missing_policy=args.missing_policy,
                              resident_dtype=args.resident_dtype, runtime=args.runtime)
@@ -198,7 +214,7 @@ def run_on_ray(args, todo: list[BatchItem]) -> int:
     with contextlib.redirect_stdout(sys.stderr):
         _connect(ray, args.ray)
         try:
-            summary = asyncio.run(_run(ray, args, options, manifest_checksum(store), memory_bytes, concurrency,
+            summary = asyncio.run(_run(ray, args, options, resources, manifest_checksum(store), concurrency,
                                        todo, started_s))
         except RunStopped as stop:
             raise CliError(f"{stop}; the finished prompts are in {args.out}, run the same command again to do "
@@ -220,22 +236,18 @@ def _connect(ray, address: str) -> None:
                        "`ray start --address HEAD:6379` on the other nodes), or give --ray local") from None
 
 
-def _placement(ray, args, memory_bytes: int):
-    """(replicas, nodes that can hold one, strategy, bundle) for this cluster; one replica per node by default."""
-    bundle = {"CPU": float(args.threads_per_replica)}
-    if args.gpus_per_replica > 0:
-        bundle["GPU"] = float(args.gpus_per_replica)
-    if memory_bytes:
-        bundle["memory"] = float(memory_bytes)  # --memory is each replica's budget, and Ray books it on its node
+def _placement(ray, resources: ReplicaResources, replicas: int | None) -> tuple[int, int, str]:
+    """(replicas, nodes that can hold one, placement strategy); one replica per node by default."""
+    bundle = resources.bundle()
     nodes = [n for n in ray.nodes() if n["Alive"]]
     roomy = [n for n in nodes if all(n["Resources"].get(k, 0.0) >= v for k, v in bundle.items())]
     if not roomy:
         raise CliError(f"no node of the Ray cluster can hold a replica asking for {_describe(bundle)} (nodes: "
                        + "; ".join(_describe(n["Resources"]) for n in nodes)
                        + "); lower --threads-per-replica, --gpus-per-replica or --memory")
-    replicas = args.replicas or len(roomy)
+    replicas = replicas or len(roomy)
     strategy = "STRICT_SPREAD" if len(roomy) >= replicas else "SPREAD"  # more replicas than nodes: pack some
-    return replicas, len(roomy), strategy, bundle
+    return replicas, len(roomy), strategy
 
 
 def _describe(resources: dict) -> str:
@@ -247,13 +259,13 @@ def _describe(resources: dict) -> str:
     return ", ".join(parts) or "nothing"
 
 
-async def _run(ray, args, options: ReplicaOptions, checksum: str, memory_bytes: int, concurrency: int,
+async def _run(ray, args, options: ReplicaOptions, resources: ReplicaResources, checksum: str, concurrency: int,
                todo: list[BatchItem], started_s: float) -> RunSummary:
     from tqdm import tqdm
 
     replicas = ReplicaSet(ray)
     try:
-        await replicas.start(args, options, checksum, memory_bytes, concurrency)
+        await replicas.start(args.replicas, resources, options, checksum, concurrency)
         infos = [tally.info for tally in replicas.tallies]
         nodes = len({info.node_id for info in infos})
         print(f"{len(infos)} replicas on {nodes} nodes: "
@@ -291,11 +303,13 @@ class ReplicaSet:
         self.tallies: list[ReplicaTally] = []
         self._started: set[int] = set()  # replicas whose __init__ is over (their engine is up, or failed)
 
-    async def start(self, args, options: ReplicaOptions, checksum: str, memory_bytes: int, concurrency: int) -> None:
+    async def start(self, replicas: int | None, resources: ReplicaResources, options: ReplicaOptions, checksum: str,
+                    concurrency: int) -> None:
         from ray.util.placement_group import placement_group
         from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-        count, nodes, strategy, bundle = _placement(self._ray, args, memory_bytes)
+        count, nodes, strategy = _placement(self._ray, resources, replicas)
+        bundle = resources.bundle()
         self._group = placement_group([bundle] * count, strategy=strategy)
         try:
             await asyncio.wait_for(self._group.ready(), PLACEMENT_TIMEOUT_S)
@@ -306,8 +320,8 @@ class ReplicaSet:
         remote_class = self._ray.remote(EngineReplica)
         for index in range(count):
             self.actors.append(remote_class.options(
-                num_cpus=args.threads_per_replica, num_gpus=args.gpus_per_replica,
-                **({"memory": memory_bytes} if memory_bytes else {}),  # Ray books each replica's --memory
+                num_cpus=resources.cpus, num_gpus=resources.gpus,
+                **({"memory": resources.memory_bytes} if resources.memory_bytes else {}),  # its --memory, booked
                 max_restarts=REPLICA_MAX_RESTARTS, max_task_retries=0,  # the driver re-queues, not Ray
                 max_concurrency=concurrency + 8,  # its slots, and ready()/close() beside them
                 scheduling_strategy=PlacementGroupSchedulingStrategy(self._group, placement_group_bundle_index=index),
