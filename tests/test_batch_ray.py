@@ -40,6 +40,20 @@ def working_directory(path):
         os.chdir(before)
 
 
+@contextlib.contextmanager
+def environment(**variables):
+    before = {name: os.environ.get(name) for name in variables}
+    os.environ.update(variables)
+    try:
+        yield
+    finally:
+        for name, value in before.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+
 class TwoNodeCluster:
     def __init__(self, cluster, homes, temp_dir: str):
         self.cluster = cluster
@@ -55,7 +69,9 @@ class TwoNodeCluster:
         home = self.homes / name
         home.mkdir()
         (home / "store").symlink_to(store)
-        with working_directory(home):  # the raylet, and the replicas it starts, inherit it
+        # the raylet, and the replicas it starts, inherit the folder; and they keep Ray's out-of-memory monitor
+        # off: it watches the whole machine, where other programs' memory would kill these replicas at random
+        with working_directory(home), environment(RAY_memory_monitor_refresh_ms="0"):
             node = self.cluster.add_node(num_cpus=1, object_store_memory=NODE_OBJECT_STORE_BYTES,
                                          include_dashboard=False, resources={name: 1}, temp_dir=self.temp_dir)
         self.cluster.wait_for_nodes()

@@ -41,6 +41,8 @@ REPLICA_MAX_RESTARTS = 3  # Ray restarts a dead replica this often before the dr
 MAX_ATTEMPTS_PER_PROMPT = 3  # replica deaths under one prompt before it is recorded as an error
 PLACEMENT_TIMEOUT_S = 120.0  # waiting for the cluster to have room for every replica
 RESTART_TIMEOUT_S = 300.0  # waiting for a dead replica's restart (a lost node's replica may find no room)
+RESTART_POLL_S = 0.5
+STARTUP_TIMEOUT_S = 3600.0  # loading a large store from a slow disk takes long; a stuck start should not hang forever
 CLOSE_TIMEOUT_S = 30.0
 RAY_HINT = "pip install 'flashllm[ray]' on this machine and on every node"
 
@@ -120,7 +122,11 @@ class EngineReplica:
         self.info = ReplicaInfo(index=index, node_id=ray.get_runtime_context().get_node_id(),
                                 host=socket.gethostname(), ip=ray.util.get_node_ip_address(), pid=os.getpid())
         try:
-            checksum = manifest_checksum(options.store)
+            try:
+                checksum = manifest_checksum(options.store)
+            except FileNotFoundError:
+                raise CliError(f"there is no store at {options.store} on this node; copy the driver's store to the "
+                               "same path here") from None
             if checksum != driver_checksum:
                 raise CliError(f"the store at {options.store} here has manifest checksum {checksum[:16]}…, the "
                                f"driver's has {driver_checksum[:16]}…: it is another store (or another version of "
@@ -330,7 +336,8 @@ class ReplicaSet:
 
     async def _await_ready(self) -> list[ReplicaInfo]:
         """Every replica's ReplicaInfo once all have started; the first that cannot start stops the run at once."""
-        waiting = {asyncio.ensure_future(actor.ready.remote()): index for index, actor in enumerate(self.actors)}
+        waiting = {asyncio.ensure_future(ready_through_restarts(self._ray, actor, STARTUP_TIMEOUT_S)): index
+                   for index, actor in enumerate(self.actors)}
         infos: dict[int, ReplicaInfo] = {}
         try:
             while waiting:
@@ -339,8 +346,10 @@ class ReplicaSet:
                     index = waiting.pop(future)
                     try:
                         info = future.result()
-                    except self._ray.exceptions.RayActorError as error:
+                    except self._ray.exceptions.RayActorError as error:  # out of restarts, or a bug in __init__
                         raise CliError(f"replica {index} died while starting: {error}") from None
+                    except TimeoutError:
+                        raise CliError(f"replica {index} did not start within {STARTUP_TIMEOUT_S:g} s") from None
                     self._started.add(index)
                     if info.startup_error:
                         raise CliError(f"{info.where()} did not start: {info.startup_error}")
@@ -366,6 +375,19 @@ class ReplicaSet:
             self._ray.kill(actor, no_restart=True)
         if self._group is not None:
             remove_placement_group(self._group)
+
+
+async def ready_through_restarts(ray, actor, timeout_s: float) -> ReplicaInfo:
+    """The replica's ReplicaInfo once it is up, waiting through Ray's restarts of it (killed while loading, by
+    the user or by Ray's out-of-memory monitor); ActorDiedError when it is gone for good, TimeoutError."""
+    deadline_s = time.monotonic() + timeout_s
+    while True:
+        try:
+            return await asyncio.wait_for(actor.ready.remote(), max(deadline_s - time.monotonic(), 0.0))
+        except ray.exceptions.ActorUnavailableError:  # restarting: ask again
+            if time.monotonic() >= deadline_s:
+                raise TimeoutError from None
+            await asyncio.sleep(RESTART_POLL_S)
 
 
 class BatchRun:
@@ -509,7 +531,7 @@ class BatchRun:
     async def _await_restart(self, replica: int) -> None:
         tally = self._tallies[replica]
         try:
-            info = await asyncio.wait_for(self._actors[replica].ready.remote(), RESTART_TIMEOUT_S)
+            info = await ready_through_restarts(self._ray, self._actors[replica], RESTART_TIMEOUT_S)
             if info.startup_error:
                 raise ReplicaUnusable(info.startup_error)
             tally.info, tally.restarting = info, False
