@@ -417,8 +417,10 @@ class BatchRun:
     async def drive(self, concurrency: int) -> None:
         self._out = open(self._out_path, "a", encoding="utf-8")
         self.first_sent_s = self.last_written_s = time.monotonic()
-        slots = [asyncio.create_task(self._slot(index)) for index in range(len(self._actors))
-                 for _ in range(concurrency)]
+        # slots in turns over the replicas, so the first prompts are dealt evenly (with fewer prompts than
+        # slots, replica 0 taking them all would leave the others idle)
+        slots = [asyncio.create_task(self._slot(index)) for _ in range(concurrency)
+                 for index in range(len(self._actors))]
         slots_ended = asyncio.gather(*slots)
         all_written = asyncio.create_task(self._all_written())
         try:
@@ -483,6 +485,9 @@ class BatchRun:
         while not tally.retired:
             item = await self._take()
             if item is None:
+                return
+            if tally.retired:  # it went while this slot waited for a prompt
+                await self._give_back(item)
                 return
             if item.request is None:  # a broken input line: its error is its output
                 await self._write(item, item.error, None)
