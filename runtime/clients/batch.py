@@ -32,7 +32,8 @@ the prompt's fault (the daemon went away or is shutting down) stops the run
 without recording anything, so the re-run does those prompts.
 
 --socket sends the prompts to a running daemon; --store runs the same
-continuous-batching scheduler in this process.
+continuous-batching scheduler in this process; --store with --ray runs it in
+engines spread over a Ray cluster, this process writing OUT (ray_batch.py).
 """
 from __future__ import annotations
 
@@ -69,7 +70,29 @@ def register_cli(subparsers) -> None:
     p.add_argument("--chat", action="store_true", help="wrap plain prompts in the chat template")
     add_sampling_args(p)
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--json", action="store_true", help="print a JSON summary of the run on stdout at the end")
+    _add_ray_args(p)
     p.set_defaults(func=cmd_batch)
+
+
+RAY_ONLY_FLAGS = ("replicas", "threads_per_replica", "gpus_per_replica")
+
+
+def _add_ray_args(p) -> None:
+    """--ray and its options; the Ray code (ray_batch.py, and Ray) is imported only when --ray is given."""
+    from flashllm.runtime.clients.cli import _positive_int
+
+    p.add_argument("--ray", nargs="?", const="auto", default=None, metavar="ADDRESS",
+                   help="run the prompts on engines spread over a Ray cluster (pip install 'flashllm[ray]'): "
+                        "ADDRESS of its head (host:port), auto (the cluster `ray start` made here, or RAY_ADDRESS; "
+                        "the default) or local (a private one-machine Ray for this run); --store is opened at the "
+                        "same path on every node")
+    p.add_argument("--replicas", type=_positive_int, default=None, metavar="N",
+                   help="--ray: engines to start, spread one per node (default: one per node with room for one)")
+    p.add_argument("--threads-per-replica", type=_positive_int, default=None, metavar="T",
+                   help="--ray: torch threads of each engine, and the CPUs Ray books for it (default 1)")
+    p.add_argument("--gpus-per-replica", type=float, default=None, metavar="G",
+                   help="--ray: GPUs Ray books for each engine, which then runs on its GPU (default 0: the CPU)")
 
 
 @dataclass
@@ -90,6 +113,10 @@ class RunStopped(Exception):
 def cmd_batch(args) -> int:
     if bool(args.socket) == bool(args.store):
         raise CliError("give exactly one of --socket PATH (a running daemon) or --store STORE (run in-process)")
+    if args.ray is None:
+        given = [name for name in RAY_ONLY_FLAGS if getattr(args, name) is not None]
+        if given:
+            raise CliError(f"--{given[0].replace('_', '-')} applies to --ray; add --ray ADDRESS or drop it")
     defaults = {"chat": args.chat, "max_tokens": args.max_tokens, "temperature": args.temperature,
                 "top_p": args.top_p, "top_k": args.top_k, "seed": args.seed, "stop": list(args.stop or []),
                 "ignore_eos": args.ignore_eos}
@@ -100,6 +127,10 @@ def cmd_batch(args) -> int:
           f"{len(todo)} to do", file=sys.stderr)
     if not todo:
         return 0
+    if args.ray is not None:
+        from flashllm.runtime.clients.ray_batch import run_on_ray  # Ray is imported on this path only
+
+        return run_on_ray(args, todo)
     concurrency = args.concurrency or (64 if args.socket else 2 * args.max_batch)
     if concurrency < 1:
         raise CliError(f"--concurrency {concurrency} is invalid: give at least 1")
@@ -110,6 +141,10 @@ def cmd_batch(args) -> int:
     print(f"wrote {summary['written']} lines to {args.out} ({summary['failed']} failed), "
           f"{summary['tokens']} tokens in {summary['seconds']:.1f} s = {summary['tokens_per_s']:.1f} tokens/s",
           file=sys.stderr)
+    if args.json:
+        print(json.dumps({"replicas": 1, "nodes": 1, "prompts": summary["written"], "failed": summary["failed"],
+                          "tokens": summary["tokens"], "wall_s": summary["seconds"],
+                          "tokens_per_s": summary["tokens_per_s"]}))
     return 0
 
 
