@@ -318,7 +318,8 @@ def machine_info() -> dict:
         mem_total_bytes = None
     return {"node": platform.node(), "cpu_model": cpu_model, "cpu_count": os.cpu_count(),
             "cores_available": len(os.sched_getaffinity(0)), "mem_total_bytes": mem_total_bytes,
-            "kernel": platform.release(), "python": platform.python_version(), "torch": torch.__version__}
+            "kernel": platform.release(), "python": platform.python_version(), "torch": torch.__version__,
+            "load_average_1_5_15": list(os.getloadavg())}  # a shared machine's load moves every speed here
 
 
 def run_peer_bench(options: PeerBenchOptions, command: list[str] | None = None) -> dict:
@@ -329,6 +330,7 @@ def run_peer_bench(options: PeerBenchOptions, command: list[str] | None = None) 
         raise PeerBenchError(f"store {options.store} is not calibrated, so it cannot run --mode sparse: run "
                              f"`flashllm calibrate --store {options.store} --text FILE` first")
     gguf_bytes = os.path.getsize(options.gguf)
+    machine_at_start = machine_info()
     print("bench-peer: baselines ...", file=sys.stderr)
     llama_baseline = measure_llama_baseline(options)
     flashllm_baseline = measure_flashllm_process_baseline(options.flashllm_threads)
@@ -363,7 +365,8 @@ def run_peer_bench(options: PeerBenchOptions, command: list[str] | None = None) 
 
     budgets = summarize_budgets(records, options.budget_fractions, gguf_bytes)
     llama_build = next((r["llama_build"] for r in records if r.get("llama_build")), None)
-    return {"command": command, **_git_commit(), "machine": machine_info(), "llama_build": llama_build,
+    return {"command": command, **_git_commit(), "machine": machine_at_start,
+            "load_average_at_end": list(os.getloadavg()), "llama_build": llama_build,
             "gguf": {"path": os.path.abspath(options.gguf), "bytes": gguf_bytes},
             "store": {"path": os.path.abspath(options.store), "ffn_dtype": manifest.ffn.dtype,
                       "bytes": sum(os.path.getsize(p) for p in _store_files(options.store))},
