@@ -5,7 +5,9 @@ For each weight budget (a fraction of the GGUF file's bytes):
   threads) runs in a memory cgroup capped at the budget plus llama.cpp's own
   baseline. llama.cpp mmaps the file, so its weights are page cache charged to
   the cgroup: a cap below the model makes the kernel evict them and the next
-  token read them again from disk. The file's page cache is dropped first.
+  token read them again from disk. It runs a private copy of the file (pages
+  another process maps can neither be dropped nor charged to this cgroup),
+  whose page cache is dropped before each run.
 - flashllm decodes the same number of tokens with `--memory` = the budget
   (`--mode sparse`, from the store made from that GGUF; at budgets ≥ 100% also
   `--mode dense`) in a cgroup capped at the budget + each of its processes'
@@ -38,7 +40,8 @@ import statistics
 import subprocess
 import sys
 import tempfile
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
+from typing import Callable
 
 from flashllm.runtime.tools.memory_cgroup import CgroupRun, drop_page_cache, run_in_memory_cgroup
 
@@ -286,7 +289,8 @@ def summarize_budgets(records: list[dict], fractions: list[float], gguf_bytes: i
         row_records = [r for r in records if r["budget_fraction"] == fraction]
         systems = {}
         for system, mode in dict.fromkeys((r["system"], r["mode"]) for r in row_records):
-            systems[f"{system} {mode}"] = summarize([r for r in row_records if (r["system"], r["mode"]) == (system, mode)])
+            same = [r for r in row_records if (r["system"], r["mode"]) == (system, mode)]
+            systems[f"{system} {mode}"] = summarize(same)
         budgets.append({"label": label, "fraction": fraction,
                         "weight_budget_bytes": None if fraction is None else int(fraction * gguf_bytes),
                         "systems": systems})
@@ -322,7 +326,21 @@ def machine_info() -> dict:
             "load_average_1_5_15": list(os.getloadavg())}  # a shared machine's load moves every speed here
 
 
-def run_peer_bench(options: PeerBenchOptions, command: list[str] | None = None) -> dict:
+def private_copy(path: str, folder: str) -> str:
+    """A copy of the file that no other process has open: pages of a file another process maps cannot be dropped,
+    and they stay charged to whoever read them first, so a cgroup cap would not count them."""
+    copy = os.path.join(folder, os.path.basename(path))
+    shutil.copyfile(path, copy)
+    with open(copy, "rb+") as f:
+        os.fsync(f.fileno())  # written back, so that dropping its pages really drops them
+    drop_page_cache([copy])
+    return copy
+
+
+def run_peer_bench(options: PeerBenchOptions, command: list[str] | None = None,
+                   after_round: Callable[[dict], None] | None = None) -> dict:
+    """Both systems on a private copy of the GGUF, in a folder removed afterwards. after_round gets the report
+    so far after each round (a long run on a busy machine keeps what it measured)."""
     from flashllm.protocol.store_format import read_manifest
 
     manifest = read_manifest(options.store)
@@ -330,50 +348,58 @@ def run_peer_bench(options: PeerBenchOptions, command: list[str] | None = None) 
         raise PeerBenchError(f"store {options.store} is not calibrated, so it cannot run --mode sparse: run "
                              f"`flashllm calibrate --store {options.store} --text FILE` first")
     gguf_bytes = os.path.getsize(options.gguf)
-    machine_at_start = machine_info()
-    print("bench-peer: baselines ...", file=sys.stderr)
-    llama_baseline = measure_llama_baseline(options)
-    flashllm_baseline = measure_flashllm_process_baseline(options.flashllm_threads)
-    kv_bytes = flashllm_kv_cache_bytes(options.store, options.max_context)
+    report = {"command": command, **_git_commit(), "machine": machine_info(),
+              "gguf": {"path": os.path.abspath(options.gguf), "bytes": gguf_bytes},
+              "store": {"path": os.path.abspath(options.store), "ffn_dtype": manifest.ffn.dtype,
+                        "bytes": sum(os.path.getsize(p) for p in _store_files(options.store))},
+              "options": asdict(options)}
+    store_parent = os.path.dirname(os.path.abspath(options.store))
+    with tempfile.TemporaryDirectory(prefix="flashllm-peer-gguf-", dir=store_parent) as folder:
+        options = replace(options, gguf=private_copy(options.gguf, folder))
+        print("bench-peer: baselines ...", file=sys.stderr)
+        report["baselines"] = {"llama.cpp": measure_llama_baseline(options),
+                               "flashllm_process": measure_flashllm_process_baseline(options.flashllm_threads),
+                               "flashllm_kv_cache_bytes": flashllm_kv_cache_bytes(options.store, options.max_context),
+                               "flashllm_cap_margin": FLASHLLM_CAP_MARGIN}
+        records: list[dict] = []
+        for round_index in range(options.rounds):
+            records.extend(_run_round(options, report["baselines"], gguf_bytes, round_index))
+            report.update({"load_average_at_end": list(os.getloadavg()), "rounds_done": round_index + 1,
+                           "llama_build": next((r["llama_build"] for r in records if r.get("llama_build")), None),
+                           "budgets": summarize_budgets(records, options.budget_fractions, gguf_bytes),
+                           "runs": records})
+            if after_round is not None:
+                after_round(report)
+    return report
 
-    # (label, fraction): the uncapped row measures both systems' speed with nothing held back
-    rows = _budget_rows(options.budget_fractions)
+
+def _run_round(options: PeerBenchOptions, baselines: dict, gguf_bytes: int, round_index: int) -> list[dict]:
+    """Every budget once on each system; the system that goes first alternates by round."""
     records: list[dict] = []
-    for round_index in range(options.rounds):
-        for label, fraction in rows:
-            def llama_run() -> dict:
-                cap = None if fraction is None else int(fraction * gguf_bytes) + llama_baseline["baseline_bytes"]
-                return run_llama(options, cap, fraction, round_index)
+    for label, fraction in _budget_rows(options.budget_fractions):
+        def llama_run() -> dict:
+            cap = None if fraction is None else int(fraction * gguf_bytes) + baselines["llama.cpp"]["baseline_bytes"]
+            return run_llama(options, cap, fraction, round_index)
 
-            def flashllm_runs() -> list[dict]:
-                if fraction is None:
-                    return [run_flashllm(options, "dense", None, None, None, round_index)]
-                weight_bytes = int(fraction * gguf_bytes)
-                modes = ["sparse"] + (["dense"] if fraction >= DENSE_FROM_FRACTION else [])
-                return [run_flashllm(options, mode, weight_bytes,
-                                     flashllm_cap_bytes(weight_bytes, flashllm_baseline["baseline_bytes"],
-                                                        flashllm_processes(options.runtime, mode), kv_bytes),
-                                     fraction, round_index) for mode in modes]
+        def flashllm_runs() -> list[dict]:
+            if fraction is None:
+                return [run_flashllm(options, "dense", None, None, None, round_index)]
+            weight_bytes = int(fraction * gguf_bytes)
+            modes = ["sparse"] + (["dense"] if fraction >= DENSE_FROM_FRACTION else [])
+            return [run_flashllm(options, mode, weight_bytes,
+                                 flashllm_cap_bytes(weight_bytes, baselines["flashllm_process"]["baseline_bytes"],
+                                                    flashllm_processes(options.runtime, mode),
+                                                    baselines["flashllm_kv_cache_bytes"]),
+                                 fraction, round_index) for mode in modes]
 
-            print(f"bench-peer: round {round_index + 1}/{options.rounds}, budget {label} ...", file=sys.stderr)
-            if round_index % 2 == 0:
-                records.append(llama_run())
-                records.extend(flashllm_runs())
-            else:
-                records.extend(flashllm_runs())
-                records.append(llama_run())
-
-    budgets = summarize_budgets(records, options.budget_fractions, gguf_bytes)
-    llama_build = next((r["llama_build"] for r in records if r.get("llama_build")), None)
-    return {"command": command, **_git_commit(), "machine": machine_at_start,
-            "load_average_at_end": list(os.getloadavg()), "llama_build": llama_build,
-            "gguf": {"path": os.path.abspath(options.gguf), "bytes": gguf_bytes},
-            "store": {"path": os.path.abspath(options.store), "ffn_dtype": manifest.ffn.dtype,
-                      "bytes": sum(os.path.getsize(p) for p in _store_files(options.store))},
-            "options": asdict(options),
-            "baselines": {"llama.cpp": llama_baseline, "flashllm_process": flashllm_baseline,
-                          "flashllm_kv_cache_bytes": kv_bytes, "flashllm_cap_margin": FLASHLLM_CAP_MARGIN},
-            "budgets": budgets, "runs": records}
+        print(f"bench-peer: round {round_index + 1}/{options.rounds}, budget {label} ...", file=sys.stderr)
+        if round_index % 2 == 0:
+            records.append(llama_run())
+            records.extend(flashllm_runs())
+        else:
+            records.extend(flashllm_runs())
+            records.append(llama_run())
+    return records
 
 
 # ---------------------------------------------------------------------- output
@@ -410,40 +436,48 @@ def plot_report(report: dict, path: str) -> str:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     fig, ax = plt.subplots(figsize=(6.5, 4))
     capped = [b for b in report["budgets"] if b["fraction"] is not None]
     names = list(dict.fromkeys(name for b in capped for name in b["systems"]))
-    colors = {}
+    failed_at: dict[float, int] = {}  # budget % → failure labels already stacked there
     for name in names:
         points = [(100 * b["fraction"], b["systems"][name]) for b in capped if name in b["systems"]]
         good = [(x, s) for x, s in points if s["tok_per_s_median"] is not None]
-        if good:
-            xs = [x for x, _ in good]
-            medians = [s["tok_per_s_median"] for _, s in good]
-            errors = [[m - s["tok_per_s_min"] for m, (_, s) in zip(medians, good)],
-                      [s["tok_per_s_max"] - m for m, (_, s) in zip(medians, good)]]
-            line = ax.errorbar(xs, medians, yerr=errors, marker="o", capsize=3, label=name)
-            colors[name] = line.lines[0].get_color()
+        medians = [s["tok_per_s_median"] for _, s in good]
+        errors = [[m - s["tok_per_s_min"] for m, (_, s) in zip(medians, good)],
+                  [s["tok_per_s_max"] - m for m, (_, s) in zip(medians, good)]]
+        line = ax.errorbar([x for x, _ in good], medians, yerr=errors, marker="o", capsize=3, label=name)
+        color = line.lines[0].get_color()
         for x, summary in points:
-            if summary["tok_per_s_median"] is None:
-                ax.plot([x], [0.0], marker="x", color=colors.get(name, "black"), clip_on=False, markersize=9)
-                ax.annotate(f"{name}: failed", (x, 0.0), textcoords="offset points", xytext=(4, 6), fontsize=7)
+            if summary["tok_per_s_median"] is None:  # never finished at this budget: marked on the x axis
+                stacked = failed_at.get(x, 0)
+                failed_at[x] = stacked + 1
+                ax.plot([x], [0.0], marker="x", color=color, markersize=9, transform=ax.get_xaxis_transform(),
+                        clip_on=False)
+                ax.annotate(f"{name}: failed", (x, 0.0), xycoords=("data", "axes fraction"), textcoords="offset points",
+                            xytext=(-4, 6 + 10 * stacked), fontsize=7, color=color, ha="right")
     uncapped = next((b for b in report["budgets"] if b["fraction"] is None), None)
     for name, summary in (uncapped or {}).get("systems", {}).items():
         if summary["tok_per_s_median"] is not None:
             ax.axhline(summary["tok_per_s_median"], linestyle="--", linewidth=1, color="gray")
-            ax.annotate(f"{name}, uncapped: {summary['tok_per_s_median']:.1f}", (ax.get_xlim()[0], 
-                        summary["tok_per_s_median"]), textcoords="offset points", xytext=(2, 2), fontsize=7)
-    ax.set_yscale("symlog", linthresh=1.0)
-    ax.set_ylim(bottom=0)
+            label = f"{name}, uncapped: {summary['tok_per_s_median']:.1f} tok/s"
+            ax.annotate(label, (0.01, summary["tok_per_s_median"]),
+                        xycoords=("axes fraction", "data"), textcoords="offset points", xytext=(2, 2), fontsize=7,
+                        color="gray")
+    ax.set_yscale("log")
+    ax.yaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda value, _: f"{value:g}"))
+    ax.yaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+    if capped:
+        xs = [100 * b["fraction"] for b in capped]
+        ax.set_xlim(max(xs) + 5, min(xs) - 5)  # larger budgets on the left
     ax.set_xlabel("weight budget (% of the GGUF file's bytes)")
     ax.set_ylabel("decode tok/s (median, range)")
     gguf_mib = report["gguf"]["bytes"] / MIB
     ax.set_title(f"{os.path.basename(report['gguf']['path'])} ({gguf_mib:.0f} MiB), "
                  f"{report['options']['threads']} threads", fontsize=9)
-    ax.invert_xaxis()
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=8, loc="upper right")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -473,7 +507,8 @@ def cmd_bench_peer(args) -> int:
         if not os.path.exists(path):
             raise CliError(f"{what} {path!r} does not exist")
     try:
-        report = run_peer_bench(options, command=["flashllm", "bench-peer", *sys.argv[2:]])
+        report = run_peer_bench(options, command=["flashllm", "bench-peer", *sys.argv[2:]],
+                                after_round=lambda so_far: write_report(so_far, args.json, None))
     except PeerBenchError as exc:
         raise CliError(str(exc)) from None
     print(format_table(report))
