@@ -276,6 +276,7 @@ EXTRA_COMMAND_MODULES = {
     "status": "flashllm.runtime.clients.client_cli",
     "batch": "flashllm.runtime.clients.batch",
     "bench-serve": "flashllm.runtime.clients.serve_bench",
+    "bench-peer": "flashllm.runtime.tools.bench_peer",
 }
 
 

@@ -1,0 +1,544 @@
+"""`flashllm bench-peer`: flashllm beside llama.cpp on the same GGUF file, at the same memory for weights.
+
+For each weight budget (a fraction of the GGUF file's bytes):
+- llama.cpp's `llama-bench` (token generation: -p 0 -n TOKENS, the same
+  threads) runs in a memory cgroup capped at the budget plus llama.cpp's own
+  baseline. llama.cpp mmaps the file, so its weights are page cache charged to
+  the cgroup: a cap below the model makes the kernel evict them and the next
+  token read them again from disk. It runs a private copy of the file (pages
+  another process maps can neither be dropped nor charged to this cgroup),
+  whose page cache is dropped before each run.
+- flashllm decodes the same number of tokens with `--memory` = the budget
+  (`--mode sparse`, from the store made from that GGUF; at budgets ≥ 100% also
+  `--mode dense`) in a cgroup capped at the budget + each of its processes'
+  baseline (Python + torch) + its KV cache + 10%, so a run that overruns its
+  budget is OOM-killed and shows up as a failure, not a silent pass.
+
+llama.cpp's baseline is measured, not assumed: one uncapped run of the same
+command on the same file, from a cold page cache; its peak
+(`memory.max_usage_in_bytes`) minus the file's pages still charged after it
+exits is what llama.cpp holds beside the weights (binary and libraries, KV
+cache, compute buffers, any repacked weight copies). A tiny model's run would
+miss the buffers that scale with this model, and the RSS before the weights
+are touched would miss the compute buffers. flashllm's baseline is one process
+that imported torch and the engine and ran a product, before any store is
+opened; the worker runtime has one such process per role plus the parent.
+
+Rounds interleave the two systems (the first system alternates), since this
+machine's speed drifts over minutes; the report gives each run, the median and
+range of tok/s and of each side's peak memory, machine info and the commit.
+Not part of the test suite: it needs a llama-bench binary and minutes.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+from dataclasses import asdict, dataclass, replace
+from typing import Callable
+
+from flashllm.runtime.tools.memory_cgroup import CgroupRun, drop_page_cache, run_in_memory_cgroup
+
+LLAMA_BENCH_ENV = "FLASHLLM_LLAMA_BENCH"
+BENCH_PROMPT = "The history of the printing press begins"
+PROMPT_TOKEN_ALLOWANCE = 32  # context beyond the generated tokens: the prompt's tokens fit in it
+FLASHLLM_CAP_MARGIN = 0.10  # the cap's slack over budget + baselines + KV (issue 19's bound)
+DENSE_FROM_FRACTION = 1.0  # budgets at or above the whole file also run --mode dense
+MIB = 2**20
+UNCAPPED = "uncapped"
+
+
+class PeerBenchError(ValueError):
+    """Bad input to bench-peer; the message says what to do."""
+
+
+@dataclass
+class PeerBenchOptions:
+    gguf: str
+    store: str
+    llama_bench: str
+    budget_fractions: list[float]
+    threads: int  # llama-bench -t, and flashllm --threads unless flashllm_threads says otherwise
+    flashllm_threads: int | None  # None: flashllm's own default for each mode
+    rounds: int
+    tokens: int
+    llama_repetitions: int  # llama-bench -r within one run
+    runtime: str  # flashllm --runtime
+    timeout_s: float
+
+    @property
+    def max_context(self) -> int:
+        return self.tokens + PROMPT_TOKEN_ALLOWANCE
+
+
+# ---------------------------------------------------------------------- inputs
+
+
+def parse_budgets(text: str) -> list[float]:
+    """'100%,80%,60%' (or '1,0.8,0.6') → [1.0, 0.8, 0.6]: fractions of the GGUF file's bytes, in order given."""
+    fractions: list[float] = []
+    for item in (part.strip() for part in text.split(",")):
+        if not item:
+            continue
+        try:
+            value = float(item[:-1]) / 100 if item.endswith("%") else float(item)
+        except ValueError:
+            value = -1.0
+        if not 0 < value <= 10:
+            raise PeerBenchError(f"--budgets: {item!r} is not a fraction of the GGUF file; write e.g. 100%,80%,60% "
+                                 "or 1,0.8,0.6 (each above 0)")
+        if value not in fractions:
+            fractions.append(value)
+    if not fractions:
+        raise PeerBenchError("--budgets is empty; write e.g. 100%,80%,60%")
+    return fractions
+
+
+def find_llama_bench(path: str | None) -> str:
+    """The llama-bench binary: --llama-bench, else $FLASHLLM_LLAMA_BENCH, else `llama-bench` on PATH."""
+    candidate = path or os.environ.get(LLAMA_BENCH_ENV) or shutil.which("llama-bench")
+    how = ("build llama.cpp's llama-bench (https://github.com/ggml-org/llama.cpp: `cmake -B build && cmake --build "
+           f"build --target llama-bench`; the binary is build/bin/llama-bench), then pass --llama-bench PATH or set "
+           f"{LLAMA_BENCH_ENV}")
+    if not candidate:
+        raise PeerBenchError(f"no llama-bench found (no --llama-bench, no ${LLAMA_BENCH_ENV}, none on PATH): {how}")
+    if not (os.path.isfile(candidate) and os.access(candidate, os.X_OK)):
+        raise PeerBenchError(f"llama-bench {candidate!r} is not an executable file: {how}")
+    return candidate
+
+
+# ---------------------------------------------------------------------- the two systems' commands
+
+
+def llama_bench_argv(options: PeerBenchOptions) -> list[str]:
+    return [options.llama_bench, "-m", options.gguf, "-t", str(options.threads), "-p", "0", "-n", str(options.tokens),
+            "-r", str(options.llama_repetitions), "-o", "json"]
+
+
+def parse_llama_bench_json(stdout: str) -> dict:
+    """llama-bench -o json → its tg test's record (avg_ts, samples_ts, build_commit, cpu_info, ...)."""
+    start = stdout.find("[")
+    if start < 0:
+        raise ValueError("llama-bench printed no JSON")
+    records = json.loads(stdout[start:])
+    generation = [r for r in records if r.get("n_gen", 0) > 0 and r.get("n_prompt", 0) == 0]
+    if not generation:
+        raise ValueError("llama-bench's JSON holds no token-generation test")
+    return generation[0]
+
+
+def flashllm_generate_argv(options: PeerBenchOptions, mode: str, memory_bytes: int | None) -> list[str]:
+    argv = [sys.executable, "-m", "flashllm", "generate", "--store", options.store, "--mode", mode,
+            "--max-tokens", str(options.tokens), "--ignore-eos", "--max-context", str(options.max_context),
+            "--runtime", options.runtime if mode == "sparse" else "inproc", "--json"]
+    if memory_bytes is not None:
+        argv += ["--memory", str(memory_bytes)]
+    if options.flashllm_threads is not None:
+        argv += ["--threads", str(options.flashllm_threads)]
+    return argv + [BENCH_PROMPT]
+
+
+def flashllm_processes(runtime: str, mode: str) -> int:
+    """Processes that each pay the Python + torch baseline: the parent, plus one per worker role."""
+    from flashllm.protocol.messages import WORKER_ROLES
+    from flashllm.runtime.clients.cli import resolve_runtime
+
+    return 1 + len(WORKER_ROLES) if resolve_runtime(runtime, mode) == "workers" else 1
+
+
+def flashllm_kv_cache_bytes(store: str, max_context: int) -> int:
+    from flashllm.protocol.store_format import read_manifest
+    from flashllm.workers.executor import compute_dtype, default_device
+    from flashllm.workers.models.attention import KVCache
+
+    arch = read_manifest(store).arch
+    itemsize = compute_dtype(default_device()).itemsize
+    return KVCache.bytes_needed(arch.num_hidden_layers, 1, arch.num_key_value_heads,
+                                min(max_context, arch.max_position_embeddings), arch.head_dim, itemsize)
+
+
+def flashllm_cap_bytes(weight_budget_bytes: int, process_baseline_bytes: int, processes: int,
+                       kv_cache_bytes: int) -> int:
+    return int((weight_budget_bytes + processes * process_baseline_bytes + kv_cache_bytes) * (1 + FLASHLLM_CAP_MARGIN))
+
+
+# ---------------------------------------------------------------------- measuring
+
+
+def _store_files(store: str) -> list[str]:
+    return [os.path.join(store, name) for name in sorted(os.listdir(store))
+            if os.path.isfile(os.path.join(store, name))]
+
+
+def _run_record(run: CgroupRun, system: str, mode: str, fraction: float | None, round_index: int) -> dict:
+    return {"system": system, "mode": mode, "budget_fraction": fraction, "round": round_index,
+            "cap_bytes": run.limit_bytes, "peak_bytes": run.peak_bytes, "oom_kills": run.oom_kills,
+            "returncode": run.returncode, "timed_out": run.timed_out, "wall_s": round(run.wall_s, 3),
+            "failure": run.failure(), "tok_per_s": None}
+
+
+def run_llama(options: PeerBenchOptions, cap_bytes: int | None, fraction: float | None, round_index: int) -> dict:
+    drop_page_cache([options.gguf])
+    run = run_in_memory_cgroup(llama_bench_argv(options), limit_bytes=cap_bytes, timeout_s=options.timeout_s)
+    record = _run_record(run, "llama.cpp", "llama-bench tg", fraction, round_index)
+    record["cache_bytes_after_exit"] = run.cache_bytes_after_exit
+    if run.ok:
+        try:
+            test = parse_llama_bench_json(run.stdout)
+        except ValueError as exc:
+            record["failure"] = f"unreadable output: {exc}"
+        else:
+            record["tok_per_s"] = float(test["avg_ts"])
+            record["samples_tok_per_s"] = [float(x) for x in test.get("samples_ts", [])]
+            record["llama_build"] = {k: test.get(k) for k in ("build_commit", "build_number", "cpu_info",
+                                                               "backends", "n_threads", "type_k", "type_v")}
+    return record
+
+
+def _sweep_instance_leftovers(pid: int, runtime_dir: str) -> None:
+    """Shared-memory segments of a flashllm run that was killed before it could remove them."""
+    from flashllm.protocol.shm import SHM_DIR, list_segments, parse_segment_name
+
+    for _, path in list_segments():
+        parsed = parse_segment_name(os.path.basename(path))
+        if parsed is not None and parsed[1] == pid and os.path.dirname(path) == SHM_DIR:
+            try:
+                os.unlink(path)
+            except FileNotFoundError:
+                pass
+    shutil.rmtree(runtime_dir, ignore_errors=True)
+
+
+def run_flashllm(options: PeerBenchOptions, mode: str, memory_bytes: int | None, cap_bytes: int | None,
+                 fraction: float | None, round_index: int) -> dict:
+    drop_page_cache(_store_files(options.store))
+    runtime_dir = tempfile.mkdtemp(prefix="flashllm-peer-run-")
+    env = {**os.environ, "FLASHLLM_RUNTIME_DIR": runtime_dir}
+    run = run_in_memory_cgroup(flashllm_generate_argv(options, mode, memory_bytes), limit_bytes=cap_bytes,
+                               timeout_s=options.timeout_s, env=env)
+    _sweep_instance_leftovers(run.pid, runtime_dir)
+    record = _run_record(run, "flashllm", mode, fraction, round_index)
+    record["memory_bytes"] = memory_bytes
+    if run.ok:
+        try:
+            result = json.loads(run.stdout.strip().splitlines()[-1])
+        except (ValueError, IndexError) as exc:
+            record["failure"] = f"unreadable output: {exc}"
+        else:
+            record["tok_per_s"] = 1e3 / result["ms_per_token"] if result["ms_per_token"] else None
+            record["ms_per_token"] = result["ms_per_token"]
+            record["runtime"] = result.get("runtime")
+            record["generated_tokens"] = len(result.get("tokens", []))
+    return record
+
+
+def measure_llama_baseline(options: PeerBenchOptions) -> dict:
+    """llama.cpp's memory beside its weights: an uncapped run's peak minus the file's pages it charged."""
+    record = run_llama(options, None, None, -1)
+    if record["failure"]:
+        raise PeerBenchError(f"llama-bench failed on {options.gguf} without a cap ({record['failure']}); "
+                             "check that the binary runs this file")
+    file_bytes = os.path.getsize(options.gguf)
+    charged_file_bytes = min(file_bytes, record["cache_bytes_after_exit"])
+    return {"baseline_bytes": max(0, record["peak_bytes"] - charged_file_bytes), "peak_bytes": record["peak_bytes"],
+            "file_cache_bytes_charged": charged_file_bytes, "tok_per_s": record["tok_per_s"],
+            "how": "uncapped llama-bench run from a cold page cache: peak (memory.max_usage_in_bytes) minus the "
+                   "page cache still charged after it exits (the GGUF's pages)"}
+
+
+def measure_flashllm_process_baseline(threads: int | None) -> dict:
+    """One flashllm process before it opens a store: Python, torch and the engine imported, one product run."""
+    set_threads = f"torch.set_num_threads({threads}); " if threads else ""
+    code = ("import torch, flashllm.runtime.core.engine; " + set_threads +
+            "x = torch.ones(256, 256); print(float((x @ x).sum()))")
+    run = run_in_memory_cgroup([sys.executable, "-c", code], timeout_s=120)
+    if not run.ok:
+        raise PeerBenchError(f"could not measure flashllm's process baseline: {run.failure()}")
+    return {"baseline_bytes": run.peak_bytes,
+            "how": "peak of one Python process that imported torch and flashllm's engine and ran a 256x256 product"}
+
+
+def summarize(records: list[dict]) -> dict:
+    """Median and range of tok/s over the successful runs, peak memory over all, and each failure."""
+    speeds = [r["tok_per_s"] for r in records if r["tok_per_s"] is not None]
+    peaks = [r["peak_bytes"] for r in records]
+    return {"runs": len(records), "ok_runs": len(speeds),
+            "tok_per_s_median": statistics.median(speeds) if speeds else None,
+            "tok_per_s_min": min(speeds) if speeds else None, "tok_per_s_max": max(speeds) if speeds else None,
+            "peak_bytes_median": int(statistics.median(peaks)) if peaks else None,
+            "peak_bytes_max": max(peaks) if peaks else None,
+            "cap_bytes": records[0]["cap_bytes"] if records else None,
+            "failures": [r["failure"] for r in records if r["failure"]]}
+
+
+def _budget_rows(fractions: list[float]) -> list[tuple[str, float | None]]:
+    """(label, fraction) per row; the uncapped row first measures both systems with nothing held back."""
+    return [(UNCAPPED, None)] + [(f"{100 * f:g}%", f) for f in fractions]
+
+
+def summarize_budgets(records: list[dict], fractions: list[float], gguf_bytes: int) -> list[dict]:
+    """Run records → one row per budget (uncapped first), each system's summary under 'system mode'."""
+    budgets = []
+    for label, fraction in _budget_rows(fractions):
+        row_records = [r for r in records if r["budget_fraction"] == fraction]
+        systems = {}
+        for system, mode in dict.fromkeys((r["system"], r["mode"]) for r in row_records):
+            same = [r for r in row_records if (r["system"], r["mode"]) == (system, mode)]
+            systems[f"{system} {mode}"] = summarize(same)
+        budgets.append({"label": label, "fraction": fraction,
+                        "weight_budget_bytes": None if fraction is None else int(fraction * gguf_bytes),
+                        "systems": systems})
+    return budgets
+
+
+def _git_commit() -> dict:
+    here = os.path.dirname(os.path.abspath(__file__))
+    try:
+        commit = subprocess.run(["git", "-C", here, "rev-parse", "HEAD"], capture_output=True, text=True,
+                                check=True).stdout.strip()
+        dirty = bool(subprocess.run(["git", "-C", here, "status", "--porcelain", "--untracked-files=no"],
+                                    capture_output=True, text=True, check=True).stdout.strip())
+    except (OSError, subprocess.CalledProcessError):
+        return {"commit": None, "dirty": None}
+    return {"commit": commit, "dirty": dirty}
+
+
+def machine_info() -> dict:
+    import torch
+
+    cpu_model = None
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu_model = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), None)
+        with open("/proc/meminfo") as f:
+            mem_total_bytes = int(next(line for line in f if line.startswith("MemTotal")).split()[1]) * 1024
+    except (OSError, StopIteration):
+        mem_total_bytes = None
+    return {"node": platform.node(), "cpu_model": cpu_model, "cpu_count": os.cpu_count(),
+            "cores_available": len(os.sched_getaffinity(0)), "mem_total_bytes": mem_total_bytes,
+            "kernel": platform.release(), "python": platform.python_version(), "torch": torch.__version__,
+            "load_average_1_5_15": list(os.getloadavg())}  # a shared machine's load moves every speed here
+
+
+def private_copy(path: str, folder: str) -> str:
+    """A copy of the file that no other process has open: pages of a file another process maps cannot be dropped,
+    and they stay charged to whoever read them first, so a cgroup cap would not count them."""
+    copy = os.path.join(folder, os.path.basename(path))
+    shutil.copyfile(path, copy)
+    with open(copy, "rb+") as f:
+        os.fsync(f.fileno())  # written back, so that dropping its pages really drops them
+    drop_page_cache([copy])
+    return copy
+
+
+def run_peer_bench(options: PeerBenchOptions, command: list[str] | None = None,
+                   after_round: Callable[[dict], None] | None = None) -> dict:
+    """Both systems on a private copy of the GGUF, in a folder removed afterwards. after_round gets the report
+    so far after each round (a long run on a busy machine keeps what it measured)."""
+    from flashllm.protocol.store_format import read_manifest
+
+    manifest = read_manifest(options.store)
+    if manifest.sparsity is None:
+        raise PeerBenchError(f"store {options.store} is not calibrated, so it cannot run --mode sparse: run "
+                             f"`flashllm calibrate --store {options.store} --text FILE` first")
+    gguf_bytes = os.path.getsize(options.gguf)
+    report = {"command": command, **_git_commit(), "machine": machine_info(),
+              "gguf": {"path": os.path.abspath(options.gguf), "bytes": gguf_bytes},
+              "store": {"path": os.path.abspath(options.store), "ffn_dtype": manifest.ffn.dtype,
+                        "bytes": sum(os.path.getsize(p) for p in _store_files(options.store))},
+              "options": asdict(options)}
+    store_parent = os.path.dirname(os.path.abspath(options.store))
+    with tempfile.TemporaryDirectory(prefix="flashllm-peer-gguf-", dir=store_parent) as folder:
+        options = replace(options, gguf=private_copy(options.gguf, folder))
+        print("bench-peer: baselines ...", file=sys.stderr)
+        report["baselines"] = {"llama.cpp": measure_llama_baseline(options),
+                               "flashllm_process": measure_flashllm_process_baseline(options.flashllm_threads),
+                               "flashllm_kv_cache_bytes": flashllm_kv_cache_bytes(options.store, options.max_context),
+                               "flashllm_cap_margin": FLASHLLM_CAP_MARGIN}
+        records: list[dict] = []
+        for round_index in range(options.rounds):
+            records.extend(_run_round(options, report["baselines"], gguf_bytes, round_index))
+            report.update({"load_average_at_end": list(os.getloadavg()), "rounds_done": round_index + 1,
+                           "llama_build": next((r["llama_build"] for r in records if r.get("llama_build")), None),
+                           "budgets": summarize_budgets(records, options.budget_fractions, gguf_bytes),
+                           "runs": records})
+            if after_round is not None:
+                after_round(report)
+    return report
+
+
+def _run_round(options: PeerBenchOptions, baselines: dict, gguf_bytes: int, round_index: int) -> list[dict]:
+    """Every budget once on each system; the system that goes first alternates by round."""
+    records: list[dict] = []
+    for label, fraction in _budget_rows(options.budget_fractions):
+        def llama_run() -> dict:
+            cap = None if fraction is None else int(fraction * gguf_bytes) + baselines["llama.cpp"]["baseline_bytes"]
+            return run_llama(options, cap, fraction, round_index)
+
+        def flashllm_runs() -> list[dict]:
+            if fraction is None:
+                return [run_flashllm(options, "dense", None, None, None, round_index)]
+            weight_bytes = int(fraction * gguf_bytes)
+            modes = ["sparse"] + (["dense"] if fraction >= DENSE_FROM_FRACTION else [])
+            return [run_flashllm(options, mode, weight_bytes,
+                                 flashllm_cap_bytes(weight_bytes, baselines["flashllm_process"]["baseline_bytes"],
+                                                    flashllm_processes(options.runtime, mode),
+                                                    baselines["flashllm_kv_cache_bytes"]),
+                                 fraction, round_index) for mode in modes]
+
+        print(f"bench-peer: round {round_index + 1}/{options.rounds}, budget {label} ...", file=sys.stderr)
+        if round_index % 2 == 0:
+            records.append(llama_run())
+            records.extend(flashllm_runs())
+        else:
+            records.extend(flashllm_runs())
+            records.append(llama_run())
+    return records
+
+
+# ---------------------------------------------------------------------- output
+
+
+def _mib(value: int | None) -> str:
+    return "-" if value is None else f"{value / MIB:.1f}"
+
+
+def _speed(summary: dict) -> str:
+    if summary["tok_per_s_median"] is None:
+        return "failed"
+    return f"{summary['tok_per_s_median']:.2f} ({summary['tok_per_s_min']:.2f}-{summary['tok_per_s_max']:.2f})"
+
+
+def format_table(report: dict) -> str:
+    header = (f"{'budget':>9} {'weights MiB':>11}  {'system':<24} {'cap MiB':>8} {'tok/s median (range)':>22} "
+              f"{'peak MiB (max)':>16}  ok/runs  failures")
+    lines = [header]
+    for budget in report["budgets"]:
+        for name, summary in budget["systems"].items():
+            failures = "; ".join(sorted(set(summary["failures"])))
+            lines.append(f"{budget['label']:>9} {_mib(budget['weight_budget_bytes']):>11}  {name:<24} "
+                         f"{_mib(summary['cap_bytes']):>8} {_speed(summary):>22} "
+                         f"{_mib(summary['peak_bytes_median']) + ' (' + _mib(summary['peak_bytes_max']) + ')':>16}  "
+                         f"{summary['ok_runs']}/{summary['runs']:<5}  {failures}")
+    return "\n".join(lines)
+
+
+def plot_report(report: dict, path: str) -> str:
+    """tok/s vs weight budget (% of the GGUF file), one line per system, bars from the slowest to the fastest run;
+    the uncapped speeds as dashed lines; budgets where a system never finished marked on the axis."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import matplotlib.ticker
+
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    capped = [b for b in report["budgets"] if b["fraction"] is not None]
+    names = list(dict.fromkeys(name for b in capped for name in b["systems"]))
+    failed_at: dict[float, int] = {}  # budget % → failure labels already stacked there
+    for name in names:
+        points = [(100 * b["fraction"], b["systems"][name]) for b in capped if name in b["systems"]]
+        good = [(x, s) for x, s in points if s["tok_per_s_median"] is not None]
+        medians = [s["tok_per_s_median"] for _, s in good]
+        errors = [[m - s["tok_per_s_min"] for m, (_, s) in zip(medians, good)],
+                  [s["tok_per_s_max"] - m for m, (_, s) in zip(medians, good)]]
+        line = ax.errorbar([x for x, _ in good], medians, yerr=errors, marker="o", capsize=3, label=name)
+        color = line.lines[0].get_color()
+        for x, summary in points:
+            if summary["tok_per_s_median"] is None:  # never finished at this budget: marked on the x axis
+                stacked = failed_at.get(x, 0)
+                failed_at[x] = stacked + 1
+                ax.plot([x], [0.0], marker="x", color=color, markersize=9, transform=ax.get_xaxis_transform(),
+                        clip_on=False)
+                ax.annotate(f"{name}: failed", (x, 0.0), xycoords=("data", "axes fraction"), textcoords="offset points",
+                            xytext=(-4, 6 + 10 * stacked), fontsize=7, color=color, ha="right")
+    uncapped = next((b for b in report["budgets"] if b["fraction"] is None), None)
+    for name, summary in (uncapped or {}).get("systems", {}).items():
+        if summary["tok_per_s_median"] is not None:
+            ax.axhline(summary["tok_per_s_median"], linestyle="--", linewidth=1, color="gray")
+            label = f"{name}, uncapped: {summary['tok_per_s_median']:.1f} tok/s"
+            ax.annotate(label, (0.01, summary["tok_per_s_median"]),
+                        xycoords=("axes fraction", "data"), textcoords="offset points", xytext=(2, 2), fontsize=7,
+                        color="gray")
+    ax.set_yscale("log")
+    ax.yaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda value, _: f"{value:g}"))
+    ax.yaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+    if capped:
+        xs = [100 * b["fraction"] for b in capped]
+        ax.set_xlim(max(xs) + 5, min(xs) - 5)  # larger budgets on the left
+    ax.set_xlabel("weight budget (% of the GGUF file's bytes)")
+    ax.set_ylabel("decode tok/s (median, range)")
+    gguf_mib = report["gguf"]["bytes"] / MIB
+    ax.set_title(f"{os.path.basename(report['gguf']['path'])} ({gguf_mib:.0f} MiB), "
+                 f"{report['options']['threads']} threads", fontsize=9)
+    ax.legend(fontsize=8, loc="upper right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def write_report(report: dict, json_path: str, plot_path: str | None) -> None:
+    if plot_path:
+        report["plot"] = plot_report(report, plot_path)
+    with open(json_path, "w", encoding="utf-8") as f:
+        json.dump(report, f, indent=1)
+
+
+def cmd_bench_peer(args) -> int:
+    from flashllm.runtime.clients.cli import CliError
+
+    try:
+        options = PeerBenchOptions(
+            gguf=args.gguf, store=args.store, llama_bench=find_llama_bench(args.llama_bench),
+            budget_fractions=parse_budgets(args.budgets), threads=args.threads,
+            flashllm_threads=None if args.flashllm_threads == "default" else int(args.flashllm_threads or args.threads),
+            rounds=args.rounds, tokens=args.tokens, llama_repetitions=args.llama_repetitions, runtime=args.runtime,
+            timeout_s=args.timeout_s)
+    except PeerBenchError as exc:
+        raise CliError(str(exc)) from None
+    for path, what in ((options.gguf, "--gguf"), (options.store, "--store")):
+        if not os.path.exists(path):
+            raise CliError(f"{what} {path!r} does not exist")
+    try:
+        report = run_peer_bench(options, command=["flashllm", "bench-peer", *sys.argv[2:]],
+                                after_round=lambda so_far: write_report(so_far, args.json, None))
+    except PeerBenchError as exc:
+        raise CliError(str(exc)) from None
+    print(format_table(report))
+    write_report(report, args.json, args.plot)
+    print(f"\nwrote {args.json}" + (f" and {args.plot}" if args.plot else ""))
+    return 0
+
+
+def _positive_int(text: str) -> int:
+    from flashllm.runtime.clients.cli import _positive_int as positive
+
+    return positive(text)
+
+
+def register_cli(sub) -> None:
+    p = sub.add_parser("bench-peer", help="flashllm beside llama.cpp's llama-bench on the same GGUF under memory caps")
+    p.add_argument("--gguf", required=True, help="the GGUF file both systems run")
+    p.add_argument("--store", required=True, help="flashllm's store made from that file (convert, calibrate)")
+    p.add_argument("--llama-bench", default=None,
+                   help=f"path of llama.cpp's llama-bench binary (default: ${LLAMA_BENCH_ENV}, or llama-bench on PATH)")
+    p.add_argument("--budgets", default="100%,80%,60%", help="weight budgets as fractions of the GGUF file's bytes")
+    p.add_argument("--threads", type=_positive_int, default=2, help="llama-bench -t and flashllm --threads")
+    p.add_argument("--flashllm-threads", default=None,
+                   help="flashllm --threads if not --threads; 'default' leaves flashllm's own choice per mode")
+    p.add_argument("--rounds", type=_positive_int, default=3, help="interleaved rounds of both systems")
+    p.add_argument("--tokens", type=_positive_int, default=32, help="tokens decoded per run (llama-bench -n)")
+    p.add_argument("--llama-repetitions", type=_positive_int, default=2, help="llama-bench -r within a run")
+    p.add_argument("--runtime", default="auto", choices=["auto", "inproc", "workers"],
+                   help="flashllm --runtime for --mode sparse (dense runs in-process)")
+    p.add_argument("--timeout-s", type=float, default=300.0, help="a run still going after this is killed (a failure)")
+    p.add_argument("--json", required=True, help="output JSON path")
+    p.add_argument("--plot", default=None, help="output PNG: tok/s vs budget, both systems")
+    p.set_defaults(func=cmd_bench_peer)
