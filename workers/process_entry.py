@@ -37,6 +37,7 @@ from flashllm.protocol import codec
 from flashllm.protocol.endpoints import endpoint
 from flashllm.protocol.messages import ROLE_SUPERVISOR, Shutdown, WorkerFailed, WorkerReady
 from flashllm.protocol.shm import SegmentLayout, list_segments
+from flashllm.workers.malloc_tuning import limit_malloc_growth, release_free_memory
 
 PR_SET_NAME = 15
 SEND_LINGER_MS = 1000  # a crash report gets this long to leave before the process exits
@@ -206,6 +207,7 @@ def _exit_on_sigterm(signum, frame) -> None:
 def run_worker(role: str, config: WorkerConfig, build_core: Callable[[WorkerConfig, Any], Any]) -> None:
     """The body of every worker process: build the core, say ready, serve until Shutdown."""
     set_process_title(f"fl-{role}")
+    limit_malloc_growth()
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, _exit_on_sigterm)
     die_with_parent(config.instance, config.runtime_dir)
@@ -213,6 +215,7 @@ def run_worker(role: str, config: WorkerConfig, build_core: Callable[[WorkerConf
     core = None
     try:
         core = build_core(config, channel)
+        release_free_memory()  # the load's temporaries
         channel.send(ROLE_SUPERVISOR, WorkerReady(role=role, pid=os.getpid(), info=core.info()))
         serve(core, channel)
     except SystemExit:

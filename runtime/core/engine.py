@@ -19,6 +19,7 @@ import torch
 
 from flashllm.runtime.core.sampling import SamplingParams, sample_next_token
 from flashllm.runtime.core.tokenizer import IncrementalDetokenizer, StopStringMatcher, Tokenizer
+from flashllm.workers.malloc_tuning import limit_malloc_growth, release_free_memory
 from flashllm.workers.executor import FFN_MODES, ModelExecutor, compute_dtype, default_device
 from flashllm.workers.models.attention import KVCache
 from flashllm.workers.models.resident import resident_dtype_of
@@ -104,6 +105,7 @@ class Engine:
             raise ValueError(f"max_batch must be ≥ 1, got {max_batch}")
         if threads is not None and threads < 1:
             raise ValueError(f"--threads must be ≥ 1, got {threads}")
+        limit_malloc_growth()  # before the store's tensors come and go (workers/malloc_tuning.py)
         threads = threads if threads is not None else default_threads(mode)
         if threads is not None:
             torch.set_num_threads(threads)
@@ -147,6 +149,7 @@ class Engine:
         elif executor is None:
             raise ValueError(f"--runtime {runtime!r} is not one of inproc, workers")
         self.executor = executor
+        release_free_memory()  # the load's temporaries
         self.runtime = getattr(executor, "runtime", "inproc")  # where the model runs: "inproc" or "workers"
         self.device = "cpu"  # inputs are built on the CPU; the executor moves them
         self._free_slots = list(range(max_batch))
