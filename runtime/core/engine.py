@@ -28,6 +28,7 @@ from flashllm.workers.store_reader import open_store
 DEFAULT_MAX_CONTEXT = 2048
 PREFILL_TOKEN_BUDGET = 2048  # prompt tokens prefilled per step, so decode is not starved
 FLASH_MODES = ("naive", "sparse")
+SPARSE_ONLY_OPTIONS = ("keep_fraction", "window_tokens", "missing_policy")
 
 
 def available_cores() -> int:
@@ -99,17 +100,13 @@ class Engine:
                  runtime: str = "inproc", resident_dtype: str | None = None, threads: int | None = None):
         """threads: torch threads of the model's compute (this process, or the compute worker);
         None: `default_threads(mode)`. torch's thread count is per process, so this sets it for the process."""
-        if mode not in FFN_MODES:
-            raise ValueError(f"--mode {mode!r} is not one of {', '.join(FFN_MODES)}")
+        if mode not in FFN_MODES and mode != "auto":
+            raise ValueError(f"--mode {mode!r} is not one of auto, {', '.join(FFN_MODES)}")
         if max_batch < 1:
             raise ValueError(f"max_batch must be ≥ 1, got {max_batch}")
         if threads is not None and threads < 1:
             raise ValueError(f"--threads must be ≥ 1, got {threads}")
         limit_malloc_growth()  # before the store's tensors come and go (workers/malloc_tuning.py)
-        threads = threads if threads is not None else default_threads(mode)
-        if threads is not None:
-            torch.set_num_threads(threads)
-        self.threads = torch.get_num_threads()
         self.store_dir = store_dir
         self.manifest = open_store(store_dir)
         arch = self.arch = self.manifest.arch
@@ -121,9 +118,10 @@ class Engine:
         ffn_options = dict(ffn_options or {})
         memory_budget_bytes = ffn_options.pop("memory_budget_bytes", None)
         self.memory_plan = None
-        if memory_budget_bytes is not None:
-            from flashllm.runtime.core.memory_plan import plan_for_store
-
+        self.mode_reason = f"--mode {mode}"
+        if memory_budget_bytes is not None or mode == "auto":
+            from flashllm.runtime.core.memory_plan import MemoryPlanError, plan_for_store
+            from flashllm.runtime.core.mode_choice import choose_mode
             from flashllm.workers.prefetch import neuron_cache_dtype
 
             dtype = compute_dtype(device or default_device())
@@ -133,11 +131,38 @@ class Engine:
             resident_itemsize = torch.finfo(resident_dtype_of(resident_dtype, dtype)).bits // 8
             kv_bytes = KVCache.bytes_needed(arch.num_hidden_layers, max_batch, arch.num_key_value_heads,
                                             self.max_context, arch.head_dim, itemsize)
-            self.memory_plan = plan_for_store(store_dir, self.manifest, memory_budget_bytes, mode, itemsize, kv_bytes,
-                                              keep_fraction=ffn_options.get("keep_fraction"),
-                                              resident_itemsize=resident_itemsize, cache_itemsize=cache_itemsize)
+
+            def plan(for_mode: str):
+                return plan_for_store(store_dir, self.manifest, memory_budget_bytes, for_mode, itemsize, kv_bytes,
+                                      keep_fraction=ffn_options.get("keep_fraction"),
+                                      resident_itemsize=resident_itemsize, cache_itemsize=cache_itemsize)
+
+            def fits(for_mode: str) -> Exception | None:
+                try:
+                    plan(for_mode)
+                except MemoryPlanError as exc:
+                    return exc
+                return None
+
+            if mode == "auto":
+                choice = choose_mode(self.manifest, store_dir, memory_budget_bytes, fits)
+                mode, self.mode_reason = choice.mode, f"--mode auto picked {choice.mode}: {choice.reason}"
+                self.mode = mode
+                if mode != "sparse":  # the sparse-only options do not apply to what was picked
+                    for option in SPARSE_ONLY_OPTIONS:
+                        ffn_options.pop(option, None)
+            if memory_budget_bytes is not None:
+                self.memory_plan = plan(mode)
             if mode == "sparse":
                 ffn_options["capacity_rows"] = self.memory_plan.capacity_rows
+        if runtime == "auto":
+            from flashllm.runtime.core.mode_choice import resolve_runtime
+
+            runtime = resolve_runtime(runtime, mode, device)
+        threads = threads if threads is not None else default_threads(mode)  # the mode is known now
+        if threads is not None:
+            torch.set_num_threads(threads)
+        self.threads = torch.get_num_threads()
         if executor is None and runtime == "workers":
             from flashllm.runtime.core.worker_executor import WorkerExecutor  # the model in prefetch/predictor/compute processes
 

@@ -168,7 +168,7 @@ def sparse_minimum_knobs(manifest: Manifest, budget_bytes: int, min_total: int, 
     return knobs
 
 
-def flash_mode_knobs(manifest: Manifest, mode: str, plan: MemoryPlan, resident_elements: int,
+def flash_mode_knobs(store_dir: str, manifest: Manifest, mode: str, plan: MemoryPlan, resident_elements: int,
                      kv_cache_bytes: int) -> list[str]:
     """What lowers --mode dense's or naive's need, each with what it saves (for MemoryPlanError's message)."""
     knobs = []
@@ -179,7 +179,8 @@ def flash_mode_knobs(manifest: Manifest, mode: str, plan: MemoryPlan, resident_e
     if mode == "dense":
         naive = naive_minimum_bytes(manifest, plan.resident_bytes)
         knobs.append(f"--mode naive (the FFN read from flash for each token): needs {naive / MIB:.1f} MiB")
-    calibrated = "" if manifest.sparsity is not None else " after `flashllm calibrate --store STORE --text FILE`"
+    calibrated = ("" if manifest.sparsity is not None
+                  else f" after `flashllm calibrate --store {store_dir} --text FILE` (or --generate-tokens 4000)")
     knobs.append(f"--mode sparse{calibrated} (only predicted neurons held and read): its minimum is printed when "
                  "--memory is below it")
     knobs.append(f"beside the budget, the KV cache takes {kv_cache_bytes / MIB:.1f} MiB: --max-context and "
@@ -209,7 +210,7 @@ def plan_for_store(store_dir: str, manifest: Manifest, budget_bytes: int, mode: 
             raise MemoryPlanError(f"--memory {budget_bytes / MIB:.1f} MiB is too small for --mode {mode}: it needs "
                                   f"{plan.total_bytes / MIB:.1f} MiB; raise --memory, or lower the minimum:\n"
                                   + "\n".join(f"  {knob}" for knob in flash_mode_knobs(
-                                      manifest, mode, plan, resident_elements, kv_cache_bytes)))
+                                      store_dir, manifest, mode, plan, resident_elements, kv_cache_bytes)))
         return plan
     from flashllm.workers.predictor import load_sparsity_tensors, predictor_held_bytes
 

@@ -26,7 +26,7 @@ from flashllm.protocol.messages import (
     ROLE_COMPUTE, ROLE_PREFETCH, Dispatcher, ForwardChunk, ForwardRequest, LogitsTaken, StepFailed,
 )
 from flashllm.protocol.shm import EXCHANGE_SEGMENT, exchange_layout, neuron_cache_layout
-from flashllm.protocol.store_format import Manifest, StoreError
+from flashllm.protocol.store_format import Manifest, StoreError, calibrate_hint
 from flashllm.runtime.core.supervisor import (
     DEFAULT_START_TIMEOUT_S, Supervisor, WorkerCrashedError, WorkerRuntimeError, sweep_stale_instances,
 )
@@ -101,8 +101,7 @@ class WorkerExecutor:
             raise ValueError(f"--runtime workers runs the pipelined sparse FFN (--mode sparse); use --runtime inproc "
                              f"for --mode {mode}")
         if manifest.sparsity is None:
-            raise StoreError(f"{store_dir}: no predictors in this store; run `flashllm calibrate --store {store_dir} "
-                             "--text FILE` before using --mode sparse")
+            raise StoreError(calibrate_hint(store_dir))
         self.arch = manifest.arch
         self.device = device or default_device()
         sweep_stale_instances(runtime_root)
