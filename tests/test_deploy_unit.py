@@ -137,6 +137,8 @@ def test_unit_serves_the_configured_store_on_the_runtime_socket():
         "--socket": "/run/flashllm/flashllm.sock",
         "--memory": "${FLASHLLM_MEMORY}",
         "--max-batch": "${FLASHLLM_MAX_BATCH}",
+        "--mode": "${FLASHLLM_MODE}",
+        "--runtime": "${FLASHLLM_RUNTIME}",
         "--socket-group": "flashllm",
     }
     assert len(options["--socket"].encode()) <= MAX_SOCKET_PATH_BYTES
@@ -189,3 +191,16 @@ def test_sysusers_entry_creates_a_system_user_that_cannot_log_in(tmp_path):
     assert "flashllm" in groups
     assert int(uid) < 1000, "a system user, below the range of login users"
     assert shell.endswith("nologin")
+
+
+def test_env_file_selects_a_mode_and_runtime_serve_accepts():
+    """FLASHLLM_MODE / FLASHLLM_RUNTIME reach `flashllm serve`, whose parser takes every documented value
+    (sparse included) and a --memory that is a share of the store."""
+    from flashllm.runtime.clients.cli import build_parser
+
+    env = read_env_file(ENV_PATH)
+    assert env["FLASHLLM_MODE"] == "auto" and env["FLASHLLM_RUNTIME"] == "auto"
+    for mode in ("auto", "dense", "sparse", "naive"):
+        args = build_parser(["serve"]).parse_args(["serve", "--store", "S", "--socket", "/run/x.sock", "--memory",
+                                                   "60%", "--mode", mode, "--runtime", env["FLASHLLM_RUNTIME"]])
+        assert (args.mode, args.memory) == (mode, "60%")

@@ -82,7 +82,7 @@ def _engine_from_args(args, max_batch: int = 1):
     engine = Engine(args.store, mode=args.mode, max_batch=max_batch, max_context=args.max_context,
                     ffn_options=ffn_options, runtime=getattr(args, "runtime", "auto"),
                     resident_dtype=getattr(args, "resident_dtype", None), threads=getattr(args, "threads", None))
-    if args.mode == "auto":
+    if args.mode == "auto" and "memory_budget_bytes" in ffn_options:  # a choice the budget made: say which
         print(f"flashllm: {engine.mode_reason}", file=sys.stderr)
     return engine
 

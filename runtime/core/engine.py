@@ -28,7 +28,8 @@ from flashllm.workers.store_reader import open_store
 DEFAULT_MAX_CONTEXT = 2048
 PREFILL_TOKEN_BUDGET = 2048  # prompt tokens prefilled per step, so decode is not starved
 FLASH_MODES = ("naive", "sparse")
-SPARSE_ONLY_OPTIONS = ("keep_fraction", "window_tokens", "missing_policy")
+SPARSE_ONLY_OPTIONS = {"keep_fraction": "--keep-fraction", "window_tokens": "--neuron-window",
+                       "missing_policy": "--missing-policy"}  # ffn option → its flag
 
 
 def available_cores() -> int:
@@ -119,7 +120,13 @@ class Engine:
         memory_budget_bytes = ffn_options.pop("memory_budget_bytes", None)
         self.memory_plan = None
         self.mode_reason = f"--mode {mode}"
-        if memory_budget_bytes is not None or mode == "auto":
+        if mode == "auto" and memory_budget_bytes is None:  # nothing bounds memory: no plan to choose by
+            mode, self.mode_reason = "dense", "--mode auto picked dense: no --memory given, the whole model in memory"
+            self.mode = mode
+            given = [flag for option, flag in SPARSE_ONLY_OPTIONS.items() if option in ffn_options]
+            if given:
+                raise ValueError(f"{given[0]} applies to --mode sparse, but {self.mode_reason}; give --mode sparse")
+        if memory_budget_bytes is not None:
             from flashllm.runtime.core.memory_plan import MemoryPlanError, plan_for_store
             from flashllm.runtime.core.mode_choice import choose_mode
             from flashllm.workers.prefetch import neuron_cache_dtype
@@ -148,9 +155,10 @@ class Engine:
                 choice = choose_mode(self.manifest, store_dir, memory_budget_bytes, fits)
                 mode, self.mode_reason = choice.mode, f"--mode auto picked {choice.mode}: {choice.reason}"
                 self.mode = mode
-                if mode != "sparse":  # the sparse-only options do not apply to what was picked
-                    for option in SPARSE_ONLY_OPTIONS:
-                        ffn_options.pop(option, None)
+                given = [flag for option, flag in SPARSE_ONLY_OPTIONS.items() if option in ffn_options]
+                if mode != "sparse" and given:
+                    raise ValueError(f"{given[0]} applies to --mode sparse, but {self.mode_reason}; "
+                                     "give --mode sparse (and a --memory it fits)")
             if memory_budget_bytes is not None:
                 self.memory_plan = plan(mode)
             if mode == "sparse":

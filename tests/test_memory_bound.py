@@ -1,0 +1,43 @@
+"""A real `flashllm generate` at --memory M, all its processes measured together as a memory cgroup counts
+them, stays within (M + one baseline per process + KV cache) + 10% (runtime/tools/peak_memory.py)."""
+from __future__ import annotations
+
+import os
+import sysconfig
+
+import pytest
+
+from flashllm.runtime.tools.peak_memory import (
+    cgroup_available, measure_baselines, measure_command, measure_generate,
+)
+from tests.conftest import calibrated_copies
+
+NO_CGROUP = cgroup_available()
+
+
+@pytest.fixture(scope="module")
+def calibrated(tiny_stores, tmp_path_factory):
+    with open(os.path.join(sysconfig.get_paths()["stdlib"], "LICENSE.txt"), encoding="utf-8") as f:
+        text = f.read()
+    return calibrated_copies(tiny_stores, tmp_path_factory, text, max_tokens=3000, epochs=4)
+
+
+def test_peak_counts_every_process_of_a_command():
+    """Two children each touching 64 MiB: the peak holds both (the largest process's RSS would say one)."""
+    child = "import time; b = bytearray(64 << 20); time.sleep(1.0)"
+    script = (f"import subprocess, sys; ps = [subprocess.Popen([sys.executable, '-c', {child!r}]) for _ in range(2)]; "
+              "[p.wait() for p in ps]")
+    peak = measure_command(["python3", "-c", script])
+    assert peak.exit_code == 0, peak.stderr
+    assert peak.peak_bytes >= 2 * 64 << 20
+
+
+@pytest.mark.skipif(NO_CGROUP is not None, reason=f"no writable memory cgroup: {NO_CGROUP}")
+@pytest.mark.parametrize("runtime", ["inproc", "workers"])
+def test_generate_stays_within_the_memory_bound(calibrated, runtime):
+    store = calibrated("llama")
+    baselines = measure_baselines()
+    assert baselines.light_process_bytes < baselines.torch_process_bytes  # the prefetcher has no torch
+    result = measure_generate(store, "sparse", runtime, memory_bytes=2 << 20, max_tokens=6, baselines=baselines)
+    assert result["peak_bytes"] <= result["bound_bytes"], result
+    assert result["peak_bytes"] > baselines.torch_process_bytes  # it measured the run, not an empty cgroup
