@@ -41,3 +41,48 @@ def test_generate_stays_within_the_memory_bound(calibrated, runtime):
     result = measure_generate(store, "sparse", runtime, memory_bytes=2 << 20, max_tokens=6, baselines=baselines)
     assert result["peak_bytes"] <= result["bound_bytes"], result
     assert result["peak_bytes"] > baselines.torch_process_bytes  # it measured the run, not an empty cgroup
+
+
+def test_too_small_budget_names_every_knob_with_what_it_saves(calibrated):
+    from flashllm.runtime.core.engine import Engine
+    from flashllm.runtime.core.memory_plan import MemoryPlanError
+
+    with pytest.raises(MemoryPlanError) as refused:
+        Engine(calibrated("llama"), mode="sparse", ffn_options={"memory_budget_bytes": 4096})
+    message = str(refused.value)
+    for knob in ("--keep-fraction", "--resident-dtype float16", "--mode naive", "--max-context", "--max-batch"):
+        assert knob in message, (knob, message)
+    assert message.count("MiB") >= 8  # each knob says how much it saves
+
+
+def test_auto_mode_picks_dense_then_sparse_then_naive_by_budget(calibrated, tiny_stores):
+    from flashllm.runtime.core.engine import Engine
+    from flashllm.runtime.core.mode_choice import store_bytes_on_disk
+
+    store = calibrated("llama")
+    whole = store_bytes_on_disk(store)
+
+    def picked(store_dir: str, budget_bytes: int | None) -> str:
+        options = {} if budget_bytes is None else {"memory_budget_bytes": budget_bytes}
+        with Engine(store_dir, mode="auto", runtime="inproc", ffn_options=options) as engine:
+            return engine.mode
+
+    assert picked(store, None) == "dense"
+    assert picked(store, 4 * whole) == "dense"
+    assert picked(store, int(0.6 * whole)) == "sparse"
+    # an uncalibrated store cannot run sparse: naive, and the reason names the command that calibrates it
+    plain = tiny_stores("llama")
+    with Engine(plain, mode="auto", runtime="inproc", ffn_options={"memory_budget_bytes": int(0.6 * whole)}) as engine:
+        assert engine.mode == "naive"
+        assert f"flashllm calibrate --store {plain}" in engine.mode_reason
+
+
+def test_memory_as_a_share_of_the_store(calibrated):
+    from flashllm.runtime.clients.cli import parse_memory
+    from flashllm.runtime.core.mode_choice import store_bytes_on_disk
+
+    store = calibrated("llama")
+    assert parse_memory("60%", store) == int(store_bytes_on_disk(store) * 0.6)
+    assert parse_memory("2MiB", store) == 2 << 20
+    with pytest.raises(ValueError, match="above 0"):
+        parse_memory("0%", store)

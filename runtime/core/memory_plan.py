@@ -140,9 +140,13 @@ def sparse_minimum_knobs(manifest: Manifest, budget_bytes: int, min_total: int, 
         fewer = min(keep_neurons - 1, -(-shortfall // (row_bytes * open_layers)))
         fitting = (keep_neurons - fewer) / arch.intermediate_size
         saved = fewer * row_bytes * open_layers
-        fits = "fits" if saved >= shortfall else "not enough alone"
-        knobs.append(f"--keep-fraction {fitting:.3f} (now {keep_neurons / arch.intermediate_size:.3f}): saves "
-                     f"{saved / MIB:.1f} MiB ({fits}; fewer neurons per token, some quality)")
+        now = keep_neurons / arch.intermediate_size
+        if saved >= shortfall:
+            knobs.append(f"--keep-fraction {fitting:.3f} (now {now:.3f}): saves {saved / MIB:.1f} MiB, enough "
+                         "(fewer neurons per token, some quality)")
+        else:
+            knobs.append(f"--keep-fraction down to {fitting:.3f} (now {now:.3f}): saves at most {saved / MIB:.1f} MiB, "
+                         "not enough alone (fewer neurons per token, some quality)")
     if resident_itemsize > HALF_ITEMSIZE:
         saved = resident_elements * (resident_itemsize - HALF_ITEMSIZE)
         knobs.append(f"--resident-dtype float16 (or bfloat16): saves {saved / MIB:.1f} MiB")

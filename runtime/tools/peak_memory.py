@@ -279,8 +279,9 @@ def measure_baselines(python: str = sys.executable) -> ProcessBaselines:
     return ProcessBaselines(torch_peak.peak_bytes, light_peak.peak_bytes, torch_peak.method)
 
 
-# the processes each runtime runs: (torch processes, torch-free processes)
-RUNTIME_PROCESSES = {"inproc": (1, 0), "workers": (3, 1)}
+# the processes each runtime runs: (torch processes, torch-free processes); workers: the engine, compute (which
+# hosts the predictor) and the torch-free prefetcher (runtime/core/supervisor.py WORKER_PROCESSES)
+RUNTIME_PROCESSES = {"inproc": (1, 0), "workers": (2, 1)}
 
 
 def memory_bound_bytes(budget_bytes: int, kv_cache_bytes: int, baselines: ProcessBaselines, runtime: str) -> int:

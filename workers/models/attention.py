@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -34,12 +35,21 @@ class StepInputs:
         return StepInputs(slots, positions, length, mask[:, None])
 
 
+def _zeros_untouched(shape: tuple[int, ...], dtype: torch.dtype, device) -> torch.Tensor:
+    """Zeros whose pages the process gets only when a position is written: on the CPU, numpy's calloc of a
+    large block maps fresh zero pages without writing them (torch.zeros writes every byte), so the KV cache
+    costs memory for the context in use, not for max_context."""
+    if torch.device(device).type != "cpu" or dtype == torch.bfloat16:
+        return torch.zeros(shape, dtype=dtype, device=device)
+    return torch.from_numpy(np.zeros(shape, dtype=torch.empty(0, dtype=dtype).numpy().dtype))
+
+
 class KVCache:
     def __init__(self, num_layers: int, num_slots: int, num_kv_heads: int, max_context: int, head_dim: int,
                  dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"):
         shape = (num_layers, num_slots, num_kv_heads, max_context, head_dim)
-        self.keys = torch.zeros(shape, dtype=dtype, device=device)  # (L, S, KV, C, hd)
-        self.values = torch.zeros(shape, dtype=dtype, device=device)  # (L, S, KV, C, hd)
+        self.keys = _zeros_untouched(shape, dtype, device)  # (L, S, KV, C, hd)
+        self.values = _zeros_untouched(shape, dtype, device)  # (L, S, KV, C, hd)
         self.num_slots = num_slots
         self.max_context = max_context
 
