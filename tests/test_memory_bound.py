@@ -55,26 +55,35 @@ def test_too_small_budget_names_every_knob_with_what_it_saves(calibrated):
     assert message.count("MiB") >= 8  # each knob says how much it saves
 
 
-def test_auto_mode_picks_dense_then_sparse_then_naive_by_budget(calibrated, tiny_stores):
+def test_auto_mode_picks_dense_then_sparse_then_naive_by_budget(calibrated, demo_store):
     from flashllm.runtime.core.engine import Engine
-    from flashllm.runtime.core.mode_choice import store_bytes_on_disk
+    from flashllm.runtime.core.memory_plan import MemoryPlanError, plan_for_store
+    from flashllm.runtime.core.mode_choice import choose_mode
+    from flashllm.workers.store_reader import open_store
 
-    store = calibrated("llama")
-    whole = store_bytes_on_disk(store)
-
-    def picked(store_dir: str, budget_bytes: int | None) -> str:
+    def picked(store_dir: str, budget_bytes: int | None) -> tuple[str, str]:
         options = {} if budget_bytes is None else {"memory_budget_bytes": budget_bytes}
         with Engine(store_dir, mode="auto", runtime="inproc", ffn_options=options) as engine:
-            return engine.mode
+            return engine.mode, engine.mode_reason
 
-    assert picked(store, None) == "dense"
-    assert picked(store, 4 * whole) == "dense"
-    assert picked(store, int(0.6 * whole)) == "sparse"
-    # an uncalibrated store cannot run sparse: naive, and the reason names the command that calibrates it
-    plain = tiny_stores("llama")
-    with Engine(plain, mode="auto", runtime="inproc", ffn_options={"memory_budget_bytes": int(0.6 * whole)}) as engine:
-        assert engine.mode == "naive"
-        assert f"flashllm calibrate --store {plain}" in engine.mode_reason
+    store = calibrated("llama")
+    assert picked(store, None)[0] == "dense"
+    assert picked(store, 1 << 30)[0] == "dense"
+    # an uncalibrated store cannot run sparse: with dense too big, naive, and the reason names the command
+    manifest = open_store(demo_store)
+    dense = plan_for_store(demo_store, manifest, 1 << 40, "dense", 4, 0).total_bytes
+    naive = plan_for_store(demo_store, manifest, 1 << 40, "naive", 4, 0).total_bytes
+    assert naive < dense
+    mode, reason = picked(demo_store, (naive + dense) // 2)
+    assert mode == "naive" and f"flashllm calibrate --store {demo_store}" in reason
+    # the order itself (a tiny model's sparse minimum, all staging, is above its dense need, so by plans)
+    fits_only = lambda allowed: (lambda mode: None if mode in allowed else MemoryPlanError(mode))  # noqa: E731
+    calibrated_manifest = open_store(store)
+    assert choose_mode(calibrated_manifest, store, 1, fits_only({"dense", "sparse", "naive"})).mode == "dense"
+    assert choose_mode(calibrated_manifest, store, 1, fits_only({"sparse", "naive"})).mode == "sparse"
+    assert choose_mode(calibrated_manifest, store, 1, fits_only({"naive"})).mode == "naive"
+    with pytest.raises(MemoryPlanError, match="sparse"):  # nothing fits: sparse's error, which names every knob
+        choose_mode(calibrated_manifest, store, 1, fits_only(set()))
 
 
 def test_memory_as_a_share_of_the_store(calibrated):
