@@ -3,8 +3,7 @@
 By default glibc raises its mmap threshold each time a large block is freed
 (up to 32 MiB), so after the store's tensors are loaded and converted, later
 blocks of a few MiB come from the heap, whose freed holes are kept rather than
-given back: measured here, the in-process engine held ~25 MiB above its plan
-that way. Each thread that allocates may also get its own arena (8 x cores of
+given back (docs/benchmarks.md has what that cost the engine). Each thread that allocates may also get its own arena (8 x cores of
 them), each keeping its own free memory. A fixed threshold (which also turns
 off the dynamic raise), a low trim threshold and two arenas give that back.
 `limit_malloc_growth()` is called once per process (the engine, every worker).

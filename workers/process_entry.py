@@ -114,7 +114,7 @@ class CoHostedChannel:
     handles the type (compute's StepBegin/FfnInput to the predictor), or else queued for that role's recv()
     (the predictor's PredictionStats/StepFailed, which compute waits for); every other role is reached over
     the process's sockets. No message to a co-hosted core crosses a socket, and the process imports torch
-    once instead of twice (about 150 MiB measured per torch process here)."""
+    once instead of twice (docs/benchmarks.md: what a torch process costs)."""
 
     def __init__(self, sockets: "ZmqChannel", role: str, hosted: dict[str, Any],
                  queues: dict[str, collections.deque]):
