@@ -410,12 +410,18 @@ def test_bench_of_the_worker_runtime_measures_reads_and_compute(sparse_store, tm
                            "--no-read-baseline", "--json", out], cwd=REPO, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     with open(out, encoding="utf-8") as f:
-        workers = json.load(f)["modes"]["sparse-workers"]
+        report = json.load(f)
+    workers = report["modes"]["sparse-workers"]
     assert workers["runtime"] == "workers" and workers["device"] == default_device()  # the compute worker's
     assert sum(workers["memory_plan"]["capacity_rows"]) < sum(r.num_neurons for r in open_store(store).ffn.layers)
     assert workers["flash_read_bytes_per_token"] > 0
     assert 0 < workers["compute_ms"] <= workers["ms_per_token"]
     assert workers["io_ms"] >= 0 and workers["wait_ms"] >= 0
+    # the same run's peak memory, all processes, beside its bound (runtime/tools/peak_memory.py)
+    peak = report["peak_memory"]["runs"]["workers"]
+    assert "error" not in peak, peak
+    assert peak["baseline_torch_process_bytes"] < peak["peak_bytes"] <= peak["bound_bytes"]
+    assert "peak memory, all processes" in done.stdout
 
 
 # ---------------------------------------------------------------------- CUDA

@@ -308,7 +308,8 @@ def _plots(report: dict, plots_dir: str) -> list[str]:
     return written
 
 
-def peak_memory_runs(store: str, memory_bytes: int, runtimes: list[str], resident_dtype: str | None) -> dict:
+def peak_memory_runs(store: str, memory_bytes: int, runtimes: list[str], resident_dtype: str | None,
+                     sparse_options: dict) -> dict:
     """The sparse mode's peak memory per runtime, all its processes together, as a memory cgroup counts it
     (runtime/tools/peak_memory.py): a real `flashllm generate` in a child process at the bench's budget,
     beside the bound (budget + one baseline per process + KV cache) x 1.1."""
@@ -318,6 +319,9 @@ def peak_memory_runs(store: str, memory_bytes: int, runtimes: list[str], residen
     baselines = measure_baselines()
     runs = {}
     extra = ["--resident-dtype", resident_dtype] if resident_dtype else []
+    flags = {"keep_fraction": "--keep-fraction", "window_tokens": "--neuron-window", "missing_policy": "--missing-policy"}
+    for option, value in sparse_options.items():  # the same sparse settings as the bench's own runs
+        extra += [flags[option], str(value)]
     for runtime in runtimes:
         try:
             runs[runtime] = measure_generate(store, "sparse", runtime, memory_bytes, extra_args=extra,
@@ -416,7 +420,7 @@ def run_bench(store: str, modes: list[str], memory_bytes: int | None, decode_tok
             paired_runs["sparse" if runtime == "inproc" else f"sparse-{runtime}"] = {**sparse_spec, "runtime": runtime}
         report["paired_speed"] = paired_speed(store, paired_runs, paired_rounds, decode_tokens, threads=threads)
     if peak_memory and memory_bytes is not None and "sparse" in modes:
-        report["peak_memory"] = peak_memory_runs(store, memory_bytes, runtimes, resident_dtype)
+        report["peak_memory"] = peak_memory_runs(store, memory_bytes, runtimes, resident_dtype, sparse_options)
     if read_baseline:
         print("bench: direct-read baseline ...", file=sys.stderr)
         report["direct_read_baseline"] = read_size_baseline(store)
