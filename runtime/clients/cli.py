@@ -221,7 +221,7 @@ def _add_engine_args(p: argparse.ArgumentParser, store_required: bool = True) ->
                         "float32 on CPU); float16 halves their memory, products stay in the compute dtype")
     add_threads_arg(p)
     p.add_argument("--runtime", default="auto", choices=["auto", "inproc", "workers"],
-                   help="run the model in this process, or pipelined in prefetch/predictor/compute processes "
+                   help="run the model in this process, or pipelined in a prefetch and a compute (+ predictor) process "
                         "(--mode sparse only); auto (default): workers for --mode sparse on the CPU, inproc otherwise "
                         "(on a GPU, compute is too short for the overlap to pay for the messages)")
 

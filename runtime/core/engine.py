@@ -44,7 +44,7 @@ def default_threads(mode: str) -> int | None:
     """torch threads for an engine of `mode`; None leaves the process's setting (torch: all cores, or OMP_NUM_THREADS).
 
     Modes that read flash leave one core to the reader threads (and, with --runtime workers, to the
-    prefetch and predictor processes). One decode token's products are memory-bound: on 2 cores a
+    prefetch process). One decode token's products are memory-bound: on 2 cores a
     second torch thread bought dense decode nothing (106 vs 105 ms/token) while it slowed the reads
     it competed with (sparse, demo model: 525 vs 575 ms/token in-process, 440 vs 570 with workers).
     An OMP_NUM_THREADS the user set is respected.
@@ -172,7 +172,7 @@ class Engine:
             torch.set_num_threads(threads)
         self.threads = torch.get_num_threads()
         if executor is None and runtime == "workers":
-            from flashllm.runtime.core.worker_executor import WorkerExecutor  # the model in prefetch/predictor/compute processes
+            from flashllm.runtime.core.worker_executor import WorkerExecutor  # the model in prefetch and compute (+ predictor) processes
 
             executor = WorkerExecutor(store_dir, self.manifest, mode, max_batch, self.max_context, device=device,
                                       verify=verify, ffn_options=ffn_options, resident_dtype=resident_dtype)

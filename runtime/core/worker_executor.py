@@ -1,4 +1,5 @@
-"""The worker runtime behind the engine: ModelExecutor's interface, the model in three processes.
+"""The worker runtime behind the engine: ModelExecutor's interface, the model in two processes
+(prefetch; compute, which hosts the predictor).
 
     engine.forward ─▶ WorkerExecutor.forward ─ForwardRequest─▶ compute ⇄ predictor ⇄ prefetch
                     ◀─ logits (B, T, V) ◀─ ForwardChunk (logits buffer, shared memory)
