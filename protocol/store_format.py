@@ -228,3 +228,10 @@ def write_manifest(store_dir: str, manifest: Manifest) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
+
+
+def calibrate_hint(store_dir: str) -> str:
+    """What to run before --mode sparse on a store without predictors (every refusal says the same)."""
+    return (f"{store_dir}: no predictors in this store; --mode sparse needs them. Run "
+            f"`flashllm calibrate --store {store_dir} --text FILE` (FILE: a few thousand tokens of text like "
+            f"yours), or with no text at hand `flashllm calibrate --store {store_dir} --generate-tokens 4000`")

@@ -137,6 +137,8 @@ def test_unit_serves_the_configured_store_on_the_runtime_socket():
         "--socket": "/run/flashllm/flashllm.sock",
         "--memory": "${FLASHLLM_MEMORY}",
         "--max-batch": "${FLASHLLM_MAX_BATCH}",
+        "--mode": "${FLASHLLM_MODE}",
+        "--runtime": "${FLASHLLM_RUNTIME}",
         "--socket-group": "flashllm",
         "--http": "${FLASHLLM_HTTP}",
     }
@@ -202,3 +204,16 @@ def test_the_http_api_is_on_by_default_on_a_unix_socket_beside_the_zeromq_one():
     assert unit["Service.RestrictAddressFamilies"] == ["AF_UNIX AF_NETLINK"]
     readme = (DEPLOY / "README.md").read_text()
     assert "curl --unix-socket /run/flashllm/http.sock" in readme and "HTTPTransport(uds=" in readme
+
+
+def test_env_file_selects_a_mode_and_runtime_serve_accepts():
+    """FLASHLLM_MODE / FLASHLLM_RUNTIME reach `flashllm serve`, whose parser takes every documented value
+    (sparse included) and a --memory that is a share of the store."""
+    from flashllm.runtime.clients.cli import build_parser
+
+    env = read_env_file(ENV_PATH)
+    assert env["FLASHLLM_MODE"] == "auto" and env["FLASHLLM_RUNTIME"] == "auto"
+    for mode in ("auto", "dense", "sparse", "naive"):
+        args = build_parser(["serve"]).parse_args(["serve", "--store", "S", "--socket", "/run/x.sock", "--memory",
+                                                   "60%", "--mode", mode, "--runtime", env["FLASHLLM_RUNTIME"]])
+        assert (args.mode, args.memory) == (mode, "60%")

@@ -237,10 +237,12 @@ def test_three_workers_run_and_only_the_prefetcher_reads_the_ffn(worker_engine):
     assert sorted(pids) == sorted([ROLE_PREFETCH, ROLE_PREDICTOR, ROLE_COMPUTE])
     # the compute process multiplies with the engine's thread count (same kernels, same bits as in-process)
     assert executor.supervisor.worker_info[ROLE_COMPUTE]["torch_threads"] == worker_engine.threads
+    # two processes: the predictor runs inside compute (one torch import fewer)
+    assert pids[ROLE_PREDICTOR] == pids[ROLE_COMPUTE] != pids[ROLE_PREFETCH]
     for role, pid in pids.items():
         assert _alive(pid) and pid != os.getpid()
         with open(f"/proc/{pid}/comm", encoding="ascii") as f:
-            assert f.read().strip() == f"fl-{role}"[:15]
+            assert f.read().strip() == f"fl-{ROLE_COMPUTE if role == ROLE_PREDICTOR else role}"[:15]
     before = executor.worker_read_bytes()
     engine_before = process_read_bytes()
     results = worker_engine.generate(PROMPTS[:2], GREEDY)
@@ -300,7 +302,8 @@ def test_a_killed_worker_fails_the_request_quickly_then_workers_restart(sparse_s
     counted = executor.flash_read_bytes()
     worker_engine.logits_hook = kill_after_three_tokens
     try:
-        with pytest.raises(WorkerCrashedError, match=f"the {role} worker .*killed by SIGKILL"):
+        process = ROLE_COMPUTE if role == ROLE_PREDICTOR else role  # the predictor runs inside compute
+        with pytest.raises(WorkerCrashedError, match=f"the {process} worker .*killed by SIGKILL"):
             worker_engine.generate(PROMPTS[:1], SamplingParams(max_tokens=200, temperature=0.0, ignore_eos=True))
     finally:
         worker_engine.logits_hook = None
@@ -407,12 +410,18 @@ def test_bench_of_the_worker_runtime_measures_reads_and_compute(sparse_store, tm
                            "--no-read-baseline", "--json", out], cwd=REPO, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     with open(out, encoding="utf-8") as f:
-        workers = json.load(f)["modes"]["sparse-workers"]
+        report = json.load(f)
+    workers = report["modes"]["sparse-workers"]
     assert workers["runtime"] == "workers" and workers["device"] == default_device()  # the compute worker's
     assert sum(workers["memory_plan"]["capacity_rows"]) < sum(r.num_neurons for r in open_store(store).ffn.layers)
     assert workers["flash_read_bytes_per_token"] > 0
     assert 0 < workers["compute_ms"] <= workers["ms_per_token"]
     assert workers["io_ms"] >= 0 and workers["wait_ms"] >= 0
+    # the same run's peak memory, all processes, beside its bound (runtime/tools/peak_memory.py)
+    peak = report["peak_memory"]["runs"]["workers"]
+    assert "error" not in peak, peak
+    assert peak["baseline_torch_process_bytes"] < peak["peak_bytes"] <= peak["bound_bytes"]
+    assert "peak memory, all processes" in done.stdout
 
 
 # ---------------------------------------------------------------------- CUDA

@@ -297,5 +297,9 @@ class ComputeWorker:
 
 
 def run_compute(config: WorkerConfig) -> None:
-    """Process entry of the compute worker."""
-    run_worker(ROLE_COMPUTE, config, ComputeWorker)
+    """Process entry of the compute worker, which hosts the predictor: predicting a layer's neurons is a few
+    small products that compute waits for anyway, and a process of its own cost a second torch import
+    (docs/benchmarks.md) and two socket hops per layer."""
+    from flashllm.workers.predictor import PredictorWorker
+
+    run_worker(ROLE_COMPUTE, config, ComputeWorker, co_hosted=((ROLE_PREDICTOR, PredictorWorker.from_config),))

@@ -7,14 +7,16 @@ over protocol/ messages, so both runtimes compute the same thing.
 """
 from __future__ import annotations
 
+import os
+
 import torch
 
-from flashllm.protocol.store_format import Manifest, StoreError
+from flashllm.protocol.store_format import Manifest, StoreError, calibrate_hint
 from flashllm.workers.flash_io.io_counters import process_read_bytes
 from flashllm.workers.models import build_model
 from flashllm.workers.models.attention import KVCache
 from flashllm.workers.models.resident import resident_dtype_of
-from flashllm.workers.store_reader import load_resident_weights
+from flashllm.workers.store_reader import drop_file_cache, load_resident_weights
 
 FFN_MODES = ("dense", "naive", "sparse")
 
@@ -88,8 +90,7 @@ def make_ffn_provider(mode: str, store_dir: str, manifest: Manifest, dtype: torc
         return NaiveFlashFfn(store_dir, manifest, dtype, device, **options)
     if mode == "sparse":
         if manifest.sparsity is None:
-            raise StoreError(f"{store_dir}: no predictors in this store; run `flashllm calibrate --store {store_dir} "
-                             "--text FILE` before using --mode sparse")
+            raise StoreError(calibrate_hint(store_dir))
         from flashllm.workers.sparse_ffn import SparseFlashFfn
 
         return SparseFlashFfn(store_dir, manifest, dtype, device, **options)
@@ -113,6 +114,7 @@ class ModelExecutor:
         weights = load_resident_weights(store_dir, manifest, verify=verify)
         self.model = build_model(arch, weights, self.dtype, self.device, self.resident_dtype)
         del weights
+        drop_file_cache(os.path.join(store_dir, manifest.resident_file))  # converted: the file's pages are a copy
         self.kv = KVCache(arch.num_hidden_layers, num_slots, arch.num_key_value_heads, max_context,
                           arch.head_dim, self.dtype, self.device)
         self.ffn = ffn if ffn is not None else make_ffn_provider(mode, store_dir, manifest, self.dtype, self.device,

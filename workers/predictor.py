@@ -51,7 +51,7 @@ from flashllm.protocol.messages import (
     Prediction, PredictionStats, StepBegin, StepFailed,
 )
 from flashllm.protocol.shm import SharedSegment
-from flashllm.protocol.store_format import Manifest, StoreError
+from flashllm.protocol.store_format import Manifest, StoreError, calibrate_hint
 from flashllm.workers.flash_io.neuron_cache import rows_needed
 from flashllm.workers.flash_io.neuron_ids import union_ids
 from flashllm.workers.models.resident import linear
@@ -210,14 +210,20 @@ def load_sparsity_tensors(store_dir: str, manifest: Manifest) -> dict[str, torch
     from safetensors.torch import load_file
 
     if manifest.sparsity is None:
-        raise StoreError(f"{store_dir}: no predictors; run `flashllm calibrate --store {store_dir} --text FILE`")
+        raise StoreError(calibrate_hint(store_dir))
     path = os.path.join(store_dir, manifest.sparsity.file)
     if not os.path.isfile(path):
         raise StoreError(f"{path}: missing; re-run `flashllm calibrate`")
     try:
-        return load_file(path)
+        # copied out of the file's mapping, whose cached pages are then dropped: the predictors are held in
+        # forms of their own (packed, float16), and the mapped file would be a second copy (store_reader)
+        tensors = {name: tensor.clone() for name, tensor in load_file(path).items()}
     except Exception as exc:  # safetensors raises its own types on a corrupt header
         raise StoreError(f"{path}: unreadable ({exc}); re-run `flashllm calibrate`") from exc
+    from flashllm.workers.store_reader import drop_file_cache
+
+    drop_file_cache(path)
+    return tensors
 
 
 def predictor_held_bytes(tensors: dict[str, torch.Tensor], predictor_type: str, num_layers: int,

@@ -33,7 +33,7 @@ from flashllm.protocol.messages import (
     StepBegin, StepFailed,
 )
 from flashllm.protocol.shm import SharedSegment, cache_layer_arrays
-from flashllm.protocol.store_format import Manifest, StoreError, read_manifest
+from flashllm.protocol.store_format import Manifest, StoreError, read_manifest, calibrate_hint
 from flashllm.workers.flash_io.bundle_reader import BundleReader, layer_chunks, numpy_dtype_of_store
 from flashllm.workers.flash_io.neuron_cache import NeuronCache
 from flashllm.workers.flash_io.neuron_ids import union_ids
@@ -324,7 +324,7 @@ def load_hot_ids(store_dir: str, manifest: Manifest) -> list[np.ndarray]:
     from safetensors import safe_open
 
     if manifest.sparsity is None:
-        raise StoreError(f"{store_dir}: no predictors; run `flashllm calibrate --store {store_dir} --text FILE`")
+        raise StoreError(calibrate_hint(store_dir))
     path = os.path.join(store_dir, manifest.sparsity.file)
     if not os.path.isfile(path):
         raise StoreError(f"{path}: missing; re-run `flashllm calibrate`")

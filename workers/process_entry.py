@@ -37,6 +37,7 @@ from flashllm.protocol import codec
 from flashllm.protocol.endpoints import endpoint
 from flashllm.protocol.messages import ROLE_SUPERVISOR, Shutdown, WorkerFailed, WorkerReady
 from flashllm.protocol.shm import SegmentLayout, list_segments
+from flashllm.workers.malloc_tuning import limit_malloc_growth, release_free_memory
 
 PR_SET_NAME = 15
 SEND_LINGER_MS = 1000  # a crash report gets this long to leave before the process exits
@@ -104,6 +105,54 @@ class ZmqChannel:
         self._outboxes = {}
         self.inbox.close(linger=0)
         self.context.term()
+
+
+class CoHostedChannel:
+    """The channel of a core that shares its process with others (the predictor inside the compute process).
+
+    A message to a co-hosted role is handled at once, in this thread, by that core's dispatcher when it
+    handles the type (compute's StepBegin/FfnInput to the predictor), or else queued for that role's recv()
+    (the predictor's PredictionStats/StepFailed, which compute waits for); every other role is reached over
+    the process's sockets. No message to a co-hosted core crosses a socket, and the process imports torch
+    once instead of twice (docs/benchmarks.md: what a torch process costs)."""
+
+    def __init__(self, sockets: "ZmqChannel", role: str, hosted: dict[str, Any],
+                 queues: dict[str, collections.deque]):
+        self.sockets, self.role, self.hosted, self.queues = sockets, role, hosted, queues
+
+    def send(self, role: str, msg) -> None:
+        if role not in self.hosted:
+            self.sockets.send(role, msg)
+            return
+        core = self.hosted[role]
+        if core is not None and core.dispatcher.handles(type(msg)):
+            core.dispatcher.dispatch(msg)
+        else:
+            self.queues[role].append(msg)
+
+    def recv(self, timeout_s: float | None = None):
+        queue = self.queues[self.role]
+        if queue:
+            return queue.popleft()
+        return self.sockets.recv(timeout_s)
+
+    def close(self) -> None:
+        pass
+
+
+class _CoHostedCores:
+    """Several cores as one: the main core's dispatcher and info, every core's close()."""
+
+    def __init__(self, main, others: list):
+        self.main, self.others = main, others
+        self.dispatcher = main.dispatcher
+
+    def info(self) -> dict:
+        return self.main.info()
+
+    def close(self) -> None:
+        for core in [self.main, *self.others]:
+            core.close()
 
 
 class LocalBus:
@@ -203,29 +252,53 @@ def _exit_on_sigterm(signum, frame) -> None:
     raise SystemExit(0)
 
 
-def run_worker(role: str, config: WorkerConfig, build_core: Callable[[WorkerConfig, Any], Any]) -> None:
-    """The body of every worker process: build the core, say ready, serve until Shutdown."""
+def run_worker(role: str, config: WorkerConfig, build_core: Callable[[WorkerConfig, Any], Any],
+               co_hosted: tuple[tuple[str, Callable[[WorkerConfig, Any], Any]], ...] = ()) -> None:
+    """The body of every worker process: build the core (and the cores it hosts), say ready, serve until Shutdown.
+
+    co_hosted: (role, build_core) of cores that run in this process, built first (the main core's settings,
+    e.g. its torch threads, win); each says ready under its own role, with this process's pid."""
     set_process_title(f"fl-{role}")
+    limit_malloc_growth()
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, _exit_on_sigterm)
     die_with_parent(config.instance, config.runtime_dir)
     channel = ZmqChannel(config.runtime_dir, role)
     core = None
+    built: list = []
+    reporting = role
     try:
-        core = build_core(config, channel)
-        channel.send(ROLE_SUPERVISOR, WorkerReady(role=role, pid=os.getpid(), info=core.info()))
-        serve(core, channel)
+        hosted: dict[str, Any] = {role: None}
+        queues: dict[str, collections.deque] = collections.defaultdict(collections.deque)
+        for other_role, build_other in co_hosted:
+            reporting = other_role
+            hosted[other_role] = None
+            other = build_other(config, CoHostedChannel(channel, other_role, hosted, queues))
+            hosted[other_role] = other
+            built.append((other_role, other))
+        reporting = role
+        main = build_core(config, CoHostedChannel(channel, role, hosted, queues) if co_hosted else channel)
+        core = _CoHostedCores(main, [other for _, other in built]) if built else main
+        built = []
+        release_free_memory()  # the load's temporaries
+        for hosted_role, hosted_core in hosted.items():
+            info = (main if hosted_role == role else hosted_core).info()
+            channel.send(ROLE_SUPERVISOR, WorkerReady(role=hosted_role, pid=os.getpid(), info=info))
+        serve(core, CoHostedChannel(channel, role, hosted, queues) if co_hosted else channel)
     except SystemExit:
         raise
     except BaseException as exc:  # report, then die: the supervisor restarts the workers
         try:
-            channel.send(ROLE_SUPERVISOR, WorkerFailed(role=role, pid=os.getpid(), error=f"{type(exc).__name__}: {exc}",
+            channel.send(ROLE_SUPERVISOR, WorkerFailed(role=reporting, pid=os.getpid(),
+                                                       error=f"{type(exc).__name__}: {exc}",
                                                        traceback=traceback.format_exc()))
         except Exception:
             pass
         traceback.print_exc()
         sys.exit(1)
     finally:
+        for _, other in built:  # cores built before a later one failed
+            other.close()
         if core is not None:
             core.close()
         channel.close()

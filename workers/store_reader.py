@@ -44,6 +44,24 @@ def open_store(store_dir: str) -> Manifest:
     return manifest
 
 
+def drop_file_cache(path: str) -> None:
+    """Ask the kernel to drop a store file's cached pages once its tensors are held in memory of their own.
+
+    safetensors maps the file: the tensors it returns live in the page cache, which a memory cgroup charges
+    to whoever read it. Once they are converted (or copied) the cached pages are a second copy of the weights
+    that stays charged until reclaimed; pages still mapped (tensors held as stored) are kept by the kernel."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    except (OSError, AttributeError):  # not Linux
+        pass
+    finally:
+        os.close(fd)
+
+
 def resident_tensor_elements(store_dir: str, manifest: Manifest) -> int:
     """Total elements of the resident tensors, from the safetensors header alone (nothing loaded)."""
     from safetensors import safe_open

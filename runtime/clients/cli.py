@@ -9,6 +9,13 @@ import sys
 EXIT_USER_ERROR = 2
 
 
+def resolve_runtime(runtime: str, mode: str, device: str | None = None) -> str:
+    """--runtime auto (runtime/core/mode_choice.py decides; kept here for callers of the CLI module)."""
+    from flashllm.runtime.core.mode_choice import resolve_runtime as decide
+
+    return decide(runtime, mode, device)
+
+
 class CliError(Exception):
     """An error the user can fix; printed without a traceback."""
 
@@ -55,6 +62,7 @@ def _sampling_params(args):
 
 
 def _engine_from_args(args, max_batch: int = 1):
+    """The engine the engine options ask for (--mode auto and --runtime auto are resolved by the engine)."""
     import os
 
     from flashllm.runtime.core.engine import Engine
@@ -65,38 +73,36 @@ def _engine_from_args(args, max_batch: int = 1):
 
     ffn_options = {}
     if getattr(args, "memory", None):
-        ffn_options["memory_budget_bytes"] = parse_size(args.memory)
+        ffn_options["memory_budget_bytes"] = parse_memory(args.memory, args.store)
     if getattr(args, "keep_fraction", None) is not None:
-        if args.mode != "sparse":
+        if args.mode not in ("sparse", "auto"):
             raise ValueError(f"--keep-fraction applies to --mode sparse, not --mode {args.mode}")
         ffn_options["keep_fraction"] = args.keep_fraction
     for flag, option in (("neuron_window", "window_tokens"), ("missing_policy", "missing_policy")):
         value = getattr(args, flag, None)
         if value is None:
             continue
-        if args.mode != "sparse":
+        if args.mode not in ("sparse", "auto"):
             raise ValueError(f"--{flag.replace('_', '-')} applies to --mode sparse, not --mode {args.mode}")
         ffn_options[option] = value
-    return Engine(args.store, mode=args.mode, max_batch=max_batch, max_context=args.max_context,
-                  ffn_options=ffn_options, runtime=resolve_runtime(getattr(args, "runtime", "auto"), args.mode),
-                  resident_dtype=getattr(args, "resident_dtype", None), threads=getattr(args, "threads", None),
-                  worker_restarts=getattr(args, "worker_restarts", None))
+    engine = Engine(args.store, mode=args.mode, max_batch=max_batch, max_context=args.max_context,
+                    ffn_options=ffn_options, runtime=getattr(args, "runtime", "auto"),
+                    resident_dtype=getattr(args, "resident_dtype", None), threads=getattr(args, "threads", None),
+                    worker_restarts=getattr(args, "worker_restarts", None))
+    if args.mode == "auto" and "memory_budget_bytes" in ffn_options:  # a choice the budget made: say which
+        print(f"flashllm: {engine.mode_reason}", file=sys.stderr)
+    return engine
 
 
-def resolve_runtime(runtime: str, mode: str, device: str | None = None) -> str:
-    """--runtime auto: the pipelined workers for sparse on the CPU, where computing a layer takes as long as
-    reading the next and the predictor gets a core of its own (on the demo store keeping 30%, workers vs
-    in-process ms/token over three runs: 140/142, 146/131 and 140/149 in turns, 143/143, 139/145 and 189/187
-    alone: as fast, within this disk's noise);
-    in-process on a GPU, where compute is short and the messages cost more than the overlap saves (in turns: on
-    an H100, demo-shaped store, 121 vs 93 ms/token; on an H200, the demo model, 178 vs 141); in-process for
-    dense and naive, which have nothing to pipeline."""
-    if runtime != "auto":
-        return runtime
-    from flashllm.workers.executor import default_device
+def parse_memory(text: str, store_dir: str | None) -> int:
+    """--memory: a size ('160MiB', '2GiB') or a share of the store's bytes on disk ('60%')."""
+    from flashllm.runtime.core.mode_choice import budget_from_percent
 
-    on_cpu = (device or default_device()) == "cpu"
-    return "workers" if mode == "sparse" and on_cpu else "inproc"
+    if text.strip().endswith("%"):
+        if not store_dir:
+            raise CliError(f"--memory {text}: a percentage is of the store's bytes; give --store")
+        return budget_from_percent(text, store_dir)
+    return parse_size(text)
 
 
 def parse_size(text: str) -> int:
@@ -138,7 +144,8 @@ def cmd_generate(args) -> int:
             print(json.dumps({"prompt": prompt, "text": result.text, "tokens": result.tokens,
                               "finish_reason": result.finish_reason, "prompt_tokens": result.prompt_tokens,
                               "ms_per_token": round(result.ms_per_token, 3),
-                              "flash_read_bytes": result.flash_read_bytes, "runtime": engine.runtime}))
+                              "flash_read_bytes": result.flash_read_bytes, "mode": engine.mode,
+                              "runtime": engine.runtime}))
         elif stream:
             print()
         else:
@@ -152,9 +159,9 @@ def cmd_eval(args) -> int:
     with _engine_from_args(args) as engine:
         ppl, tokens = engine.perplexity(text, window_tokens=args.window)
     if args.json:
-        print(json.dumps({"perplexity": ppl, "tokens": tokens, "mode": args.mode, "runtime": engine.runtime}))
+        print(json.dumps({"perplexity": ppl, "tokens": tokens, "mode": engine.mode, "runtime": engine.runtime}))
     else:
-        print(f"perplexity {ppl:.3f} over {tokens} tokens ({args.mode})")
+        print(f"perplexity {ppl:.3f} over {tokens} tokens ({engine.mode})")
     return 0
 
 
@@ -205,9 +212,12 @@ def _positive_int(text: str) -> int:
 
 def _add_engine_args(p: argparse.ArgumentParser, store_required: bool = True) -> None:
     p.add_argument("--store", required=store_required, help="flash store directory (from `flashllm convert`)")
-    p.add_argument("--mode", default="dense", choices=["dense", "naive", "sparse"],
-                   help="FFN source: all in memory, whole layers re-read from flash, or predicted neurons only")
-    p.add_argument("--memory", help="memory budget for resident weights + predictors + neuron caches, e.g. 160MiB")
+    p.add_argument("--mode", default="auto", choices=["auto", "dense", "naive", "sparse"],
+                   help="FFN source: all in memory, whole layers re-read from flash, or predicted neurons only; "
+                        "auto (default): dense if the model fits --memory, else sparse if the store is calibrated, "
+                        "else naive (dense without --memory)")
+    p.add_argument("--memory", help="memory budget for resident weights + predictors + neuron caches + staging, "
+                                    "e.g. 160MiB, 2GiB, or 60%% (of the store's bytes on disk)")
     p.add_argument("--keep-fraction", type=float, default=None,
                    help="--mode sparse: fraction of each layer's neurons predicted per token (default: 1 - the "
                         "calibrated --sparsity); smaller reads less and fits smaller --memory, at some quality")
@@ -218,7 +228,7 @@ def _add_engine_args(p: argparse.ArgumentParser, store_required: bool = True) ->
                         "float32 on CPU); float16 halves their memory, products stay in the compute dtype")
     add_threads_arg(p)
     p.add_argument("--runtime", default="auto", choices=["auto", "inproc", "workers"],
-                   help="run the model in this process, or pipelined in prefetch/predictor/compute processes "
+                   help="run the model in this process, or pipelined in a prefetch and a compute (+ predictor) process "
                         "(--mode sparse only); auto (default): workers for --mode sparse on the CPU, inproc otherwise "
                         "(on a GPU, compute is too short for the overlap to pay for the messages)")
     p.add_argument("--no-verify-reads", dest="verify_reads", action="store_false",

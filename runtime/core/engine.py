@@ -20,6 +20,7 @@ import torch
 from flashllm.runtime.core.sampling import NonFiniteLogitsError, SamplingParams, sample_next_token
 from flashllm.runtime.core.tokenizer import IncrementalDetokenizer, StopStringMatcher, Tokenizer
 from flashllm.workers.flash_io.integrity import BundleChecksumError
+from flashllm.workers.malloc_tuning import limit_malloc_growth, release_free_memory
 from flashllm.workers.executor import FFN_MODES, ModelExecutor, compute_dtype, default_device
 from flashllm.workers.models.attention import KVCache
 from flashllm.workers.models.resident import resident_dtype_of
@@ -30,6 +31,8 @@ PREFILL_TOKEN_BUDGET = 2048  # prompt tokens prefilled per step, so decode is no
 FLASH_MODES = ("naive", "sparse")
 # a step that failed with one of these leaves the engine usable once its sequences are dropped
 RECOVERABLE_STEP_ERRORS = (NonFiniteLogitsError, BundleChecksumError)
+SPARSE_ONLY_OPTIONS = {"keep_fraction": "--keep-fraction", "window_tokens": "--neuron-window",
+                       "missing_policy": "--missing-policy"}  # ffn option → its flag
 
 
 def available_cores() -> int:
@@ -44,7 +47,7 @@ def default_threads(mode: str) -> int | None:
     """torch threads for an engine of `mode`; None leaves the process's setting (torch: all cores, or OMP_NUM_THREADS).
 
     Modes that read flash leave one core to the reader threads (and, with --runtime workers, to the
-    prefetch and predictor processes). One decode token's products are memory-bound: on 2 cores a
+    prefetch process). One decode token's products are memory-bound: on 2 cores a
     second torch thread bought dense decode nothing (106 vs 105 ms/token) while it slowed the reads
     it competed with (sparse, demo model: 525 vs 575 ms/token in-process, 440 vs 570 with workers).
     An OMP_NUM_THREADS the user set is respected.
@@ -104,16 +107,13 @@ class Engine:
         None: `default_threads(mode)`. torch's thread count is per process, so this sets it for the process.
         worker_restarts: with runtime="workers", how often the worker set may be restarted after crashes
         (within the supervisor's window) before a failure is final."""
-        if mode not in FFN_MODES:
-            raise ValueError(f"--mode {mode!r} is not one of {', '.join(FFN_MODES)}")
+        if mode not in FFN_MODES and mode != "auto":
+            raise ValueError(f"--mode {mode!r} is not one of auto, {', '.join(FFN_MODES)}")
         if max_batch < 1:
             raise ValueError(f"max_batch must be ≥ 1, got {max_batch}")
         if threads is not None and threads < 1:
             raise ValueError(f"--threads must be ≥ 1, got {threads}")
-        threads = threads if threads is not None else default_threads(mode)
-        if threads is not None:
-            torch.set_num_threads(threads)
-        self.threads = torch.get_num_threads()
+        limit_malloc_growth()  # before the store's tensors come and go (workers/malloc_tuning.py)
         self.store_dir = store_dir
         self.manifest = open_store(store_dir)
         arch = self.arch = self.manifest.arch
@@ -125,9 +125,16 @@ class Engine:
         ffn_options = dict(ffn_options or {})
         memory_budget_bytes = ffn_options.pop("memory_budget_bytes", None)
         self.memory_plan = None
+        self.mode_reason = f"--mode {mode}"
+        if mode == "auto" and memory_budget_bytes is None:  # nothing bounds memory: no plan to choose by
+            mode, self.mode_reason = "dense", "--mode auto picked dense: no --memory given, the whole model in memory"
+            self.mode = mode
+            given = [flag for option, flag in SPARSE_ONLY_OPTIONS.items() if option in ffn_options]
+            if given:
+                raise ValueError(f"{given[0]} applies to --mode sparse, but {self.mode_reason}; give --mode sparse")
         if memory_budget_bytes is not None:
-            from flashllm.runtime.core.memory_plan import plan_for_store
-
+            from flashllm.runtime.core.memory_plan import MemoryPlanError, plan_for_store
+            from flashllm.runtime.core.mode_choice import choose_mode
             from flashllm.workers.prefetch import neuron_cache_dtype
 
             dtype = compute_dtype(device or default_device())
@@ -137,13 +144,41 @@ class Engine:
             resident_itemsize = torch.finfo(resident_dtype_of(resident_dtype, dtype)).bits // 8
             kv_bytes = KVCache.bytes_needed(arch.num_hidden_layers, max_batch, arch.num_key_value_heads,
                                             self.max_context, arch.head_dim, itemsize)
-            self.memory_plan = plan_for_store(store_dir, self.manifest, memory_budget_bytes, mode, itemsize, kv_bytes,
-                                              keep_fraction=ffn_options.get("keep_fraction"),
-                                              resident_itemsize=resident_itemsize, cache_itemsize=cache_itemsize)
+
+            def plan(for_mode: str):
+                return plan_for_store(store_dir, self.manifest, memory_budget_bytes, for_mode, itemsize, kv_bytes,
+                                      keep_fraction=ffn_options.get("keep_fraction"),
+                                      resident_itemsize=resident_itemsize, cache_itemsize=cache_itemsize)
+
+            def fits(for_mode: str) -> Exception | None:
+                try:
+                    plan(for_mode)
+                except MemoryPlanError as exc:
+                    return exc
+                return None
+
+            if mode == "auto":
+                choice = choose_mode(self.manifest, store_dir, memory_budget_bytes, fits)
+                mode, self.mode_reason = choice.mode, f"--mode auto picked {choice.mode}: {choice.reason}"
+                self.mode = mode
+                given = [flag for option, flag in SPARSE_ONLY_OPTIONS.items() if option in ffn_options]
+                if mode != "sparse" and given:
+                    raise ValueError(f"{given[0]} applies to --mode sparse, but {self.mode_reason}; "
+                                     "give --mode sparse (and a --memory it fits)")
+            if memory_budget_bytes is not None:
+                self.memory_plan = plan(mode)
             if mode == "sparse":
                 ffn_options["capacity_rows"] = self.memory_plan.capacity_rows
+        if runtime == "auto":
+            from flashllm.runtime.core.mode_choice import resolve_runtime
+
+            runtime = resolve_runtime(runtime, mode, device)
+        threads = threads if threads is not None else default_threads(mode)  # the mode is known now
+        if threads is not None:
+            torch.set_num_threads(threads)
+        self.threads = torch.get_num_threads()
         if executor is None and runtime == "workers":
-            from flashllm.runtime.core.worker_executor import WorkerExecutor  # the model in prefetch/predictor/compute processes
+            from flashllm.runtime.core.worker_executor import WorkerExecutor  # the model in prefetch and compute (+ predictor) processes
 
             restarts = {} if worker_restarts is None else {"max_restarts": worker_restarts}
             executor = WorkerExecutor(store_dir, self.manifest, mode, max_batch, self.max_context, device=device,
@@ -155,6 +190,7 @@ class Engine:
         elif executor is None:
             raise ValueError(f"--runtime {runtime!r} is not one of inproc, workers")
         self.executor = executor
+        release_free_memory()  # the load's temporaries
         self.runtime = getattr(executor, "runtime", "inproc")  # where the model runs: "inproc" or "workers"
         self.device = "cpu"  # inputs are built on the CPU; the executor moves them
         self._free_slots = list(range(max_batch))

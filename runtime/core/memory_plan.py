@@ -83,11 +83,15 @@ def plan_memory(manifest: Manifest, resident_elements: int, budget_bytes: int, c
     fixed = resident_bytes + predictor_bytes + staging_bytes
     min_total = fixed + sum(min_rows) * row_bytes
     if budget_bytes < min_total:
+        knobs = sparse_minimum_knobs(
+            manifest, budget_bytes, min_total, resident_elements, resident_bytes // max(1, resident_elements),
+            row_bytes, hot_counts, keep_neurons, predictor_bytes, kv_cache_bytes, naive_minimum_bytes(
+                manifest, resident_bytes))
         raise MemoryPlanError(
             f"--memory {budget_bytes / MIB:.1f} MiB is too small: the minimum for this store and settings is "
             f"{min_total / MIB:.1f} MiB (resident {resident_bytes / MIB:.1f} + predictors {predictor_bytes / MIB:.1f} "
             f"+ staging {staging_bytes / MIB:.1f} + smallest neuron caches {sum(min_rows) * row_bytes / MIB:.1f} MiB); "
-            "raise --memory or raise the sparsity (fewer neurons per token)"
+            "raise --memory, or lower the minimum:\n" + "\n".join(f"  {knob}" for knob in knobs)
         )
     spare_rows = (budget_bytes - min_total) // row_bytes
     capacity = list(min_rows)
@@ -110,6 +114,84 @@ def plan_memory(manifest: Manifest, resident_elements: int, budget_bytes: int, c
     return plan
 
 
+HALF_ITEMSIZE = 2  # float16/bfloat16
+SMALL_PREDICTOR_RANK = 64  # the low-rank predictor the too-small message offers in place of a sketch
+
+
+def naive_minimum_bytes(manifest: Manifest, resident_bytes: int) -> int:
+    """--mode naive holds the resident weights and one layer at a time (raw + converted)."""
+    return resident_bytes + 2 * max(r.length_bytes for r in manifest.ffn.layers)
+
+
+def sparse_minimum_knobs(manifest: Manifest, budget_bytes: int, min_total: int, resident_elements: int,
+                         resident_itemsize: int, row_bytes: int, hot_counts: list[int], keep_neurons: int,
+                         predictor_bytes: int, kv_cache_bytes: int, naive_bytes: int) -> list[str]:
+    """Every setting that lowers --mode sparse's minimum, each with what it saves (for MemoryPlanError's message).
+
+    The arithmetic is the plan's own: rows of row_bytes per kept neuron and layer, resident elements times their
+    itemsize, the predictors' held bytes."""
+    arch = manifest.arch
+    shortfall = min_total - budget_bytes
+    num_neurons = [region.num_neurons for region in manifest.ffn.layers]
+    knobs = []
+    # --keep-fraction: one neuron fewer per token saves a row in every layer not already whole
+    open_layers = sum(1 for n, hot in zip(num_neurons, hot_counts) if hot + keep_neurons <= n)
+    if keep_neurons > 1 and open_layers:
+        fewer = min(keep_neurons - 1, -(-shortfall // (row_bytes * open_layers)))
+        fitting = (keep_neurons - fewer) / arch.intermediate_size
+        saved = fewer * row_bytes * open_layers
+        now = keep_neurons / arch.intermediate_size
+        if saved >= shortfall:
+            knobs.append(f"--keep-fraction {fitting:.3f} (now {now:.3f}): saves {saved / MIB:.1f} MiB, enough "
+                         "(fewer neurons per token, some quality)")
+        else:
+            knobs.append(f"--keep-fraction down to {fitting:.3f} (now {now:.3f}): saves at most {saved / MIB:.1f} MiB, "
+                         "not enough alone (fewer neurons per token, some quality)")
+    if resident_itemsize > HALF_ITEMSIZE:
+        saved = resident_elements * (resident_itemsize - HALF_ITEMSIZE)
+        knobs.append(f"--resident-dtype float16 (or bfloat16): saves {saved / MIB:.1f} MiB")
+    sparsity = manifest.sparsity
+    if sparsity is not None and predictor_bytes:
+        gated = len(manifest.ffn.bundle_parts) > 2
+        outputs = (2 if gated else 1) * arch.intermediate_size
+        # a low-rank pair per layer: two (r, d) input maps and one shared (outputs, r) matrix, float16
+        small = arch.num_hidden_layers * SMALL_PREDICTOR_RANK * (2 * arch.hidden_size + outputs) * HALF_ITEMSIZE
+        if sparsity.predictor != "sketch" and sparsity.rank:
+            small = predictor_bytes // 2
+            what = f"`flashllm calibrate --rank {max(1, sparsity.rank // 2)}` (now {sparsity.rank})"
+        else:
+            what = f"`flashllm calibrate --predictor regression --rank {SMALL_PREDICTOR_RANK}` (now a 4-bit sketch)"
+        if small < predictor_bytes:
+            knobs.append(f"a smaller predictor, {what}: saves about {(predictor_bytes - small) / MIB:.1f} MiB "
+                         "(less precise predictions)")
+    if naive_bytes < min_total:
+        knobs.append(f"--mode naive (every layer read whole for each token, slower): needs {naive_bytes / MIB:.1f} MiB, "
+                     f"{(min_total - naive_bytes) / MIB:.1f} MiB less")
+    knobs.append(f"beside the budget, the KV cache takes {kv_cache_bytes / MIB:.1f} MiB: --max-context and "
+                 "--max-batch lower it in proportion")
+    return knobs
+
+
+def flash_mode_knobs(store_dir: str, manifest: Manifest, mode: str, plan: MemoryPlan, resident_elements: int,
+                     kv_cache_bytes: int) -> list[str]:
+    """What lowers --mode dense's or naive's need, each with what it saves (for MemoryPlanError's message)."""
+    knobs = []
+    resident_itemsize = plan.resident_bytes // max(1, resident_elements)
+    if resident_itemsize > HALF_ITEMSIZE:
+        knobs.append(f"--resident-dtype float16 (or bfloat16): saves "
+                     f"{resident_elements * (resident_itemsize - HALF_ITEMSIZE) / MIB:.1f} MiB")
+    if mode == "dense":
+        naive = naive_minimum_bytes(manifest, plan.resident_bytes)
+        knobs.append(f"--mode naive (the FFN read from flash for each token): needs {naive / MIB:.1f} MiB")
+    calibrated = ("" if manifest.sparsity is not None
+                  else f" after `flashllm calibrate --store {store_dir} --text FILE` (or --generate-tokens 4000)")
+    knobs.append(f"--mode sparse{calibrated} (only predicted neurons held and read): its minimum is printed when "
+                 "--memory is below it")
+    knobs.append(f"beside the budget, the KV cache takes {kv_cache_bytes / MIB:.1f} MiB: --max-context and "
+                 "--max-batch lower it in proportion")
+    return knobs
+
+
 def plan_for_store(store_dir: str, manifest: Manifest, budget_bytes: int, mode: str, compute_itemsize: int,
                    kv_cache_bytes: int, keep_fraction: float | None = None,
                    resident_itemsize: int | None = None, cache_itemsize: int | None = None) -> MemoryPlan:
@@ -130,7 +212,9 @@ def plan_for_store(store_dir: str, manifest: Manifest, budget_bytes: int, mode: 
                           ffn_bytes=layout.total_bundle_bytes, total_neurons=sum(r.num_neurons for r in layout.layers))
         if plan.total_bytes > budget_bytes:
             raise MemoryPlanError(f"--memory {budget_bytes / MIB:.1f} MiB is too small for --mode {mode}: it needs "
-                                  f"{plan.total_bytes / MIB:.1f} MiB; raise --memory or use --mode sparse")
+                                  f"{plan.total_bytes / MIB:.1f} MiB; raise --memory, or lower the minimum:\n"
+                                  + "\n".join(f"  {knob}" for knob in flash_mode_knobs(
+                                      store_dir, manifest, mode, plan, resident_elements, kv_cache_bytes)))
         return plan
     from flashllm.workers.predictor import load_sparsity_tensors, predictor_held_bytes
 

@@ -1,12 +1,12 @@
-"""The supervisor: starts the three worker processes, watches them, owns their shared memory.
+"""The supervisor: starts the worker processes, watches them, owns their shared memory.
 
     Supervisor(config).start()
       1. sweep what dead earlier instances left: runtime dirs whose lock is free,
          /dev/shm/flashllm-<pid>-… segments whose supervisor is gone
       2. create this instance's directory (locked) and its two segments
-      3. bind the supervisor inbox, spawn prefetch, predictor, compute
+      3. bind the supervisor inbox, spawn prefetch and compute (which hosts the predictor)
          (multiprocessing "spawn": no inherited zmq contexts, locks or CUDA state)
-      4. wait for WorkerReady from all three (a WorkerFailed or a death fails the start)
+      4. wait for WorkerReady from all three roles (a WorkerFailed or a death fails the start)
 
     recv()   the next message for the engine; raises WorkerCrashedError within
              POLL_INTERVAL_S of a worker dying (or reporting WorkerFailed), after
@@ -79,12 +79,22 @@ def restart_backoff_s(recent_restarts: int) -> float:
     return min(FIRST_BACKOFF_S * 2 ** (recent_restarts - 1), MAX_BACKOFF_S)
 
 
+# the worker processes, by the role whose inbox each binds, and the roles each hosts: the prefetcher stays
+# torch-free on its own (it must read while compute computes); the predictor runs inside compute
+WORKER_PROCESSES = {ROLE_PREFETCH: (ROLE_PREFETCH,), ROLE_COMPUTE: (ROLE_COMPUTE, ROLE_PREDICTOR)}
+
+
 def _entry_points():
     from flashllm.workers.compute import run_compute
-    from flashllm.workers.predictor import run_predictor
     from flashllm.workers.prefetch import run_prefetch
 
-    return {ROLE_PREFETCH: run_prefetch, ROLE_PREDICTOR: run_predictor, ROLE_COMPUTE: run_compute}
+    return {ROLE_PREFETCH: run_prefetch, ROLE_COMPUTE: run_compute}
+
+
+def worker_label(process_name: str) -> str:
+    """'compute worker (with the predictor)': a worker process and the roles it hosts, for messages."""
+    roles = WORKER_PROCESSES.get(process_name, (process_name,))
+    return f"{roles[0]} worker" + "".join(f" (with the {role})" for role in roles[1:])
 
 
 def describe_exit(exitcode: int | None) -> str:
@@ -171,7 +181,7 @@ class Supervisor:
         entries = _entry_points()
         self.worker_info = {}
         self._pending_failure = None
-        for role in WORKER_ROLES:
+        for role in WORKER_PROCESSES:
             process = context.Process(target=entries[role], args=(self.config,), name=f"flashllm-{role}", daemon=True)
             process.start()
             self.processes[role] = process
@@ -182,7 +192,7 @@ class Supervisor:
                 raise WorkerStartError(f"the {failure.role} worker failed to start: {failure.error}\n{failure.traceback}")
             dead = self._dead_worker()
             if dead is not None:
-                raise WorkerStartError(f"the {dead} worker (pid {self.processes[dead].pid}) "
+                raise WorkerStartError(f"the {worker_label(dead)} (pid {self.processes[dead].pid}) "
                                        f"{describe_exit(self.processes[dead].exitcode)} while starting; "
                                        "its stderr says why")
             if time.monotonic() > deadline:
@@ -203,7 +213,9 @@ class Supervisor:
 
     @property
     def pids(self) -> dict[str, int]:
-        return {role: process.pid for role, process in self.processes.items()}
+        """role → pid of the process running it (co-hosted roles share one)."""
+        return {role: self.processes[name].pid for name, roles in WORKER_PROCESSES.items() for role in roles
+                if name in self.processes}
 
     def _dead_worker(self) -> str | None:
         for role, process in self.processes.items():
@@ -241,7 +253,7 @@ class Supervisor:
             dead = self._dead_worker()
             if dead is not None:
                 process = self.processes[dead]
-                self._crashed(f"the {dead} worker (pid {process.pid}) {describe_exit(process.exitcode)} during {what}")
+                self._crashed(f"the {worker_label(dead)} (pid {process.pid}) {describe_exit(process.exitcode)} during {what}")
             if self._inbox.poll(int(POLL_INTERVAL_S * 1000)):
                 msg = codec.decode(self._inbox.recv(copy=False).buffer)
                 if self._control.handles(type(msg)):

@@ -1,4 +1,5 @@
-"""The worker runtime behind the engine: ModelExecutor's interface, the model in three processes.
+"""The worker runtime behind the engine: ModelExecutor's interface, the model in two processes
+(prefetch; compute, which hosts the predictor).
 
     engine.forward ─▶ WorkerExecutor.forward ─ForwardRequest─▶ compute ⇄ predictor ⇄ prefetch
                     ◀─ logits (B, T, V) ◀─ ForwardChunk (logits buffer, shared memory)
@@ -26,7 +27,7 @@ from flashllm.protocol.messages import (
     ROLE_COMPUTE, ROLE_PREFETCH, Dispatcher, ForwardChunk, ForwardRequest, LogitsTaken, StepFailed,
 )
 from flashllm.protocol.shm import EXCHANGE_SEGMENT, exchange_layout, neuron_cache_layout
-from flashllm.protocol.store_format import Manifest, StoreError
+from flashllm.protocol.store_format import Manifest, StoreError, calibrate_hint
 from flashllm.runtime.core.supervisor import (
     DEFAULT_MAX_RESTARTS, DEFAULT_START_TIMEOUT_S, Supervisor, WorkerCrashedError, WorkerRuntimeError, sweep_stale_instances,
 )
@@ -104,8 +105,7 @@ class WorkerExecutor:
             raise ValueError(f"--runtime workers runs the pipelined sparse FFN (--mode sparse); use --runtime inproc "
                              f"for --mode {mode}")
         if manifest.sparsity is None:
-            raise StoreError(f"{store_dir}: no predictors in this store; run `flashllm calibrate --store {store_dir} "
-                             "--text FILE` before using --mode sparse")
+            raise StoreError(calibrate_hint(store_dir))
         self.arch = manifest.arch
         self.device = device or default_device()
         sweep_stale_instances(runtime_root)

@@ -184,11 +184,12 @@ async def _serve(args, notifier, lock, http=None) -> int:
         apply_socket_permissions(lock.socket_path, mode=0o660, group=args.socket_group)
         arch = engine.arch
         model = f"{os.path.basename(os.path.normpath(args.store))} ({arch.source_model_type or arch.family})"
-        server = ClientServer(sock, scheduler, model=model, mode=args.mode)
+        log.info("%s", engine.mode_reason)
+        server = ClientServer(sock, scheduler, model=model, mode=engine.mode)
         if http is not None:
             from flashllm.runtime.daemon.http_api import model_card_for
 
-            http.attach(scheduler, model_card_for(args.store, engine, args.mode))
+            http.attach(scheduler, model_card_for(args.store, engine, engine.mode))
         run_task = asyncio.create_task(scheduler.run())
         receive_task = asyncio.create_task(server.receive_loop())
         notifier.ready()

@@ -410,6 +410,30 @@ def _plots(report: dict, plots_dir: str) -> list[str]:
     return written
 
 
+def peak_memory_runs(store: str, memory_bytes: int, runtimes: list[str], resident_dtype: str | None,
+                     sparse_options: dict) -> dict:
+    """The sparse mode's peak memory per runtime, all its processes together, as a memory cgroup counts it
+    (runtime/tools/peak_memory.py): a real `flashllm generate` in a child process at the bench's budget,
+    beside the bound (budget + one baseline per process + KV cache) x 1.1."""
+    from flashllm.runtime.tools.peak_memory import measure_baselines, measure_generate
+
+    print("bench: peak memory (baselines, then a `flashllm generate` per runtime) ...", file=sys.stderr)
+    baselines = measure_baselines()
+    runs = {}
+    extra = ["--resident-dtype", resident_dtype] if resident_dtype else []
+    flags = {"keep_fraction": "--keep-fraction", "window_tokens": "--neuron-window", "missing_policy": "--missing-policy"}
+    for option, value in sparse_options.items():  # the same sparse settings as the bench's own runs
+        extra += [flags[option], str(value)]
+    for runtime in runtimes:
+        try:
+            runs[runtime] = measure_generate(store, "sparse", runtime, memory_bytes, extra_args=extra,
+                                             baselines=baselines)
+        except RuntimeError as exc:
+            runs[runtime] = {"runtime": runtime, "error": str(exc)}
+    return {"method": baselines.method, "baseline_torch_process_bytes": baselines.torch_process_bytes,
+            "baseline_light_process_bytes": baselines.light_process_bytes, "runs": runs}
+
+
 def _reader_io_backend(store: str) -> str:
     """How this machine's bundle reader keeps reads in flight for the store: 'aio' or 'threads'."""
     from flashllm.protocol.store_format import read_manifest
@@ -423,7 +447,7 @@ def run_bench(store: str, modes: list[str], memory_bytes: int | None, decode_tok
               eval_tokens: int, keep_fractions: list[float], runtimes: list[str], read_baseline: bool = True,
               keep_fraction: float | None = None, resident_dtype: str | None = None, threads: int | None = None,
               paired_rounds: int = 0, window_tokens: int | None = None, missing_policy: str | None = None,
-              record_reads: str | None = None) -> dict:
+              record_reads: str | None = None, peak_memory: bool = True) -> dict:
     """resident_dtype, keep_fraction, window_tokens and missing_policy apply to the sparse runs (the ones the
     budget bounds; the trade-off varies keep_fraction); dense stays the exact reference."""
     from flashllm.protocol.store_format import read_manifest
@@ -499,6 +523,8 @@ def run_bench(store: str, modes: list[str], memory_bytes: int | None, decode_tok
         for runtime in runtimes:
             paired_runs["sparse" if runtime == "inproc" else f"sparse-{runtime}"] = {**sparse_spec, "runtime": runtime}
         report["paired_speed"] = paired_speed(store, paired_runs, paired_rounds, decode_tokens, threads=threads)
+    if peak_memory and memory_bytes is not None and "sparse" in modes:
+        report["peak_memory"] = peak_memory_runs(store, memory_bytes, runtimes, resident_dtype, sparse_options)
     if read_baseline:
         print("bench: read cost curve ...", file=sys.stderr)
         report["read_cost"] = read_cost_curve(store)
@@ -563,7 +589,8 @@ def cmd_bench(args) -> int:
                        args.eval_tokens, keep_fractions, runtimes, read_baseline=not args.no_read_baseline,
                        keep_fraction=args.keep_fraction, resident_dtype=args.resident_dtype, threads=args.threads,
                        paired_rounds=args.paired_rounds, window_tokens=args.neuron_window,
-                       missing_policy=args.missing_policy, record_reads=args.record_reads)
+                       missing_policy=args.missing_policy, record_reads=args.record_reads,
+                       peak_memory=not args.no_peak_memory)
     _print_table("modes", [dict(name=k, **v) for k, v in report["modes"].items()], [
         ("mode", "name", ""), ("ms/token", "ms_per_token", ".1f"), ("tok/s", "tokens_per_s", ".2f"),
         ("MiB read/token", "flash_read_mib_per_token", ".2f"), ("hit rate", "cache_hit_rate", ".3f"),
@@ -605,6 +632,18 @@ def cmd_bench(args) -> int:
         print(f"  fit: {fit['request_s'] * 1e6:.1f} us/request + {fit['byte_s'] * 1e9:.3f} ns/byte: merging a gap "
               f"pays below {fit['break_even_gap_bytes']} bytes (default model: "
               f"{cost['default']['break_even_gap_bytes']})")
+    peak = report.get("peak_memory")
+    if peak:
+        mib = 2**20
+        print(f"\nbaseline per process before the store is loaded ({peak['method']}): "
+              f"{peak['baseline_torch_process_bytes'] / mib:.1f} MiB with torch, "
+              f"{peak['baseline_light_process_bytes'] / mib:.1f} MiB without")
+        _print_table("peak memory, all processes (sparse, `flashllm generate`)", [
+            {"name": name, **{k: (v / mib if k.endswith("_bytes") and isinstance(v, (int, float)) else v)
+                              for k, v in run.items()}} for name, run in peak["runs"].items()], [
+            ("runtime", "name", ""), ("--memory MiB", "memory_budget_bytes", ".1f"), ("peak MiB", "peak_bytes", ".1f"),
+            ("KV MiB", "kv_cache_bytes", ".1f"), ("bound MiB", "bound_bytes", ".1f"),
+            ("within", "within_bound", ""), ("error", "error", "")])
     if report.get("direct_read_baseline"):
         _print_table("direct reads: raw vs reader", report["direct_read_baseline"], [
             ("request bytes", "request_bytes", "d"), ("in flight", "reads_in_flight", "d"),
@@ -650,6 +689,9 @@ def register_cli(sub) -> None:
                    "(the read cost curve and the raw-vs-reader table)")
     p.add_argument("--record-reads", help="write the in-process sparse run's decode neuron reads to this .npz "
                    "(replay them with python -m flashllm.runtime.tools.read_plan_sim)")
+    p.add_argument("--no-peak-memory", action="store_true",
+                   help="skip measuring the sparse runs' peak memory in a memory cgroup (a `flashllm generate` "
+                        "per runtime in a child process)")
     p.add_argument("--json", required=True, help="output JSON path")
     p.add_argument("--plots", help="directory for PNG plots")
     p.set_defaults(func=cmd_bench)

@@ -9,6 +9,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import math
+import mmap
+
 import torch
 import torch.nn.functional as F
 
@@ -34,12 +37,28 @@ class StepInputs:
         return StepInputs(slots, positions, length, mask[:, None])
 
 
+def _zeros_untouched(shape: tuple[int, ...], dtype: torch.dtype, device) -> tuple[torch.Tensor, object]:
+    """(zeros, the buffer that must outlive them) whose pages the process gets only where a position is written.
+
+    On the CPU: an anonymous mapping (zero pages, nothing written; torch.zeros writes every byte) kept out of
+    transparent huge pages, which would fault in 2 MiB around each layer's first positions (numpy asks for them
+    for large arrays), so the KV cache costs memory for the context in use, not for max_context."""
+    if torch.device(device).type != "cpu":
+        return torch.zeros(shape, dtype=dtype, device=device), None
+    nbytes = math.prod(shape) * dtype.itemsize
+    buffer = mmap.mmap(-1, max(1, nbytes))
+    if hasattr(buffer, "madvise") and hasattr(mmap, "MADV_NOHUGEPAGE"):
+        buffer.madvise(mmap.MADV_NOHUGEPAGE)
+    return torch.frombuffer(buffer, dtype=dtype, count=math.prod(shape)).view(shape), buffer
+
+
 class KVCache:
     def __init__(self, num_layers: int, num_slots: int, num_kv_heads: int, max_context: int, head_dim: int,
                  dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"):
         shape = (num_layers, num_slots, num_kv_heads, max_context, head_dim)
-        self.keys = torch.zeros(shape, dtype=dtype, device=device)  # (L, S, KV, C, hd)
-        self.values = torch.zeros(shape, dtype=dtype, device=device)  # (L, S, KV, C, hd)
+        self.keys, key_buffer = _zeros_untouched(shape, dtype, device)  # (L, S, KV, C, hd)
+        self.values, value_buffer = _zeros_untouched(shape, dtype, device)  # (L, S, KV, C, hd)
+        self._buffers = (key_buffer, value_buffer)  # the mappings under keys/values
         self.num_slots = num_slots
         self.max_context = max_context
 

@@ -1,0 +1,97 @@
+"""A real `flashllm generate` at --memory M, all its processes measured together as a memory cgroup counts
+them, stays within (M + one baseline per process + KV cache) + 10% (runtime/tools/peak_memory.py)."""
+from __future__ import annotations
+
+import os
+import sysconfig
+
+import pytest
+
+from flashllm.runtime.tools.peak_memory import (
+    cgroup_available, measure_baselines, measure_command, measure_generate,
+)
+from tests.conftest import calibrated_copies
+
+NO_CGROUP = cgroup_available()
+
+
+@pytest.fixture(scope="module")
+def calibrated(tiny_stores, tmp_path_factory):
+    with open(os.path.join(sysconfig.get_paths()["stdlib"], "LICENSE.txt"), encoding="utf-8") as f:
+        text = f.read()
+    return calibrated_copies(tiny_stores, tmp_path_factory, text, max_tokens=3000, epochs=4)
+
+
+def test_peak_counts_every_process_of_a_command():
+    """Two children each touching 64 MiB: the peak holds both (the largest process's RSS would say one)."""
+    child = "import time; b = bytearray(64 << 20); time.sleep(1.0)"
+    script = (f"import subprocess, sys; ps = [subprocess.Popen([sys.executable, '-c', {child!r}]) for _ in range(2)]; "
+              "[p.wait() for p in ps]")
+    peak = measure_command(["python3", "-c", script])
+    assert peak.exit_code == 0, peak.stderr
+    assert peak.peak_bytes >= 2 * 64 << 20
+
+
+@pytest.mark.skipif(NO_CGROUP is not None, reason=f"no writable memory cgroup: {NO_CGROUP}")
+@pytest.mark.parametrize("runtime", ["inproc", "workers"])
+def test_generate_stays_within_the_memory_bound(calibrated, runtime):
+    store = calibrated("llama")
+    baselines = measure_baselines()
+    assert baselines.light_process_bytes < baselines.torch_process_bytes  # the prefetcher has no torch
+    result = measure_generate(store, "sparse", runtime, memory_bytes=2 << 20, max_tokens=6, baselines=baselines)
+    assert result["peak_bytes"] <= result["bound_bytes"], result
+    assert result["peak_bytes"] > baselines.torch_process_bytes  # it measured the run, not an empty cgroup
+
+
+def test_too_small_budget_names_every_knob_with_what_it_saves(calibrated):
+    from flashllm.runtime.core.engine import Engine
+    from flashllm.runtime.core.memory_plan import MemoryPlanError
+
+    with pytest.raises(MemoryPlanError) as refused:
+        Engine(calibrated("llama"), mode="sparse", ffn_options={"memory_budget_bytes": 4096})
+    message = str(refused.value)
+    for knob in ("--keep-fraction", "--resident-dtype float16", "--mode naive", "--max-context", "--max-batch"):
+        assert knob in message, (knob, message)
+    assert message.count("MiB") >= 8  # each knob says how much it saves
+
+
+def test_auto_mode_picks_dense_then_sparse_then_naive_by_budget(calibrated, demo_store):
+    from flashllm.runtime.core.engine import Engine
+    from flashllm.runtime.core.memory_plan import MemoryPlanError, plan_for_store
+    from flashllm.runtime.core.mode_choice import choose_mode
+    from flashllm.workers.store_reader import open_store
+
+    def picked(store_dir: str, budget_bytes: int | None) -> tuple[str, str]:
+        options = {} if budget_bytes is None else {"memory_budget_bytes": budget_bytes}
+        with Engine(store_dir, mode="auto", runtime="inproc", ffn_options=options) as engine:
+            return engine.mode, engine.mode_reason
+
+    store = calibrated("llama")
+    assert picked(store, None)[0] == "dense"
+    assert picked(store, 1 << 30)[0] == "dense"
+    # an uncalibrated store cannot run sparse: with dense too big, naive, and the reason names the command
+    manifest = open_store(demo_store)
+    dense = plan_for_store(demo_store, manifest, 1 << 40, "dense", 4, 0).total_bytes
+    naive = plan_for_store(demo_store, manifest, 1 << 40, "naive", 4, 0).total_bytes
+    assert naive < dense
+    mode, reason = picked(demo_store, (naive + dense) // 2)
+    assert mode == "naive" and f"flashllm calibrate --store {demo_store}" in reason
+    # the order itself (a tiny model's sparse minimum, all staging, is above its dense need, so by plans)
+    fits_only = lambda allowed: (lambda mode: None if mode in allowed else MemoryPlanError(mode))  # noqa: E731
+    calibrated_manifest = open_store(store)
+    assert choose_mode(calibrated_manifest, store, 1, fits_only({"dense", "sparse", "naive"})).mode == "dense"
+    assert choose_mode(calibrated_manifest, store, 1, fits_only({"sparse", "naive"})).mode == "sparse"
+    assert choose_mode(calibrated_manifest, store, 1, fits_only({"naive"})).mode == "naive"
+    with pytest.raises(MemoryPlanError, match="sparse"):  # nothing fits: sparse's error, which names every knob
+        choose_mode(calibrated_manifest, store, 1, fits_only(set()))
+
+
+def test_memory_as_a_share_of_the_store(calibrated):
+    from flashllm.runtime.clients.cli import parse_memory
+    from flashllm.runtime.core.mode_choice import store_bytes_on_disk
+
+    store = calibrated("llama")
+    assert parse_memory("60%", store) == int(store_bytes_on_disk(store) * 0.6)
+    assert parse_memory("2MiB", store) == 2 << 20
+    with pytest.raises(ValueError, match="above 0"):
+        parse_memory("0%", store)
