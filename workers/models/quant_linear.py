@@ -1,0 +1,174 @@
+"""Resident matrices held in the store's quantized blocks, multiplied by kernels that take them directly.
+
+A quantized store keeps every matrix as GGUF-style blocks of 32 weights (see
+protocol/quant_format.py). Dequantizing a whole matrix to float32 would hold
+4-8x the stored bytes, so each kind is held in the layout of a CPU kernel that
+multiplies it as it is (alternatives and figures: docs/benchmarks.md):
+
+- q4_0 / q4_1 → `Int4Matrix`: the 4-bit values in torch's CPU int4 packed
+  layout, one bfloat16 (scale, zero) pair per 32 weights, multiplied with
+  `_weight_int4pack_mm_for_cpu` on bfloat16 activations (the only activation
+  dtype it has a vectorised path for). The kernel's convention is
+  w = (q - 8)·scale + zero, so Q4_0 (w = d·(q - 8)) is (d, 0) and Q4_1
+  (w = d·q + m) is (d, m + 8d).
+- q8_0 → `Int8BlockMatrix` (the demo's tied embedding/head): int8 values and
+  their per-32 scales, as stored. A product over a few rows sums one
+  `_weight_int8pack_mm` per 32-column block scaled by that block's scales; a
+  larger batch converts a tile of output rows at a time to bfloat16, whose
+  GEMM is the fast one here. An embedding lookup dequantizes only the rows it
+  needs.
+
+Both take x in any float dtype and give the product back in x's dtype. On a
+GPU the matrix is dequantized once to the compute dtype instead (the CUDA
+int4 kernels want another packing; resident matrices are small beside the FFN).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+BLOCK_WEIGHTS = 32
+QUANTIZED_KINDS = ("q4_0", "q4_1", "q8_0")
+INT4_ROW_MULTIPLE = 16  # the CPU int4 packing takes output rows in multiples of 16
+INT8_BLOCK_PRODUCT_MAX_ROWS = 8  # at most this many input rows go block by block through the int8 kernel
+BF16_TILE_ROWS = 8192  # output rows of a q8_0 matrix converted to bfloat16 at a time for a batch product
+
+
+@dataclass
+class QuantizedBlocks:
+    """A matrix as the store holds it: raw blocks, (out, bytes_per_row) uint8, of `kind` over `shape` (out, in)."""
+
+    kind: str
+    raw: torch.Tensor  # (out, bytes_per_row) uint8
+    shape: tuple[int, int]
+
+    def __post_init__(self):
+        if self.kind not in QUANTIZED_KINDS:
+            raise ValueError(f"quantized kind {self.kind!r} is not one of {', '.join(QUANTIZED_KINDS)}")
+        out, inner = self.shape
+        if inner % BLOCK_WEIGHTS:
+            raise ValueError(f"a {self.kind} matrix needs rows of a multiple of {BLOCK_WEIGHTS} weights, got {inner}")
+        expected = (out, inner // BLOCK_WEIGHTS * BLOCK_BYTES[self.kind])
+        if tuple(self.raw.shape) != expected or self.raw.dtype != torch.uint8:
+            raise ValueError(f"{self.kind} blocks of a {self.shape} matrix must be {expected} uint8, "
+                             f"got {tuple(self.raw.shape)} {self.raw.dtype}")
+
+
+BLOCK_BYTES = {"q4_0": 18, "q4_1": 20, "q8_0": 34}
+
+
+def split_blocks(blocks: QuantizedBlocks) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+    """(d (out, G) float32, m (out, G) float32 or None, q (out, in) int32): the fields of each block.
+    4-bit q are 0..15 (weight j of a block: low nibble of byte j for j < 16, high nibble of byte j - 16);
+    8-bit q are -128..127."""
+    out, inner = blocks.shape
+    groups = inner // BLOCK_WEIGHTS
+    raw = blocks.raw.reshape(out, groups, BLOCK_BYTES[blocks.kind])  # (out, G, block bytes)
+    d = raw[..., 0:2].contiguous().view(torch.float16).reshape(out, groups).float()  # (out, G)
+    if blocks.kind == "q8_0":
+        q = raw[..., 2:].contiguous().view(torch.int8).reshape(out, inner).int()  # (out, in)
+        return d, None, q
+    m = None
+    if blocks.kind == "q4_1":
+        m = raw[..., 2:4].contiguous().view(torch.float16).reshape(out, groups).float()  # (out, G)
+    qs = raw[..., -16:].int()  # (out, G, 16)
+    q = torch.cat((qs & 15, qs >> 4), dim=-1).reshape(out, inner)  # (out, in)
+    return d, m, q
+
+
+def dequantize(blocks: QuantizedBlocks, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """The whole matrix (out, in) in dtype: for the GPU, and for references in tests."""
+    d, m, q = split_blocks(blocks)
+    out, inner = blocks.shape
+    grouped = q.reshape(out, -1, BLOCK_WEIGHTS).float()  # (out, G, 32)
+    if blocks.kind == "q4_0":
+        grouped = grouped - 8
+    w = grouped * d[..., None] + (m[..., None] if m is not None else 0)  # (out, G, 32)
+    return w.reshape(out, inner).to(dtype)
+
+
+class Int4Matrix:
+    """q4_0/q4_1 blocks in torch's CPU int4 packed layout with bfloat16 (scale, zero) per 32 weights."""
+
+    def __init__(self, blocks: QuantizedBlocks):
+        d, m, q = split_blocks(blocks)
+        out, inner = blocks.shape
+        zero = torch.zeros_like(d) if m is None else m + 8 * d  # (out, G)
+        padded = -out % INT4_ROW_MULTIPLE
+        if padded:  # rows of weight 0: q = 8 with zero 0
+            q = torch.cat((q, torch.full((padded, inner), 8, dtype=q.dtype)))
+            d = torch.cat((d, torch.zeros(padded, d.shape[1])))
+            zero = torch.cat((zero, torch.zeros(padded, d.shape[1])))
+        self.shape = (out, inner)
+        self.packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1)  # (out + pad, in / 2) uint8
+        self.scales_zeros = torch.stack((d, zero), dim=-1).transpose(0, 1).contiguous().bfloat16()  # (G, out+pad, 2)
+
+    @property
+    def nbytes(self) -> int:
+        return self.packed.nbytes + self.scales_zeros.nbytes
+
+    def matmul(self, x: torch.Tensor) -> torch.Tensor:
+        """x (..., in) → x @ W.T (..., out) in x's dtype."""
+        flat = x.reshape(-1, x.shape[-1]).to(torch.bfloat16)  # (M, in)
+        y = torch.ops.aten._weight_int4pack_mm_for_cpu(flat, self.packed, BLOCK_WEIGHTS, self.scales_zeros)
+        return y[:, : self.shape[0]].to(x.dtype).reshape(*x.shape[:-1], self.shape[0])  # (..., out)
+
+
+class Int8BlockMatrix:
+    """q8_0 blocks as int8 values (out, in) and their scales (G, out), the stored bytes (scales widened)."""
+
+    def __init__(self, blocks: QuantizedBlocks):
+        d, _, q = split_blocks(blocks)
+        self.shape = blocks.shape
+        groups = self.shape[1] // BLOCK_WEIGHTS
+        values = q.to(torch.int8)  # (out, in)
+        # the int8 kernel reads its weight (out, K) contiguous: one (out, 32) matrix per block of columns
+        self.block_values = [values[:, g * BLOCK_WEIGHTS:(g + 1) * BLOCK_WEIGHTS].contiguous() for g in range(groups)]
+        self.scales = d.T.contiguous()  # (G, out) float32
+        self._ones = torch.ones(self.shape[0], dtype=torch.bfloat16)  # (out,) the kernel's per-row scale
+
+    @property
+    def nbytes(self) -> int:
+        return sum(v.nbytes for v in self.block_values) + self.scales.nbytes + self._ones.nbytes
+
+    def rows(self, ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """ids (...) → the dequantized rows (..., in) in dtype: an embedding lookup."""
+        flat = ids.reshape(-1)
+        values = torch.stack([v[flat] for v in self.block_values], dim=1).float()  # (n, G, 32)
+        rows = values * self.scales[:, flat].T[..., None]  # (n, G, 32)
+        return rows.reshape(*ids.shape, self.shape[1]).to(dtype)
+
+    def _bf16_tile(self, start: int, stop: int) -> torch.Tensor:
+        values = torch.stack([v[start:stop] for v in self.block_values], dim=1).float()  # (t, G, 32)
+        return (values * self.scales[:, start:stop].T[..., None]).reshape(stop - start, -1).bfloat16()  # (t, in)
+
+    def matmul(self, x: torch.Tensor) -> torch.Tensor:
+        """x (..., in) → x @ W.T (..., out) in x's dtype."""
+        flat = x.reshape(-1, x.shape[-1]).to(torch.bfloat16)  # (M, in)
+        out = self.shape[0]
+        if flat.shape[0] <= INT8_BLOCK_PRODUCT_MAX_ROWS:
+            y = torch.zeros(flat.shape[0], out)  # (M, out) float32 accumulation across blocks
+            for g, values in enumerate(self.block_values):
+                part = torch.ops.aten._weight_int8pack_mm(
+                    flat[:, g * BLOCK_WEIGHTS:(g + 1) * BLOCK_WEIGHTS], values, self._ones)  # (M, out)
+                y.addcmul_(part, self.scales[g])
+        else:
+            y = torch.cat([torch.nn.functional.linear(flat, self._bf16_tile(start, min(out, start + BF16_TILE_ROWS)))
+                           for start in range(0, out, BF16_TILE_ROWS)], dim=-1)  # (M, out)
+        return y.to(x.dtype).reshape(*x.shape[:-1], out)
+
+
+HeldMatrix = Int4Matrix | Int8BlockMatrix
+
+
+def hold_quantized(blocks: QuantizedBlocks, compute_dtype: torch.dtype, device: str) -> HeldMatrix | torch.Tensor:
+    """The kernel-ready form of a quantized matrix on device (a GPU gets it dequantized to compute_dtype)."""
+    if torch.device(device).type != "cpu":
+        return dequantize(blocks, compute_dtype).to(device)
+    return Int8BlockMatrix(blocks) if blocks.kind == "q8_0" else Int4Matrix(blocks)
+
+
+def held_bytes(matrix: HeldMatrix | torch.Tensor) -> int:
+    """Bytes a held matrix takes in memory."""
+    return matrix.nbytes
