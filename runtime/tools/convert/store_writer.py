@@ -26,11 +26,11 @@ SAFETENSORS_DTYPE = {"float16": "F16", "float32": "F32"}
 DISK_SPACE_MARGIN_BYTES = 64 << 20
 
 
-def _bundle_parts(arch) -> list[tuple[str, int]]:
+def _bundle_parts(arch, dtype: str) -> list[tuple[str, int, str]]:
     d = arch.hidden_size
     if arch.gated_ffn:
-        return [(name, d) for name in GATED_BUNDLE_PARTS]
-    return [(name, 1 if name == "up_bias" else d) for name in RELU_BUNDLE_PARTS]
+        return [(name, d, dtype) for name in GATED_BUNDLE_PARTS]
+    return [(name, 1 if name == "up_bias" else d, dtype) for name in RELU_BUNDLE_PARTS]
 
 
 def build_bundles(ffn: dict[str, np.ndarray], gated: bool, dtype: str) -> np.ndarray:
@@ -74,7 +74,7 @@ class _StreamingSafetensorsWriter:
 def estimate_store_bytes(source, dtype: str) -> int:
     arch, itemsize = source.arch, DTYPE_ITEMSIZE[dtype]
     resident = sum(int(np.prod(shape)) for _, shape in source.resident_specs()) * itemsize
-    bundle_bytes = sum(n for _, n in _bundle_parts(arch)) * itemsize
+    bundle_bytes = sum(n for _, n, _ in _bundle_parts(arch, dtype)) * itemsize
     return resident + arch.num_hidden_layers * align_up(arch.intermediate_size * bundle_bytes)
 
 
@@ -116,8 +116,8 @@ def convert(src: str, out: str, dtype: str = "float16", force: bool = False, pro
 def _write_store(source, store_dir: str, dtype: str, progress: bool) -> Manifest:
     arch = source.arch
     itemsize = DTYPE_ITEMSIZE[dtype]
-    parts = _bundle_parts(arch)
-    bundle_bytes = sum(n for _, n in parts) * itemsize
+    parts = _bundle_parts(arch, dtype)
+    bundle_bytes = sum(n for _, n, _ in parts) * itemsize
     resident_specs = source.resident_specs()
 
     bar = tqdm(total=arch.num_hidden_layers + len(resident_specs), desc="convert", unit="tensor",
