@@ -1,0 +1,168 @@
+"""Quantized stores: the block math against gguf's own, the format, convert, loading and the reference match."""
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import pytest
+
+from flashllm.protocol import quant_format as qf
+from flashllm.protocol.store_format import StoreError, read_manifest
+from tests.conftest import demo_gguf_path
+
+
+@pytest.fixture(scope="module")
+def demo_reader():
+    import gguf
+
+    return gguf.GGUFReader(demo_gguf_path())
+
+
+def _gguf_tensor(reader, name):
+    return next(t for t in reader.tensors if t.name == name)
+
+
+# --------------------------------------------------------------------------- block math vs gguf
+
+
+@pytest.mark.parametrize("name, kind", [("blk.3.ffn_gate.weight", "q4_1"), ("blk.7.attn_q.weight", "q4_1"),
+                                        ("blk.0.ffn_down.weight", "q4_1"), ("token_embd.weight", "q8_0")])
+def test_dequantize_matches_gguf_on_the_demo_files_blocks(demo_reader, name, kind):
+    from gguf.quants import dequantize
+
+    tensor = _gguf_tensor(demo_reader, name)
+    assert tensor.tensor_type.name == kind.upper()
+    raw = np.asarray(tensor.data)[:600]  # (rows, bytes): real blocks, a slice keeps it fast
+    elements = int(tensor.shape[0])
+    expected = dequantize(raw, tensor.tensor_type).reshape(raw.shape[0], elements)
+    ours = qf.dequantize_rows(kind, raw, elements)  # (rows, elements)
+    assert ours.dtype == np.float32 and np.array_equal(ours, expected)
+    assert qf.bytes_per_row(kind, elements) == raw.shape[1]
+
+
+@pytest.mark.parametrize("kind", ["q4_0", "q4_1", "q8_0"])
+def test_quantize_matches_ggufs_reference_quantizer(kind):
+    import gguf
+    from gguf.quants import dequantize, quantize
+
+    w = np.random.default_rng(0).standard_normal((24, 256)).astype(np.float32) * 0.05  # (rows, elements)
+    w[3, :32] = 0.0  # an all-zero block: scale 0, no division by zero
+    qtype = getattr(gguf.GGMLQuantizationType, kind.upper())
+    theirs = quantize(w, qtype)
+    ours = qf.quantize_rows(kind, w)
+    assert ours.shape == theirs.shape == (24, qf.bytes_per_row(kind, 256))
+    assert np.array_equal(ours, theirs)
+    assert np.array_equal(qf.dequantize_rows(kind, ours, 256), dequantize(theirs, qtype).reshape(24, 256))
+
+
+def _random_k_blocks(kind: str, n_blocks: int, seed: int) -> np.ndarray:
+    """Valid Q4_K / Q6_K super-blocks built by hand (gguf cannot quantize K-quants): random nibbles and
+    sub-block scales, super-block scales set to finite fp16 values."""
+    rng = np.random.default_rng(seed)
+    if kind == "Q4_K":
+        blocks = rng.integers(0, 256, size=(n_blocks, 144), dtype=np.uint8)
+        blocks[:, 0:2] = (rng.uniform(1e-4, 3e-3, (n_blocks, 1)).astype("<f2")).view(np.uint8)  # d
+        blocks[:, 2:4] = (rng.uniform(1e-4, 3e-3, (n_blocks, 1)).astype("<f2")).view(np.uint8)  # dmin
+    else:
+        blocks = rng.integers(0, 256, size=(n_blocks, 210), dtype=np.uint8)
+        blocks[:, 208:210] = (rng.uniform(1e-5, 1e-3, (n_blocks, 1)).astype("<f2")).view(np.uint8)  # d
+    return blocks
+
+
+def test_k_quant_dequantization_matches_gguf():
+    import gguf
+    from gguf.quants import dequantize
+
+    for kind, ours in (("Q4_K", qf.dequantize_q4_k_rows), ("Q6_K", qf.dequantize_q6_k_rows)):
+        raw = _random_k_blocks(kind, 8, seed=1).reshape(4, -1)  # 4 rows of 512 weights
+        expected = dequantize(raw, getattr(gguf.GGMLQuantizationType, kind)).reshape(4, 512)
+        assert np.array_equal(ours(raw, 512), expected), kind
+
+
+def test_q4_k_reblocks_into_q4_1_up_to_fp16_rounding_of_the_scales():
+    import gguf
+    from gguf.quants import dequantize
+
+    raw = _random_k_blocks("Q4_K", 8, seed=2).reshape(2, -1)  # 2 rows of 1024 weights
+    expected = dequantize(raw, gguf.GGMLQuantizationType.Q4_K).reshape(2, 1024)
+    q4_1 = qf.q4_k_rows_to_q4_1(raw, 1024)
+    assert q4_1.shape == (2, qf.bytes_per_row("q4_1", 1024))
+    got = qf.dequantize_rows("q4_1", q4_1, 1024)
+    # the same 4-bit values; only scale d*sc and min dmin*m are rounded to fp16 (relative 2^-11 each)
+    bound = 2 ** -11 * (np.abs(expected).max() + 15 * 3e-3 * 63)
+    assert 0 < np.abs(got - expected).max() <= bound
+
+
+def test_q6_k_reblocks_into_q8_0_within_half_a_step():
+    import gguf
+    from gguf.quants import dequantize
+
+    raw = _random_k_blocks("Q6_K", 4, seed=3).reshape(2, -1)
+    expected = dequantize(raw, gguf.GGMLQuantizationType.Q6_K).reshape(2, 512)
+    got = qf.dequantize_rows("q8_0", qf.q6_k_rows_to_q8_0(raw, 512), 512)
+    step = np.abs(expected.reshape(2, 16, 32)).max(axis=-1, keepdims=True) / 127  # per q8_0 block
+    # half a step of rounding, plus the fp16 rounding of the block scale (relative 2^-11) times |q| <= 127
+    assert np.all(np.abs(got - expected).reshape(2, 16, 32) <= step * (0.5 + 127 * 2 ** -11))
+
+
+def test_q8_col_and_float_kinds_round_trip():
+    w = np.random.default_rng(4).standard_normal((5, 96)).astype(np.float32)  # (rows, elements)
+    raw = qf.quantize_rows("q8_col", w)
+    assert raw.shape == (5, 4 + 96)
+    scale = np.abs(w).max(axis=1, keepdims=True) / 127
+    assert np.all(np.abs(qf.dequantize_rows("q8_col", raw, 96) - w) <= scale * 0.5 * (1 + 1e-6))
+    assert np.array_equal(qf.dequantize_rows("float32", qf.quantize_rows("float32", w), 96), w)
+    assert np.array_equal(qf.dequantize_rows("float16", qf.quantize_rows("float16", w), 96),
+                          w.astype(np.float16).astype(np.float32))
+    import torch
+
+    bf16 = torch.from_numpy(w).to(torch.bfloat16).float().numpy()  # torch's round-to-nearest-even
+    assert np.array_equal(qf.dequantize_rows("bfloat16", qf.quantize_rows("bfloat16", w), 96), bf16)
+
+
+def test_unknown_kinds_and_partial_blocks_are_refused_with_the_fix():
+    with pytest.raises(qf.QuantFormatError, match="unknown weight kind 'q3_x'"):
+        qf.bytes_per_row("q3_x", 64)
+    with pytest.raises(qf.QuantFormatError, match="whole 32-weight blocks.*--dtype float16"):
+        qf.bytes_per_row("q4_0", 40)
+
+
+# --------------------------------------------------------------------------- store format version 2
+
+
+def test_a_version_1_manifest_still_loads(tiny_stores, tmp_path):
+    import shutil
+
+    store = str(tmp_path / "v1")
+    shutil.copytree(tiny_stores("llama"), store)
+    path = os.path.join(store, "manifest.json")
+    with open(path) as f:
+        raw = json.load(f)
+    raw["format_version"] = 1
+    raw["ffn"]["bundle_parts"] = [[name, n] for name, n, _ in raw["ffn"]["bundle_parts"]]
+    raw.pop("resident_quantized", None)
+    with open(path, "w") as f:
+        json.dump(raw, f)
+    manifest = read_manifest(store)
+    assert manifest.ffn.bundle_parts == [("gate", 64, "float32"), ("up", 64, "float32"), ("down", 64, "float32")]
+    assert manifest.ffn.bundle_bytes == 3 * 64 * 4 and not manifest.ffn.is_quantized
+    assert manifest.resident_quantized == {}
+    from flashllm.workers.store_reader import verify_store
+
+    assert verify_store(store)[-1].startswith("ffn.bin: layer 1 ok")
+
+
+def test_a_manifest_whose_bundle_bytes_disagree_with_its_parts_is_refused(tiny_stores, tmp_path):
+    import shutil
+
+    store = str(tmp_path / "bad")
+    shutil.copytree(tiny_stores("llama"), store)
+    path = os.path.join(store, "manifest.json")
+    with open(path) as f:
+        raw = json.load(f)
+    raw["ffn"]["bundle_parts"][2][2] = "q8_col"
+    with open(path, "w") as f:
+        json.dump(raw, f)
+    with pytest.raises(StoreError, match="bundle_bytes 768 is not the sum of the bundle parts"):
+        read_manifest(store)
