@@ -97,3 +97,53 @@ def test_blocks_of_the_wrong_size_are_refused():
         QuantizedBlocks("q4_1", torch.zeros(4, 19, dtype=torch.uint8), (4, 32))
     with pytest.raises(ValueError, match="multiple of 32"):
         QuantizedBlocks("q8_0", torch.zeros(4, 34, dtype=torch.uint8), (4, 40))
+
+
+# ---- FFN neurons of a quantized store ------------------------------------------------------------
+
+def quantized_layout_and_bundles(kind: str, n_ff: int = 96, d: int = 64, seed: int = 4):
+    """A gated layout of `kind` gate/up rows and q8_col down columns, and n_ff random bundles in it."""
+    from flashllm.protocol import quant_format as qf
+    from flashllm.protocol.store_format import FfnLayerRegion, FfnLayout
+
+    parts = [("gate", d, kind), ("up", d, kind), ("down", d, "q8_col")]
+    rng = np.random.default_rng(seed)
+    bundles = np.concatenate([qf.quantize_rows(k, rng.normal(0, 0.1, (n_ff, n)).astype(np.float32))
+                              for _, n, k in parts], axis=1)  # (n_ff, bundle_bytes)
+    layout = FfnLayout(file="ffn.bin", dtype=kind, alignment_bytes=4096, bundle_parts=parts,
+                       bundle_bytes=bundles.shape[1], file_bytes=bundles.nbytes,
+                       layers=[FfnLayerRegion(offset_bytes=0, length_bytes=bundles.nbytes, num_neurons=n_ff,
+                                              sha256="")])
+    return layout, bundles
+
+
+def reference_ffn(layout, bundles: np.ndarray, h: torch.Tensor) -> torch.Tensor:
+    from flashllm.workers.models.ffn import BundleColumns, ffn_from_rows
+    from flashllm.workers.models.quant_ffn import dequantize_bundles
+
+    rows = torch.from_numpy(dequantize_bundles(layout, bundles)).double()  # (k, E)
+    return ffn_from_rows(h.double(), rows, BundleColumns.from_layout(layout.part_slices()))
+
+
+@pytest.mark.parametrize("kind", ["q4_1", "q4_0", "q8_0"])
+def test_neuron_matrix_slots_written_one_by_one_multiply_like_the_dequantized_rows(kind):
+    from flashllm.workers.models.quant_ffn import QuantNeuronMatrix
+
+    layout, bundles = quantized_layout_and_bundles(kind)
+    matrix = QuantNeuronMatrix(layout, capacity=70)  # 128 slots: two int4 tiles, rows in both nibble halves
+    assert matrix.capacity == 128
+    order = np.random.default_rng(5).permutation(96)[:70]  # neurons in a cache's arbitrary order
+    matrix.write(np.arange(70), bundles[order[::-1]])  # first fill, then overwrite every slot
+    matrix.write(np.arange(70), bundles[order])
+    matrix.write(np.array([3, 40]), bundles[order[[40, 3]]])  # a delete's move: rows swap slots
+    matrix.write(np.array([3, 40]), bundles[order[[3, 40]]])
+    h = torch.randn(3, 64)
+    n = 50
+    ref = reference_ffn(layout, bundles[order[:n]], h)
+    assert relative_error(matrix.ffn(h, n), ref) < 2 * BF16_PRODUCT_RTOL
+    mask = torch.rand(3, n) > 0.5
+    from flashllm.workers.models.ffn import BundleColumns, masked_ffn_from_rows
+    from flashllm.workers.models.quant_ffn import dequantize_bundles
+    rows = torch.from_numpy(dequantize_bundles(layout, bundles[order[:n]])).double()
+    masked_ref = masked_ffn_from_rows(h.double(), rows, BundleColumns.from_layout(layout.part_slices()), mask)
+    assert relative_error(matrix.masked_ffn(h, n, mask), masked_ref) < 2 * BF16_PRODUCT_RTOL
