@@ -84,12 +84,15 @@ def test_held_bytes_are_the_stored_bits_not_a_float_copy():
     assert int8.nbytes < 256 * 576 * 1.2  # 1 byte a weight + a float32 scale per 32, far below float32's 4
 
 
-def test_embedding_rows_dequantize_only_the_ids_asked_for():
-    w = np.random.default_rng(3).normal(0, 0.05, (50, 64)).astype(np.float32)
-    blocks = blocks_of("q8_0", w)
-    ids = torch.tensor([[3, 49], [0, 3]])
-    rows = Int8BlockMatrix(blocks).rows(ids, torch.float32)  # (2, 2, 64)
-    assert torch.equal(rows, dequantize(blocks)[ids])
+@pytest.mark.parametrize("kind", ["q8_0", "q4_1", "q4_0"])
+def test_embedding_rows_dequantize_only_the_ids_asked_for(kind):
+    w = np.random.default_rng(3).normal(0, 0.05, (150, 64)).astype(np.float32)
+    blocks = blocks_of(kind, w)
+    ids = torch.tensor([[3, 149], [0, 100], [35, 70]])  # both nibble halves of the int4 tiles
+    rows = hold_quantized(blocks, torch.float32, "cpu").rows(ids, torch.float32)  # (3, 2, 64)
+    # int4 scales are held in bfloat16 (the kernel's type): equal to its rounding
+    tolerance = 0 if kind == "q8_0" else 1e-2 * float(np.abs(w).max())
+    assert torch.allclose(rows, dequantize(blocks)[ids], atol=tolerance, rtol=0)
 
 
 def test_blocks_of_the_wrong_size_are_refused():

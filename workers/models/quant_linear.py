@@ -30,7 +30,7 @@ import torch
 
 BLOCK_WEIGHTS = 32
 QUANTIZED_KINDS = ("q4_0", "q4_1", "q8_0")
-INT4_ROW_MULTIPLE = 16  # the CPU int4 packing takes output rows in multiples of 16
+INT4_TILE_ROWS = 64  # the CPU int4 packing lays rows out in tiles of 64 (rows are padded to whole tiles)
 INT8_BLOCK_PRODUCT_MAX_ROWS = 8  # at most this many input rows go block by block through the int8 kernel
 BF16_TILE_ROWS = 8192  # output rows of a q8_0 matrix converted to bfloat16 at a time for a batch product
 
@@ -95,7 +95,7 @@ class Int4Matrix:
         d, m, q = split_blocks(blocks)
         out, inner = blocks.shape
         zero = torch.zeros_like(d) if m is None else m + 8 * d  # (out, G)
-        padded = -out % INT4_ROW_MULTIPLE
+        padded = -out % INT4_TILE_ROWS
         if padded:  # rows of weight 0: q = 8 with zero 0
             q = torch.cat((q, torch.full((padded, inner), 8, dtype=q.dtype)))
             d = torch.cat((d, torch.zeros(padded, d.shape[1])))
@@ -107,6 +107,18 @@ class Int4Matrix:
     @property
     def nbytes(self) -> int:
         return self.packed.nbytes + self.scales_zeros.nbytes
+
+    def rows(self, ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """ids (...) → the dequantized rows (..., in) in dtype, unpacked from the tile layout (an embedding
+        lookup): inside a 64-row tile, byte k*32 + n%32 holds weight k of row n, high nibble for n%64 >= 32."""
+        flat_ids = ids.reshape(-1).long()  # (n,)
+        inner = self.shape[1]
+        base = (flat_ids // INT4_TILE_ROWS) * (INT4_TILE_ROWS * inner // 2) + flat_ids % 32  # (n,)
+        packed_bytes = self.packed.view(-1)[base[:, None] + torch.arange(inner) * 32].int()  # (n, in)
+        q = torch.where((flat_ids % INT4_TILE_ROWS >= 32)[:, None], packed_bytes >> 4, packed_bytes & 15)
+        scale, zero = self.scales_zeros[:, flat_ids].float().unbind(-1)  # (G, n) each
+        w = (q.reshape(len(flat_ids), -1, BLOCK_WEIGHTS) - 8) * scale.T[..., None] + zero.T[..., None]  # (n, G, 32)
+        return w.reshape(*ids.shape, inner).to(dtype)
 
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
         """x (..., in) → x @ W.T (..., out) in x's dtype."""
