@@ -150,3 +150,19 @@ def test_neuron_matrix_slots_written_one_by_one_multiply_like_the_dequantized_ro
     rows = torch.from_numpy(dequantize_bundles(layout, bundles[order[:n]])).double()
     masked_ref = masked_ffn_from_rows(h.double(), rows, BundleColumns.from_layout(layout.part_slices()), mask)
     assert relative_error(matrix.masked_ffn(h, n, mask), masked_ref) < 2 * BF16_PRODUCT_RTOL
+
+
+@pytest.mark.parametrize("kind,capacity", [("q4_1", 70), ("q4_0", 64), ("q8_0", 1)])
+def test_neuron_matrix_bytes_known_before_making_one_are_its_tensors_bytes(kind, capacity):
+    from flashllm.workers.models.quant_ffn import QuantNeuronMatrix
+
+    layout, _ = quantized_layout_and_bundles(kind)
+    assert QuantNeuronMatrix.bytes_for(layout, capacity) == QuantNeuronMatrix(layout, capacity).nbytes
+
+
+@pytest.mark.parametrize("kind,rows", [("q4_1", 100), ("q4_0", 64), ("q8_0", 50)])
+def test_resident_matrix_bytes_known_before_holding_it_are_its_tensors_bytes(kind, rows):
+    from flashllm.workers.models.quant_linear import held_matrix_bytes
+
+    blocks = blocks_of(kind, np.random.default_rng(6).normal(0, 0.05, (rows, 64)).astype(np.float32))
+    assert held_matrix_bytes(kind, (rows, 64)) == hold_quantized(blocks, torch.float32, "cpu").nbytes

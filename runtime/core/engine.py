@@ -133,7 +133,8 @@ class Engine:
                                             self.max_context, arch.head_dim, itemsize)
             self.memory_plan = plan_for_store(store_dir, self.manifest, memory_budget_bytes, mode, itemsize, kv_bytes,
                                               keep_fraction=ffn_options.get("keep_fraction"),
-                                              resident_itemsize=resident_itemsize, cache_itemsize=cache_itemsize)
+                                              resident_itemsize=resident_itemsize, cache_itemsize=cache_itemsize,
+                                              device=device or default_device())
             if mode == "sparse":
                 ffn_options["capacity_rows"] = self.memory_plan.capacity_rows
         if executor is None and runtime == "workers":

@@ -68,6 +68,20 @@ class QuantNeuronMatrix:
         # flat byte offsets of weight k of row n inside a tile, for the nibble scatter: k*32 + n%32
         self._k_offsets = torch.arange(self.d) * 32 if self.int4 else None
 
+    @staticmethod
+    def bytes_for(layout: FfnLayout, capacity: int) -> int:
+        """What a QuantNeuronMatrix of this capacity holds, known before making one (the memory plan's figure)."""
+        kinds = layout.part_kinds()
+        d = dict((name, n) for name, n, _ in layout.bundle_parts)["up"]
+        rows = _round_up(max(1, capacity), INT4_TILE_ROWS)
+        matrices = 2 if "gate" in kinds else 1
+        if kinds["up"] in ("q4_0", "q4_1"):
+            row_bytes = d // 2 + d // BLOCK_WEIGHTS * 2 * 2  # nibbles + bfloat16 (scale, zero) per block
+        else:
+            row_bytes = d * 2  # bfloat16
+        down_bytes = d + 4 + (0 if "gate" in kinds else 4)  # int8 column, float32 scale (and up bias)
+        return rows * (matrices * row_bytes + down_bytes) + d * 2
+
     @property
     def nbytes(self) -> int:
         held = [self.down_values, self.down_scales, self._ones]

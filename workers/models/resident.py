@@ -23,7 +23,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from flashllm.workers.models.quant_linear import Int4Matrix, Int8BlockMatrix, QuantizedBlocks, hold_quantized
+from flashllm.workers.models.quant_linear import (
+    Int4Matrix, Int8BlockMatrix, QuantizedBlocks, held_matrix_bytes, hold_quantized,
+)
 
 RESIDENT_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 HALF_PRODUCT_MAX_ROWS = 8  # at most this many input rows multiply in the storage dtype
@@ -71,6 +73,30 @@ class StackedMatrix:
 
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
         return torch.cat([linear(x, part) for part in self.parts], dim=-1)  # (..., sum(out))
+
+
+def resident_held_bytes(shapes: dict[str, tuple[int, ...]], quantized: dict, resident_itemsize: int,
+                        num_layers: int, device: str) -> int:
+    """Bytes hold_resident will hold for tensors of these shapes (name → shape as stored; quantized: the
+    manifest's name → kind, float shape): float tensors at resident_itemsize, quantized ones in their
+    kernels' layouts (fused as fuse_projections fuses them) on a CPU, dequantized on a GPU."""
+    if torch.device(device).type != "cpu":
+        return sum(_elements(quantized[n].shape if n in quantized else s) for n, s in shapes.items()) * resident_itemsize
+    blocks = {name: (info.kind, tuple(info.shape)) for name, info in quantized.items() if name in shapes}
+    for layer in range(num_layers):
+        names = [f"layers.{layer}.{part}_proj.weight" for part in ("q", "k", "v")]
+        if all(name in blocks for name in names) and len({blocks[name][0] for name in names}) == 1:
+            kind, inner = blocks[names[0]][0], blocks[names[0]][1][1]
+            blocks[f"layers.{layer}.qkv_proj.weight"] = (kind, (sum(blocks.pop(n)[1][0] for n in names), inner))
+    float_bytes = sum(_elements(shape) for name, shape in shapes.items() if name not in quantized) * resident_itemsize
+    return float_bytes + sum(held_matrix_bytes(kind, shape) for kind, shape in blocks.values())
+
+
+def _elements(shape) -> int:
+    count = 1
+    for n in shape:
+        count *= n
+    return count
 
 
 def fuse_projections(weights: dict[str, torch.Tensor], num_layers: int, parts: tuple[str, ...] = ("q", "k", "v")
