@@ -166,3 +166,62 @@ def test_resident_matrix_bytes_known_before_holding_it_are_its_tensors_bytes(kin
 
     blocks = blocks_of(kind, np.random.default_rng(6).normal(0, 0.05, (rows, 64)).astype(np.float32))
     assert held_matrix_bytes(kind, (rows, 64)) == hold_quantized(blocks, torch.float32, "cpu").nbytes
+
+
+# ---- a quantized store, end to end --------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def quantized_tiny_store(tiny_models, tmp_path_factory):
+    from flashllm.runtime.tools.convert.store_writer import convert
+
+    out = str(tmp_path_factory.mktemp("quant") / "llama-q4_0")
+    convert(tiny_models("llama"), out, dtype="q4_0", progress=False)
+    return out
+
+
+def held_nbytes(value) -> int:
+    return value.nbytes
+
+
+def test_the_memory_plan_counts_quantized_weights_and_caches_as_held(quantized_tiny_store):
+    from flashllm.runtime.core.engine import Engine
+    from flashllm.runtime.core.memory_plan import cache_bytes_of, plan_for_store
+    from flashllm.workers.prefetch import Prefetcher
+    from flashllm.workers.sparse_ffn import CacheView
+    from flashllm.workers.store_reader import open_store
+
+    manifest = open_store(quantized_tiny_store)
+    plan = plan_for_store(quantized_tiny_store, manifest, 2**40, "dense", 4, 0)
+    with Engine(quantized_tiny_store, mode="dense", max_batch=1) as engine:
+        model, ffn = engine.executor.model, engine.executor.ffn
+        held = {name: held_nbytes(value) for name, value in model.w.items()}
+        assert plan.resident_bytes == sum(held.values())
+        # the store's blocks, not float copies: attention and embeddings under a float32 copy's third
+        float_bytes = sum(4 * info.shape[0] * info.shape[1] for info in manifest.resident_quantized.values())
+        quantized_held = sum(held[name] for name, value in model.w.items() if not isinstance(value, torch.Tensor))
+        assert quantized_held < float_bytes / 3
+        assert plan.cache_bytes == sum(rows.matrix.nbytes for rows in ffn.layers)
+    capacity_rows = [70, 100]
+    prefetcher = Prefetcher(quantized_tiny_store, manifest, capacity_rows, window_tokens=4)
+    try:
+        view = CacheView(prefetcher.caches, torch.float32, "cpu", manifest.ffn)
+        actual = sum(cache.rows.nbytes for cache in prefetcher.caches) + view.held_bytes
+        assert cache_bytes_of(manifest.ffn, capacity_rows, 1, "cpu") == actual
+    finally:
+        prefetcher.close()
+
+
+def test_dense_and_naive_decode_a_quantized_store_alike_and_near_its_float_weights(quantized_tiny_store):
+    from flashllm.runtime.core.engine import Engine
+    from flashllm.runtime.core.sampling import SamplingParams
+
+    prompt = list(range(5, 17))
+    tokens, logits = {}, {}
+    for mode in ("dense", "naive"):
+        with Engine(quantized_tiny_store, mode=mode, max_batch=1) as engine:
+            captured = []
+            engine.logits_hook = lambda rid, row: captured.append(row.clone())
+            tokens[mode] = engine.generate([prompt], SamplingParams(max_tokens=12, ignore_eos=True))[0].tokens
+            logits[mode] = torch.stack(captured)
+    assert tokens["dense"] == tokens["naive"]
+    assert torch.allclose(logits["dense"], logits["naive"], atol=1e-5)
