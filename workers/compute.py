@@ -36,11 +36,13 @@ from flashllm.protocol.messages import (
     ForwardChunk, ForwardRequest, LayerReady, LogitsTaken, PredictionStats, Shutdown, StepBegin, StepFailed,
 )
 from flashllm.protocol.shm import SharedSegment, cache_layer_arrays
+from flashllm.protocol.store_format import FfnLayout
 from flashllm.workers.ffn_providers import FfnStats, rows_to_tensor
 from flashllm.workers.flash_io.bundle_reader import layer_chunks
 from flashllm.workers.models.ffn import BundleColumns, ffn_from_rows, masked_ffn_over_chunks
 from flashllm.workers.process_entry import WorkerConfig, run_worker
 from flashllm.workers.sparse_ffn import CacheView
+from flashllm.workers.store_reader import bundle_rows_as_float
 
 
 @dataclass
@@ -101,8 +103,9 @@ class PipelineFfn:
     mode = "sparse"
 
     def __init__(self, layer_neurons: list[int], part_slices: dict[str, slice], dtype: torch.dtype, device: str,
-                 cache: SharedSegment, exchange: SharedSegment, channel):
+                 cache: SharedSegment, exchange: SharedSegment, channel, ffn_layout: FfnLayout | None = None):
         self.layer_neurons = layer_neurons
+        self.ffn_layout = ffn_layout  # quantized stores: how to turn staged bundles into float rows
         self.cols = BundleColumns.from_layout(part_slices)
         self.dtype, self.device, self.channel = dtype, device, channel
         self.layers = [SharedCacheLayer(*cache_layer_arrays(cache, layer)) for layer in range(len(layer_neurons))]
@@ -170,7 +173,10 @@ class PipelineFfn:
                 raise RuntimeError(f"layer {layer}: chunk {ready.chunk} of {ready.num_chunks} ({ready.num_rows} rows) "
                                    f"came where chunk {chunk} of {len(bounds)} ({stop - start} rows) was due; the "
                                    "prefetcher and compute disagree on the chunks (a flashllm bug)")
-            yield start, stop, rows_to_tensor(self.staging[ready.staging, : stop - start], self.dtype, self.device)
+            rows = self.staging[ready.staging, : stop - start]
+            if self.ffn_layout is not None:
+                rows = bundle_rows_as_float(self.ffn_layout, rows)
+            yield start, stop, rows_to_tensor(rows, self.dtype, self.device)
             self.channel.send(ROLE_PREFETCH, ChunkDone(step=self.step, staging=ready.staging))
 
     def _count_ready(self, ready: LayerReady) -> None:
@@ -245,7 +251,7 @@ class ComputeWorker:
         self.logits = self.exchange.arrays["logits"]  # (R, V)
         dtype = compute_dtype(config.device)
         self.ffn = PipelineFfn([region.num_neurons for region in manifest.ffn.layers], manifest.ffn.part_slices(),
-                               dtype, config.device, self.cache, self.exchange, channel)
+                               dtype, config.device, self.cache, self.exchange, channel, ffn_layout=manifest.ffn)
         self.executor = ModelExecutor(config.store_dir, manifest, "sparse", config.num_slots, config.max_context,
                                       device=config.device, verify=config.verify, ffn=self.ffn,
                                       resident_dtype=config.resident_dtype)

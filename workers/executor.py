@@ -14,7 +14,7 @@ from flashllm.workers.flash_io.io_counters import process_read_bytes
 from flashllm.workers.models import build_model
 from flashllm.workers.models.attention import KVCache
 from flashllm.workers.models.resident import resident_dtype_of
-from flashllm.workers.store_reader import load_resident_weights
+from flashllm.workers.store_reader import dequantize_resident_weights, load_resident_weights
 
 FFN_MODES = ("dense", "naive", "sparse")
 
@@ -110,7 +110,7 @@ class ModelExecutor:
         if ffn is None:  # (a caller passing its FFN checked before making it)
             check_fits_on_device(store_dir, manifest, mode, num_slots, max_context, self.device, resident_dtype,
                                  (ffn_options or {}).get("capacity_rows"))
-        weights = load_resident_weights(store_dir, manifest, verify=verify)
+        weights = dequantize_resident_weights(load_resident_weights(store_dir, manifest, verify=verify))
         self.model = build_model(arch, weights, self.dtype, self.device, self.resident_dtype)
         del weights
         self.kv = KVCache(arch.num_hidden_layers, num_slots, arch.num_key_value_heads, max_context,

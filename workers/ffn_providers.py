@@ -18,6 +18,7 @@ import torch
 from flashllm.protocol.store_format import Manifest
 from flashllm.workers.flash_io.bundle_reader import BundleReader
 from flashllm.workers.models.ffn import BundleColumns, ffn_from_rows
+from flashllm.workers.store_reader import bundle_rows_as_float
 
 
 @dataclass
@@ -59,7 +60,8 @@ class DenseFfn:
         self.cols = BundleColumns.from_layout(manifest.ffn.part_slices())
         self.stats = FfnStats()
         with BundleReader(store_dir, manifest.ffn) as reader:
-            self.layers = [rows_to_tensor(reader.read_layer(layer), dtype, device, copy=True)  # (n_ff, E)
+            self.layers = [rows_to_tensor(bundle_rows_as_float(manifest.ffn, reader.read_layer(layer)), dtype, device,
+                                          copy=True)  # (n_ff, E)
                            for layer in range(len(manifest.ffn.layers))]
 
     def forward(self, layer: int, h: torch.Tensor) -> torch.Tensor:
@@ -84,7 +86,7 @@ class NaiveFlashFfn:
         start = time.perf_counter()
         before = self.reader.stats.read_bytes
         raw = self.reader.read_layer(layer)  # (n_ff, E), valid until the next read
-        rows = rows_to_tensor(raw, self.dtype, self.device)
+        rows = rows_to_tensor(bundle_rows_as_float(self.reader.layout, raw), self.dtype, self.device)
         read_done = time.perf_counter()
         self.stats.io_s += read_done - start
         self.stats.io_blocked_s += read_done - start

@@ -38,6 +38,7 @@ from flashllm.workers.flash_io.bundle_reader import BundleReader, layer_chunks, 
 from flashllm.workers.flash_io.neuron_cache import NeuronCache
 from flashllm.workers.flash_io.neuron_ids import union_ids
 from flashllm.workers.process_entry import WorkerConfig, run_worker
+from flashllm.workers.store_reader import bundle_rows_as_float
 
 # neurons the same-layer check adds to the lookahead's set: read before the layer runs, or left out this token
 MISSING_POLICIES = ("read", "skip")
@@ -85,7 +86,7 @@ class Prefetcher:
         store_dtype = numpy_dtype_of_store(layout.dtype)
         dtype = np.dtype(cache_dtype) if cache_dtype is not None else store_dtype
         self._convert = dtype != store_dtype
-        self._scratch = np.empty((0, layout.bundle_elements), dtype=store_dtype)
+        self._scratch = np.empty((0, layout.stored_row_width), dtype=store_dtype)
         # read-ahead of one layer: sorted ids and their rows (cache dtype)
         self._staged_layer = -1
         self._staged_ids = np.zeros(0, np.int64)
@@ -130,7 +131,7 @@ class Prefetcher:
         def read_converted(ids: np.ndarray, out: np.ndarray) -> None:
             scratch = self._scratch_rows(len(ids))
             self.reader.read_neurons(layer, ids, scratch)
-            out[: len(ids)] = scratch
+            out[: len(ids)] = bundle_rows_as_float(self.reader.layout, scratch)
 
         return read_converted
 

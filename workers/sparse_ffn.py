@@ -41,6 +41,7 @@ from flashllm.workers.flash_io.neuron_ids import union_ids
 from flashllm.workers.models.ffn import BundleColumns, ffn_from_rows, masked_ffn_over_chunks
 from flashllm.workers.predictor import SparsityPredictor
 from flashllm.workers.prefetch import MISSING_POLICIES, Prefetcher, neuron_cache_dtype
+from flashllm.workers.store_reader import bundle_rows_as_float
 
 
 class CacheView:
@@ -113,7 +114,7 @@ class SparseFlashFfn:
                                      num_threads=num_threads)
         self.view = CacheView(self.prefetcher.caches, dtype, device)
         # the dense-read path's chunk of bundles as read (store dtype; grown to one chunk on first use)
-        self._chunk = np.empty((0, manifest.ffn.bundle_elements), dtype=numpy_dtype_of_store(manifest.ffn.dtype))
+        self._chunk = np.empty((0, manifest.ffn.stored_row_width), dtype=numpy_dtype_of_store(manifest.ffn.dtype))
         self.stats = FfnStats()
         self._steps = 1
         self._ahead: dict[int, np.ndarray] = {}
@@ -204,7 +205,8 @@ class SparseFlashFfn:
             nonlocal waited_s
             for first, stop, waited in reads:
                 waited_s += waited
-                yield first, stop, rows_to_tensor(self._chunk[: stop - first], self.dtype, self.device)
+                rows = bundle_rows_as_float(self.prefetcher.reader.layout, self._chunk[: stop - first])
+                yield first, stop, rows_to_tensor(rows, self.dtype, self.device)
 
         try:
             y = masked_ffn_over_chunks(h, chunk_rows(), self.cols, mask)  # (N, d)

@@ -62,9 +62,8 @@ def sparse_staging_bytes(layout: FfnLayout, compute_itemsize: int) -> int:
     runtimes (in process, a chunk of it stays free), so the same budget gives the same caches, and so the
     same tokens, whichever runtime runs."""
     largest_chunk_bytes = largest_chunk_rows(layout) * layout.bundle_bytes
-    store_itemsize = DTYPE_ITEMSIZE[layout.dtype]
-    converted_chunk_bytes = (0 if compute_itemsize == store_itemsize
-                             else largest_chunk_bytes * compute_itemsize // store_itemsize)
+    same_dtype = not layout.is_quantized and compute_itemsize == DTYPE_ITEMSIZE[layout.dtype]
+    converted_chunk_bytes = 0 if same_dtype else largest_chunk_rows(layout) * layout.bundle_elements * compute_itemsize
     return neuron_read_staging_bytes(layout) + CHUNK_SLOTS * largest_chunk_bytes + converted_chunk_bytes
 
 

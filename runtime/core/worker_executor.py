@@ -79,7 +79,7 @@ def build_worker_config(store_dir: str, manifest: Manifest, num_slots: int, max_
         max_tokens=max_tokens, logits_rows=logits_rows, device=device, cache_dtype=cache_dtype.str,
         capacity_rows=capacity_rows,
         cache_layout=neuron_cache_layout(capacity_rows, layout.bundle_elements, cache_dtype),
-        exchange_layout=exchange_layout(max_tokens, arch.hidden_size, num_neurons, layout.bundle_elements, store_dtype,
+        exchange_layout=exchange_layout(max_tokens, arch.hidden_size, num_neurons, layout.stored_row_width, store_dtype,
                                         hidden_dtype, arch.vocab_size, logits_rows,
                                         chunk_rows=largest_chunk_rows(layout)),
         verify=verify, window_tokens=options.get("window_tokens", DEFAULT_WINDOW_TOKENS),
