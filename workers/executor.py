@@ -110,8 +110,7 @@ class ModelExecutor:
         if ffn is None:  # (a caller passing its FFN checked before making it)
             check_fits_on_device(store_dir, manifest, mode, num_slots, max_context, self.device, resident_dtype,
                                  (ffn_options or {}).get("capacity_rows"))
-        weights = with_quantized_blocks(load_resident_weights(store_dir, manifest, verify=verify),
-                                        manifest.resident_quantized)
+        weights = with_quantized_blocks(load_resident_weights(store_dir, manifest, verify=verify))
         self.model = build_model(arch, weights, self.dtype, self.device, self.resident_dtype)
         del weights
         self.kv = KVCache(arch.num_hidden_layers, num_slots, arch.num_key_value_heads, max_context,

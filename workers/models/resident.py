@@ -41,10 +41,10 @@ def resident_dtype_of(name: str | None, compute_dtype: torch.dtype) -> torch.dty
     return RESIDENT_DTYPES[name]
 
 
-def with_quantized_blocks(weights: dict[str, torch.Tensor], quantized: dict) -> dict:
-    """The store's uint8 block tensors named in the manifest's resident_quantized (name → kind, shape) as
-    QuantizedBlocks; every other tensor as it is."""
-    return {name: QuantizedBlocks(quantized[name].kind, t, tuple(quantized[name].shape)) if name in quantized else t
+def with_quantized_blocks(weights: dict) -> dict:
+    """The store reader's QuantizedTensor matrices (blocks, kind, shape) as QuantizedBlocks, which the model
+    holds in its kernels' layouts; every float tensor as it is."""
+    return {name: QuantizedBlocks(t.kind, t.blocks, tuple(t.shape)) if hasattr(t, "blocks") else t
             for name, t in weights.items()}
 
 
