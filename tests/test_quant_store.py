@@ -253,7 +253,9 @@ def test_a_quantized_store_computes_what_transformers_computes_from_its_weights(
         with torch.no_grad():
             same_weights = dequantized(full).logits[0, len(prompt) - 1:]  # (NEW_TOKENS, V)
             float_weights = original(full).logits[0, len(prompt) - 1:]
-        assert float((logits - same_weights).abs().max() / same_weights.abs().max()) < 1e-3
+        # the CPU multiplies the blocks as held with bfloat16 kernels (bfloat16 activations, scales and
+        # products, workers/models/quant_linear.py): measured 1.4% relative on this model, not float32's 1e-6
+        assert float((logits - same_weights).abs().max() / same_weights.abs().max()) < 3e-2
         assert result.tokens == _reference_greedy(dequantized, prompt, NEW_TOKENS)
         if dtype == "q8_0":  # measured: 3-5% relative logits error, top-1 0.94-1.0 on this random model
             quantization_error = float((logits - float_weights).abs().max() / float_weights.abs().max())

@@ -11,12 +11,13 @@ multiplies it as it is (alternatives and figures: docs/benchmarks.md):
   dtype it has a vectorised path for). The kernel's convention is
   w = (q - 8)·scale + zero, so Q4_0 (w = d·(q - 8)) is (d, 0) and Q4_1
   (w = d·q + m) is (d, m + 8d).
-- q8_0 → `Int8BlockMatrix` (the demo's tied embedding/head): int8 values and
-  their per-32 scales, as stored. A product over a few rows sums one
-  `_weight_int8pack_mm` per 32-column block scaled by that block's scales; a
-  larger batch converts a tile of output rows at a time to bfloat16, whose
-  GEMM is the fast one here. An embedding lookup dequantizes only the rows it
-  needs.
+- q8_0 (the demo's tied embedding/head) → float16, dequantized once: exact to
+  float16 rounding, and multiplied by the resident float16 path (float16 for a
+  few rows, float32 tiles for a batch). The int8 kernel scales per output row,
+  not per 32-weight block: summing one `_weight_int8pack_mm` per block, or one
+  call over block-masked activations, measured 4-5x slower than a float32
+  product for the 49152 x 576 head (docs/benchmarks.md), which would dominate a
+  token. float16 holds 2 bytes a weight against the blocks' 1.06.
 
 Both take x in any float dtype and give the product back in x's dtype. The
 kernels take bfloat16 activations and scales and give bfloat16 products, so a
@@ -36,8 +37,6 @@ import torch
 BLOCK_WEIGHTS = 32
 QUANTIZED_KINDS = ("q4_0", "q4_1", "q8_0")
 INT4_TILE_ROWS = 64  # the CPU int4 packing lays rows out in tiles of 64 (rows are padded to whole tiles)
-INT8_BLOCK_PRODUCT_MAX_ROWS = 8  # at most this many input rows go block by block through the int8 kernel
-BF16_TILE_ROWS = 8192  # output rows of a q8_0 matrix converted to bfloat16 at a time for a batch product
 
 
 @dataclass
@@ -132,59 +131,15 @@ class Int4Matrix:
         return y[:, : self.shape[0]].to(x.dtype).reshape(*x.shape[:-1], self.shape[0])  # (..., out)
 
 
-class Int8BlockMatrix:
-    """q8_0 blocks as int8 values (out, in) and their scales (G, out), the stored bytes (scales widened)."""
-
-    def __init__(self, blocks: QuantizedBlocks):
-        d, _, q = split_blocks(blocks)
-        self.shape = blocks.shape
-        groups = self.shape[1] // BLOCK_WEIGHTS
-        values = q.to(torch.int8)  # (out, in)
-        # the int8 kernel reads its weight (out, K) contiguous: one (out, 32) matrix per block of columns
-        self.block_values = [values[:, g * BLOCK_WEIGHTS:(g + 1) * BLOCK_WEIGHTS].contiguous() for g in range(groups)]
-        self.scales = d.T.contiguous()  # (G, out) float32
-        self._ones = torch.ones(self.shape[0], dtype=torch.bfloat16)  # (out,) the kernel's per-row scale
-
-    @property
-    def nbytes(self) -> int:
-        return sum(v.nbytes for v in self.block_values) + self.scales.nbytes + self._ones.nbytes
-
-    def rows(self, ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-        """ids (...) → the dequantized rows (..., in) in dtype: an embedding lookup."""
-        flat = ids.reshape(-1)
-        values = torch.stack([v[flat] for v in self.block_values], dim=1).float()  # (n, G, 32)
-        rows = values * self.scales[:, flat].T[..., None]  # (n, G, 32)
-        return rows.reshape(*ids.shape, self.shape[1]).to(dtype)
-
-    def _bf16_tile(self, start: int, stop: int) -> torch.Tensor:
-        values = torch.stack([v[start:stop] for v in self.block_values], dim=1).float()  # (t, G, 32)
-        return (values * self.scales[:, start:stop].T[..., None]).reshape(stop - start, -1).bfloat16()  # (t, in)
-
-    def matmul(self, x: torch.Tensor) -> torch.Tensor:
-        """x (..., in) → x @ W.T (..., out) in x's dtype."""
-        flat = x.reshape(-1, x.shape[-1]).to(torch.bfloat16)  # (M, in)
-        out = self.shape[0]
-        if flat.shape[0] <= INT8_BLOCK_PRODUCT_MAX_ROWS:
-            y = torch.zeros(flat.shape[0], out)  # (M, out) float32 accumulation across blocks
-            for g, values in enumerate(self.block_values):
-                part = torch.ops.aten._weight_int8pack_mm(
-                    flat[:, g * BLOCK_WEIGHTS:(g + 1) * BLOCK_WEIGHTS], values, self._ones)  # (M, out)
-                y.addcmul_(part, self.scales[g])
-        else:
-            y = torch.cat([torch.nn.functional.linear(flat, self._bf16_tile(start, min(out, start + BF16_TILE_ROWS)))
-                           for start in range(0, out, BF16_TILE_ROWS)], dim=-1)  # (M, out)
-        return y.to(x.dtype).reshape(*x.shape[:-1], out)
-
-
-HeldMatrix = Int4Matrix | Int8BlockMatrix
+HeldMatrix = Int4Matrix
 
 
 def held_matrix_bytes(kind: str, shape: tuple[int, int]) -> int:
-    """Bytes Int4Matrix / Int8BlockMatrix hold for a (out, in) matrix of kind, known before loading it."""
+    """Bytes hold_quantized holds for a (out, in) matrix of kind, known before loading it."""
     out, inner = shape
     groups = inner // BLOCK_WEIGHTS
     if kind == "q8_0":
-        return out * inner + groups * out * 4 + out * 2  # int8 values, float32 scales, the kernel's ones
+        return out * inner * 2  # float16
     rows = out + (-out % INT4_TILE_ROWS)
     return rows * inner // 2 + groups * rows * 2 * 2  # nibbles, bfloat16 (scale, zero)
 
@@ -193,7 +148,7 @@ def hold_quantized(blocks: QuantizedBlocks, compute_dtype: torch.dtype, device: 
     """The kernel-ready form of a quantized matrix on device (a GPU gets it dequantized to compute_dtype)."""
     if torch.device(device).type != "cpu":
         return dequantize(blocks, compute_dtype).to(device)
-    return Int8BlockMatrix(blocks) if blocks.kind == "q8_0" else Int4Matrix(blocks)
+    return dequantize(blocks, torch.float16) if blocks.kind == "q8_0" else Int4Matrix(blocks)
 
 
 def held_bytes(matrix: HeldMatrix | torch.Tensor) -> int:

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from flashllm.workers.models.quant_linear import (
-    Int4Matrix, Int8BlockMatrix, QuantizedBlocks, held_matrix_bytes, hold_quantized,
+    Int4Matrix, QuantizedBlocks, held_matrix_bytes, hold_quantized,
 )
 
 RESIDENT_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -127,7 +127,7 @@ def fuse_projections(weights: dict[str, torch.Tensor], num_layers: int, parts: t
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """x (..., in) @ weight (out, in).T + bias → (..., out) in x's dtype, whatever dtype weight is held in."""
-    if isinstance(weight, (Int4Matrix, Int8BlockMatrix, StackedMatrix)):
+    if isinstance(weight, (Int4Matrix, StackedMatrix)):
         out = weight.matmul(x)  # (..., out)
         return out + bias if bias is not None else out
     if weight.dtype == x.dtype:
@@ -143,6 +143,6 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
 
 def embedding_rows(table: torch.Tensor, token_ids: torch.Tensor, compute_dtype: torch.dtype) -> torch.Tensor:
     """table (V, d) in any dtype or quantized, token_ids (B, T) → (B, T, d) in compute_dtype."""
-    if isinstance(table, (Int4Matrix, Int8BlockMatrix)):
+    if isinstance(table, Int4Matrix):
         return table.rows(token_ids, compute_dtype)  # only these rows are dequantized
     return table[token_ids].to(compute_dtype)
