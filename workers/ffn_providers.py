@@ -18,7 +18,8 @@ import torch
 from flashllm.protocol.store_format import FfnLayout, Manifest
 from flashllm.workers.flash_io.bundle_reader import BundleReader
 from flashllm.workers.models.ffn import BundleColumns, ffn_from_rows
-from flashllm.workers.models.quant_ffn import QuantRows, dequantize_bundles, quant_rows_of
+from flashllm.workers.models.quant_ffn import QuantRows, quant_rows_of
+from flashllm.workers.store_reader import bundle_rows_as_float
 
 
 @dataclass
@@ -62,7 +63,7 @@ def held_rows(rows: np.ndarray, layout: FfnLayout, dtype: torch.dtype, device: s
         return rows_to_tensor(rows, dtype, device, copy)
     if torch.device(device).type == "cpu":
         return quant_rows_of(layout, rows)
-    return torch.from_numpy(dequantize_bundles(layout, rows)).to(device=device, dtype=dtype)
+    return torch.from_numpy(bundle_rows_as_float(layout, rows)).to(device=device, dtype=dtype)
 
 
 class DenseFfn:

@@ -39,7 +39,8 @@ from flashllm.workers.flash_io.bundle_reader import numpy_dtype_of_store
 from flashllm.workers.flash_io.neuron_cache import DEFAULT_WINDOW_TOKENS
 from flashllm.workers.flash_io.neuron_ids import union_ids
 from flashllm.workers.models.ffn import BundleColumns, ffn_from_rows, masked_ffn_over_chunks
-from flashllm.workers.models.quant_ffn import QuantNeuronMatrix, QuantRows, dequantize_bundles
+from flashllm.workers.models.quant_ffn import QuantNeuronMatrix, QuantRows
+from flashllm.workers.store_reader import bundle_rows_as_float
 from flashllm.workers.predictor import SparsityPredictor
 from flashllm.workers.prefetch import MISSING_POLICIES, Prefetcher, neuron_cache_dtype
 
@@ -111,7 +112,7 @@ class CacheView:
             changed_host = torch.from_numpy(changed)
             torch.index_select(torch.from_numpy(cache.rows), 0, changed_host, out=staging)
             if self.layout is not None:  # bytes → float rows on the host, then one copy
-                staging = torch.from_numpy(dequantize_bundles(self.layout, staging.numpy()))  # (k, E)
+                staging = torch.from_numpy(bundle_rows_as_float(self.layout, staging.numpy()))  # (k, E)
             src = staging.to(device=self.device, non_blocking=True).to(self.dtype)  # (k, E)
             if self.staging_free is not None:
                 self.staging_free.record()

@@ -181,11 +181,3 @@ def quant_rows_of(layout: FfnLayout, bundles: np.ndarray) -> QuantRows:
     matrix = QuantNeuronMatrix(layout, bundles.shape[0])
     matrix.write(np.arange(bundles.shape[0]), bundles)
     return QuantRows(matrix, bundles.shape[0])
-
-
-def dequantize_bundles(layout: FfnLayout, bundles: np.ndarray) -> np.ndarray:
-    """Bundles (k, bundle_bytes) uint8 → (k, bundle_elements) float32 in the [gate | up | down] layout
-    (for a GPU, which gets float rows, and for references)."""
-    byte_slices = layout.part_byte_slices()
-    return np.concatenate([qf.dequantize_rows(kind, bundles[:, byte_slices[name]], elements)
-                           for name, elements, kind in layout.bundle_parts], axis=1)
