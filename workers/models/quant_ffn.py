@@ -65,8 +65,6 @@ class QuantNeuronMatrix:
         self.down_scales = torch.zeros(self.capacity)  # (cap,) float32
         self.up_bias = None if self.gated else torch.zeros(self.capacity)  # (cap,)
         self._ones = torch.ones(self.d, dtype=torch.bfloat16)  # (d,) the int8 kernel's per-output scale
-        # flat byte offsets of weight k of row n inside a tile, for the nibble scatter: k*32 + n%32
-        self._k_offsets = torch.arange(self.d) * 32 if self.int4 else None
 
     @staticmethod
     def bytes_for(layout: FfnLayout, capacity: int) -> int:
@@ -118,18 +116,19 @@ class QuantNeuronMatrix:
         d, m, q = split_blocks(blocks)  # (k, G), (k, G) | None, (k, d)
         zero = torch.zeros_like(d) if m is None else m + 8 * d
         self.scales_zeros[:, rows] = torch.stack((d, zero), dim=-1).transpose(0, 1).bfloat16()
-        flat = self.packed.view(-1)
-        tile_base = (rows // INT4_TILE_ROWS) * (INT4_TILE_ROWS * self.d // 2) + rows % 32  # (k,)
-        index = tile_base[:, None] + self._k_offsets[None, :]  # (k, d) byte of each weight
-        high = (rows % INT4_TILE_ROWS) >= 32  # (k,) rows in a tile's upper half use the high nibble
-        q8 = q.to(torch.uint8)
+        # (tiles, d, 32) view: byte [t, k, n % 32] holds weight k of tile t's rows n (low) and n + 32 (high)
+        tiles = self.packed.numpy().reshape(-1, self.d, 32)
+        rows_np = rows.numpy()
+        tile, column = rows_np // INT4_TILE_ROWS, rows_np % 32  # (k,) each
+        high = (rows_np % INT4_TILE_ROWS) >= 32  # (k,) rows in a tile's upper half use the high nibble
+        q8 = q.to(torch.uint8).numpy()  # (k, d)
         for use_high in (False, True):  # two passes: a low and a high row may share bytes
             pick = high == use_high
-            if not bool(pick.any()):
+            if not pick.any():
                 continue
-            idx, values = index[pick].reshape(-1), q8[pick].reshape(-1)
-            old = flat[idx]
-            flat[idx] = (old & 0x0F) | (values << 4) if use_high else (old & 0xF0) | values
+            old = tiles[tile[pick], :, column[pick]]  # (r, d)
+            values = q8[pick]
+            tiles[tile[pick], :, column[pick]] = (old & 0x0F) | (values << 4) if use_high else (old & 0xF0) | values
 
     # -- products ----------------------------------------------------------------
 
