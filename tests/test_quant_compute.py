@@ -228,3 +228,36 @@ def test_dense_and_naive_decode_a_quantized_store_alike_and_near_its_float_weigh
             logits[mode] = torch.stack(captured)
     assert tokens["dense"] == tokens["naive"]
     assert torch.allclose(logits["dense"], logits["naive"], atol=1e-5)
+
+
+def test_sparse_decodes_a_quantized_store_with_the_same_tokens_in_both_runtimes(quantized_tiny_store, tmp_path):
+    """Caches of quantized bundles, mirrored slot by slot in the kernels' layouts by each runtime's compute side,
+    at a budget that makes the window evict and move rows."""
+    import shutil
+
+    from flashllm.runtime.core.engine import Engine
+    from flashllm.runtime.core.sampling import SamplingParams
+    from flashllm.runtime.tools.calibrate import calibrate
+    from flashllm.runtime.core.memory_plan import cache_bytes_of, plan_for_store
+    from flashllm.workers.store_reader import open_store
+    from tests.test_sparse import calibration_text
+
+    store = str(tmp_path / "calibrated")
+    shutil.copytree(quantized_tiny_store, store)
+    calibrate(store, calibration_text(), max_tokens=800, progress=False, log=lambda *_: None)
+    manifest = open_store(store)
+    roomy = plan_for_store(store, manifest, 2**40, "sparse", 4, 0, keep_fraction=0.25)
+    layers = len(roomy.capacity_rows)
+    # 20 rows a layer above the minimum (plus the plan's per-layer tile slack): the window must evict
+    budget = (roomy.resident_bytes + roomy.predictor_bytes + roomy.staging_bytes
+              + cache_bytes_of(manifest.ffn, [rows + 20 for rows in roomy.min_capacity_rows], 1, "cpu")
+              + layers * cache_bytes_of(manifest.ffn, [1], 1, "cpu"))
+    prompt = list(range(5, 17))
+    tokens = {}
+    for runtime in ("inproc", "workers"):
+        with Engine(store, mode="sparse", max_batch=1, runtime=runtime,
+                    ffn_options={"memory_budget_bytes": budget, "keep_fraction": 0.25}) as engine:
+            result = engine.generate([prompt], SamplingParams(max_tokens=16, ignore_eos=True))[0]
+            tokens[runtime] = result.tokens
+            assert sum(s["neurons_read"] for s in result.token_stats) > 0  # it read neurons, from the cache's misses
+    assert tokens["inproc"] == tokens["workers"]
