@@ -6,6 +6,7 @@ import os
 
 import numpy as np
 import pytest
+import torch
 
 from flashllm.protocol import quant_format as qf
 from flashllm.protocol.store_format import StoreError, read_manifest
@@ -260,3 +261,82 @@ def test_a_quantized_store_computes_what_transformers_computes_from_its_weights(
             agreement = float((logits.argmax(-1) == float_weights.argmax(-1)).float().mean())  # teacher-forced top-1
             assert quantization_error < 0.1 and agreement >= 0.9, (quantization_error, agreement)
         # q4_0 of random weights (no outlier structure, init 0.15) moves logits ~50%: only exactness is checked
+
+
+# --------------------------------------------------------------------------- the demo GGUF, default convert
+
+
+@pytest.fixture(scope="module")
+def quantized_demo_store(tmp_path_factory):
+    """The demo GGUF converted with the defaults (--dtype auto), and what convert printed."""
+    from flashllm.runtime.tools.convert.store_writer import convert
+
+    lines: list[str] = []
+    out = str(tmp_path_factory.mktemp("demo-auto") / "smollm2")
+    convert(demo_gguf_path(), out, progress=False, log=lines.append)
+    return out, lines
+
+
+def test_the_default_store_of_the_demo_gguf_is_at_most_1_15x_the_file(quantized_demo_store):
+    store, lines = quantized_demo_store
+    store_bytes = sum(os.path.getsize(os.path.join(store, name)) for name in os.listdir(store))
+    ratio = store_bytes / os.path.getsize(demo_gguf_path())
+    assert ratio <= 1.15, f"store {store_bytes} bytes is {ratio:.3f}x the GGUF"
+    manifest = read_manifest(store)
+    assert manifest.dtype == "q4_1" and manifest.ffn.bundle_bytes == 360 + 360 + 4 + 576
+    assert manifest.resident_quantized["embed_tokens"].kind == "q8_0"
+    assert manifest.resident_quantized["layers.0.q_proj.weight"].kind == "q4_1"
+    # the only inexact step: ffn_down's blocks run across neurons, so each neuron's column is re-blocked
+    assert len(lines) == 1 and lines[0].startswith("down columns re-blocked to q8_col: largest absolute error ")
+
+
+def test_the_demo_stores_kept_blocks_are_the_gguf_files_bytes(quantized_demo_store, demo_reader):
+    from gguf.quants import dequantize
+
+    from flashllm.runtime.tools.convert.sources import _reverse_rope_permutation
+    from flashllm.workers.flash_io.bundle_reader import BundleReader
+    from flashllm.workers.store_reader import QuantizedTensor, bundle_rows_as_float, load_resident_weights
+
+    store, _ = quantized_demo_store
+    manifest = read_manifest(store)
+    parts, slices = manifest.ffn.part_byte_slices(), manifest.ffn.part_slices()
+    with BundleReader(store, manifest.ffn) as reader:
+        for layer in (0, 17, 29):
+            rows = reader.read_layer(layer).copy()  # (n_ff, bundle_bytes) uint8
+            floats = bundle_rows_as_float(manifest.ffn, rows)  # (n_ff, 3d) float32
+            for part in ("gate", "up"):
+                tensor = _gguf_tensor(demo_reader, f"blk.{layer}.ffn_{part}.weight")
+                assert np.array_equal(rows[:, parts[part]], np.asarray(tensor.data))
+                assert np.array_equal(floats[:, slices[part]],
+                                      dequantize(tensor.data, tensor.tensor_type).reshape(1536, 576))
+    weights = load_resident_weights(store, manifest)
+    embed = weights["embed_tokens"]
+    assert isinstance(embed, QuantizedTensor) and embed.kind == "q8_0" and embed.shape == (49152, 576)
+    token_embd = _gguf_tensor(demo_reader, "token_embd.weight")
+    assert np.array_equal(embed.blocks.numpy(), np.asarray(token_embd.data))
+    assert np.array_equal(embed.dequantize()[:500].numpy(),
+                          dequantize(token_embd.data[:500], token_embd.tensor_type).reshape(500, 576))
+    q_proj = _gguf_tensor(demo_reader, "blk.4.attn_q.weight")  # rows permuted back to Hugging Face order
+    assert np.array_equal(weights["layers.4.q_proj.weight"].blocks.numpy(),
+                          _reverse_rope_permutation(np.asarray(q_proj.data), manifest.arch.num_attention_heads))
+    assert weights["final_norm.weight"].dtype == torch.float32  # vectors stay float
+
+
+def test_verify_checks_a_quantized_store_and_names_a_corrupt_tensor(quantized_demo_store, tmp_path):
+    import shutil
+
+    from flashllm.workers.store_reader import verify_store
+
+    store, _ = quantized_demo_store
+    lines = verify_store(store)
+    assert lines[0] == "resident.safetensors: 182 tensors ok" and len(lines) == 31
+    broken = str(tmp_path / "broken")
+    shutil.copytree(store, broken)
+    resident = os.path.join(broken, "resident.safetensors")
+    with open(resident, "r+b") as f:  # one byte inside the embedding's blocks
+        f.seek(os.path.getsize(resident) // 2)
+        byte = f.read(1)
+        f.seek(-1, os.SEEK_CUR)
+        f.write(bytes([byte[0] ^ 0xFF]))
+    with pytest.raises(StoreError, match="checksum mismatch in tensor"):
+        verify_store(broken)
