@@ -340,3 +340,94 @@ def test_verify_checks_a_quantized_store_and_names_a_corrupt_tensor(quantized_de
         f.write(bytes([byte[0] ^ 0xFF]))
     with pytest.raises(StoreError, match="checksum mismatch in tensor"):
         verify_store(broken)
+
+
+# --------------------------------------------------------------------------- refusals
+
+
+def _tiny_llama_gguf(path: str, ffn_gate_type: str) -> str:
+    """A one-layer llama GGUF (d=64, n_ff=128) whose ffn_gate is stored as `ffn_gate_type` (random blocks)."""
+    import gguf
+
+    rng = np.random.default_rng(5)
+    d, n_ff, vocab = 64, 128, 64
+    writer = gguf.GGUFWriter(path, "llama")
+    writer.add_block_count(1)
+    writer.add_embedding_length(d)
+    writer.add_feed_forward_length(n_ff)
+    writer.add_head_count(4)
+    writer.add_head_count_kv(2)
+    writer.add_context_length(128)
+    writer.add_layer_norm_rms_eps(1e-5)
+    writer.add_vocab_size(vocab)
+
+    def q8_0(rows, cols):
+        return gguf.quants.quantize(rng.standard_normal((rows, cols)).astype(np.float32) * 0.05,
+                                    gguf.GGMLQuantizationType.Q8_0)
+
+    def blocks_of(kind: str, rows: int, cols: int) -> tuple[np.ndarray, object]:
+        qtype = getattr(gguf.GGMLQuantizationType, kind)
+        block_elements, block_bytes = gguf.GGML_QUANT_SIZES[qtype]
+        raw = rng.integers(0, 256, size=(rows, cols // block_elements, block_bytes), dtype=np.uint8)
+        raw[..., 0:2] = np.float16(0.01).reshape(1, 1, 1).view(np.uint8).reshape(1, 1, 2)  # a finite scale first
+        return raw.reshape(rows, -1), qtype
+
+    writer.add_tensor("token_embd.weight", q8_0(vocab, d), raw_dtype=gguf.GGMLQuantizationType.Q8_0)
+    for name, rows, cols in (("attn_q", d, d), ("attn_k", 32, d), ("attn_v", 32, d), ("attn_output", d, d),
+                             ("ffn_up", n_ff, d), ("ffn_down", d, n_ff)):
+        writer.add_tensor(f"blk.0.{name}.weight", q8_0(rows, cols), raw_dtype=gguf.GGMLQuantizationType.Q8_0)
+    raw, qtype = blocks_of(ffn_gate_type, n_ff, d)
+    writer.add_tensor("blk.0.ffn_gate.weight", raw, raw_dtype=qtype)
+    for name in ("blk.0.attn_norm.weight", "blk.0.ffn_norm.weight", "output_norm.weight"):
+        writer.add_tensor(name, np.ones(d, dtype=np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
+def test_a_gguf_tensor_type_without_a_kernel_is_refused_with_the_way_out(tmp_path):
+    from flashllm.runtime.tools.convert.sources import ConvertError
+    from flashllm.runtime.tools.convert.store_writer import convert
+
+    path = _tiny_llama_gguf(str(tmp_path / "iq4.gguf"), "IQ4_NL")
+    out = str(tmp_path / "store")
+    with pytest.raises(ConvertError, match=r"'layers\.0\.ffn_gate' is stored as IQ4_NL, which flashllm has no "
+                                           r"kernel for .*--dtype q8_0 or --dtype float16"):
+        convert(path, out, progress=False)
+    assert not os.path.exists(out) and not os.path.exists(out + ".partial")
+
+
+def test_a_bad_dtype_is_refused_by_the_cli_and_the_api(tiny_models, tmp_path, capsys):
+    from flashllm.runtime.clients.cli import main as flashllm
+    from flashllm.runtime.tools.convert.sources import ConvertError
+    from flashllm.runtime.tools.convert.store_writer import convert
+
+    out = str(tmp_path / "store")
+    with pytest.raises(SystemExit) as exit_info:
+        flashllm(["convert", tiny_models("llama"), "--out", out, "--dtype", "int4"])
+    assert exit_info.value.code == 2
+    assert "invalid choice: 'int4'" in capsys.readouterr().err
+    with pytest.raises(ConvertError, match="--dtype 'int4' is not supported; use one of auto, float16, float32, "
+                                           "bfloat16, q8_0, q4_0"):
+        convert(tiny_models("llama"), out, dtype="int4", progress=False)
+    assert not os.path.exists(out)
+
+
+def test_q5_0_rows_are_re_blocked_to_q8_0_with_the_error_printed(tmp_path):
+    from flashllm.runtime.tools.convert.quant_policy import ReblockReport
+    from flashllm.runtime.tools.convert.sources import open_source
+    from flashllm.runtime.tools.convert.store_writer import encode_layer_bundles, plan_store
+
+    source = open_source(_tiny_llama_gguf(str(tmp_path / "q5.gguf"), "Q5_0"))
+    plan = plan_store(source, "auto")
+    assert plan.dtype == "q8_0"  # the widest kind any layer's gate/up needs (here Q8_0 up, Q5_0 gate)
+    report = ReblockReport()
+    bundles = encode_layer_bundles(source, 0, plan, report)  # (n_ff, bundle_bytes)
+    assert bundles.shape == (128, plan.bundle_bytes)
+    gate = qf.dequantize_rows("q8_0", bundles[:, :qf.bytes_per_row("q8_0", 64)], 64)
+    assert np.abs(gate - source.load_ffn_part(0, "gate")).max() <= report.records[
+        "ffn gate rows re-quantized from Q5_0 to q8_0"].largest_abs_error
+    assert [line.split(":")[0] for line in report.lines()] == ["ffn gate rows re-quantized from Q5_0 to q8_0",
+                                                               "down columns re-blocked to q8_col"]
