@@ -431,3 +431,19 @@ def test_q5_0_rows_are_re_blocked_to_q8_0_with_the_error_printed(tmp_path):
         "ffn gate rows re-quantized from Q5_0 to q8_0"].largest_abs_error
     assert [line.split(":")[0] for line in report.lines()] == ["ffn gate rows re-quantized from Q5_0 to q8_0",
                                                                "down columns re-blocked to q8_col"]
+
+
+def test_a_bfloat16_store_generates_what_the_float32_store_generates(tiny_models, tiny_stores, tmp_path):
+    from flashllm.runtime.core.engine import Engine
+    from flashllm.runtime.core.sampling import SamplingParams
+    from flashllm.runtime.tools.convert.store_writer import convert
+
+    store = str(tmp_path / "bf16")
+    convert(tiny_models("llama"), store, dtype="bfloat16", progress=False)
+    assert read_manifest(store).ffn.bundle_bytes == 3 * 64 * 2
+    tokens = {}
+    for name, path in (("float32", tiny_stores("llama")), ("bfloat16", store)):
+        with Engine(path, mode="naive", max_batch=1) as engine:
+            [result] = engine.generate([[0, 17, 42, 99, 5]], SamplingParams(max_tokens=8, ignore_eos=True))
+            tokens[name] = result.tokens
+    assert tokens["bfloat16"] == tokens["float32"]
