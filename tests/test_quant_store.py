@@ -6,6 +6,7 @@ import os
 
 import numpy as np
 import pytest
+import torch
 
 from flashllm.protocol import quant_format as qf
 from flashllm.protocol.store_format import StoreError, read_manifest
@@ -266,3 +267,189 @@ def test_a_quantized_store_computes_what_transformers_computes_from_its_weights(
             agreement = float((logits.argmax(-1) == float_weights.argmax(-1)).float().mean())  # teacher-forced top-1
             assert quantization_error < 0.1 and agreement >= 0.9, (quantization_error, agreement)
         # q4_0 of random weights (no outlier structure, init 0.15) moves logits ~50%: only exactness is checked
+
+
+# --------------------------------------------------------------------------- the demo GGUF, default convert
+
+
+@pytest.fixture(scope="module")
+def quantized_demo_store(tmp_path_factory):
+    """The demo GGUF converted with the defaults (--dtype auto), and what convert printed."""
+    from flashllm.runtime.tools.convert.store_writer import convert
+
+    lines: list[str] = []
+    out = str(tmp_path_factory.mktemp("demo-auto") / "smollm2")
+    convert(demo_gguf_path(), out, progress=False, log=lines.append)
+    return out, lines
+
+
+def test_the_default_store_of_the_demo_gguf_is_at_most_1_15x_the_file(quantized_demo_store):
+    store, lines = quantized_demo_store
+    store_bytes = sum(os.path.getsize(os.path.join(store, name)) for name in os.listdir(store))
+    ratio = store_bytes / os.path.getsize(demo_gguf_path())
+    assert ratio <= 1.15, f"store {store_bytes} bytes is {ratio:.3f}x the GGUF"
+    manifest = read_manifest(store)
+    assert manifest.dtype == "q4_1" and manifest.ffn.bundle_bytes == 360 + 360 + 4 + 576
+    assert manifest.resident_quantized["embed_tokens"].kind == "q8_0"
+    assert manifest.resident_quantized["layers.0.q_proj.weight"].kind == "q4_1"
+    # the only inexact step: ffn_down's blocks run across neurons, so each neuron's column is re-blocked
+    assert len(lines) == 1 and lines[0].startswith("down columns re-blocked to q8_col: largest absolute error ")
+
+
+def test_the_demo_stores_kept_blocks_are_the_gguf_files_bytes(quantized_demo_store, demo_reader):
+    from gguf.quants import dequantize
+
+    from flashllm.runtime.tools.convert.sources import _reverse_rope_permutation
+    from flashllm.workers.flash_io.bundle_reader import BundleReader
+    from flashllm.workers.store_reader import QuantizedTensor, bundle_rows_as_float, load_resident_weights
+
+    store, _ = quantized_demo_store
+    manifest = read_manifest(store)
+    parts, slices = manifest.ffn.part_byte_slices(), manifest.ffn.part_slices()
+    with BundleReader(store, manifest.ffn) as reader:
+        for layer in (0, 17, 29):
+            rows = reader.read_layer(layer).copy()  # (n_ff, bundle_bytes) uint8
+            floats = bundle_rows_as_float(manifest.ffn, rows)  # (n_ff, 3d) float32
+            for part in ("gate", "up"):
+                tensor = _gguf_tensor(demo_reader, f"blk.{layer}.ffn_{part}.weight")
+                assert np.array_equal(rows[:, parts[part]], np.asarray(tensor.data))
+                assert np.array_equal(floats[:, slices[part]],
+                                      dequantize(tensor.data, tensor.tensor_type).reshape(1536, 576))
+    weights = load_resident_weights(store, manifest)
+    embed = weights["embed_tokens"]
+    assert isinstance(embed, QuantizedTensor) and embed.kind == "q8_0" and embed.shape == (49152, 576)
+    token_embd = _gguf_tensor(demo_reader, "token_embd.weight")
+    assert np.array_equal(embed.blocks.numpy(), np.asarray(token_embd.data))
+    assert np.array_equal(embed.dequantize()[:500].numpy(),
+                          dequantize(token_embd.data[:500], token_embd.tensor_type).reshape(500, 576))
+    q_proj = _gguf_tensor(demo_reader, "blk.4.attn_q.weight")  # rows permuted back to Hugging Face order
+    assert np.array_equal(weights["layers.4.q_proj.weight"].blocks.numpy(),
+                          _reverse_rope_permutation(np.asarray(q_proj.data), manifest.arch.num_attention_heads))
+    assert weights["final_norm.weight"].dtype == torch.float32  # vectors stay float
+
+
+def test_verify_checks_a_quantized_store_and_names_a_corrupt_tensor(quantized_demo_store, tmp_path):
+    import shutil
+
+    from flashllm.workers.store_reader import verify_store
+
+    store, _ = quantized_demo_store
+    lines = verify_store(store)
+    assert lines[0] == "resident.safetensors: 182 tensors ok" and len(lines) == 31
+    broken = str(tmp_path / "broken")
+    shutil.copytree(store, broken)
+    resident = os.path.join(broken, "resident.safetensors")
+    with open(resident, "r+b") as f:  # one byte inside the embedding's blocks
+        f.seek(os.path.getsize(resident) // 2)
+        byte = f.read(1)
+        f.seek(-1, os.SEEK_CUR)
+        f.write(bytes([byte[0] ^ 0xFF]))
+    with pytest.raises(StoreError, match="checksum mismatch in tensor"):
+        verify_store(broken)
+
+
+# --------------------------------------------------------------------------- refusals
+
+
+def _tiny_llama_gguf(path: str, ffn_gate_type: str) -> str:
+    """A one-layer llama GGUF (d=64, n_ff=128) whose ffn_gate is stored as `ffn_gate_type` (random blocks)."""
+    import gguf
+
+    rng = np.random.default_rng(5)
+    d, n_ff, vocab = 64, 128, 64
+    writer = gguf.GGUFWriter(path, "llama")
+    writer.add_block_count(1)
+    writer.add_embedding_length(d)
+    writer.add_feed_forward_length(n_ff)
+    writer.add_head_count(4)
+    writer.add_head_count_kv(2)
+    writer.add_context_length(128)
+    writer.add_layer_norm_rms_eps(1e-5)
+    writer.add_vocab_size(vocab)
+
+    def q8_0(rows, cols):
+        return gguf.quants.quantize(rng.standard_normal((rows, cols)).astype(np.float32) * 0.05,
+                                    gguf.GGMLQuantizationType.Q8_0)
+
+    def blocks_of(kind: str, rows: int, cols: int) -> tuple[np.ndarray, object]:
+        qtype = getattr(gguf.GGMLQuantizationType, kind)
+        block_elements, block_bytes = gguf.GGML_QUANT_SIZES[qtype]
+        raw = rng.integers(0, 256, size=(rows, cols // block_elements, block_bytes), dtype=np.uint8)
+        raw[..., 0:2] = np.float16(0.01).reshape(1, 1, 1).view(np.uint8).reshape(1, 1, 2)  # a finite scale first
+        return raw.reshape(rows, -1), qtype
+
+    writer.add_tensor("token_embd.weight", q8_0(vocab, d), raw_dtype=gguf.GGMLQuantizationType.Q8_0)
+    for name, rows, cols in (("attn_q", d, d), ("attn_k", 32, d), ("attn_v", 32, d), ("attn_output", d, d),
+                             ("ffn_up", n_ff, d), ("ffn_down", d, n_ff)):
+        writer.add_tensor(f"blk.0.{name}.weight", q8_0(rows, cols), raw_dtype=gguf.GGMLQuantizationType.Q8_0)
+    raw, qtype = blocks_of(ffn_gate_type, n_ff, d)
+    writer.add_tensor("blk.0.ffn_gate.weight", raw, raw_dtype=qtype)
+    for name in ("blk.0.attn_norm.weight", "blk.0.ffn_norm.weight", "output_norm.weight"):
+        writer.add_tensor(name, np.ones(d, dtype=np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
+def test_a_gguf_tensor_type_without_a_kernel_is_refused_with_the_way_out(tmp_path):
+    from flashllm.runtime.tools.convert.sources import ConvertError
+    from flashllm.runtime.tools.convert.store_writer import convert
+
+    path = _tiny_llama_gguf(str(tmp_path / "iq4.gguf"), "IQ4_NL")
+    out = str(tmp_path / "store")
+    with pytest.raises(ConvertError, match=r"'layers\.0\.ffn_gate' is stored as IQ4_NL, which flashllm has no "
+                                           r"kernel for .*--dtype q8_0 or --dtype float16"):
+        convert(path, out, progress=False)
+    assert not os.path.exists(out) and not os.path.exists(out + ".partial")
+
+
+def test_a_bad_dtype_is_refused_by_the_cli_and_the_api(tiny_models, tmp_path, capsys):
+    from flashllm.runtime.clients.cli import main as flashllm
+    from flashllm.runtime.tools.convert.sources import ConvertError
+    from flashllm.runtime.tools.convert.store_writer import convert
+
+    out = str(tmp_path / "store")
+    with pytest.raises(SystemExit) as exit_info:
+        flashllm(["convert", tiny_models("llama"), "--out", out, "--dtype", "int4"])
+    assert exit_info.value.code == 2
+    assert "invalid choice: 'int4'" in capsys.readouterr().err
+    with pytest.raises(ConvertError, match="--dtype 'int4' is not supported; use one of auto, float16, float32, "
+                                           "bfloat16, q8_0, q4_0"):
+        convert(tiny_models("llama"), out, dtype="int4", progress=False)
+    assert not os.path.exists(out)
+
+
+def test_q5_0_rows_are_re_blocked_to_q8_0_with_the_error_printed(tmp_path):
+    from flashllm.runtime.tools.convert.quant_policy import ReblockReport
+    from flashllm.runtime.tools.convert.sources import open_source
+    from flashllm.runtime.tools.convert.store_writer import encode_layer_bundles, plan_store
+
+    source = open_source(_tiny_llama_gguf(str(tmp_path / "q5.gguf"), "Q5_0"))
+    plan = plan_store(source, "auto")
+    assert plan.dtype == "q8_0"  # the widest kind any layer's gate/up needs (here Q8_0 up, Q5_0 gate)
+    report = ReblockReport()
+    bundles = encode_layer_bundles(source, 0, plan, report)  # (n_ff, bundle_bytes)
+    assert bundles.shape == (128, plan.bundle_bytes)
+    gate = qf.dequantize_rows("q8_0", bundles[:, :qf.bytes_per_row("q8_0", 64)], 64)
+    assert np.abs(gate - source.load_ffn_part(0, "gate")).max() <= report.records[
+        "ffn gate rows re-quantized from Q5_0 to q8_0"].largest_abs_error
+    assert [line.split(":")[0] for line in report.lines()] == ["ffn gate rows re-quantized from Q5_0 to q8_0",
+                                                               "down columns re-blocked to q8_col"]
+
+
+def test_a_bfloat16_store_generates_what_the_float32_store_generates(tiny_models, tiny_stores, tmp_path):
+    from flashllm.runtime.core.engine import Engine
+    from flashllm.runtime.core.sampling import SamplingParams
+    from flashllm.runtime.tools.convert.store_writer import convert
+
+    store = str(tmp_path / "bf16")
+    convert(tiny_models("llama"), store, dtype="bfloat16", progress=False)
+    assert read_manifest(store).ffn.bundle_bytes == 3 * 64 * 2
+    tokens = {}
+    for name, path in (("float32", tiny_stores("llama")), ("bfloat16", store)):
+        with Engine(path, mode="naive", max_batch=1) as engine:
+            [result] = engine.generate([[0, 17, 42, 99, 5]], SamplingParams(max_tokens=8, ignore_eos=True))
+            tokens[name] = result.tokens
+    assert tokens["bfloat16"] == tokens["float32"]

@@ -315,7 +315,7 @@ class _EarlyRead:
             return
         scratch = prefetcher._scratch_rows(len(ids))
         finish(scratch)
-        out[: len(ids)] = scratch
+        out[: len(ids)] = bundle_rows_as_float(prefetcher.reader.layout, scratch)
 
     def finish_unused(self) -> None:
         """Complete reads nobody took (an error on the way): the reader takes its next read only after."""

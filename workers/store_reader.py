@@ -24,6 +24,7 @@ from flashllm.protocol.store_format import (
 )
 
 VERIFY_CHUNK_BYTES = 8 << 20
+NUMPY_FLOAT_KINDS = ("float16", "float32")  # bundle parts numpy multiplies as read
 
 
 def open_store(store_dir: str) -> Manifest:
@@ -92,10 +93,12 @@ def dequantize_resident_weights(weights: dict[str, "torch.Tensor | QuantizedTens
 def bundle_rows_as_float(layout: FfnLayout, rows: np.ndarray) -> np.ndarray:
     """Bundle rows as read -> rows in the [gate | up | down] element layout the float FFN multiplies.
 
-    Float stores: `rows` itself (k, bundle_elements), untouched. Quantized stores: rows (k, bundle_bytes)
-    uint8 -> a new (k, bundle_elements) float32 array, each part dequantized by its kind."""
-    if not layout.is_quantized:
+    float16/float32 stores: `rows` itself (k, bundle_elements), untouched. Quantized stores: rows
+    (k, bundle_bytes) uint8, and bfloat16 stores: rows (k, bundle_elements) of uint16 bits -> a new
+    (k, bundle_elements) float32 array, each part decoded by its kind."""
+    if all(kind in NUMPY_FLOAT_KINDS for _, _, kind in layout.bundle_parts):
         return rows
+    rows = np.ascontiguousarray(rows).view(np.uint8)  # (k, bundle_bytes)
     if rows.ndim != 2 or rows.shape[1] != layout.bundle_bytes:
         raise ValueError(f"expected bundle rows (k, {layout.bundle_bytes}) uint8, got {rows.shape} {rows.dtype}")
     out = np.empty((rows.shape[0], layout.bundle_elements), dtype=np.float32)  # (k, E)
