@@ -59,8 +59,8 @@ def held_rows(rows: np.ndarray, layout: FfnLayout, dtype: torch.dtype, device: s
     """Bundle rows as read → what ffn_from_rows multiplies. A float store's rows become a compute tensor; a
     quantized store's stay quantized on the CPU, in the integer kernels' layouts (never a float copy of
     them), and are dequantized to the compute dtype for a GPU."""
-    if not layout.is_quantized:
-        return rows_to_tensor(rows, dtype, device, copy)
+    if not layout.is_quantized:  # (a bfloat16 store's rows are uint16 bits: decoded first)
+        return rows_to_tensor(bundle_rows_as_float(layout, rows), dtype, device, copy)
     if torch.device(device).type == "cpu":
         return quant_rows_of(layout, rows)
     return torch.from_numpy(bundle_rows_as_float(layout, rows)).to(device=device, dtype=dtype)
