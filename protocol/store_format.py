@@ -21,7 +21,17 @@ byte range that an aligned read can cover with at most one extra block per end):
       neuron i: [up_i (d) | down_i (d) | up_bias_i (1)]
 
 `gate_i`/`up_i` are rows of the gate/up projections (n_ff, d); `down_i` is
-column i of the down projection (d, n_ff), stored contiguously. Neuron ids
+column i of the down projection (d, n_ff), stored contiguously. Each part is
+stored as its own weight kind (protocol/quant_format.py): a float store's parts
+are all the store dtype; a quantized store's gate/up rows are GGUF blocks
+(q4_0, q4_1, q8_0) and its down column is q8_col, so a bundle is bytes, not
+elements of one dtype, and is still one contiguous byte range.
+
+Format version 2 (version 1 stores still load; their parts are all the store
+dtype): `ffn.bundle_parts` are (name, elements, kind) triples, and
+`resident_quantized` names the resident matrices kept as blocks: each is a
+uint8 (rows, bytes_per_row) tensor in resident.safetensors, with its kind and
+(rows, elements) shape recorded here. Vectors (norms, biases) stay float. Neuron ids
 in bundles are positions in the store; when calibrate reorders neurons the
 permutation from store position to original neuron id is kept in
 `ffn.layers[l].neuron_order` (None means identity). The layout depends on the
@@ -38,8 +48,11 @@ import os
 from dataclasses import dataclass, field
 from typing import Any
 
+from flashllm.protocol.quant_format import bytes_per_row, is_quantized
+
 FORMAT_NAME = "flashllm-store"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+READABLE_FORMAT_VERSIONS = (1, 2)
 ALIGNMENT_BYTES = 4096
 
 MANIFEST_FILE = "manifest.json"
@@ -48,7 +61,8 @@ FFN_FILE = "ffn.bin"
 TOKENIZER_FILE = "tokenizer.json"
 SPARSITY_FILE = "sparsity.safetensors"
 
-DTYPE_ITEMSIZE = {"float16": 2, "bfloat16": 2, "float32": 4}
+DTYPE_ITEMSIZE = {"float16": 2, "bfloat16": 2, "float32": 4}  # float store dtypes only
+QUANTIZED_STORE_DTYPES = ("q8_0", "q4_0", "q4_1")  # a quantized store is named by its gate/up rows' kind
 
 GATED_BUNDLE_PARTS = ("gate", "up", "down")
 RELU_BUNDLE_PARTS = ("up", "down", "up_bias")
@@ -109,23 +123,49 @@ class FfnLayout:
     file: str
     dtype: str
     alignment_bytes: int
-    bundle_parts: list[tuple[str, int]]  # (name, elements) in storage order
-    bundle_bytes: int
+    bundle_parts: list[tuple[str, int, str]]  # (name, elements, kind) in storage order
+    bundle_bytes: int  # sum of the parts' bytes_per_row(kind, elements)
     file_bytes: int
     layers: list[FfnLayerRegion]
     bundle_checksums: str | None = None  # file of per-bundle xxh3-64 digests checked on every read (flash_io/integrity)
 
+    def __post_init__(self):
+        # version-1 layouts name (name, elements) pairs: every part is the store dtype
+        self.bundle_parts = [(part[0], int(part[1]), part[2] if len(part) == 3 else self.dtype)
+                             for part in self.bundle_parts]
+
     def part_slices(self) -> dict[str, slice]:
-        """Element slices of each part inside one bundle row."""
+        """Element slices of each part inside one bundle row, once dequantized (the [gate|up|down] float layout)."""
         slices, start = {}, 0
-        for name, elements in self.bundle_parts:
+        for name, elements, _ in self.bundle_parts:
             slices[name] = slice(start, start + elements)
             start += elements
         return slices
 
+    def part_byte_slices(self) -> dict[str, slice]:
+        """Byte slices of each part inside one stored bundle."""
+        slices, start = {}, 0
+        for name, elements, kind in self.bundle_parts:
+            n_bytes = bytes_per_row(kind, elements)
+            slices[name] = slice(start, start + n_bytes)
+            start += n_bytes
+        return slices
+
+    def part_kinds(self) -> dict[str, str]:
+        return {name: kind for name, _, kind in self.bundle_parts}
+
     @property
     def bundle_elements(self) -> int:
-        return sum(elements for _, elements in self.bundle_parts)
+        return sum(elements for _, elements, _ in self.bundle_parts)
+
+    @property
+    def is_quantized(self) -> bool:
+        return any(is_quantized(kind) for _, _, kind in self.bundle_parts)
+
+    @property
+    def stored_row_width(self) -> int:
+        """Items of the reader's numpy dtype per bundle: elements for float stores, bytes (uint8) for quantized ones."""
+        return self.bundle_bytes if self.is_quantized else self.bundle_elements
 
     @property
     def total_bundle_bytes(self) -> int:
@@ -162,6 +202,18 @@ class SparsityInfo:
 
 
 @dataclass
+class QuantizedTensorInfo:
+    """A resident matrix held as blocks: uint8 (rows, bytes_per_row(kind, elements)) in resident.safetensors."""
+
+    kind: str  # a quant_format kind: "q8_0", "q4_0", "q4_1"
+    shape: list[int]  # [rows, elements]: the matrix's float shape (out features, in features)
+
+
+def bundle_parts_bytes(parts: list[tuple[str, int, str]]) -> int:
+    return sum(bytes_per_row(kind, elements) for _, elements, kind in parts)
+
+
+@dataclass
 class Manifest:
     arch: ArchConfig
     dtype: str
@@ -173,6 +225,11 @@ class Manifest:
     format: str = FORMAT_NAME
     format_version: int = FORMAT_VERSION
     sparsity: SparsityInfo | None = None
+    resident_quantized: dict[str, QuantizedTensorInfo] = field(default_factory=dict)
+
+    @property
+    def is_quantized(self) -> bool:
+        return self.dtype in QUANTIZED_STORE_DTYPES
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), indent=1)
@@ -185,27 +242,34 @@ class Manifest:
             raise StoreError(f"{where}: not valid JSON ({exc}); re-run `flashllm convert`") from exc
         if raw.get("format") != FORMAT_NAME:
             raise StoreError(f"{where}: not a flashllm store manifest (format={raw.get('format')!r})")
-        if raw.get("format_version") != FORMAT_VERSION:
+        version = raw.get("format_version")
+        if version not in READABLE_FORMAT_VERSIONS:
             raise StoreError(
-                f"{where}: store format version {raw.get('format_version')} but this flashllm reads "
-                f"version {FORMAT_VERSION}; re-run `flashllm convert` with this version"
+                f"{where}: store format version {version} but this flashllm reads versions "
+                f"{', '.join(map(str, READABLE_FORMAT_VERSIONS))}; re-run `flashllm convert` with this version"
             )
         try:
             ffn = dict(raw["ffn"])
             ffn["layers"] = [FfnLayerRegion(**region) for region in ffn["layers"]]
-            ffn["bundle_parts"] = [(name, int(n)) for name, n in ffn["bundle_parts"]]
+            layout = FfnLayout(**ffn)
+            if bundle_parts_bytes(layout.bundle_parts) != layout.bundle_bytes:
+                raise StoreError(f"{where}: bundle_bytes {layout.bundle_bytes} is not the sum of the bundle parts' "
+                                 f"bytes ({layout.bundle_parts}); the manifest is corrupt, re-run `flashllm convert`")
             sparsity = raw.get("sparsity")
             return Manifest(
                 arch=ArchConfig(**raw["arch"]),
                 dtype=raw["dtype"],
-                ffn=FfnLayout(**ffn),
+                ffn=layout,
                 resident_file=raw["resident_file"],
                 resident_sha256=dict(raw["resident_sha256"]),
                 tokenizer=TokenizerInfo(**raw["tokenizer"]),
                 source=raw["source"],
+                format_version=FORMAT_VERSION,  # read into this version's structures
                 sparsity=SparsityInfo(**sparsity) if sparsity else None,
+                resident_quantized={name: QuantizedTensorInfo(**info)
+                                    for name, info in raw.get("resident_quantized", {}).items()},
             )
-        except (KeyError, TypeError) as exc:
+        except (KeyError, TypeError, ValueError) as exc:
             raise StoreError(f"{where}: manifest field missing or malformed ({exc!r}); re-run `flashllm convert`") from exc
 
 

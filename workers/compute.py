@@ -36,7 +36,8 @@ from flashllm.protocol.messages import (
     ForwardChunk, ForwardRequest, LayerReady, LogitsTaken, PredictionStats, Shutdown, StepBegin, StepFailed,
 )
 from flashllm.protocol.shm import SharedSegment, cache_layer_arrays
-from flashllm.workers.ffn_providers import FfnStats, rows_to_tensor
+from flashllm.protocol.store_format import FfnLayout
+from flashllm.workers.ffn_providers import FfnStats, held_rows
 from flashllm.workers.flash_io.bundle_reader import layer_chunks
 from flashllm.workers.models.ffn import BundleColumns, ffn_from_rows, masked_ffn_over_chunks
 from flashllm.workers.process_entry import WorkerConfig, run_worker
@@ -100,13 +101,14 @@ class PipelineFfn:
 
     mode = "sparse"
 
-    def __init__(self, layer_neurons: list[int], part_slices: dict[str, slice], dtype: torch.dtype, device: str,
+    def __init__(self, layer_neurons: list[int], ffn_layout: FfnLayout, dtype: torch.dtype, device: str,
                  cache: SharedSegment, exchange: SharedSegment, channel):
         self.layer_neurons = layer_neurons
-        self.cols = BundleColumns.from_layout(part_slices)
+        self.ffn_layout = ffn_layout
+        self.cols = BundleColumns.from_layout(ffn_layout.part_slices())
         self.dtype, self.device, self.channel = dtype, device, channel
         self.layers = [SharedCacheLayer(*cache_layer_arrays(cache, layer)) for layer in range(len(layer_neurons))]
-        self.view = CacheView(self.layers, dtype, device)
+        self.view = CacheView(self.layers, dtype, device, ffn_layout)
         arrays = exchange.arrays
         self.hidden = arrays["hidden"]  # (2, max_tokens, d)
         self.mask = arrays["mask"]  # (max_tokens, n_ff)
@@ -170,7 +172,8 @@ class PipelineFfn:
                 raise RuntimeError(f"layer {layer}: chunk {ready.chunk} of {ready.num_chunks} ({ready.num_rows} rows) "
                                    f"came where chunk {chunk} of {len(bounds)} ({stop - start} rows) was due; the "
                                    "prefetcher and compute disagree on the chunks (a flashllm bug)")
-            yield start, stop, rows_to_tensor(self.staging[ready.staging, : stop - start], self.dtype, self.device)
+            yield start, stop, held_rows(self.staging[ready.staging, : stop - start], self.ffn_layout, self.dtype,
+                                         self.device)
             self.channel.send(ROLE_PREFETCH, ChunkDone(step=self.step, staging=ready.staging))
 
     def _count_ready(self, ready: LayerReady) -> None:
@@ -244,7 +247,7 @@ class ComputeWorker:
         self.exchange = SharedSegment.attach(config.instance, config.exchange_layout)
         self.logits = self.exchange.arrays["logits"]  # (R, V)
         dtype = compute_dtype(config.device)
-        self.ffn = PipelineFfn([region.num_neurons for region in manifest.ffn.layers], manifest.ffn.part_slices(),
+        self.ffn = PipelineFfn([region.num_neurons for region in manifest.ffn.layers], manifest.ffn,
                                dtype, config.device, self.cache, self.exchange, channel)
         self.executor = ModelExecutor(config.store_dir, manifest, "sparse", config.num_slots, config.max_context,
                                       device=config.device, verify=config.verify, ffn=self.ffn,

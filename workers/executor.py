@@ -15,7 +15,7 @@ from flashllm.protocol.store_format import Manifest, StoreError, calibrate_hint
 from flashllm.workers.flash_io.io_counters import process_read_bytes
 from flashllm.workers.models import build_model
 from flashllm.workers.models.attention import KVCache
-from flashllm.workers.models.resident import resident_dtype_of
+from flashllm.workers.models.resident import resident_dtype_of, with_quantized_blocks
 from flashllm.workers.store_reader import drop_file_cache, load_resident_weights
 
 FFN_MODES = ("dense", "naive", "sparse")
@@ -111,7 +111,7 @@ class ModelExecutor:
         if ffn is None:  # (a caller passing its FFN checked before making it)
             check_fits_on_device(store_dir, manifest, mode, num_slots, max_context, self.device, resident_dtype,
                                  (ffn_options or {}).get("capacity_rows"))
-        weights = load_resident_weights(store_dir, manifest, verify=verify)
+        weights = with_quantized_blocks(load_resident_weights(store_dir, manifest, verify=verify))
         self.model = build_model(arch, weights, self.dtype, self.device, self.resident_dtype)
         del weights
         drop_file_cache(os.path.join(store_dir, manifest.resident_file))  # converted: the file's pages are a copy

@@ -15,9 +15,11 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from flashllm.protocol.store_format import Manifest
+from flashllm.protocol.store_format import FfnLayout, Manifest
 from flashllm.workers.flash_io.bundle_reader import BundleReader
 from flashllm.workers.models.ffn import BundleColumns, ffn_from_rows
+from flashllm.workers.models.quant_ffn import QuantRows, quant_rows_of
+from flashllm.workers.store_reader import bundle_rows_as_float
 
 
 @dataclass
@@ -52,6 +54,18 @@ def rows_to_tensor(rows: np.ndarray, dtype: torch.dtype, device: str, copy: bool
     return torch.from_numpy(rows).to(device=device, dtype=dtype, copy=copy)
 
 
+def held_rows(rows: np.ndarray, layout: FfnLayout, dtype: torch.dtype, device: str, copy: bool = False
+              ) -> torch.Tensor | QuantRows:
+    """Bundle rows as read → what ffn_from_rows multiplies. A float store's rows become a compute tensor; a
+    quantized store's stay quantized on the CPU, in the integer kernels' layouts (never a float copy of
+    them), and are dequantized to the compute dtype for a GPU."""
+    if not layout.is_quantized:  # (a bfloat16 store's rows are uint16 bits: decoded first)
+        return rows_to_tensor(bundle_rows_as_float(layout, rows), dtype, device, copy)
+    if torch.device(device).type == "cpu":
+        return quant_rows_of(layout, rows)
+    return torch.from_numpy(bundle_rows_as_float(layout, rows)).to(device=device, dtype=dtype)
+
+
 class DenseFfn:
     mode = "dense"
 
@@ -59,7 +73,7 @@ class DenseFfn:
         self.cols = BundleColumns.from_layout(manifest.ffn.part_slices())
         self.stats = FfnStats()
         with BundleReader(store_dir, manifest.ffn) as reader:
-            self.layers = [rows_to_tensor(reader.read_layer(layer), dtype, device, copy=True)  # (n_ff, E)
+            self.layers = [held_rows(reader.read_layer(layer), manifest.ffn, dtype, device, copy=True)  # (n_ff, E)
                            for layer in range(len(manifest.ffn.layers))]
 
     def forward(self, layer: int, h: torch.Tensor) -> torch.Tensor:
@@ -77,6 +91,7 @@ class NaiveFlashFfn:
     def __init__(self, store_dir: str, manifest: Manifest, dtype: torch.dtype, device: str, num_threads: int = 4):
         self.cols = BundleColumns.from_layout(manifest.ffn.part_slices())
         self.reader = BundleReader(store_dir, manifest.ffn, num_threads=num_threads)
+        self.layout = manifest.ffn
         self.dtype, self.device = dtype, device
         self.stats = FfnStats()
 
@@ -84,7 +99,7 @@ class NaiveFlashFfn:
         start = time.perf_counter()
         before = self.reader.stats.read_bytes
         raw = self.reader.read_layer(layer)  # (n_ff, E), valid until the next read
-        rows = rows_to_tensor(raw, self.dtype, self.device)
+        rows = held_rows(raw, self.layout, self.dtype, self.device)
         read_done = time.perf_counter()
         self.stats.io_s += read_done - start
         self.stats.io_blocked_s += read_done - start

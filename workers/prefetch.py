@@ -33,11 +33,12 @@ from flashllm.protocol.messages import (
     StepBegin, StepFailed,
 )
 from flashllm.protocol.shm import SharedSegment, cache_layer_arrays
-from flashllm.protocol.store_format import Manifest, StoreError, read_manifest, calibrate_hint
+from flashllm.protocol.store_format import QUANTIZED_STORE_DTYPES, Manifest, StoreError, calibrate_hint, read_manifest
 from flashllm.workers.flash_io.bundle_reader import BundleReader, layer_chunks, numpy_dtype_of_store
 from flashllm.workers.flash_io.neuron_cache import NeuronCache
 from flashllm.workers.flash_io.neuron_ids import union_ids
 from flashllm.workers.process_entry import WorkerConfig, run_worker
+from flashllm.workers.store_reader import bundle_rows_as_float
 
 # neurons the same-layer check adds to the lookahead's set: read before the layer runs, or left out this token
 MISSING_POLICIES = ("read", "skip")
@@ -69,9 +70,13 @@ class FlashWork:
 
 
 def neuron_cache_dtype(store_dtype_name: str, device: str) -> np.dtype:
-    """The dtype of the neuron caches' rows: float32 where the CPU computes (converted once on insert instead
-    of on every use), else the store's (rows go to the GPU as stored; its mirror holds the compute dtype)."""
-    return np.dtype(np.float32) if device == "cpu" else numpy_dtype_of_store(store_dtype_name)
+    """The dtype of the neuron caches' rows. A quantized store's bundles stay its bytes (uint8) everywhere: the
+    compute side keeps them in its kernels' layouts (CacheView), the GPU dequantized in its mirror. A float
+    store's rows are float32 where the CPU computes (converted once on insert instead of on every use), else
+    the store's (rows go to the GPU as stored; its mirror holds the compute dtype)."""
+    if store_dtype_name in QUANTIZED_STORE_DTYPES or device != "cpu":
+        return numpy_dtype_of_store(store_dtype_name)
+    return np.dtype(np.float32)
 
 
 class Prefetcher:
@@ -85,15 +90,15 @@ class Prefetcher:
         store_dtype = numpy_dtype_of_store(layout.dtype)
         dtype = np.dtype(cache_dtype) if cache_dtype is not None else store_dtype
         self._convert = dtype != store_dtype
-        self._scratch = np.empty((0, layout.bundle_elements), dtype=store_dtype)
+        self._scratch = np.empty((0, layout.stored_row_width), dtype=store_dtype)
         # read-ahead of one layer: sorted ids and their rows (cache dtype)
         self._staged_layer = -1
         self._staged_ids = np.zeros(0, np.int64)
-        self._staged_rows = np.empty((0, layout.bundle_elements), dtype=dtype)
+        self._staged_rows = np.empty((0, layout.stored_row_width), dtype=dtype)
         # read-ahead still on the device (start_stage): the next prepare of its layer finishes it
         self._in_flight: _EarlyRead | None = None
         self.caches = [
-            NeuronCache(region.num_neurons, layout.bundle_elements, capacity_rows[layer], dtype, window_tokens,
+            NeuronCache(region.num_neurons, layout.stored_row_width, capacity_rows[layer], dtype, window_tokens,
                         rows=None if cache_rows is None else cache_rows[layer])
             for layer, region in enumerate(layout.layers)
         ]
@@ -130,7 +135,7 @@ class Prefetcher:
         def read_converted(ids: np.ndarray, out: np.ndarray) -> None:
             scratch = self._scratch_rows(len(ids))
             self.reader.read_neurons(layer, ids, scratch)
-            out[: len(ids)] = scratch
+            out[: len(ids)] = bundle_rows_as_float(self.reader.layout, scratch)
 
         return read_converted
 
@@ -310,7 +315,7 @@ class _EarlyRead:
             return
         scratch = prefetcher._scratch_rows(len(ids))
         finish(scratch)
-        out[: len(ids)] = scratch
+        out[: len(ids)] = bundle_rows_as_float(prefetcher.reader.layout, scratch)
 
     def finish_unused(self) -> None:
         """Complete reads nobody took (an error on the way): the reader takes its next read only after."""

@@ -33,12 +33,14 @@ import time
 import numpy as np
 import torch
 
-from flashllm.protocol.store_format import Manifest
-from flashllm.workers.ffn_providers import FfnStats, rows_to_tensor
+from flashllm.protocol.store_format import FfnLayout, Manifest
+from flashllm.workers.ffn_providers import FfnStats, held_rows
 from flashllm.workers.flash_io.bundle_reader import numpy_dtype_of_store
 from flashllm.workers.flash_io.neuron_cache import DEFAULT_WINDOW_TOKENS
 from flashllm.workers.flash_io.neuron_ids import union_ids
 from flashllm.workers.models.ffn import BundleColumns, ffn_from_rows, masked_ffn_over_chunks
+from flashllm.workers.models.quant_ffn import QuantNeuronMatrix, QuantRows
+from flashllm.workers.store_reader import bundle_rows_as_float
 from flashllm.workers.predictor import SparsityPredictor
 from flashllm.workers.prefetch import MISSING_POLICIES, Prefetcher, neuron_cache_dtype
 
@@ -50,14 +52,30 @@ class CacheView:
     mirror (e.g. on the GPU) is kept and only rows whose id changed are copied,
     gathered into one pinned host buffer so the host→device copy is a single
     asynchronous DMA instead of a pageable, synchronous one.
+
+    A quantized store's cache rows are its bundles' bytes. On the CPU the
+    mirror is a QuantNeuronMatrix per layer, the same slots in the integer
+    kernels' layouts: only the slots whose id changed are rewritten, so a step
+    never repacks the cache. On a GPU the changed rows are dequantized on the
+    host as they go to the float mirror.
     """
 
-    def __init__(self, caches, dtype: torch.dtype, device: str):
+    def __init__(self, caches, dtype: torch.dtype, device: str, layout: FfnLayout | None = None):
         self.caches, self.dtype, self.device = caches, dtype, device
+        self.layout = layout if layout is not None and layout.is_quantized else None
+        on_cpu = torch.device(device).type == "cpu"
+        self.rows_copied = 0
+        self.matrices = None
+        if self.layout is not None and on_cpu:
+            self.zero_copy = False
+            self.matrices = [QuantNeuronMatrix(self.layout, c.capacity_rows) for c in caches]
+            self.mirror_ids = [np.full(c.capacity_rows, -1, np.int64) for c in caches]
+            return
         sample = caches[0].rows
-        self.zero_copy = device == "cpu" and torch.from_numpy(sample[:0]).dtype == dtype
+        self.zero_copy = on_cpu and self.layout is None and torch.from_numpy(sample[:0]).dtype == dtype
+        width = self.layout.bundle_elements if self.layout is not None else sample.shape[1]
         self.mirrors = [] if self.zero_copy else [
-            torch.zeros(c.rows.shape, dtype=dtype, device=device) for c in caches]  # (capacity, E) each
+            torch.zeros((c.capacity_rows, width), dtype=dtype, device=device) for c in caches]  # (capacity, E) each
         self.mirror_ids = [] if self.zero_copy else [np.full(c.capacity_rows, -1, np.int64) for c in caches]
         on_cuda = torch.device(device).type == "cuda"
         max_rows = max(c.capacity_rows for c in caches)
@@ -66,21 +84,35 @@ class CacheView:
             (max_rows, sample.shape[1]), dtype=torch.from_numpy(sample[:0]).dtype, pin_memory=on_cuda)
         # the staging buffer is reused by the next layer only after its last copy has left it
         self.staging_free = torch.cuda.Event() if on_cuda else None
-        self.rows_copied = 0
 
-    def rows(self, layer: int) -> torch.Tensor:
+    @property
+    def held_bytes(self) -> int:
+        """Bytes of the compute side's copies of the caches (none when it reads the caches in place)."""
+        if self.matrices is not None:
+            return sum(m.nbytes for m in self.matrices)
+        return sum(m.nbytes for m in self.mirrors)
+
+    def rows(self, layer: int) -> torch.Tensor | QuantRows:
         cache = self.caches[layer]
         n = cache.num_rows
         if self.zero_copy:
             return torch.from_numpy(cache.rows[:n])  # (n, E)
         ids = cache.slot_ids[:n]
         changed = np.flatnonzero(self.mirror_ids[layer][:n] != ids)
+        if self.matrices is not None:
+            if changed.size:
+                self.matrices[layer].write(changed, cache.rows[changed])
+                self.mirror_ids[layer][:n] = ids
+                self.rows_copied += changed.size
+            return QuantRows(self.matrices[layer], n)
         if changed.size:
             if self.staging_free is not None:
                 self.staging_free.synchronize()
             staging = self.staging[:changed.size]  # (k, E)
             changed_host = torch.from_numpy(changed)
             torch.index_select(torch.from_numpy(cache.rows), 0, changed_host, out=staging)
+            if self.layout is not None:  # bytes → float rows on the host, then one copy
+                staging = torch.from_numpy(bundle_rows_as_float(self.layout, staging.numpy()))  # (k, E)
             src = staging.to(device=self.device, non_blocking=True).to(self.dtype)  # (k, E)
             if self.staging_free is not None:
                 self.staging_free.record()
@@ -111,9 +143,10 @@ class SparseFlashFfn:
                                      hot_ids=self.predictor.hot_ids if pin_hot else None,
                                      cache_dtype=neuron_cache_dtype(manifest.ffn.dtype, device),
                                      num_threads=num_threads)
-        self.view = CacheView(self.prefetcher.caches, dtype, device)
+        self.layout = manifest.ffn
+        self.view = CacheView(self.prefetcher.caches, dtype, device, manifest.ffn)
         # the dense-read path's chunk of bundles as read (store dtype; grown to one chunk on first use)
-        self._chunk = np.empty((0, manifest.ffn.bundle_elements), dtype=numpy_dtype_of_store(manifest.ffn.dtype))
+        self._chunk = np.empty((0, manifest.ffn.stored_row_width), dtype=numpy_dtype_of_store(manifest.ffn.dtype))
         self.stats = FfnStats()
         self._steps = 1
         self._ahead: dict[int, np.ndarray] = {}
@@ -204,7 +237,7 @@ class SparseFlashFfn:
             nonlocal waited_s
             for first, stop, waited in reads:
                 waited_s += waited
-                yield first, stop, rows_to_tensor(self._chunk[: stop - first], self.dtype, self.device)
+                yield first, stop, held_rows(self._chunk[: stop - first], self.layout, self.dtype, self.device)
 
         try:
             y = masked_ffn_over_chunks(h, chunk_rows(), self.cols, mask)  # (N, d)

@@ -2,19 +2,29 @@
 
 Every process that needs the store goes through here, so a corrupt or truncated
 store is refused the same way everywhere, with the file and region named.
+
+Quantized stores (protocol/quant_format.py): resident matrices come back as
+`QuantizedTensor` (the blocks as stored, their kind and float shape) for compute
+that holds them quantized; `dequantize_resident_weights` and
+`bundle_rows_as_float` turn blocks into float32 for compute that multiplies
+floats (one layer or chunk of bundles at a time).
 """
 from __future__ import annotations
 
 import hashlib
 import os
+from dataclasses import dataclass
 
+import numpy as np
 import torch
 
+from flashllm.protocol import quant_format as qf
 from flashllm.protocol.store_format import (
-    Manifest, StoreError, read_manifest,
+    FfnLayout, Manifest, StoreError, read_manifest,
 )
 
 VERIFY_CHUNK_BYTES = 8 << 20
+NUMPY_FLOAT_KINDS = ("float16", "float32")  # bundle parts numpy multiplies as read
 
 
 def open_store(store_dir: str) -> Manifest:
@@ -63,18 +73,57 @@ def drop_file_cache(path: str) -> None:
 
 
 def resident_tensor_elements(store_dir: str, manifest: Manifest) -> int:
-    """Total elements of the resident tensors, from the safetensors header alone (nothing loaded)."""
+    """Total weights of the resident tensors, from the safetensors header alone (nothing loaded).
+    A quantized matrix counts its float shape's weights, not its bytes."""
     from safetensors import safe_open
 
     path = os.path.join(store_dir, manifest.resident_file)
     total = 0
     with safe_open(path, framework="pt") as f:
         for name in f.keys():
+            info = manifest.resident_quantized.get(name)
+            shape = info.shape if info is not None else f.get_slice(name).get_shape()
             count = 1
-            for n in f.get_slice(name).get_shape():
+            for n in shape:
                 count *= n
             total += count
     return total
+
+
+@dataclass
+class QuantizedTensor:
+    """A resident matrix as a quantized store holds it: blocks (rows, bytes_per_row(kind, elements)) uint8."""
+
+    blocks: torch.Tensor  # (rows, bytes per row) uint8, CPU
+    kind: str  # quant_format kind: "q8_0", "q4_0", "q4_1"
+    shape: tuple[int, int]  # (rows, elements): the float matrix it stands for
+
+    def dequantize(self) -> torch.Tensor:
+        """(rows, elements) float32."""
+        return torch.from_numpy(qf.dequantize_rows(self.kind, self.blocks.numpy(), self.shape[1]))
+
+
+def dequantize_resident_weights(weights: dict[str, "torch.Tensor | QuantizedTensor"]) -> dict[str, torch.Tensor]:
+    """Every quantized matrix as float32 (the float compute path); float tensors pass through as they are."""
+    return {name: t.dequantize() if isinstance(t, QuantizedTensor) else t for name, t in weights.items()}
+
+
+def bundle_rows_as_float(layout: FfnLayout, rows: np.ndarray) -> np.ndarray:
+    """Bundle rows as read -> rows in the [gate | up | down] element layout the float FFN multiplies.
+
+    float16/float32 stores: `rows` itself (k, bundle_elements), untouched. Quantized stores: rows
+    (k, bundle_bytes) uint8, and bfloat16 stores: rows (k, bundle_elements) of uint16 bits -> a new
+    (k, bundle_elements) float32 array, each part decoded by its kind."""
+    if all(kind in NUMPY_FLOAT_KINDS for _, _, kind in layout.bundle_parts):
+        return rows
+    rows = np.ascontiguousarray(rows).view(np.uint8)  # (k, bundle_bytes)
+    if rows.ndim != 2 or rows.shape[1] != layout.bundle_bytes:
+        raise ValueError(f"expected bundle rows (k, {layout.bundle_bytes}) uint8, got {rows.shape} {rows.dtype}")
+    out = np.empty((rows.shape[0], layout.bundle_elements), dtype=np.float32)  # (k, E)
+    element_slices, byte_slices = layout.part_slices(), layout.part_byte_slices()
+    for name, elements, kind in layout.bundle_parts:
+        out[:, element_slices[name]] = qf.dequantize_rows(kind, rows[:, byte_slices[name]], elements)
+    return out
 
 
 def _tensor_sha256(tensor: torch.Tensor) -> str:
@@ -83,8 +132,10 @@ def _tensor_sha256(tensor: torch.Tensor) -> str:
     return hashlib.sha256(tensor.contiguous().numpy().tobytes()).hexdigest()
 
 
-def load_resident_weights(store_dir: str, manifest: Manifest, verify: bool = True) -> dict[str, torch.Tensor]:
-    """All resident tensors (store dtype, CPU), each checked against its manifest checksum."""
+def load_resident_weights(store_dir: str, manifest: Manifest, verify: bool = True
+                          ) -> dict[str, "torch.Tensor | QuantizedTensor"]:
+    """All resident tensors as stored (CPU), each checked against its manifest checksum: float tensors in
+    their dtype, quantized matrices as QuantizedTensor."""
     from safetensors.torch import load_file
 
     path = os.path.join(store_dir, manifest.resident_file)
@@ -100,6 +151,14 @@ def load_resident_weights(store_dir: str, manifest: Manifest, verify: bool = Tru
             if _tensor_sha256(tensors[name]) != expected:
                 raise StoreError(f"{path}: checksum mismatch in tensor {name!r}; the store is corrupt, "
                                  "re-run `flashllm convert`")
+    for name, info in manifest.resident_quantized.items():
+        rows, elements = info.shape
+        expected_shape = (rows, qf.bytes_per_row(info.kind, elements))
+        blocks = tensors[name]
+        if blocks.dtype != torch.uint8 or tuple(blocks.shape) != expected_shape:
+            raise StoreError(f"{path}: tensor {name!r} is {tuple(blocks.shape)} {blocks.dtype}, the manifest says "
+                             f"{info.kind} blocks {expected_shape} uint8; the store is corrupt, re-run `flashllm convert`")
+        tensors[name] = QuantizedTensor(blocks=blocks, kind=info.kind, shape=(rows, elements))
     return tensors
 
 

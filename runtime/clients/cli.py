@@ -240,13 +240,17 @@ BUILTIN_COMMANDS = ("convert", "verify", "generate", "eval")
 
 
 def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
+    from flashllm.runtime.tools.convert.quant_policy import DTYPE_OPTIONS
+
     parser = argparse.ArgumentParser(prog="flashllm", description="Run LLMs larger than memory from flash.")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("convert", help="write a flash store from a Hugging Face folder or a GGUF file")
     p.add_argument("src", help="Hugging Face checkpoint folder or .gguf file")
     p.add_argument("--out", required=True, help="store directory to create")
-    p.add_argument("--dtype", default="float16", choices=["float16", "float32"])
+    p.add_argument("--dtype", default="auto", choices=DTYPE_OPTIONS,
+                   help="auto (default): keep a GGUF file's quantization (Q8_0/Q4_0/Q4_1; Q4_K, Q6_K, Q5_x re-blocked), "
+                        "float16 for Hugging Face checkpoints; q8_0/q4_0 quantize round-to-nearest per 32 weights")
     p.add_argument("--force", action="store_true", help="replace an existing store")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_convert)

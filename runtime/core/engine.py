@@ -148,7 +148,8 @@ class Engine:
             def plan(for_mode: str):
                 return plan_for_store(store_dir, self.manifest, memory_budget_bytes, for_mode, itemsize, kv_bytes,
                                       keep_fraction=ffn_options.get("keep_fraction"),
-                                      resident_itemsize=resident_itemsize, cache_itemsize=cache_itemsize)
+                                      resident_itemsize=resident_itemsize, cache_itemsize=cache_itemsize,
+                                      device=device or default_device())
 
             def fits(for_mode: str) -> Exception | None:
                 try:

@@ -1,8 +1,11 @@
 """The memory plan: what a `--memory` budget holds, decided before anything is loaded.
 
-The budget bounds the bytes the engine keeps in DRAM: resident weights (in the
-dtype they are held in: the compute dtype, or --resident-dtype), predictors,
-the per-layer neuron caches and the reader's staging buffers. The KV cache is
+The budget bounds the bytes the engine keeps in DRAM, counted as held: resident
+weights (float ones in the compute dtype or --resident-dtype; a quantized
+store's in its integer kernels' layouts), predictors, the per-layer neuron
+caches (a quantized store's: its bundles' bytes, plus the compute side's
+kernel-layout copy of the same slots on a CPU) and the reader's staging
+buffers. The KV cache is
 reported beside it (it grows with batch and context, not with the model's
 FFN). Each layer's cache must hold its pinned hot neurons plus one token's
 predicted set (top-k); whatever the budget leaves above that minimum widens
@@ -10,11 +13,13 @@ every layer's cache equally, which is what the sliding window reuses.
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 
 from flashllm.protocol.shm import CHUNK_SLOTS
 from flashllm.protocol.store_format import DTYPE_ITEMSIZE, FfnLayout, Manifest
 from flashllm.workers.flash_io.bundle_reader import largest_chunk_rows, neuron_read_staging_bytes
+from flashllm.workers.models.quant_ffn import QuantNeuronMatrix
 
 MIB = 2**20
 
@@ -54,7 +59,24 @@ class MemoryPlan:
         return "\n".join(lines)
 
 
-def sparse_staging_bytes(layout: FfnLayout, compute_itemsize: int) -> int:
+def held_rows_bytes(layout: FfnLayout, rows: int, compute_itemsize: int, device: str) -> int:
+    """Bytes of `rows` bundles once turned into what compute multiplies (ffn_providers.held_rows)."""
+    if layout.is_quantized and device == "cpu":
+        return QuantNeuronMatrix.bytes_for(layout, rows)
+    return rows * layout.bundle_elements * compute_itemsize
+
+
+def cache_bytes_of(layout: FfnLayout, capacity_rows: list[int], cache_itemsize: int, device: str) -> int:
+    """Bytes the neuron caches of these capacities hold: the prefetcher's rows (a quantized store's bytes as
+    stored, else cache_itemsize per element) and, for a quantized store on a CPU, the compute side's copy of
+    the same slots in the kernels' layouts (CacheView)."""
+    if not layout.is_quantized:
+        return sum(capacity_rows) * layout.bundle_elements * cache_itemsize
+    raw = sum(capacity_rows) * layout.bundle_bytes
+    return raw + (sum(QuantNeuronMatrix.bytes_for(layout, c) for c in capacity_rows) if device == "cpu" else 0)
+
+
+def sparse_staging_bytes(layout: FfnLayout, compute_itemsize: int, device: str = "cpu") -> int:
     """What the sparse mode's reads stage beside the caches: a read of neurons a round of requests (at most a
     layer), and the dense-read path (prefill), which goes through a layer in chunks: the worker runtime's
     prefetcher fills CHUNK_SLOTS shared-memory chunk slots that compute multiplies, the in-process engine one
@@ -62,35 +84,42 @@ def sparse_staging_bytes(layout: FfnLayout, compute_itemsize: int) -> int:
     runtimes (in process, a chunk of it stays free), so the same budget gives the same caches, and so the
     same tokens, whichever runtime runs."""
     largest_chunk_bytes = largest_chunk_rows(layout) * layout.bundle_bytes
-    store_itemsize = DTYPE_ITEMSIZE[layout.dtype]
-    converted_chunk_bytes = (0 if compute_itemsize == store_itemsize
-                             else largest_chunk_bytes * compute_itemsize // store_itemsize)
+    same_dtype = not layout.is_quantized and compute_itemsize == DTYPE_ITEMSIZE[layout.dtype]
+    converted_chunk_bytes = 0 if same_dtype else held_rows_bytes(layout, largest_chunk_rows(layout),
+                                                                 compute_itemsize, device)
     return neuron_read_staging_bytes(layout) + CHUNK_SLOTS * largest_chunk_bytes + converted_chunk_bytes
 
 
-def plan_memory(manifest: Manifest, resident_elements: int, budget_bytes: int, compute_itemsize: int, keep_neurons: int,
+def plan_memory(manifest: Manifest, resident_bytes: int, budget_bytes: int, compute_itemsize: int, keep_neurons: int,
                 hot_counts: list[int], predictor_bytes: int, kv_cache_bytes: int,
-                cache_itemsize: int | None = None, resident_itemsize: int | None = None) -> MemoryPlan:
+                cache_itemsize: int | None = None, device: str = "cpu",
+                resident_half_saving_bytes: int = 0) -> MemoryPlan:
+    """resident_half_saving_bytes: what holding the float resident matrices in float16 would save (for the
+    too-small message; 0 when they are half precision or quantized already)."""
     arch, layout = manifest.arch, manifest.ffn
     cache_itemsize = cache_itemsize or compute_itemsize
-    resident_bytes = resident_elements * (resident_itemsize or compute_itemsize)
-    row_bytes = layout.bundle_elements * cache_itemsize
-    staging_bytes = sparse_staging_bytes(layout, compute_itemsize)
+    # bytes one more row costs; a quantized CPU cache's kernel copy rounds each layer up to whole int4 tiles,
+    # which `slack` (per layer) reserves, so the exact figure below never passes the budget
+    row_bytes = cache_bytes_of(layout, [128], cache_itemsize, device) - cache_bytes_of(layout, [64], cache_itemsize,
+                                                                                        device)
+    row_bytes //= 64
+    slack = cache_bytes_of(layout, [1], cache_itemsize, device) if layout.is_quantized else 0
+    staging_bytes = sparse_staging_bytes(layout, compute_itemsize, device)
     num_neurons = [region.num_neurons for region in layout.layers]
     # one predictor's top-k plus the pinned rows; a token whose lookahead ∪ same-layer union does not
     # fit takes the dense-read path (correct, slower), so the union need not be reserved
     min_rows = [min(n, hot + keep_neurons) for n, hot in zip(num_neurons, hot_counts)]
-    fixed = resident_bytes + predictor_bytes + staging_bytes
+    fixed = resident_bytes + predictor_bytes + staging_bytes + slack * len(num_neurons)
     min_total = fixed + sum(min_rows) * row_bytes
     if budget_bytes < min_total:
         knobs = sparse_minimum_knobs(
-            manifest, budget_bytes, min_total, resident_elements, resident_bytes // max(1, resident_elements),
-            row_bytes, hot_counts, keep_neurons, predictor_bytes, kv_cache_bytes, naive_minimum_bytes(
+            manifest, budget_bytes, min_total, resident_half_saving_bytes, row_bytes, hot_counts, keep_neurons, predictor_bytes, kv_cache_bytes, naive_minimum_bytes(
                 manifest, resident_bytes))
         raise MemoryPlanError(
             f"--memory {budget_bytes / MIB:.1f} MiB is too small: the minimum for this store and settings is "
             f"{min_total / MIB:.1f} MiB (resident {resident_bytes / MIB:.1f} + predictors {predictor_bytes / MIB:.1f} "
-            f"+ staging {staging_bytes / MIB:.1f} + smallest neuron caches {sum(min_rows) * row_bytes / MIB:.1f} MiB); "
+            f"+ staging {staging_bytes / MIB:.1f} + smallest neuron caches "
+            f"{(sum(min_rows) * row_bytes + slack * len(num_neurons)) / MIB:.1f} MiB); "
             "raise --memory, or lower the minimum:\n" + "\n".join(f"  {knob}" for knob in knobs)
         )
     spare_rows = (budget_bytes - min_total) // row_bytes
@@ -108,7 +137,7 @@ def plan_memory(manifest: Manifest, resident_elements: int, budget_bytes: int, c
             if spare_rows <= 0:
                 break
     plan = MemoryPlan(budget_bytes=budget_bytes, resident_bytes=resident_bytes, predictor_bytes=predictor_bytes,
-                      staging_bytes=staging_bytes, cache_bytes=int(sum(capacity) * row_bytes),
+                      staging_bytes=staging_bytes, cache_bytes=cache_bytes_of(layout, capacity, cache_itemsize, device),
                       kv_cache_bytes=kv_cache_bytes, capacity_rows=capacity, min_capacity_rows=min_rows,
                       ffn_bytes=layout.total_bundle_bytes, total_neurons=sum(num_neurons))
     return plan
@@ -123,8 +152,8 @@ def naive_minimum_bytes(manifest: Manifest, resident_bytes: int) -> int:
     return resident_bytes + 2 * max(r.length_bytes for r in manifest.ffn.layers)
 
 
-def sparse_minimum_knobs(manifest: Manifest, budget_bytes: int, min_total: int, resident_elements: int,
-                         resident_itemsize: int, row_bytes: int, hot_counts: list[int], keep_neurons: int,
+def sparse_minimum_knobs(manifest: Manifest, budget_bytes: int, min_total: int, resident_half_saving_bytes: int,
+                         row_bytes: int, hot_counts: list[int], keep_neurons: int,
                          predictor_bytes: int, kv_cache_bytes: int, naive_bytes: int) -> list[str]:
     """Every setting that lowers --mode sparse's minimum, each with what it saves (for MemoryPlanError's message).
 
@@ -147,9 +176,8 @@ def sparse_minimum_knobs(manifest: Manifest, budget_bytes: int, min_total: int, 
         else:
             knobs.append(f"--keep-fraction down to {fitting:.3f} (now {now:.3f}): saves at most {saved / MIB:.1f} MiB, "
                          "not enough alone (fewer neurons per token, some quality)")
-    if resident_itemsize > HALF_ITEMSIZE:
-        saved = resident_elements * (resident_itemsize - HALF_ITEMSIZE)
-        knobs.append(f"--resident-dtype float16 (or bfloat16): saves {saved / MIB:.1f} MiB")
+    if resident_half_saving_bytes > 0:
+        knobs.append(f"--resident-dtype float16 (or bfloat16): saves {resident_half_saving_bytes / MIB:.1f} MiB")
     sparsity = manifest.sparsity
     if sparsity is not None and predictor_bytes:
         gated = len(manifest.ffn.bundle_parts) > 2
@@ -172,14 +200,12 @@ def sparse_minimum_knobs(manifest: Manifest, budget_bytes: int, min_total: int, 
     return knobs
 
 
-def flash_mode_knobs(store_dir: str, manifest: Manifest, mode: str, plan: MemoryPlan, resident_elements: int,
+def flash_mode_knobs(store_dir: str, manifest: Manifest, mode: str, plan: MemoryPlan, resident_half_saving_bytes: int,
                      kv_cache_bytes: int) -> list[str]:
     """What lowers --mode dense's or naive's need, each with what it saves (for MemoryPlanError's message)."""
     knobs = []
-    resident_itemsize = plan.resident_bytes // max(1, resident_elements)
-    if resident_itemsize > HALF_ITEMSIZE:
-        knobs.append(f"--resident-dtype float16 (or bfloat16): saves "
-                     f"{resident_elements * (resident_itemsize - HALF_ITEMSIZE) / MIB:.1f} MiB")
+    if resident_half_saving_bytes > 0:
+        knobs.append(f"--resident-dtype float16 (or bfloat16): saves {resident_half_saving_bytes / MIB:.1f} MiB")
     if mode == "dense":
         naive = naive_minimum_bytes(manifest, plan.resident_bytes)
         knobs.append(f"--mode naive (the FFN read from flash for each token): needs {naive / MIB:.1f} MiB")
@@ -192,29 +218,45 @@ def flash_mode_knobs(store_dir: str, manifest: Manifest, mode: str, plan: Memory
     return knobs
 
 
+def resident_bytes_of(store_dir: str, manifest: Manifest, resident_itemsize: int, device: str) -> int:
+    """Bytes the resident weights take as held, from the safetensors header alone (nothing loaded)."""
+    from safetensors import safe_open
+
+    from flashllm.workers.models.resident import resident_held_bytes
+
+    with safe_open(os.path.join(store_dir, manifest.resident_file), framework="pt") as f:
+        shapes = {name: tuple(f.get_slice(name).get_shape()) for name in f.keys()}
+    return resident_held_bytes(shapes, manifest.resident_quantized, resident_itemsize,
+                               manifest.arch.num_hidden_layers, device)
+
+
 def plan_for_store(store_dir: str, manifest: Manifest, budget_bytes: int, mode: str, compute_itemsize: int,
                    kv_cache_bytes: int, keep_fraction: float | None = None,
-                   resident_itemsize: int | None = None, cache_itemsize: int | None = None) -> MemoryPlan:
+                   resident_itemsize: int | None = None, cache_itemsize: int | None = None,
+                   device: str = "cpu") -> MemoryPlan:
     """The plan for running `mode` on this store under budget_bytes (raises MemoryPlanError when it cannot fit).
-    cache_itemsize: bytes per element of the neuron caches' rows (default: compute_itemsize)."""
-    from flashllm.workers.store_reader import resident_tensor_elements
-
-    resident_elements = resident_tensor_elements(store_dir, manifest)
+    cache_itemsize: bytes per element of a float store's neuron cache rows (default: compute_itemsize)."""
+    device = torch_device_type(device)
+    resident_bytes = resident_bytes_of(store_dir, manifest, resident_itemsize or compute_itemsize, device)
+    resident_half_saving_bytes = max(0, resident_bytes - resident_bytes_of(store_dir, manifest, HALF_ITEMSIZE, device))
     layout = manifest.ffn
     if mode != "sparse":
         # dense holds every bundle; naive holds one layer at a time (raw + converted)
         ffn_rows = [region.num_neurons for region in layout.layers] if mode == "dense" else [0] * len(layout.layers)
-        plan = MemoryPlan(budget_bytes=budget_bytes,
-                          resident_bytes=resident_elements * (resident_itemsize or compute_itemsize),
-                          predictor_bytes=0, staging_bytes=0 if mode == "dense" else 2 * max(r.length_bytes for r in layout.layers),
-                          cache_bytes=sum(ffn_rows) * layout.bundle_elements * compute_itemsize,
+        largest = max(r.num_neurons for r in layout.layers)
+        naive_staging = 2 * max(r.length_bytes for r in layout.layers) + (
+            held_rows_bytes(layout, largest, compute_itemsize, device) if layout.is_quantized else 0)
+        plan = MemoryPlan(budget_bytes=budget_bytes, resident_bytes=resident_bytes,
+                          predictor_bytes=0, staging_bytes=0 if mode == "dense" else naive_staging,
+                          cache_bytes=sum(held_rows_bytes(layout, rows, compute_itemsize, device)
+                                          for rows in ffn_rows if rows),
                           kv_cache_bytes=kv_cache_bytes, capacity_rows=ffn_rows, min_capacity_rows=ffn_rows,
                           ffn_bytes=layout.total_bundle_bytes, total_neurons=sum(r.num_neurons for r in layout.layers))
         if plan.total_bytes > budget_bytes:
             raise MemoryPlanError(f"--memory {budget_bytes / MIB:.1f} MiB is too small for --mode {mode}: it needs "
                                   f"{plan.total_bytes / MIB:.1f} MiB; raise --memory, or lower the minimum:\n"
                                   + "\n".join(f"  {knob}" for knob in flash_mode_knobs(
-                                      store_dir, manifest, mode, plan, resident_elements, kv_cache_bytes)))
+                                      store_dir, manifest, mode, plan, resident_half_saving_bytes, kv_cache_bytes)))
         return plan
     from flashllm.workers.predictor import load_sparsity_tensors, predictor_held_bytes
 
@@ -227,6 +269,11 @@ def plan_for_store(store_dir: str, manifest: Manifest, budget_bytes: int, mode: 
     if keep_fraction is None:
         keep_fraction = 1.0 - manifest.sparsity.target_sparsity
     keep_neurons = max(1, int(round(keep_fraction * manifest.arch.intermediate_size)))
-    return plan_memory(manifest, resident_elements, budget_bytes, compute_itemsize, keep_neurons, hot_counts,
-                       predictor_bytes, kv_cache_bytes, cache_itemsize=cache_itemsize,
-                       resident_itemsize=resident_itemsize)
+    return plan_memory(manifest, resident_bytes, budget_bytes, compute_itemsize, keep_neurons, hot_counts,
+                       predictor_bytes, kv_cache_bytes, cache_itemsize=cache_itemsize, device=device,
+                       resident_half_saving_bytes=resident_half_saving_bytes)
+
+
+def torch_device_type(device: str) -> str:
+    """'cuda:1' → 'cuda'; what decides how rows are held."""
+    return device.split(":")[0]

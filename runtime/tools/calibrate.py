@@ -39,7 +39,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from flashllm.protocol.store_format import DTYPE_ITEMSIZE, SPARSITY_FILE, SparsityInfo, sha256_hex, write_manifest
+from flashllm.protocol.store_format import SPARSITY_FILE, SparsityInfo, sha256_hex, write_manifest
 from flashllm.workers.executor import ModelExecutor, compute_dtype, default_device
 from flashllm.workers.ffn_providers import rows_to_tensor
 from flashllm.workers.flash_io.bundle_reader import BundleReader
@@ -48,7 +48,7 @@ from flashllm.workers.predictor import (
     PREDICTOR_TYPES, SKETCH_BITS, SKETCH_GROUP, LowRankPredictor, SketchPredictor, lookahead_input_map,
     predictor_tensor_names, quantize_sketch, sketch_tensor_names, top_k_mask,
 )
-from flashllm.workers.store_reader import open_store
+from flashllm.workers.store_reader import bundle_rows_as_float, open_store
 
 CALIBRATION_WINDOW_TOKENS = 512
 # rank r of d → r → n. On the SwiGLU demo model the rank decides quality (top 50% kept by the same-layer
@@ -101,7 +101,8 @@ def ffn_fits_in_memory(manifest, device: str, share: float = 0.5) -> bool:
     When it does, calibration's forward passes hold it (mode dense); when not (the models this
     runtime is for), they stream each layer from flash (mode naive), as generation does.
     """
-    ffn_bytes = manifest.ffn.total_bundle_bytes // DTYPE_ITEMSIZE[manifest.dtype] * compute_dtype(device).itemsize
+    ffn_neurons = sum(region.num_neurons for region in manifest.ffn.layers)
+    ffn_bytes = ffn_neurons * manifest.ffn.bundle_elements * compute_dtype(device).itemsize
     return ffn_bytes <= share * _available_memory_bytes(device)
 
 
@@ -365,7 +366,8 @@ def calibrate(store_dir: str, text: str, max_tokens: int = 8192, sparsity: float
         # the store's rows, one layer at a time, in float32 on the CPU beside the recorded inputs (labels
         # and fits run there whatever device ran the forward passes)
         with BundleReader(store_dir, manifest.ffn) as reader:
-            return rows_to_tensor(reader.read_layer(layer), torch.float32, "cpu", copy=True)  # (n_ff, E)
+            rows = bundle_rows_as_float(manifest.ffn, reader.read_layer(layer))
+            return rows_to_tensor(rows, torch.float32, "cpu", copy=True)  # (n_ff, E)
 
     def layer_activations(rows: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
         return torch.cat([neuron_activations(h[i:i + 4096], rows, cols)

@@ -102,11 +102,13 @@ def largest_chunk_rows(layout: FfnLayout) -> int:
     return stop - start
 
 
-_NUMPY_DTYPE_OF_STORE = {"float16": np.float16, "float32": np.float32, "bfloat16": np.uint16}
+# quantized stores' bundles are raw bytes: rows of bundle_bytes uint8 (protocol/quant_format.py decodes them)
+_NUMPY_DTYPE_OF_STORE = {"float16": np.float16, "float32": np.float32, "bfloat16": np.uint16,
+                         "q8_0": np.uint8, "q4_0": np.uint8, "q4_1": np.uint8}
 
 
 def numpy_dtype_of_store(dtype_name: str) -> np.dtype:
-    """The numpy dtype the reader returns for a store dtype (bfloat16 -> uint16 raw bits)."""
+    """The numpy dtype the reader returns for a store dtype (bfloat16 -> uint16 raw bits; quantized -> uint8 bytes)."""
     try:
         return np.dtype(_NUMPY_DTYPE_OF_STORE[dtype_name])
     except KeyError:
@@ -307,7 +309,7 @@ class BundleReader:
             raise ValueError(f"io_backend must be one of {IO_BACKENDS}, got {io_backend!r}")
         self.layout = layout
         self.dtype = numpy_dtype_of_store(layout.dtype)
-        self.bundle_elements = layout.bundle_elements
+        self.bundle_elements = layout.stored_row_width  # items of self.dtype per bundle (bytes if quantized)
         if self.bundle_elements * self.dtype.itemsize != layout.bundle_bytes:
             raise StoreError(
                 f"manifest bundle_bytes {layout.bundle_bytes} != {self.bundle_elements} elements x "

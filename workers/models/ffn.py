@@ -11,6 +11,8 @@ from typing import Iterable
 import torch
 import torch.nn.functional as F
 
+from flashllm.workers.models.quant_ffn import QuantRows
+
 
 @dataclass(frozen=True)
 class BundleColumns:
@@ -30,6 +32,8 @@ class BundleColumns:
 
 def neuron_activations(h: torch.Tensor, rows: torch.Tensor, cols: BundleColumns) -> torch.Tensor:
     """h (N, d), rows (k, E) → a (N, k): each neuron's activation, the coefficient of its down column."""
+    if isinstance(rows, QuantRows):
+        return rows.matrix.activations(h, rows.n)[:, : rows.n].to(h.dtype)
     if cols.gated:
         gate = h @ rows[:, cols.gate].T  # (N, k)
         up = h @ rows[:, cols.up].T  # (N, k)
@@ -39,12 +43,17 @@ def neuron_activations(h: torch.Tensor, rows: torch.Tensor, cols: BundleColumns)
 
 
 def ffn_from_rows(h: torch.Tensor, rows: torch.Tensor, cols: BundleColumns) -> torch.Tensor:
-    """h (N, d), rows (k, E) → (N, d): the FFN restricted to the k neurons in rows (down bias not included)."""
+    """h (N, d), rows (k, E) → (N, d): the FFN restricted to the k neurons in rows (down bias not included).
+    rows may be a quantized store's QuantRows, multiplied by the integer kernels as held."""
+    if isinstance(rows, QuantRows):
+        return rows.matrix.ffn(h, rows.n)
     return neuron_activations(h, rows, cols) @ rows[:, cols.down]  # (N, k) @ (k, d)
 
 
 def masked_ffn_from_rows(h: torch.Tensor, rows: torch.Tensor, cols: BundleColumns, mask: torch.Tensor) -> torch.Tensor:
     """h (N, d), rows (k, E), mask (N, k) → (N, d): each token's FFN over only the neurons its mask row keeps."""
+    if isinstance(rows, QuantRows):
+        return rows.matrix.masked_ffn(h, rows.n, mask)
     return (neuron_activations(h, rows, cols) * mask) @ rows[:, cols.down]  # (N, k) @ (k, d)
 
 

@@ -9,6 +9,14 @@ a 7B checkpoint never holds more than one layer's weights:
     source.load_ffn(layer)           {"gate"|"up": (n_ff, d), "down": (d, n_ff), "up_bias": (n_ff,)}
     source.tokenizer()               (tokenizer.json text, TokenizerInfo fields)
 
+and, so that a quantized source's blocks can be kept as they are:
+
+    source.resident_kind(name)       how the source stores it: a GGUF type name ("Q4_1", "F32", ...)
+                                     or FLOAT_SOURCE_KIND for a Hugging Face checkpoint
+    source.ffn_kind(layer, part)     the same for "gate" | "up" | "down"
+    source.load_resident_blocks(name)      (rows, bytes) uint8: the source's blocks (GGUF only)
+    source.load_ffn_blocks(layer, part)    the same for an FFN projection
+
 Store names of resident tensors are family-neutral: `embed_tokens`,
 `layers.{i}.q_proj.weight`, `layers.{i}.attn_norm.weight`, `final_norm.weight`,
 `lm_head` ... (see `_llama_resident_names`, `_opt_resident_names`).
@@ -21,6 +29,7 @@ import numpy as np
 
 from flashllm.protocol.store_format import ArchConfig
 
+FLOAT_SOURCE_KIND = "float"  # a Hugging Face tensor: read as float32 whatever its dtype
 SUPPORTED_HF_TYPES = ("llama", "mistral", "qwen2", "opt")
 SUPPORTED_GGUF_ARCHS = ("llama",)
 
@@ -254,6 +263,12 @@ class HuggingFaceSource:
         _check_shape(hf_name, array, self._expected_shape(name))
         return array
 
+    def resident_kind(self, name: str) -> str:
+        return FLOAT_SOURCE_KIND
+
+    def ffn_kind(self, layer: int, part: str) -> str:
+        return FLOAT_SOURCE_KIND
+
     def load_ffn(self, layer: int) -> dict[str, np.ndarray]:
         a = self.arch
         p = f"{self._prefix}layers.{layer}."
@@ -419,6 +434,42 @@ class GgufSource:
         _check_shape(name, array, expected)
         return array
 
+    def _blocks(self, name: str, rows: int) -> np.ndarray:
+        """The tensor's stored bytes as (rows, bytes per row) uint8, untouched."""
+        tensor = self._tensors.get(name)
+        if tensor is None:
+            raise ConvertError(f"{self.path}: tensor {name!r} missing from the GGUF file")
+        data = np.asarray(tensor.data)
+        return data.view(np.uint8).reshape(rows, -1)
+
+    def _kind(self, name: str) -> str:
+        tensor = self._tensors.get(name)
+        if tensor is None:
+            raise ConvertError(f"{self.path}: tensor {name!r} missing from the GGUF file")
+        return tensor.tensor_type.name
+
+    def _unpermute(self, name: str, array: np.ndarray) -> np.ndarray:
+        """Q/K rows back in Hugging Face order; a row permutation, so blocks (along a row) move whole."""
+        if name.endswith("q_proj.weight") or name.endswith("q_proj.bias"):
+            return _reverse_rope_permutation(array, self.arch.num_attention_heads)
+        if name.endswith("k_proj.weight") or name.endswith("k_proj.bias"):
+            return _reverse_rope_permutation(array, self.arch.num_key_value_heads)
+        return array
+
+    def resident_kind(self, name: str) -> str:
+        return self._kind(self._gguf_name(name))
+
+    def ffn_kind(self, layer: int, part: str) -> str:
+        return self._kind(f"blk.{layer}.ffn_{part}.weight")
+
+    def load_resident_blocks(self, name: str) -> np.ndarray:
+        rows = expected_resident_shape(self.arch, name)[0]
+        return np.ascontiguousarray(self._unpermute(name, self._blocks(self._gguf_name(name), rows)))
+
+    def load_ffn_blocks(self, layer: int, part: str) -> np.ndarray:
+        rows = self.arch.hidden_size if part == "down" else self.arch.intermediate_size
+        return self._blocks(f"blk.{layer}.ffn_{part}.weight", rows)
+
     def _gguf_name(self, store_name: str) -> str:
         table = {"embed_tokens": "token_embd.weight", "final_norm.weight": "output_norm.weight", "lm_head": "output.weight"}
         if store_name in table:
@@ -433,20 +484,16 @@ class GgufSource:
         return [(name, expected_resident_shape(self.arch, name)) for name in _llama_resident_names(self.arch)]
 
     def load_resident(self, name: str) -> np.ndarray:
-        array = self._tensor(self._gguf_name(name), expected_resident_shape(self.arch, name))
-        if name.endswith("q_proj.weight") or name.endswith("q_proj.bias"):
-            array = _reverse_rope_permutation(array, self.arch.num_attention_heads)
-        elif name.endswith("k_proj.weight") or name.endswith("k_proj.bias"):
-            array = _reverse_rope_permutation(array, self.arch.num_key_value_heads)
-        return array
+        return self._unpermute(name, self._tensor(self._gguf_name(name), expected_resident_shape(self.arch, name)))
+
+    def load_ffn_part(self, layer: int, part: str) -> np.ndarray:
+        d, n_ff = self.arch.hidden_size, self.arch.intermediate_size
+        return self._tensor(f"blk.{layer}.ffn_{part}.weight", (d, n_ff) if part == "down" else (n_ff, d))
 
     def load_ffn(self, layer: int) -> dict[str, np.ndarray]:
-        d, n_ff = self.arch.hidden_size, self.arch.intermediate_size
         # ffn_down is quantized in blocks running along a row of (d, n_ff), i.e. across neurons:
         # dequantize the whole matrix, then bundle its columns.
-        return {"gate": self._tensor(f"blk.{layer}.ffn_gate.weight", (n_ff, d)),
-                "up": self._tensor(f"blk.{layer}.ffn_up.weight", (n_ff, d)),
-                "down": self._tensor(f"blk.{layer}.ffn_down.weight", (d, n_ff))}
+        return {part: self.load_ffn_part(layer, part) for part in ("gate", "up", "down")}
 
     def tokenizer(self) -> tuple[str | None, dict]:
         from flashllm.runtime.tools.convert.gguf_tokenizer import tokenizer_from_gguf

@@ -3,7 +3,9 @@
 The store is written into `OUT.partial` and renamed into place only when every
 file is complete, so a failed or interrupted conversion leaves nothing that
 looks like a store. Peak memory stays near one layer's FFN weights plus the
-largest resident tensor (the embedding).
+largest resident tensor (the embedding). What each tensor is stored as (float,
+GGUF blocks kept, re-blocked or quantized) is quant_policy's decision, made
+once in `plan_store` before anything is written.
 """
 from __future__ import annotations
 
@@ -13,58 +15,151 @@ import shutil
 import struct
 import sys
 
+from dataclasses import dataclass
+from typing import Callable
+
 import numpy as np
 from tqdm import tqdm
 
+from flashllm.protocol import quant_format as qf
 from flashllm.protocol.store_format import (
-    ALIGNMENT_BYTES, DTYPE_ITEMSIZE, FFN_FILE, GATED_BUNDLE_PARTS, RELU_BUNDLE_PARTS, RESIDENT_FILE,
-    TOKENIZER_FILE, FfnLayerRegion, FfnLayout, Manifest, TokenizerInfo, align_up, sha256_hex, write_manifest,
+    ALIGNMENT_BYTES, FFN_FILE, GATED_BUNDLE_PARTS, QUANTIZED_STORE_DTYPES, RELU_BUNDLE_PARTS, RESIDENT_FILE,
+    TOKENIZER_FILE, FfnLayerRegion, FfnLayout, Manifest, QuantizedTensorInfo, TokenizerInfo, align_up,
+    bundle_parts_bytes, sha256_hex, write_manifest,
+)
+from flashllm.runtime.tools.convert.quant_policy import (
+    DOWN_COLUMN_KIND, FLOAT_DTYPES, VECTOR_KIND_OF_QUANTIZED_STORE, ReblockReport, check_dtype_option,
+    encode_down_columns, encode_matrix, is_quantizable_resident, matrix_kind, widest_kind,
 )
 from flashllm.runtime.tools.convert.sources import ConvertError, open_source
 from flashllm.workers.flash_io.integrity import bundle_digests, write_checksums
 
-SAFETENSORS_DTYPE = {"float16": "F16", "float32": "F32"}
+SAFETENSORS_DTYPE = {"float16": "F16", "float32": "F32", "bfloat16": "BF16"}  # quantized tensors: "U8" rows
 DISK_SPACE_MARGIN_BYTES = 64 << 20
 
 
-def _bundle_parts(arch) -> list[tuple[str, int]]:
+@dataclass
+class ResidentTensorPlan:
+    name: str  # store name
+    shape: tuple[int, ...]  # float shape from the config
+    kind: str  # quant_format kind it is stored as
+    source_kind: str  # how the source stores it
+
+    @property
+    def stored_shape(self) -> tuple[int, ...]:
+        """The safetensors shape: (rows, bytes per row) for blocks, the float shape otherwise."""
+        if qf.is_quantized(self.kind):
+            return (self.shape[0], qf.bytes_per_row(self.kind, self.shape[1]))
+        return self.shape
+
+    @property
+    def stored_bytes(self) -> int:
+        rows = int(np.prod(self.shape[:-1]))
+        return rows * qf.bytes_per_row(self.kind, self.shape[-1])
+
+
+@dataclass
+class StorePlan:
+    """What every tensor is stored as: decided once, before anything is written."""
+
+    dtype: str  # the store's dtype: its FFN gate/up rows' kind
+    bundle_parts: list[tuple[str, int, str]]  # (name, elements, kind) in storage order
+    resident: list[ResidentTensorPlan]
+
+    @property
+    def bundle_bytes(self) -> int:
+        return bundle_parts_bytes(self.bundle_parts)
+
+    @property
+    def quantized(self) -> bool:
+        return self.dtype in QUANTIZED_STORE_DTYPES
+
+
+def _ffn_row_parts(arch) -> tuple[str, ...]:
+    return ("gate", "up") if arch.gated_ffn else ("up",)
+
+
+def _check_blocked(kind: str, elements: int, what: str) -> None:
+    try:
+        qf.bytes_per_row(kind, elements)
+    except qf.QuantFormatError as exc:
+        raise ConvertError(f"{what}: {exc}") from None
+
+
+def plan_store(source, dtype: str) -> StorePlan:
+    check_dtype_option(dtype)
+    arch = source.arch
     d = arch.hidden_size
-    if arch.gated_ffn:
-        return [(name, d) for name in GATED_BUNDLE_PARTS]
-    return [(name, 1 if name == "up_bias" else d) for name in RELU_BUNDLE_PARTS]
-
-
-def build_bundles(ffn: dict[str, np.ndarray], gated: bool, dtype: str) -> np.ndarray:
-    """(n_ff, bundle_elements) matrix: row i is neuron i's bundle in storage order."""
-    if gated:
-        columns = [ffn["gate"], ffn["up"], ffn["down"].T]  # (n_ff, d) each
+    if dtype == "auto":
+        kinds = [matrix_kind(dtype, source.ffn_kind(layer, part), f"layers.{layer}.ffn_{part}")
+                 for layer in range(arch.num_hidden_layers) for part in _ffn_row_parts(arch)]
+        row_kind = widest_kind(kinds)
     else:
-        columns = [ffn["up"], ffn["down"].T, ffn["up_bias"][:, None]]
-    return np.ascontiguousarray(np.concatenate(columns, axis=1).astype(dtype))  # (n_ff, E)
+        row_kind = dtype
+    _check_blocked(row_kind, d, f"--dtype {dtype}: FFN rows of {d} weights")
+    if row_kind in QUANTIZED_STORE_DTYPES:
+        vector_kind = VECTOR_KIND_OF_QUANTIZED_STORE
+        if arch.gated_ffn:
+            parts = [("gate", d, row_kind), ("up", d, row_kind), ("down", d, DOWN_COLUMN_KIND)]
+        else:
+            parts = [("up", d, row_kind), ("down", d, DOWN_COLUMN_KIND), ("up_bias", 1, vector_kind)]
+    else:
+        vector_kind = row_kind
+        names = GATED_BUNDLE_PARTS if arch.gated_ffn else RELU_BUNDLE_PARTS
+        parts = [(name, 1 if name == "up_bias" else d, row_kind) for name in names]
+    resident = []
+    for name, shape in source.resident_specs():
+        source_kind = source.resident_kind(name)
+        if len(shape) == 2 and is_quantizable_resident(name):
+            kind = matrix_kind(dtype, source_kind, name)
+            if kind in FLOAT_DTYPES and row_kind in FLOAT_DTYPES:
+                kind = row_kind  # a float store is one float type throughout
+            _check_blocked(kind, shape[1], f"--dtype {dtype}: tensor {name!r} {tuple(shape)}")
+        else:
+            kind = vector_kind
+        resident.append(ResidentTensorPlan(name, tuple(shape), kind, source_kind))
+    return StorePlan(dtype=row_kind, bundle_parts=parts, resident=resident)
+
+
+def encode_layer_bundles(source, layer: int, plan: StorePlan, report: ReblockReport) -> np.ndarray:
+    """(n_ff, bundle_bytes) uint8: row i is neuron i's bundle, each part in its kind."""
+    floats = source.load_ffn(layer)  # {"gate"|"up": (n_ff, d), "down": (d, n_ff), "up_bias": (n_ff,)}
+    encoded = []
+    for name, _elements, kind in plan.bundle_parts:
+        if name == "down":
+            encoded.append(encode_down_columns(floats["down"], kind, report))  # (n_ff, bytes)
+        elif name == "up_bias":
+            encoded.append(qf.quantize_rows(kind, floats["up_bias"][:, None]))  # (n_ff, itemsize)
+        else:
+            source_kind = source.ffn_kind(layer, name)
+            encoded.append(encode_matrix(kind, source_kind, f"ffn {name} rows", lambda: floats[name],
+                                         lambda: source.load_ffn_blocks(layer, name), report))
+    return np.ascontiguousarray(np.concatenate(encoded, axis=1))  # (n_ff, bundle_bytes)
 
 
 class _StreamingSafetensorsWriter:
-    """Writes a safetensors file tensor by tensor (the header is known up front from shapes)."""
+    """Writes a safetensors file tensor by tensor (the header is known up front from the plan)."""
 
-    def __init__(self, path: str, specs: list[tuple[str, tuple[int, ...]]], dtype: str):
-        itemsize = DTYPE_ITEMSIZE[dtype]
+    def __init__(self, path: str, plans: list[ResidentTensorPlan]):
         header, offset = {}, 0
-        for name, shape in specs:
-            n_bytes = int(np.prod(shape)) * itemsize
-            header[name] = {"dtype": SAFETENSORS_DTYPE[dtype], "shape": list(shape), "data_offsets": [offset, offset + n_bytes]}
-            offset += n_bytes
+        for plan in plans:
+            st_dtype = "U8" if qf.is_quantized(plan.kind) else SAFETENSORS_DTYPE[plan.kind]
+            header[plan.name] = {"dtype": st_dtype, "shape": list(plan.stored_shape),
+                                 "data_offsets": [offset, offset + plan.stored_bytes]}
+            offset += plan.stored_bytes
         header["__metadata__"] = {"format": "pt", "writer": "flashllm"}
         header_bytes = json.dumps(header, separators=(",", ":")).encode()
         header_bytes += b" " * (-len(header_bytes) % 8)
         self.data_bytes = offset
-        self._specs = dict(specs)
-        self._dtype = dtype
+        self._expected_bytes = {plan.name: plan.stored_bytes for plan in plans}
         self._file = open(path, "wb")
         self._file.write(struct.pack("<Q", len(header_bytes)) + header_bytes)
         self.checksums: dict[str, str] = {}
 
-    def write(self, name: str, array: np.ndarray) -> None:
-        data = np.ascontiguousarray(array.astype(self._dtype)).tobytes()
+    def write(self, name: str, stored: np.ndarray) -> None:
+        data = np.ascontiguousarray(stored).tobytes()
+        if len(data) != self._expected_bytes[name]:
+            raise ConvertError(f"tensor {name!r}: {len(data)} bytes encoded, the plan says {self._expected_bytes[name]}")
         self.checksums[name] = sha256_hex(data)
         self._file.write(data)
 
@@ -72,25 +167,38 @@ class _StreamingSafetensorsWriter:
         self._file.close()
 
 
-def estimate_store_bytes(source, dtype: str) -> int:
-    arch, itemsize = source.arch, DTYPE_ITEMSIZE[dtype]
-    resident = sum(int(np.prod(shape)) for _, shape in source.resident_specs()) * itemsize
-    bundle_bytes = sum(n for _, n in _bundle_parts(arch)) * itemsize
-    return resident + arch.num_hidden_layers * align_up(arch.intermediate_size * bundle_bytes)
+def encode_resident(source, plan: ResidentTensorPlan, report: ReblockReport) -> np.ndarray:
+    if not qf.is_quantized(plan.kind):
+        return qf.quantize_rows(plan.kind, source.load_resident(plan.name))  # float bytes
+    what = ("embedding rows" if plan.name in ("embed_tokens", "lm_head")
+            else "attention rows" if "_proj." in plan.name else f"{plan.name} rows")
+    return encode_matrix(plan.kind, plan.source_kind, what, lambda: source.load_resident(plan.name),
+                         lambda: source.load_resident_blocks(plan.name), report)
 
 
-def convert(src: str, out: str, dtype: str = "float16", force: bool = False, progress: bool = True) -> Manifest:
-    if dtype not in SAFETENSORS_DTYPE:
-        raise ConvertError(f"--dtype {dtype!r} is not supported; use one of {', '.join(SAFETENSORS_DTYPE)}")
+def estimate_store_bytes(source, plan: StorePlan) -> int:
+    arch = source.arch
+    resident = sum(tensor.stored_bytes for tensor in plan.resident)
+    return resident + arch.num_hidden_layers * align_up(arch.intermediate_size * plan.bundle_bytes)
+
+
+def _print_to_stderr(line: str) -> None:
+    print(line, file=sys.stderr)
+
+
+def convert(src: str, out: str, dtype: str = "auto", force: bool = False, progress: bool = True,
+            log: Callable[[str], None] = _print_to_stderr) -> Manifest:
+    """Write the store of `src` into `out`; `log` gets one line per conversion that is not exact."""
+    check_dtype_option(dtype)
     out = os.path.abspath(out)
     if os.path.exists(out) and not force:
         raise ConvertError(f"{out} already exists; pass --force to replace it")
     source = open_source(src)
-    arch = source.arch
+    plan = plan_store(source, dtype)
 
     parent = os.path.dirname(out)
     os.makedirs(parent, exist_ok=True)
-    need_bytes = estimate_store_bytes(source, dtype)
+    need_bytes = estimate_store_bytes(source, plan)
     free_bytes = shutil.disk_usage(parent).free
     if free_bytes < need_bytes + DISK_SPACE_MARGIN_BYTES:
         raise ConvertError(
@@ -104,31 +212,29 @@ def convert(src: str, out: str, dtype: str = "float16", force: bool = False, pro
         shutil.rmtree(partial)
     os.makedirs(partial)
     try:
-        manifest = _write_store(source, partial, dtype, progress)
+        report = ReblockReport()
+        manifest = _write_store(source, partial, plan, report, progress)
         if os.path.exists(out):
             shutil.rmtree(out)
         os.rename(partial, out)
-        return manifest
     except BaseException:
         shutil.rmtree(partial, ignore_errors=True)
         raise
+    for line in report.lines():
+        log(line)
+    return manifest
 
 
-def _write_store(source, store_dir: str, dtype: str, progress: bool) -> Manifest:
+def _write_store(source, store_dir: str, plan: StorePlan, report: ReblockReport, progress: bool) -> Manifest:
     arch = source.arch
-    itemsize = DTYPE_ITEMSIZE[dtype]
-    parts = _bundle_parts(arch)
-    bundle_bytes = sum(n for _, n in parts) * itemsize
-    resident_specs = source.resident_specs()
-
-    bar = tqdm(total=arch.num_hidden_layers + len(resident_specs), desc="convert", unit="tensor",
+    bar = tqdm(total=arch.num_hidden_layers + len(plan.resident), desc="convert", unit="tensor",
                disable=not progress, file=sys.stderr)
     regions: list[FfnLayerRegion] = []
     digests: list = []  # per layer: (n_ff,) bundle checksums, checked by the reader on every read
     with open(os.path.join(store_dir, FFN_FILE), "wb") as ffn_file:
         offset = 0
         for layer in range(arch.num_hidden_layers):
-            bundles = build_bundles(source.load_ffn(layer), arch.gated_ffn, dtype)  # (n_ff, E)
+            bundles = encode_layer_bundles(source, layer, plan, report)  # (n_ff, bundle_bytes) uint8
             data = bundles.tobytes()
             digests.append(bundle_digests(bundles))
             ffn_file.seek(offset)
@@ -145,11 +251,11 @@ def _write_store(source, store_dir: str, dtype: str, progress: bool) -> Manifest
 
     checksum_file = write_checksums(store_dir, digests)
 
-    writer = _StreamingSafetensorsWriter(os.path.join(store_dir, RESIDENT_FILE), resident_specs, dtype)
+    writer = _StreamingSafetensorsWriter(os.path.join(store_dir, RESIDENT_FILE), plan.resident)
     try:
-        for name, _shape in resident_specs:
-            writer.write(name, source.load_resident(name))
-            bar.set_postfix_str(name)
+        for tensor in plan.resident:
+            writer.write(tensor.name, encode_resident(source, tensor, report))
+            bar.set_postfix_str(tensor.name)
             bar.update(1)
     finally:
         writer.close()
@@ -163,14 +269,16 @@ def _write_store(source, store_dir: str, dtype: str, progress: bool) -> Manifest
 
     manifest = Manifest(
         arch=arch,
-        dtype=dtype,
-        ffn=FfnLayout(file=FFN_FILE, dtype=dtype, alignment_bytes=ALIGNMENT_BYTES, bundle_parts=parts,
-                      bundle_bytes=bundle_bytes, file_bytes=file_bytes, layers=regions,
+        dtype=plan.dtype,
+        ffn=FfnLayout(file=FFN_FILE, dtype=plan.dtype, alignment_bytes=ALIGNMENT_BYTES, bundle_parts=plan.bundle_parts,
+                      bundle_bytes=plan.bundle_bytes, file_bytes=file_bytes, layers=regions,
                       bundle_checksums=checksum_file),
         resident_file=RESIDENT_FILE,
         resident_sha256=writer.checksums,
         tokenizer=TokenizerInfo(file=TOKENIZER_FILE, **tok_info),
         source=os.path.abspath(getattr(source, "path", getattr(source, "folder", ""))),
+        resident_quantized={t.name: QuantizedTensorInfo(kind=t.kind, shape=list(t.shape))
+                            for t in plan.resident if qf.is_quantized(t.kind)},
     )
     write_manifest(store_dir, manifest)
     return manifest

@@ -1,0 +1,263 @@
+"""Quantized resident matrices: held in the kernels' own layouts, products against a dequantized reference."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from flashllm.workers.models.quant_linear import (
+    BLOCK_WEIGHTS, Int4Matrix, QuantizedBlocks, dequantize, hold_quantized,
+)
+
+# bfloat16 activations round x to 8 significant bits: the products' relative error, measured ~4e-3 worst case
+BF16_PRODUCT_RTOL = 1.5e-2
+
+
+def quantize_rows(kind: str, w: np.ndarray) -> np.ndarray:
+    """Round-to-nearest blocks of w (out, in) float → (out, bytes_per_row) uint8, GGUF's reference math
+    (convert owns quantization; this copy lets the compute tests run on their own)."""
+    out, inner = w.shape
+    g = w.astype(np.float32).reshape(out, inner // BLOCK_WEIGHTS, BLOCK_WEIGHTS)  # (out, G, 32)
+    if kind == "q8_0":
+        d = (np.abs(g).max(-1) / 127).astype(np.float16)  # (out, G)
+        inv = np.where(d == 0, 0, 1 / np.where(d == 0, 1, d.astype(np.float32)))
+        q = np.clip(np.round(g * inv[..., None]), -127, 127).astype(np.int8)
+        return np.concatenate((d[..., None].view(np.uint8), q.view(np.uint8)), -1).reshape(out, -1)
+    if kind == "q4_1":
+        lo, hi = g.min(-1), g.max(-1)
+        d = ((hi - lo) / 15).astype(np.float16)
+        m = lo.astype(np.float16)
+        inv = np.where(d == 0, 0, 1 / np.where(d == 0, 1, d.astype(np.float32)))
+        q = np.clip(np.round((g - m.astype(np.float32)[..., None]) * inv[..., None]), 0, 15).astype(np.uint8)
+        head = np.concatenate((d[..., None].view(np.uint8), m[..., None].view(np.uint8)), -1)
+    else:
+        idx = np.abs(g).argmax(-1)
+        maxv = np.take_along_axis(g, idx[..., None], -1)[..., 0]
+        d = (maxv / -8).astype(np.float16)
+        inv = np.where(d == 0, 0, 1 / np.where(d == 0, 1, d.astype(np.float32)))
+        q = np.clip(np.round(g * inv[..., None] + 8), 0, 15).astype(np.uint8)
+        head = d[..., None].view(np.uint8)
+    qs = q[..., :16] | (q[..., 16:] << 4)  # (out, G, 16)
+    return np.concatenate((head, qs), -1).reshape(out, -1)
+
+
+def blocks_of(kind: str, w: np.ndarray) -> QuantizedBlocks:
+    return QuantizedBlocks(kind, torch.from_numpy(quantize_rows(kind, w)), w.shape)
+
+
+def relative_error(y: torch.Tensor, ref: torch.Tensor) -> float:
+    return float((y.double() - ref).abs().max() / ref.abs().max())
+
+
+@pytest.mark.parametrize("kind", ["q4_0", "q4_1", "q8_0"])
+def test_dequantize_is_within_a_block_step_of_the_weights(kind):
+    w = np.random.default_rng(0).normal(0, 0.05, (40, 96)).astype(np.float32)
+    back = dequantize(blocks_of(kind, w)).numpy()
+    grouped = w.reshape(40, 3, 32)
+    step = {"q4_0": np.abs(grouped).max(-1) / 8, "q4_1": np.ptp(grouped, -1) / 15,
+            "q8_0": np.abs(grouped).max(-1) / 127}[kind]  # (40, 3) one quantization step per block
+    # half a step (round to nearest), but Q4_0 clips its positive end at 7 steps of a block whose extreme is -8
+    allowed = step * (1.01 if kind == "q4_0" else 0.51)  # (40, 3)
+    assert (np.abs(back - w).reshape(40, 3, 32) <= allowed[..., None] + 1e-6).all()
+
+
+@pytest.mark.parametrize("kind,rows", [("q4_0", 64), ("q4_1", 72), ("q8_0", 40)])
+@pytest.mark.parametrize("batch", [1, 3, 20])
+def test_quantized_product_matches_dequantized_reference(kind, rows, batch):
+    rng = np.random.default_rng(1)
+    blocks = blocks_of(kind, rng.normal(0, 0.05, (rows, 128)).astype(np.float32))
+    x = torch.from_numpy(rng.normal(0, 1, (batch, 2, 128)).astype(np.float32))
+    ref = x.double() @ dequantize(blocks).double().T  # (batch, 2, rows)
+    held = hold_quantized(blocks, torch.float32, "cpu")
+    from flashllm.workers.models.resident import linear
+
+    y = linear(x, held)
+    assert y.shape == (batch, 2, rows) and y.dtype == torch.float32
+    assert relative_error(y, ref) < BF16_PRODUCT_RTOL
+
+
+def test_held_bytes_are_the_stored_bits_not_a_float_copy():
+    rng = np.random.default_rng(2)
+    w = rng.normal(0, 0.05, (256, 576)).astype(np.float32)
+    int4 = Int4Matrix(blocks_of("q4_1", w))
+    # 4 bits a weight + a bfloat16 (scale, zero) per 32: 20 bytes per 32 weights, as Q4_1 stores them
+    assert int4.nbytes == 256 * 576 // 32 * 20
+    assert hold_quantized(blocks_of("q8_0", w), torch.float32, "cpu").dtype == torch.float16
+
+
+@pytest.mark.parametrize("kind", ["q8_0", "q4_1", "q4_0"])
+def test_embedding_rows_dequantize_only_the_ids_asked_for(kind):
+    w = np.random.default_rng(3).normal(0, 0.05, (150, 64)).astype(np.float32)
+    blocks = blocks_of(kind, w)
+    ids = torch.tensor([[3, 149], [0, 100], [35, 70]])  # both nibble halves of the int4 tiles
+    from flashllm.workers.models.resident import embedding_rows
+
+    rows = embedding_rows(hold_quantized(blocks, torch.float32, "cpu"), ids, torch.float32)  # (3, 2, 64)
+    # int4 scales are held in bfloat16 (the kernel's type): equal to its rounding
+    tolerance = (1e-3 if kind == "q8_0" else 1e-2) * float(np.abs(w).max())  # q8_0 is held in float16
+    assert torch.allclose(rows, dequantize(blocks)[ids], atol=tolerance, rtol=0)
+
+
+def test_blocks_of_the_wrong_size_are_refused():
+    with pytest.raises(ValueError, match="must be .* uint8"):
+        QuantizedBlocks("q4_1", torch.zeros(4, 19, dtype=torch.uint8), (4, 32))
+    with pytest.raises(ValueError, match="multiple of 32"):
+        QuantizedBlocks("q8_0", torch.zeros(4, 34, dtype=torch.uint8), (4, 40))
+
+
+# ---- FFN neurons of a quantized store ------------------------------------------------------------
+
+def quantized_layout_and_bundles(kind: str, n_ff: int = 96, d: int = 64, seed: int = 4):
+    """A gated layout of `kind` gate/up rows and q8_col down columns, and n_ff random bundles in it."""
+    from flashllm.protocol import quant_format as qf
+    from flashllm.protocol.store_format import FfnLayerRegion, FfnLayout
+
+    parts = [("gate", d, kind), ("up", d, kind), ("down", d, "q8_col")]
+    rng = np.random.default_rng(seed)
+    bundles = np.concatenate([qf.quantize_rows(k, rng.normal(0, 0.1, (n_ff, n)).astype(np.float32))
+                              for _, n, k in parts], axis=1)  # (n_ff, bundle_bytes)
+    layout = FfnLayout(file="ffn.bin", dtype=kind, alignment_bytes=4096, bundle_parts=parts,
+                       bundle_bytes=bundles.shape[1], file_bytes=bundles.nbytes,
+                       layers=[FfnLayerRegion(offset_bytes=0, length_bytes=bundles.nbytes, num_neurons=n_ff,
+                                              sha256="")])
+    return layout, bundles
+
+
+def reference_ffn(layout, bundles: np.ndarray, h: torch.Tensor) -> torch.Tensor:
+    from flashllm.workers.models.ffn import BundleColumns, ffn_from_rows
+    from flashllm.workers.store_reader import bundle_rows_as_float as dequantize_bundles
+
+    rows = torch.from_numpy(dequantize_bundles(layout, bundles)).double()  # (k, E)
+    return ffn_from_rows(h.double(), rows, BundleColumns.from_layout(layout.part_slices()))
+
+
+@pytest.mark.parametrize("kind", ["q4_1", "q4_0", "q8_0"])
+def test_neuron_matrix_slots_written_one_by_one_multiply_like_the_dequantized_rows(kind):
+    from flashllm.workers.models.quant_ffn import QuantNeuronMatrix
+
+    layout, bundles = quantized_layout_and_bundles(kind)
+    matrix = QuantNeuronMatrix(layout, capacity=70)  # 128 slots: two int4 tiles, rows in both nibble halves
+    assert matrix.capacity == 128
+    order = np.random.default_rng(5).permutation(96)[:70]  # neurons in a cache's arbitrary order
+    matrix.write(np.arange(70), bundles[order[::-1]])  # first fill, then overwrite every slot
+    matrix.write(np.arange(70), bundles[order])
+    matrix.write(np.array([3, 40]), bundles[order[[40, 3]]])  # a delete's move: rows swap slots
+    matrix.write(np.array([3, 40]), bundles[order[[3, 40]]])
+    h = torch.randn(3, 64)
+    n = 50
+    ref = reference_ffn(layout, bundles[order[:n]], h)
+    assert relative_error(matrix.ffn(h, n), ref) < 2 * BF16_PRODUCT_RTOL
+    mask = torch.rand(3, n) > 0.5
+    from flashllm.workers.models.ffn import BundleColumns, masked_ffn_from_rows
+    from flashllm.workers.store_reader import bundle_rows_as_float as dequantize_bundles
+    rows = torch.from_numpy(dequantize_bundles(layout, bundles[order[:n]])).double()
+    masked_ref = masked_ffn_from_rows(h.double(), rows, BundleColumns.from_layout(layout.part_slices()), mask)
+    assert relative_error(matrix.masked_ffn(h, n, mask), masked_ref) < 2 * BF16_PRODUCT_RTOL
+
+
+@pytest.mark.parametrize("kind,capacity", [("q4_1", 70), ("q4_0", 64), ("q8_0", 1)])
+def test_neuron_matrix_bytes_known_before_making_one_are_its_tensors_bytes(kind, capacity):
+    from flashllm.workers.models.quant_ffn import QuantNeuronMatrix
+
+    layout, _ = quantized_layout_and_bundles(kind)
+    assert QuantNeuronMatrix.bytes_for(layout, capacity) == QuantNeuronMatrix(layout, capacity).nbytes
+
+
+@pytest.mark.parametrize("kind,rows", [("q4_1", 100), ("q4_0", 64), ("q8_0", 50)])
+def test_resident_matrix_bytes_known_before_holding_it_are_its_tensors_bytes(kind, rows):
+    from flashllm.workers.models.quant_linear import held_matrix_bytes
+
+    blocks = blocks_of(kind, np.random.default_rng(6).normal(0, 0.05, (rows, 64)).astype(np.float32))
+    assert held_matrix_bytes(kind, (rows, 64)) == hold_quantized(blocks, torch.float32, "cpu").nbytes
+
+
+# ---- a quantized store, end to end --------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def quantized_tiny_store(tiny_models, tmp_path_factory):
+    from flashllm.runtime.tools.convert.store_writer import convert
+
+    out = str(tmp_path_factory.mktemp("quant") / "llama-q4_0")
+    convert(tiny_models("llama"), out, dtype="q4_0", progress=False)
+    return out
+
+
+def held_nbytes(value) -> int:
+    return value.nbytes
+
+
+def test_the_memory_plan_counts_quantized_weights_and_caches_as_held(quantized_tiny_store):
+    from flashllm.runtime.core.engine import Engine
+    from flashllm.runtime.core.memory_plan import cache_bytes_of, plan_for_store
+    from flashllm.workers.prefetch import Prefetcher
+    from flashllm.workers.sparse_ffn import CacheView
+    from flashllm.workers.store_reader import open_store
+
+    manifest = open_store(quantized_tiny_store)
+    plan = plan_for_store(quantized_tiny_store, manifest, 2**40, "dense", 4, 0)
+    with Engine(quantized_tiny_store, mode="dense", max_batch=1) as engine:
+        model, ffn = engine.executor.model, engine.executor.ffn
+        held = {name: held_nbytes(value) for name, value in model.w.items()}
+        assert plan.resident_bytes == sum(held.values())
+        # the store's blocks, not float copies: attention and embeddings under a float32 copy's third
+        float_bytes = sum(4 * info.shape[0] * info.shape[1] for info in manifest.resident_quantized.values())
+        quantized_held = sum(held[name] for name, value in model.w.items() if not isinstance(value, torch.Tensor))
+        assert quantized_held < float_bytes / 3
+        assert plan.cache_bytes == sum(rows.matrix.nbytes for rows in ffn.layers)
+    capacity_rows = [70, 100]
+    prefetcher = Prefetcher(quantized_tiny_store, manifest, capacity_rows, window_tokens=4)
+    try:
+        view = CacheView(prefetcher.caches, torch.float32, "cpu", manifest.ffn)
+        actual = sum(cache.rows.nbytes for cache in prefetcher.caches) + view.held_bytes
+        assert cache_bytes_of(manifest.ffn, capacity_rows, 1, "cpu") == actual
+    finally:
+        prefetcher.close()
+
+
+def test_dense_and_naive_decode_a_quantized_store_alike_and_near_its_float_weights(quantized_tiny_store):
+    from flashllm.runtime.core.engine import Engine
+    from flashllm.runtime.core.sampling import SamplingParams
+
+    prompt = list(range(5, 17))
+    tokens, logits = {}, {}
+    for mode in ("dense", "naive"):
+        with Engine(quantized_tiny_store, mode=mode, max_batch=1) as engine:
+            captured = []
+            engine.logits_hook = lambda rid, row: captured.append(row.clone())
+            tokens[mode] = engine.generate([prompt], SamplingParams(max_tokens=12, ignore_eos=True))[0].tokens
+            logits[mode] = torch.stack(captured)
+    assert tokens["dense"] == tokens["naive"]
+    assert torch.allclose(logits["dense"], logits["naive"], atol=1e-5)
+
+
+def test_sparse_decodes_a_quantized_store_with_the_same_tokens_in_both_runtimes(quantized_tiny_store, tmp_path):
+    """Caches of quantized bundles, mirrored slot by slot in the kernels' layouts by each runtime's compute side,
+    at a budget that makes the window evict and move rows."""
+    import shutil
+
+    from flashllm.runtime.core.engine import Engine
+    from flashllm.runtime.core.sampling import SamplingParams
+    from flashllm.runtime.tools.calibrate import calibrate
+    from flashllm.runtime.core.memory_plan import cache_bytes_of, plan_for_store
+    from flashllm.workers.store_reader import open_store
+    from tests.test_sparse import calibration_text
+
+    store = str(tmp_path / "calibrated")
+    shutil.copytree(quantized_tiny_store, store)
+    calibrate(store, calibration_text(), max_tokens=800, progress=False, log=lambda *_: None)
+    manifest = open_store(store)
+    roomy = plan_for_store(store, manifest, 2**40, "sparse", 4, 0, keep_fraction=0.25)
+    layers = len(roomy.capacity_rows)
+    # 20 rows a layer above the minimum (plus the plan's per-layer tile slack): the window must evict
+    budget = (roomy.resident_bytes + roomy.predictor_bytes + roomy.staging_bytes
+              + cache_bytes_of(manifest.ffn, [rows + 20 for rows in roomy.min_capacity_rows], 1, "cpu")
+              + layers * cache_bytes_of(manifest.ffn, [1], 1, "cpu"))
+    prompt = list(range(5, 17))
+    tokens = {}
+    for runtime in ("inproc", "workers"):
+        with Engine(store, mode="sparse", max_batch=1, runtime=runtime,
+                    ffn_options={"memory_budget_bytes": budget, "keep_fraction": 0.25}) as engine:
+            result = engine.generate([prompt], SamplingParams(max_tokens=16, ignore_eos=True))[0]
+            tokens[runtime] = result.tokens
+            assert sum(s["neurons_read"] for s in result.token_stats) > 0  # it read neurons, from the cache's misses
+    assert tokens["inproc"] == tokens["workers"]
