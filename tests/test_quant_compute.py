@@ -125,7 +125,7 @@ def quantized_layout_and_bundles(kind: str, n_ff: int = 96, d: int = 64, seed: i
 
 def reference_ffn(layout, bundles: np.ndarray, h: torch.Tensor) -> torch.Tensor:
     from flashllm.workers.models.ffn import BundleColumns, ffn_from_rows
-    from flashllm.workers.store_reader import bundle_rows_as_float as dequantize_bundles
+    from flashllm.workers.flash_io.bundle_rows import bundle_rows_as_float as dequantize_bundles
 
     rows = torch.from_numpy(dequantize_bundles(layout, bundles)).double()  # (k, E)
     return ffn_from_rows(h.double(), rows, BundleColumns.from_layout(layout.part_slices()))
@@ -149,7 +149,7 @@ def test_neuron_matrix_slots_written_one_by_one_multiply_like_the_dequantized_ro
     assert relative_error(matrix.ffn(h, n), ref) < 2 * BF16_PRODUCT_RTOL
     mask = torch.rand(3, n) > 0.5
     from flashllm.workers.models.ffn import BundleColumns, masked_ffn_from_rows
-    from flashllm.workers.store_reader import bundle_rows_as_float as dequantize_bundles
+    from flashllm.workers.flash_io.bundle_rows import bundle_rows_as_float as dequantize_bundles
     rows = torch.from_numpy(dequantize_bundles(layout, bundles[order[:n]])).double()
     masked_ref = masked_ffn_from_rows(h.double(), rows, BundleColumns.from_layout(layout.part_slices()), mask)
     assert relative_error(matrix.masked_ffn(h, n, mask), masked_ref) < 2 * BF16_PRODUCT_RTOL

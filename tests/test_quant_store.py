@@ -183,7 +183,8 @@ def _dequantized_reference(folder: str, store: str):
 
     from flashllm.runtime.tools.convert.sources import HuggingFaceSource
     from flashllm.workers.flash_io.bundle_reader import BundleReader
-    from flashllm.workers.store_reader import bundle_rows_as_float, dequantize_resident_weights, load_resident_weights
+    from flashllm.workers.flash_io.bundle_rows import bundle_rows_as_float
+    from flashllm.workers.store_reader import dequantize_resident_weights, load_resident_weights
     from tests.test_reference_match import _reference
 
     reference, source, manifest = _reference(folder), HuggingFaceSource(folder), read_manifest(store)
@@ -301,7 +302,8 @@ def test_the_demo_stores_kept_blocks_are_the_gguf_files_bytes(quantized_demo_sto
 
     from flashllm.runtime.tools.convert.sources import _reverse_rope_permutation
     from flashllm.workers.flash_io.bundle_reader import BundleReader
-    from flashllm.workers.store_reader import QuantizedTensor, bundle_rows_as_float, load_resident_weights
+    from flashllm.workers.flash_io.bundle_rows import bundle_rows_as_float
+    from flashllm.workers.store_reader import QuantizedTensor, load_resident_weights
 
     store, _ = quantized_demo_store
     manifest = read_manifest(store)

@@ -19,7 +19,7 @@ from flashllm.protocol.store_format import FfnLayout, Manifest
 from flashllm.workers.flash_io.bundle_reader import BundleReader
 from flashllm.workers.models.ffn import BundleColumns, ffn_from_rows
 from flashllm.workers.models.quant_ffn import QuantRows, quant_rows_of
-from flashllm.workers.store_reader import bundle_rows_as_float
+from flashllm.workers.flash_io.bundle_rows import bundle_rows_as_float
 
 
 @dataclass

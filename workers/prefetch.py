@@ -38,7 +38,7 @@ from flashllm.workers.flash_io.bundle_reader import BundleReader, layer_chunks, 
 from flashllm.workers.flash_io.neuron_cache import NeuronCache
 from flashllm.workers.flash_io.neuron_ids import union_ids
 from flashllm.workers.process_entry import WorkerConfig, run_worker
-from flashllm.workers.store_reader import bundle_rows_as_float
+from flashllm.workers.flash_io.bundle_rows import bundle_rows_as_float
 
 # neurons the same-layer check adds to the lookahead's set: read before the layer runs, or left out this token
 MISSING_POLICIES = ("read", "skip")

@@ -40,7 +40,7 @@ from flashllm.workers.flash_io.neuron_cache import DEFAULT_WINDOW_TOKENS
 from flashllm.workers.flash_io.neuron_ids import union_ids
 from flashllm.workers.models.ffn import BundleColumns, ffn_from_rows, masked_ffn_over_chunks
 from flashllm.workers.models.quant_ffn import QuantNeuronMatrix, QuantRows
-from flashllm.workers.store_reader import bundle_rows_as_float
+from flashllm.workers.flash_io.bundle_rows import bundle_rows_as_float
 from flashllm.workers.predictor import SparsityPredictor
 from flashllm.workers.prefetch import MISSING_POLICIES, Prefetcher, neuron_cache_dtype
 

@@ -5,9 +5,9 @@ store is refused the same way everywhere, with the file and region named.
 
 Quantized stores (protocol/quant_format.py): resident matrices come back as
 `QuantizedTensor` (the blocks as stored, their kind and float shape) for compute
-that holds them quantized; `dequantize_resident_weights` and
-`bundle_rows_as_float` turn blocks into float32 for compute that multiplies
-floats (one layer or chunk of bundles at a time).
+that holds them quantized; `dequantize_resident_weights` turns blocks into float32 for compute that
+multiplies floats; bundle rows are decoded by workers/flash_io/bundle_rows.py
+(torch-free, for the prefetcher).
 """
 from __future__ import annotations
 
@@ -24,7 +24,6 @@ from flashllm.protocol.store_format import (
 )
 
 VERIFY_CHUNK_BYTES = 8 << 20
-NUMPY_FLOAT_KINDS = ("float16", "float32")  # bundle parts numpy multiplies as read
 
 
 def open_store(store_dir: str) -> Manifest:
@@ -106,24 +105,6 @@ class QuantizedTensor:
 def dequantize_resident_weights(weights: dict[str, "torch.Tensor | QuantizedTensor"]) -> dict[str, torch.Tensor]:
     """Every quantized matrix as float32 (the float compute path); float tensors pass through as they are."""
     return {name: t.dequantize() if isinstance(t, QuantizedTensor) else t for name, t in weights.items()}
-
-
-def bundle_rows_as_float(layout: FfnLayout, rows: np.ndarray) -> np.ndarray:
-    """Bundle rows as read -> rows in the [gate | up | down] element layout the float FFN multiplies.
-
-    float16/float32 stores: `rows` itself (k, bundle_elements), untouched. Quantized stores: rows
-    (k, bundle_bytes) uint8, and bfloat16 stores: rows (k, bundle_elements) of uint16 bits -> a new
-    (k, bundle_elements) float32 array, each part decoded by its kind."""
-    if all(kind in NUMPY_FLOAT_KINDS for _, _, kind in layout.bundle_parts):
-        return rows
-    rows = np.ascontiguousarray(rows).view(np.uint8)  # (k, bundle_bytes)
-    if rows.ndim != 2 or rows.shape[1] != layout.bundle_bytes:
-        raise ValueError(f"expected bundle rows (k, {layout.bundle_bytes}) uint8, got {rows.shape} {rows.dtype}")
-    out = np.empty((rows.shape[0], layout.bundle_elements), dtype=np.float32)  # (k, E)
-    element_slices, byte_slices = layout.part_slices(), layout.part_byte_slices()
-    for name, elements, kind in layout.bundle_parts:
-        out[:, element_slices[name]] = qf.dequantize_rows(kind, rows[:, byte_slices[name]], elements)
-    return out
 
 
 def _tensor_sha256(tensor: torch.Tensor) -> str:

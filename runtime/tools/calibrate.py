@@ -43,12 +43,13 @@ from flashllm.protocol.store_format import SPARSITY_FILE, SparsityInfo, sha256_h
 from flashllm.workers.executor import ModelExecutor, compute_dtype, default_device
 from flashllm.workers.ffn_providers import rows_to_tensor
 from flashllm.workers.flash_io.bundle_reader import BundleReader
+from flashllm.workers.flash_io.bundle_rows import bundle_rows_as_float
 from flashllm.workers.models.ffn import BundleColumns, ffn_from_rows, masked_ffn_from_rows, neuron_activations
 from flashllm.workers.predictor import (
     PREDICTOR_TYPES, SKETCH_BITS, SKETCH_GROUP, LowRankPredictor, SketchPredictor, lookahead_input_map,
     predictor_tensor_names, quantize_sketch, sketch_tensor_names, top_k_mask,
 )
-from flashllm.workers.store_reader import bundle_rows_as_float, open_store
+from flashllm.workers.store_reader import open_store
 
 CALIBRATION_WINDOW_TOKENS = 512
 # rank r of d → r → n. On the SwiGLU demo model the rank decides quality (top 50% kept by the same-layer
