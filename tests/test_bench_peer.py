@@ -1,4 +1,4 @@
-"""`flashllm bench-peer`'s parts that run without llama.cpp: budgets, the memory-cgroup runner, the report.
+"""`flashllm bench-peer`'s parts that run without llama.cpp: budgets, the memory-cgroup runner (runtime/tools/memory_cgroup.py), the report.
 
 The head-to-head itself needs a llama-bench binary and minutes; it is a program (docs/benchmarks.md), not a test.
 """
@@ -15,10 +15,11 @@ from flashllm.runtime.tools.bench_peer import (
     LLAMA_BENCH_ENV, PeerBenchError, format_table, parse_budgets, parse_llama_bench_json, summarize_budgets,
     write_report)
 from flashllm.runtime.tools.memory_cgroup import (
-    CGROUP_NAME_PREFIX, CGROUP_V1_MEMORY_ROOT, cgroup_v1_writable, run_in_memory_cgroup)
+    CGROUP_NAME_PREFIX, candidate_parents, cgroup_available, drop_page_cache, measure_command)
 
 MIB = 2**20
-needs_cgroup = pytest.mark.skipif(not cgroup_v1_writable(), reason="no writable memory cgroup v1 (needs root)")
+NO_CGROUP = cgroup_available()
+needs_cgroup = pytest.mark.skipif(NO_CGROUP is not None, reason=f"no writable memory cgroup: {NO_CGROUP}")
 
 
 def _touch_bytes_program(size_bytes: int) -> list[str]:
@@ -27,7 +28,8 @@ def _touch_bytes_program(size_bytes: int) -> list[str]:
 
 
 def _my_cgroups() -> list[str]:
-    return [n for n in os.listdir(CGROUP_V1_MEMORY_ROOT) if n.startswith(f"{CGROUP_NAME_PREFIX}{os.getpid()}-")]
+    return [os.path.join(parent, n) for parent, _ in candidate_parents() if os.path.isdir(parent)
+            for n in os.listdir(parent) if n.startswith(f"{CGROUP_NAME_PREFIX}{os.getpid()}-")]
 
 
 def test_budgets_are_fractions_of_the_gguf_in_the_order_given():
@@ -64,16 +66,29 @@ def test_a_llama_bench_that_is_not_a_program_is_refused(tmp_path, capsys):
 
 @needs_cgroup
 def test_cgroup_runner_reports_the_peak_of_what_a_command_touched():
-    run = run_in_memory_cgroup(_touch_bytes_program(64 * MIB))
-    assert run.ok and run.stdout.strip() == "done"
+    run = measure_command(_touch_bytes_program(64 * MIB), method="cgroup")
+    assert run.ok and run.stdout.strip() == "done" and run.method.startswith("cgroup-v")
     assert 64 * MIB <= run.peak_bytes < 256 * MIB
     assert run.oom_kills == 0 and run.failure() is None
     assert _my_cgroups() == []  # the group is removed
 
 
 @needs_cgroup
+def test_cgroup_runner_reports_the_page_cache_a_command_read(tmp_path):
+    """A file read from a cold cache stays charged to the group after exit (bench-peer subtracts it)."""
+    path = tmp_path / "weights.bin"
+    with open(path, "wb") as f:
+        f.write(os.urandom(32 * MIB))
+        os.fsync(f.fileno())  # written back: only clean pages can be dropped
+    drop_page_cache([str(path)])
+    run = measure_command(["dd", f"if={path}", "of=/dev/null", "bs=1M"], method="cgroup")
+    assert run.ok and run.cache_bytes_after_exit >= 30 * MIB  # a few pages may be reclaimed meanwhile
+    assert run.peak_bytes >= run.cache_bytes_after_exit
+
+
+@needs_cgroup
 def test_cgroup_runner_shows_an_oom_kill_as_a_failure():
-    run = run_in_memory_cgroup(_touch_bytes_program(128 * MIB), limit_bytes=48 * MIB)
+    run = measure_command(_touch_bytes_program(128 * MIB), limit_bytes=48 * MIB)
     assert not run.ok and run.oom_killed
     assert run.peak_bytes <= 48 * MIB
     assert "OOM-killed under a cap of 48.0 MiB" in run.failure()
@@ -82,7 +97,7 @@ def test_cgroup_runner_shows_an_oom_kill_as_a_failure():
 
 @needs_cgroup
 def test_cgroup_runner_kills_a_command_and_its_children_at_the_timeout():
-    run = run_in_memory_cgroup(["bash", "-c", "sleep 60 & sleep 60"], timeout_s=0.5)
+    run = measure_command(["bash", "-c", "sleep 60 & sleep 60"], timeout_s=0.5, method="cgroup")
     assert run.timed_out and run.failure() == "timed out"
     assert run.wall_s < 15
     assert _my_cgroups() == []  # removable only once the background sleep is gone too

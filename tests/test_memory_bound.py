@@ -1,14 +1,15 @@
 """A real `flashllm generate` at --memory M, all its processes measured together as a memory cgroup counts
-them, stays within (M + one baseline per process + KV cache) + 10% (runtime/tools/peak_memory.py)."""
+them, stays within (M + one baseline per process + KV cache) + 10% (runtime/tools/memory_cgroup.py)."""
 from __future__ import annotations
 
 import os
 import sysconfig
+import time
 
 import pytest
 
-from flashllm.runtime.tools.peak_memory import (
-    cgroup_available, measure_baselines, measure_command, measure_generate,
+from flashllm.runtime.tools.memory_cgroup import (
+    CgroupUnavailable, cgroup_available, measure_baselines, measure_command, measure_generate,
 )
 from tests.conftest import calibrated_copies
 
@@ -28,8 +29,37 @@ def test_peak_counts_every_process_of_a_command():
     script = (f"import subprocess, sys; ps = [subprocess.Popen([sys.executable, '-c', {child!r}]) for _ in range(2)]; "
               "[p.wait() for p in ps]")
     peak = measure_command(["python3", "-c", script])
-    assert peak.exit_code == 0, peak.stderr
+    assert peak.ok, peak.stderr
     assert peak.peak_bytes >= 2 * 64 << 20
+
+
+def test_pss_fallback_counts_every_process_and_kills_them_all_at_the_timeout(tmp_path):
+    """Where no cgroup is writable: the summed PSS sees a child's 64 MiB, and at the timeout the command's
+    background child is killed too, not left running."""
+    pid_file = tmp_path / "child.pid"
+    child = "import time; b = bytearray(64 << 20); b[::4096] = b'x' * len(b[::4096]); time.sleep(60)"
+    script = f"python3 -c {child!r} & echo $! > {pid_file}; sleep 60"
+    run = measure_command(["bash", "-c", script], timeout_s=3, method="pss")
+    assert run.method == "pss-sampling" and run.timed_out and run.failure() == "timed out"
+    assert run.peak_bytes >= 64 << 20
+    child_pid = int(pid_file.read_text())
+    for _ in range(100):  # killed; reaped by whoever inherited it
+        try:
+            with open(f"/proc/{child_pid}/stat") as f:
+                if f.read().rsplit(")", 1)[1].split()[0] == "Z":
+                    break
+        except FileNotFoundError:
+            break
+        time.sleep(0.05)
+    else:
+        raise AssertionError(f"the background child {child_pid} outlived the timeout")
+
+
+def test_a_cap_without_a_cgroup_is_refused():
+    if NO_CGROUP is None:
+        pytest.skip("a memory cgroup is writable here")
+    with pytest.raises(CgroupUnavailable, match="no writable memory cgroup"):
+        measure_command(["true"], limit_bytes=64 << 20)
 
 
 @pytest.mark.skipif(NO_CGROUP is not None, reason=f"no writable memory cgroup: {NO_CGROUP}")

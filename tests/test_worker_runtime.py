@@ -417,7 +417,7 @@ def test_bench_of_the_worker_runtime_measures_reads_and_compute(sparse_store, tm
     assert workers["flash_read_bytes_per_token"] > 0
     assert 0 < workers["compute_ms"] <= workers["ms_per_token"]
     assert workers["io_ms"] >= 0 and workers["wait_ms"] >= 0
-    # the same run's peak memory, all processes, beside its bound (runtime/tools/peak_memory.py)
+    # the same run's peak memory, all processes, beside its bound (runtime/tools/memory_cgroup.py)
     peak = report["peak_memory"]["runs"]["workers"]
     assert "error" not in peak, peak
     assert peak["baseline_torch_process_bytes"] < peak["peak_bytes"] <= peak["bound_bytes"]

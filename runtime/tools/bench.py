@@ -413,9 +413,9 @@ def _plots(report: dict, plots_dir: str) -> list[str]:
 def peak_memory_runs(store: str, memory_bytes: int, runtimes: list[str], resident_dtype: str | None,
                      sparse_options: dict) -> dict:
     """The sparse mode's peak memory per runtime, all its processes together, as a memory cgroup counts it
-    (runtime/tools/peak_memory.py): a real `flashllm generate` in a child process at the bench's budget,
+    (runtime/tools/memory_cgroup.py): a real `flashllm generate` in a child process at the bench's budget,
     beside the bound (budget + one baseline per process + KV cache) x 1.1."""
-    from flashllm.runtime.tools.peak_memory import measure_baselines, measure_generate
+    from flashllm.runtime.tools.memory_cgroup import measure_baselines, measure_generate
 
     print("bench: peak memory (baselines, then a `flashllm generate` per runtime) ...", file=sys.stderr)
     baselines = measure_baselines()

@@ -43,7 +43,7 @@ import tempfile
 from dataclasses import asdict, dataclass, replace
 from typing import Callable
 
-from flashllm.runtime.tools.memory_cgroup import CgroupRun, drop_page_cache, run_in_memory_cgroup
+from flashllm.runtime.tools.memory_cgroup import MeasuredRun, drop_page_cache, measure_command
 
 LLAMA_BENCH_ENV = "FLASHLLM_LLAMA_BENCH"
 BENCH_PROMPT = "The history of the printing press begins"
@@ -176,7 +176,7 @@ def _store_files(store: str) -> list[str]:
             if os.path.isfile(os.path.join(store, name))]
 
 
-def _run_record(run: CgroupRun, system: str, mode: str, fraction: float | None, round_index: int) -> dict:
+def _run_record(run: MeasuredRun, system: str, mode: str, fraction: float | None, round_index: int) -> dict:
     return {"system": system, "mode": mode, "budget_fraction": fraction, "round": round_index,
             "cap_bytes": run.limit_bytes, "peak_bytes": run.peak_bytes, "oom_kills": run.oom_kills,
             "returncode": run.returncode, "timed_out": run.timed_out, "wall_s": round(run.wall_s, 3),
@@ -185,7 +185,8 @@ def _run_record(run: CgroupRun, system: str, mode: str, fraction: float | None, 
 
 def run_llama(options: PeerBenchOptions, cap_bytes: int | None, fraction: float | None, round_index: int) -> dict:
     drop_page_cache([options.gguf])
-    run = run_in_memory_cgroup(llama_bench_argv(options), limit_bytes=cap_bytes, timeout_s=options.timeout_s)
+    run = measure_command(llama_bench_argv(options), limit_bytes=cap_bytes, timeout_s=options.timeout_s,
+                          method="cgroup")
     record = _run_record(run, "llama.cpp", "llama-bench tg", fraction, round_index)
     record["cache_bytes_after_exit"] = run.cache_bytes_after_exit
     if run.ok:
@@ -220,8 +221,8 @@ def run_flashllm(options: PeerBenchOptions, mode: str, memory_bytes: int | None,
     drop_page_cache(_store_files(options.store))
     runtime_dir = tempfile.mkdtemp(prefix="flashllm-peer-run-")
     env = {**os.environ, "FLASHLLM_RUNTIME_DIR": runtime_dir}
-    run = run_in_memory_cgroup(flashllm_generate_argv(options, mode, memory_bytes), limit_bytes=cap_bytes,
-                               timeout_s=options.timeout_s, env=env)
+    run = measure_command(flashllm_generate_argv(options, mode, memory_bytes), limit_bytes=cap_bytes,
+                          timeout_s=options.timeout_s, env=env, method="cgroup")
     _sweep_instance_leftovers(run.pid, runtime_dir)
     record = _run_record(run, "flashllm", mode, fraction, round_index)
     record["memory_bytes"] = memory_bytes
@@ -257,7 +258,7 @@ def measure_flashllm_process_baseline(threads: int | None) -> dict:
     set_threads = f"torch.set_num_threads({threads}); " if threads else ""
     code = ("import torch, flashllm.runtime.core.engine; " + set_threads +
             "x = torch.ones(256, 256); print(float((x @ x).sum()))")
-    run = run_in_memory_cgroup([sys.executable, "-c", code], timeout_s=120)
+    run = measure_command([sys.executable, "-c", code], timeout_s=120, method="cgroup")
     if not run.ok:
         raise PeerBenchError(f"could not measure flashllm's process baseline: {run.failure()}")
     return {"baseline_bytes": run.peak_bytes,
