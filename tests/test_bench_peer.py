@@ -1,4 +1,5 @@
-"""`flashllm bench-peer`'s parts that run without llama.cpp: budgets, the memory-cgroup runner (runtime/tools/memory_cgroup.py), the report.
+"""`flashllm bench-peer`'s parts that run without llama.cpp: budgets, the memory-cgroup runner
+(runtime/tools/memory_cgroup.py), the report.
 
 The head-to-head itself needs a llama-bench binary and minutes; it is a program (docs/benchmarks.md), not a test.
 """

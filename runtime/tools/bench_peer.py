@@ -16,7 +16,8 @@ For each weight budget (a fraction of the GGUF file's bytes):
 
 llama.cpp's baseline is measured, not assumed: one uncapped run of the same
 command on the same file, from a cold page cache; its peak
-(`memory.max_usage_in_bytes`) minus the file's pages still charged after it
+(cgroup v2 `memory.peak`, v1 `memory.max_usage_in_bytes`; runtime/tools/memory_cgroup.py)
+minus the file's pages still charged after it
 exits is what llama.cpp holds beside the weights (binary and libraries, KV
 cache, compute buffers, any repacked weight copies). A tiny model's run would
 miss the buffers that scale with this model, and the RSS before the weights
@@ -43,7 +44,7 @@ import tempfile
 from dataclasses import asdict, dataclass, replace
 from typing import Callable
 
-from flashllm.runtime.tools.memory_cgroup import MeasuredRun, drop_page_cache, measure_command
+from flashllm.runtime.tools.memory_cgroup import CgroupUnavailable, MeasuredRun, drop_page_cache, measure_command
 
 LLAMA_BENCH_ENV = "FLASHLLM_LLAMA_BENCH"
 BENCH_PROMPT = "The history of the printing press begins"
@@ -249,7 +250,8 @@ def measure_llama_baseline(options: PeerBenchOptions) -> dict:
     charged_file_bytes = min(file_bytes, record["cache_bytes_after_exit"])
     return {"baseline_bytes": max(0, record["peak_bytes"] - charged_file_bytes), "peak_bytes": record["peak_bytes"],
             "file_cache_bytes_charged": charged_file_bytes, "tok_per_s": record["tok_per_s"],
-            "how": "uncapped llama-bench run from a cold page cache: peak (memory.max_usage_in_bytes) minus the "
+            "how": "uncapped llama-bench run from a cold page cache: peak (cgroup v2 memory.peak, v1 "
+                   "memory.max_usage_in_bytes) minus the "
                    "page cache still charged after it exits (the GGUF's pages)"}
 
 
@@ -510,7 +512,7 @@ def cmd_bench_peer(args) -> int:
     try:
         report = run_peer_bench(options, command=["flashllm", "bench-peer", *sys.argv[2:]],
                                 after_round=lambda so_far: write_report(so_far, args.json, None))
-    except PeerBenchError as exc:
+    except (PeerBenchError, CgroupUnavailable) as exc:  # no cgroup: the message says what is needed
         raise CliError(str(exc)) from None
     print(format_table(report))
     write_report(report, args.json, args.plot)

@@ -345,8 +345,8 @@ def measure_command(argv: list[str], limit_bytes: int | None = None, timeout_s: 
                 f.write(str(os.getpid()))
 
         started = time.perf_counter()
-        process = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, errors="replace", env=env,
-                                   preexec_fn=enter_group, start_new_session=True)
+        process = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, errors="replace",
+                                   env=env, preexec_fn=enter_group, start_new_session=True)
         timed_out = False
         try:
             stdout, stderr = process.communicate(timeout=timeout_s)
