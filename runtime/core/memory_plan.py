@@ -61,10 +61,12 @@ class MemoryPlan:
         return "\n".join(lines)
 
 
-def held_rows_bytes(layout: FfnLayout, rows: int, compute_itemsize: int, device: str) -> int:
-    """Bytes of `rows` bundles once turned into what compute multiplies (ffn_providers.held_rows)."""
+def held_rows_bytes(layout: FfnLayout, rows: int, compute_itemsize: int, device: str, whole_layer: bool = False
+                    ) -> int:
+    """Bytes of `rows` bundles once turned into what compute multiplies (ffn_providers.held_rows);
+    whole_layer: the rows are a whole layer in neuron order (dense, naive)."""
     if layout.is_quantized and device == "cpu":
-        return QuantNeuronMatrix.bytes_for(layout, rows)
+        return QuantNeuronMatrix.bytes_for(layout, rows, whole_layer)
     return rows * layout.bundle_elements * compute_itemsize
 
 
@@ -258,10 +260,10 @@ def plan_for_store(store_dir: str, manifest: Manifest, budget_bytes: int, mode: 
         ffn_rows = [region.num_neurons for region in layout.layers] if mode == "dense" else [0] * len(layout.layers)
         largest = max(r.num_neurons for r in layout.layers)
         naive_staging = 2 * max(r.length_bytes for r in layout.layers) + (
-            held_rows_bytes(layout, largest, compute_itemsize, device) if layout.is_quantized else 0)
+            held_rows_bytes(layout, largest, compute_itemsize, device, whole_layer=True) if layout.is_quantized else 0)
         plan = MemoryPlan(budget_bytes=budget_bytes, resident_bytes=resident_bytes,
                           predictor_bytes=0, staging_bytes=0 if mode == "dense" else naive_staging,
-                          cache_bytes=sum(held_rows_bytes(layout, rows, compute_itemsize, device)
+                          cache_bytes=sum(held_rows_bytes(layout, rows, compute_itemsize, device, whole_layer=True)
                                           for rows in ffn_rows if rows) + down_scale_tables_bytes(layout),
                           kv_cache_bytes=kv_cache_bytes, capacity_rows=ffn_rows, min_capacity_rows=ffn_rows,
                           ffn_bytes=layout.total_bundle_bytes, total_neurons=sum(r.num_neurons for r in layout.layers))
