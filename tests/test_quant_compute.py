@@ -157,12 +157,29 @@ def test_neuron_matrix_slots_written_one_by_one_multiply_like_the_dequantized_ro
     assert relative_error(matrix.masked_ffn(h, n, mask), masked_ref) < 2 * BF16_PRODUCT_RTOL
 
 
+@pytest.mark.parametrize("kind", ["q4_1", "q4_0"])
+def test_rows_from_neuron_0_hold_down_as_gguf_blocks_and_multiply_like_the_dequantized_rows(kind):
+    """A whole layer (dense, naive) or its first chunk keeps down as the int4 [d, n] blocks; other ranges
+    as float16 rows; all three multiply like the dequantized weights."""
+    from flashllm.workers.models.quant_ffn import quant_rows_of
+
+    layout, bundles, scales = quantized_layout_and_bundles(kind, n_ff=128)
+    h = torch.randn(3, 64)
+    for ids, as_blocks in ((np.arange(128), True), (np.arange(64), True), (np.arange(32, 96), False)):
+        rows = quant_rows_of(layout, bundles[ids], scales, ids)
+        assert rows.matrix.down_as_blocks == as_blocks
+        assert relative_error(rows.matrix.ffn(h, len(ids)), reference_ffn(layout, bundles, scales, ids, h)) < \
+            2 * BF16_PRODUCT_RTOL
+
+
 @pytest.mark.parametrize("kind,capacity", [("q4_1", 70), ("q4_0", 64), ("q8_0", 1)])
 def test_neuron_matrix_bytes_known_before_making_one_are_its_tensors_bytes(kind, capacity):
     from flashllm.workers.models.quant_ffn import QuantNeuronMatrix
 
     layout, _, scales = quantized_layout_and_bundles(kind)
     assert QuantNeuronMatrix.bytes_for(layout, capacity) == QuantNeuronMatrix(layout, capacity, scales).nbytes
+    assert QuantNeuronMatrix.bytes_for(layout, capacity, whole_layer=True) == \
+        QuantNeuronMatrix(layout, capacity, scales, whole_layer=True).nbytes
 
 
 @pytest.mark.parametrize("kind,rows", [("q4_1", 100), ("q4_0", 64), ("q8_0", 50)])

@@ -1,4 +1,4 @@
-"""FFN neurons of a quantized store held in kernel-ready form: never a float copy of the rows.
+"""FFN neurons of a quantized store held in kernel-ready form: blocks as stored, no float32 copy.
 
 A quantized bundle is [gate_i | up_i | down_i] as bytes: gate/up rows in GGUF
 blocks (q4_0, q4_1 or q8_0) and the down column as the values of GGUF's
@@ -53,7 +53,8 @@ def _int4_down(column_kind: str) -> bool:
 
 
 def is_whole_layer(neuron_ids: np.ndarray) -> bool:
-    """Neurons 0..n-1 in order, n a multiple of 32: rows that can hold down as GGUF's own blocks."""
+    """Neurons 0..n-1 in order, n a multiple of 32 (a whole layer, or a layer's first chunk): rows whose down
+    can be held as GGUF's own blocks."""
     n = len(neuron_ids)
     return n > 0 and n % BLOCK_WEIGHTS == 0 and neuron_ids[0] == 0 and neuron_ids[-1] == n - 1 and \
         bool(np.all(np.diff(neuron_ids) == 1))
@@ -152,7 +153,8 @@ class QuantNeuronMatrix:
         q = np.zeros((self.d, self.capacity), np.int32)  # (d, cap): unused slots multiply zero scales
         q[:, :k] = qf.grouped_column_values(self.down_kind, values, self.d).T
         self.down_packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(torch.from_numpy(q), 1)  # (d, cap/2)
-        table = torch.from_numpy(self.down_scales.astype(np.float32)).transpose(0, 1)  # (G, d, c)
+        table = torch.from_numpy(self.down_scales[:, : k // BLOCK_WEIGHTS].astype(np.float32))  # (d, k/32, c)
+        table = table.transpose(0, 1)  # (k/32, d, c)
         scale = table[..., 0]
         zero = table[..., 1] + 8 * scale if table.shape[-1] == 2 else torch.zeros_like(scale)  # w = (q-8)*s + z
         self.down_scales_zeros[: k // BLOCK_WEIGHTS] = torch.stack((scale, zero), dim=-1).bfloat16()
