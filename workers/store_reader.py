@@ -14,14 +14,17 @@ from __future__ import annotations
 import hashlib
 import os
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 
 from flashllm.protocol import quant_format as qf
 from flashllm.protocol.store_format import (
     FfnLayout, Manifest, StoreError, read_manifest,
 )
+
+if TYPE_CHECKING:  # torch is imported where it is used: the prefetch worker reads bundles without it
+    import torch
 
 VERIFY_CHUNK_BYTES = 8 << 20
 NUMPY_FLOAT_KINDS = ("float16", "float32")  # bundle parts numpy multiplies as read
@@ -100,6 +103,8 @@ class QuantizedTensor:
 
     def dequantize(self) -> torch.Tensor:
         """(rows, elements) float32."""
+        import torch
+
         return torch.from_numpy(qf.dequantize_rows(self.kind, self.blocks.numpy(), self.shape[1]))
 
 
@@ -160,7 +165,9 @@ def load_down_group_scales(store_dir: str, manifest: Manifest) -> list[np.ndarra
     return tables
 
 
-def _tensor_sha256(tensor: torch.Tensor) -> str:
+def _tensor_sha256(tensor: "torch.Tensor") -> str:
+    import torch
+
     if tensor.dtype == torch.bfloat16:
         tensor = tensor.view(torch.uint16)
     return hashlib.sha256(tensor.contiguous().numpy().tobytes()).hexdigest()
@@ -170,6 +177,7 @@ def load_resident_weights(store_dir: str, manifest: Manifest, verify: bool = Tru
                           ) -> dict[str, "torch.Tensor | QuantizedTensor"]:
     """All resident tensors as stored (CPU), each checked against its manifest checksum: float tensors in
     their dtype, quantized matrices as QuantizedTensor."""
+    import torch
     from safetensors.torch import load_file
 
     path = os.path.join(store_dir, manifest.resident_file)
