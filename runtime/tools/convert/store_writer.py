@@ -23,7 +23,8 @@ from tqdm import tqdm
 
 from flashllm.protocol import quant_format as qf
 from flashllm.protocol.store_format import (
-    ALIGNMENT_BYTES, BUNDLE_ALIGNMENT_BYTES, DOWN_GROUP_SCALES_NAME, FFN_FILE, GATED_BUNDLE_PARTS, QUANTIZED_STORE_DTYPES, RELU_BUNDLE_PARTS, RESIDENT_FILE,
+    ALIGNMENT_BYTES, BUNDLE_ALIGNMENT_BYTES, DOWN_GROUP_SCALES_NAME, FFN_FILE, GATED_BUNDLE_PARTS,
+    QUANTIZED_STORE_DTYPES, RELU_BUNDLE_PARTS, RESIDENT_FILE,
     TOKENIZER_FILE, FfnLayerRegion, FfnLayout, Manifest, QuantizedTensorInfo, TokenizerInfo, align_up,
     bundle_parts_bytes, sha256_hex, write_manifest,
 )
@@ -110,7 +111,7 @@ def plan_store(source, dtype: str) -> StorePlan:
             parts = [("gate", d, row_kind), ("up", d, row_kind), column]
         else:
             parts = [("up", d, row_kind), column, ("up_bias", 1, vector_kind)]
-        table_shape = (d, arch.intermediate_size // qf.BLOCK_ELEMENTS, qf.down_scale_channels(down_kind))
+        table_shape = qf.down_scale_table_shape(column[2], d, arch.intermediate_size)
         down_scales = [ResidentTensorPlan(DOWN_GROUP_SCALES_NAME.format(layer=layer), table_shape, "float16",
                                           source.ffn_kind(layer, "down")) for layer in range(arch.num_hidden_layers)]
     else:
