@@ -9,13 +9,21 @@ the blocked kinds hold elements // 32 blocks back to back (elements % 32 == 0):
     q4_0      18 B per 32: fp16 d | 16 B qs    w = d * (q - 8)
     q4_1      20 B per 32: fp16 d | fp16 m | 16 B qs    w = d * q + m
     q8_0      34 B per 32: fp16 d | 32 x int8 q         w = d * q
-    q8_col    float32 scale | `elements` x int8 q       w = scale * q
+    q4_0_grouped_col   `elements` 4-bit q, 2 per byte (low nibble first)
+    q4_1_grouped_col   the same
+    q8_0_grouped_col   `elements` x int8 q
 
 In q4_0/q4_1 weight j of a block is the low nibble of qs[j] for j < 16 and the
 high nibble of qs[j - 16] for j >= 16: GGUF's own block layouts, so GGUF rows
-are copied into a store unchanged. q8_col is one scale per whole row: the down
-column of a neuron, whose scale folds into the neuron's activation so compute
-multiplies the int8 values of many neurons in one call.
+are copied into a store unchanged.
+
+The *_grouped_col kinds are a neuron's DOWN column. GGUF blocks ffn_down (d,
+n_ff) along its rows, i.e. across neurons: for output row j and neuron group g
+(neurons 32g .. 32g+31) one block holds d[j, g] (and m[j, g] for q4_1) and the
+32 neurons' values. A column keeps only its values; the scales of the whole
+layer are one small resident table, float16 (d, n_ff / 32, 2) for q4_1 (d, m)
+and (d, n_ff / 32, 1) otherwise. So the store holds GGUF's blocks exactly, and
+decoding a column needs its neuron id: `dequantize_grouped_columns`.
 
 The quantizers follow GGUF's reference quantizers (ggml-quants.c, gguf.quants):
 round-to-nearest per 32-weight block. K-quant rows (Q4_K, Q6_K) are re-blocked
@@ -33,7 +41,8 @@ K_BLOCK_ELEMENTS = 256  # QK_K: one Q4_K / Q6_K super-block
 
 FLOAT_KINDS = ("float32", "float16", "bfloat16")
 BLOCK_KINDS = ("q4_0", "q4_1", "q8_0")
-QUANTIZED_KINDS = BLOCK_KINDS + ("q8_col",)
+GROUPED_COLUMN_KINDS = {"q4_0": "q4_0_grouped_col", "q4_1": "q4_1_grouped_col", "q8_0": "q8_0_grouped_col"}
+QUANTIZED_KINDS = BLOCK_KINDS + tuple(GROUPED_COLUMN_KINDS.values())
 KINDS = FLOAT_KINDS + QUANTIZED_KINDS
 
 _FLOAT_ITEMSIZE = {"float32": 4, "float16": 2, "bfloat16": 2}
@@ -49,6 +58,13 @@ class QuantFormatError(ValueError):
 def is_quantized(kind: str) -> bool:
     _check_kind(kind)
     return kind in QUANTIZED_KINDS
+
+
+def is_grouped_column(kind: str) -> bool:
+    return kind in _GROUPED_BLOCK_KIND
+
+
+_GROUPED_BLOCK_KIND = {grouped: block for block, grouped in GROUPED_COLUMN_KINDS.items()}
 
 
 def _check_kind(kind: str) -> None:
@@ -68,8 +84,8 @@ def bytes_per_row(kind: str, elements: int) -> int:
     _check_blocked(kind, elements)
     if kind in _FLOAT_ITEMSIZE:
         return elements * _FLOAT_ITEMSIZE[kind]
-    if kind == "q8_col":
-        return 4 + elements
+    if kind in _GROUPED_BLOCK_KIND:
+        return elements if kind == "q8_0_grouped_col" else -(-elements // 2)
     return elements // BLOCK_ELEMENTS * _BLOCK_BYTES[kind]
 
 
@@ -106,9 +122,8 @@ def dequantize_rows(kind: str, raw: np.ndarray, elements: int) -> np.ndarray:
     if kind == "bfloat16":
         bits = raw.view("<u2").reshape(*lead, elements).astype(np.uint32) << np.uint32(16)
         return bits.view(np.float32)
-    if kind == "q8_col":
-        scale = raw[..., :4].copy().view("<f4")  # (..., 1)
-        return raw[..., 4:].view(np.int8).astype(np.float32) * scale
+    if kind in _GROUPED_BLOCK_KIND:
+        raise QuantFormatError(f"{kind} parts decode with dequantize_grouped_columns (they need their scales)")
     blocks = raw.reshape(*lead, elements // BLOCK_ELEMENTS, _BLOCK_BYTES[kind])  # (..., nb, block_bytes)
     d = blocks[..., 0:2].copy().view("<f2").astype(np.float32)  # (..., nb, 1)
     if kind == "q8_0":
@@ -145,12 +160,8 @@ def quantize_rows(kind: str, w: np.ndarray) -> np.ndarray:
         bits = w.view(np.uint32)
         rounded = ((bits + np.uint32(0x7FFF) + ((bits >> np.uint32(16)) & np.uint32(1))) >> np.uint32(16))
         return rounded.astype("<u2").view(np.uint8).reshape(*lead, -1)
-    if kind == "q8_col":
-        scale = np.abs(w).max(axis=-1, keepdims=True) / np.float32(127)  # (..., 1)
-        with np.errstate(divide="ignore", invalid="ignore"):
-            inv = np.where(scale == 0, np.float32(0), np.float32(1) / scale)
-        q = np.clip(_round_half_away(w * inv), -127, 127).astype(np.int8)
-        return np.concatenate([scale.astype("<f4").view(np.uint8), q.view(np.uint8)], axis=-1)
+    if kind in _GROUPED_BLOCK_KIND:
+        raise QuantFormatError(f"{kind} parts are written by split_down_blocks / quantize_down_columns")
     blocks = w.reshape(*lead, elements // BLOCK_ELEMENTS, BLOCK_ELEMENTS)  # (..., nb, 32)
     with np.errstate(divide="ignore", invalid="ignore"):
         if kind == "q8_0":
@@ -171,6 +182,71 @@ def quantize_rows(kind: str, w: np.ndarray) -> np.ndarray:
             q = np.clip(np.trunc((blocks - lo) * inv + np.float32(0.5)), 0, 15)
             parts = [d.astype("<f2").view(np.uint8), lo.astype("<f2").view(np.uint8), _pack_nibbles(q)]
     return np.concatenate(parts, axis=-1).reshape(*lead, -1)
+
+
+# ---- down columns: GGUF's across-neuron blocks split into per-neuron values + a resident scale table ----
+
+def down_scale_channels(block_kind: str) -> int:
+    """Scale table entries per (output row, neuron group): 2 for q4_1 (d, m), 1 for q4_0 / q8_0 (d)."""
+    return 2 if block_kind == "q4_1" else 1
+
+
+def down_scale_table_shape(column_kind: str, d: int, n_ff: int) -> tuple[int, int, int]:
+    """The (d, n_ff / 32, channels) float16 scale table of one layer's `column_kind` down columns."""
+    return (d, n_ff // BLOCK_ELEMENTS, down_scale_channels(_GROUPED_BLOCK_KIND[column_kind]))
+
+
+def split_down_blocks(block_kind: str, blocks: np.ndarray, n_ff: int) -> tuple[np.ndarray, np.ndarray]:
+    """ffn_down's blocks (d, bytes_per_row(block_kind, n_ff)) -> (values, scales), byte-exact:
+    values (n_ff, bytes_per_row(grouped kind, d)) uint8, row i = neuron i's down column;
+    scales (d, n_ff / 32, down_scale_channels) float16."""
+    raw = _as_byte_rows(block_kind, blocks, n_ff)
+    d = raw.shape[0]
+    groups = raw.reshape(d, n_ff // BLOCK_ELEMENTS, _BLOCK_BYTES[block_kind])  # (d, G, block_bytes)
+    channels = down_scale_channels(block_kind)
+    scales = groups[..., : 2 * channels].copy().view("<f2")  # (d, G, channels)
+    if block_kind == "q8_0":
+        q = groups[..., 2:].reshape(d, n_ff)  # (d, n_ff) int8 bits
+        return np.ascontiguousarray(q.T), scales
+    q = _unpack_nibbles(groups[..., 2 * channels:]).reshape(d, n_ff)  # (d, n_ff) values 0..15
+    column = np.ascontiguousarray(q.T)  # (n_ff, d)
+    if d % 2:
+        column = np.concatenate([column, np.zeros((n_ff, 1), np.uint8)], axis=1)
+    return column[:, 0::2] | (column[:, 1::2] << np.uint8(4)), scales  # (n_ff, ceil(d/2))
+
+
+def quantize_down_columns(block_kind: str, down: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """down (d, n_ff) float -> (values, scales) as split_down_blocks gives them: the rows quantized
+    round-to-nearest in 32-neuron blocks, the way GGUF files hold ffn_down."""
+    down = np.ascontiguousarray(down, dtype=np.float32)
+    return split_down_blocks(block_kind, quantize_rows(block_kind, down), down.shape[1])
+
+
+def grouped_column_values(kind: str, values: np.ndarray, elements: int) -> np.ndarray:
+    """values (k, bytes_per_row(kind, elements)) uint8 -> (k, elements) the stored q: 0..15 (q4) or int8."""
+    values = np.ascontiguousarray(values).view(np.uint8)
+    if kind == "q8_0_grouped_col":
+        return values.view(np.int8)[:, :elements]
+    q = np.stack([values & np.uint8(0x0F), values >> np.uint8(4)], axis=-1)  # (k, bytes, 2)
+    return q.reshape(values.shape[0], -1)[:, :elements]
+
+
+def dequantize_grouped_columns(kind: str, values: np.ndarray, scales: np.ndarray, neuron_ids: np.ndarray
+                               ) -> np.ndarray:
+    """Down columns of the neurons `neuron_ids` (k,): values (k, bytes) uint8 and their layer's scale
+    table (d, n_ff / 32, channels) float16 -> (k, d) float32, exactly GGUF's w = d*q (+ m)."""
+    if kind not in _GROUPED_BLOCK_KIND:
+        raise QuantFormatError(f"{kind} is not a grouped down-column kind ({', '.join(_GROUPED_BLOCK_KIND)})")
+    d = scales.shape[0]
+    groups = np.asarray(neuron_ids, dtype=np.int64) // BLOCK_ELEMENTS  # (k,)
+    s = scales[:, groups, :].astype(np.float32).transpose(1, 0, 2)  # (k, d, channels)
+    q = grouped_column_values(kind, values, d).astype(np.float32)  # (k, d)
+    block = _GROUPED_BLOCK_KIND[kind]
+    if block == "q4_1":
+        return s[..., 0] * q + s[..., 1]
+    if block == "q4_0":
+        return s[..., 0] * (q - np.float32(8))
+    return s[..., 0] * q
 
 
 # ---- K-quant re-blocking (GGUF Q4_K_M files are made of Q4_K and Q6_K rows) ----

@@ -24,8 +24,14 @@ byte range that an aligned read can cover with at most one extra block per end):
 column i of the down projection (d, n_ff), stored contiguously. Each part is
 stored as its own weight kind (protocol/quant_format.py): a float store's parts
 are all the store dtype; a quantized store's gate/up rows are GGUF blocks
-(q4_0, q4_1, q8_0) and its down column is q8_col, so a bundle is bytes, not
-elements of one dtype, and is still one contiguous byte range.
+(q4_0, q4_1, q8_0) and its down column holds only the quantized values of
+GGUF's across-neuron down blocks (`*_grouped_col`); that layer's scale table is
+the resident float16 tensor named by `ffn.down_group_scales` (with "{layer}"
+filled in), shape (d, n_ff / 32, 2 | 1). A bundle is bytes, not elements of
+one dtype, and is still one contiguous byte range. A quantized store pads each
+bundle to `ffn.bundle_alignment_bytes` (the device's 512-byte logical block),
+so `bundle_bytes` (the stride) may exceed the parts' sum and any one neuron is
+read as whole blocks of its own.
 
 Format version 2 (version 1 stores still load; their parts are all the store
 dtype): `ffn.bundle_parts` are (name, elements, kind) triples, and
@@ -54,6 +60,8 @@ FORMAT_NAME = "flashllm-store"
 FORMAT_VERSION = 2
 READABLE_FORMAT_VERSIONS = (1, 2)
 ALIGNMENT_BYTES = 4096
+BUNDLE_ALIGNMENT_BYTES = 512  # a quantized store's bundle stride: whole logical blocks of the device
+DOWN_GROUP_SCALES_NAME = "layers.{layer}.ffn_down_group_scales"  # a quantized store's resident down scale tables
 
 MANIFEST_FILE = "manifest.json"
 RESIDENT_FILE = "resident.safetensors"
@@ -124,10 +132,15 @@ class FfnLayout:
     dtype: str
     alignment_bytes: int
     bundle_parts: list[tuple[str, int, str]]  # (name, elements, kind) in storage order
-    bundle_bytes: int  # sum of the parts' bytes_per_row(kind, elements)
+    bundle_bytes: int  # sum of the parts' bytes_per_row(kind, elements), rounded up to bundle_alignment_bytes
     file_bytes: int
     layers: list[FfnLayerRegion]
     bundle_checksums: str | None = None  # file of per-bundle xxh3-64 digests checked on every read (flash_io/integrity)
+    bundle_alignment_bytes: int = 1  # bundle_bytes is the parts' bytes rounded up to this (zero padding at the end)
+    down_group_scales: str | None = None  # resident tensor name of a layer's down scale table, "{layer}" filled in
+
+    def down_group_scales_name(self, layer: int) -> str:
+        return self.down_group_scales.format(layer=layer)
 
     def __post_init__(self):
         # version-1 layouts name (name, elements) pairs: every part is the store dtype
@@ -252,9 +265,10 @@ class Manifest:
             ffn = dict(raw["ffn"])
             ffn["layers"] = [FfnLayerRegion(**region) for region in ffn["layers"]]
             layout = FfnLayout(**ffn)
-            if bundle_parts_bytes(layout.bundle_parts) != layout.bundle_bytes:
+            if align_up(bundle_parts_bytes(layout.bundle_parts), layout.bundle_alignment_bytes) != layout.bundle_bytes:
                 raise StoreError(f"{where}: bundle_bytes {layout.bundle_bytes} is not the sum of the bundle parts' "
-                                 f"bytes ({layout.bundle_parts}); the manifest is corrupt, re-run `flashllm convert`")
+                                 f"bytes ({layout.bundle_parts}) rounded up to {layout.bundle_alignment_bytes}; "
+                                 "the manifest is corrupt, re-run `flashllm convert`")
             sparsity = raw.get("sparsity")
             return Manifest(
                 arch=ArchConfig(**raw["arch"]),

@@ -145,23 +145,26 @@ def test_eval_perplexity_matches_transformers(engine, reference):
     assert abs(ppl - ref_ppl) / ref_ppl < 0.005, f"perplexity {ppl:.4f}, transformers {ref_ppl:.4f}"
 
 
+# the reference section's prompts in docs/benchmarks.md: the three above and two short factual ones
+QUANTIZED_PROMPTS = PROMPTS + ["The three primary colors are", "Water boils at a temperature of"]
+
+
 @pytest.fixture(scope="module")
 def quantized_engine(tmp_path_factory):
-    """The demo GGUF converted with the defaults (--dtype auto: Q4_1/Q8_0 blocks kept, down columns q8_col)."""
+    """The demo GGUF converted with the defaults (--dtype auto: every Q4_1/Q8_0 block of the file kept)."""
     from flashllm.runtime.tools.convert.store_writer import convert
 
     out = str(tmp_path_factory.mktemp("demo-auto") / "smollm2")
     convert(demo_gguf_path(), out, progress=False, log=lambda line: None)
-    with Engine(out, mode="dense", max_batch=len(PROMPTS)) as engine:
+    with Engine(out, mode="dense", max_batch=len(QUANTIZED_PROMPTS)) as engine:
         yield engine
 
 
-def test_the_default_quantized_store_stays_near_transformers(quantized_engine, reference):
-    """The store keeps every Q4_1/Q8_0 block of the file; only ffn_down is re-blocked (its GGUF blocks run
-    across neurons, a neuron's column becomes int8 with one scale), so logits move by that re-blocking:
-    measured on these prompts 0.10-0.16 of the largest logit, teacher-forced top-1 0.88-0.97. (The issue asks for
-    float16 rounding: q8_col down columns do not reach it; see the report on issue 19.)"""
-    prompt_ids = [quantized_engine.tokenizer.encode(p) for p in PROMPTS]
+def test_the_default_quantized_store_matches_transformers(quantized_engine, reference):
+    """The store holds the file's own blocks (ffn_down's values in the bundles, its block scales resident), so
+    the engine differs from transformers' float32 dequantized model only by its bfloat16 integer kernels
+    (bfloat16 activations, scales and outputs): greedy tokens identical over 32 on at least 4 of 5 prompts."""
+    prompt_ids = [quantized_engine.tokenizer.encode(p) for p in QUANTIZED_PROMPTS]
     captured: dict[str, list[torch.Tensor]] = {}
     quantized_engine.logits_hook = lambda rid, logits: captured.setdefault(rid, []).append(logits.clone())
     try:
@@ -169,16 +172,19 @@ def test_the_default_quantized_store_stays_near_transformers(quantized_engine, r
     finally:
         quantized_engine.logits_hook = None
     rids = sorted(captured, key=lambda rid: int(rid.split("-")[1]))
+    identical = 0
     for prompt, result, rid in zip(prompt_ids, results, rids):
         logits = torch.stack(captured[rid])  # (NEW_TOKENS, V)
         ref_logits = _reference_logits(reference, prompt + result.tokens[:-1])[len(prompt) - 1:]  # (NEW_TOKENS, V)
         rel_err = float((logits - ref_logits).abs().max() / ref_logits.abs().max())
         agreement = float((logits.argmax(-1) == ref_logits.argmax(-1)).float().mean())  # teacher-forced top-1
         differ = _where_reference_greedy_differs(ref_logits, result.tokens)
+        identical += not differ
         print(f"quantized store, prompt of {len(prompt)} tokens: max |logit diff| "
-              f"{float((logits - ref_logits).abs().max()):.3f}, relative {rel_err:.3f}, top-1 {agreement:.2f}, "
+              f"{float((logits - ref_logits).abs().max()):.3f}, relative {rel_err:.4f}, top-1 {agreement:.2f}, "
               f"greedy differs at {differ[:3]}")
-        assert rel_err < 0.3 and agreement >= 0.8, (rel_err, agreement)
+        assert rel_err < 3e-2 and agreement >= 0.9, (rel_err, agreement)
+    assert identical >= 4, f"greedy tokens identical over {NEW_TOKENS} on {identical} of {len(prompt_ids)} prompts"
 
 
 def test_the_default_quantized_stores_perplexity_is_near_transformers(quantized_engine, reference):

@@ -108,26 +108,28 @@ def test_blocks_of_the_wrong_size_are_refused():
 # ---- FFN neurons of a quantized store ------------------------------------------------------------
 
 def quantized_layout_and_bundles(kind: str, n_ff: int = 96, d: int = 64, seed: int = 4):
-    """A gated layout of `kind` gate/up rows and q8_col down columns, and n_ff random bundles in it."""
+    """A gated layout of `kind` gate/up rows and `kind` down blocks (values in the bundles, scales in a
+    table), n_ff random bundles in it and the layer's down scale table."""
     from flashllm.protocol import quant_format as qf
-    from flashllm.protocol.store_format import FfnLayerRegion, FfnLayout
+    from flashllm.protocol.store_format import DOWN_GROUP_SCALES_NAME, FfnLayerRegion, FfnLayout
 
-    parts = [("gate", d, kind), ("up", d, kind), ("down", d, "q8_col")]
+    parts = [("gate", d, kind), ("up", d, kind), ("down", d, qf.GROUPED_COLUMN_KINDS[kind])]
     rng = np.random.default_rng(seed)
-    bundles = np.concatenate([qf.quantize_rows(k, rng.normal(0, 0.1, (n_ff, n)).astype(np.float32))
-                              for _, n, k in parts], axis=1)  # (n_ff, bundle_bytes)
+    rows = [qf.quantize_rows(kind, rng.normal(0, 0.1, (n_ff, d)).astype(np.float32)) for _ in range(2)]
+    down_values, scales = qf.quantize_down_columns(kind, rng.normal(0, 0.1, (d, n_ff)).astype(np.float32))
+    bundles = np.concatenate(rows + [down_values], axis=1)  # (n_ff, bundle_bytes)
     layout = FfnLayout(file="ffn.bin", dtype=kind, alignment_bytes=4096, bundle_parts=parts,
                        bundle_bytes=bundles.shape[1], file_bytes=bundles.nbytes,
                        layers=[FfnLayerRegion(offset_bytes=0, length_bytes=bundles.nbytes, num_neurons=n_ff,
-                                              sha256="")])
-    return layout, bundles
+                                              sha256="")], down_group_scales=DOWN_GROUP_SCALES_NAME)
+    return layout, bundles, scales
 
 
-def reference_ffn(layout, bundles: np.ndarray, h: torch.Tensor) -> torch.Tensor:
+def reference_ffn(layout, bundles: np.ndarray, scales: np.ndarray, ids: np.ndarray, h: torch.Tensor) -> torch.Tensor:
     from flashllm.workers.models.ffn import BundleColumns, ffn_from_rows
-    from flashllm.workers.flash_io.bundle_rows import bundle_rows_as_float as dequantize_bundles
+    from flashllm.workers.store_reader import bundle_rows_as_float as dequantize_bundles
 
-    rows = torch.from_numpy(dequantize_bundles(layout, bundles)).double()  # (k, E)
+    rows = torch.from_numpy(dequantize_bundles(layout, bundles[ids], scales, ids)).double()  # (k, E)
     return ffn_from_rows(h.double(), rows, BundleColumns.from_layout(layout.part_slices()))
 
 
@@ -135,32 +137,49 @@ def reference_ffn(layout, bundles: np.ndarray, h: torch.Tensor) -> torch.Tensor:
 def test_neuron_matrix_slots_written_one_by_one_multiply_like_the_dequantized_rows(kind):
     from flashllm.workers.models.quant_ffn import QuantNeuronMatrix
 
-    layout, bundles = quantized_layout_and_bundles(kind)
-    matrix = QuantNeuronMatrix(layout, capacity=70)  # 128 slots: two int4 tiles, rows in both nibble halves
+    layout, bundles, scales = quantized_layout_and_bundles(kind)
+    matrix = QuantNeuronMatrix(layout, capacity=70, down_scales=scales)  # 128 slots: two int4 tiles
     assert matrix.capacity == 128
     order = np.random.default_rng(5).permutation(96)[:70]  # neurons in a cache's arbitrary order
-    matrix.write(np.arange(70), bundles[order[::-1]])  # first fill, then overwrite every slot
-    matrix.write(np.arange(70), bundles[order])
-    matrix.write(np.array([3, 40]), bundles[order[[40, 3]]])  # a delete's move: rows swap slots
-    matrix.write(np.array([3, 40]), bundles[order[[3, 40]]])
+    matrix.write(np.arange(70), bundles[order[::-1]], order[::-1])  # first fill, then overwrite every slot
+    matrix.write(np.arange(70), bundles[order], order)
+    matrix.write(np.array([3, 40]), bundles[order[[40, 3]]], order[[40, 3]])  # a delete's move: rows swap slots
+    matrix.write(np.array([3, 40]), bundles[order[[3, 40]]], order[[3, 40]])
     h = torch.randn(3, 64)
     n = 50
-    ref = reference_ffn(layout, bundles[order[:n]], h)
+    ref = reference_ffn(layout, bundles, scales, order[:n], h)
     assert relative_error(matrix.ffn(h, n), ref) < 2 * BF16_PRODUCT_RTOL
     mask = torch.rand(3, n) > 0.5
     from flashllm.workers.models.ffn import BundleColumns, masked_ffn_from_rows
-    from flashllm.workers.flash_io.bundle_rows import bundle_rows_as_float as dequantize_bundles
-    rows = torch.from_numpy(dequantize_bundles(layout, bundles[order[:n]])).double()
+    from flashllm.workers.store_reader import bundle_rows_as_float as dequantize_bundles
+    rows = torch.from_numpy(dequantize_bundles(layout, bundles[order[:n]], scales, order[:n])).double()
     masked_ref = masked_ffn_from_rows(h.double(), rows, BundleColumns.from_layout(layout.part_slices()), mask)
     assert relative_error(matrix.masked_ffn(h, n, mask), masked_ref) < 2 * BF16_PRODUCT_RTOL
+
+
+@pytest.mark.parametrize("kind", ["q4_1", "q4_0"])
+def test_rows_from_neuron_0_hold_down_as_gguf_blocks_and_multiply_like_the_dequantized_rows(kind):
+    """A whole layer (dense, naive) or its first chunk keeps down as the int4 [d, n] blocks; other ranges
+    as float16 rows; all three multiply like the dequantized weights."""
+    from flashllm.workers.models.quant_ffn import quant_rows_of
+
+    layout, bundles, scales = quantized_layout_and_bundles(kind, n_ff=128)
+    h = torch.randn(3, 64)
+    for ids, as_blocks in ((np.arange(128), True), (np.arange(64), True), (np.arange(32, 96), False)):
+        rows = quant_rows_of(layout, bundles[ids], scales, ids)
+        assert rows.matrix.down_as_blocks == as_blocks
+        assert relative_error(rows.matrix.ffn(h, len(ids)), reference_ffn(layout, bundles, scales, ids, h)) < \
+            2 * BF16_PRODUCT_RTOL
 
 
 @pytest.mark.parametrize("kind,capacity", [("q4_1", 70), ("q4_0", 64), ("q8_0", 1)])
 def test_neuron_matrix_bytes_known_before_making_one_are_its_tensors_bytes(kind, capacity):
     from flashllm.workers.models.quant_ffn import QuantNeuronMatrix
 
-    layout, _ = quantized_layout_and_bundles(kind)
-    assert QuantNeuronMatrix.bytes_for(layout, capacity) == QuantNeuronMatrix(layout, capacity).nbytes
+    layout, _, scales = quantized_layout_and_bundles(kind)
+    assert QuantNeuronMatrix.bytes_for(layout, capacity) == QuantNeuronMatrix(layout, capacity, scales).nbytes
+    assert QuantNeuronMatrix.bytes_for(layout, capacity, whole_layer=True) == \
+        QuantNeuronMatrix(layout, capacity, scales, whole_layer=True).nbytes
 
 
 @pytest.mark.parametrize("kind,rows", [("q4_1", 100), ("q4_0", 64), ("q8_0", 50)])
@@ -191,7 +210,7 @@ def test_the_memory_plan_counts_quantized_weights_and_caches_as_held(quantized_t
     from flashllm.runtime.core.memory_plan import cache_bytes_of, plan_for_store
     from flashllm.workers.prefetch import Prefetcher
     from flashllm.workers.sparse_ffn import CacheView
-    from flashllm.workers.store_reader import open_store
+    from flashllm.workers.store_reader import load_down_group_scales, open_store
 
     manifest = open_store(quantized_tiny_store)
     plan = plan_for_store(quantized_tiny_store, manifest, 2**40, "dense", 4, 0)
@@ -203,11 +222,12 @@ def test_the_memory_plan_counts_quantized_weights_and_caches_as_held(quantized_t
         float_bytes = sum(4 * info.shape[0] * info.shape[1] for info in manifest.resident_quantized.values())
         quantized_held = sum(held[name] for name, value in model.w.items() if not isinstance(value, torch.Tensor))
         assert quantized_held < float_bytes / 3
-        assert plan.cache_bytes == sum(rows.matrix.nbytes for rows in ffn.layers)
+        tables = load_down_group_scales(quantized_tiny_store, manifest)  # held once by the FFN, counted once
+        assert plan.cache_bytes == sum(rows.matrix.nbytes for rows in ffn.layers) + sum(t.nbytes for t in tables)
     capacity_rows = [70, 100]
     prefetcher = Prefetcher(quantized_tiny_store, manifest, capacity_rows, window_tokens=4)
     try:
-        view = CacheView(prefetcher.caches, torch.float32, "cpu", manifest.ffn)
+        view = CacheView(prefetcher.caches, torch.float32, "cpu", manifest.ffn, tables)
         actual = sum(cache.rows.nbytes for cache in prefetcher.caches) + view.held_bytes
         assert cache_bytes_of(manifest.ffn, capacity_rows, 1, "cpu") == actual
     finally:

@@ -107,12 +107,29 @@ def test_q6_k_reblocks_into_q8_0_within_half_a_step():
     assert np.all(np.abs(got - expected).reshape(2, 16, 32) <= step * (0.5 + 127 * 2 ** -11))
 
 
-def test_q8_col_and_float_kinds_round_trip():
+@pytest.mark.parametrize("kind", ["q4_0", "q4_1", "q8_0"])
+def test_down_columns_split_from_gguf_blocks_decode_exactly_as_gguf_does(kind):
+    """ffn_down's blocks run across neurons: a neuron keeps its values, the layer its scale table; any
+    neuron's column decodes to exactly GGUF's dequantization of the whole matrix."""
+    import gguf
+    from gguf.quants import dequantize
+
+    down = np.random.default_rng(5).standard_normal((64, 96)).astype(np.float32)  # (d, n_ff)
+    blocks = qf.quantize_rows(kind, down)  # (d, bytes): GGUF's layout of ffn_down
+    expected = dequantize(blocks, getattr(gguf.GGMLQuantizationType, kind.upper())).reshape(64, 96)
+    values, scales = qf.split_down_blocks(kind, blocks, 96)
+    column_kind = qf.GROUPED_COLUMN_KINDS[kind]
+    assert values.shape == (96, qf.bytes_per_row(column_kind, 64)) == (96, 64 if kind == "q8_0" else 32)
+    assert scales.shape == qf.down_scale_table_shape(column_kind, 64, 96) and scales.dtype == np.float16
+    ids = np.array([95, 0, 33, 64, 31])
+    columns = qf.dequantize_grouped_columns(column_kind, values[ids], scales, ids)  # (k, d)
+    assert np.array_equal(columns, expected[:, ids].T)
+    with pytest.raises(qf.QuantFormatError, match="dequantize_grouped_columns"):
+        qf.dequantize_rows(column_kind, values, 64)
+
+
+def test_float_kinds_round_trip():
     w = np.random.default_rng(4).standard_normal((5, 96)).astype(np.float32)  # (rows, elements)
-    raw = qf.quantize_rows("q8_col", w)
-    assert raw.shape == (5, 4 + 96)
-    scale = np.abs(w).max(axis=1, keepdims=True) / 127
-    assert np.all(np.abs(qf.dequantize_rows("q8_col", raw, 96) - w) <= scale * 0.5 * (1 + 1e-6))
     assert np.array_equal(qf.dequantize_rows("float32", qf.quantize_rows("float32", w), 96), w)
     assert np.array_equal(qf.dequantize_rows("float16", qf.quantize_rows("float16", w), 96),
                           w.astype(np.float16).astype(np.float32))
@@ -162,7 +179,7 @@ def test_a_manifest_whose_bundle_bytes_disagree_with_its_parts_is_refused(tiny_s
     path = os.path.join(store, "manifest.json")
     with open(path) as f:
         raw = json.load(f)
-    raw["ffn"]["bundle_parts"][2][2] = "q8_col"
+    raw["ffn"]["bundle_parts"][2][2] = "q8_0"
     with open(path, "w") as f:
         json.dump(raw, f)
     with pytest.raises(StoreError, match="bundle_bytes 768 is not the sum of the bundle parts"):
@@ -183,18 +200,21 @@ def _dequantized_reference(folder: str, store: str):
 
     from flashllm.runtime.tools.convert.sources import HuggingFaceSource
     from flashllm.workers.flash_io.bundle_reader import BundleReader
-    from flashllm.workers.flash_io.bundle_rows import bundle_rows_as_float
-    from flashllm.workers.store_reader import dequantize_resident_weights, load_resident_weights
+    from flashllm.workers.store_reader import (
+        bundle_rows_as_float, dequantize_resident_weights, layer_table, load_down_group_scales, load_resident_weights,
+    )
     from tests.test_reference_match import _reference
 
     reference, source, manifest = _reference(folder), HuggingFaceSource(folder), read_manifest(store)
     state = reference.state_dict()
     for name, tensor in dequantize_resident_weights(load_resident_weights(store, manifest)).items():
         state[source._hf_name(name)] = tensor.float()
-    slices = manifest.ffn.part_slices()
+    slices, tables = manifest.ffn.part_slices(), load_down_group_scales(store, manifest)
     with BundleReader(store, manifest.ffn) as reader:
         for layer in range(manifest.arch.num_hidden_layers):
-            rows = torch.from_numpy(bundle_rows_as_float(manifest.ffn, reader.read_layer(layer)).copy())  # (n_ff, E)
+            raw = reader.read_layer(layer)
+            rows = torch.from_numpy(bundle_rows_as_float(manifest.ffn, raw, layer_table(tables, layer),
+                                                         np.arange(raw.shape[0])).copy())  # (n_ff, E)
             prefix = f"{source._prefix}layers.{layer}.mlp."
             state[prefix + "gate_proj.weight"] = rows[:, slices["gate"]]
             state[prefix + "up_proj.weight"] = rows[:, slices["up"]]
@@ -226,14 +246,17 @@ def test_a_quantized_safetensors_store_is_a_fraction_of_the_float16_one(dtype, l
     float16_store, _ = tiny_quantized_stores("float16")
     manifest = read_manifest(store)
     assert manifest.dtype == dtype and manifest.ffn.bundle_parts == [("gate", 64, dtype), ("up", 64, dtype),
-                                                                     ("down", 64, "q8_col")]
+                                                                     ("down", 64, f"{dtype}_grouped_col")]
+    # bundles of 200 B stay packed: padding them to a 512-byte block would more than double the FFN
+    assert manifest.ffn.bundle_bytes == 2 * qf.bytes_per_row(dtype, 64) + qf.bytes_per_row(f"{dtype}_grouped_col", 64)
+    assert manifest.ffn.down_group_scales is not None
     assert sorted(manifest.resident_quantized) == sorted(
         ["embed_tokens", "lm_head"] + [f"layers.{i}.{p}_proj.weight" for i in range(2) for p in "qkvo"])
     assert _store_bytes(store) <= largest_share * _store_bytes(float16_store)
     # one printed line per kind of inexact conversion, each with its largest error
     assert [line.split(":")[0] for line in lines] == [
         f"ffn gate rows quantized round-to-nearest to {dtype}", f"ffn up rows quantized round-to-nearest to {dtype}",
-        "down columns re-blocked to q8_col", f"embedding rows quantized round-to-nearest to {dtype}",
+        f"ffn down rows quantized round-to-nearest to {dtype}", f"embedding rows quantized round-to-nearest to {dtype}",
         f"attention rows quantized round-to-nearest to {dtype}"]
     assert all("largest absolute error" in line and "% of the largest weight" in line for line in lines)
 
@@ -290,11 +313,14 @@ def test_the_default_store_of_the_demo_gguf_is_at_most_1_15x_the_file(quantized_
     ratio = store_bytes / os.path.getsize(demo_gguf_path())
     assert ratio <= 1.15, f"store {store_bytes} bytes is {ratio:.3f}x the GGUF"
     manifest = read_manifest(store)
-    assert manifest.dtype == "q4_1" and manifest.ffn.bundle_bytes == 360 + 360 + 4 + 576
+    assert manifest.dtype == "q4_1"
+    assert manifest.ffn.bundle_parts == [("gate", 576, "q4_1"), ("up", 576, "q4_1"), ("down", 576, "q4_1_grouped_col")]
+    # 360 + 360 + 288 bytes, padded to whole 512-byte blocks: a neuron's read is never more than its bundle
+    assert manifest.ffn.bundle_bytes == 1024 and manifest.ffn.bundle_alignment_bytes == 512
+    assert all(region.offset_bytes % 4096 == 0 for region in manifest.ffn.layers)
     assert manifest.resident_quantized["embed_tokens"].kind == "q8_0"
     assert manifest.resident_quantized["layers.0.q_proj.weight"].kind == "q4_1"
-    # the only inexact step: ffn_down's blocks run across neurons, so each neuron's column is re-blocked
-    assert len(lines) == 1 and lines[0].startswith("down columns re-blocked to q8_col: largest absolute error ")
+    assert lines == []  # every tensor is the file's own blocks: nothing re-blocked
 
 
 def test_the_demo_stores_kept_blocks_are_the_gguf_files_bytes(quantized_demo_store, demo_reader):
@@ -302,21 +328,28 @@ def test_the_demo_stores_kept_blocks_are_the_gguf_files_bytes(quantized_demo_sto
 
     from flashllm.runtime.tools.convert.sources import _reverse_rope_permutation
     from flashllm.workers.flash_io.bundle_reader import BundleReader
-    from flashllm.workers.flash_io.bundle_rows import bundle_rows_as_float
-    from flashllm.workers.store_reader import QuantizedTensor, load_resident_weights
+    from flashllm.workers.store_reader import (
+        QuantizedTensor, bundle_rows_as_float, load_down_group_scales, load_resident_weights,
+    )
 
     store, _ = quantized_demo_store
     manifest = read_manifest(store)
     parts, slices = manifest.ffn.part_byte_slices(), manifest.ffn.part_slices()
+    tables = load_down_group_scales(store, manifest)
+    assert len(tables) == 30 and tables[0].shape == (576, 1536 // 32, 2)
     with BundleReader(store, manifest.ffn) as reader:
         for layer in (0, 17, 29):
             rows = reader.read_layer(layer).copy()  # (n_ff, bundle_bytes) uint8
-            floats = bundle_rows_as_float(manifest.ffn, rows)  # (n_ff, 3d) float32
+            floats = bundle_rows_as_float(manifest.ffn, rows, tables[layer], np.arange(1536))  # (n_ff, 3d) float32
             for part in ("gate", "up"):
                 tensor = _gguf_tensor(demo_reader, f"blk.{layer}.ffn_{part}.weight")
                 assert np.array_equal(rows[:, parts[part]], np.asarray(tensor.data))
                 assert np.array_equal(floats[:, slices[part]],
                                       dequantize(tensor.data, tensor.tensor_type).reshape(1536, 576))
+            down = _gguf_tensor(demo_reader, f"blk.{layer}.ffn_down.weight")  # (d, n_ff) blocked across neurons
+            assert np.array_equal(floats[:, slices["down"]],
+                                  dequantize(down.data, down.tensor_type).reshape(576, 1536).T)
+            assert not rows[:, 1008:].any()  # the padding
     weights = load_resident_weights(store, manifest)
     embed = weights["embed_tokens"]
     assert isinstance(embed, QuantizedTensor) and embed.kind == "q8_0" and embed.shape == (49152, 576)
@@ -337,7 +370,7 @@ def test_verify_checks_a_quantized_store_and_names_a_corrupt_tensor(quantized_de
 
     store, _ = quantized_demo_store
     lines = verify_store(store)
-    assert lines[0] == "resident.safetensors: 182 tensors ok" and len(lines) == 31
+    assert lines[0] == "resident.safetensors: 212 tensors ok" and len(lines) == 31  # 182 + 30 down scale tables
     broken = str(tmp_path / "broken")
     shutil.copytree(store, broken)
     resident = os.path.join(broken, "resident.safetensors")
@@ -432,13 +465,13 @@ def test_q5_0_rows_are_re_blocked_to_q8_0_with_the_error_printed(tmp_path):
     plan = plan_store(source, "auto")
     assert plan.dtype == "q8_0"  # the widest kind any layer's gate/up needs (here Q8_0 up, Q5_0 gate)
     report = ReblockReport()
-    bundles = encode_layer_bundles(source, 0, plan, report)  # (n_ff, bundle_bytes)
+    bundles, _ = encode_layer_bundles(source, 0, plan, report)  # (n_ff, bundle_bytes)
     assert bundles.shape == (128, plan.bundle_bytes)
     gate = qf.dequantize_rows("q8_0", bundles[:, :qf.bytes_per_row("q8_0", 64)], 64)
     assert np.abs(gate - source.load_ffn_part(0, "gate")).max() <= report.records[
         "ffn gate rows re-quantized from Q5_0 to q8_0"].largest_abs_error
-    assert [line.split(":")[0] for line in report.lines()] == ["ffn gate rows re-quantized from Q5_0 to q8_0",
-                                                               "down columns re-blocked to q8_col"]
+    # ffn_down is Q8_0 in this file: its blocks are kept exactly (values in the bundles, scales resident)
+    assert [line.split(":")[0] for line in report.lines()] == ["ffn gate rows re-quantized from Q5_0 to q8_0"]
 
 
 def test_a_bfloat16_store_generates_what_the_float32_store_generates(tiny_models, tiny_stores, tmp_path):

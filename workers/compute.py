@@ -42,6 +42,7 @@ from flashllm.workers.flash_io.bundle_reader import layer_chunks
 from flashllm.workers.models.ffn import BundleColumns, ffn_from_rows, masked_ffn_over_chunks
 from flashllm.workers.process_entry import WorkerConfig, run_worker
 from flashllm.workers.sparse_ffn import CacheView
+from flashllm.workers.store_reader import layer_table
 
 
 @dataclass
@@ -102,13 +103,15 @@ class PipelineFfn:
     mode = "sparse"
 
     def __init__(self, layer_neurons: list[int], ffn_layout: FfnLayout, dtype: torch.dtype, device: str,
-                 cache: SharedSegment, exchange: SharedSegment, channel):
+                 cache: SharedSegment, exchange: SharedSegment, channel, down_scales: list[np.ndarray] | None = None):
+        """down_scales: a quantized store's down scale tables (store_reader.load_down_group_scales)."""
         self.layer_neurons = layer_neurons
+        self.down_scales = down_scales
         self.ffn_layout = ffn_layout
         self.cols = BundleColumns.from_layout(ffn_layout.part_slices())
         self.dtype, self.device, self.channel = dtype, device, channel
         self.layers = [SharedCacheLayer(*cache_layer_arrays(cache, layer)) for layer in range(len(layer_neurons))]
-        self.view = CacheView(self.layers, dtype, device, ffn_layout)
+        self.view = CacheView(self.layers, dtype, device, ffn_layout, down_scales)
         arrays = exchange.arrays
         self.hidden = arrays["hidden"]  # (2, max_tokens, d)
         self.mask = arrays["mask"]  # (max_tokens, n_ff)
@@ -173,7 +176,8 @@ class PipelineFfn:
                                    f"came where chunk {chunk} of {len(bounds)} ({stop - start} rows) was due; the "
                                    "prefetcher and compute disagree on the chunks (a flashllm bug)")
             yield start, stop, held_rows(self.staging[ready.staging, : stop - start], self.ffn_layout, self.dtype,
-                                         self.device)
+                                         self.device, down_scales=layer_table(self.down_scales, layer),
+                                         neuron_ids=np.arange(start, stop))
             self.channel.send(ROLE_PREFETCH, ChunkDone(step=self.step, staging=ready.staging))
 
     def _count_ready(self, ready: LayerReady) -> None:
@@ -234,7 +238,7 @@ class ComputeWorker:
 
     def __init__(self, config: WorkerConfig, channel):
         from flashllm.workers.executor import ModelExecutor, check_fits_on_device, compute_dtype
-        from flashllm.workers.store_reader import open_store
+        from flashllm.workers.store_reader import load_down_group_scales, open_store
 
         self.channel = channel
         self.device = config.device
@@ -248,7 +252,8 @@ class ComputeWorker:
         self.logits = self.exchange.arrays["logits"]  # (R, V)
         dtype = compute_dtype(config.device)
         self.ffn = PipelineFfn([region.num_neurons for region in manifest.ffn.layers], manifest.ffn,
-                               dtype, config.device, self.cache, self.exchange, channel)
+                               dtype, config.device, self.cache, self.exchange, channel,
+                               load_down_group_scales(config.store_dir, manifest))
         self.executor = ModelExecutor(config.store_dir, manifest, "sparse", config.num_slots, config.max_context,
                                       device=config.device, verify=config.verify, ffn=self.ffn,
                                       resident_dtype=config.resident_dtype)

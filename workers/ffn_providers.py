@@ -19,7 +19,7 @@ from flashllm.protocol.store_format import FfnLayout, Manifest
 from flashllm.workers.flash_io.bundle_reader import BundleReader
 from flashllm.workers.models.ffn import BundleColumns, ffn_from_rows
 from flashllm.workers.models.quant_ffn import QuantRows, quant_rows_of
-from flashllm.workers.flash_io.bundle_rows import bundle_rows_as_float
+from flashllm.workers.store_reader import bundle_rows_as_float, layer_table, load_down_group_scales
 
 
 @dataclass
@@ -54,16 +54,17 @@ def rows_to_tensor(rows: np.ndarray, dtype: torch.dtype, device: str, copy: bool
     return torch.from_numpy(rows).to(device=device, dtype=dtype, copy=copy)
 
 
-def held_rows(rows: np.ndarray, layout: FfnLayout, dtype: torch.dtype, device: str, copy: bool = False
-              ) -> torch.Tensor | QuantRows:
+def held_rows(rows: np.ndarray, layout: FfnLayout, dtype: torch.dtype, device: str, copy: bool = False,
+              down_scales: np.ndarray | None = None, neuron_ids: np.ndarray | None = None) -> torch.Tensor | QuantRows:
     """Bundle rows as read → what ffn_from_rows multiplies. A float store's rows become a compute tensor; a
     quantized store's stay quantized on the CPU, in the integer kernels' layouts (never a float copy of
-    them), and are dequantized to the compute dtype for a GPU."""
+    them), and are dequantized to the compute dtype for a GPU. A quantized store's down columns also take
+    their layer's scale table (d, n_ff/32, c) and the rows' neuron ids (k,)."""
     if not layout.is_quantized:  # (a bfloat16 store's rows are uint16 bits: decoded first)
         return rows_to_tensor(bundle_rows_as_float(layout, rows), dtype, device, copy)
     if torch.device(device).type == "cpu":
-        return quant_rows_of(layout, rows)
-    return torch.from_numpy(bundle_rows_as_float(layout, rows)).to(device=device, dtype=dtype)
+        return quant_rows_of(layout, rows, down_scales, neuron_ids)
+    return torch.from_numpy(bundle_rows_as_float(layout, rows, down_scales, neuron_ids)).to(device=device, dtype=dtype)
 
 
 class DenseFfn:
@@ -72,9 +73,12 @@ class DenseFfn:
     def __init__(self, store_dir: str, manifest: Manifest, dtype: torch.dtype, device: str):
         self.cols = BundleColumns.from_layout(manifest.ffn.part_slices())
         self.stats = FfnStats()
+        down_scales = load_down_group_scales(store_dir, manifest)
         with BundleReader(store_dir, manifest.ffn) as reader:
-            self.layers = [held_rows(reader.read_layer(layer), manifest.ffn, dtype, device, copy=True)  # (n_ff, E)
-                           for layer in range(len(manifest.ffn.layers))]
+            self.layers = [held_rows(reader.read_layer(layer), manifest.ffn, dtype, device, copy=True,  # (n_ff, E)
+                                     down_scales=layer_table(down_scales, layer),
+                                     neuron_ids=np.arange(region.num_neurons))
+                           for layer, region in enumerate(manifest.ffn.layers)]
 
     def forward(self, layer: int, h: torch.Tensor) -> torch.Tensor:
         rows = self.layers[layer]
@@ -92,6 +96,7 @@ class NaiveFlashFfn:
         self.cols = BundleColumns.from_layout(manifest.ffn.part_slices())
         self.reader = BundleReader(store_dir, manifest.ffn, num_threads=num_threads)
         self.layout = manifest.ffn
+        self.down_scales = load_down_group_scales(store_dir, manifest)
         self.dtype, self.device = dtype, device
         self.stats = FfnStats()
 
@@ -99,7 +104,8 @@ class NaiveFlashFfn:
         start = time.perf_counter()
         before = self.reader.stats.read_bytes
         raw = self.reader.read_layer(layer)  # (n_ff, E), valid until the next read
-        rows = held_rows(raw, self.layout, self.dtype, self.device)
+        rows = held_rows(raw, self.layout, self.dtype, self.device, down_scales=layer_table(self.down_scales, layer),
+                         neuron_ids=np.arange(raw.shape[0]))
         read_done = time.perf_counter()
         self.stats.io_s += read_done - start
         self.stats.io_blocked_s += read_done - start

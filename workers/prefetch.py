@@ -38,7 +38,7 @@ from flashllm.workers.flash_io.bundle_reader import BundleReader, layer_chunks, 
 from flashllm.workers.flash_io.neuron_cache import NeuronCache
 from flashllm.workers.flash_io.neuron_ids import union_ids
 from flashllm.workers.process_entry import WorkerConfig, run_worker
-from flashllm.workers.flash_io.bundle_rows import bundle_rows_as_float
+from flashllm.workers.store_reader import bundle_rows_as_float, layer_table, load_down_group_scales
 
 # neurons the same-layer check adds to the lookahead's set: read before the layer runs, or left out this token
 MISSING_POLICIES = ("read", "skip")
@@ -90,6 +90,8 @@ class Prefetcher:
         store_dtype = numpy_dtype_of_store(layout.dtype)
         dtype = np.dtype(cache_dtype) if cache_dtype is not None else store_dtype
         self._convert = dtype != store_dtype
+        # a quantized store's down scale tables: decoding bundles into a float cache needs them
+        self.down_scales = load_down_group_scales(store_dir, manifest) if self._convert else None
         self._scratch = np.empty((0, layout.stored_row_width), dtype=store_dtype)
         # read-ahead of one layer: sorted ids and their rows (cache dtype)
         self._staged_layer = -1
@@ -135,7 +137,8 @@ class Prefetcher:
         def read_converted(ids: np.ndarray, out: np.ndarray) -> None:
             scratch = self._scratch_rows(len(ids))
             self.reader.read_neurons(layer, ids, scratch)
-            out[: len(ids)] = bundle_rows_as_float(self.reader.layout, scratch)
+            out[: len(ids)] = bundle_rows_as_float(self.reader.layout, scratch, layer_table(self.down_scales, layer),
+                                                   ids)
 
         return read_converted
 
@@ -315,7 +318,8 @@ class _EarlyRead:
             return
         scratch = prefetcher._scratch_rows(len(ids))
         finish(scratch)
-        out[: len(ids)] = bundle_rows_as_float(prefetcher.reader.layout, scratch)
+        out[: len(ids)] = bundle_rows_as_float(prefetcher.reader.layout, scratch,
+                                               layer_table(prefetcher.down_scales, self.layer), ids)
 
     def finish_unused(self) -> None:
         """Complete reads nobody took (an error on the way): the reader takes its next read only after."""

@@ -40,7 +40,7 @@ from flashllm.workers.flash_io.neuron_cache import DEFAULT_WINDOW_TOKENS
 from flashllm.workers.flash_io.neuron_ids import union_ids
 from flashllm.workers.models.ffn import BundleColumns, ffn_from_rows, masked_ffn_over_chunks
 from flashllm.workers.models.quant_ffn import QuantNeuronMatrix, QuantRows
-from flashllm.workers.flash_io.bundle_rows import bundle_rows_as_float
+from flashllm.workers.store_reader import bundle_rows_as_float, layer_table, load_down_group_scales
 from flashllm.workers.predictor import SparsityPredictor
 from flashllm.workers.prefetch import MISSING_POLICIES, Prefetcher, neuron_cache_dtype
 
@@ -60,15 +60,18 @@ class CacheView:
     host as they go to the float mirror.
     """
 
-    def __init__(self, caches, dtype: torch.dtype, device: str, layout: FfnLayout | None = None):
+    def __init__(self, caches, dtype: torch.dtype, device: str, layout: FfnLayout | None = None,
+                 down_scales: list[np.ndarray] | None = None):
         self.caches, self.dtype, self.device = caches, dtype, device
+        self.down_scales = down_scales
         self.layout = layout if layout is not None and layout.is_quantized else None
         on_cpu = torch.device(device).type == "cpu"
         self.rows_copied = 0
         self.matrices = None
         if self.layout is not None and on_cpu:
             self.zero_copy = False
-            self.matrices = [QuantNeuronMatrix(self.layout, c.capacity_rows) for c in caches]
+            self.matrices = [QuantNeuronMatrix(self.layout, c.capacity_rows, down_scales[layer])
+                             for layer, c in enumerate(caches)]
             self.mirror_ids = [np.full(c.capacity_rows, -1, np.int64) for c in caches]
             return
         sample = caches[0].rows
@@ -89,7 +92,7 @@ class CacheView:
     def held_bytes(self) -> int:
         """Bytes of the compute side's copies of the caches (none when it reads the caches in place)."""
         if self.matrices is not None:
-            return sum(m.nbytes for m in self.matrices)
+            return sum(m.nbytes for m in self.matrices) + sum(t.nbytes for t in self.down_scales)
         return sum(m.nbytes for m in self.mirrors)
 
     def rows(self, layer: int) -> torch.Tensor | QuantRows:
@@ -101,7 +104,7 @@ class CacheView:
         changed = np.flatnonzero(self.mirror_ids[layer][:n] != ids)
         if self.matrices is not None:
             if changed.size:
-                self.matrices[layer].write(changed, cache.rows[changed])
+                self.matrices[layer].write(changed, cache.rows[changed], ids[changed])
                 self.mirror_ids[layer][:n] = ids
                 self.rows_copied += changed.size
             return QuantRows(self.matrices[layer], n)
@@ -112,7 +115,8 @@ class CacheView:
             changed_host = torch.from_numpy(changed)
             torch.index_select(torch.from_numpy(cache.rows), 0, changed_host, out=staging)
             if self.layout is not None:  # bytes → float rows on the host, then one copy
-                staging = torch.from_numpy(bundle_rows_as_float(self.layout, staging.numpy()))  # (k, E)
+                staging = torch.from_numpy(bundle_rows_as_float(
+                    self.layout, staging.numpy(), layer_table(self.down_scales, layer), ids[changed]))  # (k, E)
             src = staging.to(device=self.device, non_blocking=True).to(self.dtype)  # (k, E)
             if self.staging_free is not None:
                 self.staging_free.record()
@@ -144,7 +148,8 @@ class SparseFlashFfn:
                                      cache_dtype=neuron_cache_dtype(manifest.ffn.dtype, device),
                                      num_threads=num_threads)
         self.layout = manifest.ffn
-        self.view = CacheView(self.prefetcher.caches, dtype, device, manifest.ffn)
+        self.down_scales = self.prefetcher.down_scales or load_down_group_scales(store_dir, manifest)
+        self.view = CacheView(self.prefetcher.caches, dtype, device, manifest.ffn, self.down_scales)
         # the dense-read path's chunk of bundles as read (store dtype; grown to one chunk on first use)
         self._chunk = np.empty((0, manifest.ffn.stored_row_width), dtype=numpy_dtype_of_store(manifest.ffn.dtype))
         self.stats = FfnStats()
@@ -237,7 +242,9 @@ class SparseFlashFfn:
             nonlocal waited_s
             for first, stop, waited in reads:
                 waited_s += waited
-                yield first, stop, held_rows(self._chunk[: stop - first], self.layout, self.dtype, self.device)
+                yield first, stop, held_rows(self._chunk[: stop - first], self.layout, self.dtype, self.device,
+                                             down_scales=layer_table(self.down_scales, layer),
+                                             neuron_ids=np.arange(first, stop))
 
         try:
             y = masked_ffn_over_chunks(h, chunk_rows(), self.cols, mask)  # (N, d)

@@ -6,24 +6,28 @@ store is refused the same way everywhere, with the file and region named.
 Quantized stores (protocol/quant_format.py): resident matrices come back as
 `QuantizedTensor` (the blocks as stored, their kind and float shape) for compute
 that holds them quantized; `dequantize_resident_weights` turns blocks into float32 for compute that
-multiplies floats; bundle rows are decoded by workers/flash_io/bundle_rows.py
-(torch-free, for the prefetcher).
+multiplies floats; `bundle_rows_as_float` decodes bundle rows (numpy only: torch is
+imported where it is used, so the torch-free prefetcher can decode rows).
 """
 from __future__ import annotations
 
 import hashlib
 import os
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 
 from flashllm.protocol import quant_format as qf
 from flashllm.protocol.store_format import (
     FfnLayout, Manifest, StoreError, read_manifest,
 )
 
+if TYPE_CHECKING:  # torch is imported where it is used: the prefetch worker reads bundles without it
+    import torch
+
 VERIFY_CHUNK_BYTES = 8 << 20
+NUMPY_FLOAT_KINDS = ("float16", "float32")  # bundle parts numpy multiplies as read
 
 
 def open_store(store_dir: str) -> Manifest:
@@ -99,6 +103,8 @@ class QuantizedTensor:
 
     def dequantize(self) -> torch.Tensor:
         """(rows, elements) float32."""
+        import torch
+
         return torch.from_numpy(qf.dequantize_rows(self.kind, self.blocks.numpy(), self.shape[1]))
 
 
@@ -107,7 +113,61 @@ def dequantize_resident_weights(weights: dict[str, "torch.Tensor | QuantizedTens
     return {name: t.dequantize() if isinstance(t, QuantizedTensor) else t for name, t in weights.items()}
 
 
-def _tensor_sha256(tensor: torch.Tensor) -> str:
+def bundle_rows_as_float(layout: FfnLayout, rows: np.ndarray, down_scales: np.ndarray | None = None,
+                         neuron_ids: np.ndarray | None = None) -> np.ndarray:
+    """Bundle rows as read -> rows in the [gate | up | down] element layout the float FFN multiplies.
+
+    float16/float32 stores: `rows` itself (k, bundle_elements), untouched. Quantized stores: rows
+    (k, bundle_bytes) uint8, and bfloat16 stores: rows (k, bundle_elements) of uint16 bits -> a new
+    (k, bundle_elements) float32 array, each part decoded by its kind. A grouped down column also needs
+    its layer's scale table (d, n_ff/32, c) and the rows' neuron ids (k,)."""
+    if all(kind in NUMPY_FLOAT_KINDS for _, _, kind in layout.bundle_parts):
+        return rows
+    rows = np.ascontiguousarray(rows).view(np.uint8)  # (k, bundle_bytes)
+    if rows.ndim != 2 or rows.shape[1] != layout.bundle_bytes:
+        raise ValueError(f"expected bundle rows (k, {layout.bundle_bytes}) uint8, got {rows.shape} {rows.dtype}")
+    out = np.empty((rows.shape[0], layout.bundle_elements), dtype=np.float32)  # (k, E)
+    element_slices, byte_slices = layout.part_slices(), layout.part_byte_slices()
+    for name, elements, kind in layout.bundle_parts:
+        part = rows[:, byte_slices[name]]
+        if qf.is_grouped_column(kind):
+            if down_scales is None or neuron_ids is None:
+                raise ValueError(f"{kind} down columns decode with their layer's scale table and neuron ids")
+            out[:, element_slices[name]] = qf.dequantize_grouped_columns(kind, part, down_scales, neuron_ids)
+        else:
+            out[:, element_slices[name]] = qf.dequantize_rows(kind, part, elements)
+    return out
+
+
+def layer_table(tables: list[np.ndarray] | None, layer: int) -> np.ndarray | None:
+    """One layer's down scale table from load_down_group_scales' list (None for stores without them)."""
+    return None if tables is None else tables[layer]
+
+
+def load_down_group_scales(store_dir: str, manifest: Manifest) -> list[np.ndarray] | None:
+    """A quantized store's down scale tables, per layer (d, n_ff/32, c) float16, checksums checked;
+    None for a store whose down columns need none."""
+    layout = manifest.ffn
+    if layout.down_group_scales is None:
+        return None
+    from safetensors import safe_open
+
+    path = os.path.join(store_dir, manifest.resident_file)
+    tables = []
+    with safe_open(path, framework="np") as f:
+        for layer in range(len(layout.layers)):
+            name = layout.down_group_scales_name(layer)
+            table = f.get_tensor(name)
+            if hashlib.sha256(np.ascontiguousarray(table).tobytes()).hexdigest() != manifest.resident_sha256.get(name):
+                raise StoreError(f"{path}: checksum mismatch in tensor {name!r}; the store is corrupt, "
+                                 "re-run `flashllm convert`")
+            tables.append(table)
+    return tables
+
+
+def _tensor_sha256(tensor: "torch.Tensor") -> str:
+    import torch
+
     if tensor.dtype == torch.bfloat16:
         tensor = tensor.view(torch.uint16)
     return hashlib.sha256(tensor.contiguous().numpy().tobytes()).hexdigest()
@@ -117,6 +177,7 @@ def load_resident_weights(store_dir: str, manifest: Manifest, verify: bool = Tru
                           ) -> dict[str, "torch.Tensor | QuantizedTensor"]:
     """All resident tensors as stored (CPU), each checked against its manifest checksum: float tensors in
     their dtype, quantized matrices as QuantizedTensor."""
+    import torch
     from safetensors.torch import load_file
 
     path = os.path.join(store_dir, manifest.resident_file)
@@ -140,6 +201,9 @@ def load_resident_weights(store_dir: str, manifest: Manifest, verify: bool = Tru
             raise StoreError(f"{path}: tensor {name!r} is {tuple(blocks.shape)} {blocks.dtype}, the manifest says "
                              f"{info.kind} blocks {expected_shape} uint8; the store is corrupt, re-run `flashllm convert`")
         tensors[name] = QuantizedTensor(blocks=blocks, kind=info.kind, shape=(rows, elements))
+    if manifest.ffn.down_group_scales is not None:  # the FFN's own tables (load_down_group_scales), not the model's
+        for layer in range(len(manifest.ffn.layers)):
+            tensors.pop(manifest.ffn.down_group_scales_name(layer), None)
     return tensors
 
 

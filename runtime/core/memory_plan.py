@@ -13,9 +13,11 @@ every layer's cache equally, which is what the sliding window reuses.
 """
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass, field
 
+from flashllm.protocol import quant_format as qf
 from flashllm.protocol.shm import CHUNK_SLOTS
 from flashllm.protocol.store_format import DTYPE_ITEMSIZE, FfnLayout, Manifest
 from flashllm.workers.flash_io.bundle_reader import largest_chunk_rows, neuron_read_staging_bytes
@@ -59,10 +61,12 @@ class MemoryPlan:
         return "\n".join(lines)
 
 
-def held_rows_bytes(layout: FfnLayout, rows: int, compute_itemsize: int, device: str) -> int:
-    """Bytes of `rows` bundles once turned into what compute multiplies (ffn_providers.held_rows)."""
+def held_rows_bytes(layout: FfnLayout, rows: int, compute_itemsize: int, device: str, whole_layer: bool = False
+                    ) -> int:
+    """Bytes of `rows` bundles once turned into what compute multiplies (ffn_providers.held_rows);
+    whole_layer: the rows are a whole layer in neuron order (dense, naive)."""
     if layout.is_quantized and device == "cpu":
-        return QuantNeuronMatrix.bytes_for(layout, rows)
+        return QuantNeuronMatrix.bytes_for(layout, rows, whole_layer)
     return rows * layout.bundle_elements * compute_itemsize
 
 
@@ -72,8 +76,16 @@ def cache_bytes_of(layout: FfnLayout, capacity_rows: list[int], cache_itemsize: 
     the same slots in the kernels' layouts (CacheView)."""
     if not layout.is_quantized:
         return sum(capacity_rows) * layout.bundle_elements * cache_itemsize
-    raw = sum(capacity_rows) * layout.bundle_bytes
+    raw = sum(capacity_rows) * layout.bundle_bytes + down_scale_tables_bytes(layout)
     return raw + (sum(QuantNeuronMatrix.bytes_for(layout, c) for c in capacity_rows) if device == "cpu" else 0)
+
+
+def down_scale_tables_bytes(layout: FfnLayout) -> int:
+    """A quantized store's resident down scale tables (d, n_ff/32, c) float16, one per layer, as the FFN holds them."""
+    if layout.down_group_scales is None:
+        return 0
+    kind, d = layout.part_kinds()["down"], dict((name, n) for name, n, _ in layout.bundle_parts)["down"]
+    return sum(math.prod(qf.down_scale_table_shape(kind, d, region.num_neurons)) * 2 for region in layout.layers)
 
 
 def sparse_staging_bytes(layout: FfnLayout, compute_itemsize: int, device: str = "cpu") -> int:
@@ -96,20 +108,21 @@ def plan_memory(manifest: Manifest, resident_bytes: int, budget_bytes: int, comp
                 resident_half_saving_bytes: int = 0) -> MemoryPlan:
     """resident_half_saving_bytes: what holding the float resident matrices in float16 would save (for the
     too-small message; 0 when they are half precision or quantized already)."""
-    arch, layout = manifest.arch, manifest.ffn
+    layout = manifest.ffn
     cache_itemsize = cache_itemsize or compute_itemsize
     # bytes one more row costs; a quantized CPU cache's kernel copy rounds each layer up to whole int4 tiles,
     # which `slack` (per layer) reserves, so the exact figure below never passes the budget
     row_bytes = cache_bytes_of(layout, [128], cache_itemsize, device) - cache_bytes_of(layout, [64], cache_itemsize,
                                                                                         device)
     row_bytes //= 64
-    slack = cache_bytes_of(layout, [1], cache_itemsize, device) if layout.is_quantized else 0
+    tables_bytes = down_scale_tables_bytes(layout)  # once, not per layer
+    slack = cache_bytes_of(layout, [1], cache_itemsize, device) - tables_bytes if layout.is_quantized else 0
     staging_bytes = sparse_staging_bytes(layout, compute_itemsize, device)
     num_neurons = [region.num_neurons for region in layout.layers]
     # one predictor's top-k plus the pinned rows; a token whose lookahead ∪ same-layer union does not
     # fit takes the dense-read path (correct, slower), so the union need not be reserved
     min_rows = [min(n, hot + keep_neurons) for n, hot in zip(num_neurons, hot_counts)]
-    fixed = resident_bytes + predictor_bytes + staging_bytes + slack * len(num_neurons)
+    fixed = resident_bytes + predictor_bytes + staging_bytes + slack * len(num_neurons) + tables_bytes
     min_total = fixed + sum(min_rows) * row_bytes
     if budget_bytes < min_total:
         knobs = sparse_minimum_knobs(
@@ -226,6 +239,8 @@ def resident_bytes_of(store_dir: str, manifest: Manifest, resident_itemsize: int
 
     with safe_open(os.path.join(store_dir, manifest.resident_file), framework="pt") as f:
         shapes = {name: tuple(f.get_slice(name).get_shape()) for name in f.keys()}
+    for layer in range(len(manifest.ffn.layers) if manifest.ffn.down_group_scales else 0):
+        shapes.pop(manifest.ffn.down_group_scales_name(layer))  # the FFN's, counted with it (down_scale_tables_bytes)
     return resident_held_bytes(shapes, manifest.resident_quantized, resident_itemsize,
                                manifest.arch.num_hidden_layers, device)
 
@@ -245,11 +260,11 @@ def plan_for_store(store_dir: str, manifest: Manifest, budget_bytes: int, mode: 
         ffn_rows = [region.num_neurons for region in layout.layers] if mode == "dense" else [0] * len(layout.layers)
         largest = max(r.num_neurons for r in layout.layers)
         naive_staging = 2 * max(r.length_bytes for r in layout.layers) + (
-            held_rows_bytes(layout, largest, compute_itemsize, device) if layout.is_quantized else 0)
+            held_rows_bytes(layout, largest, compute_itemsize, device, whole_layer=True) if layout.is_quantized else 0)
         plan = MemoryPlan(budget_bytes=budget_bytes, resident_bytes=resident_bytes,
                           predictor_bytes=0, staging_bytes=0 if mode == "dense" else naive_staging,
-                          cache_bytes=sum(held_rows_bytes(layout, rows, compute_itemsize, device)
-                                          for rows in ffn_rows if rows),
+                          cache_bytes=sum(held_rows_bytes(layout, rows, compute_itemsize, device, whole_layer=True)
+                                          for rows in ffn_rows if rows) + down_scale_tables_bytes(layout),
                           kv_cache_bytes=kv_cache_bytes, capacity_rows=ffn_rows, min_capacity_rows=ffn_rows,
                           ffn_bytes=layout.total_bundle_bytes, total_neurons=sum(r.num_neurons for r in layout.layers))
         if plan.total_bytes > budget_bytes:

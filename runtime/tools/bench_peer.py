@@ -32,7 +32,6 @@ Not part of the test suite: it needs a llama-bench binary and minutes.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import platform

@@ -43,13 +43,12 @@ from flashllm.protocol.store_format import SPARSITY_FILE, SparsityInfo, sha256_h
 from flashllm.workers.executor import ModelExecutor, compute_dtype, default_device
 from flashllm.workers.ffn_providers import rows_to_tensor
 from flashllm.workers.flash_io.bundle_reader import BundleReader
-from flashllm.workers.flash_io.bundle_rows import bundle_rows_as_float
 from flashllm.workers.models.ffn import BundleColumns, ffn_from_rows, masked_ffn_from_rows, neuron_activations
 from flashllm.workers.predictor import (
     PREDICTOR_TYPES, SKETCH_BITS, SKETCH_GROUP, LowRankPredictor, SketchPredictor, lookahead_input_map,
     predictor_tensor_names, quantize_sketch, sketch_tensor_names, top_k_mask,
 )
-from flashllm.workers.store_reader import open_store
+from flashllm.workers.store_reader import bundle_rows_as_float, layer_table, load_down_group_scales, open_store
 
 CALIBRATION_WINDOW_TOKENS = 512
 # rank r of d → r → n. On the SwiGLU demo model the rank decides quality (top 50% kept by the same-layer
@@ -363,11 +362,14 @@ def calibrate(store_dir: str, text: str, max_tokens: int = 8192, sparsity: float
     # pass (loading them again would re-read and re-verify every resident weight)
     executor.close()
 
+    down_scales = load_down_group_scales(store_dir, manifest)
+
     def layer_rows(layer: int) -> torch.Tensor:
         # the store's rows, one layer at a time, in float32 on the CPU beside the recorded inputs (labels
         # and fits run there whatever device ran the forward passes)
         with BundleReader(store_dir, manifest.ffn) as reader:
-            rows = bundle_rows_as_float(manifest.ffn, reader.read_layer(layer))
+            raw = reader.read_layer(layer)
+            rows = bundle_rows_as_float(manifest.ffn, raw, layer_table(down_scales, layer), np.arange(raw.shape[0]))
             return rows_to_tensor(rows, torch.float32, "cpu", copy=True)  # (n_ff, E)
 
     def layer_activations(rows: torch.Tensor, h: torch.Tensor) -> torch.Tensor:

@@ -2,7 +2,7 @@
 
 `flashllm bench --record-reads R.npz` records which neurons each decode step
 read (store positions, per layer). The ids do not depend on how a bundle is
-stored, so the same reads tell what a float16 (3,456 B), quantized (~1,300 B)
+stored, so the same reads tell what a float16 (3,456 B), quantized (1,008 B unpadded)
 or float32 (6,912 B) store would cost the device under:
 
 - alignment: 4096 (the old request alignment) or 512 (what this disk's
@@ -32,8 +32,8 @@ from flashllm.protocol.store_format import align_up
 from flashllm.workers.flash_io.bundle_reader import DEFAULT_MAX_READ_AMPLIFICATION, _plan_read_arrays, max_read_bytes_for
 from flashllm.workers.flash_io.read_cost import DEFAULT_READ_COST, ReadCostModel
 
-# bundle bytes of the demo model (d=576): float16, q4_1 gate + q4_1 up + q8_col down, float32
-BUNDLE_SIZES_BYTES = {"float16": 3456, "quantized": 1300, "float32": 6912}
+# bundle bytes of the demo model (d=576): float16, q4_1 gate + q4_1 up + 4-bit down values (unpadded), float32
+BUNDLE_SIZES_BYTES = {"float16": 3456, "quantized": 1008, "float32": 6912}
 REGION_ALIGNMENT_BYTES = 4096  # every layer region starts on a 4 KiB boundary (store_format)
 
 

@@ -1,8 +1,9 @@
-"""FFN neurons of a quantized store held in kernel-ready form: never a float copy of the rows.
+"""FFN neurons of a quantized store held in kernel-ready form: blocks as stored, no float32 copy.
 
 A quantized bundle is [gate_i | up_i | down_i] as bytes: gate/up rows in GGUF
-blocks (q4_0, q4_1 or q8_0) and the down column as q8_col (one float32 scale,
-then d int8). `QuantNeuronMatrix` holds `capacity` such neurons the way the CPU
+blocks (q4_0, q4_1 or q8_0) and the down column as the values of GGUF's
+across-neuron down blocks, whose scales are the layer's resident table.
+`QuantNeuronMatrix` holds `capacity` such neurons the way the CPU
 kernels take them, and a slot can be (re)written alone, so a neuron cache's
 insert/move touches only its rows (the kernel layout is never rebuilt):
 
@@ -15,9 +16,16 @@ insert/move touches only its rows (the kernel layout is never rebuilt):
 - gate and up rows of q8_0: converted to bfloat16 as they are written (the
   int8 kernel scales per output row, not per block; bfloat16 GEMM is the fast
   path here).
-- down columns: int8 (d, capacity), scales (capacity,) float32. The scale
-  folds into the neuron's activation, so the whole down product is one
-  `_weight_int8pack_mm` call; rows past the ones in use get activation 0.
+- down columns: float16 (capacity, d) rows, decoded on insert from the values
+  and the scales of the neuron's group (exact: GGUF's d*q + m is a float16
+  value times a small integer plus a float16 value, rounded once to float16).
+  The product widens the rows in use to float32 (docs/benchmarks.md has the
+  float16/bfloat16/float32 timings). Why not an int kernel: a neuron's column
+  shares its per-row scales with 31 other neurons, which no per-slot int
+  layout can hold.
+- down of a whole layer in neuron order (dense, naive), 4-bit kinds: GGUF's
+  own [d, n_ff] blocks in the int4 kernel's layout (its groups of 32 along
+  n_ff are exactly GGUF's blocks), packed once when the layer is written.
 
 All products take bfloat16 activations (the kernels' fast path) and give
 float32 back.
@@ -33,23 +41,41 @@ from flashllm.protocol.store_format import FfnLayout
 from flashllm.workers.models.quant_linear import BLOCK_WEIGHTS, QuantizedBlocks, split_blocks
 
 INT4_TILE_ROWS = 64
+DOWN_ROW_DTYPE = torch.float16  # holds GGUF's dequantized down weights exactly; see docs/benchmarks.md
 
 
 def _round_up(n: int, multiple: int) -> int:
     return -(-n // multiple) * multiple
 
 
+def _int4_down(column_kind: str) -> bool:
+    return column_kind in (qf.GROUPED_COLUMN_KINDS["q4_0"], qf.GROUPED_COLUMN_KINDS["q4_1"])
+
+
+def is_whole_layer(neuron_ids: np.ndarray) -> bool:
+    """Neurons 0..n-1 in order, n a multiple of 32 (a whole layer, or a layer's first chunk): rows whose down
+    can be held as GGUF's own blocks."""
+    n = len(neuron_ids)
+    return n > 0 and n % BLOCK_WEIGHTS == 0 and neuron_ids[0] == 0 and neuron_ids[-1] == n - 1 and \
+        bool(np.all(np.diff(neuron_ids) == 1))
+
+
 class QuantNeuronMatrix:
     """`capacity` neurons of a quantized FFN layer, slot by slot, in the CPU kernels' layouts."""
 
-    def __init__(self, layout: FfnLayout, capacity: int):
+    def __init__(self, layout: FfnLayout, capacity: int, down_scales: np.ndarray, whole_layer: bool = False):
+        """down_scales: the layer's down scale table (d, n_ff/32, c) float16 (store_reader.load_down_group_scales).
+        whole_layer: the matrix holds a whole layer in neuron order, written once (dense, naive): 4-bit down
+        blocks are then held as GGUF's own [d, n_ff] blocks in the int4 kernel's layout."""
         self.kinds = kinds = layout.part_kinds()
         self.byte_slices = layout.part_byte_slices()
         elements = {name: n for name, n, _ in layout.bundle_parts}
         self.gated = "gate" in kinds
         self.row_kind = kinds["up"]
-        if kinds["down"] != "q8_col":
-            raise ValueError(f"a quantized store's down columns are q8_col, this one's are {kinds['down']}")
+        if not qf.is_grouped_column(kinds["down"]):
+            raise ValueError(f"a quantized store's down columns are grouped block values, this one's are "
+                             f"{kinds['down']}; re-run `flashllm convert` with this version")
+        self.down_kind, self.down_scales = kinds["down"], down_scales
         self.d = elements["up"]
         self.capacity = _round_up(max(1, capacity), INT4_TILE_ROWS)
         self.row_matrices = 2 if self.gated else 1
@@ -61,13 +87,17 @@ class QuantNeuronMatrix:
             self.scales_zeros = torch.zeros(groups, rows, 2, dtype=torch.bfloat16)  # (G, rows, 2)
         else:
             self.rows_bf16 = torch.zeros(rows, self.d, dtype=torch.bfloat16)  # (rows, d)
-        self.down_values = torch.zeros(self.d, self.capacity, dtype=torch.int8)  # (d, cap)
-        self.down_scales = torch.zeros(self.capacity)  # (cap,) float32
+        self.down_as_blocks = whole_layer and _int4_down(kinds["down"])
+        if self.down_as_blocks:  # groups of 32 along K (neurons) are exactly GGUF's blocks
+            self.down_packed = torch.zeros(self.d, self.capacity // 2, dtype=torch.uint8)  # (d, cap/2) packed
+            self.down_scales_zeros = torch.zeros(self.capacity // BLOCK_WEIGHTS, self.d, 2,
+                                                 dtype=torch.bfloat16)  # (cap/32, d, 2)
+        else:
+            self.down_rows = torch.zeros(self.capacity, self.d, dtype=DOWN_ROW_DTYPE)  # (cap, d)
         self.up_bias = None if self.gated else torch.zeros(self.capacity)  # (cap,)
-        self._ones = torch.ones(self.d, dtype=torch.bfloat16)  # (d,) the int8 kernel's per-output scale
 
     @staticmethod
-    def bytes_for(layout: FfnLayout, capacity: int) -> int:
+    def bytes_for(layout: FfnLayout, capacity: int, whole_layer: bool = False) -> int:
         """What a QuantNeuronMatrix of this capacity holds, known before making one (the memory plan's figure)."""
         kinds = layout.part_kinds()
         d = dict((name, n) for name, n, _ in layout.bundle_parts)["up"]
@@ -77,20 +107,25 @@ class QuantNeuronMatrix:
             row_bytes = d // 2 + d // BLOCK_WEIGHTS * 2 * 2  # nibbles + bfloat16 (scale, zero) per block
         else:
             row_bytes = d * 2  # bfloat16
-        down_bytes = d + 4 + (0 if "gate" in kinds else 4)  # int8 column, float32 scale (and up bias)
-        return rows * (matrices * row_bytes + down_bytes) + d * 2
+        if whole_layer and _int4_down(kinds["down"]):
+            down_bytes = d // 2 + d // BLOCK_WEIGHTS * 2 * 2  # a column's nibbles + its share of (scale, zero)
+        else:
+            down_bytes = d * DOWN_ROW_DTYPE.itemsize  # a float16 row
+        down_bytes += 0 if "gate" in kinds else 4  # up bias
+        return rows * (matrices * row_bytes + down_bytes)
 
     @property
     def nbytes(self) -> int:
-        held = [self.down_values, self.down_scales, self._ones]
+        """Bytes this matrix holds (the layer's scale table is shared and counted once, by its owner)."""
+        held = [self.down_packed, self.down_scales_zeros] if self.down_as_blocks else [self.down_rows]
         held += [self.packed, self.scales_zeros] if self.int4 else [self.rows_bf16]
         held += [self.up_bias] if self.up_bias is not None else []
         return sum(t.nbytes for t in held)
 
     # -- writing slots ----------------------------------------------------------
 
-    def write(self, slots: np.ndarray, bundles: np.ndarray) -> None:
-        """Put the bundles (k, bundle_bytes) uint8 at slots (k,)."""
+    def write(self, slots: np.ndarray, bundles: np.ndarray, neuron_ids: np.ndarray) -> None:
+        """Put the bundles (k, bundle_bytes) uint8 of neurons neuron_ids (k,) at slots (k,)."""
         if len(slots) == 0:
             return
         slots_t = torch.from_numpy(np.asarray(slots, dtype=np.int64))  # (k,)
@@ -99,13 +134,30 @@ class QuantNeuronMatrix:
         for index, name in enumerate(parts):
             blocks = QuantizedBlocks(self.row_kind, raw[:, self.byte_slices[name]].contiguous(), (len(slots), self.d))
             self._write_rows(slots_t + index * self.capacity, blocks)
-        down = raw[:, self.byte_slices["down"]]  # (k, 4 + d)
-        self.down_scales[slots_t] = down[:, :4].contiguous().view(torch.float32).reshape(-1)
-        self.down_values[:, slots_t] = down[:, 4:].contiguous().view(torch.int8).T
+        values = bundles[:, self.byte_slices["down"]]  # (k, bytes)
+        if self.down_as_blocks:
+            self._write_down_blocks(np.asarray(slots), values, np.asarray(neuron_ids))
+        else:
+            down = qf.dequantize_grouped_columns(self.down_kind, values, self.down_scales, neuron_ids)  # (k, d)
+            self.down_rows[slots_t] = torch.from_numpy(down).to(DOWN_ROW_DTYPE)
         if self.up_bias is not None:
             bias = qf.dequantize_rows(self.kinds["up_bias"], np.ascontiguousarray(
                 bundles[:, self.byte_slices["up_bias"]]), 1)  # (k, 1)
             self.up_bias[slots_t] = torch.from_numpy(bias.reshape(-1))
+
+    def _write_down_blocks(self, slots: np.ndarray, values: np.ndarray, neuron_ids: np.ndarray) -> None:
+        """A whole layer's down columns, once: neuron i at slot i, packed as the int4 kernel's [d, cap]."""
+        k = len(slots)
+        if not (np.array_equal(slots, np.arange(k)) and np.array_equal(neuron_ids, slots) and k % BLOCK_WEIGHTS == 0):
+            raise ValueError("a whole-layer matrix is written once, with neurons 0..n-1 (a multiple of 32) in order")
+        q = np.zeros((self.d, self.capacity), np.int32)  # (d, cap): unused slots multiply zero scales
+        q[:, :k] = qf.grouped_column_values(self.down_kind, values, self.d).T
+        self.down_packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(torch.from_numpy(q), 1)  # (d, cap/2)
+        table = torch.from_numpy(self.down_scales[:, : k // BLOCK_WEIGHTS].astype(np.float32))  # (d, k/32, c)
+        table = table.transpose(0, 1)  # (k/32, d, c)
+        scale = table[..., 0]
+        zero = table[..., 1] + 8 * scale if table.shape[-1] == 2 else torch.zeros_like(scale)  # w = (q-8)*s + z
+        self.down_scales_zeros[: k // BLOCK_WEIGHTS] = torch.stack((scale, zero), dim=-1).bfloat16()
 
     def _write_rows(self, rows: torch.Tensor, blocks: QuantizedBlocks) -> None:
         if not self.int4:
@@ -133,7 +185,7 @@ class QuantNeuronMatrix:
     # -- products ----------------------------------------------------------------
 
     def activations(self, h: torch.Tensor, n: int) -> torch.Tensor:
-        """h (N, d) → a (N, cap) float32: each slot's activation; slots from n on are 0."""
+        """h (N, d) → a (N, cap) float32: each slot's activation (slots from n on are not in use)."""
         x = h.to(torch.bfloat16)
         if self.int4:
             both = torch.ops.aten._weight_int4pack_mm_for_cpu(x, self.packed, BLOCK_WEIGHTS, self.scales_zeros)
@@ -145,23 +197,26 @@ class QuantNeuronMatrix:
             a = F.silu(both[:, :cap]) * both[:, cap:]  # (N, cap)
         else:
             a = F.relu(both + self.up_bias)  # (N, cap)
-        a[:, n:] = 0
         return a
 
-    def down(self, a: torch.Tensor) -> torch.Tensor:
-        """a (N, cap) → (N, d): Σ_i a_i · down_i, the per-neuron scales folded into a."""
-        scaled = (a * self.down_scales).to(torch.bfloat16)  # (N, cap)
-        return torch.ops.aten._weight_int8pack_mm(scaled, self.down_values, self._ones).float()  # (N, d)
+    def down(self, a: torch.Tensor, n: int) -> torch.Tensor:
+        """a (N, cap) → (N, d): Σ_i a_i · down_i over slots [0, n). The float16 rows are widened for the
+        product: CPU float16 GEMM is a slow scalar path, bfloat16 would round the weights again."""
+        if self.down_as_blocks:  # slots past n (a layer not a multiple of 64) must contribute nothing
+            a[:, n:] = 0
+            return torch.ops.aten._weight_int4pack_mm_for_cpu(a.to(torch.bfloat16), self.down_packed, BLOCK_WEIGHTS,
+                                                               self.down_scales_zeros).float()  # (N, d)
+        return a[:, :n] @ self.down_rows[:n].float()  # (N, d)
 
     def ffn(self, h: torch.Tensor, n: int) -> torch.Tensor:
         """h (N, d) → (N, d) float32 over slots [0, n)."""
-        return self.down(self.activations(h, n)).to(h.dtype)
+        return self.down(self.activations(h, n), n).to(h.dtype)
 
     def masked_ffn(self, h: torch.Tensor, n: int, mask: torch.Tensor) -> torch.Tensor:
         """h (N, d), mask (N, n) → (N, d): each token over only the slots its mask row keeps."""
         a = self.activations(h, n)
         a[:, :n] *= mask
-        return self.down(a).to(h.dtype)
+        return self.down(a, n).to(h.dtype)
 
 
 class QuantRows:
@@ -175,8 +230,9 @@ class QuantRows:
         return (self.n, self.matrix.d)
 
 
-def quant_rows_of(layout: FfnLayout, bundles: np.ndarray) -> QuantRows:
-    """Bundles (k, bundle_bytes) uint8 of consecutive neurons → their kernel-ready form."""
-    matrix = QuantNeuronMatrix(layout, bundles.shape[0])
-    matrix.write(np.arange(bundles.shape[0]), bundles)
+def quant_rows_of(layout: FfnLayout, bundles: np.ndarray, down_scales: np.ndarray, neuron_ids: np.ndarray
+                  ) -> QuantRows:
+    """Bundles (k, bundle_bytes) uint8 of neurons neuron_ids (k,) → their kernel-ready form."""
+    matrix = QuantNeuronMatrix(layout, bundles.shape[0], down_scales, whole_layer=is_whole_layer(neuron_ids))
+    matrix.write(np.arange(bundles.shape[0]), bundles, neuron_ids)
     return QuantRows(matrix, bundles.shape[0])

@@ -12,10 +12,12 @@ kinds):
                              32 weights (GGUF's reference quantizers), from the
                              dequantized source
 
-In a quantized store the FFN's down projection is stored per neuron as q8_col
-(one scale per column: GGUF blocks ffn_down across neurons, so its blocks cannot
-be kept), vectors (norms, biases) stay float32, and a bundle's gate and up rows
-share one kind across layers (the widest any layer needs).
+In a quantized store the FFN's down projection keeps GGUF's blocks, which run
+across neurons (32 neurons per block per output row): a neuron's bundle holds its
+column's values, the layer's block scales are a resident table
+(quant_format.split_down_blocks). Safetensors sources are quantized the same way.
+Vectors (norms, biases) stay float32, and a bundle's gate and up rows share one
+kind across layers (the widest any layer needs); so do the down blocks.
 """
 from __future__ import annotations
 
@@ -33,7 +35,7 @@ QUANTIZED_DTYPES = ("q8_0", "q4_0")
 GGUF_KEPT_KINDS = {"Q8_0": "q8_0", "Q4_0": "q4_0", "Q4_1": "q4_1"}
 GGUF_REBLOCKED_KINDS = {"Q4_K": "q4_1", "Q6_K": "q8_0", "Q5_0": "q8_0", "Q5_1": "q8_0", "Q5_K": "q8_0"}
 FLOAT_SOURCE_KINDS = (FLOAT_SOURCE_KIND, "F32", "F16", "BF16")
-DOWN_COLUMN_KIND = "q8_col"
+DOWN_KIND_FOR_FLOAT_SOURCE = "q8_0"  # a quantized store whose source keeps ffn_down as floats
 VECTOR_KIND_OF_QUANTIZED_STORE = "float32"
 _WIDTH_ORDER = ("q4_0", "q4_1", "q8_0", "float16")  # each holds the ones before it at least as well
 
@@ -121,10 +123,18 @@ def encode_matrix(kind: str, source_kind: str, what: str, floats, blocks, report
     return stored
 
 
-def encode_down_columns(down: np.ndarray, kind: str, report: ReblockReport) -> np.ndarray:
-    """down (d, n_ff) float32 -> (n_ff, bytes) uint8: column i is neuron i's down part."""
-    columns = np.ascontiguousarray(down.T)  # (n_ff, d)
-    stored = qf.quantize_rows(kind, columns)
-    if kind == DOWN_COLUMN_KIND:
-        report.add(f"down columns re-blocked to {kind}", columns, qf.dequantize_rows(kind, stored, columns.shape[1]))
-    return stored
+def down_block_kind(dtype: str, source_kinds: list[str]) -> str:
+    """The block kind of a quantized store's down columns: the widest any layer's ffn_down needs."""
+    kinds = [matrix_kind(dtype, kind, "ffn_down") for kind in source_kinds]
+    kinds = [DOWN_KIND_FOR_FLOAT_SOURCE if kind in FLOAT_DTYPES else kind for kind in kinds]
+    return widest_kind(kinds)
+
+
+def encode_down_columns(block_kind: str, source_kind: str, n_ff: int, floats, blocks, report: ReblockReport
+                        ) -> tuple[np.ndarray, np.ndarray]:
+    """ffn_down as (values (n_ff, bytes) uint8: row i is neuron i's down part, scales (d, n_ff/32, c) float16).
+
+    The down matrix is encoded as block_kind rows (the source's blocks when it has them) and split:
+    exact whenever encode_matrix keeps or re-blocks the source's blocks exactly."""
+    stored = encode_matrix(block_kind, source_kind, "ffn down rows", floats, blocks, report)  # (d, bytes)
+    return qf.split_down_blocks(block_kind, stored, n_ff)

@@ -23,12 +23,13 @@ from tqdm import tqdm
 
 from flashllm.protocol import quant_format as qf
 from flashllm.protocol.store_format import (
-    ALIGNMENT_BYTES, FFN_FILE, GATED_BUNDLE_PARTS, QUANTIZED_STORE_DTYPES, RELU_BUNDLE_PARTS, RESIDENT_FILE,
+    ALIGNMENT_BYTES, BUNDLE_ALIGNMENT_BYTES, DOWN_GROUP_SCALES_NAME, FFN_FILE, GATED_BUNDLE_PARTS,
+    QUANTIZED_STORE_DTYPES, RELU_BUNDLE_PARTS, RESIDENT_FILE,
     TOKENIZER_FILE, FfnLayerRegion, FfnLayout, Manifest, QuantizedTensorInfo, TokenizerInfo, align_up,
     bundle_parts_bytes, sha256_hex, write_manifest,
 )
 from flashllm.runtime.tools.convert.quant_policy import (
-    DOWN_COLUMN_KIND, FLOAT_DTYPES, VECTOR_KIND_OF_QUANTIZED_STORE, ReblockReport, check_dtype_option,
+    FLOAT_DTYPES, VECTOR_KIND_OF_QUANTIZED_STORE, ReblockReport, check_dtype_option, down_block_kind,
     encode_down_columns, encode_matrix, is_quantizable_resident, matrix_kind, widest_kind,
 )
 from flashllm.runtime.tools.convert.sources import ConvertError, open_source
@@ -36,6 +37,7 @@ from flashllm.workers.flash_io.integrity import bundle_digests, write_checksums
 
 SAFETENSORS_DTYPE = {"float16": "F16", "float32": "F32", "bfloat16": "BF16"}  # quantized tensors: "U8" rows
 DISK_SPACE_MARGIN_BYTES = 64 << 20
+BUNDLE_PADDING_MAX_SHARE = 0.125
 
 
 @dataclass
@@ -65,10 +67,12 @@ class StorePlan:
     dtype: str  # the store's dtype: its FFN gate/up rows' kind
     bundle_parts: list[tuple[str, int, str]]  # (name, elements, kind) in storage order
     resident: list[ResidentTensorPlan]
+    down_block_kind: str | None = None  # a quantized store's down blocks; their scales are resident tables
+    bundle_alignment_bytes: int = 1
 
     @property
     def bundle_bytes(self) -> int:
-        return bundle_parts_bytes(self.bundle_parts)
+        return align_up(bundle_parts_bytes(self.bundle_parts), self.bundle_alignment_bytes)
 
     @property
     def quantized(self) -> bool:
@@ -97,12 +101,19 @@ def plan_store(source, dtype: str) -> StorePlan:
     else:
         row_kind = dtype
     _check_blocked(row_kind, d, f"--dtype {dtype}: FFN rows of {d} weights")
+    down_kind, down_scales = None, []
     if row_kind in QUANTIZED_STORE_DTYPES:
         vector_kind = VECTOR_KIND_OF_QUANTIZED_STORE
+        down_kind = down_block_kind(dtype, [source.ffn_kind(layer, "down") for layer in range(arch.num_hidden_layers)])
+        _check_blocked(down_kind, arch.intermediate_size, f"--dtype {dtype}: ffn_down rows of {arch.intermediate_size}")
+        column = ("down", d, qf.GROUPED_COLUMN_KINDS[down_kind])
         if arch.gated_ffn:
-            parts = [("gate", d, row_kind), ("up", d, row_kind), ("down", d, DOWN_COLUMN_KIND)]
+            parts = [("gate", d, row_kind), ("up", d, row_kind), column]
         else:
-            parts = [("up", d, row_kind), ("down", d, DOWN_COLUMN_KIND), ("up_bias", 1, vector_kind)]
+            parts = [("up", d, row_kind), column, ("up_bias", 1, vector_kind)]
+        table_shape = qf.down_scale_table_shape(column[2], d, arch.intermediate_size)
+        down_scales = [ResidentTensorPlan(DOWN_GROUP_SCALES_NAME.format(layer=layer), table_shape, "float16",
+                                          source.ffn_kind(layer, "down")) for layer in range(arch.num_hidden_layers)]
     else:
         vector_kind = row_kind
         names = GATED_BUNDLE_PARTS if arch.gated_ffn else RELU_BUNDLE_PARTS
@@ -118,23 +129,43 @@ def plan_store(source, dtype: str) -> StorePlan:
         else:
             kind = vector_kind
         resident.append(ResidentTensorPlan(name, tuple(shape), kind, source_kind))
-    return StorePlan(dtype=row_kind, bundle_parts=parts, resident=resident)
+    return StorePlan(dtype=row_kind, bundle_parts=parts, resident=resident + down_scales, down_block_kind=down_kind,
+                     bundle_alignment_bytes=bundle_alignment_of(parts) if down_kind else 1)
 
 
-def encode_layer_bundles(source, layer: int, plan: StorePlan, report: ReblockReport) -> np.ndarray:
-    """(n_ff, bundle_bytes) uint8: row i is neuron i's bundle, each part in its kind."""
+def bundle_alignment_of(parts: list[tuple[str, int, str]]) -> int:
+    """A quantized bundle is padded to whole device blocks (a neuron's read then costs only its own bundle)
+    when that adds at most BUNDLE_PADDING_MAX_SHARE of it; smaller bundles (tiny models) stay packed."""
+    unpadded = bundle_parts_bytes(parts)
+    padded = align_up(unpadded, BUNDLE_ALIGNMENT_BYTES)
+    return BUNDLE_ALIGNMENT_BYTES if padded - unpadded <= BUNDLE_PADDING_MAX_SHARE * unpadded else 1
+
+
+def encode_layer_bundles(source, layer: int, plan: StorePlan, report: ReblockReport
+                         ) -> tuple[np.ndarray, np.ndarray | None]:
+    """(bundles (n_ff, bundle_bytes) uint8: row i is neuron i's bundle, each part in its kind, then zero
+    padding; the layer's down scale table (d, n_ff/32, c) float16, or None for a float store)."""
     floats = source.load_ffn(layer)  # {"gate"|"up": (n_ff, d), "down": (d, n_ff), "up_bias": (n_ff,)}
-    encoded = []
+    encoded, scales = [], None
+    n_ff = source.arch.intermediate_size
     for name, _elements, kind in plan.bundle_parts:
-        if name == "down":
-            encoded.append(encode_down_columns(floats["down"], kind, report))  # (n_ff, bytes)
+        if name == "down" and plan.down_block_kind is not None:
+            values, scales = encode_down_columns(plan.down_block_kind, source.ffn_kind(layer, "down"), n_ff,
+                                                 lambda: floats["down"], lambda: source.load_ffn_blocks(layer, "down"),
+                                                 report)
+            encoded.append(values)  # (n_ff, bytes)
+        elif name == "down":
+            encoded.append(qf.quantize_rows(kind, np.ascontiguousarray(floats["down"].T)))  # (n_ff, d)
         elif name == "up_bias":
             encoded.append(qf.quantize_rows(kind, floats["up_bias"][:, None]))  # (n_ff, itemsize)
         else:
             source_kind = source.ffn_kind(layer, name)
             encoded.append(encode_matrix(kind, source_kind, f"ffn {name} rows", lambda: floats[name],
                                          lambda: source.load_ffn_blocks(layer, name), report))
-    return np.ascontiguousarray(np.concatenate(encoded, axis=1))  # (n_ff, bundle_bytes)
+    padding = plan.bundle_bytes - bundle_parts_bytes(plan.bundle_parts)
+    if padding:
+        encoded.append(np.zeros((n_ff, padding), np.uint8))
+    return np.ascontiguousarray(np.concatenate(encoded, axis=1)), scales  # (n_ff, bundle_bytes)
 
 
 class _StreamingSafetensorsWriter:
@@ -231,10 +262,13 @@ def _write_store(source, store_dir: str, plan: StorePlan, report: ReblockReport,
                disable=not progress, file=sys.stderr)
     regions: list[FfnLayerRegion] = []
     digests: list = []  # per layer: (n_ff,) bundle checksums, checked by the reader on every read
+    down_scales: dict[str, np.ndarray] = {}  # resident name -> (d, n_ff/32, c) float16, written with the resident
     with open(os.path.join(store_dir, FFN_FILE), "wb") as ffn_file:
         offset = 0
         for layer in range(arch.num_hidden_layers):
-            bundles = encode_layer_bundles(source, layer, plan, report)  # (n_ff, bundle_bytes) uint8
+            bundles, scales = encode_layer_bundles(source, layer, plan, report)  # (n_ff, bundle_bytes) uint8
+            if scales is not None:
+                down_scales[DOWN_GROUP_SCALES_NAME.format(layer=layer)] = scales
             data = bundles.tobytes()
             digests.append(bundle_digests(bundles))
             ffn_file.seek(offset)
@@ -254,7 +288,9 @@ def _write_store(source, store_dir: str, plan: StorePlan, report: ReblockReport,
     writer = _StreamingSafetensorsWriter(os.path.join(store_dir, RESIDENT_FILE), plan.resident)
     try:
         for tensor in plan.resident:
-            writer.write(tensor.name, encode_resident(source, tensor, report))
+            stored = (qf.quantize_rows("float16", down_scales.pop(tensor.name)) if tensor.name in down_scales
+                      else encode_resident(source, tensor, report))
+            writer.write(tensor.name, stored)
             bar.set_postfix_str(tensor.name)
             bar.update(1)
     finally:
@@ -272,7 +308,8 @@ def _write_store(source, store_dir: str, plan: StorePlan, report: ReblockReport,
         dtype=plan.dtype,
         ffn=FfnLayout(file=FFN_FILE, dtype=plan.dtype, alignment_bytes=ALIGNMENT_BYTES, bundle_parts=plan.bundle_parts,
                       bundle_bytes=plan.bundle_bytes, file_bytes=file_bytes, layers=regions,
-                      bundle_checksums=checksum_file),
+                      bundle_checksums=checksum_file, bundle_alignment_bytes=plan.bundle_alignment_bytes,
+                      down_group_scales=DOWN_GROUP_SCALES_NAME if plan.down_block_kind else None),
         resident_file=RESIDENT_FILE,
         resident_sha256=writer.checksums,
         tokenizer=TokenizerInfo(file=TOKENIZER_FILE, **tok_info),
