@@ -127,7 +127,7 @@ def plan_memory(manifest: Manifest, resident_bytes: int, budget_bytes: int, comp
     if budget_bytes < min_total:
         knobs = sparse_minimum_knobs(
             manifest, budget_bytes, min_total, resident_half_saving_bytes, row_bytes, hot_counts, keep_neurons, predictor_bytes, kv_cache_bytes, naive_minimum_bytes(
-                manifest, resident_bytes))
+                manifest, resident_bytes, compute_itemsize, device))
         raise MemoryPlanError(
             f"--memory {budget_bytes / MIB:.1f} MiB is too small: the minimum for this store and settings is "
             f"{min_total / MIB:.1f} MiB (resident {resident_bytes / MIB:.1f} + predictors {predictor_bytes / MIB:.1f} "
@@ -160,9 +160,17 @@ HALF_ITEMSIZE = 2  # float16/bfloat16
 SMALL_PREDICTOR_RANK = 64  # the low-rank predictor the too-small message offers in place of a sketch
 
 
-def naive_minimum_bytes(manifest: Manifest, resident_bytes: int) -> int:
-    """--mode naive holds the resident weights and one layer at a time (raw + converted)."""
-    return resident_bytes + 2 * max(r.length_bytes for r in manifest.ffn.layers)
+def naive_staging_bytes(layout: FfnLayout, compute_itemsize: int, device: str) -> int:
+    """--mode naive's staging: one layer at a time, as read (and its next chunk) and as held for the product."""
+    largest = max(r.num_neurons for r in layout.layers)
+    held = held_rows_bytes(layout, largest, compute_itemsize, device, whole_layer=True) if layout.is_quantized else 0
+    return 2 * max(r.length_bytes for r in layout.layers) + held
+
+
+def naive_minimum_bytes(manifest: Manifest, resident_bytes: int, compute_itemsize: int, device: str) -> int:
+    """--mode naive holds the resident weights, ffn_down's scale tables and one layer at a time."""
+    return resident_bytes + down_scale_tables_bytes(manifest.ffn) + naive_staging_bytes(manifest.ffn, compute_itemsize,
+                                                                                      device)
 
 
 def sparse_minimum_knobs(manifest: Manifest, budget_bytes: int, min_total: int, resident_half_saving_bytes: int,
@@ -214,13 +222,13 @@ def sparse_minimum_knobs(manifest: Manifest, budget_bytes: int, min_total: int, 
 
 
 def flash_mode_knobs(store_dir: str, manifest: Manifest, mode: str, plan: MemoryPlan, resident_half_saving_bytes: int,
-                     kv_cache_bytes: int) -> list[str]:
+                     kv_cache_bytes: int, compute_itemsize: int, device: str) -> list[str]:
     """What lowers --mode dense's or naive's need, each with what it saves (for MemoryPlanError's message)."""
     knobs = []
     if resident_half_saving_bytes > 0:
         knobs.append(f"--resident-dtype float16 (or bfloat16): saves {resident_half_saving_bytes / MIB:.1f} MiB")
     if mode == "dense":
-        naive = naive_minimum_bytes(manifest, plan.resident_bytes)
+        naive = naive_minimum_bytes(manifest, plan.resident_bytes, compute_itemsize, device)
         knobs.append(f"--mode naive (the FFN read from flash for each token): needs {naive / MIB:.1f} MiB")
     calibrated = ("" if manifest.sparsity is not None
                   else f" after `flashllm calibrate --store {store_dir} --text FILE` (or --generate-tokens 4000)")
@@ -258,11 +266,8 @@ def plan_for_store(store_dir: str, manifest: Manifest, budget_bytes: int, mode: 
     if mode != "sparse":
         # dense holds every bundle; naive holds one layer at a time (raw + converted)
         ffn_rows = [region.num_neurons for region in layout.layers] if mode == "dense" else [0] * len(layout.layers)
-        largest = max(r.num_neurons for r in layout.layers)
-        naive_staging = 2 * max(r.length_bytes for r in layout.layers) + (
-            held_rows_bytes(layout, largest, compute_itemsize, device, whole_layer=True) if layout.is_quantized else 0)
-        plan = MemoryPlan(budget_bytes=budget_bytes, resident_bytes=resident_bytes,
-                          predictor_bytes=0, staging_bytes=0 if mode == "dense" else naive_staging,
+        plan = MemoryPlan(budget_bytes=budget_bytes, resident_bytes=resident_bytes, predictor_bytes=0,
+                          staging_bytes=0 if mode == "dense" else naive_staging_bytes(layout, compute_itemsize, device),
                           cache_bytes=sum(held_rows_bytes(layout, rows, compute_itemsize, device, whole_layer=True)
                                           for rows in ffn_rows if rows) + down_scale_tables_bytes(layout),
                           kv_cache_bytes=kv_cache_bytes, capacity_rows=ffn_rows, min_capacity_rows=ffn_rows,
@@ -271,7 +276,7 @@ def plan_for_store(store_dir: str, manifest: Manifest, budget_bytes: int, mode: 
             raise MemoryPlanError(f"--memory {budget_bytes / MIB:.1f} MiB is too small for --mode {mode}: it needs "
                                   f"{plan.total_bytes / MIB:.1f} MiB; raise --memory, or lower the minimum:\n"
                                   + "\n".join(f"  {knob}" for knob in flash_mode_knobs(
-                                      store_dir, manifest, mode, plan, resident_half_saving_bytes, kv_cache_bytes)))
+                                      store_dir, manifest, mode, plan, resident_half_saving_bytes, kv_cache_bytes, compute_itemsize, device)))
         return plan
     from flashllm.workers.predictor import load_sparsity_tensors, predictor_held_bytes
 

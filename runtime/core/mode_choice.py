@@ -69,13 +69,10 @@ def choose_mode(manifest: Manifest, store_dir: str, budget_bytes: int | None,
 
 
 def resolve_runtime(runtime: str, mode: str, device: str | None = None) -> str:
-    """--runtime auto: the pipelined workers for sparse on the CPU, where computing a layer takes as long as
-    reading the next and the predictor gets a core of its own (on the demo store keeping 30%, workers vs
-    in-process ms/token over three runs: 140/142, 146/131 and 140/149 in turns, 143/143, 139/145 and 189/187
-    alone: as fast, within this disk's noise);
-    in-process on a GPU, where compute is short and the messages cost more than the overlap saves (in turns: on
-    an H100, demo-shaped store, 121 vs 93 ms/token; on an H200, the demo model, 178 vs 141); in-process for
-    dense and naive, which have nothing to pipeline."""
+    """--runtime auto: the pipelined workers for sparse on the CPU, where reading the next layer overlaps
+    computing this one and the predictor shares compute's process; in-process on a GPU, where compute is short
+    and the messages cost more than the overlap saves (docs/benchmarks.md has the runs behind both); in-process
+    for dense and naive, which have nothing to pipeline."""
     if runtime != "auto":
         return runtime
     from flashllm.workers.executor import default_device
