@@ -81,15 +81,23 @@ def split_blocks(blocks: QuantizedBlocks) -> tuple[torch.Tensor, torch.Tensor | 
     return d, m, q
 
 
+DEQUANTIZE_CHUNK_ROWS = 4096  # rows decoded at a time: the float32 temporaries stay a few MiB, not 3 x the matrix
+
+
 def dequantize(blocks: QuantizedBlocks, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """The whole matrix (out, in) in dtype: for the GPU, and for references in tests."""
-    d, m, q = split_blocks(blocks)
+    """The whole matrix (out, in) in dtype (the q8_0 embedding/head, the GPU, references in tests), decoded
+    DEQUANTIZE_CHUNK_ROWS rows at a time into the result, so loading peaks near the result's own bytes."""
     out, inner = blocks.shape
-    grouped = q.reshape(out, -1, BLOCK_WEIGHTS).float()  # (out, G, 32)
-    if blocks.kind == "q4_0":
-        grouped = grouped - 8
-    w = grouped * d[..., None] + (m[..., None] if m is not None else 0)  # (out, G, 32)
-    return w.reshape(out, inner).to(dtype)
+    result = torch.empty((out, inner), dtype=dtype)  # (out, in)
+    for start in range(0, out, DEQUANTIZE_CHUNK_ROWS):
+        stop = min(start + DEQUANTIZE_CHUNK_ROWS, out)
+        d, m, q = split_blocks(QuantizedBlocks(blocks.kind, blocks.raw[start:stop], (stop - start, inner)))
+        grouped = q.reshape(stop - start, -1, BLOCK_WEIGHTS).float()  # (rows, G, 32)
+        if blocks.kind == "q4_0":
+            grouped = grouped - 8
+        w = grouped * d[..., None] + (m[..., None] if m is not None else 0)  # (rows, G, 32)
+        result[start:stop] = w.reshape(stop - start, inner)
+    return result
 
 
 class Int4Matrix:
