@@ -9,8 +9,9 @@ For each weight budget (a fraction of the GGUF file's bytes):
   another process maps can neither be dropped nor charged to this cgroup),
   whose page cache is dropped before each run.
 - flashllm decodes the same number of tokens with `--memory` = the budget
-  (`--mode sparse`, from the store made from that GGUF; at budgets ≥ 100% also
-  `--mode dense`) in a cgroup capped at the budget + each of its processes'
+  (`--mode auto`, what a user gets: dense, sparse or naive, the first whose
+  plan fits; and `--mode sparse`; at budgets ≥ 100% also `--mode dense`),
+  from the store made from that GGUF, in a cgroup capped at the budget + each of its processes'
   baseline (Python + torch) + its KV cache + 10%, so a run that overruns its
   budget is OOM-killed and shows up as a failure, not a silent pass.
 
@@ -136,7 +137,7 @@ def parse_llama_bench_json(stdout: str) -> dict:
 def flashllm_generate_argv(options: PeerBenchOptions, mode: str, memory_bytes: int | None) -> list[str]:
     argv = [sys.executable, "-m", "flashllm", "generate", "--store", options.store, "--mode", mode,
             "--max-tokens", str(options.tokens), "--ignore-eos", "--max-context", str(options.max_context),
-            "--runtime", options.runtime if mode == "sparse" else "inproc", "--json"]
+            "--runtime", options.runtime if mode in ("sparse", "auto") else "inproc", "--json"]
     if memory_bytes is not None:
         argv += ["--memory", str(memory_bytes)]
     if options.flashllm_threads is not None:
@@ -235,6 +236,7 @@ def run_flashllm(options: PeerBenchOptions, mode: str, memory_bytes: int | None,
             record["tok_per_s"] = 1e3 / result["ms_per_token"] if result["ms_per_token"] else None
             record["ms_per_token"] = result["ms_per_token"]
             record["runtime"] = result.get("runtime")
+            record["picked_mode"] = result.get("mode")  # what --mode auto chose at this budget
             record["generated_tokens"] = len(result.get("tokens", []))
     return record
 
@@ -387,10 +389,12 @@ def _run_round(options: PeerBenchOptions, baselines: dict, gguf_bytes: int, roun
             if fraction is None:
                 return [run_flashllm(options, "dense", None, None, None, round_index)]
             weight_bytes = int(fraction * gguf_bytes)
-            modes = ["sparse"] + (["dense"] if fraction >= DENSE_FROM_FRACTION else [])
+            # auto: what a user gets at this --memory (dense, sparse or naive, whichever the plan fits first)
+            modes = ["auto", "sparse"] + (["dense"] if fraction >= DENSE_FROM_FRACTION else [])
             return [run_flashllm(options, mode, weight_bytes,
                                  flashllm_cap_bytes(weight_bytes, baselines["flashllm_process"]["baseline_bytes"],
-                                                    flashllm_processes(options.runtime, mode),
+                                                    flashllm_processes(options.runtime,
+                                                                       "sparse" if mode == "auto" else mode),
                                                     baselines["flashllm_kv_cache_bytes"]),
                                  fraction, round_index) for mode in modes]
 
