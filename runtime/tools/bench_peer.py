@@ -12,7 +12,8 @@ For each weight budget (a fraction of the GGUF file's bytes):
   (`--mode auto`, what a user gets: dense, sparse or naive, the first whose
   plan fits; and `--mode sparse`; at budgets ≥ 100% also `--mode dense`),
   from the store made from that GGUF, in a cgroup capped at the budget + each of its processes'
-  baseline (Python + torch) + its KV cache + 10%, so a run that overruns its
+  baseline (Python + torch; the prefetcher's without torch) + its KV cache + 10%
+  (memory_cgroup.memory_bound_bytes, the bound `flashllm bench` checks), so a run that overruns its
   budget is OOM-killed and shows up as a failure, not a silent pass.
 
 llama.cpp's baseline is measured, not assumed: one uncapped run of the same
@@ -44,12 +45,14 @@ import tempfile
 from dataclasses import asdict, dataclass, replace
 from typing import Callable
 
-from flashllm.runtime.tools.memory_cgroup import CgroupUnavailable, MeasuredRun, drop_page_cache, measure_command
+from flashllm.runtime.tools.memory_cgroup import (
+    BOUND_SLACK, CgroupUnavailable, MeasuredRun, ProcessBaselines, drop_page_cache, measure_baselines, measure_command,
+    memory_bound_bytes,
+)
 
 LLAMA_BENCH_ENV = "FLASHLLM_LLAMA_BENCH"
 BENCH_PROMPT = "The history of the printing press begins"
 PROMPT_TOKEN_ALLOWANCE = 32  # context beyond the generated tokens: the prompt's tokens fit in it
-FLASHLLM_CAP_MARGIN = 0.10  # the cap's slack over budget + baselines + KV (issue 19's bound)
 DENSE_FROM_FRACTION = 1.0  # budgets at or above the whole file also run --mode dense
 MIB = 2**20
 UNCAPPED = "uncapped"
@@ -145,14 +148,6 @@ def flashllm_generate_argv(options: PeerBenchOptions, mode: str, memory_bytes: i
     return argv + [BENCH_PROMPT]
 
 
-def flashllm_processes(runtime: str, mode: str) -> int:
-    """Processes that each pay the Python + torch baseline: the parent, plus one per worker role."""
-    from flashllm.protocol.messages import WORKER_ROLES
-    from flashllm.runtime.clients.cli import resolve_runtime
-
-    return 1 + len(WORKER_ROLES) if resolve_runtime(runtime, mode) == "workers" else 1
-
-
 def flashllm_kv_cache_bytes(store: str, max_context: int) -> int:
     from flashllm.protocol.store_format import read_manifest
     from flashllm.workers.executor import compute_dtype, default_device
@@ -164,9 +159,15 @@ def flashllm_kv_cache_bytes(store: str, max_context: int) -> int:
                                 min(max_context, arch.max_position_embeddings), arch.head_dim, itemsize)
 
 
-def flashllm_cap_bytes(weight_budget_bytes: int, process_baseline_bytes: int, processes: int,
-                       kv_cache_bytes: int) -> int:
-    return int((weight_budget_bytes + processes * process_baseline_bytes + kv_cache_bytes) * (1 + FLASHLLM_CAP_MARGIN))
+def flashllm_cap_bytes(weight_budget_bytes: int, baselines: ProcessBaselines, kv_cache_bytes: int, runtime: str,
+                       mode: str) -> int:
+    """The issue's bound for a run at --memory weight_budget_bytes, over the processes its runtime runs
+    (memory_cgroup.memory_bound_bytes, the same bound `flashllm bench` checks)."""
+    from flashllm.runtime.core.mode_choice import resolve_runtime
+
+    # auto can pick sparse, the mode with the most processes: bound it as sparse would be
+    runtime_run = resolve_runtime(runtime, "sparse" if mode == "auto" else mode)
+    return memory_bound_bytes(weight_budget_bytes, kv_cache_bytes, baselines, runtime_run)
 
 
 # ---------------------------------------------------------------------- measuring
@@ -256,16 +257,16 @@ def measure_llama_baseline(options: PeerBenchOptions) -> dict:
                    "page cache still charged after it exits (the GGUF's pages)"}
 
 
-def measure_flashllm_process_baseline(threads: int | None) -> dict:
-    """One flashllm process before it opens a store: Python, torch and the engine imported, one product run."""
-    set_threads = f"torch.set_num_threads({threads}); " if threads else ""
-    code = ("import torch, flashllm.runtime.core.engine; " + set_threads +
-            "x = torch.ones(256, 256); print(float((x @ x).sum()))")
-    run = measure_command([sys.executable, "-c", code], timeout_s=120, method="cgroup")
-    if not run.ok:
-        raise PeerBenchError(f"could not measure flashllm's process baseline: {run.failure()}")
-    return {"baseline_bytes": run.peak_bytes,
-            "how": "peak of one Python process that imported torch and flashllm's engine and ran a 256x256 product"}
+def measure_flashllm_process_baselines() -> dict:
+    """flashllm's processes before they open a store, measured as `flashllm bench` measures them."""
+    try:
+        baselines = measure_baselines()
+    except RuntimeError as exc:
+        raise PeerBenchError(f"could not measure flashllm's process baselines: {exc}") from None
+    return {"baseline_bytes": baselines.torch_process_bytes, "light_baseline_bytes": baselines.light_process_bytes,
+            "method": baselines.method,
+            "how": "peak of a process that imported the engine (torch) and of the torch-free prefetcher's imports "
+                   "(memory_cgroup.measure_baselines)"}
 
 
 def summarize(records: list[dict]) -> dict:
@@ -362,9 +363,9 @@ def run_peer_bench(options: PeerBenchOptions, command: list[str] | None = None,
         options = replace(options, gguf=private_copy(options.gguf, folder))
         print("bench-peer: baselines ...", file=sys.stderr)
         report["baselines"] = {"llama.cpp": measure_llama_baseline(options),
-                               "flashllm_process": measure_flashllm_process_baseline(options.flashllm_threads),
+                               "flashllm_process": measure_flashllm_process_baselines(),
                                "flashllm_kv_cache_bytes": flashllm_kv_cache_bytes(options.store, options.max_context),
-                               "flashllm_cap_margin": FLASHLLM_CAP_MARGIN}
+                               "flashllm_cap_margin": BOUND_SLACK}
         records: list[dict] = []
         for round_index in range(options.rounds):
             records.extend(_run_round(options, report["baselines"], gguf_bytes, round_index))
@@ -392,10 +393,11 @@ def _run_round(options: PeerBenchOptions, baselines: dict, gguf_bytes: int, roun
             # auto: what a user gets at this --memory (dense, sparse or naive, whichever the plan fits first)
             modes = ["auto", "sparse"] + (["dense"] if fraction >= DENSE_FROM_FRACTION else [])
             return [run_flashllm(options, mode, weight_bytes,
-                                 flashllm_cap_bytes(weight_bytes, baselines["flashllm_process"]["baseline_bytes"],
-                                                    flashllm_processes(options.runtime,
-                                                                       "sparse" if mode == "auto" else mode),
-                                                    baselines["flashllm_kv_cache_bytes"]),
+                                 flashllm_cap_bytes(weight_bytes, ProcessBaselines(
+                                     baselines["flashllm_process"]["baseline_bytes"],
+                                     baselines["flashllm_process"]["light_baseline_bytes"],
+                                     baselines["flashllm_process"]["method"]),
+                                     baselines["flashllm_kv_cache_bytes"], options.runtime, mode),
                                  fraction, round_index) for mode in modes]
 
         print(f"bench-peer: round {round_index + 1}/{options.rounds}, budget {label} ...", file=sys.stderr)
