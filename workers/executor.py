@@ -15,8 +15,10 @@ from flashllm.protocol.store_format import Manifest, StoreError, calibrate_hint
 from flashllm.workers.flash_io.io_counters import process_read_bytes
 from flashllm.workers.models import build_model
 from flashllm.workers.models.attention import KVCache
-from flashllm.workers.models.resident import resident_dtype_of, with_quantized_blocks
-from flashllm.workers.store_reader import drop_file_cache, load_resident_weights
+from flashllm.workers.models.resident import (
+    EMBEDDING_NAME, HEAD_NAME, StoreBackedMatrix, resident_dtype_of, with_quantized_blocks,
+)
+from flashllm.workers.store_reader import drop_file_cache, load_resident_weights, stored_matrix_rows
 
 FFN_MODES = ("dense", "naive", "sparse")
 
@@ -97,6 +99,20 @@ def make_ffn_provider(mode: str, store_dir: str, manifest: Manifest, dtype: torc
     raise ValueError(f"--mode {mode!r} is not one of {', '.join(FFN_MODES)}")
 
 
+def back_with_store(weights: dict, store_dir: str, manifest: Manifest, device: str) -> None:
+    """On a CPU, a quantized embedding table is looked up from the store row by row instead of being held,
+    and a quantized head gets its top logits recomputed from the stored rows (resident.StoreBackedMatrix)."""
+    if torch.device(device).type != "cpu":
+        return
+    quantized = manifest.resident_quantized
+    if EMBEDDING_NAME in quantized:
+        tied = manifest.arch.tie_word_embeddings
+        weights[EMBEDDING_NAME] = StoreBackedMatrix(stored_matrix_rows(store_dir, manifest, EMBEDDING_NAME),
+                                                    weights[EMBEDDING_NAME] if tied else None)
+    if HEAD_NAME in quantized and HEAD_NAME in weights:
+        weights[HEAD_NAME] = StoreBackedMatrix(stored_matrix_rows(store_dir, manifest, HEAD_NAME), weights[HEAD_NAME])
+
+
 class ModelExecutor:
     runtime = "inproc"
 
@@ -112,6 +128,7 @@ class ModelExecutor:
             check_fits_on_device(store_dir, manifest, mode, num_slots, max_context, self.device, resident_dtype,
                                  (ffn_options or {}).get("capacity_rows"))
         weights = with_quantized_blocks(load_resident_weights(store_dir, manifest, verify=verify))
+        back_with_store(weights, store_dir, manifest, self.device)
         self.model = build_model(arch, weights, self.dtype, self.device, self.resident_dtype)
         del weights
         drop_file_cache(os.path.join(store_dir, manifest.resident_file))  # converted: the file's pages are a copy

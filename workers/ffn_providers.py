@@ -10,6 +10,7 @@ workers/sparse_ffn.py. All share `forward(layer, h) -> y` and `stats`.
 from __future__ import annotations
 
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -18,8 +19,11 @@ import torch
 from flashllm.protocol.store_format import FfnLayout, Manifest
 from flashllm.workers.flash_io.bundle_reader import BundleReader
 from flashllm.workers.models.ffn import BundleColumns, ffn_from_rows
-from flashllm.workers.models.quant_ffn import QuantRows, quant_rows_of
+from flashllm.workers.models.quant_ffn import QuantNeuronMatrix, QuantRows, down_kernel_scales_of, quant_rows_of
 from flashllm.workers.store_reader import bundle_rows_as_float, layer_table, load_down_group_scales
+
+
+NAIVE_LAYERS_IN_FLIGHT = 2  # --mode naive holds this many layers read and as many converted
 
 
 @dataclass
@@ -90,31 +94,104 @@ class DenseFfn:
 
 
 class NaiveFlashFfn:
+    """Every layer read whole from flash at every forward call, pipelined over two threads beside the
+    computing one: a reader thread reads layer i + 2 (AIO: it waits, it does not compute) while a converter
+    thread turns layer i + 1 into the kernels' layout, while layer i computes. A layer then costs about
+    max(read, convert, compute) instead of their sum. Two layers are held read and two converted
+    (memory_plan.naive_staging_bytes counts them)."""
+
     mode = "naive"
+    DEPTH = NAIVE_LAYERS_IN_FLIGHT
 
     def __init__(self, store_dir: str, manifest: Manifest, dtype: torch.dtype, device: str, num_threads: int = 4):
         self.cols = BundleColumns.from_layout(manifest.ffn.part_slices())
         self.reader = BundleReader(store_dir, manifest.ffn, num_threads=num_threads)
         self.layout = manifest.ffn
+        self.num_layers = len(manifest.ffn.layers)
         self.down_scales = load_down_group_scales(store_dir, manifest)
         self.dtype, self.device = dtype, device
         self.stats = FfnStats()
+        self._raw_buffers = [self.reader.layer_buffer() for _ in range(self.DEPTH)]
+        self._matrices = None  # a quantized store on a CPU: whole-layer matrices, rewritten in turn
+        if self.layout.is_quantized and torch.device(device).type == "cpu":
+            largest = max(region.num_neurons for region in self.layout.layers)
+            self._matrices = [QuantNeuronMatrix(self.layout, largest, layer_table(self.down_scales, 0), whole_layer=True)
+                              for _ in range(self.DEPTH)]
+            self._down_kernel_scales = [down_kernel_scales_of(layer_table(self.down_scales, layer))
+                                        for layer in range(self.num_layers)]
+        self._read_thread = ThreadPoolExecutor(1, thread_name_prefix="flashllm-naive-read")
+        self._convert_thread = ThreadPoolExecutor(1, thread_name_prefix="flashllm-naive-convert")
+        self._sequence = 0  # forward calls since the pipeline (re)started: picks the buffers in turn
+        self._reads: dict[int, Future] = {}  # sequence → read future
+        self._converts: dict[int, Future] = {}  # sequence → convert future
+        self._next_layer: int | None = None  # the layer the pipeline expects next
 
-    def forward(self, layer: int, h: torch.Tensor) -> torch.Tensor:
+    def _layer_at(self, sequence: int) -> int:
+        return (self._first_layer + sequence) % self.num_layers
+
+    def _read(self, sequence: int) -> tuple[np.ndarray, float, int]:
+        """Reader thread: the layer at `sequence` into its raw buffer → (rows, seconds, bytes read)."""
         start = time.perf_counter()
         before = self.reader.stats.read_bytes
-        raw = self.reader.read_layer(layer)  # (n_ff, E), valid until the next read
-        rows = held_rows(raw, self.layout, self.dtype, self.device, down_scales=layer_table(self.down_scales, layer),
-                         neuron_ids=np.arange(raw.shape[0]))
-        read_done = time.perf_counter()
-        self.stats.io_s += read_done - start
-        self.stats.io_blocked_s += read_done - start
-        self.stats.read_bytes += self.reader.stats.read_bytes - before
+        raw = self.reader.read_layer(self._layer_at(sequence), self._raw_buffers[sequence % self.DEPTH])
+        return raw, time.perf_counter() - start, self.reader.stats.read_bytes - before
+
+    def _convert(self, sequence: int) -> tuple[torch.Tensor | QuantRows, float, float, int]:
+        """Converter thread: the layer's rows as read → what compute multiplies (rows, read s, convert s, bytes)."""
+        raw, read_s, read_bytes = self._reads.pop(sequence).result()
+        start = time.perf_counter()
+        layer = self._layer_at(sequence)
+        if self._matrices is not None:
+            matrix = self._matrices[sequence % self.DEPTH]  # not the one the computing thread holds
+            matrix.load_whole_layer(raw, layer_table(self.down_scales, layer), self._down_kernel_scales[layer])
+            rows = QuantRows(matrix, raw.shape[0])
+        else:
+            rows = held_rows(raw, self.layout, self.dtype, self.device, copy=True,
+                             down_scales=layer_table(self.down_scales, layer), neuron_ids=np.arange(raw.shape[0]))
+        return rows, read_s, time.perf_counter() - start, read_bytes
+
+    def _drain(self) -> None:
+        for future in list(self._converts.values()) + list(self._reads.values()):
+            future.result()
+        self._converts.clear()
+        self._reads.clear()
+
+    def _restart(self, layer: int) -> None:
+        """A call out of the expected order (the first, or after another user of the store): start over."""
+        self._drain()
+        self._first_layer, self._sequence = layer, 0
+        for sequence in range(self.DEPTH):
+            self._reads[sequence] = self._read_thread.submit(self._read, sequence)
+        self._converts[0] = self._convert_thread.submit(self._convert, 0)
+
+    def _rows_of(self, layer: int) -> torch.Tensor | QuantRows:
+        if layer != self._next_layer:
+            self._restart(layer)
+        sequence = self._sequence
+        # the layer computed before this one is done: its converted buffers take the next layer
+        self._converts[sequence + 1] = self._convert_thread.submit(self._convert, sequence + 1)
+        wait_start = time.perf_counter()
+        rows, read_s, convert_s, read_bytes = self._converts.pop(sequence).result()
+        self.stats.io_blocked_s += time.perf_counter() - wait_start
+        self.stats.io_s += read_s + convert_s
+        self.stats.read_bytes += read_bytes
+        # this layer's raw buffer is converted: it takes the read two layers on
+        self._reads[sequence + self.DEPTH] = self._read_thread.submit(self._read, sequence + self.DEPTH)
+        self._sequence = sequence + 1
+        self._next_layer = self._layer_at(sequence + 1)
+        return rows
+
+    def forward(self, layer: int, h: torch.Tensor) -> torch.Tensor:
+        rows = self._rows_of(layer)
+        compute_start = time.perf_counter()
         self.stats.neurons_read += rows.shape[0]
         self.stats.neurons_computed += rows.shape[0]
         y = ffn_from_rows(h, rows, self.cols)
-        self.stats.compute_s += time.perf_counter() - read_done
+        self.stats.compute_s += time.perf_counter() - compute_start
         return y
 
     def close(self) -> None:
+        self._drain()
+        self._read_thread.shutdown(wait=True)
+        self._convert_thread.shutdown(wait=True)
         self.reader.close()

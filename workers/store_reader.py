@@ -207,6 +207,64 @@ def load_resident_weights(store_dir: str, manifest: Manifest, verify: bool = Tru
     return tensors
 
 
+class StoredMatrixRows:
+    """Rows of a quantized resident matrix read from the store's resident file when asked for, instead of
+    being held: an embedding lookup needs only a step's T rows (612 bytes each for the demo's q8_0 table),
+    so the table costs no memory, and each row comes back exactly as stored. The rows read are dropped
+    from the page cache (a memory cgroup would charge them to the process)."""
+
+    def __init__(self, path: str, data_offset_bytes: int, kind: str, shape: tuple[int, int]):
+        self.path, self.kind, self.shape = path, kind, tuple(shape)
+        self.row_bytes = qf.bytes_per_row(kind, shape[1])
+        self.data_offset_bytes = data_offset_bytes
+        self._fd = os.open(path, os.O_RDONLY)
+
+    nbytes = 0  # nothing held
+
+    def rows(self, ids: "torch.Tensor", dtype: "torch.dtype") -> "torch.Tensor":
+        """ids (...) int → the rows (..., in) in dtype, dequantized exactly as stored."""
+        import torch
+
+        from flashllm.workers.models.quant_linear import QuantizedBlocks, dequantize
+
+        flat = ids.reshape(-1).cpu().numpy().astype(np.int64)  # (n,)
+        if len(flat) and (flat.min() < 0 or flat.max() >= self.shape[0]):
+            raise ValueError(f"token id out of range 0..{self.shape[0] - 1}")
+        unique, inverse = np.unique(flat, return_inverse=True)
+        raw = np.empty((len(unique), self.row_bytes), np.uint8)  # (u, row bytes)
+        for index, row in enumerate(unique):
+            offset = self.data_offset_bytes + int(row) * self.row_bytes
+            got = os.preadv(self._fd, [memoryview(raw[index])], offset)
+            if got != self.row_bytes:
+                raise StoreError(f"{self.path}: short read of row {row}; the store is corrupt, re-run `flashllm convert`")
+            os.posix_fadvise(self._fd, offset, self.row_bytes, os.POSIX_FADV_DONTNEED)
+        values = dequantize(QuantizedBlocks(self.kind, torch.from_numpy(raw), (len(unique), self.shape[1])))
+        return values[torch.from_numpy(inverse)].reshape(*ids.shape, self.shape[1]).to(dtype)
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+    def __del__(self):
+        self.close()
+
+
+def stored_matrix_rows(store_dir: str, manifest: Manifest, name: str) -> StoredMatrixRows:
+    """The quantized resident matrix `name`, read row by row from the resident file (its safetensors header
+    gives where the tensor's bytes start)."""
+    import json
+    import struct
+
+    path = os.path.join(store_dir, manifest.resident_file)
+    with open(path, "rb") as f:
+        header_bytes = struct.unpack("<Q", f.read(8))[0]
+        header = json.loads(f.read(header_bytes))
+    info = manifest.resident_quantized[name]
+    start, _ = header[name]["data_offsets"]
+    return StoredMatrixRows(path, 8 + header_bytes + start, info.kind, tuple(info.shape))
+
+
 def verify_store(store_dir: str) -> list[str]:
     """Check every region of the store, FFN included. Returns a line per checked region; raises on the first bad one."""
     manifest = open_store(store_dir)

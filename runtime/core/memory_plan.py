@@ -20,7 +20,8 @@ from dataclasses import dataclass, field
 from flashllm.protocol import quant_format as qf
 from flashllm.protocol.shm import CHUNK_SLOTS
 from flashllm.protocol.store_format import DTYPE_ITEMSIZE, FfnLayout, Manifest
-from flashllm.workers.flash_io.bundle_reader import largest_chunk_rows, neuron_read_staging_bytes
+from flashllm.workers.ffn_providers import NAIVE_LAYERS_IN_FLIGHT
+from flashllm.workers.flash_io.bundle_reader import largest_chunk_rows, largest_span_bytes, neuron_read_staging_bytes
 from flashllm.workers.models.quant_ffn import QuantNeuronMatrix
 
 MIB = 2**20
@@ -161,10 +162,11 @@ SMALL_PREDICTOR_RANK = 64  # the low-rank predictor the too-small message offers
 
 
 def naive_staging_bytes(layout: FfnLayout, compute_itemsize: int, device: str) -> int:
-    """--mode naive's staging: one layer at a time, as read (and its next chunk) and as held for the product."""
+    """--mode naive's staging: its pipeline holds two layers as read and two as held for the product
+    (ffn_providers.NaiveFlashFfn)."""
     largest = max(r.num_neurons for r in layout.layers)
-    held = held_rows_bytes(layout, largest, compute_itemsize, device, whole_layer=True) if layout.is_quantized else 0
-    return 2 * max(r.length_bytes for r in layout.layers) + held
+    held = held_rows_bytes(layout, largest, compute_itemsize, device, whole_layer=True)
+    return NAIVE_LAYERS_IN_FLIGHT * (largest_span_bytes(layout) + held)
 
 
 def naive_minimum_bytes(manifest: Manifest, resident_bytes: int, compute_itemsize: int, device: str) -> int:
@@ -250,7 +252,7 @@ def resident_bytes_of(store_dir: str, manifest: Manifest, resident_itemsize: int
     for layer in range(len(manifest.ffn.layers) if manifest.ffn.down_group_scales else 0):
         shapes.pop(manifest.ffn.down_group_scales_name(layer))  # the FFN's, counted with it (down_scale_tables_bytes)
     return resident_held_bytes(shapes, manifest.resident_quantized, resident_itemsize,
-                               manifest.arch.num_hidden_layers, device)
+                               manifest.arch.num_hidden_layers, device, manifest.arch.tie_word_embeddings)
 
 
 def plan_for_store(store_dir: str, manifest: Manifest, budget_bytes: int, mode: str, compute_itemsize: int,

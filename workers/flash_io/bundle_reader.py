@@ -468,21 +468,29 @@ class BundleReader:
             raise IndexError(f"layer {layer} out of range: the store has {len(self.layout.layers)} layers (0..{len(self.layout.layers) - 1})")
         return self.layout.layers[layer]
 
-    def read_layer(self, layer: int) -> np.ndarray:
+    def layer_buffer(self) -> np.ndarray:
+        """An aligned buffer that holds any layer's read (for read_layer's `buffer`)."""
+        return aligned_buffer(self._largest_span_bytes())
+
+    def read_layer(self, layer: int, buffer: np.ndarray | None = None) -> np.ndarray:
         """The whole layer region as a (num_neurons, bundle_elements) array of the store dtype.
 
-        The array is a view of a reused buffer: valid until the next `read_layer`
-        call or `close()`. Copy it to keep it.
+        The array is a view of `buffer` (from layer_buffer()) or of a reused buffer of the reader's own:
+        valid until that buffer is read into again, or `close()`. Copy it to keep it.
         """
         self._check_idle()
         region = self._region(layer)
         span_start = align_down(region.offset_bytes, self.alignment_bytes)
         span_end = align_up(region.offset_bytes + region.length_bytes, self.alignment_bytes)
         span_bytes = span_end - span_start
-        if self._layer_buffer.nbytes < span_bytes:
-            self._layer_buffer = np.empty(0, dtype=np.uint8)  # drop the old mapping first
-            self._layer_buffer = aligned_buffer(self._largest_span_bytes())
-        buffer = self._layer_buffer
+        if buffer is None:
+            if self._layer_buffer.nbytes < span_bytes:
+                self._layer_buffer = np.empty(0, dtype=np.uint8)  # drop the old mapping first
+                self._layer_buffer = aligned_buffer(self._largest_span_bytes())
+            buffer = self._layer_buffer
+        elif buffer.nbytes < span_bytes:
+            raise ValueError(f"read_layer: a {buffer.nbytes}-byte buffer cannot hold layer {layer}'s {span_bytes} "
+                             "bytes; use layer_buffer()")
         needed_bytes = region.offset_bytes + region.length_bytes - span_start  # the file may end before the span does
         chunk_starts = list(range(0, span_bytes, self.max_request_bytes))
         chunk_lengths = [min(self.max_request_bytes, span_bytes - start) for start in chunk_starts]

@@ -38,7 +38,7 @@ import torch.nn.functional as F
 
 from flashllm.protocol import quant_format as qf
 from flashllm.protocol.store_format import FfnLayout
-from flashllm.workers.models.quant_linear import BLOCK_WEIGHTS, QuantizedBlocks, split_blocks
+from flashllm.workers.models.quant_linear import BLOCK_WEIGHTS, QuantizedBlocks, pack_int4_tiles, split_blocks
 
 INT4_TILE_ROWS = 64
 DOWN_ROW_DTYPE = torch.float16  # holds GGUF's dequantized down weights exactly; see docs/benchmarks.md
@@ -60,13 +60,24 @@ def is_whole_layer(neuron_ids: np.ndarray) -> bool:
         bool(np.all(np.diff(neuron_ids) == 1))
 
 
+def down_kernel_scales_of(table: np.ndarray) -> torch.Tensor:
+    """A layer's down scale table (d, n_ff/32, c) float16 → the int4 kernel's (n_ff/32, d, 2) bfloat16
+    (scale, zero) with w = (q - 8)·scale + zero, for down held as whole-layer blocks."""
+    scales = torch.from_numpy(np.ascontiguousarray(table).astype(np.float32)).transpose(0, 1)  # (n_ff/32, d, c)
+    scale = scales[..., 0]
+    zero = scales[..., 1] + 8 * scale if scales.shape[-1] == 2 else torch.zeros_like(scale)
+    return torch.stack((scale, zero), dim=-1).bfloat16()
+
+
 class QuantNeuronMatrix:
     """`capacity` neurons of a quantized FFN layer, slot by slot, in the CPU kernels' layouts."""
 
-    def __init__(self, layout: FfnLayout, capacity: int, down_scales: np.ndarray, whole_layer: bool = False):
+    def __init__(self, layout: FfnLayout, capacity: int, down_scales: np.ndarray, whole_layer: bool = False,
+                 down_kernel_scales: torch.Tensor | None = None):
         """down_scales: the layer's down scale table (d, n_ff/32, c) float16 (store_reader.load_down_group_scales).
         whole_layer: the matrix holds a whole layer in neuron order, written once (dense, naive): 4-bit down
-        blocks are then held as GGUF's own [d, n_ff] blocks in the int4 kernel's layout."""
+        blocks are then held as GGUF's own [d, n_ff] blocks in the int4 kernel's layout, with the table in
+        the kernel's form (down_kernel_scales(table), given by a caller that converts the layer often)."""
         self.kinds = kinds = layout.part_kinds()
         self.byte_slices = layout.part_byte_slices()
         elements = {name: n for name, n, _ in layout.bundle_parts}
@@ -89,6 +100,8 @@ class QuantNeuronMatrix:
             self.rows_bf16 = torch.zeros(rows, self.d, dtype=torch.bfloat16)  # (rows, d)
         self.down_as_blocks = whole_layer and _int4_down(kinds["down"])
         if self.down_as_blocks:  # groups of 32 along K (neurons) are exactly GGUF's blocks
+            self.down_kernel_scales = down_kernel_scales if down_kernel_scales is not None else \
+                down_kernel_scales_of(down_scales)  # (n_ff/32, d, 2)
             self.down_packed = torch.zeros(self.d, self.capacity // 2, dtype=torch.uint8)  # (d, cap/2) packed
             self.down_scales_zeros = torch.zeros(self.capacity // BLOCK_WEIGHTS, self.d, 2,
                                                  dtype=torch.bfloat16)  # (cap/32, d, 2)
@@ -131,8 +144,8 @@ class QuantNeuronMatrix:
         slots_t = torch.from_numpy(np.asarray(slots, dtype=np.int64))  # (k,)
         raw = torch.from_numpy(np.ascontiguousarray(bundles))  # (k, bundle_bytes)
         parts = ("gate", "up") if self.gated else ("up",)
-        for index, name in enumerate(parts):
-            blocks = QuantizedBlocks(self.row_kind, raw[:, self.byte_slices[name]].contiguous(), (len(slots), self.d))
+        for index, name in enumerate(parts):  # (a strided view: the tile path reads it in place)
+            blocks = QuantizedBlocks(self.row_kind, raw[:, self.byte_slices[name]], (len(slots), self.d))
             self._write_rows(slots_t + index * self.capacity, blocks)
         values = bundles[:, self.byte_slices["down"]]  # (k, bytes)
         if self.down_as_blocks:
@@ -145,19 +158,52 @@ class QuantNeuronMatrix:
                 bundles[:, self.byte_slices["up_bias"]]), 1)  # (k, 1)
             self.up_bias[slots_t] = torch.from_numpy(bias.reshape(-1))
 
+    def load_whole_layer(self, bundles: np.ndarray, down_scales: np.ndarray,
+                         down_kernel_scales: torch.Tensor | None = None) -> None:
+        """Rewrite this whole-layer matrix with another layer's bundles (n, bundle_bytes), n ≤ capacity, and
+        that layer's down tables: a naive step reuses two matrices instead of allocating one a layer."""
+        if not self.down_as_blocks:
+            raise ValueError("load_whole_layer needs a matrix made with whole_layer=True")
+        self.down_scales = down_scales
+        self.down_kernel_scales = down_kernel_scales if down_kernel_scales is not None else \
+            down_kernel_scales_of(down_scales)
+        ids = np.arange(len(bundles))
+        self.write(ids, bundles, ids)
+
     def _write_down_blocks(self, slots: np.ndarray, values: np.ndarray, neuron_ids: np.ndarray) -> None:
         """A whole layer's down columns, once: neuron i at slot i, packed as the int4 kernel's [d, cap]."""
         k = len(slots)
         if not (np.array_equal(slots, np.arange(k)) and np.array_equal(neuron_ids, slots) and k % BLOCK_WEIGHTS == 0):
             raise ValueError("a whole-layer matrix is written once, with neurons 0..n-1 (a multiple of 32) in order")
-        q = np.zeros((self.d, self.capacity), np.int32)  # (d, cap): unused slots multiply zero scales
-        q[:, :k] = qf.grouped_column_values(self.down_kind, values, self.d).T
-        self.down_packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(torch.from_numpy(q), 1)  # (d, cap/2)
-        table = torch.from_numpy(self.down_scales[:, : k // BLOCK_WEIGHTS].astype(np.float32))  # (d, k/32, c)
-        table = table.transpose(0, 1)  # (k/32, d, c)
-        scale = table[..., 0]
-        zero = table[..., 1] + 8 * scale if table.shape[-1] == 2 else torch.zeros_like(scale)  # w = (q-8)*s + z
-        self.down_scales_zeros[: k // BLOCK_WEIGHTS] = torch.stack((scale, zero), dim=-1).bfloat16()
+        # a column's byte i holds rows 2i (low nibble) and 2i + 1 (high); a tile of 64 rows wants rows j and
+        # j + 32 of one neuron in one byte: (T, K, 32) bytes of W (d, K), one pass
+        columns = torch.from_numpy(values).reshape(k, self.d // INT4_TILE_ROWS, 2, 16)  # (k, T, half, 16)
+        lower, upper = columns.permute(2, 1, 0, 3).contiguous()  # (T, k, 16) each: rows 2i, 2i+1 | +32
+        tiles = self.down_packed.view(-1, self.capacity, 16, 2)[:, :k]  # (T, k, 16, 2); unused slots: zero scales
+        torch.bitwise_or(lower & 15, upper << 4, out=tiles[..., 0])  # rows 2i and 32 + 2i
+        torch.bitwise_or(lower >> 4, upper & 0xF0, out=tiles[..., 1])  # rows 2i + 1 and 32 + 2i + 1
+        self.down_scales_zeros[: k // BLOCK_WEIGHTS] = self.down_kernel_scales[: k // BLOCK_WEIGHTS]
+
+    def _write_whole_tiles(self, first: int, blocks: QuantizedBlocks) -> None:
+        """Rows first.. (a multiple of 64 from a tile's start) straight from the blocks' bytes into the tile
+        layout: one pass pairs rows n and n + 32 of each tile, no 0..15 array in between (a naive step
+        converts every layer, so this is most of its compute)."""
+        k, groups = len(blocks.raw), self.d // BLOCK_WEIGHTS
+        raw = blocks.raw.reshape(k, groups, -1)  # (k, G, block bytes)
+        qs = raw[..., -16:].reshape(k // INT4_TILE_ROWS, 2, 32, groups, 16)  # (T, half, n%32, G, 16)
+        # one gather into the tiles' order first: byte-wide ops over contiguous memory are 3x faster
+        lower, upper = qs.permute(1, 0, 3, 4, 2).contiguous()  # (T, G, 16, 32) each: rows n and n + 32
+        tiles = self.packed[first:first + k].view(k // INT4_TILE_ROWS, groups, 2, 16, 32)  # (T, G, 2, 16, 32)
+        torch.bitwise_or(lower & 15, upper << 4, out=tiles[:, :, 0])  # weights 0..15 of each block
+        torch.bitwise_or(lower >> 4, upper & 0xF0, out=tiles[:, :, 1])  # weights 16..31
+        destination = self.scales_zeros[:, first:first + k].transpose(0, 1)  # (k, G, 2) view
+        if blocks.kind == "q4_1":  # (d, m) side by side → (scale, zero) = (d, m + 8d)
+            scale_zero = raw[..., 0:4].contiguous().view(torch.float16).float()  # (k, G, 2)
+            scale_zero[..., 1].add_(scale_zero[..., 0], alpha=8)
+            destination.copy_(scale_zero)
+        else:  # q4_0: (d, 0)
+            destination[..., 0] = raw[..., 0:2].contiguous().view(torch.float16).reshape(k, groups)
+            destination[..., 1] = 0
 
     def _write_rows(self, rows: torch.Tensor, blocks: QuantizedBlocks) -> None:
         if not self.int4:
@@ -165,7 +211,12 @@ class QuantNeuronMatrix:
             w = q.reshape(len(rows), -1, BLOCK_WEIGHTS).float() * d[..., None]  # (k, G, 32)
             self.rows_bf16[rows] = w.reshape(len(rows), self.d).bfloat16()
             return
-        d, m, q = split_blocks(blocks)  # (k, G), (k, G) | None, (k, d)
+        first = int(rows[0])
+        if first % INT4_TILE_ROWS == 0 and len(rows) % INT4_TILE_ROWS == 0 and \
+                torch.equal(rows, torch.arange(first, first + len(rows))):  # whole tiles in order: pack at once
+            self._write_whole_tiles(first, blocks)
+            return
+        d, m, q = split_blocks(blocks)  # (k, G), (k, G) | None, (k, d) uint8
         zero = torch.zeros_like(d) if m is None else m + 8 * d
         self.scales_zeros[:, rows] = torch.stack((d, zero), dim=-1).transpose(0, 1).bfloat16()
         # (tiles, d, 32) view: byte [t, k, n % 32] holds weight k of tile t's rows n (low) and n + 32 (high)
@@ -173,7 +224,7 @@ class QuantNeuronMatrix:
         rows_np = rows.numpy()
         tile, column = rows_np // INT4_TILE_ROWS, rows_np % 32  # (k,) each
         high = (rows_np % INT4_TILE_ROWS) >= 32  # (k,) rows in a tile's upper half use the high nibble
-        q8 = q.to(torch.uint8).numpy()  # (k, d)
+        q8 = q.numpy()  # (k, d)
         for use_high in (False, True):  # two passes: a low and a high row may share bytes
             pick = high == use_high
             if not pick.any():

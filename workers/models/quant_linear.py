@@ -11,13 +11,11 @@ multiplies it as it is (alternatives and figures: docs/benchmarks.md):
   dtype it has a vectorised path for). The kernel's convention is
   w = (q - 8)·scale + zero, so Q4_0 (w = d·(q - 8)) is (d, 0) and Q4_1
   (w = d·q + m) is (d, m + 8d).
-- q8_0 (the demo's tied embedding/head) → float16, dequantized once: exact to
-  float16 rounding, and multiplied by the resident float16 path (float16 for a
-  few rows, float32 tiles for a batch). The int8 kernel scales per output row,
-  not per 32-weight block: summing one `_weight_int8pack_mm` per block, or one
-  call over block-masked activations, measured 4-5x slower than a float32
-  product for the 49152 x 576 head (docs/benchmarks.md), which would dominate a
-  token. float16 holds 2 bytes a weight against the blocks' 1.06.
+- q8_0 (the demo's tied embedding/head) → `Int8RowMatrix`: int8 with one
+  bfloat16 scale per row, multiplied with `_weight_int8pack_mm`. The int8
+  kernel scales per output row, not per 32-weight block, so the blocks are
+  re-scaled once at load (the added error is reported); summing one call per
+  block measured 50x slower, and a float16 copy holds twice the bytes.
 
 Both take x in any float dtype and give the product back in x's dtype. The
 kernels take bfloat16 activations and scales and give bfloat16 products, so a
@@ -63,22 +61,31 @@ BLOCK_BYTES = {"q4_0": 18, "q4_1": 20, "q8_0": 34}
 
 
 def split_blocks(blocks: QuantizedBlocks) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
-    """(d (out, G) float32, m (out, G) float32 or None, q (out, in) int32): the fields of each block.
-    4-bit q are 0..15 (weight j of a block: low nibble of byte j for j < 16, high nibble of byte j - 16);
-    8-bit q are -128..127."""
+    """(d (out, G) float32, m (out, G) float32 or None, q (out, in)): the fields of each block.
+    4-bit q are uint8 0..15 (weight j of a block: low nibble of byte j for j < 16, high nibble of byte
+    j - 16); 8-bit q are int8 -128..127. Byte-wide ops throughout: a layer's rows decode in a few ms."""
     out, inner = blocks.shape
     groups = inner // BLOCK_WEIGHTS
     raw = blocks.raw.reshape(out, groups, BLOCK_BYTES[blocks.kind])  # (out, G, block bytes)
     d = raw[..., 0:2].contiguous().view(torch.float16).reshape(out, groups).float()  # (out, G)
     if blocks.kind == "q8_0":
-        q = raw[..., 2:].contiguous().view(torch.int8).reshape(out, inner).int()  # (out, in)
+        q = raw[..., 2:].contiguous().view(torch.int8).reshape(out, inner)  # (out, in)
         return d, None, q
     m = None
     if blocks.kind == "q4_1":
         m = raw[..., 2:4].contiguous().view(torch.float16).reshape(out, groups).float()  # (out, G)
-    qs = raw[..., -16:].int()  # (out, G, 16)
-    q = torch.cat((qs & 15, qs >> 4), dim=-1).reshape(out, inner)  # (out, in)
+    qs = raw[..., -16:]  # (out, G, 16)
+    q = torch.cat((qs & 15, qs >> 4), dim=-1).reshape(out, inner)  # (out, in) uint8
     return d, m, q
+
+
+def pack_int4_tiles(q: torch.Tensor) -> torch.Tensor:
+    """q (R, K) uint8 0..15, R a multiple of 64 → (R, K/2) uint8 in torch's CPU int4 packed layout, the
+    same bytes as `_convert_weight_to_int4pack_for_cpu` (checked in tests) at byte width: inside a tile of
+    64 rows, byte k*32 + n%32 holds weight k of row n (low nibble) and of row n + 32 (high nibble)."""
+    rows, inner = q.shape
+    tiles = q.reshape(rows // INT4_TILE_ROWS, 2, 32, inner)  # (T, halves, 32, K)
+    return (tiles[:, 0] | (tiles[:, 1] << 4)).transpose(1, 2).contiguous().reshape(rows, inner // 2)
 
 
 DEQUANTIZE_CHUNK_ROWS = 4096  # rows decoded at a time: the float32 temporaries stay a few MiB, not 3 x the matrix
@@ -113,7 +120,7 @@ class Int4Matrix:
             d = torch.cat((d, torch.zeros(padded, d.shape[1])))
             zero = torch.cat((zero, torch.zeros(padded, d.shape[1])))
         self.shape = (out, inner)
-        self.packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1)  # (out + pad, in / 2) uint8
+        self.packed = pack_int4_tiles(q)  # (out + pad, in / 2) uint8
         self.scales_zeros = torch.stack((d, zero), dim=-1).transpose(0, 1).contiguous().bfloat16()  # (G, out+pad, 2)
 
     @property
@@ -139,7 +146,59 @@ class Int4Matrix:
         return y[:, : self.shape[0]].to(x.dtype).reshape(*x.shape[:-1], self.shape[0])  # (..., out)
 
 
-HeldMatrix = Int4Matrix
+class Int8RowMatrix:
+    """q8_0 blocks held as int8 with one scale per output row, multiplied by `_weight_int8pack_mm`.
+
+    The CPU int8 kernel scales per output row, not per 32-weight block, so the blocks are re-scaled once at
+    load: each row's scale is max|w|/127 rounded up to a bfloat16 value (the kernel takes bfloat16 scales,
+    so the scale itself is exact) and each weight is re-rounded to it. The largest error this adds is half
+    a row step, reported by `requantize_max_abs_error`; docs/benchmarks.md has its perplexity cost and the
+    alternatives measured (float16 copy: twice the bytes; per-block int8 calls: 50x slower)."""
+
+    def __init__(self, blocks: QuantizedBlocks):
+        out, inner = blocks.shape
+        self.shape = (out, inner)
+        self.q = torch.empty(out, inner, dtype=torch.int8)  # (out, in)
+        self.scales = torch.empty(out, dtype=torch.bfloat16)  # (out,)
+        self.requantize_max_abs_error = 0.0
+        for start in range(0, out, DEQUANTIZE_CHUNK_ROWS):  # a few MiB of float32 at a time
+            stop = min(start + DEQUANTIZE_CHUNK_ROWS, out)
+            w = dequantize(QuantizedBlocks(blocks.kind, blocks.raw[start:stop], (stop - start, inner)))  # (r, in)
+            scale = _bfloat16_at_least(w.abs().amax(dim=1) / 127)  # (r,) exact in bfloat16
+            q = torch.round(w / scale.float().clamp_min(1e-30)[:, None]).clamp_(-127, 127)  # (r, in)
+            self.q[start:stop] = q.to(torch.int8)
+            self.scales[start:stop] = scale
+            error = (q * scale.float()[:, None] - w).abs().max().item()
+            self.requantize_max_abs_error = max(self.requantize_max_abs_error, error)
+
+    @property
+    def nbytes(self) -> int:
+        return self.q.nbytes + self.scales.nbytes
+
+    def rows(self, ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """ids (...) → the rows (..., in) in dtype (an embedding lookup)."""
+        flat_ids = ids.reshape(-1).long()  # (n,)
+        w = self.q[flat_ids].float() * self.scales[flat_ids].float()[:, None]  # (n, in)
+        return w.reshape(*ids.shape, self.shape[1]).to(dtype)
+
+    def matmul(self, x: torch.Tensor) -> torch.Tensor:
+        """x (..., in) → x @ W.T (..., out) in x's dtype. The kernel's fast path takes bfloat16 activations
+        and gives a bfloat16 product (2^-9 relative: a head's close candidates may swap; resident.StoreBackedMatrix
+        recomputes a head's top outputs exactly)."""
+        flat = x.reshape(-1, x.shape[-1]).to(torch.bfloat16)  # (M, in)
+        y = torch.ops.aten._weight_int8pack_mm(flat, self.q, self.scales)  # (M, out)
+        return y.to(x.dtype).reshape(*x.shape[:-1], self.shape[0])
+
+
+def _bfloat16_at_least(values: torch.Tensor) -> torch.Tensor:
+    """values (n,) float32 ≥ 0 → the smallest bfloat16 values ≥ them (a scale that never clips q at 127)."""
+    rounded = values.bfloat16()
+    low = rounded.float() < values
+    bits = rounded.view(torch.int16)
+    return torch.where(low, (bits + 1).view(torch.bfloat16), rounded)
+
+
+HeldMatrix = Int4Matrix | Int8RowMatrix
 
 
 def held_matrix_bytes(kind: str, shape: tuple[int, int]) -> int:
@@ -147,7 +206,7 @@ def held_matrix_bytes(kind: str, shape: tuple[int, int]) -> int:
     out, inner = shape
     groups = inner // BLOCK_WEIGHTS
     if kind == "q8_0":
-        return out * inner * 2  # float16
+        return out * inner + out * 2  # int8 + a bfloat16 scale per row
     rows = out + (-out % INT4_TILE_ROWS)
     return rows * inner // 2 + groups * rows * 2 * 2  # nibbles, bfloat16 (scale, zero)
 
@@ -156,7 +215,7 @@ def hold_quantized(blocks: QuantizedBlocks, compute_dtype: torch.dtype, device: 
     """The kernel-ready form of a quantized matrix on device (a GPU gets it dequantized to compute_dtype)."""
     if torch.device(device).type != "cpu":
         return dequantize(blocks, compute_dtype).to(device)
-    return dequantize(blocks, torch.float16) if blocks.kind == "q8_0" else Int4Matrix(blocks)
+    return Int8RowMatrix(blocks) if blocks.kind == "q8_0" else Int4Matrix(blocks)
 
 
 def held_bytes(matrix: HeldMatrix | torch.Tensor) -> int:

@@ -24,9 +24,12 @@ import torch
 import torch.nn.functional as F
 
 from flashllm.workers.models.quant_linear import (
-    Int4Matrix, QuantizedBlocks, held_matrix_bytes, hold_quantized,
+    Int4Matrix, Int8RowMatrix, QuantizedBlocks, held_matrix_bytes, hold_quantized,
 )
 
+EMBEDDING_NAME = "embed_tokens"
+HEAD_NAME = "lm_head"
+EXACT_TOP_OUTPUTS = 32  # a head's largest logits per row recomputed from the stored rows (StoreBackedMatrix)
 RESIDENT_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 HALF_PRODUCT_MAX_ROWS = 8  # at most this many input rows multiply in the storage dtype
 UPCAST_CHUNK_ROWS = 8192  # output rows of a matrix upcast at a time (8192 × 576 float32 = 18.9 MB)
@@ -48,6 +51,42 @@ def with_quantized_blocks(weights: dict) -> dict:
             for name, t in weights.items()}
 
 
+class StoreBackedMatrix:
+    """A quantized matrix whose exact rows are read from the store when needed, and which is held (if at all)
+    only in its kernel's layout for products:
+
+    - an embedding table: lookups read a step's T rows from the store (nothing held for them);
+    - a head (the tied embedding, or lm_head): the product runs on the held kernel form (int8 with a scale
+      per row for q8_0, whose re-rounding moves logits by ~1%), then each row's EXACT_TOP_OUTPUTS largest
+      logits are recomputed in float32 from the rows as stored (a few KiB read per token), so greedy and
+      top-k choices are made on the stored weights' own logits.
+
+    Before holding, `held` is the QuantizedBlocks (or None: lookups only); after, the held matrix."""
+
+    def __init__(self, stored_rows, held=None):
+        self.stored_rows = stored_rows  # .rows(ids, dtype), e.g. store_reader.StoredMatrixRows
+        self.held = held
+
+    @property
+    def nbytes(self) -> int:
+        return self.held.nbytes if self.held is not None else 0
+
+    def rows(self, ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        return self.stored_rows.rows(ids, dtype)
+
+    def matmul(self, x: torch.Tensor) -> torch.Tensor:
+        """x (..., in) → (..., out) float32: the held product with its top outputs recomputed exactly."""
+        if self.held is None:
+            raise RuntimeError("this embedding table is not tied to the head; the model has its own lm_head")
+        flat = x.reshape(-1, x.shape[-1]).float()  # (M, in)
+        y = self.held.matmul(flat)  # (M, out)
+        top = y.topk(min(EXACT_TOP_OUTPUTS, y.shape[-1]), dim=-1).indices  # (M, k)
+        unique, inverse = torch.unique(top, return_inverse=True)  # (u,), (M, k)
+        exact = flat @ self.stored_rows.rows(unique, torch.float32).T  # (M, u)
+        y.scatter_(1, top, exact.gather(1, inverse))
+        return y.reshape(*x.shape[:-1], y.shape[-1])
+
+
 def hold_resident(weights: dict, compute_dtype: torch.dtype, resident_dtype: torch.dtype, device: str) -> dict:
     """Float matrices in resident_dtype, vectors in compute_dtype, quantized blocks in their kernel's layout
     (they stay quantized whatever resident_dtype says), all on device."""
@@ -56,6 +95,8 @@ def hold_resident(weights: dict, compute_dtype: torch.dtype, resident_dtype: tor
             return StackedMatrix([hold(part) for part in t])
         if isinstance(t, QuantizedBlocks):
             return hold_quantized(t, compute_dtype, device)
+        if isinstance(t, StoreBackedMatrix):
+            return StoreBackedMatrix(t.stored_rows, hold(t.held) if t.held is not None else None)
         return t.to(device=device, dtype=resident_dtype if t.dim() >= 2 else compute_dtype)
 
     return {name: hold(t) for name, t in weights.items()}
@@ -76,13 +117,16 @@ class StackedMatrix:
 
 
 def resident_held_bytes(shapes: dict[str, tuple[int, ...]], quantized: dict, resident_itemsize: int,
-                        num_layers: int, device: str) -> int:
+                        num_layers: int, device: str, tied_embeddings: bool) -> int:
     """Bytes hold_resident will hold for tensors of these shapes (name → shape as stored; quantized: the
     manifest's name → kind, float shape): float tensors at resident_itemsize, quantized ones in their
-    kernels' layouts (fused as fuse_projections fuses them) on a CPU, dequantized on a GPU."""
+    kernels' layouts (fused as fuse_projections fuses them) on a CPU, dequantized on a GPU. On a CPU a
+    quantized embedding table is read from the store (StoreBackedMatrix): held only as a tied head."""
     if torch.device(device).type != "cpu":
         return sum(_elements(quantized[n].shape if n in quantized else s) for n, s in shapes.items()) * resident_itemsize
     blocks = {name: (info.kind, tuple(info.shape)) for name, info in quantized.items() if name in shapes}
+    if EMBEDDING_NAME in blocks and not tied_embeddings:
+        blocks.pop(EMBEDDING_NAME)
     for layer in range(num_layers):
         names = [f"layers.{layer}.{part}_proj.weight" for part in ("q", "k", "v")]
         if all(name in blocks for name in names) and len({blocks[name][0] for name in names}) == 1:
@@ -127,7 +171,7 @@ def fuse_projections(weights: dict[str, torch.Tensor], num_layers: int, parts: t
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """x (..., in) @ weight (out, in).T + bias → (..., out) in x's dtype, whatever dtype weight is held in."""
-    if isinstance(weight, (Int4Matrix, StackedMatrix)):
+    if isinstance(weight, (Int4Matrix, Int8RowMatrix, StackedMatrix, StoreBackedMatrix)):
         out = weight.matmul(x)  # (..., out)
         return out + bias if bias is not None else out
     if weight.dtype == x.dtype:
@@ -143,6 +187,6 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
 
 def embedding_rows(table: torch.Tensor, token_ids: torch.Tensor, compute_dtype: torch.dtype) -> torch.Tensor:
     """table (V, d) in any dtype or quantized, token_ids (B, T) → (B, T, d) in compute_dtype."""
-    if isinstance(table, Int4Matrix):
+    if isinstance(table, (Int4Matrix, Int8RowMatrix, StoreBackedMatrix)):
         return table.rows(token_ids, compute_dtype)  # only these rows are dequantized
     return table[token_ids].to(compute_dtype)
