@@ -776,3 +776,31 @@ def test_neuron_id_set_operations_match_numpy():
         assert np.array_equal(union_ids(300, a), np.unique(a))
         sorted_a = np.unique(a)
         assert np.array_equal(difference_ids(300, sorted_a, b), np.setdiff1d(sorted_a, b))
+
+
+def test_a_whole_layer_read_is_checked_after_its_first_read_by_one_digest(tiny_stores, tmp_path):
+    """A layer that read clean once is checked by a single digest over it afterwards; a byte flipped on flash
+    since then still fails the next read, with the neuron named."""
+    import shutil
+
+    from flashllm.protocol.store_format import read_manifest
+    from flashllm.workers.flash_io.bundle_reader import BundleReader
+    from flashllm.workers.flash_io.integrity import BundleChecksumError
+
+    store = str(tmp_path / "store")
+    shutil.copytree(tiny_stores("llama"), store)
+    manifest = read_manifest(store)
+    layout = manifest.ffn
+    with BundleReader(store, layout) as reader:
+        first = reader.read_layer(1).copy()
+        assert np.array_equal(reader.read_layer(1), first)  # the second read passes its layer digest
+        region = layout.layers[1]
+        position = 3
+        with open(os.path.join(store, layout.file), "r+b") as f:
+            offset = region.offset_bytes + position * layout.bundle_bytes + 7
+            f.seek(offset)
+            byte = f.read(1)
+            f.seek(offset)
+            f.write(bytes([byte[0] ^ 0x10]))
+        with pytest.raises(BundleChecksumError, match=r"layer 1 neuron \d+ \(store position 3\)"):
+            reader.read_layer(1)

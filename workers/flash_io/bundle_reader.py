@@ -509,7 +509,8 @@ class BundleReader:
         rows = np.ndarray(
             (region.num_neurons, self.bundle_elements), dtype=self.dtype, buffer=buffer, offset=first_byte
         )  # (num_neurons, bundle_elements)
-        self._rows_arrived(layer, np.arange(region.num_neurons), rows)
+        if self.checksums is not None:
+            self.checksums.check_layer(layer, rows)
         return rows
 
     def _rows_arrived(self, layer: int, neuron_ids: np.ndarray, rows: np.ndarray) -> None:

@@ -64,6 +64,19 @@ class BundleChecksums:
                              "bundles; it is truncated, re-run `flashllm convert`")
         starts = np.cumsum([0] + [region.num_neurons for region in layout.layers])
         self._per_layer = [digests[starts[i]:starts[i + 1]] for i in range(len(layout.layers))]
+        self._layer_digests: dict[int, int] = {}  # layer → xxh3 of its whole region, once checked bundle by bundle
+
+    def check_layer(self, layer: int, rows: np.ndarray) -> None:
+        """rows (n, E): a whole layer as it arrived. The first time, every bundle is checked and the layer's
+        own xxh3 is remembered; after that one digest over the layer checks it (a naive step reads every
+        layer, and one call per bundle cost more than the conversion beside it), falling back to the
+        per-bundle check, which names the bad neuron, when it differs."""
+        layer_bytes = np.ascontiguousarray(rows)
+        digest = xxhash.xxh3_64_intdigest(layer_bytes)
+        if self._layer_digests.get(layer) == digest:
+            return
+        self.check(layer, np.arange(rows.shape[0]), rows)  # raises on a bad bundle
+        self._layer_digests[layer] = digest
 
     def check(self, layer: int, neuron_ids: np.ndarray, rows: np.ndarray) -> None:
         """rows (k, E): the bundles of store positions neuron_ids (k,) as they arrived; BundleChecksumError
