@@ -120,7 +120,9 @@ class NaiveFlashFfn:
             self._down_kernel_scales = [down_kernel_scales_of(layer_table(self.down_scales, layer))
                                         for layer in range(self.num_layers)]
         self._read_thread = ThreadPoolExecutor(1, thread_name_prefix="flashllm-naive-read")
-        self._convert_thread = ThreadPoolExecutor(1, thread_name_prefix="flashllm-naive-convert")
+        # one torch thread there: OpenMP gives a new thread all cores, whose spinning slowed both threads ~3x
+        self._convert_thread = ThreadPoolExecutor(1, thread_name_prefix="flashllm-naive-convert",
+                                                  initializer=torch.set_num_threads, initargs=(1,))
         self._sequence = 0  # forward calls since the pipeline (re)started: picks the buffers in turn
         self._reads: dict[int, Future] = {}  # sequence → read future
         self._converts: dict[int, Future] = {}  # sequence → convert future
