@@ -16,7 +16,7 @@ from flashllm.workers.flash_io.io_counters import process_read_bytes
 from flashllm.workers.models import build_model
 from flashllm.workers.models.attention import KVCache
 from flashllm.workers.models.resident import (
-    EMBEDDING_NAME, HEAD_NAME, StoreBackedMatrix, resident_dtype_of, with_quantized_blocks,
+    EMBEDDING_NAME, HEAD_NAME, StoreBackedMatrix, StoredBlocks, resident_dtype_of, with_quantized_blocks,
 )
 from flashllm.workers.store_reader import drop_file_cache, load_resident_weights, stored_matrix_rows
 
@@ -99,18 +99,25 @@ def make_ffn_provider(mode: str, store_dir: str, manifest: Manifest, dtype: torc
     raise ValueError(f"--mode {mode!r} is not one of {', '.join(FFN_MODES)}")
 
 
-def back_with_store(weights: dict, store_dir: str, manifest: Manifest, device: str) -> None:
-    """On a CPU, a quantized embedding table is looked up from the store row by row instead of being held,
-    and a quantized head gets its top logits recomputed from the stored rows (resident.StoreBackedMatrix)."""
+def store_backed_names(manifest: Manifest, device: str) -> frozenset[str]:
+    """Resident matrices that a CPU reads from the store as StoreBackedMatrix (a quantized embedding table and
+    head) instead of loading them with the rest."""
     if torch.device(device).type != "cpu":
-        return
-    quantized = manifest.resident_quantized
-    if EMBEDDING_NAME in quantized:
-        tied = manifest.arch.tie_word_embeddings
-        weights[EMBEDDING_NAME] = StoreBackedMatrix(stored_matrix_rows(store_dir, manifest, EMBEDDING_NAME),
-                                                    weights[EMBEDDING_NAME] if tied else None)
-    if HEAD_NAME in quantized and HEAD_NAME in weights:
-        weights[HEAD_NAME] = StoreBackedMatrix(stored_matrix_rows(store_dir, manifest, HEAD_NAME), weights[HEAD_NAME])
+        return frozenset()
+    return frozenset(name for name in (EMBEDDING_NAME, HEAD_NAME) if name in manifest.resident_quantized)
+
+
+def back_with_store(weights: dict, store_dir: str, manifest: Manifest, names: frozenset[str], verify: bool) -> None:
+    """The store_backed_names as StoreBackedMatrix entries of weights: the embedding table looked up from the
+    store row by row, and a quantized head (tied or not) held from chunks read as it is converted, with its
+    top logits recomputed from the stored rows (resident.StoreBackedMatrix)."""
+    for name in names:
+        rows = stored_matrix_rows(store_dir, manifest, name)
+        blocks = StoredBlocks(rows, manifest.resident_sha256.get(name) if verify else None)
+        is_head = name == HEAD_NAME or manifest.arch.tie_word_embeddings
+        if not is_head and verify:
+            blocks.verify()  # looked up, never held: its checksum is still checked once
+        weights[name] = StoreBackedMatrix(rows, blocks if is_head else None)
 
 
 class ModelExecutor:
@@ -127,8 +134,9 @@ class ModelExecutor:
         if ffn is None:  # (a caller passing its FFN checked before making it)
             check_fits_on_device(store_dir, manifest, mode, num_slots, max_context, self.device, resident_dtype,
                                  (ffn_options or {}).get("capacity_rows"))
-        weights = with_quantized_blocks(load_resident_weights(store_dir, manifest, verify=verify))
-        back_with_store(weights, store_dir, manifest, self.device)
+        store_backed = store_backed_names(manifest, self.device)
+        weights = with_quantized_blocks(load_resident_weights(store_dir, manifest, verify=verify, skip=store_backed))
+        back_with_store(weights, store_dir, manifest, store_backed, verify)
         self.model = build_model(arch, weights, self.dtype, self.device, self.resident_dtype)
         del weights
         drop_file_cache(os.path.join(store_dir, manifest.resident_file))  # converted: the file's pages are a copy
@@ -136,6 +144,8 @@ class ModelExecutor:
                           arch.head_dim, self.dtype, self.device)
         self.ffn = ffn if ffn is not None else make_ffn_provider(mode, store_dir, manifest, self.dtype, self.device,
                                                                  **(ffn_options or {}))
+        # the FFN's scale tables come from the same file: their pages are copies now too
+        drop_file_cache(os.path.join(store_dir, manifest.resident_file))
 
     def forward(self, token_ids: torch.Tensor, slots: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """token_ids/positions (B, T), slots (B,) → logits (B, T, V) float32 on the CPU.

@@ -173,27 +173,33 @@ def _tensor_sha256(tensor: "torch.Tensor") -> str:
     return hashlib.sha256(tensor.contiguous().numpy().tobytes()).hexdigest()
 
 
-def load_resident_weights(store_dir: str, manifest: Manifest, verify: bool = True
+def load_resident_weights(store_dir: str, manifest: Manifest, verify: bool = True, skip: frozenset[str] = frozenset()
                           ) -> dict[str, "torch.Tensor | QuantizedTensor"]:
     """All resident tensors as stored (CPU), each checked against its manifest checksum: float tensors in
-    their dtype, quantized matrices as QuantizedTensor."""
+    their dtype, quantized matrices as QuantizedTensor. `skip`: names not loaded (read and checked by their
+    own reader, e.g. StoredMatrixRows.block_chunks)."""
     import torch
-    from safetensors.torch import load_file
+    from safetensors import safe_open
 
     path = os.path.join(store_dir, manifest.resident_file)
     try:
-        tensors = load_file(path)
+        with safe_open(path, framework="pt") as f:
+            tensors = {name: f.get_tensor(name) for name in f.keys() if name not in skip}
     except Exception as exc:  # safetensors raises its own error types on a bad header
         raise StoreError(f"{path}: unreadable ({exc}); the store is corrupt, re-run `flashllm convert`") from exc
-    missing = sorted(set(manifest.resident_sha256) - set(tensors))
+    missing = sorted(set(manifest.resident_sha256) - set(tensors) - set(skip))
     if missing:
         raise StoreError(f"{path}: tensors missing: {', '.join(missing[:5])}; re-run `flashllm convert`")
     if verify:
         for name, expected in manifest.resident_sha256.items():
+            if name in skip:
+                continue
             if _tensor_sha256(tensors[name]) != expected:
                 raise StoreError(f"{path}: checksum mismatch in tensor {name!r}; the store is corrupt, "
                                  "re-run `flashllm convert`")
     for name, info in manifest.resident_quantized.items():
+        if name in skip:
+            continue
         rows, elements = info.shape
         expected_shape = (rows, qf.bytes_per_row(info.kind, elements))
         blocks = tensors[name]
@@ -213,8 +219,8 @@ class StoredMatrixRows:
     so the table costs no memory, and each row comes back exactly as stored. The rows read are dropped
     from the page cache (a memory cgroup would charge them to the process)."""
 
-    def __init__(self, path: str, data_offset_bytes: int, kind: str, shape: tuple[int, int]):
-        self.path, self.kind, self.shape = path, kind, tuple(shape)
+    def __init__(self, path: str, data_offset_bytes: int, kind: str, shape: tuple[int, int], name: str = ""):
+        self.path, self.kind, self.shape, self.name = path, kind, tuple(shape), name
         self.row_bytes = qf.bytes_per_row(kind, shape[1])
         self.data_offset_bytes = data_offset_bytes
         self._fd = os.open(path, os.O_RDONLY)
@@ -241,6 +247,27 @@ class StoredMatrixRows:
         values = dequantize(QuantizedBlocks(self.kind, torch.from_numpy(raw), (len(unique), self.shape[1])))
         return values[torch.from_numpy(inverse)].reshape(*ids.shape, self.shape[1]).to(dtype)
 
+    def block_chunks(self, rows_per_chunk: int, expected_sha256: str | None = None):
+        """Yield (first row, raw blocks (rows, row bytes) uint8 torch tensor) over the whole matrix, a chunk at a
+        time (so holding it in another form never needs all of it as stored), dropping each chunk from the page
+        cache; with expected_sha256, a StoreError at the end if the bytes do not match the manifest."""
+        import torch
+
+        digest = hashlib.sha256() if expected_sha256 else None
+        for start in range(0, self.shape[0], rows_per_chunk):
+            stop = min(start + rows_per_chunk, self.shape[0])
+            raw = np.empty((stop - start, self.row_bytes), np.uint8)  # (rows, row bytes)
+            offset = self.data_offset_bytes + start * self.row_bytes
+            if os.preadv(self._fd, [memoryview(raw).cast("B")], offset) != raw.nbytes:
+                raise StoreError(f"{self.path}: short read at row {start}; the store is corrupt, re-run `flashllm convert`")
+            os.posix_fadvise(self._fd, offset, raw.nbytes, os.POSIX_FADV_DONTNEED)
+            if digest is not None:
+                digest.update(raw.data)
+            yield start, torch.from_numpy(raw)
+        if digest is not None and digest.hexdigest() != expected_sha256:
+            raise StoreError(f"{self.path}: checksum mismatch in tensor {self.name!r}; the store is corrupt, "
+                             "re-run `flashllm convert`")
+
     def close(self) -> None:
         if self._fd >= 0:
             os.close(self._fd)
@@ -262,7 +289,7 @@ def stored_matrix_rows(store_dir: str, manifest: Manifest, name: str) -> StoredM
         header = json.loads(f.read(header_bytes))
     info = manifest.resident_quantized[name]
     start, _ = header[name]["data_offsets"]
-    return StoredMatrixRows(path, 8 + header_bytes + start, info.kind, tuple(info.shape))
+    return StoredMatrixRows(path, 8 + header_bytes + start, info.kind, tuple(info.shape), name)
 
 
 def verify_store(store_dir: str) -> list[str]:

@@ -88,7 +88,8 @@ def pack_int4_tiles(q: torch.Tensor) -> torch.Tensor:
     return (tiles[:, 0] | (tiles[:, 1] << 4)).transpose(1, 2).contiguous().reshape(rows, inner // 2)
 
 
-DEQUANTIZE_CHUNK_ROWS = 4096  # rows decoded at a time: the float32 temporaries stay a few MiB, not 3 x the matrix
+DEQUANTIZE_CHUNK_ROWS = 4096
+REQUANTIZE_CHUNK_ROWS = 1024  # rows re-rounded to int8 at a time (Int8RowMatrix): the load's transient stays small  # rows decoded at a time: the float32 temporaries stay a few MiB, not 3 x the matrix
 
 
 def dequantize(blocks: QuantizedBlocks, dtype: torch.dtype = torch.float32) -> torch.Tensor:
@@ -156,20 +157,40 @@ class Int8RowMatrix:
     alternatives measured (float16 copy: twice the bytes; per-block int8 calls: 50x slower)."""
 
     def __init__(self, blocks: QuantizedBlocks):
-        out, inner = blocks.shape
+        chunks = ((start, blocks.raw[start:start + DEQUANTIZE_CHUNK_ROWS])
+                  for start in range(0, blocks.shape[0], DEQUANTIZE_CHUNK_ROWS))
+        self._fill(blocks.kind, blocks.shape, chunks)
+
+    @classmethod
+    def from_chunks(cls, kind: str, shape: tuple[int, int], chunks) -> "Int8RowMatrix":
+        """From (first row, raw blocks) chunks (e.g. StoredMatrixRows.block_chunks): the stored blocks are
+        never all in memory at once."""
+        matrix = cls.__new__(cls)
+        matrix._fill(kind, shape, chunks)
+        return matrix
+
+    def _fill(self, kind: str, shape: tuple[int, int], chunks) -> None:
+        out, inner = shape
         self.shape = (out, inner)
         self.q = torch.empty(out, inner, dtype=torch.int8)  # (out, in)
         self.scales = torch.empty(out, dtype=torch.bfloat16)  # (out,)
         self.requantize_max_abs_error = 0.0
-        for start in range(0, out, DEQUANTIZE_CHUNK_ROWS):  # a few MiB of float32 at a time
-            stop = min(start + DEQUANTIZE_CHUNK_ROWS, out)
-            w = dequantize(QuantizedBlocks(blocks.kind, blocks.raw[start:stop], (stop - start, inner)))  # (r, in)
-            scale = _bfloat16_at_least(w.abs().amax(dim=1) / 127)  # (r,) exact in bfloat16
-            q = torch.round(w / scale.float().clamp_min(1e-30)[:, None]).clamp_(-127, 127)  # (r, in)
-            self.q[start:stop] = q.to(torch.int8)
-            self.scales[start:stop] = scale
-            error = (q * scale.float()[:, None] - w).abs().max().item()
-            self.requantize_max_abs_error = max(self.requantize_max_abs_error, error)
+        for start, raw in chunks:
+            for first in range(0, len(raw), REQUANTIZE_CHUNK_ROWS):  # float32 temporaries of ~2 MiB each
+                part = raw[first:first + REQUANTIZE_CHUNK_ROWS]
+                self._requantize(start + first, QuantizedBlocks(kind, part, (len(part), inner)))
+
+    def _requantize(self, start: int, blocks: QuantizedBlocks) -> None:
+        stop = start + blocks.shape[0]
+        units = dequantize(blocks)  # (r, in) float32, divided in place into row steps below
+        scale = _bfloat16_at_least(units.abs().amax(dim=1) / 127)  # (r,) exact in bfloat16
+        step = scale.float().clamp_min(1e-30)[:, None]  # (r, 1)
+        units.div_(step)
+        q = torch.round(units).clamp_(-127, 127)  # (r, in)
+        error = float(((q - units).abs().amax(dim=1, keepdim=True) * step).max())
+        self.q[start:stop] = q.to(torch.int8)
+        self.scales[start:stop] = scale
+        self.requantize_max_abs_error = max(self.requantize_max_abs_error, error)
 
     @property
     def nbytes(self) -> int:

@@ -20,11 +20,13 @@ and `embedding_rows` take either form.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 
 from flashllm.workers.models.quant_linear import (
-    Int4Matrix, Int8RowMatrix, QuantizedBlocks, held_matrix_bytes, hold_quantized,
+    DEQUANTIZE_CHUNK_ROWS, Int4Matrix, Int8RowMatrix, QuantizedBlocks, held_matrix_bytes, hold_quantized,
 )
 
 EMBEDDING_NAME = "embed_tokens"
@@ -87,10 +89,35 @@ class StoreBackedMatrix:
         return y.reshape(*x.shape[:-1], y.shape[-1])
 
 
+@dataclass
+class StoredBlocks:
+    """A quantized matrix to hold that is read from the store chunk by chunk while it is converted (the
+    embedding/head is the largest resident matrix: as stored, beside its held form, it would double the load's
+    peak). stored_rows: store_reader.StoredMatrixRows; expected_sha256: the manifest's, or None."""
+
+    stored_rows: object
+    expected_sha256: str | None
+
+    def hold(self):
+        rows = self.stored_rows
+        chunks = rows.block_chunks(DEQUANTIZE_CHUNK_ROWS, self.expected_sha256)
+        if rows.kind == "q8_0":
+            return Int8RowMatrix.from_chunks(rows.kind, rows.shape, chunks)
+        return Int4Matrix(QuantizedBlocks(rows.kind, torch.cat([raw for _, raw in chunks]), rows.shape))
+
+    def verify(self) -> None:
+        """Read it through once for its checksum only (a table that is looked up, not held)."""
+        for _ in self.stored_rows.block_chunks(DEQUANTIZE_CHUNK_ROWS, self.expected_sha256):
+            pass
+
+
 def hold_resident(weights: dict, compute_dtype: torch.dtype, resident_dtype: torch.dtype, device: str) -> dict:
     """Float matrices in resident_dtype, vectors in compute_dtype, quantized blocks in their kernel's layout
-    (they stay quantized whatever resident_dtype says), all on device."""
+    (they stay quantized whatever resident_dtype says), all on device. `weights` is consumed: each tensor as
+    stored is dropped once held, so the load peaks near the held bytes, not held + stored."""
     def hold(t):
+        if isinstance(t, StoredBlocks):
+            return t.hold()
         if isinstance(t, tuple):
             return StackedMatrix([hold(part) for part in t])
         if isinstance(t, QuantizedBlocks):
@@ -99,7 +126,7 @@ def hold_resident(weights: dict, compute_dtype: torch.dtype, resident_dtype: tor
             return StoreBackedMatrix(t.stored_rows, hold(t.held) if t.held is not None else None)
         return t.to(device=device, dtype=resident_dtype if t.dim() >= 2 else compute_dtype)
 
-    return {name: hold(t) for name, t in weights.items()}
+    return {name: hold(weights.pop(name)) for name in list(weights)}
 
 
 class StackedMatrix:
@@ -146,8 +173,9 @@ def _elements(shape) -> int:
 def fuse_projections(weights: dict[str, torch.Tensor], num_layers: int, parts: tuple[str, ...] = ("q", "k", "v")
                      ) -> dict[str, torch.Tensor]:
     """Each layer's q/k/v projections (and biases) stacked into one `qkv_proj`: they multiply the same
-    input, and one product is one kernel launch instead of three (on a GPU, decode is launch-bound)."""
-    fused = dict(weights)
+    input, and one product is one kernel launch instead of three (on a GPU, decode is launch-bound).
+    Fuses in place (the parts as stored are dropped) and returns weights."""
+    fused = weights
     for layer in range(num_layers):
         p = f"layers.{layer}."
         for kind in ("weight", "bias"):
