@@ -87,7 +87,7 @@ def test_too_small_budget_names_every_knob_with_what_it_saves(calibrated):
 
 def test_auto_mode_picks_dense_then_sparse_then_naive_by_budget(calibrated, demo_store):
     from flashllm.runtime.core.engine import Engine
-    from flashllm.runtime.core.memory_plan import MemoryPlanError, plan_for_store
+    from flashllm.runtime.core.memory_plan import MemoryPlanError, naive_minimum_bytes, plan_for_store, resident_bytes_of
     from flashllm.runtime.core.mode_choice import choose_mode
     from flashllm.workers.store_reader import open_store
 
@@ -102,8 +102,12 @@ def test_auto_mode_picks_dense_then_sparse_then_naive_by_budget(calibrated, demo
     # an uncalibrated store cannot run sparse: with dense too big, naive, and the reason names the command
     manifest = open_store(demo_store)
     dense = plan_for_store(demo_store, manifest, 1 << 40, "dense", 4, 0).total_bytes
-    naive = plan_for_store(demo_store, manifest, 1 << 40, "naive", 4, 0).total_bytes
+    naive = naive_minimum_bytes(manifest, resident_bytes_of(demo_store, manifest, 4, "cpu"), 4, "cpu")
     assert naive < dense
+    # naive holds whole layers with what a budget leaves beside its minimum, and streams the rest
+    half_way = plan_for_store(demo_store, manifest, (naive + dense) // 2, "naive", 4, 0)
+    held = [rows for rows in half_way.capacity_rows if rows]
+    assert 0 < len(held) < len(manifest.ffn.layers) and half_way.total_bytes <= (naive + dense) // 2
     mode, reason = picked(demo_store, (naive + dense) // 2)
     assert mode == "naive" and f"flashllm calibrate --store {demo_store}" in reason
     # the order itself (a tiny model's sparse minimum, all staging, is above its dense need, so by plans)
@@ -116,12 +120,39 @@ def test_auto_mode_picks_dense_then_sparse_then_naive_by_budget(calibrated, demo
         choose_mode(calibrated_manifest, store, 1, fits_only(set()))
 
 
-def test_memory_as_a_share_of_the_store(calibrated):
+def test_memory_as_a_share_of_the_models_bytes_in_the_store(calibrated):
+    import os
+
     from flashllm.runtime.clients.cli import parse_memory
-    from flashllm.runtime.core.mode_choice import store_bytes_on_disk
 
     store = calibrated("llama")
-    assert parse_memory("60%", store) == int(store_bytes_on_disk(store) * 0.6)
+    weights = [os.path.join(store, name) for name in ("resident.safetensors", "ffn.bin")]
+    assert os.path.exists(os.path.join(store, "sparsity.safetensors"))  # the predictors are not part of the share
+    assert parse_memory("60%", store) == int(sum(os.path.getsize(path) for path in weights) * 0.6)
     assert parse_memory("2MiB", store) == 2 << 20
     with pytest.raises(ValueError, match="above 0"):
         parse_memory("0%", store)
+
+
+def test_naive_holds_the_layers_its_budget_has_room_for_and_reads_only_the_others(tiny_stores):
+    from flashllm import SamplingParams
+    from flashllm.runtime.core.engine import Engine
+    from flashllm.runtime.core.memory_plan import naive_minimum_bytes, plan_for_store, resident_bytes_of
+    from flashllm.workers.store_reader import open_store
+
+    store = tiny_stores("llama")
+    manifest = open_store(store)
+    minimum = naive_minimum_bytes(manifest, resident_bytes_of(store, manifest, 4, "cpu"), 4, "cpu")
+    layer_bytes = manifest.ffn.layers[0].length_bytes  # a float32 store's layer is held as read
+    params = SamplingParams(max_tokens=6, temperature=0)
+    runs = {}
+    for name, budget in (("streamed", minimum), ("one held", minimum + layer_bytes + layer_bytes // 2)):
+        with Engine(store, mode="naive", runtime="inproc", ffn_options={"memory_budget_bytes": budget}) as engine:
+            held = [rows for rows in engine.memory_plan.capacity_rows if rows]
+            result = engine.generate([[1, 5, 9, 13]], params)[0]
+            runs[name] = (len(held), result.tokens, engine.executor.ffn.reader.stats.read_bytes)
+    with Engine(store, mode="dense", runtime="inproc") as engine:
+        dense_tokens = engine.generate([[1, 5, 9, 13]], params)[0].tokens
+    assert runs["streamed"][0] == 0 and runs["one held"][0] == 1
+    assert runs["streamed"][1] == runs["one held"][1] == dense_tokens
+    assert runs["one held"][2] < runs["streamed"][2]  # the held layer is read once, at load, not every step

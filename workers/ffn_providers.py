@@ -94,16 +94,20 @@ class DenseFfn:
 
 
 class NaiveFlashFfn:
-    """Every layer read whole from flash at every forward call, pipelined over two threads beside the
-    computing one: a reader thread reads layer i + 2 (AIO: it waits, it does not compute) while a converter
-    thread turns layer i + 1 into the kernels' layout, while layer i computes. A layer then costs about
-    max(read, convert, compute) instead of their sum. Two layers are held read and two converted
+    """Every layer the memory plan does not hold (what is left of --memory after the minimum holds whole
+    layers, spread evenly) is read whole from flash at every forward call, pipelined over two threads beside
+    the computing one: a reader thread reads streamed layer i + 2 (AIO: it waits, it does not compute) while
+    a converter thread turns layer i + 1 into the kernels' layout, while layer i computes. A layer then costs
+    about max(read, convert, compute) instead of their sum. Two layers are held read and two converted
     (memory_plan.naive_staging_bytes counts them)."""
 
     mode = "naive"
     DEPTH = NAIVE_LAYERS_IN_FLIGHT
 
-    def __init__(self, store_dir: str, manifest: Manifest, dtype: torch.dtype, device: str, num_threads: int = 4):
+    def __init__(self, store_dir: str, manifest: Manifest, dtype: torch.dtype, device: str, num_threads: int = 4,
+                 capacity_rows: list[int] | None = None):
+        """capacity_rows: the memory plan's rows per layer; a layer given its whole row count is held in memory
+        (read once, here) and only the others are streamed (none held without a plan)."""
         self.cols = BundleColumns.from_layout(manifest.ffn.part_slices())
         self.reader = BundleReader(store_dir, manifest.ffn, num_threads=num_threads)
         self.layout = manifest.ffn
@@ -111,6 +115,13 @@ class NaiveFlashFfn:
         self.down_scales = load_down_group_scales(store_dir, manifest)
         self.dtype, self.device = dtype, device
         self.stats = FfnStats()
+        held = [layer for layer, rows in enumerate(capacity_rows or [])
+                if rows and rows >= manifest.ffn.layers[layer].num_neurons]
+        self._held = {layer: held_rows(self.reader.read_layer(layer), self.layout, dtype, device, copy=True,
+                                       down_scales=layer_table(self.down_scales, layer),
+                                       neuron_ids=np.arange(manifest.ffn.layers[layer].num_neurons))
+                      for layer in held}
+        self._streamed = [layer for layer in range(self.num_layers) if layer not in self._held]
         self._raw_buffers = [self.reader.layer_buffer() for _ in range(self.DEPTH)]
         self._matrices = None  # a quantized store on a CPU: whole-layer matrices, rewritten in turn
         if self.layout.is_quantized and torch.device(device).type == "cpu":
@@ -129,7 +140,7 @@ class NaiveFlashFfn:
         self._next_layer: int | None = None  # the layer the pipeline expects next
 
     def _layer_at(self, sequence: int) -> int:
-        return (self._first_layer + sequence) % self.num_layers
+        return self._streamed[(self._first_index + sequence) % len(self._streamed)]
 
     def _read(self, sequence: int) -> tuple[np.ndarray, float, int]:
         """Reader thread: the layer at `sequence` into its raw buffer → (rows, seconds, bytes read)."""
@@ -161,7 +172,7 @@ class NaiveFlashFfn:
     def _restart(self, layer: int) -> None:
         """A call out of the expected order (the first, or after another user of the store): start over."""
         self._drain()
-        self._first_layer, self._sequence = layer, 0
+        self._first_index, self._sequence = self._streamed.index(layer), 0
         for sequence in range(self.DEPTH):
             self._reads[sequence] = self._read_thread.submit(self._read, sequence)
         self._converts[0] = self._convert_thread.submit(self._convert, 0)
@@ -184,7 +195,7 @@ class NaiveFlashFfn:
         return rows
 
     def forward(self, layer: int, h: torch.Tensor) -> torch.Tensor:
-        rows = self._rows_of(layer)
+        rows = self._held[layer] if layer in self._held else self._rows_of(layer)
         compute_start = time.perf_counter()
         self.stats.neurons_read += rows.shape[0]
         self.stats.neurons_computed += rows.shape[0]

@@ -95,12 +95,12 @@ def _engine_from_args(args, max_batch: int = 1):
 
 
 def parse_memory(text: str, store_dir: str | None) -> int:
-    """--memory: a size ('160MiB', '2GiB') or a share of the store's bytes on disk ('60%')."""
+    """--memory: a size ('160MiB', '2GiB') or a share of the model's bytes in the store ('60%')."""
     from flashllm.runtime.core.mode_choice import budget_from_percent
 
     if text.strip().endswith("%"):
         if not store_dir:
-            raise CliError(f"--memory {text}: a percentage is of the store's bytes; give --store")
+            raise CliError(f"--memory {text}: a percentage is of the model's bytes in the store; give --store")
         return budget_from_percent(text, store_dir)
     return parse_size(text)
 
@@ -217,7 +217,7 @@ def _add_engine_args(p: argparse.ArgumentParser, store_required: bool = True) ->
                         "auto (default): dense if the model fits --memory, else sparse if the store is calibrated, "
                         "else naive (dense without --memory)")
     p.add_argument("--memory", help="memory budget for resident weights + predictors + neuron caches + staging, "
-                                    "e.g. 160MiB, 2GiB, or 60%% (of the store's bytes on disk)")
+                                    "e.g. 160MiB, 2GiB, or 60%% (of the model's bytes in the store: its weights, not its predictors)")
     p.add_argument("--keep-fraction", type=float, default=None,
                    help="--mode sparse: fraction of each layer's neurons predicted per token (default: 1 - the "
                         "calibrated --sparsity); smaller reads less and fits smaller --memory, at some quality")

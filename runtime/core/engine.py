@@ -168,7 +168,7 @@ class Engine:
                                      "give --mode sparse (and a --memory it fits)")
             if memory_budget_bytes is not None:
                 self.memory_plan = plan(mode)
-            if mode == "sparse":
+            if mode in ("sparse", "naive"):  # the rows each layer holds (naive: whole layers or none)
                 ffn_options["capacity_rows"] = self.memory_plan.capacity_rows
         if runtime == "auto":
             from flashllm.runtime.core.mode_choice import resolve_runtime

@@ -169,6 +169,17 @@ def naive_staging_bytes(layout: FfnLayout, compute_itemsize: int, device: str) -
     return NAIVE_LAYERS_IN_FLIGHT * (largest_span_bytes(layout) + held)
 
 
+def naive_held_rows(layout: FfnLayout, spare_bytes: int, compute_itemsize: int, device: str) -> list[int]:
+    """Rows per layer --mode naive holds with spare_bytes beside its minimum: as many whole layers as fit,
+    spread evenly over the depth (a held layer between streamed ones gives the reader time), 0 for the rest."""
+    num_layers = len(layout.layers)
+    per_layer = max(held_rows_bytes(layout, region.num_neurons, compute_itemsize, device, whole_layer=True)
+                    for region in layout.layers)
+    held_count = max(0, min(num_layers, spare_bytes // per_layer))
+    held = {int(i * num_layers / held_count) for i in range(held_count)} if held_count else set()
+    return [region.num_neurons if layer in held else 0 for layer, region in enumerate(layout.layers)]
+
+
 def naive_minimum_bytes(manifest: Manifest, resident_bytes: int, compute_itemsize: int, device: str) -> int:
     """--mode naive holds the resident weights, ffn_down's scale tables and one layer at a time."""
     return resident_bytes + down_scale_tables_bytes(manifest.ffn) + naive_staging_bytes(manifest.ffn, compute_itemsize,
@@ -266,8 +277,12 @@ def plan_for_store(store_dir: str, manifest: Manifest, budget_bytes: int, mode: 
     resident_half_saving_bytes = max(0, resident_bytes - resident_bytes_of(store_dir, manifest, HALF_ITEMSIZE, device))
     layout = manifest.ffn
     if mode != "sparse":
-        # dense holds every bundle; naive holds one layer at a time (raw + converted)
+        # dense holds every bundle; naive streams layers through its staging and holds the whole layers the
+        # budget has room for beside it
         ffn_rows = [region.num_neurons for region in layout.layers] if mode == "dense" else [0] * len(layout.layers)
+        if mode == "naive":
+            ffn_rows = naive_held_rows(layout, budget_bytes - naive_minimum_bytes(
+                manifest, resident_bytes, compute_itemsize, device), compute_itemsize, device)
         plan = MemoryPlan(budget_bytes=budget_bytes, resident_bytes=resident_bytes, predictor_bytes=0,
                           staging_bytes=0 if mode == "dense" else naive_staging_bytes(layout, compute_itemsize, device),
                           cache_bytes=sum(held_rows_bytes(layout, rows, compute_itemsize, device, whole_layer=True)

@@ -22,16 +22,18 @@ class ModeChoice:
     reason: str  # one line for the user: why this mode
 
 
-def store_bytes_on_disk(store_dir: str) -> int:
-    """The store's files, as `du --apparent-size` counts them (what `--memory N%` is a share of)."""
-    total = 0
-    for root, _, files in os.walk(store_dir):
-        total += sum(os.path.getsize(os.path.join(root, name)) for name in files)
-    return total
+def model_bytes_on_disk(store_dir: str) -> int:
+    """The model's weights as the store holds them: its resident file and its FFN file (what `--memory N%` is
+    a share of). Not the predictors `calibrate` adds, the tokenizer or the checksums: a store's 60% is the
+    same budget before and after calibrating it."""
+    from flashllm.protocol.store_format import read_manifest
+
+    manifest = read_manifest(store_dir)
+    return sum(os.path.getsize(os.path.join(store_dir, name)) for name in (manifest.resident_file, manifest.ffn.file))
 
 
 def budget_from_percent(text: str, store_dir: str) -> int | None:
-    """'60%' → 60% of the store's bytes on disk; None when text is not a percentage."""
+    """'60%' → 60% of the model's bytes in the store (model_bytes_on_disk); None when text is not a percentage."""
     stripped = text.strip()
     if not stripped.endswith("%"):
         return None
@@ -41,7 +43,7 @@ def budget_from_percent(text: str, store_dir: str) -> int | None:
         percent = -1
     if not 0 < percent:
         raise ValueError(f"--memory {text!r}: a percentage of the store must be above 0, e.g. 60%")
-    return int(store_bytes_on_disk(store_dir) * percent / 100)
+    return int(model_bytes_on_disk(store_dir) * percent / 100)
 
 
 def choose_mode(manifest: Manifest, store_dir: str, budget_bytes: int | None,
