@@ -103,6 +103,7 @@ class NaiveFlashFfn:
 
     mode = "naive"
     DEPTH = NAIVE_LAYERS_IN_FLIGHT
+    split_conversion = True
 
     def __init__(self, store_dir: str, manifest: Manifest, dtype: torch.dtype, device: str, num_threads: int = 4,
                  capacity_rows: list[int] | None = None):
@@ -134,6 +135,10 @@ class NaiveFlashFfn:
         # one torch thread there: OpenMP gives a new thread all cores, whose spinning slowed both threads ~3x
         self._convert_thread = ThreadPoolExecutor(1, thread_name_prefix="flashllm-naive-convert",
                                                   initializer=torch.set_num_threads, initargs=(1,))
+        # converts a layer's down columns while the converter does its rows: the computing thread mostly
+        # waits, so a layer's conversion is the pipeline's longest stage; split, it takes the idle core
+        self._convert_helper = ThreadPoolExecutor(1, thread_name_prefix="flashllm-naive-convert-down",
+                                                  initializer=torch.set_num_threads, initargs=(1,))
         self._sequence = 0  # forward calls since the pipeline (re)started: picks the buffers in turn
         self._reads: dict[int, Future] = {}  # sequence → read future
         self._converts: dict[int, Future] = {}  # sequence → convert future
@@ -156,7 +161,8 @@ class NaiveFlashFfn:
         layer = self._layer_at(sequence)
         if self._matrices is not None:
             matrix = self._matrices[sequence % self.DEPTH]  # not the one the computing thread holds
-            matrix.load_whole_layer(raw, layer_table(self.down_scales, layer), self._down_kernel_scales[layer])
+            matrix.load_whole_layer(raw, layer_table(self.down_scales, layer), self._down_kernel_scales[layer],
+                                    helper=self._convert_helper if self.split_conversion else None)
             rows = QuantRows(matrix, raw.shape[0])
         else:
             rows = held_rows(raw, self.layout, self.dtype, self.device, copy=True,
@@ -207,4 +213,5 @@ class NaiveFlashFfn:
         self._drain()
         self._read_thread.shutdown(wait=True)
         self._convert_thread.shutdown(wait=True)
+        self._convert_helper.shutdown(wait=True)
         self.reader.close()

@@ -162,29 +162,37 @@ class QuantNeuronMatrix:
 
     # -- writing slots ----------------------------------------------------------
 
-    def write(self, slots: np.ndarray, bundles: np.ndarray, neuron_ids: np.ndarray) -> None:
-        """Put the bundles (k, bundle_bytes) uint8 of neurons neuron_ids (k,) at slots (k,)."""
+    def write(self, slots: np.ndarray, bundles: np.ndarray, neuron_ids: np.ndarray, helper=None) -> None:
+        """Put the bundles (k, bundle_bytes) uint8 of neurons neuron_ids (k,) at slots (k,). helper: an executor
+        (concurrent.futures) that writes the down columns while this thread writes the rows."""
         if len(slots) == 0:
             return
         slots_t = torch.from_numpy(np.asarray(slots, dtype=np.int64))  # (k,)
         raw = torch.from_numpy(np.ascontiguousarray(bundles))  # (k, bundle_bytes)
+        values = bundles[:, self.byte_slices["down"]]  # (k, bytes)
+        down = helper.submit(self._write_down, slots, slots_t, values, neuron_ids) if helper is not None else None
         parts = ("gate", "up") if self.gated else ("up",)
         for index, name in enumerate(parts):  # (a strided view: the tile path reads it in place)
             blocks = QuantizedBlocks(self.row_kind, raw[:, self.byte_slices[name]], (len(slots), self.d))
             self._write_rows(slots_t + index * self.capacity, blocks)
-        values = bundles[:, self.byte_slices["down"]]  # (k, bytes)
-        if self.down_as_blocks:
-            self._write_down_blocks(np.asarray(slots), values, np.asarray(neuron_ids))
+        if down is not None:
+            down.result()
         else:
-            down = qf.dequantize_grouped_columns(self.down_kind, values, self.down_scales, neuron_ids)  # (k, d)
-            self.down_rows[slots_t] = torch.from_numpy(down).to(DOWN_ROW_DTYPE)
+            self._write_down(slots, slots_t, values, neuron_ids)
         if self.up_bias is not None:
             bias = qf.dequantize_rows(self.kinds["up_bias"], np.ascontiguousarray(
                 bundles[:, self.byte_slices["up_bias"]]), 1)  # (k, 1)
             self.up_bias[slots_t] = torch.from_numpy(bias.reshape(-1))
 
+    def _write_down(self, slots: np.ndarray, slots_t: torch.Tensor, values: np.ndarray, neuron_ids: np.ndarray) -> None:
+        if self.down_as_blocks:
+            self._write_down_blocks(np.asarray(slots), values, np.asarray(neuron_ids))
+        else:
+            down = qf.dequantize_grouped_columns(self.down_kind, values, self.down_scales, neuron_ids)  # (k, d)
+            self.down_rows[slots_t] = torch.from_numpy(down).to(DOWN_ROW_DTYPE)
+
     def load_whole_layer(self, bundles: np.ndarray, down_scales: np.ndarray,
-                         down_kernel_scales: torch.Tensor | None = None) -> None:
+                         down_kernel_scales: torch.Tensor | None = None, helper=None) -> None:
         """Rewrite this whole-layer matrix with another layer's bundles (n, bundle_bytes), n ≤ capacity, and
         that layer's down tables: a naive step reuses two matrices instead of allocating one a layer."""
         if not self.down_as_blocks:
@@ -193,7 +201,7 @@ class QuantNeuronMatrix:
         self.down_kernel_scales = down_kernel_scales if down_kernel_scales is not None else \
             down_kernel_scales_of(down_scales)
         ids = np.arange(len(bundles))
-        self.write(ids, bundles, ids)
+        self.write(ids, bundles, ids, helper)
 
     def _write_down_blocks(self, slots: np.ndarray, values: np.ndarray, neuron_ids: np.ndarray) -> None:
         """A whole layer's down columns, once: neuron i at slot i, packed as the int4 kernel's [d, cap]."""
