@@ -40,8 +40,6 @@ from flashllm.workers.flash_io.neuron_ids import union_ids
 from flashllm.workers.process_entry import WorkerConfig, run_worker
 from flashllm.workers.store_reader import bundle_rows_as_float, layer_table, load_down_group_scales
 
-# neurons the same-layer check adds to the lookahead's set: read before the layer runs, or left out this token
-
 
 @dataclass
 class LayerUpdate:
