@@ -379,7 +379,8 @@ class PrefetchWorker:
                       else stage layer l's predicted bundles (read ahead; the cache is untouched)
                       (ready: LayerReady right away; no Prediction(l) follows)
     Prediction(l)     cached: prepare(l, first, new_token=True) unless committed, then prepare(l, same,
-                      new_token=False) when there is one — SparseFlashFfn's order —, publish num_rows/version/slot ids
+                      new_token=False) when there is one — SparseFlashFfn's order —, publish
+                      num_rows/version/slot ids
                       → LayerReady(l) to compute, with this layer's counters;
                       masked: hand over layer l's chunks as they are read (a decode step's fallback starts
                       reading them now) → one LayerReady(l, chunk) per chunk, in order

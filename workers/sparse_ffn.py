@@ -38,7 +38,6 @@ from flashllm.protocol.store_format import FfnLayout, Manifest
 from flashllm.workers.ffn_providers import FfnStats, held_rows
 from flashllm.workers.flash_io.bundle_reader import numpy_dtype_of_store
 from flashllm.workers.flash_io.neuron_cache import DEFAULT_WINDOW_TOKENS
-from flashllm.workers.flash_io.neuron_ids import union_ids
 from flashllm.workers.models.ffn import BundleColumns, ffn_from_rows, masked_ffn_over_chunks
 from flashllm.workers.models.quant_ffn import QuantNeuronMatrix, QuantRows
 from flashllm.workers.store_reader import bundle_rows_as_float, layer_table, load_down_group_scales
