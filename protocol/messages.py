@@ -28,7 +28,7 @@ from typing import Any, Callable, ClassVar
 
 import numpy as np
 
-PROTOCOL_VERSION = 3
+PROTOCOL_VERSION = 4
 
 # a layer's FFN path for one step: through the neuron cache, or the whole layer read with per-token masks
 PATH_CACHED = "cached"
@@ -156,7 +156,7 @@ class FfnInput:
 class Lookahead:
     """Predicted neurons of `layer` from the previous layer's input: start reading them now.
 
-    With commit and the "skip" policy nothing later changes the layer this step, so the prefetcher
+    With `ready` nothing later changes the layer this step (the "skip" policy), so the prefetcher
     sends its LayerReady as soon as the reads are done: compute then waits only for late reads."""
 
     tag: ClassVar[int] = 22
@@ -167,13 +167,14 @@ class Lookahead:
     # (ids ∪ the pinned neurons fit the cache; the same-layer check's set later takes rows from it and from
     # older tokens'): prepare it now, not just stage
     commit: bool = False
+    ready: bool = False  # commit, and no Prediction(layer) follows: hand the layer over once prepared
 
 
 @dataclass
 class Prediction:
     """The predictor's decision for `layer` now that its own input is known.
 
-    cached: prepare(layer, first, new_token=True), then (policy "read")
+    cached: prepare(layer, first, new_token=True), then (when `same` is not empty)
             prepare(layer, same, new_token=False) — SparseFlashFfn's order.
     masked: the per-token mask is in the mask buffer; the layer is read whole."""
 
@@ -182,7 +183,7 @@ class Prediction:
     layer: int
     path: str  # PATH_CACHED or PATH_MASKED
     first: np.ndarray = _ids()  # the lookahead's set if there was one, else the same-layer set
-    same: np.ndarray = _ids()  # the same-layer check's set when `first` is the lookahead's (policy "read")
+    same: np.ndarray = _ids()  # the same-layer check's set when `first` is the lookahead's (policy "read"), else empty
     first_committed: bool = False  # `first` was already prepared on its Lookahead(commit=True)
 
 

@@ -37,7 +37,7 @@ EXAMPLES = [
     StepFailed(step=5, role="predictor", error="ValueError: bad"),
     StepBegin(step=6, batch=1, steps=12),
     FfnInput(step=6, layer=3, num_tokens=12, buffer=1),
-    Lookahead(step=6, layer=4, ids=ids, commit=True),
+    Lookahead(step=6, layer=4, ids=ids, commit=True, ready=True),
     Prediction(step=6, layer=3, path=PATH_CACHED, first=ids, same=np.array([7], np.int32), first_committed=True),
     Prediction(step=6, layer=3, path=PATH_MASKED),
     PredictionStats(step=6, layer=3, predicted=810, predict_s=1e-4),

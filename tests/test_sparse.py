@@ -274,6 +274,63 @@ def test_the_skip_policy_runs_only_the_lookahead_after_layer_0(calibrated):
     assert all(p >= keep * layers for p in predicted["read"]) and sum(predicted["read"]) > sum(predicted["skip"])
 
 
+def test_the_step_planner_decides_each_layers_sets_path_and_hand_over(calibrated):
+    """workers/sparse_policy.py, the one place both runtimes take their per-layer decisions from: layer 0
+    uses its same-layer set; layer 1 the lookahead set predicted from layer 0's input, plus (policy "read")
+    the same-layer check's set late, or (policy "skip") nothing late and a hand-over at the lookahead; a set
+    that does not fit the cache, and every layer of a multi-token step, reads the layer whole with each
+    token's own neurons (same ∪ lookahead ∪ hot)."""
+    store = calibrated("llama")
+    with torch.inference_mode():  # as both runtimes plan
+        _check_the_planner(store)
+
+
+def _check_the_planner(store: str) -> None:
+    from flashllm.workers.predictor import SparsityPredictor
+    from flashllm.workers.sparse_policy import CachedLayer, MaskedLayer, SparseStepPlanner
+    from flashllm.workers.store_reader import open_store
+
+    manifest = open_store(store)
+    predictor = SparsityPredictor(store, manifest, keep_fraction=0.25)
+    n, k = predictor.num_neurons, predictor.keep_neurons
+    h0, h1 = torch.randn(2, 1, manifest.arch.hidden_size, generator=torch.Generator().manual_seed(0))  # (1, d) each
+    no_pins = [np.zeros(n, dtype=bool)] * predictor.num_layers
+
+    decisions = {}
+    for policy in ("read", "skip"):
+        planner = SparseStepPlanner(predictor, [n] * predictor.num_layers, no_pins, policy)
+        planner.begin_step(1)
+        decisions[policy] = planner.plan_layer(0, h0), planner.plan_layer(1, h1)
+    for policy, (layer0, layer1) in decisions.items():
+        assert type(layer0) is CachedLayer and type(layer1) is CachedLayer
+        assert np.array_equal(layer0.first, predictor.predict("same", 0, h0)) and not layer0.late.size
+        assert layer0.lookahead.layer == 1 and layer0.lookahead.fits
+        assert np.array_equal(layer1.first, predictor.predict("lookahead", 1, h0)) and layer1.first_prepared
+        assert layer1.lookahead is None  # the last layer
+    read, skip = decisions["read"][1], decisions["skip"][1]
+    assert np.array_equal(read.late, predictor.predict("same", 1, h1)) and not read.ready_at_lookahead
+    assert read.num_predicted > k and np.array_equal(read.predicted, np.union1d(read.first, read.late))
+    assert not skip.late.size and skip.ready_at_lookahead and skip.num_predicted == k
+
+    too_small = SparseStepPlanner(predictor, [k - 1] * predictor.num_layers, no_pins, "read")
+    too_small.begin_step(1)
+    fallback = too_small.plan_layer(0, h0)
+    assert type(fallback) is MaskedLayer and fallback.mask.shape == (1, n)
+    expected = predictor.predict_mask("same", 0, h0)  # (1, n): no previous layer, no lookahead
+    expected[:, predictor.hot_ids[0]] = True
+    assert torch.equal(fallback.mask, expected) and fallback.num_predicted == int(expected.sum())
+
+    prompt = torch.cat([h0, h1])  # (2, d): a two-token step
+    planner = SparseStepPlanner(predictor, [n] * predictor.num_layers, no_pins, "read")
+    planner.begin_step(2)
+    assert type(planner.plan_layer(0, prompt)) is MaskedLayer
+    layer1 = planner.plan_layer(1, prompt.flip(0))
+    expected = predictor.predict_mask("same", 1, prompt.flip(0)) | predictor.predict_mask("lookahead", 1, prompt)
+    expected[:, predictor.hot_ids[1]] = True
+    assert type(layer1) is MaskedLayer and torch.equal(layer1.mask, expected)
+    assert layer1.num_predicted == int(expected.any(0).sum())
+
+
 def test_the_same_layer_check_takes_rows_from_older_tokens_then_from_the_lookaheads_unconfirmed_picks(calibrated):
     """Policy "read": the same-layer check's set joins the token's lookahead set. Its misses take rows from the
     least recently used neurons it does not need (an older token's first, then the lookahead's picks it did not

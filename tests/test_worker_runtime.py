@@ -202,6 +202,40 @@ def test_pipeline_steps_reproduce_the_inprocess_sparse_ffn(sparse_store, kind, o
     assert not _instance_leftovers(pipeline.instance)
 
 
+def _inproc_and_pipeline_runs(store: str, options: dict) -> dict:
+    """runtime → (greedy tokens, logits per step, per-token counters) for PROMPTS at batch 1."""
+    runs = {}
+    for runtime in ("inproc", "workers"):
+        executor = (ModelExecutor(store, open_store(store), "sparse", 1, 128, device="cpu", ffn_options=dict(options))
+                    if runtime == "inproc" else LocalPipelineExecutor(store, 1, 128, dict(options)))
+        with Engine(store, mode="sparse", max_batch=1, max_context=128, executor=executor) as engine:
+            tokens, logits = _greedy_with_logits(engine, PROMPTS)
+            runs[runtime] = (tokens, logits, [(s["neurons_computed"], s["neurons_read"]) for s in engine.token_stats])
+    return runs
+
+
+def test_a_policy_changed_in_one_place_is_followed_by_both_runtimes(sparse_store, monkeypatch):
+    """The sparse step's rules live in workers/sparse_policy.py alone: a cached-path rule changed there
+    (no set fits any more) sends every decode layer to the whole-layer read in both runtimes alike, and
+    both give the same new tokens."""
+    from flashllm.workers import sparse_policy
+
+    store = sparse_store("llama")
+    arch = open_store(store).arch
+    whole_model = arch.intermediate_size * arch.num_hidden_layers
+    before = _inproc_and_pipeline_runs(store, TIGHT)
+    monkeypatch.setattr(sparse_policy.SparseStepPlanner, "fits", lambda planner, layer, ids: False)
+    after = _inproc_and_pipeline_runs(store, TIGHT)
+    for runs in (before, after):
+        (tokens, logits, counters), (worker_tokens, worker_logits, worker_counters) = runs["inproc"], runs["workers"]
+        assert worker_tokens == tokens and worker_counters == counters
+        assert len(worker_logits) == len(logits)
+        assert all(torch.equal(ours, theirs) for ours, theirs in zip(worker_logits, logits))
+    assert after["inproc"][0] != before["inproc"][0]
+    assert any(computed < whole_model for computed, _ in before["inproc"][2])  # decode tokens used the caches
+    assert all(computed == whole_model for computed, _ in after["inproc"][2])  # now every token reads all
+
+
 # ---------------------------------------------------------------------- the real processes
 
 

@@ -52,10 +52,10 @@ from flashllm.protocol.messages import (
 )
 from flashllm.protocol.shm import SharedSegment
 from flashllm.protocol.store_format import Manifest, StoreError, calibrate_hint
-from flashllm.workers.flash_io.neuron_cache import rows_needed
 from flashllm.workers.flash_io.neuron_ids import union_ids
 from flashllm.workers.models.resident import linear
 from flashllm.workers.process_entry import WorkerConfig, run_worker
+from flashllm.workers.sparse_policy import CachedLayer, MaskedLayer, SparseStepPlanner
 
 PREDICTOR_KINDS = ("lookahead", "same")
 PREDICTOR_TYPES = ("sketch", "regression", "classifier")
@@ -329,34 +329,24 @@ class SparsityPredictor:
 
 
 class PredictorWorker:
-    """The predictor process's core: SparseFlashFfn's prediction steps, message-driven.
+    """The predictor process's core: plans each layer (workers/sparse_policy.py) and sends the decision on.
 
     StepBegin           reset the step (forwarded to the prefetcher, same pipe so it arrives first)
-    FfnInput(l)         h_l from hidden[l % 2]; decode (T == 1):
-                          same = same[l](h_l) (policy "skip" with a lookahead: not run);
-                          first = lookahead set from h_{l-1}, or same
-                          |first ∪ pinned| > capacity → masked, as SparseFlashFfn falls back
-                          else Prediction(cached, first, same (with a lookahead)), then
-                          Lookahead(l+1) = lookahead[l+1](h_l) so layer l+1's reads start now;
-                          commit=True when its set fits, so l+1 surely takes the cached path
-                          (under "skip" layer l+1 then needs no Prediction)
-                        masked (T > 1 or the fallback): per-token mask = same[l](h_l) ∪
-                          lookahead[l](h_{l-1}) ∪ hot, written to the mask buffer; Prediction(masked)
+    FfnInput(l)         h_l from hidden[l % 2] → the planner's decision for layer l:
+                          cached: Prediction(cached, first, late) to the prefetcher (none when the layer was
+                          handed over at its Lookahead), then Lookahead(l+1) so layer l+1's reads start now
+                          masked: the per-token mask into the mask buffer, Prediction(masked)
+                        and PredictionStats(l) to compute
     """
 
     def __init__(self, predictor: SparsityPredictor, hidden: np.ndarray, mask: np.ndarray, capacity_rows: list[int],
                  pinned: list[np.ndarray], channel, missing_policy: str = "read"):
         self.predictor = predictor
         self.hidden, self.mask = hidden, mask  # (2, max_tokens, d), (max_tokens, n_ff) shared memory
-        self.capacity_rows, self.pinned = capacity_rows, pinned  # per layer: rows, (n_ff,) bool pinned mask
+        self.planner = SparseStepPlanner(predictor, capacity_rows, pinned, missing_policy)
         self.channel = channel
-        self.missing_policy = missing_policy
-        self.num_layers = predictor.num_layers
-        self.hot = [torch.from_numpy(ids) for ids in predictor.hot_ids]
         self.step, self.steps = -1, 1
-        self._ahead: dict[int, np.ndarray] = {}
-        self._committed: dict[int, bool] = {}  # layer → its lookahead was prepared at once (Lookahead.commit)
-        self._prev_h: torch.Tensor | None = None
+        self._carry_out = {CachedLayer: self._send_cached, MaskedLayer: self._send_masked}
         self.dispatcher = Dispatcher({StepBegin: self.on_step_begin, FfnInput: self._guarded_ffn_input},
                                      owner="the predictor worker")
 
@@ -382,9 +372,7 @@ class PredictorWorker:
 
     def on_step_begin(self, msg: StepBegin) -> None:
         self.step, self.steps = msg.step, msg.steps
-        self._ahead.clear()
-        self._committed.clear()
-        self._prev_h = None
+        self.planner.begin_step(msg.steps)
         self.channel.send(ROLE_PREFETCH, msg)
 
     def _guarded_ffn_input(self, msg: FfnInput) -> None:
@@ -399,77 +387,34 @@ class PredictorWorker:
             return
         start = time.perf_counter()
         h = torch.from_numpy(self.hidden[msg.buffer, : msg.num_tokens])  # (N, d), valid until LayerReady(l+1)
-        with torch.inference_mode():  # as inside ModelExecutor.forward
-            if self.steps > 1:
-                self._send_masked(msg, h, start)
-                self._prev_h = h
-            else:
-                self._prev_h = self._predict_decode(msg, h, start)
-
-    def _predict_decode(self, msg: FfnInput, h: torch.Tensor, start: float) -> torch.Tensor:
-        """SparseFlashFfn._forward_cached's predictions; returns h (or the copy it had to take)."""
-        predictor, layer = self.predictor, msg.layer
-        ahead = self._ahead.pop(layer, None)
-        check = ahead is None or self.missing_policy == "read"  # as SparseFlashFfn: "skip" runs no same-layer check
-        if self._committed.get(layer) and not check:
-            # layer l is already handed over: l+1's reads are the only thing anybody waits for. Once
-            # they are done compute may run on and overwrite hidden[l % 2] with h_{l+2}: keep a copy
+        if self.steps == 1 and self.planner.ready_at_lookahead(msg.layer):
+            # layer l is already handed over: l+1's reads are the only thing anybody waits for. Once they are
+            # done compute may run on and overwrite hidden[l % 2] with h_{l+2}, while the planner holds h_l
             h = h.clone()  # (N, d)
-            self._send_lookahead(msg, h)
-            del self._committed[layer]
-            self.channel.send(ROLE_COMPUTE, PredictionStats(step=msg.step, layer=layer, predicted=len(ahead),
-                                                            predict_s=time.perf_counter() - start))
-            return h
-        same = predictor.predict("same", layer, h) if check else None
-        first = ahead if ahead is not None else same
-        num_neurons = self.predictor.num_neurons
-        if not self._fits(layer, first):
-            if self._committed.get(layer):
-                raise RuntimeError(f"layer {layer}: committed lookahead but it does not fit (a flashllm bug)")
-            self._send_masked(msg, h, start)  # the batch's union makes the layer nearly dense
-            return h
-        late_check = ahead is not None and check
-        predicted = union_ids(num_neurons, first, same).size if late_check else len(first)
-        self.channel.send(ROLE_PREFETCH, Prediction(
-            step=msg.step, layer=layer, path=PATH_CACHED, first=first,
-            same=same if late_check else np.zeros(0, np.int64), first_committed=self._committed.pop(layer, False)))
-        if layer + 1 not in self._ahead:
-            self._send_lookahead(msg, h)
-        self.channel.send(ROLE_COMPUTE, PredictionStats(step=msg.step, layer=layer, predicted=predicted,
+        with torch.inference_mode():  # as inside ModelExecutor.forward
+            decision = self.planner.plan_layer(msg.layer, h)
+            self._carry_out[type(decision)](msg, decision)
+        self.channel.send(ROLE_COMPUTE, PredictionStats(step=msg.step, layer=msg.layer,
+                                                        predicted=decision.num_predicted,
                                                         predict_s=time.perf_counter() - start))
-        return h
 
-    def _send_lookahead(self, msg: FfnInput, h: torch.Tensor) -> None:
-        """lookahead[l+1](h_l) → Lookahead(l+1), so the prefetcher starts on layer l+1 now."""
-        layer, predictor = msg.layer, self.predictor
-        if layer + 1 >= self.num_layers or not predictor.has("lookahead", layer + 1):
-            return
-        ahead_next = self._ahead[layer + 1] = predictor.predict("lookahead", layer + 1, h)
-        # the cached path needs only the lookahead's set to fit (late additions take what room it leaves),
-        # so whether l+1 takes it is known now
-        commit = self._fits(layer + 1, ahead_next)
-        self._committed[layer + 1] = commit
-        self.channel.send(ROLE_PREFETCH, Lookahead(step=msg.step, layer=layer + 1, ids=ahead_next, commit=commit))
+    def _send_cached(self, msg: FfnInput, decision: CachedLayer) -> None:
+        if not decision.ready_at_lookahead:  # else the prefetcher may not change the layer any more
+            self.channel.send(ROLE_PREFETCH, Prediction(
+                step=msg.step, layer=decision.layer, path=PATH_CACHED, first=decision.first, same=decision.late,
+                first_committed=decision.first_prepared))
+        ahead = decision.lookahead
+        if ahead is not None:
+            self.channel.send(ROLE_PREFETCH, Lookahead(step=msg.step, layer=ahead.layer, ids=ahead.ids,
+                                                       commit=ahead.fits, ready=ahead.ready))
 
-    def _fits(self, layer: int, ids: np.ndarray) -> bool:
-        """The cached path's rule, as SparseFlashFfn applies it with the prefetcher's caches."""
-        return rows_needed(self.pinned[layer], ids) <= self.capacity_rows[layer]
-
-    def _send_masked(self, msg: FfnInput, h: torch.Tensor, start: float) -> None:
-        """SparseFlashFfn._token_mask: (N, n_ff) each token's own predicted neurons ∪ hot, into the mask buffer."""
-        predictor, layer = self.predictor, msg.layer
-        mask = predictor.predict_mask("same", layer, h)  # (N, n_ff)
-        if self._prev_h is not None and predictor.has("lookahead", layer):
-            mask = mask | predictor.predict_mask("lookahead", layer, self._prev_h)
-        if len(self.hot[layer]):
-            mask[:, self.hot[layer]] = True
-        self.mask[: msg.num_tokens] = mask.numpy()
-        self.channel.send(ROLE_PREFETCH, Prediction(step=msg.step, layer=layer, path=PATH_MASKED))
-        self.channel.send(ROLE_COMPUTE, PredictionStats(step=msg.step, layer=layer, predicted=int(mask.any(0).sum()),
-                                                        predict_s=time.perf_counter() - start))
+    def _send_masked(self, msg: FfnInput, decision: MaskedLayer) -> None:
+        self.mask[: msg.num_tokens] = decision.mask.numpy()  # (N, n_ff)
+        self.channel.send(ROLE_PREFETCH, Prediction(step=msg.step, layer=decision.layer, path=PATH_MASKED))
 
     def close(self) -> None:
-        self.hidden, self.mask, self._prev_h = None, None, None
+        self.hidden, self.mask = None, None
+        self.planner.forget_inputs()  # a view into the hidden states would keep the segment from closing
         segment = getattr(self, "_segment", None)
         if segment is not None:
             segment.close()

@@ -40,9 +40,6 @@ from flashllm.workers.flash_io.neuron_ids import union_ids
 from flashllm.workers.process_entry import WorkerConfig, run_worker
 from flashllm.workers.store_reader import bundle_rows_as_float, layer_table, load_down_group_scales
 
-# neurons the same-layer check adds to the lookahead's set: read before the layer runs, or left out this token
-MISSING_POLICIES = ("read", "skip")
-
 
 @dataclass
 class LayerUpdate:
@@ -380,13 +377,16 @@ class PrefetchWorker:
     StepBegin         masked step (T > 1): start reading the chunk stream into the free slots
     Lookahead(l)      commit: prepare(l, ids, new_token=True) now (compute is outside layer l);
                       else stage layer l's predicted bundles (read ahead; the cache is untouched)
-                      (committed under the "skip" policy: LayerReady right away; no Prediction(l) follows)
-    Prediction(l)     cached: prepare(l, first, new_token=True) unless committed, then (policy "read") prepare(l, same,
-                      new_token=False) — SparseFlashFfn's order —, publish num_rows/version/slot ids
+                      (ready: LayerReady right away; no Prediction(l) follows)
+    Prediction(l)     cached: prepare(l, first, new_token=True) unless committed, then prepare(l, same,
+                      new_token=False) when there is one — SparseFlashFfn's order —, publish
+                      num_rows/version/slot ids
                       → LayerReady(l) to compute, with this layer's counters;
                       masked: hand over layer l's chunks as they are read (a decode step's fallback starts
                       reading them now) → one LayerReady(l, chunk) per chunk, in order
     ChunkDone(slot)   compute is done with a chunk slot: read the next chunk into it
+
+    It decides no path itself: the predictor's planner (workers/sparse_policy.py) did, in the messages.
 
     The masked path streams whole layers through the chunk slots (layer_chunks()), never holding a layer: in
     a masked step (T > 1) every layer's chunks, in order from StepBegin on, each read into whichever slot
@@ -394,12 +394,11 @@ class PrefetchWorker:
     """
 
     def __init__(self, prefetcher: Prefetcher, slot_ids: list[np.ndarray], headers: list[np.ndarray],
-                 chunk_staging: np.ndarray, channel, missing_policy: str = "read"):
+                 chunk_staging: np.ndarray, channel):
         self.prefetcher = prefetcher
         self.slot_ids, self.headers = slot_ids, headers  # shared memory, per layer
         self.chunk_staging = chunk_staging  # (slots, chunk_rows, E) store dtype
         self.channel = channel
-        self.missing_policy = missing_policy
         self.num_layers = len(prefetcher.caches)
         layout = prefetcher.reader.layout
         self.num_chunks = [len(layer_chunks(region.num_neurons, layout.bundle_bytes)) for region in layout.layers]
@@ -431,7 +430,7 @@ class PrefetchWorker:
                                 cache_rows=[rows for rows, _, _ in layers], cache_dtype=np.dtype(config.cache_dtype),
                                 num_threads=config.num_threads)
         worker = PrefetchWorker(prefetcher, [ids for _, ids, _ in layers], [header for _, _, header in layers],
-                                exchange.arrays["chunk_staging"], channel, config.missing_policy)
+                                exchange.arrays["chunk_staging"], channel)
         worker._segments = (cache, exchange)
         return worker
 
@@ -479,7 +478,7 @@ class PrefetchWorker:
             return
         if msg.commit:  # the layer surely takes the cached path: its first prepare can happen now
             self._layer_work(msg.layer).add_update(self.prefetcher.prepare(msg.layer, msg.ids, new_token=True))
-            if self.missing_policy == "skip":  # and nothing else will change it this step
+            if msg.ready:  # and nothing else will change it this step
                 self._send_ready(msg.step, msg.layer, critical_io_s=0.0)
                 self._ready_early.add(msg.layer)
         else:  # it may still fall back to the whole layer: read ahead, commit on Prediction
@@ -494,7 +493,7 @@ class PrefetchWorker:
         if msg.path == PATH_CACHED:
             if not msg.first_committed:
                 work.add_update(self.prefetcher.prepare(layer, msg.first, new_token=True))
-            if len(msg.same) and self.missing_policy == "read":
+            if len(msg.same):
                 work.add_update(self.prefetcher.prepare(layer, msg.same, new_token=False))
             self._send_ready(msg.step, layer, critical_io_s=time.perf_counter() - received)
             return

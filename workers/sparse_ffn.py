@@ -1,7 +1,8 @@
 """The sparse FFN from flash, in one process: predictor + prefetcher + compute over the cache.
 
-Per decode step and layer l (the worker runtime does the same steps in three
-processes, so both give the same tokens):
+What each layer does is decided by workers/sparse_policy.py (the worker runtime
+carries out the same decisions in three processes, so both give the same
+tokens). Per decode step and layer l:
 
     ahead  = predictor.lookahead[l](h_{l-1})     predicted while layer l-1 ran; its reads start
                                                  then (AIO) and overlap layer l-1's FFN and l's attention
@@ -37,12 +38,12 @@ from flashllm.protocol.store_format import FfnLayout, Manifest
 from flashllm.workers.ffn_providers import FfnStats, held_rows
 from flashllm.workers.flash_io.bundle_reader import numpy_dtype_of_store
 from flashllm.workers.flash_io.neuron_cache import DEFAULT_WINDOW_TOKENS
-from flashllm.workers.flash_io.neuron_ids import union_ids
 from flashllm.workers.models.ffn import BundleColumns, ffn_from_rows, masked_ffn_over_chunks
 from flashllm.workers.models.quant_ffn import QuantNeuronMatrix, QuantRows
 from flashllm.workers.store_reader import bundle_rows_as_float, layer_table, load_down_group_scales
 from flashllm.workers.predictor import SparsityPredictor
-from flashllm.workers.prefetch import MISSING_POLICIES, Prefetcher, neuron_cache_dtype
+from flashllm.workers.prefetch import Prefetcher, neuron_cache_dtype
+from flashllm.workers.sparse_policy import CachedLayer, MaskedLayer, SparseStepPlanner, check_missing_policy
 
 
 class CacheView:
@@ -133,14 +134,12 @@ class SparseFlashFfn:
                  capacity_rows: list[int] | None = None, window_tokens: int = DEFAULT_WINDOW_TOKENS,
                  keep_fraction: float | None = None, missing_policy: str = "read", pin_hot: bool = True,
                  num_threads: int = 4):
-        if missing_policy not in MISSING_POLICIES:
-            raise ValueError(f"missing-neuron policy {missing_policy!r} is not one of {', '.join(MISSING_POLICIES)}")
+        check_missing_policy(missing_policy)  # before anything is opened
         arch = manifest.arch
         self.num_layers = arch.num_hidden_layers
         self.num_neurons = arch.intermediate_size
         self.cols = BundleColumns.from_layout(manifest.ffn.part_slices())
         self.dtype, self.device = dtype, device
-        self.missing_policy = missing_policy
         self.predictor = SparsityPredictor(store_dir, manifest, keep_fraction=keep_fraction)
         capacity_rows = capacity_rows or [self.num_neurons] * self.num_layers
         self.prefetcher = Prefetcher(store_dir, manifest, capacity_rows, window_tokens,
@@ -150,56 +149,38 @@ class SparseFlashFfn:
         self.layout = manifest.ffn
         self.down_scales = self.prefetcher.down_scales or load_down_group_scales(store_dir, manifest)
         self.view = CacheView(self.prefetcher.caches, dtype, device, manifest.ffn, self.down_scales)
+        caches = self.prefetcher.caches
+        self.planner = SparseStepPlanner(self.predictor, [c.capacity_rows for c in caches], [c.pinned for c in caches],
+                                         missing_policy)
+        self._carry_out = {CachedLayer: self._forward_cached, MaskedLayer: self._forward_masked}
         # the dense-read path's chunk of bundles as read (store dtype; grown to one chunk on first use)
         self._chunk = np.empty((0, manifest.ffn.stored_row_width), dtype=numpy_dtype_of_store(manifest.ffn.dtype))
         self.stats = FfnStats()
-        self._steps = 1
-        self._ahead: dict[int, np.ndarray] = {}
-        self._prev_h: torch.Tensor | None = None
         self.recorded_sets: list[tuple[int, np.ndarray]] | None = None  # (layer, predicted ids) per decode step, for bench
 
     def begin_step(self, batch: int, steps: int) -> None:
         """Called by the executor before a forward pass: B sequences × T new tokens each."""
-        self._steps = steps
-        self._ahead.clear()
-        self._prev_h = None
+        self.planner.begin_step(steps)
         self.prefetcher.drop_in_flight()  # a step that failed midway may have left reads on their way
 
     def forward(self, layer: int, h: torch.Tensor) -> torch.Tensor:
         """h (N, d) → (N, d)."""
-        if self._steps > 1:
-            y = self._forward_masked(layer, h)
-        else:
-            y = self._forward_cached(layer, h)
-        self._prev_h = h
-        return y
+        decision = self.planner.plan_layer(layer, h)
+        return self._carry_out[type(decision)](decision, h)
 
     # -- decode: through the neuron cache --------------------------------------
 
-    def _forward_cached(self, layer: int, h: torch.Tensor) -> torch.Tensor:
-        predictor, prefetcher = self.predictor, self.prefetcher
-        ahead = self._ahead.pop(layer, None)
-        # "skip" leaves out whatever the same-layer check would add to the lookahead's set, so it is not run
-        check = ahead is None or self.missing_policy == "read"
-        same = predictor.predict("same", layer, h) if check else None
-        first = ahead if ahead is not None else same
-        predicted = union_ids(self.num_neurons, first, same) if ahead is not None and check else first
-        # the first set must fit (late additions take what room it leaves): decided before the same-layer
-        # check, so the worker runtime can prepare the layer at its Lookahead
-        if prefetcher.caches[layer].rows_needed(first) > prefetcher.caches[layer].capacity_rows:
-            return self._forward_masked(layer, h)  # the batch's union makes the layer nearly dense
-        update = prefetcher.prepare(layer, first, new_token=True)
-        self._count(update)
-        if ahead is not None and check:
-            self._count(prefetcher.prepare(layer, same, new_token=False))
-        self.stats.neurons_predicted += len(predicted)
+    def _forward_cached(self, decision: CachedLayer, h: torch.Tensor) -> torch.Tensor:
+        layer, prefetcher = decision.layer, self.prefetcher
+        self._count(prefetcher.prepare(layer, decision.first, new_token=True))
+        if decision.late.size:
+            self._count(prefetcher.prepare(layer, decision.late, new_token=False))
+        self.stats.neurons_predicted += decision.num_predicted
         if self.recorded_sets is not None:
-            self.recorded_sets.append((layer, predicted))
-        if layer + 1 < self.num_layers and predictor.has("lookahead", layer + 1):
-            ahead_next = self._ahead[layer + 1] = predictor.predict("lookahead", layer + 1, h)
-            cache_next = prefetcher.caches[layer + 1]
-            if cache_next.rows_needed(ahead_next) <= cache_next.capacity_rows:
-                prefetcher.start_stage(layer + 1, ahead_next)  # read while this layer computes (AIO)
+            self.recorded_sets.append((layer, decision.predicted))
+        ahead = decision.lookahead
+        if ahead is not None and ahead.fits:
+            prefetcher.start_stage(ahead.layer, ahead.ids)  # read while this layer computes (AIO)
         start = time.perf_counter()
         rows = self.view.rows(layer)  # (n, E)
         y = ffn_from_rows(h, rows, self.cols)
@@ -216,22 +197,11 @@ class SparseFlashFfn:
 
     # -- prefill and dense batches: whole layer, per-token masks --------------
 
-    def _token_mask(self, layer: int, h: torch.Tensor) -> torch.Tensor:
-        """(N, n_ff) bool: each token's own predicted neurons (lookahead ∪ same) ∪ hot."""
-        predictor = self.predictor
-        masks = [predictor.predict_mask("same", layer, h)]
-        if self._prev_h is not None and predictor.has("lookahead", layer):
-            masks.append(predictor.predict_mask("lookahead", layer, self._prev_h))
-        mask = masks[0] | masks[1] if len(masks) == 2 else masks[0]
-        hot = predictor.hot_ids[layer]
-        if len(hot):
-            mask[:, torch.from_numpy(hot)] = True
-        return mask
-
-    def _forward_masked(self, layer: int, h: torch.Tensor) -> torch.Tensor:
+    def _forward_masked(self, decision: MaskedLayer, h: torch.Tensor) -> torch.Tensor:
+        layer = decision.layer
         start = time.perf_counter()
-        mask = self._token_mask(layer, h).to(self.device)  # (N, n_ff)
-        self.stats.neurons_predicted += int(mask.any(0).sum())
+        mask = decision.mask.to(self.device)  # (N, n_ff)
+        self.stats.neurons_predicted += decision.num_predicted
         reader_stats = self.prefetcher.reader.stats
         before = reader_stats.read_bytes
         read_started = time.perf_counter()

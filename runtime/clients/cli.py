@@ -188,7 +188,7 @@ def add_threads_arg(p: argparse.ArgumentParser) -> None:
 def add_sparse_policy_args(p: argparse.ArgumentParser) -> None:
     """The sliding window and the late-neuron policy of --mode sparse (engine commands and bench)."""
     from flashllm.workers.flash_io.neuron_cache import DEFAULT_WINDOW_TOKENS
-    from flashllm.workers.prefetch import MISSING_POLICIES
+    from flashllm.workers.sparse_policy import MISSING_POLICIES
 
     p.add_argument("--neuron-window", type=_positive_int, default=None, metavar="K",
                    help=f"--mode sparse: keep the neurons used by the last K tokens in memory, so a token reads only "

@@ -38,7 +38,8 @@ from flashllm.workers.flash_io.integrity import BundleChecksumError
 from flashllm.workers.flash_io.io_counters import process_read_bytes
 from flashllm.workers.process_entry import WorkerConfig
 from flashllm.workers.flash_io.neuron_cache import DEFAULT_WINDOW_TOKENS
-from flashllm.workers.prefetch import MISSING_POLICIES, neuron_cache_dtype
+from flashllm.workers.prefetch import neuron_cache_dtype
+from flashllm.workers.sparse_policy import check_missing_policy
 
 FFN_OPTIONS = ("capacity_rows", "window_tokens", "keep_fraction", "missing_policy", "pin_hot", "num_threads")
 MIN_LOGITS_ROWS = 64
@@ -67,8 +68,7 @@ def build_worker_config(store_dir: str, manifest: Manifest, num_slots: int, max_
     if unknown:
         raise TypeError(f"unknown FFN option(s) {', '.join(unknown)} for the worker runtime; known: {', '.join(FFN_OPTIONS)}")
     missing_policy = options.get("missing_policy", "read")
-    if missing_policy not in MISSING_POLICIES:
-        raise ValueError(f"missing-neuron policy {missing_policy!r} is not one of {', '.join(MISSING_POLICIES)}")
+    check_missing_policy(missing_policy)
     arch, layout = manifest.arch, manifest.ffn
     dtype = compute_dtype(device)
     store_dtype = numpy_dtype_of_store(layout.dtype)
