@@ -307,3 +307,18 @@ def test_sparse_decodes_a_quantized_store_with_the_same_tokens_in_both_runtimes(
             tokens[runtime] = result.tokens
             assert sum(s["neurons_read"] for s in result.token_stats) > 0  # it read neurons, from the cache's misses
     assert tokens["inproc"] == tokens["workers"]
+
+
+@pytest.mark.parametrize("block_kind", ["q4_1", "q4_0", "q8_0"])
+def test_down_columns_decode_as_the_format_reference_does(block_kind):
+    from flashllm.protocol import quant_format as qf
+    from flashllm.workers.models.quant_ffn import dequantize_down_columns
+
+    rng = np.random.default_rng(9)
+    down = rng.normal(0, 0.05, (64, 96)).astype(np.float32)  # (d, n_ff)
+    values, table = qf.quantize_down_columns(block_kind, down)
+    ids = np.array([0, 5, 31, 32, 70, 95])
+    column_kind = qf.GROUPED_COLUMN_KINDS[block_kind]
+    reference = qf.dequantize_grouped_columns(column_kind, values[ids], table, ids)  # (k, d) float32
+    decoded = dequantize_down_columns(column_kind, values[ids], table, ids)
+    assert torch.equal(decoded, torch.from_numpy(reference).half())

@@ -94,6 +94,30 @@ def _pair_nibbles(lower: torch.Tensor, upper: torch.Tensor, low_out: torch.Tenso
     torch.bitwise_or(torch.bitwise_right_shift(lower, 4, out=a), torch.bitwise_and(upper, 0xF0, out=b), out=high_out)
 
 
+_BLOCK_KIND_OF_COLUMNS = {column: block for block, column in qf.GROUPED_COLUMN_KINDS.items()}
+
+
+def dequantize_down_columns(column_kind: str, values: np.ndarray, table: np.ndarray, neuron_ids: np.ndarray
+                            ) -> torch.Tensor:
+    """Down columns of neurons neuron_ids (k,): values (k, bytes) uint8 and their layer's scale table
+    (d, n_ff/32, c) float16 → (k, d) DOWN_ROW_DTYPE: GGUF's d·q (+ m) in float32, rounded once (the same
+    values as quant_format.dequantize_grouped_columns, 4x faster: a sparse step decodes every inserted row)."""
+    block_kind = _BLOCK_KIND_OF_COLUMNS[column_kind]
+    k, d = len(neuron_ids), table.shape[0]
+    groups = torch.from_numpy(np.asarray(neuron_ids, dtype=np.int64) // BLOCK_WEIGHTS)  # (k,)
+    scales = torch.from_numpy(table).permute(1, 2, 0)[groups].float()  # (k, c, d)
+    raw = torch.from_numpy(np.ascontiguousarray(values))  # (k, bytes)
+    if block_kind == "q8_0":
+        q = raw.view(torch.int8)[:, :d].float()  # (k, d)
+    else:  # byte i holds rows 2i (low nibble) and 2i + 1
+        q = torch.stack((raw & 15, raw >> 4), dim=-1).reshape(k, -1)[:, :d].float()  # (k, d)
+        if block_kind == "q4_0":
+            q -= 8
+    if block_kind == "q4_1":
+        return torch.addcmul(scales[:, 1], scales[:, 0], q).to(DOWN_ROW_DTYPE)
+    return (scales[:, 0] * q).to(DOWN_ROW_DTYPE)
+
+
 class QuantNeuronMatrix:
     """`capacity` neurons of a quantized FFN layer, slot by slot, in the CPU kernels' layouts."""
 
@@ -188,8 +212,7 @@ class QuantNeuronMatrix:
         if self.down_as_blocks:
             self._write_down_blocks(np.asarray(slots), values, np.asarray(neuron_ids))
         else:
-            down = qf.dequantize_grouped_columns(self.down_kind, values, self.down_scales, neuron_ids)  # (k, d)
-            self.down_rows[slots_t] = torch.from_numpy(down).to(DOWN_ROW_DTYPE)
+            self.down_rows[slots_t] = dequantize_down_columns(self.down_kind, values, self.down_scales, neuron_ids)
 
     def load_whole_layer(self, bundles: np.ndarray, down_scales: np.ndarray,
                          down_kernel_scales: torch.Tensor | None = None, helper=None) -> None:
