@@ -570,6 +570,25 @@ def test_bench_tradeoff_includes_the_main_setting_beside_the_swept_ones(calibrat
     assert all(row["perplexity"] > 0 and 0 <= row["top1_agreement_with_dense"] <= 1 for row in rows)
 
 
+def test_a_half_cache_is_multiplied_as_held_on_the_cpu():
+    """A float16 store's cache keeps float16 rows; the CPU widens them a chunk at a time as it multiplies."""
+    from flashllm.workers.flash_io.neuron_cache import NeuronCache
+    from flashllm.workers.models.ffn import HALF_ROWS_CHUNK, BundleColumns, HalfRows, ffn_from_rows
+    from flashllm.workers.sparse_ffn import CacheView
+
+    rows_needed = HALF_ROWS_CHUNK + 40  # more than one chunk
+    store = np.random.default_rng(1).standard_normal((rows_needed, 12)).astype(np.float16)  # (n, E) bundles
+    cache = NeuronCache(rows_needed, 12, capacity_rows=rows_needed, dtype=np.float16, window_tokens=1)
+    cache.insert(np.arange(rows_needed), lambda ids, out: np.copyto(out, store[ids]))
+    view = CacheView([cache], torch.float32, "cpu")
+    rows = view.rows(0)
+    assert isinstance(rows, HalfRows) and view.held_bytes == 0 and cache.rows.dtype == np.float16
+    cols = BundleColumns(gated=True, gate=slice(0, 4), up=slice(4, 8), down=slice(8, 12), up_bias=None)
+    h = torch.randn(3, 4)
+    widened = torch.from_numpy(store[cache.cached_ids].astype(np.float32))
+    assert torch.allclose(ffn_from_rows(h, rows, cols), ffn_from_rows(h, widened, cols), rtol=1e-5, atol=1e-5)
+
+
 def test_cache_mirror_copies_only_the_rows_whose_neuron_changed():
     """Where compute can't use the cache rows in place (GPU, another dtype) it keeps a mirror in sync."""
     from flashllm.workers.flash_io.neuron_cache import NeuronCache
@@ -578,7 +597,7 @@ def test_cache_mirror_copies_only_the_rows_whose_neuron_changed():
     store = np.random.default_rng(0).standard_normal((40, 6)).astype(np.float16)  # (40, 6) bundles
     fill = lambda ids, out: np.copyto(out, store[ids])  # noqa: E731
     caches = [NeuronCache(40, 6, capacity_rows=cap, dtype=np.float16, window_tokens=2) for cap in (10, 16)]
-    view = CacheView(caches, torch.float32, "cpu")
+    view = CacheView(caches, torch.float32, "cpu", widen_in_place=False)  # the mirror a GPU keeps, on the CPU
     assert not view.zero_copy
 
     def mirrored(layer):

@@ -67,13 +67,11 @@ class FlashWork:
 
 
 def neuron_cache_dtype(store_dtype_name: str, device: str) -> np.dtype:
-    """The dtype of the neuron caches' rows. A quantized store's bundles stay its bytes (uint8) everywhere: the
-    compute side keeps them in its kernels' layouts (CacheView), the GPU dequantized in its mirror. A float
-    store's rows are float32 where the CPU computes (converted once on insert instead of on every use), else
-    the store's (rows go to the GPU as stored; its mirror holds the compute dtype)."""
-    if store_dtype_name in QUANTIZED_STORE_DTYPES or device != "cpu":
-        return numpy_dtype_of_store(store_dtype_name)
-    return np.dtype(np.float32)
+    """The dtype of the neuron caches' rows: the store's, everywhere. A quantized store's bundles stay its
+    bytes (uint8): the compute side keeps them in its kernels' layouts (CacheView), the GPU dequantized in its
+    mirror. A float16/bfloat16 store's rows stay half precision (bfloat16 as its uint16 bits): the CPU
+    widens them a chunk at a time as it multiplies them (models.ffn.HalfRows), the GPU in its mirror."""
+    return numpy_dtype_of_store(store_dtype_name)
 
 
 class Prefetcher:

@@ -38,7 +38,7 @@ from flashllm.protocol.store_format import FfnLayout, Manifest
 from flashllm.workers.ffn_providers import FfnStats, held_rows
 from flashllm.workers.flash_io.bundle_reader import numpy_dtype_of_store
 from flashllm.workers.flash_io.neuron_cache import DEFAULT_WINDOW_TOKENS
-from flashllm.workers.models.ffn import BundleColumns, ffn_from_rows, masked_ffn_over_chunks
+from flashllm.workers.models.ffn import BundleColumns, HalfRows, ffn_from_rows, masked_ffn_over_chunks
 from flashllm.workers.models.quant_ffn import QuantNeuronMatrix, QuantRows
 from flashllm.workers.store_reader import bundle_rows_as_float, layer_table, load_down_group_scales
 from flashllm.workers.predictor import SparsityPredictor
@@ -62,7 +62,9 @@ class CacheView:
     """
 
     def __init__(self, caches, dtype: torch.dtype, device: str, layout: FfnLayout | None = None,
-                 down_scales: list[np.ndarray] | None = None):
+                 down_scales: list[np.ndarray] | None = None, widen_in_place: bool = True):
+        """widen_in_place: on the CPU, multiply a half-precision cache as held (HalfRows) rather than keep a
+        compute-dtype mirror of it (the mirror is what a GPU keeps)."""
         self.caches, self.dtype, self.device = caches, dtype, device
         self.down_scales = down_scales
         self.layout = layout if layout is not None and layout.is_quantized else None
@@ -77,6 +79,11 @@ class CacheView:
             return
         sample = caches[0].rows
         self.zero_copy = on_cpu and self.layout is None and torch.from_numpy(sample[:0]).dtype == dtype
+        # a half-precision cache on the CPU is multiplied as held, widened a chunk at a time (HalfRows)
+        self.half_rows = widen_in_place and on_cpu and self.layout is None and not self.zero_copy
+        if self.half_rows:
+            self.mirrors, self.mirror_ids = [], []
+            return
         width = self.layout.bundle_elements if self.layout is not None else sample.shape[1]
         self.mirrors = [] if self.zero_copy else [
             torch.zeros((c.capacity_rows, width), dtype=dtype, device=device) for c in caches]  # (capacity, E) each
@@ -101,6 +108,8 @@ class CacheView:
         n = cache.num_rows
         if self.zero_copy:
             return torch.from_numpy(cache.rows[:n])  # (n, E)
+        if self.half_rows:
+            return HalfRows(cache.rows[:n], self.dtype)  # (n, E) as held
         ids = cache.slot_ids[:n]
         changed = np.flatnonzero(self.mirror_ids[layer][:n] != ids)
         if self.matrices is not None:

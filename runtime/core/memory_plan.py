@@ -21,6 +21,7 @@ from flashllm.protocol import quant_format as qf
 from flashllm.protocol.shm import CHUNK_SLOTS
 from flashllm.protocol.store_format import DTYPE_ITEMSIZE, FfnLayout, Manifest
 from flashllm.workers.ffn_providers import NAIVE_LAYERS_IN_FLIGHT
+from flashllm.workers.models.ffn import HALF_ROWS_CHUNK
 from flashllm.workers.flash_io.bundle_reader import largest_chunk_rows, largest_span_bytes, neuron_read_staging_bytes
 from flashllm.workers.models.quant_ffn import QuantNeuronMatrix
 
@@ -100,7 +101,11 @@ def sparse_staging_bytes(layout: FfnLayout, compute_itemsize: int, device: str =
     same_dtype = not layout.is_quantized and compute_itemsize == DTYPE_ITEMSIZE[layout.dtype]
     converted_chunk_bytes = 0 if same_dtype else held_rows_bytes(layout, largest_chunk_rows(layout),
                                                                  compute_itemsize, device)
-    return neuron_read_staging_bytes(layout) + CHUNK_SLOTS * largest_chunk_bytes + converted_chunk_bytes
+    # a half-precision cache is widened HALF_ROWS_CHUNK rows at a time as the CPU multiplies it
+    widened_cache_bytes = HALF_ROWS_CHUNK * layout.bundle_elements * compute_itemsize \
+        if device == "cpu" and not layout.is_quantized and not same_dtype else 0
+    return neuron_read_staging_bytes(layout) + CHUNK_SLOTS * largest_chunk_bytes + converted_chunk_bytes + \
+        widened_cache_bytes
 
 
 def plan_memory(manifest: Manifest, resident_bytes: int, budget_bytes: int, compute_itemsize: int, keep_neurons: int,

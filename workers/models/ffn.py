@@ -8,6 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Iterable
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -30,6 +31,31 @@ class BundleColumns:
                              down=part_slices["down"], up_bias=part_slices.get("up_bias"))
 
 
+HALF_ROWS_CHUNK = 256  # rows of a half-precision cache widened to the compute dtype at a time
+
+
+class HalfRows:
+    """The first n rows of a float16/bfloat16 neuron cache as held (bfloat16 as uint16 bits), multiplied a
+    chunk of HALF_ROWS_CHUNK rows at a time in the compute dtype: the cache keeps the store's precision and
+    the widened copy is one chunk (memory_plan counts it in the staging)."""
+
+    def __init__(self, rows: np.ndarray, dtype: torch.dtype):
+        self.rows, self.dtype = rows, dtype  # (n, E) float16 or uint16 (bfloat16 bits)
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return self.rows.shape
+
+    def chunks(self):
+        """(start, stop, rows (stop - start, E) in the compute dtype) over the rows."""
+        held = torch.from_numpy(self.rows)
+        if held.dtype in (torch.uint16, torch.int16):  # bfloat16's bits (numpy has no bfloat16)
+            held = held.view(torch.bfloat16)
+        for start in range(0, held.shape[0], HALF_ROWS_CHUNK):
+            stop = min(start + HALF_ROWS_CHUNK, held.shape[0])
+            yield start, stop, held[start:stop].to(self.dtype)
+
+
 def neuron_activations(h: torch.Tensor, rows: torch.Tensor, cols: BundleColumns) -> torch.Tensor:
     """h (N, d), rows (k, E) → a (N, k): each neuron's activation, the coefficient of its down column."""
     if isinstance(rows, QuantRows):
@@ -47,13 +73,24 @@ def ffn_from_rows(h: torch.Tensor, rows: torch.Tensor, cols: BundleColumns) -> t
     rows may be a quantized store's QuantRows, multiplied by the integer kernels as held."""
     if isinstance(rows, QuantRows):
         return rows.matrix.ffn(h, rows.n)
+    if isinstance(rows, HalfRows):
+        return _sum_over_chunks(h.new_zeros(h.shape), (ffn_from_rows(h, part, cols) for _, _, part in rows.chunks()))
     return neuron_activations(h, rows, cols) @ rows[:, cols.down]  # (N, k) @ (k, d)
+
+
+def _sum_over_chunks(total: torch.Tensor, parts) -> torch.Tensor:
+    for part in parts:
+        total.add_(part)
+    return total
 
 
 def masked_ffn_from_rows(h: torch.Tensor, rows: torch.Tensor, cols: BundleColumns, mask: torch.Tensor) -> torch.Tensor:
     """h (N, d), rows (k, E), mask (N, k) → (N, d): each token's FFN over only the neurons its mask row keeps."""
     if isinstance(rows, QuantRows):
         return rows.matrix.masked_ffn(h, rows.n, mask)
+    if isinstance(rows, HalfRows):
+        return _sum_over_chunks(h.new_zeros(h.shape), (masked_ffn_from_rows(h, part, cols, mask[:, start:stop])
+                                                       for start, stop, part in rows.chunks()))
     return (neuron_activations(h, rows, cols) * mask) @ rows[:, cols.down]  # (N, k) @ (k, d)
 
 
