@@ -40,9 +40,6 @@ from flashllm.workers.flash_io.neuron_ids import union_ids
 from flashllm.workers.process_entry import WorkerConfig, run_worker
 from flashllm.workers.store_reader import bundle_rows_as_float, layer_table, load_down_group_scales
 
-# neurons the same-layer check adds to the lookahead's set: read before the layer runs, or left out this token
-MISSING_POLICIES = ("read", "skip")
-
 
 @dataclass
 class LayerUpdate:
@@ -426,12 +423,12 @@ class PrefetchWorker:
         cache = SharedSegment.attach(config.instance, config.cache_layout)
         exchange = SharedSegment.attach(config.instance, config.exchange_layout)
         layers = [cache_layer_arrays(cache, layer) for layer in range(manifest.arch.num_hidden_layers)]
-        hot_ids = load_hot_ids(config.store_dir, manifest) if config.pin_hot else None
-        prefetcher = Prefetcher(config.store_dir, manifest, config.capacity_rows, config.window_tokens, hot_ids=hot_ids,
-                                cache_rows=[rows for rows, _, _ in layers], cache_dtype=np.dtype(config.cache_dtype),
-                                num_threads=config.num_threads)
+        hot_ids = load_hot_ids(config.store_dir, manifest) if config.sparse.pin_hot else None
+        prefetcher = Prefetcher(config.store_dir, manifest, config.capacity_rows, config.sparse.window_tokens,
+                                hot_ids=hot_ids, cache_rows=[rows for rows, _, _ in layers],
+                                cache_dtype=np.dtype(config.cache_dtype), num_threads=config.sparse.reader_threads)
         worker = PrefetchWorker(prefetcher, [ids for _, ids, _ in layers], [header for _, _, header in layers],
-                                exchange.arrays["chunk_staging"], channel, config.missing_policy)
+                                exchange.arrays["chunk_staging"], channel, config.sparse.missing_policy)
         worker._segments = (cache, exchange)
         return worker
 

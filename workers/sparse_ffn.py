@@ -36,13 +36,14 @@ import torch
 from flashllm.protocol.store_format import FfnLayout, Manifest
 from flashllm.workers.ffn_providers import FfnStats, held_rows
 from flashllm.workers.flash_io.bundle_reader import numpy_dtype_of_store
-from flashllm.workers.flash_io.neuron_cache import DEFAULT_WINDOW_TOKENS
+from flashllm.workers.engine_config import SparseOptions
 from flashllm.workers.flash_io.neuron_ids import union_ids
+from flashllm.workers.interfaces import FfnProvider
 from flashllm.workers.models.ffn import BundleColumns, ffn_from_rows, masked_ffn_over_chunks
 from flashllm.workers.models.quant_ffn import QuantNeuronMatrix, QuantRows
 from flashllm.workers.store_reader import bundle_rows_as_float, layer_table, load_down_group_scales
 from flashllm.workers.predictor import SparsityPredictor
-from flashllm.workers.prefetch import MISSING_POLICIES, Prefetcher, neuron_cache_dtype
+from flashllm.workers.prefetch import Prefetcher, neuron_cache_dtype
 
 
 class CacheView:
@@ -126,27 +127,23 @@ class CacheView:
         return self.mirrors[layer][:n]
 
 
-class SparseFlashFfn:
+class SparseFlashFfn(FfnProvider):
     mode = "sparse"
 
     def __init__(self, store_dir: str, manifest: Manifest, dtype: torch.dtype, device: str,
-                 capacity_rows: list[int] | None = None, window_tokens: int = DEFAULT_WINDOW_TOKENS,
-                 keep_fraction: float | None = None, missing_policy: str = "read", pin_hot: bool = True,
-                 num_threads: int = 4):
-        if missing_policy not in MISSING_POLICIES:
-            raise ValueError(f"missing-neuron policy {missing_policy!r} is not one of {', '.join(MISSING_POLICIES)}")
+                 options: SparseOptions = SparseOptions()):
         arch = manifest.arch
         self.num_layers = arch.num_hidden_layers
         self.num_neurons = arch.intermediate_size
         self.cols = BundleColumns.from_layout(manifest.ffn.part_slices())
         self.dtype, self.device = dtype, device
-        self.missing_policy = missing_policy
-        self.predictor = SparsityPredictor(store_dir, manifest, keep_fraction=keep_fraction)
-        capacity_rows = capacity_rows or [self.num_neurons] * self.num_layers
-        self.prefetcher = Prefetcher(store_dir, manifest, capacity_rows, window_tokens,
-                                     hot_ids=self.predictor.hot_ids if pin_hot else None,
+        self.missing_policy = options.missing_policy
+        self.predictor = SparsityPredictor(store_dir, manifest, keep_fraction=options.keep_fraction)
+        capacity_rows = list(options.capacity_rows or [self.num_neurons] * self.num_layers)
+        self.prefetcher = Prefetcher(store_dir, manifest, capacity_rows, options.window_tokens,
+                                     hot_ids=self.predictor.hot_ids if options.pin_hot else None,
                                      cache_dtype=neuron_cache_dtype(manifest.ffn.dtype, device),
-                                     num_threads=num_threads)
+                                     num_threads=options.reader_threads)
         self.layout = manifest.ffn
         self.down_scales = self.prefetcher.down_scales or load_down_group_scales(store_dir, manifest)
         self.view = CacheView(self.prefetcher.caches, dtype, device, manifest.ffn, self.down_scales)
