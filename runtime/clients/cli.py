@@ -134,8 +134,8 @@ def add_sparse_policy_args(p: argparse.ArgumentParser) -> None:
 
     p.add_argument("--neuron-window", type=positive_int, default=None, metavar="K",
                    help=f"--mode sparse: keep the neurons used by the last K tokens in memory, so a token reads only "
-                        f"the ones they did not use (default {SparseOptions.window_tokens}); a larger K reads less while "
-                        "the caches have room")
+                        f"the ones they did not use (default {SparseOptions.window_tokens}); a larger K reads less "
+                        "while the caches have room")
     p.add_argument("--missing-policy", choices=list(MISSING_POLICIES), default=None,
                    help="--mode sparse: neurons the same-layer check predicts but the lookahead missed are read "
                         "before the layer runs (read, the default) or left out for this token (skip: no read "

@@ -207,7 +207,8 @@ def run_mode(store: str, config: EngineConfig, text_ids: list[int] | None, decod
     return result, (argmax, sets)
 
 
-def paired_speed(store: str, runs: dict[str, EngineConfig], rounds: int, decode_tokens: int, threads: int | None = None) -> dict:
+def paired_speed(store: str, runs: dict[str, EngineConfig], rounds: int, decode_tokens: int,
+                 threads: int | None = None) -> dict:
     """ms/token of several engines measured in turns, so that they share the device's moods.
 
     This device's throughput drifts by tens of percent over minutes, so modes
