@@ -34,9 +34,9 @@ import numpy as np
 import torch
 
 from flashllm.protocol.store_format import FfnLayout, Manifest
+from flashllm.workers.engine_config import SparseOptions
 from flashllm.workers.ffn_providers import FfnStats, held_rows
 from flashllm.workers.flash_io.bundle_reader import numpy_dtype_of_store
-from flashllm.workers.engine_config import SparseOptions
 from flashllm.workers.flash_io.neuron_ids import union_ids
 from flashllm.workers.interfaces import FfnProvider
 from flashllm.workers.models.ffn import BundleColumns, ffn_from_rows, masked_ffn_over_chunks
