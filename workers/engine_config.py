@@ -27,6 +27,8 @@ MISSING_POLICIES = ("read", "skip")
 
 SPARSE_FLAGS = {"keep_fraction": "--keep-fraction", "window_tokens": "--neuron-window",
                 "missing_policy": "--missing-policy"}  # the options a user sets on the command line → their flags
+# what a refusal names when every sparse option given equals its default
+ANY_SPARSE_FLAG = f"a sparse option ({', '.join(SPARSE_FLAGS.values())})"
 
 
 @dataclass(frozen=True)
@@ -106,7 +108,7 @@ class EngineConfig:
         if self.worker_restarts is not None:
             _check_at_least("--worker-restarts", self.worker_restarts, 0)
         if self.sparse is not None and self.mode in ("dense", "naive"):
-            flag = (self.sparse.flags_set() or ["the sparse FFN's options"])[0]
+            flag = (self.sparse.flags_set() or [ANY_SPARSE_FLAG])[0]
             raise ValueError(f"{flag} applies to --mode sparse, not --mode {self.mode}")
 
     @property

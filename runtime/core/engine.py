@@ -22,7 +22,7 @@ from flashllm.runtime.core.tokenizer import IncrementalDetokenizer, StopStringMa
 from flashllm.workers.flash_io.integrity import BundleChecksumError
 from flashllm.workers.malloc_tuning import limit_malloc_growth, release_free_memory
 from flashllm.runtime.core.executors import executor_class
-from flashllm.workers.engine_config import EngineConfig, SparseOptions
+from flashllm.workers.engine_config import ANY_SPARSE_FLAG, EngineConfig, SparseOptions
 from flashllm.workers.executor import compute_dtype, default_device
 from flashllm.workers.interfaces import Executor
 from flashllm.workers.models.attention import KVCache
@@ -202,7 +202,7 @@ class Engine:
 
     def _refuse_sparse_options(self, config: EngineConfig, mode: str, fix: str) -> None:
         if mode != "sparse" and config.sparse is not None:
-            flag = (config.sparse.flags_set() or ["the sparse FFN's options"])[0]
+            flag = (config.sparse.flags_set() or [ANY_SPARSE_FLAG])[0]
             raise ValueError(f"{flag} applies to --mode sparse, but {self.mode_reason}; {fix}")
 
     def _memory_planner(self, config: EngineConfig):
