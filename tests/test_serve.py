@@ -261,11 +261,11 @@ def test_generate_command_through_the_daemon(daemon, capsys):
 class RecordingEngine:
     """An engine stand-in whose step() records who was prefilled and who decoded; one token per word of prompt."""
 
-    def __init__(self, max_batch: int):
+    def __init__(self, max_batch: int, prefill_token_budget: int = 2048):
         from flashllm.runtime.core.engine import RequestOutput
 
         self.output = RequestOutput
-        self.max_batch, self.max_context = max_batch, 4096
+        self.max_batch, self.max_context, self.prefill_token_budget = max_batch, 4096, prefill_token_budget
         self.token_stats: list[dict] = []
         self.waiting: list[tuple[str, int, int]] = []  # (id, prompt tokens, max_tokens)
         self.running: dict[str, list[int]] = {}  # id → [generated, max_tokens, prompt tokens]
@@ -318,8 +318,8 @@ async def test_long_prompts_arriving_do_not_starve_running_streams():
     from flashllm.runtime.core.sampling import SamplingParams
     from flashllm.runtime.daemon.scheduler import Scheduler
 
-    engine = RecordingEngine(max_batch=8)
-    scheduler = Scheduler(engine, prefill_tokens_per_step=512)
+    engine = RecordingEngine(max_batch=8, prefill_token_budget=512)
+    scheduler = Scheduler(engine)
     finals = []
     deliver = lambda reply: finals.append(reply) or True  # noqa: E731 (True: the client is there)
     run = asyncio.create_task(scheduler.run())

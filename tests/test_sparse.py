@@ -544,10 +544,10 @@ def test_sparse_mode_without_calibration_says_what_to_run(tiny_stores):
 
 def test_bench_measures_naive_and_sparse_in_turns(calibrated):
     """`flashllm bench` pairs the modes round by round: the speed-up is each round's naive/sparse ratio."""
-    from flashllm.runtime.tools.bench import paired_speed
+    from flashllm.runtime.tools.bench import bench_engine_config, paired_speed
 
-    report = paired_speed(calibrated("llama"), {"naive": {"mode": "naive"}, "sparse": {"mode": "sparse"}},
-                          rounds=2, decode_tokens=4)
+    report = paired_speed(calibrated("llama"), {"naive": bench_engine_config("naive"),
+                                                "sparse": bench_engine_config("sparse")}, rounds=2, decode_tokens=4)
     per_round = report["ms_per_token_per_round"]
     assert report["baseline"] == "naive" and len(per_round["naive"]) == len(per_round["sparse"]) == 2
     assert all(ms > 0 for ms in per_round["naive"] + per_round["sparse"])
@@ -673,6 +673,7 @@ def test_sensitivity_pass_equals_one_forward_per_sparse_layer_and_reads_no_ffn_i
     from flashllm.runtime.tools.calibrate import _LayerSensitivity
     from flashllm.workers.executor import ModelExecutor
     from flashllm.workers.ffn_providers import FfnStats
+    from flashllm.workers.interfaces import FfnProvider
     from flashllm.workers.models.ffn import BundleColumns, ffn_from_rows, masked_ffn_from_rows
     from flashllm.workers.predictor import SparsityPredictor, top_k_mask
     from flashllm.workers.store_reader import open_store
@@ -698,7 +699,7 @@ def test_sensitivity_pass_equals_one_forward_per_sparse_layer_and_reads_no_ffn_i
     assert reads == []  # the naive executor only lends its model and KV cache: no rows but those handed over
     executor.close()
 
-    class OnlyOneLayerSparse:
+    class OnlyOneLayerSparse(FfnProvider):
         stats = FfnStats()
 
         def __init__(self, sparse_layer: int):

@@ -30,10 +30,12 @@ from flashllm.runtime.core.sampling import SamplingParams
 from flashllm.runtime.core.supervisor import WorkerStartError
 from flashllm.runtime.core.worker_executor import WorkerCrashedError, WorkerRuntimeError, build_worker_config
 from flashllm.workers.compute import ComputeWorker, PipelineStats
+from flashllm.workers.engine_config import SparseOptions
 from flashllm.workers.executor import ModelExecutor, default_device
 from flashllm.workers.flash_io import bundle_reader
 from flashllm.workers.flash_io.bundle_reader import layer_chunks
 from flashllm.workers.flash_io.io_counters import process_read_bytes
+from flashllm.workers.interfaces import Executor
 from flashllm.workers.predictor import PredictorWorker
 from flashllm.workers.prefetch import PrefetchWorker
 from flashllm.workers.process_entry import LocalBus
@@ -100,15 +102,19 @@ def _wait_gone(pids, timeout_s: float = 10.0) -> list[int]:
 # ---------------------------------------------------------------------- the pipeline's cores, in one process
 
 
-class LocalPipelineExecutor:
+class LocalPipelineExecutor(Executor):
     """The three worker cores in this process on a LocalBus: every message and shared-memory
     hand-over of the real runtime, without processes (fast, and failures show a plain traceback)."""
+
+    runtime = "inproc"  # every core in this process
 
     def __init__(self, store: str, num_slots: int, max_context: int, ffn_options: dict, device: str = "cpu"):
         manifest = open_store(store)
         self.instance = new_instance_id()
+        self.device = device
         self.config = build_worker_config(store, manifest, num_slots, max_context, device, self.instance, "",
-                                          ffn_options=ffn_options, logits_rows=max(num_slots, max_context))
+                                          sparse=SparseOptions.from_dict(ffn_options),
+                                          logits_rows=max(num_slots, max_context))
         self.config.predictor_threads = torch.get_num_threads()  # from_config sets it for the whole process
         self.segments = {layout.kind: SharedSegment.create(self.instance, layout)
                          for layout in (self.config.cache_layout, self.config.exchange_layout)}
@@ -180,7 +186,8 @@ def test_pipeline_steps_reproduce_the_inprocess_sparse_ffn(sparse_store, kind, o
         rows = -(-manifest.ffn.layers[0].num_neurons // chunks)  # the last chunk is shorter where n is not a multiple
         monkeypatch.setattr(bundle_reader, "DENSE_CHUNK_BYTES", rows * manifest.ffn.bundle_bytes)
     assert len(layer_chunks(manifest.ffn.layers[0].num_neurons, manifest.ffn.bundle_bytes)) == chunks
-    reference = ModelExecutor(store, manifest, "sparse", batch, 128, device="cpu", ffn_options=dict(options))
+    reference = ModelExecutor(store, manifest, "sparse", batch, 128, device="cpu",
+                              sparse=SparseOptions.from_dict(options))
     with Engine(store, mode="sparse", max_batch=batch, max_context=128, executor=reference) as engine:
         tokens, logits = _greedy_with_logits(engine, PROMPTS)
         reference_stats = engine.token_stats
@@ -478,7 +485,8 @@ def test_cuda_workers_give_the_inprocess_greedy_tokens(sparse_store):
 def test_cuda_pipeline_matches_and_copies_only_changed_rows(sparse_store):
     """On CUDA the compute core mirrors each layer cache on the device and copies only rows whose id changed."""
     store = sparse_store("llama")
-    reference = ModelExecutor(store, open_store(store), "sparse", 2, 128, device="cuda", ffn_options=dict(TIGHT))
+    reference = ModelExecutor(store, open_store(store), "sparse", 2, 128, device="cuda",
+                              sparse=SparseOptions.from_dict(TIGHT))
     with Engine(store, mode="sparse", max_batch=2, max_context=128, executor=reference) as engine:
         tokens, logits = _greedy_with_logits(engine, PROMPTS)
     pipeline = LocalPipelineExecutor(store, 2, 128, dict(TIGHT), device="cuda")

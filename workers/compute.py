@@ -39,6 +39,7 @@ from flashllm.protocol.shm import SharedSegment, cache_layer_arrays
 from flashllm.protocol.store_format import FfnLayout
 from flashllm.workers.ffn_providers import FfnStats, held_rows
 from flashllm.workers.flash_io.bundle_reader import layer_chunks
+from flashllm.workers.interfaces import FfnProvider
 from flashllm.workers.models.ffn import BundleColumns, ffn_from_rows, masked_ffn_over_chunks
 from flashllm.workers.process_entry import WorkerConfig, run_worker
 from flashllm.workers.sparse_ffn import CacheView
@@ -97,7 +98,7 @@ class SharedCacheLayer:
         return int(self.header[1])
 
 
-class PipelineFfn:
+class PipelineFfn(FfnProvider):
     """The FFN provider of the compute worker's ModelExecutor (see the module docstring)."""
 
     mode = "sparse"

@@ -12,15 +12,15 @@ import os
 import torch
 
 from flashllm.protocol.store_format import Manifest, StoreError, calibrate_hint
+from flashllm.workers.engine_config import FFN_MODES, EngineConfig, SparseOptions
 from flashllm.workers.flash_io.io_counters import process_read_bytes
+from flashllm.workers.interfaces import Executor, FfnProvider
 from flashllm.workers.models import build_model
 from flashllm.workers.models.attention import KVCache
 from flashllm.workers.models.resident import (
     EMBEDDING_NAME, HEAD_NAME, StoreBackedMatrix, StoredBlocks, resident_dtype_of, with_quantized_blocks,
 )
 from flashllm.workers.store_reader import drop_file_cache, load_resident_weights, stored_matrix_rows
-
-FFN_MODES = ("dense", "naive", "sparse")
 
 
 def default_device() -> str:
@@ -83,19 +83,23 @@ def check_fits_on_device(store_dir: str, manifest: Manifest, mode: str, num_slot
     check_device_memory(needed, torch.cuda.mem_get_info(device)[0], device, mode)
 
 
-def make_ffn_provider(mode: str, store_dir: str, manifest: Manifest, dtype: torch.dtype, device: str, **options):
+def make_ffn_provider(mode: str, store_dir: str, manifest: Manifest, dtype: torch.dtype, device: str,
+                      sparse: SparseOptions | None = None, naive_held_rows: tuple[int, ...] | None = None
+                      ) -> FfnProvider:
+    """The FFN provider of `mode`; sparse: --mode sparse's options (None: the defaults); naive_held_rows: the
+    rows per layer --mode naive holds (whole layers or 0; None: none held)."""
     from flashllm.workers.ffn_providers import DenseFfn, NaiveFlashFfn
 
     if mode == "dense":
         return DenseFfn(store_dir, manifest, dtype, device)
     if mode == "naive":
-        return NaiveFlashFfn(store_dir, manifest, dtype, device, **options)
+        return NaiveFlashFfn(store_dir, manifest, dtype, device, capacity_rows=naive_held_rows)
     if mode == "sparse":
         if manifest.sparsity is None:
             raise StoreError(calibrate_hint(store_dir))
         from flashllm.workers.sparse_ffn import SparseFlashFfn
 
-        return SparseFlashFfn(store_dir, manifest, dtype, device, **options)
+        return SparseFlashFfn(store_dir, manifest, dtype, device, sparse or SparseOptions())
     raise ValueError(f"--mode {mode!r} is not one of {', '.join(FFN_MODES)}")
 
 
@@ -120,12 +124,15 @@ def back_with_store(weights: dict, store_dir: str, manifest: Manifest, names: fr
         weights[name] = StoreBackedMatrix(rows, blocks if is_head else None)
 
 
-class ModelExecutor:
+class ModelExecutor(Executor):
     runtime = "inproc"
 
     def __init__(self, store_dir: str, manifest: Manifest, mode: str, num_slots: int, max_context: int,
-                 device: str | None = None, verify: bool = True, ffn=None, ffn_options: dict | None = None,
-                 resident_dtype: str | None = None):
+                 device: str | None = None, verify: bool = True, ffn: FfnProvider | None = None,
+                 sparse: SparseOptions | None = None, resident_dtype: str | None = None,
+                 naive_held_rows: tuple[int, ...] | None = None):
+        """sparse: --mode sparse's options (None: the defaults); naive_held_rows: the layers --mode naive holds
+        (the memory plan's); ffn: a provider already made, used as is."""
         arch = self.arch = manifest.arch
         self.device = device or default_device()
         self.dtype = compute_dtype(self.device)
@@ -133,7 +140,7 @@ class ModelExecutor:
         self.resident_dtype = resident_dtype_of(resident_dtype, self.dtype)
         if ffn is None:  # (a caller passing its FFN checked before making it)
             check_fits_on_device(store_dir, manifest, mode, num_slots, max_context, self.device, resident_dtype,
-                                 (ffn_options or {}).get("capacity_rows"))
+                                 sparse.capacity_rows if sparse is not None else None)
         store_backed = store_backed_names(manifest, self.device)
         weights = with_quantized_blocks(load_resident_weights(store_dir, manifest, verify=verify, skip=store_backed))
         back_with_store(weights, store_dir, manifest, store_backed, verify)
@@ -143,9 +150,15 @@ class ModelExecutor:
         self.kv = KVCache(arch.num_hidden_layers, num_slots, arch.num_key_value_heads, max_context,
                           arch.head_dim, self.dtype, self.device)
         self.ffn = ffn if ffn is not None else make_ffn_provider(mode, store_dir, manifest, self.dtype, self.device,
-                                                                 **(ffn_options or {}))
+                                                                 sparse, naive_held_rows)
         # the FFN's scale tables come from the same file: their pages are copies now too
         drop_file_cache(os.path.join(store_dir, manifest.resident_file))
+
+    @classmethod
+    def from_config(cls, store_dir: str, manifest: Manifest, config: EngineConfig) -> "ModelExecutor":
+        return cls(store_dir, manifest, config.mode, config.max_batch, config.max_context, device=config.device,
+                   verify=config.verify, sparse=config.sparse_options, resident_dtype=config.resident_dtype,
+                   naive_held_rows=config.naive_held_rows)
 
     def forward(self, token_ids: torch.Tensor, slots: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """token_ids/positions (B, T), slots (B,) → logits (B, T, V) float32 on the CPU.
@@ -156,8 +169,7 @@ class ModelExecutor:
             x = self.model.embed(token_ids, positions)  # (B, T, d)
             batch, steps, d = x.shape
             step = self.model.step_inputs(slots, positions)
-            if hasattr(self.ffn, "begin_step"):
-                self.ffn.begin_step(batch, steps)
+            self.ffn.begin_step(batch, steps)
             for layer in range(self.arch.num_hidden_layers):
                 x = self.model.attention(layer, x, step, self.kv)
                 h = self.model.ffn_input(layer, x).reshape(batch * steps, d)  # (N, d)
@@ -178,8 +190,7 @@ class ModelExecutor:
 
     def release_slot(self, slot: int) -> None:
         """A sequence left its slot (the KV rows are simply overwritten by the next user)."""
-        if hasattr(self.ffn, "release_slot"):
-            self.ffn.release_slot(slot)
+        self.ffn.release_slot(slot)
 
     def close(self) -> None:
         self.ffn.close()

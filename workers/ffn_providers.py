@@ -18,6 +18,7 @@ import torch
 
 from flashllm.protocol.store_format import FfnLayout, Manifest
 from flashllm.workers.flash_io.bundle_reader import BundleReader
+from flashllm.workers.interfaces import FfnProvider
 from flashllm.workers.models.ffn import BundleColumns, ffn_from_rows
 from flashllm.workers.models.quant_ffn import QuantNeuronMatrix, QuantRows, down_kernel_scales_of, quant_rows_of
 from flashllm.workers.store_reader import bundle_rows_as_float, layer_table, load_down_group_scales
@@ -71,7 +72,7 @@ def held_rows(rows: np.ndarray, layout: FfnLayout, dtype: torch.dtype, device: s
     return torch.from_numpy(bundle_rows_as_float(layout, rows, down_scales, neuron_ids)).to(device=device, dtype=dtype)
 
 
-class DenseFfn:
+class DenseFfn(FfnProvider):
     mode = "dense"
 
     def __init__(self, store_dir: str, manifest: Manifest, dtype: torch.dtype, device: str):
@@ -93,7 +94,7 @@ class DenseFfn:
         self.layers = []
 
 
-class NaiveFlashFfn:
+class NaiveFlashFfn(FfnProvider):
     """Every layer the memory plan does not hold (what is left of --memory after the minimum holds whole
     layers, spread evenly) is read whole from flash at every forward call, pipelined over two threads beside
     the computing one: a reader thread reads streamed layer i + 2 (AIO: it waits, it does not compute) while

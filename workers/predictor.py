@@ -356,14 +356,14 @@ class PredictorWorker:
 
         torch.set_num_threads(config.predictor_threads)
         manifest = open_store(config.store_dir)
-        predictor = SparsityPredictor(config.store_dir, manifest, keep_fraction=config.keep_fraction)
+        predictor = SparsityPredictor(config.store_dir, manifest, keep_fraction=config.sparse.keep_fraction)
         exchange = SharedSegment.attach(config.instance, config.exchange_layout)
         pinned = [np.zeros(predictor.num_neurons, dtype=bool) for _ in predictor.hot_ids]  # (n_ff,) per layer
-        if config.pin_hot:
+        if config.sparse.pin_hot:
             for mask, ids in zip(pinned, predictor.hot_ids):
                 mask[ids] = True
         worker = PredictorWorker(predictor, exchange.arrays["hidden"], exchange.arrays["mask"], config.capacity_rows,
-                                 pinned, channel, config.missing_policy)
+                                 pinned, channel, config.sparse.missing_policy)
         worker._segment = exchange
         return worker
 

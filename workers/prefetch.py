@@ -423,10 +423,10 @@ class PrefetchWorker:
         cache = SharedSegment.attach(config.instance, config.cache_layout)
         exchange = SharedSegment.attach(config.instance, config.exchange_layout)
         layers = [cache_layer_arrays(cache, layer) for layer in range(manifest.arch.num_hidden_layers)]
-        hot_ids = load_hot_ids(config.store_dir, manifest) if config.pin_hot else None
-        prefetcher = Prefetcher(config.store_dir, manifest, config.capacity_rows, config.window_tokens, hot_ids=hot_ids,
-                                cache_rows=[rows for rows, _, _ in layers], cache_dtype=np.dtype(config.cache_dtype),
-                                num_threads=config.num_threads)
+        hot_ids = load_hot_ids(config.store_dir, manifest) if config.sparse.pin_hot else None
+        prefetcher = Prefetcher(config.store_dir, manifest, config.capacity_rows, config.sparse.window_tokens,
+                                hot_ids=hot_ids, cache_rows=[rows for rows, _, _ in layers],
+                                cache_dtype=np.dtype(config.cache_dtype), num_threads=config.sparse.reader_threads)
         worker = PrefetchWorker(prefetcher, [ids for _, ids, _ in layers], [header for _, _, header in layers],
                                 exchange.arrays["chunk_staging"], channel)
         worker._segments = (cache, exchange)

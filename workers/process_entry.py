@@ -37,6 +37,7 @@ from flashllm.protocol import codec
 from flashllm.protocol.endpoints import endpoint
 from flashllm.protocol.messages import ROLE_SUPERVISOR, Shutdown, WorkerFailed, WorkerReady
 from flashllm.protocol.shm import SegmentLayout, list_segments
+from flashllm.workers.engine_config import SparseOptions
 from flashllm.workers.malloc_tuning import limit_malloc_growth, release_free_memory
 
 PR_SET_NAME = 15
@@ -56,15 +57,11 @@ class WorkerConfig:
     logits_rows: int  # rows of the logits buffer (a forward's logits move in chunks of this many)
     device: str  # compute device ("cpu", "cuda")
     cache_dtype: str  # numpy dtype string of the neuron cache rows
-    capacity_rows: list[int]
+    capacity_rows: list[int]  # neuron-cache rows per layer, as allocated (sparse.capacity_rows resolved)
     cache_layout: SegmentLayout
     exchange_layout: SegmentLayout
+    sparse: SparseOptions  # the engine's --mode sparse options, as the in-process SparseFlashFfn gets them
     verify: bool = True
-    window_tokens: int = 4
-    keep_fraction: float | None = None
-    missing_policy: str = "read"
-    pin_hot: bool = True
-    num_threads: int = 4  # flash reader threads
     predictor_threads: int = 1  # torch threads of the predictor process
     compute_threads: int | None = None  # torch threads of the compute process (None: torch's default)
     resident_dtype: str | None = None  # dtype the compute process holds resident matrices in (None: compute dtype)

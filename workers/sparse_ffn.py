@@ -35,15 +35,16 @@ import numpy as np
 import torch
 
 from flashllm.protocol.store_format import FfnLayout, Manifest
+from flashllm.workers.engine_config import SparseOptions
 from flashllm.workers.ffn_providers import FfnStats, held_rows
 from flashllm.workers.flash_io.bundle_reader import numpy_dtype_of_store
-from flashllm.workers.flash_io.neuron_cache import DEFAULT_WINDOW_TOKENS
+from flashllm.workers.interfaces import FfnProvider
 from flashllm.workers.models.ffn import BundleColumns, HalfRows, ffn_from_rows, masked_ffn_over_chunks
 from flashllm.workers.models.quant_ffn import QuantNeuronMatrix, QuantRows
 from flashllm.workers.store_reader import bundle_rows_as_float, layer_table, load_down_group_scales
 from flashllm.workers.predictor import SparsityPredictor
 from flashllm.workers.prefetch import Prefetcher, neuron_cache_dtype
-from flashllm.workers.sparse_policy import CachedLayer, MaskedLayer, SparseStepPlanner, check_missing_policy
+from flashllm.workers.sparse_policy import CachedLayer, MaskedLayer, SparseStepPlanner
 
 
 class CacheView:
@@ -136,31 +137,29 @@ class CacheView:
         return self.mirrors[layer][:n]
 
 
-class SparseFlashFfn:
+class SparseFlashFfn(FfnProvider):
     mode = "sparse"
 
     def __init__(self, store_dir: str, manifest: Manifest, dtype: torch.dtype, device: str,
-                 capacity_rows: list[int] | None = None, window_tokens: int = DEFAULT_WINDOW_TOKENS,
-                 keep_fraction: float | None = None, missing_policy: str = "read", pin_hot: bool = True,
-                 num_threads: int = 4):
-        check_missing_policy(missing_policy)  # before anything is opened
+                 options: SparseOptions = SparseOptions()):
         arch = manifest.arch
         self.num_layers = arch.num_hidden_layers
         self.num_neurons = arch.intermediate_size
         self.cols = BundleColumns.from_layout(manifest.ffn.part_slices())
         self.dtype, self.device = dtype, device
-        self.predictor = SparsityPredictor(store_dir, manifest, keep_fraction=keep_fraction)
-        capacity_rows = capacity_rows or [self.num_neurons] * self.num_layers
-        self.prefetcher = Prefetcher(store_dir, manifest, capacity_rows, window_tokens,
-                                     hot_ids=self.predictor.hot_ids if pin_hot else None,
+        self.missing_policy = options.missing_policy
+        self.predictor = SparsityPredictor(store_dir, manifest, keep_fraction=options.keep_fraction)
+        capacity_rows = list(options.capacity_rows or [self.num_neurons] * self.num_layers)
+        self.prefetcher = Prefetcher(store_dir, manifest, capacity_rows, options.window_tokens,
+                                     hot_ids=self.predictor.hot_ids if options.pin_hot else None,
                                      cache_dtype=neuron_cache_dtype(manifest.ffn.dtype, device),
-                                     num_threads=num_threads)
+                                     num_threads=options.reader_threads)
         self.layout = manifest.ffn
         self.down_scales = self.prefetcher.down_scales or load_down_group_scales(store_dir, manifest)
         self.view = CacheView(self.prefetcher.caches, dtype, device, manifest.ffn, self.down_scales)
         caches = self.prefetcher.caches
         self.planner = SparseStepPlanner(self.predictor, [c.capacity_rows for c in caches], [c.pinned for c in caches],
-                                         missing_policy)
+                                         options.missing_policy)
         self._carry_out = {CachedLayer: self._forward_cached, MaskedLayer: self._forward_masked}
         # the dense-read path's chunk of bundles as read (store dtype; grown to one chunk on first use)
         self._chunk = np.empty((0, manifest.ffn.stored_row_width), dtype=numpy_dtype_of_store(manifest.ffn.dtype))

@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from flashllm.workers.engine_config import MISSING_POLICIES  # read the late neurons, or skip them this token
 from flashllm.workers.flash_io.neuron_cache import rows_needed
 from flashllm.workers.flash_io.neuron_ids import union_ids
 
@@ -40,9 +41,6 @@ if TYPE_CHECKING:
 
     from flashllm.workers.predictor import SparsityPredictor
 
-# what happens to neurons the same-layer check predicts but the lookahead missed: read before the layer
-# runs, or left out for this token (no read then waits on the layer's own input)
-MISSING_POLICIES = ("read", "skip")
 
 _NO_IDS = np.zeros(0, np.int64)
 

@@ -6,6 +6,11 @@
     with flashllm.Engine("stores/model", mode="dense") as engine:   # in this process
         print(engine.generate(["The capital of France is"], flashllm.SamplingParams(max_tokens=8))[0].text)
 
+    config = flashllm.EngineConfig(mode="sparse", memory_budget_bytes=2**30,   # the same settings as one
+                                   sparse=flashllm.SparseOptions(keep_fraction=0.25))  # typed, checked object
+    with flashllm.Engine("stores/model", config=config) as engine:
+        ...
+
     with flashllm.Client("/run/flashllm/flashllm.sock") as client:  # a running `flashllm serve`
         print(client.generate("The capital of France is", max_tokens=8).text)
 
@@ -18,6 +23,8 @@ import importlib
 # public name → (module, attribute)
 _EXPORTS = {
     "Engine": ("flashllm.runtime.core.engine", "Engine"),
+    "EngineConfig": ("flashllm.runtime.core.engine_config", "EngineConfig"),  # Engine(store, config=...)
+    "SparseOptions": ("flashllm.runtime.core.engine_config", "SparseOptions"),
     "SamplingParams": ("flashllm.runtime.core.sampling", "SamplingParams"),
     "Client": ("flashllm.runtime.clients.client", "Client"),
     "AsyncClient": ("flashllm.runtime.clients.client", "AsyncClient"),

@@ -57,12 +57,12 @@ SAMPLING_KEYS = ("chat", "max_tokens", "temperature", "top_p", "top_k", "seed", 
 
 
 def register_cli(subparsers) -> None:
-    from flashllm.runtime.clients.cli import _add_engine_args, add_sampling_args
+    from flashllm.runtime.clients.cli import add_engine_args, add_sampling_args
 
     p = subparsers.add_parser("batch", help="generate for every prompt of a JSONL file (resumable)")
     p.add_argument("input", help="JSONL file: one {\"id\", \"prompt\" or \"messages\", ...} object per line")
     p.add_argument("--out", required=True, help="JSONL file to append results to (existing ids are skipped)")
-    _add_engine_args(p, store_required=False)
+    add_engine_args(p, store_required=False)
     p.add_argument("--socket", help="use the daemon on this ipc socket instead of --store")
     p.add_argument("--max-batch", type=int, default=8, help="with --store: requests decoded together (default 8)")
     p.add_argument("--concurrency", type=int, default=None,
@@ -80,16 +80,16 @@ RAY_ONLY_FLAGS = ("replicas", "threads_per_replica", "gpus_per_replica")
 
 def _add_ray_args(p) -> None:
     """--ray and its options; the Ray code (ray_batch.py, and Ray) is imported only when --ray is given."""
-    from flashllm.runtime.clients.cli import _positive_int
+    from flashllm.runtime.clients.cli import positive_int
 
     p.add_argument("--ray", nargs="?", const="auto", default=None, metavar="ADDRESS",
                    help="run the prompts on engines spread over a Ray cluster (pip install 'flashllm[ray]'): "
                         "ADDRESS of its head (host:port), auto (the cluster `ray start` made here, or RAY_ADDRESS; "
                         "the default) or local (a private one-machine Ray for this run); --store is opened at the "
                         "same path on every node")
-    p.add_argument("--replicas", type=_positive_int, default=None, metavar="N",
+    p.add_argument("--replicas", type=positive_int, default=None, metavar="N",
                    help="--ray: engines to start, spread one per node (default: one per node with room for one)")
-    p.add_argument("--threads-per-replica", type=_positive_int, default=None, metavar="T",
+    p.add_argument("--threads-per-replica", type=positive_int, default=None, metavar="T",
                    help="--ray: torch threads of each engine, and the CPUs Ray books for it (default 1)")
     p.add_argument("--gpus-per-replica", type=float, default=None, metavar="G",
                    help="--ray: GPUs Ray books for each engine, which then runs on its GPU (default 0: the CPU)")
@@ -331,12 +331,12 @@ class InProcessBackend:
     """The daemon's scheduler over an engine in this process: the same continuous batching, no socket."""
 
     def __init__(self, args):
-        from flashllm.runtime.clients.cli import _engine_from_args
+        from flashllm.runtime.core.engine_config import engine_from_args
         from flashllm.runtime.daemon.scheduler import Scheduler
 
         if args.max_batch < 1:
             raise CliError(f"--max-batch {args.max_batch} is invalid: give at least 1")
-        self._engine = _engine_from_args(args, max_batch=args.max_batch)
+        self._engine = engine_from_args(args, max_batch=args.max_batch)
         self._scheduler = Scheduler(self._engine)
         self._run_task = asyncio.create_task(self._scheduler.run())
 

@@ -6,6 +6,9 @@ import importlib
 import json
 import sys
 
+# the engine flags' parsers live with the one engine builder; parse_memory/parse_size stay importable from here
+from flashllm.runtime.core.engine_config import engine_from_args, parse_memory, parse_size  # noqa: F401
+
 EXIT_USER_ERROR = 2
 
 
@@ -61,66 +64,6 @@ def _sampling_params(args):
                           top_k=args.top_k, seed=args.seed, stop=list(args.stop or []), ignore_eos=args.ignore_eos)
 
 
-def _engine_from_args(args, max_batch: int = 1):
-    """The engine the engine options ask for (--mode auto and --runtime auto are resolved by the engine)."""
-    import os
-
-    from flashllm.runtime.core.engine import Engine
-    from flashllm.workers.flash_io.integrity import VERIFY_READS_ENV
-
-    if not getattr(args, "verify_reads", True):
-        os.environ[VERIFY_READS_ENV] = "0"  # every reader, in this process and in the workers it spawns
-
-    ffn_options = {}
-    if getattr(args, "memory", None):
-        ffn_options["memory_budget_bytes"] = parse_memory(args.memory, args.store)
-    if getattr(args, "keep_fraction", None) is not None:
-        if args.mode not in ("sparse", "auto"):
-            raise ValueError(f"--keep-fraction applies to --mode sparse, not --mode {args.mode}")
-        ffn_options["keep_fraction"] = args.keep_fraction
-    for flag, option in (("neuron_window", "window_tokens"), ("missing_policy", "missing_policy")):
-        value = getattr(args, flag, None)
-        if value is None:
-            continue
-        if args.mode not in ("sparse", "auto"):
-            raise ValueError(f"--{flag.replace('_', '-')} applies to --mode sparse, not --mode {args.mode}")
-        ffn_options[option] = value
-    engine = Engine(args.store, mode=args.mode, max_batch=max_batch, max_context=args.max_context,
-                    ffn_options=ffn_options, runtime=getattr(args, "runtime", "auto"),
-                    resident_dtype=getattr(args, "resident_dtype", None), threads=getattr(args, "threads", None),
-                    worker_restarts=getattr(args, "worker_restarts", None))
-    if args.mode == "auto" and "memory_budget_bytes" in ffn_options:  # a choice the budget made: say which
-        print(f"flashllm: {engine.mode_reason}", file=sys.stderr)
-    return engine
-
-
-def parse_memory(text: str, store_dir: str | None) -> int:
-    """--memory: a size ('160MiB', '2GiB') or a share of the model's bytes in the store ('60%')."""
-    from flashllm.runtime.core.mode_choice import budget_from_percent
-
-    if text.strip().endswith("%"):
-        if not store_dir:
-            raise CliError(f"--memory {text}: a percentage is of the model's bytes in the store; give --store")
-        return budget_from_percent(text, store_dir)
-    return parse_size(text)
-
-
-def parse_size(text: str) -> int:
-    """'160MiB', '2GiB', '500MB', '1048576' → bytes."""
-    units = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "kib": 2**10, "mib": 2**20, "gib": 2**30,
-             "k": 2**10, "m": 2**20, "g": 2**30}
-    stripped = text.strip().lower()
-    number = stripped.rstrip("abcdefghijklmnopqrstuvwxyz")
-    unit = stripped[len(number):].strip()
-    try:
-        value = float(number)
-    except ValueError:
-        value = -1
-    if unit not in units or value <= 0:
-        raise CliError(f"size {text!r} is not understood; write e.g. 160MiB, 2GiB or 500MB")
-    return int(value * units[unit])
-
-
 def cmd_generate(args) -> int:
     if args.socket:
         from flashllm.runtime.clients.client_cli import generate_via_daemon
@@ -130,7 +73,7 @@ def cmd_generate(args) -> int:
         raise CliError("give --store STORE (or --socket PATH to use a running daemon)")
     params = _sampling_params(args)
     prompts = args.prompt
-    with _engine_from_args(args, max_batch=max(1, len(prompts))) as engine:
+    with engine_from_args(args, max_batch=max(1, len(prompts))) as engine:
         stream = len(prompts) == 1 and not args.json
 
         def on_output(index, out):
@@ -156,7 +99,7 @@ def cmd_generate(args) -> int:
 def cmd_eval(args) -> int:
     with open(args.text, encoding="utf-8") as f:
         text = f.read()
-    with _engine_from_args(args) as engine:
+    with engine_from_args(args) as engine:
         ppl, tokens = engine.perplexity(text, window_tokens=args.window)
     if args.json:
         print(json.dumps({"perplexity": ppl, "tokens": tokens, "mode": engine.mode, "runtime": engine.runtime}))
@@ -187,20 +130,19 @@ def add_threads_arg(p: argparse.ArgumentParser) -> None:
 
 def add_sparse_policy_args(p: argparse.ArgumentParser) -> None:
     """The sliding window and the late-neuron policy of --mode sparse (engine commands and bench)."""
-    from flashllm.workers.flash_io.neuron_cache import DEFAULT_WINDOW_TOKENS
-    from flashllm.workers.sparse_policy import MISSING_POLICIES
+    from flashllm.workers.engine_config import MISSING_POLICIES, SparseOptions
 
-    p.add_argument("--neuron-window", type=_positive_int, default=None, metavar="K",
+    p.add_argument("--neuron-window", type=positive_int, default=None, metavar="K",
                    help=f"--mode sparse: keep the neurons used by the last K tokens in memory, so a token reads only "
-                        f"the ones they did not use (default {DEFAULT_WINDOW_TOKENS}); a larger K reads less while "
-                        "the caches have room")
+                        f"the ones they did not use (default {SparseOptions.window_tokens}); a larger K reads less "
+                        "while the caches have room")
     p.add_argument("--missing-policy", choices=list(MISSING_POLICIES), default=None,
                    help="--mode sparse: neurons the same-layer check predicts but the lookahead missed are read "
                         "before the layer runs (read, the default) or left out for this token (skip: no read "
                         "waits on the layer's own input, fewer bytes, lower quality)")
 
 
-def _positive_int(text: str) -> int:
+def positive_int(text: str) -> int:
     try:
         value = int(text)
     except ValueError:
@@ -210,7 +152,7 @@ def _positive_int(text: str) -> int:
     return value
 
 
-def _add_engine_args(p: argparse.ArgumentParser, store_required: bool = True) -> None:
+def add_engine_args(p: argparse.ArgumentParser, store_required: bool = True) -> None:
     p.add_argument("--store", required=store_required, help="flash store directory (from `flashllm convert`)")
     p.add_argument("--mode", default="auto", choices=["auto", "dense", "naive", "sparse"],
                    help="FFN source: all in memory, whole layers re-read from flash, or predicted neurons only; "
@@ -261,7 +203,7 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_verify)
 
     p = sub.add_parser("generate", help="generate text for one or more prompts")
-    _add_engine_args(p, store_required=False)
+    add_engine_args(p, store_required=False)
     p.add_argument("--socket", help="use the daemon listening on this ipc socket path instead of --store")
     p.add_argument("--chat", action="store_true", help="wrap each prompt in the model's chat template")
     add_sampling_args(p)
@@ -270,7 +212,7 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("eval", help="perplexity of a text file")
-    _add_engine_args(p)
+    add_engine_args(p)
     p.add_argument("--text", required=True)
     p.add_argument("--window", type=int, default=1024, help="tokens per evaluation window")
     p.add_argument("--json", action="store_true")

@@ -13,7 +13,7 @@ import itertools
 import math
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
@@ -21,7 +21,10 @@ from flashllm.runtime.core.sampling import NonFiniteLogitsError, SamplingParams,
 from flashllm.runtime.core.tokenizer import IncrementalDetokenizer, StopStringMatcher, Tokenizer
 from flashllm.workers.flash_io.integrity import BundleChecksumError
 from flashllm.workers.malloc_tuning import limit_malloc_growth, release_free_memory
-from flashllm.workers.executor import FFN_MODES, ModelExecutor, compute_dtype, default_device
+from flashllm.runtime.core.executors import executor_class
+from flashllm.workers.engine_config import ANY_SPARSE_FLAG, EngineConfig, SparseOptions
+from flashllm.workers.executor import compute_dtype, default_device
+from flashllm.workers.interfaces import Executor
 from flashllm.workers.models.attention import KVCache
 from flashllm.workers.models.resident import resident_dtype_of
 from flashllm.workers.store_reader import open_store
@@ -31,8 +34,6 @@ PREFILL_TOKEN_BUDGET = 2048  # prompt tokens prefilled per step, so decode is no
 FLASH_MODES = ("naive", "sparse")
 # a step that failed with one of these leaves the engine usable once its sequences are dropped
 RECOVERABLE_STEP_ERRORS = (NonFiniteLogitsError, BundleChecksumError)
-SPARSE_ONLY_OPTIONS = {"keep_fraction": "--keep-fraction", "window_tokens": "--neuron-window",
-                       "missing_policy": "--missing-policy"}  # ffn option → its flag
 
 
 def available_cores() -> int:
@@ -98,108 +99,147 @@ class _Sequence:
     finish_reason: str | None = None
 
 
+_KEYWORD_DEFAULTS = dict(mode="dense", max_batch=8, max_context=None, device=None, verify=True, runtime="inproc",
+                         resident_dtype=None, threads=None, worker_restarts=None, memory_budget_bytes=None,
+                         sparse=None)  # Engine's keyword defaults, to tell keywords given from config=
+
+
+def _config_from_keywords(keywords: dict, ffn_options: dict | None) -> EngineConfig:
+    """Engine's keywords (and an older caller's ffn_options dict) as the EngineConfig they mean."""
+    if ffn_options:
+        options = dict(ffn_options)
+        if "memory_budget_bytes" in options:
+            keywords = {**keywords, "memory_budget_bytes": options.pop("memory_budget_bytes")}
+        if options:
+            if keywords["sparse"] is not None:
+                raise ValueError("give the sparse options either as sparse=SparseOptions(...) or in ffn_options")
+            keywords = {**keywords, "sparse": SparseOptions.from_dict(options)}
+    return EngineConfig(**keywords)
+
+
 class Engine:
     def __init__(self, store_dir: str, mode: str = "dense", max_batch: int = 8, max_context: int | None = None,
-                 device: str | None = None, verify: bool = True, ffn_options: dict | None = None, executor=None,
-                 runtime: str = "inproc", resident_dtype: str | None = None, threads: int | None = None,
-                 worker_restarts: int | None = None):
-        """threads: torch threads of the model's compute (this process, or the compute worker);
+                 device: str | None = None, verify: bool = True, ffn_options: dict | None = None,
+                 executor: Executor | None = None, runtime: str = "inproc", resident_dtype: str | None = None,
+                 threads: int | None = None, worker_restarts: int | None = None, *,
+                 memory_budget_bytes: int | None = None, sparse: SparseOptions | None = None,
+                 config: EngineConfig | None = None):
+        """An engine over the store in `store_dir`, set up by `config` (an EngineConfig) or, the same
+        settings one by one, by the keywords (see EngineConfig for each; giving both is an error).
+
+        threads: torch threads of the model's compute (this process, or the compute worker);
         None: `default_threads(mode)`. torch's thread count is per process, so this sets it for the process.
-        worker_restarts: with runtime="workers", how often the worker set may be restarted after crashes
-        (within the supervisor's window) before a failure is final."""
-        if mode not in FFN_MODES and mode != "auto":
-            raise ValueError(f"--mode {mode!r} is not one of auto, {', '.join(FFN_MODES)}")
-        if max_batch < 1:
-            raise ValueError(f"max_batch must be ≥ 1, got {max_batch}")
-        if threads is not None and threads < 1:
-            raise ValueError(f"--threads must be ≥ 1, got {threads}")
+        ffn_options: the sparse options and memory_budget_bytes as one dict (older callers; the typed
+        `sparse=` and `memory_budget_bytes=` say the same). executor: one already built, used as is."""
+        keywords = dict(mode=mode, max_batch=max_batch, max_context=max_context, device=device, verify=verify,
+                        runtime=runtime, resident_dtype=resident_dtype, threads=threads,
+                        worker_restarts=worker_restarts, memory_budget_bytes=memory_budget_bytes, sparse=sparse)
+        if config is None:
+            config = _config_from_keywords(keywords, ffn_options)
+        elif ffn_options is not None or keywords != _KEYWORD_DEFAULTS:
+            raise ValueError("give the engine's settings either as config=EngineConfig(...) or as keywords, not both")
         limit_malloc_growth()  # before the store's tensors come and go (workers/malloc_tuning.py)
-        self.store_dir = store_dir
-        self.manifest = open_store(store_dir)
-        arch = self.arch = self.manifest.arch
-        self.max_context = min(max_context or DEFAULT_MAX_CONTEXT, arch.max_position_embeddings)
-        self.max_batch = max_batch
-        self.mode = mode
-        self.tokenizer = Tokenizer.from_store(store_dir, self.manifest.tokenizer, arch.eos_token_ids)
-        self.eos_ids = set(self.tokenizer.eos_token_ids) | set(arch.eos_token_ids)
-        ffn_options = dict(ffn_options or {})
-        memory_budget_bytes = ffn_options.pop("memory_budget_bytes", None)
-        self.memory_plan = None
-        self.mode_reason = f"--mode {mode}"
-        if mode == "auto" and memory_budget_bytes is None:  # nothing bounds memory: no plan to choose by
-            mode, self.mode_reason = "dense", "--mode auto picked dense: no --memory given, the whole model in memory"
-            self.mode = mode
-            given = [flag for option, flag in SPARSE_ONLY_OPTIONS.items() if option in ffn_options]
-            if given:
-                raise ValueError(f"{given[0]} applies to --mode sparse, but {self.mode_reason}; give --mode sparse")
-        if memory_budget_bytes is not None:
-            from flashllm.runtime.core.memory_plan import MemoryPlanError, plan_for_store
-            from flashllm.runtime.core.mode_choice import choose_mode
-            from flashllm.workers.prefetch import neuron_cache_dtype
-
-            dtype = compute_dtype(device or default_device())
-            itemsize = torch.finfo(dtype).bits // 8
-            # on a GPU the caches hold rows as stored (a float32 store's take twice the compute dtype's bytes)
-            cache_itemsize = neuron_cache_dtype(self.manifest.ffn.dtype, device or default_device()).itemsize
-            resident_itemsize = torch.finfo(resident_dtype_of(resident_dtype, dtype)).bits // 8
-            kv_bytes = KVCache.bytes_needed(arch.num_hidden_layers, max_batch, arch.num_key_value_heads,
-                                            self.max_context, arch.head_dim, itemsize)
-
-            def plan(for_mode: str):
-                return plan_for_store(store_dir, self.manifest, memory_budget_bytes, for_mode, itemsize, kv_bytes,
-                                      keep_fraction=ffn_options.get("keep_fraction"),
-                                      resident_itemsize=resident_itemsize, cache_itemsize=cache_itemsize,
-                                      device=device or default_device())
-
-            def fits(for_mode: str) -> Exception | None:
-                try:
-                    plan(for_mode)
-                except MemoryPlanError as exc:
-                    return exc
-                return None
-
-            if mode == "auto":
-                choice = choose_mode(self.manifest, store_dir, memory_budget_bytes, fits)
-                mode, self.mode_reason = choice.mode, f"--mode auto picked {choice.mode}: {choice.reason}"
-                self.mode = mode
-                given = [flag for option, flag in SPARSE_ONLY_OPTIONS.items() if option in ffn_options]
-                if mode != "sparse" and given:
-                    raise ValueError(f"{given[0]} applies to --mode sparse, but {self.mode_reason}; "
-                                     "give --mode sparse (and a --memory it fits)")
-            if memory_budget_bytes is not None:
-                self.memory_plan = plan(mode)
-            if mode in ("sparse", "naive"):  # the rows each layer holds (naive: whole layers or none)
-                ffn_options["capacity_rows"] = self.memory_plan.capacity_rows
-        if runtime == "auto":
-            from flashllm.runtime.core.mode_choice import resolve_runtime
-
-            runtime = resolve_runtime(runtime, mode, device)
-        threads = threads if threads is not None else default_threads(mode)  # the mode is known now
-        if threads is not None:
-            torch.set_num_threads(threads)
-        self.threads = torch.get_num_threads()
-        if executor is None and runtime == "workers":
-            from flashllm.runtime.core.worker_executor import WorkerExecutor  # the model in prefetch and compute (+ predictor) processes
-
-            restarts = {} if worker_restarts is None else {"max_restarts": worker_restarts}
-            executor = WorkerExecutor(store_dir, self.manifest, mode, max_batch, self.max_context, device=device,
-                                      verify=verify, ffn_options=ffn_options, resident_dtype=resident_dtype,
-                                      **restarts)
-        elif executor is None and runtime == "inproc":
-            executor = ModelExecutor(store_dir, self.manifest, mode, max_batch, self.max_context, device=device,
-                                     verify=verify, ffn_options=ffn_options, resident_dtype=resident_dtype)
-        elif executor is None:
-            raise ValueError(f"--runtime {runtime!r} is not one of inproc, workers")
-        self.executor = executor
+        self._open_store(store_dir)
+        config = self._resolve_mode(self._resolve_context(config))
+        config = self._resolve_runtime(config)
+        self._set_threads(config)
+        self.config = config  # every choice made: what the executor runs
+        self.executor = executor if executor is not None else \
+            executor_class(config.runtime).from_config(store_dir, self.manifest, config)
         release_free_memory()  # the load's temporaries
-        self.runtime = getattr(executor, "runtime", "inproc")  # where the model runs: "inproc" or "workers"
+        self.runtime = self.executor.runtime  # where the model runs: "inproc" or "workers"
         self.device = "cpu"  # inputs are built on the CPU; the executor moves them
-        self._free_slots = list(range(max_batch))
+        self.prefill_token_budget = PREFILL_TOKEN_BUDGET  # the one admission budget (the daemon's scheduler asks)
+        self._free_slots = list(range(config.max_batch))
         self._waiting: list[_Sequence] = []
         self._running: dict[str, _Sequence] = {}
         self._ids = itertools.count()
         self.token_stats: list[dict] = []  # one entry per decode step
         self.logits_hook = None  # optional callable(request_id, logits (V,)) seeing every sampled position
+
+    # ------------------------------------------------------------------ setting up
+
+    def _open_store(self, store_dir: str) -> None:
+        self.store_dir = store_dir
+        self.manifest = open_store(store_dir)
+        self.arch = self.manifest.arch
+        self.tokenizer = Tokenizer.from_store(store_dir, self.manifest.tokenizer, self.arch.eos_token_ids)
+        self.eos_ids = set(self.tokenizer.eos_token_ids) | set(self.arch.eos_token_ids)
+
+    def _resolve_context(self, config: EngineConfig) -> EngineConfig:
+        self.max_context = min(config.max_context or DEFAULT_MAX_CONTEXT, self.arch.max_position_embeddings)
+        self.max_batch = config.max_batch
+        return replace(config, max_context=self.max_context)
+
+    def _resolve_mode(self, config: EngineConfig) -> EngineConfig:
+        """--mode auto decided, the memory plan made for the mode, the sparse caches sized by it."""
+        mode, self.memory_plan, self.mode_reason = config.mode, None, f"--mode {config.mode}"
+        if mode == "auto" and config.memory_budget_bytes is None:  # nothing bounds memory: no plan to choose by
+            mode, self.mode_reason = "dense", "--mode auto picked dense: no --memory given, the whole model in memory"
+            self._refuse_sparse_options(config, mode, "give --mode sparse")
+        if config.memory_budget_bytes is not None:
+            plan = self._memory_planner(config)
+            if mode == "auto":
+                from flashllm.runtime.core.memory_plan import MemoryPlanError
+                from flashllm.runtime.core.mode_choice import choose_mode
+
+                def fits(for_mode: str) -> Exception | None:
+                    try:
+                        plan(for_mode)
+                    except MemoryPlanError as exc:
+                        return exc
+                    return None
+
+                choice = choose_mode(self.manifest, self.store_dir, config.memory_budget_bytes, fits)
+                mode, self.mode_reason = choice.mode, f"--mode auto picked {choice.mode}: {choice.reason}"
+                self._refuse_sparse_options(config, mode, "give --mode sparse (and a --memory it fits)")
+            self.memory_plan = plan(mode)
+            if mode == "sparse":
+                sparse = replace(config.sparse_options, capacity_rows=tuple(self.memory_plan.capacity_rows))
+                config = replace(config, sparse=sparse)
+        self.mode = mode
+        if mode == "naive" and self.memory_plan is not None:  # the whole layers the budget holds beside its minimum
+            return replace(config, mode=mode, naive_held_rows=tuple(self.memory_plan.capacity_rows))
+        return replace(config, mode=mode)
+
+    def _refuse_sparse_options(self, config: EngineConfig, mode: str, fix: str) -> None:
+        if mode != "sparse" and config.sparse is not None:
+            flag = (config.sparse.flags_set() or [ANY_SPARSE_FLAG])[0]
+            raise ValueError(f"{flag} applies to --mode sparse, but {self.mode_reason}; {fix}")
+
+    def _memory_planner(self, config: EngineConfig):
+        """mode → the MemoryPlan of this store under config's budget (MemoryPlanError when it cannot fit)."""
+        from flashllm.runtime.core.memory_plan import plan_for_store
+        from flashllm.workers.prefetch import neuron_cache_dtype
+
+        device = config.device or default_device()
+        dtype = compute_dtype(device)
+        itemsize = torch.finfo(dtype).bits // 8
+        # on a GPU the caches hold rows as stored (a float32 store's take twice the compute dtype's bytes)
+        cache_itemsize = neuron_cache_dtype(self.manifest.ffn.dtype, device).itemsize
+        resident_itemsize = torch.finfo(resident_dtype_of(config.resident_dtype, dtype)).bits // 8
+        arch = self.arch
+        kv_bytes = KVCache.bytes_needed(arch.num_hidden_layers, config.max_batch, arch.num_key_value_heads,
+                                        self.max_context, arch.head_dim, itemsize)
+
+        def plan(for_mode: str):
+            return plan_for_store(self.store_dir, self.manifest, config.memory_budget_bytes, for_mode, itemsize,
+                                  kv_bytes, keep_fraction=config.sparse_options.keep_fraction,
+                                  resident_itemsize=resident_itemsize, cache_itemsize=cache_itemsize, device=device)
+
+        return plan
+
+    @staticmethod
+    def _resolve_runtime(config: EngineConfig) -> EngineConfig:
+        from flashllm.runtime.core.mode_choice import resolve_runtime
+
+        return replace(config, runtime=resolve_runtime(config.runtime, config.mode, config.device))
+
+    def _set_threads(self, config: EngineConfig) -> None:
+        threads = config.threads if config.threads is not None else default_threads(config.mode)
+        if threads is not None:
+            torch.set_num_threads(threads)
+        self.threads = torch.get_num_threads()
 
     # ------------------------------------------------------------------ model
 
@@ -272,21 +312,15 @@ class Engine:
         (a worker crash: after restarting the workers; a model fault on one step's data: as is; anything
         else, a bug, is not trusted). Raises when the restart itself fails or its budget is spent."""
         self.abort_all()
-        recover = getattr(self.executor, "recover", None)
-        if recover is not None and recover(error):
-            return True
-        return isinstance(error, RECOVERABLE_STEP_ERRORS)
+        return self.executor.recover(error) or isinstance(error, RECOVERABLE_STEP_ERRORS)
 
     def check_workers(self) -> bool:
         """Between steps: restart worker processes that died meanwhile; True if it did (no-op in-process)."""
-        check = getattr(self.executor, "check_workers", None)
-        return bool(check()) if check is not None else False
+        return self.executor.check_workers()
 
     def interrupt(self) -> None:
         """From another thread: make a step that is stuck on a worker fail now (no-op in-process)."""
-        interrupt = getattr(self.executor, "interrupt", None)
-        if interrupt is not None:
-            interrupt()
+        self.executor.interrupt()
 
     def has_unfinished(self) -> bool:
         return bool(self._waiting or self._running)

@@ -32,16 +32,15 @@ from flashllm.runtime.core.supervisor import (
     DEFAULT_MAX_RESTARTS, DEFAULT_START_TIMEOUT_S, Supervisor, WorkerCrashedError, WorkerRuntimeError, sweep_stale_instances,
 )
 from flashllm.workers.compute import PipelineStats
+from flashllm.workers.engine_config import EngineConfig, SparseOptions
 from flashllm.workers.executor import compute_dtype, default_device
 from flashllm.workers.flash_io.bundle_reader import largest_chunk_rows, numpy_dtype_of_store
 from flashllm.workers.flash_io.integrity import BundleChecksumError
 from flashllm.workers.flash_io.io_counters import process_read_bytes
+from flashllm.workers.interfaces import Executor
 from flashllm.workers.process_entry import WorkerConfig
-from flashllm.workers.flash_io.neuron_cache import DEFAULT_WINDOW_TOKENS
 from flashllm.workers.prefetch import neuron_cache_dtype
-from flashllm.workers.sparse_policy import check_missing_policy
 
-FFN_OPTIONS = ("capacity_rows", "window_tokens", "keep_fraction", "missing_policy", "pin_hot", "num_threads")
 MIN_LOGITS_ROWS = 64
 
 
@@ -60,21 +59,17 @@ class WorkerStepError(WorkerRuntimeError):
 
 
 def build_worker_config(store_dir: str, manifest: Manifest, num_slots: int, max_context: int, device: str,
-                        instance: str, runtime_dir: str, verify: bool = True, ffn_options: dict | None = None,
+                        instance: str, runtime_dir: str, verify: bool = True, sparse: SparseOptions | None = None,
                         logits_rows: int | None = None) -> WorkerConfig:
-    """The workers' shared settings and shared-memory layouts for this store (what SparseFlashFfn would use)."""
-    options = dict(ffn_options or {})
-    unknown = sorted(set(options) - set(FFN_OPTIONS))
-    if unknown:
-        raise TypeError(f"unknown FFN option(s) {', '.join(unknown)} for the worker runtime; known: {', '.join(FFN_OPTIONS)}")
-    missing_policy = options.get("missing_policy", "read")
-    check_missing_policy(missing_policy)
+    """The workers' shared settings and shared-memory layouts for this store (what SparseFlashFfn would use);
+    sparse: --mode sparse's options (None: the defaults)."""
+    sparse = sparse or SparseOptions()
     arch, layout = manifest.arch, manifest.ffn
     dtype = compute_dtype(device)
     store_dtype = numpy_dtype_of_store(layout.dtype)
     cache_dtype = neuron_cache_dtype(layout.dtype, device)
     num_neurons = max(region.num_neurons for region in layout.layers)
-    capacity_rows = list(options.get("capacity_rows") or [region.num_neurons for region in layout.layers])
+    capacity_rows = list(sparse.capacity_rows or [region.num_neurons for region in layout.layers])
     max_tokens = max(max_context, num_slots)
     logits_rows = logits_rows or max(num_slots, MIN_LOGITS_ROWS)
     hidden_dtype = np.float32 if dtype == torch.float32 else np.float16
@@ -86,18 +81,16 @@ def build_worker_config(store_dir: str, manifest: Manifest, num_slots: int, max_
         exchange_layout=exchange_layout(max_tokens, arch.hidden_size, num_neurons, layout.stored_row_width, store_dtype,
                                         hidden_dtype, arch.vocab_size, logits_rows,
                                         chunk_rows=largest_chunk_rows(layout)),
-        verify=verify, window_tokens=options.get("window_tokens", DEFAULT_WINDOW_TOKENS),
-        keep_fraction=options.get("keep_fraction"), missing_policy=missing_policy,
-        pin_hot=options.get("pin_hot", True), num_threads=options.get("num_threads", 4))
+        sparse=sparse, verify=verify)
 
 
-class WorkerExecutor:
-    """forward / ffn_stats / release_slot / close, like workers.executor.ModelExecutor."""
+class WorkerExecutor(Executor):
+    """The Executor of the worker runtime (workers/interfaces.py), like workers.executor.ModelExecutor in-process."""
 
     runtime = "workers"
 
     def __init__(self, store_dir: str, manifest: Manifest, mode: str, num_slots: int, max_context: int,
-                 device: str | None = None, verify: bool = True, ffn_options: dict | None = None,
+                 device: str | None = None, verify: bool = True, sparse: SparseOptions | None = None,
                  start_timeout_s: float = DEFAULT_START_TIMEOUT_S, logits_rows: int | None = None,
                  runtime_root: str | None = None, handle_sigterm: bool = True, compute_threads: int | None = None,
                  resident_dtype: str | None = None, max_restarts: int = DEFAULT_MAX_RESTARTS):
@@ -113,7 +106,7 @@ class WorkerExecutor:
         instance_dir = InstanceDir(instance, runtime_root).create()
         try:
             self.config = build_worker_config(store_dir, manifest, num_slots, max_context, self.device, instance,
-                                              instance_dir.path, verify, ffn_options, logits_rows)
+                                              instance_dir.path, verify, sparse, logits_rows)
             self.config.compute_threads = compute_threads or default_compute_threads()
             self.config.resident_dtype = resident_dtype
         except BaseException:
@@ -130,6 +123,13 @@ class WorkerExecutor:
         self._pending: dict = {}
         self._prefetcher_read: tuple[int, int] | None = None  # (pid, read_bytes) at the last look
         self._past_prefetchers_read_bytes = 0  # what prefetchers before a restart had read
+
+    @classmethod
+    def from_config(cls, store_dir: str, manifest: Manifest, config: EngineConfig) -> "WorkerExecutor":
+        restarts = DEFAULT_MAX_RESTARTS if config.worker_restarts is None else config.worker_restarts
+        return cls(store_dir, manifest, config.mode, config.max_batch, config.max_context, device=config.device,
+                   verify=config.verify, sparse=config.sparse_options, resident_dtype=config.resident_dtype,
+                   max_restarts=restarts)
 
     @property
     def instance(self) -> str:

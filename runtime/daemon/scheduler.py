@@ -9,7 +9,7 @@ between steps, when the worker thread is idle. Prompts are tokenized in a
 second thread so a long one stalls neither the loop nor the batch.
 
 Fairness: every step decodes every running sequence, and a step admits new
-prompts only up to `prefill_tokens_per_step` while others are decoding (at
+prompts only up to the engine's `prefill_token_budget` while others are decoding (at
 least one, so a long prompt is never starved either): a burst of arrivals
 delays the running streams by a bounded amount instead of a whole queue's
 prefill. The batch never exceeds the engine's `max_batch` (its KV-cache
@@ -36,7 +36,6 @@ from flashllm.protocol.client_api import (ErrorCode, ErrorReply, FinalMessage, H
 
 log = logging.getLogger(__name__)
 
-PREFILL_TOKENS_PER_STEP = 512  # prompt tokens admitted per step while other sequences decode
 HEARTBEAT_INTERVAL_S = 1.0  # a request that was told nothing for this long gets a Heartbeat
 METRICS_WINDOW_S = 10.0  # rates in status() are over this many recent seconds
 DEFAULT_STEP_TIMEOUT_S = 30.0  # a step running longer than this makes the daemon unhealthy (the watchdog then fires)
@@ -95,12 +94,11 @@ class _StepRecord:
 
 class Scheduler:
     def __init__(self, engine, max_queued: int = DEFAULT_MAX_QUEUED,
-                 prefill_tokens_per_step: int = PREFILL_TOKENS_PER_STEP, clock: Callable[[], float] = time.monotonic,
+                 clock: Callable[[], float] = time.monotonic,
                  step_timeout_s: float = DEFAULT_STEP_TIMEOUT_S):
         self.engine = engine
         self.step_timeout_s = step_timeout_s
         self.max_queued = max_queued
-        self.prefill_tokens_per_step = prefill_tokens_per_step
         self._clock = clock
         self._step_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="engine-step")
         self._tokenize_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tokenize")
@@ -276,7 +274,8 @@ class Scheduler:
 
     def _admit(self) -> None:
         free_slots = self.engine.max_batch - self.engine.num_running - self.engine.num_waiting
-        budget = self.prefill_tokens_per_step if self._in_engine else math.inf
+        # the engine's own admission budget: the scheduler hands it no more than one step will prefill
+        budget = self.engine.prefill_token_budget if self._in_engine else math.inf
         admitted = 0
         while self._pending and free_slots > 0:
             request = self._pending[0]

@@ -44,10 +44,10 @@ STUCK_GRACE_S = 2.0  # after the drain, before the workers of a step that will n
 
 
 def register_cli(subparsers) -> None:
-    from flashllm.runtime.clients.cli import _add_engine_args
+    from flashllm.runtime.clients.cli import add_engine_args
 
     p = subparsers.add_parser("serve", help="run the daemon: serve local clients on an ipc socket")
-    _add_engine_args(p)
+    add_engine_args(p)
     p.add_argument("--socket", required=True, help="ipc socket path, e.g. /run/flashllm/flashllm.sock")
     p.add_argument("--max-batch", type=int, default=8,
                    help="most requests decoded together (KV-cache slots; default 8)")
@@ -132,9 +132,9 @@ def _check_group_exists(group: str) -> None:
 
 def build_engine(args):
     """The engine behind the daemon; the worker runtime plugs in here (Engine(executor=...))."""
-    from flashllm.runtime.clients.cli import _engine_from_args
+    from flashllm.runtime.core.engine_config import engine_from_args
 
-    return _engine_from_args(args, max_batch=args.max_batch)
+    return engine_from_args(args, max_batch=args.max_batch)
 
 
 async def _serve(args, notifier, lock, http=None) -> int:

@@ -35,7 +35,10 @@ import time
 
 import numpy as np
 
+from dataclasses import replace
+
 from flashllm.runtime.core.engine import Engine
+from flashllm.runtime.core.engine_config import EngineConfig, SparseOptions
 from flashllm.runtime.core.memory_plan import MemoryPlanError
 from flashllm.runtime.core.sampling import SamplingParams
 
@@ -162,22 +165,20 @@ class DecodeReadWatch:
                 "achieved_bytes_per_s": stats.read_bytes / stats.read_time_s if stats.read_time_s else None}
 
 
-def _engine_ffn_options(memory_bytes: int | None, ffn_options: dict | None) -> dict:
-    options = dict(ffn_options or {})
-    if memory_bytes is not None:
-        options["memory_budget_bytes"] = memory_bytes
-    return options
+def bench_engine_config(mode: str, runtime: str = "inproc", memory_bytes: int | None = None,
+                        sparse: SparseOptions | None = None, resident_dtype: str | None = None,
+                        threads: int | None = None) -> EngineConfig:
+    """The EngineConfig of one bench run: one sequence at a time, the sparse settings only where they apply."""
+    return EngineConfig(mode=mode, runtime=runtime, memory_budget_bytes=memory_bytes, max_batch=1,
+                        resident_dtype=resident_dtype, threads=threads, sparse=sparse if mode == "sparse" else None)
 
 
-def run_mode(store: str, mode: str, memory_bytes: int | None, text_ids: list[int] | None, decode_tokens: int,
-             ffn_options: dict | None = None, runtime: str = "inproc", record_sets: bool = False,
-             resident_dtype: str | None = None, threads: int | None = None,
-             record_reads: str | None = None) -> tuple[dict, list]:
+def run_mode(store: str, config: EngineConfig, text_ids: list[int] | None, decode_tokens: int,
+             record_sets: bool = False, record_reads: str | None = None) -> tuple[dict, list]:
     """record_reads: a .npz path where the neuron reads of the measured decode steps go (layer, ids per read),
     for `python -m flashllm.runtime.tools.read_plan_sim`."""
-    options = _engine_ffn_options(memory_bytes, ffn_options)
-    with Engine(store, mode=mode, max_batch=1, ffn_options=options, runtime=runtime,
-                resident_dtype=resident_dtype, threads=threads) as engine:
+    mode, runtime = config.mode, config.runtime
+    with Engine(store, config=config) as engine:
         ffn = getattr(engine.executor, "ffn", None)  # the worker runtime's FFN lives in another process
         if record_sets and hasattr(ffn, "recorded_sets"):
             ffn.recorded_sets = []
@@ -206,7 +207,8 @@ def run_mode(store: str, mode: str, memory_bytes: int | None, text_ids: list[int
     return result, (argmax, sets)
 
 
-def paired_speed(store: str, runs: dict[str, dict], rounds: int, decode_tokens: int, threads: int | None = None) -> dict:
+def paired_speed(store: str, runs: dict[str, EngineConfig], rounds: int, decode_tokens: int,
+                 threads: int | None = None) -> dict:
     """ms/token of several engines measured in turns, so that they share the device's moods.
 
     This device's throughput drifts by tens of percent over minutes, so modes
@@ -214,7 +216,7 @@ def paired_speed(store: str, runs: dict[str, dict], rounds: int, decode_tokens: 
     engine is open at once and each round decodes the same prompt on each in
     turn; per round the median ms/token of every run, and the speed-up of each
     run over the first (the baseline), whose median is reported.
-    runs: name → run_mode-style options {mode, runtime, memory_bytes, ffn_options, resident_dtype}.
+    runs: name → the EngineConfig of each engine (threads, when given, overrides theirs).
     """
     from contextlib import ExitStack
 
@@ -222,14 +224,12 @@ def paired_speed(store: str, runs: dict[str, dict], rounds: int, decode_tokens: 
     per_round: dict[str, list[float]] = {name: [] for name in names}
     with ExitStack() as stack:
         engines = {}
-        for name, spec in runs.items():
-            options = _engine_ffn_options(spec.get("memory_bytes"), spec.get("ffn_options"))
-            engines[name] = stack.enter_context(Engine(store, mode=spec["mode"], max_batch=1, ffn_options=options,
-                                                       runtime=spec.get("runtime", "inproc"),
-                                                       resident_dtype=spec.get("resident_dtype"), threads=threads))
+        for name, config in runs.items():
+            config = config if threads is None else replace(config, threads=threads)
+            engines[name] = stack.enter_context(Engine(store, config=config))
         for _ in range(rounds):
             for name, engine in engines.items():
-                tokens = min(decode_tokens, NAIVE_MAX_TOKENS) if runs[name]["mode"] == "naive" else decode_tokens
+                tokens = min(decode_tokens, NAIVE_MAX_TOKENS) if runs[name].mode == "naive" else decode_tokens
                 first = len(engine.token_stats)
                 engine.generate([BENCH_PROMPT], SamplingParams(max_tokens=tokens, ignore_eos=True))
                 per_round[name].append(_median([st["ms"] for st in engine.token_stats[first + 1:]]))
@@ -456,7 +456,8 @@ def run_bench(store: str, modes: list[str], memory_bytes: int | None, decode_tok
     manifest = read_manifest(store)
     sparse_options = {name: value for name, value in (
         ("keep_fraction", keep_fraction), ("window_tokens", window_tokens), ("missing_policy", missing_policy))
-        if value is not None}
+        if value is not None}  # the options given, as the report names them
+    sparse = SparseOptions(**sparse_options) if sparse_options else None
     text_ids = None
     if text is not None:
         tokenizer = Tokenizer.from_store(store, manifest.tokenizer, manifest.arch.eos_token_ids)
@@ -476,11 +477,10 @@ def run_bench(store: str, modes: list[str], memory_bytes: int | None, decode_tok
             print(f"bench: {key} ...", file=sys.stderr)
             budget = memory_bytes if mode == "sparse" else None
             tokens = min(decode_tokens, NAIVE_MAX_TOKENS) if mode == "naive" else decode_tokens
-            options = sparse_options if mode == "sparse" else None
-            result, (argmax, recorded) = run_mode(store, mode, budget, text_ids, tokens, ffn_options=options,
-                                                  runtime=runtime, record_sets=(mode == "sparse" and runtime == "inproc"),
-                                                  resident_dtype=resident_dtype if mode == "sparse" else None,
-                                                  threads=threads,
+            config = bench_engine_config(mode, runtime, budget, sparse,
+                                         resident_dtype if mode == "sparse" else None, threads)
+            result, (argmax, recorded) = run_mode(store, config, text_ids, tokens,
+                                                  record_sets=(mode == "sparse" and runtime == "inproc"),
                                                   record_reads=record_reads if (mode, runtime) == ("sparse", "inproc")
                                                   else None)
             if mode == "dense":
@@ -501,10 +501,10 @@ def run_bench(store: str, modes: list[str], memory_bytes: int | None, decode_tok
         for keep in keep_fractions:
             print(f"bench: sparse keep_fraction={keep} ...", file=sys.stderr)
             try:
-                result, (argmax, _) = run_mode(store, "sparse", memory_bytes, text_ids, decode_tokens,
-                                               ffn_options={**sparse_options, "keep_fraction": keep},
-                                               resident_dtype=resident_dtype,
-                                               threads=threads)
+                config = bench_engine_config("sparse", "inproc", memory_bytes,
+                                             replace(sparse or SparseOptions(), keep_fraction=keep), resident_dtype,
+                                             threads)
+                result, (argmax, _) = run_mode(store, config, text_ids, decode_tokens)
             except MemoryPlanError as exc:
                 tradeoff.append({"keep_fraction": keep, "sparsity": 1 - keep, "error": str(exc)})
                 continue
@@ -517,11 +517,10 @@ def run_bench(store: str, modes: list[str], memory_bytes: int | None, decode_tok
         report["window_curve"] = window_curve(sets, manifest.arch.intermediate_size)
     if paired_rounds and "naive" in modes and "sparse" in modes:
         print(f"bench: naive and sparse in turns, {paired_rounds} rounds ...", file=sys.stderr)
-        sparse_spec = {"mode": "sparse", "memory_bytes": memory_bytes, "resident_dtype": resident_dtype,
-                       "ffn_options": sparse_options}
-        paired_runs = {"naive": {"mode": "naive"}}
+        paired_runs = {"naive": bench_engine_config("naive")}
         for runtime in runtimes:
-            paired_runs["sparse" if runtime == "inproc" else f"sparse-{runtime}"] = {**sparse_spec, "runtime": runtime}
+            paired_runs["sparse" if runtime == "inproc" else f"sparse-{runtime}"] = bench_engine_config(
+                "sparse", runtime, memory_bytes, sparse, resident_dtype)
         report["paired_speed"] = paired_speed(store, paired_runs, paired_rounds, decode_tokens, threads=threads)
     if peak_memory and memory_bytes is not None and "sparse" in modes:
         report["peak_memory"] = peak_memory_runs(store, memory_bytes, runtimes, resident_dtype, sparse_options)

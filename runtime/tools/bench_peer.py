@@ -525,8 +525,8 @@ def cmd_bench_peer(args) -> int:
     return 0
 
 
-def _positive_int(text: str) -> int:
-    from flashllm.runtime.clients.cli import _positive_int as positive
+def positive_int(text: str) -> int:
+    from flashllm.runtime.clients.cli import positive_int as positive
 
     return positive(text)
 
@@ -538,12 +538,12 @@ def register_cli(sub) -> None:
     p.add_argument("--llama-bench", default=None,
                    help=f"path of llama.cpp's llama-bench binary (default: ${LLAMA_BENCH_ENV}, or llama-bench on PATH)")
     p.add_argument("--budgets", default="100%,80%,60%", help="weight budgets as fractions of the GGUF file's bytes")
-    p.add_argument("--threads", type=_positive_int, default=2, help="llama-bench -t and flashllm --threads")
+    p.add_argument("--threads", type=positive_int, default=2, help="llama-bench -t and flashllm --threads")
     p.add_argument("--flashllm-threads", default=None,
                    help="flashllm --threads if not --threads; 'default' leaves flashllm's own choice per mode")
-    p.add_argument("--rounds", type=_positive_int, default=3, help="interleaved rounds of both systems")
-    p.add_argument("--tokens", type=_positive_int, default=32, help="tokens decoded per run (llama-bench -n)")
-    p.add_argument("--llama-repetitions", type=_positive_int, default=2, help="llama-bench -r within a run")
+    p.add_argument("--rounds", type=positive_int, default=3, help="interleaved rounds of both systems")
+    p.add_argument("--tokens", type=positive_int, default=32, help="tokens decoded per run (llama-bench -n)")
+    p.add_argument("--llama-repetitions", type=positive_int, default=2, help="llama-bench -r within a run")
     p.add_argument("--runtime", default="auto", choices=["auto", "inproc", "workers"],
                    help="flashllm --runtime for --mode sparse (dense runs in-process)")
     p.add_argument("--timeout-s", type=float, default=300.0, help="a run still going after this is killed (a failure)")

@@ -43,6 +43,7 @@ from flashllm.protocol.store_format import SPARSITY_FILE, SparsityInfo, sha256_h
 from flashllm.workers.executor import ModelExecutor, compute_dtype, default_device
 from flashllm.workers.ffn_providers import rows_to_tensor
 from flashllm.workers.flash_io.bundle_reader import BundleReader
+from flashllm.workers.interfaces import FfnProvider
 from flashllm.workers.models.ffn import BundleColumns, ffn_from_rows, masked_ffn_from_rows, neuron_activations
 from flashllm.workers.predictor import (
     PREDICTOR_TYPES, SKETCH_BITS, SKETCH_GROUP, LowRankPredictor, SketchPredictor, lookahead_input_map,
@@ -65,13 +66,16 @@ DENSE_LAYER_MIN_NATS = 0.05
 MAX_DENSE_LAYER_SHARE = 0.125
 
 
-class _RecordingFfn:
+class _RecordingFfn(FfnProvider):
     """Wraps the dense FFN provider and records each layer's input."""
 
     def __init__(self, dense_ffn, num_layers: int):
         self.inner = dense_ffn
         self.stats = dense_ffn.stats
         self.inputs: list[list[torch.Tensor]] = [[] for _ in range(num_layers)]
+
+    def begin_step(self, batch: int, steps: int) -> None:
+        self.inner.begin_step(batch, steps)
 
     def forward(self, layer: int, h: torch.Tensor) -> torch.Tensor:
         self.inputs[layer].append(h.float().cpu())

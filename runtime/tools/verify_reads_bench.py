@@ -24,14 +24,14 @@ PROMPT = "The history of the printing press begins"
 
 
 def measure(store: str, memory: str | None, tokens: int, verify: bool, runtime: str) -> dict:
-    from flashllm.runtime.clients.cli import parse_size
     from flashllm.runtime.core.engine import Engine
+    from flashllm.runtime.core.engine_config import EngineConfig, parse_size
     from flashllm.runtime.core.sampling import SamplingParams
     from flashllm.workers.flash_io.integrity import VERIFY_READS_ENV
 
     os.environ[VERIFY_READS_ENV] = "1" if verify else "0"
-    options = {"memory_budget_bytes": parse_size(memory)} if memory else {}
-    with Engine(store, mode="sparse", runtime=runtime, ffn_options=options) as engine:
+    config = EngineConfig(mode="sparse", runtime=runtime, memory_budget_bytes=parse_size(memory) if memory else None)
+    with Engine(store, config=config) as engine:
         result = engine.generate([PROMPT], SamplingParams(max_tokens=tokens, ignore_eos=True))[0]
     decode = result.token_stats
     return {"verify": verify, "ms_per_token": result.ms_per_token,
