@@ -213,7 +213,8 @@ def _inproc_and_pipeline_runs(store: str, options: dict) -> dict:
     """runtime → (greedy tokens, logits per step, per-token counters) for PROMPTS at batch 1."""
     runs = {}
     for runtime in ("inproc", "workers"):
-        executor = (ModelExecutor(store, open_store(store), "sparse", 1, 128, device="cpu", ffn_options=dict(options))
+        executor = (ModelExecutor(store, open_store(store), "sparse", 1, 128, device="cpu",
+                                  sparse=SparseOptions.from_dict(dict(options)))
                     if runtime == "inproc" else LocalPipelineExecutor(store, 1, 128, dict(options)))
         with Engine(store, mode="sparse", max_batch=1, max_context=128, executor=executor) as engine:
             tokens, logits = _greedy_with_logits(engine, PROMPTS)

@@ -72,6 +72,7 @@ class CacheView:
         on_cpu = torch.device(device).type == "cpu"
         self.rows_copied = 0
         self.matrices = None
+        self.half_rows = False
         if self.layout is not None and on_cpu:
             self.zero_copy = False
             self.matrices = [QuantNeuronMatrix(self.layout, c.capacity_rows, down_scales[layer])
