@@ -19,7 +19,7 @@ and, so that a quantized source's blocks can be kept as they are:
 
 Store names of resident tensors are family-neutral: `embed_tokens`,
 `layers.{i}.q_proj.weight`, `layers.{i}.attn_norm.weight`, `final_norm.weight`,
-`lm_head` ... (see `_llama_resident_names`, `_opt_resident_names`).
+`lm_head` ... (see `llama_resident_names`, `opt_resident_names`).
 """
 from __future__ import annotations
 
@@ -48,7 +48,7 @@ def _unsupported(kind: str, name: str, supported: tuple[str, ...]) -> ConvertErr
 # --------------------------------------------------------------------------- store names
 
 
-def _llama_resident_names(arch: ArchConfig) -> list[str]:
+def llama_resident_names(arch: ArchConfig) -> list[str]:
     names = ["embed_tokens"]
     for i in range(arch.num_hidden_layers):
         p = f"layers.{i}."
@@ -62,7 +62,7 @@ def _llama_resident_names(arch: ArchConfig) -> list[str]:
     return names
 
 
-def _opt_resident_names(arch: ArchConfig, has_projections: bool) -> list[str]:
+def opt_resident_names(arch: ArchConfig, has_projections: bool) -> list[str]:
     names = ["embed_tokens", "embed_positions"]
     for i in range(arch.num_hidden_layers):
         p = f"layers.{i}."
@@ -251,8 +251,8 @@ class HuggingFaceSource:
         return expected_resident_shape(self.arch, store_name, proj_dim)
 
     def resident_specs(self) -> list[tuple[str, tuple[int, ...]]]:
-        names = (_opt_resident_names(self.arch, self._has_projections) if self.model_type == "opt"
-                 else _llama_resident_names(self.arch))
+        names = (opt_resident_names(self.arch, self._has_projections) if self.model_type == "opt"
+                 else llama_resident_names(self.arch))
         if not self.arch.tie_word_embeddings and "lm_head.weight" not in self._file_of:
             raise ConvertError(f"{self.folder}: tie_word_embeddings is false but 'lm_head.weight' is missing")
         return [(name, self._expected_shape(name)) for name in names]
@@ -481,7 +481,7 @@ class GgufSource:
         return f"blk.{layer}.{mapped}.{suffix}"
 
     def resident_specs(self) -> list[tuple[str, tuple[int, ...]]]:
-        return [(name, expected_resident_shape(self.arch, name)) for name in _llama_resident_names(self.arch)]
+        return [(name, expected_resident_shape(self.arch, name)) for name in llama_resident_names(self.arch)]
 
     def load_resident(self, name: str) -> np.ndarray:
         return self._unpermute(name, self._tensor(self._gguf_name(name), expected_resident_shape(self.arch, name)))
