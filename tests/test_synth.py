@@ -146,3 +146,28 @@ def test_synth_dtypes_are_the_store_dtypes_convert_writes():
     from flashllm.runtime.tools.convert.quant_policy import DTYPE_OPTIONS
 
     assert set(SYNTH_DTYPES) == set(DTYPE_OPTIONS) - {"auto"}
+
+
+def test_gguf_holds_the_same_weights_as_the_store(synth_store, tmp_path):
+    from flashllm.runtime.tools.convert.store_writer import convert
+
+    out, gguf = str(tmp_path / "store"), str(tmp_path / "tiny.gguf")
+    assert flashllm(["synth", "--shape", "tiny-llama", "--dtype", "q4_0", "--out", out, "--seed", "7",
+                     "--gguf", gguf, "--quiet"]) == 0
+    with open(gguf, "rb") as f:
+        assert f.read(4) == b"GGUF"
+    # flashllm's own GGUF reader keeps the Q4_0 blocks: the store it converts is the synth store, byte for byte
+    back = convert(gguf, str(tmp_path / "back"), progress=False)
+    with open(os.path.join(synth_store, FFN_FILE), "rb") as a, open(os.path.join(tmp_path, "back", FFN_FILE), "rb") as b:
+        assert a.read() == b.read()
+    assert back.resident_sha256 == read_manifest(synth_store).resident_sha256  # Q/K permuted and unpermuted
+    assert not [name for name in os.listdir(tmp_path) if name.endswith(".partial")]
+
+
+def test_gguf_of_an_opt_shape_is_refused_before_anything_is_written(tmp_path, capsys):
+    out, gguf = tmp_path / "store", tmp_path / "opt.gguf"
+    assert flashllm(["synth", "--shape", "tiny-opt", "--dtype", "float16", "--out", str(out), "--gguf", str(gguf),
+                     "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("flashllm synth: error: --gguf") and "llama-2-7b" in err
+    assert os.listdir(tmp_path) == []

@@ -213,6 +213,16 @@ def estimate_store_bytes(source, plan: StorePlan) -> int:
     return resident + arch.num_hidden_layers * align_up(arch.intermediate_size * plan.bundle_bytes)
 
 
+def check_disk_space(folder: str, need_bytes: int, what: str, option: str) -> None:
+    free_bytes = shutil.disk_usage(folder).free
+    if free_bytes < need_bytes + DISK_SPACE_MARGIN_BYTES:
+        raise ConvertError(
+            f"not enough disk space in {folder}: {what} needs {need_bytes / 2**20:.0f} MiB "
+            f"(+{DISK_SPACE_MARGIN_BYTES >> 20} MiB margin), {free_bytes / 2**20:.0f} MiB free; "
+            f"free some space or choose another {option}"
+        )
+
+
 def _print_to_stderr(line: str) -> None:
     print(line, file=sys.stderr)
 
@@ -241,14 +251,7 @@ def write_store(source, out: str, dtype: str = "auto", force: bool = False, prog
 
     parent = os.path.dirname(out)
     os.makedirs(parent, exist_ok=True)
-    need_bytes = estimate_store_bytes(source, plan)
-    free_bytes = shutil.disk_usage(parent).free
-    if free_bytes < need_bytes + DISK_SPACE_MARGIN_BYTES:
-        raise ConvertError(
-            f"not enough disk space in {parent}: the store needs {need_bytes / 2**20:.0f} MiB "
-            f"(+{DISK_SPACE_MARGIN_BYTES >> 20} MiB margin), {free_bytes / 2**20:.0f} MiB free; "
-            "free some space or choose another --out"
-        )
+    check_disk_space(parent, estimate_store_bytes(source, plan), "the store", "--out")
 
     partial = out + ".partial"
     if os.path.exists(partial):
