@@ -171,3 +171,19 @@ def test_gguf_of_an_opt_shape_is_refused_before_anything_is_written(tmp_path, ca
     err = capsys.readouterr().err
     assert err.startswith("flashllm synth: error: --gguf") and "llama-2-7b" in err
     assert os.listdir(tmp_path) == []
+
+
+def test_a_calibrated_synthetic_store_stays_synthetic_and_runs_sparse(tmp_path, capsys):
+    out = str(tmp_path / "store")
+    assert flashllm(["synth", "--shape", "tiny-llama", "--dtype", "q4_0", "--out", out, "--quiet"]) == 0
+    # --generate-tokens chats with the store: the synthetic tokenizer has a plain chat template for it
+    assert flashllm(["calibrate", "--store", out, "--generate-tokens", "300"]) == 0
+    manifest = read_manifest(out)
+    assert manifest.sparsity is not None and manifest.synthetic is not None
+    capsys.readouterr()
+    assert flashllm(["generate", "--store", out, "--mode", "sparse", "--runtime", "inproc", "--chat", "--max-tokens",
+                     "4", "--ignore-eos", "--json", "hi"]) == 0
+    captured = capsys.readouterr()
+    assert captured.err.count(SYNTHETIC_NOTICE) == 1
+    result = json.loads(captured.out.splitlines()[-1])
+    assert result["mode"] == "sparse" and len(result["tokens"]) == 4

@@ -17,6 +17,10 @@ and, so that a quantized source's blocks can be kept as they are:
     source.load_resident_blocks(name)      (rows, bytes) uint8: the source's blocks (GGUF only)
     source.load_ffn_blocks(layer, part)    the same for an FFN projection
 
+A source may also carry `synthetic` (a SyntheticInfo: random weights, recorded
+in the manifest) and `manifest_source` (the manifest's `source` when it is not
+a path); synthetic_source.py's SyntheticSource does.
+
 Store names of resident tensors are family-neutral: `embed_tokens`,
 `layers.{i}.q_proj.weight`, `layers.{i}.attn_norm.weight`, `final_norm.weight`,
 `lm_head` ... (see `llama_resident_names`, `opt_resident_names`).

@@ -12,6 +12,9 @@ from flashllm.runtime.tools.convert.shapes import SYNTHETIC_BOS_TOKEN_ID, SYNTHE
 from flashllm.runtime.tools.convert.sources import ConvertError
 
 SPECIAL_TOKENS = ("<unk>", "<s>", "</s>")
+# plain role headers, so that `generate --chat` and `calibrate --generate-tokens` run on a synthetic store
+CHAT_TEMPLATE = ("{% for message in messages %}<|{{ message['role'] }}|>\n{{ message['content'] }}\n{% endfor %}"
+                 "{% if add_generation_prompt %}<|assistant|>\n{% endif %}")
 BYTE_TOKENS = 256
 
 
@@ -39,7 +42,7 @@ def byte_tokenizer_json(vocab_size: int) -> str:
 
 def byte_tokenizer_info() -> dict:
     """The TokenizerInfo fields a synthetic store's manifest records."""
-    return {"chat_template": None, "bos_token": SPECIAL_TOKENS[SYNTHETIC_BOS_TOKEN_ID],
+    return {"chat_template": CHAT_TEMPLATE, "bos_token": SPECIAL_TOKENS[SYNTHETIC_BOS_TOKEN_ID],
             "eos_token": SPECIAL_TOKENS[SYNTHETIC_EOS_TOKEN_ID], "add_bos_token": True}
 
 
