@@ -177,7 +177,8 @@ def test_a_calibrated_synthetic_store_stays_synthetic_and_runs_sparse(tmp_path, 
     out = str(tmp_path / "store")
     assert flashllm(["synth", "--shape", "tiny-llama", "--dtype", "q4_0", "--out", out, "--quiet"]) == 0
     # --generate-tokens chats with the store: the synthetic tokenizer has a plain chat template for it
-    assert flashllm(["calibrate", "--store", out, "--generate-tokens", "300"]) == 0
+    assert flashllm(["calibrate", "--store", out, "--generate-tokens", "200", "--tokens", "600", "--dense-layers", "none",
+                     "--quiet"]) == 0
     manifest = read_manifest(out)
     assert manifest.sparsity is not None and manifest.synthetic is not None
     capsys.readouterr()
@@ -187,3 +188,22 @@ def test_a_calibrated_synthetic_store_stays_synthetic_and_runs_sparse(tmp_path, 
     assert captured.err.count(SYNTHETIC_NOTICE) == 1
     result = json.loads(captured.out.splitlines()[-1])
     assert result["mode"] == "sparse" and len(result["tokens"]) == 4
+
+
+@pytest.mark.parametrize("dtype", SYNTH_DTYPES)
+def test_every_store_dtype_verifies(dtype, tmp_path):
+    out = str(tmp_path / dtype)
+    assert flashllm(["synth", "--shape", "tiny-llama", "--dtype", dtype, "--out", out, "--quiet"]) == 0
+    assert flashllm(["verify", "--store", out]) == 0
+    assert read_manifest(out).dtype == dtype
+
+
+def test_the_python_api_names_the_shapes_for_an_unknown_one(tmp_path):
+    from flashllm.runtime.tools.convert.sources import ConvertError
+    from flashllm.runtime.tools.synth import synthesize
+
+    with pytest.raises(ConvertError, match="llama-2-7b, llama-2-13b, mistral-7b, opt-6.7b"):
+        synthesize("gpt-5", str(tmp_path / "store"), "q4_0")
+    with pytest.raises(ConvertError, match="float16, bfloat16, float32, q8_0, q4_0"):
+        synthesize("tiny-llama", str(tmp_path / "store"), "q4_k")
+    assert os.listdir(tmp_path) == []
