@@ -11,8 +11,10 @@ it synthetic so that every run on it says so.
 from __future__ import annotations
 
 from flashllm.protocol.store_format import Manifest
+from flashllm.runtime.tools.convert.quant_policy import DTYPE_OPTIONS
 
-SYNTH_DTYPES = ("float16", "bfloat16", "float32", "q8_0", "q4_0")  # convert's --dtype, less auto (no source kinds)
+# convert's --dtype choices less auto, which follows a source's own kinds (random weights have none)
+SYNTH_DTYPES = tuple(dtype for dtype in DTYPE_OPTIONS if dtype != "auto")
 
 
 def synthesize(shape_name: str, out: str, dtype: str, seed: int = 0, force: bool = False,
