@@ -9,6 +9,9 @@ A store is a directory made once per model by `flashllm convert`:
       tokenizer.json          a `tokenizers` tokenizer
       sparsity.safetensors    predictors and hot-neuron masks (after `calibrate`)
 
+A store written by `flashllm synth` holds random weights and says so in the
+manifest's optional `synthetic` field (stores without it are real models).
+
 ffn.bin layout (every layer region starts on an ALIGNMENT_BYTES boundary, so a
 whole layer can be read with one aligned direct read; inside a region the
 bundles are packed back to back, so any neuron range [a, b) is one contiguous
@@ -222,6 +225,24 @@ class QuantizedTensorInfo:
     shape: list[int]  # [rows, elements]: the matrix's float shape (out features, in features)
 
 
+@dataclass
+class SyntheticInfo:
+    """Written by `flashllm synth`: the weights are seeded random numbers in the shape of a named model."""
+
+    shape: str  # a name in runtime/tools/convert/shapes.py, e.g. "llama-2-7b"
+    seed: int  # the same shape, dtype and seed give the same bytes
+    shape_source: str  # the config the shape was copied from
+
+
+def synthetic_notice(manifest: "Manifest") -> str | None:
+    """The line every run of a synthetic store prints; None for a real model."""
+    if manifest.synthetic is None:
+        return None
+    return (f"flashllm: this store holds random weights in the shape of {manifest.synthetic.shape} "
+            f"(flashllm synth, seed {manifest.synthetic.seed}): its text is meaningless; "
+            "speed, bytes read and memory are real")
+
+
 def bundle_parts_bytes(parts: list[tuple[str, int, str]]) -> int:
     return sum(bytes_per_row(kind, elements) for _, elements, kind in parts)
 
@@ -239,6 +260,7 @@ class Manifest:
     format_version: int = FORMAT_VERSION
     sparsity: SparsityInfo | None = None
     resident_quantized: dict[str, QuantizedTensorInfo] = field(default_factory=dict)
+    synthetic: SyntheticInfo | None = None  # None: weights of a real model (stores without the field)
 
     @property
     def is_quantized(self) -> bool:
@@ -282,6 +304,7 @@ class Manifest:
                 sparsity=SparsityInfo(**sparsity) if sparsity else None,
                 resident_quantized={name: QuantizedTensorInfo(**info)
                                     for name, info in raw.get("resident_quantized", {}).items()},
+                synthetic=SyntheticInfo(**raw["synthetic"]) if raw.get("synthetic") else None,
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise StoreError(f"{where}: manifest field missing or malformed ({exc!r}); re-run `flashllm convert`") from exc

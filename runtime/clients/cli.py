@@ -233,6 +233,7 @@ EXTRA_COMMAND_MODULES = {
     "batch": "flashllm.runtime.clients.batch",
     "bench-serve": "flashllm.runtime.clients.serve_bench",
     "bench-peer": "flashllm.runtime.tools.bench_peer",
+    "synth": "flashllm.runtime.tools.synth",
 }
 
 
@@ -249,9 +250,25 @@ def _extra_commands(argv: list[str] | None):
     return [importlib.import_module(name).register_cli for name in module_names]
 
 
+def print_synthetic_notice(store_dir: str | None) -> None:
+    """Every command run on a `flashllm synth` store says, once, that its weights are random."""
+    from flashllm.protocol.store_format import StoreError, read_manifest, synthetic_notice
+
+    if not store_dir:
+        return
+    try:
+        notice = synthetic_notice(read_manifest(store_dir))
+    except StoreError:
+        return  # the command itself reports what is wrong with the store
+    if notice:
+        print(notice, file=sys.stderr)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser(argv).parse_args(argv)
     try:
+        if args.command not in ("convert", "synth"):  # those write a store; the others run one
+            print_synthetic_notice(getattr(args, "store", None))
         return args.func(args)
     except _user_errors() as exc:
         print(f"flashllm {args.command}: error: {exc}", file=sys.stderr)

@@ -17,9 +17,13 @@ and, so that a quantized source's blocks can be kept as they are:
     source.load_resident_blocks(name)      (rows, bytes) uint8: the source's blocks (GGUF only)
     source.load_ffn_blocks(layer, part)    the same for an FFN projection
 
+A source may also carry `synthetic` (a SyntheticInfo: random weights, recorded
+in the manifest) and `manifest_source` (the manifest's `source` when it is not
+a path); synthetic_source.py's SyntheticSource does.
+
 Store names of resident tensors are family-neutral: `embed_tokens`,
 `layers.{i}.q_proj.weight`, `layers.{i}.attn_norm.weight`, `final_norm.weight`,
-`lm_head` ... (see `_llama_resident_names`, `_opt_resident_names`).
+`lm_head` ... (see `llama_resident_names`, `opt_resident_names`).
 """
 from __future__ import annotations
 
@@ -48,7 +52,7 @@ def _unsupported(kind: str, name: str, supported: tuple[str, ...]) -> ConvertErr
 # --------------------------------------------------------------------------- store names
 
 
-def _llama_resident_names(arch: ArchConfig) -> list[str]:
+def llama_resident_names(arch: ArchConfig) -> list[str]:
     names = ["embed_tokens"]
     for i in range(arch.num_hidden_layers):
         p = f"layers.{i}."
@@ -62,7 +66,7 @@ def _llama_resident_names(arch: ArchConfig) -> list[str]:
     return names
 
 
-def _opt_resident_names(arch: ArchConfig, has_projections: bool) -> list[str]:
+def opt_resident_names(arch: ArchConfig, has_projections: bool) -> list[str]:
     names = ["embed_tokens", "embed_positions"]
     for i in range(arch.num_hidden_layers):
         p = f"layers.{i}."
@@ -251,8 +255,8 @@ class HuggingFaceSource:
         return expected_resident_shape(self.arch, store_name, proj_dim)
 
     def resident_specs(self) -> list[tuple[str, tuple[int, ...]]]:
-        names = (_opt_resident_names(self.arch, self._has_projections) if self.model_type == "opt"
-                 else _llama_resident_names(self.arch))
+        names = (opt_resident_names(self.arch, self._has_projections) if self.model_type == "opt"
+                 else llama_resident_names(self.arch))
         if not self.arch.tie_word_embeddings and "lm_head.weight" not in self._file_of:
             raise ConvertError(f"{self.folder}: tie_word_embeddings is false but 'lm_head.weight' is missing")
         return [(name, self._expected_shape(name)) for name in names]
@@ -362,6 +366,18 @@ def _reverse_rope_permutation(weights: np.ndarray, n_head: int) -> np.ndarray:
     return weights.reshape(n_head, half, 2, *weights.shape[1:]).swapaxes(1, 2).reshape(weights.shape)
 
 
+def gguf_tensor_name(store_name: str) -> str:
+    """llama.cpp's name of a llama-architecture resident tensor (`blk.0.attn_q.weight` for `layers.0.q_proj.weight`)."""
+    table = {"embed_tokens": "token_embd.weight", "final_norm.weight": "output_norm.weight", "lm_head": "output.weight"}
+    if store_name in table:
+        return table[store_name]
+    _, layer, rest = store_name.split(".", 2)
+    base, _, suffix = rest.partition(".")
+    mapped = {"attn_norm": "attn_norm", "q_proj": "attn_q", "k_proj": "attn_k", "v_proj": "attn_v",
+              "o_proj": "attn_output", "ffn_norm": "ffn_norm"}[base]
+    return f"blk.{layer}.{mapped}.{suffix}"
+
+
 class GgufSource:
     """A GGUF file of llama architecture; quantized tensors are dequantized to float32."""
 
@@ -457,34 +473,24 @@ class GgufSource:
         return array
 
     def resident_kind(self, name: str) -> str:
-        return self._kind(self._gguf_name(name))
+        return self._kind(gguf_tensor_name(name))
 
     def ffn_kind(self, layer: int, part: str) -> str:
         return self._kind(f"blk.{layer}.ffn_{part}.weight")
 
     def load_resident_blocks(self, name: str) -> np.ndarray:
         rows = expected_resident_shape(self.arch, name)[0]
-        return np.ascontiguousarray(self._unpermute(name, self._blocks(self._gguf_name(name), rows)))
+        return np.ascontiguousarray(self._unpermute(name, self._blocks(gguf_tensor_name(name), rows)))
 
     def load_ffn_blocks(self, layer: int, part: str) -> np.ndarray:
         rows = self.arch.hidden_size if part == "down" else self.arch.intermediate_size
         return self._blocks(f"blk.{layer}.ffn_{part}.weight", rows)
 
-    def _gguf_name(self, store_name: str) -> str:
-        table = {"embed_tokens": "token_embd.weight", "final_norm.weight": "output_norm.weight", "lm_head": "output.weight"}
-        if store_name in table:
-            return table[store_name]
-        _, layer, rest = store_name.split(".", 2)
-        base, _, suffix = rest.partition(".")
-        mapped = {"attn_norm": "attn_norm", "q_proj": "attn_q", "k_proj": "attn_k", "v_proj": "attn_v",
-                  "o_proj": "attn_output", "ffn_norm": "ffn_norm"}[base]
-        return f"blk.{layer}.{mapped}.{suffix}"
-
     def resident_specs(self) -> list[tuple[str, tuple[int, ...]]]:
-        return [(name, expected_resident_shape(self.arch, name)) for name in _llama_resident_names(self.arch)]
+        return [(name, expected_resident_shape(self.arch, name)) for name in llama_resident_names(self.arch)]
 
     def load_resident(self, name: str) -> np.ndarray:
-        return self._unpermute(name, self._tensor(self._gguf_name(name), expected_resident_shape(self.arch, name)))
+        return self._unpermute(name, self._tensor(gguf_tensor_name(name), expected_resident_shape(self.arch, name)))
 
     def load_ffn_part(self, layer: int, part: str) -> np.ndarray:
         d, n_ff = self.arch.hidden_size, self.arch.intermediate_size

@@ -213,30 +213,45 @@ def estimate_store_bytes(source, plan: StorePlan) -> int:
     return resident + arch.num_hidden_layers * align_up(arch.intermediate_size * plan.bundle_bytes)
 
 
+def check_disk_space(folder: str, need_bytes: int, what: str, option: str) -> None:
+    free_bytes = shutil.disk_usage(folder).free
+    if free_bytes < need_bytes + DISK_SPACE_MARGIN_BYTES:
+        raise ConvertError(
+            f"not enough disk space in {folder}: {what} needs {need_bytes / 2**20:.0f} MiB "
+            f"(+{DISK_SPACE_MARGIN_BYTES >> 20} MiB margin), {free_bytes / 2**20:.0f} MiB free; "
+            f"free some space or choose another {option}"
+        )
+
+
 def _print_to_stderr(line: str) -> None:
     print(line, file=sys.stderr)
 
 
 def convert(src: str, out: str, dtype: str = "auto", force: bool = False, progress: bool = True,
             log: Callable[[str], None] = _print_to_stderr) -> Manifest:
-    """Write the store of `src` into `out`; `log` gets one line per conversion that is not exact."""
+    """Write the store of the checkpoint or GGUF file `src` into `out`; `log` gets one line per
+    conversion that is not exact."""
     check_dtype_option(dtype)
-    out = os.path.abspath(out)
+    _check_out_free(os.path.abspath(out), force)
+    return write_store(open_source(src), out, dtype=dtype, force=force, progress=progress, log=log)
+
+
+def _check_out_free(out: str, force: bool) -> None:
     if os.path.exists(out) and not force:
         raise ConvertError(f"{out} already exists; pass --force to replace it")
-    source = open_source(src)
+
+
+def write_store(source, out: str, dtype: str = "auto", force: bool = False, progress: bool = True,
+                log: Callable[[str], None] = _print_to_stderr, progress_label: str = "convert") -> Manifest:
+    """Write the store of a model source (sources.py's interface) into `out`, through `out.partial`."""
+    check_dtype_option(dtype)
+    out = os.path.abspath(out)
+    _check_out_free(out, force)
     plan = plan_store(source, dtype)
 
     parent = os.path.dirname(out)
     os.makedirs(parent, exist_ok=True)
-    need_bytes = estimate_store_bytes(source, plan)
-    free_bytes = shutil.disk_usage(parent).free
-    if free_bytes < need_bytes + DISK_SPACE_MARGIN_BYTES:
-        raise ConvertError(
-            f"not enough disk space in {parent}: the store needs {need_bytes / 2**20:.0f} MiB "
-            f"(+{DISK_SPACE_MARGIN_BYTES >> 20} MiB margin), {free_bytes / 2**20:.0f} MiB free; "
-            "free some space or choose another --out"
-        )
+    check_disk_space(parent, estimate_store_bytes(source, plan), "the store", "--out")
 
     partial = out + ".partial"
     if os.path.exists(partial):
@@ -244,7 +259,7 @@ def convert(src: str, out: str, dtype: str = "auto", force: bool = False, progre
     os.makedirs(partial)
     try:
         report = ReblockReport()
-        manifest = _write_store(source, partial, plan, report, progress)
+        manifest = _write_store(source, partial, plan, report, progress, progress_label)
         if os.path.exists(out):
             shutil.rmtree(out)
         os.rename(partial, out)
@@ -256,9 +271,10 @@ def convert(src: str, out: str, dtype: str = "auto", force: bool = False, progre
     return manifest
 
 
-def _write_store(source, store_dir: str, plan: StorePlan, report: ReblockReport, progress: bool) -> Manifest:
+def _write_store(source, store_dir: str, plan: StorePlan, report: ReblockReport, progress: bool,
+                 progress_label: str) -> Manifest:
     arch = source.arch
-    bar = tqdm(total=arch.num_hidden_layers + len(plan.resident), desc="convert", unit="tensor",
+    bar = tqdm(total=arch.num_hidden_layers + len(plan.resident), desc=progress_label, unit="tensor",
                disable=not progress, file=sys.stderr)
     regions: list[FfnLayerRegion] = []
     digests: list = []  # per layer: (n_ff,) bundle checksums, checked by the reader on every read
@@ -313,9 +329,17 @@ def _write_store(source, store_dir: str, plan: StorePlan, report: ReblockReport,
         resident_file=RESIDENT_FILE,
         resident_sha256=writer.checksums,
         tokenizer=TokenizerInfo(file=TOKENIZER_FILE, **tok_info),
-        source=os.path.abspath(getattr(source, "path", getattr(source, "folder", ""))),
+        source=_source_description(source),
         resident_quantized={t.name: QuantizedTensorInfo(kind=t.kind, shape=list(t.shape))
                             for t in plan.resident if qf.is_quantized(t.kind)},
+        synthetic=getattr(source, "synthetic", None),
     )
     write_manifest(store_dir, manifest)
     return manifest
+
+
+def _source_description(source) -> str:
+    """The manifest's `source`: the checkpoint's path, or how a synthetic store was made."""
+    if getattr(source, "manifest_source", None):
+        return source.manifest_source
+    return os.path.abspath(getattr(source, "path", getattr(source, "folder", "")))
