@@ -79,7 +79,7 @@ def check_fits_on_device(store_dir: str, manifest: Manifest, mode: str, num_slot
         return
     dtype = compute_dtype(device)
     needed = device_bytes_needed(store_dir, manifest, mode, num_slots, max_context, dtype,
-                                 resident_dtype_of(resident_dtype, dtype), capacity_rows)
+                                 resident_dtype_of(resident_dtype, dtype, manifest.ffn.dtype), capacity_rows)
     check_device_memory(needed, torch.cuda.mem_get_info(device)[0], device, mode)
 
 
@@ -137,7 +137,7 @@ class ModelExecutor(Executor):
         self.device = device or default_device()
         self.dtype = compute_dtype(self.device)
         # matrices may be held narrower than they are computed in (half the resident bytes)
-        self.resident_dtype = resident_dtype_of(resident_dtype, self.dtype)
+        self.resident_dtype = resident_dtype_of(resident_dtype, self.dtype, manifest.ffn.dtype)
         if ffn is None:  # (a caller passing its FFN checked before making it)
             check_fits_on_device(store_dir, manifest, mode, num_slots, max_context, self.device, resident_dtype,
                                  sparse.capacity_rows if sparse is not None else None)

@@ -19,8 +19,9 @@ import torch
 from flashllm.protocol.store_format import FfnLayout, Manifest
 from flashllm.workers.flash_io.bundle_reader import BundleReader
 from flashllm.workers.interfaces import FfnProvider
-from flashllm.workers.models.ffn import BundleColumns, ffn_from_rows
+from flashllm.workers.models.ffn import BundleColumns, HalfRows, ffn_from_rows
 from flashllm.workers.models.quant_ffn import QuantNeuronMatrix, QuantRows, down_kernel_scales_of, quant_rows_of
+from flashllm.workers.models.resident import HALF_STORE_DTYPES
 from flashllm.workers.store_reader import bundle_rows_as_float, layer_table, load_down_group_scales
 
 
@@ -60,11 +61,16 @@ def rows_to_tensor(rows: np.ndarray, dtype: torch.dtype, device: str, copy: bool
 
 
 def held_rows(rows: np.ndarray, layout: FfnLayout, dtype: torch.dtype, device: str, copy: bool = False,
-              down_scales: np.ndarray | None = None, neuron_ids: np.ndarray | None = None) -> torch.Tensor | QuantRows:
-    """Bundle rows as read → what ffn_from_rows multiplies. A float store's rows become a compute tensor; a
-    quantized store's stay quantized on the CPU, in the integer kernels' layouts (never a float copy of
+              down_scales: np.ndarray | None = None, neuron_ids: np.ndarray | None = None
+              ) -> torch.Tensor | QuantRows | HalfRows:
+    """Bundle rows as read → what ffn_from_rows multiplies. A float16/bfloat16 store's rows stay half on the
+    CPU (HalfRows, widened a chunk at a time as they are multiplied), other float rows become a compute
+    tensor; a quantized store's stay quantized on the CPU, in the integer kernels' layouts (never a float copy of
     them), and are dequantized to the compute dtype for a GPU. A quantized store's down columns also take
     their layer's scale table (d, n_ff/32, c) and the rows' neuron ids (k,)."""
+    if not layout.is_quantized and layout.dtype in HALF_STORE_DTYPES and torch.device(device).type == "cpu" \
+            and dtype == torch.float32:  # kept half, widened a chunk at a time as they are multiplied
+        return HalfRows(rows.copy() if copy else rows, dtype)
     if not layout.is_quantized:  # (a bfloat16 store's rows are uint16 bits: decoded first)
         return rows_to_tensor(bundle_rows_as_float(layout, rows), dtype, device, copy)
     if torch.device(device).type == "cpu":

@@ -217,7 +217,7 @@ class Engine:
         itemsize = torch.finfo(dtype).bits // 8
         # on a GPU the caches hold rows as stored (a float32 store's take twice the compute dtype's bytes)
         cache_itemsize = neuron_cache_dtype(self.manifest.ffn.dtype, device).itemsize
-        resident_itemsize = torch.finfo(resident_dtype_of(config.resident_dtype, dtype)).bits // 8
+        resident_itemsize = torch.finfo(resident_dtype_of(config.resident_dtype, dtype, self.manifest.ffn.dtype)).bits // 8
         arch = self.arch
         kv_bytes = KVCache.bytes_needed(arch.num_hidden_layers, config.max_batch, arch.num_key_value_heads,
                                         self.max_context, arch.head_dim, itemsize)

@@ -22,6 +22,7 @@ from flashllm.protocol.shm import CHUNK_SLOTS
 from flashllm.protocol.store_format import DTYPE_ITEMSIZE, FfnLayout, Manifest
 from flashllm.workers.ffn_providers import NAIVE_LAYERS_IN_FLIGHT
 from flashllm.workers.models.ffn import HALF_ROWS_CHUNK
+from flashllm.workers.models.resident import HALF_STORE_DTYPES
 from flashllm.workers.flash_io.bundle_reader import largest_chunk_rows, largest_span_bytes, neuron_read_staging_bytes
 from flashllm.workers.models.quant_ffn import QuantNeuronMatrix
 
@@ -69,6 +70,8 @@ def held_rows_bytes(layout: FfnLayout, rows: int, compute_itemsize: int, device:
     whole_layer: the rows are a whole layer in neuron order (dense, naive)."""
     if layout.is_quantized and device == "cpu":
         return QuantNeuronMatrix.bytes_for(layout, rows, whole_layer)
+    if device == "cpu" and layout.dtype in HALF_STORE_DTYPES:  # held half (HalfRows)
+        return rows * layout.bundle_elements * min(compute_itemsize, HALF_ITEMSIZE)
     return rows * layout.bundle_elements * compute_itemsize
 
 

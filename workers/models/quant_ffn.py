@@ -74,10 +74,11 @@ def down_kernel_scales_of(table: np.ndarray) -> torch.Tensor:
 _thread_scratch = threading.local()
 
 
-def _scratch(name: str, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+def scratch_buffer(name: str, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
     """A buffer of this thread's, reused from call to call: a naive step converts every layer, and fresh
     temporaries of a few hundred KiB were mmap'd and faulted in each time (malloc_tuning fixes glibc's mmap
-    threshold at 128 KiB), which measured ~75 ms of a 160 ms token."""
+    threshold at 128 KiB), which measured ~75 ms of a 160 ms token. Its contents are the caller's until the
+    same thread asks for `name` again."""
     buffers = _thread_scratch.__dict__.setdefault("buffers", {})
     buffer = buffers.get(name)
     if buffer is None or buffer.shape != shape or buffer.dtype != dtype:
@@ -88,8 +89,8 @@ def _scratch(name: str, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Ten
 def _pair_nibbles(lower: torch.Tensor, upper: torch.Tensor, low_out: torch.Tensor, high_out: torch.Tensor) -> None:
     """Bytes of two rows, each holding two 4-bit values → low_out = their low nibbles paired (lower's in the
     low nibble), high_out = their high nibbles paired; through scratch buffers, no temporaries."""
-    a = _scratch("nibbles_a", tuple(lower.shape), torch.uint8)
-    b = _scratch("nibbles_b", tuple(lower.shape), torch.uint8)
+    a = scratch_buffer("nibbles_a", tuple(lower.shape), torch.uint8)
+    b = scratch_buffer("nibbles_b", tuple(lower.shape), torch.uint8)
     torch.bitwise_or(torch.bitwise_and(lower, 15, out=a), torch.bitwise_left_shift(upper, 4, out=b), out=low_out)
     torch.bitwise_or(torch.bitwise_right_shift(lower, 4, out=a), torch.bitwise_and(upper, 0xF0, out=b), out=high_out)
 
@@ -235,7 +236,7 @@ class QuantNeuronMatrix:
         # j + 32 of one neuron in one byte: (T, K, 32) bytes of W (d, K), one pass
         tiles_count = self.d // INT4_TILE_ROWS
         columns = torch.from_numpy(values).reshape(k, tiles_count, 2, 16)  # (k, T, half, 16)
-        gathered = _scratch("down_tiles", (2, tiles_count, k, 16), torch.uint8)
+        gathered = scratch_buffer("down_tiles", (2, tiles_count, k, 16), torch.uint8)
         lower, upper = gathered.copy_(columns.permute(2, 1, 0, 3))  # (T, k, 16) each: rows 2i, 2i+1 | +32
         tiles = self.down_packed.view(-1, self.capacity, 16, 2)[:, :k]  # (T, k, 16, 2); unused slots: zero scales
         _pair_nibbles(lower, upper, tiles[..., 0], tiles[..., 1])  # rows 2i | 32 + 2i, and 2i + 1 | 32 + 2i + 1
@@ -250,7 +251,7 @@ class QuantNeuronMatrix:
         raw = blocks.raw.reshape(k, groups, -1)  # (k, G, block bytes)
         qs = raw[..., -16:].reshape(tiles_count, 2, 32, groups, 16)  # (T, half, n%32, G, 16)
         # one gather into the tiles' order first: byte-wide ops over contiguous memory are 3x faster
-        gathered = _scratch("tiles", (2, tiles_count, groups, 16, 32), torch.uint8)
+        gathered = scratch_buffer("tiles", (2, tiles_count, groups, 16, 32), torch.uint8)
         lower, upper = gathered.copy_(qs.permute(1, 0, 3, 4, 2))  # (T, G, 16, 32) each: rows n and n + 32
         tiles = self.packed[first:first + k].view(tiles_count, groups, 2, 16, 32)  # (T, G, 2, 16, 32)
         _pair_nibbles(lower, upper, tiles[:, :, 0], tiles[:, :, 1])  # weights 0..15, 16..31 of each block
@@ -261,9 +262,9 @@ class QuantNeuronMatrix:
         A q4_1 block's (d, m) is one 32-bit word, and so is a bfloat16 (scale, zero) pair: moved as words,
         the strided gather and the transposed write are 7x faster than as halves."""
         k, groups = len(blocks.raw), self.d // BLOCK_WEIGHTS
-        scale_zero = _scratch("scale_zero", (k, groups, 2), torch.float32)
+        scale_zero = scratch_buffer("scale_zero", (k, groups, 2), torch.float32)
         if blocks.kind == "q4_1" and blocks.raw.stride(0) % 4 == 0 and blocks.raw.storage_offset() % 4 == 0:
-            words = _scratch("scale_words", (k, groups), torch.int32)
+            words = scratch_buffer("scale_words", (k, groups), torch.int32)
             words.copy_(blocks.raw.view(torch.int32).view(k, groups, 5)[..., 0])  # (k, G): d | m
             scale_zero.copy_(words.view(torch.float16).view(k, groups, 2))
         else:
@@ -273,7 +274,7 @@ class QuantNeuronMatrix:
             scale_zero[..., 1].add_(scale_zero[..., 0], alpha=8)
         else:
             scale_zero[..., 1] = 0
-        pairs = _scratch("scale_pairs", (k, groups, 2), torch.bfloat16).copy_(scale_zero)
+        pairs = scratch_buffer("scale_pairs", (k, groups, 2), torch.bfloat16).copy_(scale_zero)
         rows = self.scales_zeros.shape[1]
         self.scales_zeros.view(torch.int32).view(groups, rows)[:, first:first + k].copy_(
             pairs.view(torch.int32).view(k, groups).T)

@@ -33,14 +33,17 @@ EMBEDDING_NAME = "embed_tokens"
 HEAD_NAME = "lm_head"
 EXACT_TOP_OUTPUTS = 32  # a head's largest logits per row recomputed from the stored rows (StoreBackedMatrix)
 RESIDENT_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+HALF_STORE_DTYPES = ("float16", "bfloat16")
 HALF_PRODUCT_MAX_ROWS = 8  # at most this many input rows multiply in the storage dtype
 UPCAST_CHUNK_ROWS = 8192  # output rows of a matrix upcast at a time (8192 × 576 float32 = 18.9 MB)
 
 
-def resident_dtype_of(name: str | None, compute_dtype: torch.dtype) -> torch.dtype:
-    """'float16' → torch.float16; None → compute_dtype. Raises ValueError naming the choices."""
+def resident_dtype_of(name: str | None, compute_dtype: torch.dtype, store_dtype: str | None = None) -> torch.dtype:
+    """'float16' → torch.float16; None → the store's precision when it is half (a float16/bfloat16 store's
+    matrices stay as stored, multiplied as `linear` says), else compute_dtype. Raises ValueError naming the
+    choices."""
     if name is None:
-        return compute_dtype
+        return RESIDENT_DTYPES.get(store_dtype, compute_dtype) if store_dtype in HALF_STORE_DTYPES else compute_dtype
     if name not in RESIDENT_DTYPES:
         raise ValueError(f"--resident-dtype {name!r} is not one of {', '.join(RESIDENT_DTYPES)}")
     return RESIDENT_DTYPES[name]
