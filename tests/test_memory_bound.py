@@ -53,6 +53,7 @@ def test_a_cap_without_a_cgroup_is_refused():
 
 
 @pytest.mark.skipif(NO_CGROUP is not None, reason=f"no writable memory cgroup: {NO_CGROUP}")
+@pytest.mark.slow
 @pytest.mark.parametrize("runtime", ["inproc", "workers"])
 def test_generate_stays_within_the_memory_bound(calibrated_stores, runtime):
     store = calibrated_stores("llama")
@@ -75,6 +76,7 @@ def test_too_small_budget_names_every_knob_with_what_it_saves(calibrated_stores)
     assert message.count("MiB") >= 8  # each knob says how much it saves
 
 
+@pytest.mark.slow
 def test_auto_mode_picks_dense_then_sparse_then_naive_by_budget(calibrated_stores, demo_store):
     from flashllm.runtime.core.engine import Engine
     from flashllm.runtime.core.memory_plan import MemoryPlanError, plan_for_store

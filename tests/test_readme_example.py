@@ -13,6 +13,7 @@ def readme_python_example() -> str:
     return blocks[0]
 
 
+@pytest.mark.slow
 def test_the_readmes_python_example_answers_from_the_store(demo_store):
     code = readme_python_example()
     assert '"stores/smollm2"' in code  # the quick start's store
