@@ -122,6 +122,16 @@ def tiny_stores(tiny_models, tmp_path_factory):
     return get
 
 
+# CPython's LICENSE.txt, copied verbatim: English prose the tiny tokenizer has not seen, long enough for
+# calibrate's max_tokens and shipped with the tests so that every machine calibrates on the same text
+CALIBRATION_TEXT_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "calibration_text.txt")
+
+
+def calibration_text() -> str:
+    with open(CALIBRATION_TEXT_PATH, encoding="utf-8") as f:
+        return f.read()
+
+
 def calibrated_copies(tiny_stores, tmp_path_factory, text: str, **calibrate_options):
     """kind → a calibrated copy of the tiny store (calibrate writes into the store), made once per kind."""
     import shutil
@@ -139,6 +149,13 @@ def calibrated_copies(tiny_stores, tmp_path_factory, text: str, **calibrate_opti
         return cache[kind]
 
     return get
+
+
+@pytest.fixture(scope="session")
+def calibrated_stores(tiny_stores, tmp_path_factory):
+    """kind → the tiny store calibrated on calibration_text(), once per session and shared by every test file:
+    a test that writes into a store (calibrate, corrupt, delete) copies it first."""
+    return calibrated_copies(tiny_stores, tmp_path_factory, calibration_text(), max_tokens=3000, epochs=4)
 
 
 def tight_budget(store: str, keep_fraction: float, spare_rows: int, itemsize: int | None = None,

@@ -26,6 +26,8 @@ from daemon_process import TEST_ENV, descendants  # noqa: E402
 from flashllm.runtime.clients.batch import read_done_keys  # noqa: E402
 from flashllm.runtime.clients.cli import main as cli_main  # noqa: E402
 
+pytestmark = pytest.mark.slow  # a two-node Ray cluster and the demo model: minutes, not seconds
+
 PROMPTS = 40
 NODE_OBJECT_STORE_BYTES = 100 * 2**20  # the smallest Ray takes comfortably; the prompts and lines are tiny
 

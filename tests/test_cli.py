@@ -1,16 +1,18 @@
-"""The `flashllm` command as a user runs it: a subprocess, its stdout, stderr and exit code.
+"""The `flashllm` command as a user runs it: its stdout, stderr and exit code.
 
 convert → verify → generate (streamed text, or one JSON object per prompt) →
 eval, on a tiny llama; and the user errors, which print
-"flashllm <cmd>: error: ..." and exit 2 without a traceback.
+"flashllm <cmd>: error: ..." and exit 2 without a traceback. The commands run
+through `main(argv)` in this process (tests/cli_run.py); one test runs the
+installed `flashllm` console script as a subprocess.
 """
 from __future__ import annotations
 
 import json
 import math
 import os
+import shutil
 import subprocess
-import sys
 from importlib.metadata import entry_points
 
 import pytest
@@ -18,16 +20,10 @@ import pytest
 from flashllm.protocol.store_format import read_manifest
 from flashllm.runtime.core.engine import Engine
 from flashllm.runtime.core.sampling import SamplingParams
+from tests.cli_run import CliRun, run_flashllm as flashllm
 
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PROMPTS = ["The quick brown fox", "Paris is the capital of"]
 MAX_TOKENS = 6
-
-
-def flashllm(*args: str, timeout_s: float = 300) -> subprocess.CompletedProcess:
-    """Run `flashllm ARGS...` the way the console script does (flashllm.runtime.clients.cli:main) and capture everything."""
-    return subprocess.run([sys.executable, "-m", "flashllm.runtime.clients.cli", *args], cwd=REPO_ROOT, capture_output=True,
-                          text=True, timeout=timeout_s)
 
 
 @pytest.fixture(scope="module")
@@ -51,6 +47,23 @@ def _json_lines(stdout: str) -> list[dict]:
 def test_flashllm_is_the_installed_console_script():
     [script] = [ep for ep in entry_points(group="console_scripts") if ep.name == "flashllm"]
     assert script.value == "flashllm.runtime.clients.cli:main"
+
+
+def test_the_installed_command_generates_and_refuses_a_missing_store_without_a_traceback(store, tmp_path):
+    """The smoke test of the real console script in its own process; every other test here runs main(argv)."""
+    command = shutil.which("flashllm")
+    assert command, "the flashllm console script is not on PATH: pip install -e ."
+    missing = str(tmp_path / "no-such-store")
+    good = subprocess.run([command, "generate", "--store", store, "--json", "--max-tokens", str(MAX_TOKENS),
+                           "--ignore-eos", PROMPTS[0]], capture_output=True, text=True, timeout=300)
+    assert good.returncode == 0, good.stderr
+    [obj] = _json_lines(good.stdout)
+    assert obj["prompt"] == PROMPTS[0] and len(obj["tokens"]) == MAX_TOKENS
+    assert obj["tokens"] == _json_lines(flashllm("generate", "--store", store, "--json", "--max-tokens",
+                                                 str(MAX_TOKENS), "--ignore-eos", PROMPTS[0]).stdout)[0]["tokens"]
+    bad = subprocess.run([command, "generate", "--store", missing, "hello"], capture_output=True, text=True,
+                         timeout=300)
+    _assert_user_error(bad, "generate", missing, "flashllm convert")
 
 
 def test_convert_writes_a_store_that_verifies(converted):
@@ -138,7 +151,7 @@ def test_eval_json_reports_perplexity_and_tokens(store, tmp_path):
     assert obj["perplexity"] == pytest.approx(ppl, rel=1e-6)
 
 
-def _assert_user_error(result: subprocess.CompletedProcess, command: str, *fragments: str) -> None:
+def _assert_user_error(result: CliRun | subprocess.CompletedProcess, command: str, *fragments: str) -> None:
     assert result.returncode == 2, (result.returncode, result.stderr)
     assert result.stderr.startswith(f"flashllm {command}: error: "), result.stderr
     assert "Traceback" not in result.stderr

@@ -126,6 +126,7 @@ def assert_still_serves(daemon) -> None:
 # ---------------------------------------------------------------------- answers
 
 
+@pytest.mark.slow
 def test_chat_answers_paris_over_the_unix_socket_and_loopback_tcp(http_daemon):
     for over, client in sync_clients(http_daemon).items():
         answer = client.chat.completions.create(model=MODEL, messages=QUESTION, max_tokens=12, temperature=0)
@@ -133,6 +134,7 @@ def test_chat_answers_paris_over_the_unix_socket_and_loopback_tcp(http_daemon):
         assert answer.choices[0].finish_reason in ("stop", "length") and answer.model == MODEL
 
 
+@pytest.mark.slow
 async def test_async_client_streams_what_it_gets_unstreamed_at_temperature_0(http_daemon):
     for over in ("unix", "tcp"):
         async with async_client(http_daemon, over) as client:
@@ -148,6 +150,7 @@ async def test_async_client_streams_what_it_gets_unstreamed_at_temperature_0(htt
         assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == whole.choices[0].finish_reason
 
 
+@pytest.mark.slow
 def test_sync_completion_stream_equals_the_unstreamed_text_and_usage_counts_the_tokenizer(http_daemon, tokenizer):
     client = sync_clients(http_daemon)["unix"]
     prompt = "The capital of France is"
@@ -166,6 +169,7 @@ def test_sync_completion_stream_equals_the_unstreamed_text_and_usage_counts_the_
     assert chat.usage.completion_tokens == 3
 
 
+@pytest.mark.slow
 def test_a_prompt_list_gets_one_choice_per_prompt(http_daemon):
     client = sync_clients(http_daemon)["tcp"]
     both = client.completions.create(model=MODEL, prompt=PROMPTS[:2], max_tokens=3, temperature=0)
@@ -175,6 +179,7 @@ def test_a_prompt_list_gets_one_choice_per_prompt(http_daemon):
     assert both.usage.completion_tokens == 6
 
 
+@pytest.mark.slow
 async def test_sixteen_concurrent_streaming_clients_get_their_single_outputs(http_daemon):
     distinct = PROMPTS[:4]
     prompts = distinct * 4  # 16 clients, each prompt's single run done once
@@ -191,6 +196,7 @@ async def test_sixteen_concurrent_streaming_clients_get_their_single_outputs(htt
     assert together == [alone[p] for p in prompts]
 
 
+@pytest.mark.slow
 def test_models_lists_the_store_with_its_metadata(http_daemon):
     client = sync_clients(http_daemon)["unix"]
     models = client.models.list().data
@@ -200,10 +206,12 @@ def test_models_lists_the_store_with_its_metadata(http_daemon):
     assert card["flashllm"]["max_batch"] == 8 and card["max_model_len"] == card["flashllm"]["max_context"]
 
 
+@pytest.mark.slow
 def test_health_says_503_while_the_model_loads_then_200(http_daemon):
     assert http_daemon.health_while_starting == [(503, {"status": "loading"}), (200, {"status": "ok"})]
 
 
+@pytest.mark.slow
 def test_health_needs_no_key_and_the_unix_socket_is_for_owner_and_group(http_daemon):
     with httpx2.Client(base_url=f"http://127.0.0.1:{http_daemon.http_port}") as client:
         assert client.get("/health").json() == {"status": "ok"}
@@ -215,6 +223,7 @@ def test_health_needs_no_key_and_the_unix_socket_is_for_owner_and_group(http_dae
 # ---------------------------------------------------------------------- errors
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("fields, param, words", [
     ({"n": 2}, "n", "n=2 is not supported"),
     ({"frequency_penalty": 0.5}, "frequency_penalty", "only frequency_penalty=0"),
@@ -231,6 +240,7 @@ def test_unsupported_or_bad_fields_get_a_400_naming_the_field(http_daemon, field
     assert error["param"] == param and words in error["message"]
 
 
+@pytest.mark.slow
 def test_bad_requests_get_openai_errors_and_the_daemon_carries_on(http_daemon):
     good = {"model": MODEL, "prompt": "hi", "max_tokens": 1}
     with raw_client(http_daemon) as client:
@@ -271,6 +281,7 @@ def test_refusing_to_listen_beyond_loopback_without_a_key(tiny_stores, tmp_path,
 # ---------------------------------------------------------------------- metrics and vanishing clients
 
 
+@pytest.mark.slow
 def test_metrics_parse_and_move_by_what_a_request_did(http_daemon, tokenizer):
     prompt = "Flash memory is"
     before = scrape(http_daemon)
@@ -295,6 +306,7 @@ def test_metrics_parse_and_move_by_what_a_request_did(http_daemon, tokenizer):
         assert (gauge, ()) in after
 
 
+@pytest.mark.slow
 def test_a_client_dropping_mid_stream_frees_its_slot(http_daemon):
     before = scrape(http_daemon)
     with raw_client(http_daemon) as client:
@@ -315,6 +327,7 @@ def test_a_client_dropping_mid_stream_frees_its_slot(http_daemon):
     assert_still_serves(http_daemon)
 
 
+@pytest.mark.slow
 def test_a_client_giving_up_on_a_plain_response_frees_its_slot(http_daemon):
     before = scrape(http_daemon)
     request = {"model": MODEL, "prompt": "Once upon a time", "max_tokens": 200, "ignore_eos": True}
@@ -328,6 +341,7 @@ def test_a_client_giving_up_on_a_plain_response_frees_its_slot(http_daemon):
     assert after[cancelled] - before.get(cancelled, 0.0) == 1
 
 
+@pytest.mark.slow
 def test_bench_serve_over_http_reports_each_concurrency(http_daemon, tmp_path, capsys):
     key = write_key(str(tmp_path))
     assert cli_main(["bench-serve", "--http", f"127.0.0.1:{http_daemon.http_port}", "--api-key-file", key,

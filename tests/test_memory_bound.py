@@ -2,8 +2,6 @@
 them, stays within (M + one baseline per process + KV cache) + 10% (runtime/tools/memory_cgroup.py)."""
 from __future__ import annotations
 
-import os
-import sysconfig
 import time
 
 import pytest
@@ -11,16 +9,8 @@ import pytest
 from flashllm.runtime.tools.memory_cgroup import (
     CgroupUnavailable, cgroup_available, measure_baselines, measure_command, measure_generate,
 )
-from tests.conftest import calibrated_copies
 
 NO_CGROUP = cgroup_available()
-
-
-@pytest.fixture(scope="module")
-def calibrated(tiny_stores, tmp_path_factory):
-    with open(os.path.join(sysconfig.get_paths()["stdlib"], "LICENSE.txt"), encoding="utf-8") as f:
-        text = f.read()
-    return calibrated_copies(tiny_stores, tmp_path_factory, text, max_tokens=3000, epochs=4)
 
 
 def test_peak_counts_every_process_of_a_command():
@@ -63,9 +53,10 @@ def test_a_cap_without_a_cgroup_is_refused():
 
 
 @pytest.mark.skipif(NO_CGROUP is not None, reason=f"no writable memory cgroup: {NO_CGROUP}")
+@pytest.mark.slow
 @pytest.mark.parametrize("runtime", ["inproc", "workers"])
-def test_generate_stays_within_the_memory_bound(calibrated, runtime):
-    store = calibrated("llama")
+def test_generate_stays_within_the_memory_bound(calibrated_stores, runtime):
+    store = calibrated_stores("llama")
     baselines = measure_baselines()
     assert baselines.light_process_bytes < baselines.torch_process_bytes  # the prefetcher has no torch
     result = measure_generate(store, "sparse", runtime, memory_bytes=2 << 20, max_tokens=6, baselines=baselines)
@@ -73,19 +64,20 @@ def test_generate_stays_within_the_memory_bound(calibrated, runtime):
     assert result["peak_bytes"] > baselines.torch_process_bytes  # it measured the run, not an empty cgroup
 
 
-def test_too_small_budget_names_every_knob_with_what_it_saves(calibrated):
+def test_too_small_budget_names_every_knob_with_what_it_saves(calibrated_stores):
     from flashllm.runtime.core.engine import Engine
     from flashllm.runtime.core.memory_plan import MemoryPlanError
 
     with pytest.raises(MemoryPlanError) as refused:
-        Engine(calibrated("llama"), mode="sparse", ffn_options={"memory_budget_bytes": 4096})
+        Engine(calibrated_stores("llama"), mode="sparse", ffn_options={"memory_budget_bytes": 4096})
     message = str(refused.value)
     for knob in ("--keep-fraction", "--resident-dtype float16", "--mode naive", "--max-context", "--max-batch"):
         assert knob in message, (knob, message)
     assert message.count("MiB") >= 8  # each knob says how much it saves
 
 
-def test_auto_mode_picks_dense_then_sparse_then_naive_by_budget(calibrated, demo_store):
+@pytest.mark.slow
+def test_auto_mode_picks_dense_then_sparse_then_naive_by_budget(calibrated_stores, demo_store):
     from flashllm.runtime.core.engine import Engine
     from flashllm.runtime.core.memory_plan import MemoryPlanError, naive_minimum_bytes, plan_for_store, resident_bytes_of
     from flashllm.runtime.core.mode_choice import choose_mode
@@ -96,7 +88,7 @@ def test_auto_mode_picks_dense_then_sparse_then_naive_by_budget(calibrated, demo
         with Engine(store_dir, mode="auto", runtime="inproc", ffn_options=options) as engine:
             return engine.mode, engine.mode_reason
 
-    store = calibrated("llama")
+    store = calibrated_stores("llama")
     assert picked(store, None)[0] == "dense"
     assert picked(store, 1 << 30)[0] == "dense"
     # an uncalibrated store cannot run sparse: with dense too big, naive, and the reason names the command
@@ -120,12 +112,12 @@ def test_auto_mode_picks_dense_then_sparse_then_naive_by_budget(calibrated, demo
         choose_mode(calibrated_manifest, store, 1, fits_only(set()))
 
 
-def test_memory_as_a_share_of_the_models_bytes_in_the_store(calibrated):
+def test_memory_as_a_share_of_the_models_bytes_in_the_store(calibrated_stores):
     import os
 
     from flashllm.runtime.clients.cli import parse_memory
 
-    store = calibrated("llama")
+    store = calibrated_stores("llama")
     weights = [os.path.join(store, name) for name in ("resident.safetensors", "ffn.bin")]
     assert os.path.exists(os.path.join(store, "sparsity.safetensors"))  # the predictors are not part of the share
     assert parse_memory("60%", store) == int(sum(os.path.getsize(path) for path in weights) * 0.6)

@@ -286,7 +286,7 @@ def test_sparse_decodes_a_quantized_store_with_the_same_tokens_in_both_runtimes(
     from flashllm.runtime.tools.calibrate import calibrate
     from flashllm.runtime.core.memory_plan import cache_bytes_of, plan_for_store
     from flashllm.workers.store_reader import open_store
-    from tests.test_sparse import calibration_text
+    from tests.conftest import calibration_text
 
     store = str(tmp_path / "calibrated")
     shutil.copytree(quantized_tiny_store, store)

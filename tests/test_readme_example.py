@@ -4,6 +4,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 README = Path(__file__).resolve().parents[1] / "README.md"
 
 
@@ -13,6 +15,7 @@ def readme_python_example() -> str:
     return blocks[0]
 
 
+@pytest.mark.slow
 def test_the_readmes_python_example_answers_from_the_store(demo_store):
     code = readme_python_example()
     assert '"stores/smollm2"' in code  # the quick start's store

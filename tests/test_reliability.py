@@ -23,7 +23,6 @@ import zmq
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from conftest import TINY_CORPUS, calibrated_copies
 from daemon_process import TEST_ENV, descendants, running_daemon, shm_segments
 from flashllm.protocol.client_api import ErrorCode, ErrorReply, FinalMessage, decode_reply
 from flashllm.runtime.clients.client import AsyncClient, Client, RequestFailed
@@ -42,9 +41,8 @@ def daemon(tiny_stores):
 
 
 @pytest.fixture(scope="module")
-def sparse_store(tiny_stores, tmp_path_factory):
-    return calibrated_copies(tiny_stores, tmp_path_factory, " ".join(TINY_CORPUS * 40), max_tokens=600,
-                             epochs=2)("llama")
+def sparse_store(calibrated_stores):
+    return calibrated_stores("llama")
 
 
 @pytest.fixture

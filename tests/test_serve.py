@@ -21,7 +21,6 @@ import msgpack
 import pytest
 import zmq
 
-from conftest import TINY_CORPUS, calibrated_copies
 from daemon_process import running_daemon
 from flashllm.protocol.client_api import (MAX_REQUEST_BYTES, ErrorCode, ErrorReply, FinalMessage, GenerateRequest, TokenChunk,
                                  decode_reply, encode)
@@ -42,10 +41,9 @@ def daemon(tiny_stores):
 
 
 @pytest.fixture(scope="module")
-def sparse_store(tiny_stores, tmp_path_factory):
+def sparse_store(calibrated_stores):
     """A calibrated copy of the tiny store: what the worker runtime (--mode sparse --runtime workers) needs."""
-    return calibrated_copies(tiny_stores, tmp_path_factory, " ".join(TINY_CORPUS * 40), max_tokens=600,
-                             epochs=2)("llama")
+    return calibrated_stores("llama")
 
 
 @pytest.fixture(scope="module")

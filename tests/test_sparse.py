@@ -6,14 +6,13 @@ from __future__ import annotations
 
 import os
 import shutil
-import sysconfig
 
 import numpy as np
 import pytest
 import torch
 
 from flashllm.runtime.tools.calibrate import calibrate
-from tests.conftest import calibrated_copies, tight_budget
+from tests.conftest import calibration_text, tight_budget
 from flashllm.runtime.core.engine import Engine
 from flashllm.runtime.core.memory_plan import MemoryPlanError
 from flashllm.runtime.core.sampling import SamplingParams
@@ -23,18 +22,6 @@ from flashllm.workers.models.ffn import neuron_activations
 from flashllm.workers.store_reader import verify_store
 
 PROMPTS = [[0, 17, 42, 99, 5], [0, 200, 3, 3, 8, 150, 77, 61, 12]]
-
-
-def calibration_text() -> str:
-    # CPython ships its license text with every install: English prose we can count on
-    with open(os.path.join(sysconfig.get_paths()["stdlib"], "LICENSE.txt"), encoding="utf-8") as f:
-        return f.read()
-
-
-@pytest.fixture(scope="module")
-def calibrated(tiny_stores, tmp_path_factory):
-    """kind → a calibrated copy of the tiny store."""
-    return calibrated_copies(tiny_stores, tmp_path_factory, calibration_text(), max_tokens=3000, epochs=4)
 
 
 def _greedy(store: str, mode: str, runtime: str = "inproc", **ffn_options):
@@ -47,8 +34,8 @@ def _greedy(store: str, mode: str, runtime: str = "inproc", **ffn_options):
 
 
 @pytest.mark.parametrize("kind", ["opt", "llama"])
-def test_sparse_keeping_every_neuron_equals_dense(kind, calibrated):
-    store = calibrated(kind)
+def test_sparse_keeping_every_neuron_equals_dense(kind, calibrated_stores):
+    store = calibrated_stores(kind)
     dense, dense_logits, _ = _greedy(store, "dense")
     sparse, sparse_logits, stats = _greedy(store, "sparse", keep_fraction=1.0)
     assert [r.tokens for r in sparse] == [r.tokens for r in dense]
@@ -57,16 +44,16 @@ def test_sparse_keeping_every_neuron_equals_dense(kind, calibrated):
     assert all(s["neurons_computed"] > 0 for s in stats)
 
 
-def test_calibrate_records_predictors_and_verify_checks_them(calibrated):
+def test_calibrate_records_predictors_and_verify_checks_them(calibrated_stores):
     from flashllm.protocol.store_format import read_manifest
 
-    store = calibrated("llama")
+    store = calibrated_stores("llama")
     manifest = read_manifest(store)
     info = manifest.sparsity
     assert info is not None and len(info.thresholds) == 2
     # SwiGLU defaults to the 4-bit gate/up sketch: one per layer, the lookahead holding the same matrices
     assert info.predictor == "sketch" and info.rank == manifest.arch.hidden_size
-    assert read_manifest(calibrated("opt")).sparsity.predictor == "classifier"
+    assert read_manifest(calibrated_stores("opt")).sparsity.predictor == "classifier"
     from safetensors import safe_open
 
     from flashllm.workers.predictor import SparsityPredictor
@@ -200,18 +187,18 @@ def test_sketch_predictor_ranks_neurons_like_the_layer_and_the_plan_counts_its_b
     plan = plan_for_store(store, manifest, 1 << 40, "sparse", 4, 0)
     assert plan.predictor_bytes == sum(held.values()) + vectors
 
-def test_relu_predictor_recall_on_held_out_tokens(calibrated):
+def test_relu_predictor_recall_on_held_out_tokens(calibrated_stores):
     """A ReLU model's active neurons (exact zeros) are predicted with recall ≥ 0.7 on held-out tokens
     (measured: about 0.75-0.85 for the tiny OPT at rank 64, 4 epochs)."""
     from flashllm.protocol.store_format import read_manifest
 
-    info = read_manifest(calibrated("opt")).sparsity
+    info = read_manifest(calibrated_stores("opt")).sparsity
     assert info.label == "relu>0"
     assert min(info.recall) >= 0.7, info.recall
 
 
-def test_sparse_reads_only_the_increment_and_less_than_naive(calibrated):
-    store = calibrated("opt")
+def test_sparse_reads_only_the_increment_and_less_than_naive(calibrated_stores):
+    store = calibrated_stores("opt")
     _, _, naive_stats = _greedy(store, "naive")
     _, _, sparse_stats = _greedy(store, "sparse")
     naive_bytes = np.mean([s["flash_read_bytes"] for s in naive_stats])
@@ -223,35 +210,34 @@ def test_sparse_reads_only_the_increment_and_less_than_naive(calibrated):
     assert hits / predicted > 0.5
 
 
-def test_keep_fraction_on_the_command_line_sets_the_bytes_read(calibrated):
+def test_keep_fraction_on_the_command_line_sets_the_bytes_read(calibrated_stores):
     """`flashllm generate --mode sparse --keep-fraction K`: fewer neurons per token, fewer bytes from flash."""
     reads = {}
     if default_device() != "cpu":  # the first process counts CUDA's lazily loaded kernel files (26 MB, H200)
-        _generate_json(calibrated("opt"))
+        _generate_json(calibrated_stores("opt"))
     for keep in ("0.1", "0.5"):
-        output = _generate_json(calibrated("opt"), "--keep-fraction", keep)
+        output = _generate_json(calibrated_stores("opt"), "--keep-fraction", keep)
         assert output["runtime"] == ("workers" if default_device() == "cpu" else "inproc")  # --runtime auto
         reads[keep] = output["flash_read_bytes"]
     assert 0 < reads["0.1"] < reads["0.5"], reads  # both include the prompt's whole-layer reads
 
 
 def _generate_json(store: str, *flags: str) -> dict:
-    """The --json line of `flashllm generate --mode sparse FLAGS` (12 tokens, greedy)."""
+    """The --json line of `flashllm generate --mode sparse FLAGS` (12 tokens, greedy), run through main(argv)."""
     import json
-    import subprocess
-    import sys
 
-    result = subprocess.run([sys.executable, "-m", "flashllm.runtime.clients.cli", "generate", "--store", store, "--mode", "sparse",
-                             "--json", "--max-tokens", "12", "--ignore-eos", *flags, "The history of the city"],
-                            capture_output=True, text=True)
+    from tests.cli_run import run_flashllm
+
+    result = run_flashllm("generate", "--store", store, "--mode", "sparse", "--json", "--max-tokens", "12",
+                          "--ignore-eos", *flags, "The history of the city")
     assert result.returncode == 0, result.stderr
     return json.loads(result.stdout.splitlines()[0])
 
 
-def test_window_and_missing_policy_on_the_command_line(calibrated):
+def test_window_and_missing_policy_on_the_command_line(calibrated_stores):
     """--neuron-window K keeps the last K tokens' neurons, so a longer window reads less; --missing-policy
     reaches both runtimes (the workers give the in-process tokens under it)."""
-    store = calibrated("llama")
+    store = calibrated_stores("llama")
     windows = {k: _generate_json(store, "--neuron-window", k)["flash_read_bytes"] for k in ("1", "8")}
     assert 0 < windows["8"] < windows["1"], windows
     runs = {runtime: _generate_json(store, "--missing-policy", "skip", "--runtime", runtime)
@@ -260,10 +246,10 @@ def test_window_and_missing_policy_on_the_command_line(calibrated):
     assert runs["workers"]["tokens"] == runs["inproc"]["tokens"]
 
 
-def test_the_skip_policy_runs_only_the_lookahead_after_layer_0(calibrated):
+def test_the_skip_policy_runs_only_the_lookahead_after_layer_0(calibrated_stores):
     """Under "skip" a decode token's predicted set per layer is the lookahead's k neurons (layer 0, which has
     no lookahead, its same-layer k): nothing is added late. "read" adds the same-layer check's extras."""
-    store = calibrated("llama")
+    store = calibrated_stores("llama")
     predicted = {}
     for policy in ("read", "skip"):
         with Engine(store, mode="sparse", max_batch=1, ffn_options={"missing_policy": policy}) as engine:
@@ -274,13 +260,13 @@ def test_the_skip_policy_runs_only_the_lookahead_after_layer_0(calibrated):
     assert all(p >= keep * layers for p in predicted["read"]) and sum(predicted["read"]) > sum(predicted["skip"])
 
 
-def test_the_step_planner_decides_each_layers_sets_path_and_hand_over(calibrated):
+def test_the_step_planner_decides_each_layers_sets_path_and_hand_over(calibrated_stores):
     """workers/sparse_policy.py, the one place both runtimes take their per-layer decisions from: layer 0
     uses its same-layer set; layer 1 the lookahead set predicted from layer 0's input, plus (policy "read")
     the same-layer check's set late, or (policy "skip") nothing late and a hand-over at the lookahead; a set
     that does not fit the cache, and every layer of a multi-token step, reads the layer whole with each
     token's own neurons (same ∪ lookahead ∪ hot)."""
-    store = calibrated("llama")
+    store = calibrated_stores("llama")
     with torch.inference_mode():  # as both runtimes plan
         _check_the_planner(store)
 
@@ -331,7 +317,7 @@ def _check_the_planner(store: str) -> None:
     assert layer1.num_predicted == int(expected.any(0).sum())
 
 
-def test_the_same_layer_check_takes_rows_from_older_tokens_then_from_the_lookaheads_unconfirmed_picks(calibrated):
+def test_the_same_layer_check_takes_rows_from_older_tokens_then_from_the_lookaheads_unconfirmed_picks(calibrated_stores):
     """Policy "read": the same-layer check's set joins the token's lookahead set. Its misses take rows from the
     least recently used neurons it does not need (an older token's first, then the lookahead's picks it did not
     confirm), never from itself or the pinned; only a set that outgrows the cache with the pinned neurons (a
@@ -339,7 +325,7 @@ def test_the_same_layer_check_takes_rows_from_older_tokens_then_from_the_lookahe
     from flashllm.workers.prefetch import Prefetcher
     from flashllm.workers.store_reader import open_store
 
-    store = calibrated("llama")
+    store = calibrated_stores("llama")
     manifest = open_store(store)
     layers = manifest.arch.num_hidden_layers
     prefetcher = Prefetcher(store, manifest, [25] * layers, window_tokens=2,
@@ -365,13 +351,13 @@ def test_the_same_layer_check_takes_rows_from_older_tokens_then_from_the_lookahe
         prefetcher.close()
 
 
-def test_reads_started_ahead_are_taken_over_by_their_layers_prepare(calibrated):
+def test_reads_started_ahead_are_taken_over_by_their_layers_prepare(calibrated_stores):
     """start_stage puts a layer's lookahead reads on the device while the caller computes; that layer's
     prepare takes them over (each bundle read once), and a read of another layer first drops them."""
     from flashllm.workers.prefetch import Prefetcher
     from flashllm.workers.store_reader import open_store
 
-    store = calibrated("llama")
+    store = calibrated_stores("llama")
     manifest = open_store(store)
     bundle_bytes = manifest.ffn.bundle_bytes
     prefetcher = Prefetcher(store, manifest, [40] * manifest.arch.num_hidden_layers, window_tokens=2)
@@ -389,14 +375,14 @@ def test_reads_started_ahead_are_taken_over_by_their_layers_prepare(calibrated):
         prefetcher.close()
 
 
-def test_whole_layer_reads_go_chunk_by_chunk_and_a_reader_left_midway_reads_on(calibrated, monkeypatch):
+def test_whole_layer_reads_go_chunk_by_chunk_and_a_reader_left_midway_reads_on(calibrated_stores, monkeypatch):
     """The dense-read path reads a layer a chunk at a time (here a quarter of a layer) into the caller's
     buffer: the bytes are the layer's; a caller that stops after the first chunk leaves no read pending."""
     from flashllm.workers.flash_io import bundle_reader
     from flashllm.workers.prefetch import Prefetcher
     from flashllm.workers.store_reader import open_store
 
-    store = calibrated("llama")
+    store = calibrated_stores("llama")
     manifest = open_store(store)
     layout = manifest.ffn
     monkeypatch.setattr(bundle_reader, "DENSE_CHUNK_BYTES", layout.layers[0].length_bytes // 4)
@@ -426,14 +412,14 @@ def test_whole_layer_reads_go_chunk_by_chunk_and_a_reader_left_midway_reads_on(c
 
 
 @pytest.mark.parametrize("kind", ["opt", "llama"])
-def test_prefill_in_chunks_equals_prefill_over_the_whole_layer_and_holds_a_chunk(kind, calibrated, monkeypatch):
+def test_prefill_in_chunks_equals_prefill_over_the_whole_layer_and_holds_a_chunk(kind, calibrated_stores, monkeypatch):
     """Prompt prefill takes the dense-read path chunk by chunk (a quarter of a layer here), each token keeping
     half the neurons: the first token's logits equal those of one pass over the whole layer, and the buffers
     it held are a chunk's, not a whole layer's."""
     from flashllm.workers.flash_io import bundle_reader
     from flashllm.workers.store_reader import open_store
 
-    store = calibrated(kind)
+    store = calibrated_stores(kind)
     chunk_bytes = open_store(store).ffn.layers[0].length_bytes // 4
     first_logits = {}
     for chunk in (None, chunk_bytes):  # the default chunk holds a whole tiny layer
@@ -452,7 +438,7 @@ def test_prefill_in_chunks_equals_prefill_over_the_whole_layer_and_holds_a_chunk
         torch.testing.assert_close(first_logits[chunk_bytes][rid], logits, rtol=tolerance, atol=tolerance)
 
 
-def test_the_plan_stages_a_round_of_reads_and_two_chunks_and_gives_the_caches_the_rest(calibrated, monkeypatch):
+def test_the_plan_stages_a_round_of_reads_and_two_chunks_and_gives_the_caches_the_rest(calibrated_stores, monkeypatch):
     """The sparse mode stages a read of neurons (at most a layer) and two dense-read chunks (the worker
     runtime's shared-memory slots; in process one as read), not whole layers; the rest goes to the caches."""
     from flashllm.runtime.core.memory_plan import plan_for_store
@@ -460,7 +446,7 @@ def test_the_plan_stages_a_round_of_reads_and_two_chunks_and_gives_the_caches_th
     from flashllm.workers.flash_io.bundle_reader import largest_chunk_rows, largest_span_bytes
     from flashllm.workers.store_reader import open_store
 
-    store = calibrated("llama")
+    store = calibrated_stores("llama")
     manifest = open_store(store)
     region_bytes = manifest.ffn.layers[0].length_bytes
     monkeypatch.setattr(bundle_reader, "DENSE_CHUNK_BYTES", region_bytes // 4)
@@ -474,11 +460,11 @@ def test_the_plan_stages_a_round_of_reads_and_two_chunks_and_gives_the_caches_th
     assert "read staging" in plan.describe()
 
 
-def test_both_runtimes_plan_the_same_caches_and_decode_the_same_tokens_at_a_tight_budget(calibrated):
+def test_both_runtimes_plan_the_same_caches_and_decode_the_same_tokens_at_a_tight_budget(calibrated_stores):
     """One budget, either runtime: the same neuron caches, so the same evictions and reads, and the same
     greedy tokens (the workers' plan once held two chunks more, so their caches were smaller and the demo
     model's tokens drifted apart)."""
-    store = calibrated("llama")
+    store = calibrated_stores("llama")
     options = {"keep_fraction": 0.25, "memory_budget_bytes": tight_budget(store, 0.25, 20)}
     runs = {}
     for runtime in ("inproc", "workers"):
@@ -491,13 +477,13 @@ def test_both_runtimes_plan_the_same_caches_and_decode_the_same_tokens_at_a_tigh
     assert runs["inproc"][2] > 0  # decode steps read neurons: the caches were too small to hold them all
 
 
-def test_memory_budget_too_small_names_the_minimum(calibrated):
+def test_memory_budget_too_small_names_the_minimum(calibrated_stores):
     with pytest.raises(MemoryPlanError, match=r"minimum for this store and settings is [0-9.]+ MiB"):
-        Engine(calibrated("llama"), mode="sparse", ffn_options={"memory_budget_bytes": 100_000})
+        Engine(calibrated_stores("llama"), mode="sparse", ffn_options={"memory_budget_bytes": 100_000})
 
 
-def test_memory_budget_bounds_the_neuron_caches(calibrated):
-    store = calibrated("llama")
+def test_memory_budget_bounds_the_neuron_caches(calibrated_stores):
+    store = calibrated_stores("llama")
     budget = 2_000_000
     with Engine(store, mode="sparse", max_batch=2, ffn_options={"memory_budget_bytes": budget}) as engine:
         plan = engine.memory_plan
@@ -516,10 +502,10 @@ def test_memory_budget_bounds_the_neuron_caches(calibrated):
                 assert np.array_equal(rows, expected), layer
 
 
-def test_float16_resident_matrices_halve_the_plan_and_keep_the_answers(calibrated):
+def test_float16_resident_matrices_halve_the_plan_and_keep_the_answers(calibrated_stores):
     """--resident-dtype float16: the plan counts half the resident bytes (more room for neuron caches) and the
     model's logits stay within float16 rounding of the float32 ones, in prefill and decode."""
-    store = calibrated("llama")
+    store = calibrated_stores("llama")
     results, plans, logits = {}, {}, {}
     for dtype in ("float32", "float16"):
         captured: dict[str, list] = {}
@@ -542,11 +528,11 @@ def test_sparse_mode_without_calibration_says_what_to_run(tiny_stores):
         Engine(tiny_stores("llama"), mode="sparse")
 
 
-def test_bench_measures_naive_and_sparse_in_turns(calibrated):
+def test_bench_measures_naive_and_sparse_in_turns(calibrated_stores):
     """`flashllm bench` pairs the modes round by round: the speed-up is each round's naive/sparse ratio."""
     from flashllm.runtime.tools.bench import bench_engine_config, paired_speed
 
-    report = paired_speed(calibrated("llama"), {"naive": bench_engine_config("naive"),
+    report = paired_speed(calibrated_stores("llama"), {"naive": bench_engine_config("naive"),
                                                 "sparse": bench_engine_config("sparse")}, rounds=2, decode_tokens=4)
     per_round = report["ms_per_token_per_round"]
     assert report["baseline"] == "naive" and len(per_round["naive"]) == len(per_round["sparse"]) == 2
@@ -556,11 +542,11 @@ def test_bench_measures_naive_and_sparse_in_turns(calibrated):
     assert report["speedup_over_naive"]["sparse"] == pytest.approx(sorted(ratios)[0] / 2 + sorted(ratios)[1] / 2)
 
 
-def test_bench_tradeoff_includes_the_main_setting_beside_the_swept_ones(calibrated):
+def test_bench_tradeoff_includes_the_main_setting_beside_the_swept_ones(calibrated_stores):
     """The trade-off table and plot get the main run's keep fraction as one more point, measured once."""
     from flashllm.runtime.tools.bench import run_bench
 
-    report = run_bench(calibrated("llama"), ["dense", "sparse"], None, decode_tokens=4, text=calibration_text(),
+    report = run_bench(calibrated_stores("llama"), ["dense", "sparse"], None, decode_tokens=4, text=calibration_text(),
                        eval_tokens=24, keep_fractions=[0.75, 0.25], runtimes=["inproc"], read_baseline=False,
                        keep_fraction=0.5)
     rows = report["sparsity_tradeoff"]
@@ -665,7 +651,7 @@ def test_calibrate_reads_each_layer_once_after_the_forward_passes(tiny_stores, t
 
 
 @pytest.mark.parametrize("kind", ["llama", "opt"])
-def test_sensitivity_pass_equals_one_forward_per_sparse_layer_and_reads_no_ffn_itself(kind, calibrated,
+def test_sensitivity_pass_equals_one_forward_per_sparse_layer_and_reads_no_ffn_itself(kind, calibrated_stores,
                                                                                       monkeypatch):
     """calibrate's layer sensitivity carries every one-layer-sparse model through the layers together, on the
     rows handed to it. Each increase equals that of a plain forward pass with only that layer sparse, and the
@@ -678,7 +664,7 @@ def test_sensitivity_pass_equals_one_forward_per_sparse_layer_and_reads_no_ffn_i
     from flashllm.workers.predictor import SparsityPredictor, top_k_mask
     from flashllm.workers.store_reader import open_store
 
-    store = calibrated(kind)
+    store = calibrated_stores(kind)
     manifest = open_store(store)
     num_layers = manifest.arch.num_hidden_layers
     sparsity = SparsityPredictor(store, manifest, keep_fraction=0.25)
@@ -777,13 +763,13 @@ def test_prompts_admitted_together_are_prefilled_in_one_pass_over_the_flash_ffn(
     assert ffn_bytes <= read_bytes < 2 * ffn_bytes  # one pass, not one per prompt
 
 
-def test_a_model_that_cannot_fit_on_the_gpu_is_refused_before_loading(calibrated):
+def test_a_model_that_cannot_fit_on_the_gpu_is_refused_before_loading(calibrated_stores):
     """What goes on the device (resident weights, KV cache, FFN rows) is summed from the store's headers
     and checked against the device's free memory, with the fix named, before anything is allocated."""
     from flashllm.protocol.store_format import read_manifest
     from flashllm.workers.executor import DeviceMemoryError, check_device_memory, device_bytes_needed
 
-    store = calibrated("llama")
+    store = calibrated_stores("llama")
     manifest = read_manifest(store)
     ffn_float16_bytes = manifest.ffn.total_bundle_bytes // 2  # the store is float32
     needed = {mode: device_bytes_needed(store, manifest, mode, 2, 128, torch.float16, torch.float16,
@@ -803,14 +789,14 @@ def test_a_model_that_cannot_fit_on_the_gpu_is_refused_before_loading(calibrated
         check_device_memory(needed["dense"], 0, "cuda", "dense")
 
 
-def test_bench_sets_the_device_bytes_against_the_needed_neurons_bytes(calibrated, tmp_path):
+def test_bench_sets_the_device_bytes_against_the_needed_neurons_bytes(calibrated_stores, tmp_path):
     """Per sparse run: device bytes/token (/proc/self/io), the bundles of the neurons read, their ratio, the
     reader's request sizes; the recorded reads replay through the planner simulation."""
     from flashllm.runtime.tools import read_plan_sim
     from flashllm.protocol.store_format import read_manifest
     from flashllm.runtime.tools.bench import load_read_sets, run_bench
 
-    store = calibrated("llama")
+    store = calibrated_stores("llama")
     reads_path = str(tmp_path / "reads.npz")
     report = run_bench(store, ["sparse"], None, decode_tokens=6, text=None, eval_tokens=0, keep_fractions=[],
                        runtimes=["inproc"], read_baseline=False, record_reads=reads_path)

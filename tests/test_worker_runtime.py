@@ -24,7 +24,8 @@ from flashllm.protocol.endpoints import instance_dir, new_instance_id
 from flashllm.protocol.messages import ROLE_COMPUTE, ROLE_PREDICTOR, ROLE_PREFETCH, ROLE_SUPERVISOR, ForwardChunk, ForwardRequest
 from flashllm.protocol.shm import SharedSegment, list_segments
 from flashllm.runtime.tools.calibrate import calibrate
-from tests.conftest import calibrated_copies, tight_budget
+from tests.cli_run import run_flashllm
+from tests.conftest import calibration_text, tight_budget
 from flashllm.runtime.core.engine import Engine
 from flashllm.runtime.core.sampling import SamplingParams
 from flashllm.runtime.core.supervisor import WorkerStartError
@@ -42,26 +43,10 @@ from flashllm.workers.process_entry import LocalBus
 from flashllm.workers.store_reader import open_store
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-CALIBRATION_TEXT = "/usr/share/common-licenses/GPL-3"
 PROMPTS = ["The quick brown fox", "Paris is the capital of", "def add(a, b):", "1 2 3 4"]
 GREEDY = SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True)
 # small caches, few neurons per token: evictions, LRU and (batch 3) the masked fallback all happen
 TIGHT = {"keep_fraction": 0.25, "capacity_rows": [100, 100], "window_tokens": 2}
-
-
-def _calibration_text() -> str:
-    if os.path.isfile(CALIBRATION_TEXT):
-        with open(CALIBRATION_TEXT, encoding="utf-8") as f:
-            return f.read()
-    from tests.conftest import TINY_CORPUS
-
-    return " ".join(TINY_CORPUS * 40)
-
-
-@pytest.fixture(scope="module")
-def sparse_store(tiny_stores, tmp_path_factory):
-    """kind → a calibrated copy of the tiny store (calibrate writes into the store)."""
-    return calibrated_copies(tiny_stores, tmp_path_factory, _calibration_text(), max_tokens=600, epochs=2)
 
 
 def _direct_reads(store: str) -> bool:
@@ -176,11 +161,11 @@ def _greedy_with_logits(engine: Engine, prompts: list[str]) -> tuple[list[list[i
     ("opt", {"capacity_rows": [200, 200], "window_tokens": 3}, 2, 3),
 ], ids=["llama-full", "llama-tight", "llama-tight-batch3", "llama-tight-batch3-chunks4", "llama-skip-ready-early",
         "llama-skip-batch2", "opt-relu", "opt-relu-chunks3"])
-def test_pipeline_steps_reproduce_the_inprocess_sparse_ffn(sparse_store, kind, options, batch, chunks, monkeypatch):
+def test_pipeline_steps_reproduce_the_inprocess_sparse_ffn(calibrated_stores, kind, options, batch, chunks, monkeypatch):
     """Same messages and buffers as the processes use; every logit bitwise equal to SparseFlashFfn's.
     chunks: the whole-layer reads (prefill, and decode batches that fall back) go in that many chunks
     (one, by default, on tiny layers): the slots pass each layer through a chunk at a time."""
-    store = sparse_store(kind)
+    store = calibrated_stores(kind)
     manifest = open_store(store)
     if chunks > 1:
         rows = -(-manifest.ffn.layers[0].num_neurons // chunks)  # the last chunk is shorter where n is not a multiple
@@ -222,13 +207,13 @@ def _inproc_and_pipeline_runs(store: str, options: dict) -> dict:
     return runs
 
 
-def test_a_policy_changed_in_one_place_is_followed_by_both_runtimes(sparse_store, monkeypatch):
+def test_a_policy_changed_in_one_place_is_followed_by_both_runtimes(calibrated_stores, monkeypatch):
     """The sparse step's rules live in workers/sparse_policy.py alone: a cached-path rule changed there
     (no set fits any more) sends every decode layer to the whole-layer read in both runtimes alike, and
     both give the same new tokens."""
     from flashllm.workers import sparse_policy
 
-    store = sparse_store("llama")
+    store = calibrated_stores("llama")
     arch = open_store(store).arch
     whole_model = arch.intermediate_size * arch.num_hidden_layers
     before = _inproc_and_pipeline_runs(store, TIGHT)
@@ -248,25 +233,25 @@ def test_a_policy_changed_in_one_place_is_followed_by_both_runtimes(sparse_store
 
 
 @pytest.fixture(scope="module")
-def worker_engine(sparse_store):
+def worker_engine(calibrated_stores):
     """One worker-runtime engine (tight caches, batch 2) shared by the process tests; they run in file order."""
-    with Engine(sparse_store("llama"), mode="sparse", max_batch=2, max_context=128, ffn_options=dict(TIGHT),
+    with Engine(calibrated_stores("llama"), mode="sparse", max_batch=2, max_context=128, ffn_options=dict(TIGHT),
                 runtime="workers") as engine:
         yield engine
     assert not _instance_leftovers(engine.executor.instance)
 
 
-def test_workers_give_the_inprocess_greedy_tokens(sparse_store, worker_engine):
-    with Engine(sparse_store("llama"), mode="sparse", max_batch=2, max_context=128, ffn_options=dict(TIGHT)) as engine:
+def test_workers_give_the_inprocess_greedy_tokens(calibrated_stores, worker_engine):
+    with Engine(calibrated_stores("llama"), mode="sparse", max_batch=2, max_context=128, ffn_options=dict(TIGHT)) as engine:
         expected = [r.tokens for r in engine.generate(PROMPTS, GREEDY)]
     assert [r.tokens for r in worker_engine.generate(PROMPTS, GREEDY)] == expected
 
 
-def test_the_compute_worker_holds_resident_matrices_in_the_dtype_asked(sparse_store):
+def test_the_compute_worker_holds_resident_matrices_in_the_dtype_asked(calibrated_stores):
     """--resident-dtype reaches the compute process: its logits are the in-process float16-resident ones."""
     runs = {}
     for runtime in ("inproc", "workers"):
-        with Engine(sparse_store("llama"), mode="sparse", max_batch=1, max_context=128, ffn_options=dict(TIGHT),
+        with Engine(calibrated_stores("llama"), mode="sparse", max_batch=1, max_context=128, ffn_options=dict(TIGHT),
                     runtime=runtime, resident_dtype="float16") as engine:
             runs[runtime] = _greedy_with_logits(engine, PROMPTS[:1])
     assert runs["workers"][0] == runs["inproc"][0]
@@ -330,7 +315,7 @@ def test_decode_steps_count_the_prefetchers_device_reads(worker_engine):
 
 
 @pytest.mark.parametrize("role", [ROLE_PREFETCH, ROLE_PREDICTOR, ROLE_COMPUTE])
-def test_a_killed_worker_fails_the_request_quickly_then_workers_restart(sparse_store, worker_engine, role):
+def test_a_killed_worker_fails_the_request_quickly_then_workers_restart(calibrated_stores, worker_engine, role):
     executor = worker_engine.executor
     old_pids = dict(executor.worker_pids)
     killed_at = []
@@ -354,7 +339,7 @@ def test_a_killed_worker_fails_the_request_quickly_then_workers_restart(sparse_s
     for request_id in list(worker_engine._running) + [s.request_id for s in worker_engine._waiting]:
         worker_engine.abort(request_id)  # the engine keeps the failed request; the caller aborts it
     # the next request restarts the workers, which start with empty caches like a fresh engine
-    with Engine(sparse_store("llama"), mode="sparse", max_batch=2, max_context=128, ffn_options=dict(TIGHT)) as fresh:
+    with Engine(calibrated_stores("llama"), mode="sparse", max_batch=2, max_context=128, ffn_options=dict(TIGHT)) as fresh:
         expected = [r.tokens for r in fresh.generate(PROMPTS[2:], GREEDY)]
     assert [r.tokens for r in worker_engine.generate(PROMPTS[2:], GREEDY)] == expected
     new_pids = executor.worker_pids
@@ -363,9 +348,9 @@ def test_a_killed_worker_fails_the_request_quickly_then_workers_restart(sparse_s
     assert not [p for p in list_segments() if p[0] != executor.instance and p[0].startswith(f"{os.getpid()}-")]
 
 
-def test_a_restart_that_fails_is_an_error_and_leaves_nothing_behind(sparse_store, tmp_path):
+def test_a_restart_that_fails_is_an_error_and_leaves_nothing_behind(calibrated_stores, tmp_path):
     store = str(tmp_path / "store")
-    shutil.copytree(sparse_store("llama"), store)
+    shutil.copytree(calibrated_stores("llama"), store)
     with Engine(store, mode="sparse", max_batch=1, max_context=128, ffn_options=dict(TIGHT), runtime="workers") as engine:
         short = SamplingParams(max_tokens=3, temperature=0.0, ignore_eos=True)
         engine.generate(PROMPTS[:1], short)
@@ -404,9 +389,9 @@ def _start_supervisor(store: str) -> tuple[subprocess.Popen, dict]:
 
 
 @pytest.mark.parametrize("how", ["SIGTERM", "SIGKILL"])
-def test_stopping_the_supervisor_leaves_no_processes_or_segments(sparse_store, how):
+def test_stopping_the_supervisor_leaves_no_processes_or_segments(calibrated_stores, how):
     """SIGTERM: staged shutdown and cleanup in the supervisor; SIGKILL: the workers notice and sweep."""
-    process, started = _start_supervisor(sparse_store("llama"))
+    process, started = _start_supervisor(calibrated_stores("llama"))
     try:
         assert all(_alive(pid) for pid in started["pids"].values())
         assert _instance_leftovers(started["instance"])  # segments exist while it runs
@@ -424,13 +409,13 @@ def test_stopping_the_supervisor_leaves_no_processes_or_segments(sparse_store, h
     assert _instance_leftovers(started["instance"]) == []
 
 
-def test_worker_runtime_refuses_what_it_cannot_run(tiny_stores, sparse_store):
+def test_worker_runtime_refuses_what_it_cannot_run(tiny_stores, calibrated_stores):
     with pytest.raises(ValueError, match="--runtime workers"):
-        Engine(sparse_store("llama"), mode="dense", runtime="workers")
+        Engine(calibrated_stores("llama"), mode="dense", runtime="workers")
     with pytest.raises(Exception, match="calibrate"):
         Engine(tiny_stores("llama"), mode="sparse", runtime="workers")
     with pytest.raises(ValueError, match="--runtime"):
-        Engine(sparse_store("llama"), mode="sparse", runtime="threads")
+        Engine(calibrated_stores("llama"), mode="sparse", runtime="threads")
 
 
 def test_a_slot_whose_kv_cache_was_lost_is_refused(worker_engine):
@@ -439,17 +424,16 @@ def test_a_slot_whose_kv_cache_was_lost_is_refused(worker_engine):
         executor.forward(torch.tensor([[5]]), torch.tensor([1]), torch.tensor([[40]]))
 
 
-def test_bench_of_the_worker_runtime_measures_reads_and_compute(sparse_store, tmp_path):
+def test_bench_of_the_worker_runtime_measures_reads_and_compute(calibrated_stores, tmp_path):
     """`flashllm bench --runtimes workers` at a budget that forces reads: the bytes are the prefetcher's,
     and compute_ms is the compute worker's busy time (it came out 0 bytes and negative ms before)."""
-    store = sparse_store("llama")
+    store = calibrated_stores("llama")
     if not _direct_reads(store):
         pytest.skip("the store's filesystem refuses O_DIRECT: reads come from the page cache")
     budget = tight_budget(store, 0.25, 20)
     out = str(tmp_path / "bench.json")
-    done = subprocess.run([sys.executable, "-m", "flashllm.runtime.clients.cli", "bench", "--store", store, "--modes", "sparse",
-                           "--runtimes", "workers", "--memory", str(budget), "--tokens", "6", "--keep-fraction", "0.25",
-                           "--no-read-baseline", "--json", out], cwd=REPO, capture_output=True, text=True, timeout=300)
+    done = run_flashllm("bench", "--store", store, "--modes", "sparse", "--runtimes", "workers", "--memory", str(budget),
+                        "--tokens", "6", "--keep-fraction", "0.25", "--no-read-baseline", "--json", out)
     assert done.returncode == 0, done.stderr
     with open(out, encoding="utf-8") as f:
         report = json.load(f)
@@ -471,8 +455,8 @@ def test_bench_of_the_worker_runtime_measures_reads_and_compute(sparse_store, tm
 
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-def test_cuda_workers_give_the_inprocess_greedy_tokens(sparse_store):
-    store = sparse_store("llama")
+def test_cuda_workers_give_the_inprocess_greedy_tokens(calibrated_stores):
+    store = calibrated_stores("llama")
     with Engine(store, mode="sparse", max_batch=2, max_context=128, device="cuda", ffn_options=dict(TIGHT)) as engine:
         expected = [r.tokens for r in engine.generate(PROMPTS, GREEDY)]
     with Engine(store, mode="sparse", max_batch=2, max_context=128, device="cuda", ffn_options=dict(TIGHT),
@@ -483,9 +467,9 @@ def test_cuda_workers_give_the_inprocess_greedy_tokens(sparse_store):
 
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-def test_cuda_pipeline_matches_and_copies_only_changed_rows(sparse_store):
+def test_cuda_pipeline_matches_and_copies_only_changed_rows(calibrated_stores):
     """On CUDA the compute core mirrors each layer cache on the device and copies only rows whose id changed."""
-    store = sparse_store("llama")
+    store = calibrated_stores("llama")
     reference = ModelExecutor(store, open_store(store), "sparse", 2, 128, device="cuda",
                               sparse=SparseOptions.from_dict(TIGHT))
     with Engine(store, mode="sparse", max_batch=2, max_context=128, executor=reference) as engine:
@@ -510,7 +494,7 @@ DEMO_OPTIONS = {"memory_budget_bytes": 450 * 2**20, "keep_fraction": 0.25}  # ~6
 def calibrated_demo(demo_store, tmp_path_factory) -> str:
     store = str(tmp_path_factory.mktemp("demo-calibrated") / "demo")
     shutil.copytree(demo_store, store)
-    calibrate(store, _calibration_text(), max_tokens=2000, epochs=2, progress=False, log=lambda *a: None)
+    calibrate(store, calibration_text(), max_tokens=2000, epochs=2, progress=False, log=lambda *a: None)
     return store
 
 

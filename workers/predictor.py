@@ -16,10 +16,10 @@ Each is of one of three types (SparsityInfo.predictor):
                    |act(gate·x)·(up·x)|. The lookahead is the same sketch behind
                    the map from layer l-1's norm to layer l's (the residual stream
                    they normalize differs only by layer l's attention), so one
-                   sketch per layer serves both. On the SwiGLU demo model it takes
-                   about the bytes of a rank-128 float16 regression pair; with 30%
-                   of the neurons kept and both calibrated on the same text,
-                   perplexity was 38.4 (dense 36.9) against 60.5 with that pair.
+                   sketch per layer serves both. It takes about the bytes of a
+                   rank-128 float16 regression pair and keeps far more of the
+                   dense model's quality (docs/benchmarks.md, "Figures moved out
+                   of the code").
     regression     linear d → r → [gate | up] pre-activations (reduced-rank least
                    squares, closed form), scored like the sketch. The lookahead
                    maps into the same-layer predictor's output directions: that

@@ -185,8 +185,7 @@ class Prefetcher:
 
         The window advance and evictions that come first never drop a predicted
         neuron, so these are the ones insert will want; the device reads while the
-        bookkeeping is worked out (~20% of a decode token's prepare time on the demo
-        model). None when nothing is missing or they were read ahead (stage). Reads
+        bookkeeping is worked out. None when nothing is missing or they were read ahead (stage). Reads
         that start_stage put on their way are taken over when they are these."""
         in_flight, self._in_flight = self._in_flight, None
         if layer == self._staged_layer and len(self._staged_ids):

@@ -17,8 +17,8 @@ reads are, so the worker runtime hands it over before compute gets there and
 no read waits on the layer's own input (fewer bytes; some quality, see bench).
 
 Computing over all cached rows (window ∪ hot ∪ predicted) costs a little more
-arithmetic than the predicted rows alone but needs no gather, which measured
-slower than the dense FFN (DESIGN.md).
+arithmetic than the predicted rows alone but needs no gather: gathering the
+predicted rows per call costs more than the whole dense FFN.
 
 Prompt prefill (many tokens of one sequence) and decode batches whose union of
 lookahead predictions does not fit the cache take the dense-read path instead:

@@ -48,10 +48,9 @@ def default_threads(mode: str) -> int | None:
     """torch threads for an engine of `mode`; None leaves the process's setting (torch: all cores, or OMP_NUM_THREADS).
 
     Modes that read flash leave one core to the reader threads (and, with --runtime workers, to the
-    prefetch process). One decode token's products are memory-bound: on 2 cores a
-    second torch thread bought dense decode nothing (106 vs 105 ms/token) while it slowed the reads
-    it competed with (sparse, demo model: 525 vs 575 ms/token in-process, 440 vs 570 with workers).
-    An OMP_NUM_THREADS the user set is respected.
+    prefetch process): one decode token's products are memory-bound, so a last torch thread buys them
+    little and slows the reads it competes with (docs/benchmarks.md, "Sparse mode on the float32 demo
+    store", has the runs). An OMP_NUM_THREADS the user set is respected.
     """
     if mode not in FLASH_MODES or os.environ.get("OMP_NUM_THREADS"):
         return None

@@ -286,7 +286,7 @@ def read_size_baseline(store: str, threads: int = 4, total_bytes: int = 16 << 20
         hole_neurons = -(-(reader.max_gap_bytes + 2 * reader.alignment_bytes) // layout.bundle_bytes) + 1
 
         # the bundles land in one preallocated matrix, as in a neuron cache, its pages touched before the
-        # timing (a fresh array per call added its page faults to the reader's time: ~15% at 12 KiB here)
+        # timing (a fresh array per call would add its page faults to the reader's time)
         largest_layer = max(region.num_neurons for region in layout.layers)
         out = np.empty((largest_layer, layout.stored_row_width), dtype=numpy_dtype_of_store(layout.dtype))
         out.fill(0)

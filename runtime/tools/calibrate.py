@@ -20,11 +20,8 @@
    carried along the same loop over the layers as steps 2-5, on the rows it
    has read (see _LayerSensitivity), gives each layer's loss increase. A
    layer far more sensitive than the rest stays dense: every neuron pinned,
-   so it is read once and never predicted away. On the demo model at 50%
-   sparsity, with rank-128 regression predictors layer 0 alone cost 0.18
-   nats/token, 13x the median layer (0.014): kept dense it took 3% of the FFN
-   bytes. With the sketch no layer stands out (median 0.004, largest 0.013)
-   and none is kept.
+   so it is read once and never predicted away (docs/benchmarks.md,
+   "calibrate's layer sensitivity", has what it kept on the demo model).
 7. Write sparsity.safetensors and the manifest's `sparsity` section.
 """
 from __future__ import annotations
@@ -52,9 +49,8 @@ from flashllm.workers.predictor import (
 from flashllm.workers.store_reader import bundle_rows_as_float, layer_table, load_down_group_scales, open_store
 
 CALIBRATION_WINDOW_TOKENS = 512
-# rank r of d → r → n. On the SwiGLU demo model the rank decides quality (top 50% kept by the same-layer
-# predictor, perplexity on held-out text, dense 36.6: regression r=64 241, r=128 107, r=256 53; held-out
-# top-50% recall of the classifier at r=64 0.60-0.64, of regression at r=64 0.66-0.71)
+# rank r of d → r → n. On a SwiGLU model the rank decides quality: a low rank loses the neurons a layer
+# needs (docs/benchmarks.md, "Figures moved out of the code", has the demo model's perplexity by rank)
 DEFAULT_RANKS = {"classifier": 64, "regression": 128}
 HOLDOUT_FRACTION = 0.1
 SENSITIVITY_MAX_TOKENS = 512  # held-out tokens in the sensitivity pass (one model per layer)

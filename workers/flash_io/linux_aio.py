@@ -2,10 +2,10 @@
 
 Why: flash serves small random reads fast only at a deep queue. A pool of
 threads each blocked in `preadv` keeps at most one read per thread in flight,
-and on a 2-core laptop each completion costs a thread wake-up and a turn at
-the GIL: measured here, 4 threads reach ~20K reads/s of 12 KiB, while one
-`io_submit` of the same reads reaches ~33K/s and 4 KiB reads ~68K/s (fio's
-figure), with almost no CPU.
+and on a machine of few cores each completion costs a thread wake-up and a
+turn at the GIL; one `io_submit` puts a whole round of reads on the queue with
+almost no CPU (docs/benchmarks.md, "Figures moved out of the code", has the
+reads/s of both).
 
 How: the kernel ABI is four syscalls (io_setup, io_submit, io_getevents,
 io_destroy) and two fixed-layout structs, called through ctypes (which

@@ -1,7 +1,6 @@
 """One layer's DRAM cache of FFN neuron bundles: the paper's preallocated matrix.
 
-Memory layout (DESIGN.md "Memory management"): a (capacity_rows,
-bundle_elements) matrix allocated once. Rows [0, num_rows) are the cached
+Memory layout: a (capacity_rows, bundle_elements) matrix allocated once. Rows [0, num_rows) are the cached
 neurons, packed, so `dense_rows()` is a contiguous matrix the compute worker
 multiplies directly (gathering rows per call is slower than the dense FFN).
 

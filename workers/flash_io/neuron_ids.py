@@ -2,8 +2,9 @@
 
 Ids are small non-negative integers (< n_ff), and a decode step does a dozen
 set operations per layer. numpy 2's np.unique / union1d / setdiff1d hash or
-sort their input and cost ~100-200 us per call on sets of ~1000 ids; marking a
-(n_ff,) bool mask costs ~5-10 us, and its result comes out sorted.
+sort their input, which costs more per call than marking a (n_ff,) bool mask
+(docs/benchmarks.md, "Figures moved out of the code"); a mask's result also
+comes out sorted.
 """
 from __future__ import annotations
 

@@ -6,10 +6,10 @@ memory budget must hold. Held in float16/bfloat16 they take half the bytes;
 each product then picks the cheaper exact-enough path:
 
 - decode-sized inputs (a few rows) are memory-bound: multiply in the storage
-  dtype, which streams half the bytes (measured faster than float32 here) and
-  rounds the inputs and outputs to it (about 4e-4 relative in float16);
-- prefill/scoring-sized inputs are compute-bound and CPU half GEMM is slow
-  (3-4x float32 here): upcast the matrix for this product, in vocabulary
+  dtype, which streams half the bytes and rounds the inputs and outputs to
+  it (float16 keeps 11 significant bits);
+- prefill/scoring-sized inputs are compute-bound and CPU half GEMM is slower
+  than float32 GEMM: upcast the matrix for this product, in vocabulary
   chunks for the head so the temporary stays small.
 
 Vectors (norms, biases) stay in the compute dtype: they are tiny.
