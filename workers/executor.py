@@ -143,6 +143,7 @@ class ModelExecutor(Executor):
                                  sparse.capacity_rows if sparse is not None else None)
         store_backed = store_backed_names(manifest, self.device)
         weights = with_quantized_blocks(load_resident_weights(store_dir, manifest, verify=verify, skip=store_backed))
+        drop_file_cache(os.path.join(store_dir, manifest.resident_file))  # the tensors are copies: drop the pages now
         back_with_store(weights, store_dir, manifest, store_backed, verify)
         self.model = build_model(arch, weights, self.dtype, self.device, self.resident_dtype)
         del weights
