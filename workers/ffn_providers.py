@@ -139,7 +139,7 @@ class NaiveFlashFfn(FfnProvider):
             self._down_kernel_scales = [down_kernel_scales_of(layer_table(self.down_scales, layer))
                                         for layer in range(self.num_layers)]
         self._read_thread = ThreadPoolExecutor(1, thread_name_prefix="flashllm-naive-read")
-        # one torch thread there: OpenMP gives a new thread all cores, whose spinning slowed both threads ~3x
+        # one torch thread there: OpenMP gives a new thread all cores, whose spinning slows both threads
         self._convert_thread = ThreadPoolExecutor(1, thread_name_prefix="flashllm-naive-convert",
                                                   initializer=torch.set_num_threads, initargs=(1,))
         # converts a layer's down columns while the converter does its rows: the computing thread mostly

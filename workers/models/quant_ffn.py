@@ -40,7 +40,7 @@ import torch.nn.functional as F
 
 from flashllm.protocol import quant_format as qf
 from flashllm.protocol.store_format import FfnLayout
-from flashllm.workers.models.quant_linear import BLOCK_WEIGHTS, QuantizedBlocks, pack_int4_tiles, split_blocks
+from flashllm.workers.models.quant_linear import BLOCK_WEIGHTS, QuantizedBlocks, split_blocks
 
 INT4_TILE_ROWS = 64
 DOWN_ROW_DTYPE = torch.float16  # holds GGUF's dequantized down weights exactly; see docs/benchmarks.md
@@ -77,7 +77,7 @@ _thread_scratch = threading.local()
 def scratch_buffer(name: str, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
     """A buffer of this thread's, reused from call to call: a naive step converts every layer, and fresh
     temporaries of a few hundred KiB were mmap'd and faulted in each time (malloc_tuning fixes glibc's mmap
-    threshold at 128 KiB), which measured ~75 ms of a 160 ms token. Its contents are the caller's until the
+    threshold at 128 KiB; docs/benchmarks.md, stop 26). Its contents are the caller's until the
     same thread asks for `name` again."""
     buffers = _thread_scratch.__dict__.setdefault("buffers", {})
     buffer = buffers.get(name)
@@ -102,7 +102,7 @@ def dequantize_down_columns(column_kind: str, values: np.ndarray, table: np.ndar
                             ) -> torch.Tensor:
     """Down columns of neurons neuron_ids (k,): values (k, bytes) uint8 and their layer's scale table
     (d, n_ff/32, c) float16 → (k, d) DOWN_ROW_DTYPE: GGUF's d·q (+ m) in float32, rounded once (the same
-    values as quant_format.dequantize_grouped_columns, 4x faster: a sparse step decodes every inserted row)."""
+    values as quant_format.dequantize_grouped_columns, in torch: a sparse step decodes every inserted row)."""
     block_kind = _BLOCK_KIND_OF_COLUMNS[column_kind]
     k, d = len(neuron_ids), table.shape[0]
     groups = torch.from_numpy(np.asarray(neuron_ids, dtype=np.int64) // BLOCK_WEIGHTS)  # (k,)
@@ -250,7 +250,7 @@ class QuantNeuronMatrix:
         tiles_count = k // INT4_TILE_ROWS
         raw = blocks.raw.reshape(k, groups, -1)  # (k, G, block bytes)
         qs = raw[..., -16:].reshape(tiles_count, 2, 32, groups, 16)  # (T, half, n%32, G, 16)
-        # one gather into the tiles' order first: byte-wide ops over contiguous memory are 3x faster
+        # one gather into the tiles' order first: byte-wide ops run faster over contiguous memory
         gathered = scratch_buffer("tiles", (2, tiles_count, groups, 16, 32), torch.uint8)
         lower, upper = gathered.copy_(qs.permute(1, 0, 3, 4, 2))  # (T, G, 16, 32) each: rows n and n + 32
         tiles = self.packed[first:first + k].view(tiles_count, groups, 2, 16, 32)  # (T, G, 2, 16, 32)
@@ -260,7 +260,7 @@ class QuantNeuronMatrix:
     def _write_tile_scales(self, first: int, blocks: QuantizedBlocks) -> None:
         """The blocks' (d, m) → the kernel's (scale, zero) = (d, m + 8d), or (d, 0) for q4_0, at rows first..
         A q4_1 block's (d, m) is one 32-bit word, and so is a bfloat16 (scale, zero) pair: moved as words,
-        the strided gather and the transposed write are 7x faster than as halves."""
+        the strided gather and the transposed write take far fewer element moves than as halves."""
         k, groups = len(blocks.raw), self.d // BLOCK_WEIGHTS
         scale_zero = scratch_buffer("scale_zero", (k, groups, 2), torch.float32)
         if blocks.kind == "q4_1" and blocks.raw.stride(0) % 4 == 0 and blocks.raw.storage_offset() % 4 == 0:

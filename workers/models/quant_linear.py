@@ -15,7 +15,7 @@ multiplies it as it is (alternatives and figures: docs/benchmarks.md):
   bfloat16 scale per row, multiplied with `_weight_int8pack_mm`. The int8
   kernel scales per output row, not per 32-weight block, so the blocks are
   re-scaled once at load (the added error is reported); summing one call per
-  block measured 50x slower, and a float16 copy holds twice the bytes.
+  block is much slower (docs/benchmarks.md), and a float16 copy holds twice the bytes.
 
 Both take x in any float dtype and give the product back in x's dtype. The
 kernels take bfloat16 activations and scales and give bfloat16 products, so a
@@ -154,7 +154,7 @@ class Int8RowMatrix:
     load: each row's scale is max|w|/127 rounded up to a bfloat16 value (the kernel takes bfloat16 scales,
     so the scale itself is exact) and each weight is re-rounded to it. The largest error this adds is half
     a row step, reported by `requantize_max_abs_error`; docs/benchmarks.md has its perplexity cost and the
-    alternatives measured (float16 copy: twice the bytes; per-block int8 calls: 50x slower)."""
+    alternatives measured (a float16 copy: twice the bytes; per-block int8 calls: far slower)."""
 
     def __init__(self, blocks: QuantizedBlocks):
         chunks = ((start, blocks.raw[start:start + DEQUANTIZE_CHUNK_ROWS])
