@@ -177,8 +177,10 @@ class NaiveFlashFfn(FfnProvider):
         return rows, read_s, time.perf_counter() - start, read_bytes
 
     def _drain(self) -> None:
+        """Wait out the reads and conversions in flight and forget them. Their errors are dropped: each belonged
+        to a step that already failed on its own layer (a corrupt bundle), and the next step reads again."""
         for future in list(self._converts.values()) + list(self._reads.values()):
-            future.result()
+            future.exception()
         self._converts.clear()
         self._reads.clear()
 
@@ -193,6 +195,7 @@ class NaiveFlashFfn(FfnProvider):
     def _rows_of(self, layer: int) -> torch.Tensor | QuantRows:
         if layer != self._next_layer:
             self._restart(layer)
+        self._next_layer = None  # until this layer arrives: a failed read restarts the pipeline next time
         sequence = self._sequence
         # the layer computed before this one is done: its converted buffers take the next layer
         self._converts[sequence + 1] = self._convert_thread.submit(self._convert, sequence + 1)
