@@ -487,3 +487,18 @@ def test_a_bfloat16_store_generates_what_the_float32_store_generates(tiny_models
             [result] = engine.generate([[0, 17, 42, 99, 5]], SamplingParams(max_tokens=8, ignore_eos=True))
             tokens[name] = result.tokens
     assert tokens["bfloat16"] == tokens["float32"]
+
+
+@pytest.mark.parametrize("dtype", ["q8_0", "q4_0"])
+def test_naive_streams_a_quantized_store_to_dense_tokens(dtype, tiny_quantized_stores):
+    """--mode naive converts each layer as it streams it (q8_0 down columns as float16 rows, 4-bit down as
+    the kernel's blocks): the same greedy tokens as the store held whole."""
+    from flashllm import Engine, SamplingParams
+
+    store, _ = tiny_quantized_stores(dtype)
+    params = SamplingParams(max_tokens=8, temperature=0)
+    tokens = {}
+    for mode in ("dense", "naive"):
+        with Engine(store, mode=mode, runtime="inproc") as engine:
+            tokens[mode] = engine.generate([[1, 5, 9, 13]], params)[0].tokens
+    assert tokens["naive"] == tokens["dense"]

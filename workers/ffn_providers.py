@@ -110,7 +110,6 @@ class NaiveFlashFfn(FfnProvider):
 
     mode = "naive"
     DEPTH = NAIVE_LAYERS_IN_FLIGHT
-    split_conversion = True
 
     def __init__(self, store_dir: str, manifest: Manifest, dtype: torch.dtype, device: str, num_threads: int = 4,
                  capacity_rows: list[int] | None = None):
@@ -132,12 +131,16 @@ class NaiveFlashFfn(FfnProvider):
         self._streamed = [layer for layer in range(self.num_layers) if layer not in self._held]
         self._raw_buffers = [self.reader.layer_buffer() for _ in range(self.DEPTH)]
         self._matrices = None  # a quantized store on a CPU: whole-layer matrices, rewritten in turn
-        if self.layout.is_quantized and torch.device(device).type == "cpu":
+        self._down_kernel_scales: dict[int, torch.Tensor] = {}  # streamed layer → its 4-bit down table, kernel form
+        if self.layout.is_quantized and torch.device(device).type == "cpu" and self._streamed:
             largest = max(region.num_neurons for region in self.layout.layers)
-            self._matrices = [QuantNeuronMatrix(self.layout, largest, layer_table(self.down_scales, 0), whole_layer=True)
-                              for _ in range(self.DEPTH)]
-            self._down_kernel_scales = [down_kernel_scales_of(layer_table(self.down_scales, layer))
-                                        for layer in range(self.num_layers)]
+            first = self._streamed[0]
+            self._matrices = [QuantNeuronMatrix(self.layout, largest, layer_table(self.down_scales, first),
+                                                whole_layer=True) for _ in range(self.DEPTH)]
+            if self._matrices[0].down_as_blocks:  # converted once; the float16 tables are then not needed
+                self._down_kernel_scales = {layer: down_kernel_scales_of(layer_table(self.down_scales, layer))
+                                            for layer in self._streamed}
+                self.down_scales = None
         self._read_thread = ThreadPoolExecutor(1, thread_name_prefix="flashllm-naive-read")
         # one torch thread there: OpenMP gives a new thread all cores, whose spinning slows both threads
         self._convert_thread = ThreadPoolExecutor(1, thread_name_prefix="flashllm-naive-convert",
@@ -168,8 +171,8 @@ class NaiveFlashFfn(FfnProvider):
         layer = self._layer_at(sequence)
         if self._matrices is not None:
             matrix = self._matrices[sequence % self.DEPTH]  # not the one the computing thread holds
-            matrix.load_whole_layer(raw, layer_table(self.down_scales, layer), self._down_kernel_scales[layer],
-                                    helper=self._convert_helper if self.split_conversion else None)
+            matrix.load_whole_layer(raw, layer_table(self.down_scales, layer), self._down_kernel_scales.get(layer),
+                                    helper=self._convert_helper)
             rows = QuantRows(matrix, raw.shape[0])
         else:
             rows = held_rows(raw, self.layout, self.dtype, self.device, copy=True,

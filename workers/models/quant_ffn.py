@@ -148,6 +148,7 @@ class QuantNeuronMatrix:
             self.scales_zeros = torch.zeros(groups, rows, 2, dtype=torch.bfloat16)  # (G, rows, 2)
         else:
             self.rows_bf16 = torch.zeros(rows, self.d, dtype=torch.bfloat16)  # (rows, d)
+        self.whole_layer = whole_layer
         self.down_as_blocks = whole_layer and _int4_down(kinds["down"])
         if self.down_as_blocks:  # groups of 32 along K (neurons) are exactly GGUF's blocks
             self.down_kernel_scales = down_kernel_scales if down_kernel_scales is not None else \
@@ -215,15 +216,18 @@ class QuantNeuronMatrix:
         else:
             self.down_rows[slots_t] = dequantize_down_columns(self.down_kind, values, self.down_scales, neuron_ids)
 
-    def load_whole_layer(self, bundles: np.ndarray, down_scales: np.ndarray,
+    def load_whole_layer(self, bundles: np.ndarray, down_scales: np.ndarray | None,
                          down_kernel_scales: torch.Tensor | None = None, helper=None) -> None:
         """Rewrite this whole-layer matrix with another layer's bundles (n, bundle_bytes), n ≤ capacity, and
-        that layer's down tables: a naive step reuses two matrices instead of allocating one a layer."""
-        if not self.down_as_blocks:
+        that layer's down table: a naive step reuses two matrices instead of allocating one a layer. 4-bit
+        down blocks take the table in the kernel's form (down_kernel_scales, else derived from down_scales),
+        q8_0 down columns the table itself."""
+        if not self.whole_layer:
             raise ValueError("load_whole_layer needs a matrix made with whole_layer=True")
         self.down_scales = down_scales
-        self.down_kernel_scales = down_kernel_scales if down_kernel_scales is not None else \
-            down_kernel_scales_of(down_scales)
+        if self.down_as_blocks:
+            self.down_kernel_scales = down_kernel_scales if down_kernel_scales is not None else \
+                down_kernel_scales_of(down_scales)
         ids = np.arange(len(bundles))
         self.write(ids, bundles, ids, helper)
 
