@@ -147,7 +147,6 @@ class ModelExecutor(Executor):
         back_with_store(weights, store_dir, manifest, store_backed, verify)
         self.model = build_model(arch, weights, self.dtype, self.device, self.resident_dtype)
         del weights
-        drop_file_cache(os.path.join(store_dir, manifest.resident_file))  # converted: the file's pages are a copy
         self.kv = KVCache(arch.num_hidden_layers, num_slots, arch.num_key_value_heads, max_context,
                           arch.head_dim, self.dtype, self.device)
         self.ffn = ffn if ffn is not None else make_ffn_provider(mode, store_dir, manifest, self.dtype, self.device,

@@ -239,11 +239,7 @@ class StoredMatrixRows:
         unique, inverse = np.unique(flat, return_inverse=True)
         raw = np.empty((len(unique), self.row_bytes), np.uint8)  # (u, row bytes)
         for index, row in enumerate(unique):
-            offset = self.data_offset_bytes + int(row) * self.row_bytes
-            got = os.preadv(self._fd, [memoryview(raw[index])], offset)
-            if got != self.row_bytes:
-                raise StoreError(f"{self.path}: short read of row {row}; the store is corrupt, re-run `flashllm convert`")
-            os.posix_fadvise(self._fd, offset, self.row_bytes, os.POSIX_FADV_DONTNEED)
+            self._read_rows(int(row), raw[index:index + 1])
         values = dequantize(QuantizedBlocks(self.kind, torch.from_numpy(raw), (len(unique), self.shape[1])))
         return values[torch.from_numpy(inverse)].reshape(*ids.shape, self.shape[1]).to(dtype)
 
@@ -256,17 +252,21 @@ class StoredMatrixRows:
         digest = hashlib.sha256() if expected_sha256 else None
         for start in range(0, self.shape[0], rows_per_chunk):
             stop = min(start + rows_per_chunk, self.shape[0])
-            raw = np.empty((stop - start, self.row_bytes), np.uint8)  # (rows, row bytes)
-            offset = self.data_offset_bytes + start * self.row_bytes
-            if os.preadv(self._fd, [memoryview(raw).cast("B")], offset) != raw.nbytes:
-                raise StoreError(f"{self.path}: short read at row {start}; the store is corrupt, re-run `flashllm convert`")
-            os.posix_fadvise(self._fd, offset, raw.nbytes, os.POSIX_FADV_DONTNEED)
+            raw = self._read_rows(start, np.empty((stop - start, self.row_bytes), np.uint8))  # (rows, row bytes)
             if digest is not None:
                 digest.update(raw.data)
             yield start, torch.from_numpy(raw)
         if digest is not None and digest.hexdigest() != expected_sha256:
             raise StoreError(f"{self.path}: checksum mismatch in tensor {self.name!r}; the store is corrupt, "
                              "re-run `flashllm convert`")
+
+    def _read_rows(self, start: int, out: np.ndarray) -> np.ndarray:
+        """Rows start.. into out (rows, row bytes) uint8, then dropped from the page cache."""
+        offset = self.data_offset_bytes + start * self.row_bytes
+        if os.preadv(self._fd, [memoryview(out).cast("B")], offset) != out.nbytes:
+            raise StoreError(f"{self.path}: short read at row {start}; the store is corrupt, re-run `flashllm convert`")
+        os.posix_fadvise(self._fd, offset, out.nbytes, os.POSIX_FADV_DONTNEED)
+        return out
 
     def close(self) -> None:
         if self._fd >= 0:
