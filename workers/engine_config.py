@@ -16,6 +16,7 @@ from __future__ import annotations
 from dataclasses import dataclass, fields
 from numbers import Integral
 
+from flashllm.workers.activation_trace import TraceSpec
 from flashllm.workers.flash_io.neuron_cache import DEFAULT_WINDOW_TOKENS
 
 FFN_MODES = ("dense", "naive", "sparse")
@@ -26,7 +27,7 @@ RESIDENT_DTYPES = ("float32", "float16", "bfloat16")
 MISSING_POLICIES = ("read", "skip")
 
 SPARSE_FLAGS = {"keep_fraction": "--keep-fraction", "window_tokens": "--neuron-window",
-                "missing_policy": "--missing-policy"}  # the options a user sets on the command line → their flags
+                "missing_policy": "--missing-policy", "trace": "--trace"}  # the options a user sets on the command line → their flags
 # what a refusal names when every sparse option given equals its default
 ANY_SPARSE_FLAG = f"a sparse option ({', '.join(SPARSE_FLAGS.values())})"
 
@@ -41,6 +42,7 @@ class SparseOptions:
     pin_hot: bool = True  # keep each layer's calibrated hot neurons in its cache for good
     reader_threads: int = 4  # flash reader threads (or in-flight requests of the AIO backend)
     capacity_rows: tuple[int, ...] | None = None  # neuron-cache rows per layer (the memory plan's); None: all
+    trace: TraceSpec | None = None  # active sets replayed from a trace instead of the store's predictors
 
     def __post_init__(self) -> None:
         if self.keep_fraction is not None and not 0.0 < self.keep_fraction <= 1.0:
@@ -50,6 +52,9 @@ class SparseOptions:
         if self.missing_policy not in MISSING_POLICIES:
             raise ValueError(f"--missing-policy {self.missing_policy!r} is not one of {', '.join(MISSING_POLICIES)}")
         _check_at_least("reader_threads", self.reader_threads, 1)
+        if self.trace is not None and self.keep_fraction is not None:
+            raise ValueError("--keep-fraction does not apply with --trace: the trace's sets are the neurons each "
+                             "token uses (paper:active=A sets their share)")
         if self.capacity_rows is not None:
             rows = tuple(int(n) for n in self.capacity_rows)
             if any(n < 0 for n in rows):

@@ -11,7 +11,7 @@ import os
 
 import torch
 
-from flashllm.protocol.store_format import Manifest, StoreError, calibrate_hint
+from flashllm.protocol.store_format import Manifest
 from flashllm.workers.engine_config import FFN_MODES, EngineConfig, SparseOptions
 from flashllm.workers.flash_io.io_counters import process_read_bytes
 from flashllm.workers.interfaces import Executor, FfnProvider
@@ -95,9 +95,10 @@ def make_ffn_provider(mode: str, store_dir: str, manifest: Manifest, dtype: torc
     if mode == "naive":
         return NaiveFlashFfn(store_dir, manifest, dtype, device, capacity_rows=naive_held_rows)
     if mode == "sparse":
-        if manifest.sparsity is None:
-            raise StoreError(calibrate_hint(store_dir))
+        from flashllm.workers.predictor import require_predictors
         from flashllm.workers.sparse_ffn import SparseFlashFfn
+
+        require_predictors(store_dir, manifest, sparse)
 
         return SparseFlashFfn(store_dir, manifest, dtype, device, sparse or SparseOptions())
     raise ValueError(f"--mode {mode!r} is not one of {', '.join(FFN_MODES)}")

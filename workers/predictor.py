@@ -52,6 +52,7 @@ from flashllm.protocol.messages import (
 )
 from flashllm.protocol.shm import SharedSegment
 from flashllm.protocol.store_format import Manifest, StoreError, calibrate_hint
+from flashllm.workers.engine_config import SparseOptions
 from flashllm.workers.flash_io.neuron_ids import union_ids
 from flashllm.workers.models.resident import linear
 from flashllm.workers.process_entry import WorkerConfig, run_worker
@@ -253,6 +254,22 @@ def predictor_held_bytes(tensors: dict[str, torch.Tensor], predictor_type: str, 
     return total
 
 
+def require_predictors(store_dir: str, manifest: Manifest, options: SparseOptions | None) -> None:
+    """--mode sparse needs the store's calibrated predictors, or a trace to replay in their place."""
+    if manifest.sparsity is None and (options is None or options.trace is None):
+        raise StoreError(calibrate_hint(store_dir))
+
+
+def load_predictor(store_dir: str, manifest: Manifest, options: SparseOptions) -> "SparsityPredictor":
+    """The sparse FFN's predictor, in both runtimes: the store's calibrated one, or a trace's (--trace), which
+    serves the same interface (workers/trace_predictor.py)."""
+    if options.trace is not None:
+        from flashllm.workers.trace_predictor import TracePredictor
+
+        return TracePredictor(manifest, options.trace, options.window_tokens)
+    return SparsityPredictor(store_dir, manifest, keep_fraction=options.keep_fraction)
+
+
 class SparsityPredictor:
     """The predictor worker's core: hidden states in, predicted neuron ids out."""
 
@@ -309,6 +326,9 @@ class SparsityPredictor:
                 parts.append(held[name])
             self.predictors[(kind, layer)] = LowRankPredictor(*parts, predictor_type=predictor_type, gated=gated)
 
+    def begin_step(self, steps: int) -> None:
+        """A forward pass starts (a trace moves on here; a calibrated predictor has nothing to do)."""
+
     def has(self, kind: str, layer: int) -> bool:
         return (kind, layer) in self.predictors
 
@@ -356,7 +376,7 @@ class PredictorWorker:
 
         torch.set_num_threads(config.predictor_threads)
         manifest = open_store(config.store_dir)
-        predictor = SparsityPredictor(config.store_dir, manifest, keep_fraction=config.sparse.keep_fraction)
+        predictor = load_predictor(config.store_dir, manifest, config.sparse)
         exchange = SharedSegment.attach(config.instance, config.exchange_layout)
         pinned = [np.zeros(predictor.num_neurons, dtype=bool) for _ in predictor.hot_ids]  # (n_ff,) per layer
         if config.sparse.pin_hot:

@@ -422,7 +422,9 @@ class PrefetchWorker:
         cache = SharedSegment.attach(config.instance, config.cache_layout)
         exchange = SharedSegment.attach(config.instance, config.exchange_layout)
         layers = [cache_layer_arrays(cache, layer) for layer in range(manifest.arch.num_hidden_layers)]
-        hot_ids = load_hot_ids(config.store_dir, manifest) if config.sparse.pin_hot else None
+        # a trace pins nothing (its predictor has no hot neurons)
+        hot_ids = load_hot_ids(config.store_dir, manifest) if config.sparse.pin_hot and config.sparse.trace is None \
+            else None
         prefetcher = Prefetcher(config.store_dir, manifest, config.capacity_rows, config.sparse.window_tokens,
                                 hot_ids=hot_ids, cache_rows=[rows for rows, _, _ in layers],
                                 cache_dtype=np.dtype(config.cache_dtype), num_threads=config.sparse.reader_threads)

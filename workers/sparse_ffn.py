@@ -42,7 +42,7 @@ from flashllm.workers.interfaces import FfnProvider
 from flashllm.workers.models.ffn import BundleColumns, HalfRows, ffn_from_rows, masked_ffn_over_chunks
 from flashllm.workers.models.quant_ffn import QuantNeuronMatrix, QuantRows
 from flashllm.workers.store_reader import bundle_rows_as_float, layer_table, load_down_group_scales
-from flashllm.workers.predictor import SparsityPredictor
+from flashllm.workers.predictor import load_predictor
 from flashllm.workers.prefetch import Prefetcher, neuron_cache_dtype
 from flashllm.workers.sparse_policy import CachedLayer, MaskedLayer, SparseStepPlanner
 
@@ -149,7 +149,7 @@ class SparseFlashFfn(FfnProvider):
         self.cols = BundleColumns.from_layout(manifest.ffn.part_slices())
         self.dtype, self.device = dtype, device
         self.missing_policy = options.missing_policy
-        self.predictor = SparsityPredictor(store_dir, manifest, keep_fraction=options.keep_fraction)
+        self.predictor = load_predictor(store_dir, manifest, options)
         capacity_rows = list(options.capacity_rows or [self.num_neurons] * self.num_layers)
         self.prefetcher = Prefetcher(store_dir, manifest, capacity_rows, options.window_tokens,
                                      hot_ids=self.predictor.hot_ids if options.pin_hot else None,

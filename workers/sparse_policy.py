@@ -107,6 +107,7 @@ class SparseStepPlanner:
     def begin_step(self, steps: int) -> None:
         """A forward pass of `steps` new tokens per sequence starts: nothing predicted yet."""
         self._steps = steps
+        self.predictor.begin_step(steps)
         self._ahead.clear()
         self._prev_h = None
 

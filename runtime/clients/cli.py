@@ -140,6 +140,21 @@ def add_sparse_policy_args(p: argparse.ArgumentParser) -> None:
                    help="--mode sparse: neurons the same-layer check predicts but the lookahead missed are read "
                         "before the layer runs (read, the default) or left out for this token (skip: no read "
                         "waits on the layer's own input, fewer bytes, lower quality)")
+    p.add_argument("--trace", type=trace_arg, default=None, metavar="SOURCE",
+                   help="--mode sparse without predictors (e.g. a `flashllm synth` store): replay active-neuron sets "
+                        "instead. paper: the paper's OPT-6.7B statistics, 3%% of neurons active and 2.4%% new per "
+                        "token (paper:active=A,new=N,seed=S to change them); recorded:FILE.npz: sets recorded on a "
+                        "calibrated store with `flashllm bench --record-trace`, rescaled to this store's shape. "
+                        "Speed, bytes and memory are real; the text is not")
+
+
+def trace_arg(text: str):
+    from flashllm.workers.activation_trace import parse_trace
+
+    try:
+        return parse_trace(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def positive_int(text: str) -> int:

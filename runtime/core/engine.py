@@ -189,7 +189,9 @@ class Engine:
                         return exc
                     return None
 
-                choice = choose_mode(self.manifest, self.store_dir, config.memory_budget_bytes, fits)
+                choice = choose_mode(self.manifest, self.store_dir, config.memory_budget_bytes, fits,
+                                     has_predictors=self.manifest.sparsity is not None
+                                     or config.sparse_options.trace is not None)
                 mode, self.mode_reason = choice.mode, f"--mode auto picked {choice.mode}: {choice.reason}"
                 self._refuse_sparse_options(config, mode, "give --mode sparse (and a --memory it fits)")
             self.memory_plan = plan(mode)
@@ -224,7 +226,8 @@ class Engine:
         def plan(for_mode: str):
             return plan_for_store(self.store_dir, self.manifest, config.memory_budget_bytes, for_mode, itemsize,
                                   kv_bytes, keep_fraction=config.sparse_options.keep_fraction,
-                                  resident_itemsize=resident_itemsize, cache_itemsize=cache_itemsize, device=device)
+                                  resident_itemsize=resident_itemsize, cache_itemsize=cache_itemsize, device=device,
+                                  trace=config.sparse_options.trace)
 
         return plan
 

@@ -34,7 +34,7 @@ def _sparse_options_from_args(args) -> SparseOptions | None:
     """The sparse flags given (None when none is: the defaults then apply)."""
     given = {option: getattr(args, flag, None)
              for flag, option in (("keep_fraction", "keep_fraction"), ("neuron_window", "window_tokens"),
-                                  ("missing_policy", "missing_policy"))}
+                                  ("missing_policy", "missing_policy"), ("trace", "trace"))}
     given = {option: value for option, value in given.items() if value is not None}
     return SparseOptions(**given) if given else None
 
@@ -51,6 +51,10 @@ def engine_from_args(args, max_batch: int = 1):
     engine = Engine(args.store, config=config)
     if config.mode == "auto" and config.memory_budget_bytes is not None:  # a choice the budget made: say which
         print(f"flashllm: {engine.mode_reason}", file=sys.stderr)
+    trace = config.sparse_options.trace
+    if trace is not None and engine.mode == "sparse":
+        print(f"flashllm: --trace {trace}: the active neurons are replayed from a trace, not predicted from the "
+              "model: speed, bytes and memory are real, the text is not", file=sys.stderr)
     return engine
 
 

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from flashllm.protocol import quant_format as qf
 from flashllm.protocol.shm import CHUNK_SLOTS
 from flashllm.protocol.store_format import DTYPE_ITEMSIZE, FfnLayout, Manifest
+from flashllm.workers.activation_trace import TraceSpec
 from flashllm.workers.ffn_providers import NAIVE_LAYERS_IN_FLIGHT
 from flashllm.workers.models.ffn import HALF_ROWS_CHUNK
 from flashllm.workers.models.resident import HALF_STORE_DTYPES
@@ -277,9 +278,10 @@ def resident_bytes_of(store_dir: str, manifest: Manifest, resident_itemsize: int
 def plan_for_store(store_dir: str, manifest: Manifest, budget_bytes: int, mode: str, compute_itemsize: int,
                    kv_cache_bytes: int, keep_fraction: float | None = None,
                    resident_itemsize: int | None = None, cache_itemsize: int | None = None,
-                   device: str = "cpu") -> MemoryPlan:
+                   device: str = "cpu", trace: TraceSpec | None = None) -> MemoryPlan:
     """The plan for running `mode` on this store under budget_bytes (raises MemoryPlanError when it cannot fit).
-    cache_itemsize: bytes per element of a float store's neuron cache rows (default: compute_itemsize)."""
+    cache_itemsize: bytes per element of a float store's neuron cache rows (default: compute_itemsize).
+    trace: sparse sets replayed from a trace (--trace): its predictor's bytes and largest set, no hot neurons."""
     device = torch_device_type(device)
     resident_bytes = resident_bytes_of(store_dir, manifest, resident_itemsize or compute_itemsize, device)
     resident_half_saving_bytes = max(0, resident_bytes - resident_bytes_of(store_dir, manifest, HALF_ITEMSIZE, device))
@@ -303,6 +305,16 @@ def plan_for_store(store_dir: str, manifest: Manifest, budget_bytes: int, mode: 
                                   + "\n".join(f"  {knob}" for knob in flash_mode_knobs(
                                       store_dir, manifest, mode, plan, resident_half_saving_bytes, kv_cache_bytes, compute_itemsize, device)))
         return plan
+    if trace is not None:
+        from flashllm.workers.activation_trace import ActivationTrace
+        from flashllm.workers.trace_predictor import trace_predictor_held_bytes
+
+        arch = manifest.arch
+        keep_neurons = ActivationTrace(trace, arch.num_hidden_layers, arch.intermediate_size, 1).max_active
+        return plan_memory(manifest, resident_bytes, budget_bytes, compute_itemsize, keep_neurons,
+                           [0] * arch.num_hidden_layers, trace_predictor_held_bytes(manifest), kv_cache_bytes,
+                           cache_itemsize=cache_itemsize, device=device,
+                           resident_half_saving_bytes=resident_half_saving_bytes)
     from flashllm.workers.predictor import load_sparsity_tensors, predictor_held_bytes
 
     tensors = load_sparsity_tensors(store_dir, manifest)

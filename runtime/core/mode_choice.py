@@ -47,12 +47,13 @@ def budget_from_percent(text: str, store_dir: str) -> int | None:
 
 
 def choose_mode(manifest: Manifest, store_dir: str, budget_bytes: int | None,
-                fits: Callable[[str], Exception | None]) -> ModeChoice:
+                fits: Callable[[str], Exception | None], has_predictors: bool | None = None) -> ModeChoice:
     """--mode auto. fits(mode) → None when mode's memory plan fits the budget, else the planner's error.
-    Raises the most useful error when nothing fits: sparse's (it names every knob) on a calibrated store."""
+    Raises the most useful error when nothing fits: sparse's (it names every knob) on a calibrated store.
+    has_predictors: sparse can run (default: the store is calibrated; a --trace stands in for predictors)."""
     if budget_bytes is None:
         return ModeChoice("dense", "no --memory given: the whole model in memory")
-    calibrated = manifest.sparsity is not None
+    calibrated = manifest.sparsity is not None if has_predictors is None else has_predictors
     errors: dict[str, Exception] = {}
     for mode in AUTO_MODE_ORDER:
         if mode == "sparse" and not calibrated:

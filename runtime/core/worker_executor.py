@@ -27,7 +27,7 @@ from flashllm.protocol.messages import (
     ROLE_COMPUTE, ROLE_PREFETCH, Dispatcher, ForwardChunk, ForwardRequest, LogitsTaken, StepFailed,
 )
 from flashllm.protocol.shm import EXCHANGE_SEGMENT, exchange_layout, neuron_cache_layout
-from flashllm.protocol.store_format import Manifest, StoreError, calibrate_hint
+from flashllm.protocol.store_format import Manifest
 from flashllm.runtime.core.supervisor import (
     DEFAULT_MAX_RESTARTS, DEFAULT_START_TIMEOUT_S, Supervisor, WorkerCrashedError, WorkerRuntimeError, sweep_stale_instances,
 )
@@ -39,6 +39,7 @@ from flashllm.workers.flash_io.integrity import BundleChecksumError
 from flashllm.workers.flash_io.io_counters import process_read_bytes
 from flashllm.workers.interfaces import Executor
 from flashllm.workers.process_entry import WorkerConfig
+from flashllm.workers.predictor import require_predictors
 from flashllm.workers.prefetch import neuron_cache_dtype
 
 MIN_LOGITS_ROWS = 64
@@ -97,8 +98,7 @@ class WorkerExecutor(Executor):
         if mode != "sparse":
             raise ValueError(f"--runtime workers runs the pipelined sparse FFN (--mode sparse); use --runtime inproc "
                              f"for --mode {mode}")
-        if manifest.sparsity is None:
-            raise StoreError(calibrate_hint(store_dir))
+        require_predictors(store_dir, manifest, sparse)
         self.arch = manifest.arch
         self.device = device or default_device()
         sweep_stale_instances(runtime_root)

@@ -41,6 +41,8 @@ from flashllm.runtime.core.engine import Engine
 from flashllm.runtime.core.engine_config import EngineConfig, SparseOptions
 from flashllm.runtime.core.memory_plan import MemoryPlanError
 from flashllm.runtime.core.sampling import SamplingParams
+from flashllm.workers.activation_trace import TraceSpec
+from flashllm.workers.engine_config import SPARSE_FLAGS
 
 BENCH_PROMPT = "The history of the printing press begins"
 NAIVE_MAX_TOKENS = 24  # naive reads the whole FFN per token: a few tokens measure it
@@ -421,9 +423,8 @@ def peak_memory_runs(store: str, memory_bytes: int, runtimes: list[str], residen
     baselines = measure_baselines()
     runs = {}
     extra = ["--resident-dtype", resident_dtype] if resident_dtype else []
-    flags = {"keep_fraction": "--keep-fraction", "window_tokens": "--neuron-window", "missing_policy": "--missing-policy"}
     for option, value in sparse_options.items():  # the same sparse settings as the bench's own runs
-        extra += [flags[option], str(value)]
+        extra += [SPARSE_FLAGS[option], str(value)]
     for runtime in runtimes:
         try:
             runs[runtime] = measure_generate(store, "sparse", runtime, memory_bytes, extra_args=extra,
@@ -447,16 +448,18 @@ def run_bench(store: str, modes: list[str], memory_bytes: int | None, decode_tok
               eval_tokens: int, keep_fractions: list[float], runtimes: list[str], read_baseline: bool = True,
               keep_fraction: float | None = None, resident_dtype: str | None = None, threads: int | None = None,
               paired_rounds: int = 0, window_tokens: int | None = None, missing_policy: str | None = None,
-              record_reads: str | None = None, peak_memory: bool = True) -> dict:
-    """resident_dtype, keep_fraction, window_tokens and missing_policy apply to the sparse runs (the ones the
-    budget bounds; the trade-off varies keep_fraction); dense stays the exact reference."""
+              record_reads: str | None = None, peak_memory: bool = True, trace: TraceSpec | None = None,
+              record_trace: str | None = None) -> dict:
+    """resident_dtype, keep_fraction, window_tokens, missing_policy and trace apply to the sparse runs (the ones
+    the budget bounds; the trade-off varies keep_fraction); dense stays the exact reference.
+    record_trace: a .npz path where the in-process sparse run's predicted sets go (`--trace recorded:FILE`)."""
     from flashllm.protocol.store_format import read_manifest
     from flashllm.runtime.core.tokenizer import Tokenizer
 
     manifest = read_manifest(store)
     sparse_options = {name: value for name, value in (
-        ("keep_fraction", keep_fraction), ("window_tokens", window_tokens), ("missing_policy", missing_policy))
-        if value is not None}  # the options given, as the report names them
+        ("keep_fraction", keep_fraction), ("window_tokens", window_tokens), ("missing_policy", missing_policy),
+        ("trace", trace)) if value is not None}  # the options given, as the report names them
     sparse = SparseOptions(**sparse_options) if sparse_options else None
     text_ids = None
     if text is not None:
@@ -467,7 +470,8 @@ def run_bench(store: str, modes: list[str], memory_bytes: int | None, decode_tok
                     "store_bytes": sum(os.path.getsize(os.path.join(store, f)) for f in os.listdir(store)),
                     "reader_io_backend": _reader_io_backend(store), "sparse_resident_dtype": resident_dtype,
                     "decode_tokens": decode_tokens, "eval_tokens": len(text_ids) - 1 if text_ids else 0,
-                    "sparse_options": sparse_options,
+                    "sparse_options": {name: str(value) if name == "trace" else value
+                                       for name, value in sparse_options.items()},
                     "dense_layers": manifest.sparsity.dense_layers if manifest.sparsity else [], "modes": {}}
     dense_argmax = None
     sets: list = []
@@ -515,6 +519,15 @@ def run_bench(store: str, modes: list[str], memory_bytes: int | None, decode_tok
         report["sparsity_tradeoff"] = sorted(tradeoff, key=lambda row: row["keep_fraction"])
     if sets:
         report["window_curve"] = window_curve(sets, manifest.arch.intermediate_size)
+    if record_trace is not None:
+        report["recorded_trace"] = _save_trace(record_trace, sets, manifest.arch.num_hidden_layers,
+                                               manifest.arch.intermediate_size)
+    if trace is not None:
+        report["trace"] = trace_summary(trace, manifest, sparse or SparseOptions())
+        new_bytes = report["trace"].get("new_bytes_per_token")
+        for key, result in report["modes"].items():
+            if new_bytes and key.startswith("sparse") and result.get("device_bytes_per_token") is not None:
+                result["device_bytes_per_trace_new_byte"] = result["device_bytes_per_token"] / new_bytes
     if paired_rounds and "naive" in modes and "sparse" in modes:
         print(f"bench: naive and sparse in turns, {paired_rounds} rounds ...", file=sys.stderr)
         paired_runs = {"naive": bench_engine_config("naive")}
@@ -532,6 +545,37 @@ def run_bench(store: str, modes: list[str], memory_bytes: int | None, decode_tok
         print("bench: direct-read baseline ...", file=sys.stderr)
         report["direct_read_baseline"] = read_size_baseline(store)
     return report
+
+
+def _save_trace(path: str, sets: list[tuple[int, np.ndarray]], num_layers: int, num_neurons: int) -> str:
+    """The sparse run's decode sets as a trace file: the steps whose every layer took the cached path."""
+    from flashllm.workers.activation_trace import save_recorded_trace
+
+    steps, step = [], []
+    for layer, ids in sets:
+        if layer == 0:
+            step = []
+        step.append(ids)
+        if layer == num_layers - 1 and len(step) == num_layers:
+            steps.append(step)
+    if not steps:
+        raise ValueError("--record-trace: the sparse run decoded no token through the neuron caches; give a "
+                         "--memory the caches fit and --modes with sparse")
+    save_recorded_trace(path, steps, num_neurons)
+    return path
+
+
+def trace_summary(trace: TraceSpec, manifest, options: SparseOptions) -> dict:
+    """The trace the sparse runs replayed; for the paper's, the bytes of the neurons new per token (what a
+    window of options.window_tokens tokens leaves to read) that the device bytes are set against."""
+    summary: dict = {"spec": str(trace), "window_tokens": options.window_tokens}
+    if trace.source == "paper":
+        arch = manifest.arch
+        new_neurons = round(trace.new_fraction * arch.intermediate_size) * arch.num_hidden_layers
+        summary.update(active_fraction=trace.active_fraction, new_fraction=trace.new_fraction,
+                       new_neurons_per_token=new_neurons,
+                       new_bytes_per_token=new_neurons * manifest.ffn.bundle_bytes)
+    return summary
 
 
 def read_cost_curve(store: str) -> dict:
@@ -583,13 +627,16 @@ def cmd_bench(args) -> int:
         with open(args.text, encoding="utf-8") as f:
             text = f.read()
     keep_fractions = [float(x) for x in args.keep_fractions.split(",")] if args.keep_fractions else []
+    if args.trace is not None and keep_fractions:
+        raise ValueError("--keep-fractions does not apply with --trace: the trace's sets are the neurons each token "
+                         "uses; vary --trace paper:active=A instead")
     runtimes = [r.strip() for r in args.runtimes.split(",")]
     report = run_bench(args.store, modes, parse_size(args.memory) if args.memory else None, args.tokens, text,
                        args.eval_tokens, keep_fractions, runtimes, read_baseline=not args.no_read_baseline,
                        keep_fraction=args.keep_fraction, resident_dtype=args.resident_dtype, threads=args.threads,
                        paired_rounds=args.paired_rounds, window_tokens=args.neuron_window,
                        missing_policy=args.missing_policy, record_reads=args.record_reads,
-                       peak_memory=not args.no_peak_memory)
+                       peak_memory=not args.no_peak_memory, trace=args.trace, record_trace=args.record_trace)
     _print_table("modes", [dict(name=k, **v) for k, v in report["modes"].items()], [
         ("mode", "name", ""), ("ms/token", "ms_per_token", ".1f"), ("tok/s", "tokens_per_s", ".2f"),
         ("MiB read/token", "flash_read_mib_per_token", ".2f"), ("hit rate", "cache_hit_rate", ".3f"),
@@ -618,6 +665,12 @@ def cmd_bench(args) -> int:
             ("needed B/token", "needed_bytes_per_token", ".0f"), ("device/needed", "device_bytes_per_needed_byte", ".3f"),
             ("requests/token", "requests_per_token", ".1f"), ("mean request B", "mean_request_bytes", ".0f"),
             ("achieved MB/s", "achieved_bytes_per_s", ".3e"), ("raw MB/s same sizes", "raw_bytes_per_s_at_these_sizes", ".3e")])
+        trace = report.get("trace")
+        if trace and trace.get("new_bytes_per_token"):
+            print(f"  trace {trace['spec']}: {trace['new_bytes_per_token']:.0f} B/token of new neurons (window "
+                  f"{trace['window_tokens']}); device/new: "
+                  + ", ".join(f"{row['name']} {row['device_bytes_per_trace_new_byte']:.3f}" for row in sparse_reads
+                              if row.get("device_bytes_per_trace_new_byte") is not None))
         for row in sparse_reads:
             if row.get("request_size_histogram"):
                 print(f"  {row['name']} requests by size (<= bytes: count): "
@@ -688,6 +741,9 @@ def register_cli(sub) -> None:
                    "(the read cost curve and the raw-vs-reader table)")
     p.add_argument("--record-reads", help="write the in-process sparse run's decode neuron reads to this .npz "
                    "(replay them with python -m flashllm.runtime.tools.read_plan_sim)")
+    p.add_argument("--record-trace", metavar="FILE.npz",
+                   help="write the in-process sparse run's predicted sets as an activation trace, to replay on "
+                        "another store (e.g. a `flashllm synth` one) with --trace recorded:FILE.npz")
     p.add_argument("--no-peak-memory", action="store_true",
                    help="skip measuring the sparse runs' peak memory in a memory cgroup (a `flashllm generate` "
                         "per runtime in a child process)")
