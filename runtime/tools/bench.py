@@ -79,6 +79,7 @@ def _summarize(stats: list[dict], ffn_bytes: int, bundle_bytes: int) -> dict:
         "io_ms": _median(io_ms),
         "compute_ms": _median([s["compute_ms"] for s in stats]),
         "wait_ms": _median([s.get("wait_ms", 0.0) for s in stats]),
+        "neurons_predicted_per_token": predicted / len(stats) if stats else 0.0,
         "neurons_read_per_token": float(np.mean([s["neurons_read"] for s in stats])) if stats else 0.0,
         "neurons_computed_per_token": float(np.mean([s["neurons_computed"] for s in stats])) if stats else 0.0,
         **_device_vs_needed(read, [s["neurons_read"] * bundle_bytes for s in stats]),
