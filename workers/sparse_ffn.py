@@ -40,7 +40,7 @@ from flashllm.workers.ffn_providers import FfnStats, held_rows
 from flashllm.workers.flash_io.bundle_reader import numpy_dtype_of_store
 from flashllm.workers.interfaces import FfnProvider
 from flashllm.workers.models.ffn import BundleColumns, HalfRows, ffn_from_rows, masked_ffn_over_chunks
-from flashllm.workers.models.quant_ffn import QuantNeuronMatrix, QuantRows
+from flashllm.workers.models.quant_ffn import QuantNeuronMatrix, QuantRows, scratch_buffer
 from flashllm.workers.store_reader import bundle_rows_as_float, layer_table, load_down_group_scales
 from flashllm.workers.predictor import load_predictor
 from flashllm.workers.prefetch import Prefetcher, neuron_cache_dtype
@@ -56,10 +56,13 @@ class CacheView:
     asynchronous DMA instead of a pageable, synchronous one.
 
     A quantized store's cache rows are its bundles' bytes. On the CPU the
-    mirror is a QuantNeuronMatrix per layer, the same slots in the integer
-    kernels' layouts: only the slots whose id changed are rewritten, so a step
-    never repacks the cache. On a GPU the changed rows are dequantized on the
-    host as they go to the float mirror.
+    mirror is a QuantNeuronMatrix per layer in the integer kernels' layouts,
+    with slots of its own: a neuron keeps its mirror slot for as long as it is
+    cached, so a step converts only the neurons that arrived (the cache's
+    delete-by-moving-the-last-rows-in moves nothing here), into the slots of
+    those that left, whose down rows are zeroed so they add nothing to the
+    product. On a GPU the changed rows are dequantized on the host as they go
+    to the float mirror.
     """
 
     def __init__(self, caches, dtype: torch.dtype, device: str, layout: FfnLayout | None = None,
@@ -77,7 +80,9 @@ class CacheView:
             self.zero_copy = False
             self.matrices = [QuantNeuronMatrix(self.layout, c.capacity_rows, down_scales[layer])
                              for layer, c in enumerate(caches)]
-            self.mirror_ids = [np.full(c.capacity_rows, -1, np.int64) for c in caches]
+            self.mirror_ids = [np.full(c.capacity_rows, -1, np.int64) for c in caches]  # the neuron at each slot
+            self.mirror_slot = [np.full(region.num_neurons, -1, np.int64) for region in self.layout.layers]
+            self.mirror_used = [0] * len(caches)  # slots [0, used) hold neurons or holes (zeroed down rows)
             return
         sample = caches[0].rows
         self.zero_copy = on_cpu and self.layout is None and torch.from_numpy(sample[:0]).dtype == dtype
@@ -113,13 +118,9 @@ class CacheView:
         if self.half_rows:
             return HalfRows(cache.rows[:n], self.dtype)  # (n, E) as held
         ids = cache.slot_ids[:n]
-        changed = np.flatnonzero(self.mirror_ids[layer][:n] != ids)
         if self.matrices is not None:
-            if changed.size:
-                self.matrices[layer].write(changed, cache.rows[changed], ids[changed])
-                self.mirror_ids[layer][:n] = ids
-                self.rows_copied += changed.size
-            return QuantRows(self.matrices[layer], n)
+            return self._quant_rows(layer, cache, ids)
+        changed = np.flatnonzero(self.mirror_ids[layer][:n] != ids)
         if changed.size:
             if self.staging_free is not None:
                 self.staging_free.synchronize()
@@ -136,6 +137,33 @@ class CacheView:
             self.mirror_ids[layer][:n] = ids
             self.rows_copied += changed.size
         return self.mirrors[layer][:n]
+
+    def _quant_rows(self, layer: int, cache, ids: np.ndarray) -> QuantRows:
+        """The layer's kernel matrix once the neurons that left the cache are cleared from it and the ones
+        that arrived are converted into free slots (see the class docstring)."""
+        matrix, held, slot_of = self.matrices[layer], self.mirror_ids[layer], self.mirror_slot[layer]
+        used = self.mirror_used[layer]
+        cached = np.zeros(len(slot_of), dtype=bool)  # (n_ff,)
+        cached[ids] = True
+        held_ids = held[:used]  # (used,)
+        left = np.flatnonzero((held_ids >= 0) & ~cached[np.maximum(held_ids, 0)])  # slots whose neuron left
+        if left.size:
+            slot_of[held_ids[left]] = -1
+            held[left] = -1
+            matrix.clear(left)
+        arrived = np.flatnonzero(slot_of[ids] < 0)  # (k,) positions in the cache
+        if arrived.size:
+            free = np.flatnonzero(held[:used] < 0)  # (f,) holes first, then past the used slots
+            slots = np.concatenate((free[:arrived.size], np.arange(used, used + max(0, arrived.size - free.size))))
+            used = self.mirror_used[layer] = max(used, int(slots[-1]) + 1) if slots.size else used
+            arrived_ids = ids[arrived]
+            bundles = scratch_buffer("arrived_bundles", (arrived.size, cache.rows.shape[1]),
+                                     torch.from_numpy(cache.rows[:0]).dtype).numpy()  # (k, E)
+            np.take(cache.rows, arrived, axis=0, out=bundles)
+            matrix.write(slots, bundles, arrived_ids)
+            held[slots], slot_of[arrived_ids] = arrived_ids, slots
+            self.rows_copied += arrived.size
+        return QuantRows(matrix, used)
 
 
 class SparseFlashFfn(FfnProvider):

@@ -146,7 +146,9 @@ def layer_table(tables: list[np.ndarray] | None, layer: int) -> np.ndarray | Non
 
 def load_down_group_scales(store_dir: str, manifest: Manifest) -> list[np.ndarray] | None:
     """A quantized store's down scale tables, per layer (d, n_ff/32, c) float16, checksums checked;
-    None for a store whose down columns need none."""
+    None for a store whose down columns need none. Each is held group-major ((n_ff/32, c, d) in memory, a
+    transposed view): a sparse step gathers the scales of the groups its new neurons belong to, whole
+    rows at a time (quant_ffn.dequantize_down_columns)."""
     layout = manifest.ffn
     if layout.down_group_scales is None:
         return None
@@ -161,7 +163,7 @@ def load_down_group_scales(store_dir: str, manifest: Manifest) -> list[np.ndarra
             if hashlib.sha256(np.ascontiguousarray(table).tobytes()).hexdigest() != manifest.resident_sha256.get(name):
                 raise StoreError(f"{path}: checksum mismatch in tensor {name!r}; the store is corrupt, "
                                  "re-run `flashllm convert`")
-            tables.append(table)
+            tables.append(np.ascontiguousarray(table.transpose(1, 2, 0)).transpose(2, 0, 1))
     return tables
 
 

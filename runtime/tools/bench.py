@@ -617,7 +617,7 @@ def _compare_with_raw(decode_reads: dict | None, read_cost: dict) -> None:
 
 
 def cmd_bench(args) -> int:
-    from flashllm.runtime.clients.cli import parse_size
+    from flashllm.runtime.core.engine_config import parse_memory
 
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
     for mode in modes:
@@ -632,7 +632,7 @@ def cmd_bench(args) -> int:
         raise ValueError("--keep-fractions does not apply with --trace: the trace's sets are the neurons each token "
                          "uses; vary --trace paper:active=A instead")
     runtimes = [r.strip() for r in args.runtimes.split(",")]
-    report = run_bench(args.store, modes, parse_size(args.memory) if args.memory else None, args.tokens, text,
+    report = run_bench(args.store, modes, parse_memory(args.memory, args.store) if args.memory else None, args.tokens, text,
                        args.eval_tokens, keep_fractions, runtimes, read_baseline=not args.no_read_baseline,
                        keep_fraction=args.keep_fraction, resident_dtype=args.resident_dtype, threads=args.threads,
                        paired_rounds=args.paired_rounds, window_tokens=args.neuron_window,
@@ -723,7 +723,8 @@ def register_cli(sub) -> None:
     p = sub.add_parser("bench", help="measure dense, naive and sparse modes (JSON + tables + plots)")
     p.add_argument("--store", required=True)
     p.add_argument("--modes", default="dense,naive,sparse")
-    p.add_argument("--memory", help="memory budget for the sparse mode, e.g. 330MiB")
+    p.add_argument("--memory", help="memory budget for the sparse mode: a size (330MiB) or a share of the model's "
+                   "bytes in the store (60%%)")
     p.add_argument("--tokens", type=int, default=64, help="decode tokens per mode without --text")
     p.add_argument("--text", help="evaluation text: perplexity and top-1 agreement through the decode path")
     p.add_argument("--eval-tokens", type=int, default=512, help="tokens of --text to feed")

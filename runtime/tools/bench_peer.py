@@ -75,6 +75,10 @@ class PeerBenchOptions:
     llama_repetitions: int  # llama-bench -r within one run
     runtime: str  # flashllm --runtime
     timeout_s: float
+    trace: str | None = None  # flashllm --trace for its sparse and auto runs (a store without predictors)
+    # both systems capped at budget + this many bytes for the whole process (else each at budget + its own
+    # measured baseline)
+    cap_extra_bytes: int | None = None
 
     @property
     def max_context(self) -> int:
@@ -145,6 +149,8 @@ def flashllm_generate_argv(options: PeerBenchOptions, mode: str, memory_bytes: i
         argv += ["--memory", str(memory_bytes)]
     if options.flashllm_threads is not None:
         argv += ["--threads", str(options.flashllm_threads)]
+    if options.trace is not None and mode in ("sparse", "auto"):
+        argv += ["--trace", options.trace]
     return argv + [BENCH_PROMPT]
 
 
@@ -349,9 +355,10 @@ def run_peer_bench(options: PeerBenchOptions, command: list[str] | None = None,
     from flashllm.protocol.store_format import read_manifest
 
     manifest = read_manifest(options.store)
-    if manifest.sparsity is None:
+    if manifest.sparsity is None and options.trace is None:
         raise PeerBenchError(f"store {options.store} is not calibrated, so it cannot run --mode sparse: run "
-                             f"`flashllm calibrate --store {options.store} --text FILE` first")
+                             f"`flashllm calibrate --store {options.store} --text FILE` first (or, for a "
+                             "`flashllm synth` store, give --trace paper)")
     gguf_bytes = os.path.getsize(options.gguf)
     report = {"command": command, **_git_commit(), "machine": machine_info(),
               "gguf": {"path": os.path.abspath(options.gguf), "bytes": gguf_bytes},
@@ -383,7 +390,9 @@ def _run_round(options: PeerBenchOptions, baselines: dict, gguf_bytes: int, roun
     records: list[dict] = []
     for label, fraction in _budget_rows(options.budget_fractions):
         def llama_run() -> dict:
-            cap = None if fraction is None else int(fraction * gguf_bytes) + baselines["llama.cpp"]["baseline_bytes"]
+            extra = options.cap_extra_bytes if options.cap_extra_bytes is not None \
+                else baselines["llama.cpp"]["baseline_bytes"]
+            cap = None if fraction is None else int(fraction * gguf_bytes) + extra
             return run_llama(options, cap, fraction, round_index)
 
         def flashllm_runs() -> list[dict]:
@@ -393,7 +402,8 @@ def _run_round(options: PeerBenchOptions, baselines: dict, gguf_bytes: int, roun
             # auto: what a user gets at this --memory (dense, sparse or naive, whichever the plan fits first)
             modes = ["auto", "sparse"] + (["dense"] if fraction >= DENSE_FROM_FRACTION else [])
             return [run_flashllm(options, mode, weight_bytes,
-                                 flashllm_cap_bytes(weight_bytes, ProcessBaselines(
+                                 weight_bytes + options.cap_extra_bytes if options.cap_extra_bytes is not None
+                                 else flashllm_cap_bytes(weight_bytes, ProcessBaselines(
                                      baselines["flashllm_process"]["baseline_bytes"],
                                      baselines["flashllm_process"]["light_baseline_bytes"],
                                      baselines["flashllm_process"]["method"]),
@@ -501,6 +511,7 @@ def write_report(report: dict, json_path: str, plot_path: str | None) -> None:
 
 def cmd_bench_peer(args) -> int:
     from flashllm.runtime.clients.cli import CliError
+    from flashllm.runtime.core.engine_config import parse_size
 
     try:
         options = PeerBenchOptions(
@@ -508,8 +519,9 @@ def cmd_bench_peer(args) -> int:
             budget_fractions=parse_budgets(args.budgets), threads=args.threads,
             flashllm_threads=None if args.flashllm_threads == "default" else int(args.flashllm_threads or args.threads),
             rounds=args.rounds, tokens=args.tokens, llama_repetitions=args.llama_repetitions, runtime=args.runtime,
-            timeout_s=args.timeout_s)
-    except PeerBenchError as exc:
+            timeout_s=args.timeout_s, trace=str(args.trace) if args.trace is not None else None,
+            cap_extra_bytes=parse_size(args.cap_extra) if args.cap_extra else None)
+    except (PeerBenchError, ValueError) as exc:
         raise CliError(str(exc)) from None
     for path, what in ((options.gguf, "--gguf"), (options.store, "--store")):
         if not os.path.exists(path):
@@ -532,6 +544,8 @@ def positive_int(text: str) -> int:
 
 
 def register_cli(sub) -> None:
+    from flashllm.runtime.clients.cli import trace_arg
+
     p = sub.add_parser("bench-peer", help="flashllm beside llama.cpp's llama-bench on the same GGUF under memory caps")
     p.add_argument("--gguf", required=True, help="the GGUF file both systems run")
     p.add_argument("--store", required=True, help="flashllm's store made from that file (convert, calibrate)")
@@ -547,6 +561,12 @@ def register_cli(sub) -> None:
     p.add_argument("--runtime", default="auto", choices=["auto", "inproc", "workers"],
                    help="flashllm --runtime for --mode sparse (dense runs in-process)")
     p.add_argument("--timeout-s", type=float, default=300.0, help="a run still going after this is killed (a failure)")
+    p.add_argument("--trace", type=trace_arg, default=None, metavar="SOURCE",
+                   help="flashllm's sparse and auto runs replay this activation trace (see `flashllm generate "
+                        "--help`): for a `flashllm synth` store, which has no predictors")
+    p.add_argument("--cap-extra", default=None, metavar="SIZE",
+                   help="cap each system's whole process at the weight budget + SIZE (e.g. 1GiB), the same for "
+                        "both, instead of the budget + each one's measured baseline")
     p.add_argument("--json", required=True, help="output JSON path")
     p.add_argument("--plot", default=None, help="output PNG: tok/s vs budget, both systems")
     p.set_defaults(func=cmd_bench_peer)

@@ -65,7 +65,7 @@ def is_whole_layer(neuron_ids: np.ndarray) -> bool:
 def down_kernel_scales_of(table: np.ndarray) -> torch.Tensor:
     """A layer's down scale table (d, n_ff/32, c) float16 → the int4 kernel's (n_ff/32, d, 2) bfloat16
     (scale, zero) with w = (q - 8)·scale + zero, for down held as whole-layer blocks."""
-    scales = torch.from_numpy(np.ascontiguousarray(table).astype(np.float32)).transpose(0, 1)  # (n_ff/32, d, c)
+    scales = torch.from_numpy(table).float().transpose(0, 1)  # (n_ff/32, d, c), whatever table's strides
     scale = scales[..., 0]
     zero = scales[..., 1] + 8 * scale if scales.shape[-1] == 2 else torch.zeros_like(scale)
     return torch.stack((scale, zero), dim=-1).bfloat16()
@@ -75,15 +75,17 @@ _thread_scratch = threading.local()
 
 
 def scratch_buffer(name: str, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
-    """A buffer of this thread's, reused from call to call: a naive step converts every layer, and fresh
-    temporaries of a few hundred KiB were mmap'd and faulted in each time (malloc_tuning fixes glibc's mmap
-    threshold at 128 KiB; docs/benchmarks.md, stop 26). Its contents are the caller's until the
+    """A buffer of this thread's, reused from call to call: a naive step converts every layer and a sparse
+    step inserts rows into every layer, and fresh temporaries of a few hundred KiB were mmap'd and faulted in
+    each time (malloc_tuning fixes glibc's mmap threshold at 128 KiB; docs/benchmarks.md, stop 26). It
+    only grows: a smaller request is a view of the same memory. Its contents are the caller's until the
     same thread asks for `name` again."""
     buffers = _thread_scratch.__dict__.setdefault("buffers", {})
+    numel = int(np.prod(shape))
     buffer = buffers.get(name)
-    if buffer is None or buffer.shape != shape or buffer.dtype != dtype:
-        buffer = buffers[name] = torch.empty(shape, dtype=dtype)
-    return buffer
+    if buffer is None or buffer.dtype != dtype or buffer.numel() < numel:
+        buffer = buffers[name] = torch.empty(numel, dtype=dtype)
+    return buffer[:numel].view(shape)
 
 
 def _pair_nibbles(lower: torch.Tensor, upper: torch.Tensor, low_out: torch.Tensor, high_out: torch.Tensor) -> None:
@@ -102,21 +104,34 @@ def dequantize_down_columns(column_kind: str, values: np.ndarray, table: np.ndar
                             ) -> torch.Tensor:
     """Down columns of neurons neuron_ids (k,): values (k, bytes) uint8 and their layer's scale table
     (d, n_ff/32, c) float16 → (k, d) DOWN_ROW_DTYPE: GGUF's d·q (+ m) in float32, rounded once (the same
-    values as quant_format.dequantize_grouped_columns, in torch: a sparse step decodes every inserted row)."""
+    values as quant_format.dequantize_grouped_columns, in torch: a sparse step decodes every inserted row).
+    The result is a scratch buffer of this thread's (scratch_buffer): copy it out before the next call."""
     block_kind = _BLOCK_KIND_OF_COLUMNS[column_kind]
     k, d = len(neuron_ids), table.shape[0]
     groups = torch.from_numpy(np.asarray(neuron_ids, dtype=np.int64) // BLOCK_WEIGHTS)  # (k,)
-    scales = torch.from_numpy(table).permute(1, 2, 0)[groups].float()  # (k, c, d)
-    raw = torch.from_numpy(np.ascontiguousarray(values))  # (k, bytes)
+    # by group: (n_ff/32, c, d), contiguous as load_down_group_scales holds it (else made so here)
+    by_group = torch.from_numpy(table).permute(1, 2, 0).contiguous()
+    scales = scratch_buffer("down_column_scales", (k, by_group.shape[1], d), torch.float16)
+    torch.index_select(by_group, 0, groups, out=scales)  # (k, c, d): each neuron's group's scales, whole rows
+    scale = scales[:, 0]  # (k, d)
+    raw = torch.from_numpy(values)  # (k, bytes), a strided view of the bundles
+    # q4_0/q8_0: d·q of a float16 d and an integer |q| ≤ 128 is exact in float32, so one float16 product
+    # rounds it as the float32 one would; q4_1's m + d·q rounds twice in float32 and stays there
+    q = scratch_buffer("down_column_values", (k, d), torch.float32 if block_kind == "q4_1" else DOWN_ROW_DTYPE)
     if block_kind == "q8_0":
-        q = raw.view(torch.int8)[:, :d].float()  # (k, d)
+        q.copy_(raw.view(torch.int8)[:, :d])  # (k, d)
     else:  # byte i holds rows 2i (low nibble) and 2i + 1
-        q = torch.stack((raw & 15, raw >> 4), dim=-1).reshape(k, -1)[:, :d].float()  # (k, d)
+        nibbles = scratch_buffer("down_column_nibbles", (k, d // 2, 2), torch.uint8)
+        packed = raw[:, : d // 2]  # (k, d/2)
+        torch.bitwise_and(packed, 15, out=nibbles[..., 0])
+        torch.bitwise_right_shift(packed, 4, out=nibbles[..., 1])
+        q.copy_(nibbles.view(k, d))
         if block_kind == "q4_0":
-            q -= 8
-    if block_kind == "q4_1":
-        return torch.addcmul(scales[:, 1], scales[:, 0], q).to(DOWN_ROW_DTYPE)
-    return (scales[:, 0] * q).to(DOWN_ROW_DTYPE)
+            q.sub_(8)
+    if block_kind != "q4_1":
+        return q.mul_(scale)  # (k, d)
+    rows = scratch_buffer("down_column_rows", (k, d), DOWN_ROW_DTYPE)
+    return rows.copy_(q.mul_(scale).add_(scales[:, 1]))  # (k, d): m + d·q, as torch.addcmul computes it
 
 
 class QuantNeuronMatrix:
@@ -188,6 +203,21 @@ class QuantNeuronMatrix:
 
     # -- writing slots ----------------------------------------------------------
 
+    def clear(self, slots: np.ndarray) -> None:
+        """Slots (k,) no longer hold a neuron (a sparse cache's mirror leaves such holes): their rows, scales
+        and down rows are zeroed, so their activation is exactly 0 and they add nothing to the product."""
+        if self.down_as_blocks:
+            raise ValueError("a whole-layer matrix is written once; its slots are not cleared")
+        slots_t = torch.from_numpy(np.asarray(slots, dtype=np.int64))  # (k,)
+        rows = torch.cat([slots_t + index * self.capacity for index in range(self.row_matrices)])  # (m·k,)
+        if self.int4:
+            self.scales_zeros.index_fill_(1, rows, 0)  # scale 0, zero 0: every weight of the row is 0
+        else:
+            self.rows_bf16.index_fill_(0, rows, 0)
+        if self.up_bias is not None:
+            self.up_bias.index_fill_(0, slots_t, 0)
+        self.down_rows.index_fill_(0, slots_t, 0)
+
     def write(self, slots: np.ndarray, bundles: np.ndarray, neuron_ids: np.ndarray, helper=None) -> None:
         """Put the bundles (k, bundle_bytes) uint8 of neurons neuron_ids (k,) at slots (k,). helper: an executor
         (concurrent.futures) that writes the down columns while this thread writes the rows."""
@@ -214,7 +244,8 @@ class QuantNeuronMatrix:
         if self.down_as_blocks:
             self._write_down_blocks(np.asarray(slots), values, np.asarray(neuron_ids))
         else:
-            self.down_rows[slots_t] = dequantize_down_columns(self.down_kind, values, self.down_scales, neuron_ids)
+            self.down_rows.index_copy_(0, slots_t, dequantize_down_columns(self.down_kind, values, self.down_scales,
+                                                                           neuron_ids))
 
     def load_whole_layer(self, bundles: np.ndarray, down_scales: np.ndarray | None,
                          down_kernel_scales: torch.Tensor | None = None, helper=None) -> None:
@@ -261,10 +292,11 @@ class QuantNeuronMatrix:
         _pair_nibbles(lower, upper, tiles[:, :, 0], tiles[:, :, 1])  # weights 0..15, 16..31 of each block
         self._write_tile_scales(first, blocks)
 
-    def _write_tile_scales(self, first: int, blocks: QuantizedBlocks) -> None:
+    def _write_tile_scales(self, first: int, blocks: QuantizedBlocks, rows: torch.Tensor | None = None) -> None:
         """The blocks' (d, m) → the kernel's (scale, zero) = (d, m + 8d), or (d, 0) for q4_0, at rows first..
-        A q4_1 block's (d, m) is one 32-bit word, and so is a bfloat16 (scale, zero) pair: moved as words,
-        the strided gather and the transposed write take far fewer element moves than as halves."""
+        (or at `rows` (k,), any slots). A q4_1 block's (d, m) is one 32-bit word, and so is a bfloat16
+        (scale, zero) pair: moved as words, the strided gather and the transposed write take far fewer
+        element moves than as halves."""
         k, groups = len(blocks.raw), self.d // BLOCK_WEIGHTS
         scale_zero = scratch_buffer("scale_zero", (k, groups, 2), torch.float32)
         if blocks.kind == "q4_1" and blocks.raw.stride(0) % 4 == 0 and blocks.raw.storage_offset() % 4 == 0:
@@ -279,9 +311,11 @@ class QuantNeuronMatrix:
         else:
             scale_zero[..., 1] = 0
         pairs = scratch_buffer("scale_pairs", (k, groups, 2), torch.bfloat16).copy_(scale_zero)
-        rows = self.scales_zeros.shape[1]
-        self.scales_zeros.view(torch.int32).view(groups, rows)[:, first:first + k].copy_(
-            pairs.view(torch.int32).view(k, groups).T)
+        held = self.scales_zeros.view(torch.int32).view(groups, self.scales_zeros.shape[1])  # (G, rows) words
+        if rows is None:
+            held[:, first:first + k].copy_(pairs.view(torch.int32).view(k, groups).T)
+        else:
+            held.index_copy_(1, rows, pairs.view(torch.int32).view(k, groups).T)
 
     def _write_rows(self, rows: torch.Tensor, blocks: QuantizedBlocks) -> None:
         if not self.int4:
@@ -294,22 +328,36 @@ class QuantNeuronMatrix:
                 torch.equal(rows, torch.arange(first, first + len(rows))):  # whole tiles in order: pack at once
             self._write_whole_tiles(first, blocks)
             return
-        d, m, q = split_blocks(blocks)  # (k, G), (k, G) | None, (k, d) uint8
-        zero = torch.zeros_like(d) if m is None else m + 8 * d
-        self.scales_zeros[:, rows] = torch.stack((d, zero), dim=-1).transpose(0, 1).bfloat16()
-        # (tiles, d, 32) view: byte [t, k, n % 32] holds weight k of tile t's rows n (low) and n + 32 (high)
-        tiles = self.packed.numpy().reshape(-1, self.d, 32)
-        rows_np = rows.numpy()
-        tile, column = rows_np // INT4_TILE_ROWS, rows_np % 32  # (k,) each
-        high = (rows_np % INT4_TILE_ROWS) >= 32  # (k,) rows in a tile's upper half use the high nibble
-        q8 = q.numpy()  # (k, d)
+        self._write_scattered_rows(rows, blocks)
+
+    def _write_scattered_rows(self, rows: torch.Tensor, blocks: QuantizedBlocks) -> None:
+        """Rows at any slots (a sparse step's inserts and moves): scales by index, weights by a strided
+        read-modify-write of their nibbles; scratch buffers throughout (no per-step temporaries)."""
+        k, groups = len(blocks.raw), self.d // BLOCK_WEIGHTS
+        self._write_tile_scales(0, blocks, rows)
+        raw = blocks.raw.reshape(k, groups, -1)  # (k, G, block bytes), a view
+        q = scratch_buffer("row_nibbles", (k, groups, BLOCK_WEIGHTS), torch.uint8)  # weight j of each block
+        torch.bitwise_and(raw[..., -16:], 15, out=q[..., :16])
+        torch.bitwise_right_shift(raw[..., -16:], 4, out=q[..., 16:])
+        q = q.view(k, self.d)
+        # (tiles, 32, d) view: [t, n % 32, j] holds weight j of tile t's rows n (low nibble) and n + 32 (high)
+        tiles = self.packed.view(-1, self.d, 32).transpose(1, 2)
+        tile, column = rows // INT4_TILE_ROWS, rows % 32  # (k,) each
+        high = (rows % INT4_TILE_ROWS) >= 32  # (k,) rows in a tile's upper half use the high nibble
         for use_high in (False, True):  # two passes: a low and a high row may share bytes
-            pick = high == use_high
-            if not pick.any():
+            pick = torch.nonzero(high == use_high).reshape(-1)  # (r,)
+            if len(pick) == 0:
                 continue
-            old = tiles[tile[pick], :, column[pick]]  # (r, d)
-            values = q8[pick]
-            tiles[tile[pick], :, column[pick]] = (old & 0x0F) | (values << 4) if use_high else (old & 0xF0) | values
+            at = (tile[pick], column[pick])
+            old = torch.ops.aten.index.Tensor_out(tiles, at, out=scratch_buffer("row_bytes", (len(pick), self.d),
+                                                                                 torch.uint8))  # (r, d)
+            values = q if len(pick) == k else torch.index_select(q, 0, pick, out=scratch_buffer(
+                "row_values", (len(pick), self.d), torch.uint8))  # (r, d)
+            if use_high:
+                old.bitwise_and_(0x0F).bitwise_or_(values.bitwise_left_shift_(4))
+            else:
+                old.bitwise_and_(0xF0).bitwise_or_(values)
+            tiles.index_put_(at, old)
 
     # -- products ----------------------------------------------------------------
 
@@ -335,7 +383,8 @@ class QuantNeuronMatrix:
             a[:, n:] = 0
             return torch.ops.aten._weight_int4pack_mm_for_cpu(a.to(torch.bfloat16), self.down_packed, BLOCK_WEIGHTS,
                                                                self.down_scales_zeros).float()  # (N, d)
-        return a[:, :n] @ self.down_rows[:n].float()  # (N, d)
+        widened = scratch_buffer("down_widened", (n, self.d), torch.float32).copy_(self.down_rows[:n])  # (n, d)
+        return a[:, :n] @ widened  # (N, d)
 
     def ffn(self, h: torch.Tensor, n: int) -> torch.Tensor:
         """h (N, d) → (N, d) float32 over slots [0, n)."""
