@@ -157,3 +157,22 @@ def test_report_holds_medians_ranges_and_failures_and_plots_both_systems(tmp_pat
     assert written["budgets"][1]["systems"]["flashllm sparse"]["tok_per_s_median"] == 11.0
     assert len(written["runs"]) == 12 and written["plot"] == str(out_png)
     assert out_png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.parametrize("runtime", ["inproc", "workers"])
+def test_under_one_whole_process_cap_flashllm_gets_the_largest_memory_whose_bound_fits(runtime):
+    from flashllm.runtime.tools.bench_peer import PeerBenchOptions, whole_process_runs
+    from flashllm.runtime.tools.memory_cgroup import ProcessBaselines, memory_bound_bytes
+
+    options = PeerBenchOptions(gguf="m.gguf", store="s", llama_bench="llama-bench", budget_fractions=[0.5], threads=2,
+                               flashllm_threads=None, rounds=1, tokens=8, llama_repetitions=1, runtime=runtime,
+                               timeout_s=60, trace="paper", cap_extra_bytes=1024 * MIB)
+    baselines = {"flashllm_process": {"baseline_bytes": 230 * MIB, "light_baseline_bytes": 20 * MIB,
+                                      "method": "cgroup-v1"}, "flashllm_kv_cache_bytes": 64 * MIB}
+    per_process = ProcessBaselines(230 * MIB, 20 * MIB, "cgroup-v1")
+    runs = whole_process_runs(options, baselines, 1800 * MIB)
+    assert [mode for mode, _, _ in runs] == ["auto", "sparse"]
+    for _, memory, cap in runs:
+        assert cap == 2824 * MIB
+        assert memory_bound_bytes(memory, 64 * MIB, per_process, runtime) <= cap
+        assert memory_bound_bytes(memory + MIB, 64 * MIB, per_process, runtime) > cap

@@ -176,6 +176,21 @@ def flashllm_cap_bytes(weight_budget_bytes: int, baselines: ProcessBaselines, kv
     return memory_bound_bytes(weight_budget_bytes, kv_cache_bytes, baselines, runtime_run)
 
 
+def whole_process_runs(options: PeerBenchOptions, baselines: dict, weight_bytes: int) -> list[tuple[str, int, int]]:
+    """(mode, --memory, cap) of each flashllm run under one whole-process cap of weight_bytes + --cap-extra:
+    --memory is the largest whose bound (budget + a baseline per process + KV cache, + 10%) fits the cap, so
+    the run cannot be OOM-killed by its own plan; auto and sparse, as at other budgets."""
+    from flashllm.runtime.core.mode_choice import resolve_runtime
+    from flashllm.runtime.tools.memory_cgroup import budget_under_cap_bytes
+
+    cap = weight_bytes + options.cap_extra_bytes
+    process = baselines["flashllm_process"]
+    per_process = ProcessBaselines(process["baseline_bytes"], process["light_baseline_bytes"], process["method"])
+    return [(mode, budget_under_cap_bytes(cap, baselines["flashllm_kv_cache_bytes"], per_process,
+                                          resolve_runtime(options.runtime, "sparse")), cap)
+            for mode in ("auto", "sparse")]
+
+
 # ---------------------------------------------------------------------- measuring
 
 
@@ -398,12 +413,14 @@ def _run_round(options: PeerBenchOptions, baselines: dict, gguf_bytes: int, roun
         def flashllm_runs() -> list[dict]:
             if fraction is None:
                 return [run_flashllm(options, "dense", None, None, None, round_index)]
+            if options.cap_extra_bytes is not None:  # one cap for the whole process: the --memory it leaves
+                return [run_flashllm(options, mode, memory, cap, fraction, round_index)
+                        for mode, memory, cap in whole_process_runs(options, baselines, int(fraction * gguf_bytes))]
             weight_bytes = int(fraction * gguf_bytes)
             # auto: what a user gets at this --memory (dense, sparse or naive, whichever the plan fits first)
             modes = ["auto", "sparse"] + (["dense"] if fraction >= DENSE_FROM_FRACTION else [])
             return [run_flashllm(options, mode, weight_bytes,
-                                 weight_bytes + options.cap_extra_bytes if options.cap_extra_bytes is not None
-                                 else flashllm_cap_bytes(weight_bytes, ProcessBaselines(
+                                 flashllm_cap_bytes(weight_bytes, ProcessBaselines(
                                      baselines["flashllm_process"]["baseline_bytes"],
                                      baselines["flashllm_process"]["light_baseline_bytes"],
                                      baselines["flashllm_process"]["method"]),

@@ -427,6 +427,13 @@ def memory_bound_bytes(budget_bytes: int, kv_cache_bytes: int, baselines: Proces
     return int(base * (1 + BOUND_SLACK))
 
 
+def budget_under_cap_bytes(cap_bytes: int, kv_cache_bytes: int, baselines: ProcessBaselines, runtime: str) -> int:
+    """The largest --memory whose bound (memory_bound_bytes) stays within a whole-process cap."""
+    torch_processes, light_processes = RUNTIME_PROCESSES[runtime]
+    return int(cap_bytes / (1 + BOUND_SLACK)) - kv_cache_bytes - torch_processes * baselines.torch_process_bytes \
+        - light_processes * baselines.light_process_bytes
+
+
 # ---------------------------------------------------------------------- a real `flashllm generate`, measured
 
 MEASURE_PROMPT = "The history of the printing press begins"
