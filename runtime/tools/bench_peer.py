@@ -52,7 +52,7 @@ from flashllm.runtime.tools.memory_cgroup import (
 
 LLAMA_BENCH_ENV = "FLASHLLM_LLAMA_BENCH"
 BENCH_PROMPT = "The history of the printing press begins"
-PROMPT_TOKEN_ALLOWANCE = 32  # context beyond the generated tokens: the prompt's tokens fit in it
+PROMPT_TOKEN_ALLOWANCE = 64  # context beyond the generated tokens: the prompt fits even a byte per token
 DENSE_FROM_FRACTION = 1.0  # budgets at or above the whole file also run --mode dense
 MIB = 2**20
 UNCAPPED = "uncapped"
@@ -179,7 +179,7 @@ def flashllm_cap_bytes(weight_budget_bytes: int, baselines: ProcessBaselines, kv
 def whole_process_runs(options: PeerBenchOptions, baselines: dict, weight_bytes: int) -> list[tuple[str, int, int]]:
     """(mode, --memory, cap) of each flashllm run under one whole-process cap of weight_bytes + --cap-extra:
     --memory is the largest whose bound (budget + a baseline per process + KV cache, + 10%) fits the cap, so
-    the run cannot be OOM-killed by its own plan; auto and sparse, as at other budgets."""
+    the run cannot be OOM-killed by its own plan; the modes of flashllm_modes, as at other budgets."""
     from flashllm.runtime.core.mode_choice import resolve_runtime
     from flashllm.runtime.tools.memory_cgroup import budget_under_cap_bytes
 
@@ -188,7 +188,13 @@ def whole_process_runs(options: PeerBenchOptions, baselines: dict, weight_bytes:
     per_process = ProcessBaselines(process["baseline_bytes"], process["light_baseline_bytes"], process["method"])
     return [(mode, budget_under_cap_bytes(cap, baselines["flashllm_kv_cache_bytes"], per_process,
                                           resolve_runtime(options.runtime, "sparse")), cap)
-            for mode in ("auto", "sparse")]
+            for mode in flashllm_modes(options)]
+
+
+def flashllm_modes(options: PeerBenchOptions) -> list[str]:
+    """auto (what a user gets) and sparse; with a trace only sparse: auto would refuse a trace whenever it
+    picks dense or naive, and a store without predictors never picks sparse itself."""
+    return ["sparse"] if options.trace is not None else ["auto", "sparse"]
 
 
 # ---------------------------------------------------------------------- measuring
@@ -418,7 +424,7 @@ def _run_round(options: PeerBenchOptions, baselines: dict, gguf_bytes: int, roun
                         for mode, memory, cap in whole_process_runs(options, baselines, int(fraction * gguf_bytes))]
             weight_bytes = int(fraction * gguf_bytes)
             # auto: what a user gets at this --memory (dense, sparse or naive, whichever the plan fits first)
-            modes = ["auto", "sparse"] + (["dense"] if fraction >= DENSE_FROM_FRACTION else [])
+            modes = flashllm_modes(options) + (["dense"] if fraction >= DENSE_FROM_FRACTION else [])
             return [run_flashllm(options, mode, weight_bytes,
                                  flashllm_cap_bytes(weight_bytes, ProcessBaselines(
                                      baselines["flashllm_process"]["baseline_bytes"],
