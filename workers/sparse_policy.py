@@ -224,7 +224,8 @@ class SparseStepPlanner:
         late = same if ahead is not None and same is not None else _NO_IDS
         if ahead is not None and ahead.computed is not None:  # decided at the lookahead (handed over there)
             computed = ahead.computed
-            self.windows.record(self._slots, layer, ahead.own)
+            if self._slots is not None:
+                self.windows.record(self._slots, layer, ahead.own)
         else:
             computed = self._computed(layer, _either(ahead.own if ahead is not None else None, same_own))
         return CachedLayer(
