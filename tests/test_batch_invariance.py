@@ -146,3 +146,22 @@ async def test_32_concurrent_temperature_0_sparse_requests_to_a_daemon_equal_the
         results = await asyncio.gather(*(one_request(i) for i in range(DAEMON_REQUESTS)))
     identical = sum(tokens == alone[prompt] for prompt, tokens in results)
     assert identical == DAEMON_REQUESTS, f"{identical}/{DAEMON_REQUESTS} identical to their single runs"
+
+
+def test_bench_states_the_cost_of_invariance_at_a_batch(calibrated_stores, tmp_path, capsys):
+    """`flashllm bench --batch-invariance 4`: ms/token of a batch of 4, own neurons against the union, and how
+    many sequences keep their single run's tokens (all of them under the invariant rule)."""
+    import json
+
+    from flashllm.runtime.clients.cli import main as cli_main
+
+    out = tmp_path / "bench.json"
+    assert cli_main(["bench", "--store", calibrated_stores("llama"), "--modes", "sparse", "--tokens", "6",
+                     "--keep-fraction", str(KEEP_FRACTION), "--batch-invariance", "4", "--paired-rounds", "1",
+                     "--no-read-baseline", "--no-peak-memory", "--json", str(out)]) == 0
+    [run] = json.loads(out.read_text())["batch_invariance"]
+    assert run["batch"] == 4 and run["runtime"] == "inproc"
+    assert run["identical_to_single_runs"]["invariant"] == 4
+    assert all(ms > 0 for ms in run["ms_per_token"].values())
+    assert run["ms_per_token"]["invariant"] == pytest.approx(run["step_ms"]["invariant"] / 4)
+    assert "batch of 4" in capsys.readouterr().out
