@@ -28,8 +28,9 @@ only its own neurons (`computed`, one row per sequence):
     own(b)      = first(b) ∪ late(b)        its own rows of the predictions above
     computed(b) = own(b) ∪ own(b) of its last window_tokens - 1 tokens ∪ pinned
 
-which is what the cache holds when the sequence runs alone, so a temperature-0
-request gives the same tokens whatever runs beside it. The history is kept per
+which is what the cache holds when the sequence runs alone (while the cache has
+room for its window), so a temperature-0 request gives the same tokens whatever
+runs beside it. The history is kept per
 KV slot (SequenceWindows) and starts afresh when a slot's sequence starts at
 position 0. A decode step that takes the masked path masks each token with
 same ∪ lookahead ∪ hot ∪ its own window, the set it gets on the cached path.
@@ -162,7 +163,7 @@ class SparseStepPlanner:
         self.windows = SequenceWindows(self.num_layers, self.num_neurons, window_tokens)
         self._pinned_rows = [torch.from_numpy(np.asarray(p, dtype=bool)) for p in pinned]  # (n_ff,) per layer
         self._steps = 1
-        self._slots = np.zeros(0, np.int64)  # (B,) the KV slot of each sequence of this step
+        self._slots: np.ndarray | None = None  # (B,) the KV slot of each sequence of this step; None: not followed
         self._ahead: dict[int, LookaheadRead] = {}
         self._prev_h: "torch.Tensor | None" = None  # (N, d) the previous layer's FFN input
 
@@ -173,14 +174,10 @@ class SparseStepPlanner:
         self._steps = steps
         self._ahead.clear()
         self._prev_h = None
-        if slots is None:  # sequences nobody follows from step to step: a slot per row, each one new
-            slots, starts = None, None
-        else:
-            slots = np.asarray(slots, dtype=np.int64)
-            for slot, start in zip(slots, starts if starts is not None else np.zeros(len(slots), bool)):
-                if start:
-                    self.windows.start(int(slot))
-        self._slots = slots
+        self._slots = None if slots is None else np.asarray(slots, dtype=np.int64)
+        if slots is not None and starts is not None:
+            for slot in self._slots[np.asarray(starts, dtype=bool)]:
+                self.windows.start(int(slot))
 
     def forget_inputs(self) -> None:
         """Drop the previous layer's input, which may be a view into a buffer about to be closed."""
