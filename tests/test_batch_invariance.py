@@ -44,11 +44,13 @@ def _staggered(engine: Engine) -> list[list[int]]:
     return [tokens[request_id] for request_id in request_ids]
 
 
-@pytest.mark.parametrize("runtime", ["inproc", "workers"])
-def test_staggered_temperature_0_sparse_sequences_decode_their_single_runs_tokens(calibrated_stores, runtime):
+# "skip" hands a layer over at its lookahead: the worker runtime then passes each sequence's set on earlier
+@pytest.mark.parametrize("runtime,missing_policy", [("inproc", "read"), ("workers", "read"), ("workers", "skip")])
+def test_staggered_temperature_0_sparse_sequences_decode_their_single_runs_tokens(calibrated_stores, runtime,
+                                                                                  missing_policy):
     store = calibrated_stores("llama")
     with Engine(store, mode="sparse", runtime=runtime, max_batch=len(PROMPTS),
-                ffn_options={"keep_fraction": KEEP_FRACTION}) as engine:
+                ffn_options={"keep_fraction": KEEP_FRACTION, "missing_policy": missing_policy}) as engine:
         alone = [_alone(engine, prompt) for prompt in PROMPTS]
         together = _staggered(engine)
         batches = [s["batch"] for s in engine.token_stats]
@@ -161,7 +163,8 @@ def test_bench_states_the_cost_of_invariance_at_a_batch(calibrated_stores, tmp_p
                      "--no-read-baseline", "--no-peak-memory", "--json", str(out)]) == 0
     [run] = json.loads(out.read_text())["batch_invariance"]
     assert run["batch"] == 4 and run["runtime"] == "inproc"
-    assert run["identical_to_single_runs"]["invariant"] == 4
+    assert run["identical_to_single_runs"]["invariant"] == run["identical_to_single_runs"]["dense"] == 4
+    assert run["mean_tokens_before_a_difference"]["invariant"] == 6
     assert all(ms > 0 for ms in run["ms_per_token"].values())
     assert run["ms_per_token"]["invariant"] == pytest.approx(run["step_ms"]["invariant"] / 4)
     assert "batch of 4" in capsys.readouterr().out

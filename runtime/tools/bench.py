@@ -672,14 +672,16 @@ def _batch_invariance_runs(args, runtimes: list[str]) -> list[dict]:
                                                                   args.resident_dtype, args.threads),
                                   args.batch_invariance, args.tokens, max(1, args.paired_rounds))
             for runtime in runtimes]
-    rows = [{"runtime": run["runtime"], "run": name, "step_ms": run["step_ms"][name],
-             "ms_per_token": run["ms_per_token"][name],
-             "identical": f"{run['identical_to_single_runs'][name]}/{run['batch']}"}
-            for run in runs for name in run["step_ms"]]
+    rows = [{"runtime": run["runtime"] if name != "dense" else "inproc", "run": name,
+             "step_ms": run["step_ms"].get(name), "ms_per_token": run["ms_per_token"].get(name),
+             "identical": f"{run['identical_to_single_runs'][name]}/{run['batch']}",
+             "prefix": run["mean_tokens_before_a_difference"][name]}
+            for run in runs for name in run["identical_to_single_runs"]]
     _print_table(f"batch of {args.batch_invariance}: own neurons (invariant) vs the batch's union (medians of "
                  f"{max(1, args.paired_rounds)} rounds in turns)", rows, [
         ("runtime", "runtime", ""), ("run", "run", ""), ("ms/step", "step_ms", ".1f"),
-        ("ms/token", "ms_per_token", ".2f"), ("same tokens as alone", "identical", "")])
+        ("ms/token", "ms_per_token", ".2f"), ("same tokens as alone", "identical", ""),
+        ("tokens before a difference", "prefix", ".1f")])
     return runs
 
 
