@@ -81,7 +81,9 @@ def scratch_buffer(name: str, shape: tuple[int, ...], dtype: torch.dtype) -> tor
     same thread asks for `name` again."""
     buffers = _thread_scratch.__dict__.setdefault("buffers", {})
     buffer = buffers.get(name)
-    if buffer is None or buffer.shape != shape or buffer.dtype != dtype:
+    # one made under inference_mode (a decode step) cannot be written outside it (loading the next engine)
+    stale = buffer is not None and buffer.is_inference() and not torch.is_inference_mode_enabled()
+    if buffer is None or stale or buffer.shape != shape or buffer.dtype != dtype:
         buffer = buffers[name] = torch.empty(shape, dtype=dtype)
     return buffer
 
