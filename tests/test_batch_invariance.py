@@ -76,7 +76,7 @@ def test_a_sequences_computed_set_does_not_depend_on_its_neighbour(calibrated_st
     every layer and step are the same with or without a neighbour B in the batch (its own predicted sets, its
     own window, the pinned), though the cache's union differs; a new sequence in A's slot starts afresh."""
     from flashllm.workers.predictor import SparsityPredictor
-    from flashllm.workers.sparse_policy import CachedLayer, SparseStepPlanner
+    from flashllm.workers.sparse_policy import CachedLayer, MaskedLayer, SparseStepPlanner
     from flashllm.workers.store_reader import open_store
 
     store = calibrated_stores("llama")
@@ -89,25 +89,35 @@ def test_a_sequences_computed_set_does_not_depend_on_its_neighbour(calibrated_st
     d = manifest.arch.hidden_size
     inputs = torch.randn(4, layers, 2, d, generator=torch.Generator().manual_seed(1))  # (steps, layers, seqs, d)
 
-    def run(with_neighbour: bool) -> tuple[list[torch.Tensor], list[np.ndarray]]:
-        planner = SparseStepPlanner(predictor, [n] * layers, pinned, "read", window_tokens=3)
+    def run(with_neighbour: bool, capacity_rows: int = n) -> tuple[list[torch.Tensor], list[np.ndarray]]:
+        planner = SparseStepPlanner(predictor, [capacity_rows] * layers, pinned, "read", window_tokens=3)
         computed, unions = [], []
         for step in range(inputs.shape[0]):
             slots = np.array([5, 2]) if with_neighbour else np.array([5])
             planner.begin_step(1, slots, np.array([step == 0] * len(slots)))
             for layer in range(layers):
                 decision = planner.plan_layer(layer, inputs[step, layer, : len(slots)])  # (B, d)
-                assert type(decision) is CachedLayer
-                computed.append(decision.computed[0])  # (n_ff,) sequence A's
-                unions.append(decision.predicted)
+                if capacity_rows == n:
+                    assert type(decision) is CachedLayer
+                    computed.append(decision.computed[0])  # (n_ff,) sequence A's
+                    unions.append(decision.predicted)
+                else:  # nothing fits: every layer reads whole, each token masked to its own set and window
+                    assert type(decision) is MaskedLayer
+                    computed.append(decision.mask[0])
         return computed, unions
 
     with torch.inference_mode():
         alone, alone_unions = run(with_neighbour=False)
         beside, beside_unions = run(with_neighbour=True)
+        masked_alone, _ = run(with_neighbour=False, capacity_rows=1)
+        masked_beside, _ = run(with_neighbour=True, capacity_rows=1)
     for a, b in zip(alone, beside):
         assert torch.equal(a, b)
     assert any(len(b) > len(a) for a, b in zip(alone_unions, beside_unions))  # the cache's union is larger
+    for a, b in zip(masked_alone, masked_beside):
+        assert torch.equal(a, b)
+    # the masked path keeps A's window too: later steps compute more than their own prediction
+    assert masked_alone[-1].sum() > masked_alone[layers - 1].sum()
 
     # A's window: step 2's set holds steps 0-2's own sets (window 3), not step 0's any more at step 3
     planner = SparseStepPlanner(predictor, [n] * layers, pinned, "read", window_tokens=3)
