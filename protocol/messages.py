@@ -139,6 +139,8 @@ class StepBegin:
     step: int
     batch: int
     steps: int
+    slots: np.ndarray = _ids()  # (B,) each sequence's KV slot, its identity while it runs (its window history)
+    starts: np.ndarray = field(default_factory=lambda: np.zeros(0, np.uint8))  # (B,) 1: the sequence starts now
 
 
 @dataclass

@@ -108,10 +108,16 @@ CHUNK_SLOTS = 2
 
 
 def exchange_layout(max_tokens: int, hidden_size: int, num_neurons: int, bundle_elements: int, store_dtype,
-                    hidden_dtype, vocab_size: int, logits_rows: int, chunk_rows: int) -> SegmentLayout:
+                    hidden_dtype, vocab_size: int, logits_rows: int, chunk_rows: int,
+                    max_sequences: int | None = None) -> SegmentLayout:
+    """max_sequences: the most sequences a decode step holds (the KV slots); None: max_tokens."""
+    max_sequences = max_tokens if max_sequences is None else max_sequences
     return SegmentLayout.build(EXCHANGE_SEGMENT, [
         ("hidden", (2, max_tokens, hidden_size), hidden_dtype),  # (2, N, d)
-        ("mask", (max_tokens, num_neurons), np.bool_),  # (N, n_ff)
+        ("mask", (max_tokens, num_neurons), np.bool_),  # (N, n_ff) the masked path's per-token neurons
+        # (2, B, n_ff) the cached path's per-sequence neurons (a decode step: B ≤ max_sequences), in buffer
+        # layer % 2 (written for layer l+1 while compute may still read layer l's)
+        ("computed", (2, max_sequences, num_neurons), np.bool_),
         ("chunk_staging", (CHUNK_SLOTS, chunk_rows, bundle_elements), store_dtype),  # (2, chunk_rows, E)
         ("logits", (logits_rows, vocab_size), np.float32),  # (R, V)
     ])

@@ -153,6 +153,7 @@ def test_exchange_layout_arrays(instance):
         arrays = segment.arrays
         assert arrays["hidden"].shape == (2, 8, 4) and arrays["hidden"].dtype == np.float32
         assert arrays["mask"].shape == (8, 6) and arrays["mask"].dtype == np.bool_
+        assert arrays["computed"].shape == (2, 8, 6) and arrays["computed"].dtype == np.bool_  # max_sequences: max_tokens
         assert arrays["chunk_staging"].shape == (2, 5, 12) and arrays["chunk_staging"].dtype == np.float16
         assert arrays["logits"].shape == (3, 10) and arrays["logits"].dtype == np.float32
         assert os.path.getsize(segment.path) == layout.size_bytes

@@ -40,9 +40,9 @@ from flashllm.protocol.store_format import FfnLayout
 from flashllm.workers.ffn_providers import FfnStats, held_rows
 from flashllm.workers.flash_io.bundle_reader import layer_chunks
 from flashllm.workers.interfaces import FfnProvider
-from flashllm.workers.models.ffn import BundleColumns, ffn_from_rows, masked_ffn_over_chunks
+from flashllm.workers.models.ffn import BundleColumns, masked_ffn_over_chunks
 from flashllm.workers.process_entry import WorkerConfig, run_worker
-from flashllm.workers.sparse_ffn import CacheView
+from flashllm.workers.sparse_ffn import CacheView, ffn_over_cached_rows
 from flashllm.workers.store_reader import layer_table
 
 
@@ -104,8 +104,10 @@ class PipelineFfn(FfnProvider):
     mode = "sparse"
 
     def __init__(self, layer_neurons: list[int], ffn_layout: FfnLayout, dtype: torch.dtype, device: str,
-                 cache: SharedSegment, exchange: SharedSegment, channel, down_scales: list[np.ndarray] | None = None):
-        """down_scales: a quantized store's down scale tables (store_reader.load_down_group_scales)."""
+                 cache: SharedSegment, exchange: SharedSegment, channel, down_scales: list[np.ndarray] | None = None,
+                 batch_invariant: bool = True):
+        """down_scales: a quantized store's down scale tables (store_reader.load_down_group_scales).
+        batch_invariant: the cached path masks each sequence to the neurons the predictor computed for it."""
         self.layer_neurons = layer_neurons
         self.down_scales = down_scales
         self.ffn_layout = ffn_layout
@@ -116,6 +118,7 @@ class PipelineFfn(FfnProvider):
         arrays = exchange.arrays
         self.hidden = arrays["hidden"]  # (2, max_tokens, d)
         self.mask = arrays["mask"]  # (max_tokens, n_ff)
+        self.computed = arrays["computed"] if batch_invariant else None  # (2, max_tokens, n_ff)
         self.staging = arrays["chunk_staging"]  # (slots, chunk_rows, E) store dtype
         self.bundle_bytes = self.staging.shape[2] * self.staging.itemsize
         self.stats = PipelineStats()
@@ -135,8 +138,12 @@ class PipelineFfn(FfnProvider):
         if self._layers_predicted < len(self.layers):
             self.wait_for(PredictionStats, len(self.layers), timed=False)
 
-    def begin_step(self, batch: int, steps: int) -> None:
-        self.channel.send(ROLE_PREDICTOR, StepBegin(step=self.step, batch=batch, steps=steps))
+    def begin_step(self, batch: int, steps: int, slots: np.ndarray | None = None,
+                   starts: np.ndarray | None = None) -> None:
+        self.channel.send(ROLE_PREDICTOR, StepBegin(
+            step=self.step, batch=batch, steps=steps,
+            slots=np.asarray(slots if slots is not None else [], dtype=np.int64),
+            starts=np.asarray(starts if starts is not None else [], dtype=np.uint8)))
 
     def forward(self, layer: int, h: torch.Tensor) -> torch.Tensor:
         """h (N, d) → (N, d)."""
@@ -156,7 +163,9 @@ class PipelineFfn(FfnProvider):
                 raise RuntimeError(f"layer {layer}: the cache header says {cache.num_rows} rows at version "
                                    f"{cache.version} but LayerReady says {ready.num_rows} at {ready.version}")
             rows = self.view.rows(layer)  # (n, E)
-            y = ffn_from_rows(h, rows, self.cols)
+            computed = torch.from_numpy(self.computed[layer % 2, :num_tokens]) if self.computed is not None \
+                else None  # (B, n_ff) bool, written by the predictor before this LayerReady
+            y = ffn_over_cached_rows(h, rows, self.cols, computed, self.view.row_ids(layer))
         else:
             mask = torch.from_numpy(self.mask[:num_tokens]).to(self.device)  # (N, n_ff) bool
             y = masked_ffn_over_chunks(h, self._masked_chunks(layer, ready), self.cols, mask)  # (N, d)
@@ -254,7 +263,7 @@ class ComputeWorker:
         dtype = compute_dtype(config.device)
         self.ffn = PipelineFfn([region.num_neurons for region in manifest.ffn.layers], manifest.ffn,
                                dtype, config.device, self.cache, self.exchange, channel,
-                               load_down_group_scales(config.store_dir, manifest))
+                               load_down_group_scales(config.store_dir, manifest), config.sparse.batch_invariant)
         self.executor = ModelExecutor(config.store_dir, manifest, "sparse", config.num_slots, config.max_context,
                                       device=config.device, verify=config.verify, ffn=self.ffn,
                                       resident_dtype=config.resident_dtype)

@@ -43,6 +43,9 @@ class SparseOptions:
     reader_threads: int = 4  # flash reader threads (or in-flight requests of the AIO backend)
     capacity_rows: tuple[int, ...] | None = None  # neuron-cache rows per layer (the memory plan's); None: all
     trace: TraceSpec | None = None  # active sets replayed from a trace instead of the store's predictors
+    # each sequence computes only its own predicted and window neurons, so a temperature-0 request decodes the
+    # same tokens whatever runs beside it; False: every sequence computes every cached row (the batch's union)
+    batch_invariant: bool = True
 
     def __post_init__(self) -> None:
         if self.keep_fraction is not None and not 0.0 < self.keep_fraction <= 1.0:

@@ -170,7 +170,7 @@ class ModelExecutor(Executor):
             x = self.model.embed(token_ids, positions)  # (B, T, d)
             batch, steps, d = x.shape
             step = self.model.step_inputs(slots, positions)
-            self.ffn.begin_step(batch, steps)
+            self.ffn.begin_step(batch, steps, slots.cpu().numpy(), (positions[:, 0] == 0).cpu().numpy())
             for layer in range(self.arch.num_hidden_layers):
                 x = self.model.attention(layer, x, step, self.kv)
                 h = self.model.ffn_input(layer, x).reshape(batch * steps, d)  # (N, d)

@@ -16,6 +16,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
 if TYPE_CHECKING:
+    import numpy as np
     import torch
 
     from flashllm.protocol.store_format import Manifest
@@ -33,8 +34,11 @@ class FfnProvider(Protocol):
         """h (N, d) → y (N, d) for one layer."""
         ...
 
-    def begin_step(self, batch: int, steps: int) -> None:
-        """Before a forward pass of B sequences × T new tokens each (T > 1: prefill)."""
+    def begin_step(self, batch: int, steps: int, slots: "np.ndarray | None" = None,
+                   starts: "np.ndarray | None" = None) -> None:
+        """Before a forward pass of B sequences × T new tokens each (T > 1: prefill). slots (B,): each
+        sequence's KV slot, its identity while it runs; starts (B,) bool: the sequence starts in this step
+        (its first position is 0)."""
 
     def release_slot(self, slot: int) -> None:
         """A sequence left its KV-cache slot."""

@@ -53,6 +53,7 @@ from flashllm.protocol.messages import (
 from flashllm.protocol.shm import SharedSegment
 from flashllm.protocol.store_format import Manifest, StoreError, calibrate_hint
 from flashllm.workers.engine_config import SparseOptions
+from flashllm.workers.flash_io.neuron_cache import DEFAULT_WINDOW_TOKENS
 from flashllm.workers.flash_io.neuron_ids import union_ids
 from flashllm.workers.models.resident import linear
 from flashllm.workers.process_entry import WorkerConfig, run_worker
@@ -360,10 +361,14 @@ class PredictorWorker:
     """
 
     def __init__(self, predictor: SparsityPredictor, hidden: np.ndarray, mask: np.ndarray, capacity_rows: list[int],
-                 pinned: list[np.ndarray], channel, missing_policy: str = "read"):
+                 pinned: list[np.ndarray], channel, missing_policy: str = "read", computed: np.ndarray | None = None,
+                 window_tokens: int = DEFAULT_WINDOW_TOKENS, batch_invariant: bool = True):
+        """computed: the shared (2, max_tokens, n_ff) buffer of each sequence's computed neurons (cached path)."""
         self.predictor = predictor
         self.hidden, self.mask = hidden, mask  # (2, max_tokens, d), (max_tokens, n_ff) shared memory
-        self.planner = SparseStepPlanner(predictor, capacity_rows, pinned, missing_policy)
+        self.computed = computed  # (2, max_tokens, n_ff) shared memory
+        self.planner = SparseStepPlanner(predictor, capacity_rows, pinned, missing_policy, window_tokens,
+                                         batch_invariant)
         self.channel = channel
         self.step, self.steps = -1, 1
         self._carry_out = {CachedLayer: self._send_cached, MaskedLayer: self._send_masked}
@@ -383,7 +388,8 @@ class PredictorWorker:
             for mask, ids in zip(pinned, predictor.hot_ids):
                 mask[ids] = True
         worker = PredictorWorker(predictor, exchange.arrays["hidden"], exchange.arrays["mask"], config.capacity_rows,
-                                 pinned, channel, config.sparse.missing_policy)
+                                 pinned, channel, config.sparse.missing_policy, exchange.arrays["computed"],
+                                 config.sparse.window_tokens, config.sparse.batch_invariant)
         worker._segment = exchange
         return worker
 
@@ -392,7 +398,8 @@ class PredictorWorker:
 
     def on_step_begin(self, msg: StepBegin) -> None:
         self.step, self.steps = msg.step, msg.steps
-        self.planner.begin_step(msg.steps)
+        slots = msg.slots if len(msg.slots) else None  # a StepBegin without them: sequences without history
+        self.planner.begin_step(msg.steps, slots, np.asarray(msg.starts, dtype=bool) if slots is not None else None)
         self.channel.send(ROLE_PREFETCH, msg)
 
     def _guarded_ffn_input(self, msg: FfnInput) -> None:
@@ -418,13 +425,23 @@ class PredictorWorker:
                                                         predicted=decision.num_predicted,
                                                         predict_s=time.perf_counter() - start))
 
+    def _write_computed(self, layer: int, computed: "torch.Tensor | None") -> None:
+        """Each sequence's computed neurons (B, n_ff) of `layer` into computed[layer % 2], before the message
+        that leads to the layer's LayerReady: compute reads them with the layer."""
+        if computed is not None:
+            self.computed[layer % 2, : computed.shape[0]] = computed.numpy()  # (B, n_ff)
+
     def _send_cached(self, msg: FfnInput, decision: CachedLayer) -> None:
         if not decision.ready_at_lookahead:  # else the prefetcher may not change the layer any more
+            self._write_computed(decision.layer, decision.computed)  # compute reads it after LayerReady(l)
             self.channel.send(ROLE_PREFETCH, Prediction(
                 step=msg.step, layer=decision.layer, path=PATH_CACHED, first=decision.first, same=decision.late,
                 first_committed=decision.first_prepared))
         ahead = decision.lookahead
         if ahead is not None:
+            # handed over at its Lookahead: compute may reach layer l+1 before it is planned. It is at layer l
+            # now (it sent FfnInput(l) after layer l-1's FFN), so buffer (l+1) % 2 is free
+            self._write_computed(ahead.layer, ahead.computed)
             self.channel.send(ROLE_PREFETCH, Lookahead(step=msg.step, layer=ahead.layer, ids=ahead.ids,
                                                        commit=ahead.fits, ready=ahead.ready))
 
@@ -433,7 +450,7 @@ class PredictorWorker:
         self.channel.send(ROLE_PREFETCH, Prediction(step=msg.step, layer=decision.layer, path=PATH_MASKED))
 
     def close(self) -> None:
-        self.hidden, self.mask = None, None
+        self.hidden, self.mask, self.computed = None, None, None
         self.planner.forget_inputs()  # a view into the hidden states would keep the segment from closing
         segment = getattr(self, "_segment", None)
         if segment is not None:

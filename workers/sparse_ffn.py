@@ -10,7 +10,8 @@ tokens). Per decode step and layer l:
     same   = predictor.same[l](h_l)              policy "read": the late check on layer l's own input,
     prefetcher.prepare(l, same, new_token=False) and fetch what the lookahead missed, in rows of older
                                                  tokens' neurons, then of the lookahead's unconfirmed ones
-    y = FFN over every cached row of layer l     (the first num_rows rows: a dense matrix)
+    y = FFN over the cached rows of layer l      (the first num_rows rows: a dense matrix), each
+                                                 sequence masked to its own computed set (sparse_policy)
 
 Policy "skip" runs neither late step: the layer is ready once the lookahead's
 reads are, so the worker runtime hands it over before compute gets there and
@@ -18,7 +19,10 @@ no read waits on the layer's own input (fewer bytes; some quality, see bench).
 
 Computing over all cached rows (window ∪ hot ∪ predicted) costs a little more
 arithmetic than the predicted rows alone but needs no gather: gathering the
-predicted rows per call costs more than the whole dense FFN.
+predicted rows per call costs more than the whole dense FFN. In a batch the
+cache holds the union of the sequences' sets; a per-sequence mask over the
+rows (an exact zero for a neighbour's neuron) keeps each sequence to its own
+set, so its tokens do not depend on what runs beside it.
 
 Prompt prefill (many tokens of one sequence) and decode batches whose union of
 lookahead predictions does not fit the cache take the dense-read path instead:
@@ -39,7 +43,8 @@ from flashllm.workers.engine_config import SparseOptions
 from flashllm.workers.ffn_providers import FfnStats, held_rows
 from flashllm.workers.flash_io.bundle_reader import numpy_dtype_of_store
 from flashllm.workers.interfaces import FfnProvider
-from flashllm.workers.models.ffn import BundleColumns, HalfRows, ffn_from_rows, masked_ffn_over_chunks
+from flashllm.workers.models.ffn import (BundleColumns, HalfRows, ffn_from_rows, masked_ffn_from_rows,
+                                         masked_ffn_over_chunks)
 from flashllm.workers.models.quant_ffn import QuantNeuronMatrix, QuantRows, scratch_buffer
 from flashllm.workers.store_reader import bundle_rows_as_float, layer_table, load_down_group_scales
 from flashllm.workers.predictor import load_predictor
@@ -138,6 +143,13 @@ class CacheView:
             self.rows_copied += changed.size
         return self.mirrors[layer][:n]
 
+    def row_ids(self, layer: int) -> np.ndarray:
+        """(n,) the neuron id of each row rows(layer) gave (-1 where a quantized mirror's slot is a hole)."""
+        if self.matrices is not None:
+            return self.mirror_ids[layer][: self.mirror_used[layer]]
+        cache = self.caches[layer]
+        return cache.slot_ids[: cache.num_rows]
+
     def _quant_rows(self, layer: int, cache, ids: np.ndarray) -> QuantRows:
         """The layer's kernel matrix once the neurons that left the cache are cleared from it and the ones
         that arrived are converted into free slots (see the class docstring)."""
@@ -166,6 +178,20 @@ class CacheView:
         return QuantRows(matrix, used)
 
 
+def ffn_over_cached_rows(h: torch.Tensor, rows, cols: BundleColumns, computed: torch.Tensor | None,
+                         cached_ids: np.ndarray) -> torch.Tensor:
+    """h (N, d), rows (n, E) a layer's cached rows whose neuron ids are cached_ids (n,; -1 where a row holds
+    no neuron, CacheView.row_ids) → (N, d). computed (N, n_ff) bool: the neurons each row of h computes (the
+    rest are exact zeros in its sum); None: every row computes every cached neuron. Both runtimes compute the
+    cached path here."""
+    if computed is None:
+        return ffn_from_rows(h, rows, cols)
+    ids = torch.from_numpy(cached_ids.astype(np.int64))  # (n,)
+    row_mask = computed[:, ids.clamp(min=0)] & (ids >= 0)  # (N, n) bool
+    row_mask = row_mask.to(h.device)
+    return masked_ffn_from_rows(h, rows, cols, row_mask)
+
+
 class SparseFlashFfn(FfnProvider):
     mode = "sparse"
 
@@ -188,16 +214,17 @@ class SparseFlashFfn(FfnProvider):
         self.view = CacheView(self.prefetcher.caches, dtype, device, manifest.ffn, self.down_scales)
         caches = self.prefetcher.caches
         self.planner = SparseStepPlanner(self.predictor, [c.capacity_rows for c in caches], [c.pinned for c in caches],
-                                         options.missing_policy)
+                                         options.missing_policy, options.window_tokens, options.batch_invariant)
         self._carry_out = {CachedLayer: self._forward_cached, MaskedLayer: self._forward_masked}
         # the dense-read path's chunk of bundles as read (store dtype; grown to one chunk on first use)
         self._chunk = np.empty((0, manifest.ffn.stored_row_width), dtype=numpy_dtype_of_store(manifest.ffn.dtype))
         self.stats = FfnStats()
         self.recorded_sets: list[tuple[int, np.ndarray]] | None = None  # (layer, predicted ids) per decode step, for bench
 
-    def begin_step(self, batch: int, steps: int) -> None:
-        """Called by the executor before a forward pass: B sequences × T new tokens each."""
-        self.planner.begin_step(steps)
+    def begin_step(self, batch: int, steps: int, slots: np.ndarray | None = None,
+                   starts: np.ndarray | None = None) -> None:
+        """Called by the executor before a forward pass: B sequences × T new tokens each, in KV slots `slots`."""
+        self.planner.begin_step(steps, slots, starts)
         self.prefetcher.drop_in_flight()  # a step that failed midway may have left reads on their way
 
     def forward(self, layer: int, h: torch.Tensor) -> torch.Tensor:
@@ -220,7 +247,7 @@ class SparseFlashFfn(FfnProvider):
             prefetcher.start_stage(ahead.layer, ahead.ids)  # read while this layer computes (AIO)
         start = time.perf_counter()
         rows = self.view.rows(layer)  # (n, E)
-        y = ffn_from_rows(h, rows, self.cols)
+        y = ffn_over_cached_rows(h, rows, self.cols, decision.computed, self.view.row_ids(layer))
         self.stats.compute_s += time.perf_counter() - start
         self.stats.neurons_computed += rows.shape[0]
         return y

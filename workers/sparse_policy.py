@@ -22,23 +22,37 @@ The rules, per decode step and layer l:
 Prefill and other multi-token steps take the masked path at every layer: the
 per-token mask is same[l](h_l) ∪ lookahead[l](h_{l-1}) ∪ hot.
 
-Pure: no I/O, no process knowledge; torch only through the predictor and the
-tensors it returns, so the torch-free prefetch process may import the names.
+Batch invariance: the cache holds the batch's union, but each sequence computes
+only its own neurons (`computed`, one row per sequence):
+
+    own(b)      = first(b) ∪ late(b)        its own rows of the predictions above
+    computed(b) = own(b) ∪ own(b) of its last window_tokens - 1 tokens ∪ pinned
+
+which is what the cache holds when the sequence runs alone (while the cache has
+room for its window), so a temperature-0 request gives the same tokens whatever
+runs beside it. The history is kept per
+KV slot (SequenceWindows) and starts afresh when a slot's sequence starts at
+position 0. A decode step that takes the masked path masks each token with
+same ∪ lookahead ∪ hot ∪ its own window, the set it gets on the cached path.
+SparseOptions.batch_invariant=False keeps the old rule (every sequence computes
+every cached row), for the bench's comparison.
+
+Pure: no I/O, no process knowledge.
 """
 from __future__ import annotations
 
+from collections import deque
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import numpy as np
+import torch
 
 from flashllm.workers.engine_config import MISSING_POLICIES  # read the late neurons, or skip them this token
-from flashllm.workers.flash_io.neuron_cache import rows_needed
+from flashllm.workers.flash_io.neuron_cache import DEFAULT_WINDOW_TOKENS, rows_needed
 from flashllm.workers.flash_io.neuron_ids import union_ids
 
 if TYPE_CHECKING:
-    import torch
-
     from flashllm.workers.predictor import SparsityPredictor
 
 
@@ -61,6 +75,10 @@ class LookaheadRead:
     fits: bool
     # fits, and nothing later changes the layer this step ("skip"): hand it over as soon as it is prepared
     ready: bool
+    own: "torch.Tensor | None" = None  # (B, n_ff) bool: each sequence's own lookahead set; None: not tracked
+    # (B, n_ff) bool when ready and tracked: each sequence's computed set, final already (nothing is added
+    # later), so the worker runtime hands it to compute with the layer
+    computed: "torch.Tensor | None" = None
 
 
 @dataclass(frozen=True)
@@ -74,6 +92,9 @@ class CachedLayer:
     late: np.ndarray  # (m,) the same-layer check's set, prepared after `first`; empty when the check is not read
     predicted: np.ndarray  # (u,) first ∪ late
     lookahead: LookaheadRead | None  # the next layer's set, to start reading while this layer computes
+    # (B, n_ff) bool: the neurons each sequence computes (its own sets, its own window, pinned); None: every
+    # sequence computes every cached row (SparseOptions.batch_invariant=False)
+    computed: "torch.Tensor | None" = None
 
     @property
     def num_predicted(self) -> int:
@@ -85,31 +106,79 @@ class MaskedLayer:
     """Read the whole layer; each token keeps only its own predicted neurons."""
 
     layer: int
-    mask: "torch.Tensor"  # (N, n_ff) bool: each token's same ∪ lookahead ∪ hot
+    mask: "torch.Tensor"  # (N, n_ff) bool: each token's same ∪ lookahead ∪ hot (∪ its own window in a decode step)
     num_predicted: int  # neurons any token keeps
+
+
+class SequenceWindows:
+    """Each running sequence's own sliding window, keyed by its KV slot: per layer, the neurons its last
+    window_tokens - 1 tokens computed (their own predicted sets, not the batch's union). A slot's history
+    starts afresh when a new sequence starts in it."""
+
+    def __init__(self, num_layers: int, num_neurons: int, window_tokens: int):
+        if window_tokens < 1:
+            raise ValueError(f"window_tokens must be >= 1 (the paper uses 4..5), got {window_tokens}")
+        self.num_layers, self.num_neurons = num_layers, num_neurons
+        self.earlier_tokens = window_tokens - 1  # the newest token's own set completes the window
+        self._history: dict[int, list[deque]] = {}  # slot → per layer the (n_ff,) bool sets, oldest first
+
+    def start(self, slot: int) -> None:
+        """A new sequence starts in `slot`: nothing of the slot's previous sequence counts."""
+        self._history[slot] = [deque(maxlen=self.earlier_tokens) for _ in range(self.num_layers)]
+
+    def _layer_history(self, slot: int, layer: int) -> deque:
+        if slot not in self._history:
+            self.start(slot)
+        return self._history[slot][layer]
+
+    def window(self, slots: np.ndarray, layer: int) -> torch.Tensor:
+        """(B, n_ff) bool: for each slot, the neurons its earlier tokens in the window computed at `layer`."""
+        window = torch.zeros((len(slots), self.num_neurons), dtype=torch.bool)  # (B, n_ff)
+        for row, slot in enumerate(slots):
+            for earlier in self._layer_history(int(slot), layer):
+                window[row] |= earlier
+        return window
+
+    def record(self, slots: np.ndarray, layer: int, own: torch.Tensor) -> None:
+        """own (B, n_ff) bool: each slot's newest token's own set at `layer` joins its window."""
+        for row, slot in enumerate(slots):
+            self._layer_history(int(slot), layer).append(own[row].clone())
 
 
 class SparseStepPlanner:
     """Decides each layer of a forward pass; holds the pass's pending lookahead sets and previous input."""
 
     def __init__(self, predictor: "SparsityPredictor", capacity_rows: list[int], pinned: list[np.ndarray],
-                 missing_policy: str = "read"):
+                 missing_policy: str = "read", window_tokens: int = DEFAULT_WINDOW_TOKENS,
+                 batch_invariant: bool = True):
+        """batch_invariant: decide each sequence's own computed set (`computed`); else every sequence computes
+        every cached row, the batch's union (the old rule, kept for the bench)."""
         check_missing_policy(missing_policy)
         self.predictor = predictor
         self.capacity_rows = capacity_rows  # per layer: the neuron cache's rows
         self.pinned = pinned  # per layer: (n_ff,) bool, the neurons that stay cached
         self.reads_late = missing_policy == "read"
         self.num_layers, self.num_neurons = predictor.num_layers, predictor.num_neurons
+        self.batch_invariant = batch_invariant
+        self.windows = SequenceWindows(self.num_layers, self.num_neurons, window_tokens)
+        self._pinned_rows = [torch.from_numpy(np.asarray(p, dtype=bool)) for p in pinned]  # (n_ff,) per layer
         self._steps = 1
+        self._slots: np.ndarray | None = None  # (B,) the KV slot of each sequence of this step; None: not followed
         self._ahead: dict[int, LookaheadRead] = {}
         self._prev_h: "torch.Tensor | None" = None  # (N, d) the previous layer's FFN input
 
-    def begin_step(self, steps: int) -> None:
-        """A forward pass of `steps` new tokens per sequence starts: nothing predicted yet."""
+    def begin_step(self, steps: int, slots: np.ndarray | None = None, starts: np.ndarray | None = None) -> None:
+        """A forward pass of `steps` new tokens per sequence starts: nothing predicted yet. slots (B,): each
+        sequence's KV slot; starts (B,) bool: the sequence starts in this step (its first position is 0), so
+        its slot's window history starts afresh. Without slots, the step's sequences have no history."""
         self._steps = steps
         self.predictor.begin_step(steps)
         self._ahead.clear()
         self._prev_h = None
+        self._slots = None if slots is None else np.asarray(slots, dtype=np.int64)
+        if slots is not None and starts is not None:
+            for slot in self._slots[np.asarray(starts, dtype=bool)]:
+                self.windows.start(int(slot))
 
     def forget_inputs(self) -> None:
         """Drop the previous layer's input, which may be a view into a buffer about to be closed."""
@@ -143,23 +212,38 @@ class SparseStepPlanner:
         ahead = self._ahead.pop(layer, None)
         if ahead is not None and not ahead.fits:
             return self._plan_masked(layer, h)  # the batch's union makes the layer nearly dense
-        same = self.predictor.predict("same", layer, h) if self.runs_same_check(ahead) else None
+        same_own, same = None, None
+        if self.runs_same_check(ahead):
+            same_own = self._predict_own("same", layer, h)  # (B, n_ff) or None
+            same = _ids_of(same_own) if same_own is not None else self.predictor.predict("same", layer, h)
         first = ahead.ids if ahead is not None else same
         if ahead is None and not self.fits(layer, first):
             return self._plan_masked(layer, h)
         late = same if ahead is not None and same is not None else _NO_IDS
+        if ahead is not None and ahead.computed is not None:  # decided at the lookahead (handed over there)
+            computed = ahead.computed
+            if self._slots is not None:
+                self.windows.record(self._slots, layer, ahead.own)
+        else:
+            computed = self._computed(layer, _either(ahead.own if ahead is not None else None, same_own))
         return CachedLayer(
             layer=layer, first=first, first_prepared=ahead is not None,
             ready_at_lookahead=ahead is not None and ahead.ready, late=late,
             predicted=union_ids(self.num_neurons, first, late) if late.size else first,
-            lookahead=self._plan_lookahead(layer + 1, h))
+            lookahead=self._plan_lookahead(layer + 1, h), computed=computed)
 
     def _plan_lookahead(self, layer: int, h_before: "torch.Tensor") -> LookaheadRead | None:
         if layer >= self.num_layers or not self.predictor.has("lookahead", layer):
             return None
-        ids = self.predictor.predict("lookahead", layer, h_before)
+        own = self._predict_own("lookahead", layer, h_before)  # (B, n_ff) or None
+        ids = _ids_of(own) if own is not None else self.predictor.predict("lookahead", layer, h_before)
         fits = self.fits(layer, ids)
-        read = self._ahead[layer] = LookaheadRead(layer=layer, ids=ids, fits=fits, ready=fits and not self.reads_late)
+        ready = fits and not self.reads_late
+        # ready: nothing joins the layer's set later, so each sequence's computed set is final now (the
+        # worker runtime hands it to compute with the layer, before the layer is planned)
+        computed = self._computed(layer, own, record=False) if ready and own is not None else None
+        read = self._ahead[layer] = LookaheadRead(layer=layer, ids=ids, fits=fits, ready=ready, own=own,
+                                                  computed=computed)
         return read
 
     def _plan_masked(self, layer: int, h: "torch.Tensor") -> MaskedLayer:
@@ -167,7 +251,49 @@ class SparseStepPlanner:
         mask = predictor.predict_mask("same", layer, h)  # (N, n_ff)
         if self._prev_h is not None and predictor.has("lookahead", layer):
             mask = mask | predictor.predict_mask("lookahead", layer, self._prev_h)
+        if self._tracks_sequences():  # a decode step: each token is its sequence's newest, with its window
+            own = mask.clone()  # (B, n_ff)
+            mask |= self.windows.window(self._slots, layer)
+            self.windows.record(self._slots, layer, own)
         hot = predictor.hot_ids[layer]
         if len(hot):
             mask[:, hot] = True
         return MaskedLayer(layer=layer, mask=mask, num_predicted=int(mask.any(0).sum()))
+
+    # -- each sequence's own set (batch invariance) ------------------------------
+
+    def _tracks_sequences(self) -> bool:
+        """Decode steps of sequences followed by slot, under batch invariance."""
+        return self.batch_invariant and self._steps == 1 and self._slots is not None
+
+    def _predict_own(self, kind: str, layer: int, h: "torch.Tensor") -> "torch.Tensor | None":
+        """(B, n_ff) bool, each sequence's own predicted set, when sets are tracked per sequence; else None
+        (then the batch's union of ids is all that is needed)."""
+        if not self.batch_invariant:
+            return None
+        return self.predictor.predict_mask(kind, layer, h)
+
+    def _computed(self, layer: int, own: "torch.Tensor | None", record: bool = True) -> "torch.Tensor | None":
+        """own (B, n_ff) bool: each sequence's newest token's set → (B, n_ff) bool, the neurons each sequence
+        computes: own ∪ its window ∪ pinned; recorded in the sequences' windows unless `record` is False (the
+        layer's plan records it)."""
+        if own is None:
+            return None
+        computed = own | self._pinned_rows[layer]  # (B, n_ff)
+        if self._slots is not None:
+            computed |= self.windows.window(self._slots, layer)
+            if record:
+                self.windows.record(self._slots, layer, own)
+        return computed
+
+
+def _either(first: "torch.Tensor | None", late: "torch.Tensor | None") -> "torch.Tensor | None":
+    """The union of two (B, n_ff) bool sets, either of which may be absent."""
+    if first is None:
+        return late
+    return first if late is None else first | late
+
+
+def _ids_of(own: "torch.Tensor") -> np.ndarray:
+    """(B, n_ff) bool → the sorted ids any sequence has: the batch's union, what the cache must hold."""
+    return np.flatnonzero(own.any(0).numpy()).astype(np.int64)

@@ -81,7 +81,7 @@ def build_worker_config(store_dir: str, manifest: Manifest, num_slots: int, max_
         cache_layout=neuron_cache_layout(capacity_rows, layout.stored_row_width, cache_dtype),
         exchange_layout=exchange_layout(max_tokens, arch.hidden_size, num_neurons, layout.stored_row_width, store_dtype,
                                         hidden_dtype, arch.vocab_size, logits_rows,
-                                        chunk_rows=largest_chunk_rows(layout)),
+                                        chunk_rows=largest_chunk_rows(layout), max_sequences=num_slots),
         sparse=sparse, verify=verify)
 
 

@@ -648,6 +648,8 @@ def cmd_bench(args) -> int:
             ("sparsity", "sparsity", ".2f"), ("bytes/token", "flash_read_bytes_per_token", ".0f"),
             ("ms/token", "ms_per_token", ".1f"), ("ppl", "perplexity", ".3f"),
             ("top1 vs dense", "top1_agreement_with_dense", ".3f")])
+    if args.batch_invariance:
+        report["batch_invariance"] = _batch_invariance_runs(args, runtimes)
     paired = report.get("paired_speed")
     if paired:
         baseline = paired["baseline"]
@@ -710,6 +712,33 @@ def cmd_bench(args) -> int:
     return 0
 
 
+def _batch_invariance_runs(args, runtimes: list[str]) -> list[dict]:
+    """--batch-invariance B: per runtime, ms/token of a batch of B with each sequence computing its own
+    neurons against the batch's union (runtime/tools/batch_invariance_bench.py); prints the table."""
+    from flashllm.runtime.clients.cli import parse_size
+    from flashllm.runtime.tools.batch_invariance_bench import batch_invariance_cost
+
+    sparse = SparseOptions(**{name: value for name, value in (
+        ("keep_fraction", args.keep_fraction), ("window_tokens", args.neuron_window),
+        ("missing_policy", args.missing_policy)) if value is not None})
+    memory_bytes = parse_size(args.memory) if args.memory else None
+    runs = [batch_invariance_cost(args.store, bench_engine_config("sparse", runtime, memory_bytes, sparse,
+                                                                  args.resident_dtype, args.threads),
+                                  args.batch_invariance, args.tokens, max(1, args.paired_rounds))
+            for runtime in runtimes]
+    rows = [{"runtime": run["runtime"] if name != "dense" else "inproc", "run": name,
+             "step_ms": run["step_ms"].get(name), "ms_per_token": run["ms_per_token"].get(name),
+             "identical": f"{run['identical_to_single_runs'][name]}/{run['batch']}",
+             "prefix": run["mean_tokens_before_a_difference"][name]}
+            for run in runs for name in run["identical_to_single_runs"]]
+    _print_table(f"batch of {args.batch_invariance}: own neurons (invariant) vs the batch's union (medians of "
+                 f"{max(1, args.paired_rounds)} rounds in turns)", rows, [
+        ("runtime", "runtime", ""), ("run", "run", ""), ("ms/step", "step_ms", ".1f"),
+        ("ms/token", "ms_per_token", ".2f"), ("same tokens as alone", "identical", ""),
+        ("tokens before a difference", "prefix", ".1f")])
+    return runs
+
+
 def _non_negative_int(text: str) -> int:
     value = int(text)
     if value < 0:
@@ -749,6 +778,11 @@ def register_cli(sub) -> None:
     p.add_argument("--no-peak-memory", action="store_true",
                    help="skip measuring the sparse runs' peak memory in a memory cgroup (a `flashllm generate` "
                         "per runtime in a child process)")
+    p.add_argument("--batch-invariance", type=_non_negative_int, default=0, metavar="B",
+                   help="sparse mode: also decode a batch of B prompts with each sequence computing only its own "
+                        "neurons (the default) and with the batch's union, in turns (--paired-rounds rounds of "
+                        "--tokens tokens): ms/token of each, and how many sequences keep their single run's "
+                        "tokens (0: off)")
     p.add_argument("--json", required=True, help="output JSON path")
     p.add_argument("--plots", help="directory for PNG plots")
     p.set_defaults(func=cmd_bench)

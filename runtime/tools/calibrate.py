@@ -70,8 +70,8 @@ class _RecordingFfn(FfnProvider):
         self.stats = dense_ffn.stats
         self.inputs: list[list[torch.Tensor]] = [[] for _ in range(num_layers)]
 
-    def begin_step(self, batch: int, steps: int) -> None:
-        self.inner.begin_step(batch, steps)
+    def begin_step(self, batch: int, steps: int, slots=None, starts=None) -> None:
+        self.inner.begin_step(batch, steps, slots, starts)
 
     def forward(self, layer: int, h: torch.Tensor) -> torch.Tensor:
         self.inputs[layer].append(h.float().cpu())

@@ -83,7 +83,9 @@ def scratch_buffer(name: str, shape: tuple[int, ...], dtype: torch.dtype) -> tor
     buffers = _thread_scratch.__dict__.setdefault("buffers", {})
     numel = int(np.prod(shape))
     buffer = buffers.get(name)
-    if buffer is None or buffer.dtype != dtype or buffer.numel() < numel:
+    # one made under inference_mode (a decode step) cannot be written outside it (loading the next engine)
+    stale = buffer is not None and buffer.is_inference() and not torch.is_inference_mode_enabled()
+    if buffer is None or stale or buffer.dtype != dtype or buffer.numel() < numel:
         buffer = buffers[name] = torch.empty(numel, dtype=dtype)
     return buffer[:numel].view(shape)
 

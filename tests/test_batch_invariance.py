@@ -1,0 +1,180 @@
+"""Batch-invariant sparse decoding: at temperature 0 a request's tokens do not depend on what runs beside it.
+
+The neuron cache holds the batch's union, but each sequence computes only its own predicted and window
+neurons (workers/sparse_policy.py), in both runtimes and through the daemon.
+"""
+from __future__ import annotations
+
+import asyncio
+
+import numpy as np
+import pytest
+import torch
+
+from daemon_process import running_daemon
+from flashllm.runtime.clients.client import AsyncClient, Client
+from flashllm.runtime.core.engine import Engine
+from flashllm.runtime.core.sampling import SamplingParams
+
+# different lengths, so the batch's sequences sit at different positions
+PROMPTS = [[0, 17, 42, 99, 5], [0, 200, 3, 3, 8, 150, 77, 61, 12], [9, 8, 7], [300, 301, 302, 303, 5, 6],
+           [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11], [64, 32], [250, 12, 250, 12, 250], [77, 41, 8, 19]]
+STARTS = [0, 0, 1, 2, 3, 3, 5, 6]  # the decode step at which each prompt joins the batch
+MAX_TOKENS = 12
+KEEP_FRACTION = 0.25  # a quarter of each layer's neurons per token: neighbours' sets differ a lot
+
+
+def _alone(engine: Engine, prompt: list[int]) -> list[int]:
+    return engine.generate([prompt], SamplingParams(max_tokens=MAX_TOKENS, ignore_eos=True))[0].tokens
+
+
+def _staggered(engine: Engine) -> list[list[int]]:
+    """Every prompt through one engine, each joining at its STARTS step while the others decode."""
+    params = SamplingParams(max_tokens=MAX_TOKENS, ignore_eos=True)
+    tokens: dict[str, list[int]] = {}
+    request_ids: list[str] = []
+    step = 0
+    while len(request_ids) < len(PROMPTS) or engine.has_unfinished():
+        for prompt, start in zip(PROMPTS, STARTS):
+            if start == step:
+                request_ids.append(engine.add_request(prompt, params))
+        for out in engine.step():
+            tokens.setdefault(out.request_id, []).extend(out.new_token_ids)
+        step += 1
+    return [tokens[request_id] for request_id in request_ids]
+
+
+# "skip" hands a layer over at its lookahead: the worker runtime then passes each sequence's set on earlier
+@pytest.mark.parametrize("runtime,missing_policy", [("inproc", "read"), ("workers", "read"), ("workers", "skip")])
+def test_staggered_temperature_0_sparse_sequences_decode_their_single_runs_tokens(calibrated_stores, runtime,
+                                                                                  missing_policy):
+    store = calibrated_stores("llama")
+    with Engine(store, mode="sparse", runtime=runtime, max_batch=len(PROMPTS),
+                ffn_options={"keep_fraction": KEEP_FRACTION, "missing_policy": missing_policy}) as engine:
+        alone = [_alone(engine, prompt) for prompt in PROMPTS]
+        together = _staggered(engine)
+        batches = [s["batch"] for s in engine.token_stats]
+    assert max(batches) == len(PROMPTS)  # all eight decoded in one step at some point
+    assert [len(t) for t in together] == [MAX_TOKENS] * len(PROMPTS)
+    for prompt, single, batched in zip(PROMPTS, alone, together):
+        assert batched == single, f"prompt {prompt}: alone {single}, in the batch {batched}"
+
+
+def test_the_union_option_lets_neighbours_change_tokens(calibrated_stores):
+    """SparseOptions.batch_invariant=False (every sequence computes the batch's union, kept for the bench's
+    comparison): the same staggered batch no longer matches the single runs, which is what the default fixes."""
+    store = calibrated_stores("llama")
+    with Engine(store, mode="sparse", max_batch=len(PROMPTS),
+                ffn_options={"keep_fraction": KEEP_FRACTION, "batch_invariant": False}) as engine:
+        alone = [_alone(engine, prompt) for prompt in PROMPTS]
+        together = _staggered(engine)
+    assert sum(a != t for a, t in zip(alone, together)) > 0
+
+
+def test_a_sequences_computed_set_does_not_depend_on_its_neighbour(calibrated_stores):
+    """The planner (workers/sparse_policy.py), both runtimes' one decision: sequence A's computed neurons at
+    every layer and step are the same with or without a neighbour B in the batch (its own predicted sets, its
+    own window, the pinned), though the cache's union differs; a new sequence in A's slot starts afresh."""
+    from flashllm.workers.predictor import SparsityPredictor
+    from flashllm.workers.sparse_policy import CachedLayer, MaskedLayer, SparseStepPlanner
+    from flashllm.workers.store_reader import open_store
+
+    store = calibrated_stores("llama")
+    manifest = open_store(store)
+    predictor = SparsityPredictor(store, manifest, keep_fraction=KEEP_FRACTION)
+    n, layers = predictor.num_neurons, predictor.num_layers
+    pinned = [np.zeros(n, dtype=bool) for _ in range(layers)]
+    for mask, hot in zip(pinned, predictor.hot_ids):
+        mask[hot] = True
+    d = manifest.arch.hidden_size
+    inputs = torch.randn(4, layers, 2, d, generator=torch.Generator().manual_seed(1))  # (steps, layers, seqs, d)
+
+    def run(with_neighbour: bool, capacity_rows: int = n) -> tuple[list[torch.Tensor], list[np.ndarray]]:
+        planner = SparseStepPlanner(predictor, [capacity_rows] * layers, pinned, "read", window_tokens=3)
+        computed, unions = [], []
+        for step in range(inputs.shape[0]):
+            slots = np.array([5, 2]) if with_neighbour else np.array([5])
+            planner.begin_step(1, slots, np.array([step == 0] * len(slots)))
+            for layer in range(layers):
+                decision = planner.plan_layer(layer, inputs[step, layer, : len(slots)])  # (B, d)
+                if capacity_rows == n:
+                    assert type(decision) is CachedLayer
+                    computed.append(decision.computed[0])  # (n_ff,) sequence A's
+                    unions.append(decision.predicted)
+                else:  # nothing fits: every layer reads whole, each token masked to its own set and window
+                    assert type(decision) is MaskedLayer
+                    computed.append(decision.mask[0])
+        return computed, unions
+
+    with torch.inference_mode():
+        alone, alone_unions = run(with_neighbour=False)
+        beside, beside_unions = run(with_neighbour=True)
+        masked_alone, _ = run(with_neighbour=False, capacity_rows=1)
+        masked_beside, _ = run(with_neighbour=True, capacity_rows=1)
+    for a, b in zip(alone, beside):
+        assert torch.equal(a, b)
+    assert any(len(b) > len(a) for a, b in zip(alone_unions, beside_unions))  # the cache's union is larger
+    for a, b in zip(masked_alone, masked_beside):
+        assert torch.equal(a, b)
+    # the masked path keeps A's window too: later steps compute more than their own prediction
+    assert masked_alone[-1].sum() > masked_alone[layers - 1].sum()
+
+    # A's window: step 2's set holds steps 0-2's own sets (window 3), not step 0's any more at step 3
+    planner = SparseStepPlanner(predictor, [n] * layers, pinned, "read", window_tokens=3)
+    with torch.inference_mode():
+        own = []
+        for step in range(4):
+            planner.begin_step(1, np.array([5]), np.array([step == 0]))
+            decision = planner.plan_layer(0, inputs[step, 0, :1])
+            own.append(predictor.predict_mask("same", 0, inputs[step, 0, :1])[0])
+            expected = torch.from_numpy(pinned[0]).clone()
+            for earlier in own[-3:]:
+                expected |= earlier
+            assert torch.equal(decision.computed[0], expected)
+        planner.begin_step(1, np.array([5]), np.array([True]))  # a new sequence in slot 5: no history
+        decision = planner.plan_layer(0, inputs[0, 0, :1])
+        assert torch.equal(decision.computed[0], own[0] | torch.from_numpy(pinned[0]))
+
+
+DAEMON_PROMPTS = ["The quick brown fox", "Flash memory is", "Paris is the capital", "def add(a, b):",
+                  "1 2 3 4", "Large language models", "Berlin is", "The lazy dog"]
+DAEMON_REQUESTS = 32
+
+
+async def test_32_concurrent_temperature_0_sparse_requests_to_a_daemon_equal_their_single_runs(calibrated_stores):
+    args = ["--mode", "sparse", "--runtime", "workers", "--keep-fraction", str(KEEP_FRACTION),
+            "--max-batch", str(DAEMON_REQUESTS)]
+    with running_daemon(calibrated_stores("llama"), args) as daemon:
+        with Client(daemon.socket_path) as client:
+            alone = {p: client.generate(p, max_tokens=MAX_TOKENS, ignore_eos=True, temperature=0).token_ids
+                     for p in DAEMON_PROMPTS}
+
+        async def one_request(index: int) -> tuple[str, list[int]]:
+            prompt = DAEMON_PROMPTS[index % len(DAEMON_PROMPTS)]
+            async with AsyncClient(daemon.socket_path) as client:
+                final = await client.generate(prompt, max_tokens=MAX_TOKENS, ignore_eos=True, temperature=0)
+            return prompt, final.token_ids
+
+        results = await asyncio.gather(*(one_request(i) for i in range(DAEMON_REQUESTS)))
+    identical = sum(tokens == alone[prompt] for prompt, tokens in results)
+    assert identical == DAEMON_REQUESTS, f"{identical}/{DAEMON_REQUESTS} identical to their single runs"
+
+
+def test_bench_states_the_cost_of_invariance_at_a_batch(calibrated_stores, tmp_path, capsys):
+    """`flashllm bench --batch-invariance 4`: ms/token of a batch of 4, own neurons against the union, and how
+    many sequences keep their single run's tokens (all of them under the invariant rule)."""
+    import json
+
+    from flashllm.runtime.clients.cli import main as cli_main
+
+    out = tmp_path / "bench.json"
+    assert cli_main(["bench", "--store", calibrated_stores("llama"), "--modes", "sparse", "--tokens", "6",
+                     "--keep-fraction", str(KEEP_FRACTION), "--batch-invariance", "4", "--paired-rounds", "1",
+                     "--no-read-baseline", "--no-peak-memory", "--json", str(out)]) == 0
+    [run] = json.loads(out.read_text())["batch_invariance"]
+    assert run["batch"] == 4 and run["runtime"] == "inproc"
+    assert run["identical_to_single_runs"]["invariant"] == run["identical_to_single_runs"]["dense"] == 4
+    assert run["mean_tokens_before_a_difference"]["invariant"] == 6
+    assert all(ms > 0 for ms in run["ms_per_token"].values())
+    assert run["ms_per_token"]["invariant"] == pytest.approx(run["step_ms"]["invariant"] / 4)
+    assert "batch of 4" in capsys.readouterr().out
