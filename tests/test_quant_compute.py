@@ -233,7 +233,7 @@ def held_nbytes(value) -> int:
 
 def test_the_memory_plan_counts_quantized_weights_and_caches_as_held(quantized_tiny_store):
     from flashllm.runtime.core.engine import Engine
-    from flashllm.runtime.core.memory_plan import cache_bytes_of, plan_for_store
+    from flashllm.workers.memory_plan import cache_bytes_of, plan_for_store
     from flashllm.workers.prefetch import Prefetcher
     from flashllm.workers.sparse_ffn import CacheView
     from flashllm.workers.store_reader import load_down_group_scales, open_store
@@ -284,7 +284,7 @@ def test_sparse_decodes_a_quantized_store_with_the_same_tokens_in_both_runtimes(
     from flashllm.runtime.core.engine import Engine
     from flashllm.runtime.core.sampling import SamplingParams
     from flashllm.runtime.tools.calibrate import calibrate
-    from flashllm.runtime.core.memory_plan import cache_bytes_of, plan_for_store
+    from flashllm.workers.memory_plan import cache_bytes_of, plan_for_store
     from flashllm.workers.store_reader import open_store
     from tests.conftest import calibration_text
 
