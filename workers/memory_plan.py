@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from flashllm.protocol import quant_format as qf
 from flashllm.protocol.shm import CHUNK_SLOTS
 from flashllm.protocol.store_format import DTYPE_ITEMSIZE, FfnLayout, Manifest
-from flashllm.workers.engine_config import DEFAULT_MAX_CONTEXT, EngineConfig
+from flashllm.workers.engine_config import DEFAULT_MAX_CONTEXT, FFN_MODES, EngineConfig
 from flashllm.workers.ffn_providers import NAIVE_LAYERS_IN_FLIGHT
 from flashllm.workers.models.attention import KVCache
 from flashllm.workers.models.ffn import HALF_ROWS_CHUNK
@@ -361,6 +361,9 @@ def plan_memory_for(store_dir: str, manifest: Manifest, inputs: MemoryInputs) ->
     (device_bytes). With a budget, the caches are what it leaves above the minimum, and MemoryPlanError names
     what to change when it cannot hold the minimum; without, they are the inputs' (or every neuron)."""
     mode, device, budget_bytes = inputs.mode, torch_device_type(inputs.device), inputs.budget_bytes
+    if mode not in FFN_MODES:
+        raise ValueError(f"a memory plan is for one of {', '.join(FFN_MODES)}, not --mode {mode} (choose_mode "
+                         "plans each candidate)")
     compute_itemsize, kv_cache_bytes = inputs.compute_itemsize, inputs.kv_cache_bytes
     resident_bytes = resident_bytes_of(store_dir, manifest, inputs.resident_itemsize or compute_itemsize, device)
     resident_half_saving_bytes = max(0, resident_bytes - resident_bytes_of(store_dir, manifest, HALF_ITEMSIZE, device))
