@@ -161,19 +161,21 @@ def calibrated_stores(tiny_stores, tmp_path_factory):
 def tight_budget(store: str, keep_fraction: float, spare_rows: int, itemsize: int | None = None,
                  cache_itemsize: int | None = None) -> int:
     """A sparse --memory budget whose neuron caches hold only spare_rows more than the minimum, so tokens
-    evict and read. Itemsizes default to those the engine plans in on this machine's device."""
-    from flashllm.runtime.core.memory_plan import plan_for_store
-    from flashllm.workers.executor import compute_dtype, default_device
-    from flashllm.workers.prefetch import neuron_cache_dtype
+    evict and read. Itemsizes default to those the engine plans in on this machine's device; given, the plan
+    is a CPU's in those itemsizes."""
+    from dataclasses import replace
+
+    from flashllm.workers.engine_config import EngineConfig, SparseOptions
+    from flashllm.workers.memory_plan import MemoryInputs, plan_memory_for
     from flashllm.workers.store_reader import open_store
 
-    manifest, device = open_store(store), default_device()
-    itemsize = itemsize or compute_dtype(device).itemsize
-    cache_itemsize = cache_itemsize or neuron_cache_dtype(manifest.ffn.dtype, device).itemsize
-    roomy = plan_for_store(store, manifest, 2**40, "sparse", itemsize, 0, keep_fraction=keep_fraction,
-                           cache_itemsize=cache_itemsize)  # every row fits
-    row_bytes = roomy.cache_bytes // sum(roomy.capacity_rows)
-    return roomy.total_bytes - roomy.cache_bytes + (sum(roomy.min_capacity_rows) + spare_rows) * row_bytes
+    manifest = open_store(store)
+    config = EngineConfig(mode="sparse", sparse=SparseOptions(keep_fraction=keep_fraction))
+    inputs = MemoryInputs.from_config(manifest, config)
+    if itemsize is not None:
+        inputs = replace(inputs, device="cpu", compute_itemsize=itemsize, resident_itemsize=itemsize,
+                         cache_itemsize=cache_itemsize or inputs.cache_itemsize)
+    return plan_memory_for(store, manifest, inputs).budget_for_spare_rows(spare_rows)
 
 
 @pytest.fixture(scope="session")

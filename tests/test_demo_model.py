@@ -48,6 +48,16 @@ def engine(demo_store):
         yield engine
 
 
+@pytest.fixture(scope="module")
+def reference_eval(reference, engine) -> tuple[str, list[int], float]:
+    """EVAL_TEXT, its tokens and transformers' perplexity on them, computed once for both stores' checks
+    (they share the GGUF's tokenizer)."""
+    with open(EVAL_TEXT, encoding="utf-8") as f:
+        text = f.read()
+    ids = engine.tokenizer.encode(text)
+    return text, ids, _reference_perplexity(reference, ids, EVAL_WINDOW_TOKENS)
+
+
 def _reference_logits(reference, ids: list[int]) -> torch.Tensor:
     """(T, V) logits of one unpadded sequence; the mask is explicit so no token is taken for padding."""
     with torch.no_grad():
@@ -133,14 +143,11 @@ def test_naive_mode_rereads_the_whole_ffn_for_every_token(demo_store, engine):
         assert read_bytes <= 1.25 * ffn_bytes, f"read {read_bytes} bytes for one token, FFN is only {ffn_bytes}"
 
 
-def test_eval_perplexity_matches_transformers(engine, reference):
-    with open(EVAL_TEXT, encoding="utf-8") as f:
-        text = f.read()
-    ids = engine.tokenizer.encode(text)
+def test_eval_perplexity_matches_transformers(engine, reference_eval):
+    text, ids, ref_ppl = reference_eval
     assert len(ids) > 700
     ppl, scored = engine.perplexity(text, window_tokens=EVAL_WINDOW_TOKENS)
     assert scored == len(ids) - math.ceil((len(ids) - 1) / EVAL_WINDOW_TOKENS)  # each window's first token is unscored
-    ref_ppl = _reference_perplexity(reference, ids, EVAL_WINDOW_TOKENS)
     assert 1.0 < ppl < 100.0, "an English paragraph should not surprise a chat model this much"
     assert abs(ppl - ref_ppl) / ref_ppl < 0.005, f"perplexity {ppl:.4f}, transformers {ref_ppl:.4f}"
 
@@ -197,11 +204,9 @@ def test_the_default_quantized_store_matches_transformers(quantized_engine, refe
     assert identical >= 3, f"greedy tokens identical over {NEW_TOKENS} on {identical} of {len(prompt_ids)} prompts"
 
 
-def test_the_default_quantized_stores_perplexity_is_near_transformers(quantized_engine, reference):
-    with open(EVAL_TEXT, encoding="utf-8") as f:
-        text = f.read()
-    ids = quantized_engine.tokenizer.encode(text)
+def test_the_default_quantized_stores_perplexity_is_near_transformers(quantized_engine, reference_eval):
+    text, ids, ref_ppl = reference_eval
+    assert quantized_engine.tokenizer.encode(text) == ids  # the same tokens the reference scored
     ppl, _ = quantized_engine.perplexity(text, window_tokens=EVAL_WINDOW_TOKENS)
-    ref_ppl = _reference_perplexity(reference, ids, EVAL_WINDOW_TOKENS)
     print(f"quantized store perplexity {ppl:.4f}, transformers {ref_ppl:.4f} ({(ppl - ref_ppl) / ref_ppl:+.2%})")
     assert abs(ppl - ref_ppl) / ref_ppl < 0.01, f"perplexity {ppl:.4f}, transformers {ref_ppl:.4f}"

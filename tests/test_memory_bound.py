@@ -66,7 +66,7 @@ def test_generate_stays_within_the_memory_bound(calibrated_stores, runtime):
 
 def test_too_small_budget_names_every_knob_with_what_it_saves(calibrated_stores):
     from flashllm.runtime.core.engine import Engine
-    from flashllm.runtime.core.memory_plan import MemoryPlanError
+    from flashllm.workers.memory_plan import MemoryPlanError
 
     with pytest.raises(MemoryPlanError) as refused:
         Engine(calibrated_stores("llama"), mode="sparse", ffn_options={"memory_budget_bytes": 4096})
@@ -79,7 +79,7 @@ def test_too_small_budget_names_every_knob_with_what_it_saves(calibrated_stores)
 @pytest.mark.slow
 def test_auto_mode_picks_dense_then_sparse_then_naive_by_budget(calibrated_stores, demo_store):
     from flashllm.runtime.core.engine import Engine
-    from flashllm.runtime.core.memory_plan import MemoryPlanError, naive_minimum_bytes, plan_for_store, resident_bytes_of
+    from flashllm.workers.memory_plan import MemoryPlanError, naive_minimum_bytes, plan_for_store, resident_bytes_of
     from flashllm.runtime.core.mode_choice import choose_mode
     from flashllm.workers.store_reader import open_store
 
@@ -129,7 +129,7 @@ def test_memory_as_a_share_of_the_models_bytes_in_the_store(calibrated_stores):
 def test_naive_holds_the_layers_its_budget_has_room_for_and_reads_only_the_others(tiny_stores):
     from flashllm import SamplingParams
     from flashllm.runtime.core.engine import Engine
-    from flashllm.runtime.core.memory_plan import naive_minimum_bytes, plan_for_store, resident_bytes_of
+    from flashllm.workers.memory_plan import naive_minimum_bytes, plan_for_store, resident_bytes_of
     from flashllm.workers.store_reader import open_store
 
     store = tiny_stores("llama")

@@ -233,7 +233,7 @@ def held_nbytes(value) -> int:
 
 def test_the_memory_plan_counts_quantized_weights_and_caches_as_held(quantized_tiny_store):
     from flashllm.runtime.core.engine import Engine
-    from flashllm.runtime.core.memory_plan import cache_bytes_of, plan_for_store
+    from flashllm.workers.memory_plan import cache_bytes_of, plan_for_store
     from flashllm.workers.prefetch import Prefetcher
     from flashllm.workers.sparse_ffn import CacheView
     from flashllm.workers.store_reader import load_down_group_scales, open_store
@@ -284,7 +284,7 @@ def test_sparse_decodes_a_quantized_store_with_the_same_tokens_in_both_runtimes(
     from flashllm.runtime.core.engine import Engine
     from flashllm.runtime.core.sampling import SamplingParams
     from flashllm.runtime.tools.calibrate import calibrate
-    from flashllm.runtime.core.memory_plan import cache_bytes_of, plan_for_store
+    from flashllm.workers.memory_plan import plan_for_store
     from flashllm.workers.store_reader import open_store
     from tests.conftest import calibration_text
 
@@ -293,11 +293,8 @@ def test_sparse_decodes_a_quantized_store_with_the_same_tokens_in_both_runtimes(
     calibrate(store, calibration_text(), max_tokens=800, progress=False, log=lambda *_: None)
     manifest = open_store(store)
     roomy = plan_for_store(store, manifest, 2**40, "sparse", 4, 0, keep_fraction=0.25)
-    layers = len(roomy.capacity_rows)
-    # 20 rows a layer above the minimum (plus the plan's per-layer tile slack): the window must evict
-    budget = (roomy.resident_bytes + roomy.predictor_bytes + roomy.staging_bytes
-              + cache_bytes_of(manifest.ffn, [rows + 20 for rows in roomy.min_capacity_rows], 1, "cpu")
-              + layers * cache_bytes_of(manifest.ffn, [1], 1, "cpu"))
+    # 20 rows a layer above the minimum: the window must evict
+    budget = roomy.budget_for_spare_rows(20 * len(roomy.capacity_rows))
     prompt = list(range(5, 17))
     tokens = {}
     for runtime in ("inproc", "workers"):

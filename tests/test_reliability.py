@@ -184,15 +184,24 @@ frames = st.one_of(
 )
 
 
-def fuzz(daemon, examples: int) -> None:
+FRAMES_PER_EXAMPLE = 10  # hypothesis's cost is per example: drawing ten frames at once is ~4x cheaper per frame
+
+
+def fuzz(daemon, frame_count: int) -> None:
+    """frame_count random frames sent one at a time, each answered with a refusal code or a result."""
     sock = zmq.Context.instance().socket(zmq.DEALER)
     sock.setsockopt(zmq.LINGER, 0)
     sock.connect("ipc://" + daemon.socket_path)
     counter = iter(range(10**9))
+    sent = []
     try:
-        @settings(max_examples=examples, deadline=None, database=None,
+        @settings(max_examples=frame_count // FRAMES_PER_EXAMPLE, deadline=None, database=None,
                   suppress_health_check=list(HealthCheck))
-        @given(frame=frames)
+        @given(batch=st.lists(frames, min_size=FRAMES_PER_EXAMPLE, max_size=FRAMES_PER_EXAMPLE))
+        def some(batch):
+            for frame in batch:
+                one(frame)
+
         def one(frame):
             # a unique id per generate, so two fuzz requests never collide as duplicates
             try:
@@ -207,23 +216,25 @@ def fuzz(daemon, examples: int) -> None:
                     wire["max_tokens"] = 2
                 frame = msgpack.packb(wire, use_bin_type=True)
             sock.send(frame)
+            sent.append(frame)
             reply = outcome(sock)
             if isinstance(reply, ErrorReply):
                 assert reply.code in REFUSAL_CODES, reply
 
-        one()
+        some()
     finally:
         sock.close(linger=0)
+    assert len(sent) >= frame_count  # every example ran
     assert_alive_and_serving(daemon)
 
 
 def test_random_frames_never_kill_the_daemon(daemon):
-    fuzz(daemon, examples=200)
+    fuzz(daemon, frame_count=200)
 
 
 @pytest.mark.slow
 def test_five_thousand_random_frames_never_kill_the_daemon(daemon):
-    fuzz(daemon, examples=5000)
+    fuzz(daemon, frame_count=5000)
 
 
 # ---------------------------------------------------------------------- sampling values that used to kill it

@@ -14,7 +14,7 @@ import torch
 from flashllm.runtime.tools.calibrate import calibrate
 from tests.conftest import calibration_text, tight_budget
 from flashllm.runtime.core.engine import Engine
-from flashllm.runtime.core.memory_plan import MemoryPlanError
+from flashllm.workers.memory_plan import MemoryPlanError
 from flashllm.runtime.core.sampling import SamplingParams
 from flashllm.workers.executor import default_device
 from flashllm.workers.flash_io.bundle_reader import BundleReader
@@ -158,7 +158,7 @@ def test_sketch_predictor_ranks_neurons_like_the_layer_and_the_plan_counts_its_b
     """The 4-bit sketch's top half on fresh inputs is nearly the true top half by contribution (ReLU: by
     pre-activation); the memory plan's predictor share is what SparsityPredictor holds."""
     from flashllm.protocol.store_format import read_manifest
-    from flashllm.runtime.core.memory_plan import plan_for_store
+    from flashllm.workers.memory_plan import plan_for_store
     from flashllm.workers.ffn_providers import DenseFfn
     from flashllm.workers.predictor import SparsityPredictor
 
@@ -441,7 +441,7 @@ def test_prefill_in_chunks_equals_prefill_over_the_whole_layer_and_holds_a_chunk
 def test_the_plan_stages_a_round_of_reads_and_two_chunks_and_gives_the_caches_the_rest(calibrated_stores, monkeypatch):
     """The sparse mode stages a read of neurons (at most a layer) and two dense-read chunks (the worker
     runtime's shared-memory slots; in process one as read), not whole layers; the rest goes to the caches."""
-    from flashllm.runtime.core.memory_plan import plan_for_store
+    from flashllm.workers.memory_plan import plan_for_store
     from flashllm.workers.flash_io import bundle_reader
     from flashllm.workers.flash_io.bundle_reader import largest_chunk_rows, largest_span_bytes
     from flashllm.workers.store_reader import open_store

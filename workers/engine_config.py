@@ -22,6 +22,7 @@ from flashllm.workers.flash_io.neuron_cache import DEFAULT_WINDOW_TOKENS
 FFN_MODES = ("dense", "naive", "sparse")
 MODES = ("auto", *FFN_MODES)
 RUNTIMES = ("auto", "inproc", "workers")
+DEFAULT_MAX_CONTEXT = 2048  # KV-cache tokens per slot when --max-context is not given (capped by the model)
 RESIDENT_DTYPES = ("float32", "float16", "bfloat16")
 # neurons the same-layer check adds to the lookahead's set: read before the layer runs, or left out this token
 MISSING_POLICIES = ("read", "skip")

@@ -37,24 +37,17 @@ class DeviceMemoryError(ValueError):
 
 
 def device_bytes_needed(store_dir: str, manifest: Manifest, mode: str, num_slots: int, max_context: int,
-                        dtype: torch.dtype, resident_dtype: torch.dtype, capacity_rows: list[int] | None = None
-                        ) -> dict[str, int]:
-    """What an executor allocates on its device before any activation: resident weights, KV cache, FFN rows.
+                        dtype: torch.dtype, resident_dtype: torch.dtype, capacity_rows: list[int] | None = None,
+                        device: str = "cuda") -> dict[str, int]:
+    """What an executor allocates on its device before any activation: the memory plan's device_bytes for
+    this mode, with no budget (the sparse caches are capacity_rows, every neuron when not given)."""
+    from flashllm.workers.memory_plan import MemoryInputs, kv_cache_bytes_of, plan_memory_for
 
-    FFN rows: dense holds every layer; naive one layer at a time; sparse its neuron-cache mirrors
-    (capacity_rows, all neurons when not given) plus one whole layer for prefill."""
-    from flashllm.workers.store_reader import resident_tensor_elements
-
-    arch, layout = manifest.arch, manifest.ffn
-    layer_rows = [region.num_neurons for region in layout.layers]
-    ffn_rows = {"dense": sum(layer_rows), "naive": max(layer_rows),
-                "sparse": sum(capacity_rows or layer_rows) + max(layer_rows)}[mode]
-    return {
-        "resident weights": resident_tensor_elements(store_dir, manifest) * resident_dtype.itemsize,
-        "KV cache": KVCache.bytes_needed(arch.num_hidden_layers, num_slots, arch.num_key_value_heads, max_context,
-                                         arch.head_dim, dtype.itemsize),
-        "FFN rows": ffn_rows * layout.bundle_elements * dtype.itemsize,
-    }
+    inputs = MemoryInputs(mode=mode, budget_bytes=None, compute_itemsize=dtype.itemsize,
+                          kv_cache_bytes=kv_cache_bytes_of(manifest, num_slots, max_context, dtype.itemsize),
+                          device=device, resident_itemsize=resident_dtype.itemsize,
+                          capacity_rows=tuple(capacity_rows) if capacity_rows else None)
+    return plan_memory_for(store_dir, manifest, inputs).device_bytes
 
 
 def check_device_memory(needed: dict[str, int], free_bytes: int, device: str, mode: str) -> None:
@@ -79,7 +72,7 @@ def check_fits_on_device(store_dir: str, manifest: Manifest, mode: str, num_slot
         return
     dtype = compute_dtype(device)
     needed = device_bytes_needed(store_dir, manifest, mode, num_slots, max_context, dtype,
-                                 resident_dtype_of(resident_dtype, dtype, manifest.ffn.dtype), capacity_rows)
+                                 resident_dtype_of(resident_dtype, dtype, manifest.ffn.dtype), capacity_rows, device)
     check_device_memory(needed, torch.cuda.mem_get_info(device)[0], device, mode)
 
 

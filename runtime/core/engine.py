@@ -23,13 +23,10 @@ from flashllm.workers.flash_io.integrity import BundleChecksumError
 from flashllm.workers.malloc_tuning import limit_malloc_growth, release_free_memory
 from flashllm.runtime.core.executors import executor_class
 from flashllm.workers.engine_config import ANY_SPARSE_FLAG, EngineConfig, SparseOptions
-from flashllm.workers.executor import compute_dtype, default_device
 from flashllm.workers.interfaces import Executor
-from flashllm.workers.models.attention import KVCache
-from flashllm.workers.models.resident import resident_dtype_of
+from flashllm.workers.memory_plan import max_context_of
 from flashllm.workers.store_reader import open_store
 
-DEFAULT_MAX_CONTEXT = 2048
 PREFILL_TOKEN_BUDGET = 2048  # prompt tokens prefilled per step, so decode is not starved
 FLASH_MODES = ("naive", "sparse")
 # a step that failed with one of these leaves the engine usable once its sequences are dropped
@@ -166,7 +163,7 @@ class Engine:
         self.eos_ids = set(self.tokenizer.eos_token_ids) | set(self.arch.eos_token_ids)
 
     def _resolve_context(self, config: EngineConfig) -> EngineConfig:
-        self.max_context = min(config.max_context or DEFAULT_MAX_CONTEXT, self.arch.max_position_embeddings)
+        self.max_context = max_context_of(self.manifest, config.max_context)
         self.max_batch = config.max_batch
         return replace(config, max_context=self.max_context)
 
@@ -179,7 +176,7 @@ class Engine:
         if config.memory_budget_bytes is not None:
             plan = self._memory_planner(config)
             if mode == "auto":
-                from flashllm.runtime.core.memory_plan import MemoryPlanError
+                from flashllm.workers.memory_plan import MemoryPlanError
                 from flashllm.runtime.core.mode_choice import choose_mode
 
                 def fits(for_mode: str) -> Exception | None:
@@ -210,24 +207,11 @@ class Engine:
 
     def _memory_planner(self, config: EngineConfig):
         """mode → the MemoryPlan of this store under config's budget (MemoryPlanError when it cannot fit)."""
-        from flashllm.runtime.core.memory_plan import plan_for_store
-        from flashllm.workers.prefetch import neuron_cache_dtype
-
-        device = config.device or default_device()
-        dtype = compute_dtype(device)
-        itemsize = torch.finfo(dtype).bits // 8
-        # on a GPU the caches hold rows as stored (a float32 store's take twice the compute dtype's bytes)
-        cache_itemsize = neuron_cache_dtype(self.manifest.ffn.dtype, device).itemsize
-        resident_itemsize = torch.finfo(resident_dtype_of(config.resident_dtype, dtype, self.manifest.ffn.dtype)).bits // 8
-        arch = self.arch
-        kv_bytes = KVCache.bytes_needed(arch.num_hidden_layers, config.max_batch, arch.num_key_value_heads,
-                                        self.max_context, arch.head_dim, itemsize)
+        from flashllm.workers.memory_plan import MemoryInputs, plan_memory_for
 
         def plan(for_mode: str):
-            return plan_for_store(self.store_dir, self.manifest, config.memory_budget_bytes, for_mode, itemsize,
-                                  kv_bytes, keep_fraction=config.sparse_options.keep_fraction,
-                                  resident_itemsize=resident_itemsize, cache_itemsize=cache_itemsize, device=device,
-                                  trace=config.sparse_options.trace)
+            return plan_memory_for(self.store_dir, self.manifest, MemoryInputs.from_config(self.manifest, config,
+                                                                                           for_mode))
 
         return plan
 

@@ -39,7 +39,7 @@ from dataclasses import replace
 
 from flashllm.runtime.core.engine import Engine
 from flashllm.runtime.core.engine_config import EngineConfig, SparseOptions
-from flashllm.runtime.core.memory_plan import MemoryPlanError
+from flashllm.workers.memory_plan import MemoryPlanError
 from flashllm.runtime.core.sampling import SamplingParams
 from flashllm.workers.activation_trace import TraceSpec
 from flashllm.workers.engine_config import SPARSE_FLAGS
@@ -188,7 +188,7 @@ def run_mode(store: str, config: EngineConfig, text_ids: list[int] | None, decod
         result: dict = {"mode": mode, "runtime": runtime, "device": engine.executor.device,
                         "torch_threads": engine.threads}
         if engine.memory_plan is not None:
-            result["memory_plan"] = {k: v for k, v in vars(engine.memory_plan).items() if not k.startswith("_")}
+            result["memory_plan"] = engine.memory_plan.as_record()
             print(engine.memory_plan.describe(), file=sys.stderr)
         argmax: list[int] = []
         watch = DecodeReadWatch(engine, record_sets=record_reads is not None)

@@ -156,13 +156,11 @@ def flashllm_generate_argv(options: PeerBenchOptions, mode: str, memory_bytes: i
 
 def flashllm_kv_cache_bytes(store: str, max_context: int) -> int:
     from flashllm.protocol.store_format import read_manifest
-    from flashllm.workers.executor import compute_dtype, default_device
-    from flashllm.workers.models.attention import KVCache
+    from flashllm.workers.engine_config import EngineConfig
+    from flashllm.workers.memory_plan import MemoryInputs
 
-    arch = read_manifest(store).arch
-    itemsize = compute_dtype(default_device()).itemsize
-    return KVCache.bytes_needed(arch.num_hidden_layers, 1, arch.num_key_value_heads,
-                                min(max_context, arch.max_position_embeddings), arch.head_dim, itemsize)
+    manifest = read_manifest(store)
+    return MemoryInputs.from_config(manifest, EngineConfig(max_batch=1, max_context=max_context)).kv_cache_bytes
 
 
 def flashllm_cap_bytes(weight_budget_bytes: int, baselines: ProcessBaselines, kv_cache_bytes: int, runtime: str,

@@ -37,7 +37,7 @@ import torch
 from tqdm import tqdm
 
 from flashllm.protocol.store_format import SPARSITY_FILE, SparsityInfo, sha256_hex, write_manifest
-from flashllm.workers.executor import ModelExecutor, compute_dtype, default_device
+from flashllm.workers.executor import ModelExecutor, default_device
 from flashllm.workers.ffn_providers import rows_to_tensor
 from flashllm.workers.flash_io.bundle_reader import BundleReader
 from flashllm.workers.interfaces import FfnProvider
@@ -95,15 +95,18 @@ def _available_memory_bytes(device: str) -> int:
     return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
 
 
-def ffn_fits_in_memory(manifest, device: str, share: float = 0.5) -> bool:
-    """Whether every layer's FFN, in the compute dtype, takes at most `share` of the free memory.
+def ffn_fits_in_memory(store_dir: str, manifest, device: str, share: float = 0.5) -> bool:
+    """Whether the FFN as --mode dense holds it (the memory plan's neuron-cache part) takes at most `share` of
+    the free memory.
 
     When it does, calibration's forward passes hold it (mode dense); when not (the models this
     runtime is for), they stream each layer from flash (mode naive), as generation does.
     """
-    ffn_neurons = sum(region.num_neurons for region in manifest.ffn.layers)
-    ffn_bytes = ffn_neurons * manifest.ffn.bundle_elements * compute_dtype(device).itemsize
-    return ffn_bytes <= share * _available_memory_bytes(device)
+    from flashllm.workers.engine_config import EngineConfig
+    from flashllm.workers.memory_plan import MemoryInputs, plan_memory_for
+
+    dense = MemoryInputs.from_config(manifest, EngineConfig(mode="dense", device=device, max_batch=1))
+    return plan_memory_for(store_dir, manifest, dense).cache_bytes <= share * _available_memory_bytes(device)
 
 
 def _train_predictor(x: torch.Tensor, labels: torch.Tensor, rank: int, epochs: int, seed: int,
@@ -337,7 +340,7 @@ def calibrate(store_dir: str, text: str, max_tokens: int = 8192, sparsity: float
                          "(thousands are better: predictor recall grows with calibration tokens)")
     window = min(CALIBRATION_WINDOW_TOKENS, arch.max_position_embeddings)
     if ffn_in_memory is None:
-        ffn_in_memory = ffn_fits_in_memory(manifest, default_device())
+        ffn_in_memory = ffn_fits_in_memory(store_dir, manifest, default_device())
     if not ffn_in_memory:
         log("the FFN does not fit in memory: the calibration passes read it from flash layer by layer")
     executor = ModelExecutor(store_dir, manifest, "dense" if ffn_in_memory else "naive", num_slots=1,
@@ -489,7 +492,7 @@ def generate_calibration_text(store_dir: str, num_tokens: int, seed: int = 0, pr
 
     texts = []
     per_prompt = max(32, num_tokens // len(SELF_TEXT_PROMPTS))
-    mode = "dense" if ffn_fits_in_memory(open_store(store_dir), default_device()) else "naive"
+    mode = "dense" if ffn_fits_in_memory(store_dir, open_store(store_dir), default_device()) else "naive"
     with Engine(store_dir, mode=mode, max_batch=len(SELF_TEXT_PROMPTS)) as engine:
         messages = [[{"role": "user", "content": p}] for p in SELF_TEXT_PROMPTS]
         params = SamplingParams(max_tokens=per_prompt, temperature=0.8, top_p=0.95, seed=seed)

@@ -441,15 +441,13 @@ MEASURE_PROMPT = "The history of the printing press begins"
 
 def kv_cache_bytes(store_dir: str, max_batch: int = 1, max_context: int | None = None) -> int:
     """The KV cache an engine over this store allocates (what the memory plan reports beside the budget)."""
-    from flashllm.runtime.core.engine import DEFAULT_MAX_CONTEXT
-    from flashllm.workers.executor import compute_dtype, default_device
-    from flashllm.workers.models.attention import KVCache
+    from flashllm.workers.engine_config import EngineConfig
+    from flashllm.workers.memory_plan import MemoryInputs
     from flashllm.workers.store_reader import open_store
 
-    arch = open_store(store_dir).arch
-    context = min(max_context or DEFAULT_MAX_CONTEXT, arch.max_position_embeddings)
-    return KVCache.bytes_needed(arch.num_hidden_layers, max_batch, arch.num_key_value_heads, context, arch.head_dim,
-                                compute_dtype(default_device()).itemsize)
+    manifest = open_store(store_dir)
+    config = EngineConfig(max_batch=max_batch, max_context=max_context)
+    return MemoryInputs.from_config(manifest, config).kv_cache_bytes
 
 
 def generate_command(store_dir: str, mode: str, runtime: str, memory: str | int, max_tokens: int = 8,

@@ -1,5 +1,11 @@
 """The memory plan: what a `--memory` budget holds, decided before anything is loaded.
 
+`plan_memory_for` is the one place that sizes memory: every part (resident weights, predictors, staging,
+neuron caches or naive's held layers, KV cache, and what an executor puts on its device) for a store, a
+mode, a budget and a device. The engine's refusal and `--mode auto`, the executor's device check,
+calibrate's dense-or-naive choice and the memory benchmarks read its result; `MemoryInputs.from_config`
+is the one place the itemsizes and the KV cache follow from an engine's config.
+
 The budget bounds the bytes the engine keeps in DRAM, counted as held: resident
 weights (float ones in the compute dtype or --resident-dtype; a quantized
 store's in its integer kernels' layouts), predictors, the per-layer neuron
@@ -21,9 +27,11 @@ from flashllm.protocol import quant_format as qf
 from flashllm.protocol.shm import CHUNK_SLOTS
 from flashllm.protocol.store_format import DTYPE_ITEMSIZE, FfnLayout, Manifest
 from flashllm.workers.activation_trace import TraceSpec
+from flashllm.workers.engine_config import DEFAULT_MAX_CONTEXT, FFN_MODES, EngineConfig
 from flashllm.workers.ffn_providers import NAIVE_LAYERS_IN_FLIGHT
+from flashllm.workers.models.attention import KVCache
 from flashllm.workers.models.ffn import HALF_ROWS_CHUNK
-from flashllm.workers.models.resident import HALF_STORE_DTYPES
+from flashllm.workers.models.resident import HALF_STORE_DTYPES, resident_dtype_of
 from flashllm.workers.flash_io.bundle_reader import largest_chunk_rows, largest_span_bytes, neuron_read_staging_bytes
 from flashllm.workers.models.quant_ffn import QuantNeuronMatrix
 
@@ -34,9 +42,13 @@ class MemoryPlanError(ValueError):
     """The budget cannot hold the minimum; the message names it."""
 
 
+BENCH_RECORD_FIELDS = ("budget_bytes", "resident_bytes", "predictor_bytes", "staging_bytes", "cache_bytes",
+                       "kv_cache_bytes", "capacity_rows", "min_capacity_rows", "ffn_bytes", "total_neurons")
+
+
 @dataclass
 class MemoryPlan:
-    budget_bytes: int
+    budget_bytes: int | None  # None: no --memory, nothing bounds memory
     resident_bytes: int
     predictor_bytes: int
     staging_bytes: int
@@ -46,17 +58,30 @@ class MemoryPlan:
     min_capacity_rows: list[int] = field(default_factory=list)
     ffn_bytes: int = 0
     total_neurons: int = 0
+    minimum_bytes: int = 0  # the smallest budget this mode runs in on this store and settings
+    row_bytes: int = 0  # sparse: what each neuron-cache row above the minimum costs (0 for dense, naive)
+    device_bytes: dict[str, int] = field(default_factory=dict)  # what an executor allocates on its device
 
     @property
     def total_bytes(self) -> int:
+        """What the budget holds (the KV cache is beside it)."""
         return self.resident_bytes + self.predictor_bytes + self.staging_bytes + self.cache_bytes
+
+    def as_record(self) -> dict:
+        """The plan as `flashllm bench` writes it in its JSON (the fields it has always had)."""
+        return {name: getattr(self, name) for name in BENCH_RECORD_FIELDS}
+
+    def budget_for_spare_rows(self, spare_rows: int) -> int:
+        """The sparse budget whose neuron caches hold spare_rows rows above their minimum, all layers together."""
+        return self.minimum_bytes + spare_rows * self.row_bytes
 
     def describe(self) -> str:
         rows = [("resident weights (embeddings, attention, norms, head)", self.resident_bytes),
                 ("sparsity predictors", self.predictor_bytes),
                 ("read staging (neuron reads, dense-read chunks)", self.staging_bytes),
                 (f"neuron caches ({min(self.capacity_rows)}..{max(self.capacity_rows)} rows/layer)", self.cache_bytes)]
-        lines = [f"memory plan for a budget of {self.budget_bytes / MIB:.1f} MiB:"]
+        lines = [f"memory plan for a budget of {self.budget_bytes / MIB:.1f} MiB:" if self.budget_bytes is not None
+                 else "memory plan (no --memory: nothing bounds it):"]
         lines += [f"  {name:<58} {size / MIB:9.1f} MiB" for name, size in rows]
         lines.append(f"  {'total':<58} {self.total_bytes / MIB:9.1f} MiB")
         lines.append(f"  {'KV cache (beside the budget)':<58} {self.kv_cache_bytes / MIB:9.1f} MiB")
@@ -112,12 +137,13 @@ def sparse_staging_bytes(layout: FfnLayout, compute_itemsize: int, device: str =
         widened_cache_bytes
 
 
-def plan_memory(manifest: Manifest, resident_bytes: int, budget_bytes: int, compute_itemsize: int, keep_neurons: int,
-                hot_counts: list[int], predictor_bytes: int, kv_cache_bytes: int,
+def plan_memory(manifest: Manifest, resident_bytes: int, budget_bytes: int | None, compute_itemsize: int,
+                keep_neurons: int, hot_counts: list[int], predictor_bytes: int, kv_cache_bytes: int,
                 cache_itemsize: int | None = None, device: str = "cpu",
-                resident_half_saving_bytes: int = 0) -> MemoryPlan:
-    """resident_half_saving_bytes: what holding the float resident matrices in float16 would save (for the
-    too-small message; 0 when they are half precision or quantized already)."""
+                resident_half_saving_bytes: int = 0, capacity_rows: list[int] | None = None) -> MemoryPlan:
+    """--mode sparse's plan. budget_bytes None: nothing bounds memory, the caches are capacity_rows as given
+    (every neuron when None). resident_half_saving_bytes: what holding the float resident matrices in float16
+    would save (for the too-small message; 0 when they are half precision or quantized already)."""
     layout = manifest.ffn
     cache_itemsize = cache_itemsize or compute_itemsize
     # bytes one more row costs; a quantized CPU cache's kernel copy rounds each layer up to whole int4 tiles,
@@ -134,10 +160,12 @@ def plan_memory(manifest: Manifest, resident_bytes: int, budget_bytes: int, comp
     min_rows = [min(n, hot + keep_neurons) for n, hot in zip(num_neurons, hot_counts)]
     fixed = resident_bytes + predictor_bytes + staging_bytes + slack * len(num_neurons) + tables_bytes
     min_total = fixed + sum(min_rows) * row_bytes
-    if budget_bytes < min_total:
-        knobs = sparse_minimum_knobs(
-            manifest, budget_bytes, min_total, resident_half_saving_bytes, row_bytes, hot_counts, keep_neurons, predictor_bytes, kv_cache_bytes, naive_minimum_bytes(
-                manifest, resident_bytes, compute_itemsize, device))
+    if budget_bytes is None:
+        capacity = list(capacity_rows or num_neurons)
+    elif budget_bytes < min_total:
+        naive_bytes = naive_minimum_bytes(manifest, resident_bytes, compute_itemsize, device)
+        knobs = sparse_minimum_knobs(manifest, budget_bytes, min_total, resident_half_saving_bytes, row_bytes,
+                                     hot_counts, keep_neurons, predictor_bytes, kv_cache_bytes, naive_bytes)
         raise MemoryPlanError(
             f"--memory {budget_bytes / MIB:.1f} MiB is too small: the minimum for this store and settings is "
             f"{min_total / MIB:.1f} MiB (resident {resident_bytes / MIB:.1f} + predictors {predictor_bytes / MIB:.1f} "
@@ -145,9 +173,18 @@ def plan_memory(manifest: Manifest, resident_bytes: int, budget_bytes: int, comp
             f"{(sum(min_rows) * row_bytes + slack * len(num_neurons)) / MIB:.1f} MiB); "
             "raise --memory, or lower the minimum:\n" + "\n".join(f"  {knob}" for knob in knobs)
         )
-    spare_rows = (budget_bytes - min_total) // row_bytes
+    else:
+        capacity = widen_equally(min_rows, num_neurons, (budget_bytes - min_total) // row_bytes)
+    return MemoryPlan(budget_bytes=budget_bytes, resident_bytes=resident_bytes, predictor_bytes=predictor_bytes,
+                      staging_bytes=staging_bytes, cache_bytes=cache_bytes_of(layout, capacity, cache_itemsize, device),
+                      kv_cache_bytes=kv_cache_bytes, capacity_rows=capacity, min_capacity_rows=min_rows,
+                      ffn_bytes=layout.total_bundle_bytes, total_neurons=sum(num_neurons), minimum_bytes=min_total,
+                      row_bytes=row_bytes)
+
+
+def widen_equally(min_rows: list[int], num_neurons: list[int], spare_rows: int) -> list[int]:
+    """Every layer's cache widened equally by spare_rows in all (water-filling: layers already whole drop out)."""
     capacity = list(min_rows)
-    # widen every layer equally (water-filling: layers already at n_ff drop out)
     while spare_rows > 0:
         open_layers = [i for i in range(len(capacity)) if capacity[i] < num_neurons[i]]
         if not open_layers:
@@ -159,11 +196,7 @@ def plan_memory(manifest: Manifest, resident_bytes: int, budget_bytes: int, comp
             spare_rows -= grow
             if spare_rows <= 0:
                 break
-    plan = MemoryPlan(budget_bytes=budget_bytes, resident_bytes=resident_bytes, predictor_bytes=predictor_bytes,
-                      staging_bytes=staging_bytes, cache_bytes=cache_bytes_of(layout, capacity, cache_itemsize, device),
-                      kv_cache_bytes=kv_cache_bytes, capacity_rows=capacity, min_capacity_rows=min_rows,
-                      ffn_bytes=layout.total_bundle_bytes, total_neurons=sum(num_neurons))
-    return plan
+    return capacity
 
 
 HALF_ITEMSIZE = 2  # float16/bfloat16
@@ -275,60 +308,159 @@ def resident_bytes_of(store_dir: str, manifest: Manifest, resident_itemsize: int
                                manifest.arch.num_hidden_layers, device, manifest.arch.tie_word_embeddings)
 
 
-def plan_for_store(store_dir: str, manifest: Manifest, budget_bytes: int, mode: str, compute_itemsize: int,
-                   kv_cache_bytes: int, keep_fraction: float | None = None,
-                   resident_itemsize: int | None = None, cache_itemsize: int | None = None,
-                   device: str = "cpu", trace: TraceSpec | None = None) -> MemoryPlan:
-    """The plan for running `mode` on this store under budget_bytes (raises MemoryPlanError when it cannot fit).
-    cache_itemsize: bytes per element of a float store's neuron cache rows (default: compute_itemsize).
-    trace: sparse sets replayed from a trace (--trace): its predictor's bytes and largest set, no hot neurons."""
-    device = torch_device_type(device)
-    resident_bytes = resident_bytes_of(store_dir, manifest, resident_itemsize or compute_itemsize, device)
+@dataclass(frozen=True)
+class MemoryInputs:
+    """What sizes memory for one mode, as counts and itemsizes; `from_config` derives them from an engine's
+    config (the one place its device, dtypes, batch and context become bytes)."""
+
+    mode: str  # dense, naive, sparse
+    budget_bytes: int | None  # --memory; None: nothing bounds memory (the caches are as given)
+    compute_itemsize: int
+    kv_cache_bytes: int = 0  # reported beside the budget and counted on the device
+    device: str = "cpu"  # where compute runs: decides how rows are held
+    resident_itemsize: int | None = None  # float resident matrices; None: compute_itemsize
+    cache_itemsize: int | None = None  # a float store's neuron-cache rows; None: compute_itemsize
+    keep_fraction: float | None = None  # sparse: neurons kept per token; None: the calibration's
+    capacity_rows: tuple[int, ...] | None = None  # sparse without a budget: rows per layer (None: every neuron)
+    naive_held_rows: tuple[int, ...] | None = None  # naive without a budget: rows held per layer (None: none)
+    trace: TraceSpec | None = None  # sparse: sets replayed from a trace (its predictor's bytes, no hot neurons)
+
+    @classmethod
+    def from_config(cls, manifest: Manifest, config: EngineConfig, mode: str | None = None) -> "MemoryInputs":
+        """mode: the one to plan (default config.mode; --mode auto plans each candidate)."""
+        from flashllm.workers.executor import compute_dtype, default_device
+        from flashllm.workers.prefetch import neuron_cache_dtype
+
+        device = torch_device_type(config.device or default_device())
+        dtype = compute_dtype(device)
+        # on a GPU the caches hold rows as stored (a float32 store's take twice the compute dtype's bytes)
+        cache_itemsize = neuron_cache_dtype(manifest.ffn.dtype, device).itemsize
+        resident_itemsize = resident_dtype_of(config.resident_dtype, dtype, manifest.ffn.dtype).itemsize
+        sparse = config.sparse_options
+        return cls(mode=mode or config.mode, budget_bytes=config.memory_budget_bytes, compute_itemsize=dtype.itemsize,
+                   kv_cache_bytes=kv_cache_bytes_of(manifest, config.max_batch,
+                                                    max_context_of(manifest, config.max_context), dtype.itemsize),
+                   device=device, resident_itemsize=resident_itemsize, cache_itemsize=cache_itemsize,
+                   keep_fraction=sparse.keep_fraction, capacity_rows=sparse.capacity_rows,
+                   naive_held_rows=config.naive_held_rows, trace=sparse.trace)
+
+
+def max_context_of(manifest: Manifest, max_context: int | None) -> int:
+    """KV-cache tokens per slot: --max-context (DEFAULT_MAX_CONTEXT when not given), capped by the model."""
+    return min(max_context or DEFAULT_MAX_CONTEXT, manifest.arch.max_position_embeddings)
+
+
+def kv_cache_bytes_of(manifest: Manifest, max_batch: int, max_context: int, itemsize: int) -> int:
+    """The KV cache an executor allocates: keys and values of every layer, slot and position."""
+    arch = manifest.arch
+    return KVCache.bytes_needed(arch.num_hidden_layers, max_batch, arch.num_key_value_heads, max_context,
+                                arch.head_dim, itemsize)
+
+
+def plan_memory_for(store_dir: str, manifest: Manifest, inputs: MemoryInputs) -> MemoryPlan:
+    """What each part holds running inputs.mode on this store: resident weights, predictors, staging, neuron
+    caches (naive: its held layers), the KV cache beside them, and what an executor puts on its device
+    (device_bytes). With a budget, the caches are what it leaves above the minimum, and MemoryPlanError names
+    what to change when it cannot hold the minimum; without, they are the inputs' (or every neuron)."""
+    mode, device, budget_bytes = inputs.mode, torch_device_type(inputs.device), inputs.budget_bytes
+    if mode not in FFN_MODES:
+        raise ValueError(f"a memory plan is for one of {', '.join(FFN_MODES)}, not --mode {mode} (choose_mode "
+                         "plans each candidate)")
+    compute_itemsize, kv_cache_bytes = inputs.compute_itemsize, inputs.kv_cache_bytes
+    resident_bytes = resident_bytes_of(store_dir, manifest, inputs.resident_itemsize or compute_itemsize, device)
     resident_half_saving_bytes = max(0, resident_bytes - resident_bytes_of(store_dir, manifest, HALF_ITEMSIZE, device))
-    layout = manifest.ffn
     if mode != "sparse":
-        # dense holds every bundle; naive streams layers through its staging and holds the whole layers the
-        # budget has room for beside it
-        ffn_rows = [region.num_neurons for region in layout.layers] if mode == "dense" else [0] * len(layout.layers)
-        if mode == "naive":
-            ffn_rows = naive_held_rows(layout, budget_bytes - naive_minimum_bytes(
-                manifest, resident_bytes, compute_itemsize, device), compute_itemsize, device)
-        plan = MemoryPlan(budget_bytes=budget_bytes, resident_bytes=resident_bytes, predictor_bytes=0,
-                          staging_bytes=0 if mode == "dense" else naive_staging_bytes(layout, compute_itemsize, device),
-                          cache_bytes=sum(held_rows_bytes(layout, rows, compute_itemsize, device, whole_layer=True)
-                                          for rows in ffn_rows if rows) + down_scale_tables_bytes(layout),
-                          kv_cache_bytes=kv_cache_bytes, capacity_rows=ffn_rows, min_capacity_rows=ffn_rows,
-                          ffn_bytes=layout.total_bundle_bytes, total_neurons=sum(r.num_neurons for r in layout.layers))
-        if plan.total_bytes > budget_bytes:
+        plan = _whole_layer_plan(manifest, mode, budget_bytes, resident_bytes, inputs, device)
+        if budget_bytes is not None and plan.total_bytes > budget_bytes:
             raise MemoryPlanError(f"--memory {budget_bytes / MIB:.1f} MiB is too small for --mode {mode}: it needs "
                                   f"{plan.total_bytes / MIB:.1f} MiB; raise --memory, or lower the minimum:\n"
                                   + "\n".join(f"  {knob}" for knob in flash_mode_knobs(
-                                      store_dir, manifest, mode, plan, resident_half_saving_bytes, kv_cache_bytes, compute_itemsize, device)))
-        return plan
-    if trace is not None:
+                                      store_dir, manifest, mode, plan, resident_half_saving_bytes, kv_cache_bytes,
+                                      compute_itemsize, device)))
+    elif inputs.trace is not None:
         from flashllm.workers.activation_trace import ActivationTrace
         from flashllm.workers.trace_predictor import trace_predictor_held_bytes
 
         arch = manifest.arch
-        keep_neurons = ActivationTrace(trace, arch.num_hidden_layers, arch.intermediate_size, 1).max_active
-        return plan_memory(manifest, resident_bytes, budget_bytes, compute_itemsize, keep_neurons,
+        keep_neurons = ActivationTrace(inputs.trace, arch.num_hidden_layers, arch.intermediate_size, 1).max_active
+        plan = plan_memory(manifest, resident_bytes, budget_bytes, compute_itemsize, keep_neurons,
                            [0] * arch.num_hidden_layers, trace_predictor_held_bytes(manifest), kv_cache_bytes,
-                           cache_itemsize=cache_itemsize, device=device,
-                           resident_half_saving_bytes=resident_half_saving_bytes)
-    from flashllm.workers.predictor import load_sparsity_tensors, predictor_held_bytes
+                           cache_itemsize=inputs.cache_itemsize, device=device,
+                           resident_half_saving_bytes=resident_half_saving_bytes,
+                           capacity_rows=list(inputs.capacity_rows) if inputs.capacity_rows else None)
+    else:
+        from flashllm.workers.predictor import load_sparsity_tensors, predictor_held_bytes
 
-    tensors = load_sparsity_tensors(store_dir, manifest)
-    # vectors (biases, the lookahead's input map) are held in the compute dtype
-    predictor_bytes = predictor_held_bytes(tensors, manifest.sparsity.predictor, manifest.arch.num_hidden_layers,
-                                           compute_itemsize)
-    hot_counts = [int(tensors[f"layers.{layer}.hot_ids"].numel()) if f"layers.{layer}.hot_ids" in tensors else 0
-                  for layer in range(manifest.arch.num_hidden_layers)]
-    if keep_fraction is None:
-        keep_fraction = 1.0 - manifest.sparsity.target_sparsity
-    keep_neurons = max(1, int(round(keep_fraction * manifest.arch.intermediate_size)))
-    return plan_memory(manifest, resident_bytes, budget_bytes, compute_itemsize, keep_neurons, hot_counts,
-                       predictor_bytes, kv_cache_bytes, cache_itemsize=cache_itemsize, device=device,
-                       resident_half_saving_bytes=resident_half_saving_bytes)
+        tensors = load_sparsity_tensors(store_dir, manifest)
+        # vectors (biases, the lookahead's input map) are held in the compute dtype
+        predictor_bytes = predictor_held_bytes(tensors, manifest.sparsity.predictor, manifest.arch.num_hidden_layers,
+                                               compute_itemsize)
+        hot_counts = [int(tensors[f"layers.{layer}.hot_ids"].numel()) if f"layers.{layer}.hot_ids" in tensors else 0
+                      for layer in range(manifest.arch.num_hidden_layers)]
+        keep_fraction = inputs.keep_fraction
+        if keep_fraction is None:
+            keep_fraction = 1.0 - manifest.sparsity.target_sparsity
+        keep_neurons = max(1, int(round(keep_fraction * manifest.arch.intermediate_size)))
+        plan = plan_memory(manifest, resident_bytes, budget_bytes, compute_itemsize, keep_neurons, hot_counts,
+                           predictor_bytes, kv_cache_bytes, cache_itemsize=inputs.cache_itemsize, device=device,
+                           resident_half_saving_bytes=resident_half_saving_bytes,
+                           capacity_rows=list(inputs.capacity_rows) if inputs.capacity_rows else None)
+    plan.device_bytes = device_bytes_of(store_dir, manifest, mode, plan.capacity_rows, inputs)
+    return plan
+
+
+def _whole_layer_plan(manifest: Manifest, mode: str, budget_bytes: int | None, resident_bytes: int,
+                      inputs: MemoryInputs, device: str) -> MemoryPlan:
+    """dense holds every bundle; naive streams layers through its staging and holds the whole layers the
+    budget has room for beside it (without a budget: the inputs' held layers)."""
+    layout, compute_itemsize = manifest.ffn, inputs.compute_itemsize
+    naive_minimum = naive_minimum_bytes(manifest, resident_bytes, compute_itemsize, device)
+    if mode == "dense":
+        ffn_rows = [region.num_neurons for region in layout.layers]
+    elif budget_bytes is not None:
+        ffn_rows = naive_held_rows(layout, budget_bytes - naive_minimum, compute_itemsize, device)
+    else:
+        ffn_rows = list(inputs.naive_held_rows or [0] * len(layout.layers))
+    plan = MemoryPlan(budget_bytes=budget_bytes, resident_bytes=resident_bytes, predictor_bytes=0,
+                      staging_bytes=0 if mode == "dense" else naive_staging_bytes(layout, compute_itemsize, device),
+                      cache_bytes=sum(held_rows_bytes(layout, rows, compute_itemsize, device, whole_layer=True)
+                                      for rows in ffn_rows if rows) + down_scale_tables_bytes(layout),
+                      kv_cache_bytes=inputs.kv_cache_bytes, capacity_rows=ffn_rows, min_capacity_rows=ffn_rows,
+                      ffn_bytes=layout.total_bundle_bytes, total_neurons=sum(r.num_neurons for r in layout.layers))
+    plan.minimum_bytes = plan.total_bytes if mode == "dense" else naive_minimum
+    return plan
+
+
+def device_bytes_of(store_dir: str, manifest: Manifest, mode: str, capacity_rows: list[int],
+                    inputs: MemoryInputs) -> dict[str, int]:
+    """What an executor allocates on its device before any activation: resident weights, KV cache, FFN rows.
+
+    FFN rows: dense holds every layer; naive one layer at a time; sparse its neuron-cache mirrors
+    (capacity_rows) plus one whole layer for prefill."""
+    from flashllm.workers.store_reader import resident_tensor_elements
+
+    layout = manifest.ffn
+    layer_rows = [region.num_neurons for region in layout.layers]
+    ffn_rows = {"dense": sum(layer_rows), "naive": max(layer_rows),
+                "sparse": sum(capacity_rows or layer_rows) + max(layer_rows)}[mode]
+    return {
+        "resident weights": resident_tensor_elements(store_dir, manifest) * (inputs.resident_itemsize
+                                                                            or inputs.compute_itemsize),
+        "KV cache": inputs.kv_cache_bytes,
+        "FFN rows": ffn_rows * layout.bundle_elements * inputs.compute_itemsize,
+    }
+
+
+def plan_for_store(store_dir: str, manifest: Manifest, budget_bytes: int | None, mode: str, compute_itemsize: int,
+                   kv_cache_bytes: int, keep_fraction: float | None = None,
+                   resident_itemsize: int | None = None, cache_itemsize: int | None = None,
+                   device: str = "cpu") -> MemoryPlan:
+    """plan_memory_for with the itemsizes given one by one (raises MemoryPlanError when it cannot fit).
+    cache_itemsize: bytes per element of a float store's neuron cache rows (default: compute_itemsize)."""
+    return plan_memory_for(store_dir, manifest, MemoryInputs(
+        mode=mode, budget_bytes=budget_bytes, compute_itemsize=compute_itemsize, kv_cache_bytes=kv_cache_bytes,
+        device=device, resident_itemsize=resident_itemsize, cache_itemsize=cache_itemsize,
+        keep_fraction=keep_fraction))
 
 
 def torch_device_type(device: str) -> str:
