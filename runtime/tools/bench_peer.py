@@ -37,6 +37,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import shlex
 import shutil
 import statistics
 import subprocess
@@ -79,6 +80,7 @@ class PeerBenchOptions:
     # both systems capped at budget + this many bytes for the whole process (else each at budget + its own
     # measured baseline)
     cap_extra_bytes: int | None = None
+    llama_args: tuple[str, ...] = ()  # more llama-bench options, e.g. ("--repack", "0")
 
     @property
     def max_context(self) -> int:
@@ -126,7 +128,7 @@ def find_llama_bench(path: str | None) -> str:
 
 def llama_bench_argv(options: PeerBenchOptions) -> list[str]:
     return [options.llama_bench, "-m", options.gguf, "-t", str(options.threads), "-p", "0", "-n", str(options.tokens),
-            "-r", str(options.llama_repetitions), "-o", "json"]
+            "-r", str(options.llama_repetitions), "-o", "json", *options.llama_args]
 
 
 def parse_llama_bench_json(stdout: str) -> dict:
@@ -541,7 +543,8 @@ def cmd_bench_peer(args) -> int:
             flashllm_threads=None if args.flashllm_threads == "default" else int(args.flashllm_threads or args.threads),
             rounds=args.rounds, tokens=args.tokens, llama_repetitions=args.llama_repetitions, runtime=args.runtime,
             timeout_s=args.timeout_s, trace=str(args.trace) if args.trace is not None else None,
-            cap_extra_bytes=parse_size(args.cap_extra) if args.cap_extra else None)
+            cap_extra_bytes=parse_size(args.cap_extra) if args.cap_extra else None,
+            llama_args=tuple(shlex.split(args.llama_args)))
     except (PeerBenchError, ValueError) as exc:
         raise CliError(str(exc)) from None
     for path, what in ((options.gguf, "--gguf"), (options.store, "--store")):
@@ -588,6 +591,9 @@ def register_cli(sub) -> None:
     p.add_argument("--cap-extra", default=None, metavar="SIZE",
                    help="cap each system's whole process at the weight budget + SIZE (e.g. 1GiB), the same for "
                         "both, instead of the budget + each one's measured baseline")
+    p.add_argument("--llama-args", default="", metavar="ARGS",
+                   help="more llama-bench options, e.g. '--repack 0' (weights stay mapped from the file rather than "
+                        "copied into repacked buffers, which a cap below the model cannot hold)")
     p.add_argument("--json", required=True, help="output JSON path")
     p.add_argument("--plot", default=None, help="output PNG: tok/s vs budget, both systems")
     p.set_defaults(func=cmd_bench_peer)
