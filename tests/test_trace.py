@@ -150,3 +150,10 @@ def test_a_recorded_trace_from_a_calibrated_store_replays_on_a_synthetic_one(cal
     arch = read_manifest(synth_store).arch
     replay_share = synth["neurons_predicted_per_token"] / (arch.num_hidden_layers * arch.intermediate_size)
     assert replay_share == pytest.approx(source_share, abs=0.05)
+
+
+def test_a_budget_too_small_for_a_trace_names_the_traces_own_knob(synth_store):
+    run = run_flashllm("generate", "--store", synth_store, "--mode", "sparse", "--runtime", "inproc", "--memory",
+                       "60%", "--trace", "paper:active=0.1,new=0.05", "hi")
+    assert run.returncode != 0 and "is too small" in run.stderr
+    assert "--trace paper:active down to" in run.stderr and "--keep-fraction" not in run.stderr

@@ -140,10 +140,12 @@ def sparse_staging_bytes(layout: FfnLayout, compute_itemsize: int, device: str =
 def plan_memory(manifest: Manifest, resident_bytes: int, budget_bytes: int | None, compute_itemsize: int,
                 keep_neurons: int, hot_counts: list[int], predictor_bytes: int, kv_cache_bytes: int,
                 cache_itemsize: int | None = None, device: str = "cpu",
-                resident_half_saving_bytes: int = 0, capacity_rows: list[int] | None = None) -> MemoryPlan:
+                resident_half_saving_bytes: int = 0, capacity_rows: list[int] | None = None,
+                keep_option: str | None = "--keep-fraction ") -> MemoryPlan:
     """--mode sparse's plan. budget_bytes None: nothing bounds memory, the caches are capacity_rows as given
     (every neuron when None). resident_half_saving_bytes: what holding the float resident matrices in float16
-    would save (for the too-small message; 0 when they are half precision or quantized already)."""
+    would save (for the too-small message; 0 when they are half precision or quantized already). keep_option:
+    the flag that sets the neurons kept per token, written before its value (None: no flag does)."""
     layout = manifest.ffn
     cache_itemsize = cache_itemsize or compute_itemsize
     # bytes one more row costs; a quantized CPU cache's kernel copy rounds each layer up to whole int4 tiles,
@@ -165,7 +167,8 @@ def plan_memory(manifest: Manifest, resident_bytes: int, budget_bytes: int | Non
     elif budget_bytes < min_total:
         naive_bytes = naive_minimum_bytes(manifest, resident_bytes, compute_itemsize, device)
         knobs = sparse_minimum_knobs(manifest, budget_bytes, min_total, resident_half_saving_bytes, row_bytes,
-                                     hot_counts, keep_neurons, predictor_bytes, kv_cache_bytes, naive_bytes)
+                                     hot_counts, keep_neurons, predictor_bytes, kv_cache_bytes, naive_bytes,
+                                     keep_option)
         raise MemoryPlanError(
             f"--memory {budget_bytes / MIB:.1f} MiB is too small: the minimum for this store and settings is "
             f"{min_total / MIB:.1f} MiB (resident {resident_bytes / MIB:.1f} + predictors {predictor_bytes / MIB:.1f} "
@@ -230,7 +233,8 @@ def naive_minimum_bytes(manifest: Manifest, resident_bytes: int, compute_itemsiz
 
 def sparse_minimum_knobs(manifest: Manifest, budget_bytes: int, min_total: int, resident_half_saving_bytes: int,
                          row_bytes: int, hot_counts: list[int], keep_neurons: int,
-                         predictor_bytes: int, kv_cache_bytes: int, naive_bytes: int) -> list[str]:
+                         predictor_bytes: int, kv_cache_bytes: int, naive_bytes: int,
+                         keep_option: str | None = "--keep-fraction ") -> list[str]:
     """Every setting that lowers --mode sparse's minimum, each with what it saves (for MemoryPlanError's message).
 
     The arithmetic is the plan's own: rows of row_bytes per kept neuron and layer, resident elements times their
@@ -241,17 +245,17 @@ def sparse_minimum_knobs(manifest: Manifest, budget_bytes: int, min_total: int, 
     knobs = []
     # --keep-fraction: one neuron fewer per token saves a row in every layer not already whole
     open_layers = sum(1 for n, hot in zip(num_neurons, hot_counts) if hot + keep_neurons <= n)
-    if keep_neurons > 1 and open_layers:
+    if keep_option is not None and keep_neurons > 1 and open_layers:
         fewer = min(keep_neurons - 1, -(-shortfall // (row_bytes * open_layers)))
         fitting = (keep_neurons - fewer) / arch.intermediate_size
         saved = fewer * row_bytes * open_layers
         now = keep_neurons / arch.intermediate_size
         if saved >= shortfall:
-            knobs.append(f"--keep-fraction {fitting:.3f} (now {now:.3f}): saves {saved / MIB:.1f} MiB, enough "
+            knobs.append(f"{keep_option}{fitting:.3f} (now {now:.3f}): saves {saved / MIB:.1f} MiB, enough "
                          "(fewer neurons per token, some quality)")
         else:
-            knobs.append(f"--keep-fraction down to {fitting:.3f} (now {now:.3f}): saves at most {saved / MIB:.1f} MiB, "
-                         "not enough alone (fewer neurons per token, some quality)")
+            knobs.append(f"{keep_option.rstrip('= ')} down to {fitting:.3f} (now {now:.3f}): saves at most "
+                         f"{saved / MIB:.1f} MiB, not enough alone (fewer neurons per token, some quality)")
     if resident_half_saving_bytes > 0:
         knobs.append(f"--resident-dtype float16 (or bfloat16): saves {resident_half_saving_bytes / MIB:.1f} MiB")
     sparsity = manifest.sparsity
@@ -387,7 +391,9 @@ def plan_memory_for(store_dir: str, manifest: Manifest, inputs: MemoryInputs) ->
                            [0] * arch.num_hidden_layers, trace_predictor_held_bytes(manifest), kv_cache_bytes,
                            cache_itemsize=inputs.cache_itemsize, device=device,
                            resident_half_saving_bytes=resident_half_saving_bytes,
-                           capacity_rows=list(inputs.capacity_rows) if inputs.capacity_rows else None)
+                           capacity_rows=list(inputs.capacity_rows) if inputs.capacity_rows else None,
+                           # a paper trace's active share is the knob; a recorded trace's sets are what they are
+                           keep_option="--trace paper:active=" if inputs.trace.source == "paper" else None)
     else:
         from flashllm.workers.predictor import load_sparsity_tensors, predictor_held_bytes
 

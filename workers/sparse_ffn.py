@@ -158,14 +158,17 @@ class CacheView:
         cached = np.zeros(len(slot_of), dtype=bool)  # (n_ff,)
         cached[ids] = True
         held_ids = held[:used]  # (used,)
+        old_holes = np.flatnonzero(held_ids < 0)  # (h,) cleared at an earlier step
         left = np.flatnonzero((held_ids >= 0) & ~cached[np.maximum(held_ids, 0)])  # slots whose neuron left
         if left.size:
             slot_of[held_ids[left]] = -1
             held[left] = -1
-            matrix.clear(left)
         arrived = np.flatnonzero(slot_of[ids] < 0)  # (k,) positions in the cache
+        # arrivals overwrite every part of a slot: the ones that just left first (they need no clearing), then
+        # older holes, then slots past the used ones; only what stays empty is cleared
+        matrix.clear(left[arrived.size:])
         if arrived.size:
-            free = np.flatnonzero(held[:used] < 0)  # (f,) holes first, then past the used slots
+            free = np.concatenate((left, old_holes))  # (f,)
             slots = np.concatenate((free[:arrived.size], np.arange(used, used + max(0, arrived.size - free.size))))
             used = self.mirror_used[layer] = max(used, int(slots[-1]) + 1) if slots.size else used
             arrived_ids = ids[arrived]

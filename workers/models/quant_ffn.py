@@ -210,6 +210,8 @@ class QuantNeuronMatrix:
         and down rows are zeroed, so their activation is exactly 0 and they add nothing to the product."""
         if self.down_as_blocks:
             raise ValueError("a whole-layer matrix is written once; its slots are not cleared")
+        if len(slots) == 0:
+            return
         slots_t = torch.from_numpy(np.asarray(slots, dtype=np.int64))  # (k,)
         rows = torch.cat([slots_t + index * self.capacity for index in range(self.row_matrices)])  # (m·k,)
         if self.int4:
