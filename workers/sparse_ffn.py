@@ -65,8 +65,8 @@ class CacheView:
     with slots of its own: a neuron keeps its mirror slot for as long as it is
     cached, so a step converts only the neurons that arrived (the cache's
     delete-by-moving-the-last-rows-in moves nothing here), into the slots of
-    those that left, whose down rows are zeroed so they add nothing to the
-    product. On a GPU the changed rows are dequantized on the host as they go
+    those that left; a slot left empty is cleared (zero scales and down row),
+    so it adds nothing to the product. On a GPU the changed rows are dequantized on the host as they go
     to the float mirror.
     """
 
@@ -170,7 +170,7 @@ class CacheView:
         if arrived.size:
             free = np.concatenate((left, old_holes))  # (f,)
             slots = np.concatenate((free[:arrived.size], np.arange(used, used + max(0, arrived.size - free.size))))
-            used = self.mirror_used[layer] = max(used, int(slots[-1]) + 1) if slots.size else used
+            used = self.mirror_used[layer] = max(used, int(slots[-1]) + 1)
             arrived_ids = ids[arrived]
             bundles = scratch_buffer("arrived_bundles", (arrived.size, cache.rows.shape[1]),
                                      torch.from_numpy(cache.rows[:0]).dtype).numpy()  # (k, E)

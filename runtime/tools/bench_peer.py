@@ -184,11 +184,14 @@ def whole_process_runs(options: PeerBenchOptions, baselines: dict, weight_bytes:
     from flashllm.runtime.tools.memory_cgroup import budget_under_cap_bytes
 
     cap = weight_bytes + options.cap_extra_bytes
+    return [(mode, budget_under_cap_bytes(cap, baselines["flashllm_kv_cache_bytes"], flashllm_process_baselines(
+        baselines), resolve_runtime(options.runtime, "sparse")), cap) for mode in flashllm_modes(options)]
+
+
+def flashllm_process_baselines(baselines: dict) -> ProcessBaselines:
+    """The report's measured flashllm process baselines, as memory_cgroup's bounds take them."""
     process = baselines["flashllm_process"]
-    per_process = ProcessBaselines(process["baseline_bytes"], process["light_baseline_bytes"], process["method"])
-    return [(mode, budget_under_cap_bytes(cap, baselines["flashllm_kv_cache_bytes"], per_process,
-                                          resolve_runtime(options.runtime, "sparse")), cap)
-            for mode in flashllm_modes(options)]
+    return ProcessBaselines(process["baseline_bytes"], process["light_baseline_bytes"], process["method"])
 
 
 def flashllm_modes(options: PeerBenchOptions) -> list[str]:
@@ -426,11 +429,8 @@ def _run_round(options: PeerBenchOptions, baselines: dict, gguf_bytes: int, roun
             # auto: what a user gets at this --memory (dense, sparse or naive, whichever the plan fits first)
             modes = flashllm_modes(options) + (["dense"] if fraction >= DENSE_FROM_FRACTION else [])
             return [run_flashllm(options, mode, weight_bytes,
-                                 flashllm_cap_bytes(weight_bytes, ProcessBaselines(
-                                     baselines["flashllm_process"]["baseline_bytes"],
-                                     baselines["flashllm_process"]["light_baseline_bytes"],
-                                     baselines["flashllm_process"]["method"]),
-                                     baselines["flashllm_kv_cache_bytes"], options.runtime, mode),
+                                 flashllm_cap_bytes(weight_bytes, flashllm_process_baselines(baselines),
+                                                    baselines["flashllm_kv_cache_bytes"], options.runtime, mode),
                                  fraction, round_index) for mode in modes]
 
         print(f"bench-peer: round {round_index + 1}/{options.rounds}, budget {label} ...", file=sys.stderr)

@@ -335,7 +335,7 @@ class QuantNeuronMatrix:
         self._write_scattered_rows(rows, blocks)
 
     def _write_scattered_rows(self, rows: torch.Tensor, blocks: QuantizedBlocks) -> None:
-        """Rows at any slots (a sparse step's inserts and moves): scales by index, weights by a strided
+        """Rows at any slots (a sparse step's arrivals): scales by index, weights by a strided
         read-modify-write of their nibbles; scratch buffers throughout (no per-step temporaries)."""
         k, groups = len(blocks.raw), self.d // BLOCK_WEIGHTS
         self._write_tile_scales(0, blocks, rows)
