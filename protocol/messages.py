@@ -165,11 +165,12 @@ class Lookahead:
     step: int
     layer: int
     ids: np.ndarray = _ids()  # sorted unique store neuron ids
-    # True when the layer cannot fall back to the masked path whatever the same-layer check says
-    # (ids ∪ the pinned neurons fit the cache; the same-layer check's set later takes rows from it and from
-    # older tokens'): prepare it now, not just stage
+    # True when ids ∪ the pinned neurons fit the cache (the same-layer check's set later takes rows from it
+    # and from older tokens'): prepare it now, not just stage. The layer then takes the cached path, except
+    # under batch invariance when its sequences' whole sets outgrow the cache (the prepared rows stay)
     commit: bool = False
     ready: bool = False  # commit, and no Prediction(layer) follows: hand the layer over once prepared
+    resident: np.ndarray = _ids()  # with ready: as Prediction.resident
 
 
 @dataclass
@@ -187,6 +188,9 @@ class Prediction:
     first: np.ndarray = _ids()  # the lookahead's set if there was one, else the same-layer set
     same: np.ndarray = _ids()  # the same-layer check's set when `first` is the lookahead's (policy "read"), else empty
     first_committed: bool = False  # `first` was already prepared on its Lookahead(commit=True)
+    # neurons compute needs resident besides, not the token's own (batch invariance: its sequences' window
+    # neurons): prepare(layer, same, new_token=False, resident_ids=resident) when not empty
+    resident: np.ndarray = _ids()
 
 
 @dataclass

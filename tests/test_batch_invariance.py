@@ -89,15 +89,17 @@ def test_a_sequences_computed_set_does_not_depend_on_its_neighbour(calibrated_st
     d = manifest.arch.hidden_size
     inputs = torch.randn(4, layers, 2, d, generator=torch.Generator().manual_seed(1))  # (steps, layers, seqs, d)
 
-    def run(with_neighbour: bool, capacity_rows: int = n) -> tuple[list[torch.Tensor], list[np.ndarray]]:
-        planner = SparseStepPlanner(predictor, [capacity_rows] * layers, pinned, "read", window_tokens=3)
+    def run(with_neighbour: bool, fits: bool = True) -> tuple[list[torch.Tensor], list[np.ndarray]]:
+        planner = SparseStepPlanner(predictor, [n] * layers, pinned, "read", window_tokens=3)
+        if not fits:  # the cached path's rule says no: every layer reads whole
+            planner.fits = lambda layer, ids: False
         computed, unions = [], []
         for step in range(inputs.shape[0]):
             slots = np.array([5, 2]) if with_neighbour else np.array([5])
             planner.begin_step(1, slots, np.array([step == 0] * len(slots)))
             for layer in range(layers):
                 decision = planner.plan_layer(layer, inputs[step, layer, : len(slots)])  # (B, d)
-                if capacity_rows == n:
+                if fits:
                     assert type(decision) is CachedLayer
                     computed.append(decision.computed[0])  # (n_ff,) sequence A's
                     unions.append(decision.predicted)
@@ -109,13 +111,15 @@ def test_a_sequences_computed_set_does_not_depend_on_its_neighbour(calibrated_st
     with torch.inference_mode():
         alone, alone_unions = run(with_neighbour=False)
         beside, beside_unions = run(with_neighbour=True)
-        masked_alone, _ = run(with_neighbour=False, capacity_rows=1)
-        masked_beside, _ = run(with_neighbour=True, capacity_rows=1)
+        masked_alone, _ = run(with_neighbour=False, fits=False)
+        masked_beside, _ = run(with_neighbour=True, fits=False)
     for a, b in zip(alone, beside):
         assert torch.equal(a, b)
     assert any(len(b) > len(a) for a, b in zip(alone_unions, beside_unions))  # the cache's union is larger
     for a, b in zip(masked_alone, masked_beside):
         assert torch.equal(a, b)
+    for cached, masked in zip(alone, masked_alone):  # and the path does not change it either
+        assert torch.equal(cached, masked)
     # the masked path keeps A's window too: later steps compute more than their own prediction
     assert masked_alone[-1].sum() > masked_alone[layers - 1].sum()
 
@@ -134,6 +138,54 @@ def test_a_sequences_computed_set_does_not_depend_on_its_neighbour(calibrated_st
         planner.begin_step(1, np.array([5]), np.array([True]))  # a new sequence in slot 5: no history
         decision = planner.plan_layer(0, inputs[0, 0, :1])
         assert torch.equal(decision.computed[0], own[0] | torch.from_numpy(pinned[0]))
+
+
+@pytest.fixture(scope="module")
+def calibrated_q4_0_store(tiny_models, tmp_path_factory):
+    """The tiny llama as a q4_0 store (4-bit, as the demo's), calibrated: on a CPU its products are the integer
+    kernels', which give each row the same bits whatever the batch."""
+    from flashllm.runtime.tools.calibrate import calibrate
+    from flashllm.runtime.tools.convert.store_writer import convert
+    from tests.conftest import calibration_text
+
+    out = str(tmp_path_factory.mktemp("invariance") / "llama-q4_0")
+    convert(tiny_models("llama"), out, dtype="q4_0", progress=False)
+    calibrate(out, calibration_text(), max_tokens=800, progress=False, log=lambda *_: None)
+    return out
+
+
+def _logits_of(engine: Engine, run) -> dict[str, list[torch.Tensor]]:
+    """run(engine) → its request ids' logits at every sampled position, in request order."""
+    seen: dict[str, list[torch.Tensor]] = {}
+    engine.logits_hook = lambda request_id, logits: seen.setdefault(request_id, []).append(logits.clone())
+    run(engine)
+    engine.logits_hook = None
+    return seen
+
+
+@pytest.mark.parametrize("runtime", ["inproc", "workers"])
+def test_a_quantized_sequences_logits_are_bitwise_the_same_in_a_batch_as_alone(calibrated_q4_0_store, runtime):
+    """Not just the same greedy tokens: the same logits, bit for bit, at every position, at a budget whose
+    caches have little room beyond one sequence's sets (neighbours crowd them, layers fall back to whole-layer
+    reads). Each token's FFN is summed over its own neurons in neuron-id order on either path, attention runs
+    per sequence, and prompts are prefilled one by one."""
+    from flashllm.workers.memory_plan import plan_for_store
+    from flashllm.workers.store_reader import open_store
+
+    store = calibrated_q4_0_store
+    roomy = plan_for_store(store, open_store(store), 2**40, "sparse", 4, 0, keep_fraction=KEEP_FRACTION)
+    budget = roomy.budget_for_spare_rows(40 * len(roomy.capacity_rows))
+    with Engine(store, mode="sparse", runtime=runtime, max_batch=len(PROMPTS),
+                ffn_options={"keep_fraction": KEEP_FRACTION, "memory_budget_bytes": budget}) as engine:
+        alone = [next(iter(_logits_of(engine, lambda e: _alone(e, prompt)).values())) for prompt in PROMPTS]
+        together = list(_logits_of(engine, _staggered).values())
+        paths = {s["neurons_read"] > 0 for s in engine.token_stats}
+    assert len(together) == len(PROMPTS)
+    for prompt, single, batched in zip(PROMPTS, alone, together):
+        assert len(single) == len(batched) == MAX_TOKENS
+        for position, (a, b) in enumerate(zip(single, batched)):
+            assert torch.equal(a, b), f"prompt {prompt}, position {position}: max |Δ| {float((a - b).abs().max())}"
+    assert paths == {True}  # every decode step read neurons: the caches were too small to hold them all
 
 
 DAEMON_PROMPTS = ["The quick brown fox", "Flash memory is", "Paris is the capital", "def add(a, b):",

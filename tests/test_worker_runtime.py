@@ -209,8 +209,8 @@ def _inproc_and_pipeline_runs(store: str, options: dict) -> dict:
 
 def test_a_policy_changed_in_one_place_is_followed_by_both_runtimes(calibrated_stores, monkeypatch):
     """The sparse step's rules live in workers/sparse_policy.py alone: a cached-path rule changed there
-    (no set fits any more) sends every decode layer to the whole-layer read in both runtimes alike, and
-    both give the same new tokens."""
+    (no set fits any more) sends every decode layer to the whole-layer read in both runtimes alike. Each
+    token still computes its own set, summed alone: the same logits, bit for bit, on the other path."""
     from flashllm.workers import sparse_policy
 
     store = calibrated_stores("llama")
@@ -224,7 +224,7 @@ def test_a_policy_changed_in_one_place_is_followed_by_both_runtimes(calibrated_s
         assert worker_tokens == tokens and worker_counters == counters
         assert len(worker_logits) == len(logits)
         assert all(torch.equal(ours, theirs) for ours, theirs in zip(worker_logits, logits))
-    assert after["inproc"][0] != before["inproc"][0]
+    assert all(torch.equal(a, b) for a, b in zip(after["inproc"][1], before["inproc"][1]))
     assert any(computed < whole_model for computed, _ in before["inproc"][2])  # decode tokens used the caches
     assert all(computed == whole_model for computed, _ in after["inproc"][2])  # now every token reads all
 

@@ -43,6 +43,7 @@ from flashllm.workers.interfaces import FfnProvider
 from flashllm.workers.models.ffn import BundleColumns, masked_ffn_over_chunks
 from flashllm.workers.process_entry import WorkerConfig, run_worker
 from flashllm.workers.sparse_ffn import CacheView, ffn_over_cached_rows
+from flashllm.workers.sparse_policy import sums_per_token
 from flashllm.workers.store_reader import layer_table
 
 
@@ -118,7 +119,9 @@ class PipelineFfn(FfnProvider):
         arrays = exchange.arrays
         self.hidden = arrays["hidden"]  # (2, max_tokens, d)
         self.mask = arrays["mask"]  # (max_tokens, n_ff)
+        self.batch_invariant = batch_invariant
         self.computed = arrays["computed"] if batch_invariant else None  # (2, max_tokens, n_ff)
+        self._per_token = False  # this step's masked layers sum each token alone (sparse_policy.sums_per_token)
         self.staging = arrays["chunk_staging"]  # (slots, chunk_rows, E) store dtype
         self.bundle_bytes = self.staging.shape[2] * self.staging.itemsize
         self.stats = PipelineStats()
@@ -140,6 +143,7 @@ class PipelineFfn(FfnProvider):
 
     def begin_step(self, batch: int, steps: int, slots: np.ndarray | None = None,
                    starts: np.ndarray | None = None) -> None:
+        self._per_token = sums_per_token(self.batch_invariant, steps) and slots is not None
         self.channel.send(ROLE_PREDICTOR, StepBegin(
             step=self.step, batch=batch, steps=steps,
             slots=np.asarray(slots if slots is not None else [], dtype=np.int64),
@@ -168,7 +172,8 @@ class PipelineFfn(FfnProvider):
             y = ffn_over_cached_rows(h, rows, self.cols, computed, self.view.row_ids(layer))
         else:
             mask = torch.from_numpy(self.mask[:num_tokens]).to(self.device)  # (N, n_ff) bool
-            y = masked_ffn_over_chunks(h, self._masked_chunks(layer, ready), self.cols, mask)  # (N, d)
+            y = masked_ffn_over_chunks(h, self._masked_chunks(layer, ready), self.cols, mask,
+                                       self._per_token)  # (N, d)
         self.stats.compute_s += time.perf_counter() - start - (self.stats.wait_s - waited_before)
         self.stats.neurons_computed += ready.num_rows if ready.path == PATH_CACHED else self.layer_neurons[layer]
         return y
@@ -187,7 +192,7 @@ class PipelineFfn(FfnProvider):
                                    "prefetcher and compute disagree on the chunks (a flashllm bug)")
             yield start, stop, held_rows(self.staging[ready.staging, : stop - start], self.ffn_layout, self.dtype,
                                          self.device, down_scales=layer_table(self.down_scales, layer),
-                                         neuron_ids=np.arange(start, stop))
+                                         neuron_ids=np.arange(start, stop), down_as_rows=self._per_token)
             self.channel.send(ROLE_PREFETCH, ChunkDone(step=self.step, staging=ready.staging))
 
     def _count_ready(self, ready: LayerReady) -> None:

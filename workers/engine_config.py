@@ -130,6 +130,15 @@ class EngineConfig:
         """The sparse FFN's options, defaults where none were given."""
         return self.sparse if self.sparse is not None else SparseOptions()
 
+    @property
+    def batch_invariant(self) -> bool:
+        """--mode sparse (unless SparseOptions(batch_invariant=False), the bench's comparison): a temperature-0
+        request decodes the same tokens whatever runs beside it. Prompts are then prefilled one per forward
+        pass (padded into a group, a prompt is computed in other shapes than alone, which CPU kernels round
+        differently) and each sequence computes its own neurons (workers/sparse_policy.py). Dense and naive
+        prefill admitted prompts together: one pass over a flash FFN instead of one per prompt."""
+        return self.mode == "sparse" and self.sparse_options.batch_invariant
+
 
 def _check_at_least(flag: str, value: int, least: int) -> None:
     if isinstance(value, bool) or not isinstance(value, Integral) or value < least:

@@ -436,14 +436,14 @@ class PredictorWorker:
             self._write_computed(decision.layer, decision.computed)  # compute reads it after LayerReady(l)
             self.channel.send(ROLE_PREFETCH, Prediction(
                 step=msg.step, layer=decision.layer, path=PATH_CACHED, first=decision.first, same=decision.late,
-                first_committed=decision.first_prepared))
+                first_committed=decision.first_prepared, resident=decision.resident))
         ahead = decision.lookahead
         if ahead is not None:
             # handed over at its Lookahead: compute may reach layer l+1 before it is planned. It is at layer l
             # now (it sent FfnInput(l) after layer l-1's FFN), so buffer (l+1) % 2 is free
             self._write_computed(ahead.layer, ahead.computed)
             self.channel.send(ROLE_PREFETCH, Lookahead(step=msg.step, layer=ahead.layer, ids=ahead.ids,
-                                                       commit=ahead.fits, ready=ahead.ready))
+                                                       commit=ahead.fits, ready=ahead.ready, resident=ahead.resident))
 
     def _send_masked(self, msg: FfnInput, decision: MaskedLayer) -> None:
         self.mask[: msg.num_tokens] = decision.mask.numpy()  # (N, n_ff)

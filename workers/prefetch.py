@@ -143,19 +143,21 @@ class Prefetcher:
             self._scratch = np.empty((count, self._scratch.shape[1]), dtype=self._scratch.dtype)
         return self._scratch[:count]
 
-    def prepare(self, layer: int, predicted_ids: np.ndarray, new_token: bool = True) -> LayerUpdate:
+    def prepare(self, layer: int, predicted_ids: np.ndarray, new_token: bool = True,
+                resident_ids: np.ndarray | None = None) -> LayerUpdate:
         """Make every predicted neuron of `layer` resident.
 
         new_token: this is the token's first set for the layer (advance the window);
         False for the same-layer check's set of the current token (policy "read"),
         whose uncached neurons take rows from older tokens' and then from the
         lookahead's unconfirmed picks, never from the pinned or from the set itself
-        (NeuronCache.plan_late).
+        (NeuronCache.plan_late). resident_ids (with new_token False): neurons compute
+        also needs resident, which are not the token's own (its window's).
         """
         cache = self.caches[layer]
         start = time.perf_counter()
         before_bytes, before_hits = self.reader.stats.read_bytes, cache.hits
-        early = self._start_reads(layer, predicted_ids if new_token else cache.late_misses(predicted_ids))
+        early = self._start_reads(layer, predicted_ids if new_token else cache.late_misses(predicted_ids, resident_ids))
         try:
             evicted = 0
             if new_token:
@@ -163,7 +165,7 @@ class Prefetcher:
                 evicted = len(cache.evict_outside_window())
                 missing = cache.plan_token(predicted_ids)
             else:
-                missing = cache.plan_late(predicted_ids)
+                missing = cache.plan_late(predicted_ids, resident_ids)
             if len(missing):
                 cache.insert(missing, early.fill if early is not None else self._filler(layer))
         finally:
@@ -476,7 +478,11 @@ class PrefetchWorker:
         if msg.step != self.step:
             return
         if msg.commit:  # the layer surely takes the cached path: its first prepare can happen now
-            self._layer_work(msg.layer).add_update(self.prefetcher.prepare(msg.layer, msg.ids, new_token=True))
+            work = self._layer_work(msg.layer)
+            work.add_update(self.prefetcher.prepare(msg.layer, msg.ids, new_token=True))
+            if len(msg.resident):
+                work.add_update(self.prefetcher.prepare(msg.layer, msg.ids[:0], new_token=False,
+                                                        resident_ids=msg.resident))
             if msg.ready:  # and nothing else will change it this step
                 self._send_ready(msg.step, msg.layer, critical_io_s=0.0)
                 self._ready_early.add(msg.layer)
@@ -492,8 +498,8 @@ class PrefetchWorker:
         if msg.path == PATH_CACHED:
             if not msg.first_committed:
                 work.add_update(self.prefetcher.prepare(layer, msg.first, new_token=True))
-            if len(msg.same):
-                work.add_update(self.prefetcher.prepare(layer, msg.same, new_token=False))
+            if len(msg.same) or len(msg.resident):
+                work.add_update(self.prefetcher.prepare(layer, msg.same, new_token=False, resident_ids=msg.resident))
             self._send_ready(msg.step, layer, critical_io_s=time.perf_counter() - received)
             return
         self._masked_layers.add(layer)

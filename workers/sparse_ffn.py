@@ -43,8 +43,8 @@ from flashllm.workers.engine_config import SparseOptions
 from flashllm.workers.ffn_providers import FfnStats, held_rows
 from flashllm.workers.flash_io.bundle_reader import numpy_dtype_of_store
 from flashllm.workers.interfaces import FfnProvider
-from flashllm.workers.models.ffn import (BundleColumns, HalfRows, ffn_from_rows, masked_ffn_from_rows,
-                                         masked_ffn_over_chunks)
+from flashllm.workers.models.ffn import (BundleColumns, HalfRows, OwnNeuronSums, ffn_from_rows,
+                                         masked_ffn_from_rows, masked_ffn_over_chunks)
 from flashllm.workers.models.quant_ffn import QuantNeuronMatrix, QuantRows, scratch_buffer
 from flashllm.workers.store_reader import bundle_rows_as_float, layer_table, load_down_group_scales
 from flashllm.workers.predictor import load_predictor
@@ -186,13 +186,18 @@ def ffn_over_cached_rows(h: torch.Tensor, rows, cols: BundleColumns, computed: t
     """h (N, d), rows (n, E) a layer's cached rows whose neuron ids are cached_ids (n,; -1 where a row holds
     no neuron, CacheView.row_ids) → (N, d). computed (N, n_ff) bool: the neurons each row of h computes (the
     rest are exact zeros in its sum); None: every row computes every cached neuron. Both runtimes compute the
-    cached path here."""
+    cached path here. With computed, each row's sum is OwnNeuronSums' (the same bits whatever else the cache
+    holds), except on a GPU, where a masked product is the best there is (its products are not
+    batch-invariant either)."""
     if computed is None:
         return ffn_from_rows(h, rows, cols)
     ids = torch.from_numpy(cached_ids.astype(np.int64))  # (n,)
     row_mask = computed[:, ids.clamp(min=0)] & (ids >= 0)  # (N, n) bool
-    row_mask = row_mask.to(h.device)
-    return masked_ffn_from_rows(h, rows, cols, row_mask)
+    if h.device.type != "cpu":
+        return masked_ffn_from_rows(h, rows, cols, row_mask.to(h.device))
+    sums = OwnNeuronSums(h, cols)
+    sums.add(rows, ids, row_mask)
+    return sums.result()
 
 
 class SparseFlashFfn(FfnProvider):
@@ -240,8 +245,8 @@ class SparseFlashFfn(FfnProvider):
     def _forward_cached(self, decision: CachedLayer, h: torch.Tensor) -> torch.Tensor:
         layer, prefetcher = decision.layer, self.prefetcher
         self._count(prefetcher.prepare(layer, decision.first, new_token=True))
-        if decision.late.size:
-            self._count(prefetcher.prepare(layer, decision.late, new_token=False))
+        if decision.late.size or decision.resident.size:
+            self._count(prefetcher.prepare(layer, decision.late, new_token=False, resident_ids=decision.resident))
         self.stats.neurons_predicted += decision.num_predicted
         if self.recorded_sets is not None:
             self.recorded_sets.append((layer, decision.predicted))
@@ -266,6 +271,8 @@ class SparseFlashFfn(FfnProvider):
 
     def _forward_masked(self, decision: MaskedLayer, h: torch.Tensor) -> torch.Tensor:
         layer = decision.layer
+        if decision.committed_first is not None:  # as the worker runtime did at the Lookahead
+            self._count(self.prefetcher.prepare(layer, decision.committed_first, new_token=True))
         start = time.perf_counter()
         mask = decision.mask.to(self.device)  # (N, n_ff)
         self.stats.neurons_predicted += decision.num_predicted
@@ -281,10 +288,10 @@ class SparseFlashFfn(FfnProvider):
                 waited_s += waited
                 yield first, stop, held_rows(self._chunk[: stop - first], self.layout, self.dtype, self.device,
                                              down_scales=layer_table(self.down_scales, layer),
-                                             neuron_ids=np.arange(first, stop))
+                                             neuron_ids=np.arange(first, stop), down_as_rows=decision.per_token)
 
         try:
-            y = masked_ffn_over_chunks(h, chunk_rows(), self.cols, mask)  # (N, d)
+            y = masked_ffn_over_chunks(h, chunk_rows(), self.cols, mask, decision.per_token)  # (N, d)
         finally:
             reads.close()  # after an error midway: waits for the next chunk's reads, so the reader is free
         done = time.perf_counter()

@@ -22,27 +22,34 @@ The rules, per decode step and layer l:
 Prefill and other multi-token steps take the masked path at every layer: the
 per-token mask is same[l](h_l) ∪ lookahead[l](h_{l-1}) ∪ hot.
 
-Batch invariance: the cache holds the batch's union, but each sequence computes
-only its own neurons (`computed`, one row per sequence):
+Batch invariance (the default): a decode step plans each sequence's own set,
+from its own predictions and its own history only (one row per sequence):
 
-    own(b)      = first(b) ∪ late(b)        its own rows of the predictions above
-    computed(b) = own(b) ∪ own(b) of its last window_tokens - 1 tokens ∪ pinned
+    own(b)      = same[l](h_l)(b) ∪ of lookahead[l](h_{l-1})(b) as much as fits
+                  the cache beside it (lowest ids first); the same check only
+                  under "read" or where layer l has no lookahead, whatever path
+                  the previous layer took
+    computed(b) = own(b) ∪ pinned ∪ the sets of its earlier window_tokens - 1
+                  tokens, newest first, as many as fit the layer's cache
+    needed      = ∪_b computed(b) fits the cache → cached: `first` as above,
+                  `late` = needed (what the lookahead did not read: the
+                  check's additions, window neurons evicted since); else
+                  masked with mask = computed
 
-which is what the cache holds when the sequence runs alone (while the cache has
-room for its window), so a temperature-0 request gives the same tokens whatever
-runs beside it. The history is kept per
-KV slot (SequenceWindows) and starts afresh when a slot's sequence starts at
-position 0. A decode step that takes the masked path masks each token with
-same ∪ lookahead ∪ hot ∪ its own window, the set it gets on the cached path.
+and each token's FFN is summed over its computed set alone, in neuron-id order
+(models/ffn.OwnNeuronSums), on either path. A sequence then computes the same
+thing in a batch as alone, so a temperature-0 request gives the same tokens
+whatever runs beside it. The history is kept per KV slot (SequenceWindows) and
+starts afresh when a slot's sequence starts at position 0.
 SparseOptions.batch_invariant=False keeps the old rule (every sequence computes
-every cached row), for the bench's comparison.
+every cached row, the batch's union), for the bench's comparison.
 
 Pure: no I/O, no process knowledge.
 """
 from __future__ import annotations
 
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -57,6 +64,14 @@ if TYPE_CHECKING:
 
 
 _NO_IDS = np.zeros(0, np.int64)
+
+
+def sums_per_token(batch_invariant: bool, steps: int) -> bool:
+    """Whether a forward pass of `steps` new tokens per sequence computes each token's FFN by itself
+    (models/ffn.OwnNeuronSums), on the cached and the masked path alike: in a decode step under batch
+    invariance, where each token is one sequence's. A prompt is prefilled alone (EngineConfig.batch_invariant),
+    so its masked path needs no per-token sums."""
+    return batch_invariant and steps == 1
 
 
 def check_missing_policy(missing_policy: str) -> None:
@@ -79,6 +94,9 @@ class LookaheadRead:
     # (B, n_ff) bool when ready and tracked: each sequence's computed set, final already (nothing is added
     # later), so the worker runtime hands it to compute with the layer
     computed: "torch.Tensor | None" = None
+    # with computed: the neurons the sequences compute beyond `ids` (their windows'), made resident when the
+    # layer is prepared, not recorded as the token's
+    resident: np.ndarray = field(default_factory=lambda: _NO_IDS)
 
 
 @dataclass(frozen=True)
@@ -95,6 +113,9 @@ class CachedLayer:
     # (B, n_ff) bool: the neurons each sequence computes (its own sets, its own window, pinned); None: every
     # sequence computes every cached row (SparseOptions.batch_invariant=False)
     computed: "torch.Tensor | None" = None
+    # batch invariance: every neuron the sequences compute (their windows' too), made resident with `late`
+    # (prepare(late, new_token=False, resident_ids=resident)) though not recorded as the token's
+    resident: np.ndarray = field(default_factory=lambda: _NO_IDS)
 
     @property
     def num_predicted(self) -> int:
@@ -108,6 +129,10 @@ class MaskedLayer:
     layer: int
     mask: "torch.Tensor"  # (N, n_ff) bool: each token's same ∪ lookahead ∪ hot (∪ its own window in a decode step)
     num_predicted: int  # neurons any token keeps
+    per_token: bool = False  # each token's sum over its own neurons alone (sums_per_token)
+    # the lookahead's set when it was committed (prepared into the cache at its Lookahead) before the layer
+    # fell back: the runtime that has not prepared it does, so both runtimes' caches stay alike
+    committed_first: np.ndarray | None = None
 
 
 class SequenceWindows:
@@ -131,13 +156,18 @@ class SequenceWindows:
             self.start(slot)
         return self._history[slot][layer]
 
-    def window(self, slots: np.ndarray, layer: int) -> torch.Tensor:
-        """(B, n_ff) bool: for each slot, the neurons its earlier tokens in the window computed at `layer`."""
-        window = torch.zeros((len(slots), self.num_neurons), dtype=torch.bool)  # (B, n_ff)
+    def widen(self, slots: np.ndarray, layer: int, sets: torch.Tensor, capacity_rows: int) -> torch.Tensor:
+        """sets (B, n_ff) bool, each slot's newest token's set (pinned included) → each widened by its earlier
+        tokens' sets at `layer`, newest first, as long as the whole fits capacity_rows: what a lone sequence's
+        cache holds of its window (a cache too small for the window keeps its newest tokens' neurons), decided
+        from the sequence's own history alone."""
         for row, slot in enumerate(slots):
-            for earlier in self._layer_history(int(slot), layer):
-                window[row] |= earlier
-        return window
+            for earlier in reversed(self._layer_history(int(slot), layer)):
+                wider = sets[row] | earlier  # (n_ff,)
+                if int(wider.sum()) > capacity_rows:
+                    break
+                sets[row] = wider
+        return sets
 
     def record(self, slots: np.ndarray, layer: int, own: torch.Tensor) -> None:
         """own (B, n_ff) bool: each slot's newest token's own set at `layer` joins its window."""
@@ -210,6 +240,8 @@ class SparseStepPlanner:
 
     def _plan_decode(self, layer: int, h: "torch.Tensor") -> CachedLayer | MaskedLayer:
         ahead = self._ahead.pop(layer, None)
+        if self._tracks_sequences():
+            return self._plan_decode_own_sets(layer, h, ahead)
         if ahead is not None and not ahead.fits:
             return self._plan_masked(layer, h)  # the batch's union makes the layer nearly dense
         same_own, same = None, None
@@ -232,18 +264,59 @@ class SparseStepPlanner:
             predicted=union_ids(self.num_neurons, first, late) if late.size else first,
             lookahead=self._plan_lookahead(layer + 1, h), computed=computed)
 
+    def _plan_decode_own_sets(self, layer: int, h: "torch.Tensor", ahead: LookaheadRead | None
+                              ) -> CachedLayer | MaskedLayer:
+        """A decode step under batch invariance: each sequence computes exactly its computed set (its own
+        predictions, its own window, the pinned), whatever else runs. The cached path needs every sequence's
+        whole set in the cache: what the lookahead did not read (the same-layer check's additions, window
+        neurons evicted since) is read late; when the sets do not fit, the layer is read whole (masked, each
+        token summed alone)."""
+        if ahead is not None and ahead.computed is not None:  # decided and handed over at the lookahead
+            self.windows.record(self._slots, layer, ahead.own)
+            return CachedLayer(layer=layer, first=ahead.ids, first_prepared=True, ready_at_lookahead=ahead.ready,
+                               late=_NO_IDS, predicted=_ids_of(ahead.own),
+                               lookahead=self._plan_lookahead(layer + 1, h), computed=ahead.computed,
+                               resident=ahead.resident)
+        # which predictions make a sequence's set depends only on the layer and the policy, never on what the
+        # previous layer did (after a masked layer nothing read ahead, but the lookahead set still counts)
+        has_lookahead = self.predictor.has("lookahead", layer) and self._prev_h is not None
+        ahead_own = ahead.own if ahead is not None else \
+            self._predict_own("lookahead", layer, self._prev_h) if has_lookahead else None
+        same_own = self._predict_own("same", layer, h) if self.reads_late or not has_lookahead else None
+        own = self._fit_late(layer, ahead_own, same_own)  # (B, n_ff)
+        computed = self._computed(layer, own)  # (B, n_ff), recorded in the windows
+        needed = _ids_of(computed)
+        if not self.fits(layer, needed):
+            return MaskedLayer(layer=layer, mask=computed, num_predicted=len(needed), per_token=True,
+                               committed_first=ahead.ids if ahead is not None and ahead.fits else None)
+        own_ids = _ids_of(own)
+        # the tokens' own sets are recorded in the cache's window; the rest of `needed` (window neurons) is made
+        # resident beside them, and making room evicts only rows no sequence computes
+        return CachedLayer(layer=layer, first=ahead.ids if ahead is not None else own_ids,
+                           first_prepared=ahead is not None, ready_at_lookahead=False,
+                           late=own_ids if ahead is not None else _NO_IDS, predicted=own_ids,
+                           lookahead=self._plan_lookahead(layer + 1, h), computed=computed, resident=needed)
+
     def _plan_lookahead(self, layer: int, h_before: "torch.Tensor") -> LookaheadRead | None:
         if layer >= self.num_layers or not self.predictor.has("lookahead", layer):
             return None
         own = self._predict_own("lookahead", layer, h_before)  # (B, n_ff) or None
         ids = _ids_of(own) if own is not None else self.predictor.predict("lookahead", layer, h_before)
-        fits = self.fits(layer, ids)
+        computed, resident = None, _NO_IDS
+        if own is not None and not self.reads_late and self._tracks_sequences():
+            # nothing joins the layer's sets later ("skip"): each sequence's computed set is final now, and
+            # the layer is made ready for all of it (the worker runtime hands it to compute with the layer,
+            # before the layer is planned)
+            computed = self._computed(layer, own, record=False)  # (B, n_ff)
+            resident = _ids_of(computed)
+        fits = self.fits(layer, ids) and self.fits(layer, resident)
         ready = fits and not self.reads_late
-        # ready: nothing joins the layer's set later, so each sequence's computed set is final now (the
-        # worker runtime hands it to compute with the layer, before the layer is planned)
-        computed = self._computed(layer, own, record=False) if ready and own is not None else None
+        if not ready:
+            computed, resident = None, _NO_IDS
+        elif computed is None and own is not None:  # a step without sequence histories
+            computed = self._computed(layer, own, record=False)
         read = self._ahead[layer] = LookaheadRead(layer=layer, ids=ids, fits=fits, ready=ready, own=own,
-                                                  computed=computed)
+                                                  computed=computed, resident=resident)
         return read
 
     def _plan_masked(self, layer: int, h: "torch.Tensor") -> MaskedLayer:
@@ -251,10 +324,6 @@ class SparseStepPlanner:
         mask = predictor.predict_mask("same", layer, h)  # (N, n_ff)
         if self._prev_h is not None and predictor.has("lookahead", layer):
             mask = mask | predictor.predict_mask("lookahead", layer, self._prev_h)
-        if self._tracks_sequences():  # a decode step: each token is its sequence's newest, with its window
-            own = mask.clone()  # (B, n_ff)
-            mask |= self.windows.window(self._slots, layer)
-            self.windows.record(self._slots, layer, own)
         hot = predictor.hot_ids[layer]
         if len(hot):
             mask[:, hot] = True
@@ -264,7 +333,7 @@ class SparseStepPlanner:
 
     def _tracks_sequences(self) -> bool:
         """Decode steps of sequences followed by slot, under batch invariance."""
-        return self.batch_invariant and self._steps == 1 and self._slots is not None
+        return sums_per_token(self.batch_invariant, self._steps) and self._slots is not None
 
     def _predict_own(self, kind: str, layer: int, h: "torch.Tensor") -> "torch.Tensor | None":
         """(B, n_ff) bool, each sequence's own predicted set, when sets are tracked per sequence; else None
@@ -272,6 +341,21 @@ class SparseStepPlanner:
         if not self.batch_invariant:
             return None
         return self.predictor.predict_mask(kind, layer, h)
+
+    def _fit_late(self, layer: int, first: "torch.Tensor | None", late: "torch.Tensor | None") -> "torch.Tensor":
+        """Each sequence's own set (B, n_ff): the same-layer check's set (`late`, which ranks the layer's own
+        input and outranks the lookahead) and of the lookahead's set (`first`) as much as fits the layer's cache
+        beside it and the pinned, lowest ids first, as a lone sequence's cache keeps them."""
+        if first is None or late is None:
+            return first if late is None else late
+        own = first | late  # (B, n_ff)
+        held = late | self._pinned_rows[layer]  # (B, n_ff)
+        for row in range(own.shape[0]):
+            over = int((own[row] | held[row]).sum()) - self.capacity_rows[layer]
+            if over > 0:
+                added = torch.nonzero(first[row] & ~held[row]).squeeze(1)  # (a,) ascending ids
+                own[row, added[max(0, len(added) - over):]] = False
+        return own
 
     def _computed(self, layer: int, own: "torch.Tensor | None", record: bool = True) -> "torch.Tensor | None":
         """own (B, n_ff) bool: each sequence's newest token's set → (B, n_ff) bool, the neurons each sequence
@@ -281,7 +365,7 @@ class SparseStepPlanner:
             return None
         computed = own | self._pinned_rows[layer]  # (B, n_ff)
         if self._slots is not None:
-            computed |= self.windows.window(self._slots, layer)
+            computed = self.windows.widen(self._slots, layer, computed, self.capacity_rows[layer])
             if record:
                 self.windows.record(self._slots, layer, own)
         return computed

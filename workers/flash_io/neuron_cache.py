@@ -226,39 +226,49 @@ class NeuronCache:
         self._last_used[active] = self._token_index
         return missing
 
-    def late_misses(self, same_ids: np.ndarray) -> np.ndarray:
-        """What plan_late(same_ids) will insert, sorted: every id of the same-layer check's set not cached, unless
-        that set and the pinned neurons outgrow the cache (a batch's union), then the lowest ids that fit."""
-        same = self._check_ids(same_ids, "late_misses", sort=True)  # (s,)
+    def late_misses(self, same_ids: np.ndarray, also_ids: np.ndarray | None = None) -> np.ndarray:
+        """What plan_late(same_ids, also_ids) will insert, sorted: every id of the same-layer check's set (and of
+        also_ids) not cached, unless they and the pinned neurons outgrow the cache (a batch's union), then the
+        lowest ids that fit."""
+        same = self._late_ids(same_ids, also_ids, "late_misses")  # (s,)
         missing = same[self.slot_of[same] < 0]  # (m,) never pinned: pinned neurons stay cached
         room = self.capacity_rows - (self.rows_needed(same) - missing.size)
         return missing[: max(0, room)]
 
-    def plan_late(self, same_ids: np.ndarray) -> np.ndarray:
+    def _late_ids(self, same_ids: np.ndarray, also_ids: np.ndarray | None, caller: str) -> np.ndarray:
+        same = self._check_ids(same_ids, caller, sort=True)  # (s,)
+        if also_ids is None or not len(also_ids):
+            return same
+        return union_ids(self.num_neurons, same, self._check_ids(also_ids, caller, sort=True))
+
+    def plan_late(self, same_ids: np.ndarray, also_ids: np.ndarray | None = None) -> np.ndarray:
         """The same-layer check's set for the newest token (policy "read"): joins the token's set in the window,
-        and room is made for its uncached ids (returned, sorted; see late_misses).
+        and room is made for its uncached ids (returned, sorted; see late_misses). also_ids: neurons compute
+        needs resident besides (its sequences' window neurons, evicted since): made room for and kept like
+        the set, but not the token's own, so not recorded in the window.
 
         The check ranks the layer's own input, so it outranks the lookahead: the rows
         it takes come from the least recently used neurons that neither it nor the
         pinned need, which are older tokens' first, then the lookahead's picks that
         the check did not confirm (read for nothing, but the layer needs the room).
         """
-        same = self._check_ids(same_ids, "plan_late", sort=True)  # (s,)
-        insert = self.late_misses(same)  # (i,)
-        dropped = difference_ids(self.num_neurons, same[self.slot_of[same] < 0], insert)  # (s-kept,) no room
-        kept = difference_ids(self.num_neurons, same, dropped)  # (k,)
+        wanted = self._late_ids(same_ids, also_ids, "plan_late")  # (w,)
+        insert = self.late_misses(wanted)  # (i,)
+        dropped = difference_ids(self.num_neurons, wanted[self.slot_of[wanted] < 0], insert)  # (w-kept,) no room
+        kept_all = difference_ids(self.num_neurons, wanted, dropped)  # (k,)
+        kept = difference_ids(self.num_neurons, self._check_ids(same_ids, "plan_late", sort=True), dropped)
         newest = self._window[-1] if self._window else np.zeros(0, np.int64)
         added = difference_ids(self.num_neurons, kept, newest)  # (a,) what the check adds to the token's set
-        if not self._make_room(insert.size, kept):
+        if not self._make_room(insert.size, kept_all):
             raise AssertionError("plan_late: late_misses left no room (a flashllm bug)")
-        self.hits += added.size - insert.size
+        self.hits += difference_ids(self.num_neurons, kept_all, newest).size - insert.size
         self.misses += insert.size
+        self._last_used[kept_all] = self._token_index  # as plan_token stamps the token's first set
         if not self._window:
             self.advance_window(kept)
             return insert
         self._window[-1] = union_ids(self.num_neurons, newest, added)
         self._window_count[added] += 1
-        self._last_used[kept] = self._token_index  # as plan_token stamps the token's first set
         return insert
 
     def _make_room(self, count: int, needed: np.ndarray) -> bool:

@@ -28,13 +28,18 @@ class StepInputs:
     length: int  # keys each sequence attends over: the largest position + 1
     mask: torch.Tensor  # (B, 1, T, L) bool: causal, own history only
     rope: tuple[torch.Tensor, torch.Tensor] | None = None  # cos, sin (B, 1, T, hd) for rotary models
+    # on the CPU, per sequence (its KV slot, its own largest position + 1): attention runs one sequence at a
+    # time (KVCache.attend); empty on a GPU
+    own_keys: tuple[tuple[int, int], ...] = ()
 
     @staticmethod
     def make(slots: torch.Tensor, positions: torch.Tensor) -> "StepInputs":
         length = int(positions.max()) + 1
         key_positions = torch.arange(length, device=positions.device)  # (L,)
         mask = key_positions[None, None, :] <= positions[:, :, None]  # (B, T, L)
-        return StepInputs(slots, positions, length, mask[:, None])
+        own_keys = tuple(zip(slots.tolist(), (positions.amax(dim=1) + 1).tolist())) \
+            if positions.device.type == "cpu" else ()
+        return StepInputs(slots, positions, length, mask[:, None], own_keys=own_keys)
 
 
 def _zeros_untouched(shape: tuple[int, ...], dtype: torch.dtype, device) -> tuple[torch.Tensor, object]:
@@ -74,8 +79,16 @@ class KVCache:
         # advanced indices (B,1) and (B,T) around a slice put (B, T) first: (B, T, KV, hd)
         self.keys[layer][slots[:, None], :, positions] = k.transpose(1, 2)
         self.values[layer][slots[:, None], :, positions] = v.transpose(1, 2)
+        gqa = k.shape[1] != q.shape[1]  # grouped-query heads share their key/value head inside the kernel
+        if step.own_keys:
+            # one product per sequence over its own keys: the CPU kernels round a batched product differently
+            # by batch size and key length, so a sequence's tokens would depend on its neighbours (batch
+            # invariance); each call here is what the sequence computes alone
+            return torch.cat([F.scaled_dot_product_attention(
+                q[b:b + 1], self.keys[layer][slot, :, :length][None], self.values[layer][slot, :, :length][None],
+                attn_mask=step.mask[b:b + 1, :, :, :length], scale=scale, enable_gqa=gqa)
+                for b, (slot, length) in enumerate(step.own_keys)])  # (B, H, T, hd)
         keys = self.keys[layer][slots, :, :step.length]  # (B, KV, L, hd)
         values = self.values[layer][slots, :, :step.length]  # (B, KV, L, hd)
-        # grouped-query heads share their key/value head inside the kernel, without repeating them
         return F.scaled_dot_product_attention(q, keys, values, attn_mask=step.mask, scale=scale,
-                                              enable_gqa=k.shape[1] != q.shape[1])  # (B, H, T, hd)
+                                              enable_gqa=gqa)  # (B, H, T, hd)

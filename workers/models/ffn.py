@@ -97,10 +97,17 @@ def masked_ffn_from_rows(h: torch.Tensor, rows: torch.Tensor, cols: BundleColumn
 
 
 def masked_ffn_over_chunks(h: torch.Tensor, chunks: Iterable[tuple[int, int, torch.Tensor]], cols: BundleColumns,
-                           mask: torch.Tensor) -> torch.Tensor:
+                           mask: torch.Tensor, per_token: bool = False) -> torch.Tensor:
     """h (N, d), mask (N, n_ff), chunks of (start, stop, rows (stop - start, E)) covering the layer in
     layer_chunks() order → (N, d): masked_ffn_from_rows over the whole layer, summed chunk by chunk. Both
-    runtimes sum through here in the same order, so they round alike and decode the same tokens."""
+    runtimes sum through here in the same order, so they round alike and decode the same tokens.
+    per_token: each token's sum is OwnNeuronSums' (a batch-invariant decode step; quantized chunks must then
+    hold their down columns as rows, held_rows(down_as_rows=True))."""
+    if per_token:
+        sums = OwnNeuronSums(h, cols)
+        for start, stop, rows in chunks:
+            sums.add(rows, torch.arange(start, stop), mask[:, start:stop])
+        return sums.result()
     y = None
     for start, stop, rows in chunks:
         part = masked_ffn_from_rows(h, rows, cols, mask[:, start:stop])  # (N, d)
@@ -113,3 +120,58 @@ def masked_ffn_over_chunks(h: torch.Tensor, chunks: Iterable[tuple[int, int, tor
 def neuron_contributions(h: torch.Tensor, rows: torch.Tensor, cols: BundleColumns) -> torch.Tensor:
     """|act(gate·x) · (up·x)| per neuron, (N, k): the score a calibrated threshold cuts (CATS-style)."""
     return neuron_activations(h, rows, cols).abs()
+
+
+class OwnNeuronSums:
+    """Each token's FFN over only its own neurons, in neuron-id order, by one product per token.
+
+    Batch invariance (sparse_policy.sums_per_token says when): a token's result must not depend on the other
+    tokens of its batch. Masking a batched product is not enough on a CPU: float32 products round a row
+    differently by batch size, and a sum over a cache's slots adds the same terms in another order when the
+    cache holds a neighbour's neurons too. So each token's neurons (wherever they sit: a cache's slots, a
+    whole layer's chunks) are gathered in id order and multiplied alone, which is exactly what the token
+    computes when it runs alone. The gate/up activations of a quantized store come from the int4 kernel,
+    which gives each output the same bits whatever the batch and the neuron's slot."""
+
+    def __init__(self, h: torch.Tensor, cols: BundleColumns):
+        self.h, self.cols = h, cols  # h (N, d)
+        # per token: (activations (k,), down rows (k, d)) of a quantized store, or gathered rows (k, E)
+        self._parts: list[list] = [[] for _ in range(h.shape[0])]
+
+    def add(self, rows, row_ids: torch.Tensor, keep: torch.Tensor) -> None:
+        """rows (n, E): a tensor, HalfRows or QuantRows (down held as rows); row_ids (n,) their neuron ids;
+        keep (N, n) bool: the rows each token computes."""
+        activations = rows.matrix.activations(self.h, rows.n) if isinstance(rows, QuantRows) else None  # (N, cap)
+        for token, kept in enumerate(keep):
+            at = torch.nonzero(kept).squeeze(1)  # (k,)
+            at = at[torch.argsort(row_ids[at])]  # in neuron-id order
+            if activations is not None:
+                self._parts[token].append((activations[token, at], rows.matrix.down_rows_at(at)))
+            else:
+                self._parts[token].append(_rows_at(rows, at, self.h.dtype))
+
+    def result(self) -> torch.Tensor:
+        """(N, d): each token's sum over the neurons added for it."""
+        out = torch.zeros_like(self.h)  # (N, d)
+        for token, parts in enumerate(self._parts):
+            if not parts:
+                continue
+            if isinstance(parts[0], tuple):
+                a = torch.cat([part[0] for part in parts])  # (k,)
+                down = torch.cat([part[1] for part in parts])  # (k, d)
+            else:
+                rows = torch.cat(parts)  # (k, E)
+                a = neuron_activations(self.h[token:token + 1], rows, self.cols)[0]  # (k,)
+                down = rows[:, self.cols.down]  # (k, d)
+            out[token] = (a[None] @ down)[0].to(out.dtype)
+        return out
+
+
+def _rows_at(rows, at: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """rows (n, E), a tensor or HalfRows, at (k,) → (k, E) in dtype."""
+    if isinstance(rows, HalfRows):
+        held = torch.from_numpy(rows.rows)
+        if held.dtype in (torch.uint16, torch.int16):  # bfloat16's bits
+            held = held.view(torch.bfloat16)
+        return held.index_select(0, at).to(dtype)
+    return rows.index_select(0, at).to(dtype)

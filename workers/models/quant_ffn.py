@@ -390,6 +390,13 @@ class QuantNeuronMatrix:
         widened = scratch_buffer("down_widened", (n, self.d), torch.float32).copy_(self.down_rows[:n])  # (n, d)
         return a[:, :n] @ widened  # (N, d)
 
+    def down_rows_at(self, slots: torch.Tensor) -> torch.Tensor:
+        """slots (k,) → their down columns (k, d) float32, as stored (held as rows, not blocks)."""
+        if self.down_as_blocks:
+            raise ValueError("this whole-layer matrix holds its down columns as int4 blocks, not as rows; make it "
+                             "with down_as_rows=True")
+        return self.down_rows.index_select(0, slots).float()  # (k, d)
+
     def ffn(self, h: torch.Tensor, n: int) -> torch.Tensor:
         """h (N, d) → (N, d) float32 over slots [0, n)."""
         return self.down(self.activations(h, n), n).to(h.dtype)
@@ -412,9 +419,11 @@ class QuantRows:
         return (self.n, self.matrix.d)
 
 
-def quant_rows_of(layout: FfnLayout, bundles: np.ndarray, down_scales: np.ndarray, neuron_ids: np.ndarray
-                  ) -> QuantRows:
-    """Bundles (k, bundle_bytes) uint8 of neurons neuron_ids (k,) → their kernel-ready form."""
-    matrix = QuantNeuronMatrix(layout, bundles.shape[0], down_scales, whole_layer=is_whole_layer(neuron_ids))
+def quant_rows_of(layout: FfnLayout, bundles: np.ndarray, down_scales: np.ndarray, neuron_ids: np.ndarray,
+                  down_as_rows: bool = False) -> QuantRows:
+    """Bundles (k, bundle_bytes) uint8 of neurons neuron_ids (k,) → their kernel-ready form. down_as_rows: the
+    down columns as float16 rows even for a whole layer (what OwnNeuronSums gathers), not as int4 blocks."""
+    whole_layer = is_whole_layer(neuron_ids) and not down_as_rows
+    matrix = QuantNeuronMatrix(layout, bundles.shape[0], down_scales, whole_layer=whole_layer)
     matrix.write(np.arange(bundles.shape[0]), bundles, neuron_ids)
     return QuantRows(matrix, bundles.shape[0])

@@ -87,8 +87,11 @@ class StoreBackedMatrix:
         y = self.held.matmul(flat)  # (M, out)
         top = y.topk(min(EXACT_TOP_OUTPUTS, y.shape[-1]), dim=-1).indices  # (M, k)
         unique, inverse = torch.unique(top, return_inverse=True)  # (u,), (M, k)
-        exact = flat @ self.stored_rows.rows(unique, torch.float32).T  # (M, u)
-        y.scatter_(1, top, exact.gather(1, inverse))
+        stored = self.stored_rows.rows(unique, torch.float32)  # (u, in)
+        # one product per row over its own k rows: a batched float32 product rounds a row differently by
+        # batch size, and these logits decide greedy tokens (batch invariance)
+        exact = torch.stack([stored[inverse[i]] @ flat[i] for i in range(flat.shape[0])])  # (M, k)
+        y.scatter_(1, top, exact)
         return y.reshape(*x.shape[:-1], y.shape[-1])
 
 
