@@ -14,6 +14,7 @@ import importlib.util
 import json
 import os
 import shutil
+from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 
@@ -48,10 +49,13 @@ def pytest_configure(config):
 
 
 def pytest_collection_modifyitems(config, items):
-    """The files that hold slow tests first: each file runs whole on one worker (--dist loadfile), and a long
-    file handed out last would end the run alone. Within a file, and among the others, the order is kept."""
+    """Long files first: each file runs whole on one worker (--dist loadfile), and a long file handed out last
+    would end the run alone. The files that hold slow tests come first, then the others by their number of
+    tests (xdist's own guess, which alone would hand out the few-but-slow demo files last); within a file the
+    order is kept."""
     slow_files = {item.path for item in items if item.get_closest_marker("slow")}
-    items.sort(key=lambda item: item.path not in slow_files)
+    tests_per_file = Counter(item.path for item in items)
+    items.sort(key=lambda item: (item.path not in slow_files, -tests_per_file[item.path], str(item.path)))
 
 
 def shared_directory(tmp_path_factory) -> Path:
