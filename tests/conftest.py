@@ -3,13 +3,23 @@
 Tiny models are made with transformers (the reference implementation) from a
 config, saved as safetensors checkpoints, and converted like any user folder.
 Nothing is downloaded.
+
+The suite runs in pytest-xdist workers (pyproject's addopts). The models and stores below are read-only
+once built, so the workers of one run build each of them once, under a file lock, in a directory they
+share; a test that writes into one copies it first.
 """
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
+import shutil
+from collections import Counter
+from collections.abc import Callable
+from pathlib import Path
 
 import pytest
+from filelock import FileLock
 
 from flashllm.runtime.tools.convert.store_writer import convert
 
@@ -21,6 +31,52 @@ TINY_CORPUS = [
     "1 2 3 4 5 6 7 8 9 10 11 12",
     "Large language models predict the next token from the previous ones.",
 ]
+
+
+def pytest_configure(config):
+    """In an xdist worker: torch threads = this machine's cores shared out among the workers. Workers with all
+    the cores each oversubscribe them, and an OpenMP team waiting on a descheduled thread makes a step many
+    times slower; OMP_NUM_THREADS carries the share to the commands the tests start (a user's value wins)."""
+    workers = os.environ.get("PYTEST_XDIST_WORKER_COUNT")
+    if not workers:
+        return
+    import torch
+
+    from flashllm.runtime.core.engine import available_cores
+
+    threads = int(os.environ.setdefault("OMP_NUM_THREADS", str(max(1, available_cores() // int(workers)))))
+    torch.set_num_threads(threads)
+
+
+def pytest_collection_modifyitems(config, items):
+    """Long files first: each file runs whole on one worker (--dist loadfile), and a long file handed out last
+    would end the run alone. The files that hold slow tests come first, then the others by their number of
+    tests (xdist's own guess, which alone would hand out the few-but-slow demo files last); within a file the
+    order is kept."""
+    slow_files = {item.path for item in items if item.get_closest_marker("slow")}
+    tests_per_file = Counter(item.path for item in items)
+    items.sort(key=lambda item: (item.path not in slow_files, -tests_per_file[item.path], str(item.path)))
+
+
+def shared_directory(tmp_path_factory) -> Path:
+    """A directory every xdist worker of this run sees (the run's base temp); the session's own without xdist."""
+    base = tmp_path_factory.getbasetemp()
+    return base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
+
+
+def built_once(tmp_path_factory, name: str, build: Callable[[str], None]) -> str:
+    """shared_directory/name, made by build(path) in whichever worker asks first while the others wait for it.
+    A build that failed halfway is removed and made again by the next asker."""
+    root = shared_directory(tmp_path_factory)
+    out, done = root / name, root / f"{name}.done"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(root / f"{name}.lock")):
+        if not done.exists():
+            if out.exists():
+                shutil.rmtree(out)
+            build(str(out))
+            done.touch()
+    return str(out)
 
 
 @pytest.fixture(autouse=True)
@@ -91,17 +147,13 @@ def build_tiny_model(kind: str, folder: str, sharded: bool = False) -> str:
 
 @pytest.fixture(scope="session")
 def tiny_models(tmp_path_factory):
-    """kind → Hugging Face folder, built once per test session."""
-    root = tmp_path_factory.mktemp("tiny-models")
-    cache: dict[str, str] = {}
+    """kind → Hugging Face folder, built once per test run."""
 
     def get(kind: str) -> str:
-        if kind not in cache:
-            name = kind
-            sharded = kind.endswith("_sharded")
-            base = kind.removesuffix("_sharded")
-            cache[kind] = build_tiny_model(base, str(root / name), sharded=sharded)
-        return cache[kind]
+        sharded = kind.endswith("_sharded")
+        base = kind.removesuffix("_sharded")
+        return built_once(tmp_path_factory, f"tiny-models/{kind}",
+                          lambda out: build_tiny_model(base, out, sharded=sharded))
 
     return get
 
@@ -109,15 +161,10 @@ def tiny_models(tmp_path_factory):
 @pytest.fixture(scope="session")
 def tiny_stores(tiny_models, tmp_path_factory):
     """kind → converted float32 store directory."""
-    root = tmp_path_factory.mktemp("tiny-stores")
-    cache: dict[str, str] = {}
 
     def get(kind: str) -> str:
-        if kind not in cache:
-            out = str(root / kind)
-            convert(tiny_models(kind), out, dtype="float32", progress=False)
-            cache[kind] = out
-        return cache[kind]
+        return built_once(tmp_path_factory, f"tiny-stores/{kind}",
+                          lambda out: convert(tiny_models(kind), out, dtype="float32", progress=False))
 
     return get
 
@@ -132,30 +179,20 @@ def calibration_text() -> str:
         return f.read()
 
 
-def calibrated_copies(tiny_stores, tmp_path_factory, text: str, **calibrate_options):
-    """kind → a calibrated copy of the tiny store (calibrate writes into the store), made once per kind."""
-    import shutil
-
-    from flashllm.runtime.tools.calibrate import calibrate
-
-    cache: dict[str, str] = {}
-
-    def get(kind: str) -> str:
-        if kind not in cache:
-            out = str(tmp_path_factory.mktemp("calibrated") / kind)
-            shutil.copytree(tiny_stores(kind), out)
-            calibrate(out, text, progress=False, log=lambda *_: None, **calibrate_options)
-            cache[kind] = out
-        return cache[kind]
-
-    return get
-
-
 @pytest.fixture(scope="session")
 def calibrated_stores(tiny_stores, tmp_path_factory):
-    """kind → the tiny store calibrated on calibration_text(), once per session and shared by every test file:
+    """kind → the tiny store calibrated on calibration_text(), once per run and shared by every test file:
     a test that writes into a store (calibrate, corrupt, delete) copies it first."""
-    return calibrated_copies(tiny_stores, tmp_path_factory, calibration_text(), max_tokens=3000, epochs=4)
+    from flashllm.runtime.tools.calibrate import calibrate
+
+    def calibrated_copy(kind: str, out: str) -> None:  # calibrate writes into the store it calibrates
+        shutil.copytree(tiny_stores(kind), out)
+        calibrate(out, calibration_text(), max_tokens=3000, epochs=4, progress=False, log=lambda *_: None)
+
+    def get(kind: str) -> str:
+        return built_once(tmp_path_factory, f"calibrated/{kind}", lambda out: calibrated_copy(kind, out))
+
+    return get
 
 
 def tight_budget(store: str, keep_fraction: float, spare_rows: int, itemsize: int | None = None,
@@ -181,6 +218,20 @@ def tight_budget(store: str, keep_fraction: float, spare_rows: int, itemsize: in
 @pytest.fixture(scope="session")
 def demo_store(tmp_path_factory) -> str:
     """The SmolLM2-135M-Instruct GGUF converted to a float32 store (exact dequantized weights)."""
-    out = str(tmp_path_factory.mktemp("demo") / "smollm2")
-    convert(demo_gguf_path(), out, dtype="float32", progress=False)
-    return out
+    return built_once(tmp_path_factory, "demo/smollm2",
+                      lambda out: convert(demo_gguf_path(), out, dtype="float32", progress=False))
+
+
+@pytest.fixture(scope="session")
+def demo_default_store(tmp_path_factory) -> tuple[str, list[str]]:
+    """The demo GGUF converted with the defaults (--dtype auto: every Q4_1/Q8_0 block of the file kept), and the
+    lines convert printed."""
+    def build(out: str) -> None:
+        lines: list[str] = []
+        convert(demo_gguf_path(), out, progress=False, log=lines.append)
+        with open(f"{out}.log.json", "w", encoding="utf-8") as f:
+            json.dump(lines, f)
+
+    store = built_once(tmp_path_factory, "demo-default/smollm2", build)
+    with open(f"{store}.log.json", encoding="utf-8") as f:
+        return store, json.load(f)

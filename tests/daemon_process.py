@@ -3,7 +3,7 @@
     with running_daemon(store, extra_args=["--max-batch", "8"]) as daemon:
         Client(daemon.socket_path).generate(...)
     # here: the process is gone, and so are its socket file, its lock file,
-    # any /dev/shm/flashllm* segment it made (that no living process uses),
+    # any /dev/shm/flashllm-<its pid>-* segment it made (that no living process uses),
     # its worker processes and any process naming its socket
 """
 from __future__ import annotations
@@ -17,6 +17,8 @@ import subprocess
 import tempfile
 import time
 from dataclasses import dataclass
+
+from flashllm.protocol.shm import SEGMENT_PREFIX
 
 START_TIMEOUT_S = 120.0
 # One torch thread per process: test machines have few cores shared by the daemon's event loop, the
@@ -166,7 +168,10 @@ def running_daemon(store: str, extra_args: list[str] = (), env: dict | None = No
                 time.sleep(0.05)
             assert not [pid for pid in workers if alive(pid)], "a worker of the daemon outlived it"
             assert not processes_naming(socket_path), "a process of the daemon outlived it"
-            orphans = shm_segments() - shm_before - shm_in_use()
+            # only the segments this daemon named (flashllm-<its pid>-...): other tests run beside it in other
+            # xdist workers, making and removing segments of their own
+            made = {name for name in shm_segments() - shm_before if name.startswith(f"{SEGMENT_PREFIX}{process.pid}-")}
+            orphans = made - shm_in_use()
             assert not orphans, f"shared memory left behind: {orphans}"
         finally:
             shutil.rmtree(directory, ignore_errors=True)

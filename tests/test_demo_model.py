@@ -157,13 +157,10 @@ QUANTIZED_PROMPTS = PROMPTS + ["The three primary colors are", "Water boils at a
 
 
 @pytest.fixture(scope="module")
-def quantized_engine(tmp_path_factory):
+def quantized_engine(demo_default_store):
     """The demo GGUF converted with the defaults (--dtype auto: every Q4_1/Q8_0 block of the file kept)."""
-    from flashllm.runtime.tools.convert.store_writer import convert
-
-    out = str(tmp_path_factory.mktemp("demo-auto") / "smollm2")
-    convert(demo_gguf_path(), out, progress=False, log=lambda line: None)
-    with Engine(out, mode="dense", max_batch=len(QUANTIZED_PROMPTS)) as engine:
+    store, _ = demo_default_store
+    with Engine(store, mode="dense", max_batch=len(QUANTIZED_PROMPTS)) as engine:
         yield engine
 
 

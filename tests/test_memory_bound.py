@@ -52,12 +52,17 @@ def test_a_cap_without_a_cgroup_is_refused():
         measure_command(["true"], limit_bytes=64 << 20)
 
 
+@pytest.fixture(scope="module")
+def baselines():
+    """One torch process's and one torch-free process's peak, measured once for both runtimes' bounds."""
+    return measure_baselines()
+
+
 @pytest.mark.skipif(NO_CGROUP is not None, reason=f"no writable memory cgroup: {NO_CGROUP}")
 @pytest.mark.slow
 @pytest.mark.parametrize("runtime", ["inproc", "workers"])
-def test_generate_stays_within_the_memory_bound(calibrated_stores, runtime):
+def test_generate_stays_within_the_memory_bound(calibrated_stores, baselines, runtime):
     store = calibrated_stores("llama")
-    baselines = measure_baselines()
     assert baselines.light_process_bytes < baselines.torch_process_bytes  # the prefetcher has no torch
     result = measure_generate(store, "sparse", runtime, memory_bytes=2 << 20, max_tokens=6, baselines=baselines)
     assert result["peak_bytes"] <= result["bound_bytes"], result

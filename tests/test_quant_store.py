@@ -295,19 +295,8 @@ def test_a_quantized_store_computes_what_transformers_computes_from_its_weights(
 # --------------------------------------------------------------------------- the demo GGUF, default convert
 
 
-@pytest.fixture(scope="module")
-def quantized_demo_store(tmp_path_factory):
-    """The demo GGUF converted with the defaults (--dtype auto), and what convert printed."""
-    from flashllm.runtime.tools.convert.store_writer import convert
-
-    lines: list[str] = []
-    out = str(tmp_path_factory.mktemp("demo-auto") / "smollm2")
-    convert(demo_gguf_path(), out, progress=False, log=lines.append)
-    return out, lines
-
-
-def test_the_default_store_of_the_demo_gguf_is_at_most_1_15x_the_file(quantized_demo_store):
-    store, lines = quantized_demo_store
+def test_the_default_store_of_the_demo_gguf_is_at_most_1_15x_the_file(demo_default_store):
+    store, lines = demo_default_store
     store_bytes = sum(os.path.getsize(os.path.join(store, name)) for name in os.listdir(store))
     ratio = store_bytes / os.path.getsize(demo_gguf_path())
     assert ratio <= 1.15, f"store {store_bytes} bytes is {ratio:.3f}x the GGUF"
@@ -322,7 +311,7 @@ def test_the_default_store_of_the_demo_gguf_is_at_most_1_15x_the_file(quantized_
     assert lines == []  # every tensor is the file's own blocks: nothing re-blocked
 
 
-def test_the_demo_stores_kept_blocks_are_the_gguf_files_bytes(quantized_demo_store, demo_reader):
+def test_the_demo_stores_kept_blocks_are_the_gguf_files_bytes(demo_default_store, demo_reader):
     from gguf.quants import dequantize
 
     from flashllm.runtime.tools.convert.sources import _reverse_rope_permutation
@@ -331,7 +320,7 @@ def test_the_demo_stores_kept_blocks_are_the_gguf_files_bytes(quantized_demo_sto
         QuantizedTensor, bundle_rows_as_float, load_down_group_scales, load_resident_weights,
     )
 
-    store, _ = quantized_demo_store
+    store, _ = demo_default_store
     manifest = read_manifest(store)
     parts, slices = manifest.ffn.part_byte_slices(), manifest.ffn.part_slices()
     tables = load_down_group_scales(store, manifest)
@@ -362,12 +351,12 @@ def test_the_demo_stores_kept_blocks_are_the_gguf_files_bytes(quantized_demo_sto
     assert weights["final_norm.weight"].dtype == torch.float32  # vectors stay float
 
 
-def test_verify_checks_a_quantized_store_and_names_a_corrupt_tensor(quantized_demo_store, tmp_path):
+def test_verify_checks_a_quantized_store_and_names_a_corrupt_tensor(demo_default_store, tmp_path):
     import shutil
 
     from flashllm.workers.store_reader import verify_store
 
-    store, _ = quantized_demo_store
+    store, _ = demo_default_store
     lines = verify_store(store)
     assert lines[0] == "resident.safetensors: 212 tensors ok" and len(lines) == 31  # 182 + 30 down scale tables
     broken = str(tmp_path / "broken")

@@ -8,6 +8,7 @@ fuzz run is marked slow (the default run sends a few hundred).
 from __future__ import annotations
 
 import asyncio
+import grp
 import json
 import os
 import shutil
@@ -468,8 +469,6 @@ def test_a_runtime_dir_pre_created_by_another_user_is_refused(sparse_store, tmp_
 def as_other_user_in_a_child(action) -> str:
     """Run action() in a forked child as uid 65534 (Python is already loaded: the interpreter under /root is not
     reachable by that user); returns what it returned, or the text of what it raised."""
-    import grp  # noqa: F401  (imported before the fork: the child may not be able to read the module)
-
     read_end, write_end = os.pipe()
     pid = os.fork()
     if pid == 0:  # the child
@@ -499,7 +498,7 @@ def test_another_user_cannot_connect_and_is_told_which_group_to_join(daemon):
         told = as_other_user_in_a_child(lambda: check_daemon_listening(daemon.socket_path))
     finally:
         os.chmod(os.path.dirname(daemon.socket_path), 0o700)
-    group = __import__("grp").getgrgid(os.stat(daemon.socket_path).st_gid).gr_name
+    group = grp.getgrgid(os.stat(daemon.socket_path).st_gid).gr_name
     assert told.startswith("DaemonUnavailableError") and f"the socket is for group {group}" in told, told
     assert_alive_and_serving(daemon)
 
