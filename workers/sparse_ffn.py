@@ -196,7 +196,7 @@ def ffn_over_cached_rows(h: torch.Tensor, rows, cols: BundleColumns, computed: t
     if h.device.type != "cpu":
         return masked_ffn_from_rows(h, rows, cols, row_mask.to(h.device))
     sums = OwnNeuronSums(h, cols)
-    sums.add(rows, ids, row_mask)
+    sums.add(rows, ids, row_mask, outlives=True)
     return sums.result()
 
 

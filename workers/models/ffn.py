@@ -138,17 +138,20 @@ class OwnNeuronSums:
         # per token: (activations (k,), down rows (k, d)) of a quantized store, or gathered rows (k, E)
         self._parts: list[list] = [[] for _ in range(h.shape[0])]
 
-    def add(self, rows, row_ids: torch.Tensor, keep: torch.Tensor) -> None:
+    def add(self, rows, row_ids: torch.Tensor, keep: torch.Tensor, outlives: bool = False) -> None:
         """rows (n, E): a tensor, HalfRows or QuantRows (down held as rows); row_ids (n,) their neuron ids;
-        keep (N, n) bool: the rows each token computes."""
+        keep (N, n) bool: the rows each token computes. outlives: rows stay as they are until result() (a
+        cache's), so their down rows are gathered then, into reused buffers; else they are copied now."""
         activations = rows.matrix.activations(self.h, rows.n) if isinstance(rows, QuantRows) else None  # (N, cap)
         for token, kept in enumerate(keep):
             at = torch.nonzero(kept).squeeze(1)  # (k,)
             at = at[torch.argsort(row_ids[at])]  # in neuron-id order
-            if activations is not None:
-                self._parts[token].append((activations[token, at], rows.matrix.down_rows_at(at)))
-            else:
+            if activations is None:
                 self._parts[token].append(_rows_at(rows, at, self.h.dtype))
+            elif outlives:
+                self._parts[token].append((activations[token, at], rows.matrix, at))
+            else:
+                self._parts[token].append((activations[token, at], rows.matrix.down_rows_at(at)))
 
     def result(self) -> torch.Tensor:
         """(N, d): each token's sum over the neurons added for it."""
@@ -157,14 +160,25 @@ class OwnNeuronSums:
             if not parts:
                 continue
             if isinstance(parts[0], tuple):
-                a = torch.cat([part[0] for part in parts])  # (k,)
-                down = torch.cat([part[1] for part in parts])  # (k, d)
+                a, down = self._quant_operands(parts)  # (k,), (k, d)
             else:
-                rows = torch.cat(parts)  # (k, E)
+                rows = torch.cat(parts) if len(parts) > 1 else parts[0]  # (k, E)
                 a = neuron_activations(self.h[token:token + 1], rows, self.cols)[0]  # (k,)
                 down = rows[:, self.cols.down]  # (k, d)
             out[token] = (a[None] @ down)[0].to(out.dtype)
         return out
+
+    @staticmethod
+    def _quant_operands(parts: list[tuple]) -> tuple[torch.Tensor, torch.Tensor]:
+        """A token's parts → (activations (k,), down rows (k, d) float32), in the order added."""
+        if len(parts[0]) == 2:  # copied when added
+            return torch.cat([part[0] for part in parts]), torch.cat([part[1] for part in parts])
+        [(a, matrix, at)] = parts  # a cache's rows: one part
+        # gathered as held (float16), then widened: through grow-only buffers, since a fresh one of this size
+        # is mmap'd and faulted in every time (malloc_tuning)
+        held = scratch_buffer("own_down_held", (len(at), matrix.d), matrix.down_rows.dtype)
+        torch.index_select(matrix.down_rows, 0, at, out=held)
+        return a, scratch_buffer("own_down", (len(at), matrix.d), torch.float32).copy_(held)
 
 
 def _rows_at(rows, at: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
