@@ -46,7 +46,8 @@ def test_demo_model_workers_match_inprocess_on_three_prompts(calibrated_demo):
     differed; this catches it too."""
     from flashllm.runtime.tools.calibrate import SELF_TEXT_PROMPTS
 
-    tokens = _demo_greedy_in_both_runtimes(calibrated_demo, SELF_TEXT_PROMPTS[:3], 24)
+    # 16 tokens: the plans of both runtimes diverged within the first tokens when they differed
+    tokens = _demo_greedy_in_both_runtimes(calibrated_demo, SELF_TEXT_PROMPTS[:3], 16)
     assert tokens["workers"] == tokens["inproc"]
 
 
