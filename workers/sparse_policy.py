@@ -286,7 +286,8 @@ class SparseStepPlanner:
         own = self._fit_late(layer, ahead_own, same_own)  # (B, n_ff)
         computed = self._computed(layer, own)  # (B, n_ff), recorded in the windows
         needed = _ids_of(computed)
-        if not self.fits(layer, needed):
+        # a lookahead that did not fit was only staged: the layer is read whole, as without batch invariance
+        if (ahead is not None and not ahead.fits) or not self.fits(layer, needed):
             return MaskedLayer(layer=layer, mask=computed, num_predicted=len(needed), per_token=True,
                                committed_first=ahead.ids if ahead is not None and ahead.fits else None)
         own_ids = _ids_of(own)
