@@ -31,10 +31,11 @@ from its own predictions and its own history only (one row per sequence):
                   the previous layer took
     computed(b) = own(b) ∪ pinned ∪ the sets of its earlier window_tokens - 1
                   tokens, newest first, as many as fit the layer's cache
-    needed      = ∪_b computed(b) fits the cache → cached: `first` as above,
-                  `late` = needed (what the lookahead did not read: the
-                  check's additions, window neurons evicted since); else
-                  masked with mask = computed
+    needed      = ∪_b computed(b) fits the cache (and the lookahead fitted) →
+                  cached: `first` as above, `late` = the sequences' own sets,
+                  `resident` = needed (window neurons evicted since are read
+                  back, not recorded as the token's); else masked with
+                  mask = computed
 
 and each token's FFN is summed over its computed set alone, in neuron-id order
 (models/ffn.OwnNeuronSums), on either path. A sequence then computes the same
@@ -127,7 +128,8 @@ class MaskedLayer:
     """Read the whole layer; each token keeps only its own predicted neurons."""
 
     layer: int
-    mask: "torch.Tensor"  # (N, n_ff) bool: each token's same ∪ lookahead ∪ hot (∪ its own window in a decode step)
+    # (N, n_ff) bool: each token's same ∪ lookahead ∪ hot; in a batch-invariant decode step, its computed set
+    mask: "torch.Tensor"
     num_predicted: int  # neurons any token keeps
     per_token: bool = False  # each token's sum over its own neurons alone (sums_per_token)
     # the lookahead's set when it was committed (prepared into the cache at its Lookahead) before the layer
@@ -283,7 +285,7 @@ class SparseStepPlanner:
         ahead_own = ahead.own if ahead is not None else \
             self._predict_own("lookahead", layer, self._prev_h) if has_lookahead else None
         same_own = self._predict_own("same", layer, h) if self.reads_late or not has_lookahead else None
-        own = self._fit_late(layer, ahead_own, same_own)  # (B, n_ff)
+        own = self._own_sets(layer, ahead_own, same_own)  # (B, n_ff)
         computed = self._computed(layer, own)  # (B, n_ff), recorded in the windows
         needed = _ids_of(computed)
         # a lookahead that did not fit was only staged: the layer is read whole, as without batch invariance
@@ -343,7 +345,7 @@ class SparseStepPlanner:
             return None
         return self.predictor.predict_mask(kind, layer, h)
 
-    def _fit_late(self, layer: int, first: "torch.Tensor | None", late: "torch.Tensor | None") -> "torch.Tensor":
+    def _own_sets(self, layer: int, first: "torch.Tensor | None", late: "torch.Tensor | None") -> "torch.Tensor":
         """Each sequence's own set (B, n_ff): the same-layer check's set (`late`, which ranks the layer's own
         input and outranks the lookahead) and of the lookahead's set (`first`) as much as fits the layer's cache
         beside it and the pinned, lowest ids first, as a lone sequence's cache keeps them."""

@@ -349,7 +349,7 @@ class Engine:
         """Consecutive groups prefilled in one forward each, at most max_context padded tokens per group.
 
         One forward for several prompts reads a flash FFN once instead of once per prompt; a batch-invariant
-        engine (EngineConfig.batch_invariant, the default) prefills each prompt alone."""
+        sparse engine (EngineConfig.batch_invariant, the default in --mode sparse) prefills each prompt alone."""
         if self.config.batch_invariant:
             return [[seq] for seq in seqs]
         groups: list[list[_Sequence]] = []

@@ -102,8 +102,9 @@ def masked_ffn_over_chunks(h: torch.Tensor, chunks: Iterable[tuple[int, int, tor
     layer_chunks() order → (N, d): masked_ffn_from_rows over the whole layer, summed chunk by chunk. Both
     runtimes sum through here in the same order, so they round alike and decode the same tokens.
     per_token: each token's sum is OwnNeuronSums' (a batch-invariant decode step; quantized chunks must then
-    hold their down columns as rows, held_rows(down_as_rows=True))."""
-    if per_token:
+    hold their down columns as rows, held_rows(down_as_rows=True)), on the CPU: a GPU's products are not
+    batch-invariant anyway, and one product per token there is one launch per token."""
+    if per_token and h.device.type == "cpu":
         sums = OwnNeuronSums(h, cols)
         for start, stop, rows in chunks:
             sums.add(rows, torch.arange(start, stop), mask[:, start:stop])
