@@ -143,7 +143,7 @@ class PipelineFfn(FfnProvider):
 
     def begin_step(self, batch: int, steps: int, slots: np.ndarray | None = None,
                    starts: np.ndarray | None = None) -> None:
-        self._per_token = sums_per_token(self.batch_invariant, steps) and slots is not None
+        self._per_token = sums_per_token(self.batch_invariant, steps, slots)
         self.channel.send(ROLE_PREDICTOR, StepBegin(
             step=self.step, batch=batch, steps=steps,
             slots=np.asarray(slots if slots is not None else [], dtype=np.int64),

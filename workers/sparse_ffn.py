@@ -10,19 +10,19 @@ tokens). Per decode step and layer l:
     same   = predictor.same[l](h_l)              policy "read": the late check on layer l's own input,
     prefetcher.prepare(l, same, new_token=False) and fetch what the lookahead missed, in rows of older
                                                  tokens' neurons, then of the lookahead's unconfirmed ones
-    y = FFN over the cached rows of layer l      (the first num_rows rows: a dense matrix), each
-                                                 sequence masked to its own computed set (sparse_policy)
+    y = FFN over the cached rows of layer l      each sequence over its own computed set (sparse_policy),
+                                                 summed alone in neuron-id order
 
 Policy "skip" runs neither late step: the layer is ready once the lookahead's
 reads are, so the worker runtime hands it over before compute gets there and
 no read waits on the layer's own input (fewer bytes; some quality, see bench).
 
-Computing over all cached rows (window ∪ hot ∪ predicted) costs a little more
-arithmetic than the predicted rows alone but needs no gather: gathering the
-predicted rows per call costs more than the whole dense FFN. In a batch the
-cache holds the union of the sequences' sets; a per-sequence mask over the
-rows (an exact zero for a neighbour's neuron) keeps each sequence to its own
-set, so its tokens do not depend on what runs beside it.
+In a batch the cache holds the union of the sequences' sets. Each sequence
+computes its own set (its predictions, its window, the pinned), gathered from
+the cache in neuron-id order and multiplied alone (models/ffn.OwnNeuronSums),
+so its tokens do not depend on what runs beside it; the gather costs a copy of
+each token's down rows. SparseOptions.batch_invariant=False computes every
+cached row for every sequence in one product instead (the bench's comparison).
 
 Prompt prefill (many tokens of one sequence) and decode batches whose union of
 lookahead predictions does not fit the cache take the dense-read path instead:

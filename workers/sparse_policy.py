@@ -67,12 +67,12 @@ if TYPE_CHECKING:
 _NO_IDS = np.zeros(0, np.int64)
 
 
-def sums_per_token(batch_invariant: bool, steps: int) -> bool:
-    """Whether a forward pass of `steps` new tokens per sequence computes each token's FFN by itself
-    (models/ffn.OwnNeuronSums), on the cached and the masked path alike: in a decode step under batch
-    invariance, where each token is one sequence's. A prompt is prefilled alone (EngineConfig.batch_invariant),
-    so its masked path needs no per-token sums."""
-    return batch_invariant and steps == 1
+def sums_per_token(batch_invariant: bool, steps: int, slots: np.ndarray | None) -> bool:
+    """Whether a forward pass of `steps` new tokens per sequence of KV slots `slots` computes each token's FFN
+    by itself (models/ffn.OwnNeuronSums), on the cached and the masked path alike: in a decode step under batch
+    invariance, where each token is one followed sequence's. A prompt is prefilled alone
+    (EngineConfig.batch_invariant), so its masked path needs no per-token sums."""
+    return batch_invariant and steps == 1 and slots is not None
 
 
 def check_missing_policy(missing_policy: str) -> None:
@@ -336,7 +336,7 @@ class SparseStepPlanner:
 
     def _tracks_sequences(self) -> bool:
         """Decode steps of sequences followed by slot, under batch invariance."""
-        return sums_per_token(self.batch_invariant, self._steps) and self._slots is not None
+        return sums_per_token(self.batch_invariant, self._steps, self._slots)
 
     def _predict_own(self, kind: str, layer: int, h: "torch.Tensor") -> "torch.Tensor | None":
         """(B, n_ff) bool, each sequence's own predicted set, when sets are tracked per sequence; else None

@@ -46,11 +46,16 @@ class HalfRows:
     def shape(self) -> tuple[int, int]:
         return self.rows.shape
 
-    def chunks(self):
-        """(start, stop, rows (stop - start, E) in the compute dtype) over the rows."""
+    def held(self) -> torch.Tensor:
+        """(n, E) the rows as held, as a tensor (bfloat16 bits viewed as bfloat16), sharing their memory."""
         held = torch.from_numpy(self.rows)
         if held.dtype in (torch.uint16, torch.int16):  # bfloat16's bits (numpy has no bfloat16)
             held = held.view(torch.bfloat16)
+        return held
+
+    def chunks(self):
+        """(start, stop, rows (stop - start, E) in the compute dtype) over the rows."""
+        held = self.held()
         for start in range(0, held.shape[0], HALF_ROWS_CHUNK):
             stop = min(start + HALF_ROWS_CHUNK, held.shape[0])
             # widened into a reused buffer: a fresh 1.7 MiB one a chunk was mmap'd and faulted in every time
@@ -184,9 +189,5 @@ class OwnNeuronSums:
 
 def _rows_at(rows, at: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """rows (n, E), a tensor or HalfRows, at (k,) → (k, E) in dtype."""
-    if isinstance(rows, HalfRows):
-        held = torch.from_numpy(rows.rows)
-        if held.dtype in (torch.uint16, torch.int16):  # bfloat16's bits
-            held = held.view(torch.bfloat16)
-        return held.index_select(0, at).to(dtype)
-    return rows.index_select(0, at).to(dtype)
+    held = rows.held() if isinstance(rows, HalfRows) else rows
+    return held.index_select(0, at).to(dtype)
