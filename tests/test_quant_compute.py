@@ -94,6 +94,27 @@ def test_int4_tile_packing_is_torchs_own_layout(rows, inner):
     assert torch.equal(pack_int4_tiles(q), torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.int(), 1))
 
 
+@pytest.mark.parametrize("kind,block_bytes", [("q4_0", 18), ("q4_1", 20)])
+def test_rows_written_one_at_a_time_at_any_slot_are_the_bytes_torchs_packing_gives(kind, block_bytes):
+    from flashllm.workers.models.int4_tile_writes import write_q4_rows
+    from flashllm.workers.models.quant_linear import pack_int4_tiles, split_blocks
+
+    rng = np.random.default_rng(3)
+    blocks = blocks_of(kind, rng.standard_normal((128, 96)).astype(np.float32))  # two tiles of 64 rows
+    raw = blocks.raw.numpy()  # (128, 3 blocks)
+    q = split_blocks(blocks)[2].clone()  # (128, 96) the 4-bit values
+    packed = torch.zeros(128, 48, dtype=torch.uint8)
+    order = rng.permutation(128)  # the low and the high row of a byte written apart, in any order
+    for part in np.array_split(order, 5):
+        write_q4_rows(packed.numpy(), part, raw[part], 0, block_bytes, 96)
+    assert torch.equal(packed, pack_int4_tiles(q))
+    write_q4_rows(packed.numpy(), np.array([70]), raw[[5]], 0, block_bytes, 96)
+    q[70] = q[5]  # one row rewritten: its tile-mate (row 102) keeps its nibbles
+    assert torch.equal(packed, pack_int4_tiles(q))
+    with pytest.raises(IndexError, match="rows must be in"):
+        write_q4_rows(packed.numpy(), np.array([128]), raw[[0]], 0, block_bytes, 96)
+
+
 def test_q8_0_rows_are_rescaled_within_half_a_row_step_and_the_error_is_reported():
     rng = np.random.default_rng(7)
     w = rng.normal(0, 0.05, (300, 96)).astype(np.float32)

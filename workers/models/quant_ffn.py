@@ -11,8 +11,8 @@ insert/move touches only its rows (the kernel layout is never rebuilt):
   (gate in [0, cap), up in [cap, 2cap)), capacity rounded up to the packing's
   64-row tile. torch's CPU int4 packing is not row-local: inside a tile of 64
   rows, byte k·32 + (n mod 32) of the tile holds weight k of rows n (low
-  nibble, n mod 64 < 32) and n + 32 (high nibble). A row is written with a
-  strided nibble scatter. Scales/zeros: (G, 2cap, 2) bfloat16.
+  nibble, n mod 64 < 32) and n + 32 (high nibble). A row is written by a
+  compiled nibble loop (int4_tile_writes). Scales/zeros: (G, 2cap, 2) bfloat16.
 - gate and up rows of q8_0: converted to bfloat16 as they are written (the
   int8 kernel scales per output row, not per block; bfloat16 GEMM is the fast
   path here).
@@ -40,6 +40,7 @@ import torch.nn.functional as F
 
 from flashllm.protocol import quant_format as qf
 from flashllm.protocol.store_format import FfnLayout
+from flashllm.workers.models.int4_tile_writes import write_q4_rows
 from flashllm.workers.models.quant_linear import BLOCK_WEIGHTS, QuantizedBlocks, split_blocks
 
 INT4_TILE_ROWS = 64
@@ -335,33 +336,11 @@ class QuantNeuronMatrix:
         self._write_scattered_rows(rows, blocks)
 
     def _write_scattered_rows(self, rows: torch.Tensor, blocks: QuantizedBlocks) -> None:
-        """Rows at any slots (a sparse step's arrivals): scales by index, weights by a strided
-        read-modify-write of their nibbles; scratch buffers throughout (no per-step temporaries)."""
-        k, groups = len(blocks.raw), self.d // BLOCK_WEIGHTS
+        """Rows at any slots (a sparse step's arrivals): scales by index, weights by a compiled read-modify-write
+        of their nibbles (int4_tile_writes)."""
         self._write_tile_scales(0, blocks, rows)
-        raw = blocks.raw.reshape(k, groups, -1)  # (k, G, block bytes), a view
-        q = scratch_buffer("row_nibbles", (k, groups, BLOCK_WEIGHTS), torch.uint8)  # weight j of each block
-        torch.bitwise_and(raw[..., -16:], 15, out=q[..., :16])
-        torch.bitwise_right_shift(raw[..., -16:], 4, out=q[..., 16:])
-        q = q.view(k, self.d)
-        # (tiles, 32, d) view: [t, n % 32, j] holds weight j of tile t's rows n (low nibble) and n + 32 (high)
-        tiles = self.packed.view(-1, self.d, 32).transpose(1, 2)
-        tile, column = rows // INT4_TILE_ROWS, rows % 32  # (k,) each
-        high = (rows % INT4_TILE_ROWS) >= 32  # (k,) rows in a tile's upper half use the high nibble
-        for use_high in (False, True):  # two passes: a low and a high row may share bytes
-            pick = torch.nonzero(high == use_high).reshape(-1)  # (r,)
-            if len(pick) == 0:
-                continue
-            at = (tile[pick], column[pick])
-            old = torch.ops.aten.index.Tensor_out(tiles, at, out=scratch_buffer("row_bytes", (len(pick), self.d),
-                                                                                 torch.uint8))  # (r, d)
-            values = q if len(pick) == k else torch.index_select(q, 0, pick, out=scratch_buffer(
-                "row_values", (len(pick), self.d), torch.uint8))  # (r, d)
-            if use_high:
-                old.bitwise_and_(0x0F).bitwise_or_(values.bitwise_left_shift_(4))
-            else:
-                old.bitwise_and_(0xF0).bitwise_or_(values)
-            tiles.index_put_(at, old)
+        raw = blocks.raw.numpy()  # (k, G·block bytes), a strided view of the bundles
+        write_q4_rows(self.packed.numpy(), rows.numpy(), raw, 0, raw.shape[1] // (self.d // BLOCK_WEIGHTS), self.d)
 
     # -- products ----------------------------------------------------------------
 
