@@ -96,11 +96,21 @@ class SegmentLayout:
         raise KeyError(f"segment {self.kind!r} has no array {name!r}")
 
 
-def neuron_cache_layout(capacity_rows: list[int], bundle_elements: int, dtype) -> SegmentLayout:
+def neuron_cache_layout(capacity_rows: list[int], bundle_elements: int, dtype,
+                        kernel_arrays: list[list[tuple[str, tuple[int, ...], object]]] | None = None,
+                        down_table_shapes: list[tuple[int, ...]] | None = None) -> SegmentLayout:
+    """Per layer: the cache's rows (capacity, E) and slot ids; or, with kernel_arrays (a quantized store's
+    caches for CPU compute, workers/flash_io/kernel_rows.py), those arrays in place of the rows, and the layers'
+    down scale tables (down_table_shapes, float16), which the prefetch process fills and compute reads."""
     arrays: list[tuple[str, tuple[int, ...], object]] = [("headers", (len(capacity_rows), len(CACHE_HEADER_FIELDS)), np.int64)]
     for layer, capacity in enumerate(capacity_rows):
-        arrays.append((f"rows.{layer}", (capacity, bundle_elements), dtype))  # (capacity, E)
+        if kernel_arrays is None:
+            arrays.append((f"rows.{layer}", (capacity, bundle_elements), dtype))  # (capacity, E)
+        else:
+            arrays += [(f"kernel.{layer}.{name}", shape, kind) for name, shape, kind in kernel_arrays[layer]]
         arrays.append((f"slot_ids.{layer}", (capacity,), np.int32))
+    for layer, shape in enumerate(down_table_shapes or []):
+        arrays.append((f"down_table.{layer}", shape, np.float16))
     return SegmentLayout.build(CACHE_SEGMENT, arrays)
 
 
@@ -205,10 +215,26 @@ class SharedSegment:
             pass
 
 
-def cache_layer_arrays(segment: SharedSegment, layer: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(rows (capacity, E), slot_ids (capacity,), header (2,) = [num_rows, version]) of one layer."""
+def cache_layer_arrays(segment: SharedSegment, layer: int) -> tuple[np.ndarray | None, np.ndarray, np.ndarray]:
+    """(rows (capacity, E) or None where the layer holds kernel arrays, slot_ids (capacity,), header (2,) =
+    [num_rows, version]) of one layer."""
     arrays = segment.arrays
-    return arrays[f"rows.{layer}"], arrays[f"slot_ids.{layer}"], arrays["headers"][layer]
+    return arrays.get(f"rows.{layer}"), arrays[f"slot_ids.{layer}"], arrays["headers"][layer]
+
+
+def cache_kernel_arrays(segment: SharedSegment, layer: int) -> dict[str, np.ndarray] | None:
+    """A layer's kernel arrays by name (neuron_cache_layout's kernel_arrays), None when it holds rows."""
+    prefix = f"kernel.{layer}."
+    found = {name[len(prefix):]: array for name, array in segment.arrays.items() if name.startswith(prefix)}
+    return found or None
+
+
+def cache_down_tables(segment: SharedSegment) -> list[np.ndarray]:
+    """The layers' down scale tables in the segment, in layer order (none when it has none)."""
+    tables = []
+    while f"down_table.{len(tables)}" in segment.arrays:
+        tables.append(segment.arrays[f"down_table.{len(tables)}"])
+    return tables
 
 
 def parse_segment_name(name: str) -> tuple[str, int, str] | None:

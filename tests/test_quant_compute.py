@@ -96,7 +96,7 @@ def test_int4_tile_packing_is_torchs_own_layout(rows, inner):
 
 @pytest.mark.parametrize("kind,block_bytes", [("q4_0", 18), ("q4_1", 20)])
 def test_rows_written_one_at_a_time_at_any_slot_are_the_bytes_torchs_packing_gives(kind, block_bytes):
-    from flashllm.workers.models.int4_tile_writes import write_q4_rows
+    from flashllm.workers.flash_io.kernel_layout import write_q4_rows
     from flashllm.workers.models.quant_linear import pack_int4_tiles, split_blocks
 
     rng = np.random.default_rng(3)
@@ -255,7 +255,7 @@ def held_nbytes(value) -> int:
 def test_the_memory_plan_counts_quantized_weights_and_caches_as_held(quantized_tiny_store):
     from flashllm.runtime.core.engine import Engine
     from flashllm.workers.memory_plan import cache_bytes_of, plan_for_store
-    from flashllm.workers.prefetch import Prefetcher
+    from flashllm.workers.prefetch import Prefetcher, kernel_rows_for
     from flashllm.workers.sparse_ffn import CacheView
     from flashllm.workers.store_reader import load_down_group_scales, open_store
 
@@ -272,10 +272,16 @@ def test_the_memory_plan_counts_quantized_weights_and_caches_as_held(quantized_t
         tables = load_down_group_scales(quantized_tiny_store, manifest)  # held once by the FFN, counted once
         assert plan.cache_bytes == sum(rows.matrix.nbytes for rows in ffn.layers) + sum(t.nbytes for t in tables)
     capacity_rows = [70, 100]
-    prefetcher = Prefetcher(quantized_tiny_store, manifest, capacity_rows, window_tokens=4)
+    prefetcher = Prefetcher(quantized_tiny_store, manifest, capacity_rows, window_tokens=4,
+                            kernel_rows=kernel_rows_for(manifest.ffn, capacity_rows, tables))
     try:
+        for layer, cache in enumerate(prefetcher.caches):  # a miss of every neuron: the largest insert there is
+            cache.insert(np.arange(capacity_rows[layer]), prefetcher._filler(layer))
         view = CacheView(prefetcher.caches, torch.float32, "cpu", manifest.ffn, tables)
-        actual = sum(cache.rows.nbytes for cache in prefetcher.caches) + view.held_bytes
+        # each neuron held once, as the kernels take it (no bundles as read beside it, no copy on compute's side)
+        assert all(cache.rows is None for cache in prefetcher.caches) and view.held_bytes == 0
+        actual = sum(cache.kernel_rows.nbytes for cache in prefetcher.caches) + sum(t.nbytes for t in tables) + \
+            prefetcher._arrival_rows(0).base.nbytes
         assert cache_bytes_of(manifest.ffn, capacity_rows, 1, "cpu") == actual
     finally:
         prefetcher.close()
@@ -340,3 +346,47 @@ def test_down_columns_decode_as_the_format_reference_does(block_kind):
     reference = qf.dequantize_grouped_columns(column_kind, values[ids], table, ids)  # (k, d) float32
     decoded = dequantize_down_columns(column_kind, values[ids], table, ids)
     assert torch.equal(decoded, torch.from_numpy(reference).half())
+
+
+@pytest.mark.parametrize("kind", ["q4_1", "q4_0", "q8_0"])
+def test_a_cache_of_kernel_rows_holds_what_torchs_conversion_gives_whatever_the_order_of_arrivals(kind):
+    from flashllm.workers.flash_io.kernel_rows import KernelRows
+    from flashllm.workers.models.quant_ffn import QuantNeuronMatrix
+
+    layout, bundles, scales = quantized_layout_and_bundles(kind)
+    rows = KernelRows(layout, capacity=70, num_neurons=96, down_table=scales)
+    order = np.random.default_rng(7).permutation(96)
+    rows.arrive(order[:40], bundles[order[:40]])
+    rows.depart(order[5:25])  # 20 holes among the first 40 slots
+    rows.arrive(order[40:70], bundles[order[40:70]])  # the holes first, lowest first, then new slots
+    held = rows.held_ids()  # (used,)
+    assert rows.used == 50 and np.array_equal(np.sort(held), np.sort(order[np.r_[0:5, 25:70]]))
+    with pytest.raises(ValueError, match="already holds a slot"):
+        rows.arrive(order[:1], bundles[order[:1]])
+    occupied = np.flatnonzero(held >= 0)
+    expected = QuantNeuronMatrix(layout, 70, scales)
+    expected.write(occupied, bundles[held[occupied]], held[occupied])
+    matrix = QuantNeuronMatrix.over_kernel_rows(layout, rows.arrays, scales)
+    assert torch.equal(matrix.down_rows, expected.down_rows)
+    if kind != "q8_0":  # the int4 tiles and (scale, zero) pairs, bit for bit
+        assert torch.equal(matrix.scales_zeros, expected.scales_zeros)
+    h = torch.randn(3, 64)
+    assert torch.equal(matrix.ffn(h, rows.used), expected.ffn(h, rows.used))  # holes add exactly nothing
+    ref = reference_ffn(layout, bundles, scales, held[occupied], h)
+    assert relative_error(matrix.ffn(h, rows.used), ref) < 2 * BF16_PRODUCT_RTOL
+
+
+def test_halves_convert_as_numpy_casts_them():
+    from flashllm.workers.flash_io.kernel_layout import float_to_half_bits, half_bits_to_float
+
+    halves = np.arange(1 << 16, dtype=np.uint32).astype(np.uint16)
+    finite = halves[np.isfinite(halves.view(np.float16))]
+    widened = finite.view(np.float16).astype(np.float32)
+    assert np.array_equal(half_bits_to_float(finite).view(np.uint32), widened.view(np.uint32))
+    magnitudes = np.unique(np.abs(widened))
+    midpoints = ((magnitudes[1:].astype(np.float64) + magnitudes[:-1]) / 2).astype(np.float32)  # ties round even
+    values = np.concatenate([widened, np.nextafter(widened, np.float32(np.inf)), midpoints, -midpoints,
+                             np.random.default_rng(0).standard_normal(100_000).astype(np.float32) * 1e-4,
+                             np.array([65519.99, 65520.0, 1e9, np.inf, -np.inf, np.nan, 1e-9], np.float32)])
+    with np.errstate(over="ignore"):
+        assert np.array_equal(float_to_half_bits(values), values.astype(np.float16).view(np.uint16))

@@ -35,10 +35,11 @@ from flashllm.protocol.messages import (
     PATH_CACHED, ROLE_COMPUTE, ROLE_PREDICTOR, ROLE_PREFETCH, ROLE_SUPERVISOR, ChunkDone, Dispatcher, FfnInput,
     ForwardChunk, ForwardRequest, LayerReady, LogitsTaken, PredictionStats, Shutdown, StepBegin, StepFailed,
 )
-from flashllm.protocol.shm import SharedSegment, cache_layer_arrays
+from flashllm.protocol.shm import SharedSegment, cache_down_tables, cache_kernel_arrays, cache_layer_arrays
 from flashllm.protocol.store_format import FfnLayout
 from flashllm.workers.ffn_providers import FfnStats, held_rows
 from flashllm.workers.flash_io.bundle_reader import layer_chunks
+from flashllm.workers.flash_io.kernel_rows import KernelRowsView
 from flashllm.workers.interfaces import FfnProvider
 from flashllm.workers.models.ffn import BundleColumns, masked_ffn_over_chunks
 from flashllm.workers.process_entry import WorkerConfig, run_worker
@@ -86,9 +87,12 @@ class PipelineStepError(RuntimeError):
 class SharedCacheLayer:
     """One layer's neuron cache as the compute side sees it (what CacheView reads)."""
 
-    def __init__(self, rows: np.ndarray, slot_ids: np.ndarray, header: np.ndarray):
+    def __init__(self, rows: np.ndarray | None, slot_ids: np.ndarray, header: np.ndarray,
+                 kernel_arrays: dict[str, np.ndarray] | None = None):
+        """rows None: the layer's neurons are kernel_arrays (flash_io/kernel_rows.py), which the prefetcher writes."""
         self.rows, self.slot_ids, self.header = rows, slot_ids, header  # (capacity, E), (capacity,), (2,)
-        self.capacity_rows = rows.shape[0]
+        self.kernel_rows = None if kernel_arrays is None else KernelRowsView(kernel_arrays)
+        self.capacity_rows = slot_ids.shape[0]
 
     @property
     def num_rows(self) -> int:
@@ -114,7 +118,8 @@ class PipelineFfn(FfnProvider):
         self.ffn_layout = ffn_layout
         self.cols = BundleColumns.from_layout(ffn_layout.part_slices())
         self.dtype, self.device, self.channel = dtype, device, channel
-        self.layers = [SharedCacheLayer(*cache_layer_arrays(cache, layer)) for layer in range(len(layer_neurons))]
+        self.layers = [SharedCacheLayer(*cache_layer_arrays(cache, layer), cache_kernel_arrays(cache, layer))
+                       for layer in range(len(layer_neurons))]
         self.view = CacheView(self.layers, dtype, device, ffn_layout, down_scales)
         arrays = exchange.arrays
         self.hidden = arrays["hidden"]  # (2, max_tokens, d)
@@ -268,7 +273,10 @@ class ComputeWorker:
         dtype = compute_dtype(config.device)
         self.ffn = PipelineFfn([region.num_neurons for region in manifest.ffn.layers], manifest.ffn,
                                dtype, config.device, self.cache, self.exchange, channel,
-                               load_down_group_scales(config.store_dir, manifest), config.sparse.batch_invariant)
+                               # (d, n_ff/32, c) views of the tables the prefetch process put in shared memory
+                               [table.transpose(2, 0, 1) for table in cache_down_tables(self.cache)]
+                               or load_down_group_scales(config.store_dir, manifest),
+                               config.sparse.batch_invariant)
         self.executor = ModelExecutor(config.store_dir, manifest, "sparse", config.num_slots, config.max_context,
                                       device=config.device, verify=config.verify, ffn=self.ffn,
                                       resident_dtype=config.resident_dtype)

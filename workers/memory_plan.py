@@ -33,6 +33,7 @@ from flashllm.workers.models.attention import KVCache
 from flashllm.workers.models.ffn import HALF_ROWS_CHUNK
 from flashllm.workers.models.resident import HALF_STORE_DTYPES, resident_dtype_of
 from flashllm.workers.flash_io.bundle_reader import largest_chunk_rows, largest_span_bytes, neuron_read_staging_bytes
+from flashllm.workers.flash_io.kernel_rows import holds_kernel_rows, kernel_rows_bytes
 from flashllm.workers.models.quant_ffn import QuantNeuronMatrix
 
 MIB = 2**20
@@ -102,13 +103,20 @@ def held_rows_bytes(layout: FfnLayout, rows: int, compute_itemsize: int, device:
 
 
 def cache_bytes_of(layout: FfnLayout, capacity_rows: list[int], cache_itemsize: int, device: str) -> int:
-    """Bytes the neuron caches of these capacities hold: the prefetcher's rows (a quantized store's bytes as
-    stored, else cache_itemsize per element) and, for a quantized store on a CPU, the compute side's copy of
-    the same slots in the kernels' layouts (CacheView)."""
+    """Bytes the neuron caches of these capacities hold: rows as read (a quantized store's bytes as stored, else
+    cache_itemsize per element), or for a quantized store on a CPU the kernels' layouts only (kernel_rows.py),
+    plus the one buffer its inserts land in as read (arrival_bytes)."""
     if not layout.is_quantized:
         return sum(capacity_rows) * layout.bundle_elements * cache_itemsize
-    raw = sum(capacity_rows) * layout.bundle_bytes + down_scale_tables_bytes(layout)
-    return raw + (sum(QuantNeuronMatrix.bytes_for(layout, c) for c in capacity_rows) if device == "cpu" else 0)
+    if holds_kernel_rows(layout, device):
+        return sum(kernel_rows_bytes(layout, c) for c in capacity_rows) + down_scale_tables_bytes(layout) + \
+            arrival_bytes(layout, capacity_rows, device)
+    return sum(capacity_rows) * layout.bundle_bytes + down_scale_tables_bytes(layout)
+
+
+def arrival_bytes(layout: FfnLayout, capacity_rows: list[int], device: str) -> int:
+    """Caches of kernel rows share one buffer an insert's bundles land in as read: at most a cache's capacity."""
+    return max(capacity_rows, default=0) * layout.bundle_bytes if holds_kernel_rows(layout, device) else 0
 
 
 def down_scale_tables_bytes(layout: FfnLayout) -> int:
@@ -150,18 +158,19 @@ def plan_memory(manifest: Manifest, resident_bytes: int, budget_bytes: int | Non
     cache_itemsize = cache_itemsize or compute_itemsize
     # bytes one more row costs; a quantized CPU cache's kernel copy rounds each layer up to whole int4 tiles,
     # which `slack` (per layer) reserves, so the exact figure below never passes the budget
-    row_bytes = cache_bytes_of(layout, [128], cache_itemsize, device) - cache_bytes_of(layout, [64], cache_itemsize,
-                                                                                        device)
-    row_bytes //= 64
+    def held_bytes(capacity: list[int]) -> int:  # without the arrival buffer, which grows with the largest cache
+        return cache_bytes_of(layout, capacity, cache_itemsize, device) - arrival_bytes(layout, capacity, device)
+
+    row_bytes = (held_bytes([128]) - held_bytes([64])) // 64
     tables_bytes = down_scale_tables_bytes(layout)  # once, not per layer
-    slack = cache_bytes_of(layout, [1], cache_itemsize, device) - tables_bytes if layout.is_quantized else 0
+    slack = held_bytes([1]) - tables_bytes if layout.is_quantized else 0
     staging_bytes = sparse_staging_bytes(layout, compute_itemsize, device)
     num_neurons = [region.num_neurons for region in layout.layers]
     # one predictor's top-k plus the pinned rows; a token whose lookahead ∪ same-layer union does not
     # fit takes the dense-read path (correct, slower), so the union need not be reserved
     min_rows = [min(n, hot + keep_neurons) for n, hot in zip(num_neurons, hot_counts)]
     fixed = resident_bytes + predictor_bytes + staging_bytes + slack * len(num_neurons) + tables_bytes
-    min_total = fixed + sum(min_rows) * row_bytes
+    min_total = fixed + sum(min_rows) * row_bytes + arrival_bytes(layout, min_rows, device)
     if budget_bytes is None:
         capacity = list(capacity_rows or num_neurons)
     elif budget_bytes < min_total:
@@ -173,11 +182,18 @@ def plan_memory(manifest: Manifest, resident_bytes: int, budget_bytes: int | Non
             f"--memory {budget_bytes / MIB:.1f} MiB is too small: the minimum for this store and settings is "
             f"{min_total / MIB:.1f} MiB (resident {resident_bytes / MIB:.1f} + predictors {predictor_bytes / MIB:.1f} "
             f"+ staging {staging_bytes / MIB:.1f} + smallest neuron caches "
-            f"{(sum(min_rows) * row_bytes + slack * len(num_neurons)) / MIB:.1f} MiB); "
+            f"{(min_total - fixed + slack * len(num_neurons)) / MIB:.1f} MiB); "
             "raise --memory, or lower the minimum:\n" + "\n".join(f"  {knob}" for knob in knobs)
         )
     else:
-        capacity = widen_equally(min_rows, num_neurons, (budget_bytes - min_total) // row_bytes)
+        # a spare row also widens the arrival buffer by its share of a bundle; the exact total decides
+        per_row = row_bytes + -(-arrival_bytes(layout, [1], device) // len(num_neurons))
+        spare_rows = (budget_bytes - min_total) // per_row
+        capacity = widen_equally(min_rows, num_neurons, spare_rows)
+        while spare_rows > 0 and resident_bytes + predictor_bytes + staging_bytes + \
+                cache_bytes_of(layout, capacity, cache_itemsize, device) > budget_bytes:
+            spare_rows -= len(num_neurons)
+            capacity = widen_equally(min_rows, num_neurons, max(0, spare_rows))
     return MemoryPlan(budget_bytes=budget_bytes, resident_bytes=resident_bytes, predictor_bytes=predictor_bytes,
                       staging_bytes=staging_bytes, cache_bytes=cache_bytes_of(layout, capacity, cache_itemsize, device),
                       kv_cache_bytes=kv_cache_bytes, capacity_rows=capacity, min_capacity_rows=min_rows,

@@ -32,10 +32,11 @@ from flashllm.protocol.messages import (
     PATH_CACHED, PATH_MASKED, ROLE_COMPUTE, ROLE_PREFETCH, ChunkDone, Dispatcher, LayerReady, Lookahead, Prediction,
     StepBegin, StepFailed,
 )
-from flashllm.protocol.shm import SharedSegment, cache_layer_arrays
+from flashllm.protocol.shm import SharedSegment, cache_down_tables, cache_kernel_arrays, cache_layer_arrays
 from flashllm.protocol.store_format import QUANTIZED_STORE_DTYPES, Manifest, StoreError, calibrate_hint, read_manifest
 from flashllm.workers.flash_io.bundle_reader import BundleReader, layer_chunks, numpy_dtype_of_store
-from flashllm.workers.flash_io.neuron_cache import NeuronCache
+from flashllm.workers.flash_io.kernel_rows import KernelRows
+from flashllm.workers.flash_io.neuron_cache import NeuronCache, GrowingRows
 from flashllm.workers.flash_io.neuron_ids import union_ids
 from flashllm.workers.process_entry import WorkerConfig, run_worker
 from flashllm.workers.store_reader import bundle_rows_as_float, layer_table, load_down_group_scales
@@ -66,6 +67,14 @@ class FlashWork:
     io_s: float
 
 
+def kernel_rows_for(layout, capacity_rows: list[int], down_scales: list[np.ndarray],
+                    arrays: list[dict[str, np.ndarray]] | None = None) -> list[KernelRows]:
+    """Per layer, the KernelRows of a cache of capacity_rows[layer] (over `arrays`, shared memory, if given)."""
+    return [KernelRows(layout, capacity, region.num_neurons, down_scales[layer],
+                       None if arrays is None else arrays[layer])
+            for layer, (capacity, region) in enumerate(zip(capacity_rows, layout.layers))]
+
+
 def neuron_cache_dtype(store_dtype_name: str, device: str) -> np.dtype:
     """The dtype of the neuron caches' rows: the store's, everywhere. A quantized store's bundles stay its
     bytes (uint8): the compute side keeps them in its kernels' layouts (CacheView), the GPU dequantized in its
@@ -77,9 +86,11 @@ def neuron_cache_dtype(store_dtype_name: str, device: str) -> np.dtype:
 class Prefetcher:
     def __init__(self, store_dir: str, manifest: Manifest, capacity_rows: list[int], window_tokens: int,
                  hot_ids: list[np.ndarray] | None = None, cache_rows: list[np.ndarray] | None = None,
-                 cache_dtype=None, num_threads: int = 4):
+                 cache_dtype=None, num_threads: int = 4, kernel_rows: list[KernelRows] | None = None):
         """cache_dtype: dtype of the cache rows when it differs from the store's (CPU compute in float32
-        converts once on insert instead of on every use); cache_rows: preallocated matrices (shared memory)."""
+        converts once on insert instead of on every use); cache_rows: preallocated matrices (shared memory);
+        kernel_rows: a quantized store's caches for CPU compute, held in the kernels' layouts instead of rows
+        (flash_io/kernel_rows.py; kernel_rows_for builds them)."""
         layout = manifest.ffn
         self.reader = BundleReader(store_dir, layout, num_threads=num_threads)
         store_dtype = numpy_dtype_of_store(layout.dtype)
@@ -88,6 +99,7 @@ class Prefetcher:
         # a quantized store's down scale tables: decoding bundles into a float cache needs them
         self.down_scales = load_down_group_scales(store_dir, manifest) if self._convert else None
         self._scratch = np.empty((0, layout.stored_row_width), dtype=store_dtype)
+        self._arrival_rows = GrowingRows(layout.stored_row_width, store_dtype)  # kernel rows' inserts, as read
         # read-ahead of one layer: sorted ids and their rows (cache dtype)
         self._staged_layer = -1
         self._staged_ids = np.zeros(0, np.int64)
@@ -96,7 +108,9 @@ class Prefetcher:
         self._in_flight: _EarlyRead | None = None
         self.caches = [
             NeuronCache(region.num_neurons, layout.stored_row_width, capacity_rows[layer], dtype, window_tokens,
-                        rows=None if cache_rows is None else cache_rows[layer])
+                        rows=None if cache_rows is None else cache_rows[layer],
+                        kernel_rows=None if kernel_rows is None else kernel_rows[layer],
+                        arrival_rows=self._arrival_rows)
             for layer, region in enumerate(layout.layers)
         ]
         if hot_ids is not None:
@@ -423,13 +437,25 @@ class PrefetchWorker:
         manifest = read_manifest(config.store_dir)  # the engine checked the store; this process stays torch-free
         cache = SharedSegment.attach(config.instance, config.cache_layout)
         exchange = SharedSegment.attach(config.instance, config.exchange_layout)
-        layers = [cache_layer_arrays(cache, layer) for layer in range(manifest.arch.num_hidden_layers)]
+        num_layers = manifest.arch.num_hidden_layers
+        layers = [cache_layer_arrays(cache, layer) for layer in range(num_layers)]
+        kernel_arrays = [cache_kernel_arrays(cache, layer) for layer in range(num_layers)]
+        kernel_rows = None
+        if kernel_arrays[0] is not None:  # the down tables are this process's to fill; compute reads them
+            tables = load_down_group_scales(config.store_dir, manifest)
+            shared = cache_down_tables(cache)  # (n_ff/32, c, d) each
+            for table, into in zip(tables, shared):
+                into[:] = table.transpose(1, 2, 0)
+            kernel_rows = kernel_rows_for(manifest.ffn, config.capacity_rows,
+                                          [table.transpose(2, 0, 1) for table in shared], kernel_arrays)
+            del tables
         # a trace pins nothing (its predictor has no hot neurons)
         hot_ids = load_hot_ids(config.store_dir, manifest) if config.sparse.pin_hot and config.sparse.trace is None \
             else None
         prefetcher = Prefetcher(config.store_dir, manifest, config.capacity_rows, config.sparse.window_tokens,
-                                hot_ids=hot_ids, cache_rows=[rows for rows, _, _ in layers],
-                                cache_dtype=np.dtype(config.cache_dtype), num_threads=config.sparse.reader_threads)
+                                hot_ids=hot_ids, cache_rows=None if kernel_rows else [rows for rows, _, _ in layers],
+                                cache_dtype=np.dtype(config.cache_dtype), num_threads=config.sparse.reader_threads,
+                                kernel_rows=kernel_rows)
         worker = PrefetchWorker(prefetcher, [ids for _, ids, _ in layers], [header for _, _, header in layers],
                                 exchange.arrays["chunk_staging"], channel)
         worker._segments = (cache, exchange)

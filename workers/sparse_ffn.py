@@ -45,10 +45,11 @@ from flashllm.workers.flash_io.bundle_reader import numpy_dtype_of_store
 from flashllm.workers.interfaces import FfnProvider
 from flashllm.workers.models.ffn import (BundleColumns, HalfRows, OwnNeuronSums, ffn_from_rows,
                                          masked_ffn_from_rows, masked_ffn_over_chunks)
-from flashllm.workers.models.quant_ffn import QuantNeuronMatrix, QuantRows, scratch_buffer
+from flashllm.workers.models.quant_ffn import QuantNeuronMatrix, QuantRows
 from flashllm.workers.store_reader import bundle_rows_as_float, layer_table, load_down_group_scales
 from flashllm.workers.predictor import load_predictor
-from flashllm.workers.prefetch import Prefetcher, neuron_cache_dtype
+from flashllm.workers.flash_io.kernel_rows import holds_kernel_rows
+from flashllm.workers.prefetch import Prefetcher, kernel_rows_for, neuron_cache_dtype
 from flashllm.workers.sparse_policy import CachedLayer, MaskedLayer, SparseStepPlanner
 
 
@@ -60,14 +61,11 @@ class CacheView:
     gathered into one pinned host buffer so the host→device copy is a single
     asynchronous DMA instead of a pageable, synchronous one.
 
-    A quantized store's cache rows are its bundles' bytes. On the CPU the
-    mirror is a QuantNeuronMatrix per layer in the integer kernels' layouts,
-    with slots of its own: a neuron keeps its mirror slot for as long as it is
-    cached, so a step converts only the neurons that arrived (the cache's
-    delete-by-moving-the-last-rows-in moves nothing here), into the slots of
-    those that left; a slot left empty is cleared (zero scales and down row),
-    so it adds nothing to the product. On a GPU the changed rows are dequantized on the host as they go
-    to the float mirror.
+    A quantized store's cache on the CPU holds its neurons in the kernels'
+    layouts already (flash_io/kernel_rows.py, written by the prefetcher): the
+    view multiplies those arrays in place (QuantNeuronMatrix.over_kernel_rows).
+    On a GPU a quantized store's cache rows are its bundles' bytes, dequantized
+    on the host as changed rows go to the float mirror.
     """
 
     def __init__(self, caches, dtype: torch.dtype, device: str, layout: FfnLayout | None = None,
@@ -81,13 +79,10 @@ class CacheView:
         self.rows_copied = 0
         self.matrices = None
         self.half_rows = False
-        if self.layout is not None and on_cpu:
+        if self.layout is not None and holds_kernel_rows(self.layout, device):  # the caches hold kernel rows
             self.zero_copy = False
-            self.matrices = [QuantNeuronMatrix(self.layout, c.capacity_rows, down_scales[layer])
+            self.matrices = [QuantNeuronMatrix.over_kernel_rows(self.layout, c.kernel_rows.arrays, down_scales[layer])
                              for layer, c in enumerate(caches)]
-            self.mirror_ids = [np.full(c.capacity_rows, -1, np.int64) for c in caches]  # the neuron at each slot
-            self.mirror_slot = [np.full(region.num_neurons, -1, np.int64) for region in self.layout.layers]
-            self.mirror_used = [0] * len(caches)  # slots [0, used) hold neurons or holes (zeroed down rows)
             return
         sample = caches[0].rows
         self.zero_copy = on_cpu and self.layout is None and torch.from_numpy(sample[:0]).dtype == dtype
@@ -111,9 +106,7 @@ class CacheView:
     @property
     def held_bytes(self) -> int:
         """Bytes of the compute side's copies of the caches (none when it reads the caches in place)."""
-        if self.matrices is not None:
-            return sum(m.nbytes for m in self.matrices) + sum(t.nbytes for t in self.down_scales)
-        return sum(m.nbytes for m in self.mirrors)
+        return sum(m.nbytes for m in self.mirrors) if self.matrices is None else 0
 
     def rows(self, layer: int) -> torch.Tensor | QuantRows:
         cache = self.caches[layer]
@@ -122,9 +115,9 @@ class CacheView:
             return torch.from_numpy(cache.rows[:n])  # (n, E)
         if self.half_rows:
             return HalfRows(cache.rows[:n], self.dtype)  # (n, E) as held
-        ids = cache.slot_ids[:n]
         if self.matrices is not None:
-            return self._quant_rows(layer, cache, ids)
+            return QuantRows(self.matrices[layer], cache.kernel_rows.used)
+        ids = cache.slot_ids[:n]
         changed = np.flatnonzero(self.mirror_ids[layer][:n] != ids)
         if changed.size:
             if self.staging_free is not None:
@@ -144,41 +137,11 @@ class CacheView:
         return self.mirrors[layer][:n]
 
     def row_ids(self, layer: int) -> np.ndarray:
-        """(n,) the neuron id of each row rows(layer) gave (-1 where a quantized mirror's slot is a hole)."""
+        """(n,) the neuron id of each row rows(layer) gave (-1 where a quantized cache's slot is a hole)."""
         if self.matrices is not None:
-            return self.mirror_ids[layer][: self.mirror_used[layer]]
+            return self.caches[layer].kernel_rows.held_ids()
         cache = self.caches[layer]
         return cache.slot_ids[: cache.num_rows]
-
-    def _quant_rows(self, layer: int, cache, ids: np.ndarray) -> QuantRows:
-        """The layer's kernel matrix once the neurons that left the cache are cleared from it and the ones
-        that arrived are converted into free slots (see the class docstring)."""
-        matrix, held, slot_of = self.matrices[layer], self.mirror_ids[layer], self.mirror_slot[layer]
-        used = self.mirror_used[layer]
-        cached = np.zeros(len(slot_of), dtype=bool)  # (n_ff,)
-        cached[ids] = True
-        held_ids = held[:used]  # (used,)
-        old_holes = np.flatnonzero(held_ids < 0)  # (h,) cleared at an earlier step
-        left = np.flatnonzero((held_ids >= 0) & ~cached[np.maximum(held_ids, 0)])  # slots whose neuron left
-        if left.size:
-            slot_of[held_ids[left]] = -1
-            held[left] = -1
-        arrived = np.flatnonzero(slot_of[ids] < 0)  # (k,) positions in the cache
-        # arrivals overwrite every part of a slot: the ones that just left first (they need no clearing), then
-        # older holes, then slots past the used ones; only what stays empty is cleared
-        matrix.clear(left[arrived.size:])
-        if arrived.size:
-            free = np.concatenate((left, old_holes))  # (f,)
-            slots = np.concatenate((free[:arrived.size], np.arange(used, used + max(0, arrived.size - free.size))))
-            used = self.mirror_used[layer] = max(used, int(slots[-1]) + 1)
-            arrived_ids = ids[arrived]
-            bundles = scratch_buffer("arrived_bundles", (arrived.size, cache.rows.shape[1]),
-                                     torch.from_numpy(cache.rows[:0]).dtype).numpy()  # (k, E)
-            np.take(cache.rows, arrived, axis=0, out=bundles)
-            matrix.write(slots, bundles, arrived_ids)
-            held[slots], slot_of[arrived_ids] = arrived_ids, slots
-            self.rows_copied += arrived.size
-        return QuantRows(matrix, used)
 
 
 def ffn_over_cached_rows(h: torch.Tensor, rows, cols: BundleColumns, computed: torch.Tensor | None,
@@ -213,12 +176,14 @@ class SparseFlashFfn(FfnProvider):
         self.missing_policy = options.missing_policy
         self.predictor = load_predictor(store_dir, manifest, options)
         capacity_rows = list(options.capacity_rows or [self.num_neurons] * self.num_layers)
+        self.layout = manifest.ffn
+        self.down_scales = load_down_group_scales(store_dir, manifest)
+        kernel_rows = kernel_rows_for(self.layout, capacity_rows, self.down_scales) \
+            if holds_kernel_rows(self.layout, device) else None
         self.prefetcher = Prefetcher(store_dir, manifest, capacity_rows, options.window_tokens,
                                      hot_ids=self.predictor.hot_ids if options.pin_hot else None,
                                      cache_dtype=neuron_cache_dtype(manifest.ffn.dtype, device),
-                                     num_threads=options.reader_threads)
-        self.layout = manifest.ffn
-        self.down_scales = self.prefetcher.down_scales or load_down_group_scales(store_dir, manifest)
+                                     num_threads=options.reader_threads, kernel_rows=kernel_rows)
         self.view = CacheView(self.prefetcher.caches, dtype, device, manifest.ffn, self.down_scales)
         caches = self.prefetcher.caches
         self.planner = SparseStepPlanner(self.predictor, [c.capacity_rows for c in caches], [c.pinned for c in caches],

@@ -27,6 +27,7 @@ from flashllm.protocol.messages import (
     ROLE_COMPUTE, ROLE_PREFETCH, Dispatcher, ForwardChunk, ForwardRequest, LogitsTaken, StepFailed,
 )
 from flashllm.protocol.shm import EXCHANGE_SEGMENT, exchange_layout, neuron_cache_layout
+from flashllm.protocol.quant_format import down_scale_table_shape
 from flashllm.protocol.store_format import Manifest
 from flashllm.runtime.core.supervisor import (
     DEFAULT_MAX_RESTARTS, DEFAULT_START_TIMEOUT_S, Supervisor, WorkerCrashedError, WorkerRuntimeError, sweep_stale_instances,
@@ -36,6 +37,7 @@ from flashllm.workers.engine_config import EngineConfig, SparseOptions
 from flashllm.workers.executor import compute_dtype, default_device
 from flashllm.workers.flash_io.bundle_reader import largest_chunk_rows, numpy_dtype_of_store
 from flashllm.workers.flash_io.integrity import BundleChecksumError
+from flashllm.workers.flash_io.kernel_rows import holds_kernel_rows, kernel_rows_arrays
 from flashllm.workers.flash_io.io_counters import process_read_bytes
 from flashllm.workers.interfaces import Executor
 from flashllm.workers.process_entry import WorkerConfig
@@ -78,11 +80,24 @@ def build_worker_config(store_dir: str, manifest: Manifest, num_slots: int, max_
         instance=instance, runtime_dir=runtime_dir, store_dir=store_dir, num_slots=num_slots, max_context=max_context,
         max_tokens=max_tokens, logits_rows=logits_rows, device=device, cache_dtype=cache_dtype.str,
         capacity_rows=capacity_rows,
-        cache_layout=neuron_cache_layout(capacity_rows, layout.stored_row_width, cache_dtype),
+        cache_layout=neuron_cache_layout(capacity_rows, layout.stored_row_width, cache_dtype, **kernel_cache_arrays(
+            layout, capacity_rows, device)),
         exchange_layout=exchange_layout(max_tokens, arch.hidden_size, num_neurons, layout.stored_row_width, store_dtype,
                                         hidden_dtype, arch.vocab_size, logits_rows,
                                         chunk_rows=largest_chunk_rows(layout), max_sequences=num_slots),
         sparse=sparse, verify=verify)
+
+
+def kernel_cache_arrays(layout, capacity_rows: list[int], device: str) -> dict:
+    """neuron_cache_layout's kernel_arrays and down_table_shapes where the caches hold kernel rows (a quantized
+    store, compute on the CPU; flash_io/kernel_rows.py), else nothing."""
+    if not holds_kernel_rows(layout, device):
+        return {}
+    d = dict((name, n) for name, n, _ in layout.bundle_parts)["down"]
+    kind = layout.part_kinds()["down"]
+    tables = [down_scale_table_shape(kind, d, region.num_neurons) for region in layout.layers]  # (d, n_ff/32, c)
+    return {"kernel_arrays": [kernel_rows_arrays(layout, capacity) for capacity in capacity_rows],
+            "down_table_shapes": [(groups, channels, rows) for rows, groups, channels in tables]}  # group-major
 
 
 class WorkerExecutor(Executor):

@@ -11,6 +11,11 @@ multiplies directly (gathering rows per call is slower than the dense FFN).
 Inserting appends at num_rows. Deleting moves the last rows into the freed
 slots, so nothing is reallocated and rows never leave the packed prefix.
 
+A quantized store's cache on the CPU holds no such matrix: its neurons are
+held once, in the compute kernels' layouts (flash_io/kernel_rows.py), where
+each keeps its slot while cached; this class then keeps the ids, the window
+and the LRU order as above, and moves ids only.
+
 Which neurons stay (the paper's sliding window): every neuron used by one of
 the last `window_tokens` tokens, plus pinned hot neurons (PowerInfer's
 hot/cold split: hot neurons are loaded once and never evicted). A token's
@@ -35,6 +40,7 @@ from typing import Callable
 import numpy as np
 
 from flashllm.workers.flash_io.bundle_reader import numpy_dtype_of_store
+from flashllm.workers.flash_io.kernel_rows import KernelRows
 from flashllm.workers.flash_io.neuron_ids import difference_ids, union_ids
 
 DEFAULT_WINDOW_TOKENS = 4  # the paper's k: 4..5 tokens
@@ -42,6 +48,19 @@ DEFAULT_WINDOW_TOKENS = 4  # the paper's k: 4..5 tokens
 # rows_filler(ids, out): write the bundles of ids (k,) into out (k, bundle_elements),
 # e.g. functools.partial(BundleReader.read_neurons, layer).
 RowsFiller = Callable[[np.ndarray, np.ndarray], None]
+
+
+class GrowingRows:
+    """rows(k): a (k, elements) view of one buffer that grows to the largest k asked for."""
+
+    def __init__(self, elements: int, dtype):
+        self._rows = np.zeros((0, elements), dtype=dtype)
+
+    def __call__(self, count: int) -> np.ndarray:
+        if self._rows.shape[0] < count:
+            self._rows = np.zeros((count, self._rows.shape[1]), dtype=self._rows.dtype)
+        return self._rows[:count]
+
 
 class CacheCapacityError(RuntimeError):
     """A token needs more neurons resident than the layer cache can hold."""
@@ -63,7 +82,13 @@ class NeuronCache:
         dtype,
         window_tokens: int,
         rows: np.ndarray | None = None,
+        kernel_rows: KernelRows | None = None,
+        arrival_rows: Callable[[int], np.ndarray] | None = None,
     ):
+        """kernel_rows: a quantized store's cache on the CPU holds its neurons only there, in the kernels'
+        layouts (flash_io/kernel_rows.py): no row matrix here, inserts go there as read, and a delete moves ids
+        only. arrival_rows(k): (k, bundle_elements) rows an insert's bundles land in on their way there (one
+        buffer the caches of all layers share; default: this cache's own)."""
         if num_neurons <= 0 or bundle_elements <= 0 or capacity_rows <= 0:
             raise ValueError(
                 f"num_neurons, bundle_elements and capacity_rows must be positive; got {num_neurons}, "
@@ -73,7 +98,13 @@ class NeuronCache:
             raise ValueError(f"window_tokens must be >= 1 (the paper uses 4..5), got {window_tokens}")
         # A store dtype name ("bfloat16") maps to what the reader writes (uint16 bits).
         dtype = numpy_dtype_of_store(dtype) if isinstance(dtype, str) else np.dtype(dtype)
-        if rows is None:
+        self.kernel_rows = kernel_rows
+        if kernel_rows is not None:
+            if kernel_rows.capacity < capacity_rows:
+                raise ValueError(f"kernel rows of {kernel_rows.capacity} slots for a cache of {capacity_rows} rows")
+            rows = None
+            self._arrival_rows = arrival_rows or GrowingRows(bundle_elements, dtype)
+        elif rows is None:
             rows = np.zeros((capacity_rows, bundle_elements), dtype=dtype)  # (capacity_rows, bundle_elements)
         elif rows.shape != (capacity_rows, bundle_elements) or rows.dtype != dtype:
             raise ValueError(
@@ -84,7 +115,7 @@ class NeuronCache:
         self.capacity_rows = capacity_rows
         self.dtype = dtype
         self.window_tokens = window_tokens
-        self.rows = rows  # (capacity_rows, bundle_elements)
+        self.rows = rows  # (capacity_rows, bundle_elements); None: the neurons are in kernel_rows
         self.slot_ids = np.full(capacity_rows, -1, dtype=np.int32)  # (capacity_rows,) store id per row
         self.slot_of = np.full(num_neurons, -1, dtype=np.int32)  # (num_neurons,) row per store id
         self.num_rows = 0
@@ -132,6 +163,8 @@ class NeuronCache:
 
     def dense_rows(self) -> tuple[np.ndarray, np.ndarray]:
         """(rows[:num_rows] (num_rows, bundle_elements), slot_ids[:num_rows] (num_rows,)): what compute multiplies."""
+        if self.rows is None:
+            raise ValueError("this cache holds its neurons in the kernels' layouts (kernel_rows), not as rows")
         return self.rows[: self.num_rows], self.slot_ids[: self.num_rows]
 
     # ---- insert / delete -----------------------------------------------------
@@ -153,7 +186,12 @@ class NeuronCache:
                 f"insert of {ids.size} neurons needs {stop} rows but capacity is {self.capacity_rows} "
                 f"({self.num_rows} in use); call plan_token() first to make room, or raise capacity_rows"
             )
-        rows_filler(ids, self.rows[start:stop])
+        if self.kernel_rows is None:
+            rows_filler(ids, self.rows[start:stop])
+        else:
+            arrivals = self._arrival_rows(ids.size)  # (k, bundle_elements)
+            rows_filler(ids, arrivals)
+            self.kernel_rows.arrive(ids, arrivals)
         self.slot_ids[start:stop] = ids
         self.slot_of[ids] = np.arange(start, stop, dtype=np.int32)
         self.num_rows = stop
@@ -176,8 +214,11 @@ class NeuronCache:
         leaving = np.zeros(self.num_rows, dtype=bool)  # (num_rows,)
         leaving[freed] = True
         movers = tail[~leaving[tail]]  # (m,) surviving rows to move down
+        if self.kernel_rows is not None:
+            self.kernel_rows.depart(ids)
         if movers.size:
-            self.rows[holes] = self.rows[movers]  # holes < new_num_rows <= movers: no overlap
+            if self.rows is not None:
+                self.rows[holes] = self.rows[movers]  # holes < new_num_rows <= movers: no overlap
             moved_ids = self.slot_ids[movers]
             self.slot_ids[holes] = moved_ids
             self.slot_of[moved_ids] = holes.astype(np.int32)

@@ -12,7 +12,7 @@ insert/move touches only its rows (the kernel layout is never rebuilt):
   64-row tile. torch's CPU int4 packing is not row-local: inside a tile of 64
   rows, byte k·32 + (n mod 32) of the tile holds weight k of rows n (low
   nibble, n mod 64 < 32) and n + 32 (high nibble). A row is written by a
-  compiled nibble loop (int4_tile_writes). Scales/zeros: (G, 2cap, 2) bfloat16.
+  compiled nibble loop (flash_io/kernel_layout). Scales/zeros: (G, 2cap, 2) bfloat16.
 - gate and up rows of q8_0: converted to bfloat16 as they are written (the
   int8 kernel scales per output row, not per block; bfloat16 GEMM is the fast
   path here).
@@ -40,7 +40,7 @@ import torch.nn.functional as F
 
 from flashllm.protocol import quant_format as qf
 from flashllm.protocol.store_format import FfnLayout
-from flashllm.workers.models.int4_tile_writes import write_q4_rows
+from flashllm.workers.flash_io.kernel_layout import write_q4_rows
 from flashllm.workers.models.quant_linear import BLOCK_WEIGHTS, QuantizedBlocks, split_blocks
 
 INT4_TILE_ROWS = 64
@@ -146,6 +146,25 @@ class QuantNeuronMatrix:
         whole_layer: the matrix holds a whole layer in neuron order, written once (dense, naive): 4-bit down
         blocks are then held as GGUF's own [d, n_ff] blocks in the int4 kernel's layout, with the table in
         the kernel's form (down_kernel_scales(table), given by a caller that converts the layer often)."""
+        self._describe(layout, capacity, down_scales, whole_layer)
+        rows = self.row_matrices * self.capacity
+        groups = self.d // BLOCK_WEIGHTS
+        if self.int4:
+            self.packed = torch.zeros(rows, self.d // 2, dtype=torch.uint8)  # (rows, d/2) tile layout
+            self.scales_zeros = torch.zeros(groups, rows, 2, dtype=torch.bfloat16)  # (G, rows, 2)
+        else:
+            self.rows_bf16 = torch.zeros(rows, self.d, dtype=torch.bfloat16)  # (rows, d)
+        if self.down_as_blocks:  # groups of 32 along K (neurons) are exactly GGUF's blocks
+            self.down_kernel_scales = down_kernel_scales if down_kernel_scales is not None else \
+                down_kernel_scales_of(down_scales)  # (n_ff/32, d, 2)
+            self.down_packed = torch.zeros(self.d, self.capacity // 2, dtype=torch.uint8)  # (d, cap/2) packed
+            self.down_scales_zeros = torch.zeros(self.capacity // BLOCK_WEIGHTS, self.d, 2,
+                                                 dtype=torch.bfloat16)  # (cap/32, d, 2)
+        else:
+            self.down_rows = torch.zeros(self.capacity, self.d, dtype=DOWN_ROW_DTYPE)  # (cap, d)
+        self.up_bias = None if self.gated else torch.zeros(self.capacity)  # (cap,)
+
+    def _describe(self, layout: FfnLayout, capacity: int, down_scales: np.ndarray, whole_layer: bool) -> None:
         self.kinds = kinds = layout.part_kinds()
         self.byte_slices = layout.part_byte_slices()
         elements = {name: n for name, n, _ in layout.bundle_parts}
@@ -158,25 +177,28 @@ class QuantNeuronMatrix:
         self.d = elements["up"]
         self.capacity = _round_up(max(1, capacity), INT4_TILE_ROWS)
         self.row_matrices = 2 if self.gated else 1
-        rows = self.row_matrices * self.capacity
-        groups = self.d // BLOCK_WEIGHTS
         self.int4 = self.row_kind in ("q4_0", "q4_1")
-        if self.int4:
-            self.packed = torch.zeros(rows, self.d // 2, dtype=torch.uint8)  # (rows, d/2) tile layout
-            self.scales_zeros = torch.zeros(groups, rows, 2, dtype=torch.bfloat16)  # (G, rows, 2)
-        else:
-            self.rows_bf16 = torch.zeros(rows, self.d, dtype=torch.bfloat16)  # (rows, d)
         self.whole_layer = whole_layer
         self.down_as_blocks = whole_layer and _int4_down(kinds["down"])
-        if self.down_as_blocks:  # groups of 32 along K (neurons) are exactly GGUF's blocks
-            self.down_kernel_scales = down_kernel_scales if down_kernel_scales is not None else \
-                down_kernel_scales_of(down_scales)  # (n_ff/32, d, 2)
-            self.down_packed = torch.zeros(self.d, self.capacity // 2, dtype=torch.uint8)  # (d, cap/2) packed
-            self.down_scales_zeros = torch.zeros(self.capacity // BLOCK_WEIGHTS, self.d, 2,
-                                                 dtype=torch.bfloat16)  # (cap/32, d, 2)
+
+    @classmethod
+    def over_kernel_rows(cls, layout: FfnLayout, arrays: dict[str, np.ndarray], down_scales: np.ndarray
+                         ) -> "QuantNeuronMatrix":
+        """A matrix over a quantized neuron cache's arrays (flash_io/kernel_rows.py), in place, nothing copied:
+        what the prefetcher writes there is what this multiplies. Read-only here: the prefetcher writes."""
+        matrix = cls.__new__(cls)
+        down_bits = arrays["down_bits"]  # (cap, d) float16 bits
+        matrix._describe(layout, down_bits.shape[0], down_scales, whole_layer=False)
+        if matrix.int4:
+            words = arrays["scale_words"]  # (G, rows) (scale, zero) bfloat16 pairs as words
+            matrix.packed = torch.from_numpy(arrays["packed"])  # (rows, d/2)
+            matrix.scales_zeros = torch.from_numpy(words.view(np.int32)).view(torch.bfloat16).view(
+                words.shape[0], words.shape[1], 2)  # (G, rows, 2)
         else:
-            self.down_rows = torch.zeros(self.capacity, self.d, dtype=DOWN_ROW_DTYPE)  # (cap, d)
-        self.up_bias = None if self.gated else torch.zeros(self.capacity)  # (cap,)
+            matrix.rows_bf16 = torch.from_numpy(arrays["rows_bits"].view(np.int16)).view(torch.bfloat16)  # (rows, d)
+        matrix.down_rows = torch.from_numpy(down_bits.view(np.float16))  # (cap, d)
+        matrix.up_bias = torch.from_numpy(arrays["up_bias"]) if "up_bias" in arrays else None  # (cap,)
+        return matrix
 
     @staticmethod
     def bytes_for(layout: FfnLayout, capacity: int, whole_layer: bool = False) -> int:
@@ -337,7 +359,7 @@ class QuantNeuronMatrix:
 
     def _write_scattered_rows(self, rows: torch.Tensor, blocks: QuantizedBlocks) -> None:
         """Rows at any slots (a sparse step's arrivals): scales by index, weights by a compiled read-modify-write
-        of their nibbles (int4_tile_writes)."""
+        of their nibbles (flash_io/kernel_layout)."""
         self._write_tile_scales(0, blocks, rows)
         raw = blocks.raw.numpy()  # (k, G·block bytes), a strided view of the bundles
         write_q4_rows(self.packed.numpy(), rows.numpy(), raw, 0, raw.shape[1] // (self.d // BLOCK_WEIGHTS), self.d)

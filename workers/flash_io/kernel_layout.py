@@ -1,0 +1,265 @@
+"""Neuron bundles written into the CPU kernels' layouts, compiled (numba), without torch.
+
+A quantized store's neuron cache holds each cached neuron the way the CPU
+kernels multiply it (flash_io/kernel_rows.py); these loops put a step's
+arrivals there. They run in the prefetch process, which has no torch, and
+beside compute in one process; torch's indexing needs several passes over
+memory for what one loop does in one (docs/benchmarks.md has both timings):
+
+- 4-bit rows: torch's CPU int4 packing is not row-local. Inside a tile of 64
+  rows, byte k·32 + (n mod 32) holds weight k of row n (low nibble when
+  n mod 64 < 32) and of row n + 32 (high nibble): a row is 4 bits at a
+  32-byte stride, a read-modify-write of bytes shared with another row.
+- block scales → the int4 kernel's bfloat16 (scale, zero) pairs, one 32-bit
+  word each (w = (q - 8)·scale + zero: Q4_0 is (d, 0), Q4_1 (d, m + 8d)).
+- 8-bit rows (q8_0 gate/up) → bfloat16 rows d·q.
+- down columns → float16 rows: GGUF's d·q (+ m) in float32, rounded once to
+  float16 (exact for q4_0/q8_0: a float16 d times a small integer is exact in
+  float32).
+
+numba has no float16 or bfloat16 type on the CPU: halves travel as their
+uint16 bits, converted on the float32 bits exactly as numpy's and torch's
+casts do (round to nearest even; tests check every half and the midpoints),
+written as selects so that the loops vectorize. numba, not a C extension: no compiler at install time; compiled code
+is cached on disk (cache=True), so only a machine's first run compiles.
+nogil: a reader thread runs beside it.
+"""
+from __future__ import annotations
+
+import numba
+import numpy as np
+
+TILE_ROWS = 64
+BLOCK_WEIGHTS = 32
+
+
+@numba.njit(nogil=True, cache=True, inline="always")
+def _half_bits_to_float(half):  # pragma: no cover - compiled
+    """float16 bits (in a uint32) → float32, exactly, for every finite half (the scales are): as selects, not
+    branches, so the loops around it vectorize."""
+    magnitude = (half & np.uint32(0x7FFF)) << np.uint32(13)
+    normal = np.uint32(magnitude + np.uint32(0x38000000))  # rebias the exponent: +112 << 23
+    # zero and subnormals: place the mantissa under 2^-14's exponent, then take 2^-14 away (exact)
+    small = np.float32(np.uint32(magnitude + np.uint32(0x38800000)).view(np.float32)
+                       - np.float32(6.103515625e-05))  # 2^-14
+    bits = np.uint32(small.view(np.uint32)) if (magnitude & np.uint32(0x0F800000)) == np.uint32(0) else normal
+    return np.uint32(bits | ((half & np.uint32(0x8000)) << np.uint32(16))).view(np.float32)
+
+
+@numba.njit(nogil=True, cache=True, inline="always")
+def _float_to_half_bits(value):  # pragma: no cover - compiled
+    """float32 → float16 bits, round to nearest even, with subnormals, overflow and nan as numpy's astype
+    gives them; as selects, not branches."""
+    bits = np.float32(value).view(np.uint32)
+    sign = (bits >> np.uint32(16)) & np.uint32(0x8000)
+    magnitude = bits & np.uint32(0x7FFFFFFF)
+    odd = (magnitude >> np.uint32(13)) & np.uint32(1)
+    # rebias the exponent (-112 << 23) and round to nearest even on the 13 bits that go
+    normal = ((magnitude + np.uint32(0xC8000FFF) + odd) >> np.uint32(13)) & np.uint32(0xFFFF)
+    # below the smallest normal half: adding 0.5 (whose ulp is 2^-24) lets the FPU round the subnormal
+    shifted = np.float32(np.uint32(magnitude).view(np.float32) + np.float32(0.5))
+    subnormal = np.uint32(np.uint32(shifted.view(np.uint32)) - np.uint32(0x3F000000))
+    too_big = np.uint32(0x7E00) if magnitude > np.uint32(0x7F800000) else np.uint32(0x7C00)  # nan, else inf
+    half = subnormal if magnitude < np.uint32(0x38800000) else normal
+    half = too_big if magnitude >= np.uint32(0x47800000) else half
+    return np.uint16(sign | half)
+
+
+@numba.njit(nogil=True, cache=True, inline="always")
+def _float_to_bfloat16_bits(value):  # pragma: no cover - compiled
+    bits = np.float32(value).view(np.uint32)
+    return np.uint16((bits + np.uint32(0x7FFF) + ((bits >> np.uint32(16)) & np.uint32(1))) >> np.uint32(16))
+
+
+@numba.njit(nogil=True, cache=True, inline="always")
+def _half_at(raw, row, at):  # pragma: no cover - compiled
+    """The float16 stored little-endian at bytes [at, at + 2) of raw[row], as float32."""
+    return _half_bits_to_float(np.uint32(raw[row, at]) | (np.uint32(raw[row, at + 1]) << np.uint32(8)))
+
+
+@numba.njit(nogil=True, cache=True)
+def _write_q4_rows(packed, rows, bundles, first_block_byte, block_bytes, blocks_per_row):  # pragma: no cover
+    tile_bytes = TILE_ROWS * blocks_per_row * 16  # 64 rows of d/2 bytes
+    nibbles_at = block_bytes - 16  # a GGUF q4 block ends with its 16 bytes of nibbles
+    for i in range(rows.shape[0]):
+        row = rows[i]
+        high = (row % TILE_ROWS) >= 32
+        base = (row // TILE_ROWS) * tile_bytes + row % 32
+        for group in range(blocks_per_row):
+            block = first_block_byte + group * block_bytes + nibbles_at
+            for j in range(16):  # block byte j: weight j (low nibble) and weight j + 16 (high nibble)
+                value = bundles[i, block + j]
+                low_at = base + (group * 32 + j) * 32
+                high_at = low_at + 16 * 32
+                if high:
+                    packed[low_at] = (packed[low_at] & 0x0F) | ((value & 0x0F) << 4)
+                    packed[high_at] = (packed[high_at] & 0x0F) | (value & 0xF0)
+                else:
+                    packed[low_at] = (packed[low_at] & 0xF0) | (value & 0x0F)
+                    packed[high_at] = (packed[high_at] & 0xF0) | (value >> 4)
+
+
+@numba.njit(nogil=True, cache=True)
+def _write_q4_scales(scale_words, rows, bundles, first_block_byte, block_bytes, with_min
+                     ):  # pragma: no cover - compiled
+    """scale_words (G, R) uint32: word g of row r = bfloat16 scale (low half) | bfloat16 zero (high half)."""
+    groups = scale_words.shape[0]
+    for i in range(rows.shape[0]):
+        row = rows[i]
+        for group in range(groups):
+            at = first_block_byte + group * block_bytes
+            d = _half_at(bundles, i, at)
+            zero = np.float32(0.0)
+            if with_min:
+                zero = np.float32(_half_at(bundles, i, at + 2) + np.float32(8.0) * d)  # 8d is exact: one rounding
+            scale_words[group, row] = np.uint32(_float_to_bfloat16_bits(d)) | \
+                (np.uint32(_float_to_bfloat16_bits(zero)) << 16)
+
+
+@numba.njit(nogil=True, cache=True)
+def _write_q8_rows(rows_bits, rows, bundles, first_block_byte):  # pragma: no cover - compiled
+    """rows_bits (R, d) uint16 bfloat16 bits ← d·q of each q8_0 block (2 bytes d, 32 int8)."""
+    groups = rows_bits.shape[1] // BLOCK_WEIGHTS
+    for i in range(rows.shape[0]):
+        row = rows[i]
+        for group in range(groups):
+            at = first_block_byte + group * 34
+            d = _half_at(bundles, i, at)
+            for j in range(BLOCK_WEIGHTS):
+                q = np.float32(np.int8(bundles[i, at + 2 + j]))
+                rows_bits[row, group * BLOCK_WEIGHTS + j] = _float_to_bfloat16_bits(np.float32(q * d))
+
+
+@numba.njit(nogil=True, cache=True, inline="always")
+def _scaled(q, table_bits, group, r):  # pragma: no cover - compiled
+    """q4_0, q8_0: d_r·q."""
+    return np.float32(q * _half_bits_to_float(np.uint32(table_bits[group, 0, r])))
+
+
+# down_bits (cap, d) uint16 float16 bits ← neuron i's column: value r = d_r·(q_r - centre) (+ m_r for q4_1), with
+# d_r (and m_r) from its group's row of table_bits (G, c, d) uint16, q_r a nibble (byte r/2: even r low, odd r
+# high). One function per formula: a flag tested inside the loop keeps it from vectorizing (4x slower), and a
+# function passed in defeats numba's on-disk cache.
+
+@numba.njit(nogil=True, cache=True)
+def _write_nibble_down_rows(down_bits, slots, bundles, first_byte, neuron_ids, table_bits, centre
+                            ):  # pragma: no cover - compiled
+    offset = np.float32(centre)
+    for i in range(slots.shape[0]):
+        slot, group = slots[i], neuron_ids[i] // BLOCK_WEIGHTS
+        for pair in range(down_bits.shape[1] // 2):  # a byte's two values in two statements: it vectorizes
+            byte = bundles[i, first_byte + pair]
+            down_bits[slot, 2 * pair] = _float_to_half_bits(
+                _scaled(np.float32(byte & 0x0F) - offset, table_bits, group, 2 * pair))
+            down_bits[slot, 2 * pair + 1] = _float_to_half_bits(
+                _scaled(np.float32(byte >> 4) - offset, table_bits, group, 2 * pair + 1))
+
+
+@numba.njit(nogil=True, cache=True)
+def _write_nibble_down_rows_with_min(down_bits, slots, bundles, first_byte, neuron_ids, table_bits
+                                     ):  # pragma: no cover - compiled
+    scaled = np.empty(down_bits.shape[1], np.float32)  # (d,) d_r·q_r: two passes vectorize, one does not
+    for i in range(slots.shape[0]):
+        slot, group = slots[i], neuron_ids[i] // BLOCK_WEIGHTS
+        for pair in range(down_bits.shape[1] // 2):
+            byte = bundles[i, first_byte + pair]
+            scaled[2 * pair] = _scaled(np.float32(byte & 0x0F), table_bits, group, 2 * pair)
+            scaled[2 * pair + 1] = _scaled(np.float32(byte >> 4), table_bits, group, 2 * pair + 1)
+        for r in range(down_bits.shape[1]):
+            down_bits[slot, r] = _float_to_half_bits(
+                np.float32(scaled[r] + _half_bits_to_float(np.uint32(table_bits[group, 1, r]))))
+
+
+@numba.njit(nogil=True, cache=True)
+def _write_byte_down_rows(down_bits, slots, bundles, first_byte, neuron_ids, table_bits
+                          ):  # pragma: no cover - compiled
+    """As _write_nibble_down_rows for q8_0 values: value r = d_r·q_r, q_r an int8."""
+    for i in range(slots.shape[0]):
+        slot, group = slots[i], neuron_ids[i] // BLOCK_WEIGHTS
+        for r in range(down_bits.shape[1]):
+            down_bits[slot, r] = _float_to_half_bits(_scaled(np.float32(np.int8(bundles[i, first_byte + r])),
+                                                             table_bits, group, r))
+
+
+def float_to_half_bits(values: np.ndarray) -> np.ndarray:
+    """float32 values → float16 bits as the compiled loops round them (what the tests check them by)."""
+    flat = np.ascontiguousarray(values, dtype=np.float32).reshape(-1)
+    return _each_float_to_half(flat).reshape(np.shape(values))
+
+
+def half_bits_to_float(bits: np.ndarray) -> np.ndarray:
+    """float16 bits → float32 as the compiled loops widen them (what the tests check them by)."""
+    flat = np.ascontiguousarray(bits, dtype=np.uint16).reshape(-1)
+    return _each_half_to_float(flat).reshape(np.shape(bits))
+
+
+@numba.njit(cache=True)
+def _each_float_to_half(values):  # pragma: no cover - compiled
+    out = np.empty(values.shape[0], np.uint16)
+    for i in range(values.shape[0]):
+        out[i] = _float_to_half_bits(values[i])
+    return out
+
+
+@numba.njit(cache=True)
+def _each_half_to_float(bits):  # pragma: no cover - compiled
+    out = np.empty(bits.shape[0], np.float32)
+    for i in range(bits.shape[0]):
+        out[i] = _half_bits_to_float(np.uint32(bits[i]))
+    return out
+
+
+def _checked_rows(rows: np.ndarray, count: int, limit: int) -> np.ndarray:
+    rows = np.ascontiguousarray(rows, dtype=np.int64)
+    if len(rows) != count:
+        raise ValueError(f"{len(rows)} rows for {count} bundles")
+    if len(rows) and (rows.min() < 0 or rows.max() >= limit):
+        raise IndexError(f"rows must be in [0, {limit}); got {rows.min()}..{rows.max()}")
+    return rows
+
+
+def write_q4_rows(packed: np.ndarray, rows: np.ndarray, bundles: np.ndarray, first_block_byte: int,
+                  block_bytes: int, d: int) -> None:
+    """packed (R, d/2) uint8, torch's int4 tile layout, R a multiple of 64: rows `rows` (k,) get the 4-bit
+    values of the GGUF q4_0/q4_1 blocks at bytes [first_block_byte, first_block_byte + d/32·block_bytes) of
+    bundles (k, bundle_bytes) uint8; every other row's nibbles stay as they were. Scales: write_q4_scales."""
+    if packed.dtype != np.uint8 or bundles.dtype != np.uint8 or not packed.flags.c_contiguous:
+        raise ValueError("write_q4_rows takes a contiguous uint8 packed matrix and uint8 bundles")
+    if packed.shape[0] % TILE_ROWS or packed.shape[1] * 2 != d or d % BLOCK_WEIGHTS:
+        raise ValueError(f"packed {packed.shape} is not whole 64-row tiles of d={d} 4-bit weights")
+    rows = _checked_rows(rows, len(bundles), packed.shape[0])
+    if first_block_byte + d // BLOCK_WEIGHTS * block_bytes > bundles.shape[1]:
+        raise ValueError(f"the blocks end past a bundle's {bundles.shape[1]} bytes")
+    _write_q4_rows(packed.reshape(-1), rows, bundles, first_block_byte, block_bytes, d // BLOCK_WEIGHTS)
+
+
+def write_q4_scales(scale_words: np.ndarray, rows: np.ndarray, bundles: np.ndarray, first_block_byte: int,
+                    kind: str) -> None:
+    """scale_words (G, R) uint32, the int4 kernel's (scale, zero) bfloat16 pairs as words: rows (k,) get those
+    of the q4_0/q4_1 blocks at first_block_byte of bundles (k, bundle_bytes) uint8."""
+    rows = _checked_rows(rows, len(bundles), scale_words.shape[1])
+    block_bytes = {"q4_0": 18, "q4_1": 20}[kind]
+    _write_q4_scales(scale_words, rows, bundles, first_block_byte, block_bytes, kind == "q4_1")
+
+
+def write_q8_rows(rows_bits: np.ndarray, rows: np.ndarray, bundles: np.ndarray, first_block_byte: int) -> None:
+    """rows_bits (R, d) uint16 (bfloat16 bits): rows (k,) get d·q of the q8_0 blocks at first_block_byte."""
+    rows = _checked_rows(rows, len(bundles), rows_bits.shape[0])
+    _write_q8_rows(rows_bits, rows, bundles, first_block_byte)
+
+
+def write_down_rows(down_bits: np.ndarray, slots: np.ndarray, bundles: np.ndarray, first_byte: int,
+                    neuron_ids: np.ndarray, table_group_major: np.ndarray, block_kind: str) -> None:
+    """down_bits (cap, d) uint16 (float16 bits): slots (k,) get the down columns of neurons neuron_ids (k,),
+    whose values are at first_byte of bundles (k, bundle_bytes) uint8 and whose scales are their groups' rows
+    of the layer's table, group-major (n_ff/32, c, d) float16."""
+    slots = _checked_rows(slots, len(bundles), down_bits.shape[0])
+    table_bits = np.ascontiguousarray(table_group_major).view(np.uint16)
+    neuron_ids = np.ascontiguousarray(neuron_ids, dtype=np.int64)
+    if block_kind == "q8_0":
+        _write_byte_down_rows(down_bits, slots, bundles, first_byte, neuron_ids, table_bits)
+    else:
+        if block_kind == "q4_1":
+            _write_nibble_down_rows_with_min(down_bits, slots, bundles, first_byte, neuron_ids, table_bits)
+        else:
+            _write_nibble_down_rows(down_bits, slots, bundles, first_byte, neuron_ids, table_bits, 8)
