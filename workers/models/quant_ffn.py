@@ -4,8 +4,10 @@ A quantized bundle is [gate_i | up_i | down_i] as bytes: gate/up rows in GGUF
 blocks (q4_0, q4_1 or q8_0) and the down column as the values of GGUF's
 across-neuron down blocks, whose scales are the layer's resident table.
 `QuantNeuronMatrix` holds `capacity` such neurons the way the CPU
-kernels take them, and a slot can be (re)written alone, so a neuron cache's
-insert/move touches only its rows (the kernel layout is never rebuilt):
+kernels take them, and a slot can be (re)written alone. It converts rows read
+for one product (a whole layer, a chunk of one); a sparse neuron cache's
+neurons are written into the same layouts by the prefetcher as they arrive
+(flash_io/kernel_rows.py), and `over_kernel_rows` multiplies them in place:
 
 - gate and up rows of q4_* kinds: one int4 packed matrix of 2·capacity rows
   (gate in [0, cap), up in [cap, 2cap)), capacity rounded up to the packing's
@@ -227,23 +229,6 @@ class QuantNeuronMatrix:
         return sum(t.nbytes for t in held)
 
     # -- writing slots ----------------------------------------------------------
-
-    def clear(self, slots: np.ndarray) -> None:
-        """Slots (k,) no longer hold a neuron (a sparse cache's mirror leaves such holes): their rows, scales
-        and down rows are zeroed, so their activation is exactly 0 and they add nothing to the product."""
-        if self.down_as_blocks:
-            raise ValueError("a whole-layer matrix is written once; its slots are not cleared")
-        if len(slots) == 0:
-            return
-        slots_t = torch.from_numpy(np.asarray(slots, dtype=np.int64))  # (k,)
-        rows = torch.cat([slots_t + index * self.capacity for index in range(self.row_matrices)])  # (m·k,)
-        if self.int4:
-            self.scales_zeros.index_fill_(1, rows, 0)  # scale 0, zero 0: every weight of the row is 0
-        else:
-            self.rows_bf16.index_fill_(0, rows, 0)
-        if self.up_bias is not None:
-            self.up_bias.index_fill_(0, slots_t, 0)
-        self.down_rows.index_fill_(0, slots_t, 0)
 
     def write(self, slots: np.ndarray, bundles: np.ndarray, neuron_ids: np.ndarray, helper=None) -> None:
         """Put the bundles (k, bundle_bytes) uint8 of neurons neuron_ids (k,) at slots (k,). helper: an executor
