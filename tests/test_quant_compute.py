@@ -255,7 +255,8 @@ def held_nbytes(value) -> int:
 def test_the_memory_plan_counts_quantized_weights_and_caches_as_held(quantized_tiny_store):
     from flashllm.runtime.core.engine import Engine
     from flashllm.workers.memory_plan import cache_bytes_of, plan_for_store
-    from flashllm.workers.prefetch import Prefetcher, kernel_rows_for
+    from flashllm.workers.flash_io.kernel_rows import kernel_rows_for
+    from flashllm.workers.prefetch import Prefetcher
     from flashllm.workers.sparse_ffn import CacheView
     from flashllm.workers.store_reader import load_down_group_scales, open_store
 

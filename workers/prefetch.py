@@ -35,7 +35,7 @@ from flashllm.protocol.messages import (
 from flashllm.protocol.shm import SharedSegment, cache_down_tables, cache_kernel_arrays, cache_layer_arrays
 from flashllm.protocol.store_format import QUANTIZED_STORE_DTYPES, Manifest, StoreError, calibrate_hint, read_manifest
 from flashllm.workers.flash_io.bundle_reader import BundleReader, layer_chunks, numpy_dtype_of_store
-from flashllm.workers.flash_io.kernel_rows import KernelRows
+from flashllm.workers.flash_io.kernel_rows import KernelRows, kernel_rows_for
 from flashllm.workers.flash_io.neuron_cache import NeuronCache, GrowingRows
 from flashllm.workers.flash_io.neuron_ids import union_ids
 from flashllm.workers.process_entry import WorkerConfig, run_worker
@@ -67,18 +67,10 @@ class FlashWork:
     io_s: float
 
 
-def kernel_rows_for(layout, capacity_rows: list[int], down_scales: list[np.ndarray],
-                    arrays: list[dict[str, np.ndarray]] | None = None) -> list[KernelRows]:
-    """Per layer, the KernelRows of a cache of capacity_rows[layer] (over `arrays`, shared memory, if given)."""
-    return [KernelRows(layout, capacity, region.num_neurons, down_scales[layer],
-                       None if arrays is None else arrays[layer])
-            for layer, (capacity, region) in enumerate(zip(capacity_rows, layout.layers))]
-
-
 def neuron_cache_dtype(store_dtype_name: str, device: str) -> np.dtype:
     """The dtype of the neuron caches' rows: the store's, everywhere. A quantized store's bundles stay its
-    bytes (uint8): the compute side keeps them in its kernels' layouts (CacheView), the GPU dequantized in its
-    mirror. A float16/bfloat16 store's rows stay half precision (bfloat16 as its uint16 bits): the CPU
+    bytes (uint8): on the CPU they go into the kernels' layouts as they arrive (flash_io/kernel_rows.py), on a
+    GPU they are dequantized into its mirror. A float16/bfloat16 store's rows stay half precision (bfloat16 as its uint16 bits): the CPU
     widens them a chunk at a time as it multiplies them (models.ffn.HalfRows), the GPU in its mirror."""
     return numpy_dtype_of_store(store_dtype_name)
 
@@ -90,7 +82,7 @@ class Prefetcher:
         """cache_dtype: dtype of the cache rows when it differs from the store's (CPU compute in float32
         converts once on insert instead of on every use); cache_rows: preallocated matrices (shared memory);
         kernel_rows: a quantized store's caches for CPU compute, held in the kernels' layouts instead of rows
-        (flash_io/kernel_rows.py; kernel_rows_for builds them)."""
+        (flash_io/kernel_rows.kernel_rows_for builds them)."""
         layout = manifest.ffn
         self.reader = BundleReader(store_dir, layout, num_threads=num_threads)
         store_dtype = numpy_dtype_of_store(layout.dtype)

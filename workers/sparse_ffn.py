@@ -48,8 +48,8 @@ from flashllm.workers.models.ffn import (BundleColumns, HalfRows, OwnNeuronSums,
 from flashllm.workers.models.quant_ffn import QuantNeuronMatrix, QuantRows
 from flashllm.workers.store_reader import bundle_rows_as_float, layer_table, load_down_group_scales
 from flashllm.workers.predictor import load_predictor
-from flashllm.workers.flash_io.kernel_rows import holds_kernel_rows
-from flashllm.workers.prefetch import Prefetcher, kernel_rows_for, neuron_cache_dtype
+from flashllm.workers.flash_io.kernel_rows import holds_kernel_rows, kernel_rows_for
+from flashllm.workers.prefetch import Prefetcher, neuron_cache_dtype
 from flashllm.workers.sparse_policy import CachedLayer, MaskedLayer, SparseStepPlanner
 
 

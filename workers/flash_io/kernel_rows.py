@@ -180,3 +180,11 @@ class KernelRows(KernelRowsView):
             bias = qf.dequantize_rows(self.kinds["up_bias"], np.ascontiguousarray(
                 bundles[:, self.byte_slices["up_bias"]]), 1)  # (k, 1)
             self.arrays["up_bias"][slots] = bias.reshape(-1)
+
+
+def kernel_rows_for(layout: FfnLayout, capacity_rows: list[int], down_scales: list[np.ndarray],
+                    arrays: list[dict[str, np.ndarray]] | None = None) -> list[KernelRows]:
+    """Per layer, the KernelRows of a cache of capacity_rows[layer] (over `arrays`, shared memory, if given)."""
+    return [KernelRows(layout, capacity, region.num_neurons, down_scales[layer],
+                       None if arrays is None else arrays[layer])
+            for layer, (capacity, region) in enumerate(zip(capacity_rows, layout.layers))]
