@@ -33,7 +33,7 @@ from flashllm.workers.models.attention import KVCache
 from flashllm.workers.models.ffn import HALF_ROWS_CHUNK
 from flashllm.workers.models.resident import HALF_STORE_DTYPES, resident_dtype_of
 from flashllm.workers.flash_io.bundle_reader import largest_chunk_rows, largest_span_bytes, neuron_read_staging_bytes
-from flashllm.workers.flash_io.kernel_rows import holds_kernel_rows, kernel_rows_bytes
+from flashllm.workers.flash_io.kernel_rows import holds_kernel_rows, kernel_rows_bytes, kernel_slots
 from flashllm.workers.models.quant_ffn import QuantNeuronMatrix
 
 MIB = 2**20
@@ -190,10 +190,16 @@ def plan_memory(manifest: Manifest, resident_bytes: int, budget_bytes: int | Non
         per_row = row_bytes + -(-arrival_bytes(layout, [1], device) // len(num_neurons))
         spare_rows = (budget_bytes - min_total) // per_row
         capacity = widen_equally(min_rows, num_neurons, spare_rows)
-        while spare_rows > 0 and resident_bytes + predictor_bytes + staging_bytes + \
-                cache_bytes_of(layout, capacity, cache_itemsize, device) > budget_bytes:
+        def total_bytes(capacity: list[int]) -> int:
+            return resident_bytes + predictor_bytes + staging_bytes + cache_bytes_of(layout, capacity,
+                                                                                     cache_itemsize, device)
+
+        while spare_rows > 0 and total_bytes(capacity) > budget_bytes:
             spare_rows -= len(num_neurons)
             capacity = widen_equally(min_rows, num_neurons, max(0, spare_rows))
+        if holds_kernel_rows(layout, device):  # kernel rows hold whole int4 tiles: use every slot held
+            whole_tiles = [min(n, kernel_slots(c)) for n, c in zip(num_neurons, capacity)]
+            capacity = whole_tiles if total_bytes(whole_tiles) <= budget_bytes else capacity
     return MemoryPlan(budget_bytes=budget_bytes, resident_bytes=resident_bytes, predictor_bytes=predictor_bytes,
                       staging_bytes=staging_bytes, cache_bytes=cache_bytes_of(layout, capacity, cache_itemsize, device),
                       kv_cache_bytes=kv_cache_bytes, capacity_rows=capacity, min_capacity_rows=min_rows,
