@@ -304,25 +304,31 @@ def test_dense_and_naive_decode_a_quantized_store_alike_and_near_its_float_weigh
     assert torch.allclose(logits["dense"], logits["naive"], atol=1e-5)
 
 
-def test_sparse_decodes_a_quantized_store_with_the_same_tokens_in_both_runtimes(quantized_tiny_store, tmp_path):
-    """Caches of quantized bundles, mirrored slot by slot in the kernels' layouts by each runtime's compute side,
-    at a budget that makes the window evict and move rows."""
+@pytest.fixture(scope="module")
+def calibrated_quantized_store(quantized_tiny_store, tmp_path_factory):
+    """The quantized tiny store, calibrated, and a budget 20 rows a layer above its minimum (the window must
+    evict)."""
     import shutil
 
-    from flashllm.runtime.core.engine import Engine
-    from flashllm.runtime.core.sampling import SamplingParams
     from flashllm.runtime.tools.calibrate import calibrate
     from flashllm.workers.memory_plan import plan_for_store
     from flashllm.workers.store_reader import open_store
     from tests.conftest import calibration_text
 
-    store = str(tmp_path / "calibrated")
+    store = str(tmp_path_factory.mktemp("quant") / "calibrated")
     shutil.copytree(quantized_tiny_store, store)
     calibrate(store, calibration_text(), max_tokens=800, progress=False, log=lambda *_: None)
-    manifest = open_store(store)
-    roomy = plan_for_store(store, manifest, 2**40, "sparse", 4, 0, keep_fraction=0.25)
-    # 20 rows a layer above the minimum: the window must evict
-    budget = roomy.budget_for_spare_rows(20 * len(roomy.capacity_rows))
+    roomy = plan_for_store(store, open_store(store), 2**40, "sparse", 4, 0, keep_fraction=0.25)
+    return store, roomy.budget_for_spare_rows(20 * len(roomy.capacity_rows))
+
+
+def test_sparse_decodes_a_quantized_store_with_the_same_tokens_in_both_runtimes(calibrated_quantized_store):
+    """Caches of quantized bundles held once in the kernels' layouts, written by each runtime's prefetcher, at
+    a budget that makes the window evict (and arrivals fill the slots that left)."""
+    from flashllm.runtime.core.engine import Engine
+    from flashllm.runtime.core.sampling import SamplingParams
+
+    store, budget = calibrated_quantized_store
     prompt = list(range(5, 17))
     tokens = {}
     for runtime in ("inproc", "workers"):
@@ -332,6 +338,23 @@ def test_sparse_decodes_a_quantized_store_with_the_same_tokens_in_both_runtimes(
             tokens[runtime] = result.tokens
             assert sum(s["neurons_read"] for s in result.token_stats) > 0  # it read neurons, from the cache's misses
     assert tokens["inproc"] == tokens["workers"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("runtime", ["inproc", "workers"])
+def test_a_quantized_sparse_run_stays_within_its_memory_bound_with_the_compiled_loops(calibrated_quantized_store,
+                                                                                      runtime):
+    from flashllm.runtime.tools.memory_cgroup import CgroupUnavailable, measure_baselines, measure_generate
+
+    store, budget = calibrated_quantized_store
+    try:
+        baselines = measure_baselines(compiled_loops=True)
+    except CgroupUnavailable as exc:
+        pytest.skip(f"no writable memory cgroup: {exc}")
+    assert baselines.compiled_loops_bytes > 0  # loading them costs memory, and the bound counts it
+    result = measure_generate(store, "sparse", runtime, memory_bytes=budget, max_tokens=6, baselines=baselines,
+                              extra_args=["--keep-fraction", "0.25"])
+    assert baselines.torch_process_bytes < result["peak_bytes"] <= result["bound_bytes"], result
 
 
 @pytest.mark.parametrize("block_kind", ["q4_1", "q4_0", "q8_0"])

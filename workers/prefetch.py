@@ -35,6 +35,7 @@ from flashllm.protocol.messages import (
 from flashllm.protocol.shm import SharedSegment, cache_down_tables, cache_kernel_arrays, cache_layer_arrays
 from flashllm.protocol.store_format import QUANTIZED_STORE_DTYPES, Manifest, StoreError, calibrate_hint, read_manifest
 from flashllm.workers.flash_io.bundle_reader import BundleReader, layer_chunks, numpy_dtype_of_store
+from flashllm.workers.flash_io.kernel_layout import load_compiled_loops
 from flashllm.workers.flash_io.kernel_rows import KernelRows, kernel_rows_for
 from flashllm.workers.flash_io.neuron_cache import NeuronCache, GrowingRows
 from flashllm.workers.flash_io.neuron_ids import union_ids
@@ -98,6 +99,8 @@ class Prefetcher:
         self._staged_rows = np.empty((0, layout.stored_row_width), dtype=dtype)
         # read-ahead still on the device (start_stage): the next prepare of its layer finishes it
         self._in_flight: _EarlyRead | None = None
+        if kernel_rows is not None:
+            load_compiled_loops()
         self.caches = [
             NeuronCache(region.num_neurons, layout.stored_row_width, capacity_rows[layer], dtype, window_tokens,
                         rows=None if cache_rows is None else cache_rows[layer],

@@ -418,10 +418,10 @@ def peak_memory_runs(store: str, memory_bytes: int, runtimes: list[str], residen
     """The sparse mode's peak memory per runtime, all its processes together, as a memory cgroup counts it
     (runtime/tools/memory_cgroup.py): a real `flashllm generate` in a child process at the bench's budget,
     beside the bound (budget + one baseline per process + KV cache) x 1.1."""
-    from flashllm.runtime.tools.memory_cgroup import measure_baselines, measure_generate
+    from flashllm.runtime.tools.memory_cgroup import measure_baselines, measure_generate, store_has_compiled_loops
 
     print("bench: peak memory (baselines, then a `flashllm generate` per runtime) ...", file=sys.stderr)
-    baselines = measure_baselines()
+    baselines = measure_baselines(compiled_loops=store_has_compiled_loops(store))
     runs = {}
     extra = ["--resident-dtype", resident_dtype] if resident_dtype else []
     for option, value in sparse_options.items():  # the same sparse settings as the bench's own runs

@@ -48,7 +48,7 @@ from typing import Callable
 
 from flashllm.runtime.tools.memory_cgroup import (
     BOUND_SLACK, CgroupUnavailable, MeasuredRun, ProcessBaselines, drop_page_cache, measure_baselines, measure_command,
-    memory_bound_bytes,
+    memory_bound_bytes, store_has_compiled_loops,
 )
 
 LLAMA_BENCH_ENV = "FLASHLLM_LLAMA_BENCH"
@@ -191,7 +191,8 @@ def whole_process_runs(options: PeerBenchOptions, baselines: dict, weight_bytes:
 def flashllm_process_baselines(baselines: dict) -> ProcessBaselines:
     """The report's measured flashllm process baselines, as memory_cgroup's bounds take them."""
     process = baselines["flashllm_process"]
-    return ProcessBaselines(process["baseline_bytes"], process["light_baseline_bytes"], process["method"])
+    return ProcessBaselines(process["baseline_bytes"], process["light_baseline_bytes"], process["method"],
+                            process.get("compiled_loops_bytes", 0))
 
 
 def flashllm_modes(options: PeerBenchOptions) -> list[str]:
@@ -287,15 +288,16 @@ def measure_llama_baseline(options: PeerBenchOptions) -> dict:
                    "page cache still charged after it exits (the GGUF's pages)"}
 
 
-def measure_flashllm_process_baselines() -> dict:
+def measure_flashllm_process_baselines(store: str) -> dict:
     """flashllm's processes before they open a store, measured as `flashllm bench` measures them."""
     try:
-        baselines = measure_baselines()
+        baselines = measure_baselines(compiled_loops=store_has_compiled_loops(store))
     except RuntimeError as exc:
         raise PeerBenchError(f"could not measure flashllm's process baselines: {exc}") from None
     return {"baseline_bytes": baselines.torch_process_bytes, "light_baseline_bytes": baselines.light_process_bytes,
-            "method": baselines.method,
-            "how": "peak of a process that imported the engine (torch) and of the torch-free prefetcher's imports "
+            "compiled_loops_bytes": baselines.compiled_loops_bytes, "method": baselines.method,
+            "how": "peak of a process that imported the engine (torch) and of the torch-free prefetcher's imports, "
+                   "and what the kernel-row loops add to the process that loads them "
                    "(memory_cgroup.measure_baselines)"}
 
 
@@ -394,7 +396,7 @@ def run_peer_bench(options: PeerBenchOptions, command: list[str] | None = None,
         options = replace(options, gguf=private_copy(options.gguf, folder))
         print("bench-peer: baselines ...", file=sys.stderr)
         report["baselines"] = {"llama.cpp": measure_llama_baseline(options),
-                               "flashllm_process": measure_flashllm_process_baselines(),
+                               "flashllm_process": measure_flashllm_process_baselines(options.store),
                                "flashllm_kv_cache_bytes": flashllm_kv_cache_bytes(options.store, options.max_context),
                                "flashllm_cap_margin": BOUND_SLACK}
         records: list[dict] = []

@@ -50,9 +50,12 @@ PSS_SAMPLE_INTERVAL_S = 0.005
 BOUND_SLACK = 0.10  # the bound's headroom over budget + baselines + KV cache
 
 # What a process imports before it loads a store. The torch processes (the engine, the compute and the
-# predictor workers) import the engine; the prefetcher imports only numpy-level modules.
+# predictor workers) import the engine; the prefetcher imports only numpy-level modules. The process that
+# writes a quantized store's neuron caches (the engine in process, else the prefetcher) also loads the
+# compiled loops that do it (flash_io/kernel_layout.py) as it starts.
 TORCH_PROCESS_IMPORTS = "import flashllm.runtime.core.engine, flashllm.workers.compute, flashllm.workers.predictor"
 LIGHT_PROCESS_IMPORTS = "import flashllm.workers.prefetch"
+COMPILED_LOOPS = "from flashllm.workers.flash_io.kernel_layout import load_compiled_loops; load_compiled_loops()"
 
 
 class CgroupUnavailable(RuntimeError):
@@ -400,17 +403,35 @@ class ProcessBaselines:
     torch_process_bytes: int  # Python + torch + the engine's modules
     light_process_bytes: int  # Python + numpy + the prefetcher's modules (no torch)
     method: str
+    compiled_loops_bytes: int = 0  # what loading the kernel-row loops adds to the process that writes the caches
 
 
-def measure_baselines(python: str = sys.executable) -> ProcessBaselines:
+def measure_baselines(python: str = sys.executable, compiled_loops: bool = False) -> ProcessBaselines:
+    """compiled_loops: the store's caches hold kernel rows (flash_io/kernel_rows.holds_kernel_rows), so one
+    process loads their compiled loops: measured as what they add to the torch-free prefetcher's imports."""
     torch_run = measure_command([python, "-c", TORCH_PROCESS_IMPORTS])
-    light_run = measure_command([python, "-c", LIGHT_PROCESS_IMPORTS + "; import sys; "
-                                 "sys.exit(1 if 'torch' in sys.modules else 0)"])
-    for run, what in ((torch_run, TORCH_PROCESS_IMPORTS), (light_run, LIGHT_PROCESS_IMPORTS)):
+    light_check = "; import sys; sys.exit(1 if 'torch' in sys.modules else 0)"
+    runs = [(torch_run, TORCH_PROCESS_IMPORTS)]
+    light_run = measure_command([python, "-c", LIGHT_PROCESS_IMPORTS + light_check])
+    runs.append((light_run, LIGHT_PROCESS_IMPORTS))
+    loops_run = None
+    if compiled_loops:
+        loops_run = measure_command([python, "-c", f"{LIGHT_PROCESS_IMPORTS}; {COMPILED_LOOPS}{light_check}"])
+        runs.append((loops_run, COMPILED_LOOPS))
+    for run, what in runs:
         if not run.ok:
             raise RuntimeError(f"baseline `{what}` failed ({run.failure()}; a torch-free process that "
                                f"imported torch fails too): {run.stderr.strip()[-500:]}")
-    return ProcessBaselines(torch_run.peak_bytes, light_run.peak_bytes, torch_run.method)
+    loops_bytes = max(0, loops_run.peak_bytes - light_run.peak_bytes) if loops_run is not None else 0
+    return ProcessBaselines(torch_run.peak_bytes, light_run.peak_bytes, torch_run.method, loops_bytes)
+
+
+def store_has_compiled_loops(store_dir: str) -> bool:
+    """Whether a run over this store (on the CPU) loads the kernel-row loops (measure_baselines' compiled_loops)."""
+    from flashllm.protocol.store_format import read_manifest
+    from flashllm.workers.flash_io.kernel_rows import holds_kernel_rows
+
+    return holds_kernel_rows(read_manifest(store_dir).ffn, "cpu")
 
 
 # the processes each runtime runs: (torch processes, torch-free processes); workers: the engine, compute (which
@@ -418,20 +439,22 @@ def measure_baselines(python: str = sys.executable) -> ProcessBaselines:
 RUNTIME_PROCESSES = {"inproc": (1, 0), "workers": (2, 1)}
 
 
+def _baselines_bytes(baselines: ProcessBaselines, runtime: str) -> int:
+    """One baseline per process of the runtime, and the compiled loops once (one process writes the caches)."""
+    torch_processes, light_processes = RUNTIME_PROCESSES[runtime]
+    return torch_processes * baselines.torch_process_bytes + light_processes * baselines.light_process_bytes + \
+        baselines.compiled_loops_bytes
+
+
 def memory_bound_bytes(budget_bytes: int, kv_cache_bytes: int, baselines: ProcessBaselines, runtime: str) -> int:
     """What a run at --memory budget_bytes may use, all processes together: (budget + one baseline per process
     + the KV cache) plus 10%."""
-    torch_processes, light_processes = RUNTIME_PROCESSES[runtime]
-    base = (budget_bytes + kv_cache_bytes + torch_processes * baselines.torch_process_bytes
-            + light_processes * baselines.light_process_bytes)
-    return int(base * (1 + BOUND_SLACK))
+    return int((budget_bytes + kv_cache_bytes + _baselines_bytes(baselines, runtime)) * (1 + BOUND_SLACK))
 
 
 def budget_under_cap_bytes(cap_bytes: int, kv_cache_bytes: int, baselines: ProcessBaselines, runtime: str) -> int:
     """The largest --memory whose bound (memory_bound_bytes) stays within a whole-process cap."""
-    torch_processes, light_processes = RUNTIME_PROCESSES[runtime]
-    return int(cap_bytes / (1 + BOUND_SLACK)) - kv_cache_bytes - torch_processes * baselines.torch_process_bytes \
-        - light_processes * baselines.light_process_bytes
+    return int(cap_bytes / (1 + BOUND_SLACK)) - kv_cache_bytes - _baselines_bytes(baselines, runtime)
 
 
 # ---------------------------------------------------------------------- a real `flashllm generate`, measured
@@ -463,7 +486,7 @@ def measure_generate(store_dir: str, mode: str, runtime: str, memory_bytes: int,
                      timeout_s: float = 600.0) -> dict:
     """Peak memory of a real `flashllm generate` at --memory memory_bytes, beside its bound. Raises
     RuntimeError with why it failed and the command's stderr when it does."""
-    baselines = baselines or measure_baselines()
+    baselines = baselines or measure_baselines(compiled_loops=store_has_compiled_loops(store_dir))
     argv = generate_command(store_dir, mode, runtime, memory_bytes, max_tokens, extra_args)
     drop_page_cache(store_files(store_dir))  # read cold, so the run's cgroup is charged for the pages it maps
     run = measure_command(argv, timeout_s=timeout_s)

@@ -263,3 +263,19 @@ def write_down_rows(down_bits: np.ndarray, slots: np.ndarray, bundles: np.ndarra
             _write_nibble_down_rows_with_min(down_bits, slots, bundles, first_byte, neuron_ids, table_bits)
         else:
             _write_nibble_down_rows(down_bits, slots, bundles, first_byte, neuron_ids, table_bits, 8)
+
+
+def load_compiled_loops() -> None:
+    """Compile (or load from numba's cache) every loop here now, on tiny arrays: a process that will write
+    kernel rows pays it while it starts, not in its first decode step (a second or more on a loaded box)."""
+    d = 64
+    bundles = np.zeros((1, 3 * 40 + d), dtype=np.uint8)
+    rows = np.zeros(1, dtype=np.int64)
+    write_q4_rows(np.zeros((TILE_ROWS, d // 2), np.uint8), rows, bundles, 0, 20, d)
+    for kind in ("q4_0", "q4_1"):
+        write_q4_scales(np.zeros((d // BLOCK_WEIGHTS, TILE_ROWS), np.uint32), rows, bundles, 0, kind)
+    write_q8_rows(np.zeros((TILE_ROWS, d), np.uint16), rows, np.zeros((1, 2 * 34), np.uint8), 0)
+    for kind in ("q4_0", "q4_1", "q8_0"):
+        write_down_rows(np.zeros((TILE_ROWS, d), np.uint16), rows, bundles, 0, rows, np.zeros((1, 2, d), np.float16),
+                        kind)
+
