@@ -130,7 +130,9 @@ def hold_resident(weights: dict, compute_dtype: torch.dtype, resident_dtype: tor
             return hold_quantized(t, compute_dtype, device)
         if isinstance(t, StoreBackedMatrix):
             return StoreBackedMatrix(t.stored_rows, hold(t.held) if t.held is not None else None)
-        return t.to(device=device, dtype=resident_dtype if t.dim() >= 2 else compute_dtype)
+        # a copy even where dtype and device are already right: a tensor as stored is a view of the store file's
+        # mapping, and one such tensor held (a norm) keeps the whole file mapped and its pages charged
+        return t.to(device=device, dtype=resident_dtype if t.dim() >= 2 else compute_dtype, copy=True)
 
     return {name: hold(weights.pop(name)) for name in list(weights)}
 
