@@ -156,11 +156,15 @@ def plan_memory(manifest: Manifest, resident_bytes: int, budget_bytes: int | Non
     the flag that sets the neurons kept per token, written before its value (None: no flag does)."""
     layout = manifest.ffn
     cache_itemsize = cache_itemsize or compute_itemsize
-    # bytes one more row costs; a quantized CPU cache's kernel copy rounds each layer up to whole int4 tiles,
-    # which `slack` (per layer) reserves, so the exact figure below never passes the budget
     def held_bytes(capacity: list[int]) -> int:  # without the arrival buffer, which grows with the largest cache
         return cache_bytes_of(layout, capacity, cache_itemsize, device) - arrival_bytes(layout, capacity, device)
 
+    def total_bytes(capacity: list[int]) -> int:  # what the plan holds with caches of these capacities
+        return resident_bytes + predictor_bytes + staging_bytes + cache_bytes_of(layout, capacity, cache_itemsize,
+                                                                                 device)
+
+    # bytes one more row costs; a quantized CPU cache's kernel rows round each layer up to whole int4 tiles,
+    # which `slack` (per layer) reserves, so the exact figure below never passes the budget
     row_bytes = (held_bytes([128]) - held_bytes([64])) // 64
     tables_bytes = down_scale_tables_bytes(layout)  # once, not per layer
     slack = held_bytes([1]) - tables_bytes if layout.is_quantized else 0
@@ -190,10 +194,6 @@ def plan_memory(manifest: Manifest, resident_bytes: int, budget_bytes: int | Non
         per_row = row_bytes + -(-arrival_bytes(layout, [1], device) // len(num_neurons))
         spare_rows = (budget_bytes - min_total) // per_row
         capacity = widen_equally(min_rows, num_neurons, spare_rows)
-        def total_bytes(capacity: list[int]) -> int:
-            return resident_bytes + predictor_bytes + staging_bytes + cache_bytes_of(layout, capacity,
-                                                                                     cache_itemsize, device)
-
         while spare_rows > 0 and total_bytes(capacity) > budget_bytes:
             spare_rows -= len(num_neurons)
             capacity = widen_equally(min_rows, num_neurons, max(0, spare_rows))

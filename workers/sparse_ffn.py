@@ -42,13 +42,13 @@ from flashllm.protocol.store_format import FfnLayout, Manifest
 from flashllm.workers.engine_config import SparseOptions
 from flashllm.workers.ffn_providers import FfnStats, held_rows
 from flashllm.workers.flash_io.bundle_reader import numpy_dtype_of_store
+from flashllm.workers.flash_io.kernel_rows import holds_kernel_rows, kernel_rows_for
 from flashllm.workers.interfaces import FfnProvider
 from flashllm.workers.models.ffn import (BundleColumns, HalfRows, OwnNeuronSums, ffn_from_rows,
                                          masked_ffn_from_rows, masked_ffn_over_chunks)
 from flashllm.workers.models.quant_ffn import QuantNeuronMatrix, QuantRows
 from flashllm.workers.store_reader import bundle_rows_as_float, layer_table, load_down_group_scales
 from flashllm.workers.predictor import load_predictor
-from flashllm.workers.flash_io.kernel_rows import holds_kernel_rows, kernel_rows_for
 from flashllm.workers.prefetch import Prefetcher, neuron_cache_dtype
 from flashllm.workers.sparse_policy import CachedLayer, MaskedLayer, SparseStepPlanner
 
