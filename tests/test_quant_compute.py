@@ -282,7 +282,7 @@ def test_the_memory_plan_counts_quantized_weights_and_caches_as_held(quantized_t
         # each neuron held once, as the kernels take it (no bundles as read beside it, no copy on compute's side)
         assert all(cache.rows is None for cache in prefetcher.caches) and view.held_bytes == 0
         actual = sum(cache.kernel_rows.nbytes for cache in prefetcher.caches) + sum(t.nbytes for t in tables) + \
-            prefetcher._arrival_rows(0).base.nbytes
+            prefetcher._arrival_rows.nbytes
         assert cache_bytes_of(manifest.ffn, capacity_rows, 1, "cpu") == actual
     finally:
         prefetcher.close()

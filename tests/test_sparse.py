@@ -431,7 +431,7 @@ def test_prefill_in_chunks_equals_prefill_over_the_whole_layer_and_holds_a_chunk
             engine.generate(PROMPTS, SamplingParams(max_tokens=1, ignore_eos=True))  # prefill only
             ffn = engine.executor.ffn
             assert ffn.prefetcher.reader._layer_buffer.nbytes == 0  # no whole-layer buffer was ever allocated
-    assert ffn._chunk.nbytes <= chunk_bytes
+    assert ffn._chunk_rows.nbytes <= chunk_bytes
     # a GPU sums the parts in float16, so four partial sums round differently from one (seen: 4e-3 apart)
     tolerance = 1e-5 if default_device() == "cpu" else 2e-2
     for rid, logits in first_logits[None].items():

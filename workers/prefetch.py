@@ -40,7 +40,9 @@ from flashllm.workers.flash_io.kernel_rows import KernelRows, kernel_rows_for
 from flashllm.workers.flash_io.neuron_cache import NeuronCache, GrowingRows
 from flashllm.workers.flash_io.neuron_ids import union_ids
 from flashllm.workers.process_entry import WorkerConfig, run_worker
-from flashllm.workers.store_reader import bundle_rows_as_float, layer_table, load_down_group_scales
+from flashllm.workers.store_reader import (
+    bundle_rows_as_float, each_down_group_scales, layer_table, load_down_group_scales,
+)
 
 
 @dataclass
@@ -91,7 +93,7 @@ class Prefetcher:
         self._convert = dtype != store_dtype
         # a quantized store's down scale tables: decoding bundles into a float cache needs them
         self.down_scales = load_down_group_scales(store_dir, manifest) if self._convert else None
-        self._scratch = np.empty((0, layout.stored_row_width), dtype=store_dtype)
+        self._scratch_rows = GrowingRows(layout.stored_row_width, store_dtype)  # bundles on their way elsewhere
         self._arrival_rows = GrowingRows(layout.stored_row_width, store_dtype)  # kernel rows' inserts, as read
         # read-ahead of one layer: sorted ids and their rows (cache dtype)
         self._staged_layer = -1
@@ -145,12 +147,6 @@ class Prefetcher:
                                                    ids)
 
         return read_converted
-
-    def _scratch_rows(self, count: int) -> np.ndarray:
-        """(count, E) rows of the store dtype, reused: bundles on their way to a cache of another dtype."""
-        if self._scratch.shape[0] < count:
-            self._scratch = np.empty((count, self._scratch.shape[1]), dtype=self._scratch.dtype)
-        return self._scratch[:count]
 
     def prepare(self, layer: int, predicted_ids: np.ndarray, new_token: bool = True,
                 resident_ids: np.ndarray | None = None) -> LayerUpdate:
@@ -437,13 +433,11 @@ class PrefetchWorker:
         kernel_arrays = [cache_kernel_arrays(cache, layer) for layer in range(num_layers)]
         kernel_rows = None
         if kernel_arrays[0] is not None:  # the down tables are this process's to fill; compute reads them
-            tables = load_down_group_scales(config.store_dir, manifest)
             shared = cache_down_tables(cache)  # (n_ff/32, c, d) each
-            for table, into in zip(tables, shared):
+            for table, into in zip(each_down_group_scales(config.store_dir, manifest), shared):
                 into[:] = table.transpose(1, 2, 0)
             kernel_rows = kernel_rows_for(manifest.ffn, config.capacity_rows,
                                           [table.transpose(2, 0, 1) for table in shared], kernel_arrays)
-            del tables
         # a trace pins nothing (its predictor has no hot neurons)
         hot_ids = load_hot_ids(config.store_dir, manifest) if config.sparse.pin_hot and config.sparse.trace is None \
             else None

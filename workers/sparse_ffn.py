@@ -43,6 +43,7 @@ from flashllm.workers.engine_config import SparseOptions
 from flashllm.workers.ffn_providers import FfnStats, held_rows
 from flashllm.workers.flash_io.bundle_reader import numpy_dtype_of_store
 from flashllm.workers.flash_io.kernel_rows import holds_kernel_rows, kernel_rows_for
+from flashllm.workers.flash_io.neuron_cache import GrowingRows
 from flashllm.workers.interfaces import FfnProvider
 from flashllm.workers.models.ffn import (BundleColumns, HalfRows, OwnNeuronSums, ffn_from_rows,
                                          masked_ffn_from_rows, masked_ffn_over_chunks)
@@ -190,7 +191,7 @@ class SparseFlashFfn(FfnProvider):
                                          options.missing_policy, options.window_tokens, options.batch_invariant)
         self._carry_out = {CachedLayer: self._forward_cached, MaskedLayer: self._forward_masked}
         # the dense-read path's chunk of bundles as read (store dtype; grown to one chunk on first use)
-        self._chunk = np.empty((0, manifest.ffn.stored_row_width), dtype=numpy_dtype_of_store(manifest.ffn.dtype))
+        self._chunk_rows = GrowingRows(manifest.ffn.stored_row_width, numpy_dtype_of_store(manifest.ffn.dtype))
         self.stats = FfnStats()
         self.recorded_sets: list[tuple[int, np.ndarray]] | None = None  # (layer, predicted ids) per decode step, for bench
 
@@ -251,7 +252,7 @@ class SparseFlashFfn(FfnProvider):
             nonlocal waited_s
             for first, stop, waited in reads:
                 waited_s += waited
-                yield first, stop, held_rows(self._chunk[: stop - first], self.layout, self.dtype, self.device,
+                yield first, stop, held_rows(self._chunk_rows(stop - first), self.layout, self.dtype, self.device,
                                              down_scales=layer_table(self.down_scales, layer),
                                              neuron_ids=np.arange(first, stop), down_as_rows=decision.per_token)
 
@@ -270,9 +271,7 @@ class SparseFlashFfn(FfnProvider):
 
     def _chunk_buffer(self, first: int, stop: int) -> np.ndarray:
         """(stop - first, E) store-dtype rows the next chunk of a whole-layer read lands in (one, reused)."""
-        if self._chunk.shape[0] < stop - first:
-            self._chunk = np.empty((stop - first, self._chunk.shape[1]), dtype=self._chunk.dtype)
-        return self._chunk[: stop - first]
+        return self._chunk_rows(stop - first)
 
     def close(self) -> None:
         self.prefetcher.close()

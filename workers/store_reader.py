@@ -149,13 +149,18 @@ def load_down_group_scales(store_dir: str, manifest: Manifest) -> list[np.ndarra
     None for a store whose down columns need none. Each is held group-major ((n_ff/32, c, d) in memory, a
     transposed view): a sparse step gathers the scales of the groups its new neurons belong to, whole
     rows at a time (quant_ffn.dequantize_down_columns)."""
-    layout = manifest.ffn
-    if layout.down_group_scales is None:
+    if manifest.ffn.down_group_scales is None:
         return None
+    return list(each_down_group_scales(store_dir, manifest))
+
+
+def each_down_group_scales(store_dir: str, manifest: Manifest):
+    """load_down_group_scales' tables one layer at a time (a caller that copies them elsewhere, e.g. into
+    shared memory, then holds one at a time, not all twice)."""
     from safetensors import safe_open
 
+    layout = manifest.ffn
     path = os.path.join(store_dir, manifest.resident_file)
-    tables = []
     with safe_open(path, framework="np") as f:
         for layer in range(len(layout.layers)):
             name = layout.down_group_scales_name(layer)
@@ -163,8 +168,7 @@ def load_down_group_scales(store_dir: str, manifest: Manifest) -> list[np.ndarra
             if hashlib.sha256(np.ascontiguousarray(table).tobytes()).hexdigest() != manifest.resident_sha256.get(name):
                 raise StoreError(f"{path}: checksum mismatch in tensor {name!r}; the store is corrupt, "
                                  "re-run `flashllm convert`")
-            tables.append(np.ascontiguousarray(table.transpose(1, 2, 0)).transpose(2, 0, 1))
-    return tables
+            yield np.ascontiguousarray(table.transpose(1, 2, 0)).transpose(2, 0, 1)
 
 
 def _tensor_sha256(tensor: "torch.Tensor") -> str:

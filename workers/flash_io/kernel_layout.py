@@ -29,8 +29,15 @@ from __future__ import annotations
 import numba
 import numpy as np
 
+from flashllm.protocol import quant_format as qf
+
 TILE_ROWS = 64
-BLOCK_WEIGHTS = 32
+BLOCK_WEIGHTS = qf.BLOCK_ELEMENTS
+
+
+def block_bytes_of(kind: str) -> int:
+    """Bytes of one GGUF block of `kind` (q4_0, q4_1, q8_0)."""
+    return qf.bytes_per_row(kind, BLOCK_WEIGHTS)
 
 
 @numba.njit(nogil=True, cache=True, inline="always")
@@ -117,13 +124,13 @@ def _write_q4_scales(scale_words, rows, bundles, first_block_byte, block_bytes, 
 
 
 @numba.njit(nogil=True, cache=True)
-def _write_q8_rows(rows_bits, rows, bundles, first_block_byte):  # pragma: no cover - compiled
+def _write_q8_rows(rows_bits, rows, bundles, first_block_byte, block_bytes):  # pragma: no cover - compiled
     """rows_bits (R, d) uint16 bfloat16 bits ← d·q of each q8_0 block (2 bytes d, 32 int8)."""
     groups = rows_bits.shape[1] // BLOCK_WEIGHTS
     for i in range(rows.shape[0]):
         row = rows[i]
         for group in range(groups):
-            at = first_block_byte + group * 34
+            at = first_block_byte + group * block_bytes
             d = _half_at(bundles, i, at)
             for j in range(BLOCK_WEIGHTS):
                 q = np.float32(np.int8(bundles[i, at + 2 + j]))
@@ -238,14 +245,13 @@ def write_q4_scales(scale_words: np.ndarray, rows: np.ndarray, bundles: np.ndarr
     """scale_words (G, R) uint32, the int4 kernel's (scale, zero) bfloat16 pairs as words: rows (k,) get those
     of the q4_0/q4_1 blocks at first_block_byte of bundles (k, bundle_bytes) uint8."""
     rows = _checked_rows(rows, len(bundles), scale_words.shape[1])
-    block_bytes = {"q4_0": 18, "q4_1": 20}[kind]
-    _write_q4_scales(scale_words, rows, bundles, first_block_byte, block_bytes, kind == "q4_1")
+    _write_q4_scales(scale_words, rows, bundles, first_block_byte, block_bytes_of(kind), kind == "q4_1")
 
 
 def write_q8_rows(rows_bits: np.ndarray, rows: np.ndarray, bundles: np.ndarray, first_block_byte: int) -> None:
     """rows_bits (R, d) uint16 (bfloat16 bits): rows (k,) get d·q of the q8_0 blocks at first_block_byte."""
     rows = _checked_rows(rows, len(bundles), rows_bits.shape[0])
-    _write_q8_rows(rows_bits, rows, bundles, first_block_byte)
+    _write_q8_rows(rows_bits, rows, bundles, first_block_byte, block_bytes_of("q8_0"))
 
 
 def write_down_rows(down_bits: np.ndarray, slots: np.ndarray, bundles: np.ndarray, first_byte: int,
@@ -258,23 +264,22 @@ def write_down_rows(down_bits: np.ndarray, slots: np.ndarray, bundles: np.ndarra
     neuron_ids = np.ascontiguousarray(neuron_ids, dtype=np.int64)
     if block_kind == "q8_0":
         _write_byte_down_rows(down_bits, slots, bundles, first_byte, neuron_ids, table_bits)
+    elif block_kind == "q4_1":
+        _write_nibble_down_rows_with_min(down_bits, slots, bundles, first_byte, neuron_ids, table_bits)
     else:
-        if block_kind == "q4_1":
-            _write_nibble_down_rows_with_min(down_bits, slots, bundles, first_byte, neuron_ids, table_bits)
-        else:
-            _write_nibble_down_rows(down_bits, slots, bundles, first_byte, neuron_ids, table_bits, 8)
+        _write_nibble_down_rows(down_bits, slots, bundles, first_byte, neuron_ids, table_bits, 8)
 
 
 def load_compiled_loops() -> None:
     """Compile (or load from numba's cache) every loop here now, on tiny arrays: a process that will write
     kernel rows pays it while it starts, not in its first decode step (a second or more on a loaded box)."""
     d = 64
-    bundles = np.zeros((1, 3 * 40 + d), dtype=np.uint8)
+    bundles = np.zeros((1, 3 * d // BLOCK_WEIGHTS * block_bytes_of("q8_0")), dtype=np.uint8)
     rows = np.zeros(1, dtype=np.int64)
-    write_q4_rows(np.zeros((TILE_ROWS, d // 2), np.uint8), rows, bundles, 0, 20, d)
+    write_q4_rows(np.zeros((TILE_ROWS, d // 2), np.uint8), rows, bundles, 0, block_bytes_of("q4_1"), d)
     for kind in ("q4_0", "q4_1"):
         write_q4_scales(np.zeros((d // BLOCK_WEIGHTS, TILE_ROWS), np.uint32), rows, bundles, 0, kind)
-    write_q8_rows(np.zeros((TILE_ROWS, d), np.uint16), rows, np.zeros((1, 2 * 34), np.uint8), 0)
+    write_q8_rows(np.zeros((TILE_ROWS, d), np.uint16), rows, bundles, 0)
     for kind in ("q4_0", "q4_1", "q8_0"):
         write_down_rows(np.zeros((TILE_ROWS, d), np.uint16), rows, bundles, 0, rows, np.zeros((1, 2, d), np.float16),
                         kind)

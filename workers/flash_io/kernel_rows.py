@@ -31,7 +31,7 @@ import numpy as np
 from flashllm.protocol import quant_format as qf
 from flashllm.protocol.store_format import FfnLayout
 from flashllm.workers.flash_io.kernel_layout import (
-    BLOCK_WEIGHTS, TILE_ROWS, write_down_rows, write_q4_rows, write_q4_scales, write_q8_rows,
+    BLOCK_WEIGHTS, TILE_ROWS, block_bytes_of, write_down_rows, write_q4_rows, write_q4_scales, write_q8_rows,
 )
 
 _BLOCK_KIND_OF_COLUMNS = {column: block for block, column in qf.GROUPED_COLUMN_KINDS.items()}
@@ -41,6 +41,13 @@ def holds_kernel_rows(layout: FfnLayout, device: str) -> bool:
     """Whether the neuron caches hold their neurons in the CPU kernels' layouts (a quantized store, compute on
     the CPU) rather than as read: the one place that decides it, for both runtimes and the memory plan."""
     return layout.is_quantized and device.split(":")[0] == "cpu"
+
+
+def require_grouped_down(kinds: dict[str, str]) -> None:
+    """A quantized store's down columns must be grouped block values (this version's convert writes them)."""
+    if not qf.is_grouped_column(kinds["down"]):
+        raise ValueError(f"a quantized store's down columns are grouped block values, this one's are "
+                         f"{kinds['down']}; re-run `flashllm convert` with this version")
 
 
 def kernel_slots(capacity: int) -> int:
@@ -98,9 +105,7 @@ class KernelRows(KernelRowsView):
         """down_table: the layer's down scale table (d, n_ff/32, c) float16 (store_reader.load_down_group_scales);
         arrays: the kernel_rows_arrays() to write (shared memory), else allocated here."""
         self.kinds = kinds = layout.part_kinds()
-        if not qf.is_grouped_column(kinds["down"]):
-            raise ValueError(f"a quantized store's down columns are grouped block values, this one's are "
-                             f"{kinds['down']}; re-run `flashllm convert` with this version")
+        require_grouped_down(kinds)
         self.byte_slices = layout.part_byte_slices()
         self.row_kind = kinds["up"]
         self.down_block_kind = _BLOCK_KIND_OF_COLUMNS[kinds["down"]]
@@ -171,8 +176,7 @@ class KernelRows(KernelRowsView):
             if self.row_kind == "q8_0":
                 write_q8_rows(self.arrays["rows_bits"], rows, bundles, first)
                 continue
-            write_q4_rows(self.arrays["packed"], rows, bundles, first, {"q4_0": 18, "q4_1": 20}[self.row_kind],
-                          self.d)
+            write_q4_rows(self.arrays["packed"], rows, bundles, first, block_bytes_of(self.row_kind), self.d)
             write_q4_scales(self.arrays["scale_words"], rows, bundles, first, self.row_kind)
         write_down_rows(self.arrays["down_bits"], slots, bundles, self.byte_slices["down"].start, ids,
                         self.down_table, self.down_block_kind)

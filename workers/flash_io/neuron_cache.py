@@ -51,14 +51,20 @@ RowsFiller = Callable[[np.ndarray, np.ndarray], None]
 
 
 class GrowingRows:
-    """rows(k): a (k, elements) view of one buffer that grows to the largest k asked for."""
+    """rows(k): a (k, elements) view of one buffer that grows to the largest k asked for; its contents are
+    whatever the last caller left (callers fill the rows they take)."""
 
     def __init__(self, elements: int, dtype):
-        self._rows = np.zeros((0, elements), dtype=dtype)
+        self._rows = np.empty((0, elements), dtype=dtype)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes the buffer holds now (its largest request so far)."""
+        return self._rows.nbytes
 
     def __call__(self, count: int) -> np.ndarray:
         if self._rows.shape[0] < count:
-            self._rows = np.zeros((count, self._rows.shape[1]), dtype=self._rows.dtype)
+            self._rows = np.empty((count, self._rows.shape[1]), dtype=self._rows.dtype)
         return self._rows[:count]
 
 

@@ -43,6 +43,7 @@ import torch.nn.functional as F
 from flashllm.protocol import quant_format as qf
 from flashllm.protocol.store_format import FfnLayout
 from flashllm.workers.flash_io.kernel_layout import write_q4_rows
+from flashllm.workers.flash_io.kernel_rows import require_grouped_down
 from flashllm.workers.models.quant_linear import BLOCK_WEIGHTS, QuantizedBlocks, split_blocks
 
 INT4_TILE_ROWS = 64
@@ -172,9 +173,7 @@ class QuantNeuronMatrix:
         elements = {name: n for name, n, _ in layout.bundle_parts}
         self.gated = "gate" in kinds
         self.row_kind = kinds["up"]
-        if not qf.is_grouped_column(kinds["down"]):
-            raise ValueError(f"a quantized store's down columns are grouped block values, this one's are "
-                             f"{kinds['down']}; re-run `flashllm convert` with this version")
+        require_grouped_down(kinds)
         self.down_kind, self.down_scales = kinds["down"], down_scales
         self.d = elements["up"]
         self.capacity = _round_up(max(1, capacity), INT4_TILE_ROWS)
