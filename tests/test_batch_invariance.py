@@ -90,7 +90,8 @@ def test_a_sequences_computed_set_does_not_depend_on_its_neighbour(calibrated_st
     inputs = torch.randn(4, layers, 2, d, generator=torch.Generator().manual_seed(1))  # (steps, layers, seqs, d)
 
     def run(with_neighbour: bool, fits: bool = True) -> tuple[list[torch.Tensor], list[np.ndarray]]:
-        planner = SparseStepPlanner(predictor, [n] * layers, pinned, "read", window_tokens=3)
+        planner = SparseStepPlanner(predictor, [n] * layers, pinned, "read", window_tokens=3,
+                                    compute_set="window")
         if not fits:  # the cached path's rule says no: every layer reads whole
             planner.fits = lambda layer, ids: False
         computed, unions = [], []
@@ -124,7 +125,7 @@ def test_a_sequences_computed_set_does_not_depend_on_its_neighbour(calibrated_st
     assert masked_alone[-1].sum() > masked_alone[layers - 1].sum()
 
     # A's window: step 2's set holds steps 0-2's own sets (window 3), not step 0's any more at step 3
-    planner = SparseStepPlanner(predictor, [n] * layers, pinned, "read", window_tokens=3)
+    planner = SparseStepPlanner(predictor, [n] * layers, pinned, "read", window_tokens=3, compute_set="window")
     with torch.inference_mode():
         own = []
         for step in range(4):
@@ -138,6 +139,44 @@ def test_a_sequences_computed_set_does_not_depend_on_its_neighbour(calibrated_st
         planner.begin_step(1, np.array([5]), np.array([True]))  # a new sequence in slot 5: no history
         decision = planner.plan_layer(0, inputs[0, 0, :1])
         assert torch.equal(decision.computed[0], own[0] | torch.from_numpy(pinned[0]))
+
+
+def test_by_default_a_token_computes_its_predicted_set_whatever_the_caches_hold(calibrated_stores):
+    """compute_set "predicted" (the default): each step's computed set is the token's own prediction and the
+    pinned, the same with a cache of every neuron as with one just large enough; "window" adds earlier tokens'
+    neurons where the cache has room, so there its compute grows with the budget."""
+    from flashllm.workers.predictor import SparsityPredictor
+    from flashllm.workers.sparse_policy import SparseStepPlanner
+    from flashllm.workers.store_reader import open_store
+
+    store = calibrated_stores("llama")
+    manifest = open_store(store)
+    predictor = SparsityPredictor(store, manifest, keep_fraction=KEEP_FRACTION)
+    n, layers = predictor.num_neurons, predictor.num_layers
+    pinned = [np.zeros(n, dtype=bool) for _ in range(layers)]
+    for mask, hot in zip(pinned, predictor.hot_ids):
+        mask[hot] = True
+    inputs = torch.randn(4, 1, manifest.arch.hidden_size, generator=torch.Generator().manual_seed(2))  # (steps, 1, d)
+
+    def computed_sets(capacity_rows: int, compute_set: str | None = None) -> list[torch.Tensor]:
+        options = {} if compute_set is None else {"compute_set": compute_set}
+        planner = SparseStepPlanner(predictor, [capacity_rows] * layers, pinned, "read", window_tokens=4, **options)
+        sets = []
+        for step in range(inputs.shape[0]):
+            planner.begin_step(1, np.array([0]), np.array([step == 0]))
+            sets.append(planner.plan_layer(0, inputs[step]).computed[0])  # (n_ff,)
+        return sets
+
+    with torch.inference_mode():
+        whole = computed_sets(n)
+        own = [predictor.predict_mask("same", 0, inputs[step])[0] | torch.from_numpy(pinned[0])
+               for step in range(inputs.shape[0])]
+        just_enough = computed_sets(max(int(s.sum()) for s in own))
+        widened = computed_sets(n, "window")
+    for step, (a, b, expected) in enumerate(zip(whole, just_enough, own)):
+        assert torch.equal(a, expected) and torch.equal(b, expected), f"step {step}"
+    assert torch.equal(widened[0], own[0])  # the first token has no window yet
+    assert widened[-1].sum() > own[-1].sum()  # later ones compute their window's neurons too
 
 
 @pytest.fixture(scope="module")

@@ -17,12 +17,12 @@ GREEDY = SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True)
 def test_the_engine_flags_become_one_typed_config():
     args = build_parser(["generate"]).parse_args([
         "generate", "--store", "s", "--mode", "sparse", "--memory", "2MiB", "--keep-fraction", "0.25",
-        "--neuron-window", "3", "--missing-policy", "skip", "--threads", "1", "--runtime", "inproc",
-        "--max-context", "256", "--resident-dtype", "float16", "hello"])
+        "--neuron-window", "3", "--missing-policy", "skip", "--compute-set", "window", "--threads", "1",
+        "--runtime", "inproc", "--max-context", "256", "--resident-dtype", "float16", "hello"])
     assert engine_config_from_args(args, max_batch=2) == EngineConfig(
         mode="sparse", runtime="inproc", memory_budget_bytes=2 << 20, max_batch=2, max_context=256,
         resident_dtype="float16", threads=1,
-        sparse=SparseOptions(keep_fraction=0.25, window_tokens=3, missing_policy="skip"))
+        sparse=SparseOptions(keep_fraction=0.25, window_tokens=3, missing_policy="skip", compute_set="window"))
     plain = engine_config_from_args(build_parser(["generate"]).parse_args(["generate", "--store", "s", "hi"]))
     assert (plain.mode, plain.runtime, plain.memory_budget_bytes, plain.sparse) == ("auto", "auto", None, None)
 
@@ -30,6 +30,7 @@ def test_the_engine_flags_become_one_typed_config():
 @pytest.mark.parametrize("flags, message", [
     (["--mode", "sparse", "--keep-fraction", "1.5"], "--keep-fraction 1.5 is outside (0, 1]"),
     (["--mode", "dense", "--neuron-window", "2"], "--neuron-window applies to --mode sparse, not --mode dense"),
+    (["--mode", "dense", "--compute-set", "window"], "--compute-set applies to --mode sparse, not --mode dense"),
     (["--max-context", "0"], "--max-context must be a whole number ≥ 1, got 0"),
     (["--memory", "lots"], "size 'lots' is not understood; write e.g. 160MiB"),
 ])

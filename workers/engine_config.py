@@ -26,9 +26,13 @@ DEFAULT_MAX_CONTEXT = 2048  # KV-cache tokens per slot when --max-context is not
 RESIDENT_DTYPES = ("float32", "float16", "bfloat16")
 # neurons the same-layer check adds to the lookahead's set: read before the layer runs, or left out this token
 MISSING_POLICIES = ("read", "skip")
+# what each token's FFN sums: its predicted neurons (the paper's rule: the window is a cache of reads, and the
+# output does not depend on --memory), or also its window's earlier tokens' neurons the cache holds (closer to
+# dense with a SwiGLU model's thresholded predictions; the compute grows with the budget)
+COMPUTE_SETS = ("predicted", "window")
 
 SPARSE_FLAGS = {"keep_fraction": "--keep-fraction", "window_tokens": "--neuron-window",
-                "missing_policy": "--missing-policy", "trace": "--trace"}  # the options a user sets on the command line → their flags
+                "missing_policy": "--missing-policy", "compute_set": "--compute-set", "trace": "--trace"}  # the options a user sets on the command line → their flags
 # what a refusal names when every sparse option given equals its default
 ANY_SPARSE_FLAG = f"a sparse option ({', '.join(SPARSE_FLAGS.values())})"
 
@@ -40,11 +44,12 @@ class SparseOptions:
     keep_fraction: float | None = None  # neurons computed per layer and token; None: 1 - the calibrated sparsity
     window_tokens: int = DEFAULT_WINDOW_TOKENS  # the sliding window: neurons of the last K tokens stay cached
     missing_policy: str = "read"  # late neurons of the same-layer check: read before the layer runs, or skip
+    compute_set: str = "predicted"  # a token's FFN sums its predicted neurons, or also its window's (COMPUTE_SETS)
     pin_hot: bool = True  # keep each layer's calibrated hot neurons in its cache for good
     reader_threads: int = 4  # flash reader threads (or in-flight requests of the AIO backend)
     capacity_rows: tuple[int, ...] | None = None  # neuron-cache rows per layer (the memory plan's); None: all
     trace: TraceSpec | None = None  # active sets replayed from a trace instead of the store's predictors
-    # each sequence computes only its own predicted and window neurons, so a temperature-0 request decodes the
+    # each sequence computes only its own computed set (compute_set), so a temperature-0 request decodes the
     # same tokens whatever runs beside it; False: every sequence computes every cached row (the batch's union)
     batch_invariant: bool = True
 
@@ -55,6 +60,8 @@ class SparseOptions:
         _check_at_least("--neuron-window", self.window_tokens, 1)
         if self.missing_policy not in MISSING_POLICIES:
             raise ValueError(f"--missing-policy {self.missing_policy!r} is not one of {', '.join(MISSING_POLICIES)}")
+        if self.compute_set not in COMPUTE_SETS:
+            raise ValueError(f"--compute-set {self.compute_set!r} is not one of {', '.join(COMPUTE_SETS)}")
         _check_at_least("reader_threads", self.reader_threads, 1)
         if self.trace is not None and self.keep_fraction is not None:
             raise ValueError("--keep-fraction does not apply with --trace: the trace's sets are the neurons each "

@@ -362,13 +362,14 @@ class PredictorWorker:
 
     def __init__(self, predictor: SparsityPredictor, hidden: np.ndarray, mask: np.ndarray, capacity_rows: list[int],
                  pinned: list[np.ndarray], channel, missing_policy: str = "read", computed: np.ndarray | None = None,
-                 window_tokens: int = DEFAULT_WINDOW_TOKENS, batch_invariant: bool = True):
+                 window_tokens: int = DEFAULT_WINDOW_TOKENS, batch_invariant: bool = True,
+                 compute_set: str = "predicted"):
         """computed: the shared (2, max_tokens, n_ff) buffer of each sequence's computed neurons (cached path)."""
         self.predictor = predictor
         self.hidden, self.mask = hidden, mask  # (2, max_tokens, d), (max_tokens, n_ff) shared memory
         self.computed = computed  # (2, max_tokens, n_ff) shared memory
         self.planner = SparseStepPlanner(predictor, capacity_rows, pinned, missing_policy, window_tokens,
-                                         batch_invariant)
+                                         batch_invariant, compute_set)
         self.channel = channel
         self.step, self.steps = -1, 1
         self._carry_out = {CachedLayer: self._send_cached, MaskedLayer: self._send_masked}
@@ -389,7 +390,8 @@ class PredictorWorker:
                 mask[ids] = True
         worker = PredictorWorker(predictor, exchange.arrays["hidden"], exchange.arrays["mask"], config.capacity_rows,
                                  pinned, channel, config.sparse.missing_policy, exchange.arrays["computed"],
-                                 config.sparse.window_tokens, config.sparse.batch_invariant)
+                                 config.sparse.window_tokens, config.sparse.batch_invariant,
+                                 config.sparse.compute_set)
         worker._segment = exchange
         return worker
 

@@ -188,7 +188,8 @@ class SparseFlashFfn(FfnProvider):
         self.view = CacheView(self.prefetcher.caches, dtype, device, manifest.ffn, self.down_scales)
         caches = self.prefetcher.caches
         self.planner = SparseStepPlanner(self.predictor, [c.capacity_rows for c in caches], [c.pinned for c in caches],
-                                         options.missing_policy, options.window_tokens, options.batch_invariant)
+                                         options.missing_policy, options.window_tokens, options.batch_invariant,
+                                         options.compute_set)
         self._carry_out = {CachedLayer: self._forward_cached, MaskedLayer: self._forward_masked}
         # the dense-read path's chunk of bundles as read (store dtype; grown to one chunk on first use)
         self._chunk_rows = GrowingRows(manifest.ffn.stored_row_width, numpy_dtype_of_store(manifest.ffn.dtype))

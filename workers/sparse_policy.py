@@ -29,8 +29,9 @@ from its own predictions and its own history only (one row per sequence):
                   the cache beside it (lowest ids first); the same check only
                   under "read" or where layer l has no lookahead, whatever path
                   the previous layer took
-    computed(b) = own(b) ∪ pinned ∪ the sets of its earlier window_tokens - 1
-                  tokens, newest first, as many as fit the layer's cache
+    computed(b) = own(b) ∪ pinned; with compute_set "window", also the sets of
+                  its earlier window_tokens - 1 tokens, newest first, as many as
+                  fit the layer's cache
     needed      = ∪_b computed(b) fits the cache (and the lookahead fitted) →
                   cached: `first` as above, `late` = the sequences' own sets,
                   `resident` = needed (window neurons evicted since are read
@@ -45,6 +46,14 @@ starts afresh when a slot's sequence starts at position 0.
 SparseOptions.batch_invariant=False keeps the old rule (every sequence computes
 every cached row, the batch's union), for the bench's comparison.
 
+Why "predicted" is the default compute set: the window exists to spare reads,
+as in the paper, where a token computes its predicted neurons alone. Summing the
+window's cached neurons too made a token's compute (and its output) grow with
+--memory, since a larger cache holds more of the window: at 7B, 57% of the store
+took ~670 ms a token against ~475 for the predicted sets, and at the demo's
+smallest budget the cache holds no window, so the quality it buys exists only at
+budgets where its compute costs most (docs/benchmarks.md, stop 30).
+
 Pure: no I/O, no process knowledge.
 """
 from __future__ import annotations
@@ -56,7 +65,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
-from flashllm.workers.engine_config import MISSING_POLICIES  # read the late neurons, or skip them this token
+from flashllm.workers.engine_config import COMPUTE_SETS, MISSING_POLICIES
 from flashllm.workers.flash_io.neuron_cache import DEFAULT_WINDOW_TOKENS, rows_needed
 from flashllm.workers.flash_io.neuron_ids import union_ids
 
@@ -182,17 +191,24 @@ class SparseStepPlanner:
 
     def __init__(self, predictor: "SparsityPredictor", capacity_rows: list[int], pinned: list[np.ndarray],
                  missing_policy: str = "read", window_tokens: int = DEFAULT_WINDOW_TOKENS,
-                 batch_invariant: bool = True):
+                 batch_invariant: bool = True, compute_set: str = "predicted"):
         """batch_invariant: decide each sequence's own computed set (`computed`); else every sequence computes
-        every cached row, the batch's union (the old rule, kept for the bench)."""
+        every cached row, the batch's union (the old rule, kept for the bench). compute_set "window": a
+        sequence's computed set takes in its window's cached neurons too (COMPUTE_SETS)."""
         check_missing_policy(missing_policy)
+        if compute_set not in COMPUTE_SETS:
+            raise ValueError(f"compute set {compute_set!r} is not one of {', '.join(COMPUTE_SETS)}")
+        self.computes_window = compute_set == "window"
         self.predictor = predictor
         self.capacity_rows = capacity_rows  # per layer: the neuron cache's rows
         self.pinned = pinned  # per layer: (n_ff,) bool, the neurons that stay cached
         self.reads_late = missing_policy == "read"
         self.num_layers, self.num_neurons = predictor.num_layers, predictor.num_neurons
         self.batch_invariant = batch_invariant
-        self.windows = SequenceWindows(self.num_layers, self.num_neurons, window_tokens)
+        # the sequences' histories serve the window's compute alone (the cache keeps its own window of reads):
+        # without it, a window of one token keeps no history
+        self.windows = SequenceWindows(self.num_layers, self.num_neurons,
+                                       window_tokens if self.computes_window else 1)
         self._pinned_rows = [torch.from_numpy(np.asarray(p, dtype=bool)) for p in pinned]  # (n_ff,) per layer
         self._steps = 1
         self._slots: np.ndarray | None = None  # (B,) the KV slot of each sequence of this step; None: not followed
@@ -362,8 +378,8 @@ class SparseStepPlanner:
 
     def _computed(self, layer: int, own: "torch.Tensor | None", record: bool = True) -> "torch.Tensor | None":
         """own (B, n_ff) bool: each sequence's newest token's set → (B, n_ff) bool, the neurons each sequence
-        computes: own ∪ its window ∪ pinned; recorded in the sequences' windows unless `record` is False (the
-        layer's plan records it)."""
+        computes: own ∪ pinned ∪ its window (none but with compute_set "window"); recorded in the sequences' windows
+        unless `record` is False (the layer's plan records it)."""
         if own is None:
             return None
         computed = own | self._pinned_rows[layer]  # (B, n_ff)

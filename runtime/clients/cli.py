@@ -130,7 +130,7 @@ def add_threads_arg(p: argparse.ArgumentParser) -> None:
 
 def add_sparse_policy_args(p: argparse.ArgumentParser) -> None:
     """The sliding window and the late-neuron policy of --mode sparse (engine commands and bench)."""
-    from flashllm.workers.engine_config import MISSING_POLICIES, SparseOptions
+    from flashllm.workers.engine_config import COMPUTE_SETS, MISSING_POLICIES, SparseOptions
 
     p.add_argument("--neuron-window", type=positive_int, default=None, metavar="K",
                    help=f"--mode sparse: keep the neurons used by the last K tokens in memory, so a token reads only "
@@ -140,6 +140,11 @@ def add_sparse_policy_args(p: argparse.ArgumentParser) -> None:
                    help="--mode sparse: neurons the same-layer check predicts but the lookahead missed are read "
                         "before the layer runs (read, the default) or left out for this token (skip: no read "
                         "waits on the layer's own input, fewer bytes, lower quality)")
+    p.add_argument("--compute-set", choices=list(COMPUTE_SETS), default=None,
+                   help="--mode sparse: what a token's FFN sums: the neurons predicted for it (predicted, the "
+                        "default: the output does not depend on --memory), or also the neurons of its window's "
+                        "earlier tokens that the caches hold (window: closer to dense for a SwiGLU model, more "
+                        "compute the larger --memory is)")
     p.add_argument("--trace", type=trace_arg, default=None, metavar="SOURCE",
                    help="--mode sparse without predictors (e.g. a `flashllm synth` store): replay active-neuron sets "
                         "instead. paper: the paper's OPT-6.7B statistics, 3%% of neurons active and 2.4%% new per "

@@ -63,6 +63,7 @@ class ReplicaOptions:
     keep_fraction: float | None = None
     neuron_window: int | None = None
     missing_policy: str | None = None
+    compute_set: str | None = None
     resident_dtype: str | None = None
     runtime: str = "auto"
 
@@ -213,6 +214,7 @@ def run_on_ray(args, todo: list[BatchItem]) -> int:
     options = ReplicaOptions(store=store, mode=args.mode, max_batch=args.max_batch, threads=resources.cpus,
                              max_context=args.max_context, memory=args.memory, keep_fraction=args.keep_fraction,
                              neuron_window=args.neuron_window, missing_policy=args.missing_policy,
+                             compute_set=args.compute_set,
                              resident_dtype=args.resident_dtype, runtime=args.runtime)
     ray = _import_ray()
     started_s = time.monotonic()

@@ -34,7 +34,8 @@ def _sparse_options_from_args(args) -> SparseOptions | None:
     """The sparse flags given (None when none is: the defaults then apply)."""
     given = {option: getattr(args, flag, None)
              for flag, option in (("keep_fraction", "keep_fraction"), ("neuron_window", "window_tokens"),
-                                  ("missing_policy", "missing_policy"), ("trace", "trace"))}
+                                  ("missing_policy", "missing_policy"), ("compute_set", "compute_set"),
+                                  ("trace", "trace"))}
     given = {option: value for option, value in given.items() if value is not None}
     return SparseOptions(**given) if given else None
 

@@ -449,9 +449,10 @@ def run_bench(store: str, modes: list[str], memory_bytes: int | None, decode_tok
               eval_tokens: int, keep_fractions: list[float], runtimes: list[str], read_baseline: bool = True,
               keep_fraction: float | None = None, resident_dtype: str | None = None, threads: int | None = None,
               paired_rounds: int = 0, window_tokens: int | None = None, missing_policy: str | None = None,
+              compute_set: str | None = None,
               record_reads: str | None = None, peak_memory: bool = True, trace: TraceSpec | None = None,
               record_trace: str | None = None) -> dict:
-    """resident_dtype, keep_fraction, window_tokens, missing_policy and trace apply to the sparse runs (the ones
+    """resident_dtype, keep_fraction, window_tokens, missing_policy, compute_set and trace apply to the sparse runs (the ones
     the budget bounds; the trade-off varies keep_fraction); dense stays the exact reference.
     record_trace: a .npz path where the in-process sparse run's predicted sets go (`--trace recorded:FILE`)."""
     from flashllm.protocol.store_format import read_manifest
@@ -460,7 +461,7 @@ def run_bench(store: str, modes: list[str], memory_bytes: int | None, decode_tok
     manifest = read_manifest(store)
     sparse_options = {name: value for name, value in (
         ("keep_fraction", keep_fraction), ("window_tokens", window_tokens), ("missing_policy", missing_policy),
-        ("trace", trace)) if value is not None}  # the options given, as the report names them
+        ("compute_set", compute_set), ("trace", trace)) if value is not None}  # the options given, as the report names them
     sparse = SparseOptions(**sparse_options) if sparse_options else None
     text_ids = None
     if text is not None:
@@ -636,7 +637,8 @@ def cmd_bench(args) -> int:
                        args.eval_tokens, keep_fractions, runtimes, read_baseline=not args.no_read_baseline,
                        keep_fraction=args.keep_fraction, resident_dtype=args.resident_dtype, threads=args.threads,
                        paired_rounds=args.paired_rounds, window_tokens=args.neuron_window,
-                       missing_policy=args.missing_policy, record_reads=args.record_reads,
+                       missing_policy=args.missing_policy, compute_set=args.compute_set,
+                       record_reads=args.record_reads,
                        peak_memory=not args.no_peak_memory, trace=args.trace, record_trace=args.record_trace)
     _print_table("modes", [dict(name=k, **v) for k, v in report["modes"].items()], [
         ("mode", "name", ""), ("ms/token", "ms_per_token", ".1f"), ("tok/s", "tokens_per_s", ".2f"),
@@ -720,7 +722,7 @@ def _batch_invariance_runs(args, runtimes: list[str]) -> list[dict]:
 
     sparse = SparseOptions(**{name: value for name, value in (
         ("keep_fraction", args.keep_fraction), ("window_tokens", args.neuron_window),
-        ("missing_policy", args.missing_policy)) if value is not None})
+        ("missing_policy", args.missing_policy), ("compute_set", args.compute_set)) if value is not None})
     memory_bytes = parse_size(args.memory) if args.memory else None
     runs = [batch_invariance_cost(args.store, bench_engine_config("sparse", runtime, memory_bytes, sparse,
                                                                   args.resident_dtype, args.threads),
