@@ -67,6 +67,11 @@ def is_grouped_column(kind: str) -> bool:
 _GROUPED_BLOCK_KIND = {grouped: block for block, grouped in GROUPED_COLUMN_KINDS.items()}
 
 
+def block_kind_of_column(kind: str) -> str:
+    """A grouped down column kind → the GGUF block kind its values and scales come from (q4_0, q4_1, q8_0)."""
+    return _GROUPED_BLOCK_KIND[kind]
+
+
 def _check_kind(kind: str) -> None:
     if kind not in KINDS:
         raise QuantFormatError(f"unknown weight kind {kind!r}; this build knows {', '.join(KINDS)}")

@@ -274,7 +274,7 @@ def test_the_memory_plan_counts_quantized_weights_and_caches_as_held(quantized_t
         assert plan.cache_bytes == sum(rows.matrix.nbytes for rows in ffn.layers) + sum(t.nbytes for t in tables)
     capacity_rows = [70, 100]
     prefetcher = Prefetcher(quantized_tiny_store, manifest, capacity_rows, window_tokens=4,
-                            kernel_rows=kernel_rows_for(manifest.ffn, capacity_rows, tables))
+                            kernel_rows=kernel_rows_for(manifest.ffn, capacity_rows))
     try:
         for layer, cache in enumerate(prefetcher.caches):  # a miss of every neuron: the largest insert there is
             cache.insert(np.arange(capacity_rows[layer]), prefetcher._filler(layer))
@@ -358,18 +358,33 @@ def test_a_quantized_sparse_run_stays_within_its_memory_bound_with_the_compiled_
 
 
 @pytest.mark.parametrize("block_kind", ["q4_1", "q4_0", "q8_0"])
-def test_down_columns_decode_as_the_format_reference_does(block_kind):
+def test_down_sums_add_the_format_references_columns_in_the_order_given(block_kind):
+    """add_down_sums decodes each value as quant_format's reference does, in float32, and adds the neurons one
+    after another in the order given, skipping holes (id -1): the same bits as that loop in numpy."""
     from flashllm.protocol import quant_format as qf
-    from flashllm.workers.models.quant_ffn import dequantize_down_columns
+    from flashllm.workers.flash_io.kernel_layout import add_down_sums
 
     rng = np.random.default_rng(9)
     down = rng.normal(0, 0.05, (64, 96)).astype(np.float32)  # (d, n_ff)
-    values, table = qf.quantize_down_columns(block_kind, down)
-    ids = np.array([0, 5, 31, 32, 70, 95])
+    values, table = qf.quantize_down_columns(block_kind, down)  # (n_ff, bytes), (d, n_ff/32, c)
+    slot_ids = np.array([70, 5, -1, 31, 0, 95, 32])  # the neuron at each slot; slot 2 is a hole
+    slot_values = values[np.maximum(slot_ids, 0)]
+    slot_values[2] = 0xFF  # a hole's bytes are whatever its last neuron left
+    slots = np.array([4, 1, 3, 2, 6, 5, 0])  # the order to add them in
+    weights = rng.normal(0, 1, len(slots)).astype(np.float32)
     column_kind = qf.GROUPED_COLUMN_KINDS[block_kind]
-    reference = qf.dequantize_grouped_columns(column_kind, values[ids], table, ids)  # (k, d) float32
-    decoded = dequantize_down_columns(column_kind, values[ids], table, ids)
-    assert torch.equal(decoded, torch.from_numpy(reference).half())
+    expected = np.zeros(64, np.float32)
+    for slot, weight in zip(slots, weights):
+        if slot_ids[slot] >= 0:
+            column = qf.dequantize_grouped_columns(column_kind, values[slot_ids[slot]][None], table,
+                                                   slot_ids[slot:slot + 1])[0]  # (d,) float32
+            expected += weight * column
+    out = np.zeros(64, np.float32)
+    add_down_sums(out, weights, slots, slot_values, slot_ids, np.ascontiguousarray(table.transpose(1, 2, 0)),
+                  block_kind)
+    assert np.array_equal(out, expected)
+    with pytest.raises(ValueError, match="not q4_0 columns"):
+        add_down_sums(out, weights, slots, np.zeros((7, 64), np.uint8), slot_ids, table.transpose(1, 2, 0), "q4_0")
 
 
 @pytest.mark.parametrize("kind", ["q4_1", "q4_0", "q8_0"])
@@ -378,7 +393,7 @@ def test_a_cache_of_kernel_rows_holds_what_torchs_conversion_gives_whatever_the_
     from flashllm.workers.models.quant_ffn import QuantNeuronMatrix
 
     layout, bundles, scales = quantized_layout_and_bundles(kind)
-    rows = KernelRows(layout, capacity=70, num_neurons=96, down_table=scales)
+    rows = KernelRows(layout, capacity=70, num_neurons=96)
     order = np.random.default_rng(7).permutation(96)
     rows.arrive(order[:40], bundles[order[:40]])
     rows.depart(order[5:25])  # 20 holes among the first 40 slots
@@ -391,7 +406,8 @@ def test_a_cache_of_kernel_rows_holds_what_torchs_conversion_gives_whatever_the_
     expected = QuantNeuronMatrix(layout, 70, scales)
     expected.write(occupied, bundles[held[occupied]], held[occupied])
     matrix = QuantNeuronMatrix.over_kernel_rows(layout, rows.arrays, scales)
-    assert torch.equal(matrix.down_rows, expected.down_rows)
+    assert torch.equal(matrix.slot_neuron_ids[: rows.used], torch.from_numpy(held))
+    assert torch.equal(matrix.down_values[occupied], expected.down_values[occupied])  # the columns as stored
     if kind != "q8_0":  # the int4 tiles and (scale, zero) pairs, bit for bit
         assert torch.equal(matrix.scales_zeros, expected.scales_zeros)
     h = torch.randn(3, 64)
@@ -400,17 +416,11 @@ def test_a_cache_of_kernel_rows_holds_what_torchs_conversion_gives_whatever_the_
     assert relative_error(matrix.ffn(h, rows.used), ref) < 2 * BF16_PRODUCT_RTOL
 
 
-def test_halves_convert_as_numpy_casts_them():
-    from flashllm.workers.flash_io.kernel_layout import float_to_half_bits, half_bits_to_float
+def test_halves_widen_as_numpy_casts_them():
+    from flashllm.workers.flash_io.kernel_layout import half_bits_to_float
 
     halves = np.arange(1 << 16, dtype=np.uint32).astype(np.uint16)
     finite = halves[np.isfinite(halves.view(np.float16))]
     widened = finite.view(np.float16).astype(np.float32)
     assert np.array_equal(half_bits_to_float(finite).view(np.uint32), widened.view(np.uint32))
-    magnitudes = np.unique(np.abs(widened))
-    midpoints = ((magnitudes[1:].astype(np.float64) + magnitudes[:-1]) / 2).astype(np.float32)  # ties round even
-    values = np.concatenate([widened, np.nextafter(widened, np.float32(np.inf)), midpoints, -midpoints,
-                             np.random.default_rng(0).standard_normal(100_000).astype(np.float32) * 1e-4,
-                             np.array([65519.99, 65520.0, 1e9, np.inf, -np.inf, np.nan, 1e-9], np.float32)])
-    with np.errstate(over="ignore"):
-        assert np.array_equal(float_to_half_bits(values), values.astype(np.float16).view(np.uint16))
+

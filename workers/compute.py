@@ -197,7 +197,7 @@ class PipelineFfn(FfnProvider):
                                    "prefetcher and compute disagree on the chunks (a flashllm bug)")
             yield start, stop, held_rows(self.staging[ready.staging, : stop - start], self.ffn_layout, self.dtype,
                                          self.device, down_scales=layer_table(self.down_scales, layer),
-                                         neuron_ids=np.arange(start, stop), down_as_rows=self._per_token)
+                                         neuron_ids=np.arange(start, stop), down_by_slot=self._per_token)
             self.channel.send(ROLE_PREFETCH, ChunkDone(step=self.step, staging=ready.staging))
 
     def _count_ready(self, ready: LayerReady) -> None:

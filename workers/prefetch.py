@@ -436,8 +436,7 @@ class PrefetchWorker:
             shared = cache_down_tables(cache)  # (n_ff/32, c, d) each
             for table, into in zip(each_down_group_scales(config.store_dir, manifest), shared):
                 into[:] = table.transpose(1, 2, 0)
-            kernel_rows = kernel_rows_for(manifest.ffn, config.capacity_rows,
-                                          [table.transpose(2, 0, 1) for table in shared], kernel_arrays)
+            kernel_rows = kernel_rows_for(manifest.ffn, config.capacity_rows, kernel_arrays)
         # a trace pins nothing (its predictor has no hot neurons)
         hot_ids = load_hot_ids(config.store_dir, manifest) if config.sparse.pin_hot and config.sparse.trace is None \
             else None

@@ -42,6 +42,7 @@ from flashllm.protocol.store_format import FfnLayout, Manifest
 from flashllm.workers.engine_config import SparseOptions
 from flashllm.workers.ffn_providers import FfnStats, held_rows
 from flashllm.workers.flash_io.bundle_reader import numpy_dtype_of_store
+from flashllm.workers.flash_io.kernel_layout import load_compiled_loops
 from flashllm.workers.flash_io.kernel_rows import holds_kernel_rows, kernel_rows_for
 from flashllm.workers.flash_io.neuron_cache import GrowingRows
 from flashllm.workers.interfaces import FfnProvider
@@ -82,6 +83,7 @@ class CacheView:
         self.half_rows = False
         if self.layout is not None and holds_kernel_rows(self.layout, device):  # the caches hold kernel rows
             self.zero_copy = False
+            load_compiled_loops()  # the down sums: now, not in the first decode step
             self.matrices = [QuantNeuronMatrix.over_kernel_rows(self.layout, c.kernel_rows.arrays, down_scales[layer])
                              for layer, c in enumerate(caches)]
             return
@@ -160,7 +162,7 @@ def ffn_over_cached_rows(h: torch.Tensor, rows, cols: BundleColumns, computed: t
     if h.device.type != "cpu":
         return masked_ffn_from_rows(h, rows, cols, row_mask.to(h.device))
     sums = OwnNeuronSums(h, cols)
-    sums.add(rows, ids, row_mask, outlives=True)
+    sums.add(rows, ids, row_mask)
     return sums.result()
 
 
@@ -179,7 +181,7 @@ class SparseFlashFfn(FfnProvider):
         capacity_rows = list(options.capacity_rows or [self.num_neurons] * self.num_layers)
         self.layout = manifest.ffn
         self.down_scales = load_down_group_scales(store_dir, manifest)
-        kernel_rows = kernel_rows_for(self.layout, capacity_rows, self.down_scales) \
+        kernel_rows = kernel_rows_for(self.layout, capacity_rows) \
             if holds_kernel_rows(self.layout, device) else None
         self.prefetcher = Prefetcher(store_dir, manifest, capacity_rows, options.window_tokens,
                                      hot_ids=self.predictor.hot_ids if options.pin_hot else None,
@@ -255,7 +257,7 @@ class SparseFlashFfn(FfnProvider):
                 waited_s += waited
                 yield first, stop, held_rows(self._chunk_rows(stop - first), self.layout, self.dtype, self.device,
                                              down_scales=layer_table(self.down_scales, layer),
-                                             neuron_ids=np.arange(first, stop), down_as_rows=decision.per_token)
+                                             neuron_ids=np.arange(first, stop), down_by_slot=decision.per_token)
 
         try:
             y = masked_ffn_over_chunks(h, chunk_rows(), self.cols, mask, decision.per_token)  # (N, d)

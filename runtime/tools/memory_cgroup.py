@@ -403,12 +403,13 @@ class ProcessBaselines:
     torch_process_bytes: int  # Python + torch + the engine's modules
     light_process_bytes: int  # Python + numpy + the prefetcher's modules (no torch)
     method: str
-    compiled_loops_bytes: int = 0  # what loading the kernel-row loops adds to the process that writes the caches
+    compiled_loops_bytes: int = 0  # what loading the kernel-row loops adds to a process that loads them
 
 
 def measure_baselines(python: str = sys.executable, compiled_loops: bool = False) -> ProcessBaselines:
-    """compiled_loops: the store's caches hold kernel rows (flash_io/kernel_rows.holds_kernel_rows), so one
-    process loads their compiled loops: measured as what they add to the torch-free prefetcher's imports."""
+    """compiled_loops: the store's caches hold kernel rows (flash_io/kernel_rows.holds_kernel_rows), so the
+    processes that write and multiply them load their compiled loops: measured as what they add to the
+    torch-free prefetcher's imports."""
     torch_run = measure_command([python, "-c", TORCH_PROCESS_IMPORTS])
     light_check = "; import sys; sys.exit(1 if 'torch' in sys.modules else 0)"
     runs = [(torch_run, TORCH_PROCESS_IMPORTS)]
@@ -437,13 +438,15 @@ def store_has_compiled_loops(store_dir: str) -> bool:
 # the processes each runtime runs: (torch processes, torch-free processes); workers: the engine, compute (which
 # hosts the predictor) and the torch-free prefetcher (runtime/core/supervisor.py WORKER_PROCESSES)
 RUNTIME_PROCESSES = {"inproc": (1, 0), "workers": (2, 1)}
+# the processes that load the compiled loops: the prefetcher writes the caches, compute sums their down columns
+COMPILED_LOOP_PROCESSES = {"inproc": 1, "workers": 2}
 
 
 def _baselines_bytes(baselines: ProcessBaselines, runtime: str) -> int:
-    """One baseline per process of the runtime, and the compiled loops once (one process writes the caches)."""
+    """One baseline per process of the runtime, and the compiled loops once per process that loads them."""
     torch_processes, light_processes = RUNTIME_PROCESSES[runtime]
     return torch_processes * baselines.torch_process_bytes + light_processes * baselines.light_process_bytes + \
-        baselines.compiled_loops_bytes
+        COMPILED_LOOP_PROCESSES[runtime] * baselines.compiled_loops_bytes
 
 
 def memory_bound_bytes(budget_bytes: int, kv_cache_bytes: int, baselines: ProcessBaselines, runtime: str) -> int:

@@ -1,4 +1,4 @@
-"""Neuron bundles written into the CPU kernels' layouts, compiled (numba), without torch.
+"""Neuron bundles written into the CPU kernels' layouts, and the down sums over them, compiled (numba).
 
 A quantized store's neuron cache holds each cached neuron the way the CPU
 kernels multiply it (flash_io/kernel_rows.py); these loops put a step's
@@ -13,14 +13,16 @@ memory for what one loop does in one (docs/benchmarks.md has both timings):
 - block scales → the int4 kernel's bfloat16 (scale, zero) pairs, one 32-bit
   word each (w = (q - 8)·scale + zero: Q4_0 is (d, 0), Q4_1 (d, m + 8d)).
 - 8-bit rows (q8_0 gate/up) → bfloat16 rows d·q.
-- down columns → float16 rows: GGUF's d·q (+ m) in float32, rounded once to
-  float16 (exact for q4_0/q8_0: a float16 d times a small integer is exact in
-  float32).
+- down columns stay as stored (a neuron's 4- or 8-bit values; their scales are
+  the layer's table, shared by the 32 neurons of a group): add_down_sums adds
+  Σ_i a_i · down_i with each value decoded in float32 as it is used, exactly
+  GGUF's d·q (+ m). Held as float16 rows they took 2-4x the bytes (a 7B
+  neuron's 8 KiB of 13), which is cache the window did not get.
 
 numba has no float16 or bfloat16 type on the CPU: halves travel as their
 uint16 bits, converted on the float32 bits exactly as numpy's and torch's
-casts do (round to nearest even; tests check every half and the midpoints),
-written as selects so that the loops vectorize. numba, not a C extension: no compiler at install time; compiled code
+casts do (bfloat16 rounds to nearest even; a test checks every half), written
+as selects so that the loops vectorize. numba, not a C extension: no compiler at install time; compiled code
 is cached on disk (cache=True), so only a machine's first run compiles.
 nogil: a reader thread runs beside it.
 """
@@ -51,25 +53,6 @@ def _half_bits_to_float(half):  # pragma: no cover - compiled
                        - np.float32(6.103515625e-05))  # 2^-14
     bits = np.uint32(small.view(np.uint32)) if (magnitude & np.uint32(0x0F800000)) == np.uint32(0) else normal
     return np.uint32(bits | ((half & np.uint32(0x8000)) << np.uint32(16))).view(np.float32)
-
-
-@numba.njit(nogil=True, cache=True, inline="always")
-def _float_to_half_bits(value):  # pragma: no cover - compiled
-    """float32 → float16 bits, round to nearest even, with subnormals, overflow and nan as numpy's astype
-    gives them; as selects, not branches."""
-    bits = np.float32(value).view(np.uint32)
-    sign = (bits >> np.uint32(16)) & np.uint32(0x8000)
-    magnitude = bits & np.uint32(0x7FFFFFFF)
-    odd = (magnitude >> np.uint32(13)) & np.uint32(1)
-    # rebias the exponent (-112 << 23) and round to nearest even on the 13 bits that go
-    normal = ((magnitude + np.uint32(0xC8000FFF) + odd) >> np.uint32(13)) & np.uint32(0xFFFF)
-    # below the smallest normal half: adding 0.5 (whose ulp is 2^-24) lets the FPU round the subnormal
-    shifted = np.float32(np.uint32(magnitude).view(np.float32) + np.float32(0.5))
-    subnormal = np.uint32(np.uint32(shifted.view(np.uint32)) - np.uint32(0x3F000000))
-    too_big = np.uint32(0x7E00) if magnitude > np.uint32(0x7F800000) else np.uint32(0x7C00)  # nan, else inf
-    half = subnormal if magnitude < np.uint32(0x38800000) else normal
-    half = too_big if magnitude >= np.uint32(0x47800000) else half
-    return np.uint16(sign | half)
 
 
 @numba.njit(nogil=True, cache=True, inline="always")
@@ -143,69 +126,90 @@ def _scaled(q, table_bits, group, r):  # pragma: no cover - compiled
     return np.float32(q * _half_bits_to_float(np.uint32(table_bits[group, 0, r])))
 
 
-# down_bits (cap, d) uint16 float16 bits ← neuron i's column: value r = d_r·(q_r - centre) (+ m_r for q4_1), with
-# d_r (and m_r) from its group's row of table_bits (G, c, d) uint16, q_r a nibble (byte r/2: even r low, odd r
-# high). One function per formula: a flag tested inside the loop keeps it from vectorizing (4x slower), and a
-# function passed in defeats numba's on-disk cache.
+@numba.njit(nogil=True, cache=True, inline="always")
+def _minimum(table_bits, group, r):  # pragma: no cover - compiled
+    """q4_1: m_r."""
+    return _half_bits_to_float(np.uint32(table_bits[group, 1, r]))
+
+
+# out (d,) float32 += Σ_i weights[i] · the down column of the neuron at slot slots[i]: value r = d_r·(q_r - centre)
+# (+ m_r for q4_1), with d_r (and m_r) from the neuron's group's row of table_bits (G, c, d) uint16, q_r a nibble
+# of values[slot] (byte r/2: even r low, odd r high) or an int8. Slots whose neuron id is negative (holes) add
+# nothing. The neurons are added one after another in the order given, every value in float32: a token's sum
+# has the same bits whatever else is cached or batched. One function per formula: a flag tested inside the
+# loop keeps it from vectorizing, and a function passed in defeats numba's on-disk cache.
 
 @numba.njit(nogil=True, cache=True)
-def _write_nibble_down_rows(down_bits, slots, bundles, first_byte, neuron_ids, table_bits, centre
-                            ):  # pragma: no cover - compiled
+def _add_nibble_down_sums(out, weights, slots, values, neuron_ids, table_bits, centre):  # pragma: no cover
     offset = np.float32(centre)
     for i in range(slots.shape[0]):
-        slot, group = slots[i], neuron_ids[i] // BLOCK_WEIGHTS
-        for pair in range(down_bits.shape[1] // 2):  # a byte's two values in two statements: it vectorizes
-            byte = bundles[i, first_byte + pair]
-            down_bits[slot, 2 * pair] = _float_to_half_bits(
-                _scaled(np.float32(byte & 0x0F) - offset, table_bits, group, 2 * pair))
-            down_bits[slot, 2 * pair + 1] = _float_to_half_bits(
-                _scaled(np.float32(byte >> 4) - offset, table_bits, group, 2 * pair + 1))
+        slot = slots[i]
+        if neuron_ids[slot] < 0:
+            continue
+        group, weight = neuron_ids[slot] // BLOCK_WEIGHTS, np.float32(weights[i])
+        for pair in range(out.shape[0] // 2):  # a byte's two values in two statements: it vectorizes
+            byte = values[slot, pair]
+            out[2 * pair] += weight * _scaled(np.float32(byte & 0x0F) - offset, table_bits, group, 2 * pair)
+            out[2 * pair + 1] += weight * _scaled(np.float32(byte >> 4) - offset, table_bits, group, 2 * pair + 1)
 
 
 @numba.njit(nogil=True, cache=True)
-def _write_nibble_down_rows_with_min(down_bits, slots, bundles, first_byte, neuron_ids, table_bits
-                                     ):  # pragma: no cover - compiled
-    scaled = np.empty(down_bits.shape[1], np.float32)  # (d,) d_r·q_r: two passes vectorize, one does not
+def _add_nibble_down_sums_with_min(out, weights, slots, values, neuron_ids, table_bits):  # pragma: no cover
     for i in range(slots.shape[0]):
-        slot, group = slots[i], neuron_ids[i] // BLOCK_WEIGHTS
-        for pair in range(down_bits.shape[1] // 2):
-            byte = bundles[i, first_byte + pair]
-            scaled[2 * pair] = _scaled(np.float32(byte & 0x0F), table_bits, group, 2 * pair)
-            scaled[2 * pair + 1] = _scaled(np.float32(byte >> 4), table_bits, group, 2 * pair + 1)
-        for r in range(down_bits.shape[1]):
-            down_bits[slot, r] = _float_to_half_bits(
-                np.float32(scaled[r] + _half_bits_to_float(np.uint32(table_bits[group, 1, r]))))
+        slot = slots[i]
+        if neuron_ids[slot] < 0:
+            continue
+        group, weight = neuron_ids[slot] // BLOCK_WEIGHTS, np.float32(weights[i])
+        for pair in range(out.shape[0] // 2):
+            byte = values[slot, pair]
+            out[2 * pair] += weight * np.float32(_scaled(np.float32(byte & 0x0F), table_bits, group, 2 * pair)
+                                                 + _minimum(table_bits, group, 2 * pair))
+            out[2 * pair + 1] += weight * np.float32(_scaled(np.float32(byte >> 4), table_bits, group, 2 * pair + 1)
+                                                     + _minimum(table_bits, group, 2 * pair + 1))
 
 
 @numba.njit(nogil=True, cache=True)
-def _write_byte_down_rows(down_bits, slots, bundles, first_byte, neuron_ids, table_bits
-                          ):  # pragma: no cover - compiled
-    """As _write_nibble_down_rows for q8_0 values: value r = d_r·q_r, q_r an int8."""
+def _add_byte_down_sums(out, weights, slots, values, neuron_ids, table_bits):  # pragma: no cover - compiled
+    """As _add_nibble_down_sums for q8_0 values: value r = d_r·q_r, q_r an int8."""
     for i in range(slots.shape[0]):
-        slot, group = slots[i], neuron_ids[i] // BLOCK_WEIGHTS
-        for r in range(down_bits.shape[1]):
-            down_bits[slot, r] = _float_to_half_bits(_scaled(np.float32(np.int8(bundles[i, first_byte + r])),
-                                                             table_bits, group, r))
+        slot = slots[i]
+        if neuron_ids[slot] < 0:
+            continue
+        group, weight = neuron_ids[slot] // BLOCK_WEIGHTS, np.float32(weights[i])
+        for r in range(out.shape[0]):
+            out[r] += weight * _scaled(np.float32(np.int8(values[slot, r])), table_bits, group, r)
 
 
-def float_to_half_bits(values: np.ndarray) -> np.ndarray:
-    """float32 values → float16 bits as the compiled loops round them (what the tests check them by)."""
-    flat = np.ascontiguousarray(values, dtype=np.float32).reshape(-1)
-    return _each_float_to_half(flat).reshape(np.shape(values))
+def down_value_bytes(block_kind: str, d: int) -> int:
+    """Bytes of one neuron's down column as stored: d values of 4 bits (q4_0, q4_1) or 8 (q8_0)."""
+    return d if block_kind == "q8_0" else d // 2
+
+
+def add_down_sums(out: np.ndarray, weights: np.ndarray, slots: np.ndarray, values: np.ndarray,
+                  neuron_ids: np.ndarray, table_group_major: np.ndarray, block_kind: str) -> None:
+    """out (d,) float32 += Σ_i weights[i] · down column of the neuron at slots[i] (k,), in that order: values
+    (cap, down_value_bytes) uint8 are each slot's column as stored, neuron_ids (cap,) the neuron at each slot
+    (-1: a hole, which adds nothing), table_group_major (n_ff/32, c, d) float16 the layer's scale table."""
+    if out.dtype != np.float32 or not out.flags.c_contiguous or out.ndim != 1:
+        raise ValueError("add_down_sums adds into a contiguous (d,) float32 vector")
+    if values.shape[1] != down_value_bytes(block_kind, out.shape[0]) or values.dtype != np.uint8:
+        raise ValueError(f"down values {values.shape} {values.dtype} are not {block_kind} columns of "
+                         f"{out.shape[0]} values")
+    slots = _checked_rows(slots, len(weights), values.shape[0])
+    weights = np.ascontiguousarray(weights, dtype=np.float32)
+    table_bits = np.ascontiguousarray(table_group_major).view(np.uint16)
+    if block_kind == "q8_0":
+        _add_byte_down_sums(out, weights, slots, values, neuron_ids, table_bits)
+    elif block_kind == "q4_1":
+        _add_nibble_down_sums_with_min(out, weights, slots, values, neuron_ids, table_bits)
+    else:
+        _add_nibble_down_sums(out, weights, slots, values, neuron_ids, table_bits, 8)
 
 
 def half_bits_to_float(bits: np.ndarray) -> np.ndarray:
     """float16 bits → float32 as the compiled loops widen them (what the tests check them by)."""
     flat = np.ascontiguousarray(bits, dtype=np.uint16).reshape(-1)
     return _each_half_to_float(flat).reshape(np.shape(bits))
-
-
-@numba.njit(cache=True)
-def _each_float_to_half(values):  # pragma: no cover - compiled
-    out = np.empty(values.shape[0], np.uint16)
-    for i in range(values.shape[0]):
-        out[i] = _float_to_half_bits(values[i])
-    return out
 
 
 @numba.njit(cache=True)
@@ -254,22 +258,6 @@ def write_q8_rows(rows_bits: np.ndarray, rows: np.ndarray, bundles: np.ndarray, 
     _write_q8_rows(rows_bits, rows, bundles, first_block_byte, block_bytes_of("q8_0"))
 
 
-def write_down_rows(down_bits: np.ndarray, slots: np.ndarray, bundles: np.ndarray, first_byte: int,
-                    neuron_ids: np.ndarray, table_group_major: np.ndarray, block_kind: str) -> None:
-    """down_bits (cap, d) uint16 (float16 bits): slots (k,) get the down columns of neurons neuron_ids (k,),
-    whose values are at first_byte of bundles (k, bundle_bytes) uint8 and whose scales are their groups' rows
-    of the layer's table, group-major (n_ff/32, c, d) float16."""
-    slots = _checked_rows(slots, len(bundles), down_bits.shape[0])
-    table_bits = np.ascontiguousarray(table_group_major).view(np.uint16)
-    neuron_ids = np.ascontiguousarray(neuron_ids, dtype=np.int64)
-    if block_kind == "q8_0":
-        _write_byte_down_rows(down_bits, slots, bundles, first_byte, neuron_ids, table_bits)
-    elif block_kind == "q4_1":
-        _write_nibble_down_rows_with_min(down_bits, slots, bundles, first_byte, neuron_ids, table_bits)
-    else:
-        _write_nibble_down_rows(down_bits, slots, bundles, first_byte, neuron_ids, table_bits, 8)
-
-
 def load_compiled_loops() -> None:
     """Compile (or load from numba's cache) every loop here now, on tiny arrays: a process that will write
     kernel rows pays it while it starts, not in its first decode step (a second or more on a loaded box)."""
@@ -281,6 +269,6 @@ def load_compiled_loops() -> None:
         write_q4_scales(np.zeros((d // BLOCK_WEIGHTS, TILE_ROWS), np.uint32), rows, bundles, 0, kind)
     write_q8_rows(np.zeros((TILE_ROWS, d), np.uint16), rows, bundles, 0)
     for kind in ("q4_0", "q4_1", "q8_0"):
-        write_down_rows(np.zeros((TILE_ROWS, d), np.uint16), rows, bundles, 0, rows, np.zeros((1, 2, d), np.float16),
-                        kind)
+        add_down_sums(np.zeros(d, np.float32), np.ones(1, np.float32), rows,
+                      np.zeros((1, down_value_bytes(kind, d)), np.uint8), rows, np.zeros((1, 2, d), np.float16), kind)
 

@@ -12,7 +12,8 @@ compute process multiplies in place):
     packed       (2·cap, d/2) uint8    gate rows [0, cap), up rows [cap, 2cap): torch's int4 tiles (q4_0, q4_1)
     scale_words  (G, 2·cap) uint32     their bfloat16 (scale, zero) pairs, one word per 32 weights
     rows_bits    (2·cap, d) uint16     q8_0 gate/up as bfloat16 rows (instead of the two above)
-    down_bits    (cap, d) uint16       down columns as float16 rows
+    down_values  (cap, d/2) uint8      down columns as stored (4-bit; (cap, d) int8 values for q8_0), summed
+                                       with the layer's scale table by kernel_layout.add_down_sums
     up_bias      (cap,) float32        OPT's up bias (ungated FFNs)
     neuron_ids   (cap,) int64          the neuron at each slot, -1 for none
     used         (1,) int64            slots [0, used) hold neurons or holes
@@ -21,7 +22,7 @@ cap is the cache's capacity rounded up to the int4 tiles' 64 rows. A neuron
 keeps its slot while it is cached: the NeuronCache's delete-by-moving-the-last-
 rows-in moves ids only, since moving a row inside int4 tiles is a
 read-modify-write of every byte it shares. A slot that loses its neuron is
-cleared (zero scales, zero down row), so it adds exactly 0 to any product, and
+cleared (zero scales, neuron id -1), so it adds exactly 0 to any product, and
 the next arrivals take the lowest free slots.
 """
 from __future__ import annotations
@@ -31,10 +32,9 @@ import numpy as np
 from flashllm.protocol import quant_format as qf
 from flashllm.protocol.store_format import FfnLayout
 from flashllm.workers.flash_io.kernel_layout import (
-    BLOCK_WEIGHTS, TILE_ROWS, block_bytes_of, write_down_rows, write_q4_rows, write_q4_scales, write_q8_rows,
+    BLOCK_WEIGHTS, TILE_ROWS, block_bytes_of, down_value_bytes, write_q4_rows, write_q4_scales, write_q8_rows,
 )
 
-_BLOCK_KIND_OF_COLUMNS = {column: block for block, column in qf.GROUPED_COLUMN_KINDS.items()}
 
 
 def holds_kernel_rows(layout: FfnLayout, device: str) -> bool:
@@ -67,7 +67,8 @@ def kernel_rows_arrays(layout: FfnLayout, capacity: int) -> list[tuple[str, tupl
                    ("scale_words", (d // BLOCK_WEIGHTS, rows), np.dtype(np.uint32))]
     else:
         arrays.append(("rows_bits", (rows, d), np.dtype(np.uint16)))
-    arrays.append(("down_bits", (cap, d), np.dtype(np.uint16)))
+    arrays.append(("down_values", (cap, down_value_bytes(qf.block_kind_of_column(kinds["down"]), d)),
+                   np.dtype(np.uint8)))
     if "gate" not in kinds:
         arrays.append(("up_bias", (cap,), np.dtype(np.float32)))
     arrays += [("neuron_ids", (cap,), np.dtype(np.int64)), ("used", (1,), np.dtype(np.int64))]
@@ -100,15 +101,13 @@ class KernelRowsView:
 class KernelRows(KernelRowsView):
     """One layer's cached neurons in the kernels' layouts, slot by slot; the prefetcher's NeuronCache writes it."""
 
-    def __init__(self, layout: FfnLayout, capacity: int, num_neurons: int, down_table: np.ndarray | None,
+    def __init__(self, layout: FfnLayout, capacity: int, num_neurons: int,
                  arrays: dict[str, np.ndarray] | None = None):
-        """down_table: the layer's down scale table (d, n_ff/32, c) float16 (store_reader.load_down_group_scales);
-        arrays: the kernel_rows_arrays() to write (shared memory), else allocated here."""
+        """arrays: the kernel_rows_arrays() to write (shared memory), else allocated here."""
         self.kinds = kinds = layout.part_kinds()
         require_grouped_down(kinds)
         self.byte_slices = layout.part_byte_slices()
         self.row_kind = kinds["up"]
-        self.down_block_kind = _BLOCK_KIND_OF_COLUMNS[kinds["down"]]
         self.gated = "gate" in kinds
         self.d = dict((name, n) for name, n, _ in layout.bundle_parts)["up"]
         self.capacity = kernel_slots(capacity)
@@ -123,8 +122,6 @@ class KernelRows(KernelRowsView):
         self.neuron_ids[:] = -1
         self._used[0] = 0
         self.slot_of = np.full(num_neurons, -1, dtype=np.int64)  # (n_ff,)
-        # group-major (n_ff/32, c, d): a neuron's scales are whole rows (load_down_group_scales holds it so)
-        self.down_table = None if down_table is None else np.ascontiguousarray(down_table.transpose(1, 2, 0))
 
     @property
     def nbytes(self) -> int:
@@ -144,7 +141,6 @@ class KernelRows(KernelRowsView):
             self.arrays["scale_words"][:, rows] = 0  # scale 0, zero 0: every weight of the row is 0
         else:
             self.arrays["rows_bits"][rows] = 0
-        self.arrays["down_bits"][slots] = 0
         if not self.gated:
             self.arrays["up_bias"][slots] = 0
         self.neuron_ids[slots] = -1
@@ -178,17 +174,15 @@ class KernelRows(KernelRowsView):
                 continue
             write_q4_rows(self.arrays["packed"], rows, bundles, first, block_bytes_of(self.row_kind), self.d)
             write_q4_scales(self.arrays["scale_words"], rows, bundles, first, self.row_kind)
-        write_down_rows(self.arrays["down_bits"], slots, bundles, self.byte_slices["down"].start, ids,
-                        self.down_table, self.down_block_kind)
+        self.arrays["down_values"][slots] = bundles[:, self.byte_slices["down"]]
         if not self.gated:
             bias = qf.dequantize_rows(self.kinds["up_bias"], np.ascontiguousarray(
                 bundles[:, self.byte_slices["up_bias"]]), 1)  # (k, 1)
             self.arrays["up_bias"][slots] = bias.reshape(-1)
 
 
-def kernel_rows_for(layout: FfnLayout, capacity_rows: list[int], down_scales: list[np.ndarray],
+def kernel_rows_for(layout: FfnLayout, capacity_rows: list[int],
                     arrays: list[dict[str, np.ndarray]] | None = None) -> list[KernelRows]:
     """Per layer, the KernelRows of a cache of capacity_rows[layer] (over `arrays`, shared memory, if given)."""
-    return [KernelRows(layout, capacity, region.num_neurons, down_scales[layer],
-                       None if arrays is None else arrays[layer])
+    return [KernelRows(layout, capacity, region.num_neurons, None if arrays is None else arrays[layer])
             for layer, (capacity, region) in enumerate(zip(capacity_rows, layout.layers))]

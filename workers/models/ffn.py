@@ -107,7 +107,7 @@ def masked_ffn_over_chunks(h: torch.Tensor, chunks: Iterable[tuple[int, int, tor
     layer_chunks() order → (N, d): masked_ffn_from_rows over the whole layer, summed chunk by chunk. Both
     runtimes sum through here in the same order, so they round alike and decode the same tokens.
     per_token: each token's sum is OwnNeuronSums' (a batch-invariant decode step; quantized chunks must then
-    hold their down columns as rows, held_rows(down_as_rows=True)), on the CPU: a GPU's products are not
+    hold their down columns by slot, held_rows(down_by_slot=True)), on the CPU: a GPU's products are not
     batch-invariant anyway, and one product per token there is one launch per token."""
     if per_token and h.device.type == "cpu":
         sums = OwnNeuronSums(h, cols)
@@ -141,50 +141,38 @@ class OwnNeuronSums:
 
     def __init__(self, h: torch.Tensor, cols: BundleColumns):
         self.h, self.cols = h, cols  # h (N, d)
-        # per token: (activations (k,), down rows (k, d)) of a quantized store, or gathered rows (k, E)
-        self._parts: list[list] = [[] for _ in range(h.shape[0])]
+        self._parts: list[list[torch.Tensor]] = [[] for _ in range(h.shape[0])]  # per token: gathered rows (k, E)
+        # a quantized store's rows are summed as they are added (their down columns as stored, in id order)
+        self._quant_sums: torch.Tensor | None = None  # (N, d) float32
 
-    def add(self, rows, row_ids: torch.Tensor, keep: torch.Tensor, outlives: bool = False) -> None:
-        """rows (n, E): a tensor, HalfRows or QuantRows (down held as rows); row_ids (n,) their neuron ids;
-        keep (N, n) bool: the rows each token computes. outlives: rows stay as they are until result() (a
-        cache's), so their down rows are gathered then, into reused buffers; else they are copied now."""
-        activations = rows.matrix.activations(self.h, rows.n) if isinstance(rows, QuantRows) else None  # (N, cap)
+    def add(self, rows, row_ids: torch.Tensor, keep: torch.Tensor) -> None:
+        """rows (n, E): a tensor, HalfRows or QuantRows (down held by slot); row_ids (n,) their neuron ids;
+        keep (N, n) bool: the rows each token computes. Rows added later must have higher ids (a layer's
+        chunks in order), so each token's terms are added in neuron-id order."""
+        quantized = isinstance(rows, QuantRows)
+        activations = rows.matrix.activations(self.h, rows.n) if quantized else None  # (N, cap)
+        if quantized and self._quant_sums is None:
+            self._quant_sums = torch.zeros(self.h.shape[0], self.h.shape[1])  # (N, d)
         for token, kept in enumerate(keep):
             at = torch.nonzero(kept).squeeze(1)  # (k,)
             at = at[torch.argsort(row_ids[at])]  # in neuron-id order
-            if activations is None:
-                self._parts[token].append(_rows_at(rows, at, self.h.dtype))
-            elif outlives:
-                self._parts[token].append((activations[token, at], rows.matrix, at))
+            if quantized:
+                rows.matrix.add_down_sums(self._quant_sums[token], activations[token, at], at)
             else:
-                self._parts[token].append((activations[token, at], rows.matrix.down_rows_at(at)))
+                self._parts[token].append(_rows_at(rows, at, self.h.dtype))
 
     def result(self) -> torch.Tensor:
         """(N, d): each token's sum over the neurons added for it."""
+        if self._quant_sums is not None:
+            return self._quant_sums.to(self.h.dtype)
         out = torch.zeros_like(self.h)  # (N, d)
         for token, parts in enumerate(self._parts):
             if not parts:
                 continue
-            if isinstance(parts[0], tuple):
-                a, down = self._quant_operands(parts)  # (k,), (k, d)
-            else:
-                rows = torch.cat(parts) if len(parts) > 1 else parts[0]  # (k, E)
-                a = neuron_activations(self.h[token:token + 1], rows, self.cols)[0]  # (k,)
-                down = rows[:, self.cols.down]  # (k, d)
-            out[token] = (a[None] @ down)[0].to(out.dtype)
+            rows = torch.cat(parts) if len(parts) > 1 else parts[0]  # (k, E)
+            a = neuron_activations(self.h[token:token + 1], rows, self.cols)[0]  # (k,)
+            out[token] = (a[None] @ rows[:, self.cols.down])[0].to(out.dtype)
         return out
-
-    @staticmethod
-    def _quant_operands(parts: list[tuple]) -> tuple[torch.Tensor, torch.Tensor]:
-        """A token's parts → (activations (k,), down rows (k, d) float32), in the order added."""
-        if len(parts[0]) == 2:  # copied when added
-            return torch.cat([part[0] for part in parts]), torch.cat([part[1] for part in parts])
-        [(a, matrix, at)] = parts  # a cache's rows: one part
-        # gathered as held (float16), then widened: through grow-only buffers, since a fresh one of this size
-        # is mmap'd and faulted in every time (malloc_tuning)
-        held = scratch_buffer("own_down_held", (len(at), matrix.d), matrix.down_rows.dtype)
-        torch.index_select(matrix.down_rows, 0, at, out=held)
-        return a, scratch_buffer("own_down", (len(at), matrix.d), torch.float32).copy_(held)
 
 
 def _rows_at(rows, at: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

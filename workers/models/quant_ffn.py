@@ -18,13 +18,14 @@ neurons are written into the same layouts by the prefetcher as they arrive
 - gate and up rows of q8_0: converted to bfloat16 as they are written (the
   int8 kernel scales per output row, not per block; bfloat16 GEMM is the fast
   path here).
-- down columns: float16 (capacity, d) rows, decoded on insert from the values
-  and the scales of the neuron's group (exact: GGUF's d*q + m is a float16
-  value times a small integer plus a float16 value, rounded once to float16).
-  The product widens the rows in use to float32 (docs/benchmarks.md has the
-  float16/bfloat16/float32 timings). Why not an int kernel: a neuron's column
-  shares its per-row scales with 31 other neurons, which no per-slot int
-  layout can hold.
+- down columns: as stored, (capacity, d/2) nibbles or (capacity, d) int8,
+  with the neuron id of each slot; a product is a compiled sum over the
+  neurons in use, each value decoded in float32 from its group's row of the
+  layer's scale table as it is added (flash_io/kernel_layout.add_down_sums).
+  Why not an int kernel: a neuron's column shares its per-row scales with 31
+  other neurons, which no per-slot int layout can hold; why not float16 rows
+  (until stop 30): they took 4x a 4-bit column's bytes, cache the window
+  needs (docs/benchmarks.md).
 - down of a whole layer in neuron order (dense, naive), 4-bit kinds: GGUF's
   own [d, n_ff] blocks in the int4 kernel's layout (its groups of 32 along
   n_ff are exactly GGUF's blocks), packed once when the layer is written.
@@ -42,12 +43,11 @@ import torch.nn.functional as F
 
 from flashllm.protocol import quant_format as qf
 from flashllm.protocol.store_format import FfnLayout
-from flashllm.workers.flash_io.kernel_layout import write_q4_rows
+from flashllm.workers.flash_io.kernel_layout import add_down_sums, down_value_bytes, write_q4_rows
 from flashllm.workers.flash_io.kernel_rows import require_grouped_down
 from flashllm.workers.models.quant_linear import BLOCK_WEIGHTS, QuantizedBlocks, split_blocks
 
 INT4_TILE_ROWS = 64
-DOWN_ROW_DTYPE = torch.float16  # holds GGUF's dequantized down weights exactly; see docs/benchmarks.md
 
 
 def _round_up(n: int, multiple: int) -> int:
@@ -103,43 +103,6 @@ def _pair_nibbles(lower: torch.Tensor, upper: torch.Tensor, low_out: torch.Tenso
     torch.bitwise_or(torch.bitwise_right_shift(lower, 4, out=a), torch.bitwise_and(upper, 0xF0, out=b), out=high_out)
 
 
-_BLOCK_KIND_OF_COLUMNS = {column: block for block, column in qf.GROUPED_COLUMN_KINDS.items()}
-
-
-def dequantize_down_columns(column_kind: str, values: np.ndarray, table: np.ndarray, neuron_ids: np.ndarray
-                            ) -> torch.Tensor:
-    """Down columns of neurons neuron_ids (k,): values (k, bytes) uint8 and their layer's scale table
-    (d, n_ff/32, c) float16 → (k, d) DOWN_ROW_DTYPE: GGUF's d·q (+ m) in float32, rounded once (the same
-    values as quant_format.dequantize_grouped_columns, in torch: a sparse step decodes every inserted row).
-    The result is a scratch buffer of this thread's (scratch_buffer): copy it out before the next call."""
-    block_kind = _BLOCK_KIND_OF_COLUMNS[column_kind]
-    k, d = len(neuron_ids), table.shape[0]
-    groups = torch.from_numpy(np.asarray(neuron_ids, dtype=np.int64) // BLOCK_WEIGHTS)  # (k,)
-    # by group: (n_ff/32, c, d), contiguous as load_down_group_scales holds it (else made so here)
-    by_group = torch.from_numpy(table).permute(1, 2, 0).contiguous()
-    scales = scratch_buffer("down_column_scales", (k, by_group.shape[1], d), torch.float16)
-    torch.index_select(by_group, 0, groups, out=scales)  # (k, c, d): each neuron's group's scales, whole rows
-    scale = scales[:, 0]  # (k, d)
-    raw = torch.from_numpy(values)  # (k, bytes), a strided view of the bundles
-    # q4_0/q8_0: d·q of a float16 d and an integer |q| ≤ 128 is exact in float32, so one float16 product
-    # rounds it as the float32 one would; q4_1's m + d·q rounds twice in float32 and stays there
-    q = scratch_buffer("down_column_values", (k, d), torch.float32 if block_kind == "q4_1" else DOWN_ROW_DTYPE)
-    if block_kind == "q8_0":
-        q.copy_(raw.view(torch.int8)[:, :d])  # (k, d)
-    else:  # byte i holds rows 2i (low nibble) and 2i + 1
-        nibbles = scratch_buffer("down_column_nibbles", (k, d // 2, 2), torch.uint8)
-        packed = raw[:, : d // 2]  # (k, d/2)
-        torch.bitwise_and(packed, 15, out=nibbles[..., 0])
-        torch.bitwise_right_shift(packed, 4, out=nibbles[..., 1])
-        q.copy_(nibbles.view(k, d))
-        if block_kind == "q4_0":
-            q.sub_(8)
-    if block_kind != "q4_1":
-        return q.mul_(scale)  # (k, d)
-    rows = scratch_buffer("down_column_rows", (k, d), DOWN_ROW_DTYPE)
-    return rows.copy_(q.mul_(scale).add_(scales[:, 1]))  # (k, d): m + d·q, as torch.addcmul computes it
-
-
 class QuantNeuronMatrix:
     """`capacity` neurons of a quantized FFN layer, slot by slot, in the CPU kernels' layouts."""
 
@@ -163,8 +126,10 @@ class QuantNeuronMatrix:
             self.down_packed = torch.zeros(self.d, self.capacity // 2, dtype=torch.uint8)  # (d, cap/2) packed
             self.down_scales_zeros = torch.zeros(self.capacity // BLOCK_WEIGHTS, self.d, 2,
                                                  dtype=torch.bfloat16)  # (cap/32, d, 2)
-        else:
-            self.down_rows = torch.zeros(self.capacity, self.d, dtype=DOWN_ROW_DTYPE)  # (cap, d)
+        else:  # each slot's column as stored and its neuron (-1: none)
+            self.down_values = torch.zeros(self.capacity, down_value_bytes(self.down_block_kind, self.d),
+                                           dtype=torch.uint8)  # (cap, d/2) or (cap, d)
+            self.slot_neuron_ids = torch.full((self.capacity,), -1, dtype=torch.int64)  # (cap,)
         self.up_bias = None if self.gated else torch.zeros(self.capacity)  # (cap,)
 
     def _describe(self, layout: FfnLayout, capacity: int, down_scales: np.ndarray, whole_layer: bool) -> None:
@@ -174,7 +139,9 @@ class QuantNeuronMatrix:
         self.gated = "gate" in kinds
         self.row_kind = kinds["up"]
         require_grouped_down(kinds)
-        self.down_kind, self.down_scales = kinds["down"], down_scales
+        self.down_kind = kinds["down"]
+        self.down_block_kind = qf.block_kind_of_column(self.down_kind)
+        self._set_down_table(down_scales)
         self.d = elements["up"]
         self.capacity = _round_up(max(1, capacity), INT4_TILE_ROWS)
         self.row_matrices = 2 if self.gated else 1
@@ -182,14 +149,20 @@ class QuantNeuronMatrix:
         self.whole_layer = whole_layer
         self.down_as_blocks = whole_layer and _int4_down(kinds["down"])
 
+    def _set_down_table(self, down_scales: np.ndarray | None) -> None:
+        """down_scales (d, n_ff/32, c) float16, a view of the group-major table load_down_group_scales holds:
+        the sums take it group-major (a neuron's scales are whole rows), which is that memory, not a copy."""
+        self.down_scales = down_scales
+        self.down_table = None if down_scales is None else np.ascontiguousarray(down_scales.transpose(1, 2, 0))
+
     @classmethod
     def over_kernel_rows(cls, layout: FfnLayout, arrays: dict[str, np.ndarray], down_scales: np.ndarray
                          ) -> "QuantNeuronMatrix":
         """A matrix over a quantized neuron cache's arrays (flash_io/kernel_rows.py), in place, nothing copied:
         what the prefetcher writes there is what this multiplies. Read-only here: the prefetcher writes."""
         matrix = cls.__new__(cls)
-        down_bits = arrays["down_bits"]  # (cap, d) float16 bits
-        matrix._describe(layout, down_bits.shape[0], down_scales, whole_layer=False)
+        down_values = arrays["down_values"]  # (cap, d/2) or (cap, d) uint8
+        matrix._describe(layout, down_values.shape[0], down_scales, whole_layer=False)
         if matrix.int4:
             words = arrays["scale_words"]  # (G, rows) (scale, zero) bfloat16 pairs as words
             matrix.packed = torch.from_numpy(arrays["packed"])  # (rows, d/2)
@@ -197,7 +170,8 @@ class QuantNeuronMatrix:
                 words.shape[0], words.shape[1], 2)  # (G, rows, 2)
         else:
             matrix.rows_bf16 = torch.from_numpy(arrays["rows_bits"].view(np.int16)).view(torch.bfloat16)  # (rows, d)
-        matrix.down_rows = torch.from_numpy(down_bits.view(np.float16))  # (cap, d)
+        matrix.down_values = torch.from_numpy(down_values)
+        matrix.slot_neuron_ids = torch.from_numpy(arrays["neuron_ids"])  # (cap,)
         matrix.up_bias = torch.from_numpy(arrays["up_bias"]) if "up_bias" in arrays else None  # (cap,)
         return matrix
 
@@ -215,14 +189,15 @@ class QuantNeuronMatrix:
         if whole_layer and _int4_down(kinds["down"]):
             down_bytes = d // 2 + d // BLOCK_WEIGHTS * 2 * 2  # a column's nibbles + its share of (scale, zero)
         else:
-            down_bytes = d * DOWN_ROW_DTYPE.itemsize  # a float16 row
+            down_bytes = down_value_bytes(qf.block_kind_of_column(kinds["down"]), d) + 8  # as stored + neuron id
         down_bytes += 0 if "gate" in kinds else 4  # up bias
         return rows * (matrices * row_bytes + down_bytes)
 
     @property
     def nbytes(self) -> int:
         """Bytes this matrix holds (the layer's scale table is shared and counted once, by its owner)."""
-        held = [self.down_packed, self.down_scales_zeros] if self.down_as_blocks else [self.down_rows]
+        held = [self.down_packed, self.down_scales_zeros] if self.down_as_blocks else \
+            [self.down_values, self.slot_neuron_ids]
         held += [self.packed, self.scales_zeros] if self.int4 else [self.rows_bf16]
         held += [self.up_bias] if self.up_bias is not None else []
         return sum(t.nbytes for t in held)
@@ -255,8 +230,8 @@ class QuantNeuronMatrix:
         if self.down_as_blocks:
             self._write_down_blocks(np.asarray(slots), values, np.asarray(neuron_ids))
         else:
-            self.down_rows.index_copy_(0, slots_t, dequantize_down_columns(self.down_kind, values, self.down_scales,
-                                                                           neuron_ids))
+            self.down_values[slots_t] = torch.from_numpy(np.ascontiguousarray(values))
+            self.slot_neuron_ids[slots_t] = torch.from_numpy(np.ascontiguousarray(neuron_ids, dtype=np.int64))
 
     def load_whole_layer(self, bundles: np.ndarray, down_scales: np.ndarray | None,
                          down_kernel_scales: torch.Tensor | None = None, helper=None) -> None:
@@ -266,7 +241,7 @@ class QuantNeuronMatrix:
         q8_0 down columns the table itself."""
         if not self.whole_layer:
             raise ValueError("load_whole_layer needs a matrix made with whole_layer=True")
-        self.down_scales = down_scales
+        self._set_down_table(down_scales)
         if self.down_as_blocks:
             self.down_kernel_scales = down_kernel_scales if down_kernel_scales is not None else \
                 down_kernel_scales_of(down_scales)
@@ -366,21 +341,25 @@ class QuantNeuronMatrix:
         return a
 
     def down(self, a: torch.Tensor, n: int) -> torch.Tensor:
-        """a (N, cap) → (N, d): Σ_i a_i · down_i over slots [0, n). The float16 rows are widened for the
-        product: CPU float16 GEMM is a slow scalar path, bfloat16 would round the weights again."""
+        """a (N, cap) → (N, d): Σ_i a_i · down_i over slots [0, n)."""
         if self.down_as_blocks:  # slots past n (a layer not a multiple of 64) must contribute nothing
             a[:, n:] = 0
             return torch.ops.aten._weight_int4pack_mm_for_cpu(a.to(torch.bfloat16), self.down_packed, BLOCK_WEIGHTS,
                                                                self.down_scales_zeros).float()  # (N, d)
-        widened = scratch_buffer("down_widened", (n, self.d), torch.float32).copy_(self.down_rows[:n])  # (n, d)
-        return a[:, :n] @ widened  # (N, d)
+        out = torch.zeros(a.shape[0], self.d)  # (N, d)
+        slots = torch.arange(n)
+        for token in range(a.shape[0]):
+            self.add_down_sums(out[token], a[token, :n], slots)
+        return out
 
-    def down_rows_at(self, slots: torch.Tensor) -> torch.Tensor:
-        """slots (k,) → their down columns (k, d) float32, as stored (held as rows, not blocks)."""
+    def add_down_sums(self, out: torch.Tensor, weights: torch.Tensor, slots: torch.Tensor) -> None:
+        """out (d,) float32 += Σ_i weights[i] · the down column at slots[i] (k,), added in that order (a
+        token's neurons in id order give the same bits wherever they sit)."""
         if self.down_as_blocks:
-            raise ValueError("this whole-layer matrix holds its down columns as int4 blocks, not as rows; make it "
-                             "with down_as_rows=True")
-        return self.down_rows.index_select(0, slots).float()  # (k, d)
+            raise ValueError("this whole-layer matrix holds its down columns as int4 blocks, not by slot; make it "
+                             "with down_by_slot=True")
+        add_down_sums(out.numpy(), weights.float().contiguous().numpy(), slots.numpy(), self.down_values.numpy(),
+                      self.slot_neuron_ids.numpy(), self.down_table, self.down_block_kind)
 
     def ffn(self, h: torch.Tensor, n: int) -> torch.Tensor:
         """h (N, d) → (N, d) float32 over slots [0, n)."""
@@ -405,10 +384,10 @@ class QuantRows:
 
 
 def quant_rows_of(layout: FfnLayout, bundles: np.ndarray, down_scales: np.ndarray, neuron_ids: np.ndarray,
-                  down_as_rows: bool = False) -> QuantRows:
-    """Bundles (k, bundle_bytes) uint8 of neurons neuron_ids (k,) → their kernel-ready form. down_as_rows: the
-    down columns as float16 rows even for a whole layer (what OwnNeuronSums gathers), not as int4 blocks."""
-    whole_layer = is_whole_layer(neuron_ids) and not down_as_rows
+                  down_by_slot: bool = False) -> QuantRows:
+    """Bundles (k, bundle_bytes) uint8 of neurons neuron_ids (k,) → their kernel-ready form. down_by_slot: the
+    down columns held by slot, as stored, even for a whole layer (what OwnNeuronSums sums), not as int4 blocks."""
+    whole_layer = is_whole_layer(neuron_ids) and not down_by_slot
     matrix = QuantNeuronMatrix(layout, bundles.shape[0], down_scales, whole_layer=whole_layer)
     matrix.write(np.arange(bundles.shape[0]), bundles, neuron_ids)
     return QuantRows(matrix, bundles.shape[0])
