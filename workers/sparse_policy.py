@@ -49,10 +49,9 @@ every cached row, the batch's union), for the bench's comparison.
 Why "predicted" is the default compute set: the window exists to spare reads,
 as in the paper, where a token computes its predicted neurons alone. Summing the
 window's cached neurons too made a token's compute (and its output) grow with
---memory, since a larger cache holds more of the window: at 7B, 57% of the store
-took ~670 ms a token against ~475 for the predicted sets, and at the demo's
-smallest budget the cache holds no window, so the quality it buys exists only at
-budgets where its compute costs most (docs/benchmarks.md, stop 30).
+--memory, since a larger cache holds more of the window; near the smallest
+budget the caches hold no window, so the quality it buys exists only at budgets
+where its compute costs most (docs/benchmarks.md, stop 30, has both measured).
 
 Pure: no I/O, no process knowledge.
 """

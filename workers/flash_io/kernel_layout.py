@@ -16,8 +16,8 @@ memory for what one loop does in one (docs/benchmarks.md has both timings):
 - down columns stay as stored (a neuron's 4- or 8-bit values; their scales are
   the layer's table, shared by the 32 neurons of a group): add_down_sums adds
   Σ_i a_i · down_i with each value decoded in float32 as it is used, exactly
-  GGUF's d·q (+ m). Held as float16 rows they took 2-4x the bytes (a 7B
-  neuron's 8 KiB of 13), which is cache the window did not get.
+  GGUF's d·q (+ m). Held as float16 rows they took 2-4x the bytes, which is
+  cache the window did not get.
 
 numba has no float16 or bfloat16 type on the CPU: halves travel as their
 uint16 bits, converted on the float32 bits exactly as numpy's and torch's
