@@ -156,10 +156,11 @@ def _greedy_with_logits(engine: Engine, prompts: list[str]) -> tuple[list[list[i
     ("llama", TIGHT, 3, 4),
     ("llama", dict(TIGHT, missing_policy="skip"), 1, 1),
     ("llama", dict(TIGHT, missing_policy="skip"), 2, 1),
+    ("llama", dict(TIGHT, compute_set="window"), 2, 1),
     ("opt", {"capacity_rows": [200, 200], "window_tokens": 3}, 2, 1),
     ("opt", {"capacity_rows": [200, 200], "window_tokens": 3}, 2, 3),
 ], ids=["llama-full", "llama-tight", "llama-tight-batch3", "llama-tight-batch3-chunks4", "llama-skip-ready-early",
-        "llama-skip-batch2", "opt-relu", "opt-relu-chunks3"])
+        "llama-skip-batch2", "llama-window-compute-batch2", "opt-relu", "opt-relu-chunks3"])
 def test_pipeline_steps_reproduce_the_inprocess_sparse_ffn(calibrated_stores, kind, options, batch, chunks, monkeypatch):
     """Same messages and buffers as the processes use; every logit bitwise equal to SparseFlashFfn's.
     chunks: the whole-layer reads (prefill, and decode batches that fall back) go in that many chunks
@@ -191,6 +192,12 @@ def test_pipeline_steps_reproduce_the_inprocess_sparse_ffn(calibrated_stores, ki
         if batch == 1:
             assert ours["reader_read_bytes"] == theirs["reader_read_bytes"]
     assert not _instance_leftovers(pipeline.instance)
+    if options.get("compute_set") == "window":  # the option reached both runtimes: it changes what they compute
+        predicted = ModelExecutor(store, manifest, "sparse", batch, 128, device="cpu",
+                                  sparse=SparseOptions.from_dict(dict(options, compute_set="predicted")))
+        with Engine(store, mode="sparse", max_batch=batch, max_context=128, executor=predicted) as engine:
+            _, predicted_logits = _greedy_with_logits(engine, PROMPTS)
+        assert any(not torch.equal(a, b) for a, b in zip(predicted_logits, logits))
 
 
 def _inproc_and_pipeline_runs(store: str, options: dict) -> dict:
