@@ -385,6 +385,8 @@ def test_down_sums_add_the_format_references_columns_in_the_order_given(block_ki
     assert np.array_equal(out, expected)
     with pytest.raises(ValueError, match="not q4_0 columns"):
         add_down_sums(out, weights, slots, np.zeros((7, 64), np.uint8), slot_ids, table.transpose(1, 2, 0), "q4_0")
+    with pytest.raises(ValueError, match="not group-major"):  # the table as stored, (d, n_ff/32, c)
+        add_down_sums(out, weights, slots, slot_values, slot_ids, table, block_kind)
 
 
 @pytest.mark.parametrize("kind", ["q4_1", "q4_0", "q8_0"])

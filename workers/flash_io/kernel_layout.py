@@ -22,9 +22,9 @@ memory for what one loop does in one (docs/benchmarks.md has both timings):
 numba has no float16 or bfloat16 type on the CPU: halves travel as their
 uint16 bits, converted on the float32 bits exactly as numpy's and torch's
 casts do (bfloat16 rounds to nearest even; a test checks every half), written
-as selects so that the loops vectorize. numba, not a C extension: no compiler at install time; compiled code
-is cached on disk (cache=True), so only a machine's first run compiles.
-nogil: a reader thread runs beside it.
+as selects so that the loops vectorize. numba, not a C extension: no compiler
+at install time; compiled code is cached on disk (cache=True), so only a
+machine's first run compiles. nogil: a reader thread runs beside it.
 """
 from __future__ import annotations
 
@@ -195,6 +195,11 @@ def add_down_sums(out: np.ndarray, weights: np.ndarray, slots: np.ndarray, value
     if values.shape[1] != down_value_bytes(block_kind, out.shape[0]) or values.dtype != np.uint8:
         raise ValueError(f"down values {values.shape} {values.dtype} are not {block_kind} columns of "
                          f"{out.shape[0]} values")
+    channels = 2 if block_kind == "q4_1" else 1  # (d, m) or d per value
+    if table_group_major.ndim != 3 or table_group_major.shape[1] < channels or \
+            table_group_major.shape[2] != out.shape[0]:
+        raise ValueError(f"scale table {table_group_major.shape} is not group-major (n_ff/32, c, d) for "
+                         f"{block_kind} columns of {out.shape[0]} values")
     slots = _checked_rows(slots, len(weights), values.shape[0])
     weights = np.ascontiguousarray(weights, dtype=np.float32)
     table_bits = np.ascontiguousarray(table_group_major).view(np.uint16)
