@@ -141,15 +141,17 @@ def test_a_sequences_computed_set_does_not_depend_on_its_neighbour(calibrated_st
         assert torch.equal(decision.computed[0], own[0] | torch.from_numpy(pinned[0]))
 
 
-def test_by_default_a_token_computes_its_predicted_set_whatever_the_caches_hold(calibrated_stores):
-    """compute_set "predicted" (the default): each step's computed set is the token's own prediction and the
-    pinned, the same with a cache of every neuron as with one just large enough; "window" adds earlier tokens'
-    neurons where the cache has room, so there its compute grows with the budget."""
+@pytest.mark.parametrize("kind, auto_computes_window", [("llama", True), ("opt", False)])
+def test_what_a_token_computes_predicted_or_with_its_window(calibrated_stores, kind, auto_computes_window):
+    """compute_set "predicted": each step's computed set is the token's own prediction and the pinned, the
+    same with a cache of every neuron as with one just large enough; "window" adds earlier tokens' neurons
+    where the cache has room, so there its compute grows with the budget; "auto" (the default) is "window"
+    for a SwiGLU model (llama: its threshold leaves out nonzero contributions), "predicted" for a ReLU one."""
     from flashllm.workers.predictor import SparsityPredictor
     from flashllm.workers.sparse_policy import SparseStepPlanner
     from flashllm.workers.store_reader import open_store
 
-    store = calibrated_stores("llama")
+    store = calibrated_stores(kind)
     manifest = open_store(store)
     predictor = SparsityPredictor(store, manifest, keep_fraction=KEEP_FRACTION)
     n, layers = predictor.num_neurons, predictor.num_layers
@@ -158,7 +160,7 @@ def test_by_default_a_token_computes_its_predicted_set_whatever_the_caches_hold(
         mask[hot] = True
     inputs = torch.randn(4, 1, manifest.arch.hidden_size, generator=torch.Generator().manual_seed(2))  # (steps, 1, d)
 
-    def computed_sets(capacity_rows: int, compute_set: str | None = None) -> list[torch.Tensor]:
+    def computed_sets(capacity_rows: int, compute_set: str | None) -> list[torch.Tensor]:
         options = {} if compute_set is None else {"compute_set": compute_set}
         planner = SparseStepPlanner(predictor, [capacity_rows] * layers, pinned, "read", window_tokens=4, **options)
         sets = []
@@ -168,15 +170,18 @@ def test_by_default_a_token_computes_its_predicted_set_whatever_the_caches_hold(
         return sets
 
     with torch.inference_mode():
-        whole = computed_sets(n)
         own = [predictor.predict_mask("same", 0, inputs[step])[0] | torch.from_numpy(pinned[0])
                for step in range(inputs.shape[0])]
-        just_enough = computed_sets(max(int(s.sum()) for s in own))
+        whole = computed_sets(n, "predicted")
+        just_enough = computed_sets(max(int(s.sum()) for s in own), "predicted")
         widened = computed_sets(n, "window")
+        default = computed_sets(n, None)
     for step, (a, b, expected) in enumerate(zip(whole, just_enough, own)):
         assert torch.equal(a, expected) and torch.equal(b, expected), f"step {step}"
     assert torch.equal(widened[0], own[0])  # the first token has no window yet
     assert widened[-1].sum() > own[-1].sum()  # later ones compute their window's neurons too
+    for a, b in zip(default, widened if auto_computes_window else own):
+        assert torch.equal(a, b)
 
 
 @pytest.fixture(scope="module")

@@ -125,6 +125,20 @@ def test_bench_on_a_paper_trace_reads_the_new_neurons_within_the_plan(synth_stor
     assert "device/new" in run.stdout
 
 
+def test_a_token_of_a_trace_computes_the_traces_set_alone(synth_store):
+    """A trace's sets are the neurons each token uses (the others are zeros, as a ReLU model's): the default
+    compute set ("auto") does not add the window's cached neurons to them, "window" does."""
+    from flashllm.protocol.store_format import read_manifest
+    from flashllm.workers.activation_trace import parse_trace
+    from flashllm.workers.sparse_policy import computes_window
+    from flashllm.workers.trace_predictor import TracePredictor
+
+    predictor = TracePredictor(read_manifest(synth_store), parse_trace("paper"), window_tokens=4)
+    assert not computes_window("auto", predictor) and computes_window("window", predictor)
+    with pytest.raises(ValueError, match="compute set 'all' is not one of auto, predicted, window"):
+        computes_window("all", predictor)
+
+
 def test_a_recorded_trace_from_a_calibrated_store_replays_on_a_synthetic_one(calibrated_stores, synth_store,
                                                                              tmp_path):
     recorded = str(tmp_path / "recorded.npz")

@@ -28,8 +28,10 @@ RESIDENT_DTYPES = ("float32", "float16", "bfloat16")
 MISSING_POLICIES = ("read", "skip")
 # what each token's FFN sums: its predicted neurons (the paper's rule: the window is a cache of reads, and the
 # output does not depend on --memory), or also its window's earlier tokens' neurons the cache holds (closer to
-# dense with a SwiGLU model's thresholded predictions; the compute grows with the budget)
-COMPUTE_SETS = ("predicted", "window")
+# dense where the sets leave out nonzero contributions; the compute grows with the budget); auto: window where
+# the predictor's sets leave out nonzero contributions (a SwiGLU model's threshold), else predicted (a ReLU
+# model's other neurons are zeros, a trace's sets are the neurons each token uses)
+COMPUTE_SETS = ("auto", "predicted", "window")
 
 SPARSE_FLAGS = {"keep_fraction": "--keep-fraction", "window_tokens": "--neuron-window",
                 "missing_policy": "--missing-policy", "compute_set": "--compute-set", "trace": "--trace"}  # the options a user sets on the command line → their flags
@@ -44,7 +46,7 @@ class SparseOptions:
     keep_fraction: float | None = None  # neurons computed per layer and token; None: 1 - the calibrated sparsity
     window_tokens: int = DEFAULT_WINDOW_TOKENS  # the sliding window: neurons of the last K tokens stay cached
     missing_policy: str = "read"  # late neurons of the same-layer check: read before the layer runs, or skip
-    compute_set: str = "predicted"  # a token's FFN sums its predicted neurons, or also its window's (COMPUTE_SETS)
+    compute_set: str = "auto"  # a token's FFN sums its predicted neurons, or also its window's (COMPUTE_SETS)
     pin_hot: bool = True  # keep each layer's calibrated hot neurons in its cache for good
     reader_threads: int = 4  # flash reader threads (or in-flight requests of the AIO backend)
     capacity_rows: tuple[int, ...] | None = None  # neuron-cache rows per layer (the memory plan's); None: all

@@ -288,6 +288,9 @@ class SparsityPredictor:
         self.keep_neurons = max(1, int(round(keep_fraction * self.num_neurons)))
         self.predictors: dict[tuple[str, int], LowRankPredictor | SketchPredictor] = {}
         gated = manifest.arch.hidden_act != "relu"
+        # a calibrated threshold on a gated (SwiGLU) FFN leaves out neurons whose contributions are small, not
+        # zero; a ReLU FFN's left-out neurons are zeros, but for the predictor's misses
+        self.leaves_out_nonzero = gated
         for layer in range(self.num_layers):
             if sparsity.predictor == "sketch":
                 self._hold_sketch(tensors, layer, gated, dtype)
@@ -363,7 +366,7 @@ class PredictorWorker:
     def __init__(self, predictor: SparsityPredictor, hidden: np.ndarray, mask: np.ndarray, capacity_rows: list[int],
                  pinned: list[np.ndarray], channel, missing_policy: str = "read", computed: np.ndarray | None = None,
                  window_tokens: int = DEFAULT_WINDOW_TOKENS, batch_invariant: bool = True,
-                 compute_set: str = "predicted"):
+                 compute_set: str = "auto"):
         """computed: the shared (2, max_tokens, n_ff) buffer of each sequence's computed neurons (cached path)."""
         self.predictor = predictor
         self.hidden, self.mask = hidden, mask  # (2, max_tokens, d), (max_tokens, n_ff) shared memory

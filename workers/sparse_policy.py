@@ -29,9 +29,11 @@ from its own predictions and its own history only (one row per sequence):
                   the cache beside it (lowest ids first); the same check only
                   under "read" or where layer l has no lookahead, whatever path
                   the previous layer took
-    computed(b) = own(b) ∪ pinned; with compute_set "window", also the sets of
-                  its earlier window_tokens - 1 tokens, newest first, as many as
-                  fit the layer's cache
+    computed(b) = own(b) ∪ pinned; where the window is computed (compute_set
+                  "window", or "auto" with a predictor whose sets leave out
+                  nonzero contributions), also the sets of its earlier
+                  window_tokens - 1 tokens, newest first, as many as fit the
+                  layer's cache
     needed      = ∪_b computed(b) fits the cache (and the lookahead fitted) →
                   cached: `first` as above, `late` = the sequences' own sets,
                   `resident` = needed (window neurons evicted since are read
@@ -46,12 +48,14 @@ starts afresh when a slot's sequence starts at position 0.
 SparseOptions.batch_invariant=False keeps the old rule (every sequence computes
 every cached row, the batch's union), for the bench's comparison.
 
-Why "predicted" is the default compute set: the window exists to spare reads,
-as in the paper, where a token computes its predicted neurons alone. Summing the
-window's cached neurons too made a token's compute (and its output) grow with
---memory, since a larger cache holds more of the window; near the smallest
-budget the caches hold no window, so the quality it buys exists only at budgets
-where its compute costs most (docs/benchmarks.md, stop 30, has both measured).
+Why "auto" decides by the predictor: the window exists to spare reads, as in
+the paper, where a token computes its predicted neurons alone, which is exact
+where the others are zeros (a ReLU model, or a trace's sets). Summing the
+window's cached neurons too makes a token's compute grow with --memory (a larger
+cache holds more of the window) and buys nothing there. A SwiGLU model's
+calibrated threshold leaves out small nonzero contributions, which the window's
+cached neurons add back without a read: there they are worth their compute
+(docs/benchmarks.md, stop 30, has both measured).
 
 Pure: no I/O, no process knowledge.
 """
@@ -185,19 +189,25 @@ class SequenceWindows:
             self._layer_history(int(slot), layer).append(own[row].clone())
 
 
+def computes_window(compute_set: str, predictor) -> bool:
+    """Whether a token's FFN sums its window's cached neurons beside its predicted ones (COMPUTE_SETS): "auto"
+    does where the predictor's sets leave out nonzero contributions (predictor.leaves_out_nonzero)."""
+    if compute_set not in COMPUTE_SETS:
+        raise ValueError(f"compute set {compute_set!r} is not one of {', '.join(COMPUTE_SETS)}")
+    return compute_set == "window" or (compute_set == "auto" and predictor.leaves_out_nonzero)
+
+
 class SparseStepPlanner:
     """Decides each layer of a forward pass; holds the pass's pending lookahead sets and previous input."""
 
     def __init__(self, predictor: "SparsityPredictor", capacity_rows: list[int], pinned: list[np.ndarray],
                  missing_policy: str = "read", window_tokens: int = DEFAULT_WINDOW_TOKENS,
-                 batch_invariant: bool = True, compute_set: str = "predicted"):
+                 batch_invariant: bool = True, compute_set: str = "auto"):
         """batch_invariant: decide each sequence's own computed set (`computed`); else every sequence computes
-        every cached row, the batch's union (the old rule, kept for the bench). compute_set "window": a
-        sequence's computed set takes in its window's cached neurons too (COMPUTE_SETS)."""
+        every cached row, the batch's union (the old rule, kept for the bench). compute_set: whether a
+        sequence's computed set takes in its window's cached neurons too (computes_window)."""
         check_missing_policy(missing_policy)
-        if compute_set not in COMPUTE_SETS:
-            raise ValueError(f"compute set {compute_set!r} is not one of {', '.join(COMPUTE_SETS)}")
-        self.computes_window = compute_set == "window"
+        self.computes_window = computes_window(compute_set, predictor)
         self.predictor = predictor
         self.capacity_rows = capacity_rows  # per layer: the neuron cache's rows
         self.pinned = pinned  # per layer: (n_ff,) bool, the neurons that stay cached

@@ -44,6 +44,7 @@ class TracePredictor:
         self.keep_neurons = self.trace.max_active
         self.keep_fraction = self.keep_neurons / self.num_neurons
         self.hot_ids = [np.zeros(0, np.int64) for _ in range(self.num_layers)]  # the trace pins nothing
+        self.leaves_out_nonzero = False  # a trace's sets are the neurons each token uses (the paper's ReLU zeros)
         rank = min(TRACE_PREDICTOR_RANK, arch.hidden_size)
         generator = torch.Generator().manual_seed(spec.seed)
         scale_in, scale_out = arch.hidden_size ** -0.5, rank ** -0.5

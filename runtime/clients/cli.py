@@ -141,10 +141,11 @@ def add_sparse_policy_args(p: argparse.ArgumentParser) -> None:
                         "before the layer runs (read, the default) or left out for this token (skip: no read "
                         "waits on the layer's own input, fewer bytes, lower quality)")
     p.add_argument("--compute-set", choices=list(COMPUTE_SETS), default=None,
-                   help="--mode sparse: what a token's FFN sums: the neurons predicted for it (predicted, the "
-                        "default: the output does not depend on --memory), or also the neurons of its window's "
-                        "earlier tokens that the caches hold (window: closer to dense for a SwiGLU model, more "
-                        "compute the larger --memory is)")
+                   help="--mode sparse: what a token's FFN sums: the neurons predicted for it (predicted: the "
+                        "output does not depend on --memory), or also the neurons of its window's earlier tokens "
+                        "that the caches hold (window: closer to dense where the predicted sets leave out "
+                        "nonzero contributions, more compute the larger --memory is); auto (default): window for "
+                        "a SwiGLU model, predicted for a ReLU model or a --trace (their other neurons are zeros)")
     p.add_argument("--trace", type=trace_arg, default=None, metavar="SOURCE",
                    help="--mode sparse without predictors (e.g. a `flashllm synth` store): replay active-neuron sets "
                         "instead. paper: the paper's OPT-6.7B statistics, 3%% of neurons active and 2.4%% new per "
