@@ -33,8 +33,9 @@ MISSING_POLICIES = ("read", "skip")
 # model's other neurons are zeros, a trace's sets are the neurons each token uses)
 COMPUTE_SETS = ("auto", "predicted", "window")
 
+# the options a user sets on the command line → their flags
 SPARSE_FLAGS = {"keep_fraction": "--keep-fraction", "window_tokens": "--neuron-window",
-                "missing_policy": "--missing-policy", "compute_set": "--compute-set", "trace": "--trace"}  # the options a user sets on the command line → their flags
+                "missing_policy": "--missing-policy", "compute_set": "--compute-set", "trace": "--trace"}
 # what a refusal names when every sparse option given equals its default
 ANY_SPARSE_FLAG = f"a sparse option ({', '.join(SPARSE_FLAGS.values())})"
 

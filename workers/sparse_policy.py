@@ -189,7 +189,7 @@ class SequenceWindows:
             self._layer_history(int(slot), layer).append(own[row].clone())
 
 
-def computes_window(compute_set: str, predictor) -> bool:
+def computes_window(compute_set: str, predictor: "SparsityPredictor") -> bool:
     """Whether a token's FFN sums its window's cached neurons beside its predicted ones (COMPUTE_SETS): "auto"
     does where the predictor's sets leave out nonzero contributions (predictor.leaves_out_nonzero)."""
     if compute_set not in COMPUTE_SETS:

@@ -452,16 +452,17 @@ def run_bench(store: str, modes: list[str], memory_bytes: int | None, decode_tok
               compute_set: str | None = None,
               record_reads: str | None = None, peak_memory: bool = True, trace: TraceSpec | None = None,
               record_trace: str | None = None) -> dict:
-    """resident_dtype, keep_fraction, window_tokens, missing_policy, compute_set and trace apply to the sparse runs (the ones
-    the budget bounds; the trade-off varies keep_fraction); dense stays the exact reference.
+    """resident_dtype, keep_fraction, window_tokens, missing_policy, compute_set and trace apply to the sparse
+    runs (the ones the budget bounds; the trade-off varies keep_fraction); dense stays the exact reference.
     record_trace: a .npz path where the in-process sparse run's predicted sets go (`--trace recorded:FILE`)."""
     from flashllm.protocol.store_format import read_manifest
     from flashllm.runtime.core.tokenizer import Tokenizer
 
     manifest = read_manifest(store)
+    # the options given, as the report names them
     sparse_options = {name: value for name, value in (
         ("keep_fraction", keep_fraction), ("window_tokens", window_tokens), ("missing_policy", missing_policy),
-        ("compute_set", compute_set), ("trace", trace)) if value is not None}  # the options given, as the report names them
+        ("compute_set", compute_set), ("trace", trace)) if value is not None}
     sparse = SparseOptions(**sparse_options) if sparse_options else None
     text_ids = None
     if text is not None:
