@@ -32,6 +32,8 @@ NAIVE_LAYERS_IN_FLIGHT = 2  # --mode naive holds this many layers read and as ma
 class FfnStats:
     """Per-token accounting, summed over layers since the last reset."""
 
+    # rows multiplied: a cached layer's cache rows in use (its gate/up kernel runs over every slot, though each
+    # token sums only its computed set), a masked or streamed layer's whole layer
     neurons_computed: int = 0
     neurons_predicted: int = 0
     cache_hits: int = 0
