@@ -64,6 +64,7 @@ def _summarize(stats: list[dict], ffn_bytes: int, bundle_bytes: int) -> dict:
     io_ms = [s["io_ms"] for s in stats]
     predicted = sum(s["neurons_predicted"] for s in stats)
     hits = sum(s["cache_hits"] for s in stats)
+    needed = hits + sum(s["neurons_read"] for s in stats)  # neurons asked of the caches, as the daemon counts them
     io_s_total = sum(io_ms) / 1e3
     median_ms = _median(ms)
     return {
@@ -74,7 +75,7 @@ def _summarize(stats: list[dict], ffn_bytes: int, bundle_bytes: int) -> dict:
         "flash_read_mib_per_token": float(np.mean(read)) / 2**20 if read else 0.0,
         "flash_read_fraction_of_ffn": float(np.mean(read)) / ffn_bytes if read else 0.0,
         "ffn_bytes": ffn_bytes,
-        "cache_hit_rate": hits / predicted if predicted else None,
+        "cache_hit_rate": hits / needed if needed else None,
         "read_bandwidth_bytes_per_s": sum(read) / io_s_total if io_s_total > 0 else None,
         "io_ms": _median(io_ms),
         "compute_ms": _median([s["compute_ms"] for s in stats]),
