@@ -71,21 +71,28 @@ def test_the_union_option_lets_neighbours_change_tokens(calibrated_stores):
     assert sum(a != t for a, t in zip(alone, together)) > 0
 
 
+def _predictor_and_pins(store: str):
+    """The store's manifest, its calibrated predictor at KEEP_FRACTION and per layer the (n_ff,) bool mask of
+    its pinned (hot) neurons: what the planner is made from."""
+    from flashllm.workers.predictor import SparsityPredictor
+    from flashllm.workers.store_reader import open_store
+
+    manifest = open_store(store)
+    predictor = SparsityPredictor(store, manifest, keep_fraction=KEEP_FRACTION)
+    pinned = [np.zeros(predictor.num_neurons, dtype=bool) for _ in range(predictor.num_layers)]
+    for mask, hot in zip(pinned, predictor.hot_ids):
+        mask[hot] = True
+    return manifest, predictor, pinned
+
+
 def test_a_sequences_computed_set_does_not_depend_on_its_neighbour(calibrated_stores):
     """The planner (workers/sparse_policy.py), both runtimes' one decision: sequence A's computed neurons at
     every layer and step are the same with or without a neighbour B in the batch (its own predicted sets, its
     own window, the pinned), though the cache's union differs; a new sequence in A's slot starts afresh."""
-    from flashllm.workers.predictor import SparsityPredictor
     from flashllm.workers.sparse_policy import CachedLayer, MaskedLayer, SparseStepPlanner
-    from flashllm.workers.store_reader import open_store
 
-    store = calibrated_stores("llama")
-    manifest = open_store(store)
-    predictor = SparsityPredictor(store, manifest, keep_fraction=KEEP_FRACTION)
+    manifest, predictor, pinned = _predictor_and_pins(calibrated_stores("llama"))
     n, layers = predictor.num_neurons, predictor.num_layers
-    pinned = [np.zeros(n, dtype=bool) for _ in range(layers)]
-    for mask, hot in zip(pinned, predictor.hot_ids):
-        mask[hot] = True
     d = manifest.arch.hidden_size
     inputs = torch.randn(4, layers, 2, d, generator=torch.Generator().manual_seed(1))  # (steps, layers, seqs, d)
 
@@ -147,17 +154,10 @@ def test_what_a_token_computes_predicted_or_with_its_window(calibrated_stores, k
     same with a cache of every neuron as with one just large enough; "window" adds earlier tokens' neurons
     where the cache has room, so there its compute grows with the budget; "auto" (the default) is "window"
     for a SwiGLU model (llama: its threshold leaves out nonzero contributions), "predicted" for a ReLU one."""
-    from flashllm.workers.predictor import SparsityPredictor
     from flashllm.workers.sparse_policy import SparseStepPlanner
-    from flashllm.workers.store_reader import open_store
 
-    store = calibrated_stores(kind)
-    manifest = open_store(store)
-    predictor = SparsityPredictor(store, manifest, keep_fraction=KEEP_FRACTION)
+    manifest, predictor, pinned = _predictor_and_pins(calibrated_stores(kind))
     n, layers = predictor.num_neurons, predictor.num_layers
-    pinned = [np.zeros(n, dtype=bool) for _ in range(layers)]
-    for mask, hot in zip(pinned, predictor.hot_ids):
-        mask[hot] = True
     inputs = torch.randn(4, 1, manifest.arch.hidden_size, generator=torch.Generator().manual_seed(2))  # (steps, 1, d)
 
     def computed_sets(capacity_rows: int, compute_set: str | None) -> list[torch.Tensor]:
