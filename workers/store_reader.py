@@ -147,8 +147,8 @@ def layer_table(tables: list[np.ndarray] | None, layer: int) -> np.ndarray | Non
 def load_down_group_scales(store_dir: str, manifest: Manifest) -> list[np.ndarray] | None:
     """A quantized store's down scale tables, per layer (d, n_ff/32, c) float16, checksums checked;
     None for a store whose down columns need none. Each is held group-major ((n_ff/32, c, d) in memory, a
-    transposed view): a sparse step gathers the scales of the groups its new neurons belong to, whole
-    rows at a time (quant_ffn.dequantize_down_columns)."""
+    transposed view): a down sum reads the scales of each neuron's group as whole rows
+    (flash_io/kernel_layout.add_down_sums)."""
     if manifest.ffn.down_group_scales is None:
         return None
     return list(each_down_group_scales(store_dir, manifest))

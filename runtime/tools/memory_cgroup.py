@@ -50,9 +50,10 @@ PSS_SAMPLE_INTERVAL_S = 0.005
 BOUND_SLACK = 0.10  # the bound's headroom over budget + baselines + KV cache
 
 # What a process imports before it loads a store. The torch processes (the engine, the compute and the
-# predictor workers) import the engine; the prefetcher imports only numpy-level modules. The process that
-# writes a quantized store's neuron caches (the engine in process, else the prefetcher) also loads the
-# compiled loops that do it (flash_io/kernel_layout.py) as it starts.
+# predictor workers) import the engine; the prefetcher imports only numpy-level modules. The processes that
+# write and multiply a quantized store's neuron caches (the engine in process; else the prefetcher, which
+# writes them, and compute, which sums their down columns) also load the compiled loops
+# (flash_io/kernel_layout.py) as they start.
 TORCH_PROCESS_IMPORTS = "import flashllm.runtime.core.engine, flashllm.workers.compute, flashllm.workers.predictor"
 LIGHT_PROCESS_IMPORTS = "import flashllm.workers.prefetch"
 COMPILED_LOOPS = "from flashllm.workers.flash_io.kernel_layout import load_compiled_loops; load_compiled_loops()"
