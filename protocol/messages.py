@@ -28,7 +28,7 @@ from typing import Any, Callable, ClassVar
 
 import numpy as np
 
-PROTOCOL_VERSION = 4
+PROTOCOL_VERSION = 5
 
 # a layer's FFN path for one step: through the neuron cache, or the whole layer read with per-token masks
 PATH_CACHED = "cached"
@@ -179,7 +179,8 @@ class Prediction:
 
     cached: prepare(layer, first, new_token=True), then (when `same` is not empty)
             prepare(layer, same, new_token=False) — SparseFlashFfn's order.
-    masked: the per-token mask is in the mask buffer; the layer is read whole."""
+    masked: the per-token mask is in the mask buffer; the layer is read whole, or with reads_subset only
+            read_ids (a decode step's masked layer: the neurons its tokens compute, chunk_ids())."""
 
     tag: ClassVar[int] = 23
     step: int
@@ -191,12 +192,14 @@ class Prediction:
     # neurons compute needs resident besides, not the token's own (batch invariance: its sequences' window
     # neurons): prepare(layer, same, new_token=False, resident_ids=resident) when not empty
     resident: np.ndarray = _ids()
+    reads_subset: bool = False  # masked: read only read_ids, not the whole layer
+    read_ids: np.ndarray = _ids()  # masked with reads_subset: sorted unique neuron ids
 
 
 @dataclass
 class LayerReady:
     """Layer `layer` may be computed: its cache holds `num_rows` rows at `version` (cached path),
-    or chunk `chunk` of `num_chunks` of the whole layer (neurons layer_chunks()[chunk], in the
+    or chunk `chunk` of `num_chunks` of the layer's masked read (neurons chunk_ids()[chunk], in the
     workers/flash_io/bundle_reader.py sense) is in chunk-staging slot `staging` (masked path; compute
     hands the slot back with ChunkDone). Counters are this layer's (chunk's) share of the step's flash work."""
 

@@ -391,16 +391,26 @@ def test_whole_layer_reads_go_chunk_by_chunk_and_a_reader_left_midway_reads_on(c
         whole = prefetcher.reader.read_layer(1).copy()  # (n_ff, E)
         out = np.zeros_like(whole)
         chunks = []
-        for start, stop, waited_s in prefetcher.read_layer_chunks(1, lambda first, stop: out[first:stop]):
-            assert waited_s >= 0 and not out[stop:].any()  # later chunks not written yet
-            chunks.append((start, stop))
+        landed = np.zeros_like(whole)
+        for ids, waited_s in prefetcher.read_layer_chunks(1, lambda count: landed[:count]):
+            assert waited_s >= 0 and not landed[len(ids):].any()  # one chunk's rows at a time
+            out[ids] = landed[: len(ids)]
+            chunks.append((int(ids[0]), int(ids[-1]) + 1))
+            landed[:] = 0
         assert len(chunks) >= 4 and chunks[0][0] == 0 and chunks[-1][1] == len(whole)
         assert np.array_equal(out, whole)
         slot = np.zeros_like(whole)
-        work = prefetcher.read_chunk(1, 1, slot)
+        work = prefetcher.read_chunk(1, np.arange(*chunks[1]), slot)
         assert np.array_equal(slot[: work.neurons], whole[chunks[1][0]:chunks[1][1]]) and not slot[work.neurons:].any()
 
-        first_only = prefetcher.read_layer_chunks(0, lambda first, stop: out[first:stop])
+        # a decode step's masked read: only the given neurons, in chunks of as many rows
+        wanted = np.arange(3, len(whole), 3)
+        got = [(ids, landed[: len(ids)].copy()) for ids, _ in prefetcher.read_layer_chunks(
+            1, lambda count: landed[:count], read_ids=wanted)]
+        assert len(got) > 1 and np.array_equal(np.concatenate([ids for ids, _ in got]), wanted)
+        assert all(np.array_equal(rows, whole[ids]) for ids, rows in got)
+
+        first_only = prefetcher.read_layer_chunks(0, lambda count: landed[:count])
         next(first_only)  # the second chunk's reads are on the device now
         first_only.close()
         update = prefetcher.prepare(0, np.arange(0, 10), new_token=True)

@@ -8,8 +8,9 @@ the FFN provider differs. `PipelineFfn.forward(layer, h)` does, per layer:
     wait for LayerReady(step, layer) ◀── prefetch   the only wait: a late read
     cached: y = FFN over the layer cache's first num_rows rows (CacheView: zero-copy
             on the CPU, a device mirror updated with the changed rows elsewhere)
-    masked: y = (act(h · rows) * mask) @ down over the whole layer, chunk by chunk as each lands in a
-            chunk slot (LayerReady per chunk; ChunkDone gives the slot back)
+    masked: y = (act(h · rows) * mask) @ down over the layer's masked read (the whole layer, or a decode
+            step's sets: sparse_policy.masked_read_ids), chunk by chunk as each lands in a chunk slot
+            (LayerReady per chunk; ChunkDone gives the slot back)
 
 so while this process runs layer l's FFN and layer l+1's attention, the
 predictor has sent layer l+1's lookahead and the prefetcher is reading it.
@@ -38,13 +39,13 @@ from flashllm.protocol.messages import (
 from flashllm.protocol.shm import SharedSegment, cache_down_tables, cache_kernel_arrays, cache_layer_arrays
 from flashllm.protocol.store_format import FfnLayout
 from flashllm.workers.ffn_providers import FfnStats, held_rows
-from flashllm.workers.flash_io.bundle_reader import layer_chunks
+from flashllm.workers.flash_io.bundle_reader import chunk_ids
 from flashllm.workers.flash_io.kernel_rows import KernelRowsView
 from flashllm.workers.interfaces import FfnProvider
 from flashllm.workers.models.ffn import BundleColumns, masked_ffn_over_chunks
 from flashllm.workers.process_entry import WorkerConfig, run_worker
 from flashllm.workers.sparse_ffn import CacheView, ffn_over_cached_rows
-from flashllm.workers.sparse_policy import sums_per_token
+from flashllm.workers.sparse_policy import masked_read_ids, sums_per_token
 from flashllm.workers.store_reader import layer_table
 
 
@@ -127,6 +128,7 @@ class PipelineFfn(FfnProvider):
         self.batch_invariant = batch_invariant
         self.computed = arrays["computed"] if batch_invariant else None  # (2, max_tokens, n_ff)
         self._per_token = False  # this step's masked layers sum each token alone (sparse_policy.sums_per_token)
+        self._steps = 1  # new tokens per sequence in this step: a decode step's masked layers read their sets
         self.staging = arrays["chunk_staging"]  # (slots, chunk_rows, E) store dtype
         self.bundle_bytes = self.staging.shape[2] * self.staging.itemsize
         self.stats = PipelineStats()
@@ -149,6 +151,7 @@ class PipelineFfn(FfnProvider):
     def begin_step(self, batch: int, steps: int, slots: np.ndarray | None = None,
                    starts: np.ndarray | None = None) -> None:
         self._per_token = sums_per_token(self.batch_invariant, steps, slots)
+        self._steps = steps
         self.channel.send(ROLE_PREDICTOR, StepBegin(
             step=self.step, batch=batch, steps=steps,
             slots=np.asarray(slots if slots is not None else [], dtype=np.int64),
@@ -176,28 +179,33 @@ class PipelineFfn(FfnProvider):
                 else None  # (B, n_ff) bool, written by the predictor before this LayerReady
             y = ffn_over_cached_rows(h, rows, self.cols, computed, self.view.row_ids(layer))
         else:
-            mask = torch.from_numpy(self.mask[:num_tokens]).to(self.device)  # (N, n_ff) bool
-            y = masked_ffn_over_chunks(h, self._masked_chunks(layer, ready), self.cols, mask,
-                                       self._per_token)  # (N, d)
+            host_mask = torch.from_numpy(self.mask[:num_tokens])  # (N, n_ff) bool, written by the predictor
+            read_ids = masked_read_ids(host_mask, self._steps)
+            y = masked_ffn_over_chunks(h, self._masked_chunks(layer, ready, read_ids), self.cols,
+                                       host_mask.to(self.device), self._per_token)  # (N, d)
         self.stats.compute_s += time.perf_counter() - start - (self.stats.wait_s - waited_before)
-        self.stats.neurons_computed += ready.num_rows if ready.path == PATH_CACHED else self.layer_neurons[layer]
+        if ready.path == PATH_CACHED:
+            self.stats.neurons_computed += ready.num_rows
+        else:
+            self.stats.neurons_computed += self.layer_neurons[layer] if read_ids is None else len(read_ids)
         return y
 
-    def _masked_chunks(self, layer: int, ready: LayerReady):
-        """(start, stop, rows (stop - start, E)) of each chunk of the layer as the prefetcher hands it over in
-        a chunk slot (the first came with `ready`); a slot goes back (ChunkDone) once its part is computed."""
-        bounds = layer_chunks(self.layer_neurons[layer], self.bundle_bytes)
-        for chunk, (start, stop) in enumerate(bounds):
+    def _masked_chunks(self, layer: int, ready: LayerReady, read_ids: np.ndarray | None):
+        """(ids (k,), rows (k, E)) of each chunk of the layer's masked read (chunk_ids()) as the prefetcher hands
+        it over in a chunk slot (the first came with `ready`); a slot goes back (ChunkDone) once its part is
+        computed."""
+        chunks = chunk_ids(self.layer_neurons[layer], self.bundle_bytes, read_ids)
+        for chunk, ids in enumerate(chunks):
             if chunk:
                 ready = self.wait_for(LayerReady, (layer, chunk))
                 self._count_ready(ready)
-            if (ready.chunk, ready.num_chunks, ready.num_rows) != (chunk, len(bounds), stop - start):
+            if (ready.chunk, ready.num_chunks, ready.num_rows) != (chunk, len(chunks), len(ids)):
                 raise RuntimeError(f"layer {layer}: chunk {ready.chunk} of {ready.num_chunks} ({ready.num_rows} rows) "
-                                   f"came where chunk {chunk} of {len(bounds)} ({stop - start} rows) was due; the "
+                                   f"came where chunk {chunk} of {len(chunks)} ({len(ids)} rows) was due; the "
                                    "prefetcher and compute disagree on the chunks (a flashllm bug)")
-            yield start, stop, held_rows(self.staging[ready.staging, : stop - start], self.ffn_layout, self.dtype,
-                                         self.device, down_scales=layer_table(self.down_scales, layer),
-                                         neuron_ids=np.arange(start, stop), down_by_slot=self._per_token)
+            yield ids, held_rows(self.staging[ready.staging, : len(ids)], self.ffn_layout, self.dtype, self.device,
+                                 down_scales=layer_table(self.down_scales, layer), neuron_ids=ids,
+                                 down_by_slot=self._per_token)
             self.channel.send(ROLE_PREFETCH, ChunkDone(step=self.step, staging=ready.staging))
 
     def _count_ready(self, ready: LayerReady) -> None:

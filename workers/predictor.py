@@ -452,7 +452,10 @@ class PredictorWorker:
 
     def _send_masked(self, msg: FfnInput, decision: MaskedLayer) -> None:
         self.mask[: msg.num_tokens] = decision.mask.numpy()  # (N, n_ff)
-        self.channel.send(ROLE_PREFETCH, Prediction(step=msg.step, layer=decision.layer, path=PATH_MASKED))
+        reads_subset = decision.read_ids is not None
+        self.channel.send(ROLE_PREFETCH, Prediction(
+            step=msg.step, layer=decision.layer, path=PATH_MASKED, reads_subset=reads_subset,
+            read_ids=decision.read_ids if reads_subset else np.zeros(0, np.int64)))
 
     def close(self) -> None:
         self.hidden, self.mask, self.computed = None, None, None

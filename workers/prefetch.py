@@ -34,7 +34,7 @@ from flashllm.protocol.messages import (
 )
 from flashllm.protocol.shm import SharedSegment, cache_down_tables, cache_kernel_arrays, cache_layer_arrays
 from flashllm.protocol.store_format import QUANTIZED_STORE_DTYPES, Manifest, StoreError, calibrate_hint, read_manifest
-from flashllm.workers.flash_io.bundle_reader import BundleReader, layer_chunks, numpy_dtype_of_store
+from flashllm.workers.flash_io.bundle_reader import BundleReader, chunk_ids, numpy_dtype_of_store
 from flashllm.workers.flash_io.kernel_layout import load_compiled_loops
 from flashllm.workers.flash_io.kernel_rows import KernelRows, kernel_rows_for
 from flashllm.workers.flash_io.neuron_cache import NeuronCache, GrowingRows
@@ -250,45 +250,43 @@ class Prefetcher:
     def discard_staged(self) -> None:
         self._staged_layer, self._staged_ids = -1, np.zeros(0, np.int64)
 
-    def read_layer_chunks(self, layer: int,
-                          out_rows: Callable[[int, int], np.ndarray]) -> Iterator[tuple[int, int, float]]:
-        """The whole layer, chunk by chunk (layer_chunks()): yields (start, stop, waited_s) once
-        out_rows(start, stop) holds those bundles (store dtype), waited_s being how long it waited for them.
+    def read_layer_chunks(self, layer: int, out_rows: Callable[[int], np.ndarray],
+                          read_ids: np.ndarray | None = None) -> Iterator[tuple[np.ndarray, float]]:
+        """The layer's masked-path chunks (chunk_ids(): the whole layer, or only read_ids): yields (ids,
+        waited_s) once out_rows(len(ids)) holds those bundles (store dtype), waited_s being how long it waited
+        for them.
 
         The next chunk's reads are already on the device while the caller works on
         this one (AIO), and the reader stages one chunk at a time, not the layer.
         A caller that stops early (closes the generator) waits for the reads in flight."""
         self.drop_in_flight()
         layout = self.reader.layout
-        chunks = layer_chunks(layout.layers[layer].num_neurons, layout.bundle_bytes)
+        chunks = chunk_ids(layout.layers[layer].num_neurons, layout.bundle_bytes, read_ids)
         pending = None
         try:
-            for index, (start, stop) in enumerate(chunks):
-                out = out_rows(start, stop)
+            for index, ids in enumerate(chunks):
+                out = out_rows(len(ids))
                 waited_since = time.perf_counter()
                 if pending is None:
-                    pending = self.reader.start_neuron_read(layer, np.arange(start, stop))
+                    pending = self.reader.start_neuron_read(layer, ids)
                 finish, pending = pending, None
                 finish(out)  # releases the reader even when it raises
                 waited_s = time.perf_counter() - waited_since
                 if index + 1 < len(chunks):
-                    pending = self.reader.start_neuron_read(layer, np.arange(*chunks[index + 1]))
-                yield start, stop, waited_s
+                    pending = self.reader.start_neuron_read(layer, chunks[index + 1])
+                yield ids, waited_s
         finally:
             if pending is not None:
-                next_start, next_stop = chunks[index + 1]
-                pending(self._scratch_rows(next_stop - next_start))
+                pending(self._scratch_rows(len(chunks[index + 1])))
 
-    def read_chunk(self, layer: int, chunk: int, out: np.ndarray) -> FlashWork:
-        """Chunk `chunk` of the layer (layer_chunks()) into out[:its neurons], store dtype (e.g. a slot of
-        shared memory), straight from the reader's staging."""
+    def read_chunk(self, layer: int, ids: np.ndarray, out: np.ndarray) -> FlashWork:
+        """One masked-path chunk (chunk_ids()) into out[:len(ids)], store dtype (e.g. a slot of shared memory),
+        straight from the reader's staging."""
         self.drop_in_flight()
-        layout = self.reader.layout
-        start, stop = layer_chunks(layout.layers[layer].num_neurons, layout.bundle_bytes)[chunk]
         started = time.perf_counter()
         before_bytes = self.reader.stats.read_bytes
-        self.reader.read_neurons(layer, np.arange(start, stop), out[: stop - start])
-        return FlashWork(neurons=stop - start, read_bytes=self.reader.stats.read_bytes - before_bytes,
+        self.reader.read_neurons(layer, ids, out[: len(ids)])
+        return FlashWork(neurons=len(ids), read_bytes=self.reader.stats.read_bytes - before_bytes,
                          io_s=time.perf_counter() - started)
 
     def close(self) -> None:
@@ -366,10 +364,11 @@ class _LayerWork:
 
 @dataclass
 class _ChunkRead:
-    """A chunk of a whole layer read into a chunk-staging slot for compute's masked path."""
+    """A chunk of a layer's masked read (chunk_ids()) read into a chunk-staging slot for compute's masked path."""
 
     layer: int
     chunk: int
+    num_chunks: int  # of this layer's masked read
     slot: int
     work: FlashWork
     critical: bool  # read after its layer's Prediction came: compute may have waited for it
@@ -386,13 +385,14 @@ class PrefetchWorker:
                       new_token=False) when there is one — SparseFlashFfn's order —, publish
                       num_rows/version/slot ids
                       → LayerReady(l) to compute, with this layer's counters;
-                      masked: hand over layer l's chunks as they are read (a decode step's fallback starts
-                      reading them now) → one LayerReady(l, chunk) per chunk, in order
+                      masked: hand over layer l's chunks as they are read (a decode step's masked layer
+                      starts reading them now: only its `read_ids`) → one LayerReady(l, chunk) per chunk,
+                      in order
     ChunkDone(slot)   compute is done with a chunk slot: read the next chunk into it
 
     It decides no path itself: the predictor's planner (workers/sparse_policy.py) did, in the messages.
 
-    The masked path streams whole layers through the chunk slots (layer_chunks()), never holding a layer: in
+    The masked path streams layers through the chunk slots (chunk_ids()), never holding a layer: in
     a masked step (T > 1) every layer's chunks, in order from StepBegin on, each read into whichever slot
     compute gave back, so the next chunks (of this layer or the next) are read while compute multiplies one.
     """
@@ -405,14 +405,15 @@ class PrefetchWorker:
         self.channel = channel
         self.num_layers = len(prefetcher.caches)
         layout = prefetcher.reader.layout
-        self.num_chunks = [len(layer_chunks(region.num_neurons, layout.bundle_bytes)) for region in layout.layers]
+        self.layer_neurons = [region.num_neurons for region in layout.layers]
+        self.bundle_bytes = layout.bundle_bytes
         self.step = -1
         self.masked_step = False
         self._work: dict[int, _LayerWork] = {}
         self._ready_early: set[int] = set()  # layers handed over at their Lookahead (skip policy)
         # the masked path's chunk stream: chunks to read (in compute's order), free slots, chunks read but not
         # yet handed over (their layer's Prediction has not come), and the layers whose Prediction(masked) came
-        self._to_read: collections.deque[tuple[int, int]] = collections.deque()
+        self._to_read: collections.deque[tuple[int, int, int, np.ndarray]] = collections.deque()  # layer, chunk, of, ids
         self._free_slots: list[int] = list(range(chunk_staging.shape[0]))
         self._read: collections.deque[_ChunkRead] = collections.deque()
         self._masked_layers: set[int] = set()
@@ -484,8 +485,8 @@ class PrefetchWorker:
         self._free_slots = list(range(self.chunk_staging.shape[0]))
         self._masked_layers = set()
         if self.masked_step:  # every layer takes the masked path: stream them all, reading ahead into free slots
-            self._to_read.extend((layer, chunk) for layer in range(self.num_layers)
-                                 for chunk in range(self.num_chunks[layer]))
+            for layer in range(self.num_layers):
+                self._queue_chunks(layer, None)
             self._read_into_free_slots()
 
     def on_lookahead(self, msg: Lookahead) -> None:
@@ -517,8 +518,8 @@ class PrefetchWorker:
             self._send_ready(msg.step, layer, critical_io_s=time.perf_counter() - received)
             return
         self._masked_layers.add(layer)
-        if not self.masked_step:  # a decode step's layer fell back to the masked path: stream it alone
-            self._to_read.extend((layer, chunk) for chunk in range(self.num_chunks[layer]))
+        if not self.masked_step:  # a decode step's masked layer: stream the neurons it needs
+            self._queue_chunks(layer, msg.read_ids if msg.reads_subset else None)
             self._read_into_free_slots()
         self._hand_over()
 
@@ -529,13 +530,19 @@ class PrefetchWorker:
         self._read_into_free_slots()
         self._hand_over()
 
+    def _queue_chunks(self, layer: int, read_ids: np.ndarray | None) -> None:
+        """Layer `layer`'s masked read (read_ids: only those neurons; None: the whole layer) joins the stream."""
+        chunks = chunk_ids(self.layer_neurons[layer], self.bundle_bytes, read_ids)
+        self._to_read.extend((layer, chunk, len(chunks), ids) for chunk, ids in enumerate(chunks))
+
     def _read_into_free_slots(self) -> None:
         while self._free_slots and self._to_read:
-            layer, chunk = self._to_read.popleft()
+            layer, chunk, num_chunks, ids = self._to_read.popleft()
             slot = self._free_slots.pop(0)
-            work = self.prefetcher.read_chunk(layer, chunk, self.chunk_staging[slot])
+            work = self.prefetcher.read_chunk(layer, ids, self.chunk_staging[slot])
             # compute may be waiting for it when its layer was already asked for
-            self._read.append(_ChunkRead(layer, chunk, slot, work, critical=layer in self._masked_layers))
+            self._read.append(_ChunkRead(layer, chunk, num_chunks, slot, work,
+                                         critical=layer in self._masked_layers))
 
     def _hand_over(self) -> None:
         """LayerReady, in order, for every chunk read whose layer's Prediction(masked) came."""
@@ -546,7 +553,7 @@ class PrefetchWorker:
             work.read_neurons += read.work.neurons
             self.channel.send(ROLE_COMPUTE, LayerReady(
                 step=self.step, layer=read.layer, path=PATH_MASKED, num_rows=read.work.neurons, staging=read.slot,
-                chunk=read.chunk, num_chunks=self.num_chunks[read.layer], hits=work.hits,
+                chunk=read.chunk, num_chunks=read.num_chunks, hits=work.hits,
                 read_neurons=work.read_neurons, read_bytes=work.read_bytes, io_s=work.io_s,
                 critical_io_s=read.work.io_s if read.critical else 0.0))
 

@@ -193,7 +193,7 @@ class SparseFlashFfn(FfnProvider):
                                          options.missing_policy, options.window_tokens, options.batch_invariant,
                                          options.compute_set)
         self._carry_out = {CachedLayer: self._forward_cached, MaskedLayer: self._forward_masked}
-        # the dense-read path's chunk of bundles as read (store dtype; grown to one chunk on first use)
+        # the masked path's chunk of bundles as read (store dtype; grown to one chunk on first use)
         self._chunk_rows = GrowingRows(manifest.ffn.stored_row_width, numpy_dtype_of_store(manifest.ffn.dtype))
         self.stats = FfnStats()
         self.recorded_sets: list[tuple[int, np.ndarray]] | None = None  # (layer, predicted ids) per decode step, for bench
@@ -236,7 +236,7 @@ class SparseFlashFfn(FfnProvider):
         self.stats.io_s += update.io_s
         self.stats.io_blocked_s += update.blocked_s
 
-    # -- prefill and dense batches: whole layer, per-token masks --------------
+    # -- prefill, dense batches and uncached layers: read in chunks, per-token masks --
 
     def _forward_masked(self, decision: MaskedLayer, h: torch.Tensor) -> torch.Tensor:
         layer = decision.layer
@@ -249,15 +249,15 @@ class SparseFlashFfn(FfnProvider):
         before = reader_stats.read_bytes
         read_started = time.perf_counter()
         waited_s = 0.0
-        reads = self.prefetcher.read_layer_chunks(layer, self._chunk_buffer)
+        reads = self.prefetcher.read_layer_chunks(layer, self._chunk_rows, decision.read_ids)
 
-        def chunk_rows():  # (start, stop, rows (stop - start, E)) in the compute dtype, each as its reads land
+        def chunk_rows():  # (ids (k,), rows (k, E)) in the compute dtype, each as its reads land
             nonlocal waited_s
-            for first, stop, waited in reads:
+            for ids, waited in reads:
                 waited_s += waited
-                yield first, stop, held_rows(self._chunk_rows(stop - first), self.layout, self.dtype, self.device,
-                                             down_scales=layer_table(self.down_scales, layer),
-                                             neuron_ids=np.arange(first, stop), down_by_slot=decision.per_token)
+                yield ids, held_rows(self._chunk_rows(len(ids)), self.layout, self.dtype, self.device,
+                                     down_scales=layer_table(self.down_scales, layer), neuron_ids=ids,
+                                     down_by_slot=decision.per_token)
 
         try:
             y = masked_ffn_over_chunks(h, chunk_rows(), self.cols, mask, decision.per_token)  # (N, d)
@@ -267,14 +267,11 @@ class SparseFlashFfn(FfnProvider):
         self.stats.io_s += done - read_started
         self.stats.io_blocked_s += waited_s
         self.stats.read_bytes += reader_stats.read_bytes - before
-        self.stats.neurons_read += self.num_neurons
-        self.stats.neurons_computed += self.num_neurons
+        read_neurons = self.num_neurons if decision.read_ids is None else len(decision.read_ids)
+        self.stats.neurons_read += read_neurons
+        self.stats.neurons_computed += read_neurons
         self.stats.compute_s += done - start - waited_s
         return y
-
-    def _chunk_buffer(self, first: int, stop: int) -> np.ndarray:
-        """(stop - first, E) store-dtype rows the next chunk of a whole-layer read lands in (one, reused)."""
-        return self._chunk_rows(stop - first)
 
     def close(self) -> None:
         self.prefetcher.close()

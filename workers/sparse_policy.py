@@ -8,7 +8,9 @@ out, as vLLM's workers carry out a SchedulerOutput they did not decide:
     CachedLayer    decode through the neuron cache: prepare `first` as the new
                    token's set, then `late` (the same-layer check's set) in the
                    room it leaves; start reading `lookahead` (layer l+1's set)
-    MaskedLayer    read the layer whole; each token keeps its own neurons (`mask`)
+    MaskedLayer    read the layer in chunks, each token keeping its own neurons (`mask`): the whole
+                   layer in a multi-token step, only the neurons the tokens compute in a decode step
+                   (`read_ids`, masked_read_ids)
 
 The rules, per decode step and layer l:
 
@@ -21,6 +23,14 @@ The rules, per decode step and layer l:
 
 Prefill and other multi-token steps take the masked path at every layer: the
 per-token mask is same[l](h_l) ∪ lookahead[l](h_{l-1}) ∪ hot.
+
+Uncached layers: a budget below one token's set in every layer's cache leaves
+some layers no cache at all (memory_plan.plan_memory). Such a layer takes the
+masked path in every decode step, its mask each token's same-layer set, and
+reads just the union of those sets (nothing is read ahead or kept for it); the
+layers with caches work as above. So sparse runs at any budget that holds the
+resident weights, the predictors and the read staging, reading a token's set
+where it cannot keep it, as naive reads whole layers.
 
 Batch invariance (the default): a decode step plans each sequence's own set,
 from its own predictions and its own history only (one row per sequence):
@@ -87,6 +97,14 @@ def sums_per_token(batch_invariant: bool, steps: int, slots: np.ndarray | None) 
     return batch_invariant and steps == 1 and slots is not None
 
 
+def masked_read_ids(mask: "torch.Tensor", steps: int) -> np.ndarray | None:
+    """What a masked layer reads, given its (N, n_ff) bool mask in a step of `steps` new tokens per sequence:
+    in a decode step only the neurons its tokens compute (the union of the mask's rows); in a multi-token step
+    the whole layer (None), which the worker runtime reads ahead from StepBegin on, before any mask exists.
+    Both runtimes' compute and the prefetch worker go by this."""
+    return _ids_of(mask) if steps == 1 else None
+
+
 def check_missing_policy(missing_policy: str) -> None:
     if missing_policy not in MISSING_POLICIES:
         raise ValueError(f"missing-neuron policy {missing_policy!r} is not one of {', '.join(MISSING_POLICIES)}")
@@ -147,6 +165,7 @@ class MaskedLayer:
     # the lookahead's set when it was committed (prepared into the cache at its Lookahead) before the layer
     # fell back: the runtime that has not prepared it does, so both runtimes' caches stay alike
     committed_first: np.ndarray | None = None
+    read_ids: np.ndarray | None = None  # (k,) sorted: the neurons read (masked_read_ids); None: the whole layer
 
 
 class SequenceWindows:
@@ -260,6 +279,8 @@ class SparseStepPlanner:
         """h (N, d): layer `layer`'s FFN input → what the runtime does for this layer."""
         if self._steps > 1:
             decision = self._plan_masked(layer, h)
+        elif self.capacity_rows[layer] == 0:
+            decision = self._plan_uncached(layer, h)
         else:
             decision = self._plan_decode(layer, h)
         self._prev_h = h
@@ -316,7 +337,8 @@ class SparseStepPlanner:
         # a lookahead that did not fit was only staged: the layer is read whole, as without batch invariance
         if (ahead is not None and not ahead.fits) or not self.fits(layer, needed):
             return MaskedLayer(layer=layer, mask=computed, num_predicted=len(needed), per_token=True,
-                               committed_first=ahead.ids if ahead is not None and ahead.fits else None)
+                               committed_first=ahead.ids if ahead is not None and ahead.fits else None,
+                               read_ids=masked_read_ids(computed, self._steps))
         own_ids = _ids_of(own)
         # the tokens' own sets are recorded in the cache's window; the rest of `needed` (window neurons) is made
         # resident beside them, and making room evicts only rows no sequence computes
@@ -326,8 +348,8 @@ class SparseStepPlanner:
                            lookahead=self._plan_lookahead(layer + 1, h), computed=computed, resident=needed)
 
     def _plan_lookahead(self, layer: int, h_before: "torch.Tensor") -> LookaheadRead | None:
-        if layer >= self.num_layers or not self.predictor.has("lookahead", layer):
-            return None
+        if layer >= self.num_layers or not self.predictor.has("lookahead", layer) or not self.capacity_rows[layer]:
+            return None  # an uncached layer keeps nothing read ahead
         own = self._predict_own("lookahead", layer, h_before)  # (B, n_ff) or None
         ids = _ids_of(own) if own is not None else self.predictor.predict("lookahead", layer, h_before)
         computed, resident = None, _NO_IDS
@@ -355,7 +377,16 @@ class SparseStepPlanner:
         hot = predictor.hot_ids[layer]
         if len(hot):
             mask[:, hot] = True
-        return MaskedLayer(layer=layer, mask=mask, num_predicted=int(mask.any(0).sum()))
+        return MaskedLayer(layer=layer, mask=mask, num_predicted=int(mask.any(0).sum()),
+                           read_ids=masked_read_ids(mask, self._steps))
+
+    def _plan_uncached(self, layer: int, h: "torch.Tensor") -> MaskedLayer:
+        """A decode step's layer without a neuron cache: each token computes its same-layer set, and only the
+        union of those is read."""
+        mask = self.predictor.predict_mask("same", layer, h)  # (N, n_ff)
+        read_ids = masked_read_ids(mask, self._steps)
+        return MaskedLayer(layer=layer, mask=mask, num_predicted=len(read_ids), per_token=self._tracks_sequences(),
+                           read_ids=read_ids)
 
     # -- each sequence's own set (batch invariance) ------------------------------
 

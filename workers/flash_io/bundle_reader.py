@@ -82,6 +82,14 @@ def layer_chunks(num_neurons: int, bundle_bytes: int, chunk_bytes: int | None = 
     return [(start, min(start + rows, num_neurons)) for start in range(0, num_neurons, rows)]
 
 
+def chunk_ids(num_neurons: int, bundle_bytes: int, read_ids: np.ndarray | None = None) -> list[np.ndarray]:
+    """The masked path's chunks as neuron ids, in order: the whole layer's (layer_chunks()), or with read_ids
+    (sorted unique) only those neurons, in chunks of the same number of rows."""
+    if read_ids is None:
+        return [np.arange(start, stop) for start, stop in layer_chunks(num_neurons, bundle_bytes)]
+    return [read_ids[start:stop] for start, stop in layer_chunks(max(1, len(read_ids)), bundle_bytes)]
+
+
 def largest_span_bytes(layout: FfnLayout, alignment_bytes: int = ALIGNMENT_BYTES) -> int:
     """Aligned bytes of the largest layer region: what reading a whole layer takes."""
     return max(align_up(r.offset_bytes + r.length_bytes, alignment_bytes) - align_down(r.offset_bytes, alignment_bytes)

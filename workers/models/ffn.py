@@ -101,26 +101,35 @@ def masked_ffn_from_rows(h: torch.Tensor, rows: torch.Tensor, cols: BundleColumn
     return (neuron_activations(h, rows, cols) * mask) @ rows[:, cols.down]  # (N, k) @ (k, d)
 
 
-def masked_ffn_over_chunks(h: torch.Tensor, chunks: Iterable[tuple[int, int, torch.Tensor]], cols: BundleColumns,
+def masked_ffn_over_chunks(h: torch.Tensor, chunks: Iterable[tuple[np.ndarray, torch.Tensor]], cols: BundleColumns,
                            mask: torch.Tensor, per_token: bool = False) -> torch.Tensor:
-    """h (N, d), mask (N, n_ff), chunks of (start, stop, rows (stop - start, E)) covering the layer in
-    layer_chunks() order → (N, d): masked_ffn_from_rows over the whole layer, summed chunk by chunk. Both
-    runtimes sum through here in the same order, so they round alike and decode the same tokens.
-    per_token: each token's sum is OwnNeuronSums' (a batch-invariant decode step; quantized chunks must then
-    hold their down columns by slot, held_rows(down_by_slot=True)), on the CPU: a GPU's products are not
-    batch-invariant anyway, and one product per token there is one launch per token."""
+    """h (N, d), mask (N, n_ff), chunks of (ids (k,) ascending neuron ids, rows (k, E)) in chunk_ids() order →
+    (N, d): masked_ffn_from_rows over the chunks' neurons (the whole layer, or a decode step's read), summed
+    chunk by chunk. Both runtimes sum through here in the same order, so they round alike and decode the same
+    tokens. per_token: each token's sum is OwnNeuronSums' (a batch-invariant decode step; quantized chunks
+    must then hold their down columns by slot, held_rows(down_by_slot=True)), on the CPU: a GPU's products are
+    not batch-invariant anyway, and one product per token there is one launch per token."""
     if per_token and h.device.type == "cpu":
         sums = OwnNeuronSums(h, cols)
-        for start, stop, rows in chunks:
-            sums.add(rows, torch.arange(start, stop), mask[:, start:stop])
+        for ids, rows in chunks:
+            ids = torch.from_numpy(np.asarray(ids, dtype=np.int64))  # (k,)
+            sums.add(rows, ids, mask[:, ids])
         return sums.result()
     y = None
-    for start, stop, rows in chunks:
-        part = masked_ffn_from_rows(h, rows, cols, mask[:, start:stop])  # (N, d)
+    for ids, rows in chunks:
+        part = masked_ffn_from_rows(h, rows, cols, mask[:, _columns(ids, mask.device)])  # (N, d)
         y = part if y is None else y.add_(part)
     if y is None:
         raise ValueError("masked_ffn_over_chunks: no chunks (a layer has at least one neuron)")
     return y
+
+
+def _columns(ids: np.ndarray, device: torch.device) -> "slice | torch.Tensor":
+    """A chunk's neuron ids as an index into (N, n_ff) masks: a slice where they are a run (a whole layer's
+    chunks), else the ids on the mask's device."""
+    if len(ids) and int(ids[-1]) - int(ids[0]) + 1 == len(ids):
+        return slice(int(ids[0]), int(ids[-1]) + 1)
+    return torch.from_numpy(np.asarray(ids, dtype=np.int64)).to(device)
 
 
 def neuron_contributions(h: torch.Tensor, rows: torch.Tensor, cols: BundleColumns) -> torch.Tensor:
