@@ -67,12 +67,15 @@ def test_the_engine_refuses_picks_and_sizes_by_the_plan(calibrated_stores):
     # the executor's device check counts the plan's device bytes for the same caches
     assert device_bytes_needed(store, open_store(store), "sparse", SLOTS, CONTEXT, torch.float32, torch.float32,
                                capacity_rows=plan.capacity_rows, device="cpu") == plan.device_bytes
-    # --mode auto: the first mode whose plan fits, at budgets where each candidate starts or stops fitting;
-    # when none does, sparse's refusal (it names every knob)
+    # --mode auto: dense, sparse with every layer's cache, naive, sparse with uncached layers, the first whose
+    # plan fits, at budgets where each candidate starts or stops fitting; when none does, sparse's refusal
     minimums = {mode: planned(store, mode, None).minimum_bytes for mode in AUTO_MODE_ORDER}
+    minimums["sparse, every layer cached"] = planned(store, "sparse", None).cached_minimum_bytes
     outcomes = set()
     for budget in sorted({size + delta for size in minimums.values() for delta in (-1, 0)}):
         fitting = [mode for mode in AUTO_MODE_ORDER if _fits(store, mode, budget)]
+        if "sparse" in fitting and "naive" in fitting and planned(store, "sparse", budget).uncached_layers:
+            fitting.remove("sparse")  # naive holds whole layers with the bytes sparse would leave uncached
         if fitting:
             with Engine(store, config=engine_config("auto", budget)) as engine:
                 assert engine.mode == fitting[0], budget

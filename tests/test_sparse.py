@@ -513,6 +513,44 @@ def test_memory_budget_bounds_the_neuron_caches(calibrated_stores):
                 assert np.array_equal(rows, expected), layer
 
 
+@pytest.mark.parametrize("kind", ["opt", "llama"])
+def test_a_budget_below_every_layers_cache_leaves_layers_uncached_that_read_each_tokens_set(kind, calibrated_stores):
+    """Between the minimum (no cache at all) and every layer's smallest cache, the plan gives whole smallest
+    caches to as many layers as fit and none to the rest. An uncached layer reads exactly its tokens' sets each
+    decode step, and computes them: keeping every neuron, the logits are dense's."""
+    from flashllm.workers.memory_plan import plan_for_store
+    from flashllm.workers.store_reader import open_store
+
+    store = calibrated_stores(kind)
+    manifest = open_store(store)
+    n_ff = manifest.arch.intermediate_size
+    roomy = plan_for_store(store, manifest, None, "sparse", 4, 0, keep_fraction=0.25)
+    assert roomy.minimum_bytes < roomy.cached_minimum_bytes
+    at_minimum = plan_for_store(store, manifest, roomy.minimum_bytes, "sparse", 4, 0, keep_fraction=0.25)
+    assert at_minimum.capacity_rows == [0, 0] and at_minimum.uncached_layers == 2
+    one_short = plan_for_store(store, manifest, roomy.cached_minimum_bytes - 1, "sparse", 4, 0, keep_fraction=0.25)
+    assert one_short.capacity_rows == [roomy.min_capacity_rows[0], 0] and one_short.total_bytes < \
+        roomy.cached_minimum_bytes
+    assert "1 of 2 layers have no neuron cache" in one_short.describe()
+    with pytest.raises(MemoryPlanError, match="with no neuron cache"):
+        plan_for_store(store, manifest, roomy.minimum_bytes - 1, "sparse", 4, 0, keep_fraction=0.25)
+
+    # no cache at all, a quarter of the neurons: each decode token reads and computes its two sets, no more
+    results, _, stats = _greedy(store, "sparse", keep_fraction=0.25, capacity_rows=[0, 0])
+    keep = round(0.25 * n_ff)
+    decode = stats[1:]  # two sequences each step: each layer reads the union of their sets
+    assert all(s["neurons_read"] == s["neurons_computed"] == s["neurons_predicted"] for s in decode)
+    assert all(keep * 2 <= s["neurons_read"] <= keep * 2 * s["batch"] for s in decode)
+    assert all(s["cache_hits"] == 0 for s in decode)
+    assert all(len(r.tokens) == 24 for r in results)
+    # every neuron kept: an uncached layer's sums are the dense FFN's
+    dense, dense_logits, _ = _greedy(store, "dense")
+    sparse, sparse_logits, _ = _greedy(store, "sparse", keep_fraction=1.0, capacity_rows=[0, 0])
+    assert [r.tokens for r in sparse] == [r.tokens for r in dense]
+    for a, b in zip(sparse_logits, dense_logits):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
 def test_float16_resident_matrices_halve_the_plan_and_keep_the_answers(calibrated_stores):
     """--resident-dtype float16: the plan counts half the resident bytes (more room for neuron caches) and the
     model's logits stay within float16 rounding of the float32 ones, in prefill and decode."""

@@ -159,12 +159,16 @@ def _greedy_with_logits(engine: Engine, prompts: list[str]) -> tuple[list[list[i
     ("llama", dict(TIGHT, compute_set="window"), 2, 1),
     ("opt", {"capacity_rows": [200, 200], "window_tokens": 3}, 2, 1),
     ("opt", {"capacity_rows": [200, 200], "window_tokens": 3}, 2, 3),
+    ("llama", dict(TIGHT, capacity_rows=[0, 100]), 2, 4),
+    ("opt", {"capacity_rows": [200, 0], "window_tokens": 3}, 1, 3),
 ], ids=["llama-full", "llama-tight", "llama-tight-batch3", "llama-tight-batch3-chunks4", "llama-skip-ready-early",
-        "llama-skip-batch2", "llama-window-compute-batch2", "opt-relu", "opt-relu-chunks3"])
+        "llama-skip-batch2", "llama-window-compute-batch2", "opt-relu", "opt-relu-chunks3",
+        "llama-uncached-layer-batch2-chunks4", "opt-relu-uncached-layer-chunks3"])
 def test_pipeline_steps_reproduce_the_inprocess_sparse_ffn(calibrated_stores, kind, options, batch, chunks, monkeypatch):
     """Same messages and buffers as the processes use; every logit bitwise equal to SparseFlashFfn's.
     chunks: the whole-layer reads (prefill, and decode batches that fall back) go in that many chunks
-    (one, by default, on tiny layers): the slots pass each layer through a chunk at a time."""
+    (one, by default, on tiny layers): the slots pass each layer through a chunk at a time. A layer of
+    capacity 0 has no cache: its decode steps read their tokens' sets through the chunk slots."""
     store = calibrated_stores(kind)
     manifest = open_store(store)
     if chunks > 1:

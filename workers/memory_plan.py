@@ -13,15 +13,18 @@ caches (a quantized store's: its bundles' bytes, plus the compute side's
 kernel-layout copy of the same slots on a CPU) and the reader's staging
 buffers. The KV cache is
 reported beside it (it grows with batch and context, not with the model's
-FFN). Each layer's cache must hold its pinned hot neurons plus one token's
-predicted set (top-k); whatever the budget leaves above that minimum widens
-every layer's cache equally, which is what the sliding window reuses.
+FFN). A layer's cache, when it has one, holds its pinned hot neurons plus one
+token's predicted set (top-k); a budget too small for every layer's leaves some
+layers without (they read their tokens' sets each step), and whatever is left
+above every layer's smallest widens every cache equally, which is what the
+sliding window reuses.
 """
 from __future__ import annotations
 
 import math
 import os
 from dataclasses import dataclass, field
+from typing import Callable
 
 from flashllm.protocol import quant_format as qf
 from flashllm.protocol.shm import CHUNK_SLOTS
@@ -60,6 +63,7 @@ class MemoryPlan:
     ffn_bytes: int = 0
     total_neurons: int = 0
     minimum_bytes: int = 0  # the smallest budget this mode runs in on this store and settings
+    cached_minimum_bytes: int = 0  # sparse: the smallest budget that gives every layer its cache (below: uncached)
     row_bytes: int = 0  # sparse: what each neuron-cache row above the minimum costs (0 for dense, naive)
     device_bytes: dict[str, int] = field(default_factory=dict)  # what an executor allocates on its device
 
@@ -73,8 +77,13 @@ class MemoryPlan:
         return {name: getattr(self, name) for name in BENCH_RECORD_FIELDS}
 
     def budget_for_spare_rows(self, spare_rows: int) -> int:
-        """The sparse budget whose neuron caches hold spare_rows rows above their minimum, all layers together."""
-        return self.minimum_bytes + spare_rows * self.row_bytes
+        """The sparse budget whose neuron caches hold spare_rows rows above their smallest, all layers together."""
+        return self.cached_minimum_bytes + spare_rows * self.row_bytes
+
+    @property
+    def uncached_layers(self) -> int:
+        """Sparse: layers the budget leaves without a neuron cache (each reads its tokens' sets every step)."""
+        return sum(1 for rows in self.capacity_rows if rows == 0)
 
     def describe(self) -> str:
         rows = [("resident weights (embeddings, attention, norms, head)", self.resident_bytes),
@@ -88,6 +97,10 @@ class MemoryPlan:
         lines.append(f"  {'KV cache (beside the budget)':<58} {self.kv_cache_bytes / MIB:9.1f} MiB")
         lines.append(f"  FFN on flash: {self.ffn_bytes / MIB:.1f} MiB; the caches hold "
                      f"{100 * sum(self.capacity_rows) / max(1, self.total_neurons):.0f}% of its neurons")
+        if self.cached_minimum_bytes and self.uncached_layers:
+            lines.append(f"  {self.uncached_layers} of {len(self.capacity_rows)} layers have no neuron cache (they "
+                         f"read each token's set every step); every layer's cache needs "
+                         f"{self.cached_minimum_bytes / MIB:.1f} MiB")
         return "\n".join(lines)
 
 
@@ -148,12 +161,14 @@ def sparse_staging_bytes(layout: FfnLayout, compute_itemsize: int, device: str =
 def plan_memory(manifest: Manifest, resident_bytes: int, budget_bytes: int | None, compute_itemsize: int,
                 keep_neurons: int, hot_counts: list[int], predictor_bytes: int, kv_cache_bytes: int,
                 cache_itemsize: int | None = None, device: str = "cpu",
-                resident_half_saving_bytes: int = 0, capacity_rows: list[int] | None = None,
-                keep_option: str | None = "--keep-fraction ") -> MemoryPlan:
+                resident_half_saving_bytes: int = 0, capacity_rows: list[int] | None = None) -> MemoryPlan:
     """--mode sparse's plan. budget_bytes None: nothing bounds memory, the caches are capacity_rows as given
     (every neuron when None). resident_half_saving_bytes: what holding the float resident matrices in float16
-    would save (for the too-small message; 0 when they are half precision or quantized already). keep_option:
-    the flag that sets the neurons kept per token, written before its value (None: no flag does)."""
+    would save (for the too-small message; 0 when they are half precision or quantized already).
+
+    The smallest budget holds no neuron cache (every layer uncached, sparse_policy); above it, layers get
+    their smallest caches (keep_neurons plus the pinned) one by one, spread over the depth
+    (cached_layers_that_fit); once all have theirs, what is left widens every cache equally."""
     layout = manifest.ffn
     cache_itemsize = cache_itemsize or compute_itemsize
     def held_bytes(capacity: list[int]) -> int:  # without the arrival buffer, which grows with the largest cache
@@ -164,35 +179,40 @@ def plan_memory(manifest: Manifest, resident_bytes: int, budget_bytes: int | Non
                                                                                  device)
 
     # bytes one more row costs; a quantized CPU cache's kernel rows round each layer up to whole int4 tiles,
-    # which `slack` (per layer) reserves, so the exact figure below never passes the budget
+    # which `slack` (per cached layer) reserves, so the exact figure below never passes the budget
     row_bytes = (held_bytes([128]) - held_bytes([64])) // 64
     tables_bytes = down_scale_tables_bytes(layout)  # once, not per layer
     slack = held_bytes([1]) - tables_bytes if layout.is_quantized else 0
     staging_bytes = sparse_staging_bytes(layout, compute_itemsize, device)
     num_neurons = [region.num_neurons for region in layout.layers]
-    # one predictor's top-k plus the pinned rows; a token whose lookahead ∪ same-layer union does not
-    # fit takes the dense-read path (correct, slower), so the union need not be reserved
+    # a cached layer holds one predictor's top-k plus the pinned rows; a token whose lookahead ∪ same-layer
+    # union does not fit takes the masked path (correct, slower), so the union need not be reserved
     min_rows = [min(n, hot + keep_neurons) for n, hot in zip(num_neurons, hot_counts)]
-    fixed = resident_bytes + predictor_bytes + staging_bytes + slack * len(num_neurons) + tables_bytes
-    min_total = fixed + sum(min_rows) * row_bytes + arrival_bytes(layout, min_rows, device)
+    # the minimum holds no cache at all: every layer reads its tokens' sets each step (sparse_policy's
+    # uncached layers); the staging those reads go through is counted already
+    min_total = resident_bytes + predictor_bytes + staging_bytes + tables_bytes
+    fixed = min_total + slack * len(num_neurons)
+    cached_min_total = fixed + sum(min_rows) * row_bytes + arrival_bytes(layout, min_rows, device)
     if budget_bytes is None:
         capacity = list(capacity_rows or num_neurons)
     elif budget_bytes < min_total:
         naive_bytes = naive_minimum_bytes(manifest, resident_bytes, compute_itemsize, device)
-        knobs = sparse_minimum_knobs(manifest, budget_bytes, min_total, resident_half_saving_bytes, row_bytes,
-                                     hot_counts, keep_neurons, predictor_bytes, kv_cache_bytes, naive_bytes,
-                                     keep_option)
+        knobs = sparse_minimum_knobs(manifest, budget_bytes, min_total, resident_half_saving_bytes,
+                                     predictor_bytes, kv_cache_bytes, naive_bytes)
+        tables = f" + FFN scale tables {tables_bytes / MIB:.1f}" if tables_bytes else ""
         raise MemoryPlanError(
             f"--memory {budget_bytes / MIB:.1f} MiB is too small: the minimum for this store and settings is "
             f"{min_total / MIB:.1f} MiB (resident {resident_bytes / MIB:.1f} + predictors {predictor_bytes / MIB:.1f} "
-            f"+ staging {staging_bytes / MIB:.1f} + smallest neuron caches "
-            f"{(min_total - fixed + slack * len(num_neurons)) / MIB:.1f} MiB); "
-            "raise --memory, or lower the minimum:\n" + "\n".join(f"  {knob}" for knob in knobs)
+            f"+ staging {staging_bytes / MIB:.1f}{tables} MiB, with no neuron cache; every layer's cache at its "
+            f"smallest needs {cached_min_total / MIB:.1f} MiB); raise --memory, or lower the minimum:\n"
+            + "\n".join(f"  {knob}" for knob in knobs)
         )
+    elif budget_bytes < cached_min_total:
+        capacity = cached_layers_that_fit(min_rows, budget_bytes, total_bytes)
     else:
         # a spare row also widens the arrival buffer by its share of a bundle; the exact total decides
         per_row = row_bytes + -(-arrival_bytes(layout, [1], device) // len(num_neurons))
-        spare_rows = (budget_bytes - min_total) // per_row
+        spare_rows = (budget_bytes - cached_min_total) // per_row
         capacity = widen_equally(min_rows, num_neurons, spare_rows)
         while spare_rows > 0 and total_bytes(capacity) > budget_bytes:
             spare_rows -= len(num_neurons)
@@ -204,7 +224,26 @@ def plan_memory(manifest: Manifest, resident_bytes: int, budget_bytes: int | Non
                       staging_bytes=staging_bytes, cache_bytes=cache_bytes_of(layout, capacity, cache_itemsize, device),
                       kv_cache_bytes=kv_cache_bytes, capacity_rows=capacity, min_capacity_rows=min_rows,
                       ffn_bytes=layout.total_bundle_bytes, total_neurons=sum(num_neurons), minimum_bytes=min_total,
-                      row_bytes=row_bytes)
+                      cached_minimum_bytes=cached_min_total, row_bytes=row_bytes)
+
+
+def evenly_spread_layers(count: int, num_layers: int) -> set[int]:
+    """`count` of num_layers layers, spread evenly over the depth (a held layer between streamed ones gives the
+    reader time)."""
+    return {int(i * num_layers / count) for i in range(count)} if count else set()
+
+
+def cached_layers_that_fit(min_rows: list[int], budget_bytes: int, total_bytes: Callable[[list[int]], int]
+                           ) -> list[int]:
+    """Below every layer's smallest cache: as many layers as fit get theirs (min_rows), spread evenly; the
+    rest none (0: uncached, sparse_policy). A cache smaller than one token's set would serve no token."""
+    num_layers = len(min_rows)
+    for count in range(num_layers, -1, -1):
+        cached = evenly_spread_layers(count, num_layers)
+        capacity = [rows if layer in cached else 0 for layer, rows in enumerate(min_rows)]
+        if total_bytes(capacity) <= budget_bytes:
+            return capacity
+    return [0] * num_layers
 
 
 def widen_equally(min_rows: list[int], num_neurons: list[int], spare_rows: int) -> list[int]:
@@ -242,8 +281,7 @@ def naive_held_rows(layout: FfnLayout, spare_bytes: int, compute_itemsize: int, 
     num_layers = len(layout.layers)
     per_layer = max(held_rows_bytes(layout, region.num_neurons, compute_itemsize, device, whole_layer=True)
                     for region in layout.layers)
-    held_count = max(0, min(num_layers, spare_bytes // per_layer))
-    held = {int(i * num_layers / held_count) for i in range(held_count)} if held_count else set()
+    held = evenly_spread_layers(max(0, min(num_layers, spare_bytes // per_layer)), num_layers)
     return [region.num_neurons if layer in held else 0 for layer, region in enumerate(layout.layers)]
 
 
@@ -254,30 +292,11 @@ def naive_minimum_bytes(manifest: Manifest, resident_bytes: int, compute_itemsiz
 
 
 def sparse_minimum_knobs(manifest: Manifest, budget_bytes: int, min_total: int, resident_half_saving_bytes: int,
-                         row_bytes: int, hot_counts: list[int], keep_neurons: int,
-                         predictor_bytes: int, kv_cache_bytes: int, naive_bytes: int,
-                         keep_option: str | None = "--keep-fraction ") -> list[str]:
-    """Every setting that lowers --mode sparse's minimum, each with what it saves (for MemoryPlanError's message).
-
-    The arithmetic is the plan's own: rows of row_bytes per kept neuron and layer, resident elements times their
-    itemsize, the predictors' held bytes."""
+                         predictor_bytes: int, kv_cache_bytes: int, naive_bytes: int) -> list[str]:
+    """Every setting that lowers --mode sparse's minimum (which holds no neuron cache: resident weights,
+    predictors, staging), each with what it saves (for MemoryPlanError's message)."""
     arch = manifest.arch
-    shortfall = min_total - budget_bytes
-    num_neurons = [region.num_neurons for region in manifest.ffn.layers]
     knobs = []
-    # --keep-fraction: one neuron fewer per token saves a row in every layer not already whole
-    open_layers = sum(1 for n, hot in zip(num_neurons, hot_counts) if hot + keep_neurons <= n)
-    if keep_option is not None and keep_neurons > 1 and open_layers:
-        fewer = min(keep_neurons - 1, -(-shortfall // (row_bytes * open_layers)))
-        fitting = (keep_neurons - fewer) / arch.intermediate_size
-        saved = fewer * row_bytes * open_layers
-        now = keep_neurons / arch.intermediate_size
-        if saved >= shortfall:
-            knobs.append(f"{keep_option}{fitting:.3f} (now {now:.3f}): saves {saved / MIB:.1f} MiB, enough "
-                         "(fewer neurons per token, some quality)")
-        else:
-            knobs.append(f"{keep_option.rstrip('= ')} down to {fitting:.3f} (now {now:.3f}): saves at most "
-                         f"{saved / MIB:.1f} MiB, not enough alone (fewer neurons per token, some quality)")
     if resident_half_saving_bytes > 0:
         knobs.append(f"--resident-dtype float16 (or bfloat16): saves {resident_half_saving_bytes / MIB:.1f} MiB")
     sparsity = manifest.sparsity
@@ -295,8 +314,8 @@ def sparse_minimum_knobs(manifest: Manifest, budget_bytes: int, min_total: int, 
             knobs.append(f"a smaller predictor, {what}: saves about {(predictor_bytes - small) / MIB:.1f} MiB "
                          "(less precise predictions)")
     if naive_bytes < min_total:
-        knobs.append(f"--mode naive (every layer read whole for each token, slower): needs {naive_bytes / MIB:.1f} MiB, "
-                     f"{(min_total - naive_bytes) / MIB:.1f} MiB less")
+        knobs.append(f"--mode naive (every layer read whole for each token, no predictors): needs "
+                     f"{naive_bytes / MIB:.1f} MiB, {(min_total - naive_bytes) / MIB:.1f} MiB less")
     knobs.append(f"beside the budget, the KV cache takes {kv_cache_bytes / MIB:.1f} MiB: --max-context and "
                  "--max-batch lower it in proportion")
     return knobs
@@ -413,9 +432,7 @@ def plan_memory_for(store_dir: str, manifest: Manifest, inputs: MemoryInputs) ->
                            [0] * arch.num_hidden_layers, trace_predictor_held_bytes(manifest), kv_cache_bytes,
                            cache_itemsize=inputs.cache_itemsize, device=device,
                            resident_half_saving_bytes=resident_half_saving_bytes,
-                           capacity_rows=list(inputs.capacity_rows) if inputs.capacity_rows else None,
-                           # a paper trace's active share is the knob; a recorded trace's sets are what they are
-                           keep_option="--trace paper:active=" if inputs.trace.source == "paper" else None)
+                           capacity_rows=list(inputs.capacity_rows) if inputs.capacity_rows else None)
     else:
         from flashllm.workers.predictor import load_sparsity_tensors, predictor_held_bytes
 

@@ -112,7 +112,7 @@ class Prefetcher:
         ]
         if hot_ids is not None:
             for layer, ids in enumerate(hot_ids):
-                if len(ids):
+                if len(ids) and capacity_rows[layer]:  # an uncached layer (capacity 0) reads them with its sets
                     self.caches[layer].pin(np.sort(ids), self._filler(layer))
 
     def _filler(self, layer: int):
@@ -257,7 +257,9 @@ class Prefetcher:
         for them.
 
         The next chunk's reads are already on the device while the caller works on
-        this one (AIO), and the reader stages one chunk at a time, not the layer.
+        this one (AIO), and the reader stages one chunk at a time, not the layer. A chunk's gaps are merged by
+        the read cost alone (BundleReader.start_neuron_read(bounded=False)): a decode step's masked sets are
+        dense (a token's set, or a batch's union), read fastest in a few large requests.
         A caller that stops early (closes the generator) waits for the reads in flight."""
         self.drop_in_flight()
         layout = self.reader.layout
@@ -268,12 +270,12 @@ class Prefetcher:
                 out = out_rows(len(ids))
                 waited_since = time.perf_counter()
                 if pending is None:
-                    pending = self.reader.start_neuron_read(layer, ids)
+                    pending = self.reader.start_neuron_read(layer, ids, bounded=False)
                 finish, pending = pending, None
                 finish(out)  # releases the reader even when it raises
                 waited_s = time.perf_counter() - waited_since
                 if index + 1 < len(chunks):
-                    pending = self.reader.start_neuron_read(layer, chunks[index + 1])
+                    pending = self.reader.start_neuron_read(layer, chunks[index + 1], bounded=False)
                 yield ids, waited_s
         finally:
             if pending is not None:
@@ -281,11 +283,11 @@ class Prefetcher:
 
     def read_chunk(self, layer: int, ids: np.ndarray, out: np.ndarray) -> FlashWork:
         """One masked-path chunk (chunk_ids()) into out[:len(ids)], store dtype (e.g. a slot of shared memory),
-        straight from the reader's staging."""
+        straight from the reader's staging; its gaps merged by the read cost alone, as read_layer_chunks'."""
         self.drop_in_flight()
         started = time.perf_counter()
         before_bytes = self.reader.stats.read_bytes
-        self.reader.read_neurons(layer, ids, out[: len(ids)])
+        self.reader.read_neurons(layer, ids, out[: len(ids)], bounded=False)
         return FlashWork(neurons=len(ids), read_bytes=self.reader.stats.read_bytes - before_bytes,
                          io_s=time.perf_counter() - started)
 

@@ -85,6 +85,7 @@ class CacheView:
             self.zero_copy = False
             load_compiled_loops()  # the down sums: now, not in the first decode step
             self.matrices = [QuantNeuronMatrix.over_kernel_rows(self.layout, c.kernel_rows.arrays, down_scales[layer])
+                             if c.capacity_rows else None  # an uncached layer's tokens take the masked path
                              for layer, c in enumerate(caches)]
             return
         sample = caches[0].rows

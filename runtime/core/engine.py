@@ -176,17 +176,9 @@ class Engine:
         if config.memory_budget_bytes is not None:
             plan = self._memory_planner(config)
             if mode == "auto":
-                from flashllm.workers.memory_plan import MemoryPlanError
                 from flashllm.runtime.core.mode_choice import choose_mode
 
-                def fits(for_mode: str) -> Exception | None:
-                    try:
-                        plan(for_mode)
-                    except MemoryPlanError as exc:
-                        return exc
-                    return None
-
-                choice = choose_mode(self.manifest, self.store_dir, config.memory_budget_bytes, fits,
+                choice = choose_mode(self.manifest, self.store_dir, config.memory_budget_bytes, plan,
                                      has_predictors=self.manifest.sparsity is not None
                                      or config.sparse_options.trace is not None)
                 mode, self.mode_reason = choice.mode, f"--mode auto picked {choice.mode}: {choice.reason}"

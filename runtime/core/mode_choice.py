@@ -2,16 +2,20 @@
 `--memory 60%` means. One place decides both policies; the engine and the CLI carry them out.
 
 --mode auto, with a --memory budget: the first of dense (the whole model in memory: fastest), sparse (only
-predicted neurons held and read: needs `flashllm calibrate`), naive (every layer read whole for each token)
-whose memory plan fits. Without a budget nothing bounds memory, so dense.
+predicted neurons held and read: needs `flashllm calibrate`) with a cache in every layer, naive (every layer
+read whole for each token, whole layers held with what is left), sparse with uncached layers, whose memory
+plan fits (choose_mode). Without a budget nothing bounds memory, so dense.
 """
 from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 from flashllm.protocol.store_format import Manifest
+
+if TYPE_CHECKING:
+    from flashllm.workers.memory_plan import MemoryPlan
 
 AUTO_MODE_ORDER = ("dense", "sparse", "naive")
 
@@ -47,27 +51,43 @@ def budget_from_percent(text: str, store_dir: str) -> int | None:
 
 
 def choose_mode(manifest: Manifest, store_dir: str, budget_bytes: int | None,
-                fits: Callable[[str], Exception | None], has_predictors: bool | None = None) -> ModeChoice:
-    """--mode auto. fits(mode) → None when mode's memory plan fits the budget, else the planner's error.
-    Raises the most useful error when nothing fits: sparse's (it names every knob) on a calibrated store.
-    has_predictors: sparse can run (default: the store is calibrated; a --trace stands in for predictors)."""
+                plan_of: Callable[[str], "MemoryPlan"], has_predictors: bool | None = None) -> ModeChoice:
+    """--mode auto. plan_of(mode) → mode's memory plan under the budget, raising MemoryPlanError when it does
+    not fit. The first that fits of: dense; sparse with a neuron cache in every layer; naive; sparse with some
+    layers uncached (they read each token's set every step, and naive, holding whole layers with the same
+    bytes, was the faster of the two where both fit: docs/benchmarks.md, stop 31). Raises the most useful error
+    when nothing fits: sparse's (it names every knob) on a calibrated store. has_predictors: sparse can run
+    (default: the store is calibrated; a --trace stands in for predictors)."""
+    from flashllm.workers.memory_plan import MemoryPlanError
+
     if budget_bytes is None:
         return ModeChoice("dense", "no --memory given: the whole model in memory")
     calibrated = manifest.sparsity is not None if has_predictors is None else has_predictors
     errors: dict[str, Exception] = {}
+    plans = {}
     for mode in AUTO_MODE_ORDER:
         if mode == "sparse" and not calibrated:
             continue
-        error = fits(mode)
-        if error is None:
-            reason = {"dense": "the whole model fits --memory",
-                      "sparse": "the whole model does not fit --memory; the store is calibrated",
-                      "naive": "neither dense nor sparse fits --memory" if calibrated else
-                      f"dense does not fit --memory and the store has no predictors; sparse would read far less "
-                      f"per token: run `flashllm calibrate --store {store_dir} --generate-tokens 4000` (or "
-                      f"--text FILE with a few thousand tokens of your own text)"}[mode]
-            return ModeChoice(mode, reason)
-        errors[mode] = error
+        try:
+            plans[mode] = plan_of(mode)
+        except MemoryPlanError as exc:
+            errors[mode] = exc
+    if "dense" in plans:
+        return ModeChoice("dense", "the whole model fits --memory")
+    sparse = plans.get("sparse")
+    if sparse is not None and not sparse.uncached_layers:
+        return ModeChoice("sparse", "the whole model does not fit --memory; the store is calibrated")
+    if "naive" in plans:
+        return ModeChoice("naive", (
+            f"the whole model does not fit --memory, nor every layer's neuron cache for sparse (it needs "
+            f"{sparse.cached_minimum_bytes / 2**20:.1f} MiB)" if sparse is not None else
+            "neither dense nor sparse fits --memory" if calibrated else
+            f"dense does not fit --memory and the store has no predictors; sparse would read far less per token: "
+            f"run `flashllm calibrate --store {store_dir} --generate-tokens 4000` (or --text FILE with a few "
+            f"thousand tokens of your own text)"))
+    if sparse is not None:
+        return ModeChoice("sparse", f"only sparse fits --memory, with {sparse.uncached_layers} of "
+                                    f"{len(sparse.capacity_rows)} layers reading each token's set uncached")
     raise errors["sparse" if calibrated else "naive"]
 
 

@@ -132,11 +132,11 @@ class DecodeReadWatch:
         if record_sets:
             original_start = self.reader.start_neuron_read
 
-            def start_and_record(layer: int, neuron_ids: np.ndarray):
+            def start_and_record(layer: int, neuron_ids: np.ndarray, bounded: bool = True):
                 if self.start is not None:
                     self.read_sets.append((layer, np.array(neuron_ids, dtype=np.int32)))
                     self.read_steps.append(self.resets[0])
-                return original_start(layer, neuron_ids)
+                return original_start(layer, neuron_ids, bounded)
 
             self.reader.start_neuron_read = start_and_record
         stats = ffn.stats

@@ -554,18 +554,21 @@ class BundleReader:
         if not out.flags.writeable:
             raise ValueError("out is read-only")
 
-    def read_neurons(self, layer: int, neuron_ids: np.ndarray, out: np.ndarray) -> None:
+    def read_neurons(self, layer: int, neuron_ids: np.ndarray, out: np.ndarray, bounded: bool = True) -> None:
         """Write the bundles of `neuron_ids` (store positions, unique, any order) into out[0:len(ids)], in that order.
 
         out: (>= len(ids), bundle_elements) array of the store dtype. Sorted ids
         are copied out once; other orders go through a temporary (about 2x the copy time).
         """
-        finish = self.start_neuron_read(layer, neuron_ids)
+        finish = self.start_neuron_read(layer, neuron_ids, bounded)
         finish(out)
 
-    def start_neuron_read(self, layer: int, neuron_ids: np.ndarray) -> Callable[[np.ndarray], None]:
+    def start_neuron_read(self, layer: int, neuron_ids: np.ndarray, bounded: bool = True
+                          ) -> Callable[[np.ndarray], None]:
         """read_neurons in two halves: the reads go to the device now, and the returned finish(out) waits for
-        them and writes the bundles into out as read_neurons does.
+        them and writes the bundles into out as read_neurons does. bounded False: gaps are merged by the read
+        cost alone, the bytes unbounded by max_read_amplification (the masked path's chunk reads, where a
+        layer's dense sets are read fastest in a few large requests).
 
         With AIO the device reads while the caller works in between (the thread pool
         reads only in finish). Until finish returns, no other read may start on this reader.
@@ -584,7 +587,8 @@ class BundleReader:
         bundle_bytes = self.layout.bundle_bytes
         offsets, lengths, first_index, end_index = _plan_read_arrays(
             sorted_ids, region.offset_bytes, bundle_bytes, self.alignment_bytes, self.max_gap_bytes,
-            self.max_request_bytes, max_read_bytes_for(len(sorted_ids), bundle_bytes, self.max_read_amplification)
+            self.max_request_bytes,
+            max_read_bytes_for(len(sorted_ids), bundle_bytes, self.max_read_amplification if bounded else None)
         )
         slot_lengths = -(-lengths // self.staging_alignment_bytes) * self.staging_alignment_bytes  # (requests,)
         packed = np.concatenate(([0], np.cumsum(slot_lengths)))  # (requests+1,) requests back to back

@@ -51,8 +51,8 @@ def require_grouped_down(kinds: dict[str, str]) -> None:
 
 
 def kernel_slots(capacity: int) -> int:
-    """Slots a cache of `capacity` rows holds: whole int4 tiles."""
-    return -(-max(1, capacity) // TILE_ROWS) * TILE_ROWS
+    """Slots a cache of `capacity` rows holds: whole int4 tiles (none for an uncached layer's)."""
+    return -(-capacity // TILE_ROWS) * TILE_ROWS
 
 
 def kernel_rows_arrays(layout: FfnLayout, capacity: int) -> list[tuple[str, tuple[int, ...], np.dtype]]:

@@ -95,10 +95,10 @@ class NeuronCache:
         layouts (flash_io/kernel_rows.py): no row matrix here, inserts go there as read, and a delete moves ids
         only. arrival_rows(k): (k, bundle_elements) rows an insert's bundles land in on their way there (one
         buffer the caches of all layers share; default: this cache's own)."""
-        if num_neurons <= 0 or bundle_elements <= 0 or capacity_rows <= 0:
+        if num_neurons <= 0 or bundle_elements <= 0 or capacity_rows < 0:
             raise ValueError(
-                f"num_neurons, bundle_elements and capacity_rows must be positive; got {num_neurons}, "
-                f"{bundle_elements}, {capacity_rows}"
+                f"num_neurons and bundle_elements must be positive and capacity_rows not negative (0: an uncached "
+                f"layer, sparse_policy); got {num_neurons}, {bundle_elements}, {capacity_rows}"
             )
         if window_tokens < 1:
             raise ValueError(f"window_tokens must be >= 1 (the paper uses 4..5), got {window_tokens}")
