@@ -196,6 +196,7 @@ class SparseFlashFfn(FfnProvider):
         self._carry_out = {CachedLayer: self._forward_cached, MaskedLayer: self._forward_masked}
         # the masked path's chunk of bundles as read (store dtype; grown to one chunk on first use)
         self._chunk_rows = GrowingRows(manifest.ffn.stored_row_width, numpy_dtype_of_store(manifest.ffn.dtype))
+        self._held_chunk = None  # the last chunk in the compute form (a quantized store's is rewritten in place)
         self.stats = FfnStats()
         self.recorded_sets: list[tuple[int, np.ndarray]] | None = None  # (layer, predicted ids) per decode step, for bench
 
@@ -256,9 +257,10 @@ class SparseFlashFfn(FfnProvider):
             nonlocal waited_s
             for ids, waited in reads:
                 waited_s += waited
-                yield ids, held_rows(self._chunk_rows(len(ids)), self.layout, self.dtype, self.device,
-                                     down_scales=layer_table(self.down_scales, layer), neuron_ids=ids,
-                                     down_by_slot=decision.per_token)
+                self._held_chunk = held_rows(self._chunk_rows(len(ids)), self.layout, self.dtype, self.device,
+                                             down_scales=layer_table(self.down_scales, layer), neuron_ids=ids,
+                                             down_by_slot=decision.per_token, reuse=self._reusable_chunk())
+                yield ids, self._held_chunk
 
         try:
             y = masked_ffn_over_chunks(h, chunk_rows(), self.cols, mask, decision.per_token)  # (N, d)
@@ -273,6 +275,10 @@ class SparseFlashFfn(FfnProvider):
         self.stats.neurons_computed += read_neurons
         self.stats.compute_s += done - start - waited_s
         return y
+
+    def _reusable_chunk(self) -> QuantRows | None:
+        """The last chunk's kernel-ready rows, done with once the next chunk is asked for (held_rows' reuse)."""
+        return self._held_chunk if isinstance(self._held_chunk, QuantRows) else None
 
     def close(self) -> None:
         self.prefetcher.close()

@@ -384,10 +384,19 @@ class QuantRows:
 
 
 def quant_rows_of(layout: FfnLayout, bundles: np.ndarray, down_scales: np.ndarray, neuron_ids: np.ndarray,
-                  down_by_slot: bool = False) -> QuantRows:
+                  down_by_slot: bool = False, reuse: QuantRows | None = None) -> QuantRows:
     """Bundles (k, bundle_bytes) uint8 of neurons neuron_ids (k,) → their kernel-ready form. down_by_slot: the
-    down columns held by slot, as stored, even for a whole layer (what OwnNeuronSums sums), not as int4 blocks."""
+    down columns held by slot, as stored, even for a whole layer (what OwnNeuronSums sums), not as int4 blocks.
+    reuse: the rows this gave for the previous chunk, done with: rewritten in place when they hold down columns
+    by slot in the same number of tiles (a masked read's chunks, one after another, without allocating and
+    zeroing a matrix each)."""
+    k = bundles.shape[0]
     whole_layer = is_whole_layer(neuron_ids) and not down_by_slot
-    matrix = QuantNeuronMatrix(layout, bundles.shape[0], down_scales, whole_layer=whole_layer)
-    matrix.write(np.arange(bundles.shape[0]), bundles, neuron_ids)
-    return QuantRows(matrix, bundles.shape[0])
+    matrix = reuse.matrix if reuse is not None else None
+    if whole_layer or matrix is None or matrix.down_as_blocks or \
+            matrix.capacity != _round_up(max(1, k), INT4_TILE_ROWS):
+        matrix = QuantNeuronMatrix(layout, k, down_scales, whole_layer=whole_layer)
+    else:
+        matrix._set_down_table(down_scales)  # the chunk's layer's
+    matrix.write(np.arange(k), bundles, neuron_ids)
+    return QuantRows(matrix, k)
