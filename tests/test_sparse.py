@@ -410,6 +410,24 @@ def test_whole_layer_reads_go_chunk_by_chunk_and_a_reader_left_midway_reads_on(c
         assert len(got) > 1 and np.array_equal(np.concatenate([ids for ids, _ in got]), wanted)
         assert all(np.array_equal(rows, whole[ids]) for ids, rows in got)
 
+        # read ahead for a masked layer (its lookahead): the spans a cost-merged read covers are kept, and the
+        # decode step's read takes its rows from there, reading nothing where they cover its set
+        ahead = np.array([2, 5, 9, len(whole) - 1])
+        covered = prefetcher.reader.span_ids(1, ahead)
+        assert set(ahead) <= set(covered) and np.all(np.diff(covered) > 0) and 3 in covered  # gaps read
+        staged = prefetcher.stage(1, ahead)
+        assert staged.neurons == len(covered)
+        before = prefetcher.reader.stats.read_bytes
+        inside = np.array([3, 4, 9])
+        got = [(ids, landed[: len(ids)].copy()) for ids, _ in prefetcher.read_layer_chunks(
+            1, lambda count: landed[:count], read_ids=inside)]
+        assert prefetcher.reader.stats.read_bytes == before  # all from the read-ahead
+        assert np.array_equal(got[0][1], whole[inside])
+        outside = np.array([4, len(whole) // 2])  # one staged, one read now
+        rows = np.zeros((2, whole.shape[1]), whole.dtype)
+        work = prefetcher.read_chunk(1, outside, rows, reads_subset=True)
+        assert np.array_equal(rows, whole[outside]) and 0 < work.read_bytes < 2 * manifest.ffn.bundle_bytes + 8192
+
         first_only = prefetcher.read_layer_chunks(0, lambda count: landed[:count])
         next(first_only)  # the second chunk's reads are on the device now
         first_only.close()
@@ -464,8 +482,10 @@ def test_the_plan_stages_a_round_of_reads_and_two_chunks_and_gives_the_caches_th
     plan = plan_for_store(store, manifest, budget, "sparse", 4, 0, keep_fraction=0.25, cache_itemsize=4)
     chunk_bytes = largest_chunk_rows(manifest.ffn) * manifest.ffn.bundle_bytes
     assert region_bytes // 5 < chunk_bytes <= region_bytes // 4
-    assert plan.staging_bytes == largest_span_bytes(manifest.ffn) + 2 * chunk_bytes  # a tiny layer is one round
-    assert region_bytes < plan.staging_bytes <= region_bytes * 3 // 2
+    # a tiny layer is one round; and one token's set read ahead for a layer that takes the masked path
+    keep_bytes = round(0.25 * manifest.arch.intermediate_size) * manifest.ffn.bundle_bytes
+    assert plan.staging_bytes == largest_span_bytes(manifest.ffn) + 2 * chunk_bytes + keep_bytes
+    assert region_bytes < plan.staging_bytes <= region_bytes * 7 // 4
     assert sum(plan.capacity_rows) == sum(plan.min_capacity_rows) + 40
     assert "read staging" in plan.describe()
 

@@ -140,13 +140,15 @@ def down_scale_tables_bytes(layout: FfnLayout) -> int:
     return sum(math.prod(qf.down_scale_table_shape(kind, d, region.num_neurons)) * 2 for region in layout.layers)
 
 
-def sparse_staging_bytes(layout: FfnLayout, compute_itemsize: int, device: str = "cpu") -> int:
+def sparse_staging_bytes(layout: FfnLayout, compute_itemsize: int, device: str = "cpu",
+                         lookahead_rows: int = 0) -> int:
     """What the sparse mode's reads stage beside the caches: a read of neurons a round of requests (at most a
     layer), and the dense-read path (prefill), which goes through a layer in chunks: the worker runtime's
     prefetcher fills CHUNK_SLOTS shared-memory chunk slots that compute multiplies, the in-process engine one
-    chunk as read; both one chunk converted to the compute dtype where it differs. One plan serves both
-    runtimes (in process, a chunk of it stays free), so the same budget gives the same caches, and so the
-    same tokens, whichever runtime runs."""
+    chunk as read; both one chunk converted to the compute dtype where it differs; and lookahead_rows bundles
+    read ahead for a layer that takes the masked path (Prefetcher.stage: an uncached layer's next set and the
+    spans around it, up to a chunk; a batch's union may stage more). One plan serves both runtimes (in process, a chunk of it stays
+    free), so the same budget gives the same caches, and so the same tokens, whichever runtime runs."""
     largest_chunk_bytes = largest_chunk_rows(layout) * layout.bundle_bytes
     same_dtype = not layout.is_quantized and compute_itemsize == DTYPE_ITEMSIZE[layout.dtype]
     converted_chunk_bytes = 0 if same_dtype else held_rows_bytes(layout, largest_chunk_rows(layout),
@@ -155,7 +157,7 @@ def sparse_staging_bytes(layout: FfnLayout, compute_itemsize: int, device: str =
     widened_cache_bytes = HALF_ROWS_CHUNK * layout.bundle_elements * compute_itemsize \
         if device == "cpu" and not layout.is_quantized and not same_dtype else 0
     return neuron_read_staging_bytes(layout) + CHUNK_SLOTS * largest_chunk_bytes + converted_chunk_bytes + \
-        widened_cache_bytes
+        widened_cache_bytes + lookahead_rows * layout.bundle_bytes
 
 
 def plan_memory(manifest: Manifest, resident_bytes: int, budget_bytes: int | None, compute_itemsize: int,
@@ -183,8 +185,10 @@ def plan_memory(manifest: Manifest, resident_bytes: int, budget_bytes: int | Non
     row_bytes = (held_bytes([128]) - held_bytes([64])) // 64
     tables_bytes = down_scale_tables_bytes(layout)  # once, not per layer
     slack = held_bytes([1]) - tables_bytes if layout.is_quantized else 0
-    staging_bytes = sparse_staging_bytes(layout, compute_itemsize, device)
     num_neurons = [region.num_neurons for region in layout.layers]
+    # a masked layer's read-ahead (Prefetcher.stage): a lone sequence's set, or the spans around it up to a chunk
+    staged_rows = min(max(num_neurons), max(keep_neurons, largest_chunk_rows(layout)))
+    staging_bytes = sparse_staging_bytes(layout, compute_itemsize, device, staged_rows)
     # a cached layer holds one predictor's top-k plus the pinned rows; a token whose lookahead ∪ same-layer
     # union does not fit takes the masked path (correct, slower), so the union need not be reserved
     min_rows = [min(n, hot + keep_neurons) for n, hot in zip(num_neurons, hot_counts)]

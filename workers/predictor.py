@@ -57,7 +57,7 @@ from flashllm.workers.flash_io.neuron_cache import DEFAULT_WINDOW_TOKENS
 from flashllm.workers.flash_io.neuron_ids import union_ids
 from flashllm.workers.models.resident import linear
 from flashllm.workers.process_entry import WorkerConfig, run_worker
-from flashllm.workers.sparse_policy import CachedLayer, MaskedLayer, SparseStepPlanner
+from flashllm.workers.sparse_policy import CachedLayer, LookaheadRead, MaskedLayer, SparseStepPlanner
 
 PREDICTOR_KINDS = ("lookahead", "same")
 PREDICTOR_TYPES = ("sketch", "regression", "classifier")
@@ -442,13 +442,7 @@ class PredictorWorker:
             self.channel.send(ROLE_PREFETCH, Prediction(
                 step=msg.step, layer=decision.layer, path=PATH_CACHED, first=decision.first, same=decision.late,
                 first_committed=decision.first_prepared, resident=decision.resident))
-        ahead = decision.lookahead
-        if ahead is not None:
-            # handed over at its Lookahead: compute may reach layer l+1 before it is planned. It is at layer l
-            # now (it sent FfnInput(l) after layer l-1's FFN), so buffer (l+1) % 2 is free
-            self._write_computed(ahead.layer, ahead.computed)
-            self.channel.send(ROLE_PREFETCH, Lookahead(step=msg.step, layer=ahead.layer, ids=ahead.ids,
-                                                       commit=ahead.fits, ready=ahead.ready, resident=ahead.resident))
+        self._send_lookahead(msg, decision.lookahead)
 
     def _send_masked(self, msg: FfnInput, decision: MaskedLayer) -> None:
         self.mask[: msg.num_tokens] = decision.mask.numpy()  # (N, n_ff)
@@ -456,6 +450,16 @@ class PredictorWorker:
         self.channel.send(ROLE_PREFETCH, Prediction(
             step=msg.step, layer=decision.layer, path=PATH_MASKED, reads_subset=reads_subset,
             read_ids=decision.read_ids if reads_subset else np.zeros(0, np.int64)))
+        self._send_lookahead(msg, decision.lookahead)
+
+    def _send_lookahead(self, msg: FfnInput, ahead: LookaheadRead | None) -> None:
+        """Layer l+1's lookahead, after layer l's Prediction (the prefetcher carries out l's first)."""
+        if ahead is not None:
+            # handed over at its Lookahead: compute may reach layer l+1 before it is planned. It is at layer l
+            # now (it sent FfnInput(l) after layer l-1's FFN), so buffer (l+1) % 2 is free
+            self._write_computed(ahead.layer, ahead.computed)
+            self.channel.send(ROLE_PREFETCH, Lookahead(step=msg.step, layer=ahead.layer, ids=ahead.ids,
+                                                       commit=ahead.fits, ready=ahead.ready, resident=ahead.resident))
 
     def close(self) -> None:
         self.hidden, self.mask, self.computed = None, None, None

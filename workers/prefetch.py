@@ -34,7 +34,7 @@ from flashllm.protocol.messages import (
 )
 from flashllm.protocol.shm import SharedSegment, cache_down_tables, cache_kernel_arrays, cache_layer_arrays
 from flashllm.protocol.store_format import QUANTIZED_STORE_DTYPES, Manifest, StoreError, calibrate_hint, read_manifest
-from flashllm.workers.flash_io.bundle_reader import BundleReader, chunk_ids, numpy_dtype_of_store
+from flashllm.workers.flash_io.bundle_reader import BundleReader, chunk_ids, largest_chunk_rows, numpy_dtype_of_store
 from flashllm.workers.flash_io.kernel_layout import load_compiled_loops
 from flashllm.workers.flash_io.kernel_rows import KernelRows, kernel_rows_for
 from flashllm.workers.flash_io.neuron_cache import NeuronCache, GrowingRows
@@ -206,12 +206,18 @@ class Prefetcher:
             in_flight.finish_unused()
         return _EarlyRead(self, layer, missing) if len(missing) else None
 
-    def start_stage(self, layer: int, predicted_ids: np.ndarray) -> None:
-        """stage() without waiting: the reads of what prepare(layer, predicted_ids, new_token=True) will insert
-        go to the device now, and that prepare finishes them (with AIO the device reads while the caller
-        computes; the thread pool reads only then). The in-process engine's pipelining: it starts layer l+1's
-        lookahead reads before it computes layer l. Any other read on this prefetcher first waits for them."""
+    def start_stage(self, layer: int, predicted_ids: np.ndarray, masked: bool = False) -> None:
+        """The in-process engine's pipelining: layer l+1's lookahead reads go to the device before it computes
+        layer l (with AIO the device reads while the caller computes; the thread pool reads only when they are
+        taken). Those of what prepare(layer, predicted_ids, new_token=True) will insert, which that prepare
+        finishes; masked (the layer will take the masked path): stage()'s, which its masked read takes. Any
+        other read on this prefetcher first waits for them."""
         self.drop_in_flight()
+        if masked:
+            ids = self._masked_stage_ids(layer, predicted_ids)
+            if ids is not None:
+                self._in_flight = _EarlyRead(self, layer, ids, bounded=False)
+            return
         missing = self._uncached(layer, predicted_ids)  # (m,) sorted
         if len(missing):
             self._in_flight = _EarlyRead(self, layer, missing)
@@ -230,40 +236,65 @@ class Prefetcher:
         return ids[cache.slot_of[ids] < 0]  # (m,) sorted
 
     def stage(self, layer: int, predicted_ids: np.ndarray) -> FlashWork:
-        """Read ahead what prepare(layer, predicted_ids, new_token=True) will insert, leaving the cache as it is.
-
-        The window advance and eviction that prepare does first never drop a predicted id, so the
-        ids to insert then are exactly the ones not cached now. Replaces any earlier staging."""
+        """Read ahead for a layer that will take the masked path (its lookahead set did not fit its cache, or
+        it has none), leaving the cache as it is: the predicted neurons and the spans around them
+        (_masked_stage_ids), gaps merged by the read cost alone as the masked read's are; that read takes them
+        (read_layer_chunks, read_chunk) and reads only the rest. Replaces any earlier staging."""
         self.drop_in_flight()
-        missing = self._uncached(layer, predicted_ids)  # (m,) sorted
+        self.discard_staged()
+        ids = self._masked_stage_ids(layer, predicted_ids)
+        if ids is None:
+            return FlashWork(neurons=0, read_bytes=0, io_s=0.0)
         start = time.perf_counter()
         before_bytes = self.reader.stats.read_bytes
-        self.discard_staged()
-        if self._staged_rows.shape[0] < len(missing):
-            self._staged_rows = np.empty((len(missing), self._staged_rows.shape[1]), dtype=self._staged_rows.dtype)
-        if len(missing):
-            self._read_filler(layer)(missing, self._staged_rows[: len(missing)])
-        self._staged_layer, self._staged_ids = layer, missing
-        return FlashWork(neurons=len(missing), read_bytes=self.reader.stats.read_bytes - before_bytes,
+        self.reader.read_neurons(layer, ids, self._staging_for(len(ids)), bounded=False)
+        self._staged_layer, self._staged_ids = layer, ids
+        return FlashWork(neurons=len(ids), read_bytes=self.reader.stats.read_bytes - before_bytes,
                          io_s=time.perf_counter() - start)
+
+    def _masked_stage_ids(self, layer: int, predicted_ids: np.ndarray) -> np.ndarray | None:
+        """What stage() reads for a masked layer: every neuron a cost-merged read of the predicted ids covers
+        (BundleReader.span_ids), cached or not (the masked read does not look in the cache), while they fit a
+        masked chunk's rows (the plan's reserve), else the ids alone; None when nothing is to be staged (no ids,
+        or rows converted on arrival, which a masked chunk cannot take). The spans cost no more device time and
+        hold most of what the same-layer check adds to a lookahead set that is dense in the layer (docs/
+        benchmarks.md, stop 31, has the three ways measured)."""
+        if self._convert or not len(predicted_ids):
+            return None
+        ids = union_ids(self.caches[layer].num_neurons, np.asarray(predicted_ids, dtype=np.int64))  # (k,) sorted
+        covered = self.reader.span_ids(layer, ids)  # (c,) sorted, ⊇ ids
+        return covered if len(covered) <= largest_chunk_rows(self.reader.layout) else ids
 
     def discard_staged(self) -> None:
         self._staged_layer, self._staged_ids = -1, np.zeros(0, np.int64)
 
     def read_layer_chunks(self, layer: int, out_rows: Callable[[int], np.ndarray],
-                          read_ids: np.ndarray | None = None) -> Iterator[tuple[np.ndarray, float]]:
+                          read_ids: np.ndarray | None = None,
+                          on_reads_done: Callable[[], None] | None = None) -> Iterator[tuple[np.ndarray, float]]:
         """The layer's masked-path chunks (chunk_ids(): the whole layer, or only read_ids): yields (ids,
         waited_s) once out_rows(len(ids)) holds those bundles (store dtype), waited_s being how long it waited
-        for them.
+        for them. on_reads_done(): called once the last chunk's reads are done, before it is yielded (the
+        in-process engine starts the next layer's read-ahead there, to overlap this layer's last compute).
 
         The next chunk's reads are already on the device while the caller works on
         this one (AIO), and the reader stages one chunk at a time, not the layer. A chunk's gaps are merged by
         the read cost alone (BundleReader.start_neuron_read(bounded=False)): a decode step's masked sets are
-        dense (a token's set, or a batch's union), read fastest in a few large requests.
+        dense (a token's set, or a batch's union), read fastest in a few large requests. A decode step's read
+        takes the rows the layer's lookahead read ahead (start_stage, stage) and reads only the rest.
         A caller that stops early (closes the generator) waits for the reads in flight."""
-        self.drop_in_flight()
         layout = self.reader.layout
         chunks = chunk_ids(layout.layers[layer].num_neurons, layout.bundle_bytes, read_ids)
+        staged = self._take_staged(layer) if read_ids is not None else None
+        if staged is not None:
+            for index, ids in enumerate(chunks):
+                waited_since = time.perf_counter()
+                self._fill_from(staged, layer, ids, out_rows(len(ids)))
+                waited_s = time.perf_counter() - waited_since
+                if index + 1 == len(chunks) and on_reads_done is not None:
+                    on_reads_done()
+                yield ids, waited_s
+            return
+        self.drop_in_flight()
         pending = None
         try:
             for index, ids in enumerate(chunks):
@@ -276,20 +307,63 @@ class Prefetcher:
                 waited_s = time.perf_counter() - waited_since
                 if index + 1 < len(chunks):
                     pending = self.reader.start_neuron_read(layer, chunks[index + 1], bounded=False)
+                elif on_reads_done is not None:
+                    on_reads_done()
                 yield ids, waited_s
         finally:
             if pending is not None:
                 pending(self._scratch_rows(len(chunks[index + 1])))
 
-    def read_chunk(self, layer: int, ids: np.ndarray, out: np.ndarray) -> FlashWork:
+    def read_chunk(self, layer: int, ids: np.ndarray, out: np.ndarray, reads_subset: bool = False) -> FlashWork:
         """One masked-path chunk (chunk_ids()) into out[:len(ids)], store dtype (e.g. a slot of shared memory),
-        straight from the reader's staging; its gaps merged by the read cost alone, as read_layer_chunks'."""
-        self.drop_in_flight()
+        straight from the reader's staging; its gaps merged by the read cost alone, as read_layer_chunks'.
+        reads_subset (a decode step's read of its sets): the rows the layer's lookahead staged are taken, the
+        rest read."""
         started = time.perf_counter()
         before_bytes = self.reader.stats.read_bytes
-        self.reader.read_neurons(layer, ids, out[: len(ids)], bounded=False)
+        staged = self._take_staged(layer) if reads_subset else None
+        if staged is not None:
+            self._fill_from(staged, layer, ids, out)
+        else:
+            self.drop_in_flight()
+            self.reader.read_neurons(layer, ids, out[: len(ids)], bounded=False)
         return FlashWork(neurons=len(ids), read_bytes=self.reader.stats.read_bytes - before_bytes,
                          io_s=time.perf_counter() - started)
+
+    def _take_staged(self, layer: int) -> tuple[np.ndarray, np.ndarray] | None:
+        """(sorted ids, their rows as read) the lookahead of `layer` put ahead, finishing reads still in flight
+        (start_stage) into the staging; None when nothing of the layer's is there, or the rows were converted
+        on arrival (a cache in another dtype than the store's: masked chunks take them as read)."""
+        in_flight = self._in_flight
+        if in_flight is not None and in_flight.layer == layer and not self._convert:
+            self._in_flight = None
+            rows = self._staging_for(len(in_flight.ids))
+            in_flight.fill(in_flight.ids, rows)
+            self._staged_layer, self._staged_ids = layer, in_flight.ids
+        if layer != self._staged_layer or not len(self._staged_ids) or self._convert:
+            return None
+        return self._staged_ids, self._staged_rows
+
+    def _fill_from(self, staged: tuple[np.ndarray, np.ndarray], layer: int, ids: np.ndarray, out: np.ndarray) -> None:
+        """out[:len(ids)] = the rows of sorted `ids`: staged where they are, the rest read now (unbounded gaps)."""
+        staged_ids, staged_rows = staged
+        positions = np.minimum(np.searchsorted(staged_ids, ids), len(staged_ids) - 1)  # (k,)
+        found = staged_ids[positions] == ids  # (k,)
+        if found.all():
+            np.take(staged_rows, positions, axis=0, out=out[: len(ids)])
+            return
+        self.drop_in_flight()
+        missing = ids[~found]  # (m,)
+        rest = self._scratch_rows(len(missing))
+        self.reader.read_neurons(layer, missing, rest, bounded=False)
+        out[: len(ids)][found] = staged_rows[positions[found]]
+        out[: len(ids)][~found] = rest
+
+    def _staging_for(self, count: int) -> np.ndarray:
+        """The first `count` rows of the read-ahead buffer, grown to hold them."""
+        if self._staged_rows.shape[0] < count:
+            self._staged_rows = np.empty((count, self._staged_rows.shape[1]), dtype=self._staged_rows.dtype)
+        return self._staged_rows[:count]
 
     def close(self) -> None:
         try:
@@ -302,10 +376,10 @@ class Prefetcher:
 class _EarlyRead:
     """Reads started by Prefetcher._start_reads: `fill` is the rows_filler that finishes them into the cache."""
 
-    def __init__(self, prefetcher: Prefetcher, layer: int, ids: np.ndarray):
+    def __init__(self, prefetcher: Prefetcher, layer: int, ids: np.ndarray, bounded: bool = True):
         self.prefetcher, self.layer, self.ids = prefetcher, layer, ids
         self.started_s = time.perf_counter()
-        self._finish = prefetcher.reader.start_neuron_read(layer, ids)
+        self._finish = prefetcher.reader.start_neuron_read(layer, ids, bounded)
 
     def fill(self, ids: np.ndarray, out: np.ndarray) -> None:
         if self._finish is None or not np.array_equal(ids, self.ids):
@@ -415,7 +489,8 @@ class PrefetchWorker:
         self._ready_early: set[int] = set()  # layers handed over at their Lookahead (skip policy)
         # the masked path's chunk stream: chunks to read (in compute's order), free slots, chunks read but not
         # yet handed over (their layer's Prediction has not come), and the layers whose Prediction(masked) came
-        self._to_read: collections.deque[tuple[int, int, int, np.ndarray]] = collections.deque()  # layer, chunk, of, ids
+        # layer, chunk, of how many, its ids, whether they are a decode step's subset
+        self._to_read: collections.deque[tuple[int, int, int, np.ndarray, bool]] = collections.deque()
         self._free_slots: list[int] = list(range(chunk_staging.shape[0]))
         self._read: collections.deque[_ChunkRead] = collections.deque()
         self._masked_layers: set[int] = set()
@@ -535,13 +610,13 @@ class PrefetchWorker:
     def _queue_chunks(self, layer: int, read_ids: np.ndarray | None) -> None:
         """Layer `layer`'s masked read (read_ids: only those neurons; None: the whole layer) joins the stream."""
         chunks = chunk_ids(self.layer_neurons[layer], self.bundle_bytes, read_ids)
-        self._to_read.extend((layer, chunk, len(chunks), ids) for chunk, ids in enumerate(chunks))
+        self._to_read.extend((layer, chunk, len(chunks), ids, read_ids is not None) for chunk, ids in enumerate(chunks))
 
     def _read_into_free_slots(self) -> None:
         while self._free_slots and self._to_read:
-            layer, chunk, num_chunks, ids = self._to_read.popleft()
+            layer, chunk, num_chunks, ids, reads_subset = self._to_read.popleft()
             slot = self._free_slots.pop(0)
-            work = self.prefetcher.read_chunk(layer, ids, self.chunk_staging[slot])
+            work = self.prefetcher.read_chunk(layer, ids, self.chunk_staging[slot], reads_subset)
             # compute may be waiting for it when its layer was already asked for
             self._read.append(_ChunkRead(layer, chunk, num_chunks, slot, work,
                                          critical=layer in self._masked_layers))

@@ -205,6 +205,7 @@ class SparseFlashFfn(FfnProvider):
         """Called by the executor before a forward pass: B sequences × T new tokens each, in KV slots `slots`."""
         self.planner.begin_step(steps, slots, starts)
         self.prefetcher.drop_in_flight()  # a step that failed midway may have left reads on their way
+        self.prefetcher.discard_staged()  # a staged layer's rows serve its own step only (as StepBegin's in workers)
 
     def forward(self, layer: int, h: torch.Tensor) -> torch.Tensor:
         """h (N, d) → (N, d)."""
@@ -222,8 +223,8 @@ class SparseFlashFfn(FfnProvider):
         if self.recorded_sets is not None:
             self.recorded_sets.append((layer, decision.predicted))
         ahead = decision.lookahead
-        if ahead is not None and ahead.fits:
-            prefetcher.start_stage(ahead.layer, ahead.ids)  # read while this layer computes (AIO)
+        if ahead is not None:  # read while this layer computes (AIO); a set that does not fit is staged
+            prefetcher.start_stage(ahead.layer, ahead.ids, masked=not ahead.fits)
         start = time.perf_counter()
         rows = self.view.rows(layer)  # (n, E)
         y = ffn_over_cached_rows(h, rows, self.cols, decision.computed, self.view.row_ids(layer))
@@ -251,7 +252,10 @@ class SparseFlashFfn(FfnProvider):
         before = reader_stats.read_bytes
         read_started = time.perf_counter()
         waited_s = 0.0
-        reads = self.prefetcher.read_layer_chunks(layer, self._chunk_rows, decision.read_ids)
+        ahead = decision.lookahead
+        start_ahead = (lambda: self.prefetcher.start_stage(ahead.layer, ahead.ids, masked=not ahead.fits)) \
+            if ahead is not None else None
+        reads = self.prefetcher.read_layer_chunks(layer, self._chunk_rows, decision.read_ids, on_reads_done=start_ahead)
 
         def chunk_rows():  # (ids (k,), rows (k, E)) in the compute dtype, each as its reads land
             nonlocal waited_s

@@ -19,7 +19,7 @@ The rules, per decode step and layer l:
     first  = ahead, else same
     first ∪ pinned fits the cache       → cached (decided with the lookahead, so the worker runtime may
                                           prepare the layer before compute reaches it); else masked
-    ahead  = lookahead[l+1](h_l)        only after a cached layer: a masked one reads every neuron anyway
+    ahead  = lookahead[l+1](h_l)        in a decode step, after either path (a masked one reads its sets)
 
 Prefill and other multi-token steps take the masked path at every layer: the
 per-token mask is same[l](h_l) ∪ lookahead[l](h_{l-1}) ∪ hot.
@@ -27,8 +27,9 @@ per-token mask is same[l](h_l) ∪ lookahead[l](h_{l-1}) ∪ hot.
 Uncached layers: a budget below one token's set in every layer's cache leaves
 some layers no cache at all (memory_plan.plan_memory). Such a layer takes the
 masked path in every decode step, its mask each token's same-layer set, and
-reads just the union of those sets (nothing is read ahead or kept for it); the
-layers with caches work as above. So sparse runs at any budget that holds the
+reads just the union of those sets; its lookahead set, predicted at the layer
+before, is read ahead (staged: nothing is kept), and the masked read takes
+those rows and reads the rest. The layers with caches work as above. So sparse runs at any budget that holds the
 resident weights, the predictors and the read staging, reading a token's set
 where it cannot keep it, as naive reads whole layers.
 
@@ -166,6 +167,7 @@ class MaskedLayer:
     # fell back: the runtime that has not prepared it does, so both runtimes' caches stay alike
     committed_first: np.ndarray | None = None
     read_ids: np.ndarray | None = None  # (k,) sorted: the neurons read (masked_read_ids); None: the whole layer
+    lookahead: LookaheadRead | None = None  # a decode step's: the next layer's set, to start reading
 
 
 class SequenceWindows:
@@ -338,7 +340,8 @@ class SparseStepPlanner:
         if (ahead is not None and not ahead.fits) or not self.fits(layer, needed):
             return MaskedLayer(layer=layer, mask=computed, num_predicted=len(needed), per_token=True,
                                committed_first=ahead.ids if ahead is not None and ahead.fits else None,
-                               read_ids=masked_read_ids(computed, self._steps))
+                               read_ids=masked_read_ids(computed, self._steps),
+                               lookahead=self._plan_lookahead(layer + 1, h))
         own_ids = _ids_of(own)
         # the tokens' own sets are recorded in the cache's window; the rest of `needed` (window neurons) is made
         # resident beside them, and making room evicts only rows no sequence computes
@@ -348,8 +351,8 @@ class SparseStepPlanner:
                            lookahead=self._plan_lookahead(layer + 1, h), computed=computed, resident=needed)
 
     def _plan_lookahead(self, layer: int, h_before: "torch.Tensor") -> LookaheadRead | None:
-        if layer >= self.num_layers or not self.predictor.has("lookahead", layer) or not self.capacity_rows[layer]:
-            return None  # an uncached layer keeps nothing read ahead
+        if layer >= self.num_layers or not self.predictor.has("lookahead", layer):
+            return None
         own = self._predict_own("lookahead", layer, h_before)  # (B, n_ff) or None
         ids = _ids_of(own) if own is not None else self.predictor.predict("lookahead", layer, h_before)
         computed, resident = None, _NO_IDS
@@ -377,16 +380,20 @@ class SparseStepPlanner:
         hot = predictor.hot_ids[layer]
         if len(hot):
             mask[:, hot] = True
+        decode = self._steps == 1
         return MaskedLayer(layer=layer, mask=mask, num_predicted=int(mask.any(0).sum()),
-                           read_ids=masked_read_ids(mask, self._steps))
+                           read_ids=masked_read_ids(mask, self._steps),
+                           lookahead=self._plan_lookahead(layer + 1, h) if decode else None)
 
     def _plan_uncached(self, layer: int, h: "torch.Tensor") -> MaskedLayer:
         """A decode step's layer without a neuron cache: each token computes its same-layer set, and only the
-        union of those is read."""
+        union of those is read (the rows its lookahead read ahead are taken from there); the next layer's
+        lookahead starts reading behind it."""
+        self._ahead.pop(layer, None)  # read ahead (staged), not a set of its own
         mask = self.predictor.predict_mask("same", layer, h)  # (N, n_ff)
         read_ids = masked_read_ids(mask, self._steps)
         return MaskedLayer(layer=layer, mask=mask, num_predicted=len(read_ids), per_token=self._tracks_sequences(),
-                           read_ids=read_ids)
+                           read_ids=read_ids, lookahead=self._plan_lookahead(layer + 1, h))
 
     # -- each sequence's own set (batch invariance) ------------------------------
 

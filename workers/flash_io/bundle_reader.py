@@ -476,6 +476,22 @@ class BundleReader:
             raise IndexError(f"layer {layer} out of range: the store has {len(self.layout.layers)} layers (0..{len(self.layout.layers) - 1})")
         return self.layout.layers[layer]
 
+    def span_ids(self, layer: int, neuron_ids: np.ndarray) -> np.ndarray:
+        """Sorted ids of every neuron inside the requests a read of neuron_ids plans with gaps merged by the read
+        cost alone (start_neuron_read(bounded=False)): what the same device bytes deliver when every bundle they
+        cover is kept, not just the asked ones."""
+        region = self._region(layer)
+        ids = np.unique(self._check_neuron_ids(layer, neuron_ids, region.num_neurons))  # (k,)
+        if len(ids) == 0:
+            return ids
+        _, _, first_index, end_index = _plan_read_arrays(
+            ids, region.offset_bytes, self.layout.bundle_bytes, self.alignment_bytes, self.max_gap_bytes,
+            self.max_request_bytes, None)
+        firsts, lasts = ids[first_index], ids[end_index - 1]  # (requests,)
+        counts = lasts - firsts + 1  # (requests,)
+        starts = np.repeat(firsts - np.concatenate(([0], np.cumsum(counts)[:-1])), counts)  # (covered,)
+        return starts + np.arange(int(counts.sum()))  # (covered,) ascending
+
     def layer_buffer(self) -> np.ndarray:
         """An aligned buffer that holds any layer's read (for read_layer's `buffer`)."""
         return aligned_buffer(self._largest_span_bytes())
