@@ -50,7 +50,7 @@ class SparseOptions:
     compute_set: str = "auto"  # a token's FFN sums its predicted neurons, or also its window's (COMPUTE_SETS)
     pin_hot: bool = True  # keep each layer's calibrated hot neurons in its cache for good
     reader_threads: int = 4  # flash reader threads (or in-flight requests of the AIO backend)
-    capacity_rows: tuple[int, ...] | None = None  # neuron-cache rows per layer (the memory plan's); None: all
+    capacity_rows: tuple[int, ...] | None = None  # cache rows per layer (the memory plan's; 0: uncached); None: all
     trace: TraceSpec | None = None  # active sets replayed from a trace instead of the store's predictors
     # each sequence computes only its own computed set (compute_set), so a temperature-0 request decodes the
     # same tokens whatever runs beside it; False: every sequence computes every cached row (the batch's union)

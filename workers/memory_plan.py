@@ -147,8 +147,9 @@ def sparse_staging_bytes(layout: FfnLayout, compute_itemsize: int, device: str =
     prefetcher fills CHUNK_SLOTS shared-memory chunk slots that compute multiplies, the in-process engine one
     chunk as read; both one chunk converted to the compute dtype where it differs; and lookahead_rows bundles
     read ahead for a layer that takes the masked path (Prefetcher.stage: an uncached layer's next set and the
-    spans around it, up to a chunk; a batch's union may stage more). One plan serves both runtimes (in process, a chunk of it stays
-    free), so the same budget gives the same caches, and so the same tokens, whichever runtime runs."""
+    spans around it, up to a chunk; a batch's union may stage more). One plan serves both runtimes (in
+    process, a chunk of it stays free), so the same budget gives the same caches, and so the same tokens,
+    whichever runtime runs."""
     largest_chunk_bytes = largest_chunk_rows(layout) * layout.bundle_bytes
     same_dtype = not layout.is_quantized and compute_itemsize == DTYPE_ITEMSIZE[layout.dtype]
     converted_chunk_bytes = 0 if same_dtype else held_rows_bytes(layout, largest_chunk_rows(layout),

@@ -374,7 +374,8 @@ class Prefetcher:
 
 
 class _EarlyRead:
-    """Reads started by Prefetcher._start_reads: `fill` is the rows_filler that finishes them into the cache."""
+    """Reads on their way (Prefetcher._start_reads, start_stage): `fill` is the rows_filler that finishes them,
+    into the cache or (a masked layer's read-ahead) into the staging."""
 
     def __init__(self, prefetcher: Prefetcher, layer: int, ids: np.ndarray, bounded: bool = True):
         self.prefetcher, self.layer, self.ids = prefetcher, layer, ids
