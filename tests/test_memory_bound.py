@@ -69,8 +69,9 @@ def test_generate_stays_within_the_memory_bound(calibrated_stores, baselines, ru
     assert result["peak_bytes"] > baselines.torch_process_bytes  # it measured the run, not an empty cgroup
 
 
-def test_too_small_budget_names_every_knob_with_what_it_saves(calibrated_stores):
+def test_too_small_budget_names_every_knob_with_what_it_saves(calibrated_stores, monkeypatch):
     from flashllm.runtime.core.engine import Engine
+    from flashllm.workers.flash_io import bundle_reader
     from flashllm.workers.memory_plan import MemoryPlanError
 
     from flashllm.workers.memory_plan import (MIB, naive_minimum_bytes, plan_for_store, resident_bytes_of,
@@ -78,6 +79,9 @@ def test_too_small_budget_names_every_knob_with_what_it_saves(calibrated_stores)
     from flashllm.workers.store_reader import open_store
 
     store = calibrated_stores("llama")
+    manifest = open_store(store)
+    # chunks of a few rows, as a large model's are to its layers: its read-ahead is below its smallest caches
+    monkeypatch.setattr(bundle_reader, "DENSE_CHUNK_BYTES", 16 * manifest.ffn.bundle_bytes)
     with pytest.raises(MemoryPlanError) as refused:
         Engine(store, mode="sparse", ffn_options={"memory_budget_bytes": 4096})
     message = str(refused.value)
@@ -85,7 +89,6 @@ def test_too_small_budget_names_every_knob_with_what_it_saves(calibrated_stores)
         assert knob in message, (knob, message)
     assert message.count("MiB") >= 6  # each knob says how much it saves
     # the minimum holds no neuron cache, and the message says what every layer's cache would take
-    manifest = open_store(store)
     plan = plan_for_store(store, manifest, None, "sparse", 4, 0)
     assert f"is {plan.minimum_bytes / MIB:.1f} MiB" in message and "with no neuron cache" in message
     assert f"at its smallest needs {plan.cached_minimum_bytes / MIB:.1f} MiB" in message

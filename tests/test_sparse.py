@@ -386,7 +386,7 @@ def test_whole_layer_reads_go_chunk_by_chunk_and_a_reader_left_midway_reads_on(c
     manifest = open_store(store)
     layout = manifest.ffn
     monkeypatch.setattr(bundle_reader, "DENSE_CHUNK_BYTES", layout.layers[0].length_bytes // 4)
-    prefetcher = Prefetcher(store, manifest, [40] * manifest.arch.num_hidden_layers, window_tokens=2)
+    prefetcher = Prefetcher(store, manifest, [40] + [0] * (manifest.arch.num_hidden_layers - 1), window_tokens=2)  # layer 1 uncached
     try:
         whole = prefetcher.reader.read_layer(1).copy()  # (n_ff, E)
         out = np.zeros_like(whole)
@@ -410,8 +410,8 @@ def test_whole_layer_reads_go_chunk_by_chunk_and_a_reader_left_midway_reads_on(c
         assert len(got) > 1 and np.array_equal(np.concatenate([ids for ids, _ in got]), wanted)
         assert all(np.array_equal(rows, whole[ids]) for ids, rows in got)
 
-        # read ahead for a masked layer (its lookahead): the spans a cost-merged read covers are kept, and the
-        # decode step's read takes its rows from there, reading nothing where they cover its set
+        # read ahead for an uncached layer (its lookahead): the spans a cost-merged read covers are kept, and
+        # the decode step's read takes its rows from there, reading nothing where they cover its set
         ahead = np.array([2, 5, 9, len(whole) - 1])
         covered = prefetcher.reader.span_ids(1, ahead)
         assert set(ahead) <= set(covered) and np.all(np.diff(covered) > 0) and 3 in covered  # gaps read
@@ -482,10 +482,8 @@ def test_the_plan_stages_a_round_of_reads_and_two_chunks_and_gives_the_caches_th
     plan = plan_for_store(store, manifest, budget, "sparse", 4, 0, keep_fraction=0.25, cache_itemsize=4)
     chunk_bytes = largest_chunk_rows(manifest.ffn) * manifest.ffn.bundle_bytes
     assert region_bytes // 5 < chunk_bytes <= region_bytes // 4
-    # a tiny layer is one round; and one token's set read ahead for a layer that takes the masked path
-    keep_bytes = round(0.25 * manifest.arch.intermediate_size) * manifest.ffn.bundle_bytes
-    assert plan.staging_bytes == largest_span_bytes(manifest.ffn) + 2 * chunk_bytes + keep_bytes
-    assert region_bytes < plan.staging_bytes <= region_bytes * 7 // 4
+    assert plan.staging_bytes == largest_span_bytes(manifest.ffn) + 2 * chunk_bytes  # a tiny layer is one round
+    assert region_bytes < plan.staging_bytes <= region_bytes * 3 // 2
     assert sum(plan.capacity_rows) == sum(plan.min_capacity_rows) + 40
     assert "read staging" in plan.describe()
 
@@ -534,24 +532,39 @@ def test_memory_budget_bounds_the_neuron_caches(calibrated_stores):
 
 
 @pytest.mark.parametrize("kind", ["opt", "llama"])
-def test_a_budget_below_every_layers_cache_leaves_layers_uncached_that_read_each_tokens_set(kind, calibrated_stores):
+def test_a_budget_below_every_layers_cache_leaves_layers_uncached_that_read_each_tokens_set(kind, calibrated_stores,
+                                                                                            monkeypatch):
     """Between the minimum (no cache at all) and every layer's smallest cache, the plan gives whole smallest
     caches to as many layers as fit and none to the rest. An uncached layer reads exactly its tokens' sets each
     decode step, and computes them: keeping every neuron, the logits are dense's."""
-    from flashllm.workers.memory_plan import plan_for_store
+    from flashllm.workers.flash_io import bundle_reader
+    from flashllm.workers.memory_plan import cached_layers_that_fit, plan_for_store
     from flashllm.workers.store_reader import open_store
 
     store = calibrated_stores(kind)
     manifest = open_store(store)
     n_ff = manifest.arch.intermediate_size
+    # chunks of a quarter layer: the read-ahead an uncached layer holds is one set, not the whole tiny layer
+    # (which would outweigh both layers' smallest caches, and leave no budget between the two minimums)
+    monkeypatch.setattr(bundle_reader, "DENSE_CHUNK_BYTES", round(0.25 * n_ff) * manifest.ffn.bundle_bytes)
     roomy = plan_for_store(store, manifest, None, "sparse", 4, 0, keep_fraction=0.25)
     assert roomy.minimum_bytes < roomy.cached_minimum_bytes
     at_minimum = plan_for_store(store, manifest, roomy.minimum_bytes, "sparse", 4, 0, keep_fraction=0.25)
     assert at_minimum.capacity_rows == [0, 0] and at_minimum.uncached_layers == 2
-    one_short = plan_for_store(store, manifest, roomy.cached_minimum_bytes - 1, "sparse", 4, 0, keep_fraction=0.25)
-    assert one_short.capacity_rows == [roomy.min_capacity_rows[0], 0] and one_short.total_bytes < \
-        roomy.cached_minimum_bytes
-    assert "1 of 2 layers have no neuron cache" in one_short.describe()
+    # in between, a layer has its smallest cache or none (on two layers, one cache weighs about as much as the
+    # read-ahead an uncached layer holds)
+    between = [plan_for_store(store, manifest, budget, "sparse", 4, 0, keep_fraction=0.25)
+               for budget in range(roomy.minimum_bytes, roomy.cached_minimum_bytes, 1024)]
+    assert all(plan.total_bytes <= plan.budget_bytes for plan in between)
+    assert {tuple(plan.capacity_rows) for plan in between} <= {(0, 0), (roomy.min_capacity_rows[0], 0)}
+    last = between[-1]
+    assert last.uncached_layers and f"{last.uncached_layers} of 2 layers have no neuron cache" in last.describe()
+    # on a deeper model the caches come one layer at a time, spread over the depth
+    held = lambda capacity: 100 + sum(capacity) + (5 if 0 in capacity else 0)  # noqa: E731
+    assert cached_layers_that_fit([10] * 6, 105, held) == [0] * 6
+    assert cached_layers_that_fit([10] * 6, 125, held) == [10, 0, 0, 10, 0, 0]
+    assert cached_layers_that_fit([10] * 6, 159, held) == [10] * 5 + [0]
+    assert cached_layers_that_fit([10] * 6, 160, held) == [10] * 6
     with pytest.raises(MemoryPlanError, match="with no neuron cache"):
         plan_for_store(store, manifest, roomy.minimum_bytes - 1, "sparse", 4, 0, keep_fraction=0.25)
 

@@ -140,16 +140,13 @@ def down_scale_tables_bytes(layout: FfnLayout) -> int:
     return sum(math.prod(qf.down_scale_table_shape(kind, d, region.num_neurons)) * 2 for region in layout.layers)
 
 
-def sparse_staging_bytes(layout: FfnLayout, compute_itemsize: int, device: str = "cpu",
-                         lookahead_rows: int = 0) -> int:
+def sparse_staging_bytes(layout: FfnLayout, compute_itemsize: int, device: str = "cpu") -> int:
     """What the sparse mode's reads stage beside the caches: a read of neurons a round of requests (at most a
     layer), and the dense-read path (prefill), which goes through a layer in chunks: the worker runtime's
     prefetcher fills CHUNK_SLOTS shared-memory chunk slots that compute multiplies, the in-process engine one
-    chunk as read; both one chunk converted to the compute dtype where it differs; and lookahead_rows bundles
-    read ahead for a layer that takes the masked path (Prefetcher.stage: an uncached layer's next set and the
-    spans around it, up to a chunk; a batch's union may stage more). One plan serves both runtimes (in
-    process, a chunk of it stays free), so the same budget gives the same caches, and so the same tokens,
-    whichever runtime runs."""
+    chunk as read; both one chunk converted to the compute dtype where it differs (plan_memory adds an uncached
+    layer's read-ahead where its plan has one). One plan serves both runtimes (in process, a chunk of it stays
+    free), so the same budget gives the same caches, and so the same tokens, whichever runtime runs."""
     largest_chunk_bytes = largest_chunk_rows(layout) * layout.bundle_bytes
     same_dtype = not layout.is_quantized and compute_itemsize == DTYPE_ITEMSIZE[layout.dtype]
     converted_chunk_bytes = 0 if same_dtype else held_rows_bytes(layout, largest_chunk_rows(layout),
@@ -158,7 +155,7 @@ def sparse_staging_bytes(layout: FfnLayout, compute_itemsize: int, device: str =
     widened_cache_bytes = HALF_ROWS_CHUNK * layout.bundle_elements * compute_itemsize \
         if device == "cpu" and not layout.is_quantized and not same_dtype else 0
     return neuron_read_staging_bytes(layout) + CHUNK_SLOTS * largest_chunk_bytes + converted_chunk_bytes + \
-        widened_cache_bytes + lookahead_rows * layout.bundle_bytes
+        widened_cache_bytes
 
 
 def plan_memory(manifest: Manifest, resident_bytes: int, budget_bytes: int | None, compute_itemsize: int,
@@ -177,27 +174,33 @@ def plan_memory(manifest: Manifest, resident_bytes: int, budget_bytes: int | Non
     def held_bytes(capacity: list[int]) -> int:  # without the arrival buffer, which grows with the largest cache
         return cache_bytes_of(layout, capacity, cache_itemsize, device) - arrival_bytes(layout, capacity, device)
 
-    def total_bytes(capacity: list[int]) -> int:  # what the plan holds with caches of these capacities
-        return resident_bytes + predictor_bytes + staging_bytes + cache_bytes_of(layout, capacity, cache_itemsize,
-                                                                                 device)
-
     # bytes one more row costs; a quantized CPU cache's kernel rows round each layer up to whole int4 tiles,
     # which `slack` (per cached layer) reserves, so the exact figure below never passes the budget
     row_bytes = (held_bytes([128]) - held_bytes([64])) // 64
     tables_bytes = down_scale_tables_bytes(layout)  # once, not per layer
     slack = held_bytes([1]) - tables_bytes if layout.is_quantized else 0
     num_neurons = [region.num_neurons for region in layout.layers]
-    # a masked layer's read-ahead (Prefetcher.stage): a lone sequence's set, or the spans around it up to a chunk
-    staged_rows = min(max(num_neurons), max(keep_neurons, largest_chunk_rows(layout)))
-    staging_bytes = sparse_staging_bytes(layout, compute_itemsize, device, staged_rows)
+    staging_bytes = sparse_staging_bytes(layout, compute_itemsize, device)
+    # an uncached layer's read-ahead (Prefetcher.stage): its next set and the spans around it, up to a chunk;
+    # held where the plan leaves a layer uncached
+    read_ahead_bytes = min(max(num_neurons), max(keep_neurons, largest_chunk_rows(layout))) * layout.bundle_bytes
+
+    def staging_for(capacity: list[int]) -> int:
+        return staging_bytes + (read_ahead_bytes if 0 in capacity else 0)
+
+    def total_bytes(capacity: list[int]) -> int:  # what the plan holds with caches of these capacities
+        return resident_bytes + predictor_bytes + staging_for(capacity) + cache_bytes_of(layout, capacity,
+                                                                                         cache_itemsize, device)
+
     # a cached layer holds one predictor's top-k plus the pinned rows; a token whose lookahead ∪ same-layer
     # union does not fit takes the masked path (correct, slower), so the union need not be reserved
     min_rows = [min(n, hot + keep_neurons) for n, hot in zip(num_neurons, hot_counts)]
-    # the minimum holds no cache at all: every layer reads its tokens' sets each step (sparse_policy's
-    # uncached layers); the staging those reads go through is counted already
-    min_total = resident_bytes + predictor_bytes + staging_bytes + tables_bytes
-    fixed = min_total + slack * len(num_neurons)
+    base = resident_bytes + predictor_bytes + staging_bytes + tables_bytes
+    fixed = base + slack * len(num_neurons)
     cached_min_total = fixed + sum(min_rows) * row_bytes + arrival_bytes(layout, min_rows, device)
+    # the smallest budget holds no cache at all: every layer reads its tokens' sets each step (sparse_policy's
+    # uncached layers), through the read-ahead staging (a tiny model's smallest caches may take less)
+    min_total = min(base + read_ahead_bytes, cached_min_total)
     if budget_bytes is None:
         capacity = list(capacity_rows or num_neurons)
     elif budget_bytes < min_total:
@@ -205,11 +208,14 @@ def plan_memory(manifest: Manifest, resident_bytes: int, budget_bytes: int | Non
         knobs = sparse_minimum_knobs(manifest, budget_bytes, min_total, resident_half_saving_bytes,
                                      predictor_bytes, kv_cache_bytes, naive_bytes)
         tables = f" + FFN scale tables {tables_bytes / MIB:.1f}" if tables_bytes else ""
+        caches = (f" + every layer's smallest neuron cache {(cached_min_total - base) / MIB:.1f} MiB"
+                  if min_total == cached_min_total else
+                  f" + read-ahead {read_ahead_bytes / MIB:.1f} MiB, with no neuron cache; every layer's cache at its "
+                  f"smallest needs {cached_min_total / MIB:.1f} MiB")
         raise MemoryPlanError(
             f"--memory {budget_bytes / MIB:.1f} MiB is too small: the minimum for this store and settings is "
             f"{min_total / MIB:.1f} MiB (resident {resident_bytes / MIB:.1f} + predictors {predictor_bytes / MIB:.1f} "
-            f"+ staging {staging_bytes / MIB:.1f}{tables} MiB, with no neuron cache; every layer's cache at its "
-            f"smallest needs {cached_min_total / MIB:.1f} MiB); raise --memory, or lower the minimum:\n"
+            f"+ staging {staging_bytes / MIB:.1f}{tables}{caches}); raise --memory, or lower the minimum:\n"
             + "\n".join(f"  {knob}" for knob in knobs)
         )
     elif budget_bytes < cached_min_total:
@@ -226,7 +232,8 @@ def plan_memory(manifest: Manifest, resident_bytes: int, budget_bytes: int | Non
             whole_tiles = [min(n, kernel_slots(c)) for n, c in zip(num_neurons, capacity)]
             capacity = whole_tiles if total_bytes(whole_tiles) <= budget_bytes else capacity
     return MemoryPlan(budget_bytes=budget_bytes, resident_bytes=resident_bytes, predictor_bytes=predictor_bytes,
-                      staging_bytes=staging_bytes, cache_bytes=cache_bytes_of(layout, capacity, cache_itemsize, device),
+                      staging_bytes=staging_for(capacity),
+                      cache_bytes=cache_bytes_of(layout, capacity, cache_itemsize, device),
                       kv_cache_bytes=kv_cache_bytes, capacity_rows=capacity, min_capacity_rows=min_rows,
                       ffn_bytes=layout.total_bundle_bytes, total_neurons=sum(num_neurons), minimum_bytes=min_total,
                       cached_minimum_bytes=cached_min_total, row_bytes=row_bytes)

@@ -253,15 +253,17 @@ class Prefetcher:
                          io_s=time.perf_counter() - start)
 
     def _masked_stage_ids(self, layer: int, predicted_ids: np.ndarray) -> np.ndarray | None:
-        """What stage() reads for a masked layer: every neuron a cost-merged read of the predicted ids covers
-        (BundleReader.span_ids), cached or not (the masked read does not look in the cache), while they fit a
-        masked chunk's rows (the plan's reserve), else the ids alone; None when nothing is to be staged (no ids,
-        or rows converted on arrival, which a masked chunk cannot take). The spans cost no more device time and
-        hold most of what the same-layer check adds to a lookahead set that is dense in the layer (docs/
-        benchmarks.md, stop 31, has the three ways measured)."""
+        """What stage() reads for a masked layer: the predicted ids, cached or not (the masked read does not look
+        in the cache); for an uncached layer, every neuron a cost-merged read of them covers
+        (BundleReader.span_ids) while those fit a masked chunk's rows (the plan's read-ahead reserve). None when
+        nothing is to be staged (no ids, or rows converted on arrival, which a masked chunk cannot take). The
+        spans cost no more device time and hold most of what the same-layer check adds to a lookahead set that
+        is dense in the layer (docs/benchmarks.md, stop 31, has the three ways measured)."""
         if self._convert or not len(predicted_ids):
             return None
         ids = union_ids(self.caches[layer].num_neurons, np.asarray(predicted_ids, dtype=np.int64))  # (k,) sorted
+        if self.caches[layer].capacity_rows:  # a cached layer's batch that did not fit: its set alone
+            return ids
         covered = self.reader.span_ids(layer, ids)  # (c,) sorted, ⊇ ids
         return covered if len(covered) <= largest_chunk_rows(self.reader.layout) else ids
 
