@@ -309,10 +309,15 @@ class QuantNeuronMatrix:
             w = q.reshape(len(rows), -1, BLOCK_WEIGHTS).float() * d[..., None]  # (k, G, 32)
             self.rows_bf16[rows] = w.reshape(len(rows), self.d).bfloat16()
             return
-        first = int(rows[0])
-        if first % INT4_TILE_ROWS == 0 and len(rows) % INT4_TILE_ROWS == 0 and \
-                torch.equal(rows, torch.arange(first, first + len(rows))):  # whole tiles in order: pack at once
-            self._write_whole_tiles(first, blocks)
+        first, k = int(rows[0]), len(rows)
+        whole = k // INT4_TILE_ROWS * INT4_TILE_ROWS  # rows that fill whole tiles when they run in order
+        if first % INT4_TILE_ROWS == 0 and whole and torch.equal(rows, torch.arange(first, first + k)):
+            # in order from a tile's start (a chunk's rows): whole tiles packed at once, ~3x faster a row than the
+            # read-modify-write of scattered rows; the last partial tile's rows scattered
+            self._write_whole_tiles(first, QuantizedBlocks(blocks.kind, blocks.raw[:whole], (whole, self.d)))
+            if whole < k:
+                self._write_scattered_rows(rows[whole:], QuantizedBlocks(blocks.kind, blocks.raw[whole:],
+                                                                         (k - whole, self.d)))
             return
         self._write_scattered_rows(rows, blocks)
 
