@@ -205,6 +205,25 @@ def test_neuron_matrix_slots_written_one_by_one_multiply_like_the_dequantized_ro
 
 
 @pytest.mark.parametrize("kind", ["q4_1", "q4_0"])
+@pytest.mark.parametrize("count", [64, 70, 127])
+def test_rows_written_in_order_pack_whole_tiles_with_the_bits_of_rows_written_one_by_one(kind, count):
+    """A masked chunk's rows land in slots 0..k-1: the whole tiles among them are packed at once and the last
+    partial tile's rows scattered, which must give the same bytes (so the same products) as any other order."""
+    from flashllm.workers.models.quant_ffn import QuantNeuronMatrix
+
+    layout, bundles, scales = quantized_layout_and_bundles(kind, n_ff=160)
+    ids = np.random.default_rng(6).permutation(160)[:count]
+    in_order = QuantNeuronMatrix(layout, capacity=count, down_scales=scales)
+    in_order.write(np.arange(count), bundles[ids], ids)
+    one_by_one = QuantNeuronMatrix(layout, capacity=count, down_scales=scales)
+    for slot in np.random.default_rng(7).permutation(count):
+        one_by_one.write(np.array([slot]), bundles[ids[[slot]]], ids[[slot]])
+    assert torch.equal(in_order.packed, one_by_one.packed)
+    assert torch.equal(in_order.scales_zeros, one_by_one.scales_zeros)
+    assert torch.equal(in_order.down_values, one_by_one.down_values)
+
+
+@pytest.mark.parametrize("kind", ["q4_1", "q4_0"])
 def test_rows_from_neuron_0_hold_down_as_gguf_blocks_and_multiply_like_the_dequantized_rows(kind):
     """A whole layer (dense, naive) or its first chunk keeps down as the int4 [d, n] blocks; other ranges
     as float16 rows; all three multiply like the dequantized weights."""
