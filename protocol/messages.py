@@ -179,8 +179,8 @@ class Prediction:
 
     cached: prepare(layer, first, new_token=True), then (when `same` is not empty)
             prepare(layer, same, new_token=False) — SparseFlashFfn's order.
-    masked: the per-token mask is in the mask buffer; the layer is read whole, or with reads_subset only
-            read_ids (a decode step's masked layer: the neurons its tokens compute, chunk_ids())."""
+    masked: the per-token mask is in the mask buffer; the layer is read whole in a multi-token step, only
+            read_ids in a decode step (the neurons its tokens compute, chunk_ids())."""
 
     tag: ClassVar[int] = 23
     step: int
@@ -192,8 +192,7 @@ class Prediction:
     # neurons compute needs resident besides, not the token's own (batch invariance: its sequences' window
     # neurons): prepare(layer, same, new_token=False, resident_ids=resident) when not empty
     resident: np.ndarray = _ids()
-    reads_subset: bool = False  # masked: read only read_ids, not the whole layer
-    read_ids: np.ndarray = _ids()  # masked with reads_subset: sorted unique neuron ids
+    read_ids: np.ndarray = _ids()  # masked, in a decode step: sorted unique neuron ids
 
 
 @dataclass

@@ -43,7 +43,6 @@ from flashllm.workers.flash_io.bundle_reader import chunk_ids
 from flashllm.workers.flash_io.kernel_rows import KernelRowsView
 from flashllm.workers.interfaces import FfnProvider
 from flashllm.workers.models.ffn import BundleColumns, masked_ffn_over_chunks
-from flashllm.workers.models.quant_ffn import QuantRows
 from flashllm.workers.process_entry import WorkerConfig, run_worker
 from flashllm.workers.sparse_ffn import CacheView, ffn_over_cached_rows
 from flashllm.workers.sparse_policy import masked_read_ids, sums_per_token
@@ -205,10 +204,9 @@ class PipelineFfn(FfnProvider):
                 raise RuntimeError(f"layer {layer}: chunk {ready.chunk} of {ready.num_chunks} ({ready.num_rows} rows) "
                                    f"came where chunk {chunk} of {len(chunks)} ({len(ids)} rows) was due; the "
                                    "prefetcher and compute disagree on the chunks (a flashllm bug)")
-            reuse = self._held_chunk if isinstance(self._held_chunk, QuantRows) else None  # done with it
             self._held_chunk = held_rows(self.staging[ready.staging, : len(ids)], self.ffn_layout, self.dtype,
                                          self.device, down_scales=layer_table(self.down_scales, layer),
-                                         neuron_ids=ids, down_by_slot=self._per_token, reuse=reuse)
+                                         neuron_ids=ids, down_by_slot=self._per_token, reuse=self._held_chunk)
             yield ids, self._held_chunk
             self.channel.send(ROLE_PREFETCH, ChunkDone(step=self.step, staging=ready.staging))
 

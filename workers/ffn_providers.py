@@ -33,7 +33,7 @@ class FfnStats:
     """Per-token accounting, summed over layers since the last reset."""
 
     # rows multiplied: a cached layer's cache rows in use (its gate/up kernel runs over every slot, though each
-    # token sums only its computed set), a masked or streamed layer's whole layer
+    # token sums only its computed set), a masked layer's rows read (a decode step's sets, or the whole layer)
     neurons_computed: int = 0
     neurons_predicted: int = 0
     cache_hits: int = 0
@@ -64,21 +64,23 @@ def rows_to_tensor(rows: np.ndarray, dtype: torch.dtype, device: str, copy: bool
 
 def held_rows(rows: np.ndarray, layout: FfnLayout, dtype: torch.dtype, device: str, copy: bool = False,
               down_scales: np.ndarray | None = None, neuron_ids: np.ndarray | None = None,
-              down_by_slot: bool = False, reuse: QuantRows | None = None) -> torch.Tensor | QuantRows | HalfRows:
+              down_by_slot: bool = False, reuse: torch.Tensor | QuantRows | HalfRows | None = None
+              ) -> torch.Tensor | QuantRows | HalfRows:
     """Bundle rows as read → what ffn_from_rows multiplies. A float16/bfloat16 store's rows stay half on the
     CPU (HalfRows, widened a chunk at a time as they are multiplied), other float rows become a compute
     tensor; a quantized store's stay quantized on the CPU, in the integer kernels' layouts (never a float copy of
     them), and are dequantized to the compute dtype for a GPU. A quantized store's down columns also take
     their layer's scale table (d, n_ff/32, c) and the rows' neuron ids (k,); down_by_slot: held by slot, as
-    stored, even for a whole layer; reuse: the previous chunk's QuantRows, rewritten in place where they fit
-    (quant_rows_of)."""
+    stored, even for a whole layer; reuse: what this gave for the previous chunk, done with: a quantized
+    store's rows are rewritten in place where they fit (quant_rows_of), anything else is ignored."""
     if not layout.is_quantized and layout.dtype in HALF_STORE_DTYPES and torch.device(device).type == "cpu" \
             and dtype == torch.float32:  # kept half, widened a chunk at a time as they are multiplied
         return HalfRows(rows.copy() if copy else rows, dtype)
     if not layout.is_quantized:  # (a bfloat16 store's rows are uint16 bits: decoded first)
         return rows_to_tensor(bundle_rows_as_float(layout, rows), dtype, device, copy)
     if torch.device(device).type == "cpu":
-        return quant_rows_of(layout, rows, down_scales, neuron_ids, down_by_slot, reuse)
+        return quant_rows_of(layout, rows, down_scales, neuron_ids, down_by_slot,
+                             reuse if isinstance(reuse, QuantRows) else None)
     return torch.from_numpy(bundle_rows_as_float(layout, rows, down_scales, neuron_ids)).to(device=device, dtype=dtype)
 
 

@@ -205,8 +205,8 @@ def plan_memory(manifest: Manifest, resident_bytes: int, budget_bytes: int | Non
         capacity = list(capacity_rows or num_neurons)
     elif budget_bytes < min_total:
         naive_bytes = naive_minimum_bytes(manifest, resident_bytes, compute_itemsize, device)
-        knobs = sparse_minimum_knobs(manifest, budget_bytes, min_total, resident_half_saving_bytes,
-                                     predictor_bytes, kv_cache_bytes, naive_bytes)
+        knobs = sparse_minimum_knobs(manifest, min_total, resident_half_saving_bytes, predictor_bytes,
+                                     kv_cache_bytes, naive_bytes)
         tables = f" + FFN scale tables {tables_bytes / MIB:.1f}" if tables_bytes else ""
         caches = (f" + every layer's smallest neuron cache {(cached_min_total - base) / MIB:.1f} MiB"
                   if min_total == cached_min_total else
@@ -303,7 +303,7 @@ def naive_minimum_bytes(manifest: Manifest, resident_bytes: int, compute_itemsiz
                                                                                       device)
 
 
-def sparse_minimum_knobs(manifest: Manifest, budget_bytes: int, min_total: int, resident_half_saving_bytes: int,
+def sparse_minimum_knobs(manifest: Manifest, min_total: int, resident_half_saving_bytes: int,
                          predictor_bytes: int, kv_cache_bytes: int, naive_bytes: int) -> list[str]:
     """Every setting that lowers --mode sparse's minimum (which holds no neuron cache: resident weights,
     predictors, staging), each with what it saves (for MemoryPlanError's message)."""

@@ -446,10 +446,9 @@ class PredictorWorker:
 
     def _send_masked(self, msg: FfnInput, decision: MaskedLayer) -> None:
         self.mask[: msg.num_tokens] = decision.mask.numpy()  # (N, n_ff)
-        reads_subset = decision.read_ids is not None
         self.channel.send(ROLE_PREFETCH, Prediction(
-            step=msg.step, layer=decision.layer, path=PATH_MASKED, reads_subset=reads_subset,
-            read_ids=decision.read_ids if reads_subset else np.zeros(0, np.int64)))
+            step=msg.step, layer=decision.layer, path=PATH_MASKED,
+            read_ids=decision.read_ids if decision.read_ids is not None else np.zeros(0, np.int64)))
         self._send_lookahead(msg, decision.lookahead)
 
     def _send_lookahead(self, msg: FfnInput, ahead: LookaheadRead | None) -> None:

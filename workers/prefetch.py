@@ -599,7 +599,7 @@ class PrefetchWorker:
             return
         self._masked_layers.add(layer)
         if not self.masked_step:  # a decode step's masked layer: stream the neurons it needs
-            self._queue_chunks(layer, msg.read_ids if msg.reads_subset else None)
+            self._queue_chunks(layer, msg.read_ids)
             self._read_into_free_slots()
         self._hand_over()
 

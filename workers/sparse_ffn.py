@@ -263,7 +263,7 @@ class SparseFlashFfn(FfnProvider):
                 waited_s += waited
                 self._held_chunk = held_rows(self._chunk_rows(len(ids)), self.layout, self.dtype, self.device,
                                              down_scales=layer_table(self.down_scales, layer), neuron_ids=ids,
-                                             down_by_slot=decision.per_token, reuse=self._reusable_chunk())
+                                             down_by_slot=decision.per_token, reuse=self._held_chunk)
                 yield ids, self._held_chunk
 
         try:
@@ -279,10 +279,6 @@ class SparseFlashFfn(FfnProvider):
         self.stats.neurons_computed += read_neurons
         self.stats.compute_s += done - start - waited_s
         return y
-
-    def _reusable_chunk(self) -> QuantRows | None:
-        """The last chunk's kernel-ready rows, done with once the next chunk is asked for (held_rows' reuse)."""
-        return self._held_chunk if isinstance(self._held_chunk, QuantRows) else None
 
     def close(self) -> None:
         self.prefetcher.close()

@@ -29,9 +29,10 @@ some layers no cache at all (memory_plan.plan_memory). Such a layer takes the
 masked path in every decode step, its mask each token's same-layer set, and
 reads just the union of those sets; its lookahead set, predicted at the layer
 before, is read ahead (staged: nothing is kept), and the masked read takes
-those rows and reads the rest. The layers with caches work as above. So sparse runs at any budget that holds the
-resident weights, the predictors and the read staging, reading a token's set
-where it cannot keep it, as naive reads whole layers.
+those rows and reads the rest. The layers with caches work as above. So sparse
+runs at any budget that holds the resident weights, the predictors and the
+read staging, reading a token's set where it cannot keep it, as naive reads
+whole layers.
 
 Batch invariance (the default): a decode step plans each sequence's own set,
 from its own predictions and its own history only (one row per sequence):
@@ -425,8 +426,8 @@ class SparseStepPlanner:
 
     def _computed(self, layer: int, own: "torch.Tensor | None", record: bool = True) -> "torch.Tensor | None":
         """own (B, n_ff) bool: each sequence's newest token's set → (B, n_ff) bool, the neurons each sequence
-        computes: own ∪ pinned ∪ its window (none but with compute_set "window"); recorded in the sequences' windows
-        unless `record` is False (the layer's plan records it)."""
+        computes: own ∪ pinned ∪ its window (only where self.computes_window); recorded in the sequences'
+        windows unless `record` is False (the layer's plan records it)."""
         if own is None:
             return None
         computed = own | self._pinned_rows[layer]  # (B, n_ff)

@@ -36,7 +36,6 @@ from flashllm.workers.flash_io.kernel_layout import (
 )
 
 
-
 def holds_kernel_rows(layout: FfnLayout, device: str) -> bool:
     """Whether the neuron caches hold their neurons in the CPU kernels' layouts (a quantized store, compute on
     the CPU) rather than as read: the one place that decides it, for both runtimes and the memory plan."""
