@@ -224,6 +224,42 @@ def test_rows_written_in_order_pack_whole_tiles_with_the_bits_of_rows_written_on
 
 
 @pytest.mark.parametrize("kind", ["q4_1", "q4_0"])
+def test_a_whole_layer_converted_on_two_threads_is_torchs_own_packing_of_its_rows_and_down_blocks(kind):
+    """What naive converts every layer of every step: the gate/up tiles (a tile's first row past 0 too, and
+    q4_0's 18-byte blocks that no word boundary lines up with), the [d, n] down blocks, and the same bytes
+    whether a helper thread writes part of them."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from flashllm.workers.flash_io.kernel_layout import write_q4_tiles
+    from flashllm.workers.models.quant_ffn import QuantNeuronMatrix
+    from flashllm.workers.models.quant_linear import BLOCK_BYTES, split_blocks
+
+    torch_packing = torch.ops.aten._convert_weight_to_int4pack_for_cpu
+    layout, bundles, scales = quantized_layout_and_bundles(kind, n_ff=192, d=128)
+    slices = layout.part_byte_slices()
+    with ThreadPoolExecutor(1) as helper:
+        matrices = [QuantNeuronMatrix(layout, 192, scales, whole_layer=True) for _ in range(2)]
+        matrices[0].load_whole_layer(bundles, scales)
+        matrices[1].load_whole_layer(bundles, scales, helper=helper)
+    gate = QuantizedBlocks(kind, torch.from_numpy(np.ascontiguousarray(bundles[:, slices["gate"]])), (192, 128))
+    up = QuantizedBlocks(kind, torch.from_numpy(np.ascontiguousarray(bundles[:, slices["up"]])), (192, 128))
+    rows_q = torch.cat((split_blocks(gate)[2], split_blocks(up)[2]))  # (384, 128) gate rows, then up rows
+    columns = torch.from_numpy(np.ascontiguousarray(bundles[:, slices["down"]]))  # (192, 64): rows 2i | 2i + 1
+    down_q = torch.stack((columns & 15, columns >> 4), dim=-1).reshape(192, 128).T  # (d, n_ff)
+    for matrix in matrices:
+        assert torch.equal(matrix.packed, torch_packing(rows_q.int(), 1))
+        assert torch.equal(matrix.down_packed, torch_packing(down_q.contiguous().int(), 1))
+    assert torch.equal(matrices[0].scales_zeros, matrices[1].scales_zeros)
+    # rows from a later tile's start leave the tiles before them alone
+    packed = torch.full((256, 64), 0xAB, dtype=torch.uint8)
+    write_q4_tiles(packed.numpy(), 64, bundles, slices["gate"].start, BLOCK_BYTES[kind], 128)
+    assert bool((packed[:64] == 0xAB).all())
+    assert torch.equal(packed[64:], torch_packing(split_blocks(gate)[2].int(), 1))
+    with pytest.raises(ValueError, match="not whole 64-row tiles"):
+        write_q4_tiles(packed.numpy(), 32, bundles, slices["gate"].start, BLOCK_BYTES[kind], 128)
+
+
+@pytest.mark.parametrize("kind", ["q4_1", "q4_0"])
 def test_rows_from_neuron_0_hold_down_as_gguf_blocks_and_multiply_like_the_dequantized_rows(kind):
     """A whole layer (dense, naive) or its first chunk keeps down as the int4 [d, n] blocks; other ranges
     as float16 rows; all three multiply like the dequantized weights."""

@@ -151,9 +151,10 @@ class NaiveFlashFfn(FfnProvider):
         # one torch thread there: OpenMP gives a new thread all cores, whose spinning slows both threads
         self._convert_thread = ThreadPoolExecutor(1, thread_name_prefix="flashllm-naive-convert",
                                                   initializer=torch.set_num_threads, initargs=(1,))
-        # converts a layer's down columns while the converter does its rows: the computing thread mostly
-        # waits, so a layer's conversion is the pipeline's longest stage; split, it takes the idle core
-        self._convert_helper = ThreadPoolExecutor(1, thread_name_prefix="flashllm-naive-convert-down",
+        # converts a layer's up rows and down columns while the converter does its gate rows: the computing
+        # thread mostly waits, so a layer's conversion is the pipeline's longest stage; split, it takes the idle
+        # core (the compiled writes hold no GIL)
+        self._convert_helper = ThreadPoolExecutor(1, thread_name_prefix="flashllm-naive-convert-helper",
                                                   initializer=torch.set_num_threads, initargs=(1,))
         self._sequence = 0  # forward calls since the pipeline (re)started: picks the buffers in turn
         self._reads: dict[int, Future] = {}  # sequence → read future

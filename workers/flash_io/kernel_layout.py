@@ -18,13 +18,20 @@ memory for what one loop does in one (docs/benchmarks.md has both timings):
   Σ_i a_i · down_i with each value decoded in float32 as it is used, exactly
   GGUF's d·q (+ m). Held as float16 rows they took 2-4x the bytes, which is
   cache the window did not get.
+- whole tiles (a whole layer, or a chunk, in neuron order: what dense loads
+  and naive converts every layer of every step): gate/up tiles written at
+  once, and a whole layer's down columns as W_down's own int4 tiles.
+
+A layer's conversion is a few calls here, each run without the GIL. In torch
+it was ~25 ops a layer, each taking the GIL back, and on a converter thread
+that doubled the computing thread's time per token (docs/benchmarks.md, stop 32).
 
 numba has no float16 or bfloat16 type on the CPU: halves travel as their
 uint16 bits, converted on the float32 bits exactly as numpy's and torch's
 casts do (bfloat16 rounds to nearest even; a test checks every half), written
 as selects so that the loops vectorize. numba, not a C extension: no compiler
 at install time; compiled code is cached on disk (cache=True), so only a
-machine's first run compiles. nogil: a reader thread runs beside it.
+machine's first run compiles. nogil: a reader or computing thread runs beside it.
 """
 from __future__ import annotations
 
@@ -89,15 +96,95 @@ def _write_q4_rows(packed, rows, bundles, first_block_byte, block_bytes, blocks_
                     packed[high_at] = (packed[high_at] & 0xF0) | (value >> 4)
 
 
+@numba.njit(nogil=True, cache=True, inline="always")
+def _word_at(row, at):  # pragma: no cover - compiled
+    """The 8 bytes row[at:at + 8] as a little-endian 64-bit word (any alignment: one load once compiled)."""
+    word = np.uint64(0)
+    for b in range(8):
+        word |= np.uint64(row[at + b]) << np.uint64(8 * b)
+    return word
+
+
+@numba.njit(nogil=True, cache=True, inline="always")
+def _swap_bytes(a, b, shift, mask):  # pragma: no cover - compiled
+    """One step of an 8x8 byte transpose held in eight words: a's bytes under `mask` trade places with b's."""
+    t = (a ^ (b << shift)) & mask
+    return a ^ t, b ^ (t >> shift)
+
+
+@numba.njit(nogil=True, cache=True)
+def _write_q4_tiles(packed, first_row, bundles, first_block_byte, block_bytes, groups):  # pragma: no cover
+    """Whole 64-row tiles, bundle rows in order from a tile's start: each tile's bytes written once, no
+    read-modify-write. Per tile and block, rows n and n + 32 are paired a word (8 weights) at a time, then
+    each 8 rows' words are transposed (three swap steps) into the tile's runs of 8 rows per weight."""
+    row_bytes = groups * 16
+    nibbles_at = block_bytes - 16
+    out_words = packed.view(np.uint64)
+    low_nibbles, high_nibbles = np.uint64(0x0F0F0F0F0F0F0F0F), np.uint64(0xF0F0F0F0F0F0F0F0)
+    odd_bytes, odd_halves, odd_words = (np.uint64(0xFF00FF00FF00FF00), np.uint64(0xFFFF0000FFFF0000),
+                                        np.uint64(0xFFFFFFFF00000000))
+    four, eight, sixteen, thirty_two = np.uint64(4), np.uint64(8), np.uint64(16), np.uint64(32)
+    # words[c, n]: the paired bytes of rows n and n + 32 for weights 0-7, 8-15 (low nibbles), 16-23, 24-31
+    words = np.empty((4, 32), np.uint64)
+    for tile in range(bundles.shape[0] // TILE_ROWS):
+        base = (first_row + tile * TILE_ROWS) * row_bytes // 8  # the tile's first word
+        for group in range(groups):
+            at = first_block_byte + group * block_bytes + nibbles_at
+            for n in range(32):
+                lower, upper = bundles[tile * TILE_ROWS + n], bundles[tile * TILE_ROWS + 32 + n]
+                a0, a1 = _word_at(lower, at), _word_at(lower, at + 8)
+                b0, b1 = _word_at(upper, at), _word_at(upper, at + 8)
+                words[0, n] = (a0 & low_nibbles) | ((b0 & low_nibbles) << four)
+                words[1, n] = (a1 & low_nibbles) | ((b1 & low_nibbles) << four)
+                words[2, n] = ((a0 >> four) & low_nibbles) | (b0 & high_nibbles)
+                words[3, n] = ((a1 >> four) & low_nibbles) | (b1 & high_nibbles)
+            for c in range(4):
+                first_weight = group * 32 + (c // 2) * 16 + (c % 2) * 8
+                for block in range(4):  # rows 8·block .. 8·block + 7
+                    n = block * 8
+                    x0, x1 = _swap_bytes(words[c, n], words[c, n + 1], eight, odd_bytes)
+                    x2, x3 = _swap_bytes(words[c, n + 2], words[c, n + 3], eight, odd_bytes)
+                    x4, x5 = _swap_bytes(words[c, n + 4], words[c, n + 5], eight, odd_bytes)
+                    x6, x7 = _swap_bytes(words[c, n + 6], words[c, n + 7], eight, odd_bytes)
+                    x0, x2 = _swap_bytes(x0, x2, sixteen, odd_halves)
+                    x1, x3 = _swap_bytes(x1, x3, sixteen, odd_halves)
+                    x4, x6 = _swap_bytes(x4, x6, sixteen, odd_halves)
+                    x5, x7 = _swap_bytes(x5, x7, sixteen, odd_halves)
+                    x0, x4 = _swap_bytes(x0, x4, thirty_two, odd_words)
+                    x1, x5 = _swap_bytes(x1, x5, thirty_two, odd_words)
+                    x2, x6 = _swap_bytes(x2, x6, thirty_two, odd_words)
+                    x3, x7 = _swap_bytes(x3, x7, thirty_two, odd_words)
+                    at_word = base + first_weight * 4 + block  # tile byte weight·32 + n, in words
+                    out_words[at_word], out_words[at_word + 4] = x0, x1
+                    out_words[at_word + 8], out_words[at_word + 12] = x2, x3
+                    out_words[at_word + 16], out_words[at_word + 20] = x4, x5
+                    out_words[at_word + 24], out_words[at_word + 28] = x6, x7
+
+
+@numba.njit(nogil=True, cache=True)
+def _write_down_q4_tiles(down_pairs, bundles, first_byte, d):  # pragma: no cover - compiled
+    """down_pairs (d/64, cap, 16) uint16, the int4 tiles of W_down (d, cap) two bytes at a time: neuron k's column
+    (byte i: rows 2i low, 2i + 1 high) → byte 2i (2i + 1) of tile t at k holds row 64t + 2i (+ 1) low and
+    64t + 32 + 2i (+ 1) high. Tile by tile, so the writes run in order."""
+    for tile in range(d // TILE_ROWS):
+        at = first_byte + tile * 32
+        for k in range(bundles.shape[0]):
+            column = bundles[k]
+            pairs = down_pairs[tile, k]
+            for i in range(16):
+                lower, upper = np.uint16(column[at + i]), np.uint16(column[at + 16 + i])
+                pairs[i] = ((lower & 0x0F) | ((upper & 0x0F) << 4)) | (((lower >> 4) | (upper & 0xF0)) << 8)
+
+
 @numba.njit(nogil=True, cache=True)
 def _write_q4_scales(scale_words, rows, bundles, first_block_byte, block_bytes, with_min
                      ):  # pragma: no cover - compiled
     """scale_words (G, R) uint32: word g of row r = bfloat16 scale (low half) | bfloat16 zero (high half)."""
     groups = scale_words.shape[0]
-    for i in range(rows.shape[0]):
-        row = rows[i]
-        for group in range(groups):
-            at = first_block_byte + group * block_bytes
+    for group in range(groups):  # group by group: each group's words are one row of scale_words
+        at = first_block_byte + group * block_bytes
+        for i in range(rows.shape[0]):
+            row = rows[i]
             d = _half_at(bundles, i, at)
             zero = np.float32(0.0)
             if with_min:
@@ -249,6 +336,38 @@ def write_q4_rows(packed: np.ndarray, rows: np.ndarray, bundles: np.ndarray, fir
     _write_q4_rows(packed.reshape(-1), rows, bundles, first_block_byte, block_bytes, d // BLOCK_WEIGHTS)
 
 
+def write_q4_tiles(packed: np.ndarray, first_row: int, bundles: np.ndarray, first_block_byte: int,
+                   block_bytes: int, d: int) -> None:
+    """packed (R, d/2) uint8, torch's int4 tile layout: rows [first_row, first_row + k) get the 4-bit values of
+    the q4_0/q4_1 blocks at first_block_byte of bundles (k, bundle_bytes), k a multiple of 64 and first_row on
+    a tile's start, whole tiles written at once (a whole layer or a chunk: ~3x faster a row than
+    write_q4_rows' read-modify-write). Scales: write_q4_scales. One call, no GIL: compute's thread runs on."""
+    if packed.dtype != np.uint8 or bundles.dtype != np.uint8 or not packed.flags.c_contiguous:
+        raise ValueError("write_q4_tiles takes a contiguous uint8 packed matrix and uint8 bundles")
+    k = bundles.shape[0]
+    if packed.shape[1] * 2 != d or d % BLOCK_WEIGHTS or k % TILE_ROWS or first_row % TILE_ROWS or \
+            first_row + k > packed.shape[0]:
+        raise ValueError(f"rows [{first_row}, {first_row + k}) are not whole 64-row tiles of packed {packed.shape} "
+                         f"(d={d})")
+    if first_block_byte + d // BLOCK_WEIGHTS * block_bytes > bundles.shape[1]:
+        raise ValueError(f"the blocks end past a bundle's {bundles.shape[1]} bytes")
+    _write_q4_tiles(packed.reshape(-1), first_row, bundles, first_block_byte, block_bytes, d // BLOCK_WEIGHTS)
+
+
+def write_down_q4_tiles(down_packed: np.ndarray, bundles: np.ndarray, first_byte: int, d: int) -> None:
+    """down_packed (d, cap/2) uint8: W_down (d, cap) in torch's int4 tile layout, its first k neurons' values
+    from the 4-bit down columns at first_byte of bundles (k, bundle_bytes) (a whole layer in neuron order)."""
+    if down_packed.dtype != np.uint8 or not down_packed.flags.c_contiguous or down_packed.shape[0] != d or \
+            d % TILE_ROWS:
+        raise ValueError(f"down_packed {down_packed.shape} is not a contiguous (d={d}, cap/2) tile matrix")
+    cap = down_packed.shape[1] * 2
+    if bundles.shape[0] > cap or first_byte + d // 2 > bundles.shape[1]:
+        raise ValueError(f"{bundles.shape[0]} columns of {d // 2} bytes at {first_byte} do not fit {cap} slots "
+                         f"of bundles {bundles.shape}")
+    _write_down_q4_tiles(down_packed.reshape(-1).view(np.uint16).reshape(d // TILE_ROWS, cap, 16), bundles,
+                         first_byte, d)
+
+
 def write_q4_scales(scale_words: np.ndarray, rows: np.ndarray, bundles: np.ndarray, first_block_byte: int,
                     kind: str) -> None:
     """scale_words (G, R) uint32, the int4 kernel's (scale, zero) bfloat16 pairs as words: rows (k,) get those
@@ -270,6 +389,9 @@ def load_compiled_loops() -> None:
     bundles = np.zeros((1, 3 * d // BLOCK_WEIGHTS * block_bytes_of("q8_0")), dtype=np.uint8)
     rows = np.zeros(1, dtype=np.int64)
     write_q4_rows(np.zeros((TILE_ROWS, d // 2), np.uint8), rows, bundles, 0, block_bytes_of("q4_1"), d)
+    write_q4_tiles(np.zeros((TILE_ROWS, d // 2), np.uint8), 0, np.zeros((TILE_ROWS, bundles.shape[1]), np.uint8), 0,
+                   block_bytes_of("q4_1"), d)
+    write_down_q4_tiles(np.zeros((d, TILE_ROWS // 2), np.uint8), np.zeros((TILE_ROWS, d), np.uint8), 0, d)
     for kind in ("q4_0", "q4_1"):
         write_q4_scales(np.zeros((d // BLOCK_WEIGHTS, TILE_ROWS), np.uint32), rows, bundles, 0, kind)
     write_q8_rows(np.zeros((TILE_ROWS, d), np.uint16), rows, bundles, 0)

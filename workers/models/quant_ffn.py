@@ -43,7 +43,10 @@ import torch.nn.functional as F
 
 from flashllm.protocol import quant_format as qf
 from flashllm.protocol.store_format import FfnLayout
-from flashllm.workers.flash_io.kernel_layout import add_down_sums, down_value_bytes, write_q4_rows
+from flashllm.workers.flash_io.kernel_layout import (
+    add_down_sums, block_bytes_of, down_value_bytes, write_down_q4_tiles, write_q4_rows, write_q4_scales,
+    write_q4_tiles,
+)
 from flashllm.workers.flash_io.kernel_rows import require_grouped_down
 from flashllm.workers.models.quant_linear import BLOCK_WEIGHTS, QuantizedBlocks, split_blocks
 
@@ -92,15 +95,6 @@ def scratch_buffer(name: str, shape: tuple[int, ...], dtype: torch.dtype) -> tor
     if buffer is None or stale or buffer.dtype != dtype or buffer.numel() < numel:
         buffer = buffers[name] = torch.empty(numel, dtype=dtype)
     return buffer[:numel].view(shape)
-
-
-def _pair_nibbles(lower: torch.Tensor, upper: torch.Tensor, low_out: torch.Tensor, high_out: torch.Tensor) -> None:
-    """Bytes of two rows, each holding two 4-bit values → low_out = their low nibbles paired (lower's in the
-    low nibble), high_out = their high nibbles paired; through scratch buffers, no temporaries."""
-    a = scratch_buffer("nibbles_a", tuple(lower.shape), torch.uint8)
-    b = scratch_buffer("nibbles_b", tuple(lower.shape), torch.uint8)
-    torch.bitwise_or(torch.bitwise_and(lower, 15, out=a), torch.bitwise_left_shift(upper, 4, out=b), out=low_out)
-    torch.bitwise_or(torch.bitwise_right_shift(lower, 4, out=a), torch.bitwise_and(upper, 0xF0, out=b), out=high_out)
 
 
 class QuantNeuronMatrix:
@@ -206,30 +200,42 @@ class QuantNeuronMatrix:
 
     def write(self, slots: np.ndarray, bundles: np.ndarray, neuron_ids: np.ndarray, helper=None) -> None:
         """Put the bundles (k, bundle_bytes) uint8 of neurons neuron_ids (k,) at slots (k,). helper: an executor
-        (concurrent.futures) that writes the down columns while this thread writes the rows."""
+        (concurrent.futures) that writes the down columns, and the up rows of a gated FFN, while this thread
+        writes the rest: the compiled writes hold no GIL, so the two run on two cores."""
         if len(slots) == 0:
             return
         slots_t = torch.from_numpy(np.asarray(slots, dtype=np.int64))  # (k,)
         raw = torch.from_numpy(np.ascontiguousarray(bundles))  # (k, bundle_bytes)
-        values = bundles[:, self.byte_slices["down"]]  # (k, bytes)
-        down = helper.submit(self._write_down, slots, slots_t, values, neuron_ids) if helper is not None else None
         parts = ("gate", "up") if self.gated else ("up",)
-        for index, name in enumerate(parts):  # (a strided view: the tile path reads it in place)
-            blocks = QuantizedBlocks(self.row_kind, raw[:, self.byte_slices[name]], (len(slots), self.d))
+
+        def write_rows(index: int) -> None:  # (a strided view: the tile path reads it in place)
+            blocks = QuantizedBlocks(self.row_kind, raw[:, self.byte_slices[parts[index]]], (len(slots), self.d))
             self._write_rows(slots_t + index * self.capacity, blocks)
-        if down is not None:
-            down.result()
+
+        def write_helpers_share() -> None:
+            if len(parts) > 1:
+                write_rows(len(parts) - 1)
+            self._write_down(slots, slots_t, bundles, neuron_ids)
+
+        mine = range(len(parts) - 1) if helper is not None and len(parts) > 1 else range(len(parts))
+        helpers = helper.submit(write_helpers_share) if helper is not None else None
+        for index in mine:
+            write_rows(index)
+        if helpers is not None:
+            helpers.result()
         else:
-            self._write_down(slots, slots_t, values, neuron_ids)
+            self._write_down(slots, slots_t, bundles, neuron_ids)
         if self.up_bias is not None:
             bias = qf.dequantize_rows(self.kinds["up_bias"], np.ascontiguousarray(
                 bundles[:, self.byte_slices["up_bias"]]), 1)  # (k, 1)
             self.up_bias[slots_t] = torch.from_numpy(bias.reshape(-1))
 
-    def _write_down(self, slots: np.ndarray, slots_t: torch.Tensor, values: np.ndarray, neuron_ids: np.ndarray) -> None:
+    def _write_down(self, slots: np.ndarray, slots_t: torch.Tensor, bundles: np.ndarray, neuron_ids: np.ndarray
+                    ) -> None:
         if self.down_as_blocks:
-            self._write_down_blocks(np.asarray(slots), values, np.asarray(neuron_ids))
+            self._write_down_blocks(np.asarray(slots), bundles, np.asarray(neuron_ids))
         else:
+            values = bundles[:, self.byte_slices["down"]]  # (k, bytes)
             self.down_values[slots_t] = torch.from_numpy(np.ascontiguousarray(values))
             self.slot_neuron_ids[slots_t] = torch.from_numpy(np.ascontiguousarray(neuron_ids, dtype=np.int64))
 
@@ -248,60 +254,26 @@ class QuantNeuronMatrix:
         ids = np.arange(len(bundles))
         self.write(ids, bundles, ids, helper)
 
-    def _write_down_blocks(self, slots: np.ndarray, values: np.ndarray, neuron_ids: np.ndarray) -> None:
+    def _write_down_blocks(self, slots: np.ndarray, bundles: np.ndarray, neuron_ids: np.ndarray) -> None:
         """A whole layer's down columns, once: neuron i at slot i, packed as the int4 kernel's [d, cap]."""
         k = len(slots)
         if not (np.array_equal(slots, np.arange(k)) and np.array_equal(neuron_ids, slots) and k % BLOCK_WEIGHTS == 0):
             raise ValueError("a whole-layer matrix is written once, with neurons 0..n-1 (a multiple of 32) in order")
-        # a column's byte i holds rows 2i (low nibble) and 2i + 1 (high); a tile of 64 rows wants rows j and
-        # j + 32 of one neuron in one byte: (T, K, 32) bytes of W (d, K), one pass
-        tiles_count = self.d // INT4_TILE_ROWS
-        columns = torch.from_numpy(values).reshape(k, tiles_count, 2, 16)  # (k, T, half, 16)
-        gathered = scratch_buffer("down_tiles", (2, tiles_count, k, 16), torch.uint8)
-        lower, upper = gathered.copy_(columns.permute(2, 1, 0, 3))  # (T, k, 16) each: rows 2i, 2i+1 | +32
-        tiles = self.down_packed.view(-1, self.capacity, 16, 2)[:, :k]  # (T, k, 16, 2); unused slots: zero scales
-        _pair_nibbles(lower, upper, tiles[..., 0], tiles[..., 1])  # rows 2i | 32 + 2i, and 2i + 1 | 32 + 2i + 1
+        write_down_q4_tiles(self.down_packed.numpy(), bundles, self.byte_slices["down"].start, self.d)
         self.down_scales_zeros[: k // BLOCK_WEIGHTS] = self.down_kernel_scales[: k // BLOCK_WEIGHTS]
 
     def _write_whole_tiles(self, first: int, blocks: QuantizedBlocks) -> None:
         """Rows first.. (a multiple of 64 from a tile's start) straight from the blocks' bytes into the tile
-        layout: one pass pairs rows n and n + 32 of each tile, no 0..15 array in between (a naive step
-        converts every layer, so this is most of its compute)."""
-        k, groups = len(blocks.raw), self.d // BLOCK_WEIGHTS
-        tiles_count = k // INT4_TILE_ROWS
-        raw = blocks.raw.reshape(k, groups, -1)  # (k, G, block bytes)
-        qs = raw[..., -16:].reshape(tiles_count, 2, 32, groups, 16)  # (T, half, n%32, G, 16)
-        # one gather into the tiles' order first: byte-wide ops run faster over contiguous memory
-        gathered = scratch_buffer("tiles", (2, tiles_count, groups, 16, 32), torch.uint8)
-        lower, upper = gathered.copy_(qs.permute(1, 0, 3, 4, 2))  # (T, G, 16, 32) each: rows n and n + 32
-        tiles = self.packed[first:first + k].view(tiles_count, groups, 2, 16, 32)  # (T, G, 2, 16, 32)
-        _pair_nibbles(lower, upper, tiles[:, :, 0], tiles[:, :, 1])  # weights 0..15, 16..31 of each block
-        self._write_tile_scales(first, blocks)
+        layout, whole tiles at once (flash_io/kernel_layout: a naive step converts every layer this way)."""
+        raw = blocks.raw.numpy()  # (k, G·block bytes), a strided view of the bundles
+        write_q4_tiles(self.packed.numpy(), first, raw, 0, block_bytes_of(blocks.kind), self.d)
+        self._write_scales(np.arange(first, first + len(raw)), raw, blocks.kind)
 
-    def _write_tile_scales(self, first: int, blocks: QuantizedBlocks, rows: torch.Tensor | None = None) -> None:
-        """The blocks' (d, m) → the kernel's (scale, zero) = (d, m + 8d), or (d, 0) for q4_0, at rows first..
-        (or at `rows` (k,), any slots). A q4_1 block's (d, m) is one 32-bit word, and so is a bfloat16
-        (scale, zero) pair: moved as words, the strided gather and the transposed write take far fewer
-        element moves than as halves."""
-        k, groups = len(blocks.raw), self.d // BLOCK_WEIGHTS
-        scale_zero = scratch_buffer("scale_zero", (k, groups, 2), torch.float32)
-        if blocks.kind == "q4_1" and blocks.raw.stride(0) % 4 == 0 and blocks.raw.storage_offset() % 4 == 0:
-            words = scratch_buffer("scale_words", (k, groups), torch.int32)
-            words.copy_(blocks.raw.view(torch.int32).view(k, groups, 5)[..., 0])  # (k, G): d | m
-            scale_zero.copy_(words.view(torch.float16).view(k, groups, 2))
-        else:
-            halves = blocks.raw.reshape(k, groups, -1)[..., 0:4 if blocks.kind == "q4_1" else 2]
-            scale_zero[..., : halves.shape[-1] // 2].copy_(halves.view(torch.float16))
-        if blocks.kind == "q4_1":
-            scale_zero[..., 1].add_(scale_zero[..., 0], alpha=8)
-        else:
-            scale_zero[..., 1] = 0
-        pairs = scratch_buffer("scale_pairs", (k, groups, 2), torch.bfloat16).copy_(scale_zero)
-        held = self.scales_zeros.view(torch.int32).view(groups, self.scales_zeros.shape[1])  # (G, rows) words
-        if rows is None:
-            held[:, first:first + k].copy_(pairs.view(torch.int32).view(k, groups).T)
-        else:
-            held.index_copy_(1, rows, pairs.view(torch.int32).view(k, groups).T)
+    def _write_scales(self, rows: np.ndarray, raw: np.ndarray, kind: str) -> None:
+        """The blocks' (d, m) of raw (k, G·block bytes) → the kernel's bfloat16 (scale, zero) = (d, m + 8d), or
+        (d, 0) for q4_0, at rows (k,), as one 32-bit word each."""
+        words = self.scales_zeros.view(torch.int32).numpy().view(np.uint32)  # (G, rows) (scale, zero) pairs
+        write_q4_scales(words, rows, raw, 0, kind)
 
     def _write_rows(self, rows: torch.Tensor, blocks: QuantizedBlocks) -> None:
         if not self.int4:
@@ -322,11 +294,11 @@ class QuantNeuronMatrix:
         self._write_scattered_rows(rows, blocks)
 
     def _write_scattered_rows(self, rows: torch.Tensor, blocks: QuantizedBlocks) -> None:
-        """Rows at any slots (a sparse step's arrivals): scales by index, weights by a compiled read-modify-write
-        of their nibbles (flash_io/kernel_layout)."""
-        self._write_tile_scales(0, blocks, rows)
+        """Rows at any slots (a sparse step's arrivals): weights by a compiled read-modify-write of their nibbles
+        (flash_io/kernel_layout)."""
         raw = blocks.raw.numpy()  # (k, G·block bytes), a strided view of the bundles
-        write_q4_rows(self.packed.numpy(), rows.numpy(), raw, 0, raw.shape[1] // (self.d // BLOCK_WEIGHTS), self.d)
+        write_q4_rows(self.packed.numpy(), rows.numpy(), raw, 0, block_bytes_of(blocks.kind), self.d)
+        self._write_scales(rows.numpy(), raw, blocks.kind)
 
     # -- products ----------------------------------------------------------------
 
