@@ -44,6 +44,22 @@ def test_a_bad_budget_says_how_to_write_one(text):
         parse_budgets(text)
 
 
+def test_flashllm_runs_its_own_threads_for_each_mode_unless_told():
+    from flashllm.runtime.tools.bench_peer import PeerBenchOptions, flashllm_generate_argv, parse_flashllm_threads
+
+    def argv(threads_text):
+        options = PeerBenchOptions(gguf="m.gguf", store="s", llama_bench="llama-bench", budget_fractions=[0.6],
+                                   threads=2, flashllm_threads=parse_flashllm_threads(threads_text), rounds=1,
+                                   tokens=8, llama_repetitions=1, runtime="auto", timeout_s=60.0)
+        return flashllm_generate_argv(options, "auto", 1 << 20)
+
+    assert "--threads" not in argv(None) and "--threads" not in argv("default")  # llama.cpp's -t is not torch's
+    told = argv("3")
+    assert told[told.index("--threads") + 1] == "3"
+    with pytest.raises(PeerBenchError, match="'default'"):
+        parse_flashllm_threads("two")
+
+
 def test_without_llama_bench_the_command_says_how_to_get_one(tmp_path, monkeypatch, capsys):
     monkeypatch.delenv(LLAMA_BENCH_ENV, raising=False)
     monkeypatch.setenv("PATH", str(tmp_path))  # no llama-bench on PATH

@@ -10,8 +10,10 @@ For each weight budget (a fraction of the GGUF file's bytes):
   whose page cache is dropped before each run.
 - flashllm decodes the same number of tokens with `--memory` = the budget
   (`--mode auto`, what a user gets: dense, sparse or naive, the first whose
-  plan fits; and `--mode sparse`; at budgets ≥ 100% also `--mode dense`),
-  from the store made from that GGUF, in a cgroup capped at the budget + each of its processes'
+  plan fits; and `--mode sparse`; at budgets ≥ 100% also `--mode dense`) on
+  the same cores, with its default threads for each mode: a mode that reads
+  flash leaves one core to its reads and conversions (`--threads N` would give
+  torch all N beside them). It runs from the store made from that GGUF, in a cgroup capped at the budget + each of its processes'
   baseline (Python + torch; the prefetcher's without torch) + its KV cache + 10%
   (memory_cgroup.memory_bound_bytes, the bound `flashllm bench` checks), so a run that overruns its
   budget is OOM-killed and shows up as a failure, not a silent pass.
@@ -69,7 +71,7 @@ class PeerBenchOptions:
     store: str
     llama_bench: str
     budget_fractions: list[float]
-    threads: int  # llama-bench -t, and flashllm --threads unless flashllm_threads says otherwise
+    threads: int  # llama-bench -t: the cores both systems run on
     flashllm_threads: int | None  # None: flashllm's own default for each mode
     rounds: int
     tokens: int
@@ -534,6 +536,15 @@ def write_report(report: dict, json_path: str, plot_path: str | None) -> None:
         json.dump(report, f, indent=1)
 
 
+def parse_flashllm_threads(text: str | None) -> int | None:
+    """--flashllm-threads: None (not given, or 'default') leaves flashllm its own threads for each mode."""
+    if text is None or text == "default":
+        return None
+    if not text.isdigit() or int(text) < 1:
+        raise PeerBenchError(f"--flashllm-threads takes a number of threads (1 or more) or 'default', got {text!r}")
+    return int(text)
+
+
 def cmd_bench_peer(args) -> int:
     from flashllm.runtime.clients.cli import CliError
     from flashllm.runtime.core.engine_config import parse_size
@@ -542,7 +553,7 @@ def cmd_bench_peer(args) -> int:
         options = PeerBenchOptions(
             gguf=args.gguf, store=args.store, llama_bench=find_llama_bench(args.llama_bench),
             budget_fractions=parse_budgets(args.budgets), threads=args.threads,
-            flashllm_threads=None if args.flashllm_threads == "default" else int(args.flashllm_threads or args.threads),
+            flashllm_threads=parse_flashllm_threads(args.flashllm_threads),
             rounds=args.rounds, tokens=args.tokens, llama_repetitions=args.llama_repetitions, runtime=args.runtime,
             timeout_s=args.timeout_s, trace=str(args.trace) if args.trace is not None else None,
             cap_extra_bytes=parse_size(args.cap_extra) if args.cap_extra else None,
@@ -578,9 +589,11 @@ def register_cli(sub) -> None:
     p.add_argument("--llama-bench", default=None,
                    help=f"path of llama.cpp's llama-bench binary (default: ${LLAMA_BENCH_ENV}, or llama-bench on PATH)")
     p.add_argument("--budgets", default="100%,80%,60%", help="weight budgets as fractions of the GGUF file's bytes")
-    p.add_argument("--threads", type=positive_int, default=2, help="llama-bench -t and flashllm --threads")
+    p.add_argument("--threads", type=positive_int, default=2, help="llama-bench -t: the cores both systems use")
     p.add_argument("--flashllm-threads", default=None,
-                   help="flashllm --threads if not --threads; 'default' leaves flashllm's own choice per mode")
+                   help="flashllm --threads (default: flashllm's own choice per mode, what a user gets: all cores "
+                        "for dense, one fewer for torch when reading flash, its reads and conversions take the "
+                        "other)")
     p.add_argument("--rounds", type=positive_int, default=3, help="interleaved rounds of both systems")
     p.add_argument("--tokens", type=positive_int, default=32, help="tokens decoded per run (llama-bench -n)")
     p.add_argument("--llama-repetitions", type=positive_int, default=2, help="llama-bench -r within a run")
