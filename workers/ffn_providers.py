@@ -110,8 +110,9 @@ class NaiveFlashFfn(FfnProvider):
     """Every layer the memory plan does not hold (what is left of --memory after the minimum holds whole
     layers, spread evenly) is read whole from flash at every forward call, pipelined over two threads beside
     the computing one: a reader thread reads streamed layer i + 2 (AIO: it waits, it does not compute) while
-    a converter thread turns layer i + 1 into the kernels' layout, while layer i computes. A layer then costs
-    about max(read, convert, compute) instead of their sum. Two layers are held read and two converted
+    a converter thread turns layer i + 1 into the kernels' layout, while layer i computes. A layer's read
+    starts as soon as the conversion two layers back frees its buffer. A layer then costs about max(read,
+    convert, compute) instead of their sum. Two layers are held read and two converted
     (memory_plan.naive_staging_bytes counts them)."""
 
     mode = "naive"
@@ -184,12 +185,17 @@ class NaiveFlashFfn(FfnProvider):
         else:
             rows = held_rows(raw, self.layout, self.dtype, self.device, copy=True,
                              down_scales=layer_table(self.down_scales, layer), neuron_ids=np.arange(raw.shape[0]))
+        # the raw buffer is converted: it takes the read two layers on now, not when compute gets here (a
+        # read then waited on compute, and the device sat idle while compute caught up)
+        self._reads[sequence + self.DEPTH] = self._read_thread.submit(self._read, sequence + self.DEPTH)
         return rows, read_s, time.perf_counter() - start, read_bytes
 
     def _drain(self) -> None:
         """Wait out the reads and conversions in flight and forget them. Their errors are dropped: each belonged
         to a step that already failed on its own layer (a corrupt bundle), and the next step reads again."""
-        for future in list(self._converts.values()) + list(self._reads.values()):
+        for future in list(self._converts.values()):  # first: a conversion submits a read as it ends
+            future.exception()
+        for future in list(self._reads.values()):
             future.exception()
         self._converts.clear()
         self._reads.clear()
@@ -214,8 +220,6 @@ class NaiveFlashFfn(FfnProvider):
         self.stats.io_blocked_s += time.perf_counter() - wait_start
         self.stats.io_s += read_s + convert_s
         self.stats.read_bytes += read_bytes
-        # this layer's raw buffer is converted: it takes the read two layers on
-        self._reads[sequence + self.DEPTH] = self._read_thread.submit(self._read, sequence + self.DEPTH)
         self._sequence = sequence + 1
         self._next_layer = self._layer_at(sequence + 1)
         return rows
