@@ -168,7 +168,7 @@ def test_memory_as_a_share_of_the_models_bytes_in_the_store(calibrated_stores):
 def test_naive_holds_the_layers_its_budget_has_room_for_and_reads_only_the_others(tiny_stores):
     from flashllm import SamplingParams
     from flashllm.runtime.core.engine import Engine
-    from flashllm.workers.memory_plan import naive_minimum_bytes, plan_for_store, resident_bytes_of
+    from flashllm.workers.memory_plan import naive_minimum_bytes, resident_bytes_of
     from flashllm.workers.store_reader import open_store
 
     store = tiny_stores("llama")

@@ -33,7 +33,7 @@ from flashllm.protocol.messages import (
     StepBegin, StepFailed,
 )
 from flashllm.protocol.shm import SharedSegment, cache_down_tables, cache_kernel_arrays, cache_layer_arrays
-from flashllm.protocol.store_format import QUANTIZED_STORE_DTYPES, Manifest, StoreError, calibrate_hint, read_manifest
+from flashllm.protocol.store_format import Manifest, StoreError, calibrate_hint, read_manifest
 from flashllm.workers.flash_io.bundle_reader import BundleReader, chunk_ids, largest_chunk_rows, numpy_dtype_of_store
 from flashllm.workers.flash_io.kernel_layout import load_compiled_loops
 from flashllm.workers.flash_io.kernel_rows import KernelRows, kernel_rows_for
