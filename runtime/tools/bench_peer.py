@@ -13,8 +13,9 @@ For each weight budget (a fraction of the GGUF file's bytes):
   plan fits; and `--mode sparse`; at budgets ≥ 100% also `--mode dense`) on
   the same cores, with its default threads for each mode: a mode that reads
   flash leaves one core to its reads and conversions (`--threads N` would give
-  torch all N beside them). It runs from the store made from that GGUF, in a cgroup capped at the budget + each of its processes'
-  baseline (Python + torch; the prefetcher's without torch) + its KV cache + 10%
+  torch all N beside them). It runs from the store made from that GGUF, in a
+  cgroup capped at the budget + each of its processes' baseline (Python +
+  torch; the prefetcher's without torch) + its KV cache + 10%
   (memory_cgroup.memory_bound_bytes, the bound `flashllm bench` checks), so a run that overruns its
   budget is OOM-killed and shows up as a failure, not a silent pass.
 

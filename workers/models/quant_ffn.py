@@ -212,17 +212,19 @@ class QuantNeuronMatrix:
             blocks = QuantizedBlocks(self.row_kind, raw[:, self.byte_slices[parts[index]]], (len(slots), self.d))
             self._write_rows(slots_t + index * self.capacity, blocks)
 
-        def write_helpers_share() -> None:
-            if len(parts) > 1:
-                write_rows(len(parts) - 1)
+        theirs = list(range(1, len(parts))) if helper is not None else []  # the helper's row matrices: up's
+        mine = [index for index in range(len(parts)) if index not in theirs]
+
+        def their_share() -> None:
+            for index in theirs:
+                write_rows(index)
             self._write_down(slots, slots_t, bundles, neuron_ids)
 
-        mine = range(len(parts) - 1) if helper is not None and len(parts) > 1 else range(len(parts))
-        helpers = helper.submit(write_helpers_share) if helper is not None else None
+        pending = helper.submit(their_share) if helper is not None else None
         for index in mine:
             write_rows(index)
-        if helpers is not None:
-            helpers.result()
+        if pending is not None:
+            pending.result()
         else:
             self._write_down(slots, slots_t, bundles, neuron_ids)
         if self.up_bias is not None:
