@@ -129,8 +129,11 @@ def test_auto_mode_picks_dense_then_sparse_then_naive_by_budget(calibrated_store
     assert mode == "naive" and f"flashllm calibrate --store {demo_store}" in reason
     # the order itself (a tiny model's sparse minimum, all staging, is above its dense need, so by plans):
     # dense, sparse with every layer's cache, naive, sparse with uncached layers
+    asked = []
+
     def plans_only(allowed: set, uncached_layers: int = 0):
         def plan_of(mode: str) -> MemoryPlan:
+            asked.append(mode)
             if mode not in allowed:
                 raise MemoryPlanError(f"{mode} does not fit")
             rows = [0] * uncached_layers + [8] * (4 - uncached_layers) if mode == "sparse" else [8] * 4
@@ -140,6 +143,7 @@ def test_auto_mode_picks_dense_then_sparse_then_naive_by_budget(calibrated_store
 
     calibrated_manifest = open_store(store)
     assert choose_mode(calibrated_manifest, store, 1, plans_only({"dense", "sparse", "naive"})).mode == "dense"
+    assert asked == ["dense"]  # nothing else is planned (sparse's plan reads the predictors) once dense fits
     assert choose_mode(calibrated_manifest, store, 1, plans_only({"sparse", "naive"})).mode == "sparse"
     below_caches = choose_mode(calibrated_manifest, store, 1, plans_only({"sparse", "naive"}, uncached_layers=2))
     assert below_caches.mode == "naive" and "every layer's neuron cache for sparse (it needs 3.0 MiB)" in \

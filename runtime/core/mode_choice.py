@@ -17,7 +17,7 @@ from flashllm.protocol.store_format import Manifest
 if TYPE_CHECKING:
     from flashllm.workers.memory_plan import MemoryPlan
 
-AUTO_MODE_ORDER = ("dense", "sparse", "naive")
+AUTO_MODE_ORDER = ("dense", "sparse", "naive")  # the modes --mode auto plans (choose_mode: in which order)
 
 
 @dataclass
@@ -64,20 +64,21 @@ def choose_mode(manifest: Manifest, store_dir: str, budget_bytes: int | None,
         return ModeChoice("dense", "no --memory given: the whole model in memory")
     calibrated = manifest.sparsity is not None if has_predictors is None else has_predictors
     errors: dict[str, Exception] = {}
-    plans = {}
-    for mode in AUTO_MODE_ORDER:
-        if mode == "sparse" and not calibrated:
-            continue
+
+    def planned(mode: str) -> "MemoryPlan | None":
+        # each plan only when the choice gets to it: sparse's reads the store's predictors to count them
         try:
-            plans[mode] = plan_of(mode)
+            return plan_of(mode)
         except MemoryPlanError as exc:
             errors[mode] = exc
-    if "dense" in plans:
+            return None
+
+    if planned("dense") is not None:
         return ModeChoice("dense", "the whole model fits --memory")
-    sparse = plans.get("sparse")
+    sparse = planned("sparse") if calibrated else None
     if sparse is not None and not sparse.uncached_layers:
         return ModeChoice("sparse", "the whole model does not fit --memory; the store is calibrated")
-    if "naive" in plans:
+    if planned("naive") is not None:
         return ModeChoice("naive", (
             f"the whole model does not fit --memory, nor every layer's neuron cache for sparse (it needs "
             f"{sparse.cached_minimum_bytes / 2**20:.1f} MiB)" if sparse is not None else
