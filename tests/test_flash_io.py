@@ -18,6 +18,7 @@ from flashllm.protocol.store_format import (
 )
 from flashllm.workers.flash_io.bundle_reader import (
     BundleReader,
+    GapMerging,
     measure_direct_read_bandwidth,
     numpy_dtype_of_store,
     plan_reads,
@@ -326,6 +327,61 @@ def test_plan_reads_reads_gaps_only_within_the_byte_bound():
         unmerged = plan_reads(ids, 4096, bundle_bytes, alignment_bytes, 0, 1 << 20, max_read_amplification=None)
         assert sum(request.length_bytes for request in unmerged) == union_bytes
         assert len(plan) <= len(unmerged)
+
+
+def test_a_masked_read_keeps_the_byte_bound_for_a_sparse_set_and_merges_by_cost_for_a_dense_one(tmp_path):
+    """7B-shaped bundles (6,912 bytes). A sparse set (neurons far apart but for a few close pairs, as a ReLU
+    token's): merging by the read cost alone would read ~1.7x its bytes, BOUNDED_UNLESS_SLOWER keeps the byte
+    bound, which the cost model puts ~1-3% slower. A dense set (every other neuron): the bound would take
+    ~3x the device time in ~60x the requests, so its gaps are merged by cost; BOUNDED keeps the bound anyway."""
+    layout, layers = write_ffn_store(str(tmp_path), "float32", 576, [4000])
+    pairs = np.arange(1300, 3300, 200)
+    sparse = np.sort(np.concatenate([np.arange(0, 1200, 20), pairs, pairs + 6]))  # pairs 5 bundles apart
+    dense = np.arange(0, 4000, 2)
+    with BundleReader(str(tmp_path), layout) as reader:
+        offset, bundle_bytes, alignment = layout.layers[0].offset_bytes, layout.bundle_bytes, reader.alignment_bytes
+
+        def read(ids: np.ndarray, merging: GapMerging) -> tuple[int, int]:
+            reader.reset_stats()
+            out = np.empty((len(ids), layout.bundle_elements), np.float32)
+            reader.read_neurons(0, ids, out, merging)
+            assert same_bytes(out, layers[0][ids])
+            return reader.stats.read_bytes, reader.stats.requests
+
+        def bound(ids: np.ndarray) -> int:
+            return max(int(reader.max_read_amplification * len(ids) * bundle_bytes),
+                       aligned_union_bytes(ids, offset, bundle_bytes, alignment))
+
+        by_cost = plan_reads(sparse, offset, bundle_bytes, alignment, reader.max_gap_bytes,
+                             max_read_amplification=None)
+        assert sum(request.length_bytes for request in by_cost) > 1.3 * bound(sparse)
+        read_bytes, _ = read(sparse, GapMerging.BOUNDED_UNLESS_SLOWER)
+        assert read_bytes <= bound(sparse)
+
+        read_bytes, requests = read(dense, GapMerging.BOUNDED_UNLESS_SLOWER)
+        assert read_bytes > 1.9 * len(dense) * bundle_bytes and requests < 40
+        read_bytes, requests = read(dense, GapMerging.BOUNDED)
+        assert read_bytes <= bound(dense) and requests > 1000
+
+
+def test_spans_read_touching_are_the_requests_of_the_read_they_come_from(tmp_path):
+    """span_ids gives every neuron a read's requests cover; reading those with GapMerging.TOUCHING makes the
+    same requests, for a set whose read keeps the byte bound and one merged by cost."""
+    layout, layers = write_ffn_store(str(tmp_path), "float32", 576, [4000])
+    pairs = np.arange(1300, 3300, 200)
+    with BundleReader(str(tmp_path), layout) as reader:
+        for ids in (np.sort(np.concatenate([np.arange(0, 1200, 20), pairs, pairs + 6])), np.arange(0, 4000, 2)):
+            reader.reset_stats()
+            reader.read_neurons(0, ids, np.empty((len(ids), layout.bundle_elements), np.float32),
+                                GapMerging.BOUNDED_UNLESS_SLOWER)
+            planned = (reader.stats.read_bytes, reader.stats.requests)
+            covered = reader.span_ids(0, ids, GapMerging.BOUNDED_UNLESS_SLOWER)
+            assert set(ids.tolist()) <= set(covered.tolist()) and np.all(np.diff(covered) > 0)
+            reader.reset_stats()
+            out = np.empty((len(covered), layout.bundle_elements), np.float32)
+            reader.read_neurons(0, covered, out, GapMerging.TOUCHING)
+            assert (reader.stats.read_bytes, reader.stats.requests) == planned
+            assert same_bytes(out, layers[0][covered])
 
 
 def test_plan_reads_merges_the_smallest_gaps_first():

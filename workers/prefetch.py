@@ -34,7 +34,8 @@ from flashllm.protocol.messages import (
 )
 from flashllm.protocol.shm import SharedSegment, cache_down_tables, cache_kernel_arrays, cache_layer_arrays
 from flashllm.protocol.store_format import Manifest, StoreError, calibrate_hint, read_manifest
-from flashllm.workers.flash_io.bundle_reader import BundleReader, chunk_ids, largest_chunk_rows, numpy_dtype_of_store
+from flashllm.workers.flash_io.bundle_reader import (BundleReader, GapMerging, chunk_ids, largest_chunk_rows,
+                                                     numpy_dtype_of_store)
 from flashllm.workers.flash_io.kernel_layout import load_compiled_loops
 from flashllm.workers.flash_io.kernel_rows import KernelRows, kernel_rows_for
 from flashllm.workers.flash_io.neuron_cache import NeuronCache, GrowingRows
@@ -43,6 +44,10 @@ from flashllm.workers.process_entry import WorkerConfig, run_worker
 from flashllm.workers.store_reader import (
     bundle_rows_as_float, each_down_group_scales, layer_table, load_down_group_scales,
 )
+
+# how a masked layer's reads merge gaps: its set may be dense (a SwiGLU token's, a batch's union), read fastest
+# nearly whole, or sparse (a ReLU model's), kept within the byte bound, which costs such a set little device time
+MASKED_GAP_MERGING = GapMerging.BOUNDED_UNLESS_SLOWER
 
 
 @dataclass
@@ -214,9 +219,9 @@ class Prefetcher:
         other read on this prefetcher first waits for them."""
         self.drop_in_flight()
         if masked:
-            ids = self._masked_stage_ids(layer, predicted_ids)
-            if ids is not None:
-                self._in_flight = _EarlyRead(self, layer, ids, bounded=False)
+            staged = self._masked_stage_ids(layer, predicted_ids)
+            if staged is not None:
+                self._in_flight = _EarlyRead(self, layer, *staged)
             return
         missing = self._uncached(layer, predicted_ids)  # (m,) sorted
         if len(missing):
@@ -242,30 +247,34 @@ class Prefetcher:
         (read_layer_chunks, read_chunk) and reads only the rest. Replaces any earlier staging."""
         self.drop_in_flight()
         self.discard_staged()
-        ids = self._masked_stage_ids(layer, predicted_ids)
-        if ids is None:
+        staged = self._masked_stage_ids(layer, predicted_ids)
+        if staged is None:
             return FlashWork(neurons=0, read_bytes=0, io_s=0.0)
+        ids, merging = staged
         start = time.perf_counter()
         before_bytes = self.reader.stats.read_bytes
-        self.reader.read_neurons(layer, ids, self._staging_for(len(ids)), bounded=False)
+        self.reader.read_neurons(layer, ids, self._staging_for(len(ids)), merging)
         self._staged_layer, self._staged_ids = layer, ids
         return FlashWork(neurons=len(ids), read_bytes=self.reader.stats.read_bytes - before_bytes,
                          io_s=time.perf_counter() - start)
 
-    def _masked_stage_ids(self, layer: int, predicted_ids: np.ndarray) -> np.ndarray | None:
-        """What stage() reads for a masked layer: the predicted ids, cached or not (the masked read does not look
-        in the cache); for an uncached layer, every neuron a cost-merged read of them covers
-        (BundleReader.span_ids) while those fit a masked chunk's rows (the plan's read-ahead reserve). None when
-        nothing is to be staged (no ids, or rows converted on arrival, which a masked chunk cannot take). The
-        spans cost no more device time and hold most of what the same-layer check adds to a lookahead set that
-        is dense in the layer (docs/benchmarks.md, stop 31, has the three ways measured)."""
+    def _masked_stage_ids(self, layer: int, predicted_ids: np.ndarray) -> tuple[np.ndarray, GapMerging] | None:
+        """What stage() reads for a masked layer, and how: the predicted ids, cached or not (the masked read does
+        not look in the cache), as the masked read merges gaps; for an uncached layer, every neuron such a read of
+        them covers (BundleReader.span_ids), in the same requests, while those fit a masked chunk's rows (the
+        plan's read-ahead reserve). None when nothing is to be staged (no ids, or rows converted on arrival,
+        which a masked chunk cannot take). The spans cost no more device time and hold most of what the
+        same-layer check adds to a lookahead set that is dense in the layer (docs/benchmarks.md, stop 31, has
+        the three ways measured)."""
         if self._convert or not len(predicted_ids):
             return None
         ids = union_ids(self.caches[layer].num_neurons, np.asarray(predicted_ids, dtype=np.int64))  # (k,) sorted
         if self.caches[layer].capacity_rows:  # a cached layer's batch that did not fit: its set alone
-            return ids
-        covered = self.reader.span_ids(layer, ids)  # (c,) sorted, ⊇ ids
-        return covered if len(covered) <= largest_chunk_rows(self.reader.layout) else ids
+            return ids, MASKED_GAP_MERGING
+        covered = self.reader.span_ids(layer, ids, MASKED_GAP_MERGING)  # (c,) sorted, ⊇ ids
+        if len(covered) <= largest_chunk_rows(self.reader.layout):
+            return covered, GapMerging.TOUCHING
+        return ids, MASKED_GAP_MERGING
 
     def discard_staged(self) -> None:
         self._staged_layer, self._staged_ids = -1, np.zeros(0, np.int64)
@@ -279,9 +288,9 @@ class Prefetcher:
         in-process engine starts the next layer's read-ahead there, to overlap this layer's last compute).
 
         The next chunk's reads are already on the device while the caller works on
-        this one (AIO), and the reader stages one chunk at a time, not the layer. A chunk's gaps are merged by
-        the read cost alone (BundleReader.start_neuron_read(bounded=False)): a decode step's masked sets are
-        dense (a token's set, or a batch's union), read fastest in a few large requests. A decode step's read
+        this one (AIO), and the reader stages one chunk at a time, not the layer. A chunk's gaps are merged as
+        MASKED_GAP_MERGING says: a decode step's masked set may be dense (a SwiGLU token's set, or a batch's
+        union), read fastest in a few large requests, or sparse, read within the byte bound. A decode step's read
         takes the rows the layer's lookahead read ahead (start_stage, stage) and reads only the rest.
         A caller that stops early (closes the generator) waits for the reads in flight."""
         layout = self.reader.layout
@@ -303,12 +312,12 @@ class Prefetcher:
                 out = out_rows(len(ids))
                 waited_since = time.perf_counter()
                 if pending is None:
-                    pending = self.reader.start_neuron_read(layer, ids, bounded=False)
+                    pending = self.reader.start_neuron_read(layer, ids, MASKED_GAP_MERGING)
                 finish, pending = pending, None
                 finish(out)  # releases the reader even when it raises
                 waited_s = time.perf_counter() - waited_since
                 if index + 1 < len(chunks):
-                    pending = self.reader.start_neuron_read(layer, chunks[index + 1], bounded=False)
+                    pending = self.reader.start_neuron_read(layer, chunks[index + 1], MASKED_GAP_MERGING)
                 elif on_reads_done is not None:
                     on_reads_done()
                 yield ids, waited_s
@@ -328,7 +337,7 @@ class Prefetcher:
             self._fill_from(staged, layer, ids, out)
         else:
             self.drop_in_flight()
-            self.reader.read_neurons(layer, ids, out[: len(ids)], bounded=False)
+            self.reader.read_neurons(layer, ids, out[: len(ids)], MASKED_GAP_MERGING)
         return FlashWork(neurons=len(ids), read_bytes=self.reader.stats.read_bytes - before_bytes,
                          io_s=time.perf_counter() - started)
 
@@ -347,7 +356,7 @@ class Prefetcher:
         return self._staged_ids, self._staged_rows
 
     def _fill_from(self, staged: tuple[np.ndarray, np.ndarray], layer: int, ids: np.ndarray, out: np.ndarray) -> None:
-        """out[:len(ids)] = the rows of sorted `ids`: staged where they are, the rest read now (unbounded gaps)."""
+        """out[:len(ids)] = the rows of sorted `ids`: staged where they are, the rest read now."""
         staged_ids, staged_rows = staged
         positions = np.minimum(np.searchsorted(staged_ids, ids), len(staged_ids) - 1)  # (k,)
         found = staged_ids[positions] == ids  # (k,)
@@ -357,7 +366,7 @@ class Prefetcher:
         self.drop_in_flight()
         missing = ids[~found]  # (m,)
         rest = self._scratch_rows(len(missing))
-        self.reader.read_neurons(layer, missing, rest, bounded=False)
+        self.reader.read_neurons(layer, missing, rest, MASKED_GAP_MERGING)
         out[: len(ids)][found] = staged_rows[positions[found]]
         out[: len(ids)][~found] = rest
 
@@ -379,10 +388,11 @@ class _EarlyRead:
     """Reads on their way (Prefetcher._start_reads, start_stage): `fill` is the rows_filler that finishes them,
     into the cache or (a masked layer's read-ahead) into the staging."""
 
-    def __init__(self, prefetcher: Prefetcher, layer: int, ids: np.ndarray, bounded: bool = True):
+    def __init__(self, prefetcher: Prefetcher, layer: int, ids: np.ndarray,
+                 merging: GapMerging = GapMerging.BOUNDED):
         self.prefetcher, self.layer, self.ids = prefetcher, layer, ids
         self.started_s = time.perf_counter()
-        self._finish = prefetcher.reader.start_neuron_read(layer, ids, bounded)
+        self._finish = prefetcher.reader.start_neuron_read(layer, ids, merging)
 
     def fill(self, ids: np.ndarray, out: np.ndarray) -> None:
         if self._finish is None or not np.array_equal(ids, self.ids):

@@ -9,7 +9,10 @@ per-request and per-byte cost), smallest gaps first and only while the read
 stays within `max_read_amplification` times the wanted bundles' bytes (by
 time alone the break-even gap spans several bundles, and flash traffic is what
 the budget is judged by; docs/benchmarks.md has the trade-off measured), up to
-`max_request_bytes`. Requests are aligned to what the file
+`max_request_bytes`. A masked layer's set may instead be dense (a SwiGLU
+token's), which the bound would cut into many small requests: its reads keep
+the bound only where the cost model says that costs little (`GapMerging`).
+Requests are aligned to what the file
 says direct I/O needs (`direct_io.DirectFile`: 512 B on most disks), not to
 the store's 4 KiB region alignment;
 the requests then run into an aligned staging buffer, and as each completes
@@ -37,6 +40,7 @@ buffers are reused across calls).
 """
 from __future__ import annotations
 
+import enum
 import itertools
 import logging
 import os
@@ -62,6 +66,20 @@ IO_BACKENDS = ("auto", "aio", "threads")
 DEFAULT_MAX_READ_AMPLIFICATION = 1.2
 # Past ~1 MiB a larger request gains nothing and hurts parallelism.
 DEFAULT_MAX_REQUEST_BYTES = 1024 * 1024
+# A masked layer's set keeps that byte bound while the read cost model says it makes the read at most this
+# much slower than merging by the cost alone: a sparse set's bound costs ~1% (the 7B shape's sets: 1.5x the
+# needed bytes down to 1.2x), a dense set's (a SwiGLU token's) 2-10x (docs/benchmarks.md, stop 33).
+MAX_BOUND_SLOWDOWN = 1.1
+
+
+class GapMerging(enum.Enum):
+    """Which gaps between wanted bundles a neuron read also reads, each read gap saving a request."""
+
+    BOUNDED = "bounded"  # below the read cost's break-even, smallest first, within max_read_amplification
+    # as BOUNDED unless that makes the read's modelled time more than MAX_BOUND_SLOWDOWN x merging by the cost
+    # alone: a masked layer's set, which may be dense (then read fastest nearly whole)
+    BOUNDED_UNLESS_SLOWER = "bounded unless slower"
+    TOUCHING = "touching"  # none: only bundles whose aligned blocks touch share a request (planned spans)
 
 # A read of many neurons goes to the device in rounds whose requests take at most
 # about this much staging (a round waits for the one before, whose buffer it
@@ -476,21 +494,37 @@ class BundleReader:
             raise IndexError(f"layer {layer} out of range: the store has {len(self.layout.layers)} layers (0..{len(self.layout.layers) - 1})")
         return self.layout.layers[layer]
 
-    def span_ids(self, layer: int, neuron_ids: np.ndarray) -> np.ndarray:
-        """Sorted ids of every neuron inside the requests a read of neuron_ids plans with gaps merged by the read
-        cost alone (start_neuron_read(bounded=False)): what the same device bytes deliver when every bundle they
-        cover is kept, not just the asked ones."""
+    def span_ids(self, layer: int, neuron_ids: np.ndarray,
+                 merging: GapMerging = GapMerging.BOUNDED_UNLESS_SLOWER) -> np.ndarray:
+        """Sorted ids of every neuron inside the requests a read of neuron_ids plans (start_neuron_read with
+        `merging`): what the same device bytes deliver when every bundle they cover is kept, not just the asked
+        ones. Reading these with GapMerging.TOUCHING makes those same requests."""
         region = self._region(layer)
         ids = np.unique(self._check_neuron_ids(layer, neuron_ids, region.num_neurons))  # (k,)
         if len(ids) == 0:
             return ids
-        _, _, first_index, end_index = _plan_read_arrays(
-            ids, region.offset_bytes, self.layout.bundle_bytes, self.alignment_bytes, self.max_gap_bytes,
-            self.max_request_bytes, None)
+        _, _, first_index, end_index = self._plan(region.offset_bytes, ids, merging)
         firsts, lasts = ids[first_index], ids[end_index - 1]  # (requests,)
         counts = lasts - firsts + 1  # (requests,)
         starts = np.repeat(firsts - np.concatenate(([0], np.cumsum(counts)[:-1])), counts)  # (covered,)
         return starts + np.arange(int(counts.sum()))  # (covered,) ascending
+
+    def _plan(self, region_offset_bytes: int, sorted_ids: np.ndarray, merging: GapMerging
+              ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """The requests (offsets, lengths, first_index, end_index) that read sorted unique ids under `merging`."""
+        def plan(max_gap_bytes: int, max_read_bytes: int | None):
+            return _plan_read_arrays(sorted_ids, region_offset_bytes, self.layout.bundle_bytes, self.alignment_bytes,
+                                     max_gap_bytes, self.max_request_bytes, max_read_bytes)
+
+        if merging is GapMerging.TOUCHING:
+            return plan(0, None)
+        bounded = plan(self.max_gap_bytes, max_read_bytes_for(len(sorted_ids), self.layout.bundle_bytes,
+                                                              self.max_read_amplification))
+        if merging is GapMerging.BOUNDED or self.max_read_amplification is None:
+            return bounded
+        by_cost = plan(self.max_gap_bytes, None)
+        modelled_s = [float(np.sum(self.read_cost.read_s(lengths))) for _, lengths, _, _ in (bounded, by_cost)]
+        return bounded if modelled_s[0] <= MAX_BOUND_SLOWDOWN * modelled_s[1] else by_cost
 
     def layer_buffer(self) -> np.ndarray:
         """An aligned buffer that holds any layer's read (for read_layer's `buffer`)."""
@@ -570,21 +604,21 @@ class BundleReader:
         if not out.flags.writeable:
             raise ValueError("out is read-only")
 
-    def read_neurons(self, layer: int, neuron_ids: np.ndarray, out: np.ndarray, bounded: bool = True) -> None:
+    def read_neurons(self, layer: int, neuron_ids: np.ndarray, out: np.ndarray,
+                     merging: GapMerging = GapMerging.BOUNDED) -> None:
         """Write the bundles of `neuron_ids` (store positions, unique, any order) into out[0:len(ids)], in that order.
 
         out: (>= len(ids), bundle_elements) array of the store dtype. Sorted ids
         are copied out once; other orders go through a temporary (about 2x the copy time).
         """
-        finish = self.start_neuron_read(layer, neuron_ids, bounded)
+        finish = self.start_neuron_read(layer, neuron_ids, merging)
         finish(out)
 
-    def start_neuron_read(self, layer: int, neuron_ids: np.ndarray, bounded: bool = True
+    def start_neuron_read(self, layer: int, neuron_ids: np.ndarray, merging: GapMerging = GapMerging.BOUNDED
                           ) -> Callable[[np.ndarray], None]:
         """read_neurons in two halves: the reads go to the device now, and the returned finish(out) waits for
-        them and writes the bundles into out as read_neurons does. bounded False: gaps are merged by the read
-        cost alone, the bytes unbounded by max_read_amplification (the masked path's chunk reads, where a
-        layer's dense sets are read fastest in a few large requests).
+        them and writes the bundles into out as read_neurons does. merging: which gaps the requests also read
+        (GapMerging; a masked layer's reads take BOUNDED_UNLESS_SLOWER).
 
         With AIO the device reads while the caller works in between (the thread pool
         reads only in finish). Until finish returns, no other read may start on this reader.
@@ -601,11 +635,7 @@ class BundleReader:
             raise ValueError(f"neuron id {int(sorted_ids[duplicate[0]])} appears more than once in neuron_ids; ids must be unique")
         ids_sorted = bool((order == np.arange(len(ids))).all())  # the cache passes sorted ids: the fast copy path
         bundle_bytes = self.layout.bundle_bytes
-        offsets, lengths, first_index, end_index = _plan_read_arrays(
-            sorted_ids, region.offset_bytes, bundle_bytes, self.alignment_bytes, self.max_gap_bytes,
-            self.max_request_bytes,
-            max_read_bytes_for(len(sorted_ids), bundle_bytes, self.max_read_amplification if bounded else None)
-        )
+        offsets, lengths, first_index, end_index = self._plan(region.offset_bytes, sorted_ids, merging)
         slot_lengths = -(-lengths // self.staging_alignment_bytes) * self.staging_alignment_bytes  # (requests,)
         packed = np.concatenate(([0], np.cumsum(slot_lengths)))  # (requests+1,) requests back to back
         # rounds of at most max_staging_bytes (plus the last request), each reusing the staging from its start
