@@ -120,6 +120,22 @@ def test_cgroup_runner_kills_a_command_and_its_children_at_the_timeout():
     assert _my_cgroups() == []  # removable only once the background sleep is gone too
 
 
+def test_a_failed_run_says_its_error_line_not_the_hints_after_it(tiny_stores):
+    """A refused `flashllm generate` prints its error and then hints, one a line; the failure a bench-peer
+    table shows is the error (cut to 120 characters there), not the last hint."""
+    store = tiny_stores("llama")
+    argv = [sys.executable, "-m", "flashllm", "generate", "--store", store, "--mode", "naive", "--memory", "1KiB", "Hi"]
+    run = measure_command(argv, method="pss", timeout_s=120)
+    assert run.returncode == EXIT_USER_ERROR and len(run.stderr.strip().splitlines()) > 1
+    assert run.failure().startswith(f"exit {EXIT_USER_ERROR}: flashllm generate: error: --memory 0.0 MiB is too small")
+    record = {"system": "flashllm", "mode": "naive", "budget_fraction": 0.6, "round": 0, "cap_bytes": None,
+              "peak_bytes": run.peak_bytes, "oom_kills": 0, "returncode": run.returncode, "timed_out": False,
+              "wall_s": run.wall_s, "failure": run.failure(), "tok_per_s": None}
+    table = format_table({"budgets": summarize_budgets([record], [0.6], 100 * MIB)})
+    assert "error: --memory 0.0 MiB is too small" in table and len(run.failure()) > 120
+    assert run.failure() not in table and run.failure()[:117] + "..." in table
+
+
 LLAMA_BENCH_OUTPUT = """[
   {
     "build_commit": "unknown", "build_number": 0, "cpu_info": "AMD EPYC", "backends": "CPU",

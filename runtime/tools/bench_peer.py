@@ -461,13 +461,18 @@ def _speed(summary: dict) -> str:
     return f"{summary['tok_per_s_median']:.2f} ({summary['tok_per_s_min']:.2f}-{summary['tok_per_s_max']:.2f})"
 
 
+def _gist(failure: str, max_chars: int = 120) -> str:
+    """A failure as the table shows it: its first max_chars characters (the JSON keeps it whole)."""
+    return failure if len(failure) <= max_chars else failure[: max_chars - 3] + "..."
+
+
 def format_table(report: dict) -> str:
     header = (f"{'budget':>9} {'weights MiB':>11}  {'system':<24} {'cap MiB':>8} {'tok/s median (range)':>22} "
               f"{'peak MiB (max)':>16}  ok/runs  failures")
     lines = [header]
     for budget in report["budgets"]:
         for name, summary in budget["systems"].items():
-            failures = "; ".join(sorted(set(summary["failures"])))
+            failures = "; ".join(_gist(failure) for failure in sorted(set(summary["failures"])))
             lines.append(f"{budget['label']:>9} {_mib(budget['weight_budget_bytes']):>11}  {name:<24} "
                          f"{_mib(summary['cap_bytes']):>8} {_speed(summary):>22} "
                          f"{_mib(summary['peak_bytes_median']) + ' (' + _mib(summary['peak_bytes_max']) + ')':>16}  "

@@ -96,8 +96,10 @@ class MeasuredRun:
         if self.timed_out:
             return "timed out"
         if self.returncode != 0:
-            last_line = next((line for line in reversed(self.stderr.strip().splitlines()) if line.strip()), "")
-            return f"exit {self.returncode}: {last_line}".strip()
+            lines = [line.strip() for line in self.stderr.strip().splitlines() if line.strip()]
+            # the error's own line (a CLI's "error: ...", a traceback's "...Error: ..."), not the hints after it
+            said = next((line for line in reversed(lines) if "error" in line.lower()), lines[-1] if lines else "")
+            return f"exit {self.returncode}: {said}".strip()
         return None
 
 
