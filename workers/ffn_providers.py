@@ -131,12 +131,13 @@ class NaiveFlashFfn(FfnProvider):
         self.stats = FfnStats()
         held = [layer for layer, rows in enumerate(capacity_rows or [])
                 if rows and rows >= manifest.ffn.layers[layer].num_neurons]
-        self._held = {layer: held_rows(self.reader.read_layer(layer), self.layout, dtype, device, copy=True,
-                                       down_scales=layer_table(self.down_scales, layer),
+        self._raw_buffers = [self.reader.layer_buffer() for _ in range(self.DEPTH)]
+        # read through a raw buffer: read_layer without one keeps a layer-sized buffer of the reader's own
+        self._held = {layer: held_rows(self.reader.read_layer(layer, self._raw_buffers[0]), self.layout, dtype,
+                                       device, copy=True, down_scales=layer_table(self.down_scales, layer),
                                        neuron_ids=np.arange(manifest.ffn.layers[layer].num_neurons))
                       for layer in held}
         self._streamed = [layer for layer in range(self.num_layers) if layer not in self._held]
-        self._raw_buffers = [self.reader.layer_buffer() for _ in range(self.DEPTH)]
         self._matrices = None  # a quantized store on a CPU: whole-layer matrices, rewritten in turn
         self._down_kernel_scales: dict[int, torch.Tensor] = {}  # streamed layer → its 4-bit down table, kernel form
         if self.layout.is_quantized and torch.device(device).type == "cpu" and self._streamed:
