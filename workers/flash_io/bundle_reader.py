@@ -518,11 +518,13 @@ class BundleReader:
 
         if merging is GapMerging.TOUCHING:
             return plan(0, None)
-        bounded = plan(self.max_gap_bytes, max_read_bytes_for(len(sorted_ids), self.layout.bundle_bytes,
-                                                              self.max_read_amplification))
-        if merging is GapMerging.BOUNDED or self.max_read_amplification is None:
-            return bounded
+        max_read_bytes = max_read_bytes_for(len(sorted_ids), self.layout.bundle_bytes, self.max_read_amplification)
+        if merging is GapMerging.BOUNDED or max_read_bytes is None:
+            return plan(self.max_gap_bytes, max_read_bytes)
         by_cost = plan(self.max_gap_bytes, None)
+        if int(by_cost[1].sum()) <= max_read_bytes:  # within the bound already (a prefill's whole chunks)
+            return by_cost
+        bounded = plan(self.max_gap_bytes, max_read_bytes)
         modelled_s = [float(np.sum(self.read_cost.read_s(lengths))) for _, lengths, _, _ in (bounded, by_cost)]
         return bounded if modelled_s[0] <= MAX_BOUND_SLOWDOWN * modelled_s[1] else by_cost
 
