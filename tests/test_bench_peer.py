@@ -128,9 +128,7 @@ def test_a_failed_run_says_its_error_line_not_the_hints_after_it(tiny_stores):
     run = measure_command(argv, method="pss", timeout_s=120)
     assert run.returncode == EXIT_USER_ERROR and len(run.stderr.strip().splitlines()) > 1
     assert run.failure().startswith(f"exit {EXIT_USER_ERROR}: flashllm generate: error: --memory 0.0 MiB is too small")
-    record = {"system": "flashllm", "mode": "naive", "budget_fraction": 0.6, "round": 0, "cap_bytes": None,
-              "peak_bytes": run.peak_bytes, "oom_kills": 0, "returncode": run.returncode, "timed_out": False,
-              "wall_s": run.wall_s, "failure": run.failure(), "tok_per_s": None}
+    record = _record("flashllm", "naive", 0.6, 0, None, run.peak_bytes / MIB, failure=run.failure())
     table = format_table({"budgets": summarize_budgets([record], [0.6], 100 * MIB)})
     assert "error: --memory 0.0 MiB is too small" in table and len(run.failure()) > 120
     assert run.failure() not in table and run.failure()[:117] + "..." in table
