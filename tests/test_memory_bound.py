@@ -103,8 +103,8 @@ def test_too_small_budget_names_every_knob_with_what_it_saves(calibrated_stores,
 @pytest.mark.slow
 def test_auto_mode_picks_dense_then_sparse_then_naive_by_budget(calibrated_stores, demo_store):
     from flashllm.runtime.core.engine import Engine
-    from flashllm.workers.memory_plan import (MemoryPlan, MemoryPlanError, naive_minimum_bytes, plan_for_store,
-                                              resident_bytes_of)
+    from flashllm.workers.memory_plan import (MemoryInputs, MemoryPlan, MemoryPlanError, estimated_sparse_plan,
+                                              naive_minimum_bytes, plan_for_store, resident_bytes_of)
     from flashllm.runtime.core.mode_choice import choose_mode
     from flashllm.workers.store_reader import open_store
 
@@ -125,8 +125,17 @@ def test_auto_mode_picks_dense_then_sparse_then_naive_by_budget(calibrated_store
     half_way = plan_for_store(demo_store, manifest, (naive + dense) // 2, "naive", 4, 0)
     held = [rows for rows in half_way.capacity_rows if rows]
     assert 0 < len(held) < len(manifest.ffn.layers) and half_way.total_bytes <= (naive + dense) // 2
+    # calibrating would not make sparse fit there (its predictors and every layer's cache): the reason says so
+    calibrated_need = estimated_sparse_plan(demo_store, manifest, MemoryInputs(
+        mode="sparse", budget_bytes=None, compute_itemsize=4)).cached_minimum_bytes
+    assert (naive + dense) // 2 < calibrated_need < dense
     mode, reason = picked(demo_store, (naive + dense) // 2)
-    assert mode == "naive" and f"flashllm calibrate --store {demo_store}" in reason
+    assert mode == "naive" and "calibrating would not change that" in reason and "flashllm calibrate" not in reason
+    assert f"sparse would need about {calibrated_need / 2**20:.1f} MiB" in reason
+    # where it would, the reason names the command
+    mode, reason = picked(demo_store, (calibrated_need + dense) // 2)
+    assert mode == "naive" and "calibrated, sparse would fit" in reason
+    assert f"flashllm calibrate --store {demo_store}" in reason
     # the order itself (a tiny model's sparse minimum, all staging, is above its dense need, so by plans):
     # dense, sparse with every layer's cache, naive, sparse with uncached layers
     asked = []
@@ -153,6 +162,26 @@ def test_auto_mode_picks_dense_then_sparse_then_naive_by_budget(calibrated_store
     assert choose_mode(calibrated_manifest, store, 1, plans_only({"naive"})).mode == "naive"
     with pytest.raises(MemoryPlanError, match="sparse does not fit"):  # nothing fits: sparse's error
         choose_mode(calibrated_manifest, store, 1, plans_only(set()))
+
+
+@pytest.mark.parametrize("kind", ["llama", "opt"])
+def test_the_plan_estimated_before_calibrating_is_the_one_calibrating_gives(kind, tiny_stores, calibrated_stores):
+    """What --mode auto tells about calibrating an uncalibrated store rests on estimated_sparse_plan: for a SwiGLU
+    model (a sketch predictor by default) its predictors and every layer's smallest caches are what calibrate's
+    defaults then hold, within 5%; for a ReLU model (a trained low-rank classifier) there is no estimate."""
+    from flashllm.workers.memory_plan import MemoryInputs, estimated_sparse_plan, plan_for_store
+    from flashllm.workers.store_reader import open_store
+
+    store = tiny_stores(kind)
+    estimate = estimated_sparse_plan(store, open_store(store), MemoryInputs(mode="sparse", budget_bytes=None,
+                                                                            compute_itemsize=4))
+    if kind == "opt":
+        assert estimate is None
+        return
+    calibrated = calibrated_stores(kind)
+    actual = plan_for_store(calibrated, open_store(calibrated), None, "sparse", 4, 0)
+    assert abs(estimate.predictor_bytes - actual.predictor_bytes) <= 0.05 * actual.predictor_bytes
+    assert abs(estimate.cached_minimum_bytes - actual.cached_minimum_bytes) <= 0.05 * actual.cached_minimum_bytes
 
 
 def test_memory_as_a_share_of_the_models_bytes_in_the_store(calibrated_stores):

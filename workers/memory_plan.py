@@ -466,6 +466,26 @@ def plan_memory_for(store_dir: str, manifest: Manifest, inputs: MemoryInputs) ->
     return plan
 
 
+def estimated_sparse_plan(store_dir: str, manifest: Manifest, inputs: MemoryInputs) -> MemoryPlan | None:
+    """--mode sparse's plan, nothing bounding it, on a store not calibrated yet: with what `flashllm calibrate`'s
+    defaults will add (a sketch predictor of every layer, sets of its default sparsity, nothing pinned). Its
+    cached_minimum_bytes says whether calibrating could make sparse fit a budget. None where calibrate's default
+    predictor is not a sketch (a low-rank one's bytes follow its training options)."""
+    from flashllm.workers.predictor import DEFAULT_TARGET_SPARSITY, default_predictor_type, estimated_sketch_bytes
+
+    arch = manifest.arch
+    if default_predictor_type(arch) != "sketch":
+        return None
+    device = torch_device_type(inputs.device)
+    resident_bytes = resident_bytes_of(store_dir, manifest, inputs.resident_itemsize or inputs.compute_itemsize,
+                                       device)
+    keep_fraction = inputs.keep_fraction if inputs.keep_fraction is not None else 1.0 - DEFAULT_TARGET_SPARSITY
+    keep_neurons = max(1, int(round(keep_fraction * arch.intermediate_size)))
+    return plan_memory(manifest, resident_bytes, None, inputs.compute_itemsize, keep_neurons,
+                       [0] * arch.num_hidden_layers, estimated_sketch_bytes(arch, inputs.compute_itemsize),
+                       inputs.kv_cache_bytes, cache_itemsize=inputs.cache_itemsize, device=device)
+
+
 def _whole_layer_plan(manifest: Manifest, mode: str, budget_bytes: int | None, resident_bytes: int,
                       inputs: MemoryInputs, device: str) -> MemoryPlan:
     """dense holds every bundle; naive streams layers through its staging and holds the whole layers the

@@ -61,6 +61,7 @@ from flashllm.workers.sparse_policy import CachedLayer, LookaheadRead, MaskedLay
 
 PREDICTOR_KINDS = ("lookahead", "same")
 PREDICTOR_TYPES = ("sketch", "regression", "classifier")
+DEFAULT_TARGET_SPARSITY = 0.5  # calibrate's --sparsity: the fraction of a layer's neurons a token leaves out
 PREDICTOR_WEIGHTS_DTYPE = torch.float16
 SKETCH_BITS = 4
 SKETCH_GROUP = 32  # weights per scale: the smallest group the CPU int4 kernel takes
@@ -228,6 +229,35 @@ def load_sparsity_tensors(store_dir: str, manifest: Manifest) -> dict[str, torch
     return tensors
 
 
+def default_predictor_type(arch) -> str:
+    """What `flashllm calibrate` trains without --predictor: the paper's classifier for ReLU models (exact zeros
+    it learns well); the 4-bit sketch for SwiGLU models, where low-rank predictors miss too many neurons, when
+    the kernel's groups fit d."""
+    if arch.hidden_act == "relu":
+        return "classifier"
+    return "sketch" if arch.hidden_size % SKETCH_GROUP == 0 else "regression"
+
+
+def _sketch_matrix_bytes(rows: int, half_d: int, groups: int) -> int:
+    """What SparsityPredictor holds of one sketch matrix (rows, 2·half_d): as the int4 kernel packs it (codes,
+    bfloat16 scale and zero per group), else dequantized in PREDICTOR_WEIGHTS_DTYPE."""
+    if _INT4_CPU_KERNEL:
+        rows += -rows % _INT4_ROWS_MULTIPLE
+        return rows * half_d + groups * rows * 2 * 2
+    return rows * 2 * half_d * (torch.finfo(PREDICTOR_WEIGHTS_DTYPE).bits // 8)
+
+
+def estimated_sketch_bytes(arch, vector_itemsize: int) -> int:
+    """What a sketch predictor will hold for a model before `calibrate` makes it (every layer sketched): its
+    gate and up (ReLU: up and its bias) at 4 bits and the lookahead's input maps; predictor_held_bytes of what
+    calibrate writes, but for the layers calibrate keeps dense (a few, which hold no predictor)."""
+    d, n_ff = arch.hidden_size, arch.intermediate_size
+    gated = arch.hidden_act != "relu"
+    rows, vectors = (2 * n_ff, 2 * d) if gated else (n_ff, n_ff + 2 * d)  # (ReLU: the up bias)
+    return arch.num_hidden_layers * (_sketch_matrix_bytes(rows, d // 2, d // SKETCH_GROUP) +
+                                     vectors * vector_itemsize)
+
+
 def predictor_held_bytes(tensors: dict[str, torch.Tensor], predictor_type: str, num_layers: int,
                          vector_itemsize: int) -> int:
     """Bytes SparsityPredictor holds for these stored tensors (the memory plan's predictor share): low-rank
@@ -240,11 +270,7 @@ def predictor_held_bytes(tensors: dict[str, torch.Tensor], predictor_type: str, 
             if names["codes"] not in tensors:
                 continue
             rows, half_d = tensors[names["codes"]].shape
-            if _INT4_CPU_KERNEL:
-                rows += -rows % _INT4_ROWS_MULTIPLE
-                total += rows * half_d + tensors[names["scales"]].shape[1] * rows * 2 * 2  # codes, bf16 scale+zero
-            else:
-                total += rows * 2 * half_d * weight_itemsize
+            total += _sketch_matrix_bytes(rows, half_d, tensors[names["scales"]].shape[1])
             vectors = [names[key] for key in ("bias", "input_scale", "input_shift")]
         else:
             names = [name for kind in PREDICTOR_KINDS for name in predictor_tensor_names(layer, kind)

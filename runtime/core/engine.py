@@ -180,7 +180,8 @@ class Engine:
 
                 choice = choose_mode(self.manifest, self.store_dir, config.memory_budget_bytes, plan,
                                      has_predictors=self.manifest.sparsity is not None
-                                     or config.sparse_options.trace is not None)
+                                     or config.sparse_options.trace is not None,
+                                     estimate_sparse=self._calibrated_sparse_estimate(config))
                 mode, self.mode_reason = choice.mode, f"--mode auto picked {choice.mode}: {choice.reason}"
                 self._refuse_sparse_options(config, mode, "give --mode sparse (and a --memory it fits)")
             self.memory_plan = plan(mode)
@@ -206,6 +207,13 @@ class Engine:
                                                                                            for_mode))
 
         return plan
+
+    def _calibrated_sparse_estimate(self, config: EngineConfig):
+        """() → sparse's plan on this store once calibrated with calibrate's defaults (estimated_sparse_plan)."""
+        from flashllm.workers.memory_plan import MemoryInputs, estimated_sparse_plan
+
+        return lambda: estimated_sparse_plan(self.store_dir, self.manifest,
+                                             MemoryInputs.from_config(self.manifest, config, "sparse"))
 
     @staticmethod
     def _resolve_runtime(config: EngineConfig) -> EngineConfig:

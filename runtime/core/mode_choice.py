@@ -51,13 +51,16 @@ def budget_from_percent(text: str, store_dir: str) -> int | None:
 
 
 def choose_mode(manifest: Manifest, store_dir: str, budget_bytes: int | None,
-                plan_of: Callable[[str], "MemoryPlan"], has_predictors: bool | None = None) -> ModeChoice:
+                plan_of: Callable[[str], "MemoryPlan"], has_predictors: bool | None = None,
+                estimate_sparse: Callable[[], "MemoryPlan | None"] | None = None) -> ModeChoice:
     """--mode auto. plan_of(mode) → mode's memory plan under the budget, raising MemoryPlanError when it does
     not fit. The first that fits of: dense; sparse with a neuron cache in every layer; naive; sparse with some
     layers uncached (they read each token's set every step, and naive, holding whole layers with the same
     bytes, was the faster of the two where both fit: docs/benchmarks.md, stop 31). Raises the most useful error
     when nothing fits: sparse's (it names every knob) on a calibrated store. has_predictors: sparse can run
-    (default: the store is calibrated; a --trace stands in for predictors)."""
+    (default: the store is calibrated; a --trace stands in for predictors). estimate_sparse() → sparse's plan
+    once calibrated with calibrate's defaults (memory_plan.estimated_sparse_plan), or None: whether naive's
+    reason on a store without predictors suggests calibrating."""
     from flashllm.workers.memory_plan import MemoryPlanError
 
     if budget_bytes is None:
@@ -83,13 +86,27 @@ def choose_mode(manifest: Manifest, store_dir: str, budget_bytes: int | None,
             f"the whole model does not fit --memory, nor every layer's neuron cache for sparse (it needs "
             f"{sparse.cached_minimum_bytes / 2**20:.1f} MiB)" if sparse is not None else
             "neither dense nor sparse fits --memory" if calibrated else
-            f"dense does not fit --memory and the store has no predictors; sparse would read far less per token: "
-            f"run `flashllm calibrate --store {store_dir} --generate-tokens 4000` (or --text FILE with a few "
-            f"thousand tokens of your own text)"))
+            _uncalibrated_reason(store_dir, budget_bytes, estimate_sparse() if estimate_sparse else None)))
     if sparse is not None:
         return ModeChoice("sparse", f"only sparse fits --memory, with {sparse.uncached_layers} of "
                                     f"{len(sparse.capacity_rows)} layers reading each token's set uncached")
     raise errors["sparse" if calibrated else "naive"]
+
+
+def _uncalibrated_reason(store_dir: str, budget_bytes: int, calibrated_sparse: "MemoryPlan | None") -> str:
+    """Why naive on a store without predictors, and whether calibrating it would change that: only where
+    sparse's plan once calibrated gives every layer a cache within the budget (or none is known)."""
+    calibrate = (f"run `flashllm calibrate --store {store_dir} --generate-tokens 4000` (or --text FILE with a few "
+                 f"thousand tokens of your own text)")
+    if calibrated_sparse is None:
+        return f"dense does not fit --memory and the store has no predictors; sparse would read far less per " \
+               f"token: {calibrate}"
+    needs = f"{calibrated_sparse.cached_minimum_bytes / 2**20:.1f} MiB"
+    if calibrated_sparse.cached_minimum_bytes <= budget_bytes:
+        return f"dense does not fit --memory and the store has no predictors; calibrated, sparse would fit (it " \
+               f"needs about {needs}) and read far less per token: {calibrate}"
+    return (f"dense does not fit --memory; calibrating would not change that: sparse would need about {needs} for "
+            f"its predictors ({calibrated_sparse.predictor_bytes / 2**20:.1f} MiB) and every layer's neuron cache")
 
 
 def resolve_runtime(runtime: str, mode: str, device: str | None = None) -> str:

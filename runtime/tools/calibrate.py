@@ -43,8 +43,9 @@ from flashllm.workers.flash_io.bundle_reader import BundleReader
 from flashllm.workers.interfaces import FfnProvider
 from flashllm.workers.models.ffn import BundleColumns, ffn_from_rows, masked_ffn_from_rows, neuron_activations
 from flashllm.workers.predictor import (
-    PREDICTOR_TYPES, SKETCH_BITS, SKETCH_GROUP, LowRankPredictor, SketchPredictor, lookahead_input_map,
-    predictor_tensor_names, quantize_sketch, sketch_tensor_names, top_k_mask,
+    DEFAULT_TARGET_SPARSITY, PREDICTOR_TYPES, SKETCH_BITS, SKETCH_GROUP, LowRankPredictor, SketchPredictor,
+    default_predictor_type, lookahead_input_map, predictor_tensor_names, quantize_sketch, sketch_tensor_names,
+    top_k_mask,
 )
 from flashllm.workers.store_reader import bundle_rows_as_float, layer_table, load_down_group_scales, open_store
 
@@ -289,16 +290,8 @@ def choose_dense_layers(increases: list[float]) -> list[int]:
     return sorted(outliers[: max(1, int(MAX_DENSE_LAYER_SHARE * len(increases)))])
 
 
-def default_predictor_type(arch) -> str:
-    """The paper's classifier for ReLU models (exact zeros it learns well); the 4-bit sketch for SwiGLU models,
-    where low-rank predictors miss too many neurons (see workers/predictor.py), when the kernel's groups fit d."""
-    if arch.hidden_act == "relu":
-        return "classifier"
-    return "sketch" if arch.hidden_size % SKETCH_GROUP == 0 else "regression"
-
-
-def calibrate(store_dir: str, text: str, max_tokens: int = 8192, sparsity: float = 0.5, rank: int | None = None,
-              epochs: int = 12, hot_fraction: float = 0.9, seed: int = 0, progress: bool = True,
+def calibrate(store_dir: str, text: str, max_tokens: int = 8192, sparsity: float = DEFAULT_TARGET_SPARSITY,
+              rank: int | None = None, epochs: int = 12, hot_fraction: float = 0.9, seed: int = 0, progress: bool = True,
               log=print, predictor_type: str | None = None, ffn_in_memory: bool | None = None,
               dense_layers: str | list[int] = "auto") -> SparsityInfo:
     """ffn_in_memory: hold the whole FFN during the forward passes (faster) or stream it from flash layer by
@@ -523,7 +516,8 @@ def register_cli(sub) -> None:
     p.add_argument("--generate-tokens", type=int, default=0,
                    help="add this many tokens of text the model writes itself (when you have little text)")
     p.add_argument("--tokens", type=int, default=8192, help="calibration tokens to use (10%% held out)")
-    p.add_argument("--sparsity", type=float, default=0.5, help="target fraction of inactive neurons per layer")
+    p.add_argument("--sparsity", type=float, default=DEFAULT_TARGET_SPARSITY,
+                   help="target fraction of inactive neurons per layer")
     p.add_argument("--predictor", choices=list(PREDICTOR_TYPES), default=None,
                    help="sketch (the layer's gate/up at 4 bits; default for SwiGLU), regression (rank-r "
                         "least-squares map to gate/up pre-activations) or classifier (rank-r ReLU MLP with a "
