@@ -291,8 +291,8 @@ def choose_dense_layers(increases: list[float]) -> list[int]:
 
 
 def calibrate(store_dir: str, text: str, max_tokens: int = 8192, sparsity: float = DEFAULT_TARGET_SPARSITY,
-              rank: int | None = None, epochs: int = 12, hot_fraction: float = 0.9, seed: int = 0, progress: bool = True,
-              log=print, predictor_type: str | None = None, ffn_in_memory: bool | None = None,
+              rank: int | None = None, epochs: int = 12, hot_fraction: float = 0.9, seed: int = 0,
+              progress: bool = True, log=print, predictor_type: str | None = None, ffn_in_memory: bool | None = None,
               dense_layers: str | list[int] = "auto") -> SparsityInfo:
     """ffn_in_memory: hold the whole FFN during the forward passes (faster) or stream it from flash layer by
     layer; None decides by the free memory (ffn_fits_in_memory). dense_layers: "auto" (by measured
