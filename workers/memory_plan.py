@@ -414,6 +414,12 @@ def kv_cache_bytes_of(manifest: Manifest, max_batch: int, max_context: int, item
                                 arch.head_dim, itemsize)
 
 
+def keep_neurons_of(keep_fraction: float | None, target_sparsity: float, num_neurons: int) -> int:
+    """A layer's neurons a token keeps: --keep-fraction's share, else what the predictors are calibrated for."""
+    fraction = keep_fraction if keep_fraction is not None else 1.0 - target_sparsity
+    return max(1, int(round(fraction * num_neurons)))
+
+
 def plan_memory_for(store_dir: str, manifest: Manifest, inputs: MemoryInputs) -> MemoryPlan:
     """What each part holds running inputs.mode on this store: resident weights, predictors, staging, neuron
     caches (naive: its held layers), the KV cache beside them, and what an executor puts on its device
@@ -454,10 +460,8 @@ def plan_memory_for(store_dir: str, manifest: Manifest, inputs: MemoryInputs) ->
                                                compute_itemsize)
         hot_counts = [int(tensors[f"layers.{layer}.hot_ids"].numel()) if f"layers.{layer}.hot_ids" in tensors else 0
                       for layer in range(manifest.arch.num_hidden_layers)]
-        keep_fraction = inputs.keep_fraction
-        if keep_fraction is None:
-            keep_fraction = 1.0 - manifest.sparsity.target_sparsity
-        keep_neurons = max(1, int(round(keep_fraction * manifest.arch.intermediate_size)))
+        keep_neurons = keep_neurons_of(inputs.keep_fraction, manifest.sparsity.target_sparsity,
+                                       manifest.arch.intermediate_size)
         plan = plan_memory(manifest, resident_bytes, budget_bytes, compute_itemsize, keep_neurons, hot_counts,
                            predictor_bytes, kv_cache_bytes, cache_itemsize=inputs.cache_itemsize, device=device,
                            resident_half_saving_bytes=resident_half_saving_bytes,
@@ -479,8 +483,7 @@ def estimated_sparse_plan(store_dir: str, manifest: Manifest, inputs: MemoryInpu
     device = torch_device_type(inputs.device)
     resident_bytes = resident_bytes_of(store_dir, manifest, inputs.resident_itemsize or inputs.compute_itemsize,
                                        device)
-    keep_fraction = inputs.keep_fraction if inputs.keep_fraction is not None else 1.0 - DEFAULT_TARGET_SPARSITY
-    keep_neurons = max(1, int(round(keep_fraction * arch.intermediate_size)))
+    keep_neurons = keep_neurons_of(inputs.keep_fraction, DEFAULT_TARGET_SPARSITY, arch.intermediate_size)
     return plan_memory(manifest, resident_bytes, None, inputs.compute_itemsize, keep_neurons,
                        [0] * arch.num_hidden_layers, estimated_sketch_bytes(arch, inputs.compute_itemsize),
                        inputs.kv_cache_bytes, cache_itemsize=inputs.cache_itemsize, device=device)

@@ -212,16 +212,15 @@ class QuantNeuronMatrix:
             blocks = QuantizedBlocks(self.row_kind, raw[:, self.byte_slices[parts[index]]], (len(slots), self.d))
             self._write_rows(slots_t + index * self.capacity, blocks)
 
-        theirs = list(range(1, len(parts))) if helper is not None else []  # the helper's row matrices: up's
-        mine = [index for index in range(len(parts)) if index not in theirs]
+        mine = 1 if helper is not None else len(parts)  # this thread's row matrices; the helper's: up's
 
         def their_share() -> None:
-            for index in theirs:
+            for index in range(mine, len(parts)):
                 write_rows(index)
             self._write_down(slots, slots_t, bundles, neuron_ids)
 
         pending = helper.submit(their_share) if helper is not None else None
-        for index in mine:
+        for index in range(mine):
             write_rows(index)
         if pending is not None:
             pending.result()
