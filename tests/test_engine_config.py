@@ -18,13 +18,17 @@ def test_the_engine_flags_become_one_typed_config():
     args = build_parser(["generate"]).parse_args([
         "generate", "--store", "s", "--mode", "sparse", "--memory", "2MiB", "--keep-fraction", "0.25",
         "--neuron-window", "3", "--missing-policy", "skip", "--compute-set", "window", "--threads", "1",
-        "--runtime", "inproc", "--max-context", "256", "--resident-dtype", "float16", "hello"])
+        "--runtime", "inproc", "--max-context", "256", "--resident-dtype", "float16", "--head-precision", "4bit",
+        "hello"])
     assert engine_config_from_args(args, max_batch=2) == EngineConfig(
         mode="sparse", runtime="inproc", memory_budget_bytes=2 << 20, max_batch=2, max_context=256,
-        resident_dtype="float16", threads=1,
+        resident_dtype="float16", head_precision="4bit", threads=1,
         sparse=SparseOptions(keep_fraction=0.25, window_tokens=3, missing_policy="skip", compute_set="window"))
     plain = engine_config_from_args(build_parser(["generate"]).parse_args(["generate", "--store", "s", "hi"]))
-    assert (plain.mode, plain.runtime, plain.memory_budget_bytes, plain.sparse) == ("auto", "auto", None, None)
+    assert (plain.mode, plain.runtime, plain.memory_budget_bytes, plain.sparse, plain.head_precision) == \
+        ("auto", "auto", None, None, "auto")
+    with pytest.raises(ValueError, match="--head-precision '8bit' is not one of auto, stored, 4bit"):
+        EngineConfig(head_precision="8bit")
 
 
 @pytest.mark.parametrize("flags, message", [

@@ -74,8 +74,8 @@ def test_too_small_budget_names_every_knob_with_what_it_saves(calibrated_stores,
     from flashllm.workers.flash_io import bundle_reader
     from flashllm.workers.memory_plan import MemoryPlanError
 
-    from flashllm.workers.memory_plan import (MIB, naive_minimum_bytes, plan_for_store, resident_bytes_of,
-                                              sparse_minimum_knobs)
+    from flashllm.workers.memory_plan import (MIB, ResidentSavings, naive_minimum_bytes, plan_for_store,
+                                              resident_bytes_of, sparse_minimum_knobs)
     from flashllm.workers.store_reader import open_store
 
     store = calibrated_stores("llama")
@@ -95,7 +95,7 @@ def test_too_small_budget_names_every_knob_with_what_it_saves(calibrated_stores,
     # naive is offered exactly where it needs less than sparse's minimum, with both figures
     naive = naive_minimum_bytes(manifest, resident_bytes_of(store, manifest, 4, "cpu"), 4, "cpu")
     assert ("--mode naive" in message) == (naive < plan.minimum_bytes)
-    knobs = sparse_minimum_knobs(manifest, naive + MIB, 0, plan.predictor_bytes, 0, naive)
+    knobs = sparse_minimum_knobs(manifest, naive + MIB, ResidentSavings(), plan.predictor_bytes, 0, naive)
     assert f"--mode naive (every layer read whole for each token, no predictors): needs {naive / MIB:.1f} MiB, " \
            "1.0 MiB less" in knobs
 

@@ -96,3 +96,44 @@ def _fits(store: str, mode: str, budget_bytes: int) -> bool:
     except MemoryPlanError:
         return False
     return True
+
+
+def test_below_the_model_a_q8_0_head_is_planned_at_4_bits_and_its_bytes_hold_ffn_layers(demo_default_store):
+    """--head-precision auto: the demo's q8_0 head is held as stored where the whole model fits, else as a 4-bit
+    sketch, whose saving the plan counts and naive spends on whole layers; a plan that cannot fit with the
+    head as stored names the knob."""
+    from dataclasses import replace
+
+    from flashllm.runtime.core.mode_choice import budget_from_percent, resolve_head_precision
+    from flashllm.workers.memory_plan import head_sketch_applies
+    from flashllm.workers.models.quant_linear import held_matrix_bytes
+
+    store, _ = demo_default_store
+    manifest = open_store(store)
+
+    def plan(mode: str, budget_bytes: int | None, head_precision: str):
+        config = replace(engine_config(mode, budget_bytes), head_precision=head_precision)
+        return plan_memory_for(store, manifest, MemoryInputs.from_config(manifest, config))
+
+    head_shape = (manifest.arch.vocab_size, manifest.arch.hidden_size)
+    saving = held_matrix_bytes("q8_0", head_shape) - held_matrix_bytes("q4_1", head_shape)
+    dense_as_stored = plan("dense", None, "stored")
+    assert dense_as_stored.resident_bytes - plan("dense", None, "4bit").resident_bytes == saving > 9 * MIB
+
+    def fits_as_stored(budget_bytes: int):
+        return lambda: dense_as_stored.total_bytes <= budget_bytes
+
+    assert head_sketch_applies(manifest, "cpu") and not head_sketch_applies(manifest, "cuda")
+    for budget, expected in ((None, "stored"), (dense_as_stored.total_bytes, "stored"),
+                             (dense_as_stored.total_bytes - 1, "4bit")):
+        assert resolve_head_precision("auto", budget, True, fits_as_stored(budget or 0)) == expected
+    assert resolve_head_precision("auto", 1, False, fits_as_stored(1)) == "stored"  # nothing to sketch
+    assert resolve_head_precision("stored", 1, True, fits_as_stored(1)) == "stored"  # as asked
+    # at 60% of the weights naive holds the layers the head's bytes pay for
+    budget = budget_from_percent("60%", store)
+    held = {head: sum(1 for rows in plan("naive", budget, head).capacity_rows if rows) for head in ("stored", "4bit")}
+    layer_bytes = dense_as_stored.cache_bytes // len(manifest.ffn.layers)
+    assert held["4bit"] - held["stored"] >= saving // layer_bytes - 1 > 4, held
+    naive_minimum = plan("naive", None, "stored").minimum_bytes
+    with pytest.raises(MemoryPlanError, match=r"--head-precision 4bit \(or auto\): saves 10\.\d MiB"):
+        plan("naive", naive_minimum - 1, "stored")

@@ -289,7 +289,7 @@ class ComputeWorker:
                                config.sparse.batch_invariant)
         self.executor = ModelExecutor(config.store_dir, manifest, "sparse", config.num_slots, config.max_context,
                                       device=config.device, verify=config.verify, ffn=self.ffn,
-                                      resident_dtype=config.resident_dtype)
+                                      resident_dtype=config.resident_dtype, head_precision=config.head_precision)
         self.dispatcher = Dispatcher({ForwardRequest: self.on_forward}, owner="the compute worker")
 
     def info(self) -> dict:

@@ -24,6 +24,10 @@ MODES = ("auto", *FFN_MODES)
 RUNTIMES = ("auto", "inproc", "workers")
 DEFAULT_MAX_CONTEXT = 2048  # KV-cache tokens per slot when --max-context is not given (capped by the model)
 RESIDENT_DTYPES = ("float32", "float16", "bfloat16")
+# how a q8_0 head is held (--head-precision): as stored (int8 rows), or as a 4-bit sketch in ~60% of the bytes
+# whose top logits are still recomputed exactly (resident.StoreBackedMatrix); auto: as stored where the whole
+# model fits the budget that way, else the sketch (mode_choice.resolve_head_precision)
+HEAD_PRECISIONS = ("auto", "stored", "4bit")
 # neurons the same-layer check adds to the lookahead's set: read before the layer runs, or left out this token
 MISSING_POLICIES = ("read", "skip")
 # what each token's FFN sums: its predicted neurons (the paper's rule: the window is a cache of reads, and the
@@ -106,6 +110,7 @@ class EngineConfig:
     device: str | None = None  # None: cuda if available, else cpu
     verify: bool = True  # check the resident weights against the store's checksums when loading
     resident_dtype: str | None = None  # dtype embeddings, attention and head are held in; None: the compute dtype
+    head_precision: str = "auto"  # a q8_0 head held as stored or as a 4-bit sketch; auto: the memory plan decides
     threads: int | None = None  # torch threads of the model's compute; None: the engine's per-mode default
     worker_restarts: int | None = None  # --runtime workers: restarts after crashes; None: the supervisor's default
     sparse: SparseOptions | None = None
@@ -123,6 +128,8 @@ class EngineConfig:
             _check_at_least("--max-context", self.max_context, 1)
         if self.resident_dtype is not None and self.resident_dtype not in RESIDENT_DTYPES:
             raise ValueError(f"--resident-dtype {self.resident_dtype!r} is not one of {', '.join(RESIDENT_DTYPES)}")
+        if self.head_precision not in HEAD_PRECISIONS:
+            raise ValueError(f"--head-precision {self.head_precision!r} is not one of {', '.join(HEAD_PRECISIONS)}")
         if self.threads is not None:
             _check_at_least("--threads", self.threads, 1)
         if self.worker_restarts is not None:

@@ -105,13 +105,15 @@ def store_backed_names(manifest: Manifest, device: str) -> frozenset[str]:
     return frozenset(name for name in (EMBEDDING_NAME, HEAD_NAME) if name in manifest.resident_quantized)
 
 
-def back_with_store(weights: dict, store_dir: str, manifest: Manifest, names: frozenset[str], verify: bool) -> None:
+def back_with_store(weights: dict, store_dir: str, manifest: Manifest, names: frozenset[str], verify: bool,
+                    head_4bit: bool = False) -> None:
     """The store_backed_names as StoreBackedMatrix entries of weights: the embedding table looked up from the
-    store row by row, and a quantized head (tied or not) held from chunks read as it is converted, with its
-    top logits recomputed from the stored rows (resident.StoreBackedMatrix)."""
+    store row by row, and a quantized head (tied or not) held from chunks read as it is converted (head_4bit:
+    a q8_0 head as a 4-bit sketch), with its top logits recomputed from the stored rows
+    (resident.StoreBackedMatrix)."""
     for name in names:
         rows = stored_matrix_rows(store_dir, manifest, name)
-        blocks = StoredBlocks(rows, manifest.resident_sha256.get(name) if verify else None)
+        blocks = StoredBlocks(rows, manifest.resident_sha256.get(name) if verify else None, head_4bit)
         is_head = name == HEAD_NAME or manifest.arch.tie_word_embeddings
         if not is_head and verify:
             blocks.verify()  # looked up, never held: its checksum is still checked once
@@ -124,9 +126,10 @@ class ModelExecutor(Executor):
     def __init__(self, store_dir: str, manifest: Manifest, mode: str, num_slots: int, max_context: int,
                  device: str | None = None, verify: bool = True, ffn: FfnProvider | None = None,
                  sparse: SparseOptions | None = None, resident_dtype: str | None = None,
-                 naive_held_rows: tuple[int, ...] | None = None):
+                 naive_held_rows: tuple[int, ...] | None = None, head_precision: str = "stored"):
         """sparse: --mode sparse's options (None: the defaults); naive_held_rows: the layers --mode naive holds
-        (the memory plan's); ffn: a provider already made, used as is."""
+        (the memory plan's); ffn: a provider already made, used as is; head_precision: "4bit" holds a q8_0
+        head as a 4-bit sketch (the engine resolves "auto" before: mode_choice.resolve_head_precision)."""
         arch = self.arch = manifest.arch
         self.device = device or default_device()
         self.dtype = compute_dtype(self.device)
@@ -138,7 +141,7 @@ class ModelExecutor(Executor):
         store_backed = store_backed_names(manifest, self.device)
         weights = with_quantized_blocks(load_resident_weights(store_dir, manifest, verify=verify, skip=store_backed))
         drop_file_cache(os.path.join(store_dir, manifest.resident_file))  # the tensors are copies: drop the pages now
-        back_with_store(weights, store_dir, manifest, store_backed, verify)
+        back_with_store(weights, store_dir, manifest, store_backed, verify, head_precision == "4bit")
         self.model = build_model(arch, weights, self.dtype, self.device, self.resident_dtype)
         del weights
         self.kv = KVCache(arch.num_hidden_layers, num_slots, arch.num_key_value_heads, max_context,
@@ -152,7 +155,7 @@ class ModelExecutor(Executor):
     def from_config(cls, store_dir: str, manifest: Manifest, config: EngineConfig) -> "ModelExecutor":
         return cls(store_dir, manifest, config.mode, config.max_batch, config.max_context, device=config.device,
                    verify=config.verify, sparse=config.sparse_options, resident_dtype=config.resident_dtype,
-                   naive_held_rows=config.naive_held_rows)
+                   naive_held_rows=config.naive_held_rows, head_precision=config.head_precision)
 
     def forward(self, token_ids: torch.Tensor, slots: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """token_ids/positions (B, T), slots (B,) → logits (B, T, V) float32 on the CPU.

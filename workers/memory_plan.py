@@ -161,10 +161,10 @@ def sparse_staging_bytes(layout: FfnLayout, compute_itemsize: int, device: str =
 def plan_memory(manifest: Manifest, resident_bytes: int, budget_bytes: int | None, compute_itemsize: int,
                 keep_neurons: int, hot_counts: list[int], predictor_bytes: int, kv_cache_bytes: int,
                 cache_itemsize: int | None = None, device: str = "cpu",
-                resident_half_saving_bytes: int = 0, capacity_rows: list[int] | None = None) -> MemoryPlan:
+                resident_savings: "ResidentSavings | None" = None, capacity_rows: list[int] | None = None) -> MemoryPlan:
     """--mode sparse's plan. budget_bytes None: nothing bounds memory, the caches are capacity_rows as given
-    (every neuron when None). resident_half_saving_bytes: what holding the float resident matrices in float16
-    would save (for the too-small message; 0 when they are half precision or quantized already).
+    (every neuron when None). resident_savings: what the resident weights' knobs would save (for the
+    too-small message; none by default).
 
     The smallest budget holds no neuron cache (every layer uncached, sparse_policy); above it, layers get
     their smallest caches (keep_neurons plus the pinned) one by one, spread over the depth
@@ -205,7 +205,7 @@ def plan_memory(manifest: Manifest, resident_bytes: int, budget_bytes: int | Non
         capacity = list(capacity_rows or num_neurons)
     elif budget_bytes < min_total:
         naive_bytes = naive_minimum_bytes(manifest, resident_bytes, compute_itemsize, device)
-        knobs = sparse_minimum_knobs(manifest, min_total, resident_half_saving_bytes, predictor_bytes,
+        knobs = sparse_minimum_knobs(manifest, min_total, resident_savings or ResidentSavings(), predictor_bytes,
                                      kv_cache_bytes, naive_bytes)
         tables = f" + FFN scale tables {tables_bytes / MIB:.1f}" if tables_bytes else ""
         caches = (f" + every layer's smallest neuron cache {(cached_min_total - base) / MIB:.1f} MiB"
@@ -303,14 +303,12 @@ def naive_minimum_bytes(manifest: Manifest, resident_bytes: int, compute_itemsiz
                                                                                       device)
 
 
-def sparse_minimum_knobs(manifest: Manifest, min_total: int, resident_half_saving_bytes: int,
+def sparse_minimum_knobs(manifest: Manifest, min_total: int, resident_savings: "ResidentSavings",
                          predictor_bytes: int, kv_cache_bytes: int, naive_bytes: int) -> list[str]:
     """Every setting that lowers --mode sparse's minimum (which holds no neuron cache: resident weights,
     predictors, staging), each with what it saves (for MemoryPlanError's message)."""
     arch = manifest.arch
-    knobs = []
-    if resident_half_saving_bytes > 0:
-        knobs.append(f"--resident-dtype float16 (or bfloat16): saves {resident_half_saving_bytes / MIB:.1f} MiB")
+    knobs = resident_savings.knobs()
     sparsity = manifest.sparsity
     if sparsity is not None and predictor_bytes:
         gated = len(manifest.ffn.bundle_parts) > 2
@@ -333,12 +331,11 @@ def sparse_minimum_knobs(manifest: Manifest, min_total: int, resident_half_savin
     return knobs
 
 
-def flash_mode_knobs(store_dir: str, manifest: Manifest, mode: str, plan: MemoryPlan, resident_half_saving_bytes: int,
-                     kv_cache_bytes: int, compute_itemsize: int, device: str) -> list[str]:
+def flash_mode_knobs(store_dir: str, manifest: Manifest, mode: str, plan: MemoryPlan,
+                     resident_savings: "ResidentSavings", kv_cache_bytes: int, compute_itemsize: int,
+                     device: str) -> list[str]:
     """What lowers --mode dense's or naive's need, each with what it saves (for MemoryPlanError's message)."""
-    knobs = []
-    if resident_half_saving_bytes > 0:
-        knobs.append(f"--resident-dtype float16 (or bfloat16): saves {resident_half_saving_bytes / MIB:.1f} MiB")
+    knobs = resident_savings.knobs()
     if mode == "dense":
         naive = naive_minimum_bytes(manifest, plan.resident_bytes, compute_itemsize, device)
         knobs.append(f"--mode naive (the FFN read from flash for each token): needs {naive / MIB:.1f} MiB")
@@ -351,8 +348,20 @@ def flash_mode_knobs(store_dir: str, manifest: Manifest, mode: str, plan: Memory
     return knobs
 
 
-def resident_bytes_of(store_dir: str, manifest: Manifest, resident_itemsize: int, device: str) -> int:
-    """Bytes the resident weights take as held, from the safetensors header alone (nothing loaded)."""
+def head_sketch_applies(manifest: Manifest, device: str) -> bool:
+    """Whether --head-precision 4bit changes anything: the head (or tied embedding) is q8_0 and held on a CPU
+    (a GPU holds it dequantized)."""
+    from flashllm.workers.models.resident import EMBEDDING_NAME, HEAD_NAME
+
+    name = EMBEDDING_NAME if manifest.arch.tie_word_embeddings else HEAD_NAME
+    info = manifest.resident_quantized.get(name)
+    return torch_device_type(device) == "cpu" and info is not None and info.kind == "q8_0"
+
+
+def resident_bytes_of(store_dir: str, manifest: Manifest, resident_itemsize: int, device: str,
+                      head_4bit: bool = False) -> int:
+    """Bytes the resident weights take as held, from the safetensors header alone (nothing loaded); head_4bit:
+    a q8_0 head held as a 4-bit sketch (--head-precision 4bit)."""
     from safetensors import safe_open
 
     from flashllm.workers.models.resident import resident_held_bytes
@@ -362,7 +371,33 @@ def resident_bytes_of(store_dir: str, manifest: Manifest, resident_itemsize: int
     for layer in range(len(manifest.ffn.layers) if manifest.ffn.down_group_scales else 0):
         shapes.pop(manifest.ffn.down_group_scales_name(layer))  # the FFN's, counted with it (down_scale_tables_bytes)
     return resident_held_bytes(shapes, manifest.resident_quantized, resident_itemsize,
-                               manifest.arch.num_hidden_layers, device, manifest.arch.tie_word_embeddings)
+                               manifest.arch.num_hidden_layers, device, manifest.arch.tie_word_embeddings, head_4bit)
+
+
+@dataclass(frozen=True)
+class ResidentSavings:
+    """What the resident weights' knobs would save against a plan's settings (for MemoryPlanError's message)."""
+
+    half_dtype_bytes: int = 0  # --resident-dtype float16: the float matrices held at half width
+    head_4bit_bytes: int = 0  # --head-precision 4bit: a q8_0 head held as a 4-bit sketch
+
+    @classmethod
+    def of(cls, store_dir: str, manifest: Manifest, inputs: "MemoryInputs", resident_bytes: int) -> "ResidentSavings":
+        device = torch_device_type(inputs.device)
+        itemsize = inputs.resident_itemsize or inputs.compute_itemsize
+        return cls(half_dtype_bytes=max(0, resident_bytes - resident_bytes_of(store_dir, manifest, HALF_ITEMSIZE,
+                                                                              device, inputs.head_4bit)),
+                   head_4bit_bytes=max(0, resident_bytes - resident_bytes_of(store_dir, manifest, itemsize, device,
+                                                                             head_4bit=True)))
+
+    def knobs(self) -> list[str]:
+        knobs = []
+        if self.half_dtype_bytes > 0:
+            knobs.append(f"--resident-dtype float16 (or bfloat16): saves {self.half_dtype_bytes / MIB:.1f} MiB")
+        if self.head_4bit_bytes > 0:
+            knobs.append(f"--head-precision 4bit (or auto): saves {self.head_4bit_bytes / MIB:.1f} MiB (the head "
+                         "as a 4-bit sketch, its top 32 logits still exact)")
+        return knobs
 
 
 @dataclass(frozen=True)
@@ -381,6 +416,7 @@ class MemoryInputs:
     capacity_rows: tuple[int, ...] | None = None  # sparse without a budget: rows per layer (None: every neuron)
     naive_held_rows: tuple[int, ...] | None = None  # naive without a budget: rows held per layer (None: none)
     trace: TraceSpec | None = None  # sparse: sets replayed from a trace (its predictor's bytes, no hot neurons)
+    head_4bit: bool = False  # a q8_0 head held as a 4-bit sketch (EngineConfig.head_precision "4bit")
 
     @classmethod
     def from_config(cls, manifest: Manifest, config: EngineConfig, mode: str | None = None) -> "MemoryInputs":
@@ -399,7 +435,8 @@ class MemoryInputs:
                                                     max_context_of(manifest, config.max_context), dtype.itemsize),
                    device=device, resident_itemsize=resident_itemsize, cache_itemsize=cache_itemsize,
                    keep_fraction=sparse.keep_fraction, capacity_rows=sparse.capacity_rows,
-                   naive_held_rows=config.naive_held_rows, trace=sparse.trace)
+                   naive_held_rows=config.naive_held_rows, trace=sparse.trace,
+                   head_4bit=config.head_precision == "4bit")
 
 
 def max_context_of(manifest: Manifest, max_context: int | None) -> int:
@@ -430,15 +467,16 @@ def plan_memory_for(store_dir: str, manifest: Manifest, inputs: MemoryInputs) ->
         raise ValueError(f"a memory plan is for one of {', '.join(FFN_MODES)}, not --mode {mode} (choose_mode "
                          "plans each candidate)")
     compute_itemsize, kv_cache_bytes = inputs.compute_itemsize, inputs.kv_cache_bytes
-    resident_bytes = resident_bytes_of(store_dir, manifest, inputs.resident_itemsize or compute_itemsize, device)
-    resident_half_saving_bytes = max(0, resident_bytes - resident_bytes_of(store_dir, manifest, HALF_ITEMSIZE, device))
+    resident_bytes = resident_bytes_of(store_dir, manifest, inputs.resident_itemsize or compute_itemsize, device,
+                                       inputs.head_4bit)
+    resident_savings = ResidentSavings.of(store_dir, manifest, inputs, resident_bytes)
     if mode != "sparse":
         plan = _whole_layer_plan(manifest, mode, budget_bytes, resident_bytes, inputs, device)
         if budget_bytes is not None and plan.total_bytes > budget_bytes:
             raise MemoryPlanError(f"--memory {budget_bytes / MIB:.1f} MiB is too small for --mode {mode}: it needs "
                                   f"{plan.total_bytes / MIB:.1f} MiB; raise --memory, or lower the minimum:\n"
                                   + "\n".join(f"  {knob}" for knob in flash_mode_knobs(
-                                      store_dir, manifest, mode, plan, resident_half_saving_bytes, kv_cache_bytes,
+                                      store_dir, manifest, mode, plan, resident_savings, kv_cache_bytes,
                                       compute_itemsize, device)))
     elif inputs.trace is not None:
         from flashllm.workers.activation_trace import ActivationTrace
@@ -449,7 +487,7 @@ def plan_memory_for(store_dir: str, manifest: Manifest, inputs: MemoryInputs) ->
         plan = plan_memory(manifest, resident_bytes, budget_bytes, compute_itemsize, keep_neurons,
                            [0] * arch.num_hidden_layers, trace_predictor_held_bytes(manifest), kv_cache_bytes,
                            cache_itemsize=inputs.cache_itemsize, device=device,
-                           resident_half_saving_bytes=resident_half_saving_bytes,
+                           resident_savings=resident_savings,
                            capacity_rows=list(inputs.capacity_rows) if inputs.capacity_rows else None)
     else:
         from flashllm.workers.predictor import load_sparsity_tensors, predictor_held_bytes
@@ -464,7 +502,7 @@ def plan_memory_for(store_dir: str, manifest: Manifest, inputs: MemoryInputs) ->
                                        manifest.arch.intermediate_size)
         plan = plan_memory(manifest, resident_bytes, budget_bytes, compute_itemsize, keep_neurons, hot_counts,
                            predictor_bytes, kv_cache_bytes, cache_itemsize=inputs.cache_itemsize, device=device,
-                           resident_half_saving_bytes=resident_half_saving_bytes,
+                           resident_savings=resident_savings,
                            capacity_rows=list(inputs.capacity_rows) if inputs.capacity_rows else None)
     plan.device_bytes = device_bytes_of(store_dir, manifest, mode, plan.capacity_rows, inputs)
     return plan
@@ -482,7 +520,7 @@ def estimated_sparse_plan(store_dir: str, manifest: Manifest, inputs: MemoryInpu
         return None
     device = torch_device_type(inputs.device)
     resident_bytes = resident_bytes_of(store_dir, manifest, inputs.resident_itemsize or inputs.compute_itemsize,
-                                       device)
+                                       device, inputs.head_4bit)
     keep_neurons = keep_neurons_of(inputs.keep_fraction, DEFAULT_TARGET_SPARSITY, arch.intermediate_size)
     return plan_memory(manifest, resident_bytes, None, inputs.compute_itemsize, keep_neurons,
                        [0] * arch.num_hidden_layers, estimated_sketch_bytes(arch, inputs.compute_itemsize),

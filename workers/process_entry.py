@@ -65,6 +65,7 @@ class WorkerConfig:
     predictor_threads: int = 1  # torch threads of the predictor process
     compute_threads: int | None = None  # torch threads of the compute process (None: torch's default)
     resident_dtype: str | None = None  # dtype the compute process holds resident matrices in (None: compute dtype)
+    head_precision: str = "stored"  # how the compute process holds a q8_0 head: "stored" or "4bit"
     extra: dict = field(default_factory=dict)
 
 

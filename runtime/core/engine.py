@@ -170,6 +170,7 @@ class Engine:
     def _resolve_mode(self, config: EngineConfig) -> EngineConfig:
         """--mode auto decided, the memory plan made for the mode, the sparse caches sized by it."""
         mode, self.memory_plan, self.mode_reason = config.mode, None, f"--mode {config.mode}"
+        config = self._resolve_head_precision(config)
         if mode == "auto" and config.memory_budget_bytes is None:  # nothing bounds memory: no plan to choose by
             mode, self.mode_reason = "dense", "--mode auto picked dense: no --memory given, the whole model in memory"
             self._refuse_sparse_options(config, mode, "give --mode sparse")
@@ -192,6 +193,30 @@ class Engine:
         if mode == "naive" and self.memory_plan is not None:  # the whole layers the budget holds beside its minimum
             return replace(config, mode=mode, naive_held_rows=tuple(self.memory_plan.capacity_rows))
         return replace(config, mode=mode)
+
+    def _resolve_head_precision(self, config: EngineConfig) -> EngineConfig:
+        """--head-precision auto decided by the budget (mode_choice.resolve_head_precision); head_reason says
+        when it chose the 4-bit sketch."""
+        from flashllm.runtime.core.mode_choice import resolve_head_precision
+        from flashllm.workers.executor import default_device
+        from flashllm.workers.memory_plan import MemoryPlanError, head_sketch_applies
+
+        def fits_as_stored() -> bool:
+            try:
+                self._memory_planner(replace(config, head_precision="stored"))("dense")
+                return True
+            except MemoryPlanError:
+                return False
+
+        precision = resolve_head_precision(config.head_precision, config.memory_budget_bytes,
+                                           head_sketch_applies(self.manifest, config.device or default_device()),
+                                           fits_as_stored)
+        self.head_reason = None
+        if config.head_precision == "auto" and precision == "4bit":
+            self.head_reason = ("--head-precision auto picked 4bit: the whole model does not fit --memory, so the "
+                                "head is held as a 4-bit sketch (its top 32 logits exact) and the bytes it frees "
+                                "hold FFN weights; --head-precision stored keeps it as stored")
+        return replace(config, head_precision=precision)
 
     def _refuse_sparse_options(self, config: EngineConfig, mode: str, fix: str) -> None:
         if mode != "sparse" and config.sparse is not None:

@@ -26,7 +26,9 @@ def engine_config_from_args(args, max_batch: int = 1) -> EngineConfig:
     return EngineConfig(mode=args.mode, runtime=getattr(args, "runtime", "auto"),
                         memory_budget_bytes=parse_memory(memory, getattr(args, "store", None)) if memory else None,
                         max_batch=max_batch, max_context=getattr(args, "max_context", None),
-                        resident_dtype=getattr(args, "resident_dtype", None), threads=getattr(args, "threads", None),
+                        resident_dtype=getattr(args, "resident_dtype", None),
+                        head_precision=getattr(args, "head_precision", None) or "auto",
+                        threads=getattr(args, "threads", None),
                         worker_restarts=getattr(args, "worker_restarts", None), sparse=_sparse_options_from_args(args))
 
 
@@ -52,6 +54,8 @@ def engine_from_args(args, max_batch: int = 1):
     engine = Engine(args.store, config=config)
     if config.mode == "auto" and config.memory_budget_bytes is not None:  # a choice the budget made: say which
         print(f"flashllm: {engine.mode_reason}", file=sys.stderr)
+    if engine.head_reason:
+        print(f"flashllm: {engine.head_reason}", file=sys.stderr)
     trace = config.sparse_options.trace
     if trace is not None and engine.mode == "sparse":
         print(f"flashllm: --trace {trace}: the active neurons are replayed from a trace, not predicted from the "

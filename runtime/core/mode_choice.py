@@ -109,6 +109,21 @@ def _uncalibrated_reason(store_dir: str, budget_bytes: int, calibrated_sparse: "
             f"its predictors ({calibrated_sparse.predictor_bytes / 2**20:.1f} MiB) and every layer's neuron cache")
 
 
+def resolve_head_precision(requested: str, budget_bytes: int | None, sketch_applies: bool,
+                           fits_as_stored: Callable[[], bool]) -> str:
+    """--head-precision auto: a q8_0 head (sketch_applies: the store has one, on a CPU) is held as stored
+    (int8 rows) where nothing bounds memory or the whole model fits --memory that way (fits_as_stored(): dense's
+    plan with the head as stored fits), else as a 4-bit sketch. Below the model every MiB the head gives up
+    holds FFN weights that would otherwise be read from flash at every token; the sketch's top 32 logits are
+    still recomputed exactly, so greedy and top-k choices stand, and the rest of the distribution moves by its
+    rounding (docs/benchmarks.md, stop 34: perplexity and speed both ways)."""
+    if requested != "auto":
+        return requested
+    if not sketch_applies or budget_bytes is None or fits_as_stored():
+        return "stored"
+    return "4bit"
+
+
 def resolve_runtime(runtime: str, mode: str, device: str | None = None) -> str:
     """--runtime auto: the pipelined workers for sparse on the CPU, where reading the next layer overlaps
     computing this one and the predictor shares compute's process; in-process on a GPU, where compute is short

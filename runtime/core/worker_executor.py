@@ -109,7 +109,8 @@ class WorkerExecutor(Executor):
                  device: str | None = None, verify: bool = True, sparse: SparseOptions | None = None,
                  start_timeout_s: float = DEFAULT_START_TIMEOUT_S, logits_rows: int | None = None,
                  runtime_root: str | None = None, handle_sigterm: bool = True, compute_threads: int | None = None,
-                 resident_dtype: str | None = None, max_restarts: int = DEFAULT_MAX_RESTARTS):
+                 resident_dtype: str | None = None, max_restarts: int = DEFAULT_MAX_RESTARTS,
+                 head_precision: str = "stored"):
         if mode != "sparse":
             raise ValueError(f"--runtime workers runs the pipelined sparse FFN (--mode sparse); use --runtime inproc "
                              f"for --mode {mode}")
@@ -124,6 +125,7 @@ class WorkerExecutor(Executor):
                                               instance_dir.path, verify, sparse, logits_rows)
             self.config.compute_threads = compute_threads or default_compute_threads()
             self.config.resident_dtype = resident_dtype
+            self.config.head_precision = head_precision
         except BaseException:
             instance_dir.remove()
             raise
@@ -144,7 +146,7 @@ class WorkerExecutor(Executor):
         restarts = DEFAULT_MAX_RESTARTS if config.worker_restarts is None else config.worker_restarts
         return cls(store_dir, manifest, config.mode, config.max_batch, config.max_context, device=config.device,
                    verify=config.verify, sparse=config.sparse_options, resident_dtype=config.resident_dtype,
-                   max_restarts=restarts)
+                   max_restarts=restarts, head_precision=config.head_precision)
 
     @property
     def instance(self) -> str:

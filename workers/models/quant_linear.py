@@ -88,8 +88,8 @@ def pack_int4_tiles(q: torch.Tensor) -> torch.Tensor:
     return (tiles[:, 0] | (tiles[:, 1] << 4)).transpose(1, 2).contiguous().reshape(rows, inner // 2)
 
 
-DEQUANTIZE_CHUNK_ROWS = 4096
-REQUANTIZE_CHUNK_ROWS = 1024  # rows re-rounded to int8 at a time (Int8RowMatrix): the load's transient stays small  # rows decoded at a time: the float32 temporaries stay a few MiB, not 3 x the matrix
+DEQUANTIZE_CHUNK_ROWS = 4096  # rows decoded at a time: the float32 temporaries stay a few MiB, not 3 x the matrix
+REQUANTIZE_CHUNK_ROWS = 1024  # rows re-rounded at a time (Int8RowMatrix, a 4-bit head): the load's transient stays small
 
 
 def dequantize(blocks: QuantizedBlocks, dtype: torch.dtype = torch.float32) -> torch.Tensor:
@@ -113,16 +113,44 @@ class Int4Matrix:
 
     def __init__(self, blocks: QuantizedBlocks):
         d, m, q = split_blocks(blocks)
-        out, inner = blocks.shape
         zero = torch.zeros_like(d) if m is None else m + 8 * d  # (out, G)
-        padded = -out % INT4_TILE_ROWS
-        if padded:  # rows of weight 0: q = 8 with zero 0
-            q = torch.cat((q, torch.full((padded, inner), 8, dtype=q.dtype)))
-            d = torch.cat((d, torch.zeros(padded, d.shape[1])))
-            zero = torch.cat((zero, torch.zeros(padded, d.shape[1])))
+        self._allocate(blocks.shape)
+        self._put(0, q, d, zero)
+
+    @classmethod
+    def fitted_from_chunks(cls, kind: str, shape: tuple[int, int], chunks) -> "Int4Matrix":
+        """A 4-bit sketch of a matrix of another kind (a q8_0 head held in half its bytes), from (first row,
+        raw blocks) chunks whose first rows are multiples of INT4_TILE_ROWS: each chunk is dequantized and
+        fitted to 4 bits (fit_int4_groups) as it arrives, so the stored blocks are never all in memory.
+        `fit_max_abs_error` is the largest weight error the fit made."""
+        matrix = cls.__new__(cls)
+        matrix._allocate(shape)
+        matrix.fit_max_abs_error = 0.0
+        for start, raw in chunks:
+            for first in range(0, len(raw), REQUANTIZE_CHUNK_ROWS):  # float32 temporaries of ~2 MiB each
+                part = raw[first:first + REQUANTIZE_CHUNK_ROWS]
+                w = dequantize(QuantizedBlocks(kind, part, (len(part), shape[1])))  # (r, in)
+                q, scale, zero, error = fit_int4_groups(w)
+                matrix._put(start + first, q, scale, zero)
+                matrix.fit_max_abs_error = max(matrix.fit_max_abs_error, error)
+        return matrix
+
+    def _allocate(self, shape: tuple[int, int]) -> None:
+        out, inner = shape
+        rows = out + (-out % INT4_TILE_ROWS)  # padded rows keep scale and zero 0: they multiply to 0
         self.shape = (out, inner)
-        self.packed = pack_int4_tiles(q)  # (out + pad, in / 2) uint8
-        self.scales_zeros = torch.stack((d, zero), dim=-1).transpose(0, 1).contiguous().bfloat16()  # (G, out+pad, 2)
+        self.packed = torch.zeros((rows, inner // 2), dtype=torch.uint8)  # (out + pad, in / 2)
+        self.scales_zeros = torch.zeros((inner // BLOCK_WEIGHTS, rows, 2), dtype=torch.bfloat16)  # (G, out+pad, 2)
+
+    def _put(self, start: int, q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> None:
+        """Rows start.. of the matrix: q (r, in) uint8 0..15, scale and zero (r, G); start a multiple of
+        INT4_TILE_ROWS (a chunk ending short of a tile is padded with q = 8)."""
+        rows = q.shape[0]
+        padded = -rows % INT4_TILE_ROWS
+        if padded:
+            q = torch.cat((q, torch.full((padded, q.shape[1]), 8, dtype=q.dtype)))
+        self.packed[start:start + rows + padded] = pack_int4_tiles(q)
+        self.scales_zeros[:, start:start + rows] = torch.stack((scale, zero), dim=-1).transpose(0, 1).bfloat16()
 
     @property
     def nbytes(self) -> int:
@@ -217,6 +245,48 @@ def _bfloat16_at_least(values: torch.Tensor) -> torch.Tensor:
     low = rounded.float() < values
     bits = rounded.view(torch.int16)
     return torch.where(low, (bits + 1).view(torch.bfloat16), rounded)
+
+
+FIT_ROUNDS = 3  # least-squares refits of a 4-bit group's scale and zero (the error stops falling after ~2)
+
+
+def fit_int4_groups(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, float]:
+    """w (r, in) float32 → (q (r, in) uint8 0..15, scale (r, G), zero (r, G), max abs error): each 32-weight
+    group as w ≈ (q - 8)·scale + zero, the int4 kernel's form, with scale and zero rounded to the bfloat16 the
+    kernel holds. Starts from the group's range (Q4_1's rounding) and refits scale and zero by least squares
+    to the rounded q, keeping per group whichever fit has the smaller squared error: closer to the weights
+    than the range alone, which spends levels on a group's outliers."""
+    rows, inner = w.shape
+    groups = w.reshape(rows, inner // BLOCK_WEIGHTS, BLOCK_WEIGHTS)  # (r, G, 32)
+    low, high = groups.amin(dim=-1), groups.amax(dim=-1)  # (r, G)
+    scale = (high - low) / 15
+    zero = low + 8 * scale
+
+    def rounded(scale, zero):  # the kernel's bfloat16 (scale, zero), q for them, and the squared error per group
+        scale, zero = scale.bfloat16().float(), zero.bfloat16().float()
+        safe = torch.where(scale == 0, torch.ones_like(scale), scale)
+        q = torch.clamp(torch.round((groups - zero[..., None]) / safe[..., None]) + 8, 0, 15)  # (r, G, 32)
+        q = torch.where((scale == 0)[..., None], torch.full_like(q, 8), q)
+        residual = (q - 8) * scale[..., None] + zero[..., None] - groups  # (r, G, 32)
+        return q, scale, zero, residual.square().sum(dim=-1)
+
+    best_q, best_scale, best_zero, best_error = rounded(scale, zero)
+    q = best_q
+    for _ in range(FIT_ROUNDS):
+        q_mean = q.mean(dim=-1, keepdim=True)  # (r, G, 1)
+        centred = q - q_mean
+        variance = centred.square().sum(dim=-1)  # (r, G)
+        slope = (centred * groups).sum(dim=-1) / variance.clamp_min(1e-12)
+        slope = torch.where(variance > 0, slope, best_scale)
+        intercept = groups.mean(dim=-1) - slope * q_mean[..., 0]  # w ≈ slope·q + intercept
+        q, scale, zero, error = rounded(slope, intercept + 8 * slope)
+        better = error < best_error
+        best_q = torch.where(better[..., None], q, best_q)
+        best_scale, best_zero = torch.where(better, scale, best_scale), torch.where(better, zero, best_zero)
+        best_error = torch.minimum(error, best_error)
+    fitted = (best_q - 8) * best_scale[..., None] + best_zero[..., None]  # (r, G, 32)
+    max_error = float((fitted - groups).abs().max()) if w.numel() else 0.0
+    return best_q.to(torch.uint8).reshape(rows, inner), best_scale, best_zero, max_error
 
 
 HeldMatrix = Int4Matrix | Int8RowMatrix

@@ -103,11 +103,14 @@ class StoredBlocks:
 
     stored_rows: object
     expected_sha256: str | None
+    sketch_4bit: bool = False  # --head-precision 4bit: a q8_0 matrix held as a 4-bit fit (Int4Matrix)
 
     def hold(self):
         rows = self.stored_rows
         chunks = rows.block_chunks(DEQUANTIZE_CHUNK_ROWS, self.expected_sha256)
         if rows.kind == "q8_0":
+            if self.sketch_4bit:
+                return Int4Matrix.fitted_from_chunks(rows.kind, rows.shape, chunks)
             return Int8RowMatrix.from_chunks(rows.kind, rows.shape, chunks)
         return Int4Matrix(QuantizedBlocks(rows.kind, torch.cat([raw for _, raw in chunks]), rows.shape))
 
@@ -152,16 +155,20 @@ class StackedMatrix:
 
 
 def resident_held_bytes(shapes: dict[str, tuple[int, ...]], quantized: dict, resident_itemsize: int,
-                        num_layers: int, device: str, tied_embeddings: bool) -> int:
+                        num_layers: int, device: str, tied_embeddings: bool, head_4bit: bool = False) -> int:
     """Bytes hold_resident will hold for tensors of these shapes (name → shape as stored; quantized: the
     manifest's name → kind, float shape): float tensors at resident_itemsize, quantized ones in their
     kernels' layouts (fused as fuse_projections fuses them) on a CPU, dequantized on a GPU. On a CPU a
-    quantized embedding table is read from the store (StoreBackedMatrix): held only as a tied head."""
+    quantized embedding table is read from the store (StoreBackedMatrix): held only as a tied head, and a
+    q8_0 head as a 4-bit sketch with head_4bit."""
     if torch.device(device).type != "cpu":
         return sum(_elements(quantized[n].shape if n in quantized else s) for n, s in shapes.items()) * resident_itemsize
     blocks = {name: (info.kind, tuple(info.shape)) for name, info in quantized.items() if name in shapes}
     if EMBEDDING_NAME in blocks and not tied_embeddings:
         blocks.pop(EMBEDDING_NAME)
+    for name in (HEAD_NAME, EMBEDDING_NAME):
+        if head_4bit and name in blocks and blocks[name][0] == "q8_0":
+            blocks[name] = ("q4_1", blocks[name][1])  # Int4Matrix's bytes: nibbles and a (scale, zero) per group
     for layer in range(num_layers):
         names = [f"layers.{layer}.{part}_proj.weight" for part in ("q", "k", "v")]
         if all(name in blocks for name in names) and len({blocks[name][0] for name in names}) == 1:
