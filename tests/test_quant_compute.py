@@ -293,28 +293,31 @@ def test_resident_matrix_bytes_known_before_holding_it_are_its_tensors_bytes(kin
 
 
 def test_a_4bit_sketch_of_q8_0_rows_fits_them_closer_than_their_range_and_multiplies_as_its_rows():
-    """A q8_0 head held at 4 bits (--head-precision 4bit): built chunk by chunk, closer to the rows than Q4_1's
-    range rounding, its reported error the true largest one, its product the product of the rows it holds."""
-    from flashllm.workers.models.quant_linear import held_matrix_bytes
+    """A q8_0 head held at 4 bits (--head-precision 4bit): built chunk by chunk, closer to the rows than
+    rounding each group over its range, its reported error the true largest one, its product the product of the
+    rows it holds."""
+    from flashllm.workers.models.quant_linear import SKETCH_GROUP_WEIGHTS, SKETCH_KIND, held_matrix_bytes
 
     rng = np.random.default_rng(11)
-    w = rng.normal(0, 0.05, (130, 64)).astype(np.float32)  # 130 rows: a ragged last tile of the int4 layout
-    w[3, :32] = 0.02  # a constant group (no range: held exactly)
+    w = rng.normal(0, 0.05, (130, 128)).astype(np.float32)  # 130 rows: a ragged last tile of the int4 layout
+    w[3, :SKETCH_GROUP_WEIGHTS] = 0.02  # a constant group (no range: held exactly)
     w[5, 7] = 0.9  # an outlier that stretches its group's range
     blocks = blocks_of("q8_0", w)
     stored = dequantize(blocks)  # (130, 64) the rows as stored
     chunks = [(0, blocks.raw[:64]), (64, blocks.raw[64:])]
-    sketch = Int4Matrix.fitted_from_chunks("q8_0", (130, 64), chunks)
-    whole = Int4Matrix.fitted_from_chunks("q8_0", (130, 64), [(0, blocks.raw)])
+    sketch = Int4Matrix.fitted_from_chunks("q8_0", (130, 128), chunks)
+    whole = Int4Matrix.fitted_from_chunks("q8_0", (130, 128), [(0, blocks.raw)])
     assert torch.equal(sketch.packed, whole.packed) and torch.equal(sketch.scales_zeros, whole.scales_zeros)
-    assert sketch.nbytes == held_matrix_bytes("q4_1", (130, 64)) < held_matrix_bytes("q8_0", (130, 64))
-    rows = sketch.rows(torch.arange(130), torch.float32)  # (130, 64)
+    assert sketch.nbytes == held_matrix_bytes(SKETCH_KIND, (130, 128)) < held_matrix_bytes("q8_0", (130, 128))
+    rows = sketch.rows(torch.arange(130), torch.float32)  # (130, 128)
     error = (rows - stored).abs()
     assert float(error.max()) == pytest.approx(sketch.fit_max_abs_error, rel=1e-6)
-    assert float(error[3, :32].max()) < 1e-4
-    by_range = Int4Matrix(blocks_of("q4_1", stored.numpy())).rows(torch.arange(130), torch.float32)
-    assert float(error.square().mean()) < 0.97 * float((by_range - stored).square().mean())
-    x = torch.from_numpy(rng.normal(0, 1, (3, 64)).astype(np.float32))
+    assert float(error[3, :SKETCH_GROUP_WEIGHTS].max()) < 1e-4
+    groups = stored.reshape(130, -1, SKETCH_GROUP_WEIGHTS)  # (130, G, g) each group rounded over its range
+    low, step = groups.amin(-1, keepdim=True), (groups.amax(-1, keepdim=True) - groups.amin(-1, keepdim=True)) / 15
+    by_range = low + torch.round((groups - low) / step.clamp_min(1e-12)) * step  # (130, G, g)
+    assert float(error.square().mean()) < 0.97 * float((by_range - groups).square().mean())
+    x = torch.from_numpy(rng.normal(0, 1, (3, 128)).astype(np.float32))
     assert relative_error(sketch.matmul(x), x.double() @ rows.double().T) < BF16_PRODUCT_RTOL
 
 

@@ -35,6 +35,11 @@ import torch
 BLOCK_WEIGHTS = 32
 QUANTIZED_KINDS = ("q4_0", "q4_1", "q8_0")
 INT4_TILE_ROWS = 64  # the CPU int4 packing lays rows out in tiles of 64 (rows are padded to whole tiles)
+# weights per (scale, zero) of a 4-bit head sketch: 64 halves the scales' bytes of 32 (1.7 MiB on the demo's
+# head, which holds whole FFN layers below the model) for perplexity +2.1/+2.7% against +1.4/+2.9% on two texts
+# (docs/benchmarks.md, stop 34); the kernel takes groups of 32 to 256
+SKETCH_GROUP_WEIGHTS = 64
+SKETCH_KIND = "int4_sketch"  # held_matrix_bytes' name for a 4-bit sketch (Int4Matrix.fitted_from_chunks)
 
 
 @dataclass
@@ -114,33 +119,37 @@ class Int4Matrix:
     def __init__(self, blocks: QuantizedBlocks):
         d, m, q = split_blocks(blocks)
         zero = torch.zeros_like(d) if m is None else m + 8 * d  # (out, G)
-        self._allocate(blocks.shape)
+        self._allocate(blocks.shape, BLOCK_WEIGHTS)
         self._put(0, q, d, zero)
 
     @classmethod
-    def fitted_from_chunks(cls, kind: str, shape: tuple[int, int], chunks) -> "Int4Matrix":
-        """A 4-bit sketch of a matrix of another kind (a q8_0 head held in half its bytes), from (first row,
+    def fitted_from_chunks(cls, kind: str, shape: tuple[int, int], chunks,
+                           group_weights: int = SKETCH_GROUP_WEIGHTS) -> "Int4Matrix":
+        """A 4-bit sketch of a matrix of another kind (a q8_0 head held in ~55% of its bytes), from (first row,
         raw blocks) chunks whose first rows are multiples of INT4_TILE_ROWS: each chunk is dequantized and
-        fitted to 4 bits (fit_int4_groups) as it arrives, so the stored blocks are never all in memory.
-        `fit_max_abs_error` is the largest weight error the fit made."""
+        fitted to 4 bits, a (scale, zero) per group_weights (fit_int4_groups), as it arrives, so the stored
+        blocks are never all in memory. `fit_max_abs_error` is the largest weight error the fit made."""
         matrix = cls.__new__(cls)
-        matrix._allocate(shape)
+        matrix._allocate(shape, group_weights)
         matrix.fit_max_abs_error = 0.0
         for start, raw in chunks:
             for first in range(0, len(raw), REQUANTIZE_CHUNK_ROWS):  # float32 temporaries of ~2 MiB each
                 part = raw[first:first + REQUANTIZE_CHUNK_ROWS]
                 w = dequantize(QuantizedBlocks(kind, part, (len(part), shape[1])))  # (r, in)
-                q, scale, zero, error = fit_int4_groups(w)
+                q, scale, zero, error = fit_int4_groups(w, group_weights)
                 matrix._put(start + first, q, scale, zero)
                 matrix.fit_max_abs_error = max(matrix.fit_max_abs_error, error)
         return matrix
 
-    def _allocate(self, shape: tuple[int, int]) -> None:
+    def _allocate(self, shape: tuple[int, int], group_weights: int) -> None:
         out, inner = shape
+        if inner % group_weights:
+            raise ValueError(f"a 4-bit matrix of rows of {inner} weights cannot have groups of {group_weights}")
         rows = out + (-out % INT4_TILE_ROWS)  # padded rows keep scale and zero 0: they multiply to 0
         self.shape = (out, inner)
+        self.group_weights = group_weights  # weights per (scale, zero)
         self.packed = torch.zeros((rows, inner // 2), dtype=torch.uint8)  # (out + pad, in / 2)
-        self.scales_zeros = torch.zeros((inner // BLOCK_WEIGHTS, rows, 2), dtype=torch.bfloat16)  # (G, out+pad, 2)
+        self.scales_zeros = torch.zeros((inner // group_weights, rows, 2), dtype=torch.bfloat16)  # (G, out+pad, 2)
 
     def _put(self, start: int, q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> None:
         """Rows start.. of the matrix: q (r, in) uint8 0..15, scale and zero (r, G); start a multiple of
@@ -165,13 +174,13 @@ class Int4Matrix:
         packed_bytes = self.packed.view(-1)[base[:, None] + torch.arange(inner) * 32].int()  # (n, in)
         q = torch.where((flat_ids % INT4_TILE_ROWS >= 32)[:, None], packed_bytes >> 4, packed_bytes & 15)
         scale, zero = self.scales_zeros[:, flat_ids].float().unbind(-1)  # (G, n) each
-        w = (q.reshape(len(flat_ids), -1, BLOCK_WEIGHTS) - 8) * scale.T[..., None] + zero.T[..., None]  # (n, G, 32)
+        w = (q.reshape(len(flat_ids), -1, self.group_weights) - 8) * scale.T[..., None] + zero.T[..., None]  # (n, G, g)
         return w.reshape(*ids.shape, inner).to(dtype)
 
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
         """x (..., in) → x @ W.T (..., out) in x's dtype."""
         flat = x.reshape(-1, x.shape[-1]).to(torch.bfloat16)  # (M, in)
-        y = torch.ops.aten._weight_int4pack_mm_for_cpu(flat, self.packed, BLOCK_WEIGHTS, self.scales_zeros)
+        y = torch.ops.aten._weight_int4pack_mm_for_cpu(flat, self.packed, self.group_weights, self.scales_zeros)
         return y[:, : self.shape[0]].to(x.dtype).reshape(*x.shape[:-1], self.shape[0])  # (..., out)
 
 
@@ -250,14 +259,14 @@ def _bfloat16_at_least(values: torch.Tensor) -> torch.Tensor:
 FIT_ROUNDS = 3  # least-squares refits of a 4-bit group's scale and zero (the error stops falling after ~2)
 
 
-def fit_int4_groups(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, float]:
-    """w (r, in) float32 → (q (r, in) uint8 0..15, scale (r, G), zero (r, G), max abs error): each 32-weight
-    group as w ≈ (q - 8)·scale + zero, the int4 kernel's form, with scale and zero rounded to the bfloat16 the
+def fit_int4_groups(w: torch.Tensor, group_weights: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, float]:
+    """w (r, in) float32 → (q (r, in) uint8 0..15, scale (r, G), zero (r, G), max abs error): each group of
+    group_weights weights as w ≈ (q - 8)·scale + zero, the int4 kernel's form, with scale and zero rounded to the bfloat16 the
     kernel holds. Starts from the group's range (Q4_1's rounding) and refits scale and zero by least squares
     to the rounded q, keeping per group whichever fit has the smaller squared error: closer to the weights
     than the range alone, which spends levels on a group's outliers."""
     rows, inner = w.shape
-    groups = w.reshape(rows, inner // BLOCK_WEIGHTS, BLOCK_WEIGHTS)  # (r, G, 32)
+    groups = w.reshape(rows, inner // group_weights, group_weights)  # (r, G, g)
     low, high = groups.amin(dim=-1), groups.amax(dim=-1)  # (r, G)
     scale = (high - low) / 15
     zero = low + 8 * scale
@@ -265,9 +274,9 @@ def fit_int4_groups(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.
     def rounded(scale, zero):  # the kernel's bfloat16 (scale, zero), q for them, and the squared error per group
         scale, zero = scale.bfloat16().float(), zero.bfloat16().float()
         safe = torch.where(scale == 0, torch.ones_like(scale), scale)
-        q = torch.clamp(torch.round((groups - zero[..., None]) / safe[..., None]) + 8, 0, 15)  # (r, G, 32)
+        q = torch.clamp(torch.round((groups - zero[..., None]) / safe[..., None]) + 8, 0, 15)  # (r, G, g)
         q = torch.where((scale == 0)[..., None], torch.full_like(q, 8), q)
-        residual = (q - 8) * scale[..., None] + zero[..., None] - groups  # (r, G, 32)
+        residual = (q - 8) * scale[..., None] + zero[..., None] - groups  # (r, G, g)
         return q, scale, zero, residual.square().sum(dim=-1)
 
     best_q, best_scale, best_zero, best_error = rounded(scale, zero)
@@ -284,7 +293,7 @@ def fit_int4_groups(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.
         best_q = torch.where(better[..., None], q, best_q)
         best_scale, best_zero = torch.where(better, scale, best_scale), torch.where(better, zero, best_zero)
         best_error = torch.minimum(error, best_error)
-    fitted = (best_q - 8) * best_scale[..., None] + best_zero[..., None]  # (r, G, 32)
+    fitted = (best_q - 8) * best_scale[..., None] + best_zero[..., None]  # (r, G, g)
     max_error = float((fitted - groups).abs().max()) if w.numel() else 0.0
     return best_q.to(torch.uint8).reshape(rows, inner), best_scale, best_zero, max_error
 
@@ -293,9 +302,10 @@ HeldMatrix = Int4Matrix | Int8RowMatrix
 
 
 def held_matrix_bytes(kind: str, shape: tuple[int, int]) -> int:
-    """Bytes hold_quantized holds for a (out, in) matrix of kind, known before loading it."""
+    """Bytes hold_quantized holds for a (out, in) matrix of kind (SKETCH_KIND: a 4-bit sketch's), known before
+    loading it."""
     out, inner = shape
-    groups = inner // BLOCK_WEIGHTS
+    groups = inner // (SKETCH_GROUP_WEIGHTS if kind == SKETCH_KIND else BLOCK_WEIGHTS)
     if kind == "q8_0":
         return out * inner + out * 2  # int8 + a bfloat16 scale per row
     rows = out + (-out % INT4_TILE_ROWS)

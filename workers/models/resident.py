@@ -26,7 +26,8 @@ import torch
 import torch.nn.functional as F
 
 from flashllm.workers.models.quant_linear import (
-    DEQUANTIZE_CHUNK_ROWS, Int4Matrix, Int8RowMatrix, QuantizedBlocks, held_matrix_bytes, hold_quantized,
+    DEQUANTIZE_CHUNK_ROWS, SKETCH_KIND, Int4Matrix, Int8RowMatrix, QuantizedBlocks, held_matrix_bytes,
+    hold_quantized,
 )
 
 EMBEDDING_NAME = "embed_tokens"
@@ -168,7 +169,7 @@ def resident_held_bytes(shapes: dict[str, tuple[int, ...]], quantized: dict, res
         blocks.pop(EMBEDDING_NAME)
     for name in (HEAD_NAME, EMBEDDING_NAME):
         if head_4bit and name in blocks and blocks[name][0] == "q8_0":
-            blocks[name] = ("q4_1", blocks[name][1])  # Int4Matrix's bytes: nibbles and a (scale, zero) per group
+            blocks[name] = (SKETCH_KIND, blocks[name][1])
     for layer in range(num_layers):
         names = [f"layers.{layer}.{part}_proj.weight" for part in ("q", "k", "v")]
         if all(name in blocks for name in names) and len({blocks[name][0] for name in names}) == 1:
