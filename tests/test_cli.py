@@ -88,6 +88,7 @@ def test_generate_json_prints_one_object_per_prompt(store):
     objects = _json_lines(result.stdout)
     assert [o["prompt"] for o in objects] == PROMPTS
     assert {o["runtime"] for o in objects} == {"inproc"}  # --runtime auto: dense has nothing to pipeline
+    assert {o["head_precision"] for o in objects} == {"stored"}  # no --memory: the head as the store holds it
 
     with Engine(store, max_batch=len(PROMPTS)) as engine:  # the same greedy run in-process
         expected = engine.generate(PROMPTS, SamplingParams(max_tokens=MAX_TOKENS, ignore_eos=True))

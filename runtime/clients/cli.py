@@ -88,7 +88,7 @@ def cmd_generate(args) -> int:
                               "finish_reason": result.finish_reason, "prompt_tokens": result.prompt_tokens,
                               "ms_per_token": round(result.ms_per_token, 3),
                               "flash_read_bytes": result.flash_read_bytes, "mode": engine.mode,
-                              "runtime": engine.runtime}))
+                              "runtime": engine.runtime, "head_precision": engine.config.head_precision}))
         elif stream:
             print()
         else:
@@ -102,7 +102,8 @@ def cmd_eval(args) -> int:
     with engine_from_args(args) as engine:
         ppl, tokens = engine.perplexity(text, window_tokens=args.window)
     if args.json:
-        print(json.dumps({"perplexity": ppl, "tokens": tokens, "mode": engine.mode, "runtime": engine.runtime}))
+        print(json.dumps({"perplexity": ppl, "tokens": tokens, "mode": engine.mode, "runtime": engine.runtime,
+                          "head_precision": engine.config.head_precision}))
     else:
         print(f"perplexity {ppl:.3f} over {tokens} tokens ({engine.mode})")
     return 0

@@ -187,7 +187,7 @@ def run_mode(store: str, config: EngineConfig, text_ids: list[int] | None, decod
         if record_sets and hasattr(ffn, "recorded_sets"):
             ffn.recorded_sets = []
         result: dict = {"mode": mode, "runtime": runtime, "device": engine.executor.device,
-                        "torch_threads": engine.threads}
+                        "torch_threads": engine.threads, "head_precision": engine.config.head_precision}
         if engine.memory_plan is not None:
             result["memory_plan"] = engine.memory_plan.as_record()
             print(engine.memory_plan.describe(), file=sys.stderr)

@@ -272,6 +272,7 @@ def run_flashllm(options: PeerBenchOptions, mode: str, memory_bytes: int | None,
             record["ms_per_token"] = result["ms_per_token"]
             record["runtime"] = result.get("runtime")
             record["picked_mode"] = result.get("mode")  # what --mode auto chose at this budget
+            record["head_precision"] = result.get("head_precision")  # and how it held the head
             record["generated_tokens"] = len(result.get("tokens", []))
     return record
 
