@@ -303,7 +303,7 @@ def test_a_4bit_sketch_of_q8_0_rows_fits_them_closer_than_their_range_and_multip
     w[3, :SKETCH_GROUP_WEIGHTS] = 0.02  # a constant group (no range: held exactly)
     w[5, 7] = 0.9  # an outlier that stretches its group's range
     blocks = blocks_of("q8_0", w)
-    stored = dequantize(blocks)  # (130, 64) the rows as stored
+    stored = dequantize(blocks)  # (130, 128) the rows as stored
     chunks = [(0, blocks.raw[:64]), (64, blocks.raw[64:])]
     sketch = Int4Matrix.fitted_from_chunks("q8_0", (130, 128), chunks)
     whole = Int4Matrix.fitted_from_chunks("q8_0", (130, 128), [(0, blocks.raw)])
@@ -338,8 +338,9 @@ def held_nbytes(value) -> int:
 
 def test_the_memory_plan_counts_quantized_weights_and_caches_as_held(quantized_tiny_store):
     from flashllm.runtime.core.engine import Engine
-    from flashllm.workers.memory_plan import cache_bytes_of, plan_for_store
+    from flashllm.workers.memory_plan import cache_bytes_of, naive_minimum_bytes, plan_for_store
     from flashllm.workers.flash_io.kernel_rows import kernel_rows_for
+    from flashllm.workers.models.quant_ffn import QuantNeuronMatrix
     from flashllm.workers.prefetch import Prefetcher
     from flashllm.workers.sparse_ffn import CacheView
     from flashllm.workers.store_reader import load_down_group_scales, open_store
@@ -354,8 +355,24 @@ def test_the_memory_plan_counts_quantized_weights_and_caches_as_held(quantized_t
         float_bytes = sum(4 * info.shape[0] * info.shape[1] for info in manifest.resident_quantized.values())
         quantized_held = sum(held[name] for name, value in model.w.items() if not isinstance(value, torch.Tensor))
         assert quantized_held < float_bytes / 3
-        tables = load_down_group_scales(quantized_tiny_store, manifest)  # held once by the FFN, counted once
-        assert plan.cache_bytes == sum(rows.matrix.nbytes for rows in ffn.layers) + sum(t.nbytes for t in tables)
+        tables = load_down_group_scales(quantized_tiny_store, manifest)
+        # 4-bit down: a held layer keeps its down blocks with their own scales, and neither form of its table
+        assert QuantNeuronMatrix.holds_own_down_scales(manifest.ffn)
+        assert all(rows.matrix.down_table is None and rows.matrix.down_kernel_scales is None for rows in ffn.layers)
+        assert plan.cache_bytes == sum(rows.matrix.nbytes for rows in ffn.layers)
+    # naive holding one layer of two: that layer's matrix, and the streamed layer's table in the kernel's form
+    # (its float16 form is dropped once converted); the two matrices it streams through are staging
+    minimum = naive_minimum_bytes(manifest, plan.resident_bytes, 4, "cpu")
+    one_held = plan_for_store(quantized_tiny_store, manifest, minimum + plan.cache_bytes // 2, "naive", 4, 0)
+    held_layers = [layer for layer, rows in enumerate(one_held.capacity_rows) if rows]
+    assert len(held_layers) == 1
+    with Engine(quantized_tiny_store, mode="naive", max_batch=1, memory_budget_bytes=one_held.budget_bytes) as engine:
+        ffn = engine.executor.ffn
+        assert sorted(ffn._held) == held_layers and ffn.down_scales is None
+        kept = sum(rows.matrix.nbytes for rows in ffn._held.values()) + \
+            sum(t.nbytes for t in ffn._down_kernel_scales.values())
+        assert list(ffn._down_kernel_scales) == [1 - held_layers[0]]
+        assert engine.memory_plan.cache_bytes == kept
     capacity_rows = [70, 100]
     prefetcher = Prefetcher(quantized_tiny_store, manifest, capacity_rows, window_tokens=4,
                             kernel_rows=kernel_rows_for(manifest.ffn, capacity_rows))

@@ -22,7 +22,9 @@ from flashllm.workers.interfaces import FfnProvider
 from flashllm.workers.models.ffn import BundleColumns, HalfRows, ffn_from_rows
 from flashllm.workers.models.quant_ffn import QuantNeuronMatrix, QuantRows, down_kernel_scales_of, quant_rows_of
 from flashllm.workers.models.resident import HALF_STORE_DTYPES
-from flashllm.workers.store_reader import bundle_rows_as_float, layer_table, load_down_group_scales
+from flashllm.workers.store_reader import (
+    bundle_rows_as_float, each_down_group_scales, layer_table, load_down_group_scales,
+)
 
 
 NAIVE_LAYERS_IN_FLIGHT = 2  # --mode naive holds this many layers read and as many converted
@@ -90,12 +92,12 @@ class DenseFfn(FfnProvider):
     def __init__(self, store_dir: str, manifest: Manifest, dtype: torch.dtype, device: str):
         self.cols = BundleColumns.from_layout(manifest.ffn.part_slices())
         self.stats = FfnStats()
-        down_scales = load_down_group_scales(store_dir, manifest)
+        # one layer's down table at a time: a held layer keeps it only where it needs it to compute
+        tables = each_down_group_scales(store_dir, manifest)
         with BundleReader(store_dir, manifest.ffn) as reader:
             self.layers = [held_rows(reader.read_layer(layer), manifest.ffn, dtype, device, copy=True,  # (n_ff, E)
-                                     down_scales=layer_table(down_scales, layer),
-                                     neuron_ids=np.arange(region.num_neurons))
-                           for layer, region in enumerate(manifest.ffn.layers)]
+                                     down_scales=table, neuron_ids=np.arange(region.num_neurons))
+                           for (layer, region), table in zip(enumerate(manifest.ffn.layers), tables)]
 
     def forward(self, layer: int, h: torch.Tensor) -> torch.Tensor:
         rows = self.layers[layer]
@@ -126,29 +128,36 @@ class NaiveFlashFfn(FfnProvider):
         self.reader = BundleReader(store_dir, manifest.ffn, num_threads=num_threads)
         self.layout = manifest.ffn
         self.num_layers = len(manifest.ffn.layers)
-        self.down_scales = load_down_group_scales(store_dir, manifest)
         self.dtype, self.device = dtype, device
         self.stats = FfnStats()
-        held = [layer for layer, rows in enumerate(capacity_rows or [])
-                if rows and rows >= manifest.ffn.layers[layer].num_neurons]
-        self._raw_buffers = [self.reader.layer_buffer() for _ in range(self.DEPTH)]
-        # read through a raw buffer: read_layer without one keeps a layer-sized buffer of the reader's own
-        self._held = {layer: held_rows(self.reader.read_layer(layer, self._raw_buffers[0]), self.layout, dtype,
-                                       device, copy=True, down_scales=layer_table(self.down_scales, layer),
-                                       neuron_ids=np.arange(manifest.ffn.layers[layer].num_neurons))
-                      for layer in held}
-        self._streamed = [layer for layer in range(self.num_layers) if layer not in self._held]
-        self._matrices = None  # a quantized store on a CPU: whole-layer matrices, rewritten in turn
+        held = {layer for layer, rows in enumerate(capacity_rows or [])
+                if rows and rows >= manifest.ffn.layers[layer].num_neurons}
+        self._streamed = [layer for layer in range(self.num_layers) if layer not in held]
+        on_cpu_quantized = self.layout.is_quantized and torch.device(device).type == "cpu"
+        # 4-bit down blocks on a CPU: a streamed layer keeps its table in the kernel's form only, a held one none
+        # (memory_plan.layers_needing_down_tables); else every layer keeps its float16 table
+        own_scales = on_cpu_quantized and QuantNeuronMatrix.holds_own_down_scales(self.layout)
+        self.down_scales: list | None = None if own_scales else load_down_group_scales(store_dir, manifest)
         self._down_kernel_scales: dict[int, torch.Tensor] = {}  # streamed layer → its 4-bit down table, kernel form
-        if self.layout.is_quantized and torch.device(device).type == "cpu" and self._streamed:
+        self._raw_buffers = [self.reader.layer_buffer() for _ in range(self.DEPTH)]
+        self._held = {}
+        tables = each_down_group_scales(store_dir, manifest) if own_scales else \
+            (layer_table(self.down_scales, layer) for layer in range(self.num_layers))
+        for layer, table in zip(range(self.num_layers), tables):
+            if layer in held:  # read through a raw buffer: read_layer without one keeps a buffer of its own
+                self._held[layer] = held_rows(self.reader.read_layer(layer, self._raw_buffers[0]), self.layout,
+                                              dtype, device, copy=True, down_scales=table,
+                                              neuron_ids=np.arange(manifest.ffn.layers[layer].num_neurons))
+            elif own_scales:
+                self._down_kernel_scales[layer] = down_kernel_scales_of(table)
+        self._matrices = None  # a quantized store on a CPU: whole-layer matrices, rewritten in turn
+        if on_cpu_quantized and self._streamed:
             largest = max(region.num_neurons for region in self.layout.layers)
             first = self._streamed[0]
             self._matrices = [QuantNeuronMatrix(self.layout, largest, layer_table(self.down_scales, first),
-                                                whole_layer=True) for _ in range(self.DEPTH)]
-            if self._matrices[0].down_as_blocks:  # converted once; the float16 tables are then not needed
-                self._down_kernel_scales = {layer: down_kernel_scales_of(layer_table(self.down_scales, layer))
-                                            for layer in self._streamed}
-                self.down_scales = None
+                                                whole_layer=True,
+                                                down_kernel_scales=self._down_kernel_scales.get(first))
+                              for _ in range(self.DEPTH)]
         self._read_thread = ThreadPoolExecutor(1, thread_name_prefix="flashllm-naive-read")
         # one torch thread there: OpenMP gives a new thread all cores, whose spinning slows both threads
         self._convert_thread = ThreadPoolExecutor(1, thread_name_prefix="flashllm-naive-convert",

@@ -140,6 +140,19 @@ def down_scale_tables_bytes(layout: FfnLayout) -> int:
     return sum(math.prod(qf.down_scale_table_shape(kind, d, region.num_neurons)) * 2 for region in layout.layers)
 
 
+def whole_layer_tables_bytes(layout: FfnLayout, held_rows: list[int], device: str) -> int:
+    """The down scale tables dense or naive keeps beside its whole layers (held_rows: per layer, 0 where it is
+    streamed). On a CPU, where a whole layer holds 4-bit down blocks with their own scales
+    (QuantNeuronMatrix.holds_own_down_scales), a held layer keeps no table and a streamed one its table in the
+    int4 kernel's form, a bfloat16 (scale, zero) per 32 neurons and output (ffn_providers.NaiveFlashFfn); else
+    every layer keeps its float16 table."""
+    if layout.down_group_scales is None or not (device == "cpu" and QuantNeuronMatrix.holds_own_down_scales(layout)):
+        return down_scale_tables_bytes(layout)
+    d = dict((name, n) for name, n, _ in layout.bundle_parts)["down"]
+    return sum(region.num_neurons // qf.BLOCK_ELEMENTS * d * 2 * 2
+               for region, rows in zip(layout.layers, held_rows) if not rows)
+
+
 def sparse_staging_bytes(layout: FfnLayout, compute_itemsize: int, device: str = "cpu") -> int:
     """What the sparse mode's reads stage beside the caches: a read of neurons a round of requests (at most a
     layer), and the dense-read path (prefill), which goes through a layer in chunks: the worker runtime's
@@ -289,18 +302,22 @@ def naive_staging_bytes(layout: FfnLayout, compute_itemsize: int, device: str) -
 
 def naive_held_rows(layout: FfnLayout, spare_bytes: int, compute_itemsize: int, device: str) -> list[int]:
     """Rows per layer --mode naive holds with spare_bytes beside its minimum: as many whole layers as fit,
-    spread evenly over the depth (a held layer between streamed ones gives the reader time), 0 for the rest."""
+    spread evenly over the depth (a held layer between streamed ones gives the reader time), 0 for the rest.
+    The minimum counts every layer's down scale table; a held layer that no longer needs its own gives it back."""
     num_layers = len(layout.layers)
+    table_freed = (whole_layer_tables_bytes(layout, [0] * num_layers, device) - whole_layer_tables_bytes(
+        layout, [region.num_neurons for region in layout.layers], device)) // num_layers
     per_layer = max(held_rows_bytes(layout, region.num_neurons, compute_itemsize, device, whole_layer=True)
-                    for region in layout.layers)
+                    for region in layout.layers) - table_freed
     held = evenly_spread_layers(max(0, min(num_layers, spare_bytes // per_layer)), num_layers)
     return [region.num_neurons if layer in held else 0 for layer, region in enumerate(layout.layers)]
 
 
 def naive_minimum_bytes(manifest: Manifest, resident_bytes: int, compute_itemsize: int, device: str) -> int:
     """--mode naive holds the resident weights, ffn_down's scale tables and one layer at a time."""
-    return resident_bytes + down_scale_tables_bytes(manifest.ffn) + naive_staging_bytes(manifest.ffn, compute_itemsize,
-                                                                                      device)
+    layout = manifest.ffn
+    return resident_bytes + whole_layer_tables_bytes(layout, [0] * len(layout.layers), device) + \
+        naive_staging_bytes(layout, compute_itemsize, device)
 
 
 def sparse_minimum_knobs(manifest: Manifest, min_total: int, resident_savings: "ResidentSavings",
@@ -542,7 +559,8 @@ def _whole_layer_plan(manifest: Manifest, mode: str, budget_bytes: int | None, r
     plan = MemoryPlan(budget_bytes=budget_bytes, resident_bytes=resident_bytes, predictor_bytes=0,
                       staging_bytes=0 if mode == "dense" else naive_staging_bytes(layout, compute_itemsize, device),
                       cache_bytes=sum(held_rows_bytes(layout, rows, compute_itemsize, device, whole_layer=True)
-                                      for rows in ffn_rows if rows) + down_scale_tables_bytes(layout),
+                                      for rows in ffn_rows if rows)
+                      + whole_layer_tables_bytes(layout, ffn_rows, device),
                       kv_cache_bytes=inputs.kv_cache_bytes, capacity_rows=ffn_rows, min_capacity_rows=ffn_rows,
                       ffn_bytes=layout.total_bundle_bytes, total_neurons=sum(r.num_neurons for r in layout.layers))
     plan.minimum_bytes = plan.total_bytes if mode == "dense" else naive_minimum

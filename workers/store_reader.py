@@ -156,10 +156,14 @@ def load_down_group_scales(store_dir: str, manifest: Manifest) -> list[np.ndarra
 
 def each_down_group_scales(store_dir: str, manifest: Manifest):
     """load_down_group_scales' tables one layer at a time (a caller that copies them elsewhere, e.g. into
-    shared memory, then holds one at a time, not all twice)."""
+    shared memory or a held layer, then holds one at a time, not all twice); None for each layer of a store
+    whose down columns need none."""
     from safetensors import safe_open
 
     layout = manifest.ffn
+    if layout.down_group_scales is None:
+        yield from (None for _ in layout.layers)
+        return
     path = os.path.join(store_dir, manifest.resident_file)
     with safe_open(path, framework="np") as f:
         for layer in range(len(layout.layers)):

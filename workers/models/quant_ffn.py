@@ -149,6 +149,12 @@ class QuantNeuronMatrix:
         self.down_scales = down_scales
         self.down_table = None if down_scales is None else np.ascontiguousarray(down_scales.transpose(1, 2, 0))
 
+    @staticmethod
+    def holds_own_down_scales(layout: FfnLayout) -> bool:
+        """Whether a whole layer of this layout, once written, holds its down columns as int4 blocks with their
+        own (scale, zero) (4-bit down): its down scale table is then needed only to write it."""
+        return layout.is_quantized and _int4_down(layout.part_kinds()["down"])
+
     @classmethod
     def over_kernel_rows(cls, layout: FfnLayout, arrays: dict[str, np.ndarray], down_scales: np.ndarray
                          ) -> "QuantNeuronMatrix":
@@ -262,6 +268,10 @@ class QuantNeuronMatrix:
             raise ValueError("a whole-layer matrix is written once, with neurons 0..n-1 (a multiple of 32) in order")
         write_down_q4_tiles(self.down_packed.numpy(), bundles, self.byte_slices["down"].start, self.d)
         self.down_scales_zeros[: k // BLOCK_WEIGHTS] = self.down_kernel_scales[: k // BLOCK_WEIGHTS]
+        # copied: the layer's table, in either form, is no longer this matrix's to keep (a held layer would
+        # otherwise keep both alive beside its own copy; memory_plan.layers_needing_down_tables)
+        self.down_kernel_scales = None
+        self._set_down_table(None)
 
     def _write_whole_tiles(self, first: int, blocks: QuantizedBlocks) -> None:
         """Rows first.. (a multiple of 64 from a tile's start) straight from the blocks' bytes into the tile
