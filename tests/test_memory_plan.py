@@ -128,6 +128,7 @@ def test_below_the_model_a_q8_0_head_is_planned_at_4_bits_and_its_bytes_hold_ffn
                              (dense_as_stored.total_bytes - 1, "4bit")):
         assert resolve_head_precision("auto", budget, True, fits_as_stored(budget or 0)) == expected
     assert resolve_head_precision("auto", 1, False, fits_as_stored(1)) == "stored"  # nothing to sketch
+    assert resolve_head_precision("4bit", 1, False, fits_as_stored(1)) == "stored"
     assert resolve_head_precision("stored", 1, True, fits_as_stored(1)) == "stored"  # as asked
     # at 60% of the weights naive holds the layers the head's bytes pay for
     budget = budget_from_percent("60%", store)

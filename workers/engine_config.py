@@ -24,7 +24,7 @@ MODES = ("auto", *FFN_MODES)
 RUNTIMES = ("auto", "inproc", "workers")
 DEFAULT_MAX_CONTEXT = 2048  # KV-cache tokens per slot when --max-context is not given (capped by the model)
 RESIDENT_DTYPES = ("float32", "float16", "bfloat16")
-# how a q8_0 head is held (--head-precision): as stored (int8 rows), or as a 4-bit sketch in ~60% of the bytes
+# how a q8_0 head is held (--head-precision): as stored (int8 rows), or as a 4-bit sketch in ~56% of the bytes
 # whose top logits are still recomputed exactly (resident.StoreBackedMatrix); auto: as stored where the whole
 # model fits the budget that way, else the sketch (mode_choice.resolve_head_precision)
 HEAD_PRECISIONS = ("auto", "stored", "4bit")

@@ -135,7 +135,7 @@ class NaiveFlashFfn(FfnProvider):
         self._streamed = [layer for layer in range(self.num_layers) if layer not in held]
         on_cpu_quantized = self.layout.is_quantized and torch.device(device).type == "cpu"
         # 4-bit down blocks on a CPU: a streamed layer keeps its table in the kernel's form only, a held one none
-        # (memory_plan.layers_needing_down_tables); else every layer keeps its float16 table
+        # (memory_plan.whole_layer_tables_bytes); else every layer keeps its float16 table
         own_scales = on_cpu_quantized and QuantNeuronMatrix.holds_own_down_scales(self.layout)
         self.down_scales: list | None = None if own_scales else load_down_group_scales(store_dir, manifest)
         self._down_kernel_scales: dict[int, torch.Tensor] = {}  # streamed layer → its 4-bit down table, kernel form

@@ -174,7 +174,8 @@ def sparse_staging_bytes(layout: FfnLayout, compute_itemsize: int, device: str =
 def plan_memory(manifest: Manifest, resident_bytes: int, budget_bytes: int | None, compute_itemsize: int,
                 keep_neurons: int, hot_counts: list[int], predictor_bytes: int, kv_cache_bytes: int,
                 cache_itemsize: int | None = None, device: str = "cpu",
-                resident_savings: "ResidentSavings | None" = None, capacity_rows: list[int] | None = None) -> MemoryPlan:
+                resident_savings: "ResidentSavings | None" = None,
+                capacity_rows: list[int] | None = None) -> MemoryPlan:
     """--mode sparse's plan. budget_bytes None: nothing bounds memory, the caches are capacity_rows as given
     (every neuron when None). resident_savings: what the resident weights' knobs would save (for the
     too-small message; none by default).

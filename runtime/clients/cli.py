@@ -191,7 +191,7 @@ def add_engine_args(p: argparse.ArgumentParser, store_required: bool = True) -> 
                    help="hold embeddings, attention and head matrices in this dtype (default: the compute dtype, "
                         "float32 on CPU); float16 halves their memory, products stay in the compute dtype")
     p.add_argument("--head-precision", choices=["auto", "stored", "4bit"], default="auto",
-                   help="how an 8-bit (q8_0) head is held: as stored (int8 rows), or as a 4-bit sketch in ~60%% of "
+                   help="how an 8-bit (q8_0) head is held: as stored (int8 rows), or as a 4-bit sketch in ~56%% of "
                         "the bytes whose top 32 logits are still computed exactly from the stored rows; auto "
                         "(default): as stored when the whole model fits --memory, else the sketch, whose freed "
                         "bytes hold FFN weights instead of reading them from flash")

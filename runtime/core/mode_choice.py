@@ -116,10 +116,13 @@ def resolve_head_precision(requested: str, budget_bytes: int | None, sketch_appl
     plan with the head as stored fits), else as a 4-bit sketch. Below the model every MiB the head gives up
     holds FFN weights that would otherwise be read from flash at every token; the sketch's top 32 logits are
     still recomputed exactly, so greedy and top-k choices stand, and the rest of the distribution moves by its
-    rounding (docs/benchmarks.md, stop 34: perplexity and speed both ways)."""
+    rounding (docs/benchmarks.md, stop 34: perplexity and speed both ways). Where there is no such head, "stored"
+    whatever was asked: nothing would be sketched, and the engine's config says what it holds."""
+    if not sketch_applies:
+        return "stored"
     if requested != "auto":
         return requested
-    if not sketch_applies or budget_bytes is None or fits_as_stored():
+    if budget_bytes is None or fits_as_stored():
         return "stored"
     return "4bit"
 

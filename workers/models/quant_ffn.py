@@ -269,7 +269,7 @@ class QuantNeuronMatrix:
         write_down_q4_tiles(self.down_packed.numpy(), bundles, self.byte_slices["down"].start, self.d)
         self.down_scales_zeros[: k // BLOCK_WEIGHTS] = self.down_kernel_scales[: k // BLOCK_WEIGHTS]
         # copied: the layer's table, in either form, is no longer this matrix's to keep (a held layer would
-        # otherwise keep both alive beside its own copy; memory_plan.layers_needing_down_tables)
+        # otherwise keep both alive beside its own copy; memory_plan.whole_layer_tables_bytes)
         self.down_kernel_scales = None
         self._set_down_table(None)
 

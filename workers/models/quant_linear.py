@@ -94,7 +94,7 @@ def pack_int4_tiles(q: torch.Tensor) -> torch.Tensor:
 
 
 DEQUANTIZE_CHUNK_ROWS = 4096  # rows decoded at a time: the float32 temporaries stay a few MiB, not 3 x the matrix
-REQUANTIZE_CHUNK_ROWS = 1024  # rows re-rounded at a time (Int8RowMatrix, a 4-bit head): the load's transient stays small
+REQUANTIZE_CHUNK_ROWS = 1024  # rows re-rounded at a time (Int8RowMatrix, a 4-bit head): small load transients
 
 
 def dequantize(blocks: QuantizedBlocks, dtype: torch.dtype = torch.float32) -> torch.Tensor:
@@ -125,7 +125,7 @@ class Int4Matrix:
     @classmethod
     def fitted_from_chunks(cls, kind: str, shape: tuple[int, int], chunks,
                            group_weights: int = SKETCH_GROUP_WEIGHTS) -> "Int4Matrix":
-        """A 4-bit sketch of a matrix of another kind (a q8_0 head held in ~55% of its bytes), from (first row,
+        """A 4-bit sketch of a matrix of another kind (a q8_0 head held in ~56% of its bytes), from (first row,
         raw blocks) chunks whose first rows are multiples of INT4_TILE_ROWS: each chunk is dequantized and
         fitted to 4 bits, a (scale, zero) per group_weights (fit_int4_groups), as it arrives, so the stored
         blocks are never all in memory. `fit_max_abs_error` is the largest weight error the fit made."""
@@ -261,10 +261,10 @@ FIT_ROUNDS = 3  # least-squares refits of a 4-bit group's scale and zero (the er
 
 def fit_int4_groups(w: torch.Tensor, group_weights: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, float]:
     """w (r, in) float32 → (q (r, in) uint8 0..15, scale (r, G), zero (r, G), max abs error): each group of
-    group_weights weights as w ≈ (q - 8)·scale + zero, the int4 kernel's form, with scale and zero rounded to the bfloat16 the
-    kernel holds. Starts from the group's range (Q4_1's rounding) and refits scale and zero by least squares
-    to the rounded q, keeping per group whichever fit has the smaller squared error: closer to the weights
-    than the range alone, which spends levels on a group's outliers."""
+    group_weights weights as w ≈ (q - 8)·scale + zero, the int4 kernel's form, with scale and zero rounded to
+    the bfloat16 the kernel holds. Starts from the group's range (Q4_1's rounding) and refits scale and zero by
+    least squares to the rounded q, keeping per group whichever fit has the smaller squared error: closer to
+    the weights than the range alone, which spends levels on a group's outliers."""
     rows, inner = w.shape
     groups = w.reshape(rows, inner // group_weights, group_weights)  # (r, G, g)
     low, high = groups.amin(dim=-1), groups.amax(dim=-1)  # (r, G)
