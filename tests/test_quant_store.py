@@ -491,3 +491,42 @@ def test_naive_streams_a_quantized_store_to_dense_tokens(dtype, tiny_quantized_s
         with Engine(store, mode=mode, runtime="inproc") as engine:
             tokens[mode] = engine.generate([[1, 5, 9, 13]], params)[0].tokens
     assert tokens["naive"] == tokens["dense"]
+
+
+def test_stored_rows_come_back_as_the_gguf_holds_them_and_only_the_last_ones_read_stay(demo_default_store,
+                                                                                     demo_reader):
+    """The demo's embedding/head rows read from the store (its exact top logits, its lookups): the GGUF's own
+    values; the last rows read are kept in the process (counted as resident), and the pages read are dropped
+    from the page cache, so a row not kept is read from the device again."""
+    from gguf.quants import dequantize
+
+    from flashllm.workers.flash_io.io_counters import process_read_bytes
+    from flashllm.workers.store_reader import StoredMatrixRows, drop_file_cache, stored_matrix_rows
+
+    store, _ = demo_default_store
+    rows = stored_matrix_rows(store, read_manifest(store), "embed_tokens")
+    fd = os.open(rows.path, os.O_RDONLY)
+    try:
+        os.fsync(fd)  # written pages are dropped only once clean
+    finally:
+        os.close(fd)
+    drop_file_cache(rows.path)
+    token_embd = _gguf_tensor(demo_reader, "token_embd.weight")
+    ids = torch.tensor([[5, 40000], [17, 5]])
+
+    def device_bytes_of(matrix: StoredMatrixRows, ids: torch.Tensor) -> tuple[int, torch.Tensor]:
+        before = process_read_bytes()
+        values = matrix.rows(ids, torch.float32)
+        return process_read_bytes() - before, values
+
+    first, values = device_bytes_of(rows, ids)
+    expected = dequantize(np.asarray(token_embd.data)[[5, 40000, 17, 5]], token_embd.tensor_type)
+    assert torch.equal(values.reshape(4, 576), torch.from_numpy(expected.reshape(4, 576)))
+    assert first >= 3 * rows.row_bytes  # three rows, each read once
+    assert device_bytes_of(rows, ids)[0] == 0  # kept
+    assert rows.nbytes == StoredMatrixRows.held_bytes("q8_0", (49152, 576)) == 512 * 612
+    two_kept = StoredMatrixRows(rows.path, rows.data_offset_bytes, rows.kind, rows.shape, cached_rows=2)
+    device_bytes_of(two_kept, torch.tensor([5, 17]))
+    device_bytes_of(two_kept, torch.tensor([40000]))  # 5 was the least recently used: out
+    assert device_bytes_of(two_kept, torch.tensor([17, 40000]))[0] == 0
+    assert device_bytes_of(two_kept, torch.tensor([5]))[0] >= rows.row_bytes  # its page was not left cached

@@ -12,7 +12,9 @@ imported where it is used, so the torch-free prefetcher can decode rows).
 from __future__ import annotations
 
 import hashlib
+import mmap
 import os
+from collections import OrderedDict
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -223,19 +225,56 @@ def load_resident_weights(store_dir: str, manifest: Manifest, verify: bool = Tru
     return tensors
 
 
+# rows of a store-backed matrix kept as read, least recently used out: a head's exact top 32 rows recur from
+# token to token (and the next input's embedding row is one of them), 65% of them within the last 512 rows on
+# the demo (docs/benchmarks.md, stop 34); 512 of the demo's rows are 0.3 MiB, counted as resident
+STORED_ROWS_CACHED = 512
+
+
 class StoredMatrixRows:
     """Rows of a quantized resident matrix read from the store's resident file when asked for, instead of
     being held: an embedding lookup needs only a step's T rows (612 bytes each for the demo's q8_0 table),
-    so the table costs no memory, and each row comes back exactly as stored. The rows read are dropped
-    from the page cache (a memory cgroup would charge them to the process)."""
+    so the table costs only the last `cached_rows` rows read, and each row comes back exactly as stored. The
+    pages read are dropped from the page cache (a memory cgroup would charge them to the process)."""
 
-    def __init__(self, path: str, data_offset_bytes: int, kind: str, shape: tuple[int, int], name: str = ""):
+    def __init__(self, path: str, data_offset_bytes: int, kind: str, shape: tuple[int, int], name: str = "",
+                 cached_rows: int = STORED_ROWS_CACHED):
         self.path, self.kind, self.shape, self.name = path, kind, tuple(shape), name
         self.row_bytes = qf.bytes_per_row(kind, shape[1])
         self.data_offset_bytes = data_offset_bytes
+        self._cached = np.empty((min(cached_rows, shape[0]), self.row_bytes), np.uint8)  # (slots, row bytes)
+        self._slot_of: OrderedDict[int, int] = OrderedDict()  # row → its slot, least recently used first
         self._fd = os.open(path, os.O_RDONLY)
+        # rows are read a few at a time, anywhere: the kernel's readahead would read (and cache) pages around
+        # each that nothing asked for; the whole-matrix reads (block_chunks) ask for large ranges anyway
+        os.posix_fadvise(self._fd, 0, 0, os.POSIX_FADV_RANDOM)
 
-    nbytes = 0  # nothing held
+    @property
+    def nbytes(self) -> int:
+        """Bytes held: the rows kept as read."""
+        return self._cached.nbytes
+
+    @staticmethod
+    def held_bytes(kind: str, shape: tuple[int, int]) -> int:
+        """What one of these holds for a (rows, in) matrix of kind, known before making it."""
+        return min(STORED_ROWS_CACHED, shape[0]) * qf.bytes_per_row(kind, shape[1])
+
+    def _raw_rows(self, unique: np.ndarray) -> np.ndarray:
+        """Rows unique (u,) as stored (u, row bytes): from the rows kept where they are, else read and kept."""
+        raw = np.empty((len(unique), self.row_bytes), np.uint8)  # (u, row bytes)
+        for index, row in enumerate(unique.tolist()):
+            slot = self._slot_of.get(row)
+            if slot is not None:
+                self._slot_of.move_to_end(row)
+                raw[index] = self._cached[slot]
+                continue
+            self._read_rows(row, raw[index:index + 1])
+            if len(self._cached):
+                slot = len(self._slot_of) if len(self._slot_of) < len(self._cached) else \
+                    self._slot_of.popitem(last=False)[1]
+                self._slot_of[row] = slot
+                self._cached[slot] = raw[index]
+        return raw
 
     def rows(self, ids: "torch.Tensor", dtype: "torch.dtype") -> "torch.Tensor":
         """ids (...) int → the rows (..., in) in dtype, dequantized exactly as stored."""
@@ -247,9 +286,7 @@ class StoredMatrixRows:
         if len(flat) and (flat.min() < 0 or flat.max() >= self.shape[0]):
             raise ValueError(f"token id out of range 0..{self.shape[0] - 1}")
         unique, inverse = np.unique(flat, return_inverse=True)
-        raw = np.empty((len(unique), self.row_bytes), np.uint8)  # (u, row bytes)
-        for index, row in enumerate(unique):
-            self._read_rows(int(row), raw[index:index + 1])
+        raw = self._raw_rows(unique)  # (u, row bytes)
         values = dequantize(QuantizedBlocks(self.kind, torch.from_numpy(raw), (len(unique), self.shape[1])))
         return values[torch.from_numpy(inverse)].reshape(*ids.shape, self.shape[1]).to(dtype)
 
@@ -271,11 +308,15 @@ class StoredMatrixRows:
                              "re-run `flashllm convert`")
 
     def _read_rows(self, start: int, out: np.ndarray) -> np.ndarray:
-        """Rows start.. into out (rows, row bytes) uint8, then dropped from the page cache."""
+        """Rows start.. into out (rows, row bytes) uint8, then the pages they lie on dropped from the page cache:
+        the kernel drops only whole pages in the range it is given, so a row's own range (a head's row is
+        612 bytes on the demo) would leave its page cached, charged to this process and never counted."""
         offset = self.data_offset_bytes + start * self.row_bytes
         if os.preadv(self._fd, [memoryview(out).cast("B")], offset) != out.nbytes:
             raise StoreError(f"{self.path}: short read at row {start}; the store is corrupt, re-run `flashllm convert`")
-        os.posix_fadvise(self._fd, offset, out.nbytes, os.POSIX_FADV_DONTNEED)
+        first_page = offset - offset % mmap.PAGESIZE
+        end_page = -(-(offset + out.nbytes) // mmap.PAGESIZE) * mmap.PAGESIZE
+        os.posix_fadvise(self._fd, first_page, end_page - first_page, os.POSIX_FADV_DONTNEED)
         return out
 
     def close(self) -> None:

@@ -75,7 +75,7 @@ class StoreBackedMatrix:
 
     @property
     def nbytes(self) -> int:
-        return self.held.nbytes if self.held is not None else 0
+        return (self.held.nbytes if self.held is not None else 0) + self.stored_rows.nbytes
 
     def rows(self, ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         return self.stored_rows.rows(ids, dtype)
@@ -160,8 +160,8 @@ def resident_held_bytes(shapes: dict[str, tuple[int, ...]], quantized: dict, res
     """Bytes hold_resident will hold for tensors of these shapes (name → shape as stored; quantized: the
     manifest's name → kind, float shape): float tensors at resident_itemsize, quantized ones in their
     kernels' layouts (fused as fuse_projections fuses them) on a CPU, dequantized on a GPU. On a CPU a
-    quantized embedding table is read from the store (StoreBackedMatrix): held only as a tied head, and a
-    q8_0 head as a 4-bit sketch with head_4bit."""
+    quantized embedding table is read from the store (StoreBackedMatrix, keeping its last rows read): held only
+    as a tied head, and a q8_0 head as a 4-bit sketch with head_4bit."""
     if torch.device(device).type != "cpu":
         return sum(_elements(quantized[n].shape if n in quantized else s) for n, s in shapes.items()) * resident_itemsize
     blocks = {name: (info.kind, tuple(info.shape)) for name, info in quantized.items() if name in shapes}
@@ -176,7 +176,12 @@ def resident_held_bytes(shapes: dict[str, tuple[int, ...]], quantized: dict, res
             kind, inner = blocks[names[0]][0], blocks[names[0]][1][1]
             blocks[f"layers.{layer}.qkv_proj.weight"] = (kind, (sum(blocks.pop(n)[1][0] for n in names), inner))
     float_bytes = sum(_elements(shape) for name, shape in shapes.items() if name not in quantized) * resident_itemsize
-    return float_bytes + sum(held_matrix_bytes(kind, shape) for kind, shape in blocks.values())
+    from flashllm.workers.store_reader import StoredMatrixRows
+
+    # each store-backed matrix (the embedding table, a quantized head) keeps its last rows read
+    rows_kept = sum(StoredMatrixRows.held_bytes(quantized[name].kind, tuple(quantized[name].shape))
+                    for name in (EMBEDDING_NAME, HEAD_NAME) if name in quantized and name in shapes)
+    return float_bytes + rows_kept + sum(held_matrix_bytes(kind, shape) for kind, shape in blocks.values())
 
 
 def _elements(shape) -> int:
