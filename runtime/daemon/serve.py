@@ -185,6 +185,8 @@ async def _serve(args, notifier, lock, http=None) -> int:
         arch = engine.arch
         model = f"{os.path.basename(os.path.normpath(args.store))} ({arch.source_model_type or arch.family})"
         log.info("%s", engine.mode_reason)
+        if engine.head_reason:
+            log.info("%s", engine.head_reason)
         server = ClientServer(sock, scheduler, model=model, mode=engine.mode)
         if http is not None:
             from flashllm.runtime.daemon.http_api import model_card_for
