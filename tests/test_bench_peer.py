@@ -206,3 +206,16 @@ def test_under_one_whole_process_cap_flashllm_gets_the_largest_memory_whose_boun
         assert cap == 2824 * MIB
         assert memory_bound_bytes(memory, 64 * MIB, per_process, runtime) <= cap
         assert memory_bound_bytes(memory + MIB, 64 * MIB, per_process, runtime) > cap
+
+
+def test_llama_cpps_baseline_is_the_median_of_its_runs():
+    """llama.cpp's cap at every budget is its weights' budget plus this baseline: one run's outlier (a 42 MB
+    baseline among 28-30 MB ones, measured) must not move them all."""
+    from flashllm.runtime.tools.bench_peer import llama_baseline_of
+
+    file_bytes = 98 * MIB
+    records = [{"peak_bytes": (98 + extra) * MIB, "cache_bytes_after_exit": cached * MIB, "tok_per_s": 130.0}
+               for extra, cached in ((28, 98), (42, 98), (30, 120))]  # the last charged more than the file
+    baseline = llama_baseline_of(records, file_bytes)
+    assert baseline["baseline_bytes"] == 30 * MIB and baseline["file_cache_bytes_charged"] == 98 * MIB
+    assert [run["baseline_bytes"] for run in baseline["runs"]] == [28 * MIB, 42 * MIB, 30 * MIB]

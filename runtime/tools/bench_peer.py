@@ -277,19 +277,35 @@ def run_flashllm(options: PeerBenchOptions, mode: str, memory_bytes: int | None,
     return record
 
 
+LLAMA_BASELINE_RUNS = 3  # one uncapped run's baseline measured 42 MB where four others gave 28-30 (stop 34)
+
+
 def measure_llama_baseline(options: PeerBenchOptions) -> dict:
-    """llama.cpp's memory beside its weights: an uncapped run's peak minus the file's pages it charged."""
-    record = run_llama(options, None, None, -1)
-    if record["failure"]:
-        raise PeerBenchError(f"llama-bench failed on {options.gguf} without a cap ({record['failure']}); "
+    """llama.cpp's memory beside its weights: the median over LLAMA_BASELINE_RUNS uncapped runs of the peak
+    minus the file's pages it charged. It sets llama.cpp's cap at every budget, so one run's outlier would
+    move all of them (a few MiB more cap is a large share of a 60% budget)."""
+    records = [run_llama(options, None, None, -1) for _ in range(LLAMA_BASELINE_RUNS)]
+    failed = next((r["failure"] for r in records if r["failure"]), None)
+    if failed:
+        raise PeerBenchError(f"llama-bench failed on {options.gguf} without a cap ({failed}); "
                              "check that the binary runs this file")
-    file_bytes = os.path.getsize(options.gguf)
-    charged_file_bytes = min(file_bytes, record["cache_bytes_after_exit"])
-    return {"baseline_bytes": max(0, record["peak_bytes"] - charged_file_bytes), "peak_bytes": record["peak_bytes"],
-            "file_cache_bytes_charged": charged_file_bytes, "tok_per_s": record["tok_per_s"],
-            "how": "uncapped llama-bench run from a cold page cache: peak (cgroup v2 memory.peak, v1 "
-                   "memory.max_usage_in_bytes) minus the "
-                   "page cache still charged after it exits (the GGUF's pages)"}
+    return llama_baseline_of(records, os.path.getsize(options.gguf))
+
+
+def llama_baseline_of(records: list[dict], file_bytes: int) -> dict:
+    """The median baseline of uncapped llama-bench runs (each: peak_bytes, cache_bytes_after_exit, tok_per_s),
+    with every run's figures beside it."""
+    runs = []
+    for record in records:
+        charged_file_bytes = min(file_bytes, record["cache_bytes_after_exit"])
+        runs.append({"baseline_bytes": max(0, record["peak_bytes"] - charged_file_bytes),
+                     "peak_bytes": record["peak_bytes"], "file_cache_bytes_charged": charged_file_bytes,
+                     "tok_per_s": record["tok_per_s"]})
+    middle = sorted(runs, key=lambda run: run["baseline_bytes"])[(len(runs) - 1) // 2]
+    return {**middle, "runs": runs,
+            "how": f"median over {len(runs)} uncapped llama-bench runs from a cold page cache: peak (cgroup v2 "
+                   "memory.peak, v1 memory.max_usage_in_bytes) minus the page cache still charged after it "
+                   "exits (the GGUF's pages)"}
 
 
 def measure_flashllm_process_baselines(store: str) -> dict:
