@@ -213,7 +213,7 @@ def test_at_60_percent_the_head_sketch_keeps_dense_greedy_tokens(demo_default_st
                                                                    reference_eval):
     """--memory 60% of the default store runs naive with the head as a 4-bit sketch (auto): its top logits are
     recomputed from the stored rows, so greedy decoding writes dense's tokens; only the distribution's tail
-    moves, which perplexity shows (docs/benchmarks.md, stop 34: +1.4% and +2.9% on two texts)."""
+    moves, which perplexity shows (docs/benchmarks.md, stop 34: +2.1% and +2.7% on two texts)."""
     from flashllm.runtime.core.mode_choice import budget_from_percent
 
     store, _ = demo_default_store
