@@ -273,6 +273,7 @@ class StatusReply:
     compute_ms_per_step: float  # FFN compute per decode step
     flash_bytes_per_token: float  # read_bytes of the FFN's reader (engine or prefetch worker) per decoded token
     cache_hit_rate: float | None  # neuron cache hits / neurons needed; None when no cache is used
+    head_precision: str = "stored"  # how a q8_0 head is held: "stored" or "4bit" (a daemon before it: stored)
 
 
 Reply = TokenChunk | Heartbeat | FinalMessage | ErrorReply | HealthReply | StatusReply

@@ -219,6 +219,23 @@ def test_status_reports_load_and_throughput(daemon, single_outputs):
     assert status.requests_completed >= len(PROMPTS) and status.tokens_generated > 0
     assert status.requests_running == 0 and status.requests_queued == 0
     assert status.cache_hit_rate is None  # dense mode has no neuron cache
+    assert status.head_precision == "stored"  # no --memory: the head as the store holds it
+
+
+def test_status_says_when_the_head_is_a_sketch():
+    from dataclasses import replace
+
+    from flashllm.protocol.client_api import StatusReply, validate
+    from flashllm.runtime.clients.client_cli import human_status
+
+    stored = validate(StatusReply(
+        id="s", state="ready", ok=True, model="smollm2 (gguf:llama)", mode="naive", max_batch=1, requests_running=0,
+        requests_queued=0, requests_completed=0, requests_failed=0, tokens_generated=0, uptime_s=1.0, window_s=1.0,
+        tokens_per_s=0.0, steps_per_s=0.0, mean_batch=0.0, step_ms=0.0, io_ms_per_step=0.0,
+        compute_ms_per_step=0.0, flash_bytes_per_token=0.0, cache_hit_rate=None))
+    assert "mode naive, max batch 1\n" in human_status("d.sock", stored)
+    assert "mode naive, max batch 1, head as a 4-bit sketch\n" in human_status(
+        "d.sock", replace(stored, head_precision="4bit"))
 
 
 def test_status_command_json_prometheus_and_human(daemon, single_outputs, capsys):

@@ -101,7 +101,8 @@ def human_status(socket_path: str, s) -> str:
     return "\n".join([
         f"flashllm daemon at {socket_path}: {s.state} ({'healthy' if s.ok else 'UNHEALTHY'}), "
         f"up {_duration(s.uptime_s)}",
-        f"model         {s.model}, mode {s.mode}, max batch {s.max_batch}",
+        f"model         {s.model}, mode {s.mode}, max batch {s.max_batch}"
+        + (", head as a 4-bit sketch" if s.head_precision == "4bit" else ""),
         f"requests      {s.requests_running} running, {s.requests_queued} queued, "
         f"{s.requests_completed} completed, {s.requests_failed} failed",
         f"throughput    {s.tokens_per_s:.1f} tokens/s over the last {s.window_s:.0f} s, "

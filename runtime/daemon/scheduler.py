@@ -478,4 +478,5 @@ class Scheduler:
             io_ms_per_step=per_step(sum(r.io_ms for r in decode_steps)),
             compute_ms_per_step=per_step(sum(r.compute_ms for r in decode_steps)),
             flash_bytes_per_token=sum(r.flash_bytes for r in decode_steps) / decoded if decoded else 0.0,
-            cache_hit_rate=sum(r.cache_hits for r in records) / needed if needed else None)
+            cache_hit_rate=sum(r.cache_hits for r in records) / needed if needed else None,
+            head_precision=self.engine.config.head_precision)
