@@ -22,7 +22,7 @@ import numpy as np
 
 from flashllm.protocol import quant_format as qf
 from flashllm.protocol.store_format import (
-    FfnLayout, Manifest, StoreError, read_manifest,
+    FfnLayout, Manifest, StoreError, align_down, align_up, read_manifest,
 )
 
 if TYPE_CHECKING:  # torch is imported where it is used: the prefetch worker reads bundles without it
@@ -314,9 +314,9 @@ class StoredMatrixRows:
         offset = self.data_offset_bytes + start * self.row_bytes
         if os.preadv(self._fd, [memoryview(out).cast("B")], offset) != out.nbytes:
             raise StoreError(f"{self.path}: short read at row {start}; the store is corrupt, re-run `flashllm convert`")
-        first_page = offset - offset % mmap.PAGESIZE
-        end_page = -(-(offset + out.nbytes) // mmap.PAGESIZE) * mmap.PAGESIZE
-        os.posix_fadvise(self._fd, first_page, end_page - first_page, os.POSIX_FADV_DONTNEED)
+        first_page = align_down(offset, mmap.PAGESIZE)
+        os.posix_fadvise(self._fd, first_page, align_up(offset + out.nbytes, mmap.PAGESIZE) - first_page,
+                         os.POSIX_FADV_DONTNEED)
         return out
 
     def close(self) -> None:
