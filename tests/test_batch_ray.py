@@ -84,8 +84,15 @@ class TwoNodeCluster:
 def two_nodes(demo_store, tmp_path_factory):
     from ray.cluster_utils import Cluster
 
+    from ray._private.utils import get_ray_address_file
+
     # a short path of its own: Ray's unix sockets live below it (at most ~107 bytes)
     temp_dir = tempfile.mkdtemp(prefix="ray-", dir="/tmp")
+    # Cluster.add_node records the head's address in Ray's default temp folder whatever temp_dir says, and
+    # fails where that folder does not exist yet (a fresh machine): made here, removed after if made here
+    address_dir = os.path.dirname(get_ray_address_file(None))
+    made_address_dir = not os.path.isdir(address_dir)
+    os.makedirs(address_dir, exist_ok=True)
     cluster = Cluster(initialize_head=False)
     try:
         running = TwoNodeCluster(cluster, tmp_path_factory.mktemp("ray-node-homes"), temp_dir)
@@ -95,6 +102,8 @@ def two_nodes(demo_store, tmp_path_factory):
     finally:
         cluster.shutdown()
         shutil.rmtree(temp_dir, ignore_errors=True)
+        if made_address_dir:
+            shutil.rmtree(address_dir, ignore_errors=True)
 
 
 def write_prompts(path, max_tokens: int) -> None:
