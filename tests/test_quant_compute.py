@@ -360,18 +360,19 @@ def test_the_memory_plan_counts_quantized_weights_and_caches_as_held(quantized_t
         assert QuantNeuronMatrix.holds_own_down_scales(manifest.ffn)
         assert all(rows.matrix.down_table is None and rows.matrix.down_kernel_scales is None for rows in ffn.layers)
         assert plan.cache_bytes == sum(rows.matrix.nbytes for rows in ffn.layers)
-    # naive holding one layer of two: that layer's matrix, and the streamed layer's table in the kernel's form
-    # (its float16 form is dropped once converted); the two matrices it streams through are staging
+    # naive holding one layer of two: that layer's matrix, and the streamed layer's table as stored (a decode
+    # step multiplies its bundles as read; nothing else of it is kept); the two matrices it streams through are
+    # staging
     minimum = naive_minimum_bytes(manifest, plan.resident_bytes, 4, "cpu")
     one_held = plan_for_store(quantized_tiny_store, manifest, minimum + plan.cache_bytes // 2, "naive", 4, 0)
     held_layers = [layer for layer, rows in enumerate(one_held.capacity_rows) if rows]
     assert len(held_layers) == 1
     with Engine(quantized_tiny_store, mode="naive", max_batch=1, memory_budget_bytes=one_held.budget_bytes) as engine:
         ffn = engine.executor.ffn
-        assert sorted(ffn._held) == held_layers and ffn.down_scales is None
+        assert sorted(ffn._held) == held_layers and ffn.down_scales is None and not ffn._down_kernel_scales
         kept = sum(rows.matrix.nbytes for rows in ffn._held.values()) + \
-            sum(t.nbytes for t in ffn._down_kernel_scales.values())
-        assert list(ffn._down_kernel_scales) == [1 - held_layers[0]]
+            sum(t.nbytes for t in ffn._streamed_tables.values())
+        assert list(ffn._streamed_tables) == [1 - held_layers[0]]
         assert engine.memory_plan.cache_bytes == kept
     capacity_rows = [70, 100]
     prefetcher = Prefetcher(quantized_tiny_store, manifest, capacity_rows, window_tokens=4,
@@ -389,20 +390,72 @@ def test_the_memory_plan_counts_quantized_weights_and_caches_as_held(quantized_t
         prefetcher.close()
 
 
-def test_dense_and_naive_decode_a_quantized_store_alike_and_near_its_float_weights(quantized_tiny_store):
+def test_dense_and_naive_decode_a_quantized_store_alike_one_sequence_or_a_batch_in_either_order(quantized_tiny_store):
+    """Naive multiplies a decode step's layers straight from the bundles as read (models/bundle_products, float32
+    activations) and converts them for a prompt or a batch of more than DIRECT_MAX_TOKENS sequences (the int4
+    kernels, bfloat16 activations): the same tokens as dense's kernels either way, and logits within the
+    kernels' bfloat16 rounding, also when one kind of step follows the other in its pipeline."""
     from flashllm.runtime.core.engine import Engine
     from flashllm.runtime.core.sampling import SamplingParams
+    from flashllm.workers.models.bundle_products import DIRECT_MAX_TOKENS
 
-    prompt = list(range(5, 17))
+    prompts = [list(range(5 + i, 17 + i)) for i in range(DIRECT_MAX_TOKENS + 1)]
+    params = SamplingParams(max_tokens=12, ignore_eos=True)
     tokens, logits = {}, {}
     for mode in ("dense", "naive"):
-        with Engine(quantized_tiny_store, mode=mode, max_batch=1) as engine:
+        with Engine(quantized_tiny_store, mode=mode, max_batch=len(prompts)) as engine:
             captured = []
             engine.logits_hook = lambda rid, row: captured.append(row.clone())
-            tokens[mode] = engine.generate([prompt], SamplingParams(max_tokens=12, ignore_eos=True))[0].tokens
-            logits[mode] = torch.stack(captured)
+            one = engine.generate(prompts[:1], params)[0].tokens
+            batch = [result.tokens for result in engine.generate(prompts, params)]
+            again = engine.generate(prompts[:1], params)[0].tokens
+            tokens[mode], logits[mode] = (one, batch, again), torch.stack(captured)
     assert tokens["dense"] == tokens["naive"]
-    assert torch.allclose(logits["dense"], logits["naive"], atol=1e-5)
+    assert tokens["naive"][0] == tokens["naive"][1][0] == tokens["naive"][2]
+    largest = logits["dense"].abs().max()
+    assert torch.allclose(logits["dense"], logits["naive"], rtol=0, atol=0.02 * largest)
+
+
+@pytest.mark.parametrize("kind", ["q4_1", "q4_0", "q8_0"])
+@pytest.mark.parametrize("tokens", [1, 3])
+def test_a_layer_multiplied_from_its_bundles_as_read_is_its_dequantized_rows_product_in_float32(kind, tokens):
+    """What a naive decode step computes for a streamed layer: bundles as flash gave them (padded to the store's
+    stride), on one thread or split in halves over two, against the float64 product of the dequantized rows;
+    the int4 kernels, fed bfloat16, are several times further off."""
+    from concurrent.futures import ThreadPoolExecutor
+    from dataclasses import replace
+
+    from flashllm.workers.models.bundle_products import RawBundleRows, direct_products_apply
+    from flashllm.workers.models.quant_ffn import QuantNeuronMatrix
+
+    layout, bundles, scales = quantized_layout_and_bundles(kind, n_ff=96)  # three groups: halves of 32 and 64
+    stored = np.full((96, bundles.shape[1] + 40), 0xAB, np.uint8)  # padding after the parts, never read
+    stored[:, :bundles.shape[1]] = bundles
+    stored_layout = replace(layout, bundle_bytes=stored.shape[1])
+    assert direct_products_apply(stored_layout)
+    h = torch.randn(tokens, 64)
+    ref = reference_ffn(layout, bundles, scales, np.arange(96), h)
+    direct_error = relative_error(RawBundleRows(stored_layout, stored, scales).ffn(h), ref)
+    assert direct_error < 1e-5
+    with ThreadPoolExecutor(1) as helper:
+        assert relative_error(RawBundleRows(stored_layout, stored, scales, helper).ffn(h), ref) < 1e-5
+    kernels = QuantNeuronMatrix(layout, 96, scales, whole_layer=True)
+    kernels.load_whole_layer(bundles, scales)
+    assert relative_error(kernels.ffn(h, 96), ref) > 5 * direct_error
+
+
+def test_only_gated_quantized_layouts_are_multiplied_from_their_bundles():
+    from dataclasses import replace
+
+    from flashllm.workers.models.bundle_products import direct_products_apply
+
+    layout, _, _ = quantized_layout_and_bundles("q4_0")
+    assert direct_products_apply(layout)
+    parts = layout.bundle_parts
+    assert not direct_products_apply(replace(layout, bundle_parts=[parts[1], parts[2]]))  # ReLU (OPT): no gate
+    assert not direct_products_apply(replace(layout, bundle_parts=[parts[0], ("up", 64, "q8_0"), parts[2]]))
+    assert not direct_products_apply(replace(layout, dtype="float16", bundle_parts=[
+        ("gate", 64, "float16"), ("up", 64, "float16"), ("down", 64, "float16")]))
 
 
 @pytest.fixture(scope="module")

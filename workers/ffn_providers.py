@@ -19,6 +19,7 @@ import torch
 from flashllm.protocol.store_format import FfnLayout, Manifest
 from flashllm.workers.flash_io.bundle_reader import BundleReader
 from flashllm.workers.interfaces import FfnProvider
+from flashllm.workers.models.bundle_products import RawBundleRows, direct_products_apply, direct_products_pay
 from flashllm.workers.models.ffn import BundleColumns, HalfRows, ffn_from_rows
 from flashllm.workers.models.quant_ffn import QuantNeuronMatrix, QuantRows, down_kernel_scales_of, quant_rows_of
 from flashllm.workers.models.resident import HALF_STORE_DTYPES
@@ -110,12 +111,17 @@ class DenseFfn(FfnProvider):
 
 class NaiveFlashFfn(FfnProvider):
     """Every layer the memory plan does not hold (what is left of --memory after the minimum holds whole
-    layers, spread evenly) is read whole from flash at every forward call, pipelined over two threads beside
-    the computing one: a reader thread reads streamed layer i + 2 (AIO: it waits, it does not compute) while
-    a converter thread turns layer i + 1 into the kernels' layout, while layer i computes. A layer's read
-    starts as soon as the conversion two layers back frees its buffer. A layer then costs about max(read,
-    convert, compute) instead of their sum. Two layers are held read and two converted
-    (memory_plan.naive_staging_bytes counts them)."""
+    layers, spread evenly) is read whole from flash at every forward call, pipelined over threads beside the
+    computing one. A reader thread reads streamed layer i + 2 (AIO: it waits, it does not compute) while
+    layer i computes. A layer then costs about max(read, compute) instead of their sum.
+
+    - A decode step of a quantized SwiGLU store (at most DIRECT_MAX_TOKENS tokens) multiplies layer i's
+      bundles as read (models/bundle_products, half of the neurons on the converter's helper thread); the
+      read of layer i + 2 starts in that buffer once the product is done with it.
+    - Otherwise (a prompt, a larger batch, other stores) a converter thread turns layer i + 1 into the
+      kernels' layout meanwhile, and a read starts as soon as the conversion two layers back frees its buffer.
+
+    Two layers are held read and two converted (memory_plan.naive_staging_bytes counts them)."""
 
     mode = "naive"
     DEPTH = NAIVE_LAYERS_IN_FLIGHT
@@ -137,8 +143,13 @@ class NaiveFlashFfn(FfnProvider):
         # 4-bit down blocks on a CPU: a streamed layer keeps its table in the kernel's form only, a held one none
         # (memory_plan.whole_layer_tables_bytes); else every layer keeps its float16 table
         own_scales = on_cpu_quantized and QuantNeuronMatrix.holds_own_down_scales(self.layout)
+        # a decode step multiplies a streamed layer's bundles as read (models/bundle_products), not converted
+        self._direct = on_cpu_quantized and direct_products_apply(self.layout)
         self.down_scales: list | None = None if own_scales else load_down_group_scales(store_dir, manifest)
-        self._down_kernel_scales: dict[int, torch.Tensor] = {}  # streamed layer → its 4-bit down table, kernel form
+        # streamed layer → its 4-bit down table: as stored where bundles are multiplied directly (a prompt's
+        # conversion derives the kernel's form), else in the kernel's form only
+        self._streamed_tables: dict[int, np.ndarray] = {}
+        self._down_kernel_scales: dict[int, torch.Tensor] = {}
         self._raw_buffers = [self.reader.layer_buffer() for _ in range(self.DEPTH)]
         self._held = {}
         tables = each_down_group_scales(store_dir, manifest) if own_scales else \
@@ -148,14 +159,15 @@ class NaiveFlashFfn(FfnProvider):
                 self._held[layer] = held_rows(self.reader.read_layer(layer, self._raw_buffers[0]), self.layout,
                                               dtype, device, copy=True, down_scales=table,
                                               neuron_ids=np.arange(manifest.ffn.layers[layer].num_neurons))
+            elif own_scales and self._direct:
+                self._streamed_tables[layer] = table
             elif own_scales:
                 self._down_kernel_scales[layer] = down_kernel_scales_of(table)
         self._matrices = None  # a quantized store on a CPU: whole-layer matrices, rewritten in turn
         if on_cpu_quantized and self._streamed:
             largest = max(region.num_neurons for region in self.layout.layers)
             first = self._streamed[0]
-            self._matrices = [QuantNeuronMatrix(self.layout, largest, layer_table(self.down_scales, first),
-                                                whole_layer=True,
+            self._matrices = [QuantNeuronMatrix(self.layout, largest, self._table_of(first), whole_layer=True,
                                                 down_kernel_scales=self._down_kernel_scales.get(first))
                               for _ in range(self.DEPTH)]
         self._read_thread = ThreadPoolExecutor(1, thread_name_prefix="flashllm-naive-read")
@@ -171,6 +183,10 @@ class NaiveFlashFfn(FfnProvider):
         self._reads: dict[int, Future] = {}  # sequence → read future
         self._converts: dict[int, Future] = {}  # sequence → convert future
         self._next_layer: int | None = None  # the layer the pipeline expects next
+
+    def _table_of(self, layer: int) -> np.ndarray | None:
+        """A streamed layer's down scale table as stored (None: the store has none, or only its kernel form)."""
+        return self._streamed_tables[layer] if layer in self._streamed_tables else layer_table(self.down_scales, layer)
 
     def _layer_at(self, sequence: int) -> int:
         return self._streamed[(self._first_index + sequence) % len(self._streamed)]
@@ -189,7 +205,7 @@ class NaiveFlashFfn(FfnProvider):
         layer = self._layer_at(sequence)
         if self._matrices is not None:
             matrix = self._matrices[sequence % self.DEPTH]  # not the one the computing thread holds
-            matrix.load_whole_layer(raw, layer_table(self.down_scales, layer), self._down_kernel_scales.get(layer),
+            matrix.load_whole_layer(raw, self._table_of(layer), self._down_kernel_scales.get(layer),
                                     helper=self._convert_helper)
             rows = QuantRows(matrix, raw.shape[0])
         else:
@@ -210,38 +226,54 @@ class NaiveFlashFfn(FfnProvider):
         self._converts.clear()
         self._reads.clear()
 
-    def _restart(self, layer: int) -> None:
+    def _restart(self, layer: int, direct: bool) -> None:
         """A call out of the expected order (the first, or after another user of the store): start over."""
         self._drain()
         self._first_index, self._sequence = self._streamed.index(layer), 0
         for sequence in range(self.DEPTH):
             self._reads[sequence] = self._read_thread.submit(self._read, sequence)
-        self._converts[0] = self._convert_thread.submit(self._convert, 0)
+        if not direct:
+            self._converts[0] = self._convert_thread.submit(self._convert, 0)
 
-    def _rows_of(self, layer: int) -> torch.Tensor | QuantRows:
+    def _rows_of(self, layer: int, num_tokens: int) -> tuple[QuantRows | RawBundleRows | torch.Tensor, int | None]:
+        """The streamed layer's rows for a forward call of num_tokens tokens → (rows, the sequence whose read
+        waits for this product to end, as the rows are its raw buffer; None when they are not)."""
+        direct = self._direct and direct_products_pay(num_tokens)
         if layer != self._next_layer:
-            self._restart(layer)
+            self._restart(layer, direct)
         self._next_layer = None  # until this layer arrives: a failed read restarts the pipeline next time
         sequence = self._sequence
-        # the layer computed before this one is done: its converted buffers take the next layer
-        self._converts[sequence + 1] = self._convert_thread.submit(self._convert, sequence + 1)
         wait_start = time.perf_counter()
-        rows, read_s, convert_s, read_bytes = self._converts.pop(sequence).result()
+        reads_after = None
+        if sequence in self._converts or not direct:
+            if sequence not in self._converts:  # the step before multiplied bundles: nothing was converted ahead
+                self._converts[sequence] = self._convert_thread.submit(self._convert, sequence)
+            if not direct:  # the layer computed before this one is done: its converted buffers take the next
+                self._converts[sequence + 1] = self._convert_thread.submit(self._convert, sequence + 1)
+            rows, read_s, convert_s, read_bytes = self._converts.pop(sequence).result()
+        else:
+            raw, read_s, read_bytes = self._reads.pop(sequence).result()
+            rows, convert_s = RawBundleRows(self.layout, raw, self._table_of(layer), self._convert_helper), 0.0
+            reads_after = sequence + self.DEPTH
         self.stats.io_blocked_s += time.perf_counter() - wait_start
         self.stats.io_s += read_s + convert_s
         self.stats.read_bytes += read_bytes
         self._sequence = sequence + 1
         self._next_layer = self._layer_at(sequence + 1)
-        return rows
+        return rows, reads_after
 
     def forward(self, layer: int, h: torch.Tensor) -> torch.Tensor:
-        rows = self._held[layer] if layer in self._held else self._rows_of(layer)
+        rows, reads_after = (self._held[layer], None) if layer in self._held else self._rows_of(layer, h.shape[0])
         compute_start = time.perf_counter()
-        self.stats.neurons_read += rows.shape[0]
-        self.stats.neurons_computed += rows.shape[0]
-        y = ffn_from_rows(h, rows, self.cols)
-        self.stats.compute_s += time.perf_counter() - compute_start
-        return y
+        try:
+            self.stats.neurons_read += rows.shape[0]
+            self.stats.neurons_computed += rows.shape[0]
+            y = ffn_from_rows(h, rows, self.cols)
+            self.stats.compute_s += time.perf_counter() - compute_start
+            return y
+        finally:
+            if reads_after is not None:  # the product is done with the raw buffer: the read two layers on takes it
+                self._reads[reads_after] = self._read_thread.submit(self._read, reads_after)
 
     def close(self) -> None:
         self._drain()

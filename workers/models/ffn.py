@@ -12,6 +12,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from flashllm.workers.models.bundle_products import RawBundleRows
 from flashllm.workers.models.quant_ffn import QuantRows, scratch_buffer
 
 
@@ -77,7 +78,10 @@ def neuron_activations(h: torch.Tensor, rows: torch.Tensor, cols: BundleColumns)
 
 def ffn_from_rows(h: torch.Tensor, rows: torch.Tensor, cols: BundleColumns) -> torch.Tensor:
     """h (N, d), rows (k, E) → (N, d): the FFN restricted to the k neurons in rows (down bias not included).
-    rows may be a quantized store's QuantRows, multiplied by the integer kernels as held."""
+    rows may be a quantized store's QuantRows, multiplied by the integer kernels as held, or a whole layer's
+    RawBundleRows, multiplied from the bundles as read."""
+    if isinstance(rows, RawBundleRows):
+        return rows.ffn(h)
     if isinstance(rows, QuantRows):
         return rows.matrix.ffn(h, rows.n)
     if isinstance(rows, HalfRows):

@@ -1,0 +1,218 @@
+"""A SwiGLU layer's FFN multiplied straight from its bundles as read, for a decode step (compiled, numba).
+
+Naive streams most layers of a model below its size at every token. Put in
+the int4 kernels' layout first (quant_ffn.QuantNeuronMatrix.load_whole_layer),
+a demo layer took ~1.9 ms of conversion and then ~0.3 ms of products; these
+loops take the bundles as flash gave them, [gate_i | up_i | down_i] in GGUF's
+blocks (protocol/quant_format.py), and do the whole layer in ~0.5 ms on one
+core for one token (docs/benchmarks.md, stop 35). For many tokens (a prompt)
+the conversion pays once for all of them and the kernels win: `direct_products_pay`
+decides, one place for every caller.
+
+The math is GGUF's, in float32: a gate/up block's dot is d·Σq·x (+ m·Σx for
+q4_1, − 8d·Σx for q4_0) and a neuron group's down sum is d_r·Σa·q_r (+ m_r·Σa,
+− 8d_r·Σa) with the group's row of the layer's scale table. The activations
+stay float32 (the int4 kernels take bfloat16), so a product here is closer to
+the float reference than the kernels' is, not bit-equal to it.
+
+Layouts: the 16 nibble bytes of a q4 block are walked as 16 lanes (byte j:
+weight j low, weight j + 16 high) with the block's scale applied per lane, so
+the loop over a block is one vector op; the block arrays are 3-D views of the
+bundles (rows, blocks, block bytes) because numba vectorizes indexing by
+constants there, not offsets computed in the loop (3x slower when it did).
+"""
+from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
+
+import numba
+import numpy as np
+import torch
+
+from flashllm.protocol import quant_format as qf
+from flashllm.protocol.store_format import FfnLayout
+from flashllm.workers.flash_io.kernel_layout import _half_bits_to_float
+
+# A forward call of at most this many tokens multiplies the bundles directly; more convert the layer once and
+# use the int4 kernels, whose cost grows less with the tokens (a demo layer on two cores: direct 0.49 ms for
+# one token, 1.49 for four, 5.6 for sixteen; converting 2.6 ms, then 0.33-0.88 ms of products).
+DIRECT_MAX_TOKENS = 4
+
+_GATE_UP_KINDS = ("q4_0", "q4_1", "q8_0")
+
+
+@numba.njit(nogil=True, cache=True, inline="always")
+def _half_of(low, high):  # pragma: no cover - compiled
+    return _half_bits_to_float(np.uint32(low) | (np.uint32(high) << np.uint32(8)))
+
+
+@numba.njit(nogil=True, cache=True, fastmath=True)
+def _gate_up_q4(blocks, nibbles, x_lanes, x_block_sums, with_min, acts):  # pragma: no cover - compiled
+    """blocks (n, 2·nb, 18|20) uint8: row i's gate blocks then its up blocks, nibbles the same blocks' last 16
+    bytes (a view: indexed from 0, it vectorizes); x_lanes (N, nb, 2, 16): each token's weights j and j + 16 of
+    block b; x_block_sums (N, nb) → acts (N, n) = silu(gate·x)·(up·x)."""
+    n, nb = blocks.shape[0], x_lanes.shape[1]
+    lanes_gate = np.empty(16, np.float32)
+    lanes_up = np.empty(16, np.float32)
+    for i in range(n):
+        for t in range(x_lanes.shape[0]):
+            lanes_gate[:] = 0
+            lanes_up[:] = 0
+            gate = np.float32(0)
+            up = np.float32(0)
+            for b in range(nb):
+                d_gate = _half_of(blocks[i, b, 0], blocks[i, b, 1])
+                d_up = _half_of(blocks[i, nb + b, 0], blocks[i, nb + b, 1])
+                if with_min:  # w = d·q + m
+                    gate += _half_of(blocks[i, b, 2], blocks[i, b, 3]) * x_block_sums[t, b]
+                    up += _half_of(blocks[i, nb + b, 2], blocks[i, nb + b, 3]) * x_block_sums[t, b]
+                else:  # w = d·(q - 8)
+                    gate -= np.float32(8) * d_gate * x_block_sums[t, b]
+                    up -= np.float32(8) * d_up * x_block_sums[t, b]
+                for j in range(16):
+                    byte_gate = nibbles[i, b, j]
+                    byte_up = nibbles[i, nb + b, j]
+                    x_low = x_lanes[t, b, 0, j]
+                    x_high = x_lanes[t, b, 1, j]
+                    lanes_gate[j] += d_gate * (np.float32(byte_gate & 0x0F) * x_low + np.float32(byte_gate >> 4) * x_high)
+                    lanes_up[j] += d_up * (np.float32(byte_up & 0x0F) * x_low + np.float32(byte_up >> 4) * x_high)
+            for j in range(16):
+                gate += lanes_gate[j]
+                up += lanes_up[j]
+            acts[t, i] = gate / (np.float32(1) + np.exp(-gate)) * up
+
+
+@numba.njit(nogil=True, cache=True, fastmath=True)
+def _gate_up_q8(blocks, x_blocks, acts):  # pragma: no cover - compiled
+    """As _gate_up_q4 for q8_0 blocks (n, 2·nb, 34) and x_blocks (N, nb, 32): w = d·q, q an int8."""
+    n, nb = blocks.shape[0], x_blocks.shape[1]
+    lanes_gate = np.empty(32, np.float32)
+    lanes_up = np.empty(32, np.float32)
+    for i in range(n):
+        for t in range(x_blocks.shape[0]):
+            lanes_gate[:] = 0
+            lanes_up[:] = 0
+            for b in range(nb):
+                d_gate = _half_of(blocks[i, b, 0], blocks[i, b, 1])
+                d_up = _half_of(blocks[i, nb + b, 0], blocks[i, nb + b, 1])
+                for j in range(32):
+                    lanes_gate[j] += d_gate * np.float32(np.int8(blocks[i, b, 2 + j])) * x_blocks[t, b, j]
+                    lanes_up[j] += d_up * np.float32(np.int8(blocks[i, nb + b, 2 + j])) * x_blocks[t, b, j]
+            gate = lanes_gate.sum()
+            up = lanes_up.sum()
+            acts[t, i] = gate / (np.float32(1) + np.exp(-gate)) * up
+
+
+@numba.njit(nogil=True, cache=True, fastmath=True)
+def _down_nibbles(columns, acts, table_bits, centre, with_min, out):  # pragma: no cover - compiled
+    """out (N, d) += Σ_i acts[t, i] · down column i: columns (n, d/2) uint8 (value r: byte r/2, low nibble
+    for even r), table_bits (n/32, c, d) the layer's float16 (d_r, m_r) per neuron group, as bits."""
+    n, pairs = columns.shape
+    sums = np.empty((pairs, 2), np.float32)
+    for t in range(acts.shape[0]):
+        for group in range((n + 31) // 32):
+            sums[:] = 0
+            act_sum = np.float32(0)
+            for i in range(group * 32, min(n, group * 32 + 32)):
+                a = acts[t, i]
+                act_sum += a
+                for p in range(pairs):
+                    byte = columns[i, p]
+                    sums[p, 0] += a * np.float32(byte & 0x0F)
+                    sums[p, 1] += a * np.float32(byte >> 4)
+            for p in range(pairs):
+                for half in range(2):
+                    r = 2 * p + half
+                    scale = _half_bits_to_float(np.uint32(table_bits[group, 0, r]))
+                    if with_min:
+                        out[t, r] += scale * sums[p, half] + _half_bits_to_float(np.uint32(table_bits[group, 1, r])) * act_sum
+                    else:
+                        out[t, r] += scale * (sums[p, half] - np.float32(centre) * act_sum)
+
+
+@numba.njit(nogil=True, cache=True, fastmath=True)
+def _down_bytes(columns, acts, table_bits, out):  # pragma: no cover - compiled
+    """As _down_nibbles for q8_0 columns (n, d) int8 bits: value r = d_r·q_r."""
+    n, d = columns.shape
+    sums = np.empty(d, np.float32)
+    for t in range(acts.shape[0]):
+        for group in range((n + 31) // 32):
+            sums[:] = 0
+            for i in range(group * 32, min(n, group * 32 + 32)):
+                a = acts[t, i]
+                for r in range(d):
+                    sums[r] += a * np.float32(np.int8(columns[i, r]))
+            for r in range(d):
+                out[t, r] += _half_bits_to_float(np.uint32(table_bits[group, 0, r])) * sums[r]
+
+
+def direct_products_apply(layout: FfnLayout) -> bool:
+    """Whether this store's layers can be multiplied straight from their bundles: a quantized SwiGLU layout whose
+    bundle is [gate | up | down], gate and up of one block kind, down grouped columns (a GGUF llama store)."""
+    if not layout.is_quantized:
+        return False
+    if [name for name, _, _ in layout.bundle_parts] != ["gate", "up", "down"]:
+        return False
+    kinds = layout.part_kinds()
+    return kinds["gate"] == kinds["up"] and kinds["gate"] in _GATE_UP_KINDS and \
+        kinds["down"] == qf.GROUPED_COLUMN_KINDS[kinds["gate"]]
+
+
+def direct_products_pay(num_tokens: int) -> bool:
+    """A forward call of num_tokens tokens multiplies bundles directly rather than converting the layer."""
+    return num_tokens <= DIRECT_MAX_TOKENS
+
+
+class RawBundleRows:
+    """A whole layer's bundles as read (n, bundle_bytes) uint8 and its down scale table: what ffn_from_rows
+    multiplies with the loops above. A view of the reader's buffer: valid while that buffer is not read into."""
+
+    def __init__(self, layout: FfnLayout, bundles: np.ndarray, down_table: np.ndarray,
+                 helper: ThreadPoolExecutor | None = None):
+        """down_table: the layer's (d, n_ff/32, c) float16 table, a view of group-major memory (store_reader).
+        helper: a thread that multiplies the second half of the neurons while the caller does the first (the
+        loops hold no GIL; on two cores a decode step's products are otherwise one core's)."""
+        self.kind = layout.part_kinds()["gate"]
+        self.d = layout.bundle_parts[0][1]
+        self.helper = helper
+        byte_slices = layout.part_byte_slices()
+        block_bytes = qf.bytes_per_row(self.kind, qf.BLOCK_ELEMENTS)
+        n = bundles.shape[0]
+        gate_up = bundles[:, byte_slices["gate"].start:byte_slices["up"].stop]  # (n, 2·d/32·block bytes)
+        self.blocks = gate_up.reshape(n, 2 * self.d // qf.BLOCK_ELEMENTS, block_bytes)  # (n, 2·nb, block bytes)
+        self.down_columns = bundles[:, byte_slices["down"]]  # (n, d/2) or (n, d)
+        self.table_bits = np.ascontiguousarray(down_table.transpose(1, 2, 0)).view(np.uint16)  # (n/32, c, d)
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (self.blocks.shape[0], self.d)
+
+    def ffn(self, h: torch.Tensor) -> torch.Tensor:
+        """h (N, d) → (N, d): the layer's FFN (no down bias: a SwiGLU llama has none)."""
+        x = h.detach().float().contiguous().numpy().reshape(-1, self.d // qf.BLOCK_ELEMENTS, qf.BLOCK_ELEMENTS)
+        n = self.blocks.shape[0]
+        split = n // 2 // qf.BLOCK_ELEMENTS * qf.BLOCK_ELEMENTS  # whole neuron groups: each half has its scales
+        if self.helper is None or split == 0:
+            return torch.from_numpy(self._products(x, 0, n)).to(h.dtype)
+        second = self.helper.submit(self._products, x, split, n)
+        out = self._products(x, 0, split)
+        out += second.result()
+        return torch.from_numpy(out).to(h.dtype)
+
+    def _products(self, x_blocks: np.ndarray, start: int, stop: int) -> np.ndarray:
+        """x_blocks (N, nb, 32) → (N, d) float32: the FFN over neurons [start, stop), start a multiple of 32."""
+        num_tokens, nb = x_blocks.shape[:2]
+        blocks = self.blocks[start:stop]
+        acts = np.empty((num_tokens, stop - start), np.float32)  # (N, k)
+        if self.kind == "q8_0":
+            _gate_up_q8(blocks, x_blocks, acts)
+        else:
+            _gate_up_q4(blocks, blocks[:, :, -16:], x_blocks.reshape(num_tokens, nb, 2, 16), x_blocks.sum(axis=2),
+                        self.kind == "q4_1", acts)
+        out = np.zeros((num_tokens, self.d), np.float32)  # (N, d)
+        columns, table_bits = self.down_columns[start:stop], self.table_bits[start // qf.BLOCK_ELEMENTS:]
+        if self.kind == "q8_0":
+            _down_bytes(columns, acts, table_bits, out)
+        else:
+            _down_nibbles(columns, acts, table_bits, 8, self.kind == "q4_1", out)
+        return out
