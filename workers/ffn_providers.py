@@ -19,7 +19,9 @@ import torch
 from flashllm.protocol.store_format import FfnLayout, Manifest
 from flashllm.workers.flash_io.bundle_reader import BundleReader
 from flashllm.workers.interfaces import FfnProvider
-from flashllm.workers.models.bundle_products import RawBundleRows, direct_products_apply, direct_products_pay
+from flashllm.workers.models.bundle_products import (
+    RawBundleRows, direct_products_apply, direct_products_pay, load_compiled_products,
+)
 from flashllm.workers.models.ffn import BundleColumns, HalfRows, ffn_from_rows
 from flashllm.workers.models.quant_ffn import QuantNeuronMatrix, QuantRows, down_kernel_scales_of, quant_rows_of
 from flashllm.workers.models.resident import HALF_STORE_DTYPES
@@ -145,6 +147,8 @@ class NaiveFlashFfn(FfnProvider):
         own_scales = on_cpu_quantized and QuantNeuronMatrix.holds_own_down_scales(self.layout)
         # a decode step multiplies a streamed layer's bundles as read (models/bundle_products), not converted
         self._direct = on_cpu_quantized and direct_products_apply(self.layout)
+        if self._direct:
+            load_compiled_products()  # now, not in the first decode step
         self.down_scales: list | None = None if own_scales else load_down_group_scales(store_dir, manifest)
         # streamed layer → its 4-bit down table: as stored where bundles are multiplied directly (a prompt's
         # conversion derives the kernel's form), else in the kernel's form only

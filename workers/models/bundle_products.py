@@ -146,6 +146,22 @@ def _down_bytes(columns, acts, table_bits, out):  # pragma: no cover - compiled
                 out[t, r] += _half_bits_to_float(np.uint32(table_bits[group, 0, r])) * sums[r]
 
 
+def load_compiled_products() -> None:
+    """Compile (or load from numba's cache) every loop here now, on tiny arrays: an engine that will multiply
+    bundles pays it while it starts, not in its first decode step (seconds on a machine's first run)."""
+    # views of a bundle array, as RawBundleRows passes them: numba compiles one version per array layout
+    bundles = np.zeros((32, 128), np.uint8)
+    acts = np.zeros((1, 32), np.float32)
+    for block_bytes in (18, 20):
+        blocks = bundles[:, :2 * block_bytes].reshape(32, 2, block_bytes)
+        _gate_up_q4(blocks, blocks[:, :, -16:], np.zeros((1, 1, 2, 16), np.float32), np.zeros((1, 1), np.float32),
+                    block_bytes == 20, acts)
+    _gate_up_q8(bundles[:, :68].reshape(32, 2, 34), np.zeros((1, 1, 32), np.float32), acts)
+    for with_min in (False, True):
+        _down_nibbles(bundles[:, :16], acts, np.zeros((1, 2, 32), np.uint16), 8, with_min, np.zeros((1, 32), np.float32))
+    _down_bytes(bundles[:, :32], acts, np.zeros((1, 1, 32), np.uint16), np.zeros((1, 32), np.float32))
+
+
 def direct_products_apply(layout: FfnLayout) -> bool:
     """Whether this store's layers can be multiplied straight from their bundles: a quantized SwiGLU layout whose
     bundle is [gate | up | down], gate and up of one block kind, down grouped columns (a GGUF llama store)."""
