@@ -391,13 +391,13 @@ def test_the_memory_plan_counts_quantized_weights_and_caches_as_held(quantized_t
 
 
 def test_dense_and_naive_decode_a_quantized_store_alike_one_sequence_or_a_batch_in_either_order(quantized_tiny_store):
-    """Naive multiplies a decode step's layers straight from the bundles as read (models/bundle_products, float32
+    """Naive multiplies a decode step's layers straight from the bundles as read (flash_io/bundle_products, float32
     activations) and converts them for a prompt or a batch of more than DIRECT_MAX_TOKENS sequences (the int4
     kernels, bfloat16 activations): the same tokens as dense's kernels either way, and logits within the
     kernels' bfloat16 rounding, also when one kind of step follows the other in its pipeline."""
     from flashllm.runtime.core.engine import Engine
     from flashllm.runtime.core.sampling import SamplingParams
-    from flashllm.workers.models.bundle_products import DIRECT_MAX_TOKENS
+    from flashllm.workers.flash_io.bundle_products import DIRECT_MAX_TOKENS
 
     prompts = [list(range(5 + i, 17 + i)) for i in range(DIRECT_MAX_TOKENS + 1)]
     params = SamplingParams(max_tokens=12, ignore_eos=True)
@@ -425,7 +425,7 @@ def test_a_layer_multiplied_from_its_bundles_as_read_is_its_dequantized_rows_pro
     from concurrent.futures import ThreadPoolExecutor
     from dataclasses import replace
 
-    from flashllm.workers.models.bundle_products import RawBundleRows, direct_products_apply
+    from flashllm.workers.flash_io.bundle_products import RawBundleRows, direct_products_apply
     from flashllm.workers.models.quant_ffn import QuantNeuronMatrix
 
     layout, bundles, scales = quantized_layout_and_bundles(kind, n_ff=96)  # three groups: halves of 32 and 64
@@ -435,10 +435,10 @@ def test_a_layer_multiplied_from_its_bundles_as_read_is_its_dequantized_rows_pro
     assert direct_products_apply(stored_layout)
     h = torch.randn(tokens, 64)
     ref = reference_ffn(layout, bundles, scales, np.arange(96), h)
-    direct_error = relative_error(RawBundleRows(stored_layout, stored, scales).ffn(h), ref)
+    direct_error = relative_error(torch.from_numpy(RawBundleRows(stored_layout, stored, scales).ffn(h.numpy())), ref)
     assert direct_error < 1e-5
     with ThreadPoolExecutor(1) as helper:
-        assert relative_error(RawBundleRows(stored_layout, stored, scales, helper).ffn(h), ref) < 1e-5
+        assert relative_error(torch.from_numpy(RawBundleRows(stored_layout, stored, scales, helper).ffn(h.numpy())), ref) < 1e-5
     kernels = QuantNeuronMatrix(layout, 96, scales, whole_layer=True)
     kernels.load_whole_layer(bundles, scales)
     assert relative_error(kernels.ffn(h, 96), ref) > 5 * direct_error
@@ -447,7 +447,7 @@ def test_a_layer_multiplied_from_its_bundles_as_read_is_its_dequantized_rows_pro
 def test_only_gated_quantized_layouts_are_multiplied_from_their_bundles():
     from dataclasses import replace
 
-    from flashllm.workers.models.bundle_products import direct_products_apply
+    from flashllm.workers.flash_io.bundle_products import direct_products_apply
 
     layout, _, _ = quantized_layout_and_bundles("q4_0")
     assert direct_products_apply(layout)

@@ -17,11 +17,11 @@ import numpy as np
 import torch
 
 from flashllm.protocol.store_format import FfnLayout, Manifest
-from flashllm.workers.flash_io.bundle_reader import BundleReader
-from flashllm.workers.interfaces import FfnProvider
-from flashllm.workers.models.bundle_products import (
+from flashllm.workers.flash_io.bundle_products import (
     RawBundleRows, direct_products_apply, direct_products_pay, load_compiled_products,
 )
+from flashllm.workers.flash_io.bundle_reader import BundleReader
+from flashllm.workers.interfaces import FfnProvider
 from flashllm.workers.models.ffn import BundleColumns, HalfRows, ffn_from_rows
 from flashllm.workers.models.quant_ffn import QuantNeuronMatrix, QuantRows, down_kernel_scales_of, quant_rows_of
 from flashllm.workers.models.resident import HALF_STORE_DTYPES
@@ -118,7 +118,7 @@ class NaiveFlashFfn(FfnProvider):
     layer i computes. A layer then costs about max(read, compute) instead of their sum.
 
     - A decode step of a quantized SwiGLU store (at most DIRECT_MAX_TOKENS tokens) multiplies layer i's
-      bundles as read (models/bundle_products, half of the neurons on the converter's helper thread); the
+      bundles as read (flash_io/bundle_products, half of the neurons on the converter's helper thread); the
       read of layer i + 2 starts in that buffer once the product is done with it.
     - Otherwise (a prompt, a larger batch, other stores) a converter thread turns layer i + 1 into the
       kernels' layout meanwhile, and a read starts as soon as the conversion two layers back frees its buffer.
@@ -145,7 +145,7 @@ class NaiveFlashFfn(FfnProvider):
         # 4-bit down blocks on a CPU: a streamed layer keeps its table in the kernel's form only, a held one none
         # (memory_plan.whole_layer_tables_bytes); else every layer keeps its float16 table
         own_scales = on_cpu_quantized and QuantNeuronMatrix.holds_own_down_scales(self.layout)
-        # a decode step multiplies a streamed layer's bundles as read (models/bundle_products), not converted
+        # a decode step multiplies a streamed layer's bundles as read (flash_io/bundle_products), not converted
         self._direct = on_cpu_quantized and direct_products_apply(self.layout)
         if self._direct:
             load_compiled_products()  # now, not in the first decode step

@@ -33,9 +33,9 @@ from flashllm.workers.activation_trace import TraceSpec
 from flashllm.workers.engine_config import DEFAULT_MAX_CONTEXT, FFN_MODES, EngineConfig
 from flashllm.workers.ffn_providers import NAIVE_LAYERS_IN_FLIGHT
 from flashllm.workers.models.attention import KVCache
-from flashllm.workers.models.bundle_products import direct_products_apply
 from flashllm.workers.models.ffn import HALF_ROWS_CHUNK
 from flashllm.workers.models.resident import HALF_STORE_DTYPES, resident_dtype_of
+from flashllm.workers.flash_io.bundle_products import direct_products_apply
 from flashllm.workers.flash_io.bundle_reader import largest_chunk_rows, largest_span_bytes, neuron_read_staging_bytes
 from flashllm.workers.flash_io.kernel_rows import holds_kernel_rows, kernel_rows_bytes, kernel_slots
 from flashllm.workers.models.quant_ffn import QuantNeuronMatrix
@@ -146,7 +146,7 @@ def whole_layer_tables_bytes(layout: FfnLayout, held_rows: list[int], device: st
     streamed). On a CPU, where a whole layer holds 4-bit down blocks with their own scales
     (QuantNeuronMatrix.holds_own_down_scales), a held layer keeps no table and a streamed one its table in the
     int4 kernel's form, a bfloat16 (scale, zero) per 32 neurons and output, or as stored where a decode step
-    multiplies its bundles directly (ffn_providers.NaiveFlashFfn, models/bundle_products); else every layer
+    multiplies its bundles directly (ffn_providers.NaiveFlashFfn, flash_io/bundle_products); else every layer
     keeps its float16 table."""
     if layout.down_group_scales is None or not (device == "cpu" and QuantNeuronMatrix.holds_own_down_scales(layout)):
         return down_scale_tables_bytes(layout)

@@ -57,7 +57,7 @@ BOUND_SLACK = 0.10  # the bound's headroom over budget + baselines + KV cache
 TORCH_PROCESS_IMPORTS = "import flashllm.runtime.core.engine, flashllm.workers.compute, flashllm.workers.predictor"
 LIGHT_PROCESS_IMPORTS = "import flashllm.workers.prefetch"
 COMPILED_LOOPS = ("from flashllm.workers.flash_io.kernel_layout import load_compiled_loops; load_compiled_loops(); "
-                  "from flashllm.workers.models.bundle_products import load_compiled_products; "
+                  "from flashllm.workers.flash_io.bundle_products import load_compiled_products; "
                   "load_compiled_products()")
 
 

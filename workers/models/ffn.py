@@ -12,7 +12,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from flashllm.workers.models.bundle_products import RawBundleRows
+from flashllm.workers.flash_io.bundle_products import RawBundleRows
 from flashllm.workers.models.quant_ffn import QuantRows, scratch_buffer
 
 
@@ -81,7 +81,7 @@ def ffn_from_rows(h: torch.Tensor, rows: torch.Tensor, cols: BundleColumns) -> t
     rows may be a quantized store's QuantRows, multiplied by the integer kernels as held, or a whole layer's
     RawBundleRows, multiplied from the bundles as read."""
     if isinstance(rows, RawBundleRows):
-        return rows.ffn(h)
+        return torch.from_numpy(rows.ffn(h.detach().float().numpy())).to(h.dtype)
     if isinstance(rows, QuantRows):
         return rows.matrix.ffn(h, rows.n)
     if isinstance(rows, HalfRows):

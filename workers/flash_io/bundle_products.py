@@ -2,18 +2,19 @@
 
 Naive streams most layers of a model below its size at every token. Put in
 the int4 kernels' layout first (quant_ffn.QuantNeuronMatrix.load_whole_layer),
-a demo layer took ~1.9 ms of conversion and then ~0.3 ms of products; these
-loops take the bundles as flash gave them, [gate_i | up_i | down_i] in GGUF's
-blocks (protocol/quant_format.py), and do the whole layer in ~0.5 ms on one
-core for one token (docs/benchmarks.md, stop 35). For many tokens (a prompt)
-the conversion pays once for all of them and the kernels win: `direct_products_pay`
-decides, one place for every caller.
+a layer's conversion took several times its products; these loops take the
+bundles as flash gave them, [gate_i | up_i | down_i] in GGUF's blocks
+(protocol/quant_format.py), and multiply them in one pass (docs/benchmarks.md,
+stop 35, has the timings). For many tokens (a prompt) the conversion pays once
+for all of them and the kernels win: `direct_products_pay` decides, one place
+for every caller.
 
 The math is GGUF's, in float32: a gate/up block's dot is d·Σq·x (+ m·Σx for
 q4_1, − 8d·Σx for q4_0) and a neuron group's down sum is d_r·Σa·q_r (+ m_r·Σa,
 − 8d_r·Σa) with the group's row of the layer's scale table. The activations
 stay float32 (the int4 kernels take bfloat16), so a product here is closer to
-the float reference than the kernels' is, not bit-equal to it.
+the float reference than the kernels' is, not bit-equal to it. Torch-free, as
+the other compiled loops (memory baselines load them in a torch-free process).
 
 Layouts: the 16 nibble bytes of a q4 block are walked as 16 lanes (byte j:
 weight j low, weight j + 16 high) with the block's scale applied per lane, so
@@ -27,15 +28,14 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numba
 import numpy as np
-import torch
 
 from flashllm.protocol import quant_format as qf
 from flashllm.protocol.store_format import FfnLayout
 from flashllm.workers.flash_io.kernel_layout import _half_bits_to_float
 
 # A forward call of at most this many tokens multiplies the bundles directly; more convert the layer once and
-# use the int4 kernels, whose cost grows less with the tokens (a demo layer on two cores: direct 0.49 ms for
-# one token, 1.49 for four, 5.6 for sixteen; converting 2.6 ms, then 0.33-0.88 ms of products).
+# use the int4 kernels, whose cost grows less with the tokens (the break-even measured on the demo's layers,
+# docs/benchmarks.md, stop 35).
 DIRECT_MAX_TOKENS = 4
 
 _GATE_UP_KINDS = ("q4_0", "q4_1", "q8_0")
@@ -203,17 +203,18 @@ class RawBundleRows:
     def shape(self) -> tuple[int, int]:
         return (self.blocks.shape[0], self.d)
 
-    def ffn(self, h: torch.Tensor) -> torch.Tensor:
-        """h (N, d) → (N, d): the layer's FFN (no down bias: a SwiGLU llama has none)."""
-        x = h.detach().float().contiguous().numpy().reshape(-1, self.d // qf.BLOCK_ELEMENTS, qf.BLOCK_ELEMENTS)
+    def ffn(self, x: np.ndarray) -> np.ndarray:
+        """x (N, d) float32 → (N, d) float32: the layer's FFN (no down bias: a SwiGLU llama has none)."""
+        x_blocks = np.ascontiguousarray(x, dtype=np.float32).reshape(-1, self.d // qf.BLOCK_ELEMENTS,
+                                                                     qf.BLOCK_ELEMENTS)  # (N, nb, 32)
         n = self.blocks.shape[0]
         split = n // 2 // qf.BLOCK_ELEMENTS * qf.BLOCK_ELEMENTS  # whole neuron groups: each half has its scales
         if self.helper is None or split == 0:
-            return torch.from_numpy(self._products(x, 0, n)).to(h.dtype)
-        second = self.helper.submit(self._products, x, split, n)
-        out = self._products(x, 0, split)
+            return self._products(x_blocks, 0, n)
+        second = self.helper.submit(self._products, x_blocks, split, n)
+        out = self._products(x_blocks, 0, split)
         out += second.result()
-        return torch.from_numpy(out).to(h.dtype)
+        return out
 
     def _products(self, x_blocks: np.ndarray, start: int, stop: int) -> np.ndarray:
         """x_blocks (N, nb, 32) → (N, d) float32: the FFN over neurons [start, stop), start a multiple of 32."""
