@@ -30,7 +30,20 @@ from flashllm.workers.store_reader import (
 )
 
 
-NAIVE_LAYERS_IN_FLIGHT = 2  # --mode naive holds this many layers read and as many converted
+NAIVE_LAYERS_IN_FLIGHT = 2  # --mode naive holds this many layers read and (converting ahead) as many converted
+
+
+def naive_multiplies_bundles(layout: FfnLayout, device: str) -> bool:
+    """Whether naive's decode steps multiply a streamed layer's bundles as read (flash_io/bundle_products): a
+    quantized SwiGLU store on a CPU."""
+    return layout.is_quantized and torch.device(device).type == "cpu" and direct_products_apply(layout)
+
+
+def naive_converted_layers(layout: FfnLayout, device: str) -> int:
+    """Whole-layer matrices naive's pipeline converts streamed layers into: one where a decode step multiplies
+    the bundles as read (a prompt converts in the computing thread), else NAIVE_LAYERS_IN_FLIGHT (converted
+    one layer ahead)."""
+    return 1 if naive_multiplies_bundles(layout, device) else NAIVE_LAYERS_IN_FLIGHT
 
 
 @dataclass
@@ -146,7 +159,7 @@ class NaiveFlashFfn(FfnProvider):
         # (memory_plan.whole_layer_tables_bytes); else every layer keeps its float16 table
         own_scales = on_cpu_quantized and QuantNeuronMatrix.holds_own_down_scales(self.layout)
         # a decode step multiplies a streamed layer's bundles as read (flash_io/bundle_products), not converted
-        self._direct = on_cpu_quantized and direct_products_apply(self.layout)
+        self._direct = naive_multiplies_bundles(self.layout, device)
         if self._direct:
             load_compiled_products()  # now, not in the first decode step
         self.down_scales: list | None = None if own_scales else load_down_group_scales(store_dir, manifest)
@@ -173,7 +186,7 @@ class NaiveFlashFfn(FfnProvider):
             first = self._streamed[0]
             self._matrices = [QuantNeuronMatrix(self.layout, largest, self._table_of(first), whole_layer=True,
                                                 down_kernel_scales=self._down_kernel_scales.get(first))
-                              for _ in range(self.DEPTH)]
+                              for _ in range(naive_converted_layers(self.layout, device))]
         self._read_thread = ThreadPoolExecutor(1, thread_name_prefix="flashllm-naive-read")
         # one torch thread there: OpenMP gives a new thread all cores, whose spinning slows both threads
         self._convert_thread = ThreadPoolExecutor(1, thread_name_prefix="flashllm-naive-convert",
@@ -202,22 +215,26 @@ class NaiveFlashFfn(FfnProvider):
         raw = self.reader.read_layer(self._layer_at(sequence), self._raw_buffers[sequence % self.DEPTH])
         return raw, time.perf_counter() - start, self.reader.stats.read_bytes - before
 
-    def _convert(self, sequence: int) -> tuple[torch.Tensor | QuantRows, float, float, int]:
-        """Converter thread: the layer's rows as read → what compute multiplies (rows, read s, convert s, bytes)."""
-        raw, read_s, read_bytes = self._reads.pop(sequence).result()
-        start = time.perf_counter()
+    def _converted(self, raw: np.ndarray, sequence: int) -> torch.Tensor | QuantRows:
+        """A streamed layer's rows as read → what the kernels multiply; then the read two layers on takes the raw
+        buffer at once, not when compute gets here (a read then waited on compute, and the device sat idle)."""
         layer = self._layer_at(sequence)
         if self._matrices is not None:
-            matrix = self._matrices[sequence % self.DEPTH]  # not the one the computing thread holds
+            matrix = self._matrices[sequence % len(self._matrices)]  # not one the computing thread holds
             matrix.load_whole_layer(raw, self._table_of(layer), self._down_kernel_scales.get(layer),
                                     helper=self._convert_helper)
             rows = QuantRows(matrix, raw.shape[0])
         else:
             rows = held_rows(raw, self.layout, self.dtype, self.device, copy=True,
                              down_scales=layer_table(self.down_scales, layer), neuron_ids=np.arange(raw.shape[0]))
-        # the raw buffer is converted: it takes the read two layers on now, not when compute gets here (a
-        # read then waited on compute, and the device sat idle while compute caught up)
         self._reads[sequence + self.DEPTH] = self._read_thread.submit(self._read, sequence + self.DEPTH)
+        return rows
+
+    def _convert(self, sequence: int) -> tuple[torch.Tensor | QuantRows, float, float, int]:
+        """Converter thread: the layer's rows as read → what compute multiplies (rows, read s, convert s, bytes)."""
+        raw, read_s, read_bytes = self._reads.pop(sequence).result()
+        start = time.perf_counter()
+        rows = self._converted(raw, sequence)
         return rows, read_s, time.perf_counter() - start, read_bytes
 
     def _drain(self) -> None:
@@ -230,36 +247,38 @@ class NaiveFlashFfn(FfnProvider):
         self._converts.clear()
         self._reads.clear()
 
-    def _restart(self, layer: int, direct: bool) -> None:
+    def _restart(self, layer: int) -> None:
         """A call out of the expected order (the first, or after another user of the store): start over."""
         self._drain()
         self._first_index, self._sequence = self._streamed.index(layer), 0
         for sequence in range(self.DEPTH):
             self._reads[sequence] = self._read_thread.submit(self._read, sequence)
-        if not direct:
+        if not self._direct:
             self._converts[0] = self._convert_thread.submit(self._convert, 0)
 
     def _rows_of(self, layer: int, num_tokens: int) -> tuple[QuantRows | RawBundleRows | torch.Tensor, int | None]:
         """The streamed layer's rows for a forward call of num_tokens tokens → (rows, the sequence whose read
         waits for this product to end, as the rows are its raw buffer; None when they are not)."""
-        direct = self._direct and direct_products_pay(num_tokens)
         if layer != self._next_layer:
-            self._restart(layer, direct)
+            self._restart(layer)
         self._next_layer = None  # until this layer arrives: a failed read restarts the pipeline next time
         sequence = self._sequence
         wait_start = time.perf_counter()
         reads_after = None
-        if sequence in self._converts or not direct:
-            if sequence not in self._converts:  # the step before multiplied bundles: nothing was converted ahead
-                self._converts[sequence] = self._convert_thread.submit(self._convert, sequence)
-            if not direct:  # the layer computed before this one is done: its converted buffers take the next
-                self._converts[sequence + 1] = self._convert_thread.submit(self._convert, sequence + 1)
-            rows, read_s, convert_s, read_bytes = self._converts.pop(sequence).result()
-        else:
+        if self._direct:
             raw, read_s, read_bytes = self._reads.pop(sequence).result()
-            rows, convert_s = RawBundleRows(self.layout, raw, self._table_of(layer), self._convert_helper), 0.0
-            reads_after = sequence + self.DEPTH
-        self.stats.io_blocked_s += time.perf_counter() - wait_start
+            self.stats.io_blocked_s += time.perf_counter() - wait_start
+            convert_start = time.perf_counter()
+            if direct_products_pay(num_tokens):
+                rows, reads_after = RawBundleRows(self.layout, raw, self._table_of(layer), self._convert_helper), \
+                    sequence + self.DEPTH
+            else:  # a prompt or a large batch: converted here, into the one matrix such a store keeps
+                rows = self._converted(raw, sequence)
+            convert_s = time.perf_counter() - convert_start
+        else:  # the layer computed before this one is done: its converted buffers take the next
+            self._converts[sequence + 1] = self._convert_thread.submit(self._convert, sequence + 1)
+            rows, read_s, convert_s, read_bytes = self._converts.pop(sequence).result()
+            self.stats.io_blocked_s += time.perf_counter() - wait_start
         self.stats.io_s += read_s + convert_s
         self.stats.read_bytes += read_bytes
         self._sequence = sequence + 1

@@ -31,7 +31,7 @@ from flashllm.protocol.shm import CHUNK_SLOTS
 from flashllm.protocol.store_format import DTYPE_ITEMSIZE, FfnLayout, Manifest
 from flashllm.workers.activation_trace import TraceSpec
 from flashllm.workers.engine_config import DEFAULT_MAX_CONTEXT, FFN_MODES, EngineConfig
-from flashllm.workers.ffn_providers import NAIVE_LAYERS_IN_FLIGHT
+from flashllm.workers.ffn_providers import NAIVE_LAYERS_IN_FLIGHT, naive_converted_layers
 from flashllm.workers.models.attention import KVCache
 from flashllm.workers.models.ffn import HALF_ROWS_CHUNK
 from flashllm.workers.models.resident import HALF_STORE_DTYPES, resident_dtype_of
@@ -298,11 +298,11 @@ SMALL_PREDICTOR_RANK = 64  # the low-rank predictor the too-small message offers
 
 
 def naive_staging_bytes(layout: FfnLayout, compute_itemsize: int, device: str) -> int:
-    """--mode naive's staging: its pipeline holds two layers as read and two as held for the product
-    (ffn_providers.NaiveFlashFfn)."""
+    """--mode naive's staging: its pipeline holds two layers as read and one or two converted for the kernels
+    (ffn_providers.NaiveFlashFfn, naive_converted_layers)."""
     largest = max(r.num_neurons for r in layout.layers)
     held = held_rows_bytes(layout, largest, compute_itemsize, device, whole_layer=True)
-    return NAIVE_LAYERS_IN_FLIGHT * (largest_span_bytes(layout) + held)
+    return NAIVE_LAYERS_IN_FLIGHT * largest_span_bytes(layout) + naive_converted_layers(layout, device) * held
 
 
 def naive_held_rows(layout: FfnLayout, spare_bytes: int, compute_itemsize: int, device: str) -> list[int]:
