@@ -130,13 +130,15 @@ class NaiveFlashFfn(FfnProvider):
     computing one. A reader thread reads streamed layer i + 2 (AIO: it waits, it does not compute) while
     layer i computes. A layer then costs about max(read, compute) instead of their sum.
 
-    - A decode step of a quantized SwiGLU store (at most DIRECT_MAX_TOKENS tokens) multiplies layer i's
-      bundles as read (flash_io/bundle_products, half of the neurons on the converter's helper thread); the
-      read of layer i + 2 starts in that buffer once the product is done with it.
-    - Otherwise (a prompt, a larger batch, other stores) a converter thread turns layer i + 1 into the
-      kernels' layout meanwhile, and a read starts as soon as the conversion two layers back frees its buffer.
+    - A quantized SwiGLU store on a CPU (naive_multiplies_bundles): a decode step (at most DIRECT_MAX_TOKENS
+      tokens) multiplies layer i's bundles as read (flash_io/bundle_products, half of the neurons on the
+      helper thread), and the read of layer i + 2 starts in that buffer once the product is done with it; a
+      prompt or a larger batch converts layer i into the kernels' layout in the computing thread, into one
+      matrix, and the read starts as the conversion ends.
+    - Other stores and devices: a converter thread turns layer i + 1 into the kernels' layout meanwhile, and a
+      read starts as soon as the conversion two layers back frees its buffer.
 
-    Two layers are held read and two converted (memory_plan.naive_staging_bytes counts them)."""
+    Two layers are held read and one or two converted (memory_plan.naive_staging_bytes counts them)."""
 
     mode = "naive"
     DEPTH = NAIVE_LAYERS_IN_FLIGHT
@@ -155,7 +157,7 @@ class NaiveFlashFfn(FfnProvider):
                 if rows and rows >= manifest.ffn.layers[layer].num_neurons}
         self._streamed = [layer for layer in range(self.num_layers) if layer not in held]
         on_cpu_quantized = self.layout.is_quantized and torch.device(device).type == "cpu"
-        # 4-bit down blocks on a CPU: a streamed layer keeps its table in the kernel's form only, a held one none
+        # 4-bit down blocks on a CPU: a streamed layer keeps one form of its table (below), a held one none
         # (memory_plan.whole_layer_tables_bytes); else every layer keeps its float16 table
         own_scales = on_cpu_quantized and QuantNeuronMatrix.holds_own_down_scales(self.layout)
         # a decode step multiplies a streamed layer's bundles as read (flash_io/bundle_products), not converted

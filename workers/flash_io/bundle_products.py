@@ -49,7 +49,7 @@ def _half_of(low, high):  # pragma: no cover - compiled
 @numba.njit(nogil=True, cache=True, fastmath=True)
 def _gate_up_q4(blocks, nibbles, x_lanes, x_block_sums, with_min, acts):  # pragma: no cover - compiled
     """blocks (n, 2·nb, 18|20) uint8: row i's gate blocks then its up blocks, nibbles the same blocks' last 16
-    bytes (a view: indexed from 0, it vectorizes); x_lanes (N, nb, 2, 16): each token's weights j and j + 16 of
+    bytes (a view: indexed from 0, it vectorizes); x_lanes (N, nb, 2, 16): each token's inputs j and j + 16 of
     block b; x_block_sums (N, nb) → acts (N, n) = silu(gate·x)·(up·x)."""
     n, nb = blocks.shape[0], x_lanes.shape[1]
     lanes_gate = np.empty(16, np.float32)
