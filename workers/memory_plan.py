@@ -39,6 +39,7 @@ from flashllm.workers.flash_io.bundle_products import direct_products_apply
 from flashllm.workers.flash_io.bundle_reader import largest_chunk_rows, largest_span_bytes, neuron_read_staging_bytes
 from flashllm.workers.flash_io.kernel_rows import holds_kernel_rows, kernel_rows_bytes, kernel_slots
 from flashllm.workers.models.quant_ffn import QuantNeuronMatrix
+from flashllm.workers.sparse_policy import keep_neurons_of
 
 MIB = 2**20
 
@@ -471,12 +472,6 @@ def kv_cache_bytes_of(manifest: Manifest, max_batch: int, max_context: int, item
     arch = manifest.arch
     return KVCache.bytes_needed(arch.num_hidden_layers, max_batch, arch.num_key_value_heads, max_context,
                                 arch.head_dim, itemsize)
-
-
-def keep_neurons_of(keep_fraction: float | None, target_sparsity: float, num_neurons: int) -> int:
-    """A layer's neurons a token keeps: --keep-fraction's share, else what the predictors are calibrated for."""
-    fraction = keep_fraction if keep_fraction is not None else 1.0 - target_sparsity
-    return max(1, int(round(fraction * num_neurons)))
 
 
 def plan_memory_for(store_dir: str, manifest: Manifest, inputs: MemoryInputs) -> MemoryPlan:

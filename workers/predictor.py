@@ -57,7 +57,9 @@ from flashllm.workers.flash_io.neuron_cache import DEFAULT_WINDOW_TOKENS
 from flashllm.workers.flash_io.neuron_ids import union_ids
 from flashllm.workers.models.resident import linear
 from flashllm.workers.process_entry import WorkerConfig, run_worker
-from flashllm.workers.sparse_policy import CachedLayer, LookaheadRead, MaskedLayer, SparseStepPlanner
+from flashllm.workers.sparse_policy import (
+    CachedLayer, LookaheadRead, MaskedLayer, SparseStepPlanner, keep_fraction_of, keep_neurons_of,
+)
 
 PREDICTOR_KINDS = ("lookahead", "same")
 PREDICTOR_TYPES = ("sketch", "regression", "classifier")
@@ -306,12 +308,8 @@ class SparsityPredictor:
         self.num_layers = manifest.arch.num_hidden_layers
         self.num_neurons = manifest.arch.intermediate_size
         sparsity = manifest.sparsity
-        if keep_fraction is None:
-            keep_fraction = 1.0 - sparsity.target_sparsity
-        if not 0.0 < keep_fraction <= 1.0:
-            raise ValueError(f"keep fraction {keep_fraction} must be in (0, 1] (sparsity in [0, 1))")
-        self.keep_fraction = keep_fraction
-        self.keep_neurons = max(1, int(round(keep_fraction * self.num_neurons)))
+        self.keep_fraction = keep_fraction_of(keep_fraction, sparsity.target_sparsity)
+        self.keep_neurons = keep_neurons_of(keep_fraction, sparsity.target_sparsity, self.num_neurons)
         self.predictors: dict[tuple[str, int], LowRankPredictor | SketchPredictor] = {}
         gated = manifest.arch.hidden_act != "relu"
         # a calibrated threshold on a gated (SwiGLU) FFN leaves out neurons whose contributions are small, not

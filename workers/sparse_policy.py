@@ -88,6 +88,20 @@ if TYPE_CHECKING:
     from flashllm.workers.predictor import SparsityPredictor
 
 
+def keep_fraction_of(keep_fraction: float | None, target_sparsity: float) -> float:
+    """The share of a layer's neurons a token keeps: --keep-fraction's, else what the predictors are calibrated
+    for (1 - the store's target sparsity)."""
+    fraction = keep_fraction if keep_fraction is not None else 1.0 - target_sparsity
+    if not 0.0 < fraction <= 1.0:
+        raise ValueError(f"keep fraction {fraction} must be in (0, 1] (sparsity in [0, 1))")
+    return fraction
+
+
+def keep_neurons_of(keep_fraction: float | None, target_sparsity: float, num_neurons: int) -> int:
+    """A layer's neurons a token keeps: the predictor's k, and what the memory plan sizes a cache by."""
+    return max(1, int(round(keep_fraction_of(keep_fraction, target_sparsity) * num_neurons)))
+
+
 _NO_IDS = np.zeros(0, np.int64)
 
 
