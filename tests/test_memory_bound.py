@@ -187,7 +187,7 @@ def test_the_plan_estimated_before_calibrating_is_the_one_calibrating_gives(kind
 def test_memory_as_a_share_of_the_models_bytes_in_the_store(calibrated_stores):
     import os
 
-    from flashllm.runtime.clients.cli import parse_memory
+    from flashllm.runtime.core.engine_config import parse_memory
 
     store = calibrated_stores("llama")
     weights = [os.path.join(store, name) for name in ("resident.safetensors", "ffn.bin")]

@@ -6,8 +6,7 @@ import importlib
 import json
 import sys
 
-# the engine flags' parsers live with the one engine builder; parse_memory/parse_size stay importable from here
-from flashllm.runtime.core.engine_config import engine_from_args, parse_memory, parse_size  # noqa: F401
+from flashllm.runtime.core.engine_config import engine_from_args
 
 EXIT_USER_ERROR = 2
 

@@ -35,7 +35,8 @@ from flashllm.protocol.store_format import MANIFEST_FILE
 from flashllm.runtime.clients.batch import (
     OVERLOADED_RETRY_S, PROMPT_ERRORS, BatchItem, InProcessBackend, RunStopped, result_line,
 )
-from flashllm.runtime.clients.cli import CliError, parse_size
+from flashllm.runtime.clients.cli import CliError
+from flashllm.runtime.core.engine_config import parse_size
 
 REPLICA_MAX_RESTARTS = 3  # Ray restarts a dead replica this often before the driver gives up on it
 MAX_ATTEMPTS_PER_PROMPT = 3  # replica deaths under one prompt before it is recorded as an error

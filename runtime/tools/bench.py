@@ -719,7 +719,7 @@ def cmd_bench(args) -> int:
 def _batch_invariance_runs(args, runtimes: list[str]) -> list[dict]:
     """--batch-invariance B: per runtime, ms/token of a batch of B with each sequence computing its own
     neurons against the batch's union (runtime/tools/batch_invariance_bench.py); prints the table."""
-    from flashllm.runtime.clients.cli import parse_size
+    from flashllm.runtime.core.engine_config import parse_size
     from flashllm.runtime.tools.batch_invariance_bench import batch_invariance_cost
 
     sparse = SparseOptions(**{name: value for name, value in (
