@@ -132,9 +132,10 @@ class NaiveFlashFfn(FfnProvider):
 
     - A quantized SwiGLU store on a CPU (naive_multiplies_bundles): a decode step (at most DIRECT_MAX_TOKENS
       tokens) multiplies layer i's bundles as read (flash_io/bundle_products, half of the neurons on the
-      helper thread), and the read of layer i + 2 starts in that buffer once the product is done with it; a
-      prompt or a larger batch converts layer i into the kernels' layout in the computing thread, into one
-      matrix, and the read starts as the conversion ends.
+      helper thread), and the read of layer i + 2 starts in that buffer once the product is done with it; in a
+      prompt or a larger batch the converter thread turns the next streamed layer into the kernels' layout,
+      into the one matrix such a store keeps, as soon as layer i's product is done with it (meanwhile the
+      layers between compute), and the read starts as the conversion ends.
     - Other stores and devices: a converter thread turns layer i + 1 into the kernels' layout meanwhile, and a
       read starts as soon as the conversion two layers back frees its buffer.
 
@@ -258,25 +259,34 @@ class NaiveFlashFfn(FfnProvider):
         if not self._direct:
             self._converts[0] = self._convert_thread.submit(self._convert, 0)
 
-    def _rows_of(self, layer: int, num_tokens: int) -> tuple[QuantRows | RawBundleRows | torch.Tensor, int | None]:
+    def _rows_of(self, layer: int, num_tokens: int) -> tuple[QuantRows | RawBundleRows | torch.Tensor, int | None,
+                                                             int | None]:
         """The streamed layer's rows for a forward call of num_tokens tokens → (rows, the sequence whose read
-        waits for this product to end, as the rows are its raw buffer; None when they are not)."""
+        waits for this product to end, as the rows are its raw buffer, and the sequence whose conversion does,
+        as the rows are the one matrix; None when neither waits)."""
         if layer != self._next_layer:
             self._restart(layer)
         self._next_layer = None  # until this layer arrives: a failed read restarts the pipeline next time
         sequence = self._sequence
         wait_start = time.perf_counter()
-        reads_after = None
+        reads_after = converts_after = None
         if self._direct:
-            raw, read_s, read_bytes = self._reads.pop(sequence).result()
-            self.stats.io_blocked_s += time.perf_counter() - wait_start
-            convert_start = time.perf_counter()
-            if direct_products_pay(num_tokens):
-                rows, reads_after = RawBundleRows(self.layout, raw, self._table_of(layer), self._convert_helper), \
-                    sequence + self.DEPTH
-            else:  # a prompt or a large batch: converted here, into the one matrix such a store keeps
-                rows = self._converted(raw, sequence)
-            convert_s = time.perf_counter() - convert_start
+            direct = direct_products_pay(num_tokens)
+            if not direct:  # a prompt or a large batch: the next layer converts into the one matrix once free
+                converts_after = sequence + 1
+            if sequence in self._converts:  # converted while the layers before it computed (a prompt's step)
+                rows, read_s, convert_s, read_bytes = self._converts.pop(sequence).result()
+                self.stats.io_blocked_s += time.perf_counter() - wait_start
+            else:
+                raw, read_s, read_bytes = self._reads.pop(sequence).result()
+                self.stats.io_blocked_s += time.perf_counter() - wait_start
+                convert_start = time.perf_counter()
+                if direct:
+                    rows, reads_after = RawBundleRows(self.layout, raw, self._table_of(layer),
+                                                      self._convert_helper), sequence + self.DEPTH
+                else:  # the first streamed layer of a prompt after decode steps: converted here
+                    rows = self._converted(raw, sequence)
+                convert_s = time.perf_counter() - convert_start
         else:  # the layer computed before this one is done: its converted buffers take the next
             self._converts[sequence + 1] = self._convert_thread.submit(self._convert, sequence + 1)
             rows, read_s, convert_s, read_bytes = self._converts.pop(sequence).result()
@@ -285,10 +295,11 @@ class NaiveFlashFfn(FfnProvider):
         self.stats.read_bytes += read_bytes
         self._sequence = sequence + 1
         self._next_layer = self._layer_at(sequence + 1)
-        return rows, reads_after
+        return rows, reads_after, converts_after
 
     def forward(self, layer: int, h: torch.Tensor) -> torch.Tensor:
-        rows, reads_after = (self._held[layer], None) if layer in self._held else self._rows_of(layer, h.shape[0])
+        rows, reads_after, converts_after = (self._held[layer], None, None) if layer in self._held else \
+            self._rows_of(layer, h.shape[0])
         compute_start = time.perf_counter()
         try:
             self.stats.neurons_read += rows.shape[0]
@@ -299,6 +310,8 @@ class NaiveFlashFfn(FfnProvider):
         finally:
             if reads_after is not None:  # the product is done with the raw buffer: the read two layers on takes it
                 self._reads[reads_after] = self._read_thread.submit(self._read, reads_after)
+            if converts_after is not None:  # done with the one matrix: the next streamed layer converts into it
+                self._converts[converts_after] = self._convert_thread.submit(self._convert, converts_after)
 
     def close(self) -> None:
         self._drain()
