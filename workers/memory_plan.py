@@ -31,11 +31,10 @@ from flashllm.protocol.shm import CHUNK_SLOTS
 from flashllm.protocol.store_format import DTYPE_ITEMSIZE, FfnLayout, Manifest
 from flashllm.workers.activation_trace import TraceSpec
 from flashllm.workers.engine_config import DEFAULT_MAX_CONTEXT, FFN_MODES, EngineConfig
-from flashllm.workers.ffn_providers import NAIVE_LAYERS_IN_FLIGHT, naive_converted_layers
+from flashllm.workers.ffn_providers import NAIVE_LAYERS_IN_FLIGHT, naive_converted_layers, naive_multiplies_bundles
 from flashllm.workers.models.attention import KVCache
 from flashllm.workers.models.ffn import HALF_ROWS_CHUNK
 from flashllm.workers.models.resident import HALF_STORE_DTYPES, resident_dtype_of
-from flashllm.workers.flash_io.bundle_products import direct_products_apply
 from flashllm.workers.flash_io.bundle_reader import largest_chunk_rows, largest_span_bytes, neuron_read_staging_bytes
 from flashllm.workers.flash_io.kernel_rows import holds_kernel_rows, kernel_rows_bytes, kernel_slots
 from flashllm.workers.models.quant_ffn import QuantNeuronMatrix
@@ -153,7 +152,7 @@ def whole_layer_tables_bytes(layout: FfnLayout, held_rows: list[int], device: st
         return down_scale_tables_bytes(layout)
     kind, d = layout.part_kinds()["down"], dict((name, n) for name, n, _ in layout.bundle_parts)["down"]
     per_neuron_group = math.prod(qf.down_scale_table_shape(kind, d, qf.BLOCK_ELEMENTS)) * 2 \
-        if direct_products_apply(layout) else d * 2 * 2
+        if naive_multiplies_bundles(layout, device) else d * 2 * 2
     return sum(region.num_neurons // qf.BLOCK_ELEMENTS * per_neuron_group
                for region, rows in zip(layout.layers, held_rows) if not rows)
 

@@ -53,7 +53,7 @@ BOUND_SLACK = 0.10  # the bound's headroom over budget + baselines + KV cache
 # predictor workers) import the engine; the prefetcher imports only numpy-level modules. The processes that
 # write and multiply a quantized store's neuron caches (the engine in process; else the prefetcher, which
 # writes them, and compute, which sums their down columns) also load the compiled loops
-# (flash_io/kernel_layout.py) as they start.
+# (flash_io/kernel_layout.py, and flash_io/bundle_products.py, which naive's engine loads) as they start.
 TORCH_PROCESS_IMPORTS = "import flashllm.runtime.core.engine, flashllm.workers.compute, flashllm.workers.predictor"
 LIGHT_PROCESS_IMPORTS = "import flashllm.workers.prefetch"
 COMPILED_LOOPS = ("from flashllm.workers.flash_io.kernel_layout import load_compiled_loops; load_compiled_loops(); "

@@ -74,7 +74,8 @@ def _gate_up_q4(blocks, nibbles, x_lanes, x_block_sums, with_min, acts):  # prag
                     byte_up = nibbles[i, nb + b, j]
                     x_low = x_lanes[t, b, 0, j]
                     x_high = x_lanes[t, b, 1, j]
-                    lanes_gate[j] += d_gate * (np.float32(byte_gate & 0x0F) * x_low + np.float32(byte_gate >> 4) * x_high)
+                    lanes_gate[j] += d_gate * (np.float32(byte_gate & 0x0F) * x_low
+                                               + np.float32(byte_gate >> 4) * x_high)
                     lanes_up[j] += d_up * (np.float32(byte_up & 0x0F) * x_low + np.float32(byte_up >> 4) * x_high)
             for j in range(16):
                 gate += lanes_gate[j]
@@ -125,7 +126,8 @@ def _down_nibbles(columns, acts, table_bits, centre, with_min, out):  # pragma: 
                     r = 2 * p + half
                     scale = _half_bits_to_float(np.uint32(table_bits[group, 0, r]))
                     if with_min:
-                        out[t, r] += scale * sums[p, half] + _half_bits_to_float(np.uint32(table_bits[group, 1, r])) * act_sum
+                        minimum = _half_bits_to_float(np.uint32(table_bits[group, 1, r]))
+                        out[t, r] += scale * sums[p, half] + minimum * act_sum
                     else:
                         out[t, r] += scale * (sums[p, half] - np.float32(centre) * act_sum)
 
@@ -158,7 +160,8 @@ def load_compiled_products() -> None:
                     block_bytes == 20, acts)
     _gate_up_q8(bundles[:, :68].reshape(32, 2, 34), np.zeros((1, 1, 32), np.float32), acts)
     for with_min in (False, True):
-        _down_nibbles(bundles[:, :16], acts, np.zeros((1, 2, 32), np.uint16), 8, with_min, np.zeros((1, 32), np.float32))
+        _down_nibbles(bundles[:, :16], acts, np.zeros((1, 2, 32), np.uint16), 8, with_min,
+                      np.zeros((1, 32), np.float32))
     _down_bytes(bundles[:, :32], acts, np.zeros((1, 1, 32), np.uint16), np.zeros((1, 32), np.float32))
 
 
