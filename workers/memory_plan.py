@@ -133,12 +133,17 @@ def arrival_bytes(layout: FfnLayout, capacity_rows: list[int], device: str) -> i
     return max(capacity_rows, default=0) * layout.bundle_bytes if holds_kernel_rows(layout, device) else 0
 
 
+def _down_table_bytes(layout: FfnLayout, num_neurons: int) -> int:
+    """One layer's down scale table as stored, (d, num_neurons/32, c) float16."""
+    kind, d = layout.part_kinds()["down"], dict((name, n) for name, n, _ in layout.bundle_parts)["down"]
+    return math.prod(qf.down_scale_table_shape(kind, d, num_neurons)) * 2
+
+
 def down_scale_tables_bytes(layout: FfnLayout) -> int:
     """A quantized store's resident down scale tables (d, n_ff/32, c) float16, one per layer, as the FFN holds them."""
     if layout.down_group_scales is None:
         return 0
-    kind, d = layout.part_kinds()["down"], dict((name, n) for name, n, _ in layout.bundle_parts)["down"]
-    return sum(math.prod(qf.down_scale_table_shape(kind, d, region.num_neurons)) * 2 for region in layout.layers)
+    return sum(_down_table_bytes(layout, region.num_neurons) for region in layout.layers)
 
 
 def whole_layer_tables_bytes(layout: FfnLayout, held_rows: list[int], device: str) -> int:
@@ -150,10 +155,10 @@ def whole_layer_tables_bytes(layout: FfnLayout, held_rows: list[int], device: st
     keeps its float16 table."""
     if layout.down_group_scales is None or not (device == "cpu" and QuantNeuronMatrix.holds_own_down_scales(layout)):
         return down_scale_tables_bytes(layout)
-    kind, d = layout.part_kinds()["down"], dict((name, n) for name, n, _ in layout.bundle_parts)["down"]
-    per_neuron_group = math.prod(qf.down_scale_table_shape(kind, d, qf.BLOCK_ELEMENTS)) * 2 \
-        if naive_multiplies_bundles(layout, device) else d * 2 * 2
-    return sum(region.num_neurons // qf.BLOCK_ELEMENTS * per_neuron_group
+    as_stored = naive_multiplies_bundles(layout, device)
+    d = dict((name, n) for name, n, _ in layout.bundle_parts)["down"]
+    return sum(_down_table_bytes(layout, region.num_neurons) if as_stored
+               else region.num_neurons // qf.BLOCK_ELEMENTS * d * 2 * 2  # bfloat16 (scale, zero) pairs
                for region, rows in zip(layout.layers, held_rows) if not rows)
 
 

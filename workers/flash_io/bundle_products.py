@@ -31,7 +31,7 @@ import numpy as np
 
 from flashllm.protocol import quant_format as qf
 from flashllm.protocol.store_format import FfnLayout
-from flashllm.workers.flash_io.kernel_layout import _half_bits_to_float
+from flashllm.workers.flash_io.kernel_layout import _half_bits_to_float, _half_of
 
 # A forward call of at most this many tokens multiplies the bundles directly; more convert the layer once and
 # use the int4 kernels, whose cost grows less with the tokens (the break-even measured on the demo's layers,
@@ -42,8 +42,9 @@ _GATE_UP_KINDS = ("q4_0", "q4_1", "q8_0")
 
 
 @numba.njit(nogil=True, cache=True, inline="always")
-def _half_of(low, high):  # pragma: no cover - compiled
-    return _half_bits_to_float(np.uint32(low) | (np.uint32(high) << np.uint32(8)))
+def _swiglu(gate, up):  # pragma: no cover - compiled
+    """A neuron's activation from its gate and up products: silu(gate)·up."""
+    return gate / (np.float32(1) + np.exp(-gate)) * up
 
 
 @numba.njit(nogil=True, cache=True, fastmath=True)
@@ -80,7 +81,7 @@ def _gate_up_q4(blocks, nibbles, x_lanes, x_block_sums, with_min, acts):  # prag
             for j in range(16):
                 gate += lanes_gate[j]
                 up += lanes_up[j]
-            acts[t, i] = gate / (np.float32(1) + np.exp(-gate)) * up
+            acts[t, i] = _swiglu(gate, up)
 
 
 @numba.njit(nogil=True, cache=True, fastmath=True)
@@ -99,9 +100,7 @@ def _gate_up_q8(blocks, x_blocks, acts):  # pragma: no cover - compiled
                 for j in range(32):
                     lanes_gate[j] += d_gate * np.float32(np.int8(blocks[i, b, 2 + j])) * x_blocks[t, b, j]
                     lanes_up[j] += d_up * np.float32(np.int8(blocks[i, nb + b, 2 + j])) * x_blocks[t, b, j]
-            gate = lanes_gate.sum()
-            up = lanes_up.sum()
-            acts[t, i] = gate / (np.float32(1) + np.exp(-gate)) * up
+            acts[t, i] = _swiglu(lanes_gate.sum(), lanes_up.sum())
 
 
 @numba.njit(nogil=True, cache=True, fastmath=True)

@@ -69,9 +69,15 @@ def _float_to_bfloat16_bits(value):  # pragma: no cover - compiled
 
 
 @numba.njit(nogil=True, cache=True, inline="always")
+def _half_of(low, high):  # pragma: no cover - compiled
+    """The float16 whose little-endian bytes are low, high, as float32."""
+    return _half_bits_to_float(np.uint32(low) | (np.uint32(high) << np.uint32(8)))
+
+
+@numba.njit(nogil=True, cache=True, inline="always")
 def _half_at(raw, row, at):  # pragma: no cover - compiled
     """The float16 stored little-endian at bytes [at, at + 2) of raw[row], as float32."""
-    return _half_bits_to_float(np.uint32(raw[row, at]) | (np.uint32(raw[row, at + 1]) << np.uint32(8)))
+    return _half_of(raw[row, at], raw[row, at + 1])
 
 
 @numba.njit(nogil=True, cache=True)
