@@ -28,7 +28,7 @@ from typing import Any, Callable, ClassVar
 
 import numpy as np
 
-PROTOCOL_VERSION = 5
+PROTOCOL_VERSION = 6
 
 # a layer's FFN path for one step: through the neuron cache, or the whole layer read with per-token masks
 PATH_CACHED = "cached"
@@ -91,6 +91,7 @@ class ForwardRequest:
     token_ids: np.ndarray = _ids()  # (B*T,) int64, row-major (B, T)
     slots: np.ndarray = _ids()  # (B,) KV-cache slot per sequence
     positions: np.ndarray = _ids()  # (B*T,) int64, position of each token
+    logit_steps: np.ndarray = _ids()  # (B,) int64: logits of each sequence's step here only; empty: of every step
 
 
 @dataclass

@@ -17,6 +17,7 @@ import subprocess
 import sys
 import time
 
+import numpy as np
 import pytest
 import torch
 
@@ -113,18 +114,19 @@ class LocalPipelineExecutor(Executor):
     def ffn_stats(self):
         return self.stats
 
-    def forward(self, token_ids, slots, positions):
+    def forward(self, token_ids, slots, positions, logit_steps=None):
         batch, steps = token_ids.shape
         self.step += 1
-        self.bus.deliver(ROLE_COMPUTE, ForwardRequest(step=self.step, batch=batch, steps=steps,
-                                                      token_ids=token_ids.reshape(-1).numpy(), slots=slots.numpy(),
-                                                      positions=positions.reshape(-1).numpy()))
+        self.bus.deliver(ROLE_COMPUTE, ForwardRequest(
+            step=self.step, batch=batch, steps=steps, token_ids=token_ids.reshape(-1).numpy(), slots=slots.numpy(),
+            positions=positions.reshape(-1).numpy(),
+            logit_steps=np.zeros(0, np.int64) if logit_steps is None else logit_steps.numpy()))
         reply = self.bus.queues[ROLE_SUPERVISOR].popleft()
         assert type(reply) is ForwardChunk, reply
         assert reply.num_rows == reply.total_rows
         self.stats.add(reply.stats)
         logits = self.segments["exchange"].arrays["logits"][: reply.num_rows].copy()
-        return torch.from_numpy(logits).reshape(batch, steps, -1)
+        return torch.from_numpy(logits).reshape(batch, steps, -1) if logit_steps is None else torch.from_numpy(logits)
 
     def flash_read_bytes(self) -> int:
         return process_read_bytes()  # every core reads in this process
@@ -258,6 +260,21 @@ def test_workers_give_the_inprocess_greedy_tokens(calibrated_stores, worker_engi
     with Engine(calibrated_stores("llama"), mode="sparse", max_batch=2, max_context=128, ffn_options=dict(TIGHT)) as engine:
         expected = [r.tokens for r in engine.generate(PROMPTS, GREEDY)]
     assert [r.tokens for r in worker_engine.generate(PROMPTS, GREEDY)] == expected
+
+
+def test_a_prompt_step_returns_only_the_logits_asked_for(calibrated_stores, worker_engine):
+    """A prompt's forward is asked for each sequence's last real token only (the head is a prompt's largest
+    product): both runtimes return those rows, the ones a forward returning every step's logits holds."""
+    ids = torch.tensor([[5, 6, 7, 8], [9, 10, 10, 10]])  # the second prompt is 2 tokens, right-padded
+    slots, positions, last_steps = torch.tensor([0, 1]), torch.arange(4).repeat(2, 1), torch.tensor([3, 1])
+    with Engine(calibrated_stores("llama"), mode="sparse", max_batch=2, max_context=128,
+                ffn_options=dict(TIGHT)) as inproc:
+        for engine in (inproc, worker_engine):
+            every_step = engine.forward(ids, slots, positions)  # (2, 4, V)
+            last = engine.forward(ids, slots, positions, last_steps)  # (2, V)
+            assert last.shape == (2, every_step.shape[-1])
+            torch.testing.assert_close(last, every_step[[0, 1], [3, 1]], rtol=1e-5, atol=1e-5)
+            assert not torch.allclose(last[1], every_step[1, 3])  # the padding's logits differ: the right row
 
 
 def test_the_compute_worker_holds_resident_matrices_in_the_dtype_asked(calibrated_stores):

@@ -303,12 +303,13 @@ class ComputeWorker:
             token_ids = torch.from_numpy(np.array(msg.token_ids, dtype=np.int64).reshape(msg.batch, msg.steps))
             positions = torch.from_numpy(np.array(msg.positions, dtype=np.int64).reshape(msg.batch, msg.steps))
             slots = torch.from_numpy(np.array(msg.slots, dtype=np.int64))
-            logits = self.executor.forward(token_ids, slots, positions)  # (B, T, V)
+            logit_steps = torch.from_numpy(np.array(msg.logit_steps, dtype=np.int64)) if len(msg.logit_steps) else None
+            logits = self.executor.forward(token_ids, slots, positions, logit_steps)  # (B, T, V) or (B, V)
             self.ffn.finish_step()
             stats = self.ffn.stats
             stats.forward_s = time.perf_counter() - start
             stats.busy_s = stats.forward_s - stats.wait_s
-            self._send_logits(msg.step, logits.reshape(msg.batch * msg.steps, -1))
+            self._send_logits(msg.step, logits.reshape(-1, logits.shape[-1]))
         except PipelineStepError as exc:
             self.channel.send(ROLE_SUPERVISOR, StepFailed(step=msg.step, role=exc.role, error=exc.error))
         except Exception as exc:  # the step fails, the worker stays up

@@ -157,8 +157,10 @@ class ModelExecutor(Executor):
                    verify=config.verify, sparse=config.sparse_options, resident_dtype=config.resident_dtype,
                    naive_held_rows=config.naive_held_rows, head_precision=config.head_precision)
 
-    def forward(self, token_ids: torch.Tensor, slots: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        """token_ids/positions (B, T), slots (B,) → logits (B, T, V) float32 on the CPU.
+    def forward(self, token_ids: torch.Tensor, slots: torch.Tensor, positions: torch.Tensor,
+                logit_steps: torch.Tensor | None = None) -> torch.Tensor:
+        """token_ids/positions (B, T), slots (B,) → logits float32 on the CPU: (B, T, V), or (B, V) with
+        logit_steps (B,), each sequence's step whose logits are wanted (a prompt's last token).
 
         Writes the KV cache of those slots."""
         token_ids, slots, positions = (t.to(self.device) for t in (token_ids, slots, positions))
@@ -172,8 +174,11 @@ class ModelExecutor(Executor):
                 h = self.model.ffn_input(layer, x).reshape(batch * steps, d)  # (N, d)
                 y = self.ffn.forward(layer, h).reshape(batch, steps, d)
                 x = self.model.ffn_residual(layer, x, y)
+            if logit_steps is not None:  # the head is a prompt's largest product: only the rows used
+                x = x[torch.arange(batch, device=x.device), logit_steps.to(x.device)][:, None]  # (B, 1, d)
             # on the CPU whatever the device, like the worker runtime's (sampling and scoring run there)
-            return self.model.logits(x).float().cpu()  # (B, T, V)
+            logits = self.model.logits(x).float().cpu()  # (B, T or 1, V)
+            return logits if logit_steps is None else logits[:, 0]  # (B, T, V) or (B, V)
 
     @property
     def ffn_stats(self):

@@ -59,8 +59,10 @@ class Executor(Protocol):
         """The executor a resolved EngineConfig (mode, runtime, max_context decided) asks for."""
         ...
 
-    def forward(self, token_ids: "torch.Tensor", slots: "torch.Tensor", positions: "torch.Tensor") -> "torch.Tensor":
-        """token_ids/positions (B, T), slots (B,) → logits (B, T, V) float32 on the CPU; writes those slots' KV."""
+    def forward(self, token_ids: "torch.Tensor", slots: "torch.Tensor", positions: "torch.Tensor",
+                logit_steps: "torch.Tensor | None" = None) -> "torch.Tensor":
+        """token_ids/positions (B, T), slots (B,) → logits float32 on the CPU, (B, T, V), or (B, V) for the step
+        logit_steps (B,) names in each sequence; writes those slots' KV."""
         ...
 
     @property

@@ -254,9 +254,10 @@ class Engine:
 
     # ------------------------------------------------------------------ model
 
-    def forward(self, token_ids: torch.Tensor, slots: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        """token_ids/positions (B, T), slots (B,) → logits (B, T, V) float32."""
-        return self.executor.forward(token_ids, slots, positions)
+    def forward(self, token_ids: torch.Tensor, slots: torch.Tensor, positions: torch.Tensor,
+                logit_steps: torch.Tensor | None = None) -> torch.Tensor:
+        """token_ids/positions (B, T), slots (B,) → logits float32: (B, T, V), or (B, V) at logit_steps (B,)."""
+        return self.executor.forward(token_ids, slots, positions, logit_steps)
 
     # ------------------------------------------------------------------ requests
 
@@ -397,8 +398,9 @@ class Engine:
                            device=self.device)  # (B, T)
         positions = torch.arange(steps, device=self.device).repeat(len(seqs), 1)  # (B, T)
         slots = torch.tensor([s.slot for s in seqs], device=self.device)  # (B,)
-        logits = self.forward(ids, slots, positions)  # (B, T, V)
-        return [self._accept(seq, logits[i, n - 1]) for i, (seq, n) in enumerate(zip(seqs, lengths))]
+        last_steps = torch.tensor([n - 1 for n in lengths], device=self.device)  # (B,) each prompt's last token
+        logits = self.forward(ids, slots, positions, last_steps)  # (B, V)
+        return [self._accept(seq, logits[i]) for i, seq in enumerate(seqs)]
 
     def _decode(self, seqs: list[_Sequence]) -> list[RequestOutput]:
         ids = torch.tensor([[s.next_input] for s in seqs])  # (B, 1)

@@ -183,8 +183,10 @@ class WorkerExecutor(Executor):
         """PipelineStats summed since the last reset (the engine resets it per decode step)."""
         return self.stats
 
-    def forward(self, token_ids: torch.Tensor, slots: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        """token_ids/positions (B, T), slots (B,) → logits (B, T, V) float32. Writes the KV cache of those slots."""
+    def forward(self, token_ids: torch.Tensor, slots: torch.Tensor, positions: torch.Tensor,
+                logit_steps: torch.Tensor | None = None) -> torch.Tensor:
+        """token_ids/positions (B, T), slots (B,) → logits float32: (B, T, V), or (B, V) at logit_steps (B,).
+        Writes the KV cache of those slots."""
         batch, steps = token_ids.shape
         if batch * steps > self.config.max_tokens:
             raise ValueError(f"{batch * steps} tokens in one forward but the worker runtime holds at most "
@@ -204,8 +206,10 @@ class WorkerExecutor(Executor):
         start = time.perf_counter()
         self.supervisor.send(ROLE_COMPUTE, ForwardRequest(
             step=step, batch=batch, steps=steps, token_ids=token_ids.reshape(-1).to(torch.int64).numpy(),
-            slots=np.asarray(slot_list, dtype=np.int64), positions=position_rows.reshape(-1).to(torch.int64).numpy()))
-        logits = torch.empty((batch * steps, self.arch.vocab_size), dtype=torch.float32)  # (B*T, V)
+            slots=np.asarray(slot_list, dtype=np.int64), positions=position_rows.reshape(-1).to(torch.int64).numpy(),
+            logit_steps=np.zeros(0, np.int64) if logit_steps is None else logit_steps.to(torch.int64).numpy()))
+        logit_rows = batch * steps if logit_steps is None else batch
+        logits = torch.empty((logit_rows, self.arch.vocab_size), dtype=torch.float32)  # (B*T or B, V)
         self._pending = {"step": step, "logits": logits, "done": False}
         while not self._pending["done"]:
             self._replies.dispatch(self.supervisor.recv(what=f"step {step}"))
@@ -217,7 +221,7 @@ class WorkerExecutor(Executor):
         self.last_timings = {"ms": wall_s * 1e3, "io_ms": stats["io_s"] * 1e3, "compute_ms": stats["busy_s"] * 1e3,
                              "wait_ms": stats["wait_s"] * 1e3, "ffn_compute_ms": stats["compute_s"] * 1e3,
                              "predict_ms": stats["predict_s"] * 1e3, "critical_io_ms": stats["critical_io_s"] * 1e3}
-        return logits.reshape(batch, steps, -1)
+        return logits.reshape(batch, steps, -1) if logit_steps is None else logits  # (B, T, V) or (B, V)
 
     def _restart_if_broken(self) -> None:
         if self.supervisor.broken:
