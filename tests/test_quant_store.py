@@ -524,7 +524,8 @@ def test_stored_rows_come_back_as_the_gguf_holds_them_and_only_the_last_ones_rea
     assert torch.equal(values.reshape(4, 576), torch.from_numpy(expected.reshape(4, 576)))
     assert first >= 3 * rows.row_bytes  # three rows, each read once
     assert device_bytes_of(rows, ids)[0] == 0  # kept
-    assert rows.nbytes == StoredMatrixRows.held_bytes("q8_0", (49152, 576)) == 512 * 612
+    # the rows kept and the staging of 16 rows' reads, a slot of whole 4 KiB blocks each
+    assert rows.nbytes == StoredMatrixRows.held_bytes("q8_0", (49152, 576)) == 512 * 612 + 16 * 8192
     two_kept = StoredMatrixRows(rows.path, rows.data_offset_bytes, rows.kind, rows.shape, cached_rows=2)
     device_bytes_of(two_kept, torch.tensor([5, 17]))
     device_bytes_of(two_kept, torch.tensor([40000]))  # 5 was the least recently used: out

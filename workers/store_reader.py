@@ -22,8 +22,10 @@ import numpy as np
 
 from flashllm.protocol import quant_format as qf
 from flashllm.protocol.store_format import (
-    FfnLayout, Manifest, StoreError, align_down, align_up, read_manifest,
+    ALIGNMENT_BYTES, FfnLayout, Manifest, StoreError, align_down, align_up, read_manifest,
 )
+from flashllm.workers.flash_io.direct_io import DirectFile, aligned_buffer
+from flashllm.workers.flash_io.linux_aio import AioQueue, AioUnavailable
 
 if TYPE_CHECKING:  # torch is imported where it is used: the prefetch worker reads bundles without it
     import torch
@@ -229,13 +231,17 @@ def load_resident_weights(store_dir: str, manifest: Manifest, verify: bool = Tru
 # token to token (and the next input's embedding row is one of them), 65% of them within the last 512 rows on
 # the demo (docs/benchmarks.md, stop 34); 512 of the demo's rows are 0.3 MiB, counted as resident
 STORED_ROWS_CACHED = 512
+# rows not kept go to the device together, this many at a time: one at a time, a token's ~16 misses of a head's
+# exact rows waited ~70 µs each for the device (docs/benchmarks.md, stop 36)
+ROW_READS_IN_FLIGHT = 16
 
 
 class StoredMatrixRows:
     """Rows of a quantized resident matrix read from the store's resident file when asked for, instead of
     being held: an embedding lookup needs only a step's T rows (612 bytes each for the demo's q8_0 table),
-    so the table costs only the last `cached_rows` rows read, and each row comes back exactly as stored. The
-    pages read are dropped from the page cache (a memory cgroup would charge them to the process)."""
+    so the table costs only the last `cached_rows` rows read, and each row comes back exactly as stored. Rows
+    are read directly (O_DIRECT, else dropped from the page cache after: a memory cgroup would charge cached
+    pages to the process)."""
 
     def __init__(self, path: str, data_offset_bytes: int, kind: str, shape: tuple[int, int], name: str = "",
                  cached_rows: int = STORED_ROWS_CACHED):
@@ -245,36 +251,80 @@ class StoredMatrixRows:
         self._cached = np.empty((min(cached_rows, shape[0]), self.row_bytes), np.uint8)  # (slots, row bytes)
         self._slot_of: OrderedDict[int, int] = OrderedDict()  # row → its slot, least recently used first
         self._fd = os.open(path, os.O_RDONLY)
-        # rows are read a few at a time, anywhere: the kernel's readahead would read (and cache) pages around
-        # each that nothing asked for; the whole-matrix reads (block_chunks) ask for large ranges anyway
+        # the whole-matrix reads (block_chunks) go through the page cache, dropping what they read
         os.posix_fadvise(self._fd, 0, 0, os.POSIX_FADV_RANDOM)
+        # single rows, anywhere, read directly: each is its aligned blocks, all of a call's in flight together
+        self._direct = DirectFile(path)
+        # slots as the plan counts them (a coarser device's own alignment where it asks more)
+        self._row_stride_bytes = _row_stride_bytes(self.row_bytes, max(ALIGNMENT_BYTES, self._direct.alignment_bytes))
+        self._row_staging = aligned_buffer(ROW_READS_IN_FLIGHT * self._row_stride_bytes)  # (reads × stride,)
+        try:
+            self._aio = AioQueue(ROW_READS_IN_FLIGHT) if self._direct.direct else None
+        except AioUnavailable:
+            self._aio = None  # one read at a time
 
     @property
     def nbytes(self) -> int:
-        """Bytes held: the rows kept as read."""
-        return self._cached.nbytes
+        """Bytes held: the rows kept as read and the staging their reads land in."""
+        return self._cached.nbytes + self.staging_nbytes
+
+    @property
+    def staging_nbytes(self) -> int:
+        """Bytes of the staging the direct reads land in (fixed, whatever the matrix)."""
+        return self._row_staging.nbytes
 
     @staticmethod
     def held_bytes(kind: str, shape: tuple[int, int]) -> int:
-        """What one of these holds for a (rows, in) matrix of kind, known before making it."""
-        return min(STORED_ROWS_CACHED, shape[0]) * qf.bytes_per_row(kind, shape[1])
+        """What one of these holds for a (rows, in) matrix of kind, known before making it: the rows kept and the
+        staging, its slots aligned to ALIGNMENT_BYTES as the FFN reads' staging is counted."""
+        row_bytes = qf.bytes_per_row(kind, shape[1])
+        return min(STORED_ROWS_CACHED, shape[0]) * row_bytes + \
+            ROW_READS_IN_FLIGHT * _row_stride_bytes(row_bytes, ALIGNMENT_BYTES)
 
     def _raw_rows(self, unique: np.ndarray) -> np.ndarray:
         """Rows unique (u,) as stored (u, row bytes): from the rows kept where they are, else read and kept."""
         raw = np.empty((len(unique), self.row_bytes), np.uint8)  # (u, row bytes)
+        missing = []  # indices into unique of the rows to read
         for index, row in enumerate(unique.tolist()):
             slot = self._slot_of.get(row)
-            if slot is not None:
-                self._slot_of.move_to_end(row)
-                raw[index] = self._cached[slot]
+            if slot is None:
+                missing.append(index)
                 continue
-            self._read_rows(row, raw[index:index + 1])
+            self._slot_of.move_to_end(row)
+            raw[index] = self._cached[slot]
+        for first in range(0, len(missing), ROW_READS_IN_FLIGHT):
+            indices = missing[first:first + ROW_READS_IN_FLIGHT]
+            raw[indices] = self._read_scattered(unique[indices])
+        for index in missing:
             if len(self._cached):
                 slot = len(self._slot_of) if len(self._slot_of) < len(self._cached) else \
                     self._slot_of.popitem(last=False)[1]
-                self._slot_of[row] = slot
+                self._slot_of[int(unique[index])] = slot
                 self._cached[slot] = raw[index]
         return raw
+
+    def _read_scattered(self, rows: np.ndarray) -> np.ndarray:
+        """At most ROW_READS_IN_FLIGHT rows (k,) anywhere in the matrix → (k, row bytes) as stored, read directly:
+        each row's aligned blocks into its staging slot, every read in flight at once where AIO is available."""
+        alignment = self._direct.alignment_bytes
+        offsets = self.data_offset_bytes + rows.astype(np.int64) * self.row_bytes  # (k,)
+        starts = offsets - offsets % alignment  # (k,)
+        lengths = -(-(offsets + self.row_bytes) // alignment) * alignment - starts  # (k,) whole blocks
+        needed = offsets - starts + self.row_bytes  # (k,) what a read must deliver (the file may end first)
+        slots = np.arange(len(rows)) * self._row_stride_bytes  # (k,) staging offsets
+
+        def check(index: int, got_bytes: int) -> None:
+            if got_bytes < needed[index]:
+                raise StoreError(f"{self.path}: short read at row {int(rows[index])}; the store is corrupt, "
+                                 "re-run `flashllm convert`")
+
+        if self._aio is not None:
+            self._aio.read_all(self._direct.fileno(), starts, lengths, self._row_staging.ctypes.data + slots, check)
+        else:
+            for index, (start, length, slot) in enumerate(zip(starts.tolist(), lengths.tolist(), slots.tolist())):
+                check(index, self._direct.read_into(start, self._row_staging[slot:slot + length], min_bytes=0))
+        first = slots + (offsets - starts)  # (k,) where each row begins in the staging
+        return self._row_staging[first[:, None] + np.arange(self.row_bytes)]  # (k, row bytes)
 
     def rows(self, ids: "torch.Tensor", dtype: "torch.dtype") -> "torch.Tensor":
         """ids (...) int → the rows (..., in) in dtype, dequantized exactly as stored."""
@@ -288,7 +338,8 @@ class StoredMatrixRows:
         unique, inverse = np.unique(flat, return_inverse=True)
         raw = self._raw_rows(unique)  # (u, row bytes)
         values = dequantize(QuantizedBlocks(self.kind, torch.from_numpy(raw), (len(unique), self.shape[1])))
-        return values[torch.from_numpy(inverse)].reshape(*ids.shape, self.shape[1]).to(dtype)
+        # inverse copied: indexing by a tensor over np.unique's own array took ~0.6 ms against ~15 µs (torch 2.13)
+        return values[torch.from_numpy(inverse.copy())].reshape(*ids.shape, self.shape[1]).to(dtype)
 
     def block_chunks(self, rows_per_chunk: int, expected_sha256: str | None = None):
         """Yield (first row, raw blocks (rows, row bytes) uint8 torch tensor) over the whole matrix, a chunk at a
@@ -320,12 +371,23 @@ class StoredMatrixRows:
         return out
 
     def close(self) -> None:
-        if self._fd >= 0:
+        if getattr(self, "_fd", -1) >= 0:
             os.close(self._fd)
             self._fd = -1
+        if getattr(self, "_aio", None) is not None:
+            self._aio.close()
+            self._aio = None
+        if getattr(self, "_direct", None) is not None:
+            self._direct.close()
 
     def __del__(self):
         self.close()
+
+
+def _row_stride_bytes(row_bytes: int, alignment_bytes: int) -> int:
+    """Staging bytes a direct read of one row takes: its row rounded out to whole blocks wherever it starts, and
+    a multiple of the alignment so that every slot's address is aligned too."""
+    return align_up(row_bytes, alignment_bytes) + alignment_bytes
 
 
 def stored_matrix_rows(store_dir: str, manifest: Manifest, name: str) -> StoredMatrixRows:
