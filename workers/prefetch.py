@@ -360,8 +360,8 @@ class Prefetcher:
         staged_ids, staged_rows = staged
         positions = np.minimum(np.searchsorted(staged_ids, ids), len(staged_ids) - 1)  # (k,)
         found = staged_ids[positions] == ids  # (k,)
-        if found.all():
-            np.take(staged_rows, positions, axis=0, out=out[: len(ids)])
+        if found.all():  # positions are in range: "clip" writes out directly ("raise" copies through a temporary)
+            np.take(staged_rows, positions, axis=0, out=out[: len(ids)], mode="clip")
             return
         self.drop_in_flight()
         missing = ids[~found]  # (m,)
