@@ -493,16 +493,24 @@ def test_naive_streams_a_quantized_store_to_dense_tokens(dtype, tiny_quantized_s
     assert tokens["naive"] == tokens["dense"]
 
 
+@pytest.mark.parametrize("aio", [True, False], ids=["aio", "one-read-at-a-time"])
 def test_stored_rows_come_back_as_the_gguf_holds_them_and_only_the_last_ones_read_stay(demo_default_store,
-                                                                                     demo_reader):
+                                                                                     demo_reader, aio, monkeypatch):
     """The demo's embedding/head rows read from the store (its exact top logits, its lookups): the GGUF's own
-    values; the last rows read are kept in the process (counted as resident), and the pages read are dropped
-    from the page cache, so a row not kept is read from the device again."""
+    values, read directly (all in flight together, or one at a time where AIO is missing); the last rows read
+    are kept in the process (counted as resident), and nothing read stays in the page cache, so a row not kept
+    is read from the device again."""
     from gguf.quants import dequantize
 
+    from flashllm.workers import store_reader
     from flashllm.workers.flash_io.io_counters import process_read_bytes
+    from flashllm.workers.flash_io.linux_aio import AioUnavailable
     from flashllm.workers.store_reader import StoredMatrixRows, drop_file_cache, stored_matrix_rows
 
+    if not aio:
+        def no_aio(depth):
+            raise AioUnavailable(38, "no AIO here")
+        monkeypatch.setattr(store_reader, "AioQueue", no_aio)
     store, _ = demo_default_store
     rows = stored_matrix_rows(store, read_manifest(store), "embed_tokens")
     fd = os.open(rows.path, os.O_RDONLY)
@@ -531,3 +539,7 @@ def test_stored_rows_come_back_as_the_gguf_holds_them_and_only_the_last_ones_rea
     device_bytes_of(two_kept, torch.tensor([40000]))  # 5 was the least recently used: out
     assert device_bytes_of(two_kept, torch.tensor([17, 40000]))[0] == 0
     assert device_bytes_of(two_kept, torch.tensor([5]))[0] >= rows.row_bytes  # its page was not left cached
+    many = torch.arange(1000, 49152, 1201)  # 41 rows none kept: three rounds of reads, each row as the GGUF has it
+    many_expected = dequantize(np.asarray(token_embd.data)[many.numpy()], token_embd.tensor_type)
+    assert torch.equal(two_kept.rows(many, torch.float32), torch.from_numpy(many_expected.reshape(-1, 576)))
+    assert two_kept.reads_in_flight == (16 if aio else 1)

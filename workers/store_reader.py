@@ -251,7 +251,8 @@ class StoredMatrixRows:
         self._cached = np.empty((min(cached_rows, shape[0]), self.row_bytes), np.uint8)  # (slots, row bytes)
         self._slot_of: OrderedDict[int, int] = OrderedDict()  # row → its slot, least recently used first
         self._fd = os.open(path, os.O_RDONLY)
-        # the whole-matrix reads (block_chunks) go through the page cache, dropping what they read
+        # the whole-matrix reads (block_chunks) go through the page cache and drop what they read: no readahead,
+        # whose pages past a chunk would stay cached, charged to the process
         os.posix_fadvise(self._fd, 0, 0, os.POSIX_FADV_RANDOM)
         # single rows, anywhere, read directly: each is its aligned blocks, all of a call's in flight together
         self._direct = DirectFile(path)
@@ -272,6 +273,11 @@ class StoredMatrixRows:
     def staging_nbytes(self) -> int:
         """Bytes of the staging the direct reads land in (fixed, whatever the matrix)."""
         return self._row_staging.nbytes
+
+    @property
+    def reads_in_flight(self) -> int:
+        """Rows read at once: ROW_READS_IN_FLIGHT through AIO, else 1 (buffered file or no AIO)."""
+        return ROW_READS_IN_FLIGHT if self._aio is not None else 1
 
     @staticmethod
     def held_bytes(kind: str, shape: tuple[int, int]) -> int:
