@@ -111,6 +111,14 @@ def test_rows_written_one_at_a_time_at_any_slot_are_the_bytes_torchs_packing_giv
     write_q4_rows(packed.numpy(), np.array([70]), raw[[5]], 0, block_bytes, 96)
     q[70] = q[5]  # one row rewritten: its tile-mate (row 102) keeps its nibbles
     assert torch.equal(packed, pack_int4_tiles(q))
+    at_once = torch.zeros(128, 48, dtype=torch.uint8)
+    write_q4_rows(at_once.numpy(), order, raw[order], 0, block_bytes, 96)  # every byte's two rows in one call
+    assert torch.equal(at_once, pack_int4_tiles(split_blocks(blocks)[2]))
+    twice = np.array([7, 39, 7, 100])  # 7 and 39 share bytes; 7 given twice: its last bundle is the one kept
+    write_q4_rows(at_once.numpy(), twice, raw[[0, 1, 2, 3]], 0, block_bytes, 96)
+    q = split_blocks(blocks)[2].clone()
+    q[[7, 39, 100]] = q[[2, 1, 3]]
+    assert torch.equal(at_once, pack_int4_tiles(q))
     with pytest.raises(IndexError, match="rows must be in"):
         write_q4_rows(packed.numpy(), np.array([128]), raw[[0]], 0, block_bytes, 96)
 
