@@ -83,11 +83,14 @@ class KVCache:
         if step.own_keys:
             # one product per sequence over its own keys: the CPU kernels round a batched product differently
             # by batch size and key length, so a sequence's tokens would depend on its neighbours (batch
-            # invariance); each call here is what the sequence computes alone
-            return torch.cat([F.scaled_dot_product_attention(
+            # invariance); each call here is what the sequence computes alone. A decode step's token sees all
+            # of its own keys: no mask to apply (the same values, fewer ops)
+            decode = q.shape[2] == 1
+            outs = [F.scaled_dot_product_attention(
                 q[b:b + 1], self.keys[layer][slot, :, :length][None], self.values[layer][slot, :, :length][None],
-                attn_mask=step.mask[b:b + 1, :, :, :length], scale=scale, enable_gqa=gqa)
-                for b, (slot, length) in enumerate(step.own_keys)])  # (B, H, T, hd)
+                attn_mask=None if decode else step.mask[b:b + 1, :, :, :length], scale=scale, enable_gqa=gqa)
+                for b, (slot, length) in enumerate(step.own_keys)]  # B × (1, H, T, hd)
+            return outs[0] if len(outs) == 1 else torch.cat(outs)  # (B, H, T, hd)
         keys = self.keys[layer][slots, :, :step.length]  # (B, KV, L, hd)
         values = self.values[layer][slots, :, :step.length]  # (B, KV, L, hd)
         return F.scaled_dot_product_attention(q, keys, values, attn_mask=step.mask, scale=scale,
