@@ -320,18 +320,17 @@ class QuantNeuronMatrix:
             both = torch.ops.aten._weight_int4pack_mm_for_cpu(x, self.packed, BLOCK_WEIGHTS, self.scales_zeros)
         else:
             both = F.linear(x, self.rows_bf16)
-        both = both.float()  # (N, rows)
+        both = both.float()  # (N, rows), this call's own
         cap = self.capacity
-        if self.gated:
-            a = F.silu(both[:, :cap]) * both[:, cap:]  # (N, cap)
-        else:
-            a = F.relu(both + self.up_bias)  # (N, cap)
-        return a
+        if self.gated:  # in place over the gate half: a decode layer's torch calls are most of its time
+            return F.silu(both[:, :cap], inplace=True).mul_(both[:, cap:])  # (N, cap), a view of both
+        return F.relu(both + self.up_bias)  # (N, cap)
 
     def down(self, a: torch.Tensor, n: int) -> torch.Tensor:
         """a (N, cap) → (N, d): Σ_i a_i · down_i over slots [0, n)."""
         if self.down_as_blocks:  # slots past n (a layer not a multiple of 64) must contribute nothing
-            a[:, n:] = 0
+            if n < a.shape[1]:
+                a[:, n:] = 0
             return torch.ops.aten._weight_int4pack_mm_for_cpu(a.to(torch.bfloat16), self.down_packed, BLOCK_WEIGHTS,
                                                                self.down_scales_zeros).float()  # (N, d)
         out = torch.zeros(a.shape[0], self.d)  # (N, d)
