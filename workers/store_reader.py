@@ -314,8 +314,8 @@ class StoredMatrixRows:
         each row's aligned blocks into its staging slot, every read in flight at once where AIO is available."""
         alignment = self._direct.alignment_bytes
         offsets = self.data_offset_bytes + rows.astype(np.int64) * self.row_bytes  # (k,)
-        starts = offsets - offsets % alignment  # (k,)
-        lengths = -(-(offsets + self.row_bytes) // alignment) * alignment - starts  # (k,) whole blocks
+        starts = align_down(offsets, alignment)  # (k,)
+        lengths = align_up(offsets + self.row_bytes, alignment) - starts  # (k,) whole blocks
         needed = offsets - starts + self.row_bytes  # (k,) what a read must deliver (the file may end first)
         slots = np.arange(len(rows)) * self._row_stride_bytes  # (k,) staging offsets
 
