@@ -153,6 +153,20 @@ def test_embedding_rows_dequantize_only_the_ids_asked_for(kind):
     assert torch.allclose(rows, dequantize(blocks)[ids], atol=tolerance, rtol=0)
 
 
+@pytest.mark.parametrize("width", [49152, 32000, 8191, 100])
+def test_a_heads_top_positions_are_those_one_topk_over_the_row_gives(width):
+    from flashllm.workers.models.resident import top_indices
+
+    generator = torch.Generator().manual_seed(width)
+    logits = torch.stack([torch.randperm(width, generator=generator).float() for _ in range(3)])  # (3, V) distinct
+    logits[1, -5:] += width  # the largest in the last, shorter group
+    logits[2, :40] += width  # more of the largest than k in the first group
+    for k in (1, 32):
+        got = top_indices(logits, k)  # (3, k)
+        assert got.shape == (3, k)
+        assert [sorted(row) for row in got.tolist()] == [sorted(row) for row in logits.topk(k, dim=-1).indices.tolist()]
+
+
 def test_blocks_of_the_wrong_size_are_refused():
     with pytest.raises(ValueError, match="must be .* uint8"):
         QuantizedBlocks("q4_1", torch.zeros(4, 19, dtype=torch.uint8), (4, 32))

@@ -33,6 +33,10 @@ from flashllm.workers.models.quant_linear import (
 EMBEDDING_NAME = "embed_tokens"
 HEAD_NAME = "lm_head"
 EXACT_TOP_OUTPUTS = 32  # a head's largest logits per row recomputed from the stored rows (StoreBackedMatrix)
+# top_indices' group: torch's CPU topk works in a (value, index) buffer of the row's length, and one of a whole
+# vocabulary (49,152 logits: 768 KiB) is past the fixed mmap threshold (workers/malloc_tuning), so every call
+# paid an mmap, its page faults and a munmap; a group of 4,096 keeps that buffer at 64 KiB
+TOP_GROUP_ELEMENTS = 4096
 RESIDENT_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 HALF_STORE_DTYPES = ("float16", "bfloat16")
 HALF_PRODUCT_MAX_ROWS = 8  # at most this many input rows multiply in the storage dtype
@@ -86,7 +90,7 @@ class StoreBackedMatrix:
             raise RuntimeError("this embedding table is not tied to the head; the model has its own lm_head")
         flat = x.reshape(-1, x.shape[-1]).float()  # (M, in)
         y = self.held.matmul(flat)  # (M, out)
-        top = y.topk(min(EXACT_TOP_OUTPUTS, y.shape[-1]), dim=-1).indices  # (M, k)
+        top = top_indices(y, min(EXACT_TOP_OUTPUTS, y.shape[-1]))  # (M, k)
         unique, inverse = torch.unique(top, return_inverse=True)  # (u,), (M, k)
         stored = self.stored_rows.rows(unique, torch.float32)  # (u, in)
         # one product per row over its own k rows: a batched float32 product rounds a row differently by
@@ -94,6 +98,24 @@ class StoreBackedMatrix:
         exact = torch.stack([stored[inverse[i]] @ flat[i] for i in range(flat.shape[0])])  # (M, k)
         y.scatter_(1, top, exact)
         return y.reshape(*x.shape[:-1], y.shape[-1])
+
+
+def top_indices(y: torch.Tensor, k: int) -> torch.Tensor:
+    """y (M, V) → (M, k) the positions of each row's k largest values, in no particular order: each group of
+    TOP_GROUP_ELEMENTS gives its k largest, and the largest k of those are the row's (the same set as one topk
+    over the row, whichever tied value a topk keeps; the head re-reads those rows, the order does not matter)."""
+    rows, width = y.shape
+    groups = width // TOP_GROUP_ELEMENTS
+    if groups < 2 or k > TOP_GROUP_ELEMENTS:
+        return y.topk(k, dim=-1).indices
+    body = groups * TOP_GROUP_ELEMENTS
+    values, at = y[:, :body].reshape(rows, groups, TOP_GROUP_ELEMENTS).topk(k, dim=-1)  # (M, G, k) each
+    at = at + torch.arange(0, body, TOP_GROUP_ELEMENTS).view(1, groups, 1)  # (M, G, k) positions in the row
+    values, at = values.reshape(rows, -1), at.reshape(rows, -1)  # (M, G*k)
+    if body < width:  # the last, shorter group
+        tail_values, tail_at = y[:, body:].topk(min(k, width - body), dim=-1)  # (M, k') each
+        values, at = torch.cat([values, tail_values], dim=1), torch.cat([at, tail_at + body], dim=1)
+    return at.gather(1, values.topk(k, dim=-1).indices)  # (M, k)
 
 
 @dataclass
