@@ -12,6 +12,7 @@ Who sends what (the pipeline is a ring: compute → predictor → prefetch → c
     predictor  ──StepBegin, Prediction(l), Lookahead(l+1)──▶ prefetch
     predictor  ──PredictionStats(l)──▶ compute                        (counters, off the critical path)
     prefetch   ──LayerReady(l)──▶ compute   (masked path: one per chunk of the layer)
+    prefetch   ──LayerStaged(l)──▶ compute  (a decode step's uncached layer, read ahead at its Lookahead)
     compute    ──ChunkDone──▶ prefetch                                (a chunk-staging slot is free again)
     compute    ──ForwardChunk──▶ supervisor ──LogitsTaken──▶ compute   (logits in chunks)
     any worker ──StepFailed──▶ the next in the ring, compute ──▶ supervisor
@@ -28,7 +29,7 @@ from typing import Any, Callable, ClassVar
 
 import numpy as np
 
-PROTOCOL_VERSION = 6
+PROTOCOL_VERSION = 7
 
 # a layer's FFN path for one step: through the neuron cache, or the whole layer read with per-token masks
 PATH_CACHED = "cached"
@@ -220,6 +221,24 @@ class LayerReady:
 
 
 @dataclass
+class LayerStaged:
+    """A decode step's uncached layer `layer` (it takes the masked path) read ahead at its Lookahead: bundles
+    of neurons `ids` (sorted) are rows 0..len(ids)-1 of chunk-staging slot `staging`, sent before the layer's
+    Prediction. When they hold every neuron of the layer's read (the mask's union, sparse_policy.masked_read_ids)
+    compute multiplies them without waiting for the layer, and hands the slot back with ChunkDone; otherwise
+    the prefetcher takes the slot back itself and sends the layer's LayerReady as for any masked layer (both
+    sides test the same ids, so they agree). Counters as LayerReady's, for the read-ahead."""
+
+    tag: ClassVar[int] = 27
+    step: int
+    layer: int
+    staging: int
+    ids: np.ndarray = _ids()
+    read_bytes: int = 0
+    io_s: float = 0.0
+
+
+@dataclass
 class PredictionStats:
     """The predictor's counters for one layer of a step, straight to compute (which sums a step's)."""
 
@@ -242,7 +261,7 @@ class ChunkDone:
 MESSAGE_TYPES: tuple[type, ...] = (
     WorkerReady, WorkerFailed, Shutdown,
     ForwardRequest, ForwardChunk, LogitsTaken, StepFailed,
-    StepBegin, FfnInput, Lookahead, Prediction, LayerReady, PredictionStats, ChunkDone,
+    StepBegin, FfnInput, Lookahead, Prediction, LayerReady, LayerStaged, PredictionStats, ChunkDone,
 )
 MESSAGE_BY_TAG: dict[int, type] = {cls.tag: cls for cls in MESSAGE_TYPES}
 assert len(MESSAGE_BY_TAG) == len(MESSAGE_TYPES), "message tags must be unique"

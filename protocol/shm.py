@@ -28,8 +28,8 @@ exchange segment:
     hidden         (2, max_tokens, d)     FFN input of layer l in [l % 2]     compute → predictor
     mask           (max_tokens, n_ff) bool per-token neuron mask (masked path) predictor → compute
     chunk_staging  (2, chunk_rows, E)     chunks of whole layers, store dtype  prefetch → compute
-                                          (masked path: LayerReady names the slot,
-                                          ChunkDone hands it back)
+                                          (masked path: LayerReady or LayerStaged names
+                                          the slot, ChunkDone hands it back)
     logits         (logits_rows, V) f32   a chunk of a forward's logits       compute → supervisor
 
 Two hidden buffers by layer parity let layer l+1 be written while layer l is

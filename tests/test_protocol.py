@@ -16,8 +16,8 @@ from flashllm.protocol.endpoints import (
 from flashllm.protocol.messages import (
     MESSAGE_TYPES, PATH_CACHED, PATH_MASKED, PROTOCOL_VERSION, ChunkDone, Dispatcher, FfnInput, ForwardChunk,
     ForwardRequest,
-    LayerReady, Lookahead, LogitsTaken, Prediction, PredictionStats, Shutdown, StepBegin, StepFailed, UnexpectedMessageError,
-    WorkerFailed, WorkerReady,
+    LayerReady, LayerStaged, Lookahead, LogitsTaken, Prediction, PredictionStats, Shutdown, StepBegin, StepFailed,
+    UnexpectedMessageError, WorkerFailed, WorkerReady,
 )
 from flashllm.protocol.shm import (
     SharedMemoryError, SharedSegment, cache_layer_arrays, exchange_layout, list_segments, neuron_cache_layout,
@@ -45,6 +45,7 @@ EXAMPLES = [
                read_bytes=690_000, io_s=0.001, critical_io_s=0.0005),
     LayerReady(step=6, layer=3, path=PATH_MASKED, num_rows=606, staging=1, chunk=2, num_chunks=3, read_neurons=606,
                read_bytes=4_190_208, io_s=0.004),
+    LayerStaged(step=7, layer=5, staging=0, ids=ids, read_bytes=2_662_400, io_s=0.008),
     ChunkDone(step=6, staging=1),
 ]
 

@@ -9,6 +9,7 @@ and no /dev/shm segment is left behind.
 """
 from __future__ import annotations
 
+import collections
 import json
 import os
 import shutil
@@ -22,7 +23,10 @@ import pytest
 import torch
 
 from flashllm.protocol.endpoints import instance_dir, new_instance_id
-from flashllm.protocol.messages import ROLE_COMPUTE, ROLE_PREDICTOR, ROLE_PREFETCH, ROLE_SUPERVISOR, ForwardChunk, ForwardRequest
+from flashllm.protocol.messages import (
+    ROLE_COMPUTE, ROLE_PREDICTOR, ROLE_PREFETCH, ROLE_SUPERVISOR, ChunkDone, ForwardChunk, ForwardRequest, LayerReady,
+    LayerStaged,
+)
 from flashllm.protocol.shm import SharedSegment, list_segments
 from tests.cli_run import run_flashllm
 from tests.conftest import tight_budget
@@ -143,6 +147,30 @@ class LocalPipelineExecutor(Executor):
             segment.unlink()
 
 
+def _record_uncached_hand_overs(bus: LocalBus) -> collections.Counter:
+    """Counts, over the bus's traffic, how compute got each decode step's uncached layer: "staged" when it
+    multiplied a LayerStaged's rows (its ChunkDone came with no LayerReady for the layer), "read" when a
+    LayerReady followed the LayerStaged."""
+    counts: collections.Counter = collections.Counter()
+    staged: dict[tuple[int, int], int] = {}  # (step, layer) → slot of a LayerStaged not yet settled
+    deliver = bus.deliver
+
+    def recording(role, msg):
+        if type(msg) is LayerStaged:
+            staged[(msg.step, msg.layer)] = msg.staging
+        elif type(msg) is LayerReady and staged.pop((msg.step, msg.layer), None) is not None:
+            counts["read"] += 1
+        elif type(msg) is ChunkDone:
+            for key, slot in list(staged.items()):
+                if key[0] == msg.step and slot == msg.staging:
+                    del staged[key]
+                    counts["staged"] += 1
+        deliver(role, msg)
+
+    bus.deliver = recording
+    return counts
+
+
 def _greedy_with_logits(engine: Engine, prompts: list[str]) -> tuple[list[list[int]], list[torch.Tensor]]:
     seen: list[torch.Tensor] = []
     engine.logits_hook = lambda request_id, logits: seen.append(logits.clone())
@@ -163,9 +191,12 @@ def _greedy_with_logits(engine: Engine, prompts: list[str]) -> tuple[list[list[i
     ("opt", {"capacity_rows": [200, 200], "window_tokens": 3}, 2, 3),
     ("llama", dict(TIGHT, capacity_rows=[0, 100]), 2, 4),
     ("opt", {"capacity_rows": [200, 0], "window_tokens": 3}, 1, 3),
+    ("opt", {"capacity_rows": [200, 0], "window_tokens": 3}, 1, 1),
+    ("llama", dict(TIGHT, capacity_rows=[100, 0]), 2, 1),
 ], ids=["llama-full", "llama-tight", "llama-tight-batch3", "llama-tight-batch3-chunks4", "llama-skip-ready-early",
         "llama-skip-batch2", "llama-window-compute-batch2", "opt-relu", "opt-relu-chunks3",
-        "llama-uncached-layer-batch2-chunks4", "opt-relu-uncached-layer-chunks3"])
+        "llama-uncached-layer-batch2-chunks4", "opt-relu-uncached-layer-chunks3", "opt-relu-uncached-last-layer",
+        "llama-uncached-last-layer-batch2"])
 def test_pipeline_steps_reproduce_the_inprocess_sparse_ffn(calibrated_stores, kind, options, batch, chunks, monkeypatch):
     """Same messages and buffers as the processes use; every logit bitwise equal to SparseFlashFfn's.
     chunks: the whole-layer reads (prefill, and decode batches that fall back) go in that many chunks
@@ -183,6 +214,7 @@ def test_pipeline_steps_reproduce_the_inprocess_sparse_ffn(calibrated_stores, ki
         tokens, logits = _greedy_with_logits(engine, PROMPTS)
         reference_stats = engine.token_stats
     pipeline = LocalPipelineExecutor(store, batch, 128, dict(options))
+    handed = _record_uncached_hand_overs(pipeline.bus)
     with Engine(store, mode="sparse", max_batch=batch, max_context=128, executor=pipeline) as engine:
         pipeline_tokens, pipeline_logits = _greedy_with_logits(engine, PROMPTS)
         pipeline_stats = engine.token_stats
@@ -190,6 +222,12 @@ def test_pipeline_steps_reproduce_the_inprocess_sparse_ffn(calibrated_stores, ki
     assert len(pipeline_logits) == len(logits)
     for ours, theirs in zip(pipeline_logits, logits):
         assert torch.equal(ours, theirs)
+    # an uncached layer after the first (it has a lookahead) whose read-ahead fits a chunk slot is handed to
+    # compute at its Lookahead: taken as read where it holds the layer's whole read, else read on (both seen here)
+    if chunks == 1 and 0 in options.get("capacity_rows", [1])[1:]:
+        assert handed["staged"] and handed["read"], handed
+    else:
+        assert not handed, handed
     for name in ("neurons_computed", "neurons_predicted", "cache_hits", "neurons_read"):
         assert [s[name] for s in pipeline_stats] == [s[name] for s in reference_stats], name
     # read-ahead for a layer that then falls back to the whole-layer read is the only extra I/O

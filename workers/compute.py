@@ -6,11 +6,15 @@ the FFN provider differs. `PipelineFfn.forward(layer, h)` does, per layer:
     write h (N, d) into hidden[layer % 2]          shared memory
     FfnInput(step, layer) ──▶ predictor            (which tells the prefetcher)
     wait for LayerReady(step, layer) ◀── prefetch   the only wait: a late read
+            (a decode step's uncached layer: its LayerStaged, sent at its Lookahead, may do instead)
     cached: y = FFN over the layer cache's first num_rows rows (CacheView: zero-copy
             on the CPU, a device mirror updated with the changed rows elsewhere)
     masked: y = (act(h · rows) * mask) @ down over the layer's masked read (the whole layer, or a decode
             step's sets: sparse_policy.masked_read_ids), chunk by chunk as each lands in a chunk slot
             (LayerReady per chunk; ChunkDone gives the slot back)
+    staged: a decode step's uncached layer whose read-ahead (LayerStaged) holds its whole read: those
+            rows, gathered in place in their slot, as the masked path's one chunk; no round trip to
+            the prefetcher once the layer's input is known
 
 so while this process runs layer l's FFN and layer l+1's attention, the
 predictor has sent layer l+1's lookahead and the prefetcher is reading it.
@@ -25,6 +29,7 @@ prefetcher.
 """
 from __future__ import annotations
 
+import ctypes
 import dataclasses
 import time
 from dataclasses import dataclass
@@ -34,13 +39,15 @@ import torch
 
 from flashllm.protocol.messages import (
     PATH_CACHED, ROLE_COMPUTE, ROLE_PREDICTOR, ROLE_PREFETCH, ROLE_SUPERVISOR, ChunkDone, Dispatcher, FfnInput,
-    ForwardChunk, ForwardRequest, LayerReady, LogitsTaken, PredictionStats, Shutdown, StepBegin, StepFailed,
+    ForwardChunk, ForwardRequest, LayerReady, LayerStaged, LogitsTaken, PredictionStats, Shutdown, StepBegin,
+    StepFailed,
 )
 from flashllm.protocol.shm import SharedSegment, cache_down_tables, cache_kernel_arrays, cache_layer_arrays
 from flashllm.protocol.store_format import FfnLayout
 from flashllm.workers.ffn_providers import FfnStats, held_rows
 from flashllm.workers.flash_io.bundle_reader import chunk_ids
 from flashllm.workers.flash_io.kernel_rows import KernelRowsView
+from flashllm.workers.flash_io.neuron_ids import find_sorted, staged_hold_all
 from flashllm.workers.interfaces import FfnProvider
 from flashllm.workers.models.ffn import BundleColumns, masked_ffn_over_chunks
 from flashllm.workers.process_entry import WorkerConfig, run_worker
@@ -134,15 +141,18 @@ class PipelineFfn(FfnProvider):
         self.bundle_bytes = self.staging.shape[2] * self.staging.itemsize
         self.stats = PipelineStats()
         self.step = -1
-        self._waiting = Dispatcher({LayerReady: self._on_layer_ready, StepFailed: self._on_step_failed,
-                                    Shutdown: self._on_shutdown, LogitsTaken: self._on_logits_taken,
-                                    PredictionStats: self._on_prediction_stats}, owner="the compute worker")
+        self._waiting = Dispatcher({LayerReady: self._on_layer_ready, LayerStaged: self._on_layer_staged,
+                                    StepFailed: self._on_step_failed, Shutdown: self._on_shutdown,
+                                    LogitsTaken: self._on_logits_taken, PredictionStats: self._on_prediction_stats},
+                                   owner="the compute worker")
         self._awaited: tuple[type, int] = (LayerReady, -1)
         self._layers_predicted = 0  # PredictionStats received this step
+        self._staged: dict[int, LayerStaged] = {}  # this step's LayerStaged not yet taken, by layer
 
     def start_step(self, step: int) -> None:
         self.step = step
         self._layers_predicted = 0
+        self._staged = {}
 
     def finish_step(self) -> None:
         """Collect the predictor's counters of every layer (they travel beside the critical path)."""
@@ -167,7 +177,12 @@ class PipelineFfn(FfnProvider):
         buffer = layer % 2
         torch.from_numpy(self.hidden[buffer, :num_tokens]).copy_(h)  # (N, d), to the predictor
         self.channel.send(ROLE_PREDICTOR, FfnInput(step=self.step, layer=layer, num_tokens=num_tokens, buffer=buffer))
-        ready = self.wait_for(LayerReady, layer)
+        ready = self.wait_for(LayerReady, layer, or_staged=True)
+        if type(ready) is LayerStaged:
+            y = self._forward_staged(h, ready)
+            if y is not None:
+                return y
+            ready = self.wait_for(LayerReady, layer)  # the prefetcher reads the rest and sends the layer's chunks
         self._count_ready(ready)
         start, waited_before = time.perf_counter(), self.stats.wait_s
         if ready.path == PATH_CACHED:
@@ -189,6 +204,29 @@ class PipelineFfn(FfnProvider):
             self.stats.neurons_computed += ready.num_rows
         else:
             self.stats.neurons_computed += self.layer_neurons[layer] if read_ids is None else len(read_ids)
+        return y
+
+    def _forward_staged(self, h: torch.Tensor, staged: LayerStaged) -> torch.Tensor | None:
+        """h (N, d) → (N, d): a decode step's uncached layer over the rows its LayerStaged names, as the masked
+        path computes its one chunk, when they hold every neuron of the layer's read (staged_hold_all, by which
+        the prefetcher decides alike); None when they do not, or the read is empty (then its LayerReady comes)."""
+        self.stats.add({"read_bytes": staged.read_bytes, "io_s": staged.io_s})
+        host_mask = torch.from_numpy(self.mask[: h.shape[0]])  # (N, n_ff) bool, written by the predictor
+        read_ids = masked_read_ids(host_mask, self._steps)  # (k,) sorted
+        if not len(read_ids) or not staged_hold_all(staged.ids, read_ids):
+            return None
+        start = time.perf_counter()
+        rows = self.staging[staged.staging]  # (chunk_rows, E) store dtype, rows [0, len(staged.ids)) read
+        gather_rows_in_place(rows, find_sorted(staged.ids, read_ids)[0])  # rows[:k] = the read's rows, in id order
+        self._held_chunk = held_rows(rows[: len(read_ids)], self.ffn_layout, self.dtype, self.device,
+                                     down_scales=layer_table(self.down_scales, staged.layer), neuron_ids=read_ids,
+                                     down_by_slot=self._per_token, reuse=self._held_chunk)
+        y = masked_ffn_over_chunks(h, [(read_ids, self._held_chunk)], self.cols, host_mask.to(self.device),
+                                   self._per_token)  # (N, d)
+        self.channel.send(ROLE_PREFETCH, ChunkDone(step=self.step, staging=staged.staging))
+        self.stats.compute_s += time.perf_counter() - start
+        self.stats.neurons_read += len(read_ids)
+        self.stats.neurons_computed += len(read_ids)
         return y
 
     def _masked_chunks(self, layer: int, ready: LayerReady, read_ids: np.ndarray | None):
@@ -216,13 +254,15 @@ class PipelineFfn(FfnProvider):
 
     # -- waiting on the inbox --------------------------------------------------
 
-    def wait_for(self, kind: type, key: int, timed: bool = True):
+    def wait_for(self, kind: type, key: int, timed: bool = True, or_staged: bool = False):
         """Block until the awaited message of this step arrives (LayerReady of layer `key`, LogitsTaken);
-        timed: count the time as wait_s (a late layer)."""
+        or_staged: the layer's LayerStaged will do too. timed: count the time as wait_s (a late layer)."""
         self._awaited = (kind, key)
         start = time.perf_counter()
         try:
             while True:
+                if or_staged and key in self._staged:
+                    return self._staged.pop(key)
                 found = self._waiting.dispatch(self.channel.recv())
                 if found is not None:
                     return found
@@ -239,6 +279,11 @@ class PipelineFfn(FfnProvider):
                                f"{self._awaited[0].__name__} {self._awaited[1]}; the pipeline lost its order "
                                "(a flashllm bug)")
         return msg
+
+    def _on_layer_staged(self, msg: LayerStaged):
+        if msg.step == self.step:  # kept until its layer is computed (it may come while an earlier layer's chunks do)
+            self._staged[msg.layer] = msg
+        return None
 
     def _on_prediction_stats(self, msg: PredictionStats):
         if msg.step != self.step:
@@ -336,6 +381,21 @@ class ComputeWorker:
         self.logits = None
         self.cache.close()
         self.exchange.close()
+
+
+def gather_rows_in_place(rows: np.ndarray, positions: np.ndarray) -> None:
+    """rows[:k] = rows[positions] for ascending positions (k,) with positions[i] >= i, in place: each run of
+    consecutive positions moves as one memmove, front to back, so no row is overwritten before it moves (numpy
+    would copy overlapping rows through a temporary of their size)."""
+    if not rows.flags.c_contiguous:
+        raise ValueError("gather_rows_in_place needs C-contiguous rows")
+    row_bytes = rows.strides[0]
+    breaks = np.flatnonzero(np.diff(positions) != 1) + 1  # where a run of consecutive positions ends
+    base = rows.ctypes.data
+    for first, stop in zip(np.concatenate(([0], breaks)).tolist(), np.concatenate((breaks, [len(positions)])).tolist()):
+        source = int(positions[first])
+        if source != first:
+            ctypes.memmove(base + first * row_bytes, base + source * row_bytes, (stop - first) * row_bytes)
 
 
 def run_compute(config: WorkerConfig) -> None:

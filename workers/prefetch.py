@@ -8,8 +8,9 @@ bundles (the increment) with aligned direct reads. Hot neurons are pinned once.
 
 Read-ahead without touching the cache: `stage(layer, ids)` reads the bundles
 that `prepare(layer, ids, new_token=True)` is going to need into a private
-staging matrix; the later `prepare` copies them from there instead of from
-flash. The worker runtime stages layer l+1 from the lookahead prediction while
+staging matrix (or rows it is given: a chunk slot that the worker runtime
+hands to compute as it is); the later `prepare` copies them from there
+instead of from flash. The worker runtime stages layer l+1 from the lookahead prediction while
 compute still runs layer l, and commits (`prepare`) only once the same-layer
 check has decided the layer's path, so the cache goes through exactly the
 states SparseFlashFfn gives it.
@@ -29,8 +30,8 @@ from typing import Callable, Iterator
 import numpy as np
 
 from flashllm.protocol.messages import (
-    PATH_CACHED, PATH_MASKED, ROLE_COMPUTE, ROLE_PREFETCH, ChunkDone, Dispatcher, LayerReady, Lookahead, Prediction,
-    StepBegin, StepFailed,
+    PATH_CACHED, PATH_MASKED, ROLE_COMPUTE, ROLE_PREFETCH, ChunkDone, Dispatcher, LayerReady, LayerStaged, Lookahead,
+    Prediction, StepBegin, StepFailed,
 )
 from flashllm.protocol.shm import SharedSegment, cache_down_tables, cache_kernel_arrays, cache_layer_arrays
 from flashllm.protocol.store_format import Manifest, StoreError, calibrate_hint, read_manifest
@@ -39,7 +40,7 @@ from flashllm.workers.flash_io.bundle_reader import (BundleReader, GapMerging, c
 from flashllm.workers.flash_io.kernel_layout import load_compiled_loops
 from flashllm.workers.flash_io.kernel_rows import KernelRows, kernel_rows_for
 from flashllm.workers.flash_io.neuron_cache import NeuronCache, GrowingRows
-from flashllm.workers.flash_io.neuron_ids import union_ids
+from flashllm.workers.flash_io.neuron_ids import find_sorted, staged_hold_all, union_ids
 from flashllm.workers.process_entry import WorkerConfig, run_worker
 from flashllm.workers.store_reader import (
     bundle_rows_as_float, each_down_group_scales, layer_table, load_down_group_scales,
@@ -100,10 +101,12 @@ class Prefetcher:
         self.down_scales = load_down_group_scales(store_dir, manifest) if self._convert else None
         self._scratch_rows = GrowingRows(layout.stored_row_width, store_dtype)  # bundles on their way elsewhere
         self._arrival_rows = GrowingRows(layout.stored_row_width, store_dtype)  # kernel rows' inserts, as read
-        # read-ahead of one layer: sorted ids and their rows (cache dtype)
+        # read-ahead of one layer: sorted ids and their rows (cache dtype), in _staged_rows or in the rows stage()
+        # was given (_staged_in: a chunk slot the worker runtime hands to compute as it is)
         self._staged_layer = -1
         self._staged_ids = np.zeros(0, np.int64)
         self._staged_rows = np.empty((0, layout.stored_row_width), dtype=dtype)
+        self._staged_in: np.ndarray | None = None
         # read-ahead still on the device (start_stage): the next prepare of its layer finishes it
         self._in_flight: _EarlyRead | None = None
         if kernel_rows is not None:
@@ -125,11 +128,10 @@ class Prefetcher:
         read = self._read_filler(layer)
         if layer != self._staged_layer or not len(self._staged_ids):
             return read
-        staged_ids, staged_rows = self._staged_ids, self._staged_rows
+        staged_ids, staged_rows = self._staged_ids, self._staged_rows_now()
 
         def fill_from_staging(ids: np.ndarray, out: np.ndarray) -> None:
-            positions = np.minimum(np.searchsorted(staged_ids, ids), len(staged_ids) - 1)  # (k,)
-            found = staged_ids[positions] == ids  # (k,)
+            positions, found = find_sorted(staged_ids, ids)  # (k,) each
             if found.all():
                 np.take(staged_rows, positions, axis=0, out=out[: len(ids)], mode="clip")
                 return
@@ -240,23 +242,47 @@ class Prefetcher:
         ids = union_ids(cache.num_neurons, np.asarray(predicted_ids, dtype=np.int64))  # (k,) sorted
         return ids[cache.slot_of[ids] < 0]  # (m,) sorted
 
-    def stage(self, layer: int, predicted_ids: np.ndarray) -> FlashWork:
+    def stage(self, layer: int, predicted_ids: np.ndarray, into: np.ndarray | None = None) -> FlashWork:
         """Read ahead for a layer that will take the masked path (its lookahead set did not fit its cache, or
         it has none), leaving the cache as it is: the predicted neurons and the spans around them
         (_masked_stage_ids), gaps merged by the read cost alone as the masked read's are; that read takes them
-        (read_layer_chunks, read_chunk) and reads only the rest. Replaces any earlier staging."""
+        (read_layer_chunks, read_chunk) and reads only the rest. Replaces any earlier staging. into: rows
+        (store dtype) to read them into instead of the prefetcher's own staging, where they fit (staged_in()
+        says); staged_ids() then says which neurons they hold, in order."""
         self.drop_in_flight()
         self.discard_staged()
         staged = self._masked_stage_ids(layer, predicted_ids)
         if staged is None:
             return FlashWork(neurons=0, read_bytes=0, io_s=0.0)
         ids, merging = staged
+        if into is not None and len(ids) > len(into):  # (the chunks of a worker runtime made with smaller ones)
+            into = None
         start = time.perf_counter()
         before_bytes = self.reader.stats.read_bytes
-        self.reader.read_neurons(layer, ids, self._staging_for(len(ids)), merging)
-        self._staged_layer, self._staged_ids = layer, ids
+        self.reader.read_neurons(layer, ids, self._staging_for(len(ids)) if into is None else into[: len(ids)],
+                                 merging)
+        self._staged_layer, self._staged_ids, self._staged_in = layer, ids, into
         return FlashWork(neurons=len(ids), read_bytes=self.reader.stats.read_bytes - before_bytes,
                          io_s=time.perf_counter() - start)
+
+    def staged_ids(self, layer: int) -> np.ndarray:
+        """(k,) sorted: the neurons of `layer` read ahead by stage() (none when another layer's are)."""
+        return self._staged_ids if layer == self._staged_layer else np.zeros(0, np.int64)
+
+    def staged_in(self, rows: np.ndarray) -> bool:
+        """The rows stage() read now are in `rows` (what it was given as `into`)."""
+        return self._staged_in is rows
+
+    def keep_staged_apart(self) -> None:
+        """Copy rows that stage() read into a caller's buffer into the prefetcher's own staging, so the caller
+        may reuse that buffer while a masked read still takes them."""
+        if self._staged_in is not None:
+            count = len(self._staged_ids)
+            self._staging_for(count)[:] = self._staged_in[:count]
+            self._staged_in = None
+
+    def _staged_rows_now(self) -> np.ndarray:
+        return self._staged_rows if self._staged_in is None else self._staged_in
 
     def _masked_stage_ids(self, layer: int, predicted_ids: np.ndarray) -> tuple[np.ndarray, GapMerging] | None:
         """What stage() reads for a masked layer, and how: the predicted ids, cached or not (the masked read does
@@ -277,7 +303,7 @@ class Prefetcher:
         return ids, MASKED_GAP_MERGING
 
     def discard_staged(self) -> None:
-        self._staged_layer, self._staged_ids = -1, np.zeros(0, np.int64)
+        self._staged_layer, self._staged_ids, self._staged_in = -1, np.zeros(0, np.int64), None
 
     def read_layer_chunks(self, layer: int, out_rows: Callable[[int], np.ndarray],
                           read_ids: np.ndarray | None = None,
@@ -350,16 +376,15 @@ class Prefetcher:
             self._in_flight = None
             rows = self._staging_for(len(in_flight.ids))
             in_flight.fill(in_flight.ids, rows)
-            self._staged_layer, self._staged_ids = layer, in_flight.ids
+            self._staged_layer, self._staged_ids, self._staged_in = layer, in_flight.ids, None
         if layer != self._staged_layer or not len(self._staged_ids) or self._convert:
             return None
-        return self._staged_ids, self._staged_rows
+        return self._staged_ids, self._staged_rows_now()
 
     def _fill_from(self, staged: tuple[np.ndarray, np.ndarray], layer: int, ids: np.ndarray, out: np.ndarray) -> None:
         """out[:len(ids)] = the rows of sorted `ids`: staged where they are, the rest read now."""
         staged_ids, staged_rows = staged
-        positions = np.minimum(np.searchsorted(staged_ids, ids), len(staged_ids) - 1)  # (k,)
-        found = staged_ids[positions] == ids  # (k,)
+        positions, found = find_sorted(staged_ids, ids)  # (k,) each
         if found.all():  # positions are in range: "clip" writes out directly ("raise" copies through a temporary)
             np.take(staged_rows, positions, axis=0, out=out[: len(ids)], mode="clip")
             return
@@ -468,7 +493,8 @@ class PrefetchWorker:
 
     StepBegin         masked step (T > 1): start reading the chunk stream into the free slots
     Lookahead(l)      commit: prepare(l, ids, new_token=True) now (compute is outside layer l);
-                      else stage layer l's predicted bundles (read ahead; the cache is untouched)
+                      else stage layer l's predicted bundles (read ahead; the cache is untouched); a
+                      decode step's uncached layer into a free chunk slot, → LayerStaged(l) to compute
                       (ready: LayerReady right away; no Prediction(l) follows)
     Prediction(l)     cached: prepare(l, first, new_token=True) unless committed, then prepare(l, same,
                       new_token=False) when there is one — SparseFlashFfn's order —, publish
@@ -476,7 +502,8 @@ class PrefetchWorker:
                       → LayerReady(l) to compute, with this layer's counters;
                       masked: hand over layer l's chunks as they are read (a decode step's masked layer
                       starts reading them now: only its `read_ids`) → one LayerReady(l, chunk) per chunk,
-                      in order
+                      in order; nothing when its LayerStaged rows hold every one of read_ids (compute
+                      took them)
     ChunkDone(slot)   compute is done with a chunk slot: read the next chunk into it
 
     It decides no path itself: the predictor's planner (workers/sparse_policy.py) did, in the messages.
@@ -507,6 +534,7 @@ class PrefetchWorker:
         self._free_slots: list[int] = list(range(chunk_staging.shape[0]))
         self._read: collections.deque[_ChunkRead] = collections.deque()
         self._masked_layers: set[int] = set()
+        self._handed_staged: dict[int, tuple[int, np.ndarray]] = {}  # layer → (slot, ids) sent in LayerStaged
         for layer in range(self.num_layers):
             self.publish(layer)
         self.dispatcher = Dispatcher({
@@ -574,6 +602,7 @@ class PrefetchWorker:
         self._read.clear()
         self._free_slots = list(range(self.chunk_staging.shape[0]))
         self._masked_layers = set()
+        self._handed_staged = {}
         if self.masked_step:  # every layer takes the masked path: stream them all, reading ahead into free slots
             for layer in range(self.num_layers):
                 self._queue_chunks(layer, None)
@@ -592,7 +621,27 @@ class PrefetchWorker:
                 self._send_ready(msg.step, msg.layer, critical_io_s=0.0)
                 self._ready_early.add(msg.layer)
         else:  # it may still fall back to the whole layer: read ahead, commit on Prediction
-            self._layer_work(msg.layer).add_flash(self.prefetcher.stage(msg.layer, msg.ids))
+            self._stage(msg.layer, msg.ids)
+
+    def _stage(self, layer: int, ids: np.ndarray) -> None:
+        """Read layer `layer`'s lookahead set ahead. A decode step's uncached layer surely takes the masked path
+        (sparse_policy: _plan_uncached), so its rows go into a free chunk slot and to compute at once
+        (LayerStaged): when they hold the whole read its Prediction asks for, compute needs nothing more from
+        this process for the layer, and does not wait for a message round trip after its own input is known."""
+        if self.masked_step or self.prefetcher.caches[layer].capacity_rows or not self._free_slots:
+            self._layer_work(layer).add_flash(self.prefetcher.stage(layer, ids))
+            return
+        slot = self._free_slots.pop(0)
+        into = self.chunk_staging[slot]
+        work = self.prefetcher.stage(layer, ids, into=into)
+        staged = self.prefetcher.staged_ids(layer)
+        if not len(staged) or not self.prefetcher.staged_in(into):  # nothing staged, or more than a chunk's rows
+            self._free_slots.insert(0, slot)
+            self._layer_work(layer).add_flash(work)
+            return
+        self._handed_staged[layer] = (slot, staged)
+        self.channel.send(ROLE_COMPUTE, LayerStaged(step=self.step, layer=layer, staging=slot, ids=staged,
+                                                    read_bytes=work.read_bytes, io_s=work.io_s))
 
     def on_prediction(self, msg: Prediction) -> None:
         if msg.step != self.step or msg.layer in self._ready_early:
@@ -607,6 +656,15 @@ class PrefetchWorker:
                 work.add_update(self.prefetcher.prepare(layer, msg.same, new_token=False, resident_ids=msg.resident))
             self._send_ready(msg.step, layer, critical_io_s=time.perf_counter() - received)
             return
+        handed = self._handed_staged.pop(layer, None)
+        if handed is not None:
+            slot, staged = handed
+            if staged_hold_all(staged, msg.read_ids):
+                return  # compute multiplies the slot's rows and gives the slot back (ChunkDone)
+            # compute waits for the layer's chunks: they take the staged rows from a copy, and the slot is free
+            if np.array_equal(self.prefetcher.staged_ids(layer), staged):
+                self.prefetcher.keep_staged_apart()
+            self._free_slots.append(slot)
         self._masked_layers.add(layer)
         if not self.masked_step:  # a decode step's masked layer: stream the neurons it needs
             self._queue_chunks(layer, msg.read_ids)

@@ -24,3 +24,16 @@ def difference_ids(num_neurons: int, ids: np.ndarray, removed: np.ndarray) -> np
     marked = np.zeros(num_neurons, dtype=bool)  # (num_neurons,)
     marked[removed] = True
     return ids[~marked[ids]]
+
+
+def find_sorted(sorted_ids: np.ndarray, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Where each of `ids` sits in `sorted_ids` (sorted unique, not empty): (positions (k,), found (k,) bool);
+    a position where found is False is in range but names another neuron."""
+    positions = np.minimum(np.searchsorted(sorted_ids, ids), len(sorted_ids) - 1)  # (k,)
+    return positions, sorted_ids[positions] == ids
+
+
+def staged_hold_all(staged_ids: np.ndarray, read_ids: np.ndarray) -> bool:
+    """Rows read ahead for `staged_ids` (sorted, not empty) hold every one of `read_ids`: the prefetch worker
+    and compute both decide by this whether compute takes a layer's LayerStaged rows as they are."""
+    return bool(find_sorted(staged_ids, read_ids)[1].all())
