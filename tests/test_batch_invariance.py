@@ -232,6 +232,37 @@ def test_a_quantized_sequences_logits_are_bitwise_the_same_in_a_batch_as_alone(c
     assert paths == {True}  # every decode step read neurons: the caches were too small to hold them all
 
 
+def test_an_uncached_layers_sums_from_its_bundles_are_bitwise_the_same_in_a_batch_as_alone_in_both_runtimes(
+        calibrated_q4_0_store, monkeypatch):
+    """A layer without a neuron cache reads its tokens' sets at every decode step and multiplies them from the
+    bundles as read, in float32 (bundle_products.DirectSums), not through the int4 kernels: a sequence's logits
+    are still the same bits beside up to seven others as alone, and the same in the worker processes as in-process
+    (whose logits would differ in their low bits had either taken the kernels)."""
+    from flashllm.workers.flash_io import bundle_products
+    from flashllm.workers.store_reader import open_store
+
+    store = calibrated_q4_0_store
+    direct_rows: list[int] = []  # in-process: the rows of each chunk multiplied from its bundles
+    add = bundle_products.DirectSums.add
+    monkeypatch.setattr(bundle_products.DirectSums, "add",
+                        lambda sums, rows, keep: (direct_rows.append(len(rows.neuron_ids)), add(sums, rows, keep))[1])
+    neurons = open_store(store).arch.intermediate_size
+    logits = {}
+    for runtime in ("inproc", "workers"):
+        with Engine(store, mode="sparse", runtime=runtime, max_batch=len(PROMPTS),
+                    ffn_options={"keep_fraction": KEEP_FRACTION, "capacity_rows": [neurons, 0]}) as engine:
+            alone = [next(iter(_logits_of(engine, lambda e: _alone(e, prompt)).values())) for prompt in PROMPTS]
+            together = list(_logits_of(engine, _staggered).values())
+        logits[runtime] = (alone, together)
+    assert direct_rows and max(direct_rows) > min(direct_rows)  # decode steps of one and of several sequences
+    for runtime, (alone, together) in logits.items():
+        assert len(together) == len(PROMPTS)
+        for prompt, single, batched, reference in zip(PROMPTS, alone, together, logits["inproc"][0]):
+            assert len(single) == len(batched) == MAX_TOKENS
+            for position, (a, b, c) in enumerate(zip(single, batched, reference)):
+                assert torch.equal(a, b) and torch.equal(a, c), f"{runtime}, prompt {prompt}, position {position}"
+
+
 DAEMON_PROMPTS = ["The quick brown fox", "Flash memory is", "Paris is the capital", "def add(a, b):",
                   "1 2 3 4", "Large language models", "Berlin is", "The lazy dog"]
 DAEMON_REQUESTS = 32

@@ -469,6 +469,40 @@ def test_a_layer_multiplied_from_its_bundles_as_read_is_its_dequantized_rows_pro
     assert relative_error(kernels.ffn(h, 96), ref) > 5 * direct_error
 
 
+@pytest.mark.parametrize("kind", ["q4_1", "q4_0", "q8_0"])
+def test_a_decode_reads_neurons_summed_from_their_bundles_give_a_token_the_same_bits_beside_others(kind):
+    """What a decode step computes for a layer without a neuron cache: any neurons' bundles as read, in chunks in id
+    order (a chunk may end inside a group of 32, whose down scales they share), each token over the neurons it
+    keeps. A token's sums are the bits it gets alone, whatever its neighbours add; a whole layer's are
+    RawBundleRows' bits; and they are the float64 product of the dequantized rows to float32 rounding."""
+    from flashllm.workers.flash_io.bundle_products import DirectSums, NeuronBundleRows, RawBundleRows
+
+    layout, bundles, scales = quantized_layout_and_bundles(kind, n_ff=96)
+    h = torch.randn(3, 64, generator=torch.Generator().manual_seed(5))
+    rng = np.random.default_rng(6)
+    own = [np.sort(rng.choice(96, size, replace=False)) for size in (20, 33, 50)]  # each token's neurons
+
+    def summed(tokens: list[int], cuts: list[int]) -> np.ndarray:
+        ids = np.unique(np.concatenate([own[t] for t in tokens]))  # the read: the tokens' union
+        keep = np.stack([np.isin(ids, own[t]) for t in tokens])  # (N, k)
+        sums = DirectSums(h[tokens].numpy())
+        for start, stop in zip([0] + cuts, cuts + [len(ids)]):
+            sums.add(NeuronBundleRows(layout, bundles[ids[start:stop]], scales, ids[start:stop]), keep[:, start:stop])
+        return sums.result()  # (N, d)
+
+    alone = [summed([t], []) for t in range(3)]
+    for cuts in ([], [7], [5, 6, 40]):  # one chunk; a group split; a one-row chunk and more splits
+        together = summed([0, 1, 2], cuts)
+        for t in range(3):
+            assert np.array_equal(together[t], alone[t][0])
+    for t in range(3):
+        reference = reference_ffn(layout, bundles, scales, own[t], h[t:t + 1])
+        assert relative_error(torch.from_numpy(alone[t]), reference) < 1e-5
+    whole = DirectSums(h.numpy())
+    whole.add(NeuronBundleRows(layout, bundles, scales, np.arange(96)), np.ones((3, 96), bool))
+    assert np.array_equal(whole.result(), RawBundleRows(layout, bundles, scales).ffn(h.numpy()))
+
+
 def test_only_gated_quantized_layouts_are_multiplied_from_their_bundles():
     from dataclasses import replace
 

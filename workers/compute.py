@@ -44,7 +44,7 @@ from flashllm.protocol.messages import (
 )
 from flashllm.protocol.shm import SharedSegment, cache_down_tables, cache_kernel_arrays, cache_layer_arrays
 from flashllm.protocol.store_format import FfnLayout
-from flashllm.workers.ffn_providers import FfnStats, held_rows
+from flashllm.workers.ffn_providers import FfnStats, masked_chunk_rows, uncached_reads_multiply_bundles
 from flashllm.workers.flash_io.bundle_reader import chunk_ids
 from flashllm.workers.flash_io.kernel_rows import KernelRowsView
 from flashllm.workers.flash_io.neuron_ids import find_sorted, staged_hold_all
@@ -218,9 +218,9 @@ class PipelineFfn(FfnProvider):
         start = time.perf_counter()
         rows = self.staging[staged.staging]  # (chunk_rows, E) store dtype, rows [0, len(staged.ids)) read
         gather_rows_in_place(rows, find_sorted(staged.ids, read_ids)[0])  # rows[:k] = the read's rows, in id order
-        self._held_chunk = held_rows(rows[: len(read_ids)], self.ffn_layout, self.dtype, self.device,
-                                     down_scales=layer_table(self.down_scales, staged.layer), neuron_ids=read_ids,
-                                     down_by_slot=self._per_token, reuse=self._held_chunk)
+        self._held_chunk = masked_chunk_rows(rows[: len(read_ids)], self.ffn_layout, self.dtype, self.device,
+                                             layer_table(self.down_scales, staged.layer), read_ids, self._per_token,
+                                             self._direct(staged.layer, read_ids), reuse=self._held_chunk)
         y = masked_ffn_over_chunks(h, [(read_ids, self._held_chunk)], self.cols, host_mask.to(self.device),
                                    self._per_token)  # (N, d)
         self.channel.send(ROLE_PREFETCH, ChunkDone(step=self.step, staging=staged.staging))
@@ -242,11 +242,16 @@ class PipelineFfn(FfnProvider):
                 raise RuntimeError(f"layer {layer}: chunk {ready.chunk} of {ready.num_chunks} ({ready.num_rows} rows) "
                                    f"came where chunk {chunk} of {len(chunks)} ({len(ids)} rows) was due; the "
                                    "prefetcher and compute disagree on the chunks (a flashllm bug)")
-            self._held_chunk = held_rows(self.staging[ready.staging, : len(ids)], self.ffn_layout, self.dtype,
-                                         self.device, down_scales=layer_table(self.down_scales, layer),
-                                         neuron_ids=ids, down_by_slot=self._per_token, reuse=self._held_chunk)
+            self._held_chunk = masked_chunk_rows(self.staging[ready.staging, : len(ids)], self.ffn_layout, self.dtype,
+                                                 self.device, layer_table(self.down_scales, layer), ids,
+                                                 self._per_token, self._direct(layer, read_ids),
+                                                 reuse=self._held_chunk)
             yield ids, self._held_chunk
             self.channel.send(ROLE_PREFETCH, ChunkDone(step=self.step, staging=ready.staging))
+
+    def _direct(self, layer: int, read_ids: np.ndarray | None) -> bool:
+        """A masked read of `layer` multiplied from its bundles as read (ffn_providers decides, as in-process)."""
+        return uncached_reads_multiply_bundles(self.ffn_layout, self.device, self.layers[layer].capacity_rows, read_ids)
 
     def _count_ready(self, ready: LayerReady) -> None:
         self.stats.add({"cache_hits": ready.hits, "neurons_read": ready.read_neurons, "read_bytes": ready.read_bytes,

@@ -18,7 +18,7 @@ import torch
 
 from flashllm.protocol.store_format import FfnLayout, Manifest
 from flashllm.workers.flash_io.bundle_products import (
-    RawBundleRows, direct_products_apply, direct_products_pay, load_compiled_products,
+    NeuronBundleRows, RawBundleRows, direct_products_apply, direct_products_pay, load_compiled_products,
 )
 from flashllm.workers.flash_io.bundle_reader import BundleReader
 from flashllm.workers.interfaces import FfnProvider
@@ -37,6 +37,30 @@ def naive_multiplies_bundles(layout: FfnLayout, device: str) -> bool:
     """Whether naive's decode steps multiply a streamed layer's bundles as read (flash_io/bundle_products): a
     quantized SwiGLU store on a CPU."""
     return layout.is_quantized and torch.device(device).type == "cpu" and direct_products_apply(layout)
+
+
+def uncached_reads_multiply_bundles(layout: FfnLayout, device: str, capacity_rows: int,
+                                    read_ids: np.ndarray | None) -> bool:
+    """Whether a masked layer's read (read_ids: a decode step's; None: a prompt's whole layer) is multiplied
+    from its bundles as read (flash_io/bundle_products.DirectSums) instead of converted into the kernels'
+    layout: a decode step's read of a layer without a neuron cache (it takes the masked path alone or in any
+    batch, so its sums need only agree with themselves), as naive's decode does. A layer with a cache falls
+    back to the masked path only in some batches and must then give the cached path's bits: it converts.
+    Both runtimes decide here, whatever the batch size, so a sequence's tokens stay the same in any batch."""
+    return read_ids is not None and capacity_rows == 0 and naive_multiplies_bundles(layout, device)
+
+
+def masked_chunk_rows(bundles: np.ndarray, layout: FfnLayout, dtype: torch.dtype, device: str,
+                      down_scales: np.ndarray | None, neuron_ids: np.ndarray, down_by_slot: bool, direct: bool,
+                      reuse=None):
+    """A masked read's chunk of bundles as read (k, bundle_bytes) of neurons neuron_ids (k,) → what
+    masked_ffn_over_chunks multiplies: the bundles themselves where `direct` (uncached_reads_multiply_bundles),
+    else held_rows' form (reuse: the previous chunk's, rewritten in place where it fits)."""
+    if direct:
+        load_compiled_products()
+        return NeuronBundleRows(layout, bundles, down_scales, neuron_ids)
+    return held_rows(bundles, layout, dtype, device, down_scales=down_scales, neuron_ids=neuron_ids,
+                     down_by_slot=down_by_slot, reuse=reuse)
 
 
 def naive_converted_layers(layout: FfnLayout, device: str) -> int:

@@ -40,7 +40,7 @@ import torch
 
 from flashllm.protocol.store_format import FfnLayout, Manifest
 from flashllm.workers.engine_config import SparseOptions
-from flashllm.workers.ffn_providers import FfnStats, held_rows
+from flashllm.workers.ffn_providers import FfnStats, masked_chunk_rows, uncached_reads_multiply_bundles
 from flashllm.workers.flash_io.bundle_reader import numpy_dtype_of_store
 from flashllm.workers.flash_io.kernel_layout import load_compiled_loops
 from flashllm.workers.flash_io.kernel_rows import holds_kernel_rows, kernel_rows_for
@@ -256,14 +256,16 @@ class SparseFlashFfn(FfnProvider):
         start_ahead = (lambda: self.prefetcher.start_stage(ahead.layer, ahead.ids, masked=not ahead.fits)) \
             if ahead is not None else None
         reads = self.prefetcher.read_layer_chunks(layer, self._chunk_rows, decision.read_ids, on_reads_done=start_ahead)
+        direct = uncached_reads_multiply_bundles(self.layout, self.device, self.prefetcher.caches[layer].capacity_rows,
+                                                 decision.read_ids)
 
-        def chunk_rows():  # (ids (k,), rows (k, E)) in the compute dtype, each as its reads land
+        def chunk_rows():  # (ids (k,), rows (k, E)) in the compute form, each as its reads land
             nonlocal waited_s
             for ids, waited in reads:
                 waited_s += waited
-                self._held_chunk = held_rows(self._chunk_rows(len(ids)), self.layout, self.dtype, self.device,
-                                             down_scales=layer_table(self.down_scales, layer), neuron_ids=ids,
-                                             down_by_slot=decision.per_token, reuse=self._held_chunk)
+                self._held_chunk = masked_chunk_rows(self._chunk_rows(len(ids)), self.layout, self.dtype,
+                                                     self.device, layer_table(self.down_scales, layer), ids,
+                                                     decision.per_token, direct, reuse=self._held_chunk)
                 yield ids, self._held_chunk
 
         try:

@@ -103,6 +103,29 @@ def _gate_up_q8(blocks, x_blocks, acts):  # pragma: no cover - compiled
             acts[t, i] = _swiglu(lanes_gate.sum(), lanes_up.sum())
 
 
+@numba.njit(nogil=True, cache=True, inline="always")
+def _add_column_nibbles(sums, columns, i, a):  # pragma: no cover - compiled
+    """sums (pairs, 2) += a · down column i's 4-bit values (columns (n, pairs) uint8: low nibble, high nibble)."""
+    for p in range(sums.shape[0]):
+        byte = columns[i, p]
+        sums[p, 0] += a * np.float32(byte & 0x0F)
+        sums[p, 1] += a * np.float32(byte >> 4)
+
+
+@numba.njit(nogil=True, cache=True, inline="always")
+def _add_group_nibbles(out, t, group, sums, act_sum, table_bits, centre, with_min):  # pragma: no cover - compiled
+    """out[t] += neuron group `group`'s down sum from its sums (pairs, 2) and act_sum."""
+    for p in range(sums.shape[0]):
+        for half in range(2):
+            r = 2 * p + half
+            scale = _half_bits_to_float(np.uint32(table_bits[group, 0, r]))
+            if with_min:
+                minimum = _half_bits_to_float(np.uint32(table_bits[group, 1, r]))
+                out[t, r] += scale * sums[p, half] + minimum * act_sum
+            else:
+                out[t, r] += scale * (sums[p, half] - np.float32(centre) * act_sum)
+
+
 @numba.njit(nogil=True, cache=True, fastmath=True)
 def _down_nibbles(columns, acts, table_bits, centre, with_min, out):  # pragma: no cover - compiled
     """out (N, d) += Σ_i acts[t, i] · down column i: columns (n, d/2) uint8 (value r: byte r/2, low nibble
@@ -116,19 +139,8 @@ def _down_nibbles(columns, acts, table_bits, centre, with_min, out):  # pragma: 
             for i in range(group * 32, min(n, group * 32 + 32)):
                 a = acts[t, i]
                 act_sum += a
-                for p in range(pairs):
-                    byte = columns[i, p]
-                    sums[p, 0] += a * np.float32(byte & 0x0F)
-                    sums[p, 1] += a * np.float32(byte >> 4)
-            for p in range(pairs):
-                for half in range(2):
-                    r = 2 * p + half
-                    scale = _half_bits_to_float(np.uint32(table_bits[group, 0, r]))
-                    if with_min:
-                        minimum = _half_bits_to_float(np.uint32(table_bits[group, 1, r]))
-                        out[t, r] += scale * sums[p, half] + minimum * act_sum
-                    else:
-                        out[t, r] += scale * (sums[p, half] - np.float32(centre) * act_sum)
+                _add_column_nibbles(sums, columns, i, a)
+            _add_group_nibbles(out, t, group, sums, act_sum, table_bits, centre, with_min)
 
 
 @numba.njit(nogil=True, cache=True, fastmath=True)
@@ -147,6 +159,78 @@ def _down_bytes(columns, acts, table_bits, out):  # pragma: no cover - compiled
                 out[t, r] += _half_bits_to_float(np.uint32(table_bits[group, 0, r])) * sums[r]
 
 
+@numba.njit(nogil=True, cache=True, fastmath=True)
+def _down_nibbles_of_ids(columns, ids, acts, table_bits, centre, with_min, out, open_group, open_sums,
+                         open_act_sums):  # pragma: no cover - compiled
+    """As _down_nibbles for the columns of neurons `ids` (n,) ascending, over calls in id order: each neuron
+    group's sums are added to out when the next group starts, so a call leaves its last group open
+    (open_group[0], open_sums (N, pairs, 2), open_act_sums (N,)) for the next call, or _close_nibbles. A
+    token's sum depends only on its own acts: a neuron it does not keep (act 0) adds exact zeros."""
+    n, pairs = columns.shape
+    sums = np.empty((pairs, 2), np.float32)  # the open group's, for one token (contiguous: the loop vectorizes)
+    for t in range(acts.shape[0]):
+        group = open_group[0]
+        sums[:] = open_sums[t]
+        act_sum = open_act_sums[t]
+        for i in range(n):
+            g = ids[i] // 32
+            if g != group:
+                if group >= 0:
+                    _add_group_nibbles(out, t, group, sums, act_sum, table_bits, centre, with_min)
+                sums[:] = 0
+                act_sum = np.float32(0)
+                group = g
+            a = acts[t, i]
+            act_sum += a
+            _add_column_nibbles(sums, columns, i, a)
+        open_sums[t] = sums
+        open_act_sums[t] = act_sum
+    if n:
+        open_group[0] = ids[n - 1] // 32
+
+
+@numba.njit(nogil=True, cache=True, fastmath=True)
+def _close_nibbles(out, open_group, open_sums, open_act_sums, table_bits, centre,
+                   with_min):  # pragma: no cover - compiled
+    if open_group[0] >= 0:
+        for t in range(out.shape[0]):
+            _add_group_nibbles(out, t, open_group[0], open_sums[t], open_act_sums[t], table_bits, centre, with_min)
+        open_group[0] = -1
+
+
+@numba.njit(nogil=True, cache=True, fastmath=True)
+def _down_bytes_of_ids(columns, ids, acts, table_bits, out, open_group, open_sums):  # pragma: no cover - compiled
+    """As _down_nibbles_of_ids for q8_0 columns (n, d) int8 bits; open_sums (N, d)."""
+    n, d = columns.shape
+    sums = np.empty(d, np.float32)
+    for t in range(acts.shape[0]):
+        group = open_group[0]
+        sums[:] = open_sums[t]
+        for i in range(n):
+            g = ids[i] // 32
+            if g != group:
+                if group >= 0:
+                    for r in range(d):
+                        out[t, r] += _half_bits_to_float(np.uint32(table_bits[group, 0, r])) * sums[r]
+                sums[:] = 0
+                group = g
+            a = acts[t, i]
+            for r in range(d):
+                sums[r] += a * np.float32(np.int8(columns[i, r]))
+        open_sums[t] = sums
+    if n:
+        open_group[0] = ids[n - 1] // 32
+
+
+@numba.njit(nogil=True, cache=True, fastmath=True)
+def _close_bytes(out, open_group, sums, table_bits):  # pragma: no cover - compiled
+    if open_group[0] >= 0:
+        for t in range(out.shape[0]):
+            for r in range(out.shape[1]):
+                out[t, r] += _half_bits_to_float(np.uint32(table_bits[open_group[0], 0, r])) * sums[t, r]
+        open_group[0] = -1
+
+
 def load_compiled_products() -> None:
     """Compile (or load from numba's cache) every loop here now, on tiny arrays: an engine that will multiply
     bundles pays it while it starts, not in its first decode step (seconds on a machine's first run)."""
@@ -162,6 +246,16 @@ def load_compiled_products() -> None:
         _down_nibbles(bundles[:, :16], acts, np.zeros((1, 2, 32), np.uint16), 8, with_min,
                       np.zeros((1, 32), np.float32))
     _down_bytes(bundles[:, :32], acts, np.zeros((1, 1, 32), np.uint16), np.zeros((1, 32), np.float32))
+    ids, group = np.arange(32, dtype=np.int64), np.full(1, -1, np.int64)
+    out = np.zeros((1, 32), np.float32)
+    for with_min in (False, True):
+        table = np.zeros((1, 2, 32), np.uint16)
+        _down_nibbles_of_ids(bundles[:, :16], ids, acts, table, 8, with_min, out, group,
+                             np.zeros((1, 16, 2), np.float32), np.zeros(1, np.float32))
+        _close_nibbles(out, group, np.zeros((1, 16, 2), np.float32), np.zeros(1, np.float32), table, 8, with_min)
+    _down_bytes_of_ids(bundles[:, :32], ids, acts, np.zeros((1, 1, 32), np.uint16), out, group,
+                       np.zeros((1, 32), np.float32))
+    _close_bytes(out, group, np.zeros((1, 32), np.float32), np.zeros((1, 1, 32), np.uint16))
 
 
 def direct_products_apply(layout: FfnLayout) -> bool:
@@ -218,16 +312,22 @@ class RawBundleRows:
         out += second.result()
         return out
 
-    def _products(self, x_blocks: np.ndarray, start: int, stop: int) -> np.ndarray:
-        """x_blocks (N, nb, 32) → (N, d) float32: the FFN over neurons [start, stop), start a multiple of 32."""
+    def activations(self, x_blocks: np.ndarray, start: int = 0, stop: int | None = None) -> np.ndarray:
+        """x_blocks (N, nb, 32) float32 → (N, k) float32: silu(gate·x)·(up·x) of rows [start, stop)."""
         num_tokens, nb = x_blocks.shape[:2]
         blocks = self.blocks[start:stop]
-        acts = np.empty((num_tokens, stop - start), np.float32)  # (N, k)
+        acts = np.empty((num_tokens, blocks.shape[0]), np.float32)  # (N, k)
         if self.kind == "q8_0":
             _gate_up_q8(blocks, x_blocks, acts)
         else:
             _gate_up_q4(blocks, blocks[:, :, -16:], x_blocks.reshape(num_tokens, nb, 2, 16), x_blocks.sum(axis=2),
                         self.kind == "q4_1", acts)
+        return acts
+
+    def _products(self, x_blocks: np.ndarray, start: int, stop: int) -> np.ndarray:
+        """x_blocks (N, nb, 32) → (N, d) float32: the FFN over neurons [start, stop), start a multiple of 32."""
+        num_tokens = x_blocks.shape[0]
+        acts = self.activations(x_blocks, start, stop)  # (N, k)
         out = np.zeros((num_tokens, self.d), np.float32)  # (N, d)
         columns, table_bits = self.down_columns[start:stop], self.table_bits[start // qf.BLOCK_ELEMENTS:]
         if self.kind == "q8_0":
@@ -235,3 +335,59 @@ class RawBundleRows:
         else:
             _down_nibbles(columns, acts, table_bits, 8, self.kind == "q4_1", out)
         return out
+
+
+def blocks_of_inputs(x: np.ndarray) -> np.ndarray:
+    """x (N, d) → (N, d/32, 32) float32: the inputs by block, as the loops take them."""
+    return np.ascontiguousarray(x, dtype=np.float32).reshape(x.shape[0], -1, qf.BLOCK_ELEMENTS)
+
+
+class NeuronBundleRows(RawBundleRows):
+    """The bundles as read (k, bundle_bytes) of any neurons `neuron_ids` (k,) ascending of a layer (a decode step's
+    masked read, or a chunk of it), with the layer's down table: what DirectSums multiplies."""
+
+    def __init__(self, layout: FfnLayout, bundles: np.ndarray, down_table: np.ndarray, neuron_ids: np.ndarray):
+        super().__init__(layout, bundles, down_table)
+        self.neuron_ids = np.ascontiguousarray(neuron_ids, dtype=np.int64)  # (k,)
+
+
+class DirectSums:
+    """Each token's FFN over the neurons it keeps, from a masked read's NeuronBundleRows chunks in id order, in
+    float32 (the loops above). A token's sum adds its neurons' groups in id order whatever the chunks are and
+    whatever else they hold (a neighbour's neurons have act 0 for it), so it is the same in a batch as alone."""
+
+    def __init__(self, x: np.ndarray):
+        """x (N, d) float32: the tokens' FFN inputs."""
+        self.x_blocks = blocks_of_inputs(x)  # (N, nb, 32)
+        num_tokens, d = x.shape
+        self.out = np.zeros((num_tokens, d), np.float32)  # (N, d)
+        self.open_group = np.full(1, -1, np.int64)
+        self.kind, self.table_bits = None, None
+        self.sums = self.act_sums = None
+
+    def add(self, rows: NeuronBundleRows, keep: np.ndarray) -> None:
+        """rows: the next chunk (ids above the last chunk's); keep (N, k) bool: the rows each token computes."""
+        acts = rows.activations(self.x_blocks)  # (N, k)
+        acts *= keep
+        num_tokens = acts.shape[0]
+        if self.sums is None:
+            self.kind, self.table_bits = rows.kind, rows.table_bits
+            width = rows.down_columns.shape[1]
+            self.sums = np.zeros((num_tokens, width) if rows.kind == "q8_0" else (num_tokens, width, 2), np.float32)
+            self.act_sums = np.zeros(num_tokens, np.float32)
+        if rows.kind == "q8_0":
+            _down_bytes_of_ids(rows.down_columns, rows.neuron_ids, acts, rows.table_bits, self.out, self.open_group,
+                               self.sums)
+        else:
+            _down_nibbles_of_ids(rows.down_columns, rows.neuron_ids, acts, rows.table_bits, 8, rows.kind == "q4_1",
+                                 self.out, self.open_group, self.sums, self.act_sums)
+
+    def result(self) -> np.ndarray:
+        """(N, d) float32: the sums, the last group added."""
+        if self.sums is not None:
+            if self.kind == "q8_0":
+                _close_bytes(self.out, self.open_group, self.sums, self.table_bits)
+            else:
+                _close_nibbles(self.out, self.open_group, self.sums, self.act_sums, self.table_bits, 8,
+                               self.kind == "q4_1")
+        return self.out

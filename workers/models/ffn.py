@@ -5,6 +5,7 @@ A bundle row is one neuron: [gate_i | up_i | down_i] (gated) or
 """
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 from typing import Iterable
 
@@ -12,7 +13,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from flashllm.workers.flash_io.bundle_products import RawBundleRows
+from flashllm.workers.flash_io.bundle_products import DirectSums, NeuronBundleRows, RawBundleRows
 from flashllm.workers.models.quant_ffn import QuantRows, scratch_buffer
 
 
@@ -113,6 +114,11 @@ def masked_ffn_over_chunks(h: torch.Tensor, chunks: Iterable[tuple[np.ndarray, t
     tokens. per_token: each token's sum is OwnNeuronSums' (a batch-invariant decode step; quantized chunks
     must then hold their down columns by slot, held_rows(down_by_slot=True)), on the CPU: a GPU's products are
     not batch-invariant anyway, and one product per token there is one launch per token."""
+    chunks = iter(chunks)
+    first = next(chunks, None)
+    if first is not None and isinstance(first[1], NeuronBundleRows):  # a decode read's bundles as read
+        return _direct_over_chunks(h, itertools.chain([first], chunks), mask)
+    chunks = itertools.chain([first], chunks) if first is not None else chunks
     if per_token and h.device.type == "cpu":
         sums = OwnNeuronSums(h, cols)
         for ids, rows in chunks:
@@ -126,6 +132,16 @@ def masked_ffn_over_chunks(h: torch.Tensor, chunks: Iterable[tuple[np.ndarray, t
     if y is None:
         raise ValueError("masked_ffn_over_chunks: no chunks (a layer has at least one neuron)")
     return y
+
+
+def _direct_over_chunks(h: torch.Tensor, chunks, mask: torch.Tensor) -> torch.Tensor:
+    """masked_ffn_over_chunks over NeuronBundleRows chunks: each token over its own neurons, in float32
+    (DirectSums: the same for a token in any batch, per_token or not)."""
+    sums = DirectSums(h.detach().float().cpu().numpy())  # (N, d)
+    keep = mask.cpu().numpy()  # (N, n_ff) bool
+    for ids, rows in chunks:
+        sums.add(rows, keep[:, ids])
+    return torch.from_numpy(sums.result()).to(h.dtype)
 
 
 def _columns(ids: np.ndarray, device: torch.device) -> "slice | torch.Tensor":
