@@ -24,6 +24,7 @@ constants there, not offsets computed in the loop (3x slower when it did).
 """
 from __future__ import annotations
 
+import functools
 from concurrent.futures import ThreadPoolExecutor
 
 import numba
@@ -231,9 +232,11 @@ def _close_bytes(out, open_group, sums, table_bits):  # pragma: no cover - compi
         open_group[0] = -1
 
 
+@functools.cache
 def load_compiled_products() -> None:
     """Compile (or load from numba's cache) every loop here now, on tiny arrays: an engine that will multiply
-    bundles pays it while it starts, not in its first decode step (seconds on a machine's first run)."""
+    bundles pays it while it starts, not in its first decode step (seconds on a machine's first run). Once a
+    process: later calls return at once."""
     # views of a bundle array, as RawBundleRows passes them: numba compiles one version per array layout
     bundles = np.zeros((32, 128), np.uint8)
     acts = np.zeros((1, 32), np.float32)
