@@ -113,7 +113,9 @@ def masked_ffn_over_chunks(h: torch.Tensor, chunks: Iterable[tuple[np.ndarray, t
     chunk by chunk. Both runtimes sum through here in the same order, so they round alike and decode the same
     tokens. per_token: each token's sum is OwnNeuronSums' (a batch-invariant decode step; quantized chunks
     must then hold their down columns by slot, held_rows(down_by_slot=True)), on the CPU: a GPU's products are
-    not batch-invariant anyway, and one product per token there is one launch per token."""
+    not batch-invariant anyway, and one product per token there is one launch per token. Chunks of
+    NeuronBundleRows (a decode read multiplied as read: ffn_providers.masked_chunk_rows) go through DirectSums,
+    which is per token either way."""
     chunks = iter(chunks)
     first = next(chunks, None)
     if first is not None and isinstance(first[1], NeuronBundleRows):  # a decode read's bundles as read
