@@ -20,9 +20,10 @@ so while this process runs layer l's FFN and layer l+1's attention, the
 predictor has sent layer l+1's lookahead and the prefetcher is reading it.
 
 Buffer safety (why two hidden buffers by layer parity suffice): compute
-writes buffer (l+1) % 2 only after LayerReady(l), which the prefetcher sends
-only after the predictor finished with FfnInput(l); so the predictor is done
-with h_{l-1} (same parity as l+1). Chunk slots are handed back explicitly.
+writes buffer (l+1) % 2 only after LayerReady(l) or LayerStaged(l); the
+predictor this process hosts finished with FfnInput(l) before that send
+returned (it writes the mask compute reads there too), so it is done with
+h_{l-1} (same parity as l+1). Chunk slots are handed back explicitly.
 
 Compute never opens the FFN file: every bundle it multiplies came through the
 prefetcher.
