@@ -312,6 +312,7 @@ class PipelineFfn(FfnProvider):
 
     def close(self) -> None:
         self.layers, self.view = [], None
+        self._held_chunk, self._staged = None, {}  # a chunk's rows may be views of a shared-memory slot
 
 
 class ComputeWorker:
