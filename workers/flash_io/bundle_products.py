@@ -127,6 +127,13 @@ def _add_group_nibbles(out, t, group, sums, act_sum, table_bits, centre, with_mi
                 out[t, r] += scale * (sums[p, half] - np.float32(centre) * act_sum)
 
 
+@numba.njit(nogil=True, cache=True, inline="always")
+def _add_group_bytes(out, t, group, sums, table_bits):  # pragma: no cover - compiled
+    """out[t] += neuron group `group`'s q8_0 down sum from its sums (d,)."""
+    for r in range(sums.shape[0]):
+        out[t, r] += _half_bits_to_float(np.uint32(table_bits[group, 0, r])) * sums[r]
+
+
 @numba.njit(nogil=True, cache=True, fastmath=True)
 def _down_nibbles(columns, acts, table_bits, centre, with_min, out):  # pragma: no cover - compiled
     """out (N, d) += Σ_i acts[t, i] · down column i: columns (n, d/2) uint8 (value r: byte r/2, low nibble
@@ -156,8 +163,7 @@ def _down_bytes(columns, acts, table_bits, out):  # pragma: no cover - compiled
                 a = acts[t, i]
                 for r in range(d):
                     sums[r] += a * np.float32(np.int8(columns[i, r]))
-            for r in range(d):
-                out[t, r] += _half_bits_to_float(np.uint32(table_bits[group, 0, r])) * sums[r]
+            _add_group_bytes(out, t, group, sums, table_bits)
 
 
 @numba.njit(nogil=True, cache=True, fastmath=True)
@@ -211,8 +217,7 @@ def _down_bytes_of_ids(columns, ids, acts, table_bits, out, open_group, open_sum
             g = ids[i] // 32
             if g != group:
                 if group >= 0:
-                    for r in range(d):
-                        out[t, r] += _half_bits_to_float(np.uint32(table_bits[group, 0, r])) * sums[r]
+                    _add_group_bytes(out, t, group, sums, table_bits)
                 sums[:] = 0
                 group = g
             a = acts[t, i]
@@ -227,8 +232,7 @@ def _down_bytes_of_ids(columns, ids, acts, table_bits, out, open_group, open_sum
 def _close_bytes(out, open_group, sums, table_bits):  # pragma: no cover - compiled
     if open_group[0] >= 0:
         for t in range(out.shape[0]):
-            for r in range(out.shape[1]):
-                out[t, r] += _half_bits_to_float(np.uint32(table_bits[open_group[0], 0, r])) * sums[t, r]
+            _add_group_bytes(out, t, open_group[0], sums[t], table_bits)
         open_group[0] = -1
 
 
@@ -278,42 +282,25 @@ def direct_products_pay(num_tokens: int) -> bool:
     return num_tokens <= DIRECT_MAX_TOKENS
 
 
-class RawBundleRows:
-    """A whole layer's bundles as read (n, bundle_bytes) uint8 and its down scale table: what ffn_from_rows
-    multiplies with the loops above. A view of the reader's buffer: valid while that buffer is not read into."""
+class _BundleParts:
+    """Bundles as read (k, bundle_bytes) uint8 seen as the loops take them, with the layer's down scale table, and
+    their activations. A view of the reader's buffer: valid while that buffer is not read into."""
 
-    def __init__(self, layout: FfnLayout, bundles: np.ndarray, down_table: np.ndarray,
-                 helper: ThreadPoolExecutor | None = None):
-        """down_table: the layer's (d, n_ff/32, c) float16 table, a view of group-major memory (store_reader).
-        helper: a thread that multiplies the second half of the neurons while the caller does the first (the
-        loops hold no GIL; on two cores a decode step's products are otherwise one core's)."""
+    def __init__(self, layout: FfnLayout, bundles: np.ndarray, down_table: np.ndarray):
+        """down_table: the layer's (d, n_ff/32, c) float16 table, a view of group-major memory (store_reader)."""
         self.kind = layout.part_kinds()["gate"]
         self.d = layout.bundle_parts[0][1]
-        self.helper = helper
         byte_slices = layout.part_byte_slices()
         block_bytes = qf.bytes_per_row(self.kind, qf.BLOCK_ELEMENTS)
         n = bundles.shape[0]
         gate_up = bundles[:, byte_slices["gate"].start:byte_slices["up"].stop]  # (n, 2·d/32·block bytes)
         self.blocks = gate_up.reshape(n, 2 * self.d // qf.BLOCK_ELEMENTS, block_bytes)  # (n, 2·nb, block bytes)
         self.down_columns = bundles[:, byte_slices["down"]]  # (n, d/2) or (n, d)
-        self.table_bits = np.ascontiguousarray(down_table.transpose(1, 2, 0)).view(np.uint16)  # (n/32, c, d)
+        self.table_bits = np.ascontiguousarray(down_table.transpose(1, 2, 0)).view(np.uint16)  # (n_ff/32, c, d)
 
     @property
     def shape(self) -> tuple[int, int]:
         return (self.blocks.shape[0], self.d)
-
-    def ffn(self, x: np.ndarray) -> np.ndarray:
-        """x (N, d) float32 → (N, d) float32: the layer's FFN (no down bias: a SwiGLU llama has none)."""
-        x_blocks = np.ascontiguousarray(x, dtype=np.float32).reshape(-1, self.d // qf.BLOCK_ELEMENTS,
-                                                                     qf.BLOCK_ELEMENTS)  # (N, nb, 32)
-        n = self.blocks.shape[0]
-        split = n // 2 // qf.BLOCK_ELEMENTS * qf.BLOCK_ELEMENTS  # whole neuron groups: each half has its scales
-        if self.helper is None or split == 0:
-            return self._products(x_blocks, 0, n)
-        second = self.helper.submit(self._products, x_blocks, split, n)
-        out = self._products(x_blocks, 0, split)
-        out += second.result()
-        return out
 
     def activations(self, x_blocks: np.ndarray, start: int = 0, stop: int | None = None) -> np.ndarray:
         """x_blocks (N, nb, 32) float32 → (N, k) float32: silu(gate·x)·(up·x) of rows [start, stop)."""
@@ -326,6 +313,35 @@ class RawBundleRows:
             _gate_up_q4(blocks, blocks[:, :, -16:], x_blocks.reshape(num_tokens, nb, 2, 16), x_blocks.sum(axis=2),
                         self.kind == "q4_1", acts)
         return acts
+
+
+def blocks_of_inputs(x: np.ndarray) -> np.ndarray:
+    """x (N, d) → (N, d/32, 32) float32: the inputs by block, as the loops take them."""
+    return np.ascontiguousarray(x, dtype=np.float32).reshape(x.shape[0], -1, qf.BLOCK_ELEMENTS)
+
+
+class RawBundleRows(_BundleParts):
+    """A whole layer's bundles as read (n, bundle_bytes) uint8 and its down scale table: what ffn_from_rows
+    multiplies with the loops above."""
+
+    def __init__(self, layout: FfnLayout, bundles: np.ndarray, down_table: np.ndarray,
+                 helper: ThreadPoolExecutor | None = None):
+        """helper: a thread that multiplies the second half of the neurons while the caller does the first (the
+        loops hold no GIL; on two cores a decode step's products are otherwise one core's)."""
+        super().__init__(layout, bundles, down_table)
+        self.helper = helper
+
+    def ffn(self, x: np.ndarray) -> np.ndarray:
+        """x (N, d) float32 → (N, d) float32: the layer's FFN (no down bias: a SwiGLU llama has none)."""
+        x_blocks = blocks_of_inputs(x)  # (N, nb, 32)
+        n = self.blocks.shape[0]
+        split = n // 2 // qf.BLOCK_ELEMENTS * qf.BLOCK_ELEMENTS  # whole neuron groups: each half has its scales
+        if self.helper is None or split == 0:
+            return self._products(x_blocks, 0, n)
+        second = self.helper.submit(self._products, x_blocks, split, n)
+        out = self._products(x_blocks, 0, split)
+        out += second.result()
+        return out
 
     def _products(self, x_blocks: np.ndarray, start: int, stop: int) -> np.ndarray:
         """x_blocks (N, nb, 32) → (N, d) float32: the FFN over neurons [start, stop), start a multiple of 32."""
@@ -340,12 +356,7 @@ class RawBundleRows:
         return out
 
 
-def blocks_of_inputs(x: np.ndarray) -> np.ndarray:
-    """x (N, d) → (N, d/32, 32) float32: the inputs by block, as the loops take them."""
-    return np.ascontiguousarray(x, dtype=np.float32).reshape(x.shape[0], -1, qf.BLOCK_ELEMENTS)
-
-
-class NeuronBundleRows(RawBundleRows):
+class NeuronBundleRows(_BundleParts):
     """The bundles as read (k, bundle_bytes) of any neurons `neuron_ids` (k,) ascending of a layer (a decode step's
     masked read, or a chunk of it), with the layer's down table: what DirectSums multiplies."""
 
