@@ -48,7 +48,7 @@ from flashllm.protocol.store_format import FfnLayout
 from flashllm.workers.ffn_providers import FfnStats, masked_chunk_rows, uncached_reads_multiply_bundles
 from flashllm.workers.flash_io.bundle_reader import chunk_ids
 from flashllm.workers.flash_io.kernel_rows import KernelRowsView
-from flashllm.workers.flash_io.neuron_ids import find_sorted, staged_hold_all
+from flashllm.workers.flash_io.neuron_ids import staged_positions
 from flashllm.workers.interfaces import FfnProvider
 from flashllm.workers.models.ffn import BundleColumns, masked_ffn_over_chunks
 from flashllm.workers.process_entry import WorkerConfig, run_worker
@@ -209,16 +209,17 @@ class PipelineFfn(FfnProvider):
 
     def _forward_staged(self, h: torch.Tensor, staged: LayerStaged) -> torch.Tensor | None:
         """h (N, d) → (N, d): a decode step's uncached layer over the rows its LayerStaged names, as the masked
-        path computes its one chunk, when they hold every neuron of the layer's read (staged_hold_all, by which
+        path computes its one chunk, when they hold every neuron of the layer's read (staged_positions, by which
         the prefetcher decides alike); None when they do not, or the read is empty (then its LayerReady comes)."""
         self.stats.add({"read_bytes": staged.read_bytes, "io_s": staged.io_s})
         host_mask = torch.from_numpy(self.mask[: h.shape[0]])  # (N, n_ff) bool, written by the predictor
         read_ids = masked_read_ids(host_mask, self._steps)  # (k,) sorted
-        if not len(read_ids) or not staged_hold_all(staged.ids, read_ids):
+        positions = staged_positions(staged.ids, read_ids) if len(read_ids) else None  # (k,)
+        if positions is None:
             return None
         start = time.perf_counter()
         rows = self.staging[staged.staging]  # (chunk_rows, E) store dtype, rows [0, len(staged.ids)) read
-        gather_rows_in_place(rows, find_sorted(staged.ids, read_ids)[0])  # rows[:k] = the read's rows, in id order
+        gather_rows_in_place(rows, positions)  # rows[:k] = the read's rows, in id order
         self._held_chunk = masked_chunk_rows(rows[: len(read_ids)], self.ffn_layout, self.dtype, self.device,
                                              layer_table(self.down_scales, staged.layer), read_ids, self._per_token,
                                              self._direct(staged.layer, read_ids), reuse=self._held_chunk)

@@ -40,7 +40,7 @@ from flashllm.workers.flash_io.bundle_reader import (BundleReader, GapMerging, c
 from flashllm.workers.flash_io.kernel_layout import load_compiled_loops
 from flashllm.workers.flash_io.kernel_rows import KernelRows, kernel_rows_for
 from flashllm.workers.flash_io.neuron_cache import NeuronCache, GrowingRows
-from flashllm.workers.flash_io.neuron_ids import find_sorted, staged_hold_all, union_ids
+from flashllm.workers.flash_io.neuron_ids import find_sorted, staged_positions, union_ids
 from flashllm.workers.process_entry import WorkerConfig, run_worker
 from flashllm.workers.store_reader import (
     bundle_rows_as_float, each_down_group_scales, layer_table, load_down_group_scales,
@@ -659,7 +659,7 @@ class PrefetchWorker:
         handed = self._handed_staged.pop(layer, None)
         if handed is not None:
             slot, staged = handed
-            if staged_hold_all(staged, msg.read_ids):
+            if staged_positions(staged, msg.read_ids) is not None:
                 return  # compute multiplies the slot's rows and gives the slot back (ChunkDone)
             # compute waits for the layer's chunks: they take the staged rows from a copy, and the slot is free
             if np.array_equal(self.prefetcher.staged_ids(layer), staged):

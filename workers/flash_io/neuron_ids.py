@@ -33,7 +33,9 @@ def find_sorted(sorted_ids: np.ndarray, ids: np.ndarray) -> tuple[np.ndarray, np
     return positions, sorted_ids[positions] == ids
 
 
-def staged_hold_all(staged_ids: np.ndarray, read_ids: np.ndarray) -> bool:
-    """Rows read ahead for `staged_ids` (sorted, not empty) hold every one of `read_ids`: the prefetch worker
-    and compute both decide by this whether compute takes a layer's LayerStaged rows as they are."""
-    return bool(find_sorted(staged_ids, read_ids)[1].all())
+def staged_positions(staged_ids: np.ndarray, read_ids: np.ndarray) -> np.ndarray | None:
+    """Where each of `read_ids` sits among rows read ahead for `staged_ids` (sorted, not empty), or None when
+    they do not hold every one: the prefetch worker and compute both decide by this whether compute takes a
+    layer's LayerStaged rows as they are."""
+    positions, found = find_sorted(staged_ids, read_ids)
+    return positions if found.all() else None
